@@ -1,0 +1,348 @@
+"""TOML configuration → typed, validated values.
+
+Every error is a ``ConfigError`` naming the file, the key path (``routes[2].hosts[0]``) and the
+reason, so an operator never reads a traceback. Nothing here touches the reactor. Relative paths are
+taken relative to the current directory, as the operator typed them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import attrs
+
+from mailrelay.errors import ConfigError
+
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*$")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(value: object) -> float:
+    """``"5m"`` → 300.0; a bare number is seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 30s, 5m, 4h or 5d")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration such as 30s, 5m, 4h or 5d")
+
+
+def parse_size(value: object) -> int:
+    """``"50M"`` → 52428800; a bare number is bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    raise ValueError(f"{value!r} is not a size in bytes (a number, or e.g. 10M)")
+
+
+def parse_hostport(value: object, default_port: int = 25) -> tuple[str, int]:
+    """``"127.0.0.1:2526"``, ``"[::1]:25"``, ``"mx.example.test"`` → (host, port)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a string host:port")
+    v = value.strip()
+    if v.startswith("["):
+        host, sep, rest = v[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{value!r}: missing ']'")
+        port_s = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{value!r}: junk after ']'")
+    elif v.count(":") == 1:
+        host, _, port_s = v.partition(":")
+    else:  # a bare host name, IPv4 or IPv6 address
+        host, port_s = v, ""
+    if not host:
+        raise ValueError(f"{value!r}: empty host")
+    port = default_port
+    if port_s:
+        if not port_s.isdigit():
+            raise ValueError(f"{value!r}: port must be a number")
+        port = int(port_s)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{value!r}: port must be 1-65535")
+    return host, port
+
+
+class Section:
+    """Reads one table, recording the key path for errors and the keys it was asked about."""
+
+    def __init__(self, source: str, path: str, table: object) -> None:
+        if not isinstance(table, Mapping):
+            raise ConfigError(source, path, "must be a table")
+        self.source, self.path, self.table = source, path, table
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), reason)
+
+    def get(
+        self,
+        name: str,
+        default: T,
+        convert: Callable[[Any], T] | None = None,
+        types: type | tuple[type, ...] | None = None,
+    ) -> T:
+        self.seen.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        if types is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in _astuple(types)):
+            names = " or ".join(t.__name__ for t in _astuple(types))
+            raise self.error(name, f"must be {names}, not {type(value).__name__}")
+        if convert is None:
+            return value  # type: ignore[no-any-return]
+        try:
+            return convert(value)
+        except (ValueError, TypeError) as e:
+            raise self.error(name, str(e)) from None
+
+    def get_list(self, name: str, default: Sequence[T], convert: Callable[[Any], T]) -> tuple[T, ...]:
+        self.seen.add(name)
+        if name not in self.table:
+            return tuple(default)
+        value = self.table[name]
+        if not isinstance(value, list):
+            raise self.error(name, f"must be a list, not {type(value).__name__}")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(convert(item))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(self.source, f"{self.key(name)}[{i}]", str(e)) from None
+        return tuple(out)
+
+    def check_unknown(self) -> None:
+        for name in self.table:
+            if name not in self.seen:
+                raise self.error(name, "unknown key")
+
+
+def _astuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _string(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"must be a string, not {type(v).__name__}")
+    return v
+
+
+def _network(v: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(_string(v), strict=False)
+    except ValueError:
+        raise ValueError(f"{v!r} is not a network such as 127.0.0.0/8") from None
+
+
+def _domain(v: object) -> str:
+    s = _string(v).strip().rstrip(".").lower()
+    if not s:
+        raise ValueError("empty domain")
+    return s
+
+
+def _positive_int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"must be a whole number of at least 1, not {v!r}")
+    return v
+
+
+@attrs.frozen
+class ServerConfig:
+    hostname: str
+    listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    local_domains: tuple[str, ...] = ()
+    relay_domains: tuple[str, ...] = ()
+    max_message_size: int = 52428800
+    max_recipients: int = 100
+    max_errors: int = 20
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    command_line_limit: int = 512
+    text_line_limit: int = 1000
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    tls_certificate: str | None = None
+    tls_key: str | None = None
+
+
+@attrs.frozen
+class SpoolConfig:
+    path: str = "var/spool"
+    backend: str = "filesystem"
+    dsn: str | None = None
+
+
+@attrs.frozen
+class QueueConfig:
+    retry_schedule: tuple[float, ...] = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
+    max_lifetime: float = 5 * 86400.0
+    delay_warning: float | None = None
+    max_deliveries: int = 100
+    max_per_destination: int = 20
+    postmaster: str | None = None
+
+
+@attrs.frozen
+class DeliveryConfig:
+    helo_name: str | None = None
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+
+
+@attrs.frozen
+class RouteConfig:
+    """One ``[[routes]]`` table: its type, its options (for the router factory) and its key path."""
+
+    type: str
+    options: Mapping[str, Any]
+    key: str
+
+
+@attrs.frozen
+class Config:
+    source: str
+    server: ServerConfig
+    spool: SpoolConfig
+    queue: QueueConfig
+    delivery: DeliveryConfig
+    routes: tuple[RouteConfig, ...]
+    metrics_listen: str | None = None
+
+
+_SECTIONS = ("server", "spool", "queue", "delivery", "routes", "metrics")
+
+
+def load(path: str) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, "", e.strerror or str(e)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    return from_dict(data, path)
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"not valid TOML: {e}") from None
+    return from_dict(data, source)
+
+
+def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    top = Section(source, "", data)
+    for name in data:
+        if name not in _SECTIONS:
+            raise top.error(name, f"unknown section (known: {', '.join(_SECTIONS)})")
+
+    s = Section(source, "server", data.get("server", {}))
+    server = ServerConfig(
+        hostname=s.get("hostname", socket.gethostname(), _domain),
+        listen=s.get_list("listen", ServerConfig.__attrs_attrs__.listen.default, _string),
+        trusted_networks=s.get_list("trusted_networks", ServerConfig.__attrs_attrs__.trusted_networks.default, _network),
+        local_domains=s.get_list("local_domains", (), _domain),
+        relay_domains=s.get_list("relay_domains", (), _domain),
+        max_message_size=s.get("max_message_size", 52428800, parse_size),
+        max_recipients=s.get("max_recipients", 100, _positive_int),
+        max_errors=s.get("max_errors", 20, _positive_int),
+        max_connections=s.get("max_connections", 1000, _positive_int),
+        max_connections_per_ip=s.get("max_connections_per_ip", 50, _positive_int),
+        command_line_limit=s.get("command_line_limit", 512, _positive_int),
+        text_line_limit=s.get("text_line_limit", 1000, _positive_int),
+        idle_timeout=s.get("idle_timeout", 300.0, parse_duration),
+        data_timeout=s.get("data_timeout", 600.0, parse_duration),
+        tls_certificate=s.get("tls_certificate", None, _string),
+        tls_key=s.get("tls_key", None, _string),
+    )
+    s.check_unknown()
+    if not server.listen:
+        raise s.error("listen", "must name at least one endpoint")
+    if bool(server.tls_certificate) != bool(server.tls_key):
+        raise s.error("tls_key", "tls_certificate and tls_key go together")
+
+    s = Section(source, "spool", data.get("spool", {}))
+    spool = SpoolConfig(
+        path=s.get("path", "var/spool", _string),
+        backend=s.get("backend", "filesystem", _string),
+        dsn=s.get("dsn", None, _string),
+    )
+    s.check_unknown()
+    if spool.backend not in ("filesystem", "postgresql"):
+        raise s.error("backend", f"{spool.backend!r}: must be 'filesystem' or 'postgresql'")
+    if spool.backend == "postgresql" and not spool.dsn:
+        raise s.error("dsn", "required when backend = 'postgresql'")
+
+    s = Section(source, "queue", data.get("queue", {}))
+    queue = QueueConfig(
+        retry_schedule=s.get_list("retry_schedule", QueueConfig.__attrs_attrs__.retry_schedule.default, parse_duration),
+        max_lifetime=s.get("max_lifetime", 5 * 86400.0, parse_duration),
+        delay_warning=s.get("delay_warning", None, _optional_duration),
+        max_deliveries=s.get("max_deliveries", 100, _positive_int),
+        max_per_destination=s.get("max_per_destination", 20, _positive_int),
+        postmaster=s.get("postmaster", None, _string),
+    )
+    s.check_unknown()
+    if not queue.retry_schedule:
+        raise s.error("retry_schedule", "must have at least one interval")
+
+    s = Section(source, "delivery", data.get("delivery", {}))
+    delivery = DeliveryConfig(
+        helo_name=s.get("helo_name", None, _domain),
+        connect_timeout=s.get("connect_timeout", 30.0, parse_duration),
+        command_timeout=s.get("command_timeout", 300.0, parse_duration),
+        data_timeout=s.get("data_timeout", 600.0, parse_duration),
+    )
+    s.check_unknown()
+
+    raw_routes = data.get("routes", [])
+    if not isinstance(raw_routes, list):
+        raise ConfigError(source, "routes", "must be an array of tables ([[routes]])")
+    routes = []
+    for i, table in enumerate(raw_routes):
+        r = Section(source, f"routes[{i}]", table)
+        rtype = r.get("type", None, _string)
+        if not rtype:
+            raise r.error("type", "missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)")
+        options = {k: v for k, v in table.items() if k != "type"}
+        routes.append(RouteConfig(rtype, options, f"routes[{i}]"))
+
+    s = Section(source, "metrics", data.get("metrics", {}))
+    metrics_listen = s.get("listen", None, _string)
+    s.check_unknown()
+
+    return Config(source, server, spool, queue, delivery, tuple(routes), metrics_listen)
+
+
+def _optional_duration(v: object) -> float | None:
+    if v in (False, "off", "none", "0", 0):
+        return None
+    return parse_duration(v)

@@ -1,0 +1,30 @@
+"""Failures that carry the SMTP reply to give (or record) for them."""
+
+from __future__ import annotations
+
+from mailrelay.envelope import Reply
+
+
+class MailRelayError(Exception):
+    """Base of every failure that maps to an SMTP reply."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class TemporaryFailure(MailRelayError):
+    """Try again later: 4xx. Never turns into a bounce before the message expires."""
+
+
+class PermanentFailure(MailRelayError):
+    """Will never succeed: 5xx. Refused at RCPT time, or bounced."""
+
+
+class ConfigError(Exception):
+    """A config file is wrong: names the file, the key path and the reason."""
+
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        self.path, self.key, self.reason = path, key, reason
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {reason}")

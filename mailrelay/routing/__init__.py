@@ -1,0 +1,1 @@
+"""Routing answers *where*: a chain of routers, each an ``IRouter``."""
