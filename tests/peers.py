@@ -1,0 +1,158 @@
+"""Real external peers for integration tests, started on loopback in temp dirs, stopped by PID.
+
+Only the project's own code: nothing here depends on ../shared. Each helper finds the binary on
+PATH and skips the test (``pytest.skip``) when the Debian package is missing and cannot be installed;
+``make test`` installs them first, so in CI they are always there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from email import message_from_bytes
+from email.message import Message
+from pathlib import Path
+
+import pytest
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (bound then released)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def require(binary: str) -> str:
+    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
+    if not path:
+        pytest.skip(f"{binary} not installed (make test installs it)")
+    return path
+
+
+def stop_pid(pid: int, timeout: float = 5.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stop_child(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, a child we started (waited for, so no zombie is left)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
+class SMTPSink:
+    """Postfix's ``smtp-sink``: accepts (or rejects, per flags) and optionally dumps each message.
+
+    ``flags`` are extra smtp-sink options, e.g. ``["-r", "RCPT"]`` (450 every RCPT), ``["-p"]``
+    (no PIPELINING), ``["-Q", "MAIL"]`` (421 and hang up at MAIL).
+    """
+
+    def __init__(self, port: int | None = None, flags: Sequence[str] = (), dump: bool = True,
+                 host: str = "127.0.0.1") -> None:
+        self.binary = require("smtp-sink")
+        self.host = host
+        self.port = port or free_port(host)
+        self.flags = list(flags)
+        self.dump = dump
+        self.dir = Path(tempfile.mkdtemp(prefix="mailrelay-sink-"))
+        os.chmod(self.dir, 0o755)
+        self.mail_dir = self.dir / "mail"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> SMTPSink:
+        args = [self.binary, "-u", "nobody", "-c", "-m", "1000"]
+        if self.dump:
+            self.mail_dir.mkdir(exist_ok=True)
+            shutil.chown(self.mail_dir, "nobody")
+            # %s-like unique names: smtp-sink appends a counter after the strftime prefix
+            args += ["-d", str(self.mail_dir / "%Y%m%d%H%M%S.")]
+        listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        args += self.flags + [listen, "1024"]
+        self.counters = open(self.dir / "counters", "wb")
+        self.proc = subprocess.Popen(args, stdout=self.counters, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_listening(self.host, self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_child(self.proc)
+            self.proc = None
+            self.counters.close()
+
+    def count(self) -> int:
+        """Messages the sink has counted (at the final dot)."""
+        data = (self.dir / "counters").read_bytes()[-400:].replace(b"\r", b"\n").split(b"\n")
+        for line in reversed(data):
+            if b"mesg=" in line:
+                return int(line.split(b"mesg=")[1].split()[0])
+        return 0
+
+    def messages(self) -> list[bytes]:
+        """Raw dumped transactions (X-Mail-Args/X-Rcpt-Args headers first, then the message)."""
+        if not self.mail_dir.exists():
+            return []
+        return [p.read_bytes() for p in sorted(self.mail_dir.iterdir())]
+
+    def parsed(self) -> list[Message]:
+        return [message_from_bytes(m) for m in self.messages()]
+
+    def wait_for(self, n: int, timeout: float = 30.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msgs = self.messages() if self.dump else []
+            if (len(msgs) if self.dump else self.count()) >= n:
+                return msgs
+            time.sleep(0.05)
+        got = len(self.messages()) if self.dump else self.count()
+        raise TimeoutError(f"smtp-sink on port {self.port} got {got} of {n} messages in {timeout}s")
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SMTPSink]:
+    """A started, dumping smtp-sink on a free port; ``smtp_sink.wait_for(n)`` waits for n messages."""
+    sink = SMTPSink().start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
+        shutil.rmtree(sink.dir, ignore_errors=True)
