@@ -109,11 +109,16 @@ class Envelope:
 
 @attrs.frozen
 class NextHop:
-    """One host to try, in preference order (lower first)."""
+    """One host to try, in preference order (lower first).
+
+    ``host`` is what to connect to (an IP address, or a name the deliverer resolves); ``name`` is
+    the host name the hop is known by (the MX name), used to verify its TLS certificate and in logs.
+    """
 
     host: str
     port: int = 25
     preference: int = 0
+    name: str | None = None
 
 
 class TLSPolicy(str, enum.Enum):
