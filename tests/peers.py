@@ -68,6 +68,40 @@ def stop_pid(pid: int, timeout: float = 5.0) -> None:
         pass
 
 
+class Transaction:
+    """One message as smtp-sink dumped it: ``sender``, ``recipients`` and ``data``.
+
+    smtp-sink writes its X-* and Received headers first, ends lines with LF and adds one LF at
+    the end (it has already undone the dot-stuffing); ``data`` undoes that, giving the message bytes
+    as the client meant them (CRLF line endings) — exact for messages without bare LF or CR.
+    """
+
+    def __init__(self, sender: str, recipients: list[str], data: bytes) -> None:
+        self.sender, self.recipients, self.data = sender, recipients, data
+
+    @classmethod
+    def from_dump(cls, raw: bytes) -> Transaction:
+        lines = raw.split(b"\n")
+        sender, rcpts, i = "", [], 0
+        while i < len(lines) and lines[i].startswith(b"X-"):
+            name, _, value = lines[i].partition(b": ")
+            if name == b"X-Mail-Args":
+                sender = value.decode().split()[0].strip("<>")
+            elif name == b"X-Rcpt-Args":
+                rcpts.append(value.decode().split()[0].strip("<>"))
+            i += 1
+        if i < len(lines) and lines[i].startswith(b"Received: "):  # smtp-sink's own, folded
+            i += 1
+            while i < len(lines) and lines[i][:1] in (b"\t", b" "):
+                i += 1
+        body = lines[i:]
+        if body and body[-1] == b"":
+            body = body[:-1]  # the LF smtp-sink adds
+        if body and body[-1] == b"":
+            body = body[:-1]
+        return cls(sender, rcpts, b"".join(ln + b"\r\n" for ln in body))
+
+
 def stop_child(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     """SIGTERM, then SIGKILL, a child we started (waited for, so no zombie is left)."""
     if proc.poll() is None:
@@ -132,6 +166,10 @@ class SMTPSink:
         if not self.mail_dir.exists():
             return []
         return [p.read_bytes() for p in sorted(self.mail_dir.iterdir())]
+
+    def transactions(self) -> list[Transaction]:
+        """Each dumped transaction decoded back to its envelope and the exact message bytes."""
+        return [Transaction.from_dump(raw) for raw in self.messages()]
 
     def parsed(self) -> list[Message]:
         return [message_from_bytes(m) for m in self.messages()]
