@@ -1,0 +1,102 @@
+"""A real ``twistd -n mailrelay`` child process for end-to-end tests, in a temp dir, on a free port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.peers import free_port, stop_child, wait_listening
+
+
+class RelayProcess:
+    """Writes ``mailrelay.toml`` (``[server] listen`` and ``[spool] path`` filled in) and runs twistd.
+
+    ``config_body`` is the rest of the TOML (routes, queue, ...), without ``listen``/``path``.
+    The directory (spool, log) survives ``kill()``/``stop()`` so the same relay can be restarted.
+    """
+
+    def __init__(self, config_body: str = "", port: int | None = None, hostname: str = "relay.mailrelay.test",
+                 directory: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="mailrelay-relay-"))
+        self.spool = self.dir / "spool"
+        self.log = self.dir / "twistd.log"
+        self.config = self.dir / "mailrelay.toml"
+        self.hostname = hostname
+        server_keys, rest = _split_server(config_body)
+        self.config.write_text(
+            "[server]\n"
+            f'hostname = "{hostname}"\n'
+            f'listen = ["tcp:{self.port}:interface=127.0.0.1"]\n'
+            + server_keys
+            + f'\n[spool]\npath = "{self.spool}"\n\n'
+            + rest
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> RelayProcess:
+        args = [sys.executable, "-m", "twisted", "-n", "--pidfile=", f"--logfile={self.log}",
+                "mailrelay", "--config", str(self.config)]
+        self.proc = subprocess.Popen(args, cwd=self.dir, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            wait_listening("127.0.0.1", self.port, timeout=timeout, proc=self.proc)
+        except Exception as e:
+            raise RuntimeError(f"{e}\n--- log ---\n{self.log_text()}\n--- output ---\n{self.output()}") from None
+        return self
+
+    def output(self) -> str:
+        if self.proc is None or self.proc.poll() is None or self.proc.stdout is None:
+            return ""
+        return self.proc.stdout.read().decode(errors="replace")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to tidy up."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait: returns the exit status."""
+        if self.proc is None:
+            return None
+        stop_child(self.proc, timeout=15)
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def wait_log(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log_text():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{text!r} not in the relay's log after {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def queue_files(self) -> list[Path]:
+        return sorted(p for p in self.spool.rglob("*") if p.is_file())
+
+
+def _split_server(body: str) -> tuple[str, str]:
+    """Lift the keys of a leading ``[server]`` table out of ``body`` to merge them with ours."""
+    if not body.lstrip().startswith("[server]"):
+        return "", body
+    text = body.lstrip()[len("[server]"):]
+    idx = text.find("\n[")
+    if idx < 0:
+        return text, ""
+    return text[: idx + 1], text[idx + 1 :]

@@ -1,0 +1,73 @@
+"""MailRelayService embedded in a Twisted program: started, used, stopped, in-process."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+
+from mailrelay import config
+from mailrelay.errors import ConfigError
+from mailrelay.service import MailRelayService
+
+pytestmark = pytest.mark.integration
+
+
+def relay_config(tmp_path, sink_port: int) -> config.Config:
+    return config.loads(
+        f"""
+[server]
+hostname = "embedded.mailrelay.test"
+listen = ["tcp:0:interface=127.0.0.1"]
+[spool]
+path = "{tmp_path / 'spool'}"
+[[routes]]
+type = "static"
+domains = ["*"]
+hosts = ["127.0.0.1:{sink_port}"]
+""",
+        "embedded.toml",
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_embedded_service_relays_and_stops_cleanly(tmp_path, smtp_sink):
+    from twisted.application import service as appservice
+
+    application = appservice.MultiService()  # the embedding program's own service tree
+    relay = MailRelayService(relay_config(tmp_path, smtp_sink.port))
+    relay.setServiceParent(application)
+    application.startService()
+    try:
+        yield relay.listeners[0].listening
+        port = relay.ports[0].getHost().port
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", port) as client:
+                client.sendmail("a@example.org", ["b@example.test"], b"Subject: embedded\r\n\r\nhi\r\n")
+
+        yield threads.deferToThread(send)
+        yield threads.deferToThread(smtp_sink.wait_for, 1, 20)
+        assert b"by embedded.mailrelay.test" in smtp_sink.messages()[0]
+    finally:
+        yield application.stopService()
+    assert relay.ports == [] or not relay.running
+
+
+def test_bad_route_config_fails_when_built_naming_the_key(tmp_path):
+    cfg = config.loads(
+        f'[spool]\npath = "{tmp_path}"\n[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:99999"]\n',
+        "bad.toml",
+    )
+    with pytest.raises(ConfigError) as e:
+        MailRelayService(cfg)
+    assert "bad.toml" in str(e.value) and "routes[0].hosts[0]" in str(e.value)
+
+
+def test_unknown_router_type_is_a_config_error(tmp_path):
+    cfg = config.loads(f'[spool]\npath = "{tmp_path}"\n[[routes]]\ntype = "nosuch"\n', "bad.toml")
+    with pytest.raises(ConfigError) as e:
+        MailRelayService(cfg)
+    assert "routes[0].type" in str(e.value) and "nosuch" in str(e.value)
