@@ -27,6 +27,16 @@ from mailrelay.interfaces import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # MailRelayService pulls in every room; import it only when asked for.
+    if name == "MailRelayService":
+        from mailrelay.service import MailRelayService
+
+        return MailRelayService
+    raise AttributeError(f"module 'mailrelay' has no attribute {name!r}")
+
+
 __all__ = [
     "ConfigError",
     "Envelope",
@@ -37,6 +47,7 @@ __all__ = [
     "IQueueStore",
     "IRouter",
     "IRouterFactory",
+    "MailRelayService",
     "NextHop",
     "PermanentFailure",
     "QueuedMessage",

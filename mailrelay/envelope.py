@@ -121,7 +121,7 @@ class NextHop:
     name: str | None = None
 
 
-class TLSPolicy(str, enum.Enum):
+class TLSPolicy(enum.StrEnum):
     NONE = "none"
     MAY = "may"
     ENCRYPT = "encrypt"
@@ -148,7 +148,7 @@ class Route:
         return (self.hops, self.tls, self.auth, self.source, self.allow_plaintext_auth)
 
 
-class RecipientState(str, enum.Enum):
+class RecipientState(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"

@@ -1,0 +1,104 @@
+"""Config errors name the file, the key path and the reason; values come out typed."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from mailrelay import config
+from mailrelay.errors import ConfigError
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        config.loads(text, "relay.toml")
+    return str(e.value)
+
+
+def test_defaults_are_postfix_like_and_loopback_only():
+    c = config.loads("", "relay.toml")
+    assert c.server.listen == ("tcp:2525:interface=127.0.0.1",)
+    assert ipaddress.ip_address("127.0.0.5") in c.server.trusted_networks[0]
+    assert c.server.max_message_size == 52428800 and c.server.max_recipients == 100
+    assert c.queue.retry_schedule[0] == 300 and c.queue.max_lifetime == 5 * 86400
+    assert c.queue.delay_warning is None and c.spool.backend == "filesystem"
+
+
+def test_documented_keys_parse_to_typed_values():
+    c = config.loads(
+        """
+[server]
+hostname = "MX.Example.TEST."
+listen = ["tcp:2525:interface=127.0.0.1", "tcp6:2525:interface=\\\\:\\\\:1"]
+trusted_networks = ["10.1.2.3/8"]
+local_domains = ["Example.TEST"]
+max_message_size = "10M"
+[spool]
+path = "/var/spool/mailrelay"
+[queue]
+retry_schedule = ["1m", "5m", "1h"]
+max_lifetime = "5d"
+delay_warning = "4h"
+[[routes]]
+type = "static"
+domains = ["example.test"]
+hosts = ["127.0.0.1:2526"]
+[metrics]
+listen = "tcp:9125:interface=127.0.0.1"
+""",
+        "relay.toml",
+    )
+    assert c.server.hostname == "mx.example.test"
+    assert c.server.trusted_networks == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert c.server.local_domains == ("example.test",)
+    assert c.server.max_message_size == 10 * 1024 * 1024
+    assert c.queue.retry_schedule == (60.0, 300.0, 3600.0)
+    assert c.queue.delay_warning == 4 * 3600
+    assert c.routes[0].type == "static" and c.routes[0].key == "routes[0]"
+    assert c.routes[0].options == {"domains": ["example.test"], "hosts": ["127.0.0.1:2526"]}
+    assert c.metrics_listen == "tcp:9125:interface=127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server]\nmax_message_size = -1\n", "relay.toml: server.max_message_size: "),
+        ("[server]\ntrusted_networks = ['nonsense']\n", "relay.toml: server.trusted_networks[0]: 'nonsense' is not a network"),
+        ("[server]\nlisten = []\n", "server.listen: must name at least one endpoint"),
+        ("[server]\nlisten = 'tcp:25'\n", "server.listen: must be a list"),
+        ("[server]\nmax_recipients = 0\n", "server.max_recipients: must be a whole number of at least 1"),
+        ("[server]\ntls_certificate = 'c.pem'\n", "server.tls_key: tls_certificate and tls_key go together"),
+        ("[server]\nhostnme = 'x'\n", "server.hostnme: unknown key"),
+        ("[queue]\nretry_schedule = ['5 parsecs']\n", "queue.retry_schedule[0]: '5 parsecs' is not a duration"),
+        ("[queue]\nretry_schedule = []\n", "queue.retry_schedule: must have at least one interval"),
+        ("[spool]\nbackend = 'nfs'\n", "spool.backend: 'nfs': must be 'filesystem' or 'postgresql'"),
+        ("[spool]\nbackend = 'postgresql'\n", "spool.dsn: required when backend = 'postgresql'"),
+        ("[[routes]]\ndomains = ['*']\n", "routes[0].type: missing"),
+        ("[rout]\n", "relay.toml: rout: unknown section"),
+        ("[server\n", "relay.toml: not valid TOML"),
+    ],
+)
+def test_errors_name_file_key_and_reason(text, expected):
+    assert expected in error_of(text)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        config.load(str(tmp_path / "nope.toml"))
+    assert "nope.toml" in str(e.value) and "No such file" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("127.0.0.1:2526", ("127.0.0.1", 2526)), ("[::1]:25", ("::1", 25)), ("mx.example.test", ("mx.example.test", 25)),
+     ("::1", ("::1", 25)), ("[::1]", ("::1", 25))],
+)
+def test_hostport(value, expected):
+    assert config.parse_hostport(value) == expected
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:0", "127.0.0.1:65536", "h:x", "[::1", ":25", ""])
+def test_bad_hostport(value):
+    with pytest.raises(ValueError):
+        config.parse_hostport(value)
