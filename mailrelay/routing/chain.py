@@ -1,0 +1,51 @@
+"""A chain of routers tried in config order: the first that answers decides.
+
+Every router may answer synchronously or through a Deferred; the chain always answers with a
+Deferred, so callers handle one shape. A failure (temporary or permanent) stops the chain: a router
+that cannot answer now must not let a later, less specific router send the mail elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailrelay.address import domain_of
+from mailrelay.envelope import Envelope, Reply, Route
+from mailrelay.errors import PermanentFailure
+from mailrelay.interfaces import IRouter
+
+
+def no_route_reply(recipient: str) -> Reply:
+    """The reply for a recipient that no router claims (RFC 3463 X.1.2: bad destination system)."""
+    return Reply(550, "5.1.2", f"no route to domain {domain_of(recipient) or recipient!r}")
+
+
+@implementer(IRouter)
+class RouterChain:
+    """Provides ``IRouter`` over ``routers``, asked in order.
+
+    When no router answers, the chain answers ``default`` if one is given, else it fails with
+    ``PermanentFailure`` (550 5.1.2), so that an unroutable recipient is refused at RCPT (when
+    recipient verification is on) or bounced, never retried forever.
+    """
+
+    def __init__(self, routers: Sequence[IRouter], default: Route | None = None) -> None:
+        self.routers: tuple[IRouter, ...] = tuple(routers)
+        self.default = default
+
+    def __repr__(self) -> str:
+        return f"RouterChain({list(self.routers)!r})"
+
+    @defer.inlineCallbacks
+    def route(self, recipient: str, envelope: Envelope):  # type: ignore[no-untyped-def]
+        """A Deferred of the first router's non-``None`` answer (or the default)."""
+        for router in self.routers:
+            answer = yield defer.maybeDeferred(router.route, recipient, envelope)
+            if answer is not None:
+                return answer
+        if self.default is not None:
+            return self.default
+        raise PermanentFailure(no_route_reply(recipient))

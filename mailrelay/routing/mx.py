@@ -1,0 +1,372 @@
+"""The MX router: next hops from DNS (RFC 5321 section 5.1, RFC 7505), with twisted.names.
+
+For a recipient domain: its MX records in preference order (equal preferences shuffled with the
+injected ``random``), or the domain itself when it has no MX (the implicit MX); then every A and
+AAAA address of every MX host, in that order, up to ``max_hosts`` hops. The hops carry IP addresses
+in ``host`` and the MX name in ``name`` (for TLS verification and logs).
+
+Failures say what the queue should do: NXDOMAIN is permanent (5.1.2), a null MX is permanent
+(5.1.10), a name with no address is permanent (5.4.4); SERVFAIL, REFUSED and timeouts are temporary
+(4.4.3), so a DNS outage never bounces mail. Answers are cached for their TTL on the injected clock.
+
+The resolver is built with exactly the configured ``nameservers``: ``client.createResolver`` would
+also read /etc/resolv.conf.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random as _random
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.names import client, dns
+from twisted.names import error as dnserror
+from zope.interface import implementer
+
+from mailrelay.address import domain_matches, normalise_domain, split
+from mailrelay.config import parse_duration, parse_hostport
+from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
+from mailrelay.errors import PermanentFailure, TemporaryFailure
+from mailrelay.interfaces import IRouter
+from mailrelay.routing.context import RouterContext
+from mailrelay.routing.static import parse_domain_pattern, parse_tls
+
+MAX_CNAME_DEPTH = 8
+
+
+class _NoAddress(Exception):
+    """A name resolved to nothing usable (NXDOMAIN or no A/AAAA): permanent for this name."""
+
+
+@attrs.frozen
+class Exchange:
+    """One MX host: its preference, its name and its addresses (in connection order)."""
+
+    preference: int
+    name: str
+    addresses: tuple[str, ...]
+
+
+@attrs.frozen
+class _Resolved:
+    """What DNS said about one domain, cached until ``expires`` (clock seconds)."""
+
+    exchanges: tuple[Exchange, ...] = ()
+    failure: PermanentFailure | None = None
+    expires: float = 0.0
+
+
+def temporary(domain: str, why: str) -> TemporaryFailure:
+    return TemporaryFailure(Reply(451, "4.4.3", f"DNS lookup for {domain} failed: {why}; will retry"))
+
+
+def _text(name: object) -> str:
+    """A DNS name (``dns.Name``, bytes or str) as a lower-case string without the final dot."""
+    if isinstance(name, dns.Name):
+        name = name.name
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return str(name).rstrip(".").lower()
+
+
+def _literal(domain: str) -> str | None:
+    """``[127.0.0.1]`` / ``[IPv6:::1]`` → the address; anything else → None."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner.lower().startswith("ipv6:"):
+        inner = inner[5:]
+    try:
+        return str(ipaddress.ip_address(inner))
+    except ValueError:
+        return None
+
+
+@implementer(IRouter)
+class MXRouter:
+    """Routes recipients of ``domains`` (default: every domain) by DNS.
+
+    ``resolver`` provides ``twisted.names``' ``IResolver`` lookups (``lookupMailExchange``,
+    ``lookupAddress``, ``lookupIPV6Address``); ``clock`` times the cache; ``random`` shuffles MX
+    hosts of equal preference (seed it in tests); ``prefer`` is ``"ipv4"`` or ``"ipv6"``: which
+    family's addresses of one host come first.
+    """
+
+    def __init__(
+        self,
+        resolver: Any,
+        clock: IReactorTime,
+        *,
+        port: int = 25,
+        domains: Sequence[str] = ("*",),
+        random: _random.Random | None = None,
+        max_hosts: int = 10,
+        prefer: str = "ipv4",
+        tls: TLSPolicy = TLSPolicy.MAY,
+        source: str | None = None,
+        min_ttl: float = 0.0,
+        max_ttl: float = 3600.0,
+        negative_ttl: float = 60.0,
+    ) -> None:
+        if prefer not in ("ipv4", "ipv6"):
+            raise ValueError("prefer must be 'ipv4' or 'ipv6'")
+        self.resolver = resolver
+        self.clock = clock
+        self.port = port
+        self.domains = tuple(parse_domain_pattern(d) for d in domains)
+        self.random = random if random is not None else _random.Random()
+        self.max_hosts = max_hosts
+        self.prefer = prefer
+        self.tls = tls
+        self.source = source
+        self.min_ttl, self.max_ttl, self.negative_ttl = min_ttl, max_ttl, negative_ttl
+        self._cache: dict[str, _Resolved] = {}
+
+    def __repr__(self) -> str:
+        return f"MXRouter(port={self.port}, domains={list(self.domains)!r})"
+
+    def matches(self, domain: str) -> bool:
+        return any(domain_matches(domain, p) for p in self.domains)
+
+    def route(self, recipient: str, envelope: Envelope | None) -> defer.Deferred[Route | None] | Route | None:
+        domain = split(recipient)[1]
+        if not domain or not self.matches(domain):
+            return None
+        return self.route_domain(domain)
+
+    def route_domain(self, domain: str, port: int | None = None) -> defer.Deferred[Route]:
+        """The route to ``domain``'s MX hosts (as if mail were addressed to someone there).
+
+        Also used by other routers (LDAP ``mailHost``) to route on to a host name.
+        """
+        d = self.exchanges(domain)
+        d.addCallback(self._route, port if port is not None else self.port)
+        return d
+
+    def exchanges(self, domain: str) -> defer.Deferred[tuple[Exchange, ...]]:
+        """The MX hosts of ``domain`` with their addresses, in order; cached per TTL."""
+        domain = normalise_domain(domain)
+        literal = _literal(domain)
+        if literal is not None:
+            return defer.succeed((Exchange(0, literal, (literal,)),))
+        now = self.clock.seconds()
+        cached = self._cache.get(domain)
+        if cached is not None and cached.expires > now:
+            if cached.failure is not None:
+                return defer.fail(cached.failure)
+            return defer.succeed(self._ordered(cached.exchanges))
+        d = defer.ensureDeferred(self._resolve(domain))
+        d.addCallback(self._store, domain)
+        return d
+
+    def _store(self, resolved: _Resolved, domain: str) -> tuple[Exchange, ...]:
+        self._cache[domain] = resolved
+        if resolved.failure is not None:
+            raise resolved.failure
+        return self._ordered(resolved.exchanges)
+
+    def _ordered(self, exchanges: tuple[Exchange, ...]) -> tuple[Exchange, ...]:
+        """Preference order; hosts of equal preference in a fresh random order each time."""
+        keyed = [(x.preference, self.random.random(), x) for x in exchanges]
+        keyed.sort(key=lambda t: (t[0], t[1]))
+        return tuple(x for _, _, x in keyed)
+
+    def _route(self, exchanges: tuple[Exchange, ...], port: int) -> Route:
+        hops: list[NextHop] = []
+        seen: set[str] = set()
+        for x in exchanges:
+            for address in x.addresses:
+                if address in seen:
+                    continue
+                seen.add(address)
+                hops.append(NextHop(address, port, x.preference, x.name))
+        return Route(tuple(hops[: self.max_hosts]), tls=self.tls, source=self.source)
+
+    def _ttl(self, ttls: Sequence[int]) -> float:
+        ttl = float(min(ttls)) if ttls else self.negative_ttl
+        return min(max(ttl, self.min_ttl), self.max_ttl)
+
+    async def _resolve(self, domain: str) -> _Resolved:
+        now = self.clock.seconds()
+        try:
+            records, ttls = await self._lookup(domain, dns.MX)
+        except dnserror.DNSNameError:
+            return _Resolved(failure=PermanentFailure(
+                Reply(550, "5.1.2", f"domain {domain} does not exist (NXDOMAIN)")),
+                expires=now + self.negative_ttl)
+        mxs = [(r.payload.preference, _text(r.payload.name)) for r in records]
+        if any(name in ("", ".") for _, name in mxs):
+            # RFC 7505: a null MX says the domain accepts no mail; never fall back to A/AAAA.
+            return _Resolved(failure=PermanentFailure(
+                Reply(556, "5.1.10", f"domain {domain} accepts no mail (null MX)")),
+                expires=now + self._ttl(ttls))
+        implicit = not mxs
+        if implicit:
+            mxs = [(0, domain)]
+        try:
+            results = await defer.gatherResults(
+                [defer.ensureDeferred(self._host(name)) for _, name in mxs], consumeErrors=True)
+        except defer.FirstError as e:
+            e.subFailure.raiseException()
+        exchanges = []
+        temporary_errors = []
+        for (pref, name), result in zip(mxs, results, strict=True):
+            if isinstance(result, Exception):
+                temporary_errors.append(result)
+                continue
+            addresses, host_ttls = result
+            if addresses:
+                exchanges.append(Exchange(pref, name, addresses))
+                ttls = [*ttls, *host_ttls]
+        if exchanges:
+            return _Resolved(tuple(exchanges), expires=now + self._ttl(ttls))
+        if temporary_errors:
+            raise temporary_errors[0]
+        what = f"{domain} has no MX and no address" if implicit else f"no MX host of {domain} has an address"
+        return _Resolved(failure=PermanentFailure(Reply(550, "5.4.4", what)), expires=now + self.negative_ttl)
+
+    async def _host(self, name: str) -> tuple[tuple[str, ...], list[int]] | Exception:
+        """All A and AAAA addresses of one MX host; the (temporary) error when DNS would not say.
+
+        The error is returned, not raised, so that one MX host's trouble does not hide the others.
+        """
+        literal = _literal(f"[{name}]")
+        if literal is not None:  # an MX pointing at an address (RFC-forbidden, seen in the wild)
+            return (literal,), []
+        lookups = [self._lookup(name, dns.A), self._lookup(name, dns.AAAA)]
+        if self.prefer == "ipv6":
+            lookups.reverse()
+        results = await defer.DeferredList([defer.ensureDeferred(c) for c in lookups], consumeErrors=True)
+        addresses: list[str] = []
+        ttls: list[int] = []
+        failures = []
+        for ok, result in results:
+            if ok:
+                records, rttls = result
+                addresses.extend(_address(r) for r in records)
+                ttls.extend(rttls)
+            elif not result.check(dnserror.DNSNameError):
+                failures.append(result)
+        if not addresses and failures:
+            return failures[0].value  # type: ignore[no-any-return]
+        return tuple(addresses), ttls
+
+    async def _lookup(self, name: str, qtype: int) -> tuple[list[dns.RRHeader], list[int]]:
+        """Records of ``qtype`` for ``name``, following CNAMEs; DNS errors mapped to ours.
+
+        Raises ``DNSNameError`` for NXDOMAIN, ``TemporaryFailure`` for anything that may pass.
+        """
+        method = {dns.MX: self.resolver.lookupMailExchange, dns.A: self.resolver.lookupAddress,
+                  dns.AAAA: self.resolver.lookupIPV6Address}[qtype]
+        ttls: list[int] = []
+        target = name
+        for _ in range(MAX_CNAME_DEPTH):
+            try:
+                answers, _authority, _additional = await method(target)
+            except dnserror.DNSNameError:
+                raise
+            except (dnserror.DNSServerError, dnserror.DNSQueryRefusedError, dnserror.DNSFormatError,
+                    dnserror.DNSNotImplementedError, dnserror.DNSUnknownError, defer.TimeoutError) as e:
+                raise temporary(name, _describe(e)) from None
+            except OSError as e:
+                raise temporary(name, str(e)) from None
+            names = {target}
+            found = []
+            cname = None
+            # Walk the answer's CNAME chain from ``target``: the records of the last name count.
+            progressed = True
+            while progressed:
+                progressed = False
+                for r in answers:
+                    if r.type == dns.CNAME and _text(r.name) in names:
+                        nxt = _text(r.payload.name)
+                        if nxt not in names:
+                            names.add(nxt)
+                            cname = nxt
+                            ttls.append(r.ttl)
+                            progressed = True
+            for r in answers:
+                if r.type == qtype and _text(r.name) in names:
+                    found.append(r)
+                    ttls.append(r.ttl)
+            if found or cname is None:
+                return found, ttls
+            target = cname  # the chain leaves the answer: ask for the CNAME's target
+        raise temporary(name, "CNAME chain too long")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], context: RouterContext) -> MXRouter:
+        """The ``IRouterFactory`` registered as ``mx``.
+
+        Options: ``nameservers`` (``host:port``, default port 53; default: the system's
+        /etc/resolv.conf), ``port``, ``domains``, ``max_hosts``, ``prefer``, ``tls``, ``source``,
+        ``timeout`` (per DNS query), ``min_ttl``, ``max_ttl``, ``negative_ttl``.
+        """
+        s = context.options(options)
+        nameservers = s.get_list("nameservers", (), lambda v: parse_hostport(v, 53))
+        timeout = s.get("timeout", 5.0, parse_duration)
+        router_options: dict[str, Any] = dict(
+            port=s.get("port", 25, _port),
+            domains=s.get_list("domains", ("*",), parse_domain_pattern),
+            max_hosts=s.get("max_hosts", 10, _positive),
+            prefer=s.get("prefer", "ipv4", _family),
+            tls=s.get("tls", TLSPolicy.MAY, parse_tls),
+            source=s.get("source", None, types=str),
+            min_ttl=s.get("min_ttl", 0.0, parse_duration),
+            max_ttl=s.get("max_ttl", 3600.0, parse_duration),
+            negative_ttl=s.get("negative_ttl", 60.0, parse_duration),
+        )
+        s.check_unknown()
+        resolver = context.resolver
+        if resolver is None:
+            resolver = make_resolver(nameservers, context.reactor, timeout)
+        return cls(resolver, context.reactor, random=context.random, **router_options)
+
+
+def make_resolver(nameservers: Sequence[tuple[str, int]], reactor: Any, timeout: float = 5.0) -> client.Resolver:
+    """A resolver asking exactly ``nameservers`` (or, if none, those in /etc/resolv.conf).
+
+    Each query is tried twice (a third, then two thirds of ``timeout``) before it is temporary.
+    """
+    timeouts = (max(timeout / 3, 0.1), max(timeout * 2 / 3, 0.1))
+    if nameservers:
+        return client.Resolver(servers=list(nameservers), timeout=timeouts, reactor=reactor)
+    return client.Resolver(resolv="/etc/resolv.conf", timeout=timeouts, reactor=reactor)
+
+
+def _address(r: dns.RRHeader) -> str:
+    if r.type == dns.AAAA:
+        return socket.inet_ntop(socket.AF_INET6, r.payload.address)
+    return socket.inet_ntop(socket.AF_INET, r.payload.address)
+
+
+def _describe(e: Exception) -> str:
+    return {
+        dnserror.DNSServerError: "SERVFAIL",
+        dnserror.DNSQueryRefusedError: "REFUSED",
+        dnserror.DNSFormatError: "FORMERR",
+        dnserror.DNSNotImplementedError: "NOTIMP",
+    }.get(type(e), "timed out" if isinstance(e, defer.TimeoutError) else type(e).__name__)
+
+
+def _port(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        raise ValueError(f"port must be 1-65535, not {v!r}")
+    return v
+
+
+def _positive(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"must be a whole number of at least 1, not {v!r}")
+    return v
+
+
+def _family(v: object) -> str:
+    if v not in ("ipv4", "ipv6"):
+        raise ValueError(f"{v!r}: must be 'ipv4' or 'ipv6'")
+    return str(v)

@@ -1,0 +1,86 @@
+"""An in-memory resolver for unit tests: records from a table, errors on demand, no sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.internet import defer
+from twisted.names import dns
+from twisted.names import error as dnserror
+
+
+class FakeResolver:
+    """Answers ``lookupMailExchange``/``lookupAddress``/``lookupIPV6Address`` like an authoritative
+    server: a known name without records of the type gives an empty answer (NODATA), an unknown
+    name ``DNSNameError`` (NXDOMAIN), a CNAME is answered with the target's records when known.
+
+    ``add(name, "MX", (10, "mx1.example.test"))``, ``add(name, "A", "127.0.0.1")``,
+    ``add(name, "CNAME", "target")``; ``fail(name, "MX", error)`` makes a query fail;
+    ``queries`` records every query as ``(name, type)``.
+    """
+
+    def __init__(self, ttl: int = 60) -> None:
+        self.ttl = ttl
+        self.records: dict[str, list[tuple[int, object, int]]] = {}
+        self.errors: dict[tuple[str, int], Exception] = {}
+        self.queries: list[tuple[str, str]] = []
+
+    def add(self, name: str, rtype: str, *values: object, ttl: int | None = None) -> FakeResolver:
+        for value in values:
+            self.records.setdefault(name.lower().rstrip("."), []).append(
+                (getattr(dns, rtype), value, self.ttl if ttl is None else ttl))
+        return self
+
+    def fail(self, name: str, rtype: str, error: Exception) -> FakeResolver:
+        self.errors[(name.lower().rstrip("."), getattr(dns, rtype))] = error
+        return self
+
+    def _rr(self, name: str, qtype: int, value: object, ttl: int) -> dns.RRHeader:
+        if qtype == dns.MX:
+            pref, host = value  # type: ignore[misc]
+            payload = dns.Record_MX(pref, host, ttl=ttl)
+        elif qtype == dns.A:
+            payload = dns.Record_A(value, ttl=ttl)
+        elif qtype == dns.AAAA:
+            payload = dns.Record_AAAA(value, ttl=ttl)
+        elif qtype == dns.CNAME:
+            payload = dns.Record_CNAME(value, ttl=ttl)
+        else:
+            raise ValueError(qtype)
+        return dns.RRHeader(name, qtype, dns.IN, ttl, payload)
+
+    def _answer(self, name: str, qtype: int) -> Iterable[dns.RRHeader]:
+        name = name.lower().rstrip(".")
+        for _ in range(10):
+            entries = self.records.get(name, [])
+            cnames = [e for e in entries if e[0] == dns.CNAME]
+            if cnames and qtype != dns.CNAME:
+                _, target, ttl = cnames[0]
+                yield self._rr(name, dns.CNAME, target, ttl)
+                name = str(target).lower().rstrip(".")
+                if name not in self.records:
+                    return
+                continue
+            for t, value, ttl in entries:
+                if t == qtype:
+                    yield self._rr(name, qtype, value, ttl)
+            return
+
+    def _lookup(self, name: str, qtype: int) -> defer.Deferred:
+        key = name.lower().rstrip(".")
+        self.queries.append((key, dns.QUERY_TYPES[qtype]))
+        error = self.errors.get((key, qtype))
+        if error is not None:
+            return defer.fail(error)
+        if key not in self.records:
+            return defer.fail(dnserror.DNSNameError(key))
+        return defer.succeed((list(self._answer(key, qtype)), [], []))
+
+    def lookupMailExchange(self, name: str, timeout: object = None) -> defer.Deferred:
+        return self._lookup(name, dns.MX)
+
+    def lookupAddress(self, name: str, timeout: object = None) -> defer.Deferred:
+        return self._lookup(name, dns.A)
+
+    def lookupIPV6Address(self, name: str, timeout: object = None) -> defer.Deferred:
+        return self._lookup(name, dns.AAAA)
