@@ -1,0 +1,155 @@
+"""Sans-I/O pieces of the ESMTP client: reply parsing, EHLO keywords, dot-stuffing.
+
+Kept apart from the protocol so each is table- and property-tested without a transport.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mailrelay.envelope import Reply
+
+MAX_REPLY_LINE = 4096  # RFC 5321 says 512; real servers send longer text lines
+MAX_REPLY_LINES = 1000
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+
+
+class ReplyError(Exception):
+    """The peer sent something that is not an SMTP reply: the session cannot go on."""
+
+
+class ReplyParser:
+    """Bytes in, complete ``Reply`` values out; multiline replies joined with ``\\n``.
+
+    The enhanced status code (RFC 3463) is taken from the first line when its class matches the
+    reply code, and removed from every line that repeats it.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._lines: list[str] = []
+        self._code: int | None = None
+
+    def reset(self) -> None:
+        """Forget anything buffered (after STARTTLS, plaintext read before the handshake is void)."""
+        self._buffer = b""
+        self._lines = []
+        self._code = None
+
+    def feed(self, data: bytes) -> list[Reply]:
+        buf = self._buffer + data if self._buffer else data
+        out: list[Reply] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = buf[start:end]
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            reply = self._line(line)
+            if reply is not None:
+                out.append(reply)
+        self._buffer = buf[start:]
+        if len(self._buffer) > MAX_REPLY_LINE:
+            raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+        return out
+
+    def _line(self, raw: bytes) -> Reply | None:
+        if len(raw) > MAX_REPLY_LINE:
+            raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+        if len(raw) < 3 or not raw[:3].isdigit() or (len(raw) > 3 and raw[3:4] not in b" -"):
+            raise ReplyError(f"malformed reply line {raw[:80]!r}")
+        code = int(raw[:3])
+        if not 200 <= code <= 599:
+            raise ReplyError(f"reply code {code} out of range")
+        if self._code is not None and code != self._code:
+            raise ReplyError(f"reply code changed from {self._code} to {code} within a multiline reply")
+        self._code = code
+        self._lines.append(raw[4:].decode("utf-8", "replace"))
+        if len(self._lines) > MAX_REPLY_LINES:
+            raise ReplyError("too many lines in one reply")
+        if raw[3:4] == b"-":
+            return None
+        lines, self._lines, self._code = self._lines, [], None
+        return _make_reply(code, lines)
+
+
+def _make_reply(code: int, lines: list[str]) -> Reply:
+    m = _ENHANCED.match(lines[0])
+    enhanced = None
+    if m and m.group(1) == str(code)[0]:
+        enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+        prefix = enhanced + " "
+        lines = [ln[len(prefix):] if ln.startswith(prefix) else (
+            "" if ln == enhanced else ln) for ln in lines]
+    return Reply(code, enhanced, "\n".join(lines))
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """The extensions of an EHLO reply: upper-case keyword → its parameters (``""`` if none)."""
+    ext: dict[str, str] = {}
+    for line in reply.lines()[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            ext[keyword.upper()] = params.strip()
+    return ext
+
+
+class DotStuffer:
+    """Message bytes in, DATA-ready bytes out, in chunks split anywhere.
+
+    Every line ending becomes CRLF (a bare LF or bare CR too, so no end-of-data sequence can be
+    smuggled), a line that starts with ``.`` gets a second one (RFC 5321 4.5.2), also when the line
+    starts at a chunk boundary. ``finish()`` gives the end: a CRLF if the text did not end with one,
+    then ``.`` CRLF. The common case (CRLF only) costs two ``count``s and one ``replace``.
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._pending_cr = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._pending_cr = True
+        if not chunk:
+            return b""
+        crlf = chunk.count(b"\r\n")
+        if crlf != chunk.count(b"\n") or crlf != chunk.count(b"\r"):
+            chunk = _LINE_ENDINGS.sub(b"\r\n", chunk)
+        out = chunk.replace(b"\n.", b"\n..")
+        if self._at_line_start and out[:1] == b".":
+            out = b"." + out
+        self._at_line_start = out.endswith(b"\n")
+        return out
+
+    def finish(self) -> bytes:
+        end = b""
+        if self._pending_cr:
+            self._pending_cr = False
+            end = b"\r\n"
+            self._at_line_start = True
+        if not self._at_line_start:
+            end += b"\r\n"
+        self._at_line_start = True
+        return end + b".\r\n"
+
+
+def normalise_crlf(chunk: bytes, pending_cr: bool) -> tuple[bytes, bool]:
+    """CRLF line endings for BDAT (no dot-stuffing): returns the bytes to send and the new pending CR."""
+    if pending_cr:
+        chunk = b"\r" + chunk
+    pending = chunk.endswith(b"\r")
+    if pending:
+        chunk = chunk[:-1]
+    crlf = chunk.count(b"\r\n")
+    if crlf != chunk.count(b"\n") or crlf != chunk.count(b"\r"):
+        chunk = _LINE_ENDINGS.sub(b"\r\n", chunk)
+    return chunk, pending

@@ -1,0 +1,596 @@
+"""The ESMTP client protocol: one connection, one or more transactions, per-recipient replies.
+
+The protocol is thin: ``_client_wire`` parses replies and dot-stuffs; this module writes commands,
+matches replies to them in order (so PIPELINING and lock-step share one path), times out each wait
+with the injected clock (RFC 5321 4.5.3.2) and streams the body from a file through a pull producer.
+It knows nothing of queues or routes: callers (``mailrelay.delivery``) decide what a failure means.
+
+Usage::
+
+    client = SMTPClientProtocol("relay.example", reactor)
+    await connectProtocol(endpoint, client)
+    await client.ready                    # greeting + EHLO (HELO if EHLO gets a 5xx)
+    replies = await client.send(envelope, recipients, body_file)   # one Reply per recipient
+    await client.quit()
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailrelay.envelope import Envelope, Recipient, Reply
+from mailrelay.smtp._client_wire import (
+    DotStuffer,
+    ReplyError,
+    ReplyParser,
+    normalise_crlf,
+    parse_ehlo,
+)
+
+log = Logger()
+
+CHUNK_SIZE = 64 * 1024
+
+
+@attrs.frozen
+class ClientTimeouts:
+    """Seconds to wait for each reply (RFC 5321 4.5.3.2 defaults)."""
+
+    greeting: float = 300.0
+    command: float = 300.0  # EHLO, MAIL, RCPT, RSET, STARTTLS, AUTH
+    data_init: float = 120.0
+    data_block: float = 180.0  # no progress writing the body for this long
+    final: float = 600.0
+    quit: float = 10.0
+
+
+class ClientState(enum.Enum):
+    CONNECTING = "connecting"
+    GREETING = "greeting"  # waiting for the 220
+    EHLO = "ehlo"
+    READY = "ready"  # between transactions
+    BUSY = "busy"  # a transaction, STARTTLS, AUTH or RSET in progress
+    QUITTING = "quitting"
+    CLOSED = "closed"
+
+
+class ClientFailure(Exception):
+    """A stage of the session failed.
+
+    ``reply`` is the server's reply when it gave one, else ``None`` (timeout, lost connection,
+    garbage); ``reason`` is a human sentence for logs and synthesized replies. ``replies`` holds
+    the per-recipient replies known when a transaction broke off (``None`` where unknown).
+    """
+
+    def __init__(self, stage: str, reason: str, reply: Reply | None = None,
+                 replies: Sequence[Reply | None] = ()) -> None:
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason, self.reply = stage, reason, reply
+        self.replies = list(replies)
+
+    @property
+    def network(self) -> bool:
+        """No reply: the connection broke, timed out or the peer spoke garbage."""
+        return self.reply is None
+
+
+def _rejected(stage: str, reply: Reply) -> ClientFailure:
+    return ClientFailure(stage, f"{stage} rejected: {reply}", reply)
+
+
+_Result = Reply | ClientFailure
+
+
+@attrs.define
+class _Waiting:
+    deferred: defer.Deferred[_Result]
+    stage: str
+    timeout: float
+    on_reply: Callable[[Reply], None] | None = None
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext: ``+`` and ``=`` and anything outside ``!``..``~`` as ``+XX``."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else "".join(
+        f"+{b:02X}" for b in c.encode()) for c in value)
+
+
+class SMTPClientProtocol(Protocol):
+    """One outbound ESMTP connection.
+
+    ``ready`` fires (with the EHLO/HELO reply) once the session is usable, or fails with
+    ``ClientFailure``. ``closed`` fires with ``None`` when the connection is gone.
+    """
+
+    def __init__(self, helo_name: str, clock: IReactorTime, timeouts: ClientTimeouts | None = None) -> None:
+        self.helo_name = helo_name
+        self.clock = clock
+        self.timeouts = timeouts or ClientTimeouts()
+        self.state = ClientState.CONNECTING
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.tls = False
+        self.greeting: Reply | None = None
+        self.ready: defer.Deferred[Reply] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.transactions = 0
+        self._parser = ReplyParser()
+        self._waiting: deque[_Waiting] = deque()
+        self._timer: IDelayedCall | None = None
+        self._discard_rest = False
+        self._producer: _BodyProducer | None = None
+        self._failure: ClientFailure | None = None
+
+    # -- Twisted protocol --------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+        self.state = ClientState.GREETING
+        defer.Deferred.fromCoroutine(self._open())
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            replies = self._parser.feed(data)
+        except ReplyError as e:
+            self._abort(ClientFailure(self._stage(), f"protocol error: {e}"))
+            return
+        for reply in replies:
+            if not self._waiting:
+                self._unexpected(reply)
+                continue
+            w = self._waiting.popleft()
+            self._arm()
+            if w.on_reply is not None:
+                w.on_reply(reply)
+            w.deferred.callback(reply)
+            if self._discard_rest:  # STARTTLS: whatever followed the 220 in plaintext is void
+                self._discard_rest = False
+                return
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.state = ClientState.CLOSED
+        self._cancel_timer()
+        failure = self._failure or ClientFailure(self._stage(), f"lost connection: {reason.getErrorMessage()}")
+        self._fail_waiting(failure)
+        if self._producer is not None:
+            self._producer.stop(failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+        self.closed.callback(None)
+
+    # -- public ------------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return self.state is ClientState.READY
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    @property
+    def size_limit(self) -> int | None:
+        """The SIZE the peer declared (``0``/absent: no declared limit → ``None``)."""
+        value = self.extensions.get("SIZE")
+        if value is None or not value.isdigit() or int(value) == 0:
+            return None
+        return int(value)
+
+    def send(self, envelope: Envelope, recipients: Sequence[Recipient], body: IO[bytes],
+             size: int | None = None, extra_mail_params: Sequence[str] = (),
+             reset: bool = False) -> defer.Deferred[list[Reply]]:
+        """One transaction: a ``Reply`` per recipient, in order.
+
+        A failed RCPT gives its own reply; the others get DATA's reply (or the one after the final
+        dot). Fails with ``ClientFailure`` when MAIL is refused (stage ``"mail"``), when ``reset``
+        (RSET first, for a reused connection) is refused (``"rset"``), or when the session breaks
+        (``failure.replies`` then holds what was known). Parameters are built from the envelope as
+        far as the peer's extensions allow; ``extra_mail_params`` are appended verbatim.
+        """
+        if self.state is not ClientState.READY:
+            return defer.fail(ClientFailure("mail", f"session not ready ({self.state.value})"))
+        self.state = ClientState.BUSY
+        return defer.Deferred.fromCoroutine(
+            self._transaction(envelope, list(recipients), body, size, list(extra_mail_params), reset))
+
+    def quit(self) -> defer.Deferred[None]:
+        """QUIT and close; never fails (the caller has its results already)."""
+        if self.state in (ClientState.CLOSED, ClientState.QUITTING):
+            return self.closed if not self.closed.called else defer.succeed(None)
+        self.state = ClientState.QUITTING
+        d = self._command(b"QUIT\r\n", "quit", self.timeouts.quit)
+        d.addBoth(lambda _: self.transport.loseConnection())  # type: ignore[union-attr]
+        return self.closed if not self.closed.called else defer.succeed(None)
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Drop the connection now (no QUIT)."""
+        self._abort(ClientFailure(self._stage(), reason))
+
+    def command(self, line: bytes, stage: str, timeout: float | None = None,
+                on_reply: Callable[[Reply], None] | None = None) -> defer.Deferred[_Result]:
+        """Write one command line and wait for its reply (a ``Reply`` or a ``ClientFailure`` value).
+
+        For the session-level extras (STARTTLS, AUTH) driven from outside this module.
+        """
+        return self._command(line, stage, self.timeouts.command if timeout is None else timeout, on_reply)
+
+    def ehlo(self) -> defer.Deferred[Reply]:
+        """EHLO again (after STARTTLS or AUTH): refreshes ``extensions``. Fails with ``ClientFailure``."""
+        return defer.Deferred.fromCoroutine(self._ehlo())
+
+    def start_tls(self, options: Any) -> None:
+        """Switch this transport to TLS right after a 220 to STARTTLS (plaintext after it is void)."""
+        self._parser.reset()
+        self._discard_rest = True
+        self.transport.startTLS(options)  # type: ignore[union-attr]
+        self.tls = True
+
+    def set_state(self, state: ClientState) -> None:
+        """For the session-level extras: BUSY while they talk, READY when done."""
+        if self.state is not ClientState.CLOSED:
+            self.state = state
+
+    # -- session -----------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        try:
+            greeting = await self._expect_reply("greeting", self.timeouts.greeting)
+            self.greeting = greeting
+            if greeting.code != 220:
+                self._send_quietly_quit()
+                raise _rejected("greeting", greeting)
+            self.state = ClientState.EHLO
+            reply = await self._ehlo()
+        except ClientFailure as f:
+            if not self.ready.called:
+                self.ready.errback(f)
+            return
+        if self.state is ClientState.EHLO:
+            self.state = ClientState.READY
+        if not self.ready.called:
+            self.ready.callback(reply)
+
+    async def _ehlo(self) -> Reply:
+        name = self.helo_name.encode("idna") if not self.helo_name.isascii() else self.helo_name.encode()
+        reply = await self._expect(self._command(b"EHLO " + name + b"\r\n", "ehlo", self.timeouts.command))
+        if reply.code == 250:
+            self.esmtp = True
+            self.extensions = parse_ehlo(reply)
+            return reply
+        if reply.is_permanent and not self.esmtp:
+            reply = await self._expect(self._command(b"HELO " + name + b"\r\n", "helo", self.timeouts.command))
+            if reply.code == 250:
+                self.extensions = {}
+                return reply
+        self._send_quietly_quit()
+        raise _rejected("ehlo", reply)
+
+    def _mail_params(self, envelope: Envelope, size: int | None, extra: list[str]) -> str:
+        ext = self.extensions
+        params = []
+        if size is not None and "SIZE" in ext:
+            params.append(f"SIZE={size}")
+        if envelope.body in ("8BITMIME", "BINARYMIME") and envelope.body in ext:
+            params.append(f"BODY={envelope.body}")
+        elif envelope.body == "BINARYMIME" and "8BITMIME" in ext:
+            params.append("BODY=8BITMIME")
+        elif envelope.body == "8BITMIME" and "8BITMIME" in ext:
+            params.append("BODY=8BITMIME")
+        if envelope.smtputf8 and "SMTPUTF8" in ext:
+            params.append("SMTPUTF8")
+        if "DSN" in ext:
+            if envelope.ret:
+                params.append(f"RET={envelope.ret}")
+            if envelope.envid:
+                params.append(f"ENVID={xtext(envelope.envid)}")
+        params.extend(extra)
+        return "".join(" " + p for p in params)
+
+    def _rcpt_params(self, rcpt: Recipient) -> str:
+        params = []
+        if "DSN" in self.extensions:
+            if rcpt.notify:
+                params.append("NOTIFY=" + ",".join(rcpt.notify))
+            if rcpt.orcpt:
+                kind, sep, addr = rcpt.orcpt.partition(";")
+                params.append(f"ORCPT={kind};{xtext(addr)}" if sep else f"ORCPT=rfc822;{xtext(rcpt.orcpt)}")
+        return "".join(" " + p for p in params)
+
+    def _encode(self, text: str) -> bytes:
+        return text.encode("utf-8") if not text.isascii() else text.encode("ascii")
+
+    async def _transaction(self, envelope: Envelope, rcpts: list[Recipient], body: IO[bytes],
+                           size: int | None, extra: list[str], reset: bool) -> list[Reply]:
+        try:
+            return await self._transaction_steps(envelope, rcpts, body, size, extra, reset)
+        finally:
+            self.transactions += 1
+            if self.state is ClientState.BUSY:
+                self.state = ClientState.READY
+
+    async def _transaction_steps(self, envelope: Envelope, rcpts: list[Recipient], body: IO[bytes],
+                                 size: int | None, extra: list[str], reset: bool) -> list[Reply]:
+        t = self.timeouts
+        mail = self._encode(f"MAIL FROM:<{envelope.sender}>{self._mail_params(envelope, size, extra)}\r\n")
+        rcpt_lines = [self._encode(f"RCPT TO:<{r.address}>{self._rcpt_params(r)}\r\n") for r in rcpts]
+        use_bdat = self._use_bdat(envelope, size)
+        replies: list[Reply | None] = [None] * len(rcpts)
+
+        if self.pipelining:
+            batch = ([b"RSET\r\n"] if reset else []) + [mail] + rcpt_lines + ([] if use_bdat else [b"DATA\r\n"])
+            self.transport.write(b"".join(batch))  # type: ignore[union-attr]
+            d_rset = self._wait("rset", t.command) if reset else None
+            d_mail = self._wait("mail", t.command)
+            d_rcpts = [self._wait("rcpt", t.command) for _ in rcpts]
+            d_data = None if use_bdat else self._wait("data", t.data_init)
+            if d_rset is not None:
+                rset = await d_rset
+                if isinstance(rset, ClientFailure) or not rset.is_success:
+                    await self._drain([d_mail, *d_rcpts, d_data])
+                    raise rset if isinstance(rset, ClientFailure) else _rejected("rset", rset)
+            mail_reply = await d_mail
+            if isinstance(mail_reply, ClientFailure):
+                raise mail_reply
+            if not mail_reply.is_success:
+                await self._drain(d_rcpts)
+                data_reply = await d_data if d_data is not None else None
+                if isinstance(data_reply, Reply) and data_reply.code == 354:
+                    await self._finish_empty_data()
+                raise _rejected("mail", mail_reply)
+            for i, d in enumerate(d_rcpts):
+                r = await d
+                if isinstance(r, ClientFailure):
+                    await self._drain([d_data])
+                    raise ClientFailure(r.stage, r.reason, None, replies)
+                replies[i] = r
+            data_reply = await d_data if d_data is not None else None
+        else:
+            if reset:
+                rset = await self._expect(self._command(b"RSET\r\n", "rset", t.command))
+                if not rset.is_success:
+                    raise _rejected("rset", rset)
+            mail_reply = await self._expect(self._command(mail, "mail", t.command))
+            if not mail_reply.is_success:
+                raise _rejected("mail", mail_reply)
+            for i, line in enumerate(rcpt_lines):
+                r = await self._command(line, "rcpt", t.command)
+                if isinstance(r, ClientFailure):
+                    raise ClientFailure(r.stage, r.reason, None, replies)
+                replies[i] = r
+            data_reply = None
+            if not use_bdat and any(r is not None and r.is_success for r in replies):
+                data_reply = await self._command(b"DATA\r\n", "data", t.data_init)
+
+        accepted = [i for i, r in enumerate(replies) if r is not None and r.is_success]
+        if not accepted:
+            if isinstance(data_reply, Reply) and data_reply.code == 354:
+                await self._finish_empty_data()
+            elif isinstance(data_reply, ClientFailure):
+                raise ClientFailure(data_reply.stage, data_reply.reason, None, replies)
+            return [r for r in replies if r is not None]
+
+        if use_bdat:
+            final = await self._send_bdat(body)
+        else:
+            if isinstance(data_reply, ClientFailure):
+                raise ClientFailure(data_reply.stage, data_reply.reason, None, replies)
+            assert data_reply is not None
+            if data_reply.code != 354:
+                for i in accepted:
+                    replies[i] = data_reply
+                return [r for r in replies if r is not None]
+            final = await self._send_data(body)
+        if isinstance(final, ClientFailure):
+            raise ClientFailure(final.stage, final.reason, None, replies)
+        for i in accepted:
+            replies[i] = final
+        return [r for r in replies if r is not None]
+
+    def _use_bdat(self, envelope: Envelope, size: int | None) -> bool:
+        if "CHUNKING" not in self.extensions:
+            return False
+        if envelope.body == "BINARYMIME":
+            return True
+        return size is not None and size >= self.bdat_threshold
+
+    bdat_threshold = 1024 * 1024
+
+    async def _finish_empty_data(self) -> None:
+        """A 354 with no recipient accepted: end the (empty) message; its reply is meaningless."""
+        self.transport.write(b".\r\n")  # type: ignore[union-attr]
+        await self._wait("data", self.timeouts.final)
+
+    async def _send_data(self, body: IO[bytes]) -> _Result:
+        stuffer = DotStuffer()
+        first = body.read(CHUNK_SIZE)
+        if len(first) < CHUNK_SIZE:
+            rest = body.read(CHUNK_SIZE) if first else b""
+            if not rest:  # the whole message in hand: one write, no producer
+                self.transport.write(stuffer.feed(first) + stuffer.finish())  # type: ignore[union-attr]
+                return await self._wait("data-end", self.timeouts.final)
+            first += rest
+        producer = _BodyProducer(self, body, first, lambda c: stuffer.feed(c), stuffer.finish)
+        sent = await producer.run()
+        if sent is not None:
+            return sent
+        return await self._wait("data-end", self.timeouts.final)
+
+    async def _send_bdat(self, body: IO[bytes]) -> _Result:
+        """CHUNKING (RFC 3030): each chunk as ``BDAT n``; replies read as they come, pipelined."""
+        pending = False
+        waits: list[defer.Deferred[_Result]] = []
+        chunk = body.read(CHUNK_SIZE)
+        while True:
+            nxt = body.read(CHUNK_SIZE) if chunk else b""
+            data, pending = normalise_crlf(chunk, pending)
+            if not nxt and pending:
+                data, pending = data + b"\r\n", False
+            last = not nxt
+            self.transport.write(b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data)  # type: ignore[union-attr]
+            waits.append(self._wait("bdat", self.timeouts.final if last else self.timeouts.data_block))
+            if not self.pipelining or len(waits) > 4:
+                r = await waits.pop(0)
+                if isinstance(r, ClientFailure) or not r.is_success:
+                    await self._drain(waits)
+                    return r
+            if last:
+                break
+            chunk = nxt
+        result: _Result = Reply(250)
+        for w in waits:
+            r = await w
+            if isinstance(r, ClientFailure) or not r.is_success:
+                return r
+            result = r
+        return result
+
+    # -- reply matching ----------------------------------------------------------------------
+
+    def _command(self, line: bytes, stage: str, timeout: float,
+                 on_reply: Callable[[Reply], None] | None = None) -> defer.Deferred[_Result]:
+        if self.state is ClientState.CLOSED:
+            return defer.succeed(self._failure or ClientFailure(stage, "connection closed"))
+        self.transport.write(line)  # type: ignore[union-attr]
+        return self._wait(stage, timeout, on_reply)
+
+    def _wait(self, stage: str, timeout: float, on_reply: Callable[[Reply], None] | None = None
+              ) -> defer.Deferred[_Result]:
+        d: defer.Deferred[_Result] = defer.Deferred()
+        if self.state is ClientState.CLOSED:
+            d.callback(self._failure or ClientFailure(stage, "connection closed"))
+            return d
+        self._waiting.append(_Waiting(d, stage, timeout, on_reply))
+        if len(self._waiting) == 1:
+            self._arm()
+        return d
+
+    async def _expect_reply(self, stage: str, timeout: float) -> Reply:
+        return await self._expect(self._wait(stage, timeout))
+
+    async def _expect(self, d: defer.Deferred[_Result]) -> Reply:
+        r = await d
+        if isinstance(r, ClientFailure):
+            raise r
+        return r
+
+    async def _drain(self, waits: Sequence[defer.Deferred[_Result] | None]) -> None:
+        for d in waits:
+            if d is not None:
+                await d
+
+    def _arm(self) -> None:
+        self._cancel_timer()
+        if self._waiting:
+            self._timer = self.clock.callLater(self._waiting[0].timeout, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        stage = self._waiting[0].stage if self._waiting else self._stage()
+        self._abort(ClientFailure(stage, f"timeout waiting for the reply to {stage.upper()}"))
+
+    def _stage(self) -> str:
+        return self._waiting[0].stage if self._waiting else self.state.value
+
+    def _abort(self, failure: ClientFailure) -> None:
+        if self._failure is None:
+            self._failure = failure
+        self._fail_waiting(failure)
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _fail_waiting(self, failure: ClientFailure) -> None:
+        while self._waiting:
+            w = self._waiting.popleft()
+            w.deferred.callback(ClientFailure(w.stage, failure.reason, failure.reply))
+
+    def _unexpected(self, reply: Reply) -> None:
+        if reply.code == 421:  # the server is closing: RFC 5321 3.8
+            log.info("peer closing: {reply}", reply=str(reply))
+            self._abort(ClientFailure(self._stage(), f"peer closed: {reply}", reply))
+        else:
+            log.debug("reply nobody waited for: {reply}", reply=str(reply))
+
+    def _send_quietly_quit(self) -> None:
+        self.state = ClientState.QUITTING
+        self._command(b"QUIT\r\n", "quit", self.timeouts.quit).addBoth(
+            lambda _: self.transport.loseConnection())  # type: ignore[union-attr]
+
+
+class _BodyProducer:
+    """A pull producer writing the message body in chunks, as fast as the transport drains.
+
+    Fires its ``run()`` Deferred with ``None`` once the end (``finish()``) is written, or with a
+    ``ClientFailure`` when the connection dies or no chunk could be written for ``data_block``
+    seconds.
+    """
+
+    def __init__(self, client: SMTPClientProtocol, body: IO[bytes], first: bytes,
+                 transform: Callable[[bytes], bytes], finish: Callable[[], bytes]) -> None:
+        self.client, self.body, self.first = client, body, first
+        self.transform, self.finish = transform, finish
+        self.done: defer.Deferred[ClientFailure | None] = defer.Deferred()
+        self.timer: IDelayedCall | None = None
+
+    def run(self) -> defer.Deferred[ClientFailure | None]:
+        self.client._producer = self
+        self._arm()
+        self.client.transport.registerProducer(self, False)  # type: ignore[union-attr]
+        return self.done
+
+    def resumeProducing(self) -> None:
+        if self.done.called:
+            return
+        self._arm()
+        chunk, self.first = (self.first, b"") if self.first else (self.body.read(CHUNK_SIZE), b"")
+        transport = self.client.transport
+        if chunk:
+            transport.write(self.transform(chunk))  # type: ignore[union-attr]
+            return
+        transport.write(self.finish())  # type: ignore[union-attr]
+        self._end(None)
+        transport.unregisterProducer()  # type: ignore[union-attr]
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.stop(ClientFailure("data", "connection lost while sending the message"))
+
+    def stop(self, failure: ClientFailure) -> None:
+        self._end(failure)
+
+    def _arm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = self.client.clock.callLater(self.client.timeouts.data_block, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._end(ClientFailure("data", "timeout sending the message text"))
+        self.client.abort("timeout sending the message text")
+
+    def _end(self, result: ClientFailure | None) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.client._producer is self:
+            self.client._producer = None
+        if not self.done.called:
+            self.done.callback(result)

@@ -1,0 +1,142 @@
+"""SMTPDeliverer over real sockets to Postfix's smtp-sink on loopback."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from mailrelay.config import DeliveryConfig
+from mailrelay.delivery import SMTPDeliverer
+from mailrelay.envelope import Envelope, NextHop, Recipient, Route
+from tests.peers import SMTPSink, free_port
+
+pytestmark = pytest.mark.integration
+
+ENV = Envelope("sender@example.org", (Recipient("a@example.test"), Recipient("b@example.test")))
+
+
+def body_with_dots(size: int = 3000) -> bytes:
+    lines = [b"Subject: dots", b"", b".", b"..", b".leading", b"x" * 990, b"end ."]
+    while sum(len(ln) + 2 for ln in lines) < size:
+        lines.append(b".line %d" % len(lines))
+    return b"".join(ln + b"\r\n" for ln in lines)
+
+
+@pytest.fixture
+def sinks() -> Iterator[list[SMTPSink]]:
+    started: list[SMTPSink] = []
+    yield started
+    for s in started:
+        s.stop()
+        shutil.rmtree(s.dir, ignore_errors=True)
+
+
+def start(sinks: list[SMTPSink], *flags: str, host: str = "127.0.0.1") -> SMTPSink:
+    sink = SMTPSink(flags=flags, host=host).start()
+    sinks.append(sink)
+    return sink
+
+
+def deliver(route: Route, body: bytes, env: Envelope = ENV):  # type: ignore[no-untyped-def]
+    d = SMTPDeliverer(reactor, DeliveryConfig(connect_timeout=5), "relay.mailrelay.test")
+    return d.deliver(env, env.recipients, route, lambda: io.BytesIO(body))
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivery_byte_identical(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks)
+    body = body_with_dots()
+    results = await deliver(Route((NextHop("127.0.0.1", sink.port),)), body)
+    assert [r.code for r, _ in results] == [250, 250]
+    assert results[0][1] == f"127.0.0.1[127.0.0.1]:{sink.port}"
+    sink.wait_for(1)
+    [t] = sink.transactions()
+    assert t.sender == "sender@example.org" and t.recipients == ["a@example.test", "b@example.test"]
+    assert t.data == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_dots_at_every_16k_boundary_large_message(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks)
+    block = b"." + b"y" * (16 * 1024 - 3) + b"\r\n"  # each 16 KiB block starts with a dot
+    body = b"Subject: big\r\n\r\n" + block * 40  # ~640 KiB: several producer chunks
+    results = await deliver(Route((NextHop("127.0.0.1", sink.port),)), body)
+    assert [r.code for r, _ in results] == [250, 250]
+    sink.wait_for(1)
+    assert sink.transactions()[0].data == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_pipelining(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks, "-p")
+    body = body_with_dots(500)
+    results = await deliver(Route((NextHop("127.0.0.1", sink.port),)), body)
+    assert [r.code for r, _ in results] == [250, 250]
+    sink.wait_for(1)
+    assert sink.transactions()[0].data == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_rcpt_rejected(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks, "-r", "RCPT")
+    results = await deliver(Route((NextHop("127.0.0.1", sink.port),)), b"Subject: x\r\n\r\nx\r\n")
+    assert [r.code for r, _ in results] == [450, 450]
+    assert sink.count() == 0  # no DATA text was sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnect_at_mail_moves_to_next_hop(sinks: list[SMTPSink]) -> None:
+    bad = start(sinks, "-Q", "MAIL")
+    good = start(sinks)
+    body = body_with_dots(200)
+    route = Route((NextHop("127.0.0.1", bad.port), NextHop("127.0.0.1", good.port)))
+    results = await deliver(route, body)
+    assert [r.code for r, _ in results] == [250, 250]
+    assert results[0][1].endswith(f":{good.port}")
+    good.wait_for(1)
+    assert bad.messages() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnect_at_mail_only_hop_is_temporary(sinks: list[SMTPSink]) -> None:
+    bad = start(sinks, "-Q", "MAIL")
+    results = await deliver(Route((NextHop("127.0.0.1", bad.port),)), b"x\r\n")
+    assert all(r.code == 421 or r.is_temporary for r, _ in results)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hangup_after_dot_is_temporary(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks, "-q", ".")
+    results = await deliver(Route((NextHop("127.0.0.1", sink.port),)), b"Subject: x\r\n\r\nx\r\n")
+    assert [(r.code, r.enhanced) for r, _ in results] == [(451, "4.4.2")] * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_first_hop_second_delivers(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks)
+    dead = free_port()
+    body = b"Subject: x\r\n\r\nhello\r\n"
+    results = await deliver(Route((NextHop("127.0.0.1", dead), NextHop("127.0.0.1", sink.port))), body)
+    assert [r.code for r, _ in results] == [250, 250]
+    sink.wait_for(1)
+    assert sink.transactions()[0].data == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_all_refused(sinks: list[SMTPSink]) -> None:
+    dead = free_port()
+    results = await deliver(Route((NextHop("127.0.0.1", dead),)), b"x\r\n")
+    assert [str(r) for r, _ in results] == [f"451 4.4.1 connect to 127.0.0.1:{dead} failed: Connection refused"] * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_hop(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks, host="::1")
+    results = await deliver(Route((NextHop("::1", sink.port),)), b"Subject: 6\r\n\r\nv6\r\n")
+    assert [r.code for r, _ in results] == [250, 250]
+    assert results[0][1] == f"::1[::1]:{sink.port}"

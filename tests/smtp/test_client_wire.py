@@ -1,0 +1,123 @@
+"""The client's sans-I/O pieces: reply parsing (tables) and dot-stuffing (properties over chunkings)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailrelay.envelope import Reply
+from mailrelay.smtp._client_wire import (
+    DotStuffer,
+    ReplyError,
+    ReplyParser,
+    normalise_crlf,
+    parse_ehlo,
+)
+
+
+@pytest.mark.parametrize(("wire", "expected"), [
+    (b"250 ok\r\n", [Reply(250, None, "ok")]),
+    (b"250 2.1.0 Sender ok\r\n", [Reply(250, "2.1.0", "Sender ok")]),
+    (b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n", [Reply(250, None, "mx.test\nPIPELINING\nSIZE 1000")]),
+    (b"550-5.1.1 no\r\n550 5.1.1 such user\r\n", [Reply(550, "5.1.1", "no\nsuch user")]),
+    (b"250 5.1.1 class mismatch\r\n", [Reply(250, None, "5.1.1 class mismatch")]),
+    (b"354\r\n", [Reply(354, None, "")]),
+    (b"220 a\n", [Reply(220, None, "a")]),  # a bare LF ending is tolerated from servers
+    (b"250 a\r\n251 b\r\n", [Reply(250, None, "a"), Reply(251, None, "b")]),
+    (b"421 4.3.2 bye\r\n", [Reply(421, "4.3.2", "bye")]),
+])
+def test_reply_table(wire: bytes, expected: list[Reply]) -> None:
+    assert ReplyParser().feed(wire) == expected
+
+
+@given(st.lists(st.integers(min_value=0, max_value=60), max_size=10))
+def test_reply_split_anywhere(cuts: list[int]) -> None:
+    wire = b"250-mx.test greets\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000\r\n550 5.7.1 no\r\n"
+    parser, out, prev = ReplyParser(), [], 0
+    for cut in sorted(set(cuts)) + [len(wire)]:
+        out += parser.feed(wire[prev:cut])
+        prev = max(prev, cut)
+    assert out == ReplyParser().feed(wire)
+    assert [r.code for r in out] == [250, 550]
+
+
+@pytest.mark.parametrize("wire", [
+    b"hello\r\n", b"25\r\n", b"2500 x\r\n", b"250x\r\n", b"999 x\r\n", b"250-a\r\n251 b\r\n",
+    b"250 " + b"x" * 5000 + b"\r\n",
+])
+def test_reply_garbage(wire: bytes) -> None:
+    with pytest.raises(ReplyError):
+        ReplyParser().feed(wire)
+
+
+def test_reply_parser_reset_drops_buffer() -> None:
+    p = ReplyParser()
+    assert p.feed(b"220 go ahead\r\n250 inj") == [Reply(220, None, "go ahead")]
+    p.reset()
+    assert p.feed(b"250 ok\r\n") == [Reply(250, None, "ok")]
+
+
+def test_parse_ehlo() -> None:
+    reply = ReplyParser().feed(b"250-mx.test\r\n250-SIZE 1024\r\n250-pipelining\r\n250 AUTH PLAIN LOGIN\r\n")[0]
+    assert parse_ehlo(reply) == {"SIZE": "1024", "PIPELINING": "", "AUTH": "PLAIN LOGIN"}
+
+
+def unstuff(data: bytes) -> bytes:
+    """What a receiver makes of DATA: the text up to CRLF.CRLF, leading dots removed."""
+    assert data.endswith(b"\r\n.\r\n") or data == b".\r\n"
+    text = b"" if data == b".\r\n" else data[: -len(b".\r\n")]
+    lines = text.split(b"\r\n")
+    assert lines[-1] == b""  # the text always ends with CRLF
+    assert all(ln != b"." for ln in lines)  # no early end of data
+    assert all(b"\r" not in ln and b"\n" not in ln for ln in lines)  # only CRLF line endings
+    return b"".join((ln[1:] if ln.startswith(b".") else ln) + b"\r\n" for ln in lines[:-1])
+
+
+def stuff(body: bytes, cuts: list[int]) -> bytes:
+    s, out, prev = DotStuffer(), [], 0
+    for cut in sorted(set(c % (len(body) + 1) for c in cuts)) + [len(body)]:
+        out.append(s.feed(body[prev:cut]))
+        prev = max(prev, cut)
+    out.append(s.finish())
+    return b"".join(out)
+
+
+crlf_lines = st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a", b"hello .", b"\x00\xff"]), max_size=12)
+
+
+@given(crlf_lines, st.lists(st.integers(min_value=0, max_value=200), max_size=12))
+def test_dot_stuffing_round_trips_for_any_chunking(lines: list[bytes], cuts: list[int]) -> None:
+    body = b"".join(ln + b"\r\n" for ln in lines)
+    assert unstuff(stuff(body, cuts)) == body
+
+
+@given(st.binary(max_size=200).map(lambda b: b.replace(b"\x00", b".")), st.lists(st.integers(0, 200), max_size=12))
+def test_any_bytes_come_out_crlf_and_stuffed(body: bytes, cuts: list[int]) -> None:
+    out = stuff(body, cuts)
+    expected = re.sub(rb"\r\n|\r|\n", b"\r\n", body)
+    if expected and not expected.endswith(b"\r\n"):
+        expected += b"\r\n"
+    assert unstuff(out) == expected
+    assert out.count(b"\r\n.\r\n") + (out == b".\r\n") == 1  # one end of data, at the end
+
+
+def test_dot_at_every_chunk_boundary() -> None:
+    line = b"." + b"x" * 14 + b"\r\n"  # 17 bytes; chunk of 17 makes every chunk start with a dot
+    body = line * 50
+    out = stuff(body, list(range(0, len(body), len(line))))
+    assert out.count(b"\r\n..x") == 49 and out.startswith(b"..x")
+    assert unstuff(out) == body
+
+
+def test_empty_body() -> None:
+    assert stuff(b"", []) == b".\r\n"
+
+
+def test_normalise_crlf_for_bdat() -> None:
+    data, pending = normalise_crlf(b"a\nb\r", False)
+    assert (data, pending) == (b"a\r\nb", True)
+    data, pending = normalise_crlf(b"\nc", pending)
+    assert (data, pending) == (b"\r\nc", False)
