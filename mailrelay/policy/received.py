@@ -1,0 +1,57 @@
+"""The ``Received:`` trace header (RFC 5321 4.4), with RFC 3848 protocol names.
+
+Built from what the session knows; the date comes from the caller's (injected) clock. Everything the
+client chose (its HELO name, its AUTH identity) is reduced to safe printable ASCII so it can neither
+break the header nor inject a new one.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import TYPE_CHECKING
+
+from mailrelay.envelope import Envelope
+
+if TYPE_CHECKING:
+    from mailrelay.smtp.session import SessionInfo
+
+_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
+
+
+def _safe(text: str, limit: int = 200) -> str:
+    return _UNSAFE.sub("?", text)[:limit] or "unknown"
+
+
+def address_literal(ip: str) -> str:
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
+def protocol_name(esmtp: bool, tls: bool, auth: bool, smtputf8: bool = False) -> str:
+    """``SMTP``, ``ESMTP``, ``ESMTPS``, ``ESMTPA``, ``ESMTPSA`` (RFC 3848) or the UTF8 forms (RFC 6531)."""
+    if not esmtp:
+        return "SMTP"
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if auth else "")
+
+
+def received_header(info: SessionInfo, envelope: Envelope, queue_id: str, when: float) -> bytes:
+    """The header line (folded, CRLF-terminated) to put on top of the message."""
+    client = address_literal(info.client_address)
+    if info.client_name:
+        client = f"{_safe(info.client_name)} {client}"
+    lines = [f"Received: from {_safe(info.helo or 'unknown')} ({client})"]
+    if info.tls is not None:
+        lines.append(f"(using {_safe(info.tls.version)} with cipher {_safe(info.tls.cipher)})")
+    if info.auth:
+        lines.append(f"(Authenticated sender: {_safe(info.auth)})")
+    lines.append(f"by {info.hostname} (mailrelay) with {envelope.protocol} id {queue_id}")
+    date = format_datetime(datetime.fromtimestamp(when, UTC))
+    if len(envelope.recipients) == 1:
+        rcpt = envelope.recipients[0].address
+        lines.append(f"for <{_safe(rcpt, 300)}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(date)
+    return ("\r\n\t".join(lines) + "\r\n").encode("utf-8")

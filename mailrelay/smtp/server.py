@@ -1,0 +1,185 @@
+"""The ESMTP server: a thin Twisted protocol around ``Session``, and its factory.
+
+The protocol only moves bytes, runs the idle/DATA timer on the injected reactor and sets
+TCP_NODELAY; every decision is the session's. The factory counts connections (total and per client
+address) and turns away the excess with 421 4.7.0.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from twisted.internet import interfaces
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailrelay.config import ServerConfig
+from mailrelay.envelope import Reply
+from mailrelay.interfaces import IMessageSink, IPolicy
+from mailrelay.smtp import replies as R
+from mailrelay.smtp.session import Session, SessionInfo, SessionSettings
+
+log = Logger()
+
+
+def _host_port(address: Any) -> tuple[str, int]:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", 0)
+    return (str(host) if host is not None else "unknown"), int(port or 0)
+
+
+class SMTPServerProtocol(Protocol):
+    """Transport and clock ↔ ``Session``."""
+
+    factory: SMTPServerFactory
+    session: Session
+
+    def __init__(self, factory: SMTPServerFactory, client_ip: str) -> None:
+        self.factory = factory
+        self.client_ip = client_ip
+        self._timer: interfaces.IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)
+            except OSError:
+                pass  # not a TCP socket (UNIX socket, memory transport)
+        peer_host, peer_port = _host_port(self.transport.getPeer())  # type: ignore[union-attr]
+        our_host, our_port = _host_port(self.transport.getHost())  # type: ignore[union-attr]
+        info = SessionInfo(
+            client_address=peer_host,
+            client_port=peer_port,
+            hostname=self.factory.settings.hostname,
+            server_address=our_host,
+            server_port=our_port,
+        )
+        self.session = Session(
+            self.factory.settings, info, self.factory.sink, self.factory.policy, self.factory.reactor, self
+        )
+        self._arm()
+        self.session.start()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        self.session.data_received(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.session.connection_lost()
+        self.factory.connection_closed(self.client_ip)
+
+    # -- timer ----------------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        timeout = self.session.timeout if hasattr(self, "session") else self.factory.settings.idle_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.factory.reactor.callLater(timeout, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.session.busy:  # we are the slow one (a policy, the store): not the client's fault
+            self._arm()
+            return
+        log.info("timeout in session {id} from {ip}", id=self.session.info.session_id, ip=self.client_ip)
+        self.session.timed_out()
+
+    # -- SessionOutput --------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def lose_connection(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+
+class _Refuse(Protocol):
+    """Says one reply and hangs up: for connections over the limits."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.reply.encode())  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class SMTPServerFactory(Factory):
+    """Builds server sessions sharing one sink, one policy and the limits of one listener."""
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        sink: IMessageSink,
+        policy: IPolicy,
+        reactor: Any,
+        *,
+        max_connections: int = 1000,
+        max_connections_per_ip: int = 50,
+    ) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.policy = policy
+        self.reactor = reactor
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.connections = 0
+        self.per_ip: Counter[str] = Counter()
+
+    @classmethod
+    def from_config(
+        cls,
+        server: ServerConfig,
+        sink: IMessageSink,
+        policy: IPolicy,
+        reactor: Any,
+        **extras: Any,
+    ) -> SMTPServerFactory:
+        settings = SessionSettings(
+            hostname=server.hostname,
+            max_message_size=server.max_message_size,
+            max_recipients=server.max_recipients,
+            max_errors=server.max_errors,
+            command_line_limit=server.command_line_limit,
+            text_line_limit=server.text_line_limit,
+            idle_timeout=server.idle_timeout,
+            data_timeout=server.data_timeout,
+        )
+        return cls(
+            settings,
+            sink,
+            policy,
+            reactor,
+            max_connections=server.max_connections,
+            max_connections_per_ip=server.max_connections_per_ip,
+            **extras,
+        )
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        ip, _ = _host_port(addr)
+        if self.connections >= self.max_connections:
+            return _Refuse(R.TOO_MANY_CONNECTIONS)
+        if self.per_ip[ip] >= self.max_connections_per_ip:
+            return _Refuse(R.TOO_MANY_FROM_YOU)
+        self.connections += 1
+        self.per_ip[ip] += 1
+        return SMTPServerProtocol(self, ip)
+
+    def connection_closed(self, ip: str) -> None:
+        self.connections -= 1
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
