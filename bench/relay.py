@@ -1,0 +1,299 @@
+"""End-to-end relay benchmark: mailrelay next to Postfix (and accept-only servers) in one run.
+
+    .venv/bin/python bench/relay.py [--messages 5000] [--runs 3] [--sessions 10,50] ...
+
+The client is always Postfix's smtp-source, one new session per message, one recipient, 1 KiB:
+
+    smtp-source -s SESSIONS -m N -l 1024 -N -f sender@example.org -t rcpt@example.test
+                -M client.example.org 127.0.0.1:PORT
+
+Scenarios (see bench/README.md):
+  e2e      smtp-source → system → smtp-sink; clock stops when the sink has counted all N.
+  accept   smtp-source → system, accept only; clock stops when smtp-source exits. mailrelay stores
+           and fsyncs as always, its next hop never answers (delivery paused); aiosmtpd and
+           twisted.mail discard.
+  sink     smtp-source → smtp-sink directly: the protocol ceiling of this machine.
+  latency  our asyncio client: time from DATA's final dot to the 250 (p50/p90/p99).
+
+Systems are measured alternately (run 1 of each, run 2 of each, ...). Prints one table with each
+system's median and mailrelay's ratio to it. Never asserts anything about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _latency import LatencyResult, measure  # noqa: E402
+from _peers import (  # noqa: E402
+    HZ,
+    BlackHole,
+    MailRelay,
+    Postfix,
+    PythonServer,
+    Sink,
+    System,
+    binary,
+)
+
+SCENARIOS = ("e2e", "accept", "sink", "latency")
+
+
+@attrs.define
+class Run:
+    seconds: float
+    accept_seconds: float
+    cpu_percent: float
+    ok: bool = True
+
+
+@attrs.define
+class Row:
+    scenario: str
+    sessions: int
+    system: str
+    runs: list[Run] = attrs.Factory(list)
+    latency: LatencyResult | None = None
+
+    def rates(self, n: int) -> list[float]:
+        return [n / r.seconds for r in self.runs if r.ok]
+
+    def median(self, n: int) -> float | None:
+        rates = self.rates(n)
+        return statistics.median(rates) if rates else None
+
+
+def smtp_source(port: int, sessions: int, n: int) -> float:
+    exe = binary("smtp-source")
+    if exe is None:
+        raise RuntimeError("smtp-source not found (Debian package postfix)")
+    t0 = time.perf_counter()
+    subprocess.run([exe, "-s", str(sessions), "-m", str(n), "-l", "1024", "-N",
+                    "-f", "sender@example.org", "-t", "rcpt@example.test",
+                    "-M", "client.example.org", f"127.0.0.1:{port}"],
+                   check=True, stdout=subprocess.DEVNULL, timeout=max(120, n / 10))
+    return time.perf_counter() - t0
+
+
+class Relay:
+    """A relaying system with its own sink, so that 'all delivered' is the sink's count."""
+
+    def __init__(self, name: str, make: Callable[[int], System]) -> None:
+        self.name = name
+        self.sink = Sink()
+        self.expected = 0
+        try:
+            self.system = make(self.sink.port)
+        except Exception:
+            self.sink.stop()
+            raise
+
+    def send(self, sessions: int, n: int, timeout: float) -> Run:
+        cpu0 = self.system.cpu()
+        t0 = time.perf_counter()
+        accept = smtp_source(self.system.port, sessions, n)
+        self.expected += n
+        ok = self.sink.wait_for(self.expected, timeout)
+        elapsed = time.perf_counter() - t0
+        cpu = (self.system.cpu() - cpu0) / HZ / elapsed * 100
+        if not ok:
+            got = self.sink.count()
+            print(f"  {self.name}: sink got {got} of {self.expected} within {timeout:.0f}s",
+                  file=sys.stderr)
+            self.expected = got
+        return Run(elapsed, accept, cpu, ok)
+
+    def settle(self, timeout: float) -> None:
+        """Wait for everything sent so far (e.g. by the latency client) to reach the sink."""
+        if not self.sink.wait_for(self.expected, timeout):
+            self.expected = self.sink.count()
+        if isinstance(self.system, Postfix):
+            deadline = time.monotonic() + timeout
+            while self.system.queued() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        try:
+            self.system.stop()
+        finally:
+            self.sink.stop()
+
+
+def start(what: str, factory: Callable[[], object], started: list) -> object | None:
+    try:
+        obj = factory()
+    except Exception as e:  # a missing package, not root, a crash at start-up: skip, say why
+        print(f"skipping {what}: {e}", file=sys.stderr)
+        return None
+    started.append(obj)
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", "-n", type=int, default=5000, help="messages per run (default 5000)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per system and session count (median)")
+    ap.add_argument("--sessions", default="10,50", help="concurrent sessions, comma-separated")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="of " + ",".join(SCENARIOS))
+    ap.add_argument("--systems", default="mailrelay,postfix,aiosmtpd,twisted.mail",
+                    help="which systems besides mailrelay to compare (mailrelay always runs)")
+    ap.add_argument("--latency-messages", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--rst", action="store_true", help="print the table as an RST list-table too")
+    args = ap.parse_args(argv)
+
+    sessions = [int(s) for s in args.sessions.split(",") if s]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    systems = set(args.systems.split(",")) | {"mailrelay"}
+    n = args.messages
+    e2e_timeout = max(60.0, n / 20)
+
+    started: list = []
+    relays: list[Relay] = []
+    accepts: list[System] = []
+    sink: Sink | None = None
+    rows: dict[tuple[str, int, str], Row] = {}
+
+    def row(scenario: str, s: int, system: str) -> Row:
+        return rows.setdefault((scenario, s, system), Row(scenario, s, system))
+
+    try:
+        if "e2e" in scenarios or "latency" in scenarios:
+            for name, make in (("mailrelay", lambda p: MailRelay(p)), ("postfix", Postfix)):
+                if name in systems:
+                    relay = start(name, lambda make=make, name=name: Relay(name, make), started)
+                    if relay is not None:
+                        relays.append(relay)  # type: ignore[arg-type]
+        if "accept" in scenarios:
+            hole = start("black hole", BlackHole, started)
+            if hole is not None:
+                mr = start("mailrelay (accept only)",
+                           lambda: MailRelay(hole.port, retry="1h", label="mailrelay"), started)  # type: ignore[attr-defined]
+                if mr is not None:
+                    accepts.append(mr)  # type: ignore[arg-type]
+            for name, script in (("aiosmtpd", "aiosmtpd_sink.py"), ("twisted.mail", "twisted_mail_sink.py")):
+                if name in systems:
+                    srv = start(name, lambda name=name, script=script: PythonServer(name, script), started)
+                    if srv is not None:
+                        accepts.append(srv)  # type: ignore[arg-type]
+        if "sink" in scenarios:
+            sink = start("smtp-sink", Sink, started)  # type: ignore[assignment]
+
+        print(f"warming up ({args.warmup} messages each)", file=sys.stderr)
+        for relay in relays:
+            relay.send(10, args.warmup, e2e_timeout)
+        for srv in accepts:
+            smtp_source(srv.port, 10, args.warmup)
+
+        for s in sessions:
+            for r in range(args.runs):
+                if "e2e" in scenarios:
+                    for relay in relays:
+                        run = relay.send(s, n, e2e_timeout)
+                        row("end to end", s, relay.name).runs.append(run)
+                        print(f"  e2e     s={s} run {r + 1} {relay.name:13} {n / run.seconds:7.0f} msg/s "
+                              f"(accept {n / run.accept_seconds:.0f}/s, cpu {run.cpu_percent:.0f}%)",
+                              file=sys.stderr)
+                if "accept" in scenarios:
+                    for srv in accepts:
+                        cpu0 = srv.cpu()
+                        secs = smtp_source(srv.port, s, n)
+                        run = Run(secs, secs, (srv.cpu() - cpu0) / HZ / secs * 100)
+                        row("accept only", s, srv.name).runs.append(run)
+                        print(f"  accept  s={s} run {r + 1} {srv.name:13} {n / secs:7.0f} msg/s "
+                              f"(cpu {run.cpu_percent:.0f}%)", file=sys.stderr)
+                if sink is not None:
+                    cpu0 = sink.cpu()
+                    t0 = time.perf_counter()
+                    smtp_source(sink.port, s, n)
+                    secs = time.perf_counter() - t0
+                    row("sink (ceiling)", s, "smtp-sink").runs.append(
+                        Run(secs, secs, (sink.cpu() - cpu0) / HZ / secs * 100))
+            if "latency" in scenarios:
+                for relay in relays:
+                    result = measure(relay.system.port, s, args.latency_messages)
+                    relay.expected += len(result.samples_ms)
+                    row("latency", s, relay.name).latency = result
+                    print(f"  latency s={s} {relay.name:13} p50 {result.percentile(50):.1f} "
+                          f"p90 {result.percentile(90):.1f} p99 {result.percentile(99):.1f} ms "
+                          f"({result.errors} errors)", file=sys.stderr)
+                    relay.settle(e2e_timeout)
+    finally:
+        for obj in reversed(started):
+            try:
+                obj.stop()
+            except Exception as e:
+                print(f"stopping {obj}: {e}", file=sys.stderr)
+
+    table = render(list(rows.values()), n)
+    print()
+    print(f"{n} messages of 1 KiB per run, median of {args.runs} run(s); "
+          f"ratio = mailrelay ÷ system (msg/s) or system ÷ mailrelay (latency): > 1 means mailrelay is better")
+    print(format_text(table))
+    if args.rst:
+        print()
+        print(format_rst(table))
+    if args.json:
+        args.json.write_text(json.dumps([attrs.asdict(r) for r in rows.values()], indent=1, default=str))
+    return 0
+
+
+HEADER = ("scenario", "sessions", "system", "figure", "runs", "accept msg/s", "CPU % (1 core)", "ratio")
+
+
+def render(rows: list[Row], n: int) -> list[tuple[str, ...]]:
+    out = []
+    for r in rows:
+        if r.latency is not None:
+            lat = r.latency
+            mine = next((x.latency for x in rows if x.scenario == "latency" and x.sessions == r.sessions
+                         and x.system == "mailrelay"), None)
+            ratio = (f"{lat.percentile(99) / mine.percentile(99):.2f}"
+                     if mine is not None and mine.samples_ms and r.system != "mailrelay" else "")
+            figure = (f"p50 {lat.percentile(50):.1f} / p90 {lat.percentile(90):.1f} / "
+                      f"p99 {lat.percentile(99):.1f} ms")
+            out.append((r.scenario, str(r.sessions), r.system, figure,
+                        f"{len(lat.samples_ms)} msgs, {lat.errors} errors", "", "", ratio))
+            continue
+        median = r.median(n)
+        mine = next((x.median(n) for x in rows if x.scenario == r.scenario and x.sessions == r.sessions
+                     and x.system == "mailrelay"), None)
+        ratio = f"{mine / median:.2f}" if mine and median and r.system != "mailrelay" else ""
+        runs = "/".join(f"{n / x.seconds:.0f}" if x.ok else "timeout" for x in r.runs)
+        accept = statistics.median(n / x.accept_seconds for x in r.runs) if r.runs else 0
+        cpu = statistics.median(x.cpu_percent for x in r.runs) if r.runs else 0
+        figure = f"{median:.0f} msg/s" if median else "failed"
+        out.append((r.scenario, str(r.sessions), r.system, figure, runs,
+                    f"{accept:.0f}" if r.scenario == "end to end" else "", f"{cpu:.0f}", ratio))
+    return out
+
+
+def format_text(table: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in [HEADER, *table]) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [HEADER, *table]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_rst(table: list[tuple[str, ...]]) -> str:
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    for row in [HEADER, *table]:
+        lines.append(f"   * - {row[0]}")
+        lines.extend(f"     - {c}" for c in row[1:])
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
