@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CONFIG ?= examples/mailrelay.toml
 # Compat editable install: a default editable install hides twisted/plugins from twistd's
 # plugin scan (it walks sys.path), see docs/architecture.rst "Packaging".
-EDITABLE := -e . --config-settings editable_mode=compat
+COMPAT := --config-settings editable_mode=compat
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -28,15 +28,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --disable-pip-version-check $(EDITABLE)
+	$(BIN)/pip install -q --disable-pip-version-check -e . $(COMPAT)
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --disable-pip-version-check $(EDITABLE)[test]
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]' $(COMPAT)
 	touch $(VENV)/.installed $@
 
 $(VENV)/.installed-bench: setup.cfg pyproject.toml $(VENV)/.installed-test
-	$(BIN)/pip install -q --disable-pip-version-check $(EDITABLE)[test,bench]
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,bench]' $(COMPAT)
 	touch $@
 
 # --- make run -------------------------------------------------------------------------------
