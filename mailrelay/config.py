@@ -213,6 +213,10 @@ class DeliveryConfig:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    tls_ca_file: str | None = None  # CA bundle for routes with tls = "verify" (else the system's)
+    connection_reuse_limit: int = 100  # messages per cached connection
+    connection_reuse_time: float = 300.0  # a cached connection's lifetime
+    connection_idle_time: float = 2.0  # an unused cached connection is closed after this
 
 
 @attrs.frozen
@@ -320,6 +324,10 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         connect_timeout=s.get("connect_timeout", 30.0, parse_duration),
         command_timeout=s.get("command_timeout", 300.0, parse_duration),
         data_timeout=s.get("data_timeout", 600.0, parse_duration),
+        tls_ca_file=s.get("tls_ca_file", None, _string),
+        connection_reuse_limit=s.get("connection_reuse_limit", 100, _positive_int),
+        connection_reuse_time=s.get("connection_reuse_time", 300.0, parse_duration),
+        connection_idle_time=s.get("connection_idle_time", 2.0, parse_duration),
     )
     s.check_unknown()
 
