@@ -1,0 +1,467 @@
+"""The filesystem spool: the default ``IQueueStore``, durable before the 250.
+
+Layout under ``path``::
+
+    tmp/<id>.body          a body being received (buffered writes from the reactor thread)
+    tmp/<id>.env.<n>       an envelope being written
+    queue/<id>.body        a committed body
+    queue/<id>.env         its envelope and per-recipient state (JSON); its presence marks the commit
+
+Every change of the ``queue/`` directory (commit, save, remove) happens in one writer thread, which
+takes every job waiting for it, fsyncs their files, renames them into place and fsyncs ``queue/``
+once for the whole batch (group commit); each job's Deferred fires only after that. Nothing touches
+``fsync`` on the reactor thread. A crash leaves at worst files in ``tmp/`` or a body without its
+envelope in ``queue/``: both are removed at start, never delivered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue as _queue
+import threading
+from collections.abc import Callable
+from typing import IO, Any
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mailrelay.envelope import Envelope, QueuedMessage
+from mailrelay.interfaces import IMessageWriter, IQueueStore
+from mailrelay.queue.store import (
+    QueueIdGenerator,
+    is_queue_id,
+    message_from_dict,
+    message_to_dict,
+    new_message,
+    storage_failure,
+)
+
+log = Logger()
+
+_BODY = ".body"
+_ENV = ".env"
+_BUFFER = 256 * 1024
+
+
+def _encode(message: QueuedMessage) -> bytes:
+    return json.dumps(message_to_dict(message), separators=(",", ":")).encode()
+
+
+class _Job:
+    """One change of the queue directory, done in the writer thread in two steps.
+
+    ``stage`` makes the job's files durable under temporary names; ``publish`` renames them into
+    place. The writer fsyncs ``queue/`` after publishing a batch; then ``result`` goes to the
+    Deferred on the reactor thread.
+    """
+
+    changes_queue = True
+
+    def __init__(self) -> None:
+        self.deferred: defer.Deferred[Any] = defer.Deferred()
+        self.result: Any = None
+
+    def stage(self, spool: FilesystemSpool) -> None:
+        pass
+
+    def publish(self, spool: FilesystemSpool) -> None:
+        pass
+
+    def undo(self, spool: FilesystemSpool) -> None:
+        """Remove whatever this job left behind after it failed."""
+
+
+class _Commit(_Job):
+    def __init__(self, writer: _SpoolWriter) -> None:
+        super().__init__()
+        self.writer = writer
+        self.env_tmp: str | None = None
+        self.published: list[str] = []
+
+    def stage(self, spool: FilesystemSpool) -> None:
+        w = self.writer
+        assert w.file is not None
+        w.file.flush()
+        spool.fsync(w.file.fileno())
+        w.file.close()
+        w.file = None
+        self.env_tmp = spool._write_tmp(w.queue_id, _encode(new_message(w.queue_id, w.envelope)))
+        self.result = w.queue_id
+
+    def publish(self, spool: FilesystemSpool) -> None:
+        qid = self.writer.queue_id
+        body = spool._queued(qid, _BODY)
+        os.rename(self.writer.tmp_path, body)
+        self.published.append(body)
+        env = spool._queued(qid, _ENV)
+        assert self.env_tmp is not None
+        os.rename(self.env_tmp, env)  # the envelope last: its presence is the commit
+        self.published.append(env)
+
+    def undo(self, spool: FilesystemSpool) -> None:
+        self.writer._close_quietly()
+        for path in [self.writer.tmp_path, self.env_tmp, *reversed(self.published)]:
+            if path:
+                _unlink(path)
+
+
+class _Save(_Job):
+    def __init__(self, message: QueuedMessage) -> None:
+        super().__init__()
+        self.message = message
+        self.env_tmp: str | None = None
+
+    def stage(self, spool: FilesystemSpool) -> None:
+        qid = self.message.queue_id
+        if not os.path.exists(spool._queued(qid, _BODY)):
+            raise KeyError(qid)  # removed meanwhile: never resurrect an envelope without its body
+        self.env_tmp = spool._write_tmp(qid, _encode(self.message))
+
+    def publish(self, spool: FilesystemSpool) -> None:
+        assert self.env_tmp is not None
+        os.rename(self.env_tmp, spool._queued(self.message.queue_id, _ENV))
+        self.env_tmp = None
+
+    def undo(self, spool: FilesystemSpool) -> None:
+        if self.env_tmp:
+            _unlink(self.env_tmp)
+
+
+class _Remove(_Job):
+    def __init__(self, queue_id: str) -> None:
+        super().__init__()
+        self.queue_id = queue_id
+
+    def publish(self, spool: FilesystemSpool) -> None:
+        # The envelope first: a crash in between leaves a body without envelope, cleaned at start.
+        found = _unlink(spool._queued(self.queue_id, _ENV))
+        _unlink(spool._queued(self.queue_id, _BODY))
+        if not found:
+            raise KeyError(self.queue_id)
+
+
+class _Scan(_Job):
+    """List the committed ids, removing torn writes; in the writer thread so no commit is half seen."""
+
+    changes_queue = False
+
+    def __init__(self, clean_tmp: bool = False) -> None:
+        super().__init__()
+        self.clean_tmp = clean_tmp
+
+    def stage(self, spool: FilesystemSpool) -> None:
+        if self.clean_tmp:
+            for entry in os.scandir(spool.tmp_dir):
+                if entry.name not in spool._receiving:
+                    log.info("spool: removing incomplete file tmp/{name}", name=entry.name)
+                    _unlink(entry.path)
+        bodies, envs = set(), set()
+        for entry in os.scandir(spool.queue_dir):
+            stem, ext = os.path.splitext(entry.name)
+            if ext == _BODY:
+                bodies.add(stem)
+            elif ext == _ENV:
+                envs.add(stem)
+        for stem in bodies - envs:
+            log.warn("spool: removing body without envelope queue/{name}", name=stem + _BODY)
+            _unlink(spool._queued(stem, _BODY))
+        for stem in envs - bodies:
+            log.warn("spool: removing envelope without body queue/{name}", name=stem + _ENV)
+            _unlink(spool._queued(stem, _ENV))
+        self.result = sorted(bodies & envs)
+
+
+class _Stop(_Job):
+    changes_queue = False
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+@implementer(IMessageWriter)
+class _SpoolWriter:
+    """One message being received into ``tmp/``.
+
+    ``write`` only appends to a buffered file (a write syscall when 256 KiB have gathered), so the
+    reactor thread never waits for the disk to sync; an error there is kept and reported by
+    ``commit`` as 452 4.3.1 after the partial file is removed.
+    """
+
+    def __init__(self, spool: FilesystemSpool, queue_id: str, envelope: Envelope) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.envelope = envelope
+        self.tmp_path = os.path.join(spool.tmp_dir, queue_id + _BODY)
+        self.error: OSError | None = None
+        self.done = False
+        self.size = 0
+        self.file: IO[bytes] | None = None
+        spool._receiving.add(queue_id + _BODY)
+        try:
+            self.file = open(self.tmp_path, "xb", buffering=_BUFFER)  # noqa: SIM115 - lives until commit
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, error: OSError) -> None:
+        if self.error is None:
+            log.error("spool: cannot store message {queue_id}: {error}", queue_id=self.queue_id, error=error)
+        self.error = error
+        self._close_quietly()
+        _unlink(self.tmp_path)
+
+    def _close_quietly(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            self.file = None
+
+    def write(self, data: bytes) -> None:
+        if self.done or self.error is not None:
+            return
+        try:
+            assert self.file is not None
+            self.file.write(data)
+            self.size += len(data)
+        except OSError as e:
+            self._fail(e)
+
+    def commit(self) -> defer.Deferred[str]:
+        if self.done:
+            raise RuntimeError(f"message {self.queue_id} already committed or aborted")
+        self.done = True
+        if self.error is not None:
+            self.spool._receiving.discard(self.queue_id + _BODY)
+            return defer.fail(storage_failure())
+        job = _Commit(self)
+        d = self.spool._submit(job)
+
+        def finished(result: Any) -> Any:
+            self.spool._receiving.discard(self.queue_id + _BODY)
+            return result
+
+        return d.addBoth(finished)
+
+    def abort(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._close_quietly()
+        _unlink(self.tmp_path)  # one quick unlink; no fsync needed to forget a message
+        self.spool._receiving.discard(self.queue_id + _BODY)
+
+
+@implementer(IQueueStore)
+class FilesystemSpool:
+    """``IQueueStore`` on a local directory; see the module docstring for the layout and guarantees.
+
+    ``threadpool`` runs the reads (``load``); the spool starts its own when none is given. ``fsync``
+    and ``randbytes`` are injectable so tests can observe the order of durability and ids.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        reactor: Any,
+        threadpool: ThreadPool | None = None,
+        *,
+        fsync: Callable[[int], None] = os.fsync,
+        randbytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self.reactor = reactor
+        self.fsync = fsync
+        self.tmp_dir = os.path.join(self.path, "tmp")
+        self.queue_dir = os.path.join(self.path, "queue")
+        self.new_id = QueueIdGenerator(reactor, randbytes)
+        self._own_pool = threadpool is None
+        self.threadpool = threadpool or ThreadPool(minthreads=0, maxthreads=4, name="mailrelay-spool")
+        self._jobs: _queue.SimpleQueue[_Job] = _queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._subscribers: list[Callable[[str], object]] = []
+        self._receiving: set[str] = set()
+        self._tmp_counter = 0
+        #: How many batches the writer has made durable (each one ``fsync`` of ``queue/``).
+        self.commit_passes = 0
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        os.makedirs(self.queue_dir, exist_ok=True)
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer thread; it first removes what a crash left half-written."""
+        if self._thread is not None:
+            return
+        if self._own_pool:
+            self.threadpool.start()
+        self._submit(_Scan(clean_tmp=True))
+        self._thread = threading.Thread(target=self._run, name="mailrelay-spool-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> defer.Deferred[None]:
+        """A Deferred that fires once every job submitted before has been done and the thread ended."""
+        if self._thread is None:
+            return defer.succeed(None)
+        d = self._submit(_Stop())
+
+        def stopped(_: object) -> None:
+            assert self._thread is not None
+            self._thread.join()
+            self._thread = None
+            if self._own_pool:
+                self.threadpool.stop()
+
+        return d.addCallback(stopped)
+
+    # -- IMessageSink / IQueueStore ---------------------------------------------------------
+
+    def open(self, envelope: Envelope) -> _SpoolWriter:
+        if not envelope.received_at:
+            envelope = attrs.evolve(envelope, received_at=self.reactor.seconds())
+        return _SpoolWriter(self, self.new_id(), envelope)
+
+    def list_ids(self) -> defer.Deferred[list[str]]:
+        return self._submit(_Scan())
+
+    def load(self, queue_id: str) -> defer.Deferred[QueuedMessage]:
+        return threads.deferToThreadPool(self.reactor, self.threadpool, self.read_message, queue_id)
+
+    def read_message(self, queue_id: str) -> QueuedMessage:
+        """Blocking read of one envelope (used by ``load`` in a thread, and by the CLI offline)."""
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+        try:
+            with open(self._queued(queue_id, _ENV), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        return message_from_dict(json.loads(data))
+
+    def open_body(self, queue_id: str) -> IO[bytes]:
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+        try:
+            return open(self._queued(queue_id, _BODY), "rb")
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+
+    def body_size(self, queue_id: str) -> int:
+        return os.stat(self._queued(queue_id, _BODY)).st_size
+
+    def save(self, message: QueuedMessage) -> defer.Deferred[None]:
+        return self._submit(_Save(message))
+
+    def remove(self, queue_id: str) -> defer.Deferred[None]:
+        if not is_queue_id(queue_id):
+            return defer.fail(KeyError(queue_id))
+        return self._submit(_Remove(queue_id))
+
+    def subscribe(self, callback: Callable[[str], object]) -> None:
+        self._subscribers.append(callback)
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _submit(self, job: _Job) -> defer.Deferred[Any]:
+        self._jobs.put(job)
+        return job.deferred
+
+    def _queued(self, queue_id: str, ext: str) -> str:
+        return os.path.join(self.queue_dir, queue_id + ext)
+
+    def _write_tmp(self, queue_id: str, data: bytes) -> str:
+        """Write ``data`` to a fresh file in ``tmp/`` and fsync it; returns its path."""
+        self._tmp_counter += 1
+        path = os.path.join(self.tmp_dir, f"{queue_id}{_ENV}.{self._tmp_counter}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            self.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink(path)
+            raise
+        os.close(fd)
+        return path
+
+    def _sync_queue_dir(self) -> None:
+        fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _run(self) -> None:
+        stopping: _Job | None = None
+        while stopping is None:
+            batch = [self._jobs.get()]
+            while True:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except _queue.Empty:
+                    break
+            results = self._do_batch([j for j in batch if not isinstance(j, _Stop)])
+            stopping = next((j for j in batch if isinstance(j, _Stop)), None)
+            self.reactor.callFromThread(self._deliver_results, results)
+        self.reactor.callFromThread(stopping.deferred.callback, None)
+
+    def _do_batch(self, batch: list[_Job]) -> list[tuple[_Job, Any]]:
+        results: list[tuple[_Job, Any]] = []
+        published: list[_Job] = []
+        for job in batch:
+            try:
+                job.stage(self)
+                job.publish(self)
+            except BaseException:
+                results.append((job, self._failure(job)))
+                continue
+            if job.changes_queue:
+                published.append(job)
+            else:
+                results.append((job, job.result))
+        if published:
+            try:
+                self._sync_queue_dir()
+                self.commit_passes += 1
+            except OSError:
+                for job in published:
+                    results.append((job, self._failure(job)))
+                published = []
+        results.extend((job, job.result) for job in published)
+        return results
+
+    def _failure(self, job: _Job) -> Failure:
+        f = Failure()
+        try:
+            job.undo(self)
+        except OSError:
+            pass
+        if isinstance(f.value, OSError) and isinstance(job, _Commit | _Save):
+            log.error("spool: cannot store: {error}", error=f.value)
+            return Failure(storage_failure())
+        return f
+
+    def _deliver_results(self, results: list[tuple[_Job, Any]]) -> None:
+        for job, result in results:
+            if isinstance(result, Failure):
+                job.deferred.errback(result)
+                continue
+            if isinstance(job, _Commit):
+                for callback in list(self._subscribers):
+                    try:
+                        callback(result)
+                    except Exception:
+                        log.failure("spool: subscriber failed for {queue_id}", queue_id=result)
+            job.deferred.callback(result)

@@ -1,0 +1,99 @@
+"""Helpers shared by every ``IQueueStore``: queue ids and the on-disk form of a queued message.
+
+Kept apart from any one backend so the filesystem spool, the memory store of ``mailrelay.testing``
+and a database store write the same JSON and mint ids the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from mailrelay.envelope import Envelope, QueuedMessage, RecipientStatus, Reply
+from mailrelay.errors import TemporaryFailure
+
+FORMAT_VERSION = 1
+
+#: Crockford's base32: sortable as text, no I/L/O/U to misread when an operator copies an id.
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TIME_CHARS = 10  # 50 bits of milliseconds: good until the year 37648
+_RANDOM_CHARS = 8  # 40 random bits: ids minted in the same millisecond stay distinct
+QUEUE_ID = re.compile(rf"^[{_ALPHABET}]{{{_TIME_CHARS + _RANDOM_CHARS}}}$")
+
+
+def storage_full_reply() -> Reply:
+    return Reply(452, "4.3.1", "Insufficient system storage")
+
+
+def storage_failure() -> TemporaryFailure:
+    """What a commit fails with when the message cannot be made durable (disk full, unwritable)."""
+    return TemporaryFailure(storage_full_reply())
+
+
+def _base32(value: int, chars: int) -> str:
+    out = []
+    for _ in range(chars):
+        out.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+class QueueIdGenerator:
+    """Mints queue ids that sort by time (from the injected clock) and differ by injected randomness.
+
+    Ids are 18 characters of base32: 10 for the milliseconds since the epoch, 8 random. Sorting ids
+    as text sorts the queue by arrival, which ``queue list`` and start-up recovery rely on.
+    """
+
+    def __init__(self, clock: Any, randbytes: Callable[[int], bytes] = os.urandom) -> None:
+        self.clock = clock
+        self.randbytes = randbytes
+
+    def __call__(self) -> str:
+        millis = int(self.clock.seconds() * 1000) & ((1 << 50) - 1)
+        rand = int.from_bytes(self.randbytes(5), "big")
+        return _base32(millis, _TIME_CHARS) + _base32(rand, _RANDOM_CHARS)
+
+
+def is_queue_id(text: str) -> bool:
+    """Whether ``text`` looks like an id we minted (so a path built from it stays in the spool)."""
+    return bool(QUEUE_ID.match(text))
+
+
+def new_message(queue_id: str, envelope: Envelope) -> QueuedMessage:
+    """The state of a message just committed: every recipient pending, due at once."""
+    return QueuedMessage(
+        queue_id=queue_id,
+        envelope=envelope,
+        statuses=tuple(RecipientStatus(r) for r in envelope.recipients),
+    )
+
+
+def message_to_dict(message: QueuedMessage) -> dict[str, Any]:
+    return {
+        "version": FORMAT_VERSION,
+        "queue_id": message.queue_id,
+        "envelope": message.envelope.to_dict(),
+        "statuses": [s.to_dict() for s in message.statuses],
+        "attempts": message.attempts,
+        "next_attempt": message.next_attempt,
+        "held": message.held,
+        "warned": message.warned,
+    }
+
+
+def message_from_dict(d: dict[str, Any]) -> QueuedMessage:
+    version = d.get("version", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"queue file format {version} is newer than this mailrelay ({FORMAT_VERSION})")
+    return QueuedMessage(
+        queue_id=d["queue_id"],
+        envelope=Envelope.from_dict(d["envelope"]),
+        statuses=tuple(RecipientStatus.from_dict(s) for s in d["statuses"]),
+        attempts=int(d.get("attempts", 0)),
+        next_attempt=float(d.get("next_attempt", 0.0)),
+        held=bool(d.get("held", False)),
+        warned=bool(d.get("warned", False)),
+    )

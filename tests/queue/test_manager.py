@@ -1,0 +1,318 @@
+"""The queue manager on a task.Clock with the public fakes: whole retry schedules in zero time."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from mailrelay.config import QueueConfig
+from mailrelay.envelope import (
+    Envelope,
+    QueuedMessage,
+    Recipient,
+    RecipientState,
+    RecipientStatus,
+    Reply,
+)
+from mailrelay.errors import PermanentFailure, TemporaryFailure
+from mailrelay.queue.manager import QueueManager
+from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer, route_to
+
+T0 = 1_700_000_000.0
+OK = Reply(250, "2.0.0", "Ok: queued")
+LATER = Reply(451, "4.4.1", "try again later")
+NOUSER = Reply(550, "5.1.1", "no such user")
+SCHEDULE = (60.0, 300.0, 900.0)
+
+
+def envelope(*rcpts: str, sender: str = "sender@example.org") -> Envelope:
+    return Envelope(sender, tuple(Recipient(r) for r in rcpts), received_at=T0)
+
+
+class World:
+    def __init__(self, router=None, deliverer=None, config=None, **kw) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.store = MemoryQueueStore(self.clock)
+        self.router = router or FakeRouter({"*": route_to("127.0.0.1", 2526)})
+        self.deliverer = deliverer or RecordingDeliverer()
+        self.config = config or QueueConfig(retry_schedule=SCHEDULE, max_lifetime=86400.0)
+        self.manager = QueueManager(self.store, self.router, self.deliverer, self.clock, self.config,
+                                    "relay.example.test", jitter=lambda d: d, **kw)
+
+    def send(self, *rcpts: str, body: bytes = b"Subject: t\r\n\r\nhi\r\n") -> str:
+        return self.store.inject(envelope(*rcpts), body)
+
+    def state(self, qid: str) -> QueuedMessage:
+        return self.store.messages[qid]
+
+
+def test_committed_message_is_delivered_at_once_and_removed():
+    w = World()
+    w.manager.start()
+    qid = w.send("a@example.test", "b@example.test")
+    w.clock.advance(0)
+    assert [c.addresses for c in w.deliverer.calls] == [["a@example.test", "b@example.test"]]
+    assert w.deliverer.calls[0].body == b"Subject: t\r\n\r\nhi\r\n"
+    assert w.deliverer.calls[0].route.hops[0].port == 2526
+    assert qid not in w.store.messages and w.store.removed == [qid]
+
+
+def test_temporary_failure_is_retried_on_the_schedule_and_the_last_interval_repeats():
+    w = World(deliverer=RecordingDeliverer([LATER] * 5))
+    w.manager.start()
+    qid = w.send("a@example.test")
+    w.clock.advance(0)
+    times = [T0]
+    for delay in (60, 300, 900, 900, 900):
+        w.clock.advance(delay - 1)
+        assert len(w.deliverer.calls) == len(times), "not before its time"
+        w.clock.advance(1)
+        times.append(w.clock.seconds())
+        assert len(w.deliverer.calls) == len(times)
+    assert [t - T0 for t in times] == [0, 60, 360, 1260, 2160, 3060]
+    assert qid not in w.store.messages  # the sixth attempt (default answer) delivered it
+    last_save = [m for m in w.store.saves if m.queue_id == qid][-1]
+    assert last_save.attempts == 5 and last_save.statuses[0].attempts == 5
+    assert last_save.statuses[0].last_reply == LATER
+
+
+def test_partial_delivery_retries_only_the_recipients_left():
+    deliverer = RecordingDeliverer([{"b@example.test": LATER}, OK])
+    w = World(deliverer=deliverer)
+    w.manager.start()
+    qid = w.send("a@example.test", "b@example.test", "c@example.test")
+    w.clock.advance(0)
+    m = w.state(qid)
+    assert [s.state for s in m.statuses] == [RecipientState.DELIVERED, RecipientState.PENDING,
+                                             RecipientState.DELIVERED]
+    assert m.statuses[0].remote == "127.0.0.1[127.0.0.1]:2526"
+    assert m.next_attempt == T0 + 60
+    w.clock.advance(60)
+    assert deliverer.calls[1].addresses == ["b@example.test"]
+    assert qid not in w.store.messages
+
+
+def test_permanent_failure_is_final_and_not_retried():
+    deliverer = RecordingDeliverer([{"b@example.test": NOUSER, "a@example.test": LATER}])
+    w = World(deliverer=deliverer)
+    w.manager.start()
+    qid = w.send("a@example.test", "b@example.test")
+    w.clock.advance(0)
+    m = w.state(qid)
+    assert m.statuses[1].state is RecipientState.FAILED and m.statuses[1].last_reply == NOUSER
+    w.clock.advance(60)
+    assert deliverer.calls[1].addresses == ["a@example.test"]
+    assert qid not in w.store.messages
+    assert len(deliverer.calls) == 2
+
+
+def test_routing_answers_become_recipient_outcomes():
+    later = TemporaryFailure(Reply(451, "4.4.3", "directory unavailable"))
+    router = FakeRouter({
+        "tmp@example.test": later,
+        "gone@example.test": PermanentFailure(Reply(550, "5.1.1", "unknown user")),
+        "nobody.test": None,
+        "example.test": route_to("127.0.0.1", 2526),
+    })
+    w = World(router=router)
+    w.manager.start()
+    qid = w.send("ok@example.test", "tmp@example.test", "gone@example.test", "x@nobody.test")
+    w.clock.advance(0)
+    m = w.state(qid)
+    assert [s.state for s in m.statuses] == [RecipientState.DELIVERED, RecipientState.PENDING,
+                                             RecipientState.FAILED, RecipientState.FAILED]
+    assert m.statuses[1].last_reply == later.reply
+    assert m.statuses[2].last_reply.code == 550
+    assert (m.statuses[3].last_reply.code, m.statuses[3].last_reply.enhanced) == (550, "5.1.2")
+    assert [c.addresses for c in w.deliverer.calls] == [["ok@example.test"]]
+    router.mapping["tmp@example.test"] = route_to("127.0.0.1", 2526)
+    w.clock.advance(60)
+    assert w.deliverer.calls[1].addresses == ["tmp@example.test"]
+    assert qid not in w.store.messages
+
+
+def test_recipients_are_grouped_by_destination_and_rewritten():
+    router = FakeRouter({
+        "one.test": route_to("127.0.0.1", 2001),
+        "two.test": route_to("127.0.0.1", 2002),
+        "alias@one.test": route_to("127.0.0.1", 2001, recipient="real@one.test"),
+    })
+    w = World(router=router)
+    w.manager.start()
+    w.send("a@one.test", "b@two.test", "alias@one.test", "c@two.test")
+    w.clock.advance(0)
+    by_port = {c.route.hops[0].port: c for c in w.deliverer.calls}
+    assert sorted(by_port) == [2001, 2002]
+    assert by_port[2001].addresses == ["a@one.test", "real@one.test"]
+    assert by_port[2001].recipients[1].orcpt == "rfc822;alias@one.test"
+    assert by_port[2002].addresses == ["b@two.test", "c@two.test"]
+
+
+def test_recovery_at_start_schedules_every_message_found():
+    w = World()
+    due = w.send("due@example.test")
+    later = w.send("later@example.test")
+    held = w.send("held@example.test")
+    w.store.messages[later] = attrs.evolve(w.state(later), next_attempt=T0 + 500, attempts=1)
+    w.store.messages[held] = attrs.evolve(w.state(held), held=True)
+    d = w.manager.start()
+    assert d.result == 3
+    w.clock.advance(0)
+    assert [c.addresses for c in w.deliverer.calls] == [["due@example.test"]]
+    w.clock.advance(499)
+    assert len(w.deliverer.calls) == 1
+    w.clock.advance(1)
+    assert [c.addresses for c in w.deliverer.calls][1] == ["later@example.test"]
+    assert list(w.store.messages) == [held]
+    assert due in w.store.removed
+
+
+def test_start_up_burst_is_bounded():
+    deliverer = RecordingDeliverer(default=None)  # every delivery hangs until the test answers it
+    w = World(deliverer=deliverer, max_active=5)
+    for i in range(12):
+        w.send(f"r{i}@example.test")
+    w.manager.start()
+    w.clock.advance(0)
+    assert len(deliverer.calls) == 5
+    deliverer.calls[0].answer(OK)
+    assert len(deliverer.calls) == 6  # one finished, one more starts
+    answered = 1
+    while answered < len(deliverer.calls):
+        assert len(deliverer.calls) - answered <= 5
+        deliverer.calls[answered].answer(OK)
+        answered += 1
+    assert len(deliverer.calls) == 12 and w.store.messages == {}
+
+
+def test_per_destination_cap_and_a_dead_destination_does_not_stall_others():
+    router = FakeRouter({"dead.test": route_to("127.0.0.1", 1), "live.test": route_to("127.0.0.1", 2)})
+    deliverer = RecordingDeliverer(default=None)
+    w = World(router=router, deliverer=deliverer,
+              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=6, max_per_destination=3))
+    w.manager.start()
+    for i in range(10):
+        w.send(f"u{i}@dead.test")
+    w.clock.advance(0)
+    dead_calls = [c for c in deliverer.calls if c.route.hops[0].port == 1]
+    assert len(dead_calls) == 3  # its cap, the rest wait
+    for i in range(3):
+        w.send(f"v{i}@live.test")
+    w.clock.advance(0)
+    live = [c for c in deliverer.calls if c.route.hops[0].port == 2]
+    assert len(live) == 3, "the live destination gets its slots while the dead one hangs"
+    for c in live:
+        c.answer(OK)
+    assert w.manager.slots.in_flight == 3
+    # the dead one finally times out: its waiting messages get their turn, three at a time
+    for c in dead_calls:
+        c.answer(LATER)
+    assert len([c for c in deliverer.calls if c.route.hops[0].port == 1]) == 6
+
+
+def test_flush_attempts_a_deferred_message_now():
+    w = World(deliverer=RecordingDeliverer([LATER]))
+    w.manager.start()
+    qid = w.send("a@example.test")
+    w.clock.advance(0)
+    assert qid in w.store.messages
+    assert w.manager.flush(qid) == 1
+    w.clock.advance(0)
+    assert qid not in w.store.messages
+
+
+def test_hold_release_and_delete():
+    w = World(deliverer=RecordingDeliverer(default=LATER))
+    w.manager.start()
+    qid = w.send("a@example.test")
+    w.clock.advance(0)
+
+    def calls() -> int:
+        return sum(c.addresses == ["a@example.test"] for c in w.deliverer.calls)
+
+    w.manager.hold(qid)
+    assert w.state(qid).held
+    w.clock.advance(3600)
+    assert calls() == 1  # held: never attempted
+    w.manager.release(qid)
+    assert not w.state(qid).held
+    w.clock.advance(0)
+    assert calls() == 2
+    w.manager.delete(qid)
+    assert qid not in w.store.messages
+    w.clock.advance(3600)
+    assert calls() == 2  # deleted: never attempted again
+
+
+def test_stop_waits_for_deliveries_then_cancels_and_records_them():
+    deliverer = RecordingDeliverer([None])
+    w = World(deliverer=deliverer)
+    w.manager.start()
+    qid = w.send("a@example.test")
+    w.clock.advance(0)
+    d = w.manager.stop(grace=5)
+    assert not d.called
+    w.clock.advance(5)
+    assert d.called
+    m = w.state(qid)
+    assert m.statuses[0].state is RecipientState.PENDING and m.statuses[0].last_reply.code == 451
+    # nothing new is picked up once stopped
+    w.send("b@example.test")
+    w.clock.advance(3600)
+    assert len(deliverer.calls) == 1
+
+
+def test_stop_lets_a_delivery_that_finishes_in_time_record_its_result():
+    deliverer = RecordingDeliverer([None])
+    w = World(deliverer=deliverer)
+    w.manager.start()
+    qid = w.send("a@example.test")
+    w.clock.advance(0)
+    d = w.manager.stop(grace=5)
+    deliverer.calls[0].answer(OK)
+    assert d.called and qid not in w.store.messages
+
+
+def test_a_deliverer_that_fails_or_miscounts_is_a_temporary_failure():
+    deliverer = RecordingDeliverer([RuntimeError("bug"), [OK, OK]])
+    w = World(deliverer=deliverer)
+    w.manager.start()
+    qid = w.send("a@example.test")
+    w.clock.advance(0)
+    assert w.state(qid).statuses[0].last_reply.code == 451
+    w.clock.advance(60)
+    assert w.state(qid).statuses[0].last_reply.code == 451  # two answers for one recipient
+    w.clock.advance(300)
+    assert qid not in w.store.messages
+
+
+def test_asynchronous_router_answers_are_awaited():
+    pending: list[defer.Deferred] = []
+
+    def slow(recipient, env):
+        d = defer.Deferred()
+        pending.append(d)
+        return d
+
+    w = World(router=FakeRouter({"*": slow}))
+    w.manager.start()
+    qid = w.send("a@example.test")
+    w.clock.advance(0)
+    assert w.deliverer.calls == [] and w.manager.is_active(qid)
+    pending[0].callback(route_to("127.0.0.1", 2526))
+    assert qid not in w.store.messages
+
+
+@pytest.mark.parametrize("attempts,expected", [(1, 60.0), (2, 300.0), (3, 900.0), (9, 900.0)])
+def test_saved_next_attempt_follows_the_schedule(attempts, expected):
+    w = World(deliverer=RecordingDeliverer(default=LATER))
+    qid = w.send("a@example.test")
+    w.store.messages[qid] = attrs.evolve(
+        w.state(qid), attempts=attempts - 1,
+        statuses=(RecipientStatus(Recipient("a@example.test"), attempts=attempts - 1),))
+    w.manager.start()
+    w.clock.advance(0)
+    assert w.state(qid).next_attempt == T0 + expected

@@ -1,0 +1,250 @@
+"""The filesystem spool: durable before the Deferred fires, group commit, torn writes, failures."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from zope.interface.verify import verifyObject
+
+from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply
+from mailrelay.errors import TemporaryFailure
+from mailrelay.interfaces import IMessageWriter, IQueueStore
+from mailrelay.queue.spool import FilesystemSpool
+from mailrelay.queue.store import is_queue_id
+
+ENV = Envelope("sender@example.org", (Recipient("a@example.test"), Recipient("b@example.test", ("FAILURE",))),
+               helo="client.example.org", received_at=1700000000.0)
+
+
+class GatedFsync:
+    """An fsync that records what it synced and can be held shut, to see what waits for it."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        self.entered.set()
+        self.gate.wait(10)
+        self.events.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+
+@pytest.fixture
+def spool(tmp_path):
+    fsync = GatedFsync()
+    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
+    s.fsync_recorder = fsync
+    s.start()
+    yield s
+    fsync.gate.set()
+    pytest_twisted.blockon(s.stop())
+
+
+def store_message(spool: FilesystemSpool, body: bytes, chunks: int = 1) -> defer.Deferred[str]:
+    w = spool.open(ENV)
+    step = max(1, len(body) // chunks)
+    for i in range(0, len(body), step):
+        w.write(body[i:i + step])
+    return w.commit()
+
+
+def files(spool: FilesystemSpool) -> list[str]:
+    out = []
+    for d in ("tmp", "queue"):
+        out += [f"{d}/{n}" for n in sorted(os.listdir(os.path.join(spool.path, d)))]
+    return out
+
+
+def test_provides_the_interfaces(spool):
+    assert verifyObject(IQueueStore, spool)
+    w = spool.open(ENV)
+    assert verifyObject(IMessageWriter, w)
+    assert is_queue_id(w.queue_id)
+    w.abort()
+    assert files(spool) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_commit_fires_only_after_body_envelope_and_directory_are_fsynced(spool):
+    fsync = spool.fsync_recorder
+    yield spool.list_ids()  # the start-up scan is done
+    fsync.events.clear()
+    fsync.gate.clear()
+    fired = []
+    d = store_message(spool, b"Subject: x\r\n\r\nhello\r\n", chunks=3)
+    d.addCallback(lambda qid: (fired.append(qid), fsync.events.copy())[1])
+    # the writer thread is now inside fsync, held: the commit must not have fired
+    assert fsync.entered.wait(5)
+    for _ in range(20):
+        yield deferLater(0.01)
+    assert not fired
+    fsync.gate.set()
+    synced_before_firing = yield d
+    qid = fired[0]
+    queue_dir = os.path.join(spool.path, "queue")
+    assert synced_before_firing[0].endswith(f"tmp/{qid}.body")
+    assert f"/tmp/{qid}.env." in synced_before_firing[1]
+    assert synced_before_firing[2] == queue_dir  # the directory: the renames are durable
+    assert files(spool) == [f"queue/{qid}.body", f"queue/{qid}.env"]
+    with spool.open_body(qid) as f:
+        assert f.read() == b"Subject: x\r\n\r\nhello\r\n"
+    message = yield spool.load(qid)
+    assert message.envelope == ENV
+    assert [s.state for s in message.statuses] == [RecipientState.PENDING] * 2
+
+
+def deferLater(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_commit_makes_many_messages_durable_in_fewer_passes(spool):
+    fsync = spool.fsync_recorder
+    yield spool.list_ids()
+    before = spool.commit_passes
+    fsync.entered.clear()
+    fsync.gate.clear()
+    first = store_message(spool, b"first\r\n")
+    assert fsync.entered.wait(5)  # the writer is busy with the first message
+    rest = [store_message(spool, f"message {i}\r\n".encode()) for i in range(20)]
+    assert not any(d.called for d in rest)
+    fsync.gate.set()
+    ids = yield defer.gatherResults([first, *rest])
+    assert len(set(ids)) == 21
+    passes = spool.commit_passes - before
+    assert passes < 21
+    assert passes == 2  # the first alone, then the twenty that gathered while it synced
+    assert sorted(ids) == (yield spool.list_ids())
+
+
+@pytest_twisted.inlineCallbacks
+def test_subscribers_hear_of_each_commit_after_it_is_durable(spool):
+    heard = []
+    spool.subscribe(lambda qid: heard.append((qid, os.path.exists(os.path.join(spool.path, "queue", qid + ".env")))))
+    qid = yield store_message(spool, b"x\r\n")
+    assert heard == [(qid, True)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_large_body_streams_to_disk_before_commit(spool):
+    w = spool.open(ENV)
+    chunk = b"y" * 65536
+    for _ in range(64):  # 4 MiB
+        w.write(chunk)
+    # most of it already left the process's buffers for the temp file
+    assert os.path.getsize(os.path.join(spool.path, "tmp", w.queue_id + ".body")) >= 3 * 1024 * 1024
+    qid = yield w.commit()
+    assert spool.body_size(qid) == 64 * 65536
+
+
+@pytest_twisted.inlineCallbacks
+def test_save_records_state_and_remove_deletes_everything(spool):
+    qid = yield store_message(spool, b"x\r\n")
+    m = yield spool.load(qid)
+    done = RecipientStatus(ENV.recipients[0], RecipientState.DELIVERED, 1, Reply(250, "2.0.0", "ok"), "h[1.2.3.4]:25")
+    import attrs
+
+    m2 = attrs.evolve(m, statuses=(done, m.statuses[1]), attempts=1, next_attempt=1700000300.0)
+    yield spool.save(m2)
+    assert (yield spool.load(qid)) == m2
+    yield spool.remove(qid)
+    assert files(spool) == []
+    with pytest.raises(KeyError):
+        yield spool.load(qid)
+    with pytest.raises(KeyError):
+        yield spool.save(m2)  # never resurrects an envelope without its body
+    assert files(spool) == []
+    with pytest.raises(KeyError):
+        yield spool.remove(qid)
+
+
+@pytest_twisted.inlineCallbacks
+def test_torn_writes_are_cleaned_at_start_and_never_listed(tmp_path):
+    path = tmp_path / "spool"
+    s = FilesystemSpool(str(path), reactor)
+    s.start()
+    good = yield store_message(s, b"good\r\n")
+    yield s.stop()
+    # what a crash can leave: a body being received, an envelope being written, a body renamed
+    # into place without its envelope
+    (path / "tmp" / "0000000000ZZZZZZZZ.body").write_bytes(b"half a mess")
+    (path / "tmp" / "0000000000ZZZZZZZZ.env.1").write_bytes(b"{")
+    (path / "queue" / "0000000001ZZZZZZZZ.body").write_bytes(b"no envelope")
+    s2 = FilesystemSpool(str(path), reactor)
+    s2.start()
+    try:
+        ids = yield s2.list_ids()
+        assert ids == [good]
+        assert files(s2) == [f"queue/{good}.body", f"queue/{good}.env"]
+    finally:
+        yield s2.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_unwritable_spool_fails_the_commit_with_452_and_leaves_nothing(spool):
+    yield spool.list_ids()  # the start-up scan is done
+    tmp = os.path.join(spool.path, "tmp")
+    os.rmdir(tmp)
+    open(tmp, "w").close()  # tmp/ is now a file: every create in it fails (even as root)
+    try:
+        w = spool.open(ENV)
+        w.write(b"data\r\n")
+        with pytest.raises(TemporaryFailure) as e:
+            yield w.commit()
+        assert (e.value.reply.code, e.value.reply.enhanced) == (452, "4.3.1")
+        assert os.listdir(os.path.join(spool.path, "queue")) == []
+    finally:
+        os.unlink(tmp)
+        os.mkdir(tmp)
+    # and it works again once the directory is back
+    qid = yield store_message(spool, b"again\r\n")
+    assert (yield spool.list_ids()) == [qid]
+
+
+@pytest_twisted.inlineCallbacks
+def test_fsync_failure_at_commit_leaves_nothing_behind(tmp_path):
+    def failing(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=failing)
+    s.start()
+    try:
+        with pytest.raises(TemporaryFailure) as e:
+            yield store_message(s, b"x" * 10000)
+        assert e.value.reply == Reply(452, "4.3.1", "Insufficient system storage")
+        assert files(s) == []
+    finally:
+        yield s.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_abort_forgets_the_message(spool):
+    w = spool.open(ENV)
+    w.write(b"x" * 1000)
+    w.abort()
+    w.abort()
+    assert files(spool) == []
+    assert (yield spool.list_ids()) == []
+
+
+def test_ids_sort_by_time_and_use_the_injected_randomness(tmp_path):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(1700000000)
+    s = FilesystemSpool(str(tmp_path / "spool"), clock, randbytes=lambda n: b"\x00" * n)
+    a = s.new_id()
+    clock.advance(0.002)
+    b = s.new_id()
+    assert a < b and a.endswith("00000000") and b.endswith("00000000")
+    s2 = FilesystemSpool(str(tmp_path / "spool2"), clock, randbytes=lambda n: b"\xff" * n)
+    assert s2.new_id()[:10] == b[:10] and s2.new_id() != b
