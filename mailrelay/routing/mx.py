@@ -148,6 +148,20 @@ class MXRouter:
         d.addCallback(self._route, port if port is not None else self.port)
         return d
 
+    def route_host(self, name: str, port: int | None = None) -> defer.Deferred[Route]:
+        """The route to one host's own A/AAAA addresses, without MX lookup (Postfix's ``[host]``)."""
+        d = defer.ensureDeferred(self._host(normalise_domain(name)))
+
+        def hops(result: tuple[tuple[str, ...], list[int]] | Exception) -> Route:
+            if isinstance(result, Exception):
+                raise result
+            addresses, _ = result
+            if not addresses:
+                raise PermanentFailure(Reply(550, "5.4.4", f"host {name} has no address"))
+            return self._route((Exchange(0, name, addresses),), port if port is not None else self.port)
+
+        return d.addCallback(hops)
+
     def exchanges(self, domain: str) -> defer.Deferred[tuple[Exchange, ...]]:
         """The MX hosts of ``domain`` with their addresses, in order; cached per TTL."""
         domain = normalise_domain(domain)

@@ -1,0 +1,202 @@
+"""A real OpenLDAP slapd on loopback with mail routing entries (misc.schema's inetLocalMailRecipient).
+
+back-mdb in a temp dir, entries loaded offline with ``slapadd`` before start, served on
+``ldap://127.0.0.1:PORT/``. ``stop()`` and ``start()`` again keep the data and the port, so tests
+can take the directory away in the middle and bring it back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers import free_port, require, wait_listening
+
+BASE = "dc=example,dc=test"
+BIND_DN = f"cn=mailrelay,ou=services,{BASE}"
+BIND_PASSWORD = "mailrelay-secret"
+
+ENTRIES = f"""\
+dn: {BASE}
+objectClass: dcObject
+objectClass: organization
+dc: example
+o: Example Test
+
+dn: ou=people,{BASE}
+objectClass: organizationalUnit
+ou: people
+
+dn: ou=services,{BASE}
+objectClass: organizationalUnit
+ou: services
+
+dn: {BIND_DN}
+objectClass: organizationalRole
+objectClass: simpleSecurityObject
+cn: mailrelay
+userPassword: {{BINDHASH}}
+
+dn: uid=alice,ou=people,{BASE}
+objectClass: inetOrgPerson
+objectClass: inetLocalMailRecipient
+uid: alice
+cn: Alice Smith
+sn: Smith
+mailLocalAddress: alice@example.test
+mailLocalAddress: a.smith@example.test
+mailRoutingAddress: alice@mailstore1.example.test
+mailHost: mx1.example.test
+
+dn: uid=bob,ou=people,{BASE}
+objectClass: inetOrgPerson
+objectClass: inetLocalMailRecipient
+uid: bob
+cn: Bob Jones
+sn: Jones
+mailLocalAddress: bob@example.test
+mailHost: mx2.example.test
+
+dn: uid=carol,ou=people,{BASE}
+objectClass: inetOrgPerson
+objectClass: inetLocalMailRecipient
+uid: carol
+cn: Carol White
+sn: White
+mailLocalAddress: carol@example.test
+mailRoutingAddress: carol@other.test
+
+dn: uid=dave,ou=people,{BASE}
+objectClass: inetOrgPerson
+objectClass: inetLocalMailRecipient
+uid: dave
+cn: Dave Brown
+sn: Brown
+mailLocalAddress: dave@example.org
+mailRoutingAddress: dave@example.org
+mailHost: [127.0.0.1]
+
+dn: uid=frank,ou=people,{BASE}
+objectClass: inetOrgPerson
+objectClass: inetLocalMailRecipient
+uid: frank
+cn: Frank Plain
+sn: Plain
+mailLocalAddress: frank@example.test
+
+dn: cn=catchall-example-net,ou=people,{BASE}
+objectClass: inetOrgPerson
+objectClass: inetLocalMailRecipient
+cn: catchall-example-net
+sn: catchall
+mailLocalAddress: @example.net
+mailRoutingAddress: postmaster@example.test
+
+dn: uid=erin,ou=people,{BASE}
+objectClass: inetOrgPerson
+uid: erin
+cn: Erin Nomail
+sn: Nomail
+mail: erin@example.test
+"""
+
+
+class Slapd:
+    """``Slapd().start()``; ``.uri``; ``.stop()`` / ``.start()``; ``.cleanup()``."""
+
+    def __init__(self, port: int | None = None, extra_ldif: str = "") -> None:
+        self.binary = require("slapd")
+        self.slapadd = require("slapadd")
+        self.port = port or free_port()
+        self.uri = f"ldap://127.0.0.1:{self.port}"
+        self.dir = Path(tempfile.mkdtemp(prefix="mailrelay-slapd-"))
+        (self.dir / "db").mkdir()
+        bindhash = subprocess.run([require("slappasswd"), "-s", BIND_PASSWORD], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+        (self.dir / "slapd.conf").write_text(f"""\
+include   /etc/ldap/schema/core.schema
+include   /etc/ldap/schema/cosine.schema
+include   /etc/ldap/schema/inetorgperson.schema
+include   /etc/ldap/schema/nis.schema
+include   /etc/ldap/schema/misc.schema
+modulepath /usr/lib/ldap
+moduleload back_mdb
+pidfile   {self.dir}/slapd.pid
+argsfile  {self.dir}/slapd.args
+
+database  mdb
+maxsize   104857600
+suffix    "{BASE}"
+rootdn    "cn=admin,{BASE}"
+rootpw    admin-secret
+directory {self.dir}/db
+index     objectClass eq
+index     mailLocalAddress eq
+access to attrs=userPassword
+       by anonymous auth
+       by * none
+access to *
+       by dn.exact="{BIND_DN}" read
+       by * none
+""")
+        ldif = self.dir / "entries.ldif"
+        ldif.write_text(ENTRIES.replace("{BINDHASH}", bindhash) + ("\n" + extra_ldif if extra_ldif else ""))
+        out = subprocess.run([self.slapadd, "-q", "-f", str(self.dir / "slapd.conf"), "-l", str(ldif)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"slapadd failed: {out.stdout}{out.stderr}")
+        self.pid: int | None = None
+
+    def start(self, timeout: float = 10.0) -> Slapd:
+        # slapd daemonises; -d 0 would keep it in the foreground but it then logs to stderr forever
+        out = subprocess.run([self.binary, "-f", str(self.dir / "slapd.conf"), "-h", self.uri],
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if out.returncode:
+            raise RuntimeError(f"slapd failed to start: {out.stdout}{out.stderr}")
+        pidfile = self.dir / "slapd.pid"
+        deadline = time.monotonic() + timeout
+        while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.pid = int(pidfile.read_text().strip())
+        wait_listening("127.0.0.1", self.port, timeout=max(deadline - time.monotonic(), 1.0))
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the daemon by its PID and wait until it is gone (the port is free again)."""
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def slapd() -> Iterator[Slapd]:
+    """A started slapd with the routing entries (a fresh one per test: tests stop and start it)."""
+    server = Slapd().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
