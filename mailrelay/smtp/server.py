@@ -64,8 +64,9 @@ class SMTPServerProtocol(Protocol):
         self.session.start()
 
     def dataReceived(self, data: bytes) -> None:
-        self._arm()
         self.session.data_received(data)
+        if self._timer is not None:  # re-armed after the session moved on (DATA has its own timeout)
+            self._arm()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._timer is not None and self._timer.active():

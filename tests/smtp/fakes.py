@@ -1,0 +1,171 @@
+"""In-memory collaborators for server tests: a recording sink whose commits fire by hand, a
+policy that answers through Deferreds, and a connected protocol on a StringTransport."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from mailrelay.config import ServerConfig
+from mailrelay.envelope import Envelope, Reply
+from mailrelay.interfaces import IMessageSink, IMessageWriter, IPolicy
+from mailrelay.policy import build_policy
+from mailrelay.smtp.server import SMTPServerFactory, SMTPServerProtocol
+
+
+@implementer(IMessageWriter)
+class RecordingWriter:
+    def __init__(self, envelope: Envelope, queue_id: str, auto_commit: bool) -> None:
+        self.envelope = envelope
+        self.queue_id = queue_id
+        self.chunks: list[bytes] = []
+        self.aborted = False
+        self.committed = False
+        self.commit_d: defer.Deferred[str] | None = None
+        self.auto_commit = auto_commit
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def write(self, data: bytes) -> None:
+        assert not self.aborted and not self.committed
+        self.chunks.append(data)
+
+    def commit(self) -> defer.Deferred[str]:
+        self.commit_d = defer.Deferred()
+        if self.auto_commit:
+            self.fire()
+        return self.commit_d
+
+    def fire(self) -> None:
+        assert self.commit_d is not None
+        self.committed = True
+        self.commit_d.callback(self.queue_id)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@implementer(IMessageSink)
+class RecordingSink:
+    def __init__(self, auto_commit: bool = True) -> None:
+        self.writers: list[RecordingWriter] = []
+        self.auto_commit = auto_commit
+
+    def open(self, envelope: Envelope) -> RecordingWriter:
+        w = RecordingWriter(envelope, f"Q{len(self.writers) + 1:04d}", self.auto_commit)
+        self.writers.append(w)
+        return w
+
+    @property
+    def committed(self) -> list[RecordingWriter]:
+        return [w for w in self.writers if w.committed]
+
+
+@implementer(IPolicy)
+class DeferredPolicy:
+    """Every stage answers through a Deferred kept in ``pending`` until the test fires it."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, tuple[Any, ...], defer.Deferred[Reply | None]]] = []
+
+    def _ask(self, stage: str, *args: Any) -> defer.Deferred[Reply | None]:
+        d: defer.Deferred[Reply | None] = defer.Deferred()
+        self.pending.append((stage, args, d))
+        return d
+
+    def answer(self, reply: Reply | None = None) -> str:
+        stage, _, d = self.pending.pop(0)
+        d.callback(reply)
+        return stage
+
+    def connect(self, session: Any) -> None:
+        return None
+
+    def helo(self, session: Any, name: str) -> defer.Deferred[Reply | None]:
+        return self._ask("helo", name)
+
+    def mail(self, session: Any, sender: str, params: Any) -> defer.Deferred[Reply | None]:
+        return self._ask("mail", sender)
+
+    def rcpt(self, session: Any, sender: str, recipient: str, params: Any) -> defer.Deferred[Reply | None]:
+        return self._ask("rcpt", recipient)
+
+    def data(self, session: Any, envelope: Envelope) -> defer.Deferred[Reply | None]:
+        return self._ask("data")
+
+    def end_of_data(self, session: Any, envelope: Envelope, size: int) -> defer.Deferred[Reply | None]:
+        return self._ask("end_of_data", size)
+
+
+class Conn:
+    """One server connection in memory; ``send`` bytes, read ``replies()`` as they came out."""
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        sink: RecordingSink | None = None,
+        policy: IPolicy | None = None,
+        client: str = "192.0.2.10",
+        clock: Clock | None = None,
+        factory: SMTPServerFactory | None = None,
+        **extras: Any,
+    ) -> None:
+        self.config = config or ServerConfig(hostname="mx.example.test", local_domains=("example.test",))
+        self.sink = sink if sink is not None else RecordingSink()
+        self.clock = clock or Clock()
+        self.policy = policy if policy is not None else build_policy(self.config)
+        self.factory = factory or SMTPServerFactory.from_config(
+            self.config, self.sink, self.policy, self.clock, **extras
+        )
+        cls = IPv6Address if ":" in client else IPv4Address
+        addr = cls("TCP", client, 40000)
+        self.proto = self.factory.buildProtocol(addr)
+        self.transport = StringTransport(peerAddress=addr, hostAddress=cls("TCP", "127.0.0.1", 25))
+        self.proto.makeConnection(self.transport)
+        self._seen = 0
+
+    @property
+    def server(self) -> SMTPServerProtocol:
+        assert isinstance(self.proto, SMTPServerProtocol)
+        return self.proto
+
+    def send(self, data: bytes | str) -> None:
+        self.proto.dataReceived(data.encode() if isinstance(data, str) else data)
+
+    def output(self) -> bytes:
+        out = self.transport.value()[self._seen :]
+        self._seen = len(self.transport.value())
+        return out
+
+    def replies(self) -> list[tuple[int, str]]:
+        """New complete replies since the last call: (code, text of the last line)."""
+        result = []
+        for line in self.output().decode().split("\r\n"):
+            if len(line) >= 4 and line[3] == " ":
+                result.append((int(line[:3]), line[4:]))
+        return result
+
+    def codes(self) -> list[int]:
+        return [code for code, _ in self.replies()]
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+    def ehlo(self) -> None:
+        self.replies()
+        self.send("EHLO client.example.org\r\n")
+        assert self.codes() == [250]
+
+
+def stuff(message: bytes) -> bytes:
+    """Dot-stuff a CRLF message and append the end of data."""
+    lines = message.split(b"\r\n")
+    return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines) + b".\r\n"

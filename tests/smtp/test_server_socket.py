@@ -1,0 +1,78 @@
+"""The server on a real socket (127.0.0.1), driven by Python's smtplib in a thread."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from mailrelay.config import ServerConfig
+from mailrelay.policy import build_policy
+from mailrelay.smtp.server import SMTPServerFactory
+from tests.smtp.fakes import RecordingSink
+
+pytestmark = pytest.mark.integration
+
+
+@pytest_twisted.inlineCallbacks
+def test_smtplib_pipelined_session_and_bad_input_over_a_real_socket():
+    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",),
+                          trusted_networks=(), max_message_size=20000)
+    sink = RecordingSink()
+    factory = SMTPServerFactory.from_config(config, sink, build_policy(config), reactor)
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    n = port.getHost().port
+    nodelay = []
+    real_build = factory.buildProtocol
+
+    def spy(addr):
+        proto = real_build(addr)
+        made = proto.connectionMade
+
+        def check():
+            made()
+            sock = proto.transport.getHandle()
+            nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        proto.connectionMade = check
+        return proto
+
+    factory.buildProtocol = spy
+
+    def client():
+        out = {}
+        with smtplib.SMTP("127.0.0.1", n, timeout=10) as s:
+            out["early"] = s.docmd("MAIL FROM:<a@example.org>")[0]
+            s.ehlo("client.example.org")
+            out["pipelining"] = s.has_extn("pipelining")
+            out["overlong"] = s.docmd("X" * 3000)[0]
+            s.mail("a@example.org")
+            out["relay"] = s.rcpt("x@elsewhere.example")[0]
+            s.rset()
+            refused = s.sendmail("a@example.org", ["u1@example.test", "v@elsewhere.example", "u2@example.test"],
+                                 b"Subject: one\r\n\r\n.leading dot\r\nbody\r\n")
+            out["refused"] = sorted(refused)
+            out["declared"] = s.mail("a@example.org", ["SIZE=20001"])[0]
+            s.mail("a@example.org")  # no SIZE: the limit is enforced as the text streams in
+            s.rcpt("u1@example.test")
+            code, text = s.data(b"Subject: big\r\n\r\n" + (b"y" * 900 + b"\r\n") * 30)
+            out["big"] = (code, text[:5])
+            out["noop"] = s.noop()[0]
+            s.sendmail("", ["postmaster"], b"Subject: two\r\n\r\nhi\r\n")
+        return out
+
+    try:
+        out = yield threads.deferToThread(client)
+    finally:
+        yield port.stopListening()
+    assert out == {"early": 503, "pipelining": True, "overlong": 500, "relay": 554,
+                   "refused": ["v@elsewhere.example"], "declared": 552, "big": (552, b"5.3.4"), "noop": 250}
+    assert nodelay and all(nodelay)
+    first, second = sink.committed
+    assert first.data.split(b"\r\n\r\n", 1)[1] == b".leading dot\r\nbody\r\n"
+    assert [r.address for r in first.envelope.recipients] == ["u1@example.test", "u2@example.test"]
+    assert second.envelope.sender == "" and second.envelope.recipients[0].address == "postmaster@mx.example.test"
