@@ -25,9 +25,11 @@ from mailrelay.envelope import Envelope, NextHop, QueuedMessage, Recipient, Repl
 from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IDeliverer, IMessageWriter, IQueueStore, IRouter
 from mailrelay.queue.store import QueueIdGenerator, new_message, storage_failure
+from mailrelay.routing._fakedns import FakeResolver
 
 __all__ = [
     "DeliveryCall",
+    "FakeResolver",
     "FakeRouter",
     "MemoryQueueStore",
     "RecordingDeliverer",

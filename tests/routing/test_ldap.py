@@ -20,7 +20,7 @@ from mailrelay.routing.ldap import (
     make_filter,
 )
 from mailrelay.routing.mx import MXRouter
-from tests.routing.fakedns import FakeResolver
+from mailrelay.testing import FakeResolver
 from tests.routing.helpers import result_of
 from tests.routing.test_mx import zone
 

@@ -14,7 +14,7 @@ from mailrelay.envelope import Envelope, NextHop, TLSPolicy
 from mailrelay.errors import ConfigError, PermanentFailure, TemporaryFailure
 from mailrelay.routing.context import RouterContext
 from mailrelay.routing.mx import MXRouter
-from tests.routing.fakedns import FakeResolver
+from mailrelay.testing import FakeResolver
 from tests.routing.helpers import result_of
 
 ENV = Envelope("s@example.org", ())

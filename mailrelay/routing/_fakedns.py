@@ -1,4 +1,4 @@
-"""An in-memory resolver for unit tests: records from a table, errors on demand, no sockets."""
+"""An in-memory DNS resolver for tests (re-exported as ``mailrelay.testing.FakeResolver``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from twisted.names import error as dnserror
 
 
 class FakeResolver:
-    """Answers ``lookupMailExchange``/``lookupAddress``/``lookupIPV6Address`` like an authoritative
+    """Give it to ``MXRouter`` (or ``RouterContext(resolver=...)``) instead of a real resolver.
+
+    Answers ``lookupMailExchange``/``lookupAddress``/``lookupIPV6Address`` like an authoritative
     server: a known name without records of the type gives an empty answer (NODATA), an unknown
     name ``DNSNameError`` (NXDOMAIN), a CNAME is answered with the target's records when known.
 
