@@ -92,3 +92,46 @@ def test_twistd_lists_the_plugin(fresh_venv: Path) -> None:
 def test_twistd_mailrelay_help_shows_config(fresh_venv: Path) -> None:
     out = run([str(fresh_venv / "bin" / "twistd"), "mailrelay", "--help"], cwd=fresh_venv.parent).stdout
     assert "--config" in out, out
+
+
+def make_dry_run(target: str, venv: Path) -> list[str]:
+    out = run(["make", "-n", target, f"VENV={venv}"], cwd=ROOT).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def test_make_run_bootstraps_and_runs_the_plugin(tmp_path: Path) -> None:
+    """``make run`` on a machine without a venv: create it, install for development in compat
+    mode (a default editable install hides the plugin from twistd), run the example config."""
+    venv = tmp_path / "venv"
+    steps = make_dry_run("run", venv)
+    assert steps[0] == f"python3 -m venv {venv}"
+    install = next(s for s in steps if "pip install" in s)
+    assert install.startswith(f"{venv}/bin/pip install") and "-e ." in install
+    assert "editable_mode=compat" in install
+    assert steps[-1] == f"{venv}/bin/twistd -n --pidfile= mailrelay --config examples/mailrelay.toml"
+
+
+def test_make_test_installs_peers_then_lints_then_tests(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    steps = make_dry_run("test", venv)
+    assert steps[0] == f"python3 -m venv {venv}"
+    assert "'.[test]'" in next(s for s in steps if "pip install" in s)
+    order = [next(i for i, s in enumerate(steps) if key in s)
+             for key in ("pip install", "scripts/install-test-deps.sh", "ruff check", "bin/pytest")]
+    assert order == sorted(order), steps
+
+
+def test_venv_is_not_rebuilt_when_up_to_date(tmp_path: Path) -> None:
+    """The venv step is a file target: once made, ``make test`` goes straight to the tests."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()
+    (venv / ".installed-test").touch()
+    steps = make_dry_run("test", venv)
+    assert not [s for s in steps if "pip install" in s or "-m venv" in s], steps
+
+
+def test_ci_runs_make_test_and_nothing_else() -> None:
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert [x for x in lines[1:] if x.strip() and not x.startswith("#")] == ["set -euo pipefail", "make test"]
