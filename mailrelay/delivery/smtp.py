@@ -1,46 +1,45 @@
 """``SMTPDeliverer``: one message, some recipients, one route → a (Reply, remote) per recipient.
 
-Delivery answers *how*: it walks the route's next hops in order within one attempt, turns network
-trouble into 4xx replies (never an errback), and leaves *when* (retries) to the queue manager.
-Which failures move on to the next hop follows Postfix: no connection, a timeout, 421, or a 4xx
-(any non-2xx) to the greeting, EHLO or MAIL; once a hop has answered MAIL, its per-recipient
-replies are the result.
+Delivery answers *how*: it walks the route's next hops in order within one attempt, reuses cached
+connections, turns network trouble into 4xx replies (never an errback), and leaves *when*
+(retries) to the queue manager. Which failures move on to the next hop follows Postfix: no
+connection, a timeout, 421, a TLS failure, or a non-2xx to the greeting, EHLO or MAIL; once a hop
+has accepted MAIL, its per-recipient replies are the result.
+
+Message properties the peer cannot take:
+- SIZE: the peer's declared limit below the message size → 552 5.3.4, final, nothing sent.
+- SMTPUTF8 message, peer without SMTPUTF8 → 553 5.6.7 for that hop (the next hop may take it).
+- BINARYMIME needs the peer's CHUNKING and BINARYMIME, else 554 5.6.3 for that hop.
+- 8BITMIME: ``BODY=8BITMIME`` when the peer offers it; a peer that does not gets the 8-bit message
+  as it is (no downgrade), as Postfix does by default — nearly every server takes 8-bit today.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import IO, Any
 
-import attrs
 from twisted.internet import defer
-from twisted.internet.endpoints import connectProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery._connect import connect_error_text, endpoint_for, hop_label
+from mailrelay.delivery._connect import hop_label
+from mailrelay.delivery.pool import ConnectionPool, Session
+from mailrelay.delivery.session import HopFailure, SessionOpener, network_reply
+from mailrelay.delivery.tls import ClientTLS
 from mailrelay.envelope import Envelope, NextHop, Recipient, Reply, Route
 from mailrelay.interfaces import IDeliverer
-from mailrelay.smtp.client import ClientFailure, ClientTimeouts, SMTPClientProtocol
+from mailrelay.smtp.client import ClientFailure, ClientTimeouts
 
 log = Logger()
 
 Result = tuple[Reply, str | None]
 
 
-@attrs.define
-class _HopFailure(Exception):
-    """This hop could not take the message: ``reply`` for every recipient if it was the last hop."""
-
-    reply: Reply
-    remote: str | None
-    final: bool = False  # permanent for the message on this route: stop trying hops
-
-
 def timeouts_from(config: DeliveryConfig) -> ClientTimeouts:
-    """RFC 5321 4.5.3.2 waits from the three config knobs (command covers greeting and MAIL/RCPT)."""
+    """RFC 5321 4.5.3.2 waits from the config knobs (command covers greeting, EHLO, MAIL, RCPT)."""
     return ClientTimeouts(
         greeting=config.command_timeout,
         command=config.command_timeout,
@@ -62,14 +61,27 @@ def _body_size(body: IO[bytes]) -> int | None:
 
 @implementer(IDeliverer)
 class SMTPDeliverer:
-    """Delivers over ESMTP with our own client (``mailrelay.smtp.client``)."""
+    """Delivers over ESMTP with our own client (``mailrelay.smtp.client``) and a connection cache.
 
-    def __init__(self, reactor: Any, config: DeliveryConfig, helo_name: str) -> None:
+    ``tls_ca_file`` overrides ``config.tls_ca_file`` (the CA bundle for ``verify`` routes; the
+    platform trust store when neither is set).
+    """
+
+    def __init__(self, reactor: Any, config: DeliveryConfig, helo_name: str, *,
+                 tls_ca_file: str | None = None) -> None:
         self.reactor = reactor
         self.config = config
         self.helo_name = helo_name
         self.timeouts = timeouts_from(config)
-        self._sessions: set[SMTPClientProtocol] = set()
+        self.tls = ClientTLS(tls_ca_file or config.tls_ca_file)
+        self.opener = SessionOpener(reactor, helo_name, self.timeouts, config.connect_timeout, self.tls)
+        self.pool = ConnectionPool(
+            reactor,
+            max_messages=config.connection_reuse_limit,
+            max_age=config.connection_reuse_time,
+            idle_time=config.connection_idle_time,
+        )
+        self.stopped = False
 
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
                 open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[Result]]:
@@ -77,8 +89,9 @@ class SMTPDeliverer:
         return d.addErrback(self._never_fail, len(recipients))
 
     def stop(self) -> defer.Deferred[None]:
-        """Close every connection we hold (QUIT where possible)."""
-        return defer.DeferredList([c.quit() for c in list(self._sessions)]).addCallback(lambda _: None)
+        """Close the cached connections with QUIT; sessions still in use close after their message."""
+        self.stopped = True
+        return self.pool.close().addCallback(lambda _: None)
 
     def _never_fail(self, failure: Failure, n: int) -> list[Result]:
         log.failure("delivery failed unexpectedly", failure)
@@ -91,75 +104,98 @@ class SMTPDeliverer:
             return []
         if not route.hops:
             return [(Reply(451, "4.4.0", "no next hop for this route"), None)] * len(recipients)
-        last: _HopFailure | None = None
+        last: HopFailure | None = None
         for hop in route.hops:
             try:
                 return await self._via(hop, envelope, recipients, route, open_body)
-            except _HopFailure as f:
-                log.info("{remote}: {reply}; trying the next hop", remote=f.remote or hop_label(hop),
-                         reply=str(f.reply))
+            except HopFailure as f:
+                log.info("{remote}: {reply}", remote=f.remote or hop_label(hop), reply=str(f.reply))
                 last = f
                 if f.final:
                     break
         assert last is not None
         reply = last.reply
-        if reply.is_permanent and not last.final:
+        if reply.is_permanent and last.soften:
             reply = Reply(451, "4.4.0", f"{last.remote or 'next hop'} said: {reply}")
         return [(reply, last.remote)] * len(recipients)
 
-    async def _connect(self, hop: NextHop, route: Route) -> tuple[SMTPClientProtocol, str]:
-        endpoint = endpoint_for(self.reactor, hop, self.config.connect_timeout, route.source)
-        client = SMTPClientProtocol(self.helo_name, self.reactor, self.timeouts)
+    def _key(self, hop: NextHop, route: Route) -> Hashable:
+        return (hop, route.tls, route.auth, route.source, route.allow_plaintext_auth)
+
+    async def _session(self, hop: NextHop, route: Route) -> tuple[Session, bool]:
+        """A cached session (``True``) or a new one; ``may`` retries a failed TLS in plaintext."""
+        cached = self.pool.take(self._key(hop, route))
+        if cached is not None:
+            return cached, True
         try:
-            await connectProtocol(endpoint, client)
-        except Exception:
-            f = Failure()
-            where = f"{hop.host.strip('[]')}:{hop.port}"
-            raise _HopFailure(Reply(451, "4.4.1", f"connect to {where} failed: {connect_error_text(f)}"),
-                              hop_label(hop)) from None
-        self._sessions.add(client)
-        client.closed.addBoth(lambda _: self._sessions.discard(client))
-        peer = client.transport.getPeer()  # type: ignore[union-attr]
-        remote = hop_label(hop, getattr(peer, "host", None))
-        try:
-            await client.ready
-        except ClientFailure as f:
-            client.abort() if f.reply is None else None
-            raise _HopFailure(f.reply or _network_reply(f, remote), remote) from None
-        return client, remote
+            return await self.opener.open(hop, route), False
+        except HopFailure as f:
+            if not f.retry_plaintext:
+                raise
+            log.info("{remote}: retrying without TLS", remote=f.remote)
+            return await self.opener.open(hop, route, plaintext=True), False
 
     async def _via(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient], route: Route,
                    open_body: Callable[[], IO[bytes]]) -> list[Result]:
-        client, remote = await self._connect(hop, route)
+        session, reused = await self._session(hop, route)
         body = open_body()
         try:
             size = _body_size(body)
+            self._check_peer(session, envelope, size)
             try:
-                replies = await client.send(envelope, recipients, body, size=size)
+                replies = await session.client.send(envelope, recipients, body, size=size, reset=reused)
             except ClientFailure as f:
-                return self._transaction_failed(f, client, remote, len(recipients))
+                if reused and f.stage in ("rset", "mail") and f.reply is None:
+                    # the cached connection died while idle: nothing was said, start afresh
+                    session.client.abort()
+                    body.seek(0)
+                    session = await self.opener.open(hop, route)
+                    reused = False
+                    try:
+                        replies = await session.client.send(envelope, recipients, body, size=size)
+                    except ClientFailure as f2:
+                        return self._transaction_failed(f2, session, hop, route, len(recipients))
+                else:
+                    return self._transaction_failed(f, session, hop, route, len(recipients))
+        except HopFailure:
+            session.client.quit()
+            raise
         finally:
             body.close()
-        client.quit()
-        return [(r, remote) for r in replies]
+        self._release(hop, route, session)
+        return [(r, session.remote) for r in replies]
 
-    def _transaction_failed(self, f: ClientFailure, client: SMTPClientProtocol, remote: str,
+    def _check_peer(self, session: Session, envelope: Envelope, size: int | None) -> None:
+        client, remote = session.client, session.remote
+        limit = client.size_limit
+        if size is not None and limit is not None and size > limit:
+            raise HopFailure(Reply(552, "5.3.4", f"message size {size} exceeds the size limit {limit} of {remote}"),
+                             remote, final=True)
+        if envelope.smtputf8 and "SMTPUTF8" not in client.extensions:
+            raise HopFailure(Reply(553, "5.6.7", f"{remote} does not support SMTPUTF8, which this message needs"),
+                             remote)
+        if envelope.body == "BINARYMIME" and not {"CHUNKING", "BINARYMIME"} <= client.extensions.keys():
+            raise HopFailure(Reply(554, "5.6.3", f"{remote} cannot take a BINARYMIME message"), remote)
+
+    def _release(self, hop: NextHop, route: Route, session: Session) -> None:
+        if self.stopped:
+            session.client.quit()
+        else:
+            self.pool.put(self._key(hop, route), session)
+
+    def _transaction_failed(self, f: ClientFailure, session: Session, hop: NextHop, route: Route,
                             n: int) -> list[Result]:
-        if f.stage == "mail":
-            if f.reply is not None and f.reply.is_permanent:
-                client.quit()
+        remote = session.remote
+        if f.stage in ("mail", "rset"):
+            if f.reply is not None and f.reply.is_permanent and f.stage == "mail" and f.reply.code != 521:
+                self._release(hop, route, session)
                 return [(f.reply, remote)] * n
-            client.quit() if f.reply is not None else client.abort()
-            raise _HopFailure(f.reply or _network_reply(f, remote), remote)
-        client.abort()
-        temp = _network_reply(f, remote) if f.reply is None else f.reply
+            if f.reply is not None:
+                session.client.quit()
+            else:
+                session.client.abort()
+            raise HopFailure(f.reply or network_reply(f, remote), remote)
+        session.client.abort()
+        temp = network_reply(f, remote) if f.reply is None else f.reply
         known = f.replies + [None] * (n - len(f.replies))
         return [((r if r is not None and not r.is_success else temp), remote) for r in known]
-
-
-def _network_reply(f: ClientFailure, remote: str) -> Reply:
-    if "timeout" in f.reason:
-        return Reply(451, "4.4.2", f"conversation with {remote} timed out while waiting for {f.stage.upper()}")
-    if "protocol error" in f.reason:
-        return Reply(451, "4.5.0", f"{remote}: {f.reason} in reply to {f.stage.upper()}")
-    return Reply(451, "4.4.2", f"lost connection with {remote} while waiting for {f.stage.upper()}")

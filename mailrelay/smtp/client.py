@@ -109,7 +109,7 @@ class SMTPClientProtocol(Protocol):
     """One outbound ESMTP connection.
 
     ``ready`` fires (with the EHLO/HELO reply) once the session is usable, or fails with
-    ``ClientFailure``. ``closed`` fires with ``None`` when the connection is gone.
+    ``ClientFailure``. ``when_closed()`` fires once the connection is gone.
     """
 
     def __init__(self, helo_name: str, clock: IReactorTime, timeouts: ClientTimeouts | None = None) -> None:
@@ -122,7 +122,7 @@ class SMTPClientProtocol(Protocol):
         self.tls = False
         self.greeting: Reply | None = None
         self.ready: defer.Deferred[Reply] = defer.Deferred()
-        self.closed: defer.Deferred[None] = defer.Deferred()
+        self._close_waiters: list[defer.Deferred[None]] = []
         self.transactions = 0
         self._parser = ReplyParser()
         self._waiting: deque[_Waiting] = deque()
@@ -168,7 +168,9 @@ class SMTPClientProtocol(Protocol):
             self._producer.stop(failure)
         if not self.ready.called:
             self.ready.errback(failure)
-        self.closed.callback(None)
+        waiters, self._close_waiters = self._close_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -205,14 +207,20 @@ class SMTPClientProtocol(Protocol):
         return defer.Deferred.fromCoroutine(
             self._transaction(envelope, list(recipients), body, size, list(extra_mail_params), reset))
 
+    def when_closed(self) -> defer.Deferred[None]:
+        """A new Deferred firing with ``None`` once the connection is gone."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.state is ClientState.CLOSED:
+            d.callback(None)
+        else:
+            self._close_waiters.append(d)
+        return d
+
     def quit(self) -> defer.Deferred[None]:
-        """QUIT and close; never fails (the caller has its results already)."""
-        if self.state in (ClientState.CLOSED, ClientState.QUITTING):
-            return self.closed if not self.closed.called else defer.succeed(None)
-        self.state = ClientState.QUITTING
-        d = self._command(b"QUIT\r\n", "quit", self.timeouts.quit)
-        d.addBoth(lambda _: self.transport.loseConnection())  # type: ignore[union-attr]
-        return self.closed if not self.closed.called else defer.succeed(None)
+        """QUIT and close; never fails (the caller has its results already). Fires once closed."""
+        if self.state not in (ClientState.CLOSED, ClientState.QUITTING):
+            self._send_quietly_quit()
+        return self.when_closed()
 
     def abort(self, reason: str = "aborted") -> None:
         """Drop the connection now (no QUIT)."""
@@ -284,10 +292,6 @@ class SMTPClientProtocol(Protocol):
             params.append(f"SIZE={size}")
         if envelope.body in ("8BITMIME", "BINARYMIME") and envelope.body in ext:
             params.append(f"BODY={envelope.body}")
-        elif envelope.body == "BINARYMIME" and "8BITMIME" in ext:
-            params.append("BODY=8BITMIME")
-        elif envelope.body == "8BITMIME" and "8BITMIME" in ext:
-            params.append("BODY=8BITMIME")
         if envelope.smtputf8 and "SMTPUTF8" in ext:
             params.append("SMTPUTF8")
         if "DSN" in ext:
@@ -382,7 +386,7 @@ class SMTPClientProtocol(Protocol):
             return [r for r in replies if r is not None]
 
         if use_bdat:
-            final = await self._send_bdat(body)
+            final = await self._send_bdat(body, binary=envelope.body == "BINARYMIME")
         else:
             if isinstance(data_reply, ClientFailure):
                 raise ClientFailure(data_reply.stage, data_reply.reason, None, replies)
@@ -427,14 +431,17 @@ class SMTPClientProtocol(Protocol):
             return sent
         return await self._wait("data-end", self.timeouts.final)
 
-    async def _send_bdat(self, body: IO[bytes]) -> _Result:
-        """CHUNKING (RFC 3030): each chunk as ``BDAT n``; replies read as they come, pipelined."""
+    async def _send_bdat(self, body: IO[bytes], binary: bool) -> _Result:
+        """CHUNKING (RFC 3030): each chunk as ``BDAT n``; replies read as they come, pipelined.
+
+        Text gets CRLF line endings as in DATA (no dot-stuffing); BINARYMIME goes byte for byte.
+        """
         pending = False
         waits: list[defer.Deferred[_Result]] = []
         chunk = body.read(CHUNK_SIZE)
         while True:
             nxt = body.read(CHUNK_SIZE) if chunk else b""
-            data, pending = normalise_crlf(chunk, pending)
+            data, pending = (chunk, False) if binary else normalise_crlf(chunk, pending)
             if not nxt and pending:
                 data, pending = data + b"\r\n", False
             last = not nxt

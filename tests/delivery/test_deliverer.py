@@ -11,24 +11,35 @@ from twisted.python.failure import Failure
 
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery import SMTPDeliverer
-from mailrelay.envelope import Envelope, NextHop, Recipient, Reply, Route
+from mailrelay.envelope import Envelope, NextHop, Recipient, Reply, Route, TLSPolicy
 
 ENV = Envelope("a@x.test", (Recipient("b@y.test"), Recipient("c@y.test")))
 EHLO = b"250-mx.test\r\n250 PIPELINING\r\n"
 
 
 class Harness:
-    def __init__(self, *hops: NextHop, source: str | None = None) -> None:
+    """A deliverer on a MemoryReactorClock; ``accept(i)`` completes the i-th connection attempt."""
+
+    def __init__(self, *hops: NextHop, start: bool = True, config: DeliveryConfig | None = None,
+                 **route_kw: object) -> None:
         self.reactor = MemoryReactorClock()
-        self.deliverer = SMTPDeliverer(self.reactor, DeliveryConfig(connect_timeout=30), "relay.test")
-        self.route = Route(hops, source=source)
+        self.deliverer = SMTPDeliverer(self.reactor, config or DeliveryConfig(connect_timeout=30), "relay.test")
+        self.route = Route(hops, **route_kw)  # type: ignore[arg-type]
         self.result: list[object] = []
         self.bodies: list[io.BytesIO] = []
-        self.deliverer.deliver(ENV, ENV.recipients, self.route, self.open_body).addBoth(self.result.append)
+        self.body = b"Subject: t\r\n\r\nbody\r\n"
         self.transport: StringTransport | None = None
+        self.tls_started: list[object] = []
+        if start:
+            self.deliver()
+
+    def deliver(self, env: Envelope = ENV) -> list[object]:
+        self.result = []
+        self.deliverer.deliver(env, env.recipients, self.route, self.open_body).addBoth(self.result.append)
+        return self.result
 
     def open_body(self) -> io.BytesIO:
-        self.bodies.append(io.BytesIO(b"Subject: t\r\n\r\nbody\r\n"))
+        self.bodies.append(io.BytesIO(self.body))
         return self.bodies[-1]
 
     def refuse(self, i: int) -> None:
@@ -39,6 +50,7 @@ class Harness:
         host, port, factory, timeout, bind = self.reactor.tcpClients[i]
         self.protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        self.transport.startTLS = self.tls_started.append  # type: ignore[attr-defined]
         self.protocol.makeConnection(self.transport)
 
     def reply(self, data: bytes) -> None:
@@ -49,6 +61,9 @@ class Harness:
         v = self.transport.value()
         self.transport.clear()
         return v
+
+    def lose(self) -> None:
+        self.protocol.connectionLost(Failure(error.ConnectionLost()))
 
 
 def test_happy_path_remote_and_order() -> None:
@@ -63,8 +78,10 @@ def test_happy_path_remote_and_order() -> None:
     h.reply(b"250 2.0.0 queued\r\n")
     remote = "127.0.0.1[127.0.0.1]:2526"
     assert h.result == [[(Reply(250, "2.0.0", "queued"), remote), (Reply(550, "5.1.1", "nobody"), remote)]]
-    assert h.sent() == b"QUIT\r\n"
     assert h.bodies[0].closed
+    assert h.sent() == b""  # kept in the connection cache ...
+    h.reactor.advance(2)
+    assert h.sent() == b"QUIT\r\n"  # ... until idle for connection_idle_time
 
 
 def test_refused_then_second_hop() -> None:
@@ -146,3 +163,212 @@ def test_source_address_bound() -> None:
 def test_no_hops() -> None:
     h = Harness()
     assert h.result[0][0][0].code == 451  # type: ignore[index]
+
+
+def _deliver_on(h: Harness, final: bytes = b"250 2.0.0 ok\r\n") -> None:
+    h.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    h.reply(final)
+
+
+def test_connection_reused_with_rset() -> None:
+    h = Harness(NextHop("127.0.0.1", 25))
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    _deliver_on(h)
+    h.sent()
+    h.deliver()
+    assert len(h.reactor.tcpClients) == 1  # no new connection
+    assert h.sent().startswith(b"RSET\r\nMAIL FROM:<a@x.test>")
+    h.reply(b"250 reset\r\n")
+    _deliver_on(h)
+    assert [r.code for r, _ in h.result[0]] == [250, 250]  # type: ignore[union-attr]
+
+
+def test_reuse_limit_closes_with_quit() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), config=DeliveryConfig(connection_reuse_limit=2))
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    _deliver_on(h)
+    h.deliver()
+    h.reply(b"250 reset\r\n")
+    _deliver_on(h)
+    assert h.sent().endswith(b".\r\nQUIT\r\n")  # two messages: spent, not cached
+    h.deliver()
+    assert len(h.reactor.tcpClients) == 2
+
+
+def test_idle_connection_closed_by_peer_is_not_reused() -> None:
+    h = Harness(NextHop("127.0.0.1", 25))
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    _deliver_on(h)
+    h.reply(b"421 4.4.2 idle too long\r\n")
+    h.lose()
+    h.deliver()
+    assert len(h.reactor.tcpClients) == 2
+
+
+def test_cached_connection_dead_at_rset_retries_fresh() -> None:
+    h = Harness(NextHop("127.0.0.1", 25))
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    _deliver_on(h)
+    h.deliver()
+    h.lose()  # gone before any reply to RSET
+    assert len(h.reactor.tcpClients) == 2
+    h.accept(1)
+    h.reply(b"220 mx\r\n" + EHLO)
+    assert b"RSET" not in h.sent()
+    _deliver_on(h)
+    assert [r.code for r, _ in h.result[0]] == [250, 250]  # type: ignore[union-attr]
+
+
+def test_stop_quits_cached() -> None:
+    h = Harness(NextHop("127.0.0.1", 25))
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    _deliver_on(h)
+    h.sent()
+    done: list[object] = []
+    h.deliverer.stop().addCallback(done.append)
+    assert h.sent() == b"QUIT\r\n"
+    h.reply(b"221 bye\r\n")
+    h.lose()
+    assert done == [None]
+
+
+def test_size_limit_below_message_is_permanent_and_nothing_sent() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), NextHop("127.0.0.2", 25))
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250 SIZE 10\r\n")
+    assert h.sent() == b"EHLO relay.test\r\nQUIT\r\n"
+    (reply, _), _ = h.result[0]  # type: ignore[misc]
+    assert (reply.code, reply.enhanced) == (552, "5.3.4") and "exceeds the size limit 10" in reply.text
+    assert len(h.reactor.tcpClients) == 1
+
+
+def test_smtputf8_to_peer_without_it() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.deliver(Envelope("ä@x.test", (Recipient("b@y.test"),), smtputf8=True))
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    assert h.result[0] == [(Reply(553, "5.6.7", "127.0.0.1[127.0.0.1]:25 does not support SMTPUTF8, which "
+                                  "this message needs"), "127.0.0.1[127.0.0.1]:25")]
+
+
+def test_smtputf8_sent_when_offered() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.deliver(Envelope("ä@x.test", (Recipient("b@y.test"),), smtputf8=True, body="8BITMIME"))
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250-SMTPUTF8\r\n250 8BITMIME\r\n")
+    assert h.sent() == "EHLO relay.test\r\nMAIL FROM:<ä@x.test> BODY=8BITMIME SMTPUTF8\r\n".encode()
+
+
+def test_encrypt_without_starttls_offered_moves_on() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.ENCRYPT)
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)  # STARTTLS stripped
+    (reply, _), _ = h.result[0]  # type: ignore[misc]
+    assert (reply.code, reply.enhanced) == (451, "4.7.4")
+    assert b"MAIL" not in h.sent()
+
+
+def test_may_without_starttls_goes_plaintext() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.MAY)
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    assert b"MAIL FROM" in h.sent()
+
+
+STARTTLS_EHLO = b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+
+
+def test_starttls_then_ehlo_again_and_injected_text_ignored() -> None:
+    h = Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.ENCRYPT)
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
+    assert h.sent() == b"EHLO relay.test\r\nSTARTTLS\r\n"
+    h.reply(b"220 2.0.0 go ahead\r\n250-injected\r\n250 PIPELINING\r\n")  # plaintext injection
+    assert len(h.tls_started) == 1
+    assert h.sent() == b"EHLO relay.test\r\n"  # and the injected 250 was not taken as its reply
+    h.reply(b"250-mx\r\n250 PIPELINING\r\n")
+    assert h.sent().startswith(b"MAIL FROM:")
+
+
+def test_tls_failure_under_may_retries_hop_in_plaintext() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.MAY)
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
+    h.reply(b"220 go ahead\r\n")
+    h.lose()  # handshake failed
+    assert h.reactor.tcpClients[1][:2] == ("127.0.0.1", 25)
+    h.accept(1)
+    h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
+    assert b"STARTTLS" not in h.sent()
+
+
+def test_tls_failure_under_verify_is_temporary_next_hop() -> None:
+    h = Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.VERIFY)
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
+    h.reply(b"220 go ahead\r\n")
+    h.lose()
+    (reply, _), _ = h.result[0]  # type: ignore[misc]
+    assert (reply.code, reply.enhanced) == (451, "4.7.5") and "TLS handshake" in reply.text
+    assert len(h.reactor.tcpClients) == 1
+
+
+def test_auth_refused_over_plaintext() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE, auth=("u", "p"))
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250 AUTH PLAIN LOGIN\r\n")
+    assert b"AUTH" not in h.sent()
+    (reply, _), _ = h.result[0]  # type: ignore[misc]
+    assert reply.enhanced == "4.7.0" and "unencrypted" in reply.text
+
+
+def test_auth_plain_when_plaintext_allowed() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE, auth=("user", "pw"), allow_plaintext_auth=True)
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250 AUTH PLAIN LOGIN\r\n")
+    assert h.sent() == b"EHLO relay.test\r\nAUTH PLAIN AHVzZXIAcHc=\r\n"
+    h.reply(b"235 2.7.0 ok\r\n")
+    assert h.sent().startswith(b"MAIL FROM:")
+
+
+def test_auth_login_and_failure() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE, auth=("user", "pw"), allow_plaintext_auth=True)
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250 AUTH LOGIN\r\n")
+    assert h.sent().endswith(b"AUTH LOGIN\r\n")
+    h.reply(b"334 VXNlcm5hbWU6\r\n")
+    assert h.sent() == b"dXNlcg==\r\n"
+    h.reply(b"334 UGFzc3dvcmQ6\r\n")
+    assert h.sent() == b"cHc=\r\n"
+    h.reply(b"535 5.7.8 bad credentials\r\n")
+    (reply, _), _ = h.result[0]  # type: ignore[misc]
+    assert reply.code == 451 and reply.enhanced == "4.7.8" and "535 5.7.8 bad credentials" in reply.text
+
+
+def test_bdat_for_large_message_when_chunking_offered() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.body = b"Subject: big\r\n\r\n" + b".x\r\n" * 300000  # 1.2 MB: above the BDAT threshold
+    h.deliver()
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+    out = h.sent()
+    assert b"DATA" not in out and out.endswith(b"RCPT TO:<c@y.test>\r\n")
+    h.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n")
+    chunks: list[tuple[bytes, bytes]] = []
+    while not chunks or not chunks[-1][0].endswith(b" LAST"):
+        data = h.sent()
+        assert data, "the client stopped sending before BDAT LAST"
+        while data:
+            header, _, rest = data.partition(b"\r\n")
+            n = int(header.split()[1])
+            chunks.append((header, rest[:n]))
+            data = rest[n:]
+            h.reply(b"250 2.0.0 chunk\r\n")  # replies trickle back: at most a few BDATs in flight
+    assert b"".join(c for _, c in chunks) == h.body  # as is: no dot-stuffing in BDAT
+    assert all(not hd.endswith(b"LAST") for hd, _ in chunks[:-1]) and len(chunks) > 10
+    assert [r.code for r, _ in h.result[0]] == [250, 250]  # type: ignore[union-attr]

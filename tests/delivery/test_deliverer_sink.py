@@ -12,7 +12,7 @@ from twisted.internet import reactor
 
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery import SMTPDeliverer
-from mailrelay.envelope import Envelope, NextHop, Recipient, Route
+from mailrelay.envelope import Envelope, NextHop, Recipient, Reply, Route
 from tests.peers import SMTPSink, free_port
 
 pytestmark = pytest.mark.integration
@@ -42,9 +42,34 @@ def start(sinks: list[SMTPSink], *flags: str, host: str = "127.0.0.1") -> SMTPSi
     return sink
 
 
-def deliver(route: Route, body: bytes, env: Envelope = ENV):  # type: ignore[no-untyped-def]
+async def deliver(route: Route, body: bytes, env: Envelope = ENV) -> list[tuple[Reply, str | None]]:
     d = SMTPDeliverer(reactor, DeliveryConfig(connect_timeout=5), "relay.mailrelay.test")
-    return d.deliver(env, env.recipients, route, lambda: io.BytesIO(body))
+    try:
+        return await d.deliver(env, env.recipients, route, lambda: io.BytesIO(body))
+    finally:
+        await d.stop()
+
+
+def sessions(sink: SMTPSink) -> int:
+    """Sessions smtp-sink counted, less the readiness probe."""
+    counters = (sink.dir / "counters").read_bytes().replace(b"\r", b"\n").split(b"\n")
+    last = [ln for ln in counters if b"sess=" in ln][-1]
+    return int(last.split(b"sess=")[1].split()[0]) - 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_cache_one_session_for_many_messages(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks)
+    d = SMTPDeliverer(reactor, DeliveryConfig(connect_timeout=5, connection_reuse_limit=4), "relay.mailrelay.test")
+    route = Route((NextHop("127.0.0.1", sink.port),))
+    bodies = [b"Subject: %d\r\n\r\n.body %d\r\n" % (i, i) for i in range(6)]
+    for b in bodies:
+        results = await d.deliver(ENV, ENV.recipients, route, lambda b=b: io.BytesIO(b))
+        assert [r.code for r, _ in results] == [250, 250]
+    await d.stop()
+    sink.wait_for(6)
+    assert sorted(t.data for t in sink.transactions()) == sorted(bodies)
+    assert sessions(sink) == 2  # 4 messages on the first connection, 2 on the second
 
 
 @pytest_twisted.ensureDeferred
