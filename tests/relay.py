@@ -41,7 +41,8 @@ class RelayProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> RelayProcess:
-        args = [sys.executable, "-m", "twisted", "-n", "--pidfile=", f"--logfile={self.log}",
+        twistd = str(Path(sys.executable).parent / "twistd")
+        args = [twistd, "-n", "--pidfile=", f"--logfile={self.log}",
                 "mailrelay", "--config", str(self.config)]
         self.proc = subprocess.Popen(args, cwd=self.dir, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
