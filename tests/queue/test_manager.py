@@ -103,10 +103,13 @@ def test_permanent_failure_is_final_and_not_retried():
     w.clock.advance(0)
     m = w.state(qid)
     assert m.statuses[1].state is RecipientState.FAILED and m.statuses[1].last_reply == NOUSER
+    # the sender is told at once (the bounce is queued and delivered like any message)
+    assert deliverer.calls[1].addresses == ["sender@example.org"] and deliverer.calls[1].envelope.sender == ""
     w.clock.advance(60)
-    assert deliverer.calls[1].addresses == ["a@example.test"]
+    assert deliverer.calls[2].addresses == ["a@example.test"]
     assert qid not in w.store.messages
-    assert len(deliverer.calls) == 2
+    w.clock.advance(3600)
+    assert len(deliverer.calls) == 3
 
 
 def test_routing_answers_become_recipient_outcomes():

@@ -1,0 +1,218 @@
+"""Delivery status notifications (RFC 3464) for the sender: failed, delayed, relayed.
+
+A report is a ``multipart/report; report-type=delivery-status`` with a human part, a
+``message/delivery-status`` part (one block per recipient) and the original message — whole when
+RET=FULL (the default) and it is small, otherwise only its headers (``text/rfc822-headers``), so a
+bounce of a huge message stays small. The report is produced as chunks of bytes so the caller can
+stream it into the queue like any other message.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import IO
+
+from mailrelay.envelope import Envelope, QueuedMessage, Recipient, RecipientStatus
+
+#: Above this size only the original's headers are returned (Postfix's bounce_size_limit).
+RETURN_SIZE_LIMIT = 50_000
+
+
+class Action(enum.StrEnum):
+    """RFC 3464 2.3.3 actions we report."""
+
+    FAILED = "failed"
+    DELAYED = "delayed"
+    RELAYED = "relayed"
+
+
+def wants(recipient: Recipient, action: Action) -> bool:
+    """Whether the recipient's NOTIFY (RFC 3461 4.1) asks for a report of this ``action``.
+
+    Without NOTIFY, failures and delays are reported and successes are not.
+    """
+    notify = {n.upper() for n in recipient.notify}
+    if "NEVER" in notify:
+        return False
+    if action is Action.RELAYED:
+        return "SUCCESS" in notify
+    if not notify:
+        return True
+    return ("FAILURE" if action is Action.FAILED else "DELAY") in notify
+
+
+def status_code(status: RecipientStatus, action: Action) -> str:
+    """The RFC 3463 code for the report: a pending reply that turned final is an expiry (5.4.7)."""
+    reply = status.last_reply
+    if action is Action.RELAYED:
+        return reply.enhanced if reply and reply.enhanced and reply.is_success else "2.0.0"
+    if action is Action.DELAYED:
+        return reply.enhanced if reply and reply.enhanced and reply.is_temporary else "4.0.0"
+    if reply is None or not reply.is_permanent:
+        return "5.4.7"
+    return reply.enhanced or "5.0.0"
+
+
+def _date(epoch: float) -> str:
+    return format_datetime(datetime.fromtimestamp(epoch, UTC))
+
+
+def _address_field(address: str) -> str:
+    return f"{'utf-8' if not address.isascii() else 'rfc822'}; {address}"
+
+
+def _clean(text: str) -> str:
+    """One header-safe line."""
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split())
+
+
+_SUBJECTS = {
+    Action.FAILED: "Undelivered Mail Returned to Sender",
+    Action.DELAYED: "Delayed Mail (still being retried)",
+    Action.RELAYED: "Successful Mail Delivery Report",
+}
+
+_INTRO = {
+    Action.FAILED: "I'm sorry to have to inform you that your message could not\n"
+                   "be delivered to one or more recipients. The reasons are below.",
+    Action.DELAYED: "This is a warning only: your message could not yet be delivered to\n"
+                    "one or more recipients. Delivery will be retried until {until};\n"
+                    "you do not need to send it again.",
+    Action.RELAYED: "Your message was successfully relayed to the recipients below.\n"
+                    "(The next system may or may not send a further report on final delivery.)",
+}
+
+
+def _human(message: QueuedMessage, statuses: Sequence[RecipientStatus], action: Action, hostname: str,
+           until: float | None) -> str:
+    lines = [f"This is the mail system at host {hostname}.", ""]
+    lines.append(_INTRO[action].format(until=_date(until) if until else "it expires"))
+    lines.append("")
+    for s in statuses:
+        reply = s.last_reply
+        why = f": host {s.remote} said: {_clean(str(reply))}" if s.remote and reply else (
+            f": {_clean(str(reply))}" if reply else "")
+        if action is Action.FAILED and reply is not None and not reply.is_permanent:
+            why = f": delivery time expired; last error{why}"
+        lines.append(f"<{s.recipient.address}>{why}")
+    lines += ["", f"Queue ID: {message.queue_id}", ""]
+    return "\r\n".join(line.replace("\n", "\r\n") for line in lines)
+
+
+def _status_part(message: QueuedMessage, statuses: Sequence[RecipientStatus], action: Action, hostname: str,
+                 until: float | None, now: float) -> str:
+    env = message.envelope
+    head = [f"Reporting-MTA: dns; {hostname}", f"X-Mailrelay-Queue-ID: {message.queue_id}"]
+    if env.envid:
+        head.append(f"Original-Envelope-Id: {_clean(env.envid)}")
+    if env.received_at:
+        head.append(f"Arrival-Date: {_date(env.received_at)}")
+    blocks = ["\r\n".join(head)]
+    for s in statuses:
+        block = [f"Final-Recipient: {_address_field(s.recipient.address)}"]
+        if s.recipient.orcpt:
+            kind, _, addr = s.recipient.orcpt.partition(";")
+            block.append(f"Original-Recipient: {kind.strip()}; {_clean(addr)}")
+        block += [f"Action: {action.value}", f"Status: {status_code(s, action)}"]
+        if s.remote:
+            host = s.remote.split("[", 1)[0]
+            block.append(f"Remote-MTA: dns; {_clean(host)}")
+        if s.last_reply is not None and s.remote:
+            block.append(f"Diagnostic-Code: smtp; {_clean(str(s.last_reply))}")
+        elif s.last_reply is not None:
+            block.append(f"Diagnostic-Code: X-mailrelay; {_clean(str(s.last_reply))}")
+        if s.attempts:
+            block.append(f"Last-Attempt-Date: {_date(now)}")
+        if action is Action.DELAYED and until:
+            block.append(f"Will-Retry-Until: {_date(until)}")
+        blocks.append("\r\n".join(block))
+    return "\r\n\r\n".join(blocks) + "\r\n"
+
+
+def _original(body: IO[bytes] | None, ret: str | None, limit: int) -> tuple[str, bytes]:
+    """The content type and bytes of the returned original: whole if RET allows and it is small."""
+    if body is None:
+        return "", b""
+    data = body.read(limit + 1)
+    if (ret or "FULL").upper() == "FULL" and len(data) <= limit:
+        return "message/rfc822", data
+    end = data.find(b"\r\n\r\n")
+    headers = data[: end + 2] if end >= 0 else data[: data.rfind(b"\r\n") + 2]
+    return "text/rfc822-headers", headers
+
+
+def report_envelope(message: QueuedMessage, to: str, hostname: str, now: float) -> Envelope:
+    """The envelope of a report: from ``<>`` (so it never causes another), NOTIFY=NEVER."""
+    env = message.envelope
+    return Envelope(
+        sender="",
+        recipients=(Recipient(to, ("NEVER",)),),
+        helo=hostname,
+        protocol="local",
+        body=env.body if env.body == "8BITMIME" else None,
+        smtputf8=env.smtputf8 or not to.isascii(),
+        received_at=now,
+    )
+
+
+def build_report(
+    message: QueuedMessage,
+    statuses: Sequence[RecipientStatus],
+    action: Action,
+    *,
+    to: str,
+    hostname: str,
+    now: float,
+    body: IO[bytes] | None = None,
+    until: float | None = None,
+    limit: int = RETURN_SIZE_LIMIT,
+) -> Iterator[bytes]:
+    """The report as chunks of bytes with CRLF line endings, ready for ``IMessageWriter.write``.
+
+    ``body`` is the original message (read up to ``limit`` + 1 bytes); ``until`` is when retries
+    stop (for delay warnings).
+    """
+    boundary = f"{message.queue_id}.{int(now)}/{hostname}"
+    headers = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
+        f"To: <{to}>",
+        f"Subject: {_SUBJECTS[action]}",
+        f"Date: {_date(now)}",
+        f"Message-ID: <{message.queue_id}.{action.value}.{int(now)}@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+    ]
+    yield ("\r\n".join(headers) + "\r\n").encode()
+    yield (
+        f"--{boundary}\r\n"
+        "Content-Description: Notification\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "\r\n"
+        + _human(message, statuses, action, hostname, until)
+        + f"\r\n--{boundary}\r\n"
+        "Content-Description: Delivery report\r\n"
+        "Content-Type: message/delivery-status\r\n"
+        "\r\n"
+        + _status_part(message, statuses, action, hostname, until, now)
+    ).encode()
+    kind, original = _original(body, message.envelope.ret, limit)
+    if kind:
+        description = "Undelivered Message" if kind == "message/rfc822" else "Undelivered Message Headers"
+        yield (
+            f"\r\n--{boundary}\r\nContent-Description: {description}\r\nContent-Type: {kind}\r\n"
+            + ("Content-Transfer-Encoding: 8bit\r\n" if not original.isascii() else "")
+            + "\r\n"
+        ).encode()
+        yield original
+        if original and not original.endswith(b"\r\n"):
+            yield b"\r\n"
+    yield f"\r\n--{boundary}--\r\n".encode()
+

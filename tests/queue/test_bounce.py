@@ -1,0 +1,176 @@
+"""Bounces, delay warnings, success reports and expiry (RFC 3464/3461), parsed back with ``email``."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import Message
+
+import attrs
+from twisted.internet.task import Clock
+
+from mailrelay.config import QueueConfig
+from mailrelay.envelope import Envelope, Recipient, Reply
+from mailrelay.queue.manager import QueueManager
+from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer, route_to
+
+T0 = 1_700_000_000.0
+OK = Reply(250, "2.0.0", "Ok")
+LATER = Reply(451, "4.4.1", "mailbox busy")
+NOUSER = Reply(550, "5.1.1", "<b@example.test>: Recipient address rejected: User unknown")
+BODY = b"From: sender@example.org\r\nSubject: the original\r\nMessage-ID: <orig@example.org>\r\n\r\nHello there.\r\n"
+DAY = 86400.0
+
+
+class World:
+    def __init__(self, deliverer: RecordingDeliverer, **config) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.store = MemoryQueueStore(self.clock)
+        self.deliverer = deliverer
+        cfg = QueueConfig(retry_schedule=(3600.0,), max_lifetime=DAY, **config)
+        self.router = FakeRouter({"*": route_to("127.0.0.1", 2526)})
+        self.manager = QueueManager(self.store, self.router, deliverer, self.clock, cfg, "relay.example.test",
+                                    jitter=lambda d: d)
+        self.manager.start()
+
+    def send(self, *rcpts: Recipient, sender: str = "sender@example.org", body: bytes = BODY, **env) -> str:
+        e = Envelope(sender, tuple(rcpts), received_at=self.clock.seconds(), **env)
+        qid = self.store.inject(e, body)
+        self.clock.advance(0)
+        return qid
+
+    def reports(self) -> list[tuple[Envelope, Message]]:
+        return [(c.envelope, email.message_from_bytes(c.body, policy=email.policy.default))
+                for c in self.deliverer.calls if c.envelope.sender == ""]
+
+
+def parts(report: Message) -> tuple[Message, list[Message], Message | None]:
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    sub = report.get_payload()
+    assert sub[0].get_content_type() == "text/plain"
+    assert sub[1].get_content_type() == "message/delivery-status"
+    blocks = sub[1].get_payload()
+    return sub[0], blocks, (sub[2] if len(sub) > 2 else None)
+
+
+def test_failed_recipients_get_one_report_with_the_original_message():
+    w = World(RecordingDeliverer([{"b@example.test": NOUSER, "c@example.test": NOUSER}]))
+    qid = w.send(Recipient("a@example.test"), Recipient("b@example.test"), Recipient("c@example.test"),
+                 envid="ENV-42")
+    (env, report), = w.reports()
+    assert env.sender == "" and [r.address for r in env.recipients] == ["sender@example.org"]
+    assert env.recipients[0].notify == ("NEVER",)
+    assert report["To"].addresses[0].addr_spec == "sender@example.org"
+    assert report["Subject"] == "Undelivered Mail Returned to Sender"
+    assert report["Auto-Submitted"] == "auto-replied"
+    human, blocks, original = parts(report)
+    assert "<b@example.test>" in human.get_content() and "User unknown" in human.get_content()
+    head, *rcpts = blocks
+    assert head["Reporting-MTA"] == "dns; relay.example.test"
+    assert head["Original-Envelope-Id"] == "ENV-42"
+    assert head["X-Mailrelay-Queue-ID"] == qid
+    assert [b["Final-Recipient"] for b in rcpts] == ["rfc822; b@example.test", "rfc822; c@example.test"]
+    assert {b["Action"] for b in rcpts} == {"failed"}
+    assert {b["Status"] for b in rcpts} == {"5.1.1"}
+    assert rcpts[0]["Remote-MTA"] == "dns; 127.0.0.1"
+    assert rcpts[0]["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+    assert original is not None and original.get_content_type() == "message/rfc822"
+    inner = original.get_payload()[0]
+    assert inner["Subject"] == "the original" and "Hello there." in inner.get_content()
+    assert qid not in w.store.messages  # a delivered, b and c bounced: done
+
+
+def test_ret_hdrs_and_large_messages_return_only_the_headers():
+    w = World(RecordingDeliverer([NOUSER, NOUSER]))
+    w.send(Recipient("b@example.test"), ret="HDRS")
+    big = BODY + b"x" * 998 + b"\r\n" + (b"y" * 100 + b"\r\n") * 1000
+    w.send(Recipient("b@example.test"), body=big)
+    for _, report in w.reports():
+        *_, original = parts(report)
+        assert original.get_content_type() == "text/rfc822-headers"
+        text = original.get_payload() if isinstance(original.get_payload(), str) else original.as_string()
+        assert "Subject: the original" in text and "Hello there" not in text and "yyyy" not in text
+
+
+def test_notify_never_and_delay_only_suppress_failure_reports():
+    w = World(RecordingDeliverer([NOUSER, NOUSER]))
+    w.send(Recipient("b@example.test", ("NEVER",)))
+    w.send(Recipient("b@example.test", ("DELAY",)))
+    assert w.reports() == []
+
+
+def test_notify_success_gets_a_relayed_report_with_orcpt():
+    w = World(RecordingDeliverer())
+    w.send(Recipient("a@example.test", ("SUCCESS", "FAILURE"), "rfc822;Original@Example.TEST"),
+           Recipient("z@example.test"))
+    (env, report), = w.reports()
+    assert report["Subject"] == "Successful Mail Delivery Report"
+    _, (head, block), _ = parts(report)
+    assert block["Action"] == "relayed" and block["Status"] == "2.0.0"
+    assert block["Final-Recipient"] == "rfc822; a@example.test"
+    assert block["Original-Recipient"] == "rfc822; Original@Example.TEST"
+
+
+def test_never_a_report_to_the_null_sender_and_double_bounces_go_to_the_postmaster():
+    w = World(RecordingDeliverer([NOUSER]))
+    w.send(Recipient("b@example.test"), sender="")
+    assert w.reports() == [] or all(e.recipients[0].address != "" for e, _ in w.reports())
+    assert [c.envelope.sender for c in w.deliverer.calls] == [""]  # only the original attempt
+
+    w2 = World(RecordingDeliverer([NOUSER, NOUSER]), postmaster="postmaster@relay.example.test")
+    w2.send(Recipient("b@example.test"), sender="")
+    reports = [(e, r) for e, r in w2.reports() if e.recipients[0].address == "postmaster@relay.example.test"]
+    assert len(reports) == 1
+    # and when the report to the postmaster fails too, it is dropped: no loop
+    assert len(w2.deliverer.calls) == 2
+    w2.clock.advance(DAY)
+    assert len(w2.deliverer.calls) == 2 and w2.store.messages == {}
+
+
+def test_expiry_bounces_what_is_still_pending_with_5_4_7_and_the_last_error():
+    w = World(RecordingDeliverer(default=LATER))
+    w.router.mapping["example.org"] = route_to("127.0.0.1", 2999)
+    qid = w.send(Recipient("a@example.test"))
+    attempts = 1
+    while qid in w.store.messages and attempts < 100:
+        w.clock.advance(3600)
+        attempts += 1
+    assert qid not in w.store.messages
+    assert 24 <= attempts <= 26  # hourly for a day, one last try at expiry
+    (env, report), = w.reports()
+    _, (head, block), _ = parts(report)
+    assert block["Action"] == "failed" and block["Status"] == "5.4.7"
+    assert "451 4.4.1 mailbox busy" in block["Diagnostic-Code"]
+
+
+def test_delay_warning_is_sent_once():
+    w = World(RecordingDeliverer(default=LATER), delay_warning=4 * 3600.0)
+    w.router.mapping["example.org"] = route_to("127.0.0.1", 2999)
+    w.deliverer.script = []
+    w.send(Recipient("a@example.test"), Recipient("b@example.test", ("FAILURE",)))
+    for _ in range(10):
+        w.clock.advance(3600)
+    # (the warning itself is retried against the same busy host: count distinct reports)
+    delayed = list({r["Message-ID"]: r for _, r in w.reports() if r["Subject"].startswith("Delayed")}.values())
+    assert len(delayed) == 1
+    _, (head, block), _ = parts(delayed[0])
+    assert block["Action"] == "delayed" and block["Final-Recipient"] == "rfc822; a@example.test"
+    assert block["Status"] == "4.4.1" and block["Will-Retry-Until"]
+
+
+def test_report_bytes_are_crlf_and_streamed_in_chunks():
+    from mailrelay.queue.bounce import Action, build_report
+    from mailrelay.queue.store import new_message
+
+    env = Envelope("s@example.org", (Recipient("r@example.test"),), received_at=T0)
+    m = new_message("01ABCDEFGHJKMNPQRS", env)
+    m = attrs.evolve(m, statuses=(attrs.evolve(m.statuses[0], last_reply=NOUSER),))
+    import io
+
+    chunks = list(build_report(m, m.statuses, Action.FAILED, to="s@example.org", hostname="h.test", now=T0,
+                               body=io.BytesIO(BODY)))
+    data = b"".join(chunks)
+    assert len(chunks) > 2
+    assert b"\n" not in data.replace(b"\r\n", b"")
