@@ -319,3 +319,19 @@ def test_saved_next_attempt_follows_the_schedule(attempts, expected):
     w.manager.start()
     w.clock.advance(0)
     assert w.state(qid).next_attempt == T0 + expected
+
+
+def test_one_postfix_style_log_line_per_recipient_attempt():
+    from twisted.logger import capturedLogs, formatEvent
+
+    w = World(deliverer=RecordingDeliverer([{"b@example.test": LATER}]))
+    w.manager.start()
+    with capturedLogs() as events:
+        qid = w.send("a@example.test", "b@example.test")
+        w.clock.advance(0)
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mailrelay.queue" and "to=<" in formatEvent(e)]
+    assert len(lines) == 2
+    sent, deferred = lines
+    assert sent.startswith(f"{qid}: to=<a@example.test>, relay=127.0.0.1[127.0.0.1]:2526, delay=0.00")
+    assert "dsn=2.0.0, status=sent (250 2.0.0 Ok)" in sent
+    assert "dsn=4.4.1, status=deferred (451 4.4.1 try again later)" in deferred
