@@ -95,7 +95,11 @@ def test_twistd_mailrelay_help_shows_config(fresh_venv: Path) -> None:
 
 
 def make_dry_run(target: str, venv: Path) -> list[str]:
-    out = run(["make", "-n", target, f"VENV={venv}"], cwd=ROOT).stdout
+    # Under `make test` the make variables of the outer make would leak in (and print
+    # "Entering directory"): start a clean, top-level make.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
