@@ -27,6 +27,7 @@ from mailrelay.config import Config
 from mailrelay.delivery import SMTPDeliverer
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
 from mailrelay.policy import build_policy
+from mailrelay.policy.verify import RecipientVerification
 from mailrelay.queue.manager import QueueManager
 from mailrelay.queue.spool import FilesystemSpool
 from mailrelay.routing.context import RouterContext
@@ -91,7 +92,9 @@ class MailRelayService(service.MultiService):
             reactor, config.delivery, config.delivery.helo_name or config.server.hostname)
         self.manager = QueueManager(self.store, self.router, self.deliverer, reactor,
                                     config.queue, config.server.hostname)
-        self.policy = build_policy(config.server, extra=policies)
+        # after relay access: a recipient of our own domains that no router accepts gets 550 at RCPT
+        verify = RecipientVerification.from_config(config.server, self.router, reactor)
+        self.policy = build_policy(config.server, extra=[verify, *policies])
         self.factory = SMTPServerFactory.from_config(config.server, self.store, self.policy, reactor)
         self.listeners: list[_Listener] = []
         for description in config.server.listen:
