@@ -188,6 +188,12 @@ class ServerConfig:
     data_timeout: float = 600.0
     tls_certificate: str | None = None
     tls_key: str | None = None
+    # AUTH (RFC 4954): a user:hash file (python -m mailrelay.smtp.auth makes hashes); offered
+    # only over TLS unless allow_plaintext_auth. submission_listen: endpoints requiring AUTH.
+    auth_password_file: str | None = None
+    allow_plaintext_auth: bool = False
+    submission_listen: tuple[str, ...] = ()
+    greet_delay: float = 0.0  # seconds to wait before the 220; a client talking earlier gets 554
 
 
 @attrs.frozen
@@ -286,6 +292,10 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         data_timeout=s.get("data_timeout", 600.0, parse_duration),
         tls_certificate=s.get("tls_certificate", None, _string),
         tls_key=s.get("tls_key", None, _string),
+        auth_password_file=s.get("auth_password_file", None, _string),
+        allow_plaintext_auth=s.get("allow_plaintext_auth", False, types=bool),
+        submission_listen=s.get_list("submission_listen", (), _string),
+        greet_delay=s.get("greet_delay", 0.0, parse_duration),
     )
     s.check_unknown()
     if not server.listen:
