@@ -53,10 +53,14 @@ class DataError(enum.Enum):
 
 @attrs.frozen
 class Command:
-    """One command line: ``verb`` upper-cased, ``argument`` what follows the first space."""
+    """One command line: ``verb`` upper-cased, ``argument`` what follows the first space.
+
+    ``line`` is the whole line as sent (an AUTH response is not a command).
+    """
 
     verb: str
     argument: str
+    line: str = attrs.field(default="", eq=False, repr=False)
 
 
 @attrs.frozen
@@ -202,7 +206,7 @@ class Parser:
         except UnicodeDecodeError:
             return BadLine(LineError.BAD_ENCODING)
         verb, _, arg = text.partition(" ")
-        return Command(verb.upper(), arg)
+        return Command(verb.upper(), arg, text)
 
     # -- DATA mode ------------------------------------------------------------------------------
 

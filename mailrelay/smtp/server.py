@@ -10,16 +10,19 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import interfaces
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailrelay.config import ServerConfig
 from mailrelay.envelope import Reply
 from mailrelay.interfaces import IMessageSink, IPolicy
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.session import Session, SessionInfo, SessionSettings
+from mailrelay.smtp.tls import server_tls_options, tls_info
 
 log = Logger()
 
@@ -30,6 +33,7 @@ def _host_port(address: Any) -> tuple[str, int]:
     return (str(host) if host is not None else "unknown"), int(port or 0)
 
 
+@implementer(interfaces.IHandshakeListener)
 class SMTPServerProtocol(Protocol):
     """Transport and clock ↔ ``Session``."""
 
@@ -58,8 +62,11 @@ class SMTPServerProtocol(Protocol):
             server_port=our_port,
         )
         self.session = Session(
-            self.factory.settings, info, self.factory.sink, self.factory.policy, self.factory.reactor, self
+            self.factory.settings, info, self.factory.sink, self.factory.policy, self.factory.reactor, self,
+            checker=self.factory.checker,
         )
+        if interfaces.ISSLTransport.providedBy(self.transport):
+            self.session.tls_active = True  # implicit TLS (RFC 8314): no STARTTLS on offer
         self._arm()
         self.session.start()
 
@@ -106,6 +113,16 @@ class SMTPServerProtocol(Protocol):
     def resume(self) -> None:
         self.transport.resumeProducing()  # type: ignore[union-attr]
 
+    def start_tls(self) -> None:
+        self.transport.startTLS(self.factory.tls_options)  # type: ignore[union-attr]
+
+    # -- IHandshakeListener ---------------------------------------------------------------------
+
+    def handshakeCompleted(self) -> None:
+        info = tls_info(self.transport)
+        log.info("session {id}: TLS {tls}", id=self.session.info.session_id, tls=info)
+        self.session.tls_established(info)
+
 
 class _Refuse(Protocol):
     """Says one reply and hangs up: for connections over the limits."""
@@ -130,6 +147,8 @@ class SMTPServerFactory(Factory):
         *,
         max_connections: int = 1000,
         max_connections_per_ip: int = 50,
+        tls_options: Any = None,
+        checker: ICredentialsChecker | None = None,
     ) -> None:
         self.settings = settings
         self.sink = sink
@@ -137,6 +156,10 @@ class SMTPServerFactory(Factory):
         self.reactor = reactor
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
+        self.tls_options = tls_options
+        self.checker = checker
+        if tls_options is None and settings.starttls:
+            raise ValueError("STARTTLS needs tls_options")
         self.connections = 0
         self.per_ip: Counter[str] = Counter()
 
@@ -147,8 +170,26 @@ class SMTPServerFactory(Factory):
         sink: IMessageSink,
         policy: IPolicy,
         reactor: Any,
+        *,
+        submission: bool = False,
+        tls_options: Any = None,
+        checker: ICredentialsChecker | None = None,
         **extras: Any,
     ) -> SMTPServerFactory:
+        """The factory for one listener of ``server``.
+
+        TLS options come from ``tls_certificate``/``tls_key`` unless given; the AUTH checker from
+        ``auth_password_file`` unless given (any ``ICredentialsChecker`` for ``IUsernamePassword``).
+        ``submission=True`` makes a listener that requires AUTH before MAIL (port 587 style).
+        """
+        if tls_options is None and server.tls_certificate and server.tls_key:
+            tls_options = server_tls_options(server.tls_certificate, server.tls_key)
+        password_file = getattr(server, "auth_password_file", None)
+        if checker is None and password_file:
+            from mailrelay.smtp.auth import HashedPasswordFile
+
+            pool = getattr(reactor, "getThreadPool", None)
+            checker = HashedPasswordFile(password_file, reactor if pool else None, pool() if pool else None)
         settings = SessionSettings(
             hostname=server.hostname,
             max_message_size=server.max_message_size,
@@ -158,6 +199,11 @@ class SMTPServerFactory(Factory):
             text_line_limit=server.text_line_limit,
             idle_timeout=server.idle_timeout,
             data_timeout=server.data_timeout,
+            starttls=tls_options is not None,
+            auth_mechanisms=("PLAIN", "LOGIN") if checker is not None else (),
+            allow_plaintext_auth=getattr(server, "allow_plaintext_auth", False),
+            require_auth=submission,
+            greet_delay=getattr(server, "greet_delay", 0.0),
         )
         return cls(
             settings,
@@ -166,6 +212,8 @@ class SMTPServerFactory(Factory):
             reactor,
             max_connections=server.max_connections,
             max_connections_per_ip=server.max_connections_per_ip,
+            tls_options=tls_options,
+            checker=checker,
             **extras,
         )
 

@@ -9,13 +9,17 @@ order of the commands and nothing buffered is read in the wrong mode.
 
 from __future__ import annotations
 
+import base64
 import enum
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import UsernamePassword
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,6 +29,7 @@ from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IMessageSink, IMessageWriter, IPolicy
 from mailrelay.policy.received import protocol_name, received_header
 from mailrelay.smtp import _parser as p
+from mailrelay.smtp import auth as sasl
 from mailrelay.smtp import replies as R
 
 log = Logger()
@@ -32,14 +37,18 @@ log = Logger()
 #: While a reply is pending, stop reading from the socket once this much input is buffered.
 PAUSE_ABOVE = 256 * 1024
 HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE", "PATCH"})
+#: Stop looking for Received headers after this much header text.
+HEADER_SCAN_LIMIT = 1024 * 1024
+_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 
 
 class State(enum.Enum):
     CONNECTED = enum.auto()  # greeting not sent yet (the connect policy may be pending)
     GREETED = enum.auto()  # waiting for HELO/EHLO
     READY = enum.auto()  # HELO/EHLO done, no transaction
-    MAIL = enum.auto()  # MAIL accepted; RCPTs being collected
-    DATA = enum.auto()  # message text streaming in
+    MAIL = enum.auto()  # MAIL accepted; RCPTs (or BDAT chunks) being collected
+    DATA = enum.auto()  # message text streaming in (DATA, or one BDAT chunk)
+    AUTH = enum.auto()  # in a SASL exchange: the next line is a response, not a command
     CLOSED = enum.auto()
 
 
@@ -82,6 +91,14 @@ class SessionSettings:
     data_timeout: float = 600.0
     smtputf8: bool = True
     dsn: bool = True
+    chunking: bool = True  # CHUNKING (BDAT) and BINARYMIME
+    starttls: bool = False  # TLS options are available for STARTTLS
+    auth_mechanisms: tuple[str, ...] = ()  # e.g. ("PLAIN", "LOGIN"); needs a checker
+    allow_plaintext_auth: bool = False  # offer AUTH before TLS
+    require_auth: bool = False  # submission: MAIL only after AUTH
+    max_auth_failures: int = 3
+    max_hops: int = 50  # more Received headers than this: a mail loop (554 5.4.6)
+    greet_delay: float = 0.0  # wait this long before the greeting; talking before it is rejected
     trace_header: Callable[[SessionInfo, Envelope, str, float], bytes] = received_header
 
 
@@ -96,6 +113,8 @@ class SessionOutput(Protocol):
 
     def resume(self) -> None: ...
 
+    def start_tls(self) -> None: ...
+
 
 @attrs.define
 class _Transaction:
@@ -108,6 +127,9 @@ class _Transaction:
     envid: str | None = None
     recipients: list[Recipient] = attrs.field(factory=list)
     rcpt_attempts: int = 0
+    bdat_total: int = 0  # octets of BDAT chunks so far (0: none yet)
+    bdat_started: bool = False
+    bdat_failed: Reply | None = None  # every further chunk of this message gets this reply
 
 
 _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
@@ -124,6 +146,7 @@ class Session:
         policy: IPolicy,
         clock: IReactorTime,
         out: SessionOutput,
+        checker: ICredentialsChecker | None = None,
     ) -> None:
         self.settings = settings
         self.info = info
@@ -131,7 +154,15 @@ class Session:
         self.policy = policy
         self.clock = clock
         self.out = out
+        self.checker = checker
         self.state = State.CONNECTED
+        self.tls_active = False
+        self.auth_failures = 0
+        self._greet_call: Any = None
+        self._sasl: tuple[str, list[bytes]] | None = None
+        self._reject: Reply | None = None  # the current message's fate, decided mid-stream
+        self._headers: bytes | None = None  # header text seen so far (for the hop count)
+        self._bdat_reply: Reply | None = None  # answer owed for a BDAT chunk being skipped
         self.parser = p.Parser(settings.command_line_limit, settings.text_line_limit)
         self.errors = 0
         self._txn: _Transaction | None = None
@@ -151,6 +182,9 @@ class Session:
             "VRFY": self._vrfy,
             "EXPN": self._expn,
             "HELP": self._help,
+            "STARTTLS": self._starttls,
+            "AUTH": self._auth,
+            "BDAT": self._bdat,
         }
 
     # -- the connection's side ------------------------------------------------------------------
@@ -177,9 +211,16 @@ class Session:
 
     def connection_lost(self) -> None:
         self.state = State.CLOSED
+        if self._greet_call is not None and self._greet_call.active():
+            self._greet_call.cancel()
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+
+    def tls_established(self, info: TLSInfo | None) -> None:
+        """The TLS handshake completed (STARTTLS, or an implicit-TLS listener)."""
+        self.tls_active = True
+        self.info.tls = info
 
     def timed_out(self) -> None:
         if self.state is not State.CLOSED:
@@ -257,16 +298,32 @@ class Session:
         if objection is not None:
             self._close(objection)
             return
+        if self.settings.greet_delay > 0:
+            self._greet_call = self.clock.callLater(self.settings.greet_delay, self._send_greeting)  # type: ignore[attr-defined]
+        else:
+            self._send_greeting()
+
+    def _send_greeting(self) -> None:
+        self._greet_call = None
+        if self.state is not State.CONNECTED:
+            return
+        if self.parser.buffered:  # the client talked first: a spam engine, not a mail server
+            self._close(R.PREGREET)
+            return
         self.state = State.GREETED
         self.out.write(Reply(220, None, f"{self.settings.hostname} ESMTP mailrelay").encode())
         self._pump()
 
     def _handle(self, event: p.Event) -> None:
         if isinstance(event, p.DataChunk):
-            if self._writer is not None:
-                self._writer.write(event.data)
+            self._text(event.data)
         elif isinstance(event, p.DataEnd):
-            self._data_end(event)
+            if self._bdat_reply is not None or self._txn is not None and self._txn.bdat_started:
+                self._bdat_end(event)
+            else:
+                self._data_end(event)
+        elif self.state is State.AUTH:
+            self._sasl_response(event)
         elif isinstance(event, p.Command):
             handler = self._commands.get(event.verb)
             if handler is not None:
@@ -283,7 +340,81 @@ class Session:
             self.reply(R.NOT_UTF8)
 
     def _reset(self) -> None:
+        """Forget the transaction (and a BDAT message half received)."""
         self._txn = None
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        if self.state is State.MAIL:
+            self.state = State.READY
+
+    # -- message text (DATA and BDAT) -----------------------------------------------------------
+
+    def _open_message(self, envelope: Envelope) -> Reply | None:
+        try:
+            writer = self.sink.open(envelope)
+            writer.write(self.settings.trace_header(self.info, envelope, writer.queue_id, envelope.received_at))
+        except MailRelayError as e:
+            return e.reply
+        self._writer = writer
+        self._envelope_in_data = envelope
+        self._reject = None
+        self._headers = b""
+        return None
+
+    def _text(self, data: bytes) -> None:
+        if self._headers is not None:
+            self._scan_headers(data)
+        if self._writer is not None and self._reject is None:
+            self._writer.write(data)
+
+    def _scan_headers(self, data: bytes) -> None:
+        """Count Received headers (RFC 5321 6.3 loop detection) until the header section ends."""
+        assert self._headers is not None
+        head = self._headers + data
+        end = 0 if head.startswith(b"\r\n") else head.find(b"\r\n\r\n")
+        section = head if end < 0 else head[:end]
+        if len(_RECEIVED.findall(section)) > self.settings.max_hops:
+            self._reject = R.TOO_MANY_HOPS
+            self._headers = None
+        elif end >= 0 or len(head) > HEADER_SCAN_LIMIT:
+            self._headers = None
+        else:
+            self._headers = head
+
+    def _finish_message(self, event: p.DataEnd) -> None:
+        """The text is complete: errors, then end-of-data policy, then commit, then the reply."""
+        writer, self._writer = self._writer, None
+        envelope = self._envelope_in_data
+        self._headers = None
+        self.state = State.READY
+        self._txn = None
+        if writer is None:  # cannot happen: text is only read with a writer open
+            self.reply(R.LOCAL_ERROR)
+            return
+        failure = _DATA_ERRORS[event.error] if event.error is not None else self._reject
+        if failure is not None:
+            writer.abort()
+            self.reply(failure)
+            return
+
+        def committed(result: Any) -> None:
+            if isinstance(result, Reply):  # a TemporaryFailure/PermanentFailure from commit
+                writer.abort()
+                self.reply(result)
+                return
+            self.info.messages += 1
+            self.errors = 0
+            self.reply(Reply(250, "2.0.0", f"Ok: queued as {writer.queue_id}"))
+
+        def allowed(objection: Reply | None) -> None:
+            if objection is not None:
+                writer.abort()
+                self.reply(objection)
+                return
+            self._ask(writer.commit, (), committed)
+
+        self._ask(self.policy.end_of_data, (self.info, envelope, event.size), allowed)
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -320,7 +451,18 @@ class Session:
             ext.append("SMTPUTF8")
         if s.dsn:
             ext.append("DSN")
+        if s.chunking:
+            ext += ["CHUNKING", "BINARYMIME"]
+        if s.starttls and not self.tls_active:
+            ext.append("STARTTLS")
+        if self._auth_offered():
+            ext.append("AUTH " + " ".join(s.auth_mechanisms))
         return ext
+
+    def _auth_offered(self) -> bool:
+        s = self.settings
+        return bool(s.auth_mechanisms) and self.checker is not None and (
+            self.tls_active or s.allow_plaintext_auth)
 
     def _needs_helo(self) -> bool:
         if self.state is State.GREETED:
@@ -333,6 +475,9 @@ class Session:
             return
         if self._txn is not None:
             self.reply(R.NESTED_MAIL)
+            return
+        if self.settings.require_auth and not self.info.auth:
+            self.reply(Reply(530, "5.7.0", "Authentication required"))
             return
         try:
             inner, rest = p.split_path(arg, "FROM")
@@ -374,7 +519,9 @@ class Session:
                     return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
                 body = (value or "").upper()
-                if body not in ("7BIT", "8BITMIME"):
+                if body not in ("7BIT", "8BITMIME", "BINARYMIME") or (
+                    body == "BINARYMIME" and not self.settings.chunking
+                ):
                     return Reply(501, "5.5.4", "Bad BODY parameter")
                 txn.body = None if body == "7BIT" else body
             elif key == "SMTPUTF8" and self.settings.smtputf8:
@@ -493,20 +640,17 @@ class Session:
         if arg.strip():
             self.reply(R.NO_ARGUMENTS)
             return
+        if txn.bdat_started or txn.body == "BINARYMIME":
+            self.reply(Reply(503, "5.5.1", "Error: use BDAT for this message"))
+            return
         envelope = self._envelope(txn)
 
         def then(objection: Reply | None) -> None:
+            if objection is None:
+                objection = self._open_message(envelope)
             if objection is not None:
                 self.reply(objection)
                 return
-            try:
-                writer = self.sink.open(envelope)
-                writer.write(self.settings.trace_header(self.info, envelope, writer.queue_id, envelope.received_at))
-            except MailRelayError as e:
-                self.reply(e.reply)
-                return
-            self._writer = writer
-            self._envelope_in_data = envelope
             self.state = State.DATA
             self.parser.begin_data(self.settings.max_message_size)
             self.reply(R.START_DATA)
@@ -514,41 +658,7 @@ class Session:
         self._ask(self.policy.data, (self.info, envelope), then)
 
     def _data_end(self, event: p.DataEnd) -> None:
-        writer, self._writer = self._writer, None
-        envelope = self._envelope_in_data
-        self.state = State.READY
-        self._reset()
-        if writer is None:  # cannot happen: DATA mode is only entered with a writer
-            self.reply(R.LOCAL_ERROR)
-            return
-        if event.error is not None:
-            writer.abort()
-            self.reply(
-                {
-                    p.DataError.TOO_BIG: R.TOO_BIG,
-                    p.DataError.LINE_TOO_LONG: R.TEXT_LINE_TOO_LONG,
-                    p.DataError.BARE_NEWLINE: R.BARE_NEWLINE_DATA,
-                }[event.error]
-            )
-            return
-
-        def committed(result: Any) -> None:
-            if isinstance(result, Reply):  # a TemporaryFailure/PermanentFailure from commit
-                writer.abort()
-                self.reply(result)
-                return
-            self.info.messages += 1
-            self.errors = 0
-            self.reply(Reply(250, "2.0.0", f"Ok: queued as {writer.queue_id}"))
-
-        def allowed(objection: Reply | None) -> None:
-            if objection is not None:
-                writer.abort()
-                self.reply(objection)
-                return
-            self._ask(writer.commit, (), committed)
-
-        self._ask(self.policy.end_of_data, (self.info, envelope, event.size), allowed)
+        self._finish_message(event)
 
     _envelope_in_data: Envelope
 
@@ -557,8 +667,6 @@ class Session:
             self.reply(R.NO_ARGUMENTS)
             return
         self._reset()
-        if self.state is State.MAIL:
-            self.state = State.READY
         self.reply(R.OK)
 
     def _noop(self, arg: str) -> None:
@@ -573,6 +681,216 @@ class Session:
     def _expn(self, arg: str) -> None:
         self.reply(R.NOT_IMPLEMENTED)
 
+    # -- STARTTLS (RFC 3207) ---------------------------------------------------------------------
+
+    def _starttls(self, arg: str) -> None:
+        if self.tls_active:
+            self.reply(Reply(503, "5.5.1", "Error: TLS already active"))
+            return
+        if not self.settings.starttls:
+            self.reply(R.NOT_IMPLEMENTED)
+            return
+        if arg.strip():
+            self.reply(R.NO_ARGUMENTS)
+            return
+        self.reply(R.READY_TLS)
+        dropped = self.parser.discard_buffer()  # plaintext pipelined after STARTTLS: never obeyed
+        if dropped:
+            log.info("session {id}: discarded {n} octets sent after STARTTLS", id=self.info.session_id, n=dropped)
+        self._reset()
+        self.info.helo, self.info.esmtp, self.info.auth = None, False, None
+        self.state = State.GREETED
+        self.tls_active = True
+        self.out.start_tls()
+
+    # -- AUTH (RFC 4954) ------------------------------------------------------------------------
+
+    def _auth(self, arg: str) -> None:
+        if not self.settings.auth_mechanisms or self.checker is None:
+            self.reply(Reply(503, "5.5.1", "Error: authentication not enabled"))
+            return
+        if self._needs_helo():
+            return
+        if self.info.auth:
+            self.reply(Reply(503, "5.5.1", "Error: already authenticated"))
+            return
+        if self._txn is not None:
+            self.reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+            return
+        if not self._auth_offered():
+            self.reply(Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
+            return
+        mechanism, _, initial = arg.strip().partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in self.settings.auth_mechanisms or mechanism not in sasl.MECHANISMS:
+            self.reply(Reply(504, "5.5.4", "Unrecognized authentication type"))
+            return
+        responses: list[bytes] = []
+        if initial:
+            try:
+                responses.append(b"" if initial == "=" else sasl.b64decode(initial))
+            except sasl.SASLError:
+                self.reply(Reply(501, "5.5.2", "Cannot decode response"))
+                return
+        self._sasl = (mechanism, responses)
+        self._sasl_step()
+
+    def _sasl_step(self) -> None:
+        assert self._sasl is not None
+        mechanism, responses = self._sasl
+        challenges = sasl.MECHANISMS[mechanism]
+        if len(responses) < len(challenges):
+            self.state = State.AUTH
+            self.reply(Reply(334, None, base64.b64encode(challenges[len(responses)]).decode()))
+            return
+        self.state = State.READY
+        self._sasl = None
+        try:
+            user, password = sasl.credentials_from(mechanism, responses)
+        except sasl.SASLError as e:
+            self.reply(Reply(501, "5.5.2", f"Cannot decode response ({e})"))
+            return
+        assert self.checker is not None
+        check = maybeDeferred(self.checker.requestAvatarId, UsernamePassword(user.encode(), password.encode()))
+        check.addCallbacks(lambda avatar: (True, user), lambda f: (False, f))
+        self._ask(lambda: check, (), self._authenticated)
+
+    def _sasl_response(self, event: p.Event) -> None:
+        self.state = State.READY
+        if not isinstance(event, p.Command):
+            self._sasl = None
+            self.reply(Reply(501, "5.5.2", "Cannot decode response"))
+            return
+        line = event.line.strip()
+        if line == "*":
+            self._sasl = None
+            self.reply(Reply(501, "5.7.0", "Authentication aborted"))
+            return
+        try:
+            response = sasl.b64decode(line)
+        except sasl.SASLError:
+            self._sasl = None
+            self.reply(Reply(501, "5.5.2", "Cannot decode response"))
+            return
+        assert self._sasl is not None
+        self._sasl[1].append(response)
+        self._sasl_step()
+
+    def _authenticated(self, result: tuple[bool, Any]) -> None:
+        ok, detail = result
+        if ok:
+            self.info.auth = detail
+            self.reply(Reply(235, "2.7.0", "Authentication successful"))
+            return
+        if not isinstance(detail, Failure) or not detail.check(*_LOGIN_FAILURES):
+            log.failure("credentials check failed in session {id}", detail, id=self.info.session_id)
+            self.reply(Reply(454, "4.7.0", "Temporary authentication failure"))
+            return
+        self.auth_failures += 1
+        self.reply(Reply(535, "5.7.8", "Authentication credentials invalid"))
+        if self.auth_failures >= self.settings.max_auth_failures:
+            self._close(Reply(421, "4.7.0", "Error: too many authentication failures"))
+
+    # -- CHUNKING (RFC 3030) --------------------------------------------------------------------
+
+    def _bdat(self, arg: str) -> None:
+        if not self.settings.chunking:
+            self.reply(R.UNKNOWN_COMMAND)
+            return
+        parts = arg.split()
+        if not (1 <= len(parts) <= 2) or not parts[0].isdigit() or len(parts[0]) > 18 or (
+            len(parts) == 2 and parts[1].upper() != "LAST"
+        ):
+            # without a size we cannot tell its octets from commands: stop here
+            self._close(Reply(501, "5.5.4", "Syntax: BDAT size [LAST]"))
+            return
+        size, last = int(parts[0]), len(parts) == 2
+        txn = self._txn
+        problem: Reply | None = None
+        if self.state is State.GREETED:
+            problem = R.NEED_HELO
+        elif txn is None:
+            problem = R.NEED_MAIL
+        elif not txn.recipients:
+            problem = R.NO_VALID_RCPT if txn.rcpt_attempts else R.NEED_RCPT
+        elif txn.bdat_failed is not None:
+            problem = txn.bdat_failed
+        if problem is not None or txn is None:
+            self._skip_chunk(size, last, problem or R.BAD_SEQUENCE)
+            return
+        if txn.bdat_started:
+            self._read_chunk(txn, size, last)
+            return
+        envelope = self._envelope(txn)
+
+        def then(objection: Reply | None) -> None:
+            if objection is None:
+                objection = self._open_message(envelope)
+            if objection is not None:
+                txn.bdat_failed = objection
+                self._skip_chunk(size, last, objection)
+                return
+            txn.bdat_started = True
+            self._read_chunk(txn, size, last)
+
+        self._ask(self.policy.data, (self.info, envelope), then)
+
+    def _read_chunk(self, txn: _Transaction, size: int, last: bool) -> None:
+        self.state = State.DATA
+        self.parser.begin_bdat(size, last, self.settings.max_message_size, txn.bdat_total,
+                               binary=txn.body == "BINARYMIME")
+
+    def _skip_chunk(self, size: int, last: bool, reply: Reply) -> None:
+        """Read a chunk we will not take, and answer ``reply`` once it is consumed."""
+        self._bdat_reply = reply
+        self._prev_state = self.state
+        self.state = State.DATA
+        self.parser.begin_bdat(size, last, 0, 1, binary=True)
+        self.parser.doom(p.DataError.TOO_BIG)
+
+    def _bdat_end(self, event: p.DataEnd) -> None:
+        if self._bdat_reply is not None:
+            reply, self._bdat_reply = self._bdat_reply, None
+            self.state = self._prev_state
+            if event.last and self._txn is not None and self._txn.bdat_failed is not None:
+                self._reset()
+            self.reply(reply)
+            return
+        txn = self._txn
+        assert txn is not None
+        txn.bdat_total = event.size
+        if event.last:
+            self._finish_message(event)
+            return
+        self.state = State.MAIL
+        failure = _DATA_ERRORS[event.error] if event.error is not None else self._reject
+        if failure is not None:
+            if self._writer is not None:
+                self._writer.abort()
+                self._writer = None
+            txn.bdat_failed = failure
+            self.reply(failure)
+            return
+        self.reply(Reply(250, "2.0.0", f"Ok: {event.size} octets received"))
+
+    _prev_state = State.READY
+
     def _help(self, arg: str) -> None:
         verbs = " ".join(sorted(self._commands))
         self.reply(Reply(214, "2.0.0", f"Commands: {verbs}"))
+
+
+_DATA_ERRORS = {
+    p.DataError.TOO_BIG: R.TOO_BIG,
+    p.DataError.LINE_TOO_LONG: R.TEXT_LINE_TOO_LONG,
+    p.DataError.BARE_NEWLINE: R.BARE_NEWLINE_DATA,
+}
+
+
+def _login_failures() -> tuple[type[Exception], ...]:
+    from twisted.cred import error
+
+    return (error.UnauthorizedLogin, error.UnhandledCredentials)
+
+
+_LOGIN_FAILURES = _login_failures()
