@@ -27,6 +27,7 @@ class Session:
     created: float
     tls: str = ""  # "TLSv1.3 cipher" when encrypted
     idle_timer: IDelayedCall | None = None
+    watched: bool = False  # the pool notices when the peer closes it
 
 
 class ConnectionPool:
@@ -57,7 +58,9 @@ class ConnectionPool:
             return
         self._idle.setdefault(key, []).append(session)
         session.idle_timer = self.clock.callLater(self.idle_time, self._idle_expired, key, session)
-        session.client.when_closed().addCallback(self._gone, key, session)
+        if not session.watched:
+            session.watched = True
+            session.client.when_closed().addCallback(self._gone, key, session)
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())

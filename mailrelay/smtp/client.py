@@ -91,12 +91,34 @@ def _rejected(stage: str, reply: Reply) -> ClientFailure:
 _Result = Reply | ClientFailure
 
 
+class _Batch:
+    """Several pipelined replies awaited together: one Deferred for the lot (cheaper than one each)."""
+
+    __slots__ = ("deferred", "results", "expected")
+
+    def __init__(self, expected: int) -> None:
+        self.deferred: defer.Deferred[list[_Result]] = defer.Deferred()
+        self.results: list[_Result] = []
+        self.expected = expected
+
+    def add(self, result: _Result) -> None:
+        self.results.append(result)
+        if len(self.results) == self.expected:
+            self.deferred.callback(self.results)
+
+
 @attrs.define
 class _Waiting:
-    deferred: defer.Deferred[_Result]
+    deferred: defer.Deferred[_Result] | _Batch
     stage: str
     timeout: float
     on_reply: Callable[[Reply], None] | None = None
+
+    def fire(self, result: _Result) -> None:
+        if isinstance(self.deferred, _Batch):
+            self.deferred.add(result)
+        else:
+            self.deferred.callback(result)
 
 
 def xtext(value: str) -> str:
@@ -154,7 +176,7 @@ class SMTPClientProtocol(Protocol):
             self._arm()
             if w.on_reply is not None:
                 w.on_reply(reply)
-            w.deferred.callback(reply)
+            w.fire(reply)
             if self._discard_rest:  # STARTTLS: whatever followed the 220 in plaintext is void
                 self._discard_rest = False
                 return
@@ -335,31 +357,27 @@ class SMTPClientProtocol(Protocol):
         if self.pipelining:
             batch = ([b"RSET\r\n"] if reset else []) + [mail] + rcpt_lines + ([] if use_bdat else [b"DATA\r\n"])
             self.transport.write(b"".join(batch))  # type: ignore[union-attr]
-            d_rset = self._wait("rset", t.command) if reset else None
-            d_mail = self._wait("mail", t.command)
-            d_rcpts = [self._wait("rcpt", t.command) for _ in rcpts]
-            d_data = None if use_bdat else self._wait("data", t.data_init)
-            if d_rset is not None:
-                rset = await d_rset
+            specs = ([("rset", t.command)] if reset else []) + [("mail", t.command)]
+            specs += [("rcpt", t.command)] * len(rcpts) + ([] if use_bdat else [("data", t.data_init)])
+            got = await self._wait_many(specs)
+            if reset:
+                rset = got.pop(0)
                 if isinstance(rset, ClientFailure) or not rset.is_success:
-                    await self._drain([d_mail, *d_rcpts, d_data])
+                    if isinstance(got[-1], Reply) and got[-1].code == 354:
+                        self.abort("RSET refused")  # never end a message we did not mean to send
                     raise rset if isinstance(rset, ClientFailure) else _rejected("rset", rset)
-            mail_reply = await d_mail
+            mail_reply = got[0]
+            data_reply = None if use_bdat else got[-1]
             if isinstance(mail_reply, ClientFailure):
                 raise mail_reply
             if not mail_reply.is_success:
-                await self._drain(d_rcpts)
-                data_reply = await d_data if d_data is not None else None
                 if isinstance(data_reply, Reply) and data_reply.code == 354:
                     await self._finish_empty_data()
                 raise _rejected("mail", mail_reply)
-            for i, d in enumerate(d_rcpts):
-                r = await d
+            for i, r in enumerate(got[1:1 + len(rcpts)]):
                 if isinstance(r, ClientFailure):
-                    await self._drain([d_data])
                     raise ClientFailure(r.stage, r.reason, None, replies)
                 replies[i] = r
-            data_reply = await d_data if d_data is not None else None
         else:
             if reset:
                 rset = await self._expect(self._command(b"RSET\r\n", "rset", t.command))
@@ -497,10 +515,29 @@ class SMTPClientProtocol(Protocol):
             if d is not None:
                 await d
 
+    def _wait_many(self, specs: Sequence[tuple[str, float]]) -> defer.Deferred[list[_Result]]:
+        """Wait for one reply per (stage, timeout), in order; fires once with all of them."""
+        batch = _Batch(len(specs))
+        if self.state is ClientState.CLOSED:
+            for stage, _ in specs:
+                batch.add(self._failure or ClientFailure(stage, "connection closed"))
+            return batch.deferred
+        was_empty = not self._waiting
+        for stage, timeout in specs:
+            self._waiting.append(_Waiting(batch, stage, timeout))
+        if was_empty:
+            self._arm()
+        return batch.deferred
+
     def _arm(self) -> None:
-        self._cancel_timer()
-        if self._waiting:
-            self._timer = self.clock.callLater(self._waiting[0].timeout, self._timed_out)
+        """(Re)start the timer for the reply now awaited; an idle timer is left to expire harmlessly."""
+        if not self._waiting:
+            return
+        timeout = self._waiting[0].timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.clock.callLater(timeout, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -509,6 +546,8 @@ class SMTPClientProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
+        if not self._waiting:
+            return  # nothing was awaited any more when it expired
         stage = self._waiting[0].stage if self._waiting else self._stage()
         self._abort(ClientFailure(stage, f"timeout waiting for the reply to {stage.upper()}"))
 
@@ -525,7 +564,7 @@ class SMTPClientProtocol(Protocol):
     def _fail_waiting(self, failure: ClientFailure) -> None:
         while self._waiting:
             w = self._waiting.popleft()
-            w.deferred.callback(ClientFailure(w.stage, failure.reason, failure.reply))
+            w.fire(ClientFailure(w.stage, failure.reason, failure.reply))
 
     def _unexpected(self, reply: Reply) -> None:
         if reply.code == 421:  # the server is closing: RFC 5321 3.8

@@ -342,3 +342,14 @@ def test_text_after_starttls_220_is_ignored() -> None:
     c.reply(b"220 go ahead\r\n250-mx\r\n250 AUTH PLAIN\r\n")
     assert got == [Reply(220, None, "go ahead")]
     assert c.client._parser._buffer == b"" and not c.client._waiting
+
+
+def test_refused_rset_with_354_aborts_rather_than_ending_a_message() -> None:
+    c = Conn()
+    out = c.send(reset=True)
+    c.sent()
+    c.reply(b"502 5.5.1 no RSET here\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert c.sent() == b""  # no "." that would deliver an empty message
+    assert c.transport.disconnecting or c.client._failure is not None
+    c.lose()
+    assert isinstance(out[0], Failure) and out[0].value.stage == "rset"
