@@ -461,7 +461,7 @@ class Session:
 
     def _auth_offered(self) -> bool:
         s = self.settings
-        return bool(s.auth_mechanisms) and self.checker is not None and (
+        return bool(s.auth_mechanisms) and self.checker is not None and not self.info.auth and (
             self.tls_active or s.allow_plaintext_auth)
 
     def _needs_helo(self) -> bool:
@@ -717,7 +717,7 @@ class Session:
         if self._txn is not None:
             self.reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
             return
-        if not self._auth_offered():
+        if not (self.tls_active or self.settings.allow_plaintext_auth):
             self.reply(Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
             return
         mechanism, _, initial = arg.strip().partition(" ")
@@ -741,7 +741,8 @@ class Session:
         challenges = sasl.MECHANISMS[mechanism]
         if len(responses) < len(challenges):
             self.state = State.AUTH
-            self.reply(Reply(334, None, base64.b64encode(challenges[len(responses)]).decode()))
+            challenge = base64.b64encode(challenges[len(responses)])
+            self.out.write(b"334 " + challenge + b"\r\n")  # "334 " even when empty (RFC 4954 4)
             return
         self.state = State.READY
         self._sasl = None

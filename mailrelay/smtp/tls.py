@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet import ssl
 
 from mailrelay.smtp.session import TLSInfo
@@ -25,12 +27,11 @@ def server_tls_options(certificate_path: str, key_path: str) -> ssl.CertificateO
     certs = _PEM_CERT.findall(cert_pem)
     if not certs:
         raise ValueError(f"{certificate_path}: no PEM certificate found")
-    leaf = ssl.Certificate.loadPEM(certs[0])
-    key = ssl.KeyPair.load(key_pem, ssl.crypto.FILETYPE_PEM)
-    chain = [ssl.Certificate.loadPEM(c).original for c in certs[1:]]
+    leaf, *chain = (x509.load_pem_x509_certificate(c) for c in certs)
+    key = load_pem_private_key(key_pem, password=None)
     return ssl.CertificateOptions(
-        privateKey=key.original,
-        certificate=leaf.original,
+        privateKey=key,
+        certificate=leaf,
         extraCertChain=chain,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )

@@ -115,6 +115,7 @@ class Conn:
         client: str = "192.0.2.10",
         clock: Clock | None = None,
         factory: SMTPServerFactory | None = None,
+        transport_class: type[StringTransport] = StringTransport,
         **extras: Any,
     ) -> None:
         self.config = config or ServerConfig(hostname="mx.example.test", local_domains=("example.test",))
@@ -127,7 +128,7 @@ class Conn:
         cls = IPv6Address if ":" in client else IPv4Address
         addr = cls("TCP", client, 40000)
         self.proto = self.factory.buildProtocol(addr)
-        self.transport = StringTransport(peerAddress=addr, hostAddress=cls("TCP", "127.0.0.1", 25))
+        self.transport = transport_class(peerAddress=addr, hostAddress=cls("TCP", "127.0.0.1", 25))
         self.proto.makeConnection(self.transport)
         self._seen = 0
 
@@ -163,6 +164,15 @@ class Conn:
         self.replies()
         self.send("EHLO client.example.org\r\n")
         assert self.codes() == [250]
+
+
+class TLSStringTransport(StringTransport):
+    """Records ``startTLS``; the test then calls ``handshakeCompleted`` itself."""
+
+    tls_options: Any = None
+
+    def startTLS(self, options: Any) -> None:
+        self.tls_options = options
 
 
 def stuff(message: bytes) -> bytes:
