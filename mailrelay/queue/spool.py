@@ -294,8 +294,10 @@ class FilesystemSpool:
         self._tmp_counter = 0
         #: How many batches the writer has made durable (each one ``fsync`` of ``queue/``).
         self.commit_passes = 0
-        os.makedirs(self.tmp_dir, exist_ok=True)
-        os.makedirs(self.queue_dir, exist_ok=True)
+        # Mail is private: a spool we create is for our user only (the control socket lives here too).
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.queue_dir, mode=0o700, exist_ok=True)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -369,6 +371,34 @@ class FilesystemSpool:
 
     def subscribe(self, callback: Callable[[str], object]) -> None:
         self._subscribers.append(callback)
+
+    # -- blocking access for offline tools (the CLI on a stopped instance) -------------------
+
+    def scan_ids(self) -> list[str]:
+        """The committed ids, read without changing anything (safe while an instance runs)."""
+        ids = {}
+        for entry in os.scandir(self.queue_dir):
+            stem, ext = os.path.splitext(entry.name)
+            if ext in (_BODY, _ENV):
+                ids[stem] = ids.get(stem, 0) + 1
+        return sorted(stem for stem, n in ids.items() if n == 2)
+
+    def run_now(self, job: _Job) -> Any:
+        """Do one job in the calling thread; only when no writer thread runs (a stopped instance)."""
+        if self._thread is not None:
+            raise RuntimeError("the spool's writer thread is running; submit jobs instead")
+        ((_, result),) = self._do_batch([job])
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
+
+    def save_now(self, message: QueuedMessage) -> None:
+        self.run_now(_Save(message))
+
+    def remove_now(self, queue_id: str) -> None:
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+        self.run_now(_Remove(queue_id))
 
     # -- the writer thread ----------------------------------------------------------------
 

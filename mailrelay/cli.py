@@ -1,0 +1,369 @@
+"""The ``mailrelay`` command: check a config, look at and steer the queue.
+
+``mailrelay queue ...`` talks to the running instance over its control socket
+(``<spool path>/control.sock``); when no instance runs, ``list``, ``show`` and ``summary`` read the
+filesystem spool directly and ``delete``/``hold``/``release`` edit it (``flush`` needs a running
+instance). Exit status: 0 success, 1 failure (bad config, no such message, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+
+from mailrelay import config as configmod
+from mailrelay.control import info as infomod
+from mailrelay.errors import ConfigError
+
+PAGE = 500
+
+
+class CLIError(Exception):
+    """A failure to report in one line, without a traceback."""
+
+
+# -- check-config -----------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def _section_lines(obj: Any, only_changed: bool) -> list[str]:
+    lines = []
+    for field in attrs.fields(type(obj)):
+        value = getattr(obj, field.name)
+        if value is None:
+            continue
+        if only_changed and field.default is not attrs.NOTHING and value == field.default:
+            continue
+        lines.append(f"{field.name} = {_toml_value(value)}")
+    return lines
+
+
+def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
+    """The effective configuration as TOML (every value, or with ``only_changed`` those set apart
+    from the defaults, like ``postconf -n``). Durations are in seconds, sizes in bytes."""
+    out: list[str] = [f"# effective configuration of {cfg.source}"]
+    for name in ("server", "spool", "queue", "delivery"):
+        lines = _section_lines(getattr(cfg, name), only_changed)
+        if lines:
+            out += ["", f"[{name}]", *lines]
+    if cfg.metrics_listen:
+        out += ["", "[metrics]", f"listen = {_toml_value(cfg.metrics_listen)}"]
+    for route in cfg.routes:
+        out += ["", "[[routes]]", f"type = {_toml_value(route.type)}"]
+        out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in route.options.items()]
+    return "\n".join(out) + "\n"
+
+
+def check_config(path: str, only_changed: bool = False, out: Any = None, err: Any = None) -> int:
+    """Load and fully validate ``path`` (routers built, nothing started); print it or the error."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        cfg = configmod.load(path)
+        from mailrelay.service import MailRelayService
+        from mailrelay.testing import MemoryQueueStore
+
+        # Build every room (routers, policies, listeners' endpoints) without touching the spool.
+        MailRelayService(cfg, store=MemoryQueueStore())
+    except ConfigError as e:
+        print(f"mailrelay: {e}", file=err)
+        return 1
+    print(render_config(cfg, only_changed), end="", file=out)
+    return 0
+
+
+# -- queue: where the answers come from ---------------------------------------------------------
+
+
+class _Online:
+    """A running instance, over its control socket."""
+
+    def __init__(self, proto: Any) -> None:
+        from mailrelay.control import protocol
+
+        self.proto = proto
+        self.p = protocol
+
+    def list(self, after: str | None, limit: int) -> defer.Deferred[Any]:
+        d = self.proto.callRemote(self.p.ListQueue, after=after, limit=limit)
+        return d.addCallback(lambda r: (r["messages"], r["more"]))
+
+    def show(self, queue_id: str) -> defer.Deferred[Any]:
+        return self.proto.callRemote(self.p.ShowMessage, queue_id=queue_id).addCallback(lambda r: r["message"])
+
+    def summary(self) -> defer.Deferred[Any]:
+        return self.proto.callRemote(self.p.Summary).addCallback(lambda r: r["summary"])
+
+    def flush(self, queue_id: str | None) -> defer.Deferred[Any]:
+        return self.proto.callRemote(self.p.Flush, queue_id=queue_id).addCallback(lambda r: r["count"])
+
+    def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
+        command = {"delete": self.p.Delete, "hold": self.p.Hold, "release": self.p.Release}[action]
+        return self.proto.callRemote(command, queue_id=queue_id)
+
+
+class _Offline:
+    """A stopped instance: the filesystem spool, read (and for delete/hold/release, edited) directly."""
+
+    def __init__(self, spool_path: str) -> None:
+        from mailrelay.queue.spool import FilesystemSpool
+
+        if not os.path.isdir(os.path.join(spool_path, "queue")):
+            raise CLIError(f"no spool at {spool_path} (and no running instance)")
+        self.spool = FilesystemSpool(spool_path, None)
+
+    def _info(self, queue_id: str) -> dict[str, Any]:
+        message = self.spool.read_message(queue_id)
+        return infomod.message_info(message, self.spool.body_size(queue_id))
+
+    def _infos(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        out = []
+        for qid in ids:
+            try:
+                out.append(self._info(qid))
+            except (KeyError, FileNotFoundError):
+                continue
+        return out
+
+    def list(self, after: str | None, limit: int) -> defer.Deferred[Any]:
+        ids = [i for i in self.spool.scan_ids() if not after or i > after]
+        return defer.succeed((self._infos(ids[:limit]), len(ids) > limit))
+
+    def show(self, queue_id: str) -> defer.Deferred[Any]:
+        return defer.maybeDeferred(
+            lambda: infomod.message_detail(self.spool.read_message(queue_id), self.spool.open_body(queue_id)))
+
+    def summary(self) -> defer.Deferred[Any]:
+        return defer.succeed(infomod.summary(self._infos(self.spool.scan_ids()), time.time()))
+
+    def flush(self, queue_id: str | None) -> defer.Deferred[Any]:
+        return defer.fail(CLIError("mailrelay is not running: messages are attempted when it starts"))
+
+    def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
+        def run() -> None:
+            if action == "delete":
+                self.spool.remove_now(queue_id)
+                return
+            message = self.spool.read_message(queue_id)
+            if action == "hold":
+                self.spool.save_now(attrs.evolve(message, held=True))
+            else:
+                self.spool.save_now(attrs.evolve(message, held=False, next_attempt=0.0))
+
+        return defer.maybeDeferred(run)
+
+
+def _backend(reactor: Any, args: argparse.Namespace) -> defer.Deferred[Any]:
+    from mailrelay.control.client import connect, is_listening
+    from mailrelay.control.server import socket_path
+
+    cfg = configmod.load(args.config)
+    path = args.socket or socket_path(cfg.spool.path)
+    if is_listening(path):
+        return connect(reactor, path).addCallback(_Online)
+    if cfg.spool.backend != "filesystem":
+        return defer.fail(CLIError(f"mailrelay is not running (no control socket at {path})"))
+    return defer.maybeDeferred(_Offline, cfg.spool.path)
+
+
+# -- queue: printing ---------------------------------------------------------------------------
+
+
+def _when(epoch: float | None) -> str:
+    return time.strftime("%a %b %d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def print_list(infos: list[dict[str, Any]], out: Any) -> None:
+    for m in infos:
+        mark = "!" if m["held"] else ("*" if m["active"] else " ")
+        size = m["size"] if m["size"] is not None else 0
+        print(f"{m['queue_id']}{mark} {size:>9} {_when(m['arrival'])}  {m['sender'] or 'MAILER-DAEMON'}", file=out)
+        for r in m["recipients"]:
+            if r["state"] != "pending":
+                continue
+            if r["last_reply"]:
+                print(f"{'':>50}({r['last_reply']})", file=out)
+            print(f"{'':>50}{r['address']}", file=out)
+        print(file=out)
+
+
+def print_show(m: dict[str, Any], out: Any) -> None:
+    env = m["envelope"]
+    state = "held" if m["held"] else ("being delivered" if m["active"] else "queued")
+    rows = [
+        ("queue id", m["queue_id"]),
+        ("state", state),
+        ("arrival", _when(m["arrival"])),
+        ("sender", f"<{m['sender']}>"),
+        ("size", m["size"]),
+        ("attempts", m["attempts"]),
+        ("next attempt", _when(m["next_attempt"]) if not m["held"] else "-"),
+        ("client", f"{env.get('client_name') or '-'} [{env.get('client_address') or '-'}] helo={env.get('helo') or '-'}"),
+        ("protocol", env.get("protocol")),
+    ]
+    for key in ("body", "smtputf8", "ret", "envid", "auth"):
+        if env.get(key):
+            rows.append((key, env[key]))
+    for k, v in rows:
+        print(f"{k + ':':<14}{v}", file=out)
+    print("recipients:", file=out)
+    for r in m["recipients"]:
+        extra = f" attempts={r['attempts']}" if r["attempts"] else ""
+        extra += f" remote={r['remote']}" if r["remote"] else ""
+        print(f"  <{r['address']}> {r['state']}{extra}", file=out)
+        if r["last_reply"]:
+            print(f"      {r['last_reply']}", file=out)
+    print("headers:", file=out)
+    for line in m["headers"].splitlines():
+        print(f"  {line}", file=out)
+
+
+def print_summary(s: dict[str, Any], out: Any) -> None:
+    head = f"{'':>30} {'T':>6} " + " ".join(f"{b:>6}" for b in s["buckets"])
+    print(head, file=out)
+    rows = [("TOTAL", s["total"])] + [(d, c) for d, c in s["rows"]]
+    for name, counts in rows:
+        print(f"{name[-30:]:>30} {sum(counts):>6} " + " ".join(f"{c:>6}" for c in counts), file=out)
+    if s["more_domains"]:
+        print(f"{'':>30} (and {s['more_domains']} more domains)", file=out)
+    print(f"{s['messages']} messages, {s['held']} held", file=out)
+
+
+# -- queue: commands ---------------------------------------------------------------------------
+
+
+@defer.inlineCallbacks
+def _queue_command(backend: Any, args: argparse.Namespace, out: Any):  # type: ignore[no-untyped-def]
+    cmd = args.queue_command
+    if cmd == "list":
+        after, total_size, count, every = None, 0, 0, []
+        while True:
+            infos, more = yield backend.list(after, PAGE)
+            if args.json:
+                every += infos
+            else:
+                print_list(infos, out)
+            count += len(infos)
+            total_size += sum(m["size"] or 0 for m in infos)
+            if not more or not infos:
+                break
+            after = infos[-1]["queue_id"]
+        if args.json:
+            print(json.dumps(every, indent=1), file=out)
+        elif count:
+            print(f"-- {(total_size + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.", file=out)
+        else:
+            print("Mail queue is empty", file=out)
+    elif cmd == "show":
+        m = yield backend.show(args.queue_id)
+        print(json.dumps(m, indent=1), file=out) if args.json else print_show(m, out)
+    elif cmd == "summary":
+        s = yield backend.summary()
+        print(json.dumps(s, indent=1), file=out) if args.json else print_summary(s, out)
+    elif cmd == "flush":
+        n = yield backend.flush(args.queue_id)
+        print(f"flushed {n} message{'s' if n != 1 else ''}", file=out)
+    else:
+        yield backend.act(cmd, args.queue_id)
+        print(f"{args.queue_id}: {cmd}d" if cmd != "hold" else f"{args.queue_id}: held", file=out)
+    return 0
+
+
+def run_queue(args: argparse.Namespace, out: Any = None, err: Any = None) -> int:
+    from twisted.internet.task import react
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    code: list[int] = []
+
+    def go(reactor: Any) -> defer.Deferred[None]:
+        d = defer.maybeDeferred(_backend, reactor, args)
+        d.addCallback(_queue_command, args, out)
+
+        def failed(f: Any) -> None:
+            if f.check(KeyError):
+                print(f"mailrelay: no such message: {getattr(args, 'queue_id', '')}", file=err)
+            elif f.check(ConfigError, CLIError, OSError):
+                print(f"mailrelay: {f.value}", file=err)
+            else:
+                print(f"mailrelay: {f.getErrorMessage()}", file=err)
+            code.append(1)
+
+        return d.addCallbacks(code.append, failed)
+
+    try:
+        react(go)
+    except SystemExit:
+        pass
+    return code[0] if code else 1
+
+
+# -- argument parsing --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailrelay", description="mailrelay: a mail transfer agent on Twisted")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    check.add_argument("file")
+    check.add_argument("-n", "--changed", action="store_true", help="only values that differ from the defaults")
+
+    queue = sub.add_parser("queue", help="look at and steer the queue")
+    qsub = queue.add_subparsers(dest="queue_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", default=os.environ.get("MAILRELAY_CONFIG", "mailrelay.toml"),
+                       help="the instance's config file (default: $MAILRELAY_CONFIG or ./mailrelay.toml)")
+        p.add_argument("--socket", default=None, help="the control socket (default: <spool path>/control.sock)")
+        return p
+
+    common(qsub.add_parser("list", help="every queued message (like mailq)")).add_argument("--json", action="store_true")
+    show = common(qsub.add_parser("show", help="one message: envelope, recipients, headers"))
+    show.add_argument("queue_id", type=str.upper)
+    show.add_argument("--json", action="store_true")
+    common(qsub.add_parser("summary", help="pending recipients by domain and age (like qshape)")).add_argument(
+        "--json", action="store_true")
+    common(qsub.add_parser("flush", help="attempt a message (or every message) now")).add_argument(
+        "queue_id", nargs="?")
+    for name, text in (("delete", "remove a message without delivering or bouncing it"),
+                       ("hold", "keep a message without attempting it"),
+                       ("release", "undo hold: attempt the message now")):
+        common(qsub.add_parser(name, help=text)).add_argument("queue_id", type=str.upper)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "check-config": lambda a: check_config(a.file, a.changed),
+        "queue": run_queue,
+    }
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The CLI's side of the control channel: connect to a running instance's UNIX socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.protocols import amp
+
+
+def is_listening(path: str) -> bool:
+    """Whether an instance answers on ``path`` (a quick blocking probe, for the CLI only)."""
+    if not os.path.exists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def connect(reactor: Any, path: str, timeout: float = 10) -> defer.Deferred[amp.AMP]:
+    return connectProtocol(UNIXClientEndpoint(reactor, path, timeout=timeout), amp.AMP())

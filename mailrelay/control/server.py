@@ -1,0 +1,178 @@
+"""The control channel of a running instance: AMP over a UNIX socket only its owner may use.
+
+``MailRelayService`` starts a ``ControlServer`` on ``<spool path>/control.sock`` (see
+``socket_path``); ``mailrelay queue ...`` connects to it. The socket is created mode 0600 inside
+the spool directory, which the spool keeps at 0700.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from mailrelay.control import info, protocol
+from mailrelay.interfaces import IQueueStore
+from mailrelay.queue.manager import QueueManager
+from mailrelay.queue.store import is_queue_id
+
+log = Logger()
+
+SOCKET_NAME = "control.sock"
+
+
+def socket_path(spool_path: str) -> str:
+    """Where the control socket of the instance whose spool is at ``spool_path`` lives."""
+    return os.path.join(spool_path, SOCKET_NAME)
+
+
+class ControlProtocol(amp.AMP):
+    """Answers the commands of ``mailrelay.control.protocol`` from the manager and the store."""
+
+    def __init__(self, manager: QueueManager, store: IQueueStore, clock: Any) -> None:
+        super().__init__()
+        self.manager = manager
+        self.store = store
+        self.clock = clock
+
+    def _check(self, queue_id: str) -> None:
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+
+    @defer.inlineCallbacks
+    def _info(self, queue_id: str, detail: bool = False):  # type: ignore[no-untyped-def]
+        message = yield self.store.load(queue_id)
+        due = self.manager.scheduled().get(queue_id)
+        active = self.manager.is_active(queue_id)
+        try:
+            body = self.store.open_body(queue_id)
+        except (KeyError, OSError):
+            body = None
+        if detail:
+            return info.message_detail(message, body, due, active)
+        return info.message_info(message, info.body_size(body) if body else None, due, active)
+
+    @protocol.ListQueue.responder
+    @defer.inlineCallbacks
+    def list_queue(self, limit: int, after: str | None = None):  # type: ignore[no-untyped-def]
+        ids = sorted((yield self.store.list_ids()))
+        if after:
+            ids = [i for i in ids if i > after]
+        page, more = ids[: max(1, limit)], len(ids) > limit
+        out = []
+        for qid in page:
+            try:
+                out.append((yield self._info(qid)))
+            except KeyError:
+                continue  # delivered while we listed
+        return {"messages": out, "more": more}
+
+    @protocol.ShowMessage.responder
+    @defer.inlineCallbacks
+    def show(self, queue_id: str):  # type: ignore[no-untyped-def]
+        self._check(queue_id)
+        return {"message": (yield self._info(queue_id, detail=True))}
+
+    @protocol.Summary.responder
+    @defer.inlineCallbacks
+    def summary(self):  # type: ignore[no-untyped-def]
+        infos = []
+        for qid in (yield self.store.list_ids()):
+            try:
+                message = yield self.store.load(qid)
+            except KeyError:
+                continue
+            infos.append(info.message_info(message, None))
+        return {"summary": info.summary(infos, self.clock.seconds())}
+
+    @protocol.Flush.responder
+    def flush(self, queue_id: str | None = None) -> dict[str, int]:
+        if queue_id is not None:
+            self._check(queue_id)
+            if queue_id not in self.manager.scheduled() and not self.manager.is_active(queue_id):
+                raise KeyError(queue_id)
+        count = self.manager.flush(queue_id)
+        log.info("control: flush {what} ({count} messages)", what=queue_id or "all", count=count)
+        return {"count": count}
+
+    @protocol.Delete.responder
+    @defer.inlineCallbacks
+    def delete(self, queue_id: str):  # type: ignore[no-untyped-def]
+        self._check(queue_id)
+        yield self.manager.delete(queue_id)
+        log.info("{queue_id}: removed by the operator", queue_id=queue_id)
+        return {}
+
+    @protocol.Hold.responder
+    @defer.inlineCallbacks
+    def hold(self, queue_id: str):  # type: ignore[no-untyped-def]
+        self._check(queue_id)
+        yield self.manager.hold(queue_id)
+        log.info("{queue_id}: held by the operator", queue_id=queue_id)
+        return {}
+
+    @protocol.Release.responder
+    @defer.inlineCallbacks
+    def release(self, queue_id: str):  # type: ignore[no-untyped-def]
+        self._check(queue_id)
+        yield self.manager.release(queue_id)
+        log.info("{queue_id}: released by the operator", queue_id=queue_id)
+        return {}
+
+
+class ControlServer:
+    """Listens on ``socket_path`` (mode 0600) for the CLI while started.
+
+    A socket left by a crashed instance is replaced; one that a live instance answers on is not
+    (``start`` fails instead, so two instances never share a spool unknowingly).
+    """
+
+    def __init__(self, manager: QueueManager, store: IQueueStore, socket_path: str, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.manager = manager
+        self.store = store
+        self.socket_path = socket_path
+        self.reactor = reactor
+        self.port: IListeningPort | None = None
+
+    def _factory(self) -> Factory:
+        return Factory.forProtocol(lambda: ControlProtocol(self.manager, self.store, self.reactor))
+
+    @defer.inlineCallbacks
+    def start(self):  # type: ignore[no-untyped-def]
+        """Listen; a Deferred that fires with the port (or fails if a live instance holds the socket)."""
+        self._remove_stale()
+        endpoint = UNIXServerEndpoint(self.reactor, self.socket_path, mode=0o600)
+        self.port = yield endpoint.listen(self._factory())
+        os.chmod(self.socket_path, 0o600)
+        log.info("control channel on {path}", path=self.socket_path)
+        return self.port
+
+    def _remove_stale(self) -> None:
+        if not os.path.exists(self.socket_path):
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.socket_path)
+        except OSError:
+            os.unlink(self.socket_path)  # nobody listens: left by a crash
+            return
+        finally:
+            probe.close()
+        raise RuntimeError(f"another mailrelay instance is running on {self.socket_path}")
+
+    def stop(self) -> defer.Deferred[None]:
+        if self.port is None:
+            return defer.succeed(None)
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening)

@@ -1,0 +1,203 @@
+"""The ``mailrelay`` command: check-config, and the queue commands against a stopped spool and
+against a running queue over its control socket (the real console script, in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import defer, reactor, threads
+
+from mailrelay import config
+from mailrelay.cli import check_config, render_config
+from mailrelay.config import QueueConfig
+from mailrelay.control.server import ControlServer, socket_path
+from mailrelay.envelope import Envelope, Recipient, Reply
+from mailrelay.queue.manager import QueueManager
+from mailrelay.queue.spool import FilesystemSpool
+from mailrelay.testing import FakeRouter, RecordingDeliverer, route_to
+
+MAILRELAY = str(Path(sys.executable).with_name("mailrelay"))
+LATER = Reply(451, "4.4.1", "mailbox busy")
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "mailrelay.toml"
+    path.write_text(
+        '[server]\nhostname = "cli.example.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+        'local_domains = ["example.test"]\n'
+        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+        '[queue]\nretry_schedule = ["1m", "10m"]\nmax_lifetime = "2d"\n'
+        '[[routes]]\ntype = "static"\ndomains = ["example.test", ".example.test"]\nhosts = ["127.0.0.1:2526"]\n'
+        + extra
+    )
+    return path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MAILRELAY, *args], capture_output=True, text=True, timeout=60)
+
+
+# -- check-config ------------------------------------------------------------------------------
+
+
+def test_check_config_prints_the_effective_config_which_loads_back_the_same(tmp_path, capsys):
+    path = write_config(tmp_path)
+    assert check_config(str(path)) == 0
+    printed = capsys.readouterr().out
+    assert "[queue]\nretry_schedule = [60, 600]" in printed
+    assert "max_lifetime = 172800" in printed
+    original = config.load(str(path))
+    again = config.loads(printed, str(path))
+    assert again == original
+
+
+def test_check_config_changed_only_like_postconf_n(tmp_path):
+    cfg = config.load(str(write_config(tmp_path)))
+    text = render_config(cfg, only_changed=True)
+    assert "max_lifetime = 172800" in text and "max_deliveries" not in text
+    assert "hostname = \"cli.example.test\"" in text
+
+
+def test_check_config_errors_name_the_key_and_exit_1(tmp_path):
+    path = write_config(tmp_path, '[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:99999"]\n')
+    result = cli("check-config", str(path))
+    assert result.returncode == 1
+    assert "routes[1].hosts[0]" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "spool").exists(), "checking a config creates nothing"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[queue]\nretry_schedule = [\"soon\"]\n")
+    result = cli("check-config", str(bad))
+    assert result.returncode == 1 and "queue.retry_schedule[0]" in result.stderr
+    ok = cli("check-config", str(write_config(tmp_path)))
+    assert ok.returncode == 0 and ok.stdout.startswith("# effective configuration")
+
+
+# -- the queue of a stopped instance --------------------------------------------------------------
+
+
+ENV = Envelope("sender@example.org", (Recipient("a@example.test"), Recipient("b@other.test")),
+               helo="client.example.org", client_address="127.0.0.1")
+
+
+@defer.inlineCallbacks
+def fill_spool(path: Path, n: int) -> list[str]:
+    spool = FilesystemSpool(str(path), reactor)
+    spool.start()
+    ids = []
+    try:
+        for i in range(n):
+            w = spool.open(ENV)
+            w.write(f"Subject: message {i}\r\n\r\nbody {i}\r\n".encode())
+            ids.append((yield w.commit()))
+    finally:
+        yield spool.stop()
+    return ids
+
+
+@pytest_twisted.inlineCallbacks
+def test_queue_commands_on_a_stopped_instance_read_and_edit_the_spool(tmp_path):
+    path = write_config(tmp_path)
+    ids = yield fill_spool(tmp_path / "spool", 3)
+    yield threads.deferToThread(stopped_instance_checks, path, tmp_path, ids)
+
+
+def stopped_instance_checks(path: Path, tmp_path: Path, ids: list[str]) -> None:
+    listed = cli("queue", "list", "--config", str(path))
+    assert listed.returncode == 0, listed.stderr
+    for qid in ids:
+        assert qid in listed.stdout
+    assert listed.stdout.count("a@example.test") == 3 and "in 3 Requests." in listed.stdout
+
+    shown = cli("queue", "show", ids[1].lower(), "--config", str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert "Subject: message 1" in shown.stdout and "<sender@example.org>" in shown.stdout
+    assert "helo=client.example.org" in shown.stdout
+
+    summary = cli("queue", "summary", "--config", str(path))
+    assert summary.returncode == 0
+    total = next(line for line in summary.stdout.splitlines() if "TOTAL" in line).split()
+    assert total[1] == "6"  # six pending recipients
+    assert any(line.split()[:2] == ["other.test", "3"] for line in summary.stdout.splitlines())
+
+    assert cli("queue", "hold", ids[0], "--config", str(path)).returncode == 0
+    assert f"{ids[0]}!" in cli("queue", "list", "--config", str(path)).stdout
+    assert cli("queue", "release", ids[0], "--config", str(path)).returncode == 0
+    assert f"{ids[0]}!" not in cli("queue", "list", "--config", str(path)).stdout
+    assert cli("queue", "delete", ids[2], "--config", str(path)).returncode == 0
+    assert not list((tmp_path / "spool" / "queue").glob(f"{ids[2]}.*"))
+
+    missing = cli("queue", "show", "0000000000AAAAAAAA", "--config", str(path))
+    assert missing.returncode == 1 and "no such message" in missing.stderr
+    flush = cli("queue", "flush", "--config", str(path))
+    assert flush.returncode == 1 and "not running" in flush.stderr
+
+
+# -- the queue of a running instance --------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_queue_commands_against_a_running_queue_over_the_control_socket(tmp_path):
+    path = write_config(tmp_path)
+    spool = FilesystemSpool(str(tmp_path / "spool"), reactor)
+    deliverer = RecordingDeliverer(default=LATER)
+    manager = QueueManager(spool, FakeRouter({"*": route_to("127.0.0.1", 2526)}), deliverer, reactor,
+                           QueueConfig(retry_schedule=(3600.0,)), "cli.example.test")
+    control = ControlServer(manager, spool, socket_path(str(tmp_path / "spool")), reactor)
+    spool.start()
+    yield manager.start()
+    yield control.start()
+    try:
+        sock = socket_path(str(tmp_path / "spool"))
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(tmp_path / "spool").st_mode) == 0o700
+        w = spool.open(ENV)
+        w.write(b"Subject: live\r\n\r\nhello\r\n")
+        qid = yield w.commit()
+        while len(deliverer.calls) < 1:  # picked up at once, deferred (451)
+            yield threads.deferToThread(lambda: None)
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return cli("queue", *args, "--config", str(path))
+
+        listed = yield threads.deferToThread(run, "list")
+        assert listed.returncode == 0, listed.stderr
+        assert qid in listed.stdout and "(451 4.4.1 mailbox busy)" in listed.stdout
+
+        shown = yield threads.deferToThread(run, "show", qid, "--json")
+        assert '"attempts": 1' in shown.stdout and "Subject: live" in shown.stdout
+
+        flushed = yield threads.deferToThread(run, "flush", qid)
+        assert flushed.returncode == 0 and "flushed 1 message" in flushed.stdout
+        for _ in range(200):
+            if len(deliverer.calls) >= 2:
+                break
+            yield threads.deferToThread(lambda: None)
+        assert len(deliverer.calls) == 2, "flush made the manager attempt it again now"
+
+        held = yield threads.deferToThread(run, "hold", qid)
+        assert held.returncode == 0
+        assert (yield spool.load(qid)).held and qid not in manager.scheduled()
+        released = yield threads.deferToThread(run, "release", qid)
+        assert released.returncode == 0 and not (yield spool.load(qid)).held
+
+        deleted = yield threads.deferToThread(run, "delete", qid)
+        assert deleted.returncode == 0
+        assert (yield spool.list_ids()) == []
+        missing = yield threads.deferToThread(run, "show", qid)
+        assert missing.returncode == 1 and "no such message" in missing.stderr
+    finally:
+        yield control.stop()
+        yield manager.stop()
+        yield spool.stop()
+    assert not os.path.exists(sock)
+
+
+def test_queue_command_with_a_missing_config_is_one_clear_line(tmp_path):
+    result = cli("queue", "list", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"mailrelay: {tmp_path / 'nope.toml'}: No such file or directory"
