@@ -19,6 +19,35 @@ from mailrelay.interfaces import IPolicy
 
 
 @implementer(IPolicy)
+class Policy:
+    """A policy with no objections: subclass it and override only the stages you check.
+
+    Each method returns ``None`` (no objection), a ``Reply`` (refuse with it) or a Deferred of
+    either; raising ``TemporaryFailure``/``PermanentFailure`` gives their reply.
+    """
+
+    def connect(self, session: Any) -> Reply | None | Deferred[Reply | None]:
+        return None
+
+    def helo(self, session: Any, name: str) -> Reply | None | Deferred[Reply | None]:
+        return None
+
+    def mail(self, session: Any, sender: str, params: Mapping[str, str | None]) -> Reply | None | Deferred[Reply | None]:
+        return None
+
+    def rcpt(
+        self, session: Any, sender: str, recipient: str, params: Mapping[str, str | None]
+    ) -> Reply | None | Deferred[Reply | None]:
+        return None
+
+    def data(self, session: Any, envelope: Envelope) -> Reply | None | Deferred[Reply | None]:
+        return None
+
+    def end_of_data(self, session: Any, envelope: Envelope, size: int) -> Reply | None | Deferred[Reply | None]:
+        return None
+
+
+@implementer(IPolicy)
 class PolicyChain:
     """Several ``IPolicy`` providers as one; synchronous answers stay synchronous (no Deferred)."""
 
@@ -75,4 +104,4 @@ def build_policy(server: ServerConfig, extra: Sequence[IPolicy] = ()) -> IPolicy
     return PolicyChain([access, *extra])
 
 
-__all__ = ["PolicyChain", "build_policy"]
+__all__ = ["Policy", "PolicyChain", "build_policy"]

@@ -129,3 +129,20 @@ def test_build_policy_puts_extras_after_access() -> None:
     assert policy.rcpt(s, "", "x@elsewhere.example", {}).code == 554
     s.trusted = True
     assert policy.rcpt(s, "", "x@elsewhere.example", {}).enhanced == "5.1.1"
+
+
+def test_policy_base_lets_embedders_override_one_stage() -> None:
+    from zope.interface.verify import verifyObject
+
+    from mailrelay.interfaces import IPolicy
+    from mailrelay.policy import Policy
+
+    class NoMondays(Policy):
+        def mail(self, session, sender, params):
+            return Reply(450, "4.7.1", "not today") if sender.startswith("monday") else None
+
+    verifyObject(IPolicy, NoMondays())
+    c = Conn(config=ServerConfig(hostname="h", trusted_networks=()), policy=PolicyChain([NoMondays()]))
+    c.ehlo()
+    c.send("MAIL FROM:<monday@example.org>\r\nMAIL FROM:<tuesday@example.org>\r\n")
+    assert c.codes() == [450, 250]
