@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.names import client, dns
 from twisted.names import error as dnserror
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.address import domain_matches, normalise_domain, split
@@ -37,6 +38,7 @@ from mailrelay.routing.context import RouterContext
 from mailrelay.routing.static import parse_domain_pattern, parse_tls
 
 MAX_CNAME_DEPTH = 8
+SHUFFLE_WINDOW = 1.0  # seconds during which one domain's equal-preference order is reused
 
 
 class _NoAddress(Exception):
@@ -126,6 +128,8 @@ class MXRouter:
         self.source = source
         self.min_ttl, self.max_ttl, self.negative_ttl = min_ttl, max_ttl, negative_ttl
         self._cache: dict[str, _Resolved] = {}
+        self._inflight: dict[str, list[defer.Deferred[tuple[Exchange, ...]]]] = {}
+        self._orders: dict[str, tuple[tuple[Exchange, ...], float, tuple[Exchange, ...]]] = {}
 
     def __repr__(self) -> str:
         return f"MXRouter(port={self.port}, domains={list(self.domains)!r})"
@@ -163,7 +167,10 @@ class MXRouter:
         return d.addCallback(hops)
 
     def exchanges(self, domain: str) -> defer.Deferred[tuple[Exchange, ...]]:
-        """The MX hosts of ``domain`` with their addresses, in order; cached per TTL."""
+        """The MX hosts of ``domain`` with their addresses, in order; cached per TTL.
+
+        Concurrent calls for one domain (the recipients of one message) share one DNS lookup.
+        """
         domain = normalise_domain(domain)
         literal = _literal(domain)
         if literal is not None:
@@ -173,22 +180,45 @@ class MXRouter:
         if cached is not None and cached.expires > now:
             if cached.failure is not None:
                 return defer.fail(cached.failure)
-            return defer.succeed(self._ordered(cached.exchanges))
+            return defer.succeed(self._ordered(domain, cached.exchanges))
+        waiter: defer.Deferred[tuple[Exchange, ...]] = defer.Deferred()
+        waiters = self._inflight.get(domain)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._inflight[domain] = [waiter]
         d = defer.ensureDeferred(self._resolve(domain))
-        d.addCallback(self._store, domain)
-        return d
+        d.addBoth(self._resolved, domain)
+        return waiter
 
-    def _store(self, resolved: _Resolved, domain: str) -> tuple[Exchange, ...]:
-        self._cache[domain] = resolved
-        if resolved.failure is not None:
-            raise resolved.failure
-        return self._ordered(resolved.exchanges)
+    def _resolved(self, result: _Resolved | Failure, domain: str) -> None:
+        waiters = self._inflight.pop(domain, [])
+        if isinstance(result, _Resolved):
+            self._cache[domain] = result
+            if result.failure is not None:
+                result = Failure(result.failure)
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(self._ordered(domain, result.exchanges))
 
-    def _ordered(self, exchanges: tuple[Exchange, ...]) -> tuple[Exchange, ...]:
-        """Preference order; hosts of equal preference in a fresh random order each time."""
+    def _ordered(self, domain: str, exchanges: tuple[Exchange, ...]) -> tuple[Exchange, ...]:
+        """Preference order; hosts of equal preference in random order.
+
+        The order is drawn afresh for each delivery attempt, but kept for ``SHUFFLE_WINDOW``
+        seconds so that the recipients of one message, routed together, share one destination
+        (and one connection) instead of being split by the dice.
+        """
+        now = self.clock.seconds()
+        memo = self._orders.get(domain)
+        if memo is not None and memo[0] == exchanges and now - memo[1] < SHUFFLE_WINDOW:
+            return memo[2]
         keyed = [(x.preference, self.random.random(), x) for x in exchanges]
         keyed.sort(key=lambda t: (t[0], t[1]))
-        return tuple(x for _, _, x in keyed)
+        ordered = tuple(x for _, _, x in keyed)
+        self._orders[domain] = (exchanges, now, ordered)
+        return ordered
 
     def _route(self, exchanges: tuple[Exchange, ...], port: int) -> Route:
         hops: list[NextHop] = []

@@ -86,10 +86,37 @@ def test_equal_preferences_are_shuffled_by_the_injected_random() -> None:
     assert hops(router(random=random.Random(3)), "u@equal.test") == hops(router(random=random.Random(3)), "u@equal.test")
 
 
-def test_equal_preferences_are_reshuffled_on_every_attempt_even_from_the_cache() -> None:
-    r = router(random=random.Random(0))
-    orders = {tuple(h[3] for h in hops(r, "u@equal.test")) for _ in range(20)}
+def test_equal_preferences_are_reshuffled_for_each_attempt_even_from_the_cache() -> None:
+    clock = Clock()
+    r = router(clock=clock, random=random.Random(0))
+    orders = set()
+    for _ in range(20):
+        clock.advance(1)
+        orders.add(tuple(h[3] for h in hops(r, "u@equal.test")))
     assert len(orders) == 2
+
+
+def test_recipients_routed_together_share_one_order_and_one_lookup() -> None:
+    """The recipients of one message are routed at once: one DNS query, one destination."""
+    resolver = zone()
+    held: list[tuple[defer.Deferred[Any], Any]] = []
+
+    class Slow:
+        def __getattr__(self, name: str) -> Any:
+            def lookup(domain: str) -> defer.Deferred[Any]:
+                d: defer.Deferred[Any] = defer.Deferred()
+                held.append((d, getattr(resolver, name)(domain)))
+                return d
+            return lookup
+
+    r = router(Slow(), random=random.Random(0))
+    pending = [r.route(f"u{i}@equal.test", ENV) for i in range(6)]
+    while held:
+        d, answer = held.pop(0)
+        answer.chainDeferred(d)
+    routes = {result_of(p) for p in pending}
+    assert len(routes) == 1
+    assert resolver.queries.count(("equal.test", "MX")) == 1
 
 
 @pytest.mark.parametrize("domain, expected", [
