@@ -149,5 +149,5 @@ class SessionOpener:
                              remote)
         if isinstance(r, ClientFailure):
             raise HopFailure(network_reply(r, remote), remote)
-        if r.code != 235:
+        if not 200 <= r.code < 300:  # 235 per RFC 4954; smtp-sink and some others say 250
             raise HopFailure(Reply(451, "4.7.8", f"authentication failed at {remote}: {r}"), remote)

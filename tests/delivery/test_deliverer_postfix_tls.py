@@ -17,6 +17,7 @@ from mailrelay.config import DeliveryConfig
 from mailrelay.delivery import SMTPDeliverer
 from mailrelay.envelope import Envelope, NextHop, Recipient, Reply, Route, TLSPolicy
 from tests.delivery.certs import CertificateAuthority
+from tests.delivery.messages import dotted_message
 from tests.delivery.postfix import PostfixRelay
 from tests.peers import SMTPSink
 
@@ -115,3 +116,23 @@ async def test_encrypt_without_verification_delivers(peers: Peers) -> None:
                                  TLSPolicy.ENCRYPT, body, ca=other, tag="encrypt")
     assert [r.code for r, _ in results] == [250]
     assert tls.startswith("TLSv1.")
+
+
+@pytest_twisted.ensureDeferred
+async def test_may_uses_starttls_and_bdat_for_a_large_message(peers: Peers) -> None:
+    body = dotted_message("big@example.org", 80)  # 1.3 MB, a dot line at every 16 KiB: sent with BDAT
+    hop = NextHop("127.0.0.1", peers.postfix.port, name="not.checked.test")
+    d = SMTPDeliverer(reactor, DeliveryConfig(connect_timeout=5), "relay.mailrelay.test")
+    env = Envelope("big@example.org", (Recipient("rcpt@example.test"),))
+    route = Route((hop,), tls=TLSPolicy.MAY)
+    try:
+        results = await d.deliver(env, env.recipients, route, lambda: io.BytesIO(body))
+        session = d.pool.take(d._key(hop, route))
+        assert session is not None and session.tls.startswith("TLSv1.")
+        assert "CHUNKING" in session.client.extensions
+        session.client.quit()
+    finally:
+        await d.stop()
+    assert [r.code for r, _ in results] == [250]
+    [data] = arrived(peers, "big")
+    assert data.endswith(body)

@@ -12,7 +12,8 @@ from twisted.internet import reactor
 
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery import SMTPDeliverer
-from mailrelay.envelope import Envelope, NextHop, Recipient, Reply, Route
+from mailrelay.envelope import Envelope, NextHop, Recipient, Reply, Route, TLSPolicy
+from tests.delivery.messages import dotted_message
 from tests.peers import SMTPSink, free_port
 
 pytestmark = pytest.mark.integration
@@ -88,8 +89,7 @@ async def test_delivery_byte_identical(sinks: list[SMTPSink]) -> None:
 @pytest_twisted.ensureDeferred
 async def test_dots_at_every_16k_boundary_large_message(sinks: list[SMTPSink]) -> None:
     sink = start(sinks)
-    block = b"." + b"y" * (16 * 1024 - 3) + b"\r\n"  # each 16 KiB block starts with a dot
-    body = b"Subject: big\r\n\r\n" + block * 40  # ~640 KiB: several producer chunks
+    body = dotted_message("sender@example.org", 40)  # 656 KiB through DATA: several producer chunks
     results = await deliver(Route((NextHop("127.0.0.1", sink.port),)), body)
     assert [r.code for r, _ in results] == [250, 250]
     sink.wait_for(1)
@@ -165,3 +165,37 @@ async def test_ipv6_hop(sinks: list[SMTPSink]) -> None:
     results = await deliver(Route((NextHop("::1", sink.port),)), b"Subject: 6\r\n\r\nv6\r\n")
     assert [r.code for r, _ in results] == [250, 250]
     assert results[0][1] == f"::1[::1]:{sink.port}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_dsn_parameters_passed_on(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks)
+    env = Envelope("sender@example.org", (Recipient("a@example.test", ("SUCCESS", "DELAY"), "rfc822;A@example.test"),),
+                   ret="HDRS", envid="queue+id=1")
+    results = await deliver(Route((NextHop("127.0.0.1", sink.port),)), b"Subject: dsn\r\n\r\nx\r\n", env=env)
+    assert [r.code for r, _ in results] == [250]
+    [raw] = sink.wait_for(1)
+    headers = dict(line.split(b": ", 1) for line in raw.split(b"\n") if line.startswith(b"X-"))
+    assert headers[b"X-Mail-Args"].split()[1:] == [b"RET=HDRS", b"ENVID=queue+2Bid+3D1"]
+    assert headers[b"X-Rcpt-Args"].split()[1:] == [b"NOTIFY=SUCCESS,DELAY", b"ORCPT=rfc822;A@example.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_source_address_is_bound(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks)
+    route = Route((NextHop("127.0.0.1", sink.port),), source="127.0.0.2")
+    results = await deliver(route, b"Subject: src\r\n\r\nx\r\n")
+    assert [r.code for r, _ in results] == [250, 250]
+    [raw] = sink.wait_for(1)
+    assert b"X-Client-Addr: 127.0.0.2\n" in raw
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_to_smarthost_only_when_plaintext_allowed(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks)  # smtp-sink offers AUTH PLAIN LOGIN and never STARTTLS
+    hop = NextHop("127.0.0.1", sink.port)
+    refused = await deliver(Route((hop,), auth=("user", "secret"), tls=TLSPolicy.MAY), b"x\r\n")
+    assert [(r.code, r.enhanced) for r, _ in refused] == [(451, "4.7.0")] * 2
+    allowed = await deliver(Route((hop,), auth=("user", "secret"), allow_plaintext_auth=True), b"Subject: a\r\n\r\nx\r\n")
+    assert [r.code for r, _ in allowed] == [250, 250]
+    assert len(sink.wait_for(1)) == 1  # only the allowed one got through
