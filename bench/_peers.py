@@ -169,6 +169,7 @@ hostname = "bench-relay.example.test"
 listen = ["tcp:{port}:interface=127.0.0.1:backlog=1024"]
 trusted_networks = ["127.0.0.0/8"]
 max_connections_per_ip = 1000
+max_message_size = "1G"
 
 [spool]
 path = "{spool}"

@@ -46,7 +46,7 @@ from _peers import (  # noqa: E402
     binary,
 )
 
-SCENARIOS = ("e2e", "accept", "sink", "latency")
+SCENARIOS = ("e2e", "accept", "sink", "latency", "large", "rss")
 
 
 @attrs.define
@@ -73,16 +73,47 @@ class Row:
         return statistics.median(rates) if rates else None
 
 
-def smtp_source(port: int, sessions: int, n: int) -> float:
+def source_args(port: int, sessions: int, n: int, size: int = 1024) -> list[str]:
     exe = binary("smtp-source")
     if exe is None:
         raise RuntimeError("smtp-source not found (Debian package postfix)")
+    return [exe, "-s", str(sessions), "-m", str(n), "-l", str(size), "-N",
+            "-f", "sender@example.org", "-t", "rcpt@example.test",
+            "-M", "client.example.org", f"127.0.0.1:{port}"]
+
+
+def smtp_source(port: int, sessions: int, n: int, size: int = 1024) -> float:
     t0 = time.perf_counter()
-    subprocess.run([exe, "-s", str(sessions), "-m", str(n), "-l", "1024", "-N",
-                    "-f", "sender@example.org", "-t", "rcpt@example.test",
-                    "-M", "client.example.org", f"127.0.0.1:{port}"],
-                   check=True, stdout=subprocess.DEVNULL, timeout=max(120, n / 10))
+    subprocess.run(source_args(port, sessions, n, size), check=True, stdout=subprocess.DEVNULL,
+                   timeout=max(120, n / 10 + n * size / 2**20))
     return time.perf_counter() - t0
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def big_message_rss(relay: Relay, size: int, timeout: float) -> tuple[float, float]:
+    """Send one message of ``size`` bytes through the relay; (peak RSS growth MiB, seconds)."""
+    pid = relay.system.pid()
+    assert pid is not None
+    base = peak = rss_kib(pid)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(source_args(relay.system.port, 1, 1, size), stdout=subprocess.DEVNULL)
+    relay.expected += 1
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        peak = max(peak, rss_kib(pid))
+        if proc.poll() is not None and (proc.returncode or relay.sink.count() >= relay.expected):
+            break
+        time.sleep(0.01)
+    if proc.wait(timeout=timeout) != 0:
+        relay.expected -= 1
+        raise RuntimeError(f"smtp-source failed sending {size} bytes")
+    return (peak - base) / 1024, time.perf_counter() - t0
 
 
 class Relay:
@@ -148,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default="mailrelay,postfix,aiosmtpd,twisted.mail",
                     help="which systems besides mailrelay to compare (mailrelay always runs)")
     ap.add_argument("--latency-messages", type=int, default=2000)
+    ap.add_argument("--large-messages", type=int, default=100, help="1 MiB messages per run (large)")
+    ap.add_argument("--rss-size", type=int, default=100, help="MiB of the one big message (rss)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--rst", action="store_true", help="print the table as an RST list-table too")
@@ -164,18 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     accepts: list[System] = []
     sink: Sink | None = None
     rows: dict[tuple[str, int, str], Row] = {}
+    rss_rows: list[tuple[str, ...]] = []
 
     def row(scenario: str, s: int, system: str) -> Row:
         return rows.setdefault((scenario, s, system), Row(scenario, s, system))
 
     try:
-        if "e2e" in scenarios or "latency" in scenarios:
+        if {"e2e", "latency", "rss"} & set(scenarios):
             for name, make in (("mailrelay", lambda p: MailRelay(p)), ("postfix", Postfix)):
                 if name in systems:
                     relay = start(name, lambda make=make, name=name: Relay(name, make), started)
                     if relay is not None:
                         relays.append(relay)  # type: ignore[arg-type]
-        if "accept" in scenarios:
+        if {"accept", "large"} & set(scenarios):
             hole = start("black hole", BlackHole, started)
             if hole is not None:
                 mr = start("mailrelay (accept only)",
@@ -229,6 +263,29 @@ def main(argv: list[str] | None = None) -> int:
                           f"p90 {result.percentile(90):.1f} p99 {result.percentile(99):.1f} ms "
                           f"({result.errors} errors)", file=sys.stderr)
                     relay.settle(e2e_timeout)
+            if "large" in scenarios:
+                for r in range(args.runs):
+                    for srv in accepts:
+                        cpu0 = srv.cpu()
+                        secs = smtp_source(srv.port, s, args.large_messages, 2**20)
+                        run = Run(secs, secs, (srv.cpu() - cpu0) / HZ / secs * 100)
+                        row("accept 1 MiB", s, srv.name).runs.append(run)
+                        print(f"  1 MiB   s={s} run {r + 1} {srv.name:13} "
+                              f"{args.large_messages / secs:7.1f} msg/s "
+                              f"{run.cpu_percent * secs * 10 / args.large_messages:.1f} ms CPU/MiB",
+                              file=sys.stderr)
+        if "rss" in scenarios:
+            for relay in relays:
+                if relay.name == "mailrelay":
+                    try:
+                        growth, secs = big_message_rss(relay, args.rss_size * 2**20, e2e_timeout)
+                    except RuntimeError as e:
+                        print(f"  rss: {e}", file=sys.stderr)
+                        continue
+                    rss_rows.append(("RSS growth, one big message", "1", "mailrelay",
+                                     f"{growth:.1f} MiB for {args.rss_size} MiB", f"{secs:.1f} s",
+                                     "", "", ""))
+                    print(f"  rss     {relay.name} +{growth:.1f} MiB ({secs:.1f}s)", file=sys.stderr)
     finally:
         for obj in reversed(started):
             try:
@@ -236,10 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:
                 print(f"stopping {obj}: {e}", file=sys.stderr)
 
-    table = render(list(rows.values()), n)
+    table = render(list(rows.values()), n, args.large_messages) + rss_rows
     print()
     print(f"{n} messages of 1 KiB per run, median of {args.runs} run(s); "
-          f"ratio = mailrelay ÷ system (msg/s) or system ÷ mailrelay (latency): > 1 means mailrelay is better")
+          "ratio = mailrelay ÷ system (msg/s), system ÷ mailrelay (p99 latency, CPU per MiB): "
+          "> 1 means mailrelay is better")
     print(format_text(table))
     if args.rst:
         print()
@@ -252,9 +310,25 @@ def main(argv: list[str] | None = None) -> int:
 HEADER = ("scenario", "sessions", "system", "figure", "runs", "accept msg/s", "CPU % (1 core)", "ratio")
 
 
-def render(rows: list[Row], n: int) -> list[tuple[str, ...]]:
+def cpu_ms_per_mib(row: Row, n: int) -> float:
+    """CPU milliseconds per MiB received, median over the runs (n messages of 1 MiB each)."""
+    return statistics.median(x.cpu_percent * x.seconds * 10 / n for x in row.runs)
+
+
+def render(rows: list[Row], n: int, n_large: int = 0) -> list[tuple[str, ...]]:
     out = []
     for r in rows:
+        if r.scenario == "accept 1 MiB":
+            mine_row = next((x for x in rows if x.scenario == r.scenario and x.sessions == r.sessions
+                             and x.system == "mailrelay"), None)
+            cpu = cpu_ms_per_mib(r, n_large)
+            ratio = (f"{cpu / cpu_ms_per_mib(mine_row, n_large):.2f}"
+                     if mine_row is not None and r.system != "mailrelay" else "")
+            out.append((r.scenario, str(r.sessions), r.system,
+                        f"{r.median(n_large):.1f} msg/s, {cpu:.1f} ms CPU/MiB",
+                        "/".join(f"{n_large / x.seconds:.1f}" for x in r.runs), "",
+                        f"{statistics.median(x.cpu_percent for x in r.runs):.0f}", ratio))
+            continue
         if r.latency is not None:
             lat = r.latency
             mine = next((x.latency for x in rows if x.scenario == "latency" and x.sessions == r.sessions
