@@ -112,13 +112,24 @@ mail: erin@example.test
 class Slapd:
     """``Slapd().start()``; ``.uri``; ``.stop()`` / ``.start()``; ``.cleanup()``."""
 
-    def __init__(self, port: int | None = None, extra_ldif: str = "") -> None:
+    def __init__(self, port: int | None = None, extra_ldif: str = "",
+                 tls: tuple[bytes, bytes, bytes] | None = None) -> None:
+        """``tls`` = (CA PEM, certificate PEM, key PEM): StartTLS on ``uri`` and ``ldaps_uri`` too."""
         self.binary = require("slapd")
         self.slapadd = require("slapadd")
         self.port = port or free_port()
         self.uri = f"ldap://127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="mailrelay-slapd-"))
         (self.dir / "db").mkdir()
+        tls_conf = ""
+        self.ldaps_uri: str | None = None
+        if tls is not None:
+            for name, pem in zip(("ca.pem", "cert.pem", "key.pem"), tls, strict=True):
+                (self.dir / name).write_bytes(pem)
+            tls_conf = (f"TLSCACertificateFile {self.dir}/ca.pem\n"
+                        f"TLSCertificateFile {self.dir}/cert.pem\n"
+                        f"TLSCertificateKeyFile {self.dir}/key.pem\n")
+            self.ldaps_uri = f"ldaps://127.0.0.1:{free_port()}"
         bindhash = subprocess.run([require("slappasswd"), "-s", BIND_PASSWORD], check=True,
                                   capture_output=True, text=True).stdout.strip()
         (self.dir / "slapd.conf").write_text(f"""\
@@ -131,7 +142,7 @@ modulepath /usr/lib/ldap
 moduleload back_mdb
 pidfile   {self.dir}/slapd.pid
 argsfile  {self.dir}/slapd.args
-
+{tls_conf}
 database  mdb
 maxsize   104857600
 suffix    "{BASE}"
@@ -157,7 +168,8 @@ access to *
 
     def start(self, timeout: float = 10.0) -> Slapd:
         # slapd daemonises; -d 0 would keep it in the foreground but it then logs to stderr forever
-        out = subprocess.run([self.binary, "-f", str(self.dir / "slapd.conf"), "-h", self.uri],
+        listen = " ".join(u for u in (self.uri, self.ldaps_uri) if u)
+        out = subprocess.run([self.binary, "-f", str(self.dir / "slapd.conf"), "-h", listen],
                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if out.returncode:
             raise RuntimeError(f"slapd failed to start: {out.stdout}{out.stderr}")

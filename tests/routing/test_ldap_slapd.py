@@ -119,3 +119,44 @@ async def test_second_uri_used_when_the_first_is_down(slapd: Slapd, nsd: NSD, th
 
     router = ldap_router(slapd, nsd, threadpool, uri=[f"ldap://127.0.0.1:{free_port()}", slapd.uri])
     assert await answer(router, "bob@example.test") == (None, [("127.0.0.2", 2525)])
+
+
+@pytest.fixture(scope="module")
+def tls_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Slapd, str]]:
+    """slapd with a certificate for 127.0.0.1 from a test CA: StartTLS on ldap://, and ldaps://."""
+    from tests.delivery.certs import CertificateAuthority
+
+    ca = CertificateAuthority()
+    key, cert = ca.server("127.0.0.1")
+    ca_file = tmp_path_factory.mktemp("ldap-ca") / "ca.pem"
+    ca_file.write_bytes(ca.ca_pem)
+    server = Slapd(tls=(ca.ca_pem, cert, key)).start()
+    try:
+        yield server, str(ca_file)
+    finally:
+        server.cleanup()
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_and_ldaps_verified_against_the_ca(tls_slapd: tuple[Slapd, str], nsd: NSD,
+                                                          threadpool: ThreadPool) -> None:
+    server, ca_file = tls_slapd
+    for options in ({"starttls": True, "tls_ca_file": ca_file},
+                    {"uri": server.ldaps_uri, "tls_ca_file": ca_file}):
+        router = ldap_router(server, nsd, threadpool, **options)
+        assert await answer(router, "bob@example.test") == (None, [("127.0.0.2", 2525)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_certificate_from_another_ca_is_refused_never_used_in_clear(
+        tls_slapd: tuple[Slapd, str], nsd: NSD, threadpool: ThreadPool, tmp_path: Any) -> None:
+    from tests.delivery.certs import CertificateAuthority
+
+    server, _ = tls_slapd
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(CertificateAuthority("another CA").ca_pem)
+    for options in ({"starttls": True, "tls_ca_file": str(other)},
+                    {"uri": server.ldaps_uri, "tls_ca_file": str(other)}):
+        router = ldap_router(server, nsd, threadpool, **options)
+        with pytest.raises(TemporaryFailure):
+            await answer(router, "bob@example.test")
