@@ -48,8 +48,9 @@ class RecipientVerification:
         return cls(router, (*server.local_domains, *server.relay_domains), clock)
 
     def applies_to(self, recipient: str) -> bool:
+        """Our domains only; never ``postmaster``, which RFC 5321 4.5.1 says we must accept."""
         local, domain = split(recipient)
-        if not domain or domain.startswith("["):
+        if not domain or domain.startswith("[") or local.lower() == "postmaster":
             return False
         return any(domain_matches(domain, pattern) for pattern in self.domains)
 

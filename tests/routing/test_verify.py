@@ -97,7 +97,8 @@ def test_a_deferred_answer_is_waited_for() -> None:
     assert result_of(d) is None
 
 
-@pytest.mark.parametrize("recipient", ["u@other.test", "u@relay.test", "postmaster", "u@[127.0.0.1]"])
+@pytest.mark.parametrize("recipient", ["u@other.test", "u@relay.test", "postmaster", "u@[127.0.0.1]",
+                                       "PostMaster@example.test"])
 def test_other_domains_are_not_asked(recipient: str) -> None:
     router = ScriptedRouter({})
     assert verify(router).rcpt(SESSION, "s@example.org", recipient, {}) is None
