@@ -47,6 +47,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.address import domain_matches, split
@@ -266,6 +267,7 @@ class LDAPRouter:
         self.tls = tls
         self.positive_ttl, self.negative_ttl = positive_ttl, negative_ttl
         self._cache: dict[str, tuple[_Found, float]] = {}
+        self._inflight: dict[str, list[defer.Deferred[_Found]]] = {}
 
     def __repr__(self) -> str:
         return f"LDAPRouter(domains={list(self.domains)!r}, missing={self.missing!r})"
@@ -292,19 +294,39 @@ class LDAPRouter:
             route = await self._to_domain(split(rewritten)[1])
         return attrs.evolve(route, recipient=rewritten)
 
-    async def _find(self, address: str) -> _Found:
-        """The entry for ``address``, else for ``@domain``; from the cache while it is fresh."""
+    def _find(self, address: str) -> defer.Deferred[_Found]:
+        """The entry for ``address``, else for ``@domain``; from the cache while it is fresh.
+
+        Concurrent questions about one address (a message's retries, RCPT and the queue) share
+        one directory lookup.
+        """
         key = address.lower()
-        now = self.clock.seconds()
         cached = self._cache.get(key)
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        if cached is not None and cached[1] > self.clock.seconds():
+            return defer.succeed(cached[0])
+        waiter: defer.Deferred[_Found] = defer.Deferred()
+        if key in self._inflight:
+            self._inflight[key].append(waiter)
+            return waiter
+        self._inflight[key] = [waiter]
+        defer.ensureDeferred(self._lookup(address)).addBoth(self._found, key)
+        return waiter
+
+    async def _lookup(self, address: str) -> _Found:
         found = await self._search(address)
         if not found.exists and self.catch_all:
             found = await self._search("@" + split(address)[1])
-        ttl = self.positive_ttl if found.exists else self.negative_ttl
-        self._cache[key] = (found, self.clock.seconds() + ttl)
         return found
+
+    def _found(self, result: _Found | Failure, key: str) -> None:
+        if isinstance(result, _Found):
+            ttl = self.positive_ttl if result.exists else self.negative_ttl
+            self._cache[key] = (result, self.clock.seconds() + ttl)
+        for waiter in self._inflight.pop(key, []):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
     async def _search(self, address: str) -> _Found:
         try:

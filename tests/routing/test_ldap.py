@@ -222,3 +222,47 @@ def test_option_errors_name_the_key(options: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         LDAPRouter.from_options(options, context())
     assert (info.value.path, info.value.key) == ("relay.toml", key)
+
+
+def test_concurrent_questions_about_one_address_share_one_lookup() -> None:
+    directory = FakeDirectory(DIRECTORY)
+    held: list[tuple[defer.Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def run_later(f: Any, *args: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        held.append((d, f, args))
+        return d
+
+    clock = Clock()
+    mx = MXRouter(zone(), clock, random=random.Random(1))
+    router = LDAPRouter(directory, clock, run_later, mx, port=2525)
+    pending = [router.route("bob@example.test", ENV) for _ in range(3)]
+    while held:
+        d, f, args = held.pop(0)
+        d.callback(f(*args))
+    assert {result_of(p).hops[0].host for p in pending} == {"127.0.0.2"}
+    assert directory.searches == ["bob@example.test"]
+
+
+def test_a_failed_shared_lookup_fails_every_waiter_and_is_not_cached() -> None:
+    directory = FakeDirectory(DIRECTORY)
+    directory.down = True
+    held: list[tuple[defer.Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def run_later(f: Any, *args: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        held.append((d, f, args))
+        return d
+
+    router = LDAPRouter(directory, Clock(), run_later, None)
+    pending = [router.route("bob@example.test", ENV) for _ in range(2)]
+    d, f, args = held.pop(0)
+    d.errback(DirectoryUnavailable("down"))
+    for p in pending:
+        with pytest.raises(TemporaryFailure):
+            result_of(p)
+    directory.down = False
+    later = router.route("bob@example.test", ENV)
+    d, f, args = held.pop(0)
+    d.callback(f(*args))
+    assert result_of(later).hops[0].host == "mx2.example.test"  # no MX router: the name as is
