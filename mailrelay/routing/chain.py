@@ -49,3 +49,9 @@ class RouterChain:
         if self.default is not None:
             return self.default
         raise PermanentFailure(no_route_reply(recipient))
+
+    def close(self) -> defer.Deferred[None]:
+        """Release what the routers hold (LDAP connections): calls each router's optional
+        ``close()`` (which may return a Deferred). For the service's shutdown and route reloads."""
+        closing = [defer.maybeDeferred(r.close) for r in self.routers if callable(getattr(r, "close", None))]
+        return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)

@@ -363,6 +363,13 @@ class LDAPRouter:
         route = await self.next_hop.route_domain(domain)
         return attrs.evolve(route, tls=self.tls)
 
+    def close(self) -> defer.Deferred[None]:
+        """Unbind the pooled directory connections (in the thread pool: unbind blocks)."""
+        close = getattr(self.directory, "close", None)
+        if close is None:
+            return defer.succeed(None)
+        return self.run_blocking(close)
+
     @classmethod
     def from_options(cls, options: Mapping[str, Any], context: RouterContext) -> LDAPRouter:
         """The ``IRouterFactory`` registered as ``ldap``."""

@@ -85,3 +85,17 @@ def test_no_answer_is_550_5_1_2() -> None:
 def test_no_answer_takes_the_default_route_when_configured() -> None:
     chain = RouterChain([Answering(None)], default=route_to("smarthost"))
     assert result_of(chain.route("u@nowhere.test", ENV)) == route_to("smarthost")
+
+
+def test_close_reaches_the_routers_that_hold_resources() -> None:
+    closed = []
+
+    class Holding(Answering):
+        def close(self) -> defer.Deferred[None]:
+            closed.append(self)
+            return defer.succeed(None)
+
+    holding = Holding(None)
+    chain = RouterChain([Answering(None), holding])
+    assert result_of(chain.close()) is None
+    assert closed == [holding]

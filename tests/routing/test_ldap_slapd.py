@@ -76,6 +76,10 @@ async def test_routing_attributes_from_the_directory(slapd: Slapd, nsd: NSD, thr
     # erin has no mail attributes at all: not found by mailLocalAddress
     assert await answer(router, "erin@example.test") is None
     assert recorder.threads and threading.main_thread() not in recorder.threads
+    router.directory = recorder.directory  # type: ignore[assignment]
+    assert router.directory._idle  # type: ignore[attr-defined]
+    await router.close()
+    assert not router.directory._idle  # type: ignore[attr-defined]
 
 
 @pytest_twisted.ensureDeferred
