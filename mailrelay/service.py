@@ -138,4 +138,7 @@ class MailRelayService(service.MultiService):
         stop_store = getattr(self.store, "stop", None)
         if stop_store is not None:
             yield defer.maybeDeferred(stop_store)
+        close_router = getattr(self.router, "close", None)  # LDAP connections; uses the thread pool
+        if close_router is not None:
+            yield defer.maybeDeferred(close_router)
         self.threadpool.stop()
