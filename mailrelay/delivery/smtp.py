@@ -176,6 +176,8 @@ class SMTPDeliverer:
                              remote)
         if envelope.body == "BINARYMIME" and not {"CHUNKING", "BINARYMIME"} <= client.extensions.keys():
             raise HopFailure(Reply(554, "5.6.3", f"{remote} cannot take a BINARYMIME message"), remote)
+        if envelope.body == "8BITMIME" and "8BITMIME" not in client.extensions:
+            log.info("{remote} does not offer 8BITMIME; sending the 8-bit message as it is", remote=remote)
 
     def _release(self, hop: NextHop, route: Route, session: Session) -> None:
         if self.stopped:

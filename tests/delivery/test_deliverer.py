@@ -372,3 +372,22 @@ def test_bdat_for_large_message_when_chunking_offered() -> None:
     assert b"".join(c for _, c in chunks) == h.body  # as is: no dot-stuffing in BDAT
     assert all(not hd.endswith(b"LAST") for hd, _ in chunks[:-1]) and len(chunks) > 10
     assert [r.code for r, _ in h.result[0]] == [250, 250]  # type: ignore[union-attr]
+
+
+def test_8bit_message_to_peer_without_8bitmime_goes_as_is() -> None:
+    from twisted.logger import globalLogPublisher
+
+    logged: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        h = Harness(NextHop("127.0.0.1", 25), start=False)
+        h.body = "Subject: é\r\n\r\nnaïve\r\n".encode()
+        h.deliver(Envelope("a@x.test", (Recipient("b@y.test"),), body="8BITMIME"))
+        h.accept(0)
+        h.reply(b"220 mx\r\n" + EHLO)
+        assert h.sent().endswith(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")  # no BODY=
+        h.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        assert h.sent() == h.body + b".\r\n"
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert any("8BITMIME" in str(e.get("log_format", "")) for e in logged)
