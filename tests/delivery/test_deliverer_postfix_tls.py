@@ -66,11 +66,17 @@ async def deliver(peers: Peers, hop: NextHop, policy: TLSPolicy, body: bytes, ca
 
 
 def arrived(peers: Peers, tag: str, timeout: float = 20.0) -> list[bytes]:
-    """The messages from ``tag@example.org`` the sink got through Postfix (waits for the first)."""
+    """The messages from ``tag@example.org`` the sink got through Postfix.
+
+    Postfix delivers on its own time and smtp-sink writes its dump file as the data comes, so
+    wait until the sink has counted as many finished messages as there are files.
+    """
     deadline = time.monotonic() + timeout
     while True:
+        files = peers.sink.messages()
+        done = peers.sink.count() >= len(files)
         found = [t.data for t in peers.sink.transactions() if t.sender == f"{tag}@example.org"]
-        if found or time.monotonic() > deadline:
+        if (found and done) or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
 
