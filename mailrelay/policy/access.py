@@ -53,6 +53,7 @@ class RelayAccess:
     ) -> None:
         self.trusted_networks = tuple(trusted_networks)
         self.domains = tuple(normalise_domain(d) for d in (*local_domains, *relay_domains))
+        self._trusted_cache: dict[str, bool] = {}  # client address → trusted (parsing IPs is slow)
 
     def is_our_domain(self, domain: str) -> bool:
         d = domain.lower()
@@ -82,7 +83,13 @@ class RelayAccess:
     # -- IPolicy --------------------------------------------------------------------------------
 
     def connect(self, session: SessionInfo) -> None:
-        if is_trusted(session.client_address, self.trusted_networks):
+        trusted = self._trusted_cache.get(session.client_address)
+        if trusted is None:
+            if len(self._trusted_cache) > 10000:
+                self._trusted_cache.clear()
+            trusted = is_trusted(session.client_address, self.trusted_networks)
+            self._trusted_cache[session.client_address] = trusted
+        if trusted:
             session.trusted = True
 
     def helo(self, session: SessionInfo, name: str) -> None:

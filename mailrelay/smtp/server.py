@@ -71,9 +71,8 @@ class SMTPServerProtocol(Protocol):
         self.session.start()
 
     def dataReceived(self, data: bytes) -> None:
+        self._last_activity = self.factory.reactor.seconds()
         self.session.data_received(data)
-        if self._timer is not None:  # re-armed after the session moved on (DATA has its own timeout)
-            self._arm()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._timer is not None and self._timer.active():
@@ -84,17 +83,25 @@ class SMTPServerProtocol(Protocol):
 
     # -- timer ----------------------------------------------------------------------------------
 
-    def _arm(self) -> None:
-        timeout = self.session.timeout if hasattr(self, "session") else self.factory.settings.idle_timeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self.factory.reactor.callLater(timeout, self._expired)
+    # The timer is not reset on every read (that costs more than the read): it fires, then checks
+    # how long the client has really been quiet, and sleeps again for the rest of the timeout.
+    _last_activity = 0.0
+
+    def _arm(self, delay: float | None = None) -> None:
+        if delay is None:
+            delay = self.session.timeout
+            self._last_activity = self.factory.reactor.seconds()
+        self._timer = self.factory.reactor.callLater(delay, self._expired)
 
     def _expired(self) -> None:
         self._timer = None
         if self.session.busy:  # we are the slow one (a policy, the store): not the client's fault
             self._arm()
+            return
+        quiet = self.factory.reactor.seconds() - self._last_activity
+        timeout = self.session.timeout  # DATA has its own
+        if quiet < timeout:
+            self._arm(timeout - quiet)
             return
         log.info("timeout in session {id} from {ip}", id=self.session.info.session_id, ip=self.client_ip)
         self.session.timed_out()

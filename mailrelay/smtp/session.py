@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import re
 import uuid
 from collections.abc import Callable
@@ -231,7 +232,7 @@ class Session:
     def reply(self, reply: Reply) -> None:
         if self.state is State.CLOSED:
             return
-        self.out.write(reply.encode())
+        self.out.write(_encode(reply))
         if reply.code >= 400:
             self.errors += 1
             if self.errors >= self.settings.max_errors and reply.code != 421:
@@ -879,6 +880,12 @@ class Session:
     def _help(self, arg: str) -> None:
         verbs = " ".join(sorted(self._commands))
         self.reply(Reply(214, "2.0.0", f"Commands: {verbs}"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _encode(reply: Reply) -> bytes:
+    """Most replies are the same few constants: encode each once."""
+    return reply.encode()
 
 
 _DATA_ERRORS = {
