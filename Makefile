@@ -9,7 +9,7 @@ CONFIG ?= examples/mailrelay.toml
 # Compat editable install: a default editable install hides twisted/plugins from twistd's
 # plugin scan (it walks sys.path), see docs/architecture.rst "Packaging".
 COMPAT := --config-settings editable_mode=compat
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=10
 BENCH_ARGS ?=
 
 .PHONY: help run test lint pytest deps docs bench soak clean distclean
