@@ -255,7 +255,11 @@ class Session:
                 event = self.parser.next_event()
                 if event is None:
                     break
-                self._handle(event)
+                try:
+                    self._handle(event)
+                except Exception:  # a bug must cost this session, never the server
+                    log.failure("session {id} failed", id=self.info.session_id)
+                    self._close(R.LOCAL_ERROR)
         finally:
             self._pumping = False
         if self._waiting is not None and self.parser.buffered > PAUSE_ABOVE and not self._paused:
@@ -352,6 +356,8 @@ class Session:
     # -- message text (DATA and BDAT) -----------------------------------------------------------
 
     def _open_message(self, envelope: Envelope) -> Reply | None:
+        if self.state is State.CLOSED:  # the client left while the data policy thought
+            return R.LOCAL_ERROR
         try:
             writer = self.sink.open(envelope)
             writer.write(self.settings.trace_header(self.info, envelope, writer.queue_id, envelope.received_at))

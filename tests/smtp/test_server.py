@@ -428,3 +428,24 @@ def test_session_info_exposed_to_policies() -> None:
     c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\n")
     assert c.codes() == [250, 250]
     assert seen["client_address"] == "192.0.2.10" and seen["helo"] == "client.example.org" and seen["esmtp"]
+
+
+def test_client_leaving_while_data_policy_thinks_opens_no_writer() -> None:
+    policy = DeferredPolicy()
+    c = Conn(policy=policy)
+    c.send("EHLO c\r\n")
+    policy.answer()
+    c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n")
+    policy.answer()
+    policy.answer()
+    c.proto.connectionLost(None)
+    assert policy.answer() == "data"
+    assert c.sink.writers == []
+
+
+def test_a_bug_in_a_handler_costs_the_session_not_the_server() -> None:
+    c = Conn()
+    c.ehlo()
+    c.server.session._commands["NOOP"] = lambda arg: 1 / 0
+    c.send("NOOP\r\n")
+    assert c.codes() == [451] and c.closed
