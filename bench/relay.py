@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-size", type=int, default=100, help="MiB of the one big message (rss)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="sample mailrelay (end to end) with py-spy during the runs; stacks to DIR")
     ap.add_argument("--rst", action="store_true", help="print the table as an RST list-table too")
     args = ap.parse_args(argv)
 
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     sink: Sink | None = None
     rows: dict[tuple[str, int, str], Row] = {}
     rss_rows: list[tuple[str, ...]] = []
+    profilers: list = []
 
     def row(scenario: str, s: int, system: str) -> Row:
         return rows.setdefault((scenario, s, system), Row(scenario, s, system))
@@ -230,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         for srv in accepts:
             smtp_source(srv.port, 10, args.warmup)
 
+        if args.profile:
+            from _profile import Profiler
+
+            for relay in relays:
+                if relay.name == "mailrelay" and relay.system.pid():
+                    profilers.append(Profiler(relay.system.pid(), args.profile, "mailrelay-e2e"))  # type: ignore[arg-type]
         for s in sessions:
             for r in range(args.runs):
                 if "e2e" in scenarios:
@@ -287,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "", "", ""))
                     print(f"  rss     {relay.name} +{growth:.1f} MiB ({secs:.1f}s)", file=sys.stderr)
     finally:
+        collapsed = [p.stop() for p in profilers]
         for obj in reversed(started):
             try:
                 obj.stop()
@@ -302,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.rst:
         print()
         print(format_rst(table))
+    if collapsed:
+        from _profile import summary
+
+        for path in collapsed:
+            print()
+            print(summary(path))
     if args.json:
         args.json.write_text(json.dumps([attrs.asdict(r) for r in rows.values()], indent=1, default=str))
     return 0
