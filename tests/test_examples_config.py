@@ -90,3 +90,21 @@ def test_make_run_config_starts(tmp_path: Path) -> None:
     output = (tmp_path / "twistd.log").read_text(errors="replace")
     assert "Traceback" not in output, output
     assert "Main loop terminated." in output and "Server Shut Down." in output, output
+
+
+def test_readme_config_example_loads_and_builds() -> None:
+    """The config shown in README.md is a working one."""
+    from mailrelay.routing.context import RouterContext
+    from mailrelay.routing.plugins import build_router
+
+    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "README.md lost its config example"
+    for block in blocks:
+        cfg = config.loads(block, "README.md")
+        build_router(cfg.routes, lambda key: RouterContext(reactor=Clock(), source="README.md", key=key))
+
+
+def test_readme_names_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme
+    assert "examples/mailrelay.toml" in readme
