@@ -115,7 +115,8 @@ class SMTPDeliverer:
                     break
         assert last is not None
         reply = last.reply
-        if reply.is_permanent and last.soften:
+        if reply.code < 400 or (reply.is_permanent and last.soften):
+            # a 5xx about this host rather than the message, or a reply that made no sense
             reply = Reply(451, "4.4.0", f"{last.remote or 'next hop'} said: {reply}")
         return [(reply, last.remote)] * len(recipients)
 

@@ -152,6 +152,7 @@ class SMTPClientProtocol(Protocol):
         self._discard_rest = False
         self._producer: _BodyProducer | None = None
         self._failure: ClientFailure | None = None
+        self._confused = False
 
     # -- Twisted protocol --------------------------------------------------------------------
 
@@ -343,8 +344,24 @@ class SMTPClientProtocol(Protocol):
             return await self._transaction_steps(envelope, rcpts, body, size, extra, reset)
         finally:
             self.transactions += 1
-            if self.state is ClientState.BUSY:
+            if self._confused:
+                self.abort("the peer's replies no longer match our commands")
+            elif self.state is ClientState.BUSY:
                 self.state = ClientState.READY
+
+    def _sane(self, r: _Result, stage: str, go_ahead: bool = False) -> _Result:
+        """A 2xx (a 3xx where we asked to go ahead), a 4xx/5xx, or the 451 a confused peer earns.
+
+        A reply of the wrong class (354 to RCPT, 250 to DATA, 221 to MAIL...) means the peer and we
+        no longer agree where the session is: it counts as a temporary failure, and the connection
+        is dropped after the transaction (``_confused``).
+        """
+        if isinstance(r, ClientFailure) or r.code >= 400:
+            return r
+        if (300 <= r.code < 400) if go_ahead else (200 <= r.code < 300):
+            return r
+        self._confused = True
+        return Reply(451, "4.5.0", f"unexpected reply to {stage.upper()}: {r}")
 
     async def _transaction_steps(self, envelope: Envelope, rcpts: list[Recipient], body: IO[bytes],
                                  size: int | None, extra: list[str], reset: bool) -> list[Reply]:
@@ -353,6 +370,7 @@ class SMTPClientProtocol(Protocol):
         rcpt_lines = [self._encode(f"RCPT TO:<{r.address}>{self._rcpt_params(r)}\r\n") for r in rcpts]
         use_bdat = self._use_bdat(envelope, size)
         replies: list[Reply | None] = [None] * len(rcpts)
+        data_reply: _Result | None = None
 
         if self.pipelining:
             batch = ([b"RSET\r\n"] if reset else []) + [mail] + rcpt_lines + ([] if use_bdat else [b"DATA\r\n"])
@@ -360,60 +378,64 @@ class SMTPClientProtocol(Protocol):
             specs = ([("rset", t.command)] if reset else []) + [("mail", t.command)]
             specs += [("rcpt", t.command)] * len(rcpts) + ([] if use_bdat else [("data", t.data_init)])
             got = await self._wait_many(specs)
+            if not use_bdat:
+                data_reply = self._sane(got[-1], "data", go_ahead=True)
+            go_ahead = isinstance(data_reply, Reply) and data_reply.code < 400
             if reset:
-                rset = got.pop(0)
+                rset = self._sane(got.pop(0), "rset")
                 if isinstance(rset, ClientFailure) or not rset.is_success:
-                    if isinstance(got[-1], Reply) and got[-1].code == 354:
+                    if go_ahead:
                         self.abort("RSET refused")  # never end a message we did not mean to send
                     raise rset if isinstance(rset, ClientFailure) else _rejected("rset", rset)
-            mail_reply = got[0]
-            data_reply = None if use_bdat else got[-1]
+            mail_reply = self._sane(got[0], "mail")
             if isinstance(mail_reply, ClientFailure):
                 raise mail_reply
             if not mail_reply.is_success:
-                if isinstance(data_reply, Reply) and data_reply.code == 354:
+                if go_ahead:
                     await self._finish_empty_data()
                 raise _rejected("mail", mail_reply)
             for i, r in enumerate(got[1:1 + len(rcpts)]):
+                r = self._sane(r, "rcpt")
                 if isinstance(r, ClientFailure):
                     raise ClientFailure(r.stage, r.reason, None, replies)
                 replies[i] = r
         else:
             if reset:
-                rset = await self._expect(self._command(b"RSET\r\n", "rset", t.command))
+                rset = self._sane(await self._expect(self._command(b"RSET\r\n", "rset", t.command)), "rset")
+                assert isinstance(rset, Reply)
                 if not rset.is_success:
                     raise _rejected("rset", rset)
-            mail_reply = await self._expect(self._command(mail, "mail", t.command))
+            mail_reply = self._sane(await self._expect(self._command(mail, "mail", t.command)), "mail")
+            assert isinstance(mail_reply, Reply)
             if not mail_reply.is_success:
                 raise _rejected("mail", mail_reply)
             for i, line in enumerate(rcpt_lines):
-                r = await self._command(line, "rcpt", t.command)
+                r = self._sane(await self._command(line, "rcpt", t.command), "rcpt")
                 if isinstance(r, ClientFailure):
                     raise ClientFailure(r.stage, r.reason, None, replies)
                 replies[i] = r
-            data_reply = None
             if not use_bdat and any(r is not None and r.is_success for r in replies):
-                data_reply = await self._command(b"DATA\r\n", "data", t.data_init)
+                data_reply = self._sane(await self._command(b"DATA\r\n", "data", t.data_init), "data", True)
 
         accepted = [i for i, r in enumerate(replies) if r is not None and r.is_success]
         if not accepted:
-            if isinstance(data_reply, Reply) and data_reply.code == 354:
+            if isinstance(data_reply, Reply) and data_reply.code < 400:
                 await self._finish_empty_data()
             elif isinstance(data_reply, ClientFailure):
                 raise ClientFailure(data_reply.stage, data_reply.reason, None, replies)
             return [r for r in replies if r is not None]
 
         if use_bdat:
-            final = await self._send_bdat(body, binary=envelope.body == "BINARYMIME")
+            final = self._sane(await self._send_bdat(body, binary=envelope.body == "BINARYMIME"), "bdat")
         else:
             if isinstance(data_reply, ClientFailure):
                 raise ClientFailure(data_reply.stage, data_reply.reason, None, replies)
             assert data_reply is not None
-            if data_reply.code != 354:
+            if data_reply.code >= 400:
                 for i in accepted:
                     replies[i] = data_reply
                 return [r for r in replies if r is not None]
-            final = await self._send_data(body)
+            final = self._sane(await self._send_data(body), "data-end")
         if isinstance(final, ClientFailure):
             raise ClientFailure(final.stage, final.reason, None, replies)
         for i in accepted:
@@ -467,7 +489,7 @@ class SMTPClientProtocol(Protocol):
             waits.append(self._wait("bdat", self.timeouts.final if last else self.timeouts.data_block))
             if not self.pipelining or len(waits) > 4:
                 r = await waits.pop(0)
-                if isinstance(r, ClientFailure) or not r.is_success:
+                if isinstance(r, ClientFailure) or r.code // 100 != 2:
                     await self._drain(waits)
                     return r
             if last:
@@ -476,7 +498,7 @@ class SMTPClientProtocol(Protocol):
         result: _Result = Reply(250)
         for w in waits:
             r = await w
-            if isinstance(r, ClientFailure) or not r.is_success:
+            if isinstance(r, ClientFailure) or r.code // 100 != 2:
                 return r
             result = r
         return result
