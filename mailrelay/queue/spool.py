@@ -339,6 +339,31 @@ class FilesystemSpool:
     def load(self, queue_id: str) -> defer.Deferred[QueuedMessage]:
         return threads.deferToThreadPool(self.reactor, self.threadpool, self.read_message, queue_id)
 
+    def load_schedule(self) -> defer.Deferred[list[tuple[str, float, bool]]]:
+        """Every committed message's ``(queue_id, next_attempt, held)``, read in one pass in a thread.
+
+        What the queue manager needs at start-up, without building 100,000 ``QueuedMessage``
+        values or making 100,000 thread hops. The listing goes through the writer (so torn writes
+        are gone first); the reading does not hold it up.
+        """
+        d = self.list_ids()
+        return d.addCallback(
+            lambda ids: threads.deferToThreadPool(self.reactor, self.threadpool, self._read_schedule, ids))
+
+    def _read_schedule(self, ids: list[str]) -> list[tuple[str, float, bool]]:
+        out = []
+        for queue_id in ids:
+            try:
+                with open(self._queued(queue_id, _ENV), "rb") as f:
+                    d = json.loads(f.read())
+            except FileNotFoundError:
+                continue  # delivered meanwhile
+            except ValueError:
+                log.error("spool: unreadable envelope queue/{queue_id}.env", queue_id=queue_id)
+                continue
+            out.append((queue_id, float(d.get("next_attempt", 0.0)), bool(d.get("held", False))))
+        return out
+
     def read_message(self, queue_id: str) -> QueuedMessage:
         """Blocking read of one envelope (used by ``load`` in a thread, and by the CLI offline)."""
         if not is_queue_id(queue_id):

@@ -248,3 +248,14 @@ def test_ids_sort_by_time_and_use_the_injected_randomness(tmp_path):
     assert a < b and a.endswith("00000000") and b.endswith("00000000")
     s2 = FilesystemSpool(str(tmp_path / "spool2"), clock, randbytes=lambda n: b"\xff" * n)
     assert s2.new_id()[:10] == b[:10] and s2.new_id() != b
+
+
+@pytest_twisted.inlineCallbacks
+def test_load_schedule_reads_every_message_in_one_pass(spool):
+    import attrs
+
+    a = yield store_message(spool, b"a\r\n")
+    b = yield store_message(spool, b"b\r\n")
+    m = yield spool.load(b)
+    yield spool.save(attrs.evolve(m, next_attempt=1700000600.0, held=True))
+    assert (yield spool.load_schedule()) == [(a, 0.0, False), (b, 1700000600.0, True)]
