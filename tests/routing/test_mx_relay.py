@@ -1,8 +1,14 @@
-"""MX routing through a real relay: NSD answers, the first MX refuses, the second one gets the mail."""
+"""MX routing through a real relay: NSD answers, smtp-sinks stand in for the MX hosts.
+
+Every MX host of the zone is on 127.0.0.x / ::1, so one port serves them all: a sink on
+127.0.0.1 is mx1, a sink on 127.0.0.2 is mx2, and nothing listens on 127.0.0.3 (dead.fallback.test).
+"""
 
 from __future__ import annotations
 
+import shutil
 import smtplib
+import time
 
 import pytest
 
@@ -13,22 +19,37 @@ from tests.routing.nsd import NSD
 pytestmark = pytest.mark.integration
 
 
-def test_connection_refused_on_the_first_mx_then_the_second_mx_delivers(nsd: NSD, smtp_sink: SMTPSink) -> None:
-    # fallback.test: MX 10 dead.fallback.test (127.0.0.3, nothing listens), MX 20 mx1 (127.0.0.1, ::1)
+def received(sink: SMTPSink) -> list[str]:
+    return sorted(r for t in sink.transactions() for r in t.recipients)
+
+
+def test_each_domain_reaches_its_mx_and_a_refusing_first_mx_falls_back_to_the_second(nsd: NSD) -> None:
+    mx1 = SMTPSink(host="127.0.0.1").start()
+    mx2 = SMTPSink(host="127.0.0.2", port=mx1.port).start()
     relay = RelayProcess(f"""
 [[routes]]
 type = "mx"
 nameservers = ["127.0.0.1:{nsd.port}"]
-port = {smtp_sink.port}
-""").start()
+port = {mx1.port}
+""")
     try:
+        relay.start()
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
-            client.sendmail("s@example.org", ["a@fallback.test", "b@cnamemx.test"],
+            client.sendmail("s@example.org",
+                            ["a@example.test",    # MX 10 mx1 (127.0.0.1), 20 mx2, 30 mx3
+                             "b@other.test",      # MX 10 mx2 (127.0.0.2)
+                             "c@fallback.test",   # MX 10 dead (127.0.0.3: refused), 20 mx1
+                             "d@cnamemx.test",    # MX 10 alias → CNAME mx1
+                             "e@nomx.test"],      # no MX: its own A, 127.0.0.2
                             b"Subject: mx\r\n\r\nvia DNS\r\n")
-        smtp_sink.wait_for(1)
-        transactions = smtp_sink.transactions()
-        recipients = sorted(r for t in transactions for r in t.recipients)
-        assert recipients == ["a@fallback.test", "b@cnamemx.test"]
-        assert all(t.data.endswith(b"\r\nvia DNS\r\n") for t in transactions)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(received(mx1)) + len(received(mx2)) < 5:
+            time.sleep(0.05)
+        assert received(mx1) == ["a@example.test", "c@fallback.test", "d@cnamemx.test"]
+        assert received(mx2) == ["b@other.test", "e@nomx.test"]
+        assert all(t.data.endswith(b"\r\nvia DNS\r\n") for t in mx1.transactions() + mx2.transactions())
     finally:
         relay.cleanup()
+        for sink in (mx1, mx2):
+            sink.stop()
+            shutil.rmtree(sink.dir, ignore_errors=True)
