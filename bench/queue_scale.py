@@ -120,13 +120,16 @@ def scheduling_cost(sizes: list[int], events: int = 20000) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--keep", help="build the spool in this directory and keep it")
+    parser.add_argument("--keep", help="build the spool in this directory (or reuse the one there) and keep it")
     args = parser.parse_args()
     path = args.keep or tempfile.mkdtemp(prefix="mailrelay-bench-queue-")
     try:
-        t0 = time.perf_counter()
-        fill(path, args.messages, time.time())
-        print(f"setup:    wrote {args.messages:,} messages in {time.perf_counter() - t0:.1f} s to {path}")
+        if os.path.isdir(os.path.join(path, "queue")) and os.listdir(os.path.join(path, "queue")):
+            print(f"setup:    reusing the spool in {path}")
+        else:
+            t0 = time.perf_counter()
+            fill(path, args.messages, time.time())
+            print(f"setup:    wrote {args.messages:,} messages in {time.perf_counter() - t0:.1f} s to {path}")
         task.react(lambda reactor: recovery(reactor, path, args.messages))
     except SystemExit:
         pass
