@@ -56,7 +56,7 @@ from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.context import RouterContext
-from mailrelay.routing.mx import MXRouter, make_resolver
+from mailrelay.routing.mx import MXRouter, bound_cache, make_resolver
 from mailrelay.routing.static import parse_domain_pattern, parse_tls
 
 log = Logger()
@@ -322,6 +322,7 @@ class LDAPRouter:
         if isinstance(result, _Found):
             ttl = self.positive_ttl if result.exists else self.negative_ttl
             self._cache[key] = (result, self.clock.seconds() + ttl)
+            bound_cache(self._cache, lambda v: v[1] <= self.clock.seconds())
         for waiter in self._inflight.pop(key, []):
             if isinstance(result, Failure):
                 waiter.errback(result)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import random as _random
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -38,6 +38,7 @@ from mailrelay.routing.context import RouterContext
 from mailrelay.routing.static import parse_domain_pattern, parse_tls
 
 MAX_CNAME_DEPTH = 8
+CACHE_LIMIT = 10000  # entries per cache: a relay for the world meets many domains
 SHUFFLE_WINDOW = 1.0  # seconds during which one domain's equal-preference order is reused
 
 
@@ -61,6 +62,17 @@ class _Resolved:
     exchanges: tuple[Exchange, ...] = ()
     failure: PermanentFailure | None = None
     expires: float = 0.0
+
+
+def bound_cache(cache: dict[Any, Any], expired: Callable[[Any], bool], limit: int = CACHE_LIMIT) -> None:
+    """Keep a cache under ``limit`` entries: drop expired ones, then the oldest half if needed."""
+    if len(cache) <= limit:
+        return
+    for key in [k for k, v in cache.items() if expired(v)]:
+        del cache[key]
+    if len(cache) > limit:
+        for key in list(cache)[: len(cache) // 2]:
+            del cache[key]
 
 
 def temporary(domain: str, why: str) -> TemporaryFailure:
@@ -195,6 +207,7 @@ class MXRouter:
         waiters = self._inflight.pop(domain, [])
         if isinstance(result, _Resolved):
             self._cache[domain] = result
+            bound_cache(self._cache, lambda v: v.expires <= self.clock.seconds())
             if result.failure is not None:
                 result = Failure(result.failure)
         for waiter in waiters:
@@ -218,6 +231,7 @@ class MXRouter:
         keyed.sort(key=lambda t: (t[0], t[1]))
         ordered = tuple(x for _, _, x in keyed)
         self._orders[domain] = (exchanges, now, ordered)
+        bound_cache(self._orders, lambda v: now - v[1] >= SHUFFLE_WINDOW)
         return ordered
 
     def _route(self, exchanges: tuple[Exchange, ...], port: int) -> Route:

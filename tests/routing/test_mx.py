@@ -255,3 +255,14 @@ def test_from_options_builds_a_resolver_with_exactly_the_configured_servers() ->
                               RouterContext(Clock(), key="routes[0]"))
     assert r.resolver.servers == [("127.0.0.1", 5353), ("::1", 53)]
     assert r.resolver.resolv is None  # /etc/resolv.conf is never read
+
+
+def test_caches_stay_bounded() -> None:
+    from mailrelay.routing.mx import bound_cache
+
+    cache = {i: i for i in range(12)}
+    bound_cache(cache, lambda v: v % 2 == 0, limit=10)
+    assert sorted(cache) == [1, 3, 5, 7, 9, 11]  # expired entries go first
+    cache = {i: i for i in range(12)}
+    bound_cache(cache, lambda v: False, limit=10)
+    assert sorted(cache) == list(range(6, 12))  # then the oldest half
