@@ -18,10 +18,11 @@ if TYPE_CHECKING:
     from mailrelay.smtp.session import SessionInfo
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
+_UNSAFE_UTF8 = re.compile(r"[\x00-\x20\x7f-\x9f()\\]")  # UTF-8 headers (RFC 6532) allow the rest
 
 
-def _safe(text: str, limit: int = 200) -> str:
-    return _UNSAFE.sub("?", text)[:limit] or "unknown"
+def _safe(text: str, limit: int = 200, utf8: bool = False) -> str:
+    return (_UNSAFE_UTF8 if utf8 else _UNSAFE).sub("?", text)[:limit] or "unknown"
 
 
 def address_literal(ip: str) -> str:
@@ -50,7 +51,7 @@ def received_header(info: SessionInfo, envelope: Envelope, queue_id: str, when: 
     date = format_datetime(datetime.fromtimestamp(when, UTC))
     if len(envelope.recipients) == 1:
         rcpt = envelope.recipients[0].address
-        lines.append(f"for <{_safe(rcpt, 300)}>; {date}")
+        lines.append(f"for <{_safe(rcpt, 300, envelope.smtputf8)}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(date)

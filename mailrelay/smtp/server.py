@@ -78,7 +78,11 @@ class SMTPServerProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self.session.connection_lost()
+        session = self.session
+        log.info("disconnect from [{ip}]:{port} helo={helo} messages={messages} errors={errors}",
+                 ip=self.client_ip, port=session.info.client_port, helo=session.info.helo,
+                 messages=session.info.messages, errors=session.errors)
+        session.connection_lost()
         self.factory.connection_closed(self.client_ip)
 
     # -- timer ----------------------------------------------------------------------------------

@@ -412,6 +412,15 @@ class Session:
                 return
             self.info.messages += 1
             self.errors = 0
+            info = self.info
+            log.info(
+                "{queue_id}: client=[{ip}] helo={helo} from=<{sender}> size={size} nrcpt={nrcpt} "
+                "proto={proto}{tls}{auth}",
+                queue_id=writer.queue_id, ip=info.client_address, helo=info.helo, sender=envelope.sender,
+                size=event.size, nrcpt=len(envelope.recipients), proto=envelope.protocol,
+                tls=f" tls={info.tls.version}" if info.tls else "",
+                auth=f" sasl_username={info.auth}" if info.auth else "",
+            )
             self.reply(Reply(250, "2.0.0", f"Ok: queued as {writer.queue_id}"))
 
         def allowed(objection: Reply | None) -> None:

@@ -25,3 +25,12 @@ def test_tls_and_auth_comments_and_hostile_helo() -> None:
         "\tby mx.example.test (mailrelay) with ESMTPSA id QID1\r\n"
         "\tfor <b@example.test>; Thu, 01 Jan 1970 00:00:00 +0000\r\n"
     )
+
+
+def test_utf8_recipient_kept_in_an_smtputf8_message_only() -> None:
+    info = SessionInfo("192.0.2.5", hostname="mx.example.test", helo="c")
+    rcpt = (Recipient("jörg@bücher.example"),)
+    utf8 = received_header(info, Envelope("", rcpt, smtputf8=True, protocol="UTF8SMTP"), "Q", 0.0)
+    plain = received_header(info, Envelope("", rcpt, protocol="ESMTP"), "Q", 0.0)
+    assert "for <jörg@bücher.example>;" in utf8.decode()
+    assert b"for <j?rg@b?cher.example>;" in plain

@@ -449,3 +449,26 @@ def test_a_bug_in_a_handler_costs_the_session_not_the_server() -> None:
     c.server.session._commands["NOOP"] = lambda arg: 1 / 0
     c.send("NOOP\r\n")
     assert c.codes() == [451] and c.closed
+
+
+def test_one_log_line_per_accepted_message_and_per_connection() -> None:
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observer(event):
+        if event.get("log_namespace", "").startswith("mailrelay.smtp"):
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        c = Conn()
+        c.ehlo()
+        transaction(c)
+        c.proto.connectionLost(None)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert lines == [
+        f"Q0001: client=[192.0.2.10] helo=client.example.org from=<a@example.org> size={len(MSG)} nrcpt=1 proto=ESMTP",
+        "disconnect from [192.0.2.10]:40000 helo=client.example.org messages=1 errors=0",
+    ]
