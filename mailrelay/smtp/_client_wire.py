@@ -20,6 +20,9 @@ class ReplyError(Exception):
     """The peer sent something that is not an SMTP reply: the session cannot go on."""
 
 
+_SINGLE_LINE_CACHE: dict[bytes, Reply] = {}  # Reply is frozen: identical lines share one value
+
+
 class ReplyParser:
     """Bytes in, complete ``Reply`` values out; multiline replies joined with ``\\n``.
 
@@ -40,22 +43,27 @@ class ReplyParser:
 
     def feed(self, data: bytes) -> list[Reply]:
         buf = self._buffer + data if self._buffer else data
+        lines = buf.split(b"\n")
+        self._buffer = lines.pop()
+        if len(self._buffer) > MAX_REPLY_LINE:
+            raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
         out: list[Reply] = []
-        start = 0
-        while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            line = buf[start:end]
-            start = end + 1
+        cache = _SINGLE_LINE_CACHE
+        for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
+            if not self._lines:  # fast path: a one-line reply seen before ("250 2.1.5 Ok")
+                cached = cache.get(line)
+                if cached is not None:
+                    out.append(cached)
+                    continue
             reply = self._line(line)
             if reply is not None:
                 out.append(reply)
-        self._buffer = buf[start:]
-        if len(self._buffer) > MAX_REPLY_LINE:
-            raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+                if "\n" not in reply.text and len(line) < 128:
+                    if len(cache) >= 512:
+                        cache.clear()
+                    cache[line] = reply
         return out
 
     def _line(self, raw: bytes) -> Reply | None:
