@@ -194,6 +194,7 @@ class ServerConfig:
     allow_plaintext_auth: bool = False
     submission_listen: tuple[str, ...] = ()
     greet_delay: float = 0.0  # seconds to wait before the 220; a client talking earlier gets 554
+    shutdown_timeout: float = 30.0  # on SIGTERM, how long sessions may finish their transaction
 
 
 @attrs.frozen
@@ -296,6 +297,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         allow_plaintext_auth=s.get("allow_plaintext_auth", False, types=bool),
         submission_listen=s.get_list("submission_listen", (), _string),
         greet_delay=s.get("greet_delay", 0.0, parse_duration),
+        shutdown_timeout=s.get("shutdown_timeout", 30.0, parse_duration),
     )
     s.check_unknown()
     if not server.listen:
