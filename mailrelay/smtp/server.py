@@ -193,40 +193,22 @@ class SMTPServerFactory(Factory):
         ``auth_password_file`` unless given (any ``ICredentialsChecker`` for ``IUsernamePassword``).
         ``submission=True`` makes a listener that requires AUTH before MAIL (port 587 style).
         """
-        if tls_options is None and server.tls_certificate and server.tls_key:
-            tls_options = server_tls_options(server.tls_certificate, server.tls_key)
-        password_file = getattr(server, "auth_password_file", None)
-        if checker is None and password_file:
-            from mailrelay.smtp.auth import HashedPasswordFile
+        settings, limits = _from_server(server, reactor, submission, tls_options, checker)
+        return cls(settings, sink, policy, reactor, **limits, **extras)
 
-            pool = getattr(reactor, "getThreadPool", None)
-            checker = HashedPasswordFile(password_file, reactor if pool else None, pool() if pool else None)
-        settings = SessionSettings(
-            hostname=server.hostname,
-            max_message_size=server.max_message_size,
-            max_recipients=server.max_recipients,
-            max_errors=server.max_errors,
-            command_line_limit=server.command_line_limit,
-            text_line_limit=server.text_line_limit,
-            idle_timeout=server.idle_timeout,
-            data_timeout=server.data_timeout,
-            starttls=tls_options is not None,
-            auth_mechanisms=("PLAIN", "LOGIN") if checker is not None else (),
-            allow_plaintext_auth=getattr(server, "allow_plaintext_auth", False),
-            require_auth=submission,
-            greet_delay=getattr(server, "greet_delay", 0.0),
-        )
-        return cls(
-            settings,
-            sink,
-            policy,
-            reactor,
-            max_connections=server.max_connections,
-            max_connections_per_ip=server.max_connections_per_ip,
-            tls_options=tls_options,
-            checker=checker,
-            **extras,
-        )
+    def reconfigure(self, server: ServerConfig, policy: IPolicy | None = None) -> None:
+        """Take a new config (SIGHUP): limits, certificate, password file and policy.
+
+        Everything is loaded first, so a bad new certificate raises and changes nothing. Sessions
+        already running keep their limits; a STARTTLS after this uses the new certificate.
+        """
+        settings, limits = _from_server(server, self.reactor, self.settings.require_auth, None, None)
+        self.settings = settings
+        self.max_connections = limits["max_connections"]
+        self.max_connections_per_ip = limits["max_connections_per_ip"]
+        self.tls_options, self.checker = limits["tls_options"], limits["checker"]
+        if policy is not None:
+            self.policy = policy
 
     def buildProtocol(self, addr: Any) -> Protocol:
         ip, _ = _host_port(addr)
@@ -243,3 +225,41 @@ class SMTPServerFactory(Factory):
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
+
+
+def _from_server(
+    server: ServerConfig,
+    reactor: Any,
+    submission: bool,
+    tls_options: Any,
+    checker: ICredentialsChecker | None,
+) -> tuple[SessionSettings, dict[str, Any]]:
+    if tls_options is None and server.tls_certificate and server.tls_key:
+        tls_options = server_tls_options(server.tls_certificate, server.tls_key)
+    if checker is None and server.auth_password_file:
+        from mailrelay.smtp.auth import HashedPasswordFile
+
+        pool = getattr(reactor, "getThreadPool", None)
+        checker = HashedPasswordFile(server.auth_password_file, reactor if pool else None, pool() if pool else None)
+    settings = SessionSettings(
+        hostname=server.hostname,
+        max_message_size=server.max_message_size,
+        max_recipients=server.max_recipients,
+        max_errors=server.max_errors,
+        command_line_limit=server.command_line_limit,
+        text_line_limit=server.text_line_limit,
+        idle_timeout=server.idle_timeout,
+        data_timeout=server.data_timeout,
+        starttls=tls_options is not None,
+        auth_mechanisms=("PLAIN", "LOGIN") if checker is not None else (),
+        allow_plaintext_auth=server.allow_plaintext_auth,
+        require_auth=submission,
+        greet_delay=server.greet_delay,
+    )
+    limits = {
+        "max_connections": server.max_connections,
+        "max_connections_per_ip": server.max_connections_per_ip,
+        "tls_options": tls_options,
+        "checker": checker,
+    }
+    return settings, limits

@@ -183,3 +183,19 @@ def test_bdat_over_a_raw_socket_pipelined():
         yield port.stopListening()
     assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"250", b"221"]
     assert sink.committed[0].data.endswith(body)
+
+
+def test_reconfigure_swaps_certificate_and_limits_and_refuses_a_bad_one(tls_files, tmp_path):
+    ca, cert, key, passwords = tls_files
+    config = server_config(cert, key, passwords, max_recipients=5)
+    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), reactor)
+    old_options = factory.tls_options
+    (tmp_path / "new").mkdir()
+    _, cert2, key2 = make_certs(tmp_path / "new", hostname="mx2.example.test")
+    factory.reconfigure(server_config(cert2, key2, passwords, max_recipients=7))
+    assert factory.tls_options is not old_options and factory.settings.max_recipients == 7
+    broken = tmp_path / "broken.pem"
+    broken.write_text("not a certificate")
+    with pytest.raises(ValueError):
+        factory.reconfigure(server_config(broken, key2, passwords, max_recipients=9))
+    assert factory.settings.max_recipients == 7
