@@ -223,3 +223,34 @@ def test_queue_command_with_a_missing_config_is_one_clear_line(tmp_path):
     result = cli("queue", "list", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 1
     assert result.stderr.strip() == f"mailrelay: {tmp_path / 'nope.toml'}: No such file or directory"
+
+
+def test_control_protocol_pages_the_listing_and_summarises():
+    """The responders alone, on the memory store: pages in id order, then the qshape-like summary."""
+    from twisted.internet.task import Clock
+
+    from mailrelay.control.server import ControlProtocol
+    from mailrelay.testing import MemoryQueueStore
+    from tests.routing.helpers import result_of
+
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    store = MemoryQueueStore(clock)
+    ids = []
+    for i in range(5):
+        ids.append(store.inject(ENV, b"Subject: x\r\n\r\n" + b"y" * i))
+        clock.advance(600)
+    manager = QueueManager(store, FakeRouter({}), RecordingDeliverer(), clock, QueueConfig(), "h.test")
+    proto = ControlProtocol(manager, store, clock)
+    first = result_of(proto.list_queue(limit=2))
+    assert [m["queue_id"] for m in first["messages"]] == ids[:2] and first["more"]
+    second = result_of(proto.list_queue(limit=2, after=ids[1]))
+    assert [m["queue_id"] for m in second["messages"]] == ids[2:4] and second["more"]
+    last = result_of(proto.list_queue(limit=2, after=ids[3]))
+    assert [m["queue_id"] for m in last["messages"]] == ids[4:] and not last["more"]
+    assert last["messages"][0]["size"] == len(b"Subject: x\r\n\r\n") + 4
+    s = result_of(proto.summary())["summary"]
+    assert s["messages"] == 5 and sum(s["total"]) == 10
+    # ages 10 min (<20m), 20 and 30 (<40m), 40 and 50 (<80m); two pending recipients each
+    assert s["total"][:5] == [0, 0, 2, 4, 4]
+    assert dict((d, sum(c)) for d, c in s["rows"]) == {"example.test": 5, "other.test": 5}

@@ -41,6 +41,7 @@ class ControlProtocol(amp.AMP):
         self.manager = manager
         self.store = store
         self.clock = clock
+        self._ids: list[str] | None = None
 
     def _check(self, queue_id: str) -> None:
         if not is_queue_id(queue_id):
@@ -59,19 +60,36 @@ class ControlProtocol(amp.AMP):
             return info.message_detail(message, body, due, active)
         return info.message_info(message, info.body_size(body) if body else None, due, active)
 
+    @defer.inlineCallbacks
+    def _load_many(self, ids: list[str]):  # type: ignore[no-untyped-def]
+        """The messages of ``ids`` still queued; in one pass when the store can (the spool can)."""
+        load_many = getattr(self.store, "load_many", None)
+        if load_many is not None:
+            return (yield load_many(ids))
+        out = []
+        for qid in ids:
+            try:
+                out.append((yield self.store.load(qid)))
+            except KeyError:
+                continue  # delivered while we listed
+        return out
+
     @protocol.ListQueue.responder
     @defer.inlineCallbacks
     def list_queue(self, limit: int, after: str | None = None):  # type: ignore[no-untyped-def]
-        ids = sorted((yield self.store.list_ids()))
-        if after:
-            ids = [i for i in ids if i > after]
+        if after is None or self._ids is None:
+            self._ids = sorted((yield self.store.list_ids()))  # once per listing, not per page
+        ids = [i for i in self._ids if i > after] if after else self._ids
         page, more = ids[: max(1, limit)], len(ids) > limit
+        scheduled = self.manager.scheduled()
         out = []
-        for qid in page:
+        for message in (yield self._load_many(page)):
+            qid = message.queue_id
             try:
-                out.append((yield self._info(qid)))
-            except KeyError:
-                continue  # delivered while we listed
+                size = info.body_size(self.store.open_body(qid))
+            except (KeyError, OSError):
+                continue
+            out.append(info.message_info(message, size, scheduled.get(qid), self.manager.is_active(qid)))
         return {"messages": out, "more": more}
 
     @protocol.ShowMessage.responder
@@ -83,13 +101,8 @@ class ControlProtocol(amp.AMP):
     @protocol.Summary.responder
     @defer.inlineCallbacks
     def summary(self):  # type: ignore[no-untyped-def]
-        infos = []
-        for qid in (yield self.store.list_ids()):
-            try:
-                message = yield self.store.load(qid)
-            except KeyError:
-                continue
-            infos.append(info.message_info(message, None))
+        messages = yield self._load_many(sorted((yield self.store.list_ids())))
+        infos = (info.message_info(m, None) for m in messages)
         return {"summary": info.summary(infos, self.clock.seconds())}
 
     @protocol.Flush.responder

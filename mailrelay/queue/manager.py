@@ -126,6 +126,7 @@ class QueueManager:
         self._waiters: dict[str, list[defer.Deferred[None]]] = {}
         self._running = False
         self._stopping = False
+        self._subscribed = False
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -136,7 +137,9 @@ class QueueManager:
         """
         self._running = True
         self._stopping = False
-        self.store.subscribe(self._committed)
+        if not self._subscribed:
+            self.store.subscribe(self._committed)
+            self._subscribed = True
         d = self._recover()
         d.addErrback(lambda f: log.failure("queue: start-up recovery failed", f))
         return d

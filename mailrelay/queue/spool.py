@@ -364,6 +364,20 @@ class FilesystemSpool:
             out.append((queue_id, float(d.get("next_attempt", 0.0)), bool(d.get("held", False))))
         return out
 
+    def load_many(self, ids: list[str]) -> defer.Deferred[list[QueuedMessage]]:
+        """The messages of ``ids`` that still exist, read in one thread hop (for listings)."""
+
+        def read() -> list[QueuedMessage]:
+            out = []
+            for queue_id in ids:
+                try:
+                    out.append(self.read_message(queue_id))
+                except (KeyError, ValueError):
+                    continue
+            return out
+
+        return threads.deferToThreadPool(self.reactor, self.threadpool, read)
+
     def read_message(self, queue_id: str) -> QueuedMessage:
         """Blocking read of one envelope (used by ``load`` in a thread, and by the CLI offline)."""
         if not is_queue_id(queue_id):
