@@ -205,3 +205,11 @@ async def test_auth_to_smarthost_only_when_plaintext_allowed(sinks: list[SMTPSin
     allowed = await deliver(Route((hop,), auth=("user", "secret"), allow_plaintext_auth=True), b"Subject: a\r\n\r\nx\r\n")
     assert [r.code for r, _ in allowed] == [250, 250]
     assert len(sink.wait_for(1)) == 1  # only the allowed one got through
+
+
+@pytest_twisted.ensureDeferred
+async def test_hop_by_name_through_hostname_endpoint(sinks: list[SMTPSink]) -> None:
+    sink = start(sinks)  # "localhost" is in /etc/hosts (files before dns): no DNS query leaves the host
+    results = await deliver(Route((NextHop("localhost", sink.port),)), b"Subject: n\r\n\r\nname\r\n")
+    assert [r.code for r, _ in results] == [250, 250]
+    assert results[0][1] == f"localhost[127.0.0.1]:{sink.port}"
