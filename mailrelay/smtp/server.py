@@ -71,7 +71,6 @@ class SMTPServerProtocol(Protocol):
         self.session.start()
 
     def dataReceived(self, data: bytes) -> None:
-        self._last_activity = self.factory.reactor.seconds()
         self.session.data_received(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -88,21 +87,19 @@ class SMTPServerProtocol(Protocol):
     # -- timer ----------------------------------------------------------------------------------
 
     # The timer is not reset on every read (that costs more than the read): it fires, then checks
-    # how long the client has really been quiet, and sleeps again for the rest of the timeout.
-    _last_activity = 0.0
+    # how long ago the client last made progress (session.last_progress: a whole command or line,
+    # not a byte), and sleeps again for the rest of the timeout.
 
     def _arm(self, delay: float | None = None) -> None:
-        if delay is None:
-            delay = self.session.timeout
-            self._last_activity = self.factory.reactor.seconds()
-        self._timer = self.factory.reactor.callLater(delay, self._expired)
+        self._timer = self.factory.reactor.callLater(
+            self.session.timeout if delay is None else delay, self._expired)
 
     def _expired(self) -> None:
         self._timer = None
         if self.session.busy:  # we are the slow one (a policy, the store): not the client's fault
             self._arm()
             return
-        quiet = self.factory.reactor.seconds() - self._last_activity
+        quiet = self.factory.reactor.seconds() - self.session.last_progress
         timeout = self.session.timeout  # DATA has its own
         if quiet < timeout:
             self._arm(timeout - quiet)

@@ -164,6 +164,9 @@ class Session:
         self._reject: Reply | None = None  # the current message's fate, decided mid-stream
         self._headers: bytes | None = None  # header text seen so far (for the hop count)
         self._bdat_reply: Reply | None = None  # answer owed for a BDAT chunk being skipped
+        # When the client last completed something (a command, a line of text): timeouts count
+        # from here, not from its last byte, so one byte a second cannot hold a session open.
+        self.last_progress = clock.seconds()
         self.parser = p.Parser(settings.command_line_limit, settings.text_line_limit)
         self.errors = 0
         self._txn: _Transaction | None = None
@@ -255,6 +258,7 @@ class Session:
                 event = self.parser.next_event()
                 if event is None:
                     break
+                self.last_progress = self.clock.seconds()
                 try:
                     self._handle(event)
                 except Exception:  # a bug must cost this session, never the server
@@ -285,6 +289,7 @@ class Session:
 
     def _answered(self, result: Any, then: Callable[[Any], None], pump: bool = True) -> None:
         self._waiting = None
+        self.last_progress = self.clock.seconds()  # the client's time starts when we answer
         if isinstance(result, Failure):
             if result.check(MailRelayError):
                 result = result.value.reply

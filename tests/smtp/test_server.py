@@ -333,7 +333,9 @@ def test_no_timeout_while_the_server_itself_is_slow() -> None:
     c.clock.advance(1000)
     assert not c.closed
     policy.answer()
-    c.clock.advance(301)
+    c.clock.advance(299)  # the client has its full timeout from our answer on
+    assert not c.closed
+    c.clock.advance(2)
     assert c.closed
 
 
@@ -472,3 +474,13 @@ def test_one_log_line_per_accepted_message_and_per_connection() -> None:
         f"Q0001: client=[192.0.2.10] helo=client.example.org from=<a@example.org> size={len(MSG)} nrcpt=1 proto=ESMTP",
         "disconnect from [192.0.2.10]:40000 helo=client.example.org messages=1 errors=0",
     ]
+
+
+def test_one_byte_at_a_time_cannot_hold_a_session_open() -> None:
+    c = Conn()
+    c.ehlo()
+    for i in range(400):  # "NOOP" never completed: bytes arrive, no command does
+        c.send(b"N" if i == 0 else b"O")
+        c.clock.advance(1)
+    assert c.closed
+    assert c.replies()[-1] == (421, "4.4.2 Error: timeout exceeded")
