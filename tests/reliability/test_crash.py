@@ -82,7 +82,7 @@ def test_sigkill_under_load_loses_nothing_and_duplicates_only_in_flight(sinks, k
             senders = [Sender(relay.port, f"l{life}s{i}", acked, tried) for i in range(4)]
             for s in senders:
                 s.start()
-            time.sleep(rng.uniform(0.2, 1.5))
+            time.sleep(rng.uniform(0.2, 1.0))
             relay.kill()
             in_spool_at_kill.append(spooled_ids(relay.spool))
             for s in senders:
