@@ -20,6 +20,7 @@ from zope.interface import implementer
 from mailrelay.config import ServerConfig
 from mailrelay.envelope import Reply
 from mailrelay.interfaces import IMessageSink, IPolicy
+from mailrelay.policy.limits import RateCounter
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.session import Session, SessionInfo, SessionSettings
 from mailrelay.smtp.tls import server_tls_options, tls_info
@@ -63,7 +64,7 @@ class SMTPServerProtocol(Protocol):
         )
         self.session = Session(
             self.factory.settings, info, self.factory.sink, self.factory.policy, self.factory.reactor, self,
-            checker=self.factory.checker,
+            checker=self.factory.checker, auth_failures=self.factory.auth_failures,
         )
         if interfaces.ISSLTransport.providedBy(self.transport):
             self.session.tls_active = True  # implicit TLS (RFC 8314): no STARTTLS on offer
@@ -157,6 +158,7 @@ class SMTPServerFactory(Factory):
         max_connections_per_ip: int = 50,
         tls_options: Any = None,
         checker: ICredentialsChecker | None = None,
+        auth_failures: RateCounter | None = None,
     ) -> None:
         self.settings = settings
         self.sink = sink
@@ -166,6 +168,8 @@ class SMTPServerFactory(Factory):
         self.max_connections_per_ip = max_connections_per_ip
         self.tls_options = tls_options
         self.checker = checker
+        # AUTH failures per client address across sessions: 10 in 10 minutes and AUTH is refused
+        self.auth_failures = auth_failures if auth_failures is not None else RateCounter(reactor, 10, 600.0)
         if tls_options is None and settings.starttls:
             raise ValueError("STARTTLS needs tls_options")
         self.connections = 0

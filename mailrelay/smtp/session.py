@@ -148,6 +148,7 @@ class Session:
         clock: IReactorTime,
         out: SessionOutput,
         checker: ICredentialsChecker | None = None,
+        auth_failures: Any = None,
     ) -> None:
         self.settings = settings
         self.info = info
@@ -156,6 +157,7 @@ class Session:
         self.clock = clock
         self.out = out
         self.checker = checker
+        self.auth_failures_by_ip = auth_failures  # a policy.limits.RateCounter shared by sessions
         self.state = State.CONNECTED
         self.tls_active = False
         self.auth_failures = 0
@@ -738,6 +740,10 @@ class Session:
         if self._txn is not None:
             self.reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
             return
+        throttle = self.auth_failures_by_ip
+        if throttle is not None and throttle.exceeded(self.info.client_address):
+            self._close(Reply(421, "4.7.0", "Error: too many authentication failures from your address"))
+            return
         if not (self.tls_active or self.settings.allow_plaintext_auth):
             self.reply(Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
             return
@@ -809,6 +815,10 @@ class Session:
             self.reply(Reply(454, "4.7.0", "Temporary authentication failure"))
             return
         self.auth_failures += 1
+        if self.auth_failures_by_ip is not None:
+            self.auth_failures_by_ip.hit(self.info.client_address)
+        log.info("session {id}: authentication failed from [{ip}]", id=self.info.session_id,
+                 ip=self.info.client_address)
         self.reply(Reply(535, "5.7.8", "Authentication credentials invalid"))
         if self.auth_failures >= self.settings.max_auth_failures:
             self._close(Reply(421, "4.7.0", "Error: too many authentication failures"))

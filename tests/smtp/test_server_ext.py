@@ -319,3 +319,31 @@ def test_talking_before_the_greeting_is_rejected() -> None:
     assert polite.codes() == [220]
     polite.send("EHLO polite.example\r\n")
     assert polite.codes() == [250]
+
+
+def test_auth_failures_are_counted_per_address_across_sessions() -> None:
+    from mailrelay.policy.limits import RateCounter
+
+    first = auth_conn()
+    throttle = RateCounter(first.clock, limit=4, window=600)
+    first.factory.auth_failures = throttle
+    sessions = []
+    for _ in range(2):  # each session: 2 wrong passwords, then it gives up (below 3 per session)
+        c = auth_conn(clock=first.clock, factory=first.factory)
+        c.server.session.settings = first.server.session.settings
+        ehlo_keywords(c)
+        c.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'x')}\r\n" * 2 + "QUIT\r\n")
+        sessions.append(c.codes())
+    assert sessions == [[535, 535, 221], [535, 535, 221]]
+    c = auth_conn(clock=first.clock, factory=first.factory)
+    c.server.session.settings = first.server.session.settings
+    ehlo_keywords(c)
+    c.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n")  # even the right one
+    assert c.replies() == [(421, "4.7.0 Error: too many authentication failures from your address")]
+    assert c.closed
+    first.clock.advance(601)
+    c = auth_conn(clock=first.clock, factory=first.factory)
+    c.server.session.settings = first.server.session.settings
+    ehlo_keywords(c)
+    c.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n")
+    assert c.codes() == [235]
