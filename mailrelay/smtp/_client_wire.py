@@ -6,6 +6,7 @@ Kept apart from the protocol so each is table- and property-tested without a tra
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 from mailrelay.envelope import Reply
 
@@ -41,13 +42,20 @@ class ReplyParser:
         self._lines = []
         self._code = None
 
-    def feed(self, data: bytes) -> list[Reply]:
+    def feed(self, data: bytes) -> Iterator[Reply]:
+        """The complete replies in ``data`` (plus what was buffered), one at a time.
+
+        Lazy on purpose: a caller that stops early (STARTTLS) never parses what followed, so
+        garbage after the 220 cannot fail the session. Raises ``ReplyError`` at a bad line.
+        """
         buf = self._buffer + data if self._buffer else data
         lines = buf.split(b"\n")
         self._buffer = lines.pop()
         if len(self._buffer) > MAX_REPLY_LINE:
             raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
-        out: list[Reply] = []
+        return self._replies(lines)
+
+    def _replies(self, lines: list[bytes]) -> Iterator[Reply]:
         cache = _SINGLE_LINE_CACHE
         for line in lines:
             if line.endswith(b"\r"):
@@ -55,16 +63,15 @@ class ReplyParser:
             if not self._lines:  # fast path: a one-line reply seen before ("250 2.1.5 Ok")
                 cached = cache.get(line)
                 if cached is not None:
-                    out.append(cached)
+                    yield cached
                     continue
             reply = self._line(line)
             if reply is not None:
-                out.append(reply)
                 if "\n" not in reply.text and len(line) < 128:
                     if len(cache) >= 512:
                         cache.clear()
                     cache[line] = reply
-        return out
+                yield reply
 
     def _line(self, raw: bytes) -> Reply | None:
         if len(raw) > MAX_REPLY_LINE:

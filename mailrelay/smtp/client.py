@@ -165,22 +165,20 @@ class SMTPClientProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         try:
-            replies = self._parser.feed(data)
+            for reply in self._parser.feed(data):
+                if not self._waiting:
+                    self._unexpected(reply)
+                    continue
+                w = self._waiting.popleft()
+                self._arm()
+                if w.on_reply is not None:
+                    w.on_reply(reply)
+                w.fire(reply)
+                if self._discard_rest:  # STARTTLS: whatever followed the 220 in plaintext is void
+                    self._discard_rest = False
+                    return
         except ReplyError as e:
             self._abort(ClientFailure(self._stage(), f"protocol error: {e}"))
-            return
-        for reply in replies:
-            if not self._waiting:
-                self._unexpected(reply)
-                continue
-            w = self._waiting.popleft()
-            self._arm()
-            if w.on_reply is not None:
-                w.on_reply(reply)
-            w.fire(reply)
-            if self._discard_rest:  # STARTTLS: whatever followed the 220 in plaintext is void
-                self._discard_rest = False
-                return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.state = ClientState.CLOSED

@@ -157,7 +157,7 @@ def test_data_refused_applies_to_accepted(code: bytes) -> None:
     out = c.send()
     c.sent()
     c.reply(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n250 ok\r\n" + code + b"\r\n")
-    reply = c.client._parser.feed(code + b"\r\n")[0]
+    reply = next(c.client._parser.feed(code + b"\r\n"))
     assert out == [[reply, Reply(550, "5.1.1", "no"), reply]]
     assert c.sent() == b""  # no body after a refused DATA
 
@@ -339,8 +339,8 @@ def test_text_after_starttls_220_is_ignored() -> None:
     c.client.command(b"STARTTLS\r\n", "starttls", on_reply=lambda r: c.client.start_tls(object())
                      ).addBoth(got.append)
     c.transport.startTLS = lambda options: None  # type: ignore[attr-defined]
-    c.reply(b"220 go ahead\r\n250-mx\r\n250 AUTH PLAIN\r\n")
-    assert got == [Reply(220, None, "go ahead")]
+    c.reply(b"220 go ahead\r\n250-mx\r\n250 AUTH PLAIN\r\nnot even SMTP\r\n")
+    assert got == [Reply(220, None, "go ahead")] and c.client._failure is None
     assert c.client._parser._buffer == b"" and not c.client._waiting
 
 

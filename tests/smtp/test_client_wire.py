@@ -30,7 +30,7 @@ from mailrelay.smtp._client_wire import (
     (b"421 4.3.2 bye\r\n", [Reply(421, "4.3.2", "bye")]),
 ])
 def test_reply_table(wire: bytes, expected: list[Reply]) -> None:
-    assert ReplyParser().feed(wire) == expected
+    assert list(ReplyParser().feed(wire)) == expected
 
 
 @given(st.lists(st.integers(min_value=0, max_value=60), max_size=10))
@@ -38,9 +38,9 @@ def test_reply_split_anywhere(cuts: list[int]) -> None:
     wire = b"250-mx.test greets\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000\r\n550 5.7.1 no\r\n"
     parser, out, prev = ReplyParser(), [], 0
     for cut in sorted(set(cuts)) + [len(wire)]:
-        out += parser.feed(wire[prev:cut])
+        out += list(parser.feed(wire[prev:cut]))
         prev = max(prev, cut)
-    assert out == ReplyParser().feed(wire)
+    assert out == list(ReplyParser().feed(wire))
     assert [r.code for r in out] == [250, 550]
 
 
@@ -50,18 +50,25 @@ def test_reply_split_anywhere(cuts: list[int]) -> None:
 ])
 def test_reply_garbage(wire: bytes) -> None:
     with pytest.raises(ReplyError):
-        ReplyParser().feed(wire)
+        list(ReplyParser().feed(wire))
+
+
+def test_replies_before_garbage_come_out_first() -> None:
+    replies = ReplyParser().feed(b"220 go ahead\r\nthis is not SMTP\r\n")
+    assert next(replies) == Reply(220, None, "go ahead")  # a STARTTLS caller stops here
+    with pytest.raises(ReplyError):
+        next(replies)
 
 
 def test_reply_parser_reset_drops_buffer() -> None:
     p = ReplyParser()
-    assert p.feed(b"220 go ahead\r\n250 inj") == [Reply(220, None, "go ahead")]
+    assert list(p.feed(b"220 go ahead\r\n250 inj")) == [Reply(220, None, "go ahead")]
     p.reset()
-    assert p.feed(b"250 ok\r\n") == [Reply(250, None, "ok")]
+    assert list(p.feed(b"250 ok\r\n")) == [Reply(250, None, "ok")]
 
 
 def test_parse_ehlo() -> None:
-    reply = ReplyParser().feed(b"250-mx.test\r\n250-SIZE 1024\r\n250-pipelining\r\n250 AUTH PLAIN LOGIN\r\n")[0]
+    reply = next(ReplyParser().feed(b"250-mx.test\r\n250-SIZE 1024\r\n250-pipelining\r\n250 AUTH PLAIN LOGIN\r\n"))
     assert parse_ehlo(reply) == {"SIZE": "1024", "PIPELINING": "", "AUTH": "PLAIN LOGIN"}
 
 
