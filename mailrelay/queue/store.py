@@ -72,15 +72,17 @@ def new_message(queue_id: str, envelope: Envelope) -> QueuedMessage:
 
 
 def message_to_dict(message: QueuedMessage) -> dict[str, Any]:
+    # Keep "next_attempt" and "held" last and in this order: the spool's start-up scan finds them
+    # at the end of the file without parsing the whole envelope.
     return {
         "version": FORMAT_VERSION,
         "queue_id": message.queue_id,
         "envelope": message.envelope.to_dict(),
         "statuses": [s.to_dict() for s in message.statuses],
         "attempts": message.attempts,
+        "warned": message.warned,
         "next_attempt": message.next_attempt,
         "held": message.held,
-        "warned": message.warned,
     }
 
 
