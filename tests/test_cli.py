@@ -4,11 +4,13 @@ against a running queue over its control socket (the real console script, in a s
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
 from twisted.python.failure import Failure
@@ -254,3 +256,36 @@ def test_control_protocol_pages_the_listing_and_summarises():
     # ages 10 min (<20m), 20 and 30 (<40m), 40 and 50 (<80m); two pending recipients each
     assert s["total"][:5] == [0, 0, 2, 4, 4]
     assert dict((d, sum(c)) for d, c in s["rows"]) == {"example.test": 5, "other.test": 5}
+
+
+@pytest.mark.integration
+def test_cli_against_a_running_twistd_instance_and_after_it_stops(tmp_path):
+    import smtplib
+
+    from tests.peers import free_port
+    from tests.relay import RelayProcess
+
+    dead = free_port()  # nothing listens there: every attempt is deferred
+    relay = RelayProcess(f'[queue]\nretry_schedule = ["1h"]\n[[routes]]\ntype = "static"\ndomains = ["*"]\n'
+                         f'hosts = ["127.0.0.1:{dead}"]\n').start()
+    try:
+        with smtplib.SMTP("127.0.0.1", relay.port) as client:
+            client.sendmail("s@example.org", ["r@example.test"], b"Subject: stuck\r\n\r\nwaiting\r\n")
+            client.sendmail("s@example.org", ["q@example.test"], b"Subject: doomed\r\n\r\nbye\r\n")
+        relay.wait_log("status=deferred")
+        assert os.path.exists(relay.spool / "control.sock")
+        listed = cli("queue", "list", "--config", str(relay.config))
+        assert listed.returncode == 0, listed.stderr
+        ids = re.findall(r"^([0-9A-Z]{18})[ !*]", listed.stdout, re.M)
+        assert len(ids) == 2 and "r@example.test" in listed.stdout and "in 2 Requests." in listed.stdout
+        doomed = next(i for i in ids if "Subject: doomed" in cli("queue", "show", i, "--config", str(relay.config)).stdout)
+        assert cli("queue", "delete", doomed, "--config", str(relay.config)).returncode == 0
+        flushed = cli("queue", "flush", "--config", str(relay.config))
+        assert flushed.returncode == 0 and "flushed 1 message" in flushed.stdout
+    finally:
+        relay.stop()
+    # stopped: the spool is read directly
+    offline_list = cli("queue", "list", "--config", str(relay.config))
+    assert offline_list.returncode == 0 and "in 1 Request." in offline_list.stdout
+    assert doomed not in offline_list.stdout
+    relay.cleanup()
