@@ -64,6 +64,19 @@ class ClientState(enum.Enum):
     CLOSED = "closed"
 
 
+_S = ClientState
+TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
+    _S.CONNECTING: frozenset({_S.GREETING, _S.CLOSED}),
+    _S.GREETING: frozenset({_S.EHLO, _S.QUITTING, _S.CLOSED}),
+    _S.EHLO: frozenset({_S.READY, _S.QUITTING, _S.CLOSED}),
+    _S.READY: frozenset({_S.BUSY, _S.QUITTING, _S.CLOSED}),
+    _S.BUSY: frozenset({_S.READY, _S.QUITTING, _S.CLOSED}),
+    _S.QUITTING: frozenset({_S.CLOSED}),
+    _S.CLOSED: frozenset(),
+}
+"""The client's life: every state change goes through ``_to``, which refuses any other."""
+
+
 class ClientFailure(Exception):
     """A stage of the session failed.
 
@@ -160,7 +173,7 @@ class SMTPClientProtocol(Protocol):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
-        self.state = ClientState.GREETING
+        self._to(ClientState.GREETING)
         defer.Deferred.fromCoroutine(self._open())
 
     def dataReceived(self, data: bytes) -> None:
@@ -181,7 +194,7 @@ class SMTPClientProtocol(Protocol):
             self._abort(ClientFailure(self._stage(), f"protocol error: {e}"))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.state = ClientState.CLOSED
+        self._to(ClientState.CLOSED)
         self._cancel_timer()
         failure = self._failure or ClientFailure(self._stage(), f"lost connection: {reason.getErrorMessage()}")
         self._fail_waiting(failure)
@@ -224,7 +237,7 @@ class SMTPClientProtocol(Protocol):
         """
         if self.state is not ClientState.READY:
             return defer.fail(ClientFailure("mail", f"session not ready ({self.state.value})"))
-        self.state = ClientState.BUSY
+        self._to(ClientState.BUSY)
         return defer.Deferred.fromCoroutine(
             self._transaction(envelope, list(recipients), body, size, list(extra_mail_params), reset))
 
@@ -268,8 +281,18 @@ class SMTPClientProtocol(Protocol):
 
     def set_state(self, state: ClientState) -> None:
         """For the session-level extras: BUSY while they talk, READY when done."""
-        if self.state is not ClientState.CLOSED:
-            self.state = state
+        self._to(state)
+
+    def _to(self, state: ClientState) -> bool:
+        """Move to ``state`` if the machine allows it from here; a closing session stays closing."""
+        if state is self.state:
+            return True
+        if state not in TRANSITIONS[self.state]:
+            if self.state not in (ClientState.QUITTING, ClientState.CLOSED):
+                raise RuntimeError(f"SMTP client: no transition {self.state.value} -> {state.value}")
+            return False
+        self.state = state
+        return True
 
     # -- session -----------------------------------------------------------------------------
 
@@ -280,14 +303,14 @@ class SMTPClientProtocol(Protocol):
             if greeting.code != 220:
                 self._send_quietly_quit()
                 raise _rejected("greeting", greeting)
-            self.state = ClientState.EHLO
+            self._to(ClientState.EHLO)
             reply = await self._ehlo()
         except ClientFailure as f:
             if not self.ready.called:
                 self.ready.errback(f)
             return
         if self.state is ClientState.EHLO:
-            self.state = ClientState.READY
+            self._to(ClientState.READY)
         if not self.ready.called:
             self.ready.callback(reply)
 
@@ -345,7 +368,7 @@ class SMTPClientProtocol(Protocol):
             if self._confused:
                 self.abort("the peer's replies no longer match our commands")
             elif self.state is ClientState.BUSY:
-                self.state = ClientState.READY
+                self._to(ClientState.READY)
 
     def _sane(self, r: _Result, stage: str, go_ahead: bool = False) -> _Result:
         """A 2xx (a 3xx where we asked to go ahead), a 4xx/5xx, or the 451 a confused peer earns.
@@ -594,7 +617,7 @@ class SMTPClientProtocol(Protocol):
             log.debug("reply nobody waited for: {reply}", reply=str(reply))
 
     def _send_quietly_quit(self) -> None:
-        self.state = ClientState.QUITTING
+        self._to(ClientState.QUITTING)
         self._command(b"QUIT\r\n", "quit", self.timeouts.quit).addBoth(
             lambda _: self.transport.loseConnection())  # type: ignore[union-attr]
 

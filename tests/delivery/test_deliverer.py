@@ -391,3 +391,11 @@ def test_8bit_message_to_peer_without_8bitmime_goes_as_is() -> None:
     finally:
         globalLogPublisher.removeObserver(logged.append)
     assert any("8BITMIME" in str(e.get("log_format", "")) for e in logged)
+
+
+def test_provides_ideliverer() -> None:
+    from zope.interface.verify import verifyObject
+
+    from mailrelay.interfaces import IDeliverer
+
+    assert verifyObject(IDeliverer, SMTPDeliverer(MemoryReactorClock(), DeliveryConfig(), "relay.test"))

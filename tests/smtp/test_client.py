@@ -353,3 +353,20 @@ def test_refused_rset_with_354_aborts_rather_than_ending_a_message() -> None:
     assert c.transport.disconnecting or c.client._failure is not None
     c.lose()
     assert isinstance(out[0], Failure) and out[0].value.stage == "rset"
+
+
+def test_state_machine_refuses_illegal_transitions() -> None:
+    c = Conn(ehlo=None)
+    assert c.client.state is ClientState.GREETING
+    with pytest.raises(RuntimeError):
+        c.client.set_state(ClientState.READY)  # not before EHLO
+    c.lose()
+    assert c.client.state is ClientState.CLOSED
+    c.client.set_state(ClientState.READY)  # a closed session stays closed, quietly
+    assert c.client.state is ClientState.CLOSED
+
+
+def test_send_before_ready_fails_cleanly() -> None:
+    c = Conn(ehlo=None)
+    out = c.send()
+    assert isinstance(out[0], Failure) and "not ready" in out[0].value.reason
