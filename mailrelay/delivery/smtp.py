@@ -121,7 +121,8 @@ class SMTPDeliverer:
         return [(reply, last.remote)] * len(recipients)
 
     def _key(self, hop: NextHop, route: Route) -> Hashable:
-        return (hop, route.tls, route.auth, route.source, route.allow_plaintext_auth)
+        # what the session was set up with; the hop's preference does not matter
+        return (hop.host, hop.port, hop.name, route.tls, route.auth, route.source, route.allow_plaintext_auth)
 
     async def _session(self, hop: NextHop, route: Route) -> tuple[Session, bool]:
         """A cached session (``True``) or a new one; ``may`` retries a failed TLS in plaintext."""

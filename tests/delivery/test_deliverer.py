@@ -399,3 +399,15 @@ def test_provides_ideliverer() -> None:
     from mailrelay.interfaces import IDeliverer
 
     assert verifyObject(IDeliverer, SMTPDeliverer(MemoryReactorClock(), DeliveryConfig(), "relay.test"))
+
+
+def test_cache_shared_by_routes_naming_the_same_host() -> None:
+    h = Harness(NextHop("127.0.0.1", 25, preference=10))
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    _deliver_on(h)
+    h.route = Route((NextHop("127.0.0.2", 25), NextHop("127.0.0.1", 25, preference=20)))
+    h.deliver()
+    h.refuse(1)  # the first hop of the new route is down; the second is the cached connection
+    assert len(h.reactor.tcpClients) == 2
+    assert h.sent().endswith(b"RSET\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n")
