@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import interfaces
+from twisted.internet import defer, interfaces
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,6 +20,7 @@ from zope.interface import implementer
 from mailrelay.config import ServerConfig
 from mailrelay.envelope import Reply
 from mailrelay.interfaces import IMessageSink, IPolicy
+from mailrelay.observer import NULL_OBSERVER, IRelayObserver
 from mailrelay.policy.limits import RateCounter
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.session import Session, SessionInfo, SessionSettings
@@ -66,6 +67,9 @@ class SMTPServerProtocol(Protocol):
             self.factory.settings, info, self.factory.sink, self.factory.policy, self.factory.reactor, self,
             checker=self.factory.checker, auth_failures=self.factory.auth_failures,
         )
+        self.session.observer = self.factory.observer
+        self.factory.protocols.add(self)
+        self.factory.observer.connection_opened(info)
         if interfaces.ISSLTransport.providedBy(self.transport):
             self.session.tls_active = True  # implicit TLS (RFC 8314): no STARTTLS on offer
         self._arm()
@@ -84,6 +88,8 @@ class SMTPServerProtocol(Protocol):
                  messages=session.info.messages, errors=session.errors)
         session.connection_lost()
         self.factory.connection_closed(self.client_ip)
+        self.factory.observer.connection_closed(session.info)
+        self.factory._protocol_gone(self)
 
     # -- timer ----------------------------------------------------------------------------------
 
@@ -131,21 +137,31 @@ class SMTPServerProtocol(Protocol):
         info = tls_info(self.transport)
         log.info("session {id}: TLS {tls}", id=self.session.info.session_id, tls=info)
         self.session.tls_established(info)
+        self.factory.observer.tls_established("inbound", info.version if info else "")
 
 
 class _Refuse(Protocol):
     """Says one reply and hangs up: for connections over the limits."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, observer: IRelayObserver = NULL_OBSERVER, ip: str = "") -> None:
         self.reply = reply
+        self.observer = observer
+        self.ip = ip
 
     def connectionMade(self) -> None:
+        self.observer.connection_refused(self.ip, self.reply)
         self.transport.write(self.reply.encode())  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 
 class SMTPServerFactory(Factory):
-    """Builds server sessions sharing one sink, one policy and the limits of one listener."""
+    """Builds server sessions sharing one sink, one policy and the limits of one listener.
+
+    ``observer`` (an ``IRelayObserver``, set by whoever counts) hears of connections, TLS, refused
+    commands and accepted messages.
+    """
+
+    observer: IRelayObserver = NULL_OBSERVER
 
     def __init__(
         self,
@@ -173,6 +189,9 @@ class SMTPServerFactory(Factory):
         if tls_options is None and settings.starttls:
             raise ValueError("STARTTLS needs tls_options")
         self.connections = 0
+        self.protocols: set[SMTPServerProtocol] = set()
+        self.draining: Reply | None = None
+        self._drained: list[defer.Deferred[None]] = []
         self.per_ip: Counter[str] = Counter()
 
     @classmethod
@@ -214,9 +233,9 @@ class SMTPServerFactory(Factory):
     def buildProtocol(self, addr: Any) -> Protocol:
         ip, _ = _host_port(addr)
         if self.connections >= self.max_connections:
-            return _Refuse(R.TOO_MANY_CONNECTIONS)
+            return _Refuse(R.TOO_MANY_CONNECTIONS, self.observer, ip)
         if self.per_ip[ip] >= self.max_connections_per_ip:
-            return _Refuse(R.TOO_MANY_FROM_YOU)
+            return _Refuse(R.TOO_MANY_FROM_YOU, self.observer, ip)
         self.connections += 1
         self.per_ip[ip] += 1
         return SMTPServerProtocol(self, ip)
@@ -226,6 +245,35 @@ class SMTPServerFactory(Factory):
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
+
+    # -- shutting down (used by MailRelayService.stopService) -----------------------------------
+
+    def drain(self, reply: Reply) -> defer.Deferred[None]:
+        """Close idle sessions with ``reply`` now, busy ones once their transaction ends.
+
+        Fires when every session of this factory is gone (cancel it to stop waiting).
+        """
+        self.draining = reply
+        for protocol in list(self.protocols):
+            protocol.session.drain(reply)
+        if not self.protocols:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        return d
+
+    def close_all(self, reply: Reply) -> None:
+        """Deadline passed: say ``reply`` and close every session, whatever it was doing."""
+        for protocol in list(self.protocols):
+            protocol.session.shutdown(reply)
+
+    def _protocol_gone(self, protocol: SMTPServerProtocol) -> None:
+        self.protocols.discard(protocol)
+        if not self.protocols:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
 
 
 def _from_server(

@@ -1,0 +1,149 @@
+"""What the relay tells whoever watches it: connections, replies, accepted messages, deliveries.
+
+The wire and the queue call an ``IRelayObserver`` passed in; they know nothing of Prometheus or of
+log formats. ``RelayObserver`` is the do-nothing base to subclass (override only what you count);
+``FanOut`` hands each event to several observers (metrics and an embedder's own, say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import IO, Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from mailrelay.envelope import Envelope, Recipient, Reply, Route
+from mailrelay.interfaces import IDeliverer
+
+log = Logger()
+
+
+class IRelayObserver(Interface):
+    """Events worth counting. Every method returns nothing and must not raise."""
+
+    def connection_opened(info):  # type: ignore[no-untyped-def]
+        """A client connected (``info``: the session's ``SessionInfo``)."""
+
+    def connection_closed(info):  # type: ignore[no-untyped-def]
+        """That client's connection ended."""
+
+    def connection_refused(client_address, reply):  # type: ignore[no-untyped-def]
+        """A connection over the limits was turned away with ``reply``."""
+
+    def tls_established(direction, version):  # type: ignore[no-untyped-def]
+        """A TLS handshake completed; ``direction`` is ``"inbound"`` or ``"outbound"``."""
+
+    def command_rejected(command, reply):  # type: ignore[no-untyped-def]
+        """The server answered ``command`` (``"RCPT"``, ``"DATA"``, ...) with a 4xx/5xx ``reply``."""
+
+    def message_accepted(info, envelope, queue_id, size):  # type: ignore[no-untyped-def]
+        """A message was committed to the queue and got its 250."""
+
+    def delivery_attempted(envelope, reply, remote, seconds):  # type: ignore[no-untyped-def]
+        """One recipient's outcome of one delivery attempt that took ``seconds``."""
+
+    def outbound_connection(remote, tls):  # type: ignore[no-untyped-def]
+        """A new connection to a next hop is ready; ``tls`` is ``""`` or ``"TLSv1.3 <cipher>"``."""
+
+
+@implementer(IRelayObserver)
+class RelayObserver:
+    """Observes nothing: subclass it and override the events you care about."""
+
+    def connection_opened(self, info: Any) -> None:
+        pass
+
+    def connection_closed(self, info: Any) -> None:
+        pass
+
+    def connection_refused(self, client_address: str, reply: Reply) -> None:
+        pass
+
+    def tls_established(self, direction: str, version: str) -> None:
+        pass
+
+    def command_rejected(self, command: str, reply: Reply) -> None:
+        pass
+
+    def message_accepted(self, info: Any, envelope: Envelope, queue_id: str, size: int) -> None:
+        pass
+
+    def delivery_attempted(self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float) -> None:
+        pass
+
+    def outbound_connection(self, remote: str, tls: str) -> None:
+        pass
+
+
+#: The default of every ``observer=`` parameter.
+NULL_OBSERVER = RelayObserver()
+
+
+@implementer(IRelayObserver)
+class FanOut:
+    """Several observers as one; a failing observer is logged and never reaches the caller."""
+
+    def __init__(self, observers: Iterable[IRelayObserver]) -> None:
+        self.observers = tuple(observers)
+
+    def _each(self, method: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception:
+                log.failure("observer {observer!r} failed on {method}", observer=observer, method=method)
+
+    def connection_opened(self, info: Any) -> None:
+        self._each("connection_opened", info)
+
+    def connection_closed(self, info: Any) -> None:
+        self._each("connection_closed", info)
+
+    def connection_refused(self, client_address: str, reply: Reply) -> None:
+        self._each("connection_refused", client_address, reply)
+
+    def tls_established(self, direction: str, version: str) -> None:
+        self._each("tls_established", direction, version)
+
+    def command_rejected(self, command: str, reply: Reply) -> None:
+        self._each("command_rejected", command, reply)
+
+    def message_accepted(self, info: Any, envelope: Envelope, queue_id: str, size: int) -> None:
+        self._each("message_accepted", info, envelope, queue_id, size)
+
+    def delivery_attempted(self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float) -> None:
+        self._each("delivery_attempted", envelope, reply, remote, seconds)
+
+    def outbound_connection(self, remote: str, tls: str) -> None:
+        self._each("outbound_connection", remote, tls)
+
+
+@implementer(IDeliverer)
+class ObservedDeliverer:
+    """An ``IDeliverer`` that reports each recipient's outcome and the attempt's duration.
+
+    Wrapping the deliverer keeps the queue manager and the SMTP client free of counting code.
+    """
+
+    def __init__(self, deliverer: IDeliverer, observer: IRelayObserver, clock: Any) -> None:
+        self.deliverer = deliverer
+        self.observer = observer
+        self.clock = clock
+
+    def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
+                open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[tuple[Reply, str | None]]]:
+        started = self.clock.seconds()
+        d = defer.maybeDeferred(self.deliverer.deliver, envelope, recipients, route, open_body)
+
+        def report(results: list[tuple[Reply, str | None]]) -> list[tuple[Reply, str | None]]:
+            seconds = max(0.0, self.clock.seconds() - started)
+            for reply, remote in results:
+                self.observer.delivery_attempted(envelope, reply, remote, seconds)
+            return results
+
+        return d.addCallback(report)
+
+    def __getattr__(self, name: str) -> Any:  # stop(), pool, ... of the wrapped deliverer
+        return getattr(self.deliverer, name)
