@@ -39,16 +39,36 @@ class RouterChain:
     def __repr__(self) -> str:
         return f"RouterChain({list(self.routers)!r})"
 
-    @defer.inlineCallbacks
-    def route(self, recipient: str, envelope: Envelope):  # type: ignore[no-untyped-def]
-        """A Deferred of the first router's non-``None`` answer (or the default)."""
-        for router in self.routers:
-            answer = yield defer.maybeDeferred(router.route, recipient, envelope)
+    def route(self, recipient: str, envelope: Envelope) -> defer.Deferred[Route]:
+        """A Deferred of the first router's non-``None`` answer (or the default).
+
+        Synchronous answers are taken synchronously (no generator, no callback chain per router):
+        the chain runs for every recipient, at RCPT and at every delivery attempt.
+        """
+        return self._ask(recipient, envelope, 0)
+
+    def _ask(self, recipient: str, envelope: Envelope, start: int) -> defer.Deferred[Route]:
+        for index in range(start, len(self.routers)):
+            try:
+                answer = self.routers[index].route(recipient, envelope)
+            except Exception:
+                return defer.fail()
+            if isinstance(answer, defer.Deferred):
+                return answer.addCallback(self._answered, recipient, envelope, index)
             if answer is not None:
-                return answer
+                return defer.succeed(answer)
+        return self._unanswered(recipient)
+
+    def _answered(self, answer: Route | None, recipient: str, envelope: Envelope,
+                  index: int) -> Route | defer.Deferred[Route]:
+        if answer is not None:
+            return answer
+        return self._ask(recipient, envelope, index + 1)
+
+    def _unanswered(self, recipient: str) -> defer.Deferred[Route]:
         if self.default is not None:
-            return self.default
-        raise PermanentFailure(no_route_reply(recipient))
+            return defer.succeed(self.default)
+        return defer.fail(PermanentFailure(no_route_reply(recipient)))
 
     def close(self) -> defer.Deferred[None]:
         """Release what the routers hold (LDAP connections): calls each router's optional

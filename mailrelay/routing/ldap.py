@@ -50,14 +50,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.address import domain_matches, split
+from mailrelay.address import split
 from mailrelay.config import parse_duration, parse_hostport
 from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.context import RouterContext
 from mailrelay.routing.mx import MXRouter, bound_cache, make_resolver
-from mailrelay.routing.static import parse_domain_pattern, parse_tls
+from mailrelay.routing.static import DomainSet, parse_domain_pattern, parse_tls
 
 log = Logger()
 
@@ -260,6 +260,7 @@ class LDAPRouter:
         self.run_blocking = run_blocking
         self.next_hop = next_hop
         self.domains = tuple(parse_domain_pattern(d) for d in domains)
+        self.matches = DomainSet(self.domains)
         self.catch_all = catch_all
         self.missing = missing
         self.port = port
@@ -274,7 +275,7 @@ class LDAPRouter:
 
     def route(self, recipient: str, envelope: Envelope | None) -> defer.Deferred[Route | None] | None:
         local, domain = split(recipient)
-        if not domain or not any(domain_matches(domain, p) for p in self.domains):
+        if not domain or not self.matches(domain):
             return None
         return defer.ensureDeferred(self._route(f"{local}@{domain}"))
 

@@ -29,13 +29,13 @@ from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.address import domain_matches, normalise_domain, split
+from mailrelay.address import normalise_domain, split
 from mailrelay.config import parse_duration, parse_hostport
 from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.context import RouterContext
-from mailrelay.routing.static import parse_domain_pattern, parse_tls
+from mailrelay.routing.static import DomainSet, parse_domain_pattern, parse_tls
 
 MAX_CNAME_DEPTH = 8
 CACHE_LIMIT = 10000  # entries per cache: a relay for the world meets many domains
@@ -133,6 +133,7 @@ class MXRouter:
         self.clock = clock
         self.port = port
         self.domains = tuple(parse_domain_pattern(d) for d in domains)
+        self.matches = DomainSet(self.domains)
         self.random = random if random is not None else _random.Random()
         self.max_hosts = max_hosts
         self.prefer = prefer
@@ -142,12 +143,11 @@ class MXRouter:
         self._cache: dict[str, _Resolved] = {}
         self._inflight: dict[str, list[defer.Deferred[tuple[Exchange, ...]]]] = {}
         self._orders: dict[str, tuple[tuple[Exchange, ...], float, tuple[Exchange, ...]]] = {}
+        self._routes: dict[int, tuple[tuple[Exchange, ...], Route]] = {}  # port → last route built
 
     def __repr__(self) -> str:
         return f"MXRouter(port={self.port}, domains={list(self.domains)!r})"
 
-    def matches(self, domain: str) -> bool:
-        return any(domain_matches(domain, p) for p in self.domains)
 
     def route(self, recipient: str, envelope: Envelope | None) -> defer.Deferred[Route | None] | Route | None:
         domain = split(recipient)[1]
@@ -235,6 +235,14 @@ class MXRouter:
         return ordered
 
     def _route(self, exchanges: tuple[Exchange, ...], port: int) -> Route:
+        memo = self._routes.get(port)
+        if memo is not None and memo[0] is exchanges:  # the same order as last time: same Route
+            return memo[1]
+        route = self._build_route(exchanges, port)
+        self._routes[port] = (exchanges, route)
+        return route
+
+    def _build_route(self, exchanges: tuple[Exchange, ...], port: int) -> Route:
         hops: list[NextHop] = []
         seen: set[str] = set()
         for x in exchanges:

@@ -20,7 +20,7 @@ from typing import Any
 
 from zope.interface import implementer
 
-from mailrelay.address import domain_matches, split
+from mailrelay.address import split
 from mailrelay.config import Section, parse_hostport
 from mailrelay.envelope import Envelope, NextHop, Route, TLSPolicy
 from mailrelay.interfaces import IRouter
@@ -39,6 +39,29 @@ def parse_domain_pattern(value: object) -> str:
     if not v or v.startswith(".") or ".." in v or "*" in v or " " in v:
         raise ValueError(f"{value!r} is not a domain, '.subdomain' pattern or '*'")
     return v
+
+
+class DomainSet:
+    """``domains`` patterns as a predicate: ``DomainSet(["a.test", ".b.test"])("x.b.test")``.
+
+    A set lookup per label of the domain, not a loop over the patterns: routers run it for every
+    recipient. The domain must be normalised (``mailrelay.address.split`` does it).
+    """
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.any = "*" in patterns
+        self.exact = frozenset(p for p in patterns if not p.startswith(".") and p != "*")
+        self.parents = frozenset(p for p in patterns if p.startswith("."))
+
+    def __call__(self, domain: str) -> bool:
+        if self.any or domain in self.exact:
+            return True
+        dot = domain.find(".")
+        while dot >= 0:
+            if domain[dot:] in self.parents:
+                return True
+            dot = domain.find(".", dot + 1)
+        return False
 
 
 def parse_tls(value: object) -> TLSPolicy:
@@ -90,6 +113,7 @@ class StaticRouter:
         if not route.hops:
             raise ValueError("a static route needs at least one next hop")
         self.domains = tuple(parse_domain_pattern(d) for d in domains)
+        self.matches = DomainSet(self.domains)
         self.route_ = route
         self.rewrite = parse_rewrite(rewrite) if rewrite is not None else None
 
@@ -97,12 +121,9 @@ class StaticRouter:
         hops = ", ".join(f"{h.host}:{h.port}" for h in self.route_.hops)
         return f"StaticRouter({list(self.domains)!r} -> {hops})"
 
-    def matches(self, domain: str) -> bool:
-        return any(domain_matches(domain, pattern) for pattern in self.domains)
-
     def route(self, recipient: str, envelope: Envelope) -> Route | None:
         local, domain = split(recipient)
-        if not self.matches(domain):
+        if not domain or not self.matches(domain):
             return None
         if self.rewrite is None:
             return self.route_
