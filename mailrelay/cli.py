@@ -304,7 +304,11 @@ def run_queue(args: argparse.Namespace, out: Any = None, err: Any = None) -> int
         d.addCallback(_queue_command, args, out)
 
         def failed(f: Any) -> None:
-            if f.check(KeyError):
+            from mailrelay.control.protocol import MessageHeld
+
+            if f.check(MessageHeld):
+                print(f"mailrelay: {args.queue_id} is held: release it to have it attempted", file=err)
+            elif f.check(KeyError):
                 print(f"mailrelay: no such message: {getattr(args, 'queue_id', '')}", file=err)
             elif f.check(ConfigError, CLIError, OSError):
                 print(f"mailrelay: {f.value}", file=err)

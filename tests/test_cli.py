@@ -207,6 +207,8 @@ def test_queue_commands_against_a_running_queue_over_the_control_socket(tmp_path
         held = yield threads.deferToThread(run, "hold", qid)
         assert held.returncode == 0
         assert (yield spool.load(qid)).held and qid not in manager.scheduled()
+        refused = yield threads.deferToThread(run, "flush", qid)
+        assert refused.returncode == 1 and "is held" in refused.stderr
         released = yield threads.deferToThread(run, "release", qid)
         assert released.returncode == 0 and not (yield spool.load(qid)).held
 

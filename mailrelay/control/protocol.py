@@ -32,6 +32,10 @@ class JSONValue(amp.Argument):
         objects[name.decode()] = json.loads(b"".join(parts)) if parts else None
 
 
+class MessageHeld(Exception):
+    """The message is on hold: ``release`` it to have it attempted."""
+
+
 _ERRORS = {KeyError: b"NO_SUCH_MESSAGE"}
 
 
@@ -58,7 +62,7 @@ class Summary(amp.Command):
 class Flush(amp.Command):
     arguments = [(b"queue_id", amp.Unicode(optional=True))]
     response = [(b"count", amp.Integer())]
-    errors = _ERRORS
+    errors = {**_ERRORS, MessageHeld: b"MESSAGE_HELD"}
 
 
 class Delete(amp.Command):

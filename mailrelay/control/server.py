@@ -106,11 +106,13 @@ class ControlProtocol(amp.AMP):
         return {"summary": info.summary(infos, self.clock.seconds())}
 
     @protocol.Flush.responder
-    def flush(self, queue_id: str | None = None) -> dict[str, int]:
+    @defer.inlineCallbacks
+    def flush(self, queue_id: str | None = None):  # type: ignore[no-untyped-def]
         if queue_id is not None:
             self._check(queue_id)
-            if queue_id not in self.manager.scheduled() and not self.manager.is_active(queue_id):
-                raise KeyError(queue_id)
+            message = yield self.store.load(queue_id)  # KeyError when there is no such message
+            if message.held:
+                raise protocol.MessageHeld(queue_id)
         count = self.manager.flush(queue_id)
         log.info("control: flush {what} ({count} messages)", what=queue_id or "all", count=count)
         return {"count": count}
