@@ -190,7 +190,11 @@ class LDAPDirectory:
                             for name, values in e["raw_attributes"].items()}
                            for e in conn.response if e.get("type") == "searchResEntry"]
             except ldap3.core.exceptions.LDAPNoSuchObjectResult:
-                entries = []
+                # the base itself is not there (or not visible to this bind): a configuration or
+                # access problem, never "no such user" — that would refuse every recipient
+                with self._lock:
+                    self._idle.append(conn)
+                raise DirectoryUnavailable(f"search base {self.base!r} not found (wrong base or bind?)") from None
             except DirectoryUnavailable:
                 raise
             except (ldap3.core.exceptions.LDAPException, OSError) as e:

@@ -32,9 +32,12 @@ def threadpool() -> Iterator[ThreadPool]:
     pool.stop()
 
 
-def ldap_router(slapd: Slapd, nsd: NSD, threadpool: ThreadPool, **options: Any) -> LDAPRouter:
+def ldap_router(slapd: Slapd, nsd: NSD, threadpool: ThreadPool, drop: tuple[str, ...] = (),
+                **options: Any) -> LDAPRouter:
     options = {"uri": slapd.uri, "bind_dn": BIND_DN, "bind_password": BIND_PASSWORD, "base": BASE,
                "nameservers": [f"127.0.0.1:{nsd.port}"], "port": 2525, **options}
+    for key in drop:
+        del options[key]
     context = RouterContext(reactor, threadpool=threadpool, source="relay.toml", key="routes[0]",
                             random=random.Random(1))
     return LDAPRouter.from_options(options, context)
@@ -162,5 +165,16 @@ async def test_a_certificate_from_another_ca_is_refused_never_used_in_clear(
     for options in ({"starttls": True, "tls_ca_file": str(other)},
                     {"uri": server.ldaps_uri, "tls_ca_file": str(other)}):
         router = ldap_router(server, nsd, threadpool, **options)
+        with pytest.raises(TemporaryFailure):
+            await answer(router, "bob@example.test")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_base_that_is_not_there_is_temporary_never_no_such_user(slapd: Slapd, nsd: NSD,
+                                                                       threadpool: ThreadPool) -> None:
+    wrong_base = ldap_router(slapd, nsd, threadpool, missing="reject", base="dc=nowhere,dc=test")
+    # an anonymous bind may bind here but sees nothing: slapd answers noSuchObject for the base
+    anonymous = ldap_router(slapd, nsd, threadpool, missing="reject", drop=("bind_dn", "bind_password"))
+    for router in (wrong_base, anonymous):
         with pytest.raises(TemporaryFailure):
             await answer(router, "bob@example.test")
