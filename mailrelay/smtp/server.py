@@ -175,8 +175,11 @@ class SMTPServerFactory(Factory):
         tls_options: Any = None,
         checker: ICredentialsChecker | None = None,
         auth_failures: RateCounter | None = None,
+        observer: IRelayObserver | None = None,
     ) -> None:
         self.settings = settings
+        if observer is not None:
+            self.observer = observer
         self.sink = sink
         self.policy = policy
         self.reactor = reactor

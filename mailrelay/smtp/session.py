@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from mailrelay.envelope import Envelope, Recipient, Reply
 from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IMessageSink, IMessageWriter, IPolicy
+from mailrelay.observer import NULL_OBSERVER
 from mailrelay.policy.received import protocol_name, received_header
 from mailrelay.smtp import _parser as p
 from mailrelay.smtp import auth as sasl
@@ -149,6 +150,7 @@ class Session:
         out: SessionOutput,
         checker: ICredentialsChecker | None = None,
         auth_failures: Any = None,
+        observer: Any = None,
     ) -> None:
         self.settings = settings
         self.info = info
@@ -158,6 +160,9 @@ class Session:
         self.out = out
         self.checker = checker
         self.auth_failures_by_ip = auth_failures  # a policy.limits.RateCounter shared by sessions
+        self.observer = observer if observer is not None else NULL_OBSERVER
+        self._verb = ""  # the command being answered (for the observer)
+        self._draining: Reply | None = None  # shutting down: close with this once idle
         self.state = State.CONNECTED
         self.tls_active = False
         self.auth_failures = 0
@@ -228,6 +233,27 @@ class Session:
         self.tls_active = True
         self.info.tls = info
 
+    def drain(self, reply: Reply) -> None:
+        """Shutting down: close now if idle, else as soon as the transaction in hand is over."""
+        self._draining = reply
+        self._close_if_drained()
+
+    @property
+    def idle(self) -> bool:
+        """Between transactions, nothing owed to the client."""
+        return (self._waiting is None and self._txn is None and self._writer is None
+                and self.state in (State.GREETED, State.READY))
+
+    def _close_if_drained(self) -> bool:
+        if self._draining is not None and self.idle:
+            self._close(self._draining)
+            return True
+        return False
+
+    def shutdown(self, reply: Reply) -> None:
+        """Close now, whatever is in hand (shutdown deadline): nothing half-received is stored."""
+        self._close(reply)
+
     def timed_out(self) -> None:
         if self.state is not State.CLOSED:
             self._close(R.TIMEOUT)
@@ -239,6 +265,7 @@ class Session:
             return
         self.out.write(_encode(reply))
         if reply.code >= 400:
+            self.observer.command_rejected(self._verb, reply)
             self.errors += 1
             if self.errors >= self.settings.max_errors and reply.code != 421:
                 self._close(R.TOO_MANY_ERRORS)
@@ -257,6 +284,8 @@ class Session:
         self._pumping = True
         try:
             while self._waiting is None and self.state not in (State.CLOSED, State.CONNECTED):
+                if self._draining is not None and self._close_if_drained():
+                    break
                 event = self.parser.next_event()
                 if event is None:
                     break
@@ -329,14 +358,20 @@ class Session:
     def _handle(self, event: p.Event) -> None:
         if isinstance(event, p.DataChunk):
             self._text(event.data)
-        elif isinstance(event, p.DataEnd):
+            return
+        if isinstance(event, p.DataEnd):
             if self._bdat_reply is not None or self._txn is not None and self._txn.bdat_started:
+                self._verb = "BDAT"
                 self._bdat_end(event)
             else:
+                self._verb = "DATA"
                 self._data_end(event)
         elif self.state is State.AUTH:
+            self._verb = "AUTH"
             self._sasl_response(event)
         elif isinstance(event, p.Command):
+            # a fixed set of names for the observer (metrics labels), never the client's text
+            self._verb = event.verb if event.verb in self._commands else "UNKNOWN"
             handler = self._commands.get(event.verb)
             if handler is not None:
                 handler(event.argument)
@@ -345,10 +380,13 @@ class Session:
             else:
                 self.reply(R.UNKNOWN_COMMAND)
         elif event.error is p.LineError.TOO_LONG:
+            self._verb = "UNKNOWN"
             self.reply(R.LINE_TOO_LONG)
         elif event.error is p.LineError.BARE_NEWLINE:
+            self._verb = "UNKNOWN"
             self.reply(R.BARE_NEWLINE_COMMAND)
         else:
+            self._verb = "UNKNOWN"
             self.reply(R.NOT_UTF8)
 
     def _reset(self) -> None:
@@ -420,6 +458,7 @@ class Session:
             self.info.messages += 1
             self.errors = 0
             info = self.info
+            self.observer.message_accepted(info, envelope, writer.queue_id, event.size)
             log.info(
                 "{queue_id}: client=[{ip}] helo={helo} from=<{sender}> size={size} nrcpt={nrcpt} "
                 "proto={proto}{tls}{auth}",
@@ -916,7 +955,6 @@ class Session:
 def _encode(reply: Reply) -> bytes:
     """Most replies are the same few constants: encode each once."""
     return reply.encode()
-
 
 _DATA_ERRORS = {
     p.DataError.TOO_BIG: R.TOO_BIG,

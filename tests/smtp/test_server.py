@@ -484,3 +484,62 @@ def test_one_byte_at_a_time_cannot_hold_a_session_open() -> None:
         c.clock.advance(1)
     assert c.closed
     assert c.replies()[-1] == (421, "4.4.2 Error: timeout exceeded")
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.events.append((name, *args))
+
+
+def test_observer_hears_connections_rejections_and_accepted_messages() -> None:
+    from mailrelay.config import ServerConfig as SC
+
+    obs = RecordingObserver()
+    config = SC(hostname="mx.example.test", local_domains=("example.test",), max_connections_per_ip=1)
+    c = Conn(config=config, observer=obs)
+    c.ehlo()
+    c.send("FROB\r\n" + "Z" * 700 + "\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+    transaction(c, sender="b@example.org")  # nested MAIL: 503; its RCPT and DATA join the first
+    c.send("RSET\r\n")
+    transaction(c)
+    Conn(factory=c.factory)  # a second connection from the same address: refused
+    c.proto.connectionLost(None)
+    names = [e[0] for e in obs.events]
+    assert names[0] == "connection_opened" and names[-1] == "connection_closed"
+    rejected = [(e[1], e[2].code) for e in obs.events if e[0] == "command_rejected"]
+    assert rejected == [("UNKNOWN", 500), ("UNKNOWN", 500), ("RCPT", 554), ("MAIL", 503)]
+    accepted = [e for e in obs.events if e[0] == "message_accepted"]
+    assert [(e[3], e[4]) for e in accepted] == [("Q0001", len(MSG)), ("Q0002", len(MSG))]
+    assert accepted[0][2].sender == "a@example.org"
+    assert ("connection_refused", "192.0.2.10") in [e[:2] for e in obs.events]
+
+
+def test_drain_closes_idle_sessions_now_and_busy_ones_after_their_transaction() -> None:
+    sink = RecordingSink(auto_commit=False)
+    idle = Conn(sink=sink)
+    busy = Conn(factory=idle.factory, client="192.0.2.11")
+    idle.ehlo()
+    busy.ehlo()
+    busy.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n")
+    busy.send(stuff(MSG) + b"MAIL FROM:<next@example.org>\r\n")  # the next one is pipelined already
+    busy.replies()
+    bye = Reply(421, "4.3.2", "mx.example.test Service shutting down")
+    done = idle.factory.drain(bye)
+    assert idle.replies() == [(421, "4.3.2 mx.example.test Service shutting down")] and idle.closed
+    idle.proto.connectionLost(None)
+    assert not busy.closed and not done.called
+    sink.writers[0].fire()  # the message in hand is committed and answered, then the session ends
+    assert busy.codes() == [250, 421] and busy.closed
+    busy.proto.connectionLost(None)
+    assert done.called
+
+
+def test_close_all_aborts_a_message_in_progress() -> None:
+    c = Conn()
+    c.ehlo()
+    c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\nSubject: x\r\n")
+    c.factory.close_all(Reply(421, "4.3.2", "bye"))
+    assert c.closed and c.sink.writers[0].aborted
