@@ -75,3 +75,36 @@ def test_disk_full_fails_with_452_leaves_nothing_and_recovers(tiny_disk):
         assert (yield spool.list_ids()) == [qid]
     finally:
         yield spool.stop()
+
+
+@pytest.mark.integration
+def test_relay_with_a_full_spool_answers_452_and_keeps_serving(tiny_disk, smtp_sink):
+    import smtplib
+    import tempfile
+    from pathlib import Path
+
+    from tests.relay import RelayProcess
+
+    home = Path(tempfile.mkdtemp(prefix="mailrelay-relay-"))
+    (tiny_disk / "spool").mkdir()
+    (home / "spool").symlink_to(tiny_disk / "spool")  # the spool on the tiny disk, the log elsewhere
+    relay = RelayProcess(
+        '[server]\nmax_message_size = "8M"\n'
+        f'[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:{smtp_sink.port}"]\n',
+        directory=home,
+    ).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", relay.port) as client:
+            big = b"Subject: too big for the disk\r\n\r\n" + (b"x" * 998 + b"\r\n") * 2000
+            client.ehlo("client.example.org")
+            client.mail("s@example.org")
+            client.rcpt("r@example.test")
+            code, text = client.data(big)
+            assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
+            assert not [p for p in (tiny_disk / "spool").rglob("*") if p.is_file() and p.name != "control.sock"]
+            # the same session goes on, and a message that fits is accepted and delivered
+            client.sendmail("s@example.org", ["r@example.test"], b"Subject: small\r\n\r\nfits\r\n")
+        smtp_sink.wait_for(1)
+        assert b"Subject: small" in smtp_sink.messages()[0]
+    finally:
+        relay.cleanup()
