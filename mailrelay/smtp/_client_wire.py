@@ -6,9 +6,9 @@ Kept apart from the protocol so each is table- and property-tested without a tra
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
-from mailrelay.envelope import Reply
+from mailrelay.envelope import Envelope, Recipient, Reply
 
 MAX_REPLY_LINE = 4096  # RFC 5321 says 512; real servers send longer text lines
 MAX_REPLY_LINES = 1000
@@ -168,3 +168,39 @@ def normalise_crlf(chunk: bytes, pending_cr: bool) -> tuple[bytes, bool]:
     if crlf != chunk.count(b"\n") or crlf != chunk.count(b"\r"):
         chunk = _LINE_ENDINGS.sub(b"\r\n", chunk)
     return chunk, pending
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext: ``+`` and ``=`` and anything outside ``!``..``~`` as ``+XX``."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else "".join(
+        f"+{b:02X}" for b in c.encode()) for c in value)
+
+
+def mail_params(envelope: Envelope, size: int | None, ext: Mapping[str, str], extra: Sequence[str] = ()) -> str:
+    """The MAIL FROM parameters the peer's extensions allow (unknown ones are dropped, never sent)."""
+    params = []
+    if size is not None and "SIZE" in ext:
+        params.append(f"SIZE={size}")
+    if envelope.body in ("8BITMIME", "BINARYMIME") and envelope.body in ext:
+        params.append(f"BODY={envelope.body}")
+    if envelope.smtputf8 and "SMTPUTF8" in ext:
+        params.append("SMTPUTF8")
+    if "DSN" in ext:
+        if envelope.ret:
+            params.append(f"RET={envelope.ret}")
+        if envelope.envid:
+            params.append(f"ENVID={xtext(envelope.envid)}")
+    params.extend(extra)
+    return "".join(" " + p for p in params)
+
+
+def rcpt_params(rcpt: Recipient, ext: Mapping[str, str]) -> str:
+    """DSN parameters of one RCPT TO, when the peer offers DSN."""
+    params = []
+    if "DSN" in ext:
+        if rcpt.notify:
+            params.append("NOTIFY=" + ",".join(rcpt.notify))
+        if rcpt.orcpt:
+            kind, sep, addr = rcpt.orcpt.partition(";")
+            params.append(f"ORCPT={kind};{xtext(addr)}" if sep else f"ORCPT=rfc822;{xtext(rcpt.orcpt)}")
+    return "".join(" " + p for p in params)

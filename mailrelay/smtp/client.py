@@ -16,12 +16,10 @@ Usage::
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -29,115 +27,31 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.envelope import Envelope, Recipient, Reply
+from mailrelay.smtp._client_body import CHUNK_SIZE, BodyProducer
+from mailrelay.smtp._client_state import (
+    TRANSITIONS,
+    Batch,
+    ClientFailure,
+    ClientState,
+    ClientTimeouts,
+    Result,
+    Waiting,
+    rejected,
+)
 from mailrelay.smtp._client_wire import (
     DotStuffer,
     ReplyError,
     ReplyParser,
+    mail_params,
     normalise_crlf,
     parse_ehlo,
+    rcpt_params,
+    xtext,
 )
 
+__all__ = ["ClientFailure", "ClientState", "ClientTimeouts", "SMTPClientProtocol", "xtext"]
+
 log = Logger()
-
-CHUNK_SIZE = 64 * 1024
-
-
-@attrs.frozen
-class ClientTimeouts:
-    """Seconds to wait for each reply (RFC 5321 4.5.3.2 defaults)."""
-
-    greeting: float = 300.0
-    command: float = 300.0  # EHLO, MAIL, RCPT, RSET, STARTTLS, AUTH
-    data_init: float = 120.0
-    data_block: float = 180.0  # no progress writing the body for this long
-    final: float = 600.0
-    quit: float = 10.0
-
-
-class ClientState(enum.Enum):
-    CONNECTING = "connecting"
-    GREETING = "greeting"  # waiting for the 220
-    EHLO = "ehlo"
-    READY = "ready"  # between transactions
-    BUSY = "busy"  # a transaction, STARTTLS, AUTH or RSET in progress
-    QUITTING = "quitting"
-    CLOSED = "closed"
-
-
-_S = ClientState
-TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
-    _S.CONNECTING: frozenset({_S.GREETING, _S.CLOSED}),
-    _S.GREETING: frozenset({_S.EHLO, _S.QUITTING, _S.CLOSED}),
-    _S.EHLO: frozenset({_S.READY, _S.QUITTING, _S.CLOSED}),
-    _S.READY: frozenset({_S.BUSY, _S.QUITTING, _S.CLOSED}),
-    _S.BUSY: frozenset({_S.READY, _S.QUITTING, _S.CLOSED}),
-    _S.QUITTING: frozenset({_S.CLOSED}),
-    _S.CLOSED: frozenset(),
-}
-"""The client's life: every state change goes through ``_to``, which refuses any other."""
-
-
-class ClientFailure(Exception):
-    """A stage of the session failed.
-
-    ``reply`` is the server's reply when it gave one, else ``None`` (timeout, lost connection,
-    garbage); ``reason`` is a human sentence for logs and synthesized replies. ``replies`` holds
-    the per-recipient replies known when a transaction broke off (``None`` where unknown).
-    """
-
-    def __init__(self, stage: str, reason: str, reply: Reply | None = None,
-                 replies: Sequence[Reply | None] = ()) -> None:
-        super().__init__(f"{stage}: {reason}")
-        self.stage, self.reason, self.reply = stage, reason, reply
-        self.replies = list(replies)
-
-    @property
-    def network(self) -> bool:
-        """No reply: the connection broke, timed out or the peer spoke garbage."""
-        return self.reply is None
-
-
-def _rejected(stage: str, reply: Reply) -> ClientFailure:
-    return ClientFailure(stage, f"{stage} rejected: {reply}", reply)
-
-
-_Result = Reply | ClientFailure
-
-
-class _Batch:
-    """Several pipelined replies awaited together: one Deferred for the lot (cheaper than one each)."""
-
-    __slots__ = ("deferred", "results", "expected")
-
-    def __init__(self, expected: int) -> None:
-        self.deferred: defer.Deferred[list[_Result]] = defer.Deferred()
-        self.results: list[_Result] = []
-        self.expected = expected
-
-    def add(self, result: _Result) -> None:
-        self.results.append(result)
-        if len(self.results) == self.expected:
-            self.deferred.callback(self.results)
-
-
-@attrs.define
-class _Waiting:
-    deferred: defer.Deferred[_Result] | _Batch
-    stage: str
-    timeout: float
-    on_reply: Callable[[Reply], None] | None = None
-
-    def fire(self, result: _Result) -> None:
-        if isinstance(self.deferred, _Batch):
-            self.deferred.add(result)
-        else:
-            self.deferred.callback(result)
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 xtext: ``+`` and ``=`` and anything outside ``!``..``~`` as ``+XX``."""
-    return "".join(c if "!" <= c <= "~" and c not in "+=" else "".join(
-        f"+{b:02X}" for b in c.encode()) for c in value)
 
 
 class SMTPClientProtocol(Protocol):
@@ -160,10 +74,10 @@ class SMTPClientProtocol(Protocol):
         self._close_waiters: list[defer.Deferred[None]] = []
         self.transactions = 0
         self._parser = ReplyParser()
-        self._waiting: deque[_Waiting] = deque()
+        self._waiting: deque[Waiting] = deque()
         self._timer: IDelayedCall | None = None
         self._discard_rest = False
-        self._producer: _BodyProducer | None = None
+        self._producer: BodyProducer | None = None
         self._failure: ClientFailure | None = None
         self._confused = False
 
@@ -261,7 +175,7 @@ class SMTPClientProtocol(Protocol):
         self._abort(ClientFailure(self._stage(), reason))
 
     def command(self, line: bytes, stage: str, timeout: float | None = None,
-                on_reply: Callable[[Reply], None] | None = None) -> defer.Deferred[_Result]:
+                on_reply: Callable[[Reply], None] | None = None) -> defer.Deferred[Result]:
         """Write one command line and wait for its reply (a ``Reply`` or a ``ClientFailure`` value).
 
         For the session-level extras (STARTTLS, AUTH) driven from outside this module.
@@ -302,7 +216,7 @@ class SMTPClientProtocol(Protocol):
             self.greeting = greeting
             if greeting.code != 220:
                 self._send_quietly_quit()
-                raise _rejected("greeting", greeting)
+                raise rejected("greeting", greeting)
             self._to(ClientState.EHLO)
             reply = await self._ehlo()
         except ClientFailure as f:
@@ -327,34 +241,7 @@ class SMTPClientProtocol(Protocol):
                 self.extensions = {}
                 return reply
         self._send_quietly_quit()
-        raise _rejected("ehlo", reply)
-
-    def _mail_params(self, envelope: Envelope, size: int | None, extra: list[str]) -> str:
-        ext = self.extensions
-        params = []
-        if size is not None and "SIZE" in ext:
-            params.append(f"SIZE={size}")
-        if envelope.body in ("8BITMIME", "BINARYMIME") and envelope.body in ext:
-            params.append(f"BODY={envelope.body}")
-        if envelope.smtputf8 and "SMTPUTF8" in ext:
-            params.append("SMTPUTF8")
-        if "DSN" in ext:
-            if envelope.ret:
-                params.append(f"RET={envelope.ret}")
-            if envelope.envid:
-                params.append(f"ENVID={xtext(envelope.envid)}")
-        params.extend(extra)
-        return "".join(" " + p for p in params)
-
-    def _rcpt_params(self, rcpt: Recipient) -> str:
-        params = []
-        if "DSN" in self.extensions:
-            if rcpt.notify:
-                params.append("NOTIFY=" + ",".join(rcpt.notify))
-            if rcpt.orcpt:
-                kind, sep, addr = rcpt.orcpt.partition(";")
-                params.append(f"ORCPT={kind};{xtext(addr)}" if sep else f"ORCPT=rfc822;{xtext(rcpt.orcpt)}")
-        return "".join(" " + p for p in params)
+        raise rejected("ehlo", reply)
 
     def _encode(self, text: str) -> bytes:
         return text.encode("utf-8") if not text.isascii() else text.encode("ascii")
@@ -370,7 +257,7 @@ class SMTPClientProtocol(Protocol):
             elif self.state is ClientState.BUSY:
                 self._to(ClientState.READY)
 
-    def _sane(self, r: _Result, stage: str, go_ahead: bool = False) -> _Result:
+    def _sane(self, r: Result, stage: str, go_ahead: bool = False) -> Result:
         """A 2xx (a 3xx where we asked to go ahead), a 4xx/5xx, or the 451 a confused peer earns.
 
         A reply of the wrong class (354 to RCPT, 250 to DATA, 221 to MAIL...) means the peer and we
@@ -387,11 +274,11 @@ class SMTPClientProtocol(Protocol):
     async def _transaction_steps(self, envelope: Envelope, rcpts: list[Recipient], body: IO[bytes],
                                  size: int | None, extra: list[str], reset: bool) -> list[Reply]:
         t = self.timeouts
-        mail = self._encode(f"MAIL FROM:<{envelope.sender}>{self._mail_params(envelope, size, extra)}\r\n")
-        rcpt_lines = [self._encode(f"RCPT TO:<{r.address}>{self._rcpt_params(r)}\r\n") for r in rcpts]
+        mail = self._encode(f"MAIL FROM:<{envelope.sender}>{mail_params(envelope, size, self.extensions, extra)}\r\n")
+        rcpt_lines = [self._encode(f"RCPT TO:<{r.address}>{rcpt_params(r, self.extensions)}\r\n") for r in rcpts]
         use_bdat = self._use_bdat(envelope, size)
         replies: list[Reply | None] = [None] * len(rcpts)
-        data_reply: _Result | None = None
+        data_reply: Result | None = None
 
         if self.pipelining:
             batch = ([b"RSET\r\n"] if reset else []) + [mail] + rcpt_lines + ([] if use_bdat else [b"DATA\r\n"])
@@ -407,14 +294,14 @@ class SMTPClientProtocol(Protocol):
                 if isinstance(rset, ClientFailure) or not rset.is_success:
                     if go_ahead:
                         self.abort("RSET refused")  # never end a message we did not mean to send
-                    raise rset if isinstance(rset, ClientFailure) else _rejected("rset", rset)
+                    raise rset if isinstance(rset, ClientFailure) else rejected("rset", rset)
             mail_reply = self._sane(got[0], "mail")
             if isinstance(mail_reply, ClientFailure):
                 raise mail_reply
             if not mail_reply.is_success:
                 if go_ahead:
                     await self._finish_empty_data()
-                raise _rejected("mail", mail_reply)
+                raise rejected("mail", mail_reply)
             for i, r in enumerate(got[1:1 + len(rcpts)]):
                 r = self._sane(r, "rcpt")
                 if isinstance(r, ClientFailure):
@@ -425,11 +312,11 @@ class SMTPClientProtocol(Protocol):
                 rset = self._sane(await self._expect(self._command(b"RSET\r\n", "rset", t.command)), "rset")
                 assert isinstance(rset, Reply)
                 if not rset.is_success:
-                    raise _rejected("rset", rset)
+                    raise rejected("rset", rset)
             mail_reply = self._sane(await self._expect(self._command(mail, "mail", t.command)), "mail")
             assert isinstance(mail_reply, Reply)
             if not mail_reply.is_success:
-                raise _rejected("mail", mail_reply)
+                raise rejected("mail", mail_reply)
             for i, line in enumerate(rcpt_lines):
                 r = self._sane(await self._command(line, "rcpt", t.command), "rcpt")
                 if isinstance(r, ClientFailure):
@@ -477,7 +364,7 @@ class SMTPClientProtocol(Protocol):
         self.transport.write(b".\r\n")  # type: ignore[union-attr]
         await self._wait("data", self.timeouts.final)
 
-    async def _send_data(self, body: IO[bytes]) -> _Result:
+    async def _send_data(self, body: IO[bytes]) -> Result:
         stuffer = DotStuffer()
         first = body.read(CHUNK_SIZE)
         if len(first) < CHUNK_SIZE:
@@ -486,19 +373,19 @@ class SMTPClientProtocol(Protocol):
                 self.transport.write(stuffer.feed(first) + stuffer.finish())  # type: ignore[union-attr]
                 return await self._wait("data-end", self.timeouts.final)
             first += rest
-        producer = _BodyProducer(self, body, first, lambda c: stuffer.feed(c), stuffer.finish)
+        producer = BodyProducer(self, body, first, lambda c: stuffer.feed(c), stuffer.finish)
         sent = await producer.run()
         if sent is not None:
             return sent
         return await self._wait("data-end", self.timeouts.final)
 
-    async def _send_bdat(self, body: IO[bytes], binary: bool) -> _Result:
+    async def _send_bdat(self, body: IO[bytes], binary: bool) -> Result:
         """CHUNKING (RFC 3030): each chunk as ``BDAT n``; replies read as they come, pipelined.
 
         Text gets CRLF line endings as in DATA (no dot-stuffing); BINARYMIME goes byte for byte.
         """
         pending = False
-        waits: list[defer.Deferred[_Result]] = []
+        waits: list[defer.Deferred[Result]] = []
         chunk = body.read(CHUNK_SIZE)
         while True:
             nxt = body.read(CHUNK_SIZE) if chunk else b""
@@ -516,7 +403,7 @@ class SMTPClientProtocol(Protocol):
             if last:
                 break
             chunk = nxt
-        result: _Result = Reply(250)
+        result: Result = Reply(250)
         for w in waits:
             r = await w
             if isinstance(r, ClientFailure) or r.code // 100 != 2:
@@ -527,19 +414,19 @@ class SMTPClientProtocol(Protocol):
     # -- reply matching ----------------------------------------------------------------------
 
     def _command(self, line: bytes, stage: str, timeout: float,
-                 on_reply: Callable[[Reply], None] | None = None) -> defer.Deferred[_Result]:
+                 on_reply: Callable[[Reply], None] | None = None) -> defer.Deferred[Result]:
         if self.state is ClientState.CLOSED:
             return defer.succeed(self._failure or ClientFailure(stage, "connection closed"))
         self.transport.write(line)  # type: ignore[union-attr]
         return self._wait(stage, timeout, on_reply)
 
     def _wait(self, stage: str, timeout: float, on_reply: Callable[[Reply], None] | None = None
-              ) -> defer.Deferred[_Result]:
-        d: defer.Deferred[_Result] = defer.Deferred()
+              ) -> defer.Deferred[Result]:
+        d: defer.Deferred[Result] = defer.Deferred()
         if self.state is ClientState.CLOSED:
             d.callback(self._failure or ClientFailure(stage, "connection closed"))
             return d
-        self._waiting.append(_Waiting(d, stage, timeout, on_reply))
+        self._waiting.append(Waiting(d, stage, timeout, on_reply))
         if len(self._waiting) == 1:
             self._arm()
         return d
@@ -547,27 +434,27 @@ class SMTPClientProtocol(Protocol):
     async def _expect_reply(self, stage: str, timeout: float) -> Reply:
         return await self._expect(self._wait(stage, timeout))
 
-    async def _expect(self, d: defer.Deferred[_Result]) -> Reply:
+    async def _expect(self, d: defer.Deferred[Result]) -> Reply:
         r = await d
         if isinstance(r, ClientFailure):
             raise r
         return r
 
-    async def _drain(self, waits: Sequence[defer.Deferred[_Result] | None]) -> None:
+    async def _drain(self, waits: Sequence[defer.Deferred[Result] | None]) -> None:
         for d in waits:
             if d is not None:
                 await d
 
-    def _wait_many(self, specs: Sequence[tuple[str, float]]) -> defer.Deferred[list[_Result]]:
+    def _wait_many(self, specs: Sequence[tuple[str, float]]) -> defer.Deferred[list[Result]]:
         """Wait for one reply per (stage, timeout), in order; fires once with all of them."""
-        batch = _Batch(len(specs))
+        batch = Batch(len(specs))
         if self.state is ClientState.CLOSED:
             for stage, _ in specs:
                 batch.add(self._failure or ClientFailure(stage, "connection closed"))
             return batch.deferred
         was_empty = not self._waiting
         for stage, timeout in specs:
-            self._waiting.append(_Waiting(batch, stage, timeout))
+            self._waiting.append(Waiting(batch, stage, timeout))
         if was_empty:
             self._arm()
         return batch.deferred
@@ -620,66 +507,3 @@ class SMTPClientProtocol(Protocol):
         self._to(ClientState.QUITTING)
         self._command(b"QUIT\r\n", "quit", self.timeouts.quit).addBoth(
             lambda _: self.transport.loseConnection())  # type: ignore[union-attr]
-
-
-class _BodyProducer:
-    """A pull producer writing the message body in chunks, as fast as the transport drains.
-
-    Fires its ``run()`` Deferred with ``None`` once the end (``finish()``) is written, or with a
-    ``ClientFailure`` when the connection dies or no chunk could be written for ``data_block``
-    seconds.
-    """
-
-    def __init__(self, client: SMTPClientProtocol, body: IO[bytes], first: bytes,
-                 transform: Callable[[bytes], bytes], finish: Callable[[], bytes]) -> None:
-        self.client, self.body, self.first = client, body, first
-        self.transform, self.finish = transform, finish
-        self.done: defer.Deferred[ClientFailure | None] = defer.Deferred()
-        self.timer: IDelayedCall | None = None
-
-    def run(self) -> defer.Deferred[ClientFailure | None]:
-        self.client._producer = self
-        self._arm()
-        self.client.transport.registerProducer(self, False)  # type: ignore[union-attr]
-        return self.done
-
-    def resumeProducing(self) -> None:
-        if self.done.called:
-            return
-        self._arm()
-        chunk, self.first = (self.first, b"") if self.first else (self.body.read(CHUNK_SIZE), b"")
-        transport = self.client.transport
-        if chunk:
-            transport.write(self.transform(chunk))  # type: ignore[union-attr]
-            return
-        transport.write(self.finish())  # type: ignore[union-attr]
-        self._end(None)
-        transport.unregisterProducer()  # type: ignore[union-attr]
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        self.stop(ClientFailure("data", "connection lost while sending the message"))
-
-    def stop(self, failure: ClientFailure) -> None:
-        self._end(failure)
-
-    def _arm(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = self.client.clock.callLater(self.client.timeouts.data_block, self._timed_out)
-
-    def _timed_out(self) -> None:
-        self.timer = None
-        self._end(ClientFailure("data", "timeout sending the message text"))
-        self.client.abort("timeout sending the message text")
-
-    def _end(self, result: ClientFailure | None) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        if self.client._producer is self:
-            self.client._producer = None
-        if not self.done.called:
-            self.done.callback(result)
