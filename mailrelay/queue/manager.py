@@ -33,7 +33,7 @@ from mailrelay.envelope import (
 from mailrelay.errors import MailRelayError, PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IDeliverer, IQueueStore, IRouter
 from mailrelay.queue import schedule
-from mailrelay.queue.bounce import Action, build_report, report_envelope, wants
+from mailrelay.queue.notify import Notifier
 from mailrelay.queue.slots import DeliverySlots
 
 log = Logger(namespace="mailrelay.queue")
@@ -114,6 +114,7 @@ class QueueManager:
         self.jitter = jitter if jitter is not None else schedule.proportional_jitter(_random.Random().random)
         self.max_active = max_active or max(2 * config.max_deliveries, 50)
         self.slots = DeliverySlots(config.max_deliveries, config.max_per_destination)
+        self.notifier = Notifier(store, reactor, config, hostname)
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}  # the live entry of each scheduled id (heap entries may be stale)
         self._seq = 0
@@ -348,79 +349,8 @@ class QueueManager:
 
         message = attrs.evolve(message, statuses=tuple(statuses),
                                attempts=message.attempts + (1 if attempted else 0))
-        message = yield self._notify(message, pending)
+        message = yield self.notifier.settle(message, pending)
         yield self._after_attempt(message, blocked, attempted)
-
-    @defer.inlineCallbacks
-    def _notify(self, message: QueuedMessage, tried: list[int]):  # type: ignore[no-untyped-def]
-        """Expire what is too old, then report to the sender what this attempt settled (RFC 3464)."""
-        now = self.clock.seconds()
-        statuses = list(message.statuses)
-        failed = [statuses[i] for i in tried if statuses[i].state is RecipientState.FAILED]
-        relayed = [statuses[i] for i in tried if statuses[i].state is RecipientState.DELIVERED]
-        if message.pending and schedule.is_expired(message, self.config.max_lifetime, now):
-            for i, s in enumerate(statuses):
-                if s.state is RecipientState.PENDING:
-                    statuses[i] = attrs.evolve(s, state=RecipientState.FAILED)
-                    failed.append(statuses[i])
-                    log.info("{queue_id}: to=<{rcpt}>, status=expired, returned to sender ({reply})",
-                             queue_id=message.queue_id, rcpt=s.recipient.address,
-                             reply=str(s.last_reply) if s.last_reply else "never attempted")
-            message = attrs.evolve(message, statuses=tuple(statuses))
-        yield self._report(message, failed, Action.FAILED)
-        yield self._report(message, relayed, Action.RELAYED)
-        if message.pending and schedule.needs_delay_warning(message, self.config.delay_warning, now):
-            yield self._report(message, list(message.pending), Action.DELAYED,
-                               until=schedule.expires_at(message, self.config.max_lifetime))
-            message = attrs.evolve(message, warned=True)
-        return message
-
-    @defer.inlineCallbacks
-    def _report(self, message: QueuedMessage, statuses: list[RecipientStatus], action: Action,  # type: ignore[no-untyped-def]
-                until: float | None = None):
-        """Inject one report for ``statuses`` into the store; it is delivered like any message."""
-        qid = message.queue_id
-        sender = message.envelope.sender
-        if sender:
-            chosen = [s for s in statuses if wants(s.recipient, action)]
-            to = sender
-        else:
-            # Never a report to <>. A failed bounce (double bounce) goes to the postmaster, if any.
-            chosen = statuses if action is Action.FAILED else []
-            postmaster = self.config.postmaster
-            if chosen and (not postmaster or all(s.recipient.address.lower() == postmaster.lower()
-                                                 for s in chosen)):
-                log.warn("{queue_id}: undeliverable notification dropped (double bounce) for {rcpts}",
-                         queue_id=qid, rcpts=", ".join(f"<{s.recipient.address}>" for s in chosen))
-                return
-            to = postmaster or ""
-        if not chosen:
-            return
-        now = self.clock.seconds()
-        try:
-            body = self.store.open_body(qid)
-        except (KeyError, OSError):
-            body = None
-        writer = self.store.open(report_envelope(message, to, self.hostname, now))
-        try:
-            for chunk in build_report(message, chosen, action, to=to, hostname=self.hostname, now=now,
-                                      body=body, until=until):
-                writer.write(chunk)
-        except Exception:
-            writer.abort()
-            log.failure("{queue_id}: cannot build the {action} report", queue_id=qid, action=action.value)
-            return
-        finally:
-            if body is not None:
-                body.close()
-        try:
-            report_id = yield writer.commit()
-        except Exception:
-            log.failure("{queue_id}: cannot queue the {action} report", queue_id=qid, action=action.value)
-            return
-        kind = {Action.FAILED: "non-delivery", Action.DELAYED: "delay", Action.RELAYED: "success"}[action]
-        log.info("{queue_id}: sender {kind} notification: {report_id}", queue_id=qid, kind=kind,
-                 report_id=report_id)
 
     @defer.inlineCallbacks
     def _after_attempt(self, message: QueuedMessage, blocked: list[Hashable],  # type: ignore[no-untyped-def]

@@ -1,0 +1,102 @@
+"""What the sender hears: expiry of what waited too long, and RFC 3464 reports of each attempt.
+
+Reports are injected into the store as new messages from ``<>``, so they are delivered (and
+retried) like any other; the queue manager calls ``settle`` after every attempt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailrelay.config import QueueConfig
+from mailrelay.envelope import QueuedMessage, RecipientState, RecipientStatus
+from mailrelay.interfaces import IQueueStore
+from mailrelay.queue import schedule
+from mailrelay.queue.bounce import Action, build_report, report_envelope, wants
+
+log = Logger(namespace="mailrelay.queue")
+
+
+class Notifier:
+    """Expires messages and queues failure, delay and success reports for their senders."""
+
+    def __init__(self, store: IQueueStore, clock: Any, config: QueueConfig, hostname: str) -> None:
+        self.store = store
+        self.clock = clock
+        self.config = config
+        self.hostname = hostname
+
+    @defer.inlineCallbacks
+    def settle(self, message: QueuedMessage, tried: list[int]):  # type: ignore[no-untyped-def]
+        """Expire what is too old, then report to the sender what this attempt settled (RFC 3464)."""
+        now = self.clock.seconds()
+        statuses = list(message.statuses)
+        failed = [statuses[i] for i in tried if statuses[i].state is RecipientState.FAILED]
+        relayed = [statuses[i] for i in tried if statuses[i].state is RecipientState.DELIVERED]
+        if message.pending and schedule.is_expired(message, self.config.max_lifetime, now):
+            for i, s in enumerate(statuses):
+                if s.state is RecipientState.PENDING:
+                    statuses[i] = attrs.evolve(s, state=RecipientState.FAILED)
+                    failed.append(statuses[i])
+                    log.info("{queue_id}: to=<{rcpt}>, status=expired, returned to sender ({reply})",
+                             queue_id=message.queue_id, rcpt=s.recipient.address,
+                             reply=str(s.last_reply) if s.last_reply else "never attempted")
+            message = attrs.evolve(message, statuses=tuple(statuses))
+        yield self.report(message, failed, Action.FAILED)
+        yield self.report(message, relayed, Action.RELAYED)
+        if message.pending and schedule.needs_delay_warning(message, self.config.delay_warning, now):
+            yield self.report(message, list(message.pending), Action.DELAYED,
+                               until=schedule.expires_at(message, self.config.max_lifetime))
+            message = attrs.evolve(message, warned=True)
+        return message
+
+    @defer.inlineCallbacks
+    def report(self, message: QueuedMessage, statuses: list[RecipientStatus], action: Action,  # type: ignore[no-untyped-def]
+                until: float | None = None):
+        """Inject one report for ``statuses`` into the store; it is delivered like any message."""
+        qid = message.queue_id
+        sender = message.envelope.sender
+        if sender:
+            chosen = [s for s in statuses if wants(s.recipient, action)]
+            to = sender
+        else:
+            # Never a report to <>. A failed bounce (double bounce) goes to the postmaster, if any.
+            chosen = statuses if action is Action.FAILED else []
+            postmaster = self.config.postmaster
+            if chosen and (not postmaster or all(s.recipient.address.lower() == postmaster.lower()
+                                                 for s in chosen)):
+                log.warn("{queue_id}: undeliverable notification dropped (double bounce) for {rcpts}",
+                         queue_id=qid, rcpts=", ".join(f"<{s.recipient.address}>" for s in chosen))
+                return
+            to = postmaster or ""
+        if not chosen:
+            return
+        now = self.clock.seconds()
+        try:
+            body = self.store.open_body(qid)
+        except (KeyError, OSError):
+            body = None
+        writer = self.store.open(report_envelope(message, to, self.hostname, now))
+        try:
+            for chunk in build_report(message, chosen, action, to=to, hostname=self.hostname, now=now,
+                                      body=body, until=until):
+                writer.write(chunk)
+        except Exception:
+            writer.abort()
+            log.failure("{queue_id}: cannot build the {action} report", queue_id=qid, action=action.value)
+            return
+        finally:
+            if body is not None:
+                body.close()
+        try:
+            report_id = yield writer.commit()
+        except Exception:
+            log.failure("{queue_id}: cannot queue the {action} report", queue_id=qid, action=action.value)
+            return
+        kind = {Action.FAILED: "non-delivery", Action.DELAYED: "delay", Action.RELAYED: "success"}[action]
+        log.info("{queue_id}: sender {kind} notification: {report_id}", queue_id=qid, kind=kind,
+                 report_id=report_id)
