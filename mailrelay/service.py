@@ -8,10 +8,13 @@ Add it to any Twisted application::
 
 Everything that can be wrong in the config is checked when the service is *built*, so an embedding
 program fails before it starts serving; sockets, threads and the queue start with ``startService``.
+Stopping is graceful: listening stops at once, sessions may finish the message in hand until
+``[server] shutdown_timeout``, then the queue manager and the store stop, in that order.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,9 +26,12 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailrelay.config import Config
+from mailrelay.config import Config, ServerConfig
 from mailrelay.delivery import SMTPDeliverer
+from mailrelay.envelope import Reply
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
+from mailrelay.metrics import RelayMetrics, metrics_site
+from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
 from mailrelay.policy import build_policy
 from mailrelay.policy.verify import RecipientVerification
 from mailrelay.queue.manager import QueueManager
@@ -35,6 +41,10 @@ from mailrelay.routing.plugins import build_router
 from mailrelay.smtp.server import SMTPServerFactory
 
 log = Logger()
+
+
+def shutting_down(hostname: str) -> Reply:
+    return Reply(421, "4.3.2", f"{hostname} Service shutting down, closing transmission channel")
 
 
 class _Listener(StreamServerEndpointService):
@@ -59,12 +69,18 @@ class _Listener(StreamServerEndpointService):
         self.listening.callback(port)
         return port
 
+    def stopService(self) -> Any:
+        self.port = None
+        return super().stopService()
+
 
 class MailRelayService(service.MultiService):
-    """A complete relay: listeners, spool, queue manager, routers and deliverer.
+    """A complete relay: listeners, spool, queue manager, routers, deliverer, metrics, control.
 
     Collaborators may be passed in to replace the defaults (an embedder's own store, router,
-    deliverer or extra policies); ``reactor`` defaults to the global one.
+    deliverer or extra policies); ``observers`` receive the relay's events (see
+    ``mailrelay.observer``) besides the built-in Prometheus counters in ``self.metrics``.
+    ``reactor`` defaults to the global one.
     """
 
     def __init__(
@@ -76,6 +92,7 @@ class MailRelayService(service.MultiService):
         router: IRouter | None = None,
         deliverer: IDeliverer | None = None,
         policies: Sequence[IPolicy] = (),
+        observers: Sequence[IRelayObserver] = (),
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -85,22 +102,39 @@ class MailRelayService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.threadpool = ThreadPool(minthreads=0, maxthreads=10, name="mailrelay")
+        self.metrics = RelayMetrics()
+        self.observer = FanOut([self.metrics, *observers])
+        self._own_store = store is None
         self.store = store if store is not None else self._make_store()
-        self.router = router if router is not None else build_router(
-            config.routes, self._router_context)
-        self.deliverer = deliverer if deliverer is not None else SMTPDeliverer(
-            reactor, config.delivery, config.delivery.helo_name or config.server.hostname)
+        self._own_router = router is None
+        self.router = router if router is not None else build_router(config.routes, self._router_context)
+        if deliverer is None:
+            deliverer = SMTPDeliverer(reactor, config.delivery, config.delivery.helo_name or config.server.hostname)
+            deliverer.observer = self.observer  # type: ignore[attr-defined]  # new connections, TLS
+        self.deliverer = ObservedDeliverer(deliverer, self.observer, reactor)
         self.manager = QueueManager(self.store, self.router, self.deliverer, reactor,
                                     config.queue, config.server.hostname)
-        # after relay access: a recipient of our own domains that no router accepts gets 550 at RCPT
-        verify = RecipientVerification.from_config(config.server, self.router, reactor)
-        self.policy = build_policy(config.server, extra=[verify, *policies])
-        self.factory = SMTPServerFactory.from_config(config.server, self.store, self.policy, reactor)
+        self.metrics.watch_queue(self.manager, reactor)
+        self.policies = tuple(policies)
+        self.policy = self._build_policy(config.server, self.router)
+        self.factory = self._build_factory(config.server, submission=False)
+        self.factories = [self.factory]
         self.listeners: list[_Listener] = []
         for description in config.server.listen:
-            listener = _Listener(description, serverFromString(reactor, description), self.factory)
-            listener.setServiceParent(self)
-            self.listeners.append(listener)
+            self._listen(description, self.factory)
+        if config.server.submission_listen:
+            submission = self._build_factory(config.server, submission=True)
+            self.factories.append(submission)
+            for description in config.server.submission_listen:
+                self._listen(description, submission)
+        self.metrics_listener: _Listener | None = None
+        if config.metrics_listen:
+            self.metrics_listener = _Listener(config.metrics_listen, serverFromString(reactor, config.metrics_listen),
+                                              metrics_site(self.metrics.registry))
+            self.metrics_listener.setServiceParent(self)
+        self.control: Any = None
+
+    # -- building -------------------------------------------------------------------------------
 
     def _make_store(self) -> IQueueStore:
         spool = self.config.spool
@@ -114,9 +148,26 @@ class MailRelayService(service.MultiService):
         return RouterContext(reactor=self.reactor, threadpool=self.threadpool,
                              source=self.config.source, key=route_key)
 
+    def _build_policy(self, server: ServerConfig, router: IRouter) -> IPolicy:
+        # after relay access: a recipient of our own domains that no router accepts gets 550 at RCPT
+        verify = RecipientVerification.from_config(server, router, self.reactor)
+        return build_policy(server, extra=[verify, *self.policies])
+
+    def _build_factory(self, server: ServerConfig, submission: bool) -> SMTPServerFactory:
+        factory = SMTPServerFactory.from_config(server, self.store, self.policy, self.reactor, submission=submission)
+        factory.observer = self.observer  # type: ignore[attr-defined]
+        return factory
+
+    def _listen(self, description: str, factory: SMTPServerFactory) -> None:
+        listener = _Listener(description, serverFromString(self.reactor, description), factory)
+        listener.setServiceParent(self)
+        self.listeners.append(listener)
+
+    # -- running --------------------------------------------------------------------------------
+
     @property
     def ports(self) -> list[IListeningPort]:
-        """The listening ports, once started (``port.getHost().port`` when listening on port 0)."""
+        """The SMTP listening ports, once started (``port.getHost().port`` when listening on port 0)."""
         return [listener.port for listener in self.listeners if listener.port is not None]
 
     def startService(self) -> None:
@@ -125,13 +176,35 @@ class MailRelayService(service.MultiService):
         if start is not None:
             start()
         self.manager.start()
+        self._start_control()
         super().startService()  # the listeners last: nothing is accepted before the queue runs
+
+    def _start_control(self) -> None:
+        """The CLI's control socket, in the spool directory of a store we built ourselves."""
+        if not self._own_store:
+            return
+        from mailrelay.control.server import ControlServer, socket_path
+
+        try:
+            os.makedirs(self.config.spool.path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            log.error("no control channel: cannot create {path}: {error}", path=self.config.spool.path, error=e)
+            return
+        self.control = ControlServer(self.manager, self.store, socket_path(self.config.spool.path), self.reactor)
+        d = self.control.start()
+        d.addErrback(lambda f: log.failure("no control channel (mailrelay queue ... will not reach us)", f))
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        # Stop accepting first, then let the queue finish what it has in hand, then storage.
-        yield defer.maybeDeferred(super().stopService)
-        yield defer.maybeDeferred(self.manager.stop)
+        """Stop listening; let sessions finish their message until the deadline; then the queue."""
+        deadline = self.reactor.seconds() + self.config.server.shutdown_timeout
+        yield defer.maybeDeferred(super().stopService)  # stops listening; open sessions go on
+        yield self._drain_sessions(deadline)
+        if self.control is not None:
+            yield defer.maybeDeferred(self.control.stop)
+            self.control = None
+        grace = max(1.0, deadline - self.reactor.seconds())
+        yield defer.maybeDeferred(self.manager.stop, grace)
         stop_deliverer = getattr(self.deliverer, "stop", None)
         if stop_deliverer is not None:
             yield defer.maybeDeferred(stop_deliverer)
@@ -142,3 +215,103 @@ class MailRelayService(service.MultiService):
         if close_router is not None:
             yield defer.maybeDeferred(close_router)
         self.threadpool.stop()
+        log.info("mailrelay stopped")
+
+    @defer.inlineCallbacks
+    def _drain_sessions(self, deadline: float):  # type: ignore[no-untyped-def]
+        """Idle sessions get 421 now; busy ones after their transaction; the rest at the deadline."""
+        reply = shutting_down(self.config.server.hostname)
+        waits = [f.drain(reply) for f in self.factories if callable(getattr(f, "drain", None))]
+        if not waits:
+            return
+        open_now = sum(getattr(f, "connections", 0) for f in self.factories)
+        if open_now:
+            log.info("shutting down: waiting for {n} sessions to finish (up to {t:.0f}s)", n=open_now,
+                     t=max(0.0, deadline - self.reactor.seconds()))
+        done = defer.DeferredList(waits)
+        timer = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), done.cancel)
+        try:
+            yield done
+        except defer.CancelledError:
+            pass
+        if timer.active():
+            timer.cancel()
+        left = sum(getattr(f, "connections", 0) for f in self.factories)
+        if left:
+            log.warn("shutdown timeout: closing {n} sessions still open", n=left)
+            for f in self.factories:
+                f.close_all(reply)  # type: ignore[attr-defined]
+
+    # -- SIGHUP ---------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def reconfigure(self, new: Config):  # type: ignore[no-untyped-def]
+        """Take ``new`` routes, policies, TLS certificates and limits without dropping a connection.
+
+        Everything is built before anything is swapped, so a bad route or certificate raises
+        (``ConfigError`` or the loader's error) and leaves the running relay as it was. Keys that
+        need a restart (listeners, spool, metrics, delivery) are returned as a list of their names.
+        """
+        old_router = self.router
+        router = build_router(new.routes, self._new_context(new)) if self._own_router else old_router
+        try:
+            policy = self._build_policy(new.server, router)
+            for factory in self.factories:
+                _check_server(factory, new.server)
+        except Exception:
+            if router is not old_router:
+                yield defer.maybeDeferred(router.close)
+            raise
+        self.policy = policy
+        for factory in self.factories:
+            factory.reconfigure(new.server, policy)
+        self.router = router
+        self.manager.router = router
+        self.manager.config = _queue_config(self.manager.config, new.queue)
+        restart = needs_restart(self.config, new)
+        self.config = new
+        if router is not old_router:
+            close = getattr(old_router, "close", None)
+            if close is not None:  # lookups in flight on it fail as temporary: retried on the new one
+                yield defer.maybeDeferred(close)
+        return restart
+
+    def _new_context(self, new: Config) -> Any:
+        def context(route_key: str) -> RouterContext:
+            return RouterContext(reactor=self.reactor, threadpool=self.threadpool, source=new.source, key=route_key)
+
+        return context
+
+
+def _check_server(factory: SMTPServerFactory, server: ServerConfig) -> None:
+    """Load what ``factory.reconfigure`` would (certificate, key) so a failure comes before any swap."""
+    if server.tls_certificate and server.tls_key:
+        from mailrelay.smtp.tls import server_tls_options
+
+        server_tls_options(server.tls_certificate, server.tls_key)
+
+
+def _queue_config(old: Any, new: Any) -> Any:
+    """The queue keys a running manager can take: schedule, lifetime, warnings, postmaster."""
+    import attrs
+
+    return attrs.evolve(old, retry_schedule=new.retry_schedule, max_lifetime=new.max_lifetime,
+                        delay_warning=new.delay_warning, postmaster=new.postmaster)
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The changed keys a reload cannot apply (they need a restart)."""
+    changed = []
+    for key in ("listen", "submission_listen", "hostname"):
+        if getattr(old.server, key) != getattr(new.server, key):
+            changed.append(f"server.{key}")
+    if old.spool != new.spool:
+        changed.append("spool")
+    if old.delivery != new.delivery:
+        changed.append("delivery")
+    if old.metrics_listen != new.metrics_listen:
+        changed.append("metrics.listen")
+    for key in ("max_deliveries", "max_per_destination"):
+        if getattr(old.queue, key) != getattr(new.queue, key):
+            changed.append(f"queue.{key}")
+    return changed

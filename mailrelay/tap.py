@@ -1,11 +1,19 @@
-"""``twistd mailrelay``: command-line options and ``makeService``."""
+"""``twistd mailrelay``: command-line options and ``makeService``.
+
+The standalone relay also answers signals (``mailrelay.reload.SignalService``): SIGHUP reloads
+``--config``, SIGTERM stops gracefully and exits 0. ``--log-format json`` writes one JSON object
+per log line (``mailrelay._log``) where twistd would write text (``--logfile``, or stdout).
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from mailrelay import config as configmod
 from mailrelay.errors import ConfigError
@@ -22,18 +30,24 @@ path = "var/spool"
 type = "mx"
 """
 
+LOG_FORMATS = ("text", "json")
+
 
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Run the mailrelay mail transfer agent. Without --config it listens on "
-        "127.0.0.1:2525, spools under var/spool and routes by MX."
+        "127.0.0.1:2525, spools under var/spool and routes by MX. SIGHUP reloads the config "
+        "file (routes, policies, TLS certificates); SIGTERM stops gracefully."
     )
     optParameters = [
         ["config", "c", None, "The TOML configuration file."],
+        ["log-format", None, "text", "Log as 'text' (twistd's usual lines) or 'json' (one object per line)."],
     ]
 
     def postOptions(self) -> None:
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         try:
             if self["config"]:
                 self.loaded = configmod.load(self["config"])
@@ -43,12 +57,44 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
+class _Standalone(MultiService):
+    """The relay plus its signal handling; sets the JSON log observer on twistd's application."""
+
+    def __init__(self, log_observer: Any = None) -> None:
+        super().__init__()
+        self.log_observer = log_observer
+
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd asks the application for an ILogObserver component before it starts logging
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
+
+
+def _json_observer(options: Options) -> Any:
+    from twisted.python.logfile import LogFile
+
+    from mailrelay._log import JSONLineObserver
+
+    twistd = options.parent if options.parent is not None else {}
+    path = twistd.get("logfile") if hasattr(twistd, "get") else None
+    if not path or path == "-":
+        return JSONLineObserver(sys.stdout)
+    return JSONLineObserver(LogFile.fromFullPath(path))
+
+
 def makeService(options: Options) -> IService:
+    from mailrelay.reload import SignalService
     from mailrelay.service import MailRelayService
 
     try:
-        return MailRelayService(options.loaded)
+        relay = MailRelayService(options.loaded)
     except ConfigError as e:
         # twistd would print a traceback; an operator wants the file, key and reason.
         sys.stderr.write(f"mailrelay: {e}\n")
         raise SystemExit(1) from None
+    top = _Standalone(_json_observer(options) if options["log-format"] == "json" else None)
+    relay.setServiceParent(top)
+    SignalService(relay, options["config"]).setServiceParent(top)
+    top.relay = relay  # type: ignore[attr-defined]
+    return top

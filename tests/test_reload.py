@@ -1,0 +1,148 @@
+"""SIGHUP to a real ``twistd mailrelay``: new routes without dropping a session; a bad file refused.
+
+Also, in process: ``MailRelayService.reconfigure`` swaps routes and policies, and a config whose
+certificate does not load changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+
+import pytest
+
+from mailrelay import config
+from mailrelay.service import MailRelayService, needs_restart
+from tests.peers import SMTPSink
+from tests.relay import RelayProcess
+from tests.reliability.helpers import Raw, route_to, stuff
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sinks():
+    a, b = SMTPSink().start(), SMTPSink().start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def send(port: int, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.sendmail("a@example.org", ["b@example.test"], f"Subject: {subject}\r\n\r\nhi\r\n".encode())
+
+
+def rewrite(relay: RelayProcess, sink_port: int, route_extra: str = "") -> None:
+    """Replace the route in the relay's config file, keeping its [server] and [spool] tables."""
+    text = relay.config.read_text()
+    head = text[: text.index("[[routes]]")]
+    relay.config.write_text(head + route_to(sink_port, route_extra=route_extra).lstrip())
+
+
+def hup_and_wait(relay: RelayProcess, text: str) -> None:
+    before = relay.log_text().count(text)
+    assert relay.proc is not None
+    os.kill(relay.proc.pid, signal.SIGHUP)
+    import time
+
+    deadline = time.monotonic() + 20
+    while relay.log_text().count(text) <= before:
+        assert time.monotonic() < deadline, f"{text!r} not logged after SIGHUP:\n{relay.log_text()[-2000:]}"
+        time.sleep(0.05)
+
+
+def subjects(sink: SMTPSink) -> list[str]:
+    """The subjects of what the sink has counted (its dump files are written as data arrives)."""
+    import time
+
+    deadline = time.monotonic() + 20
+    while sink.count() < len(sink.messages()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sorted(str(m["Subject"]) for m in sink.parsed())
+
+
+def test_sighup_switches_the_route_keeps_open_sessions_and_refuses_a_broken_file(sinks):
+    a, b = sinks
+    relay = RelayProcess(route_to(a.port)).start()
+    try:
+        send(relay.port, "before")
+        a.wait_for(1)
+        with Raw(relay.port) as open_session:
+            open_session.greet()
+            rewrite(relay, b.port)
+            hup_and_wait(relay, "reloaded ")
+            send(relay.port, "after")
+            b.wait_for(1)
+            assert subjects(b) == ["after"] and subjects(a) == ["before"]
+
+            # the session opened before the reload is still served (and routed the new way)
+            assert open_session.cmd("MAIL FROM:<a@example.org>").startswith(b"250")
+            assert open_session.cmd("RCPT TO:<b@example.test>").startswith(b"250")
+            assert open_session.cmd("DATA").startswith(b"354")
+            open_session.send(stuff(b"Subject: open across reload\r\n\r\nhi\r\n"))
+            assert open_session.reply().startswith(b"250")
+            b.wait_for(2)
+
+            # a broken file is refused, with the key and the reason in the log; mail still flows
+            good = relay.config.read_text()
+            relay.config.write_text(good.replace(f"127.0.0.1:{b.port}", "127.0.0.1:99999"))
+            hup_and_wait(relay, "reload refused")
+            assert "routes[0].hosts[0]" in relay.log_text()
+            assert "port must be 1-65535" in relay.log_text()
+            relay.config.write_text("[server\nthis is not toml")
+            hup_and_wait(relay, "reload refused")
+            assert "not valid TOML" in relay.log_text()
+            send(relay.port, "after refusal")
+            b.wait_for(3)
+            assert subjects(b) == ["after", "after refusal", "open across reload"]
+            assert open_session.cmd("NOOP").startswith(b"250")
+        assert relay.proc is not None and relay.proc.poll() is None
+        assert relay.stop() == 0
+    finally:
+        relay.cleanup()
+
+
+def _config(tmp_path, text: str) -> config.Config:
+    return config.loads(f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                        f'[spool]\npath = "{tmp_path}/spool"\n{text}', "test.toml")
+
+
+def test_reconfigure_swaps_the_router_and_policy_in_process(tmp_path):
+    relay = MailRelayService(_config(tmp_path, route_to(2600)))
+    old_router, old_policy = relay.router, relay.policy
+    new = config.loads(
+        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = ["example.test"]\n'
+        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601), "test.toml")
+    d = relay.reconfigure(new)
+    assert d.called and d.result == []
+    assert relay.router is not old_router and relay.manager.router is relay.router
+    assert relay.policy is not old_policy and relay.factory.policy is relay.policy
+    assert relay.factory.settings.hostname == "r.test"
+    assert relay.config is new
+
+
+def test_reconfigure_with_an_unloadable_certificate_changes_nothing(tmp_path):
+    relay = MailRelayService(_config(tmp_path, route_to(2600)))
+    old = (relay.router, relay.policy, relay.config, relay.factory.settings)
+    missing = tmp_path / "missing.pem"
+    bad = config.loads(
+        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+        f'tls_certificate = "{missing}"\ntls_key = "{missing}"\n'
+        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601), "test.toml")
+    d = relay.reconfigure(bad)
+    assert d.called
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure is not None and not isinstance(failure, list)
+    assert (relay.router, relay.policy, relay.config, relay.factory.settings) == old
+
+
+def test_needs_restart_names_what_a_reload_cannot_apply(tmp_path):
+    old = _config(tmp_path, route_to(2600))
+    new = config.loads(
+        f'[server]\nhostname = "r.test"\nlisten = ["tcp:2525:interface=127.0.0.1"]\n'
+        f'[spool]\npath = "{tmp_path}/other"\n[metrics]\nlisten = "tcp:9125"\n' + route_to(2601), "t.toml")
+    assert needs_restart(old, new) == ["server.listen", "spool", "metrics.listen"]
+    assert needs_restart(old, old) == []
