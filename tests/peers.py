@@ -177,9 +177,9 @@ class SMTPSink:
     def wait_for(self, n: int, timeout: float = 30.0) -> list[bytes]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            msgs = self.messages() if self.dump else []
-            if (len(msgs) if self.dump else self.count()) >= n:
-                return msgs
+            # The counter moves at the final dot; a dump file exists (half-written) before that.
+            if self.count() >= n:
+                return self.messages() if self.dump else []
             time.sleep(0.05)
         got = len(self.messages()) if self.dump else self.count()
         raise TimeoutError(f"smtp-sink on port {self.port} got {got} of {n} messages in {timeout}s")
