@@ -31,6 +31,7 @@ from mailrelay.delivery.session import HopFailure, SessionOpener, network_reply
 from mailrelay.delivery.tls import ClientTLS
 from mailrelay.envelope import Envelope, NextHop, Recipient, Reply, Route
 from mailrelay.interfaces import IDeliverer
+from mailrelay.observer import NULL_OBSERVER, IRelayObserver
 from mailrelay.smtp.client import ClientFailure, ClientTimeouts
 
 log = Logger()
@@ -64,8 +65,10 @@ class SMTPDeliverer:
     """Delivers over ESMTP with our own client (``mailrelay.smtp.client``) and a connection cache.
 
     ``tls_ca_file`` overrides ``config.tls_ca_file`` (the CA bundle for ``verify`` routes; the
-    platform trust store when neither is set).
+    platform trust store when neither is set). ``observer`` hears of each new connection and its TLS.
     """
+
+    observer: IRelayObserver = NULL_OBSERVER
 
     def __init__(self, reactor: Any, config: DeliveryConfig, helo_name: str, *,
                  tls_ca_file: str | None = None) -> None:
@@ -130,12 +133,14 @@ class SMTPDeliverer:
         if cached is not None:
             return cached, True
         try:
-            return await self.opener.open(hop, route), False
+            session = await self.opener.open(hop, route)
         except HopFailure as f:
             if not f.retry_plaintext:
                 raise
             log.info("{remote}: retrying without TLS", remote=f.remote)
-            return await self.opener.open(hop, route, plaintext=True), False
+            session = await self.opener.open(hop, route, plaintext=True)
+        self.observer.outbound_connection(session.remote, session.tls)
+        return session, False
 
     async def _via(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient], route: Route,
                    open_body: Callable[[], IO[bytes]]) -> list[Result]:
