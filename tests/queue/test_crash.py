@@ -16,7 +16,6 @@ from tests.relay import RelayProcess
 
 pytestmark = pytest.mark.integration
 
-KILLS = 4
 
 
 def route(port: int) -> str:
@@ -46,13 +45,14 @@ class Sender(threading.Thread):
                 time.sleep(0.05)  # the relay is down or was killed mid-session
 
 
-def test_sigkill_at_random_moments_loses_no_acknowledged_message():
-    rng = random.Random(4)
+@pytest.mark.parametrize("kills", [4, pytest.param(30, marks=pytest.mark.soak)])
+def test_sigkill_at_random_moments_loses_no_acknowledged_message(kills):
+    rng = random.Random(kills)
     sink = SMTPSink().start()
     relay = RelayProcess(route(sink.port))
     acked: list[str] = []
     try:
-        for round_ in range(KILLS):
+        for round_ in range(kills):
             relay.start()
             senders = [Sender(relay.port, f"r{round_}s{i}", acked) for i in range(3)]
             for s in senders:
@@ -75,10 +75,10 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_message():
         got = Counter(_message_ids(sink))
         missing = expected - set(got)
         duplicates = sum(n - 1 for n in got.values() if n > 1)
-        print(f"\ncrash test: {KILLS} kills, {len(expected)} acknowledged, {len(missing)} lost, "
+        print(f"\ncrash test: {kills} kills, {len(expected)} acknowledged, {len(missing)} lost, "
               f"{duplicates} delivered twice (in flight at a kill)")
         assert not missing, f"lost {len(missing)} acknowledged messages: {sorted(missing)[:5]}"
-        assert duplicates <= KILLS * 100  # only what was in flight at a kill (max_deliveries)
+        assert duplicates <= kills * 100  # only what was in flight at a kill (max_deliveries)
     finally:
         relay.cleanup()
         sink.stop()
