@@ -142,3 +142,13 @@ async def test_may_uses_starttls_and_bdat_for_a_large_message(peers: Peers) -> N
     assert [r.code for r, _ in results] == [250]
     [data] = arrived(peers, "big")
     assert data.endswith(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_streamed_over_tls(peers: Peers) -> None:
+    body = dotted_message("stream@example.org", 40)  # 656 KiB: DATA (below the BDAT threshold), 11 chunks
+    results, tls = await deliver(peers, NextHop("127.0.0.1", peers.postfix.port, name=NAME),
+                                 TLSPolicy.VERIFY, body, tag="stream")
+    assert [r.code for r, _ in results] == [250] and tls.startswith("TLSv1.")
+    [data] = arrived(peers, "stream")
+    assert data.endswith(body)
