@@ -122,7 +122,9 @@ class QueueManager:
         self._ready: deque[str] = deque()
         self._active: dict[str, defer.Deferred[None]] = {}
         self._again: set[str] = set()  # asked for while active: attempt again right after
-        self._blocked: dict[Hashable, list[str]] = {}
+        # Messages that found their destination's line full, woken a few at a time as it moves
+        # (an ordered set per destination).
+        self._blocked: dict[Hashable, dict[str, None]] = {}
         self._deliveries: set[defer.Deferred[Any]] = set()
         self._waiters: dict[str, list[defer.Deferred[None]]] = {}
         self._running = False
@@ -372,7 +374,7 @@ class QueueManager:
         except KeyError:
             return  # deleted while we were delivering
         for destination in blocked:
-            self._blocked.setdefault(destination, []).append(qid)
+            self._blocked.setdefault(destination, {})[qid] = None
         if not self._stopping:
             self._schedule(qid, at)
 
@@ -426,13 +428,22 @@ class QueueManager:
             self._wake_blocked(destination)
 
     def _wake_blocked(self, destination: Hashable) -> None:
-        waiting = self._blocked.pop(destination, None)
-        if not waiting:
+        """A slot to ``destination`` freed: attempt as many blocked messages as its line has room for.
+
+        Only that many, so 10,000 messages for a dead destination are not all reloaded and
+        rerouted each time one of its deliveries times out.
+        """
+        blocked = self._blocked.get(destination)
+        if not blocked:
             return
+        room = max(1, self.config.max_per_destination - self.slots.waiting(destination))
         now = self.clock.seconds()
-        for qid in waiting:
+        for qid in list(blocked)[:room]:
+            del blocked[qid]
             if qid in self._due or qid in self._active:
                 self._schedule(qid, now)
+        if not blocked:
+            del self._blocked[destination]
 
     # -- operator actions (used by the control channel) -----------------------------------
 

@@ -335,3 +335,23 @@ def test_one_postfix_style_log_line_per_recipient_attempt():
     assert sent.startswith(f"{qid}: to=<a@example.test>, relay=127.0.0.1[127.0.0.1]:2526, delay=0.00")
     assert "dsn=2.0.0, status=sent (250 2.0.0 Ok)" in sent
     assert "dsn=4.4.1, status=deferred (451 4.4.1 try again later)" in deferred
+
+
+def test_messages_for_a_full_destination_wait_without_churn():
+    router = FakeRouter({"dead.test": route_to("127.0.0.1", 1)})
+    deliverer = RecordingDeliverer(default=None)  # every delivery hangs until answered
+    w = World(router=router, deliverer=deliverer,
+              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=2))
+    w.manager.start()
+    ids = [w.send(f"u{i}@dead.test") for i in range(20)]
+    w.clock.advance(0)
+    assert len(deliverer.calls) == 2 and w.manager.slots.waiting(router.mapping["dead.test"].destination) == 2
+    blocked = [q for q in ids if w.state(q).attempts == 0 and not w.manager.is_active(q)]
+    assert len(blocked) == 16  # not attempted: no attempt counted, nothing recorded for them
+    assert all(w.state(q).statuses[0].last_reply is None for q in blocked)
+    routed = len(router.calls)
+    deliverer.calls[0].answer(LATER)  # one slot frees: one waiter runs, one blocked message takes its place
+    assert len(deliverer.calls) == 3
+    w.clock.advance(0)
+    assert len(router.calls) - routed == 1, "only as many blocked messages as the line has room for"
+    assert w.manager.slots.waiting(router.mapping["dead.test"].destination) == 2
