@@ -370,3 +370,21 @@ def test_send_before_ready_fails_cleanly() -> None:
     c = Conn(ehlo=None)
     out = c.send()
     assert isinstance(out[0], Failure) and "not ready" in out[0].value.reason
+
+
+def test_large_body_is_read_only_as_the_transport_drains() -> None:
+    from mailrelay.smtp._client_body import CHUNK_SIZE
+
+    body = io.BytesIO((b"y" * 78 + b"\r\n") * 50000)  # 4 MB
+    c = Conn()
+    c.send(body)
+    c.reply(b"250 ok\r\n" * 4 + b"354 go\r\n")
+    assert body.tell() <= 2 * CHUNK_SIZE  # the first chunk and a peek, nothing more yet
+    producer = c.transport.producer
+    assert producer is not None
+    before = body.tell()
+    producer.resumeProducing()  # the socket wants data: the chunk already in hand goes out
+    assert body.tell() == before
+    producer.resumeProducing()  # drained again: one more chunk is read, no more
+    assert body.tell() - before == CHUNK_SIZE
+    assert len(c.transport.value()) < 3 * CHUNK_SIZE
