@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.peers import free_port, stop_child, wait_listening
@@ -18,11 +19,13 @@ class RelayProcess:
     """Writes ``mailrelay.toml`` (``[server] listen`` and ``[spool] path`` filled in) and runs twistd.
 
     ``config_body`` is the rest of the TOML (routes, queue, ...), without ``listen``/``path``.
+    ``args`` are extra ``twistd mailrelay`` options (``["--log-format", "json"]``).
     The directory (spool, log) survives ``kill()``/``stop()`` so the same relay can be restarted.
     """
 
     def __init__(self, config_body: str = "", port: int | None = None, hostname: str = "relay.mailrelay.test",
-                 directory: Path | None = None) -> None:
+                 directory: Path | None = None, args: Sequence[str] = ()) -> None:
+        self.args = list(args)
         self.port = port or free_port()
         self.dir = directory or Path(tempfile.mkdtemp(prefix="mailrelay-relay-"))
         self.spool = self.dir / "spool"
@@ -43,7 +46,7 @@ class RelayProcess:
     def start(self, timeout: float = 20.0) -> RelayProcess:
         twistd = str(Path(sys.executable).parent / "twistd")
         args = [twistd, "-n", "--pidfile=", f"--logfile={self.log}",
-                "mailrelay", "--config", str(self.config)]
+                "mailrelay", "--config", str(self.config), *self.args]
         self.proc = subprocess.Popen(args, cwd=self.dir, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
