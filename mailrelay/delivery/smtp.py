@@ -132,6 +132,9 @@ class SMTPDeliverer:
         cached = self.pool.take(self._key(hop, route))
         if cached is not None:
             return cached, True
+        return await self._open_new(hop, route), False
+
+    async def _open_new(self, hop: NextHop, route: Route) -> Session:
         try:
             session = await self.opener.open(hop, route)
         except HopFailure as f:
@@ -140,7 +143,7 @@ class SMTPDeliverer:
             log.info("{remote}: retrying without TLS", remote=f.remote)
             session = await self.opener.open(hop, route, plaintext=True)
         self.observer.outbound_connection(session.remote, session.tls)
-        return session, False
+        return session
 
     async def _via(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient], route: Route,
                    open_body: Callable[[], IO[bytes]]) -> list[Result]:
@@ -156,8 +159,7 @@ class SMTPDeliverer:
                     # the cached connection died while idle: nothing was said, start afresh
                     session.client.abort()
                     body.seek(0)
-                    session = await self.opener.open(hop, route)
-                    reused = False
+                    session = await self._open_new(hop, route)
                     try:
                         replies = await session.client.send(envelope, recipients, body, size=size)
                     except ClientFailure as f2:
