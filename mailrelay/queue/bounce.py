@@ -144,6 +144,16 @@ def _original(body: IO[bytes] | None, ret: str | None, limit: int) -> tuple[str,
     return "text/rfc822-headers", headers
 
 
+def _boundary(base: str, text: bytes) -> str:
+    """A boundary found nowhere in the parts (RFC 2046 5.1.1). The queue id is no secret (the client
+    reads it in "queued as"), so a returned original could otherwise close the report early."""
+    boundary, n = base, 0
+    while boundary.encode() in text:
+        n += 1
+        boundary = f"{base}.{n}"
+    return boundary
+
+
 def report_envelope(message: QueuedMessage, to: str, hostname: str, now: float) -> Envelope:
     """The envelope of a report: from ``<>`` (so it never causes another), NOTIFY=NEVER."""
     env = message.envelope
@@ -175,7 +185,10 @@ def build_report(
     ``body`` is the original message (read up to ``limit`` + 1 bytes); ``until`` is when retries
     stop (for delay warnings).
     """
-    boundary = f"{message.queue_id}.{int(now)}/{hostname}"
+    human = _human(message, statuses, action, hostname, until)
+    status = _status_part(message, statuses, action, hostname, until, now)
+    kind, original = _original(body, message.envelope.ret, limit)
+    boundary = _boundary(f"{message.queue_id}.{int(now)}/{hostname}", (human + status).encode() + original)
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{to}>",
@@ -196,14 +209,13 @@ def build_report(
         "Content-Description: Notification\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         "\r\n"
-        + _human(message, statuses, action, hostname, until)
+        + human
         + f"\r\n--{boundary}\r\n"
         "Content-Description: Delivery report\r\n"
         "Content-Type: message/delivery-status\r\n"
         "\r\n"
-        + _status_part(message, statuses, action, hostname, until, now)
+        + status
     ).encode()
-    kind, original = _original(body, message.envelope.ret, limit)
     if kind:
         description = "Undelivered Message" if kind == "message/rfc822" else "Undelivered Message Headers"
         yield (
