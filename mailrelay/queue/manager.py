@@ -109,7 +109,7 @@ class QueueManager:
         self.router = router
         self.deliverer = deliverer
         self.clock = reactor
-        self.config = config
+        self._config = config
         self.hostname = hostname
         self.jitter = jitter if jitter is not None else schedule.proportional_jitter(_random.Random().random)
         self.max_active = max_active or max(2 * config.max_deliveries, 50)
@@ -229,6 +229,23 @@ class QueueManager:
     def scheduled(self) -> dict[str, float]:
         """Every scheduled message id and when it is due (a copy)."""
         return dict(self._due)
+
+    @property
+    def config(self) -> QueueConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: QueueConfig) -> None:
+        """A new ``[queue]`` (reload): caps, schedule and reports follow at once."""
+        self._config = config
+        self.slots.total = config.max_deliveries
+        self.slots.per_destination = config.max_per_destination
+        self.notifier.config = config
+        self.slots.dispatch()  # higher caps may let waiting deliveries start now
+
+    def active_ids(self) -> list[str]:
+        """The ids with an attempt running now."""
+        return list(self._active)
 
     def is_active(self, queue_id: str) -> bool:
         return queue_id in self._active

@@ -54,13 +54,14 @@ class DeliverySlots:
             self.by_destination[destination] = left
         else:
             del self.by_destination[destination]
-        self._dispatch()
+        self.dispatch()
 
     def _take(self, destination: Hashable) -> None:
         self.in_flight += 1
         self.by_destination[destination] = self.by_destination.get(destination, 0) + 1
 
-    def _dispatch(self) -> None:
+    def dispatch(self) -> None:
+        """Start every waiter the caps allow now (after a release, or when the caps were raised)."""
         progress = True
         while progress and self.in_flight < self.total and self._waiting:
             progress = False

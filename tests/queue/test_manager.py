@@ -355,3 +355,18 @@ def test_messages_for_a_full_destination_wait_without_churn():
     w.clock.advance(0)
     assert len(router.calls) - routed == 1, "only as many blocked messages as the line has room for"
     assert w.manager.slots.waiting(router.mapping["dead.test"].destination) == 2
+
+
+def test_a_reloaded_queue_config_changes_the_caps_at_once():
+    deliverer = RecordingDeliverer(default=None)
+    w = World(deliverer=deliverer, config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
+    w.manager.start()
+    ids = [w.send(f"u{i}@example.test") for i in range(3)]
+    w.clock.advance(0)
+    assert len(deliverer.calls) == 1  # one in flight, one waiting, one blocked
+    w.manager.config = QueueConfig(retry_schedule=(5.0,), max_deliveries=10, max_per_destination=3)
+    assert len(deliverer.calls) == 2  # the waiting delivery starts under the new cap at once
+    deliverer.calls[0].answer(LATER)
+    w.clock.advance(0)
+    assert len(deliverer.calls) == 3  # the blocked one woke when a slot freed
+    assert w.state(ids[0]).next_attempt == T0 + 5  # and the new schedule applies
