@@ -411,3 +411,30 @@ def test_cache_shared_by_routes_naming_the_same_host() -> None:
     h.refuse(1)  # the first hop of the new route is down; the second is the cached connection
     assert len(h.reactor.tcpClients) == 2
     assert h.sent().endswith(b"RSET\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n")
+
+
+def test_reuse_time_limit() -> None:
+    config = DeliveryConfig(connection_idle_time=1000, connection_reuse_time=10)
+    h = Harness(NextHop("127.0.0.1", 25), config=config)
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    _deliver_on(h)
+    h.sent()
+    h.reactor.advance(5)
+    h.deliver()  # young enough: reused
+    assert len(h.reactor.tcpClients) == 1
+    h.reply(b"250 reset\r\n")
+    _deliver_on(h)
+    h.sent()
+    h.reactor.advance(6)  # 11 s old: not reused, closed with QUIT
+    h.deliver()
+    assert h.sent() == b"QUIT\r\n"
+    assert len(h.reactor.tcpClients) == 2
+
+
+def test_idle_time_zero_turns_the_cache_off() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), config=DeliveryConfig(connection_idle_time=0))
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    _deliver_on(h)
+    assert h.sent().endswith(b"QUIT\r\n")
