@@ -109,7 +109,9 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
     ext: dict[str, str] = {}
     for line in reply.lines()[1:]:
         keyword, _, params = line.strip().partition(" ")
-        if keyword:
+        if keyword.upper().startswith("AUTH="):  # the pre-RFC 4954 spelling some servers still send
+            ext.setdefault("AUTH", f"{keyword[5:]} {params}".strip())
+        elif keyword:
             ext[keyword.upper()] = params.strip()
     return ext
 

@@ -72,6 +72,11 @@ def test_parse_ehlo() -> None:
     assert parse_ehlo(reply) == {"SIZE": "1024", "PIPELINING": "", "AUTH": "PLAIN LOGIN"}
 
 
+def test_parse_ehlo_old_auth_spelling() -> None:
+    reply = next(ReplyParser().feed(b"250-mx.test\r\n250-AUTH=LOGIN PLAIN\r\n250 8BITMIME\r\n"))
+    assert parse_ehlo(reply) == {"AUTH": "LOGIN PLAIN", "8BITMIME": ""}
+
+
 def unstuff(data: bytes) -> bytes:
     """What a receiver makes of DATA: the text up to CRLF.CRLF, leading dots removed."""
     assert data.endswith(b"\r\n.\r\n") or data == b".\r\n"
