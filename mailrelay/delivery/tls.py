@@ -8,6 +8,7 @@ without checking who is at the other end, as Postfix's levels of the same names 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from twisted.internet import ssl
@@ -17,9 +18,13 @@ from mailrelay.envelope import TLSPolicy
 _BEGIN = b"-----BEGIN CERTIFICATE-----"
 
 
-@functools.lru_cache(maxsize=8)
 def load_trust_root(ca_file: str) -> Any:
-    """Every certificate in a PEM bundle as one trust root (read once per path)."""
+    """Every certificate in a PEM bundle as one trust root (read again when the file changes)."""
+    return _load_trust_root(ca_file, os.stat(ca_file).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_trust_root(ca_file: str, mtime_ns: int) -> Any:
     with open(ca_file, "rb") as f:
         data = f.read()
     pems = [_BEGIN + part for part in data.split(_BEGIN)[1:]]
