@@ -438,3 +438,13 @@ def test_idle_time_zero_turns_the_cache_off() -> None:
     h.reply(b"220 mx\r\n" + EHLO)
     _deliver_on(h)
     assert h.sent().endswith(b"QUIT\r\n")
+
+
+def test_unreadable_ca_bundle_is_a_temporary_failure_not_a_plaintext_delivery() -> None:
+    h = Harness(NextHop("127.0.0.1", 25, name="mx.test"), tls=TLSPolicy.VERIFY,
+                config=DeliveryConfig(tls_ca_file="/nonexistent/ca.pem"))
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
+    (reply, _), _ = h.result[0]  # type: ignore[misc]
+    assert (reply.code, reply.enhanced) == (451, "4.7.5") and "cannot set up TLS" in reply.text
+    assert b"STARTTLS" not in h.sent().split(b"EHLO relay.test\r\n", 1)[1].split(b"QUIT")[0] + b""
