@@ -388,3 +388,15 @@ def test_large_body_is_read_only_as_the_transport_drains() -> None:
     producer.resumeProducing()  # drained again: one more chunk is read, no more
     assert body.tell() - before == CHUNK_SIZE
     assert len(c.transport.value()) < 3 * CHUNK_SIZE
+
+
+def test_tcp_nodelay_set_on_connect() -> None:
+    class TCPTransport(StringTransport):
+        nodelay = False
+
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            self.nodelay = enabled
+
+    t = TCPTransport()
+    SMTPClientProtocol("client.test", task.Clock()).makeConnection(t)
+    assert t.nodelay is True  # the final dot must not wait for a delayed ACK (Nagle)
