@@ -167,6 +167,11 @@ class SMTPSink:
             return []
         return [p.read_bytes() for p in sorted(self.mail_dir.iterdir())]
 
+    def _dump_sizes(self) -> dict[str, int]:
+        if not self.mail_dir.exists():
+            return {}
+        return {p.name: p.stat().st_size for p in self.mail_dir.iterdir()}
+
     def transactions(self) -> list[Transaction]:
         """Each dumped transaction decoded back to its envelope and the exact message bytes."""
         return [Transaction.from_dump(raw) for raw in self.messages()]
@@ -177,9 +182,17 @@ class SMTPSink:
     def wait_for(self, n: int, timeout: float = 30.0) -> list[bytes]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            # The counter moves at the final dot; a dump file exists (half-written) before that.
+            # The counter moves at the final dot, but smtp-sink may still be flushing the dump file
+            # then (and a file exists half-written before it): wait for both, and for the files
+            # to stop changing.
             if self.count() >= n:
-                return self.messages() if self.dump else []
+                if not self.dump:
+                    return []
+                before = self._dump_sizes()
+                if len(before) >= n:
+                    time.sleep(0.1)
+                    if self._dump_sizes() == before:
+                        return self.messages()
             time.sleep(0.05)
         got = len(self.messages()) if self.dump else self.count()
         raise TimeoutError(f"smtp-sink on port {self.port} got {got} of {n} messages in {timeout}s")
