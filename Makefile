@@ -19,7 +19,7 @@ help:
 	@echo "make test     install what the tests need, then ruff + the whole pytest suite"
 	@echo "make docs     build the Sphinx docs (warnings are errors) into docs/_build/html"
 	@echo "make bench    end-to-end benchmark: mailrelay vs Postfix vs aiosmtpd (bench/README.md)"
-	@echo "make soak     long-running tests (pytest -m soak)"
+	@echo "make soak     long-running tests (pytest -m soak) and a fresh-seed fuzz run (bench/soak.py)"
 	@echo "make clean    remove build output, spool and caches (distclean: the venv too)"
 
 # --- the virtualenv: redone only when the packaging metadata changes ---------------------------
@@ -68,9 +68,12 @@ docs: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench deps
 	$(BIN)/python bench/relay.py $(BENCH_ARGS)
 
-# Long runs: soak-marked tests (exit 5 = none collected yet is not a failure here).
+# Long runs: soak-marked tests (exit 5 = none collected yet is not a failure here), then a
+# fresh-seed fuzz run of the SMTP input side (bench/soak.py; SOAK_ARGS="--cases N --sessions M").
+SOAK_ARGS ?=
 soak: $(VENV)/.installed-test deps
 	$(BIN)/pytest -m soak $(PYTEST_ARGS); rc=$$?; [ $$rc = 5 ] && echo "no soak tests yet" && rc=0; exit $$rc
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf docs/_build build dist var .pytest_cache .ruff_cache .hypothesis _trial_temp*
