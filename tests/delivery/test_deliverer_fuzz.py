@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
@@ -79,7 +79,7 @@ class FakeServer:
         return True
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.lists(step, max_size=12), min_size=1, max_size=3),
        st.lists(st.sampled_from(EXTENSIONS), max_size=6),
        st.sampled_from(list(TLSPolicy)), st.booleans(), st.integers(1, 3), st.booleans())
