@@ -146,3 +146,82 @@ def test_needs_restart_names_what_a_reload_cannot_apply(tmp_path):
         f'[spool]\npath = "{tmp_path}/other"\n[metrics]\nlisten = "tcp:9125"\n' + route_to(2601), "t.toml")
     assert needs_restart(old, new) == ["server.listen", "spool", "metrics.listen"]
     assert needs_restart(old, old) == []
+
+
+def _tls_session(port: int):  # type: ignore[no-untyped-def]
+    """A session upgraded with STARTTLS → (TLS socket, its reader, the server certificate's CN)."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    plain = sock.makefile("rb")
+
+    def reply(f):  # type: ignore[no-untyped-def]
+        lines = [f.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(f.readline())
+        return b"".join(lines)
+
+    assert reply(plain).startswith(b"220")
+    sock.sendall(b"EHLO client.example.org\r\n")
+    assert b"STARTTLS" in reply(plain)
+    sock.sendall(b"STARTTLS\r\n")
+    assert reply(plain).startswith(b"220")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    tls = ctx.wrap_socket(sock)
+    cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    reader = tls.makefile("rb")
+
+    def cmd(line: str) -> bytes:
+        tls.sendall(line.encode() + b"\r\n")
+        return reply(reader)
+
+    return tls, cmd, cn
+
+
+def test_sighup_reloads_relay_domains_and_the_tls_certificate(tmp_path, smtp_sink):
+    from tests.smtp.certs import make_certs
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, cert_a, key_a = make_certs(tmp_path / "a", "a.mailrelay.test")
+    _, cert_b, key_b = make_certs(tmp_path / "b", "b.mailrelay.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(cert_a.read_bytes())
+    key.write_bytes(key_a.read_bytes())
+    server = (f'[server]\ntrusted_networks = []\ntls_certificate = "{cert}"\ntls_key = "{key}"\n'
+              'local_domains = ["example.test"]\n')
+    relay = RelayProcess(server + route_to(smtp_sink.port)).start()
+    try:
+        before, before_cmd, cn = _tls_session(relay.port)
+        assert cn == "a.mailrelay.test"
+        assert before_cmd("EHLO client.example.org").startswith(b"250")
+        assert before_cmd("MAIL FROM:<a@example.org>").startswith(b"250")
+        assert before_cmd("RCPT TO:<x@other.test>").startswith(b"554 5.7.1")
+
+        cert.write_bytes(cert_b.read_bytes())
+        key.write_bytes(key_b.read_bytes())
+        relay.config.write_text(relay.config.read_text().replace(
+            'local_domains = ["example.test"]', 'local_domains = ["example.test", "other.test"]'))
+        hup_and_wait(relay, "reloaded ")
+
+        after, after_cmd, cn = _tls_session(relay.port)
+        assert cn == "b.mailrelay.test"  # the renewed certificate, without a restart
+        assert after_cmd("EHLO client.example.org").startswith(b"250")
+        assert after_cmd("MAIL FROM:<a@example.org>").startswith(b"250")
+        assert after_cmd("RCPT TO:<x@other.test>").startswith(b"250")  # the new relay domain
+        assert after_cmd("QUIT").startswith(b"221")
+        after.close()
+        # the TLS session opened before the reload is still up and serving
+        assert before_cmd("RSET").startswith(b"250")
+        assert before_cmd("QUIT").startswith(b"221")
+        before.close()
+        assert relay.stop() == 0, relay.log_text()[-3000:]
+    finally:
+        relay.cleanup()

@@ -115,3 +115,33 @@ def test_at_the_deadline_a_stalled_transaction_is_cut_and_nothing_half_written_r
         assert sink.messages() == []
     finally:
         relay.cleanup()
+
+
+def test_a_message_caught_by_the_stop_before_its_delivery_stays_due_at_once():
+    """The queue stopping between routing and delivery must not push the message to its next retry."""
+    from twisted.internet import defer, task
+
+    from mailrelay.config import QueueConfig
+    from mailrelay.envelope import Envelope, Recipient
+    from mailrelay.queue.manager import QueueManager
+    from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer, route_to
+
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    store = MemoryQueueStore(clock)
+    answer: defer.Deferred = defer.Deferred()
+    router = FakeRouter({"*": lambda rcpt, env: answer})
+    deliverer = RecordingDeliverer()
+    manager = QueueManager(store, router, deliverer, clock, QueueConfig(retry_schedule=(3600.0,)), "relay.test",
+                           jitter=lambda d: d)
+    manager.start()
+    queue_id = store.inject(Envelope("a@example.org", (Recipient("b@example.test"),)), b"Subject: x\r\n\r\nx\r\n")
+    clock.advance(0)
+    assert router.calls, "the attempt has begun: it is routing"
+    stopped = manager.stop(grace=5)
+    stopped_at = clock.seconds()
+    answer.callback(route_to("127.0.0.1", 2525))
+    clock.advance(5)
+    assert stopped.called
+    assert deliverer.calls == []
+    assert store.messages[queue_id].next_attempt == stopped_at  # not an hour later

@@ -379,7 +379,9 @@ class QueueManager:
             yield self.store.remove(qid)
             return
         now = self.clock.seconds()
-        if not attempted:
+        if not attempted and self._stopping:
+            at = now  # stopped before its turn: due at once when the queue starts again
+        elif not attempted:
             # Only waited for a busy destination: woken when it frees, this is just a fallback.
             at = now + schedule.retry_delay(self.config.retry_schedule, 1, self.jitter)
         else:

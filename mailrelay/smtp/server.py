@@ -23,10 +23,13 @@ from mailrelay.interfaces import IMessageSink, IPolicy
 from mailrelay.observer import NULL_OBSERVER, IRelayObserver
 from mailrelay.policy.limits import RateCounter
 from mailrelay.smtp import replies as R
-from mailrelay.smtp.session import Session, SessionInfo, SessionSettings
+from mailrelay.smtp.session import Session, SessionInfo, SessionSettings, State
 from mailrelay.smtp.tls import server_tls_options, tls_info
 
 log = Logger()
+
+#: While shutting down, how long a closed session may wait for the client's side of the close.
+SHUTDOWN_LINGER = 2.0
 
 
 def _host_port(address: Any) -> tuple[str, int]:
@@ -121,6 +124,15 @@ class SMTPServerProtocol(Protocol):
 
     def lose_connection(self) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]
+        if self.factory.draining is not None:
+            # Shutting down: a TLS close waits for the client's close_notify, which a client may
+            # never send; give our last reply a moment to leave, then drop the connection.
+            self.factory.reactor.callLater(SHUTDOWN_LINGER, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection now if it is still there (nothing more to say on it)."""
+        if self in self.factory.protocols:
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def pause(self) -> None:
         self.transport.pauseProducing()  # type: ignore[union-attr]
@@ -258,7 +270,10 @@ class SMTPServerFactory(Factory):
         """
         self.draining = reply
         for protocol in list(self.protocols):
-            protocol.session.drain(reply)
+            if protocol.session.state is State.CLOSED:
+                protocol.abort()  # said goodbye already; only the client's TLS close is missing
+            else:
+                protocol.session.drain(reply)
         if not self.protocols:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
