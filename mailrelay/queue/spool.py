@@ -22,6 +22,7 @@ import queue as _queue
 import re
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import attrs
@@ -48,6 +49,7 @@ _BODY = ".body"
 _ENV = ".env"
 _BUFFER = 256 * 1024
 _READERS = 2
+_SYNCERS = 16  # threads that fsync a batch's files together (concurrent fsyncs share a journal commit)
 _SCHEDULE_KEYS = re.compile(rb'"next_attempt":(-?[0-9][0-9.eE+-]*),"held":(true|false)')  # threads reading envelopes at start-up
 
 
@@ -56,11 +58,12 @@ def _encode(message: QueuedMessage) -> bytes:
 
 
 class _Job:
-    """One change of the queue directory, done in the writer thread in two steps.
+    """One change of the queue directory, done in the writer thread in three steps.
 
-    ``stage`` makes the job's files durable under temporary names; ``publish`` renames them into
-    place. The writer fsyncs ``queue/`` after publishing a batch; then ``result`` goes to the
-    Deferred on the reactor thread.
+    ``stage`` writes the job's files under temporary names and lists in ``fds`` what must be
+    synced; the writer fsyncs the files of the whole batch at once (in parallel: the journal merges
+    them), closes them, then ``publish`` renames them into place. The writer fsyncs ``queue/``
+    once for the batch; then ``result`` goes to the Deferred on the reactor thread.
     """
 
     changes_queue = True
@@ -68,9 +71,19 @@ class _Job:
     def __init__(self) -> None:
         self.deferred: defer.Deferred[Any] = defer.Deferred()
         self.result: Any = None
+        self.fds: list[int] = []
 
     def stage(self, spool: FilesystemSpool) -> None:
         pass
+
+    def synced(self) -> None:
+        """The files in ``fds`` are durable (or failed): close them."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def publish(self, spool: FilesystemSpool) -> None:
         pass
@@ -90,10 +103,10 @@ class _Commit(_Job):
         w = self.writer
         assert w.file is not None
         w.file.flush()
-        spool.fsync(w.file.fileno())
+        self.fds.append(os.dup(w.file.fileno()))
         w.file.close()
         w.file = None
-        self.env_tmp = spool._write_tmp(w.queue_id, _encode(new_message(w.queue_id, w.envelope)))
+        self.env_tmp = spool._write_tmp(w.queue_id, _encode(new_message(w.queue_id, w.envelope)), self.fds)
         self.result = w.queue_id
 
     def publish(self, spool: FilesystemSpool) -> None:
@@ -123,7 +136,7 @@ class _Save(_Job):
         qid = self.message.queue_id
         if not os.path.exists(spool._queued(qid, _BODY)):
             raise KeyError(qid)  # removed meanwhile: never resurrect an envelope without its body
-        self.env_tmp = spool._write_tmp(qid, _encode(self.message))
+        self.env_tmp = spool._write_tmp(qid, _encode(self.message), self.fds)
 
     def publish(self, spool: FilesystemSpool) -> None:
         assert self.env_tmp is not None
@@ -292,6 +305,7 @@ class FilesystemSpool:
         self.threadpool = threadpool or ThreadPool(minthreads=0, maxthreads=4, name="mailrelay-spool")
         self._jobs: _queue.SimpleQueue[_Job] = _queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._syncers: ThreadPoolExecutor | None = None
         self._subscribers: list[Callable[[str], object]] = []
         self._receiving: set[str] = set()
         self._tmp_counter = 0
@@ -310,6 +324,7 @@ class FilesystemSpool:
             return
         if self._own_pool:
             self.threadpool.start()
+        self._syncers = ThreadPoolExecutor(max_workers=_SYNCERS, thread_name_prefix="mailrelay-spool-fsync")
         self._submit(_Scan(clean_tmp=True))
         self._thread = threading.Thread(target=self._run, name="mailrelay-spool-writer", daemon=True)
         self._thread.start()
@@ -324,6 +339,9 @@ class FilesystemSpool:
             assert self._thread is not None
             self._thread.join()
             self._thread = None
+            if self._syncers is not None:
+                self._syncers.shutdown()
+                self._syncers = None
             if self._own_pool:
                 self.threadpool.stop()
 
@@ -466,8 +484,8 @@ class FilesystemSpool:
     def _queued(self, queue_id: str, ext: str) -> str:
         return os.path.join(self.queue_dir, queue_id + ext)
 
-    def _write_tmp(self, queue_id: str, data: bytes) -> str:
-        """Write ``data`` to a fresh file in ``tmp/`` and fsync it; returns its path."""
+    def _write_tmp(self, queue_id: str, data: bytes, fds: list[int]) -> str:
+        """Write ``data`` to a fresh file in ``tmp/``; its descriptor joins ``fds`` (to be synced)."""
         self._tmp_counter += 1
         path = os.path.join(self.tmp_dir, f"{queue_id}{_ENV}.{self._tmp_counter}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -475,13 +493,35 @@ class FilesystemSpool:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            self.fsync(fd)
         except BaseException:
             os.close(fd)
             _unlink(path)
             raise
-        os.close(fd)
+        fds.append(fd)
         return path
+
+    def _sync_files(self, jobs: list[_Job]) -> dict[_Job, BaseException]:
+        """fsync every file of ``jobs``, in parallel when there are several; the errors by job."""
+        pairs = [(job, fd) for job in jobs for fd in job.fds]
+
+        def sync(fd: int) -> BaseException | None:
+            try:
+                self.fsync(fd)
+                return None
+            except OSError as e:
+                return e
+
+        if len(pairs) > 1 and self._syncers is not None:
+            outcomes = list(self._syncers.map(sync, [fd for _, fd in pairs]))
+        else:
+            outcomes = [sync(fd) for _, fd in pairs]
+        errors: dict[_Job, BaseException] = {}
+        for (job, _), error in zip(pairs, outcomes, strict=True):
+            if error is not None:
+                errors.setdefault(job, error)
+        for job in jobs:
+            job.synced()
+        return errors
 
     def _sync_queue_dir(self) -> None:
         fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -506,13 +546,23 @@ class FilesystemSpool:
 
     def _do_batch(self, batch: list[_Job]) -> list[tuple[_Job, Any]]:
         results: list[tuple[_Job, Any]] = []
-        published: list[_Job] = []
+        staged: list[_Job] = []
         for job in batch:
             try:
                 job.stage(self)
+                staged.append(job)
+            except BaseException as e:
+                job.synced()
+                results.append((job, self._failure(job, e)))
+        errors = self._sync_files(staged)
+        published: list[_Job] = []
+        for job in staged:
+            try:
+                if job in errors:
+                    raise errors[job]
                 job.publish(self)
-            except BaseException:
-                results.append((job, self._failure(job)))
+            except BaseException as e:
+                results.append((job, self._failure(job, e)))
                 continue
             if job.changes_queue:
                 published.append(job)
@@ -522,23 +572,22 @@ class FilesystemSpool:
             try:
                 self._sync_queue_dir()
                 self.commit_passes += 1
-            except OSError:
+            except OSError as e:
                 for job in published:
-                    results.append((job, self._failure(job)))
+                    results.append((job, self._failure(job, e)))
                 published = []
         results.extend((job, job.result) for job in published)
         return results
 
-    def _failure(self, job: _Job) -> Failure:
-        f = Failure()
+    def _failure(self, job: _Job, error: BaseException) -> Failure:
         try:
             job.undo(self)
         except OSError:
             pass
-        if isinstance(f.value, OSError) and isinstance(job, _Commit | _Save):
-            log.error("spool: cannot store: {error}", error=f.value)
+        if isinstance(error, OSError) and isinstance(job, _Commit | _Save):
+            log.error("spool: cannot store: {error}", error=error)
             return Failure(storage_failure())
-        return f
+        return Failure(error)
 
     def _deliver_results(self, results: list[tuple[_Job, Any]]) -> None:
         for job, result in results:

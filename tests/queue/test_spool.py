@@ -89,9 +89,9 @@ def test_commit_fires_only_after_body_envelope_and_directory_are_fsynced(spool):
     synced_before_firing = yield d
     qid = fired[0]
     queue_dir = os.path.join(spool.path, "queue")
-    assert synced_before_firing[0].endswith(f"tmp/{qid}.body")
-    assert f"/tmp/{qid}.env." in synced_before_firing[1]
-    assert synced_before_firing[2] == queue_dir  # the directory: the renames are durable
+    body, env = sorted(synced_before_firing[:2])  # synced together, in parallel
+    assert body.endswith(f"tmp/{qid}.body") and f"/tmp/{qid}.env." in env
+    assert synced_before_firing[2:] == [queue_dir]  # then the directory: the renames are durable
     assert files(spool) == [f"queue/{qid}.body", f"queue/{qid}.env"]
     with spool.open_body(qid) as f:
         assert f.read() == b"Subject: x\r\n\r\nhello\r\n"
