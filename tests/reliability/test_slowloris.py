@@ -7,6 +7,7 @@ client is served all along. Loopback has a whole /8, so the idle crowd comes fro
 
 from __future__ import annotations
 
+import resource
 import socket
 import threading
 import time
@@ -52,7 +53,17 @@ def deliver_one(port: int, mid: str, src: str = "127.0.0.1") -> bytes:
         return c.reply()
 
 
+def enough_descriptors(n: int) -> None:
+    """Raise our (and so the relay child's) open-file limit to ``n`` or skip."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n:
+        if hard != resource.RLIM_INFINITY and hard < n:
+            pytest.skip(f"needs {n} open files, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+
+
 def test_thousand_idle_connections_limits_and_timeouts_hold(relays, sinks):
+    enough_descriptors(4096)
     sink = sinks()
     relay = relays(LIMITS + route_to(sink.port))
     assert relay.proc is not None
