@@ -148,7 +148,11 @@ class SMTPDeliverer:
     async def _via(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient], route: Route,
                    open_body: Callable[[], IO[bytes]]) -> list[Result]:
         session, reused = await self._session(hop, route)
-        body = open_body()
+        try:
+            body = open_body()
+        except BaseException:
+            self._release(hop, route, session)  # our spool's problem, not the session's
+            raise
         try:
             size = _body_size(body)
             self._check_peer(session, envelope, size)

@@ -448,3 +448,17 @@ def test_unreadable_ca_bundle_is_a_temporary_failure_not_a_plaintext_delivery() 
     (reply, _), _ = h.result[0]  # type: ignore[misc]
     assert (reply.code, reply.enhanced) == (451, "4.7.5") and "cannot set up TLS" in reply.text
     assert h.sent() == b"EHLO relay.test\r\nQUIT\r\n"  # no STARTTLS, no MAIL
+
+
+def test_body_that_cannot_be_opened_is_a_local_temporary_failure() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+
+    def broken() -> io.BytesIO:
+        raise FileNotFoundError("spool file gone")
+
+    h.deliverer.deliver(ENV, ENV.recipients, h.route, broken).addBoth(h.result.append)
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    [(r1, _), (r2, _)] = h.result[0]  # type: ignore[misc]
+    assert r1 == r2 and (r1.code, r1.enhanced) == (451, "4.3.0") and "spool file gone" in r1.text
+    assert h.deliverer.pool.idle_count() == 1  # the session was not leaked
