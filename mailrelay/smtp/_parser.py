@@ -415,8 +415,15 @@ def parse_mailbox(text: str) -> Path:
         raise PathError("local part longer than 64 octets", syntax=False)
     if domain.startswith("["):
         _check_literal(domain)
-    elif len(domain.encode()) > 255 or any(len(label.encode()) > 63 for label in domain.split(".")):
-        raise PathError("domain name too long", syntax=False)
+    else:
+        ascii_domain = domain
+        if not domain.isascii():
+            try:  # a U-label domain must have an A-label form (RFC 6531 3.2), else it cannot be routed
+                ascii_domain = domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise PathError("invalid international domain name", syntax=False) from None
+        if len(ascii_domain) > 255 or any(len(label) > 63 for label in ascii_domain.split(".")):
+            raise PathError("domain name too long", syntax=False)
     return Path(f"{_quote(local)}@{domain}", local, domain, quoted)
 
 

@@ -241,6 +241,7 @@ def test_bdat_bare_lf_rejected_unless_binarymime() -> None:
         ("FROM:<u@[IPv6:2001:db8::1]>", "u@[IPv6:2001:db8::1]", "u"),
         ("FROM:<user%other@x.example>", "user%other@x.example", "user%other"),
         ("FROM:<Ünïcode@bücher.example>", "Ünïcode@bücher.example", "Ünïcode"),
+        ("FROM:<u@" + "\u00fc" * 40 + ".example>", "u@" + "\u00fc" * 40 + ".example", "u"),  # 80 octets, short A-label
     ],
 )
 def test_good_paths(arg: str, address: str, local: str) -> None:
@@ -267,6 +268,9 @@ def test_good_paths(arg: str, address: str, local: str) -> None:
         ("FROM:<a@" + "d" * 64 + ".example>", False),
         ("FROM:<@bad route:u@x.example>", False),
         ("FROM:<postmaster>", False),  # unqualified only for RCPT
+        ("FROM:<u@b\u00fccher..example>", False),
+        ("FROM:<u@" + "\u00e4\u00f6\u00fc\u00e9\u00e8\u00ea\u00e1\u00e0\u00e2\u00ed" * 4 + ".example>", False),
+        ("FROM:<u@xn--\u00fc.example>", False),  # not valid IDNA
     ],
 )
 def test_bad_paths(arg: str, syntax: bool) -> None:
