@@ -65,12 +65,22 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
     """The effective configuration as TOML (every value, or with ``only_changed`` those set apart
     from the defaults, like ``postconf -n``). Durations are in seconds, sizes in bytes."""
     out: list[str] = [f"# effective configuration of {cfg.source}"]
-    for name in ("server", "spool", "queue", "delivery"):
-        lines = _section_lines(getattr(cfg, name), only_changed)
-        if lines:
-            out += ["", f"[{name}]", *lines]
-    if cfg.metrics_listen:
-        out += ["", "[metrics]", f"listen = {_toml_value(cfg.metrics_listen)}"]
+    # Sections are the attrs-typed fields of Config; a plain field <section>_<key> (metrics_listen)
+    # is a key of that section — so a section added to config.py shows up here by itself.
+    loose: dict[str, list[str]] = {}
+    for field in attrs.fields(type(cfg)):
+        value = getattr(cfg, field.name)
+        if field.name in ("source", "routes") or value is None:
+            continue
+        if attrs.has(type(value)):
+            lines = _section_lines(value, only_changed)
+            if lines:
+                out += ["", f"[{field.name}]", *lines]
+        elif "_" in field.name:
+            section, key = field.name.split("_", 1)
+            loose.setdefault(section, []).append(f"{key} = {_toml_value(value)}")
+    for section, lines in loose.items():
+        out += ["", f"[{section}]", *lines]
     for route in cfg.routes:
         out += ["", "[[routes]]", f"type = {_toml_value(route.type)}"]
         out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in route.options.items()]

@@ -49,7 +49,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_config_prints_the_effective_config_which_loads_back_the_same(tmp_path, capsys):
-    path = write_config(tmp_path)
+    path = write_config(tmp_path, '[metrics]\nlisten = "tcp:9125:interface=127.0.0.1"\n')
     assert check_config(str(path)) == 0
     printed = capsys.readouterr().out
     assert "[queue]\nretry_schedule = [60, 600]" in printed
