@@ -227,6 +227,15 @@ class DeliveryConfig:
 
 
 @attrs.frozen
+class DKIMConfig:
+    """DKIM signing of outgoing mail whose From (or envelope sender) domain is in ``domains``."""
+
+    domains: tuple[str, ...] = ()
+    selector: str = "mail"
+    key_file: str | None = None  # PEM private key; "{domain}" in the path is the signing domain
+
+
+@attrs.frozen
 class RouteConfig:
     """One ``[[routes]]`` table: its type, its options (for the router factory) and its key path."""
 
@@ -244,9 +253,10 @@ class Config:
     delivery: DeliveryConfig
     routes: tuple[RouteConfig, ...]
     metrics_listen: str | None = None
+    dkim: DKIMConfig = attrs.field(factory=DKIMConfig)
 
 
-_SECTIONS = ("server", "spool", "queue", "delivery", "routes", "metrics")
+_SECTIONS = ("server", "spool", "queue", "delivery", "routes", "metrics", "dkim")
 
 
 def load(path: str) -> Config:
@@ -359,7 +369,17 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     metrics_listen = s.get("listen", None, _string)
     s.check_unknown()
 
-    return Config(source, server, spool, queue, delivery, tuple(routes), metrics_listen)
+    s = Section(source, "dkim", data.get("dkim", {}))
+    dkim = DKIMConfig(
+        domains=s.get_list("domains", (), _domain),
+        selector=s.get("selector", "mail", _string),
+        key_file=s.get("key_file", None, _string),
+    )
+    s.check_unknown()
+    if dkim.domains and not dkim.key_file:
+        raise s.error("key_file", "required when dkim.domains is set")
+
+    return Config(source, server, spool, queue, delivery, tuple(routes), metrics_listen, dkim)
 
 
 def _optional_duration(v: object) -> float | None:
