@@ -299,12 +299,19 @@ class QueueManager:
                 self._again.add(qid)
                 continue
             d = self._attempt(qid)
-            d.addErrback(lambda f, qid=qid: log.failure("queue: attempt on {queue_id} failed", f, queue_id=qid))
+            d.addErrback(self._attempt_failed, qid)
             if d.called:  # finished at once (an in-memory store and deliverer): no recursion
                 self._ended(qid, pump=False)
                 continue
             self._active[qid] = d
             d.addBoth(lambda _, qid=qid: self._ended(qid))
+
+    def _attempt_failed(self, failure: Failure, queue_id: str) -> None:
+        """The store failed under an attempt (unreadable envelope, no room to save the outcome, no
+        file descriptors left): try again later rather than forget the message until a restart."""
+        log.failure("queue: attempt on {queue_id} failed; will retry", failure, queue_id=queue_id)
+        if self._running:
+            self._schedule(queue_id, self.clock.seconds() + schedule.retry_delay(self.config.retry_schedule, 1))
 
     def _ended(self, queue_id: str, pump: bool = True) -> None:
         self._active.pop(queue_id, None)

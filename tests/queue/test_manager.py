@@ -370,3 +370,24 @@ def test_a_reloaded_queue_config_changes_the_caps_at_once():
     w.clock.advance(0)
     assert len(deliverer.calls) == 3  # the blocked one woke when a slot freed
     assert w.state(ids[0]).next_attempt == T0 + 5  # and the new schedule applies
+
+
+def test_a_store_failure_under_an_attempt_is_retried_not_forgotten():
+    from twisted.logger import capturedLogs
+
+    w = World(deliverer=RecordingDeliverer([LATER]))
+    real_save = w.store.save
+    failures = [TemporaryFailure(Reply(452, "4.3.1", "Insufficient system storage"))]
+
+    def save(message):
+        return defer.fail(failures.pop()) if failures else real_save(message)
+
+    w.store.save = save
+    w.manager.start()
+    with capturedLogs() as events:
+        qid = w.send("a@example.test")
+        w.clock.advance(0)
+    assert any("will retry" in (e.get("log_format") or "") for e in events)
+    assert len(w.deliverer.calls) == 1 and qid in w.store.messages
+    w.clock.advance(60)  # the first retry interval
+    assert len(w.deliverer.calls) == 2 and qid not in w.store.messages
