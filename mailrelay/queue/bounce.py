@@ -64,9 +64,10 @@ def _address_field(address: str) -> str:
     return f"{'utf-8' if not address.isascii() else 'rfc822'}; {address}"
 
 
-def _clean(text: str) -> str:
-    """One header-safe line."""
-    return " ".join(text.replace("\r", " ").replace("\n", " ").split())
+def _clean(text: str, limit: int = 900) -> str:
+    """One header-safe line, short enough for SMTP's 998-octet limit with its field name."""
+    line = " ".join(text.replace("\r", " ").replace("\n", " ").split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 _SUBJECTS = {
@@ -132,12 +133,13 @@ def _status_part(message: QueuedMessage, statuses: Sequence[RecipientStatus], ac
     return "\r\n\r\n".join(blocks) + "\r\n"
 
 
-def _original(body: IO[bytes] | None, ret: str | None, limit: int) -> tuple[str, bytes]:
-    """The content type and bytes of the returned original: whole if RET allows and it is small."""
+def _original(body: IO[bytes] | None, ret: str | None, limit: int, binary: bool = False) -> tuple[str, bytes]:
+    """The content type and bytes of the returned original: whole if RET allows, it is small and
+    not BINARYMIME (binary content cannot travel inside a report); else its headers."""
     if body is None:
         return "", b""
     data = body.read(limit + 1)
-    if (ret or "FULL").upper() == "FULL" and len(data) <= limit:
+    if (ret or "FULL").upper() == "FULL" and len(data) <= limit and not binary:
         return "message/rfc822", data
     end = data.find(b"\r\n\r\n")
     headers = data[: end + 2] if end >= 0 else data[: data.rfind(b"\r\n") + 2]
@@ -187,7 +189,7 @@ def build_report(
     """
     human = _human(message, statuses, action, hostname, until)
     status = _status_part(message, statuses, action, hostname, until, now)
-    kind, original = _original(body, message.envelope.ret, limit)
+    kind, original = _original(body, message.envelope.ret, limit, message.envelope.body == "BINARYMIME")
     boundary = _boundary(f"{message.queue_id}.{int(now)}/{hostname}", (human + status).encode() + original)
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",

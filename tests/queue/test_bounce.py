@@ -174,3 +174,20 @@ def test_report_bytes_are_crlf_and_streamed_in_chunks():
     data = b"".join(chunks)
     assert len(chunks) > 2
     assert b"\n" not in data.replace(b"\r\n", b"")
+
+
+def test_binary_originals_return_headers_and_long_diagnostics_are_cut():
+    long_reply = Reply(550, "5.7.1", "policy " + "blah " * 400)
+    w = World(RecordingDeliverer([long_reply]))
+    w.send(Recipient("b@example.test"))
+    (env, report), = w.reports()
+    _, (head, block), original = parts(report)
+    assert len(block["Diagnostic-Code"]) < 998 and block["Diagnostic-Code"].endswith("...")
+
+    w2 = World(RecordingDeliverer([NOUSER]))
+    e = Envelope("sender@example.org", (Recipient("b@example.test"),), received_at=T0, body="BINARYMIME")
+    w2.store.inject(e, BODY)
+    w2.clock.advance(0)
+    (env, report), = w2.reports()
+    *_, original = parts(report)
+    assert original.get_content_type() == "text/rfc822-headers"
