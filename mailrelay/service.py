@@ -28,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mailrelay.config import Config, ServerConfig
 from mailrelay.delivery import SMTPDeliverer
+from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
 from mailrelay.metrics import RelayMetrics, metrics_site
@@ -111,7 +112,10 @@ class MailRelayService(service.MultiService):
         if deliverer is None:
             deliverer = SMTPDeliverer(reactor, config.delivery, config.delivery.helo_name or config.server.hostname)
             deliverer.observer = self.observer  # type: ignore[attr-defined]  # new connections, TLS
-        self.deliverer = ObservedDeliverer(deliverer, self.observer, reactor)
+        # DKIM signs (for the [dkim] domains; none: passes through) before the message goes out
+        self.dkim = DKIMSigningDeliverer(deliverer, DKIMSigner.from_config(config.dkim, config.source),
+                                         reactor, self.threadpool)
+        self.deliverer = ObservedDeliverer(self.dkim, self.observer, reactor)
         self.manager = QueueManager(self.store, self.router, self.deliverer, reactor,
                                     config.queue, config.server.hostname)
         self.metrics.watch_queue(self.manager, reactor)
@@ -246,7 +250,7 @@ class MailRelayService(service.MultiService):
 
     @defer.inlineCallbacks
     def reconfigure(self, new: Config):  # type: ignore[no-untyped-def]
-        """Take ``new`` routes, policies, TLS certificates and limits without dropping a connection.
+        """Take ``new`` routes, policies, TLS certificates, limits and DKIM keys without dropping a connection.
 
         Everything is built before anything is swapped, so a bad route or certificate raises
         (``ConfigError`` or the loader's error) and leaves the running relay as it was. Keys that
@@ -258,6 +262,7 @@ class MailRelayService(service.MultiService):
             policy = self._build_policy(new.server, router)
             for factory in self.factories:
                 _check_server(factory, new.server)
+            signer = DKIMSigner.from_config(new.dkim, new.source)
         except Exception:
             if router is not old_router:
                 yield defer.maybeDeferred(router.close)
@@ -265,6 +270,7 @@ class MailRelayService(service.MultiService):
         self.policy = policy
         for factory in self.factories:
             factory.reconfigure(new.server, policy)
+        self.dkim.signer = signer
         self.router = router
         self.manager.router = router
         self.manager.config = _queue_config(self.manager.config, new.queue)
