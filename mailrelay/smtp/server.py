@@ -23,7 +23,7 @@ from mailrelay.interfaces import IMessageSink, IPolicy
 from mailrelay.observer import NULL_OBSERVER, IRelayObserver
 from mailrelay.policy.limits import RateCounter
 from mailrelay.smtp import replies as R
-from mailrelay.smtp.session import Session, SessionInfo, SessionSettings, State
+from mailrelay.smtp.session import Session, SessionInfo, SessionSettings, State, log_info
 from mailrelay.smtp.tls import server_tls_options, tls_info
 
 log = Logger()
@@ -86,7 +86,7 @@ class SMTPServerProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
         session = self.session
-        log.info("disconnect from [{ip}]:{port} helo={helo} messages={messages} errors={errors}",
+        log_info("disconnect from [{ip}]:{port} helo={helo} messages={messages} errors={errors}",
                  ip=self.client_ip, port=session.info.client_port, helo=session.info.helo,
                  messages=session.info.messages, errors=session.errors)
         session.connection_lost()
