@@ -142,10 +142,11 @@ class Route:
     auth: tuple[str, str] | None = None
     source: str | None = None
     allow_plaintext_auth: bool = False
+    lmtp: bool = False  # deliver over LMTP (RFC 2033), e.g. to a local MDA
 
     @property
     def destination(self) -> tuple[Any, ...]:
-        return (self.hops, self.tls, self.auth, self.source, self.allow_plaintext_auth)
+        return (self.hops, self.tls, self.auth, self.source, self.allow_plaintext_auth, self.lmtp)
 
 
 class RecipientState(enum.StrEnum):

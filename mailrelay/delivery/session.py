@@ -70,7 +70,7 @@ class SessionOpener:
 
     async def _connect(self, hop: NextHop, route: Route) -> tuple[SMTPClientProtocol, str]:
         endpoint = endpoint_for(self.reactor, hop, self.connect_timeout, route.source)
-        client = SMTPClientProtocol(self.helo_name, self.reactor, self.timeouts)
+        client = SMTPClientProtocol(self.helo_name, self.reactor, self.timeouts, lmtp=route.lmtp)
         try:
             await connectProtocol(endpoint, client)
         except Exception:

@@ -125,7 +125,8 @@ class SMTPDeliverer:
 
     def _key(self, hop: NextHop, route: Route) -> Hashable:
         # what the session was set up with; the hop's preference does not matter
-        return (hop.host, hop.port, hop.name, route.tls, route.auth, route.source, route.allow_plaintext_auth)
+        return (hop.host, hop.port, hop.name, route.tls, route.auth, route.source, route.allow_plaintext_auth,
+                route.lmtp)
 
     async def _session(self, hop: NextHop, route: Route) -> tuple[Session, bool]:
         """A cached session (``True``) or a new one; ``may`` retries a failed TLS in plaintext."""

@@ -6,6 +6,7 @@
     hosts = ["127.0.0.1:2526", "[::1]:2526"]      # tried in this order
     port = 25                                     # for hosts given without a port
     tls = "may"                                   # none | may | encrypt | verify
+    protocol = "smtp"                             # or "lmtp" (RFC 2033), e.g. to a local MDA
     auth = { username = "relay", password = "secret" }
     allow_plaintext_auth = false
     source = "127.0.0.1"                          # local address to connect from
@@ -18,6 +19,7 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 from zope.interface import implementer
 
 from mailrelay.address import split
@@ -128,8 +130,7 @@ class StaticRouter:
         if self.rewrite is None:
             return self.route_
         new = self.rewrite.format(local=local, domain=domain, address=recipient)
-        return Route(self.route_.hops, new, self.route_.tls, self.route_.auth, self.route_.source,
-                     self.route_.allow_plaintext_auth)
+        return attrs.evolve(self.route_, recipient=new)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], context: RouterContext) -> StaticRouter:
@@ -148,10 +149,17 @@ class StaticRouter:
             auth=parse_auth(s, "auth"),
             source=s.get("source", None, types=str),
             allow_plaintext_auth=s.get("allow_plaintext_auth", False, types=bool),
+            lmtp=s.get("protocol", "smtp", _protocol) == "lmtp",
         )
         rewrite = s.get("rewrite", None, parse_rewrite)
         s.check_unknown()
         return cls(domains, route, rewrite)
+
+
+def _protocol(v: object) -> str:
+    if v not in ("smtp", "lmtp"):
+        raise ValueError(f"must be 'smtp' or 'lmtp', not {v!r}")
+    return str(v)
 
 
 def _port(v: object) -> int:

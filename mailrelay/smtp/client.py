@@ -61,8 +61,12 @@ class SMTPClientProtocol(Protocol):
     ``ClientFailure``. ``when_closed()`` fires once the connection is gone.
     """
 
-    def __init__(self, helo_name: str, clock: IReactorTime, timeouts: ClientTimeouts | None = None) -> None:
+    def __init__(self, helo_name: str, clock: IReactorTime, timeouts: ClientTimeouts | None = None,
+                 *, lmtp: bool = False) -> None:
         self.helo_name = helo_name
+        # LMTP (RFC 2033): LHLO instead of EHLO, no BDAT, and after the final dot one reply per
+        # accepted recipient (a mailbox can be full while the others are delivered).
+        self.lmtp = lmtp
         self.clock = clock
         self.timeouts = timeouts or ClientTimeouts()
         self.state = ClientState.CONNECTING
@@ -230,12 +234,13 @@ class SMTPClientProtocol(Protocol):
 
     async def _ehlo(self) -> Reply:
         name = self.helo_name.encode("idna") if not self.helo_name.isascii() else self.helo_name.encode()
-        reply = await self._expect(self._command(b"EHLO " + name + b"\r\n", "ehlo", self.timeouts.command))
+        verb = b"LHLO " if self.lmtp else b"EHLO "
+        reply = await self._expect(self._command(verb + name + b"\r\n", "ehlo", self.timeouts.command))
         if reply.code == 250:
             self.esmtp = True
             self.extensions = parse_ehlo(reply)
             return reply
-        if reply.is_permanent and not self.esmtp:
+        if reply.is_permanent and not self.esmtp and not self.lmtp:
             reply = await self._expect(self._command(b"HELO " + name + b"\r\n", "helo", self.timeouts.command))
             if reply.code == 250:
                 self.extensions = {}
@@ -346,12 +351,24 @@ class SMTPClientProtocol(Protocol):
             final = self._sane(await self._send_data(body), "data-end")
         if isinstance(final, ClientFailure):
             raise ClientFailure(final.stage, final.reason, None, replies)
+        if self.lmtp:
+            return await self._lmtp_replies(final, accepted, replies)
         for i in accepted:
             replies[i] = final
         return [r for r in replies if r is not None]
 
+    async def _lmtp_replies(self, first: Reply, accepted: list[int], replies: list[Reply | None]) -> list[Reply]:
+        """RFC 2033 4.2: after the dot, one reply per accepted recipient, in RCPT order."""
+        replies[accepted[0]] = first
+        for i in accepted[1:]:
+            r = self._sane(await self._wait("data-end", self.timeouts.final), "data-end")
+            if isinstance(r, ClientFailure):
+                raise ClientFailure(r.stage, r.reason, None, replies)
+            replies[i] = r
+        return [r for r in replies if r is not None]
+
     def _use_bdat(self, envelope: Envelope, size: int | None) -> bool:
-        if "CHUNKING" not in self.extensions:
+        if self.lmtp or "CHUNKING" not in self.extensions:
             return False
         if envelope.body == "BINARYMIME":
             return True
