@@ -84,6 +84,21 @@ class IQueueStore(IMessageSink):
         """Call ``callback(queue_id)`` after each commit (new mail); returns nothing."""
 
 
+class ILeasingStore(IQueueStore):
+    """A store shared by several nodes: a node attempts only the messages it has leased.
+
+    The queue manager claims before each attempt and releases after it when its store provides
+    this; a lease a dead node held expires, and the store then wakes the other nodes' subscribers.
+    """
+
+    def claim(queue_id):  # type: ignore[no-untyped-def]
+        """Deferred ``True`` if this node now leases ``queue_id`` (due, not held, no live lease
+        elsewhere); ``False`` when another node has it or it is gone."""
+
+    def release(queue_id):  # type: ignore[no-untyped-def]
+        """Give up the lease after the attempt's outcome was saved. Deferred; never fails."""
+
+
 class IPolicy(Interface):
     """Checks at each stage of an SMTP session.
 

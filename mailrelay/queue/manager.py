@@ -31,7 +31,7 @@ from mailrelay.envelope import (
     Route,
 )
 from mailrelay.errors import MailRelayError, PermanentFailure, TemporaryFailure
-from mailrelay.interfaces import IDeliverer, IQueueStore, IRouter
+from mailrelay.interfaces import IDeliverer, ILeasingStore, IQueueStore, IRouter
 from mailrelay.queue import schedule
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.slots import DeliverySlots
@@ -298,7 +298,7 @@ class QueueManager:
             if qid in self._active:
                 self._again.add(qid)
                 continue
-            d = self._attempt(qid)
+            d = self._leased_attempt(qid) if ILeasingStore.providedBy(self.store) else self._attempt(qid)
             d.addErrback(self._attempt_failed, qid)
             if d.called:  # finished at once (an in-memory store and deliverer): no recursion
                 self._ended(qid, pump=False)
@@ -334,6 +334,16 @@ class QueueManager:
         return d
 
     # -- one attempt ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _leased_attempt(self, queue_id: str):  # type: ignore[no-untyped-def]
+        """A store shared with other nodes: attempt only under this node's lease, then give it back."""
+        if not (yield self.store.claim(queue_id)):
+            return  # another node has it, or it is not due; the store wakes us if it is orphaned
+        try:
+            yield self._attempt(queue_id)
+        finally:
+            yield self.store.release(queue_id)
 
     @defer.inlineCallbacks
     def _attempt(self, queue_id: str):  # type: ignore[no-untyped-def]

@@ -1,0 +1,287 @@
+"""The PostgreSQL queue store against a real server: commit, load, save, remove, leases, NOTIFY.
+
+Every test runs in its own schema (tests/pgserver.py), dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from zope.interface.verify import verifyObject
+
+from mailrelay.config import QueueConfig
+from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply
+from mailrelay.errors import TemporaryFailure
+from mailrelay.interfaces import ILeasingStore, IMessageWriter, IQueueStore
+from mailrelay.queue import pg_schema
+from mailrelay.queue.manager import QueueManager
+from mailrelay.queue.store import is_queue_id
+from mailrelay.testing import FakeRouter, RecordingDeliverer, route_to
+from tests.peers import free_port
+from tests.pgserver import psycopg, temp_schema
+
+pytestmark = pytest.mark.integration
+
+ENV = Envelope("sender@example.org", (Recipient("a@one.test"), Recipient("b@two.test", ("FAILURE",))),
+               helo="client.example.org", received_at=1700000000.0)
+
+
+@pytest.fixture
+def dsn():
+    with temp_schema() as d:
+        yield d
+
+
+@pytest.fixture
+def stores(dsn, tmp_path):
+    """Makes started stores on the test's schema (each a "node"); stops them all at the end."""
+    made = []
+
+    def make(**kw):
+        kw.setdefault("cache_dir", str(tmp_path / f"cache{len(made)}"))
+        s = pg_store(dsn, **kw)
+        s.start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        pytest_twisted.blockon(s.stop())
+
+
+def pg_store(dsn, **kw):
+    from mailrelay.queue.postgres import PostgresStore
+
+    return PostgresStore(dsn, reactor, **kw)
+
+
+def commit(store, body: bytes, envelope: Envelope = ENV, chunks: int = 1) -> defer.Deferred[str]:
+    w = store.open(envelope)
+    step = max(1, len(body) // chunks)
+    for i in range(0, len(body), step):
+        w.write(body[i:i + step])
+    return w.commit()
+
+
+def query(dsn: str, sql: str, *args):
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def wait_until(predicate, timeout: float = 15.0) -> defer.Deferred[None]:
+    @defer.inlineCallbacks
+    def poll():
+        for _ in range(int(timeout / 0.05)):
+            if predicate():
+                return
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError("condition not reached in time")
+
+    return poll()
+
+
+def test_upgrade_creates_then_is_idempotent(dsn):
+    assert pg_schema.upgrade(dsn) == (0, pg_schema.LATEST)
+    assert pg_schema.upgrade(dsn) == (pg_schema.LATEST, pg_schema.LATEST)
+    tables = {r[0] for r in query(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+    assert {"mailrelay_message", "mailrelay_body", "mailrelay_schema_version"} <= tables
+
+
+def test_a_newer_schema_is_refused(dsn):
+    pg_schema.upgrade(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO mailrelay_schema_version (version) VALUES (%s)", (pg_schema.LATEST + 1,))
+    with pytest.raises(pg_schema.SchemaError):
+        pg_schema.upgrade(dsn)
+
+
+@pytest_twisted.inlineCallbacks
+def test_commit_stores_everything_in_the_database_before_it_fires(stores, dsn):
+    store = stores()
+    verifyObject(IQueueStore, store)
+    verifyObject(ILeasingStore, store)
+    seen = []
+    store.subscribe(seen.append)
+    body = os.urandom(700 * 1024)  # several chunks
+    w = store.open(ENV)
+    verifyObject(IMessageWriter, w)
+    for i in range(0, len(body), 10_000):
+        w.write(body[i:i + 10_000])
+    d = w.commit()
+    in_db_when_fired = []
+    d.addCallback(lambda qid: in_db_when_fired.append(
+        query(dsn, "SELECT count(*) FROM mailrelay_body WHERE queue_id = %s", qid)[0][0]) or qid)
+    qid = yield d
+    assert is_queue_id(qid)
+    assert in_db_when_fired[0] >= 3
+    assert seen == [qid]
+    assert (yield store.list_ids()) == [qid]
+    # another node, with no local copy, reads the same message and body from the database
+    other = stores()
+    message = yield other.load(qid)
+    assert message.envelope == ENV
+    assert [s.state for s in message.statuses] == [RecipientState.PENDING] * 2
+    with other.open_body(qid) as f:
+        assert f.read() == body
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_commit_stores_many_in_few_transactions(stores):
+    store = stores()
+    ids = yield defer.gatherResults([commit(store, b"message %d\r\n" % i) for i in range(40)])
+    assert sorted(ids) == (yield store.list_ids())
+    assert store.commit_passes < 40
+    for i, qid in enumerate(ids):
+        with store.open_body(qid) as f:
+            assert f.read() == b"message %d\r\n" % i
+
+
+@pytest_twisted.inlineCallbacks
+def test_save_and_remove(stores, dsn):
+    a, b = stores(), stores()
+    qid = yield commit(a, b"body\r\n")
+    message = yield a.load(qid)
+    statuses = (attrs.evolve(message.statuses[0], state=RecipientState.DELIVERED,
+                             last_reply=Reply(250, "2.0.0", "ok"), attempts=1), message.statuses[1])
+    yield a.save(attrs.evolve(message, statuses=statuses, attempts=1, next_attempt=1700000300.0, held=True))
+    seen_by_b = yield b.load(qid)
+    assert seen_by_b.statuses[0].state is RecipientState.DELIVERED
+    assert seen_by_b.statuses[0].last_reply == Reply(250, "2.0.0", "ok")
+    assert (seen_by_b.attempts, seen_by_b.next_attempt, seen_by_b.held) == (1, 1700000300.0, True)
+    assert (yield b.load_schedule()) == [(qid, 1700000300.0, True)]
+    yield b.remove(qid)
+    assert (yield a.list_ids()) == []
+    assert query(dsn, "SELECT count(*) FROM mailrelay_body")[0][0] == 0
+    with pytest.raises(KeyError):
+        yield a.load(qid)
+    with pytest.raises(KeyError):
+        yield a.save(seen_by_b)
+    with pytest.raises(KeyError):
+        yield a.remove(qid)
+    with pytest.raises(KeyError):
+        b.open_body(qid)  # the node that removed it keeps no copy
+
+
+@pytest_twisted.inlineCallbacks
+def test_database_down_gives_451_and_keeps_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    store = pg_store(f"host=127.0.0.1 port={free_port()} dbname=test user=postgres connect_timeout=2",
+                     cache_dir=str(cache))
+    store.start()
+    try:
+        with pytest.raises(TemporaryFailure) as e:
+            yield commit(store, b"body\r\n" * 100)
+        assert (e.value.reply.code, e.value.reply.enhanced) == (451, "4.3.0")
+        assert os.listdir(cache) == []
+    finally:
+        yield store.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_other_nodes_hear_of_new_mail_through_notify(stores):
+    a, b = stores(remote_delay=0.0), stores(remote_delay=0.0, scan_interval=3600)
+    heard_a, heard_b = [], []
+    a.subscribe(heard_a.append)
+    b.subscribe(heard_b.append)
+    yield wait_until(lambda: b.channel)  # its listener is up
+    yield task.deferLater(reactor, 0.3, lambda: None)
+    qid = yield commit(a, b"hello\r\n")
+    yield wait_until(lambda: heard_b)
+    assert heard_b == [qid]
+    assert heard_a == [qid]  # once: its own NOTIFY is not delivered twice
+
+
+@pytest_twisted.inlineCallbacks
+def test_leases_are_exclusive_until_they_expire(stores):
+    clock = task.Clock()
+    clock.advance(1700000000)
+    a = stores(clock=clock, lease_time=60, scan_interval=3600)
+    b = stores(clock=clock, lease_time=60, scan_interval=3600)
+    qid = yield commit(a, b"x\r\n")
+    assert (yield a.claim(qid)) is True
+    assert (yield b.claim(qid)) is False
+    clock.advance(61)  # a "died": its lease ran out
+    assert (yield b.claim(qid)) is True
+    assert (yield a.claim(qid)) is False
+    yield b.release(qid)
+    message = yield a.load(qid)
+    yield a.save(attrs.evolve(message, next_attempt=clock.seconds() + 300))
+    assert (yield a.claim(qid)) is False  # not due yet
+    clock.advance(300)
+    assert (yield a.claim(qid)) is True
+    yield a.save(attrs.evolve(message, held=True))
+    yield a.release(qid)
+    assert (yield b.claim(qid)) is False  # held
+
+
+@pytest_twisted.inlineCallbacks
+def test_takeover_never_resends_to_a_recipient_recorded_delivered(stores, dsn):
+    # node A leases the message, delivers to a@one.test and records it, then dies (no renewals)
+    a = stores(lease_time=1.0, scan_interval=3600)
+    qid = yield commit(a, b"the body\r\n")
+    assert (yield a.claim(qid)) is True
+    message = yield a.load(qid)
+    statuses = (attrs.evolve(message.statuses[0], state=RecipientState.DELIVERED, attempts=1,
+                             last_reply=Reply(250, "2.0.0", "ok")), message.statuses[1])
+    yield a.save(attrs.evolve(message, statuses=statuses, attempts=1))
+    # node B runs a queue manager; it takes the message over once A's lease has expired
+    b = stores(lease_time=5.0, scan_interval=0.3)
+    deliverer = RecordingDeliverer()
+    manager = QueueManager(b, FakeRouter({"*": route_to("127.0.0.1", 25)}), deliverer, reactor,
+                           QueueConfig(), "b.example.test")
+    yield manager.start()
+    try:
+        yield wait_until(lambda: query(dsn, "SELECT count(*) FROM mailrelay_message")[0][0] == 0)
+    finally:
+        yield manager.stop()
+    assert [c.addresses for c in deliverer.calls] == [["b@two.test"]]
+    assert deliverer.calls[0].body == b"the body\r\n"
+
+
+@pytest_twisted.inlineCallbacks
+def test_three_nodes_deliver_each_message_once(stores, dsn):
+    nodes = []
+    for n in range(3):
+        store = stores(scan_interval=0.5, remote_delay=0.0)
+        deliverer = RecordingDeliverer()
+        manager = QueueManager(store, FakeRouter({"*": route_to("127.0.0.1", 25)}), deliverer, reactor,
+                               QueueConfig(), f"node{n}.example.test")
+        yield manager.start()
+        nodes.append((store, manager, deliverer))
+    try:
+        env = Envelope("s@example.org", (Recipient("r@one.test"),), received_at=1.0)
+        ids = yield defer.gatherResults(
+            [commit(nodes[i % 3][0], b"m%d\r\n" % i, env) for i in range(60)])
+        yield wait_until(lambda: query(dsn, "SELECT count(*) FROM mailrelay_message")[0][0] == 0)
+    finally:
+        for _, manager, _ in nodes:
+            yield manager.stop()
+    bodies = [c.body for _, _, d in nodes for c in d.calls]
+    assert sorted(bodies) == sorted(b"m%d\r\n" % i for i in range(60))
+    assert len(set(ids)) == 60
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_store_failure_in_save_is_retried_until_the_database_is_back(stores, dsn):
+    store = stores(retry_for=30.0)
+    qid = yield commit(store, b"x\r\n")
+    message = yield store.load(qid)
+    real_connect = store._conns.connect
+    failures = []
+
+    def flaky():
+        if len(failures) < 2:
+            failures.append(1)
+            raise psycopg.OperationalError("connection refused (test)")
+        return real_connect()
+
+    store._conns.close()  # no idle connection: the next call connects
+    store._conns.connect = flaky
+    done = RecipientStatus(message.statuses[0].recipient, RecipientState.DELIVERED, 1, Reply(250, "2.0.0", "ok"))
+    yield store.save(attrs.evolve(message, statuses=(done, message.statuses[1])))
+    assert len(failures) == 2
+    assert (yield store.load(qid)).statuses[0].state is RecipientState.DELIVERED
