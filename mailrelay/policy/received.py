@@ -7,6 +7,7 @@ break the header nor inject a new one.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -37,6 +38,12 @@ def protocol_name(esmtp: bool, tls: bool, auth: bool, smtputf8: bool = False) ->
     return base + ("S" if tls else "") + ("A" if auth else "")
 
 
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """RFC 5322 date; most messages arrive within the same second as another."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
+
+
 def received_header(info: SessionInfo, envelope: Envelope, queue_id: str, when: float) -> bytes:
     """The header line (folded, CRLF-terminated) to put on top of the message."""
     client = address_literal(info.client_address)
@@ -48,7 +55,7 @@ def received_header(info: SessionInfo, envelope: Envelope, queue_id: str, when: 
     if info.auth:
         lines.append(f"(Authenticated sender: {_safe(info.auth)})")
     lines.append(f"by {info.hostname} (mailrelay) with {envelope.protocol} id {queue_id}")
-    date = format_datetime(datetime.fromtimestamp(when, UTC))
+    date = _date(int(when))
     if len(envelope.recipients) == 1:
         rcpt = envelope.recipients[0].address
         lines.append(f"for <{_safe(rcpt, 300, envelope.smtputf8)}>; {date}")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import base64
 import enum
 import functools
+import itertools
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -36,6 +37,10 @@ from mailrelay.smtp import auth as sasl
 from mailrelay.smtp import replies as R
 
 log = Logger()
+
+# Session ids: unique in this process and across restarts, cheap (no uuid4 per connection).
+_SESSION_PREFIX = os.urandom(3).hex() + "-"
+_session_numbers = itertools.count(1)
 
 
 def log_info(fmt: str, **fields: Any) -> None:
@@ -83,7 +88,7 @@ class SessionInfo:
     tls: TLSInfo | None = None
     auth: str | None = None  # authenticated identity
     trusted: bool = False  # may relay anywhere (decided by policy, e.g. trusted_networks)
-    session_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:12])
+    session_id: str = attrs.field(factory=lambda: _SESSION_PREFIX + format(next(_session_numbers), "x"))
     messages: int = 0  # accepted so far in this session
 
 
