@@ -202,6 +202,10 @@ class SpoolConfig:
     path: str = "var/spool"
     backend: str = "filesystem"
     dsn: str | None = None
+    # postgresql: a node's leases last lease_time, renewed every scan_interval (which also finds
+    # the mail of dead nodes); a node that dies is taken over within about lease_time.
+    lease_time: float = 30.0
+    scan_interval: float = 5.0
 
 
 @attrs.frozen
@@ -320,12 +324,16 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         path=s.get("path", "var/spool", _string),
         backend=s.get("backend", "filesystem", _string),
         dsn=s.get("dsn", None, _string),
+        lease_time=s.get("lease_time", 30.0, parse_duration),
+        scan_interval=s.get("scan_interval", 5.0, parse_duration),
     )
     s.check_unknown()
     if spool.backend not in ("filesystem", "postgresql"):
         raise s.error("backend", f"{spool.backend!r}: must be 'filesystem' or 'postgresql'")
     if spool.backend == "postgresql" and not spool.dsn:
         raise s.error("dsn", "required when backend = 'postgresql'")
+    if not 0 < spool.scan_interval < spool.lease_time:
+        raise s.error("scan_interval", "must be above 0 and below lease_time (leases are renewed at each scan)")
 
     s = Section(source, "queue", data.get("queue", {}))
     queue = QueueConfig(

@@ -146,7 +146,8 @@ class MailRelayService(service.MultiService):
             return FilesystemSpool(spool.path, self.reactor)
         from mailrelay.queue.postgres import PostgresStore  # type: ignore[import-not-found]
 
-        return PostgresStore(spool.dsn, self.reactor, self.threadpool)  # type: ignore[no-any-return]
+        return PostgresStore(spool.dsn, self.reactor, self.threadpool,  # type: ignore[no-any-return]
+                             lease_time=spool.lease_time, scan_interval=spool.scan_interval)
 
     def _router_context(self, route_key: str) -> RouterContext:
         return RouterContext(reactor=self.reactor, threadpool=self.threadpool,

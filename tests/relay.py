@@ -20,11 +20,12 @@ class RelayProcess:
 
     ``config_body`` is the rest of the TOML (routes, queue, ...), without ``listen``/``path``.
     ``args`` are extra ``twistd mailrelay`` options (``["--log-format", "json"]``).
+    ``spool_keys`` are more ``[spool]`` lines (``backend = "postgresql"``, ``dsn = ...``).
     The directory (spool, log) survives ``kill()``/``stop()`` so the same relay can be restarted.
     """
 
     def __init__(self, config_body: str = "", port: int | None = None, hostname: str = "relay.mailrelay.test",
-                 directory: Path | None = None, args: Sequence[str] = ()) -> None:
+                 directory: Path | None = None, args: Sequence[str] = (), spool_keys: str = "") -> None:
         self.args = list(args)
         self.port = port or free_port()
         self.dir = directory or Path(tempfile.mkdtemp(prefix="mailrelay-relay-"))
@@ -38,7 +39,7 @@ class RelayProcess:
             f'hostname = "{hostname}"\n'
             f'listen = ["tcp:{self.port}:interface=127.0.0.1"]\n'
             + server_keys
-            + f'\n[spool]\npath = "{self.spool}"\n\n'
+            + f'\n[spool]\npath = "{self.spool}"\n{spool_keys}\n'
             + rest
         )
         self.proc: subprocess.Popen | None = None
