@@ -2,8 +2,9 @@
 
 ``mailrelay queue ...`` talks to the running instance over its control socket
 (``<spool path>/control.sock``); when no instance runs, ``list``, ``show`` and ``summary`` read the
-filesystem spool directly and ``delete``/``hold``/``release`` edit it (``flush`` needs a running
-instance). Exit status: 0 success, 1 failure (bad config, no such message, ...).
+filesystem spool (or the shared PostgreSQL queue) directly and ``delete``/``hold``/``release`` edit
+it (``flush`` needs a running instance). ``mailrelay db upgrade`` creates or migrates the PostgreSQL
+queue's schema. Exit status: 0 success, 1 failure (bad config, no such message, ...).
 """
 
 from __future__ import annotations
@@ -186,6 +187,15 @@ class _Offline:
         return defer.maybeDeferred(run)
 
 
+class _OfflineDatabase(_Offline):
+    """No instance answers here: the shared PostgreSQL queue (every node's), read and edited directly."""
+
+    def __init__(self, dsn: str) -> None:
+        from mailrelay.queue.postgres import PostgresQueueReader
+
+        self.spool = PostgresQueueReader(dsn)  # type: ignore[assignment]
+
+
 def _backend(reactor: Any, args: argparse.Namespace) -> defer.Deferred[Any]:
     from mailrelay.control.client import connect, is_listening
     from mailrelay.control.server import socket_path
@@ -194,8 +204,8 @@ def _backend(reactor: Any, args: argparse.Namespace) -> defer.Deferred[Any]:
     path = args.socket or socket_path(cfg.spool.path)
     if is_listening(path):
         return connect(reactor, path).addCallback(_Online)
-    if cfg.spool.backend != "filesystem":
-        return defer.fail(CLIError(f"mailrelay is not running (no control socket at {path})"))
+    if cfg.spool.backend == "postgresql":
+        return defer.maybeDeferred(_OfflineDatabase, cfg.spool.dsn)
     return defer.maybeDeferred(_Offline, cfg.spool.path)
 
 
@@ -335,6 +345,30 @@ def run_queue(args: argparse.Namespace, out: Any = None, err: Any = None) -> int
     return code[0] if code else 1
 
 
+# -- db ---------------------------------------------------------------------------------------
+
+
+def db_upgrade(path: str, out: Any = None, err: Any = None) -> int:
+    """Create or migrate the PostgreSQL queue schema of the config's ``[spool] dsn``."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        cfg = configmod.load(path)
+        if cfg.spool.backend != "postgresql":
+            raise CLIError(f"{path}: [spool] backend is {cfg.spool.backend!r}: there is no database to upgrade")
+        from mailrelay.queue import pg_schema
+
+        before, after = pg_schema.upgrade(cfg.spool.dsn or "")
+    except Exception as e:  # config, connection, schema: one line, no traceback
+        print(f"mailrelay: {e}", file=err)
+        return 1
+    if before == after:
+        print(f"database schema already at version {after}", file=out)
+    else:
+        print(f"database schema upgraded from version {before} to {after}", file=out)
+    return 0
+
+
 # -- argument parsing --------------------------------------------------------------------------
 
 
@@ -367,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("hold", "keep a message without attempting it"),
                        ("release", "undo hold: attempt the message now")):
         common(qsub.add_parser(name, help=text)).add_argument("queue_id", type=str.upper)
+    db = sub.add_parser("db", help="the shared PostgreSQL queue's schema")
+    dbsub = db.add_subparsers(dest="db_command", required=True)
+    up = dbsub.add_parser("upgrade", help="create or migrate the schema to this version of mailrelay")
+    up.add_argument("--config", "-c", default=os.environ.get("MAILRELAY_CONFIG", "mailrelay.toml"),
+                    help="the config file naming [spool] dsn (default: $MAILRELAY_CONFIG or ./mailrelay.toml)")
     return parser
 
 
@@ -375,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "check-config": lambda a: check_config(a.file, a.changed),
         "queue": run_queue,
+        "db": lambda a: db_upgrade(a.config),
     }
     return handlers[args.command](args)
 

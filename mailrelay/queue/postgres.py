@@ -691,11 +691,7 @@ class PostgresStore:
         return self._db_retrying(f"save of {message.queue_id}", self._save_sync, message)
 
     def _save_sync(self, conn: psycopg.Connection, message: QueuedMessage) -> None:
-        cur = conn.execute("UPDATE mailrelay_message SET state = %s, next_attempt = %s, held = %s"
-                           " WHERE queue_id = %s",
-                           (_encode(message), message.next_attempt, message.held, message.queue_id))
-        if cur.rowcount == 0:
-            raise KeyError(message.queue_id)
+        _PostgresSync.save(conn, message)
 
     def remove(self, queue_id: str) -> defer.Deferred[None]:
         if not is_queue_id(queue_id):
@@ -711,9 +707,68 @@ class PostgresStore:
         return d.addCallback(removed)
 
     def _remove_sync(self, conn: psycopg.Connection, queue_id: str) -> None:
-        cur = conn.execute("DELETE FROM mailrelay_message WHERE queue_id = %s", (queue_id,))
-        if cur.rowcount == 0:
-            raise KeyError(queue_id)
+        _PostgresSync.remove(conn, queue_id)
 
     def _body_path(self, queue_id: str) -> str:
         return os.path.join(self.cache_dir, queue_id + _BODY)
+
+
+class PostgresQueueReader:
+    """Blocking access to the shared queue for short-lived tools (``mailrelay queue`` with no
+    instance answering on this machine): the same rows every node sees."""
+
+    def __init__(self, dsn: str, connect_timeout: int = 5) -> None:
+        self.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout)
+        pg_schema.check(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def scan_ids(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT queue_id FROM mailrelay_message ORDER BY queue_id")]
+
+    def read_message(self, queue_id: str) -> QueuedMessage:
+        row = self.conn.execute("SELECT state FROM mailrelay_message WHERE queue_id = %s", (queue_id,)).fetchone()
+        if row is None:
+            raise KeyError(queue_id)
+        return _decode(row[0])
+
+    def body_size(self, queue_id: str) -> int:
+        row = self.conn.execute("SELECT body_size FROM mailrelay_message WHERE queue_id = %s", (queue_id,)).fetchone()
+        if row is None:
+            raise KeyError(queue_id)
+        return int(row[0])
+
+    def open_body(self, queue_id: str, limit: int = 2 * CHUNK) -> IO[bytes]:
+        """The start of the body (enough for its headers), as a file."""
+        import io
+
+        rows = self.conn.execute("SELECT data FROM mailrelay_body WHERE queue_id = %s AND seq < %s ORDER BY seq",
+                                 (queue_id, -(-limit // CHUNK))).fetchall()
+        return io.BytesIO(b"".join(bytes(r[0]) for r in rows))
+
+    def save_now(self, message: QueuedMessage) -> None:
+        with self.conn.transaction():
+            _PostgresSync.save(self.conn, message)
+
+    def remove_now(self, queue_id: str) -> None:
+        with self.conn.transaction():
+            _PostgresSync.remove(self.conn, queue_id)
+
+
+class _PostgresSync:
+    """The statements shared by the store (in its threads) and the reader."""
+
+    @staticmethod
+    def save(conn: psycopg.Connection, message: QueuedMessage) -> None:
+        cur = conn.execute("UPDATE mailrelay_message SET state = %s, next_attempt = %s, held = %s"
+                           " WHERE queue_id = %s",
+                           (_encode(message), message.next_attempt, message.held, message.queue_id))
+        if cur.rowcount == 0:
+            raise KeyError(message.queue_id)
+
+    @staticmethod
+    def remove(conn: psycopg.Connection, queue_id: str) -> None:
+        cur = conn.execute("DELETE FROM mailrelay_message WHERE queue_id = %s", (queue_id,))
+        if cur.rowcount == 0:
+            raise KeyError(queue_id)
