@@ -80,9 +80,13 @@ def test_sigkill_under_load_loses_nothing_and_duplicates_only_in_flight(sinks, k
         for life in range(kills):
             relay.start()
             senders = [Sender(relay.port, f"l{life}s{i}", acked, tried) for i in range(4)]
+            before = len(acked)
             for s in senders:
                 s.start()
-            time.sleep(rng.uniform(0.2, 1.0))
+            deadline = time.monotonic() + 30  # under load, not before it: a few 250s first
+            while len(acked) < before + 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.8))
             relay.kill()
             in_spool_at_kill.append(spooled_ids(relay.spool))
             for s in senders:
@@ -91,7 +95,7 @@ def test_sigkill_under_load_loses_nothing_and_duplicates_only_in_flight(sinks, k
                 s.join(15)
         relay.start()  # the last life delivers whatever the others left behind
         expected = set(acked)
-        assert len(expected) >= 10 * kills, f"only {len(expected)} messages accepted: too little load"
+        assert len(expected) >= 5 * kills, f"only {len(expected)} messages accepted: too little load"
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             got = message_ids(sink)
