@@ -229,28 +229,27 @@ class Parser:
         buf = self._buf
         if not buf:
             return None
-        ended = False
-        if not self._skipping_line and buf.startswith(b".\r\n"):
-            body, rest, ended = b"", buf[3:], True
-        else:
-            end = buf.find(_END)
-            if end >= 0:
-                body, rest, ended = buf[: end + 2], buf[end + 5 :], True
-            else:
-                last = buf.rfind(CRLF)
-                if last < 0:
-                    body, rest = b"", buf
-                else:
-                    body, rest = buf[: last + 2], buf[last + 2 :]
+        # One split gives the end of data (a complete line that is exactly ".") and the lines
+        # the checks need; a bytes.find for CRLF "." CRLF costs more than the split on text
+        # whose every line ends in CRLF.
+        lines = buf.split(CRLF)
+        rest = lines.pop()  # the unfinished last line (b"" when buf ends with CRLF)
+        try:
+            # while skipping, lines[0] is the tail of an overlong line, not a line of its own
+            end = lines.index(b".", 1 if self._skipping_line else 0)
+        except ValueError:
+            end = -1
+        ended = end >= 0
+        if ended:
+            rest = buf[sum(map(len, lines[: end + 1])) + 2 * (end + 1) :]
+            del lines[end:]
         self._buf = rest
-        chunk = self._text(body) if body else b""
+        chunk = self._text(lines) if lines else b""
         if not ended and len(rest) >= self.text_line_limit:
             # an unfinished line already too long: drop it as it comes, remember the error
             self.doom(DataError.LINE_TOO_LONG)
             self._skipping_line = True
-            self._buf = rest[-4:]  # enough to still see a CRLF "." CRLF straddling chunks
-            if not body:
-                return None  # the kept tail (4 octets) cannot hold an end of data
+            self._buf = rest[-1:] if rest.endswith(b"\r") else b""  # a CR may pair with the next LF
         if ended:
             self._mode = _Mode.COMMAND
             self._skipping_line = False
@@ -259,24 +258,27 @@ class Parser:
                 self._pending = end_event
                 return DataChunk(chunk)
             return end_event
-        if chunk:
-            return DataChunk(chunk)
-        return None if not body else self._next_data()
+        return DataChunk(chunk) if chunk else None
 
-    def _text(self, body: bytes) -> bytes:
-        """Complete lines of stuffed text (starting at a line start unless skipping) → unstuffed."""
+    def _text(self, lines: list[bytes]) -> bytes:
+        """Complete lines of stuffed text, CRLFs split off (the first is the tail of an overlong
+        line when skipping) → the unstuffed text with its CRLFs."""
         if self._skipping_line:
-            i = body.find(CRLF)  # the end of the overlong line being skipped
-            body = body[i + 2 :]
+            del lines[0]
             self._skipping_line = False
-            if not body:
+            if not lines:
                 return b""
         if self._error is not None:
             return b""
-        problem = _line_problem(body, self.text_line_limit)
-        if problem is not None:
-            self.doom(problem)
+        rest = b"".join(lines)
+        if b"\r" in rest or b"\n" in rest:
+            self.doom(DataError.BARE_NEWLINE)
             return b""
+        if max(map(len, lines)) > self.text_line_limit - 2:
+            self.doom(DataError.LINE_TOO_LONG)
+            return b""
+        lines.append(b"")
+        body = CRLF.join(lines)
         if body[:1] == b".":
             body = body[1:]
         body = body.replace(b"\r\n.", CRLF)
