@@ -22,9 +22,10 @@ Line rules (RFC 5321 2.3.8, 4.5.3.1):
   dooms the message the same way: the rest is read and thrown away (never buffered beyond one line),
   and ``DataEnd.error`` tells the session which reply to give.
 
-DATA is scanned in chunks with ``bytes.find``/``count``/``replace`` over everything received so far
-(complete lines only), never with a Python call per line: dot-unstuffing is one
-``replace(b"\\r\\n.", b"\\r\\n")``.
+DATA is scanned in chunks, everything received so far at once, never with a Python call per line:
+one ``split(CRLF)`` finds the end of data (``list.index(b".")``) and feeds the line-length and
+bare CR/LF checks (``max(map(len, ...))``, a join and two memchr searches); dot-unstuffing is one
+``replace(b"\\r\\n.", b"\\r\\n")``. About 4 ms of CPU per MiB here.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import re
 import attrs
 
 CRLF = b"\r\n"
-_END = b"\r\n.\r\n"
 
 
 class LineError(enum.Enum):
