@@ -155,13 +155,13 @@ def test_next_hop_without_starttls_gets_nothing_under_a_tls_policy(relays, sinks
         c.send(stuff(b"Message-ID: <secret@client.example>\r\n\r\nconfidential\r\n"))
         assert c.reply().startswith(b"250 2.0.0")
     deadline = time.monotonic() + 15
-    while relay.log_text().count("status=deferred") < 3 and time.monotonic() < deadline:
+    while relay.log_text().count("status=deferred") < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     log = relay.log_text()
     deferred = [ln for ln in log.splitlines() if "status=deferred" in ln]
     print(f"\ndowngrade under tls = {policy!r}: {len(deferred)} attempts deferred, e.g. "
           f"{deferred[0].split('status=')[-1] if deferred else '-'}; messages at the sink: {sink.count()}")
-    assert len(deferred) >= 3 and all("4.7.4" in ln for ln in deferred)
+    assert len(deferred) >= 2 and all("4.7.4" in ln for ln in deferred)
     assert sink.messages() == [] and sink.count() == 0
     assert "status=bounced" not in log and "status=sent" not in log
 
