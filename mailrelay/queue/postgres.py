@@ -496,12 +496,23 @@ class PostgresStore:
                     self._stopping.wait(1.0)
 
     def _remote_commits(self, ids: list[str]) -> None:
-        def wake() -> None:
-            for qid in ids:
+        """Other nodes committed ``ids``: after ``remote_delay``, wake our subscribers for those no
+        node has leased yet (one query for the lot, not a failed claim per message per node)."""
+
+        def unclaimed() -> defer.Deferred[list[str]]:
+            return self._db(lambda conn: [r[0] for r in conn.execute(
+                "SELECT queue_id FROM mailrelay_message WHERE queue_id = ANY(%s)"
+                " AND lease_owner IS NULL AND NOT held ORDER BY queue_id", (ids,)).fetchall()])
+
+        def wake(found: list[str]) -> None:
+            for qid in found:
                 self._notify(qid)
 
+        def failed(f: Failure) -> None:
+            log.warn("pgstore: cannot look at new mail from other nodes ({error}); the scan will", error=f.value)
+
         if self._writer is not None:
-            self.clock.callLater(self.remote_delay, wake)
+            task.deferLater(self.clock, self.remote_delay, unclaimed).addCallback(wake).addErrback(failed)
 
     # -- the periodic scan: renew our leases, find orphans ---------------------------------
 
@@ -595,9 +606,11 @@ class PostgresStore:
 
     def release(self, queue_id: str) -> defer.Deferred[None]:
         """Give up the lease on ``queue_id`` (its outcome is saved); the local body copy goes."""
-        self._leased.discard(queue_id)
         self._claimed.pop(queue_id, None)
         _unlink(self._body_path(queue_id))
+        if queue_id not in self._leased:
+            return defer.succeed(None)  # removed (delivered): no row, no lease left
+        self._leased.discard(queue_id)
         d = self._db(self._release_sync, queue_id)
 
         def failed(f: Failure) -> None:

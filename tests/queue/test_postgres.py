@@ -267,7 +267,7 @@ def test_three_nodes_deliver_each_message_once(stores, dsn):
 
 @pytest_twisted.inlineCallbacks
 def test_a_store_failure_in_save_is_retried_until_the_database_is_back(stores, dsn):
-    store = stores(retry_for=30.0)
+    store = stores(retry_for=30.0, scan_interval=3600)  # nothing else connects meanwhile
     qid = yield commit(store, b"x\r\n")
     message = yield store.load(qid)
     real_connect = store._conns.connect
