@@ -14,7 +14,7 @@ import pytest
 
 from mailrelay import config
 from mailrelay.service import MailRelayService, needs_restart
-from tests.peers import SMTPSink
+from tests.peers import SMTPSink, free_port
 from tests.relay import RelayProcess
 from tests.reliability.helpers import Raw, route_to, stuff
 
@@ -197,7 +197,9 @@ def test_sighup_reloads_relay_domains_and_the_tls_certificate(tmp_path, smtp_sin
     key.write_bytes(key_a.read_bytes())
     server = (f'[server]\ntrusted_networks = []\ntls_certificate = "{cert}"\ntls_key = "{key}"\n'
               'local_domains = ["example.test"]\n')
-    relay = RelayProcess(server + route_to(smtp_sink.port)).start()
+    metrics_port = free_port()
+    metrics = f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n'
+    relay = RelayProcess(server + metrics + route_to(smtp_sink.port)).start()
     try:
         before, before_cmd, cn = _tls_session(relay.port)
         assert cn == "a.mailrelay.test"
@@ -222,6 +224,12 @@ def test_sighup_reloads_relay_domains_and_the_tls_certificate(tmp_path, smtp_sin
         assert before_cmd("RSET").startswith(b"250")
         assert before_cmd("QUIT").startswith(b"221")
         before.close()
+        from tests.test_metrics import scrape, value
+
+        samples = scrape(metrics_port)
+        assert value(samples, "mailrelay_tls_handshakes_total", direction="inbound", version="TLSv1.3") == 2
+        assert value(samples, "mailrelay_config_reloads_total", result="applied") == 1
+        assert value(samples, "mailrelay_smtp_rejections_total", command="RCPT", status="5.7.1") == 1
         assert relay.stop() == 0, relay.log_text()[-3000:]
     finally:
         relay.cleanup()
