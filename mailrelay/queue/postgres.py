@@ -586,7 +586,11 @@ class PostgresStore:
             self._claimed[queue_id] = message
             return True
 
-        return d.addCallback(claimed)
+        def gone(f: Failure) -> bool:
+            f.trap(KeyError)  # its body vanished under us (deleted): nothing to attempt
+            return False
+
+        return d.addCallbacks(claimed, gone)
 
     def _claim_sync(self, conn: psycopg.Connection, queue_id: str, now: float) -> QueuedMessage | None:
         row = conn.execute(
@@ -595,13 +599,12 @@ class PostgresStore:
             "   AND NOT held AND next_attempt <= %(due)s"
             "   AND (lease_owner IS NULL OR lease_owner = %(me)s OR lease_until < %(now)s)"
             "   FOR UPDATE SKIP LOCKED)"
-            " RETURNING state",
+            " RETURNING state, body_size",
             {"me": self.node_id, "until": now + self.lease_time, "id": queue_id, "due": now + 1.0,
              "now": now}).fetchone()
-        conn.commit()
         if row is None:
             return None
-        self._fetch_body(conn, queue_id)
+        self._fetch_body(conn, queue_id, row[1])  # under the row lock: nobody removes it meanwhile
         return _decode(row[0])
 
     def release(self, queue_id: str) -> defer.Deferred[None]:
@@ -655,35 +658,49 @@ class PostgresStore:
         return self._db(self._load_sync, queue_id)
 
     def _load_sync(self, conn: psycopg.Connection, queue_id: str) -> QueuedMessage:
-        row = conn.execute("SELECT state FROM mailrelay_message WHERE queue_id = %s", (queue_id,)).fetchone()
+        row = conn.execute("SELECT state, body_size FROM mailrelay_message WHERE queue_id = %s",
+                           (queue_id,)).fetchone()
         if row is None:
             raise KeyError(queue_id)
-        self._fetch_body(conn, queue_id)
+        self._fetch_body(conn, queue_id, row[1])
         return _decode(row[0])
 
     def load_many(self, ids: list[str]) -> defer.Deferred[list[QueuedMessage]]:
         """The messages of ``ids`` that still exist, in one query (listings), bodies copied here."""
 
         def read(conn: psycopg.Connection) -> list[QueuedMessage]:
-            rows = conn.execute("SELECT queue_id, state FROM mailrelay_message WHERE queue_id = ANY(%s)"
-                                " ORDER BY queue_id", (list(ids),)).fetchall()
-            for qid, _ in rows:
-                self._fetch_body(conn, qid)
-            return [_decode(state) for _, state in rows]
+            rows = conn.execute("SELECT queue_id, state, body_size FROM mailrelay_message"
+                                " WHERE queue_id = ANY(%s) ORDER BY queue_id", (list(ids),)).fetchall()
+            out = []
+            for qid, state, size in rows:
+                try:
+                    self._fetch_body(conn, qid, size)
+                except KeyError:
+                    continue  # removed while we read
+                out.append(_decode(state))
+            return out
 
         return self._db(read)
 
-    def _fetch_body(self, conn: psycopg.Connection, queue_id: str) -> None:
-        """Copy the body here in chunks (to a temp name, then renamed) unless a copy exists."""
+    def _fetch_body(self, conn: psycopg.Connection, queue_id: str, size: int) -> None:
+        """Copy the body here in chunks (to a temp name, then renamed) unless a copy exists.
+
+        A copy shorter or longer than the committed ``size`` (the message was removed while we
+        read) is thrown away: never a half body to deliver.
+        """
         path = self._body_path(queue_id)
         if os.path.exists(path):
             return
         tmp = f"{path}.{threading.get_ident()}.part"
         try:
+            got = 0
             with open(tmp, "wb") as f, conn.cursor(binary=True) as cur:
                 for (data,) in cur.stream("SELECT data FROM mailrelay_body WHERE queue_id = %s ORDER BY seq",
                                           (queue_id,)):
                     f.write(data)
+                    got += len(data)
+            if got != size:
+                raise KeyError(queue_id)
             os.rename(tmp, path)
         finally:
             _unlink(tmp)

@@ -285,3 +285,18 @@ def test_a_store_failure_in_save_is_retried_until_the_database_is_back(stores, d
     yield store.save(attrs.evolve(message, statuses=(done, message.statuses[1])))
     assert len(failures) == 2
     assert (yield store.load(qid)).statuses[0].state is RecipientState.DELIVERED
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_body_that_does_not_match_its_size_is_never_handed_out(stores, dsn):
+    a = stores()
+    qid = yield commit(a, os.urandom(600 * 1024))
+    with psycopg.connect(dsn) as conn:  # a chunk lost (a damaged table, a delete racing the read)
+        conn.execute("DELETE FROM mailrelay_body WHERE queue_id = %s AND seq = 1", (qid,))
+    b = stores()
+    with pytest.raises(KeyError):
+        yield b.load(qid)
+    assert (yield b.claim(qid)) is False
+    with pytest.raises(KeyError):
+        b.open_body(qid)
+    assert os.listdir(b.cache_dir) == []
