@@ -335,15 +335,17 @@ class QueueManager:
 
     # -- one attempt ----------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def _leased_attempt(self, queue_id: str):  # type: ignore[no-untyped-def]
+    def _leased_attempt(self, queue_id: str) -> defer.Deferred[None]:
         """A store shared with other nodes: attempt only under this node's lease, then give it back."""
-        if not (yield self.store.claim(queue_id)):
-            return  # another node has it, or it is not due; the store wakes us if it is orphaned
-        try:
-            yield self._attempt(queue_id)
-        finally:
-            yield self.store.release(queue_id)
+        store: Any = self.store
+
+        def claimed(ok: bool) -> Any:
+            if not ok:
+                return None  # another node has it, or it is not due; the store wakes us if orphaned
+            return self._attempt(queue_id).addBoth(
+                lambda result: store.release(queue_id).addCallback(lambda _: result))
+
+        return defer.maybeDeferred(store.claim, queue_id).addCallback(claimed)
 
     @defer.inlineCallbacks
     def _attempt(self, queue_id: str):  # type: ignore[no-untyped-def]
@@ -376,6 +378,8 @@ class QueueManager:
                 blocked.append(destination)  # enough are queued for it already; wait for a turn
                 continue
             runs.append(self._deliver(message, destination, group))
+        if len(runs) > 1 and ILeasingStore.providedBy(self.store):
+            runs = self._saving_as_they_end(message, list(statuses), runs)
         results = yield defer.gatherResults(runs)
         attempted = any(r is not None for r in results) or len(pending) > sum(len(g.indexes) for g in groups.values())
         for group_result in results:
@@ -387,6 +391,28 @@ class QueueManager:
                                attempts=message.attempts + (1 if attempted else 0))
         message = yield self.notifier.settle(message, pending)
         yield self._after_attempt(message, blocked, attempted)
+
+    def _saving_as_they_end(self, message: QueuedMessage, statuses: list[RecipientStatus],
+                            runs: list[defer.Deferred[Any]]) -> list[defer.Deferred[Any]]:
+        """A store shared with other nodes: save each destination's outcomes as soon as they are
+        known (one save at a time), so a node taking over after a crash does not send again to
+        recipients already delivered. Each run's result passes on unchanged, after its save."""
+        lock = defer.DeferredLock()
+
+        def save(result: Any) -> Any:
+            if not result:
+                return result  # not run (stopping): nothing new to record
+            for i, reply, remote in result:
+                statuses[i] = record(statuses[i], reply, remote)
+
+            def failed(f: Failure) -> None:
+                log.warn("queue: interim save of {queue_id} failed: {error}", queue_id=message.queue_id,
+                         error=f.value)
+
+            d = lock.run(self.store.save, attrs.evolve(message, statuses=tuple(statuses)))
+            return d.addErrback(failed).addCallback(lambda _: result)
+
+        return [run.addCallback(save) for run in runs]
 
     @defer.inlineCallbacks
     def _after_attempt(self, message: QueuedMessage, blocked: list[Hashable],  # type: ignore[no-untyped-def]

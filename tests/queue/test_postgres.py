@@ -300,3 +300,32 @@ def test_a_body_that_does_not_match_its_size_is_never_handed_out(stores, dsn):
     with pytest.raises(KeyError):
         b.open_body(qid)
     assert os.listdir(b.cache_dir) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_each_destinations_outcome_is_saved_as_it_ends_and_a_takeover_skips_it(stores, dsn):
+    router = FakeRouter({"one.test": route_to("127.0.0.1", 25), "two.test": route_to("127.0.0.2", 25)})
+    # node A delivers to both destinations; one.test answers, two.test hangs; A stops renewing
+    a = stores(lease_time=1.0, scan_interval=3600)
+    a_deliverer = RecordingDeliverer(script=[None, None])
+    a_manager = QueueManager(a, router, a_deliverer, reactor, QueueConfig(), "a.example.test")
+    yield a_manager.start()
+    qid = yield commit(a, b"two destinations\r\n")
+    yield wait_until(lambda: len(a_deliverer.calls) == 2)
+    [to_one] = [c for c in a_deliverer.calls if c.addresses == ["a@one.test"]]
+    to_one.answer(Reply(250, "2.0.0", "ok"))
+    yield wait_until(lambda: '"state":"delivered"' in query(
+        dsn, "SELECT state FROM mailrelay_message WHERE queue_id = %s", qid)[0][0])
+    # node B takes over once A's lease has run out, and sends only to the recipient left
+    b = stores(lease_time=5.0, scan_interval=0.3)
+    b_deliverer = RecordingDeliverer()
+    b_manager = QueueManager(b, router, b_deliverer, reactor, QueueConfig(), "b.example.test")
+    yield b_manager.start()
+    try:
+        yield wait_until(lambda: query(dsn, "SELECT count(*) FROM mailrelay_message")[0][0] == 0)
+    finally:
+        [to_two] = [c for c in a_deliverer.calls if c.addresses == ["b@two.test"]]
+        to_two.answer(Reply(250, "2.0.0", "ok"))  # A's late answer: its message is gone, nothing resent
+        yield a_manager.stop()
+        yield b_manager.stop()
+    assert [c.addresses for c in b_deliverer.calls] == [["b@two.test"]]
