@@ -62,10 +62,11 @@ class PolicyChain:
     ) -> Reply | None | Deferred[Reply | None]:
         for policy in rest:
             answer = getattr(policy, method)(*args)
+            if answer is None:
+                continue
             if isinstance(answer, Deferred):
                 return answer.addCallback(self._after_deferred, rest, method, args)
-            if answer is not None:
-                return answer  # type: ignore[no-any-return]
+            return answer  # type: ignore[no-any-return]
         return None
 
     def _after_deferred(

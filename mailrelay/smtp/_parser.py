@@ -51,7 +51,7 @@ class DataError(enum.Enum):
     BARE_NEWLINE = "bare CR or LF"
 
 
-@attrs.frozen
+@attrs.define
 class Command:
     """One command line: ``verb`` upper-cased, ``argument`` what follows the first space.
 
@@ -63,21 +63,21 @@ class Command:
     line: str = attrs.field(default="", eq=False, repr=False)
 
 
-@attrs.frozen
+@attrs.define
 class BadLine:
     """A command line that cannot be a command (too long, bare CR/LF, not UTF-8)."""
 
     error: LineError
 
 
-@attrs.frozen
+@attrs.define
 class DataChunk:
     """Message text, dot-unstuffed, CRLF line endings (BDAT: the octets as sent)."""
 
     data: bytes
 
 
-@attrs.frozen
+@attrs.define
 class DataEnd:
     """The final dot (or the last BDAT chunk) arrived. ``size`` counts octets of message text."""
 
@@ -448,6 +448,19 @@ def split_path(arg: str, prefix: str) -> tuple[str, str]:
     rest = arg[len(prefix) + 1 :].lstrip(" ")
     if not rest.startswith("<"):
         raise PathError(f"syntax: {prefix}:<address>")
+    if '"' not in rest:  # no quoted local part: the first ">" closes the path
+        i = rest.find(">")
+        if i < 0:
+            raise PathError("missing '>'")
+    else:
+        i = _closing_bracket(rest)
+    after = rest[i + 1 :]
+    if after and not after.startswith(" "):
+        raise PathError("junk after '>'")
+    return rest[1:i], after.strip(" ")
+
+
+def _closing_bracket(rest: str) -> int:
     i, quoted = 1, False
     while i < len(rest):
         c = rest[i]
@@ -457,14 +470,9 @@ def split_path(arg: str, prefix: str) -> tuple[str, str]:
         if c == '"':
             quoted = not quoted
         elif c == ">" and not quoted:
-            break
+            return i
         i += 1
-    else:
-        raise PathError("missing '>'")
-    after = rest[i + 1 :]
-    if after and not after.startswith(" "):
-        raise PathError("junk after '>'")
-    return rest[1:i], after.strip(" ")
+    raise PathError("missing '>'")
 
 
 def parse_path(inner: str, *, allow_null: bool, allow_postmaster: bool) -> Path:

@@ -323,7 +323,9 @@ class Session:
             result = method(*args)
         except Exception:
             result = Failure()
-        if isinstance(result, Deferred):
+        if result is None or result.__class__ is Reply:  # the common, synchronous answers
+            then(result)
+        elif isinstance(result, Deferred):
             self._waiting = result
             result.addBoth(self._answered, then)
         elif isinstance(result, Failure):
