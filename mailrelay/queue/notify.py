@@ -30,9 +30,16 @@ class Notifier:
         self.config = config
         self.hostname = hostname
 
-    @defer.inlineCallbacks
-    def settle(self, message: QueuedMessage, tried: list[int]):  # type: ignore[no-untyped-def]
+    def settle(self, message: QueuedMessage, tried: list[int]) -> defer.Deferred[QueuedMessage]:
         """Expire what is too old, then report to the sender what this attempt settled (RFC 3464)."""
+        if not message.pending and all(message.statuses[i].state is RecipientState.DELIVERED
+                                       and not wants(message.statuses[i].recipient, Action.RELAYED)
+                                       for i in tried):
+            return defer.succeed(message)  # the common case: all relayed, nothing to report
+        return self._settle(message, tried)
+
+    @defer.inlineCallbacks
+    def _settle(self, message: QueuedMessage, tried: list[int]):  # type: ignore[no-untyped-def]
         now = self.clock.seconds()
         statuses = list(message.statuses)
         failed = [statuses[i] for i in tried if statuses[i].state is RecipientState.FAILED]

@@ -7,9 +7,12 @@ Layout under ``path``::
     queue/<id>.body        a committed body
     queue/<id>.env         its envelope and per-recipient state (JSON); its presence marks the commit
 
-Every change of the ``queue/`` directory (commit, save, remove) happens in one writer thread, which
+Every commit and save of the ``queue/`` directory happens in one writer thread, which
 takes every job waiting for it, fsyncs their files, renames them into place and fsyncs ``queue/``
-once for the whole batch (group commit); each job's Deferred fires only after that. Nothing touches
+once for the whole batch (group commit); each job's Deferred fires only after that. Removals come
+in a thread of their own (an unlink can take milliseconds on a busy disk; no commit waits behind
+one) and need no fsync before they are answered: that thread syncs ``queue/`` when it goes idle (a
+removal lost in a crash means a message delivered twice, never one lost). Nothing touches
 ``fsync`` on the reactor thread. A crash leaves at worst files in ``tmp/`` or a body without its
 envelope in ``queue/``: both are removed at start, never delivered.
 """
@@ -21,6 +24,7 @@ import os
 import queue as _queue
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
@@ -49,6 +53,7 @@ _BODY = ".body"
 _ENV = ".env"
 _BUFFER = 256 * 1024
 _READERS = 2
+_FRESH = 1024  # just-committed messages kept in memory for their first load
 _SYNCERS = 16  # threads that fsync a batch's files together (concurrent fsyncs share a journal commit)
 _SCHEDULE_KEYS = re.compile(rb'"next_attempt":(-?[0-9][0-9.eE+-]*),"held":(true|false)')  # threads reading envelopes at start-up
 
@@ -97,16 +102,24 @@ class _Commit(_Job):
         super().__init__()
         self.writer = writer
         self.env_tmp: str | None = None
+        self.message: QueuedMessage | None = None
         self.published: list[str] = []
 
     def stage(self, spool: FilesystemSpool) -> None:
         w = self.writer
-        assert w.file is not None
-        w.file.flush()
-        self.fds.append(os.dup(w.file.fileno()))
-        w.file.close()
-        w.file = None
-        self.env_tmp = spool._write_tmp(w.queue_id, _encode(new_message(w.queue_id, w.envelope)), self.fds)
+        if w.file is None:
+            # A small body was only buffered: its file is created here, off the reactor thread.
+            fd = os.open(w.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.fds.append(fd)
+            _write_all(fd, w.pending)
+            w.pending = bytearray()
+        else:
+            w.file.flush()
+            self.fds.append(os.dup(w.file.fileno()))
+            w.file.close()
+            w.file = None
+        self.message = new_message(w.queue_id, w.envelope)
+        self.env_tmp = spool._write_tmp(w.queue_id, _encode(self.message), self.fds)
         self.result = w.queue_id
 
     def publish(self, spool: FilesystemSpool) -> None:
@@ -196,6 +209,12 @@ class _Stop(_Job):
     changes_queue = False
 
 
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _unlink(path: str) -> bool:
     try:
         os.unlink(path)
@@ -208,9 +227,11 @@ def _unlink(path: str) -> bool:
 class _SpoolWriter:
     """One message being received into ``tmp/``.
 
-    ``write`` only appends to a buffered file (a write syscall when 256 KiB have gathered), so the
-    reactor thread never waits for the disk to sync; an error there is kept and reported by
-    ``commit`` as 452 4.3.1 after the partial file is removed.
+    ``write`` gathers the first 256 KiB in memory; only a larger body gets its file in ``tmp/``
+    then (buffered, a write syscall per 256 KiB), so the reactor thread never waits for the disk
+    to sync, and a small message's file is created by the writer thread at commit (a file
+    creation can wait for the journal while other messages are being fsynced). An error is kept
+    and reported by ``commit`` as 452 4.3.1 after the partial file is removed.
     """
 
     def __init__(self, spool: FilesystemSpool, queue_id: str, envelope: Envelope) -> None:
@@ -222,18 +243,18 @@ class _SpoolWriter:
         self.done = False
         self.size = 0
         self.file: IO[bytes] | None = None
+        self.pending = bytearray()  # the body while it is small enough to keep in memory
         spool._receiving.add(queue_id + _BODY)
-        try:
-            self.file = open(self.tmp_path, "xb", buffering=_BUFFER)  # noqa: SIM115 - lives until commit
-        except OSError as e:
-            self._fail(e)
 
     def _fail(self, error: OSError) -> None:
         if self.error is None:
             log.error("spool: cannot store message {queue_id}: {error}", queue_id=self.queue_id, error=error)
         self.error = error
+        created = self.file is not None
         self._close_quietly()
-        _unlink(self.tmp_path)
+        self.pending = bytearray()
+        if created:
+            _unlink(self.tmp_path)
 
     def _close_quietly(self) -> None:
         if self.file is not None:
@@ -246,10 +267,16 @@ class _SpoolWriter:
     def write(self, data: bytes) -> None:
         if self.done or self.error is not None:
             return
+        self.size += len(data)
+        if self.file is None and len(self.pending) + len(data) <= _BUFFER:
+            self.pending += data
+            return
         try:
-            assert self.file is not None
+            if self.file is None:
+                self.file = open(self.tmp_path, "xb", buffering=_BUFFER)  # noqa: SIM115 - lives until commit
+                self.file.write(self.pending)
+                self.pending = bytearray()
             self.file.write(data)
-            self.size += len(data)
         except OSError as e:
             self._fail(e)
 
@@ -273,8 +300,10 @@ class _SpoolWriter:
         if self.done:
             return
         self.done = True
-        self._close_quietly()
-        _unlink(self.tmp_path)  # one quick unlink; no fsync needed to forget a message
+        self.pending = bytearray()
+        if self.file is not None:
+            self._close_quietly()
+            _unlink(self.tmp_path)  # one quick unlink; no fsync needed to forget a message
         self.spool._receiving.discard(self.queue_id + _BODY)
 
 
@@ -305,10 +334,17 @@ class FilesystemSpool:
         self.threadpool = threadpool or ThreadPool(minthreads=0, maxthreads=4, name="mailrelay-spool")
         self._jobs: _queue.SimpleQueue[_Job] = _queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._removals: _queue.SimpleQueue[_Job] = _queue.SimpleQueue()
+        self._remover: threading.Thread | None = None
         self._syncers: ThreadPoolExecutor | None = None
         self._subscribers: list[Callable[[str], object]] = []
         self._receiving: set[str] = set()
+        # What each recent commit wrote, so the queue manager's first ``load`` of a new message
+        # costs no thread hop, file read or JSON decode. Bounded: a paused queue does not hold
+        # its messages in memory. Dropped on save/remove, so it never differs from the disk.
+        self._fresh: OrderedDict[str, QueuedMessage] = OrderedDict()
         self._tmp_counter = 0
+        self._removed_unsynced = False  # unlinks in queue/ not yet covered by an fsync of it
         #: How many batches the writer has made durable (each one ``fsync`` of ``queue/``).
         self.commit_passes = 0
         # Mail is private: a spool we create is for our user only (the control socket lives here too).
@@ -328,17 +364,27 @@ class FilesystemSpool:
         self._submit(_Scan(clean_tmp=True))
         self._thread = threading.Thread(target=self._run, name="mailrelay-spool-writer", daemon=True)
         self._thread.start()
+        self._remover = threading.Thread(target=self._run_removals, name="mailrelay-spool-remover", daemon=True)
+        self._remover.start()
 
     def stop(self) -> defer.Deferred[None]:
         """A Deferred that fires once every job submitted before has been done and the thread ended."""
         if self._thread is None:
             return defer.succeed(None)
-        d = self._submit(_Stop())
+        remover, self._remover = self._remover, None
+        stop_removals: _Job = _Stop()
+        if remover is not None:
+            self._removals.put(stop_removals)
+        else:
+            stop_removals.deferred.callback(None)
+        d = defer.gatherResults([self._submit(_Stop()), stop_removals.deferred])
 
         def stopped(_: object) -> None:
             assert self._thread is not None
             self._thread.join()
             self._thread = None
+            if remover is not None:
+                remover.join()
             if self._syncers is not None:
                 self._syncers.shutdown()
                 self._syncers = None
@@ -358,6 +404,9 @@ class FilesystemSpool:
         return self._submit(_Scan())
 
     def load(self, queue_id: str) -> defer.Deferred[QueuedMessage]:
+        fresh = self._fresh.pop(queue_id, None)
+        if fresh is not None:
+            return defer.succeed(fresh)
         return threads.deferToThreadPool(self.reactor, self.threadpool, self.read_message, queue_id)
 
     def load_schedule(self) -> defer.Deferred[list[tuple[str, float, bool]]]:
@@ -437,12 +486,18 @@ class FilesystemSpool:
         return os.stat(self._queued(queue_id, _BODY)).st_size
 
     def save(self, message: QueuedMessage) -> defer.Deferred[None]:
+        self._fresh.pop(message.queue_id, None)
         return self._submit(_Save(message))
 
     def remove(self, queue_id: str) -> defer.Deferred[None]:
         if not is_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
-        return self._submit(_Remove(queue_id))
+        self._fresh.pop(queue_id, None)
+        job = _Remove(queue_id)
+        if self._remover is None:
+            return self._submit(job)
+        self._removals.put(job)
+        return job.deferred
 
     def subscribe(self, callback: Callable[[str], object]) -> None:
         self._subscribers.append(callback)
@@ -463,16 +518,19 @@ class FilesystemSpool:
         if self._thread is not None:
             raise RuntimeError("the spool's writer thread is running; submit jobs instead")
         ((_, result),) = self._do_batch([job])
+        self._sync_removals()
         if isinstance(result, Failure):
             result.raiseException()
         return result
 
     def save_now(self, message: QueuedMessage) -> None:
+        self._fresh.pop(message.queue_id, None)
         self.run_now(_Save(message))
 
     def remove_now(self, queue_id: str) -> None:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
+        self._fresh.pop(queue_id, None)
         self.run_now(_Remove(queue_id))
 
     # -- the writer thread ----------------------------------------------------------------
@@ -490,9 +548,7 @@ class FilesystemSpool:
         path = os.path.join(self.tmp_dir, f"{queue_id}{_ENV}.{self._tmp_counter}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
         except BaseException:
             os.close(fd)
             _unlink(path)
@@ -530,6 +586,16 @@ class FilesystemSpool:
         finally:
             os.close(fd)
 
+    def _sync_removals(self) -> None:
+        """fsync ``queue/`` for removals no commit pass has covered yet (when the writer is idle)."""
+        if not self._removed_unsynced:
+            return
+        self._removed_unsynced = False
+        try:
+            self._sync_queue_dir()
+        except OSError as e:
+            log.error("spool: cannot sync the queue directory after removals: {error}", error=e)
+
     def _run(self) -> None:
         stopping: _Job | None = None
         while stopping is None:
@@ -542,6 +608,27 @@ class FilesystemSpool:
             results = self._do_batch([j for j in batch if not isinstance(j, _Stop)])
             stopping = next((j for j in batch if isinstance(j, _Stop)), None)
             self.reactor.callFromThread(self._deliver_results, results)
+        self.reactor.callFromThread(stopping.deferred.callback, None)
+
+    def _run_removals(self) -> None:
+        """The remover thread: unlinks delivered messages, so no commit ever waits behind them."""
+        stopping: _Job | None = None
+        while stopping is None:
+            try:
+                first = self._removals.get_nowait()
+            except _queue.Empty:
+                self._sync_removals()
+                first = self._removals.get()
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._removals.get_nowait())
+                except _queue.Empty:
+                    break
+            results = self._do_batch([j for j in batch if not isinstance(j, _Stop)])
+            stopping = next((j for j in batch if isinstance(j, _Stop)), None)
+            self.reactor.callFromThread(self._deliver_results, results)
+        self._sync_removals()
         self.reactor.callFromThread(stopping.deferred.callback, None)
 
     def _do_batch(self, batch: list[_Job]) -> list[tuple[_Job, Any]]:
@@ -564,8 +651,11 @@ class FilesystemSpool:
             except BaseException as e:
                 results.append((job, self._failure(job, e)))
                 continue
-            if job.changes_queue:
+            if job.changes_queue and not isinstance(job, _Remove):
                 published.append(job)
+            elif job.changes_queue:
+                self._removed_unsynced = True
+                results.append((job, job.result))
             else:
                 results.append((job, job.result))
         if published:
@@ -595,6 +685,10 @@ class FilesystemSpool:
                 job.deferred.errback(result)
                 continue
             if isinstance(job, _Commit):
+                if job.message is not None:
+                    self._fresh[result] = job.message
+                    if len(self._fresh) > _FRESH:
+                        self._fresh.popitem(last=False)
                 for callback in list(self._subscribers):
                     try:
                         callback(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
@@ -259,3 +260,52 @@ def test_load_schedule_reads_every_message_in_one_pass(spool):
     m = yield spool.load(b)
     yield spool.save(attrs.evolve(m, next_attempt=1700000600.0, held=True))
     assert (yield spool.load_schedule()) == [(a, 0.0, False), (b, 1700000600.0, True)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_first_load_after_commit_is_what_the_disk_holds(spool):
+    qid = yield store_message(spool, b"Subject: fresh\r\n\r\nbody\r\n")
+    fresh = yield spool.load(qid)  # from memory: what the commit just wrote
+    assert fresh == spool.read_message(qid)
+    assert (yield spool.load(qid)) == fresh  # read back from the disk
+    saved = attrs.evolve(fresh, attempts=3)
+    qid2 = yield store_message(spool, b"second\r\n")
+    yield spool.save(saved)
+    assert (yield spool.load(qid)).attempts == 3
+    yield spool.remove(qid2)  # never loaded: its remembered state goes with it
+    with pytest.raises(KeyError):
+        yield spool.load(qid2)
+
+
+@pytest_twisted.inlineCallbacks
+def test_removal_does_not_hold_up_commits_and_is_synced_when_idle(spool):
+    fsync = spool.fsync_recorder
+    qid = yield store_message(spool, b"to be removed\r\n")
+    yield spool.list_ids()
+    fsync.events.clear()
+    yield spool.remove(qid)
+    assert files(spool) == []
+    queue_dir = os.path.join(spool.path, "queue")
+    for _ in range(100):  # the idle writer makes the unlinks durable on its own
+        if queue_dir in fsync.events:
+            break
+        yield deferLater(0.01)
+    assert fsync.events == [queue_dir]
+
+
+@pytest_twisted.inlineCallbacks
+def test_small_body_waits_in_memory_and_a_large_one_goes_to_tmp(spool):
+    small = spool.open(ENV)
+    small.write(b"Subject: small\r\n\r\n" + b"x" * 1000 + b"\r\n")
+    assert files(spool) == []  # no file created on the reactor thread for a small message
+    large = spool.open(ENV)
+    big = b"y" * 100_000 + b"\r\n"
+    for _ in range(4):
+        large.write(big)
+    assert files(spool) == [f"tmp/{large.queue_id}.body"]
+    ids = yield defer.gatherResults([small.commit(), large.commit()])
+    with spool.open_body(ids[0]) as f:
+        assert f.read() == b"Subject: small\r\n\r\n" + b"x" * 1000 + b"\r\n"
+    with spool.open_body(ids[1]) as f:
+        assert f.read() == big * 4
+    assert sorted(files(spool)) == sorted(f"queue/{q}{ext}" for q in ids for ext in (".body", ".env"))
