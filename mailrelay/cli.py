@@ -3,8 +3,9 @@
 ``mailrelay queue ...`` talks to the running instance over its control socket
 (``<spool path>/control.sock``); when no instance runs, ``list``, ``show`` and ``summary`` read the
 filesystem spool (or the shared PostgreSQL queue) directly and ``delete``/``hold``/``release`` edit
-it (``flush`` needs a running instance). ``mailrelay db upgrade`` creates or migrates the PostgreSQL
-queue's schema. Exit status: 0 success, 1 failure (bad config, no such message, ...).
+it (``flush`` needs a running instance; with the PostgreSQL queue it makes the message(s) due for
+the nodes running elsewhere). ``mailrelay db upgrade`` creates or migrates the PostgreSQL queue's
+schema. Exit status: 0 success, 1 failure (bad config, no such message, ...).
 """
 
 from __future__ import annotations
@@ -194,6 +195,20 @@ class _OfflineDatabase(_Offline):
         from mailrelay.queue.postgres import PostgresQueueReader
 
         self.spool = PostgresQueueReader(dsn)  # type: ignore[assignment]
+        self.reader = self.spool
+
+    def flush(self, queue_id: str | None) -> defer.Deferred[Any]:
+        """Due now in the shared tables; the nodes running elsewhere hear of it and attempt it."""
+
+        def run() -> int:
+            if queue_id is not None:
+                from mailrelay.control.protocol import MessageHeld
+
+                if self.reader.read_message(queue_id).held:  # KeyError: no such message
+                    raise MessageHeld(queue_id)
+            return len(self.reader.make_due(queue_id, time.time()))
+
+        return defer.maybeDeferred(run)
 
 
 def _backend(reactor: Any, args: argparse.Namespace) -> defer.Deferred[Any]:

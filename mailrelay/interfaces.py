@@ -98,6 +98,10 @@ class ILeasingStore(IQueueStore):
     def release(queue_id):  # type: ignore[no-untyped-def]
         """Give up the lease after the attempt's outcome was saved. Deferred; never fails."""
 
+    def make_due(queue_id=None):  # type: ignore[no-untyped-def]
+        """Make ``queue_id`` (or every message not held) due now, and wake every node: an operator's
+        flush (a node claims only due messages). Deferred list of the ids made due."""
+
 
 class IPolicy(Interface):
     """Checks at each stage of an SMTP session.

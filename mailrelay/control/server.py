@@ -113,7 +113,7 @@ class ControlProtocol(amp.AMP):
             message = yield self.store.load(queue_id)  # KeyError when there is no such message
             if message.held:
                 raise protocol.MessageHeld(queue_id)
-        count = self.manager.flush(queue_id)
+        count = yield self.manager.flush(queue_id)
         log.info("control: flush {what} ({count} messages)", what=queue_id or "all", count=count)
         return {"count": count}
 

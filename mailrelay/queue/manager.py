@@ -122,6 +122,7 @@ class QueueManager:
         self._ready: deque[str] = deque()
         self._active: dict[str, defer.Deferred[None]] = {}
         self._again: set[str] = set()  # asked for while active: attempt again right after
+        self._flushed: set[str] = set()  # flushed while active: made due again before the next claim
         # Messages that found their destination's line full, woken a few at a time as it moves
         # (an ordered set per destination).
         self._blocked: dict[Hashable, dict[str, None]] = {}
@@ -218,13 +219,29 @@ class QueueManager:
         if self._running:
             self._schedule(queue_id, self.clock.seconds())
 
-    def flush(self, queue_id: str | None = None) -> int:
-        """Attempt ``queue_id`` (or every scheduled message) now; returns how many were flushed."""
+    def flush(self, queue_id: str | None = None) -> defer.Deferred[int]:
+        """Attempt ``queue_id`` (or every scheduled message) now; Deferred count of those flushed.
+
+        A shared store (``ILeasingStore``) lets a node claim only due messages, so the message(s)
+        are first made due in the store itself (``make_due``), which wakes the other nodes too; a
+        message with an attempt running here is made due again before its next claim.
+        """
         now = self.clock.seconds()
-        ids = [queue_id] if queue_id is not None else list(self._due)
-        for qid in ids:
-            self._schedule(qid, now)
-        return len(ids)
+        if not ILeasingStore.providedBy(self.store):
+            ids = [queue_id] if queue_id is not None else list(self._due)
+            for qid in ids:
+                self._schedule(qid, now)
+            return defer.succeed(len(ids))
+
+        def due(ids: list[str]) -> int:
+            for qid in ids:
+                if qid in self._active:
+                    self._flushed.add(qid)
+                self._schedule(qid, self.clock.seconds())
+            return len(ids)
+
+        store: Any = self.store
+        return defer.maybeDeferred(store.make_due, queue_id).addCallback(due)
 
     def scheduled(self) -> dict[str, float]:
         """Every scheduled message id and when it is due (a copy)."""
@@ -265,6 +282,7 @@ class QueueManager:
     def _unschedule(self, queue_id: str) -> None:
         self._due.pop(queue_id, None)  # its heap entry goes stale
         self._again.discard(queue_id)
+        self._flushed.discard(queue_id)
 
     def _arm(self) -> None:
         if not self._running:
@@ -345,6 +363,10 @@ class QueueManager:
             return self._attempt(queue_id).addBoth(
                 lambda result: store.release(queue_id).addCallback(lambda _: result))
 
+        if queue_id in self._flushed:  # the attempt running at the flush saved a later due time
+            self._flushed.discard(queue_id)
+            d = defer.maybeDeferred(store.make_due, queue_id)
+            return d.addCallback(lambda _: store.claim(queue_id)).addCallback(claimed)
         return defer.maybeDeferred(store.claim, queue_id).addCallback(claimed)
 
     @defer.inlineCallbacks

@@ -631,6 +631,17 @@ class PostgresStore:
             "UPDATE mailrelay_message SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = %s",
             (node_id,)))
 
+    def make_due(self, queue_id: str | None = None) -> defer.Deferred[list[str]]:
+        """Make ``queue_id`` (or every message not held) due now, for every node: ``flush``.
+
+        A node only claims due messages, so an operator's "attempt it now" must move the due time
+        in the database; the ``NOTIFY`` wakes the other nodes too. Deferred list of the ids made due.
+        """
+        if queue_id is not None and not is_queue_id(queue_id):
+            return defer.succeed([])
+        now = self.clock.seconds()
+        return self._db(lambda conn: _PostgresSync.make_due(conn, queue_id, now, self.channel, self.node_id))
+
     def leased(self) -> set[str]:
         """The ids this node holds a lease on now (a copy)."""
         return set(self._leased)
@@ -785,6 +796,13 @@ class PostgresQueueReader:
         with self.conn.transaction():
             _PostgresSync.remove(self.conn, queue_id)
 
+    def make_due(self, queue_id: str | None, now: float) -> list[str]:
+        """``flush`` with no node answering here: due now, and every running node told."""
+        row = self.conn.execute("SELECT current_schema()").fetchone()
+        channel = f"mailrelay_queue_{row[0] if row else 'public'}"[:63]
+        with self.conn.transaction():
+            return _PostgresSync.make_due(self.conn, queue_id, now, channel, "cli")
+
 
 class _PostgresSync:
     """The statements shared by the store (in its threads) and the reader."""
@@ -796,6 +814,21 @@ class _PostgresSync:
                            (_encode(message), message.next_attempt, message.held, message.queue_id))
         if cur.rowcount == 0:
             raise KeyError(message.queue_id)
+
+    @staticmethod
+    def make_due(conn: psycopg.Connection, queue_id: str | None, now: float, channel: str,
+                 node_id: str) -> list[str]:
+        """Due now (column and saved state alike, so ``show`` agrees); ``NOTIFY`` each id as if new
+        mail, so every other node's listener wakes its manager (its own node is skipped)."""
+        where = " AND queue_id = %(id)s" if queue_id else ""
+        rows = conn.execute(
+            "UPDATE mailrelay_message SET next_attempt = LEAST(next_attempt, %(now)s), state = jsonb_set("
+            " state::jsonb, '{next_attempt}', to_jsonb(LEAST(next_attempt, %(now)s)))::text"
+            f" WHERE NOT held{where} RETURNING queue_id", {"now": now, "id": queue_id}).fetchall()
+        ids = sorted(r[0] for r in rows)
+        if ids:
+            conn.cursor().executemany("SELECT pg_notify(%s, %s)", [(channel, f"{node_id} {qid}") for qid in ids])
+        return ids
 
     @staticmethod
     def remove(conn: psycopg.Connection, queue_id: str) -> None:

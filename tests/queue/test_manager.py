@@ -222,7 +222,9 @@ def test_flush_attempts_a_deferred_message_now():
     qid = w.send("a@example.test")
     w.clock.advance(0)
     assert qid in w.store.messages
-    assert w.manager.flush(qid) == 1
+    flushed = []
+    w.manager.flush(qid).addCallback(flushed.append)
+    assert flushed == [1]
     w.clock.advance(0)
     assert qid not in w.store.messages
 

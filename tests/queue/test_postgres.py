@@ -329,3 +329,109 @@ def test_each_destinations_outcome_is_saved_as_it_ends_and_a_takeover_skips_it(s
         yield a_manager.stop()
         yield b_manager.stop()
     assert [c.addresses for c in b_deliverer.calls] == [["b@two.test"]]
+
+
+LATER = Reply(451, "4.4.1", "try again later")
+
+
+def settle(clock: task.Clock, predicate, timeout: float = 10.0) -> defer.Deferred[None]:
+    """Wait (real time, for the database threads) until ``predicate()``, running what falls due on
+    the fake ``clock`` meanwhile without ever moving it forward: no retry comes due by itself."""
+
+    def check() -> bool:
+        clock.advance(0)
+        return predicate()
+
+    return wait_until(check, timeout)
+
+
+def deferred_node(stores, dsn, refusals: int = 1):
+    """A node whose clock is a ``task.Clock`` and whose first ``refusals`` attempts are refused
+    (4xx): those messages are due again an hour later."""
+    clock = task.Clock()
+    clock.advance(1700000000)
+    store = stores(clock=clock, scan_interval=3600, lease_time=600, remote_delay=0.0)
+    deliverer = RecordingDeliverer([LATER] * refusals)
+    manager = QueueManager(store, FakeRouter({"*": route_to("127.0.0.1", 25)}), deliverer, clock,
+                           QueueConfig(retry_schedule=(3600.0,)), "a.example.test", jitter=lambda d: d)
+    return clock, store, deliverer, manager
+
+
+def due_times(dsn):
+    return dict(query(dsn, "SELECT queue_id, next_attempt FROM mailrelay_message"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_flush_attempts_a_message_whose_retry_is_an_hour_away_now(stores, dsn):
+    clock, store, deliverer, manager = deferred_node(stores, dsn)
+    yield manager.start()
+    try:
+        qid = yield commit(store, b"flush me\r\n")
+        yield settle(clock, lambda: len(deliverer.calls) == 1 and not manager.active_ids()
+                     and due_times(dsn).get(qid) == clock.seconds() + 3600)
+        assert manager.scheduled() == {qid: clock.seconds() + 3600}
+        assert (yield manager.flush(qid)) == 1
+        yield settle(clock, lambda: not due_times(dsn))  # delivered, with no hour passed
+        assert [c.body for c in deliverer.calls] == [b"flush me\r\n"] * 2
+    finally:
+        yield manager.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_flush_all_makes_every_message_not_held_due_and_delivers_it(stores, dsn):
+    clock, store, deliverer, manager = deferred_node(stores, dsn, refusals=3)
+    yield manager.start()
+    try:
+        ids = yield defer.gatherResults([commit(store, b"m%d\r\n" % i) for i in range(3)])
+        yield settle(clock, lambda: len(deliverer.calls) == 3 and not manager.active_ids()
+                     and set(due_times(dsn).values()) == {clock.seconds() + 3600})
+        yield manager.hold(ids[2])
+        assert (yield manager.flush()) == 2
+        yield settle(clock, lambda: set(due_times(dsn)) == {ids[2]})
+        assert sorted(c.body for c in deliverer.calls[3:]) == [b"m0\r\n", b"m1\r\n"]
+        assert query(dsn, "SELECT held FROM mailrelay_message")[0][0] is True
+    finally:
+        yield manager.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_flush_on_one_node_or_with_no_node_wakes_the_others(stores, dsn):
+    from mailrelay.queue.postgres import PostgresQueueReader
+
+    clock, store, deliverer, manager = deferred_node(stores, dsn, refusals=2)
+    yield manager.start()
+    other = stores(clock=clock, scan_interval=3600)
+    try:
+        first = yield commit(store, b"first\r\n")
+        second = yield commit(store, b"second\r\n")
+        yield settle(clock, lambda: len(deliverer.calls) == 2 and not manager.active_ids()
+                     and set(due_times(dsn).values()) == {clock.seconds() + 3600})
+        # another node (no queue manager of its own here) flushes: this node hears it and delivers
+        assert (yield other.make_due(first)) == [first]
+        yield settle(clock, lambda: set(due_times(dsn)) == {second})
+        # the CLI with no node on its machine: the tables say due now and the running nodes hear it
+        reader = PostgresQueueReader(dsn)
+        try:
+            assert reader.make_due(None, clock.seconds()) == [second]
+        finally:
+            reader.close()
+        yield settle(clock, lambda: not due_times(dsn))
+        assert [c.body for c in deliverer.calls[2:]] == [b"first\r\n", b"second\r\n"]
+    finally:
+        yield manager.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_flush_during_an_attempt_has_it_attempted_again_once_it_ends(stores, dsn):
+    clock, store, deliverer, manager = deferred_node(stores, dsn, refusals=0)
+    deliverer.script.append(None)  # the first attempt hangs until answered
+    yield manager.start()
+    try:
+        qid = yield commit(store, b"busy\r\n")
+        yield settle(clock, lambda: len(deliverer.calls) == 1)
+        assert (yield manager.flush(qid)) == 1
+        deliverer.calls[0].answer(LATER)  # saved as due in an hour, but the flush came after it began
+        yield settle(clock, lambda: not due_times(dsn))
+        assert len(deliverer.calls) == 2
+    finally:
+        yield manager.stop()

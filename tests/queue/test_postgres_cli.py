@@ -86,9 +86,17 @@ def test_queue_commands_read_and_edit_the_shared_queue_with_no_instance_running(
     shown = cli("queue", "show", qid, "--config", path)
     assert shown.returncode == 0, shown.stderr
     assert "Subject: shared queue" in shown.stdout and "to@dest.test" in shown.stdout
+    with psycopg.connect(dsn) as conn:  # deferred: its next retry far away
+        conn.execute("UPDATE mailrelay_message SET next_attempt = 4e9")
+    flushed = cli("queue", "flush", qid, "--config", path)
+    assert flushed.returncode == 0 and "flushed 1 message" in flushed.stdout, flushed.stderr
+    with psycopg.connect(dsn) as conn:  # due now, for whichever node runs
+        assert conn.execute("SELECT next_attempt FROM mailrelay_message").fetchone()[0] < 4e9
     assert cli("queue", "hold", qid, "--config", path).returncode == 0
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT held FROM mailrelay_message WHERE queue_id = %s", (qid,)).fetchone()[0]
+    held = cli("queue", "flush", qid, "--config", path)
+    assert held.returncode == 1 and "is held" in held.stderr
     assert cli("queue", "delete", qid, "--config", path).returncode == 0
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM mailrelay_message").fetchone()[0] == 0
