@@ -50,9 +50,10 @@ def require(binary: str) -> str:
     return path
 
 
-def stop_pid(pid: int, timeout: float = 5.0) -> None:
+def stop_pid(pid: int, timeout: float = 5.0, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to a daemon we did not start as a child, wait until it is gone, else SIGKILL."""
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout

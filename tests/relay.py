@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import smtplib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,3 +107,35 @@ def _split_server(body: str) -> tuple[str, str]:
     if idx < 0:
         return text, ""
     return text[: idx + 1], text[idx + 1 :]
+
+
+class Sender(threading.Thread):
+    """Sends numbered messages over fresh sessions until stopped, through relay restarts and kills.
+
+    ``acked`` gets each Message-ID only after its 250; ``tried`` (if given) gets it before DATA, so
+    a crash test can tell a message the relay never confirmed from one it lost.
+    """
+
+    def __init__(self, port: int, tag: str, acked: list[str], tried: list[str] | None = None, *,
+                 per_session: int = 5, recipients: tuple[str, ...] = ("r@example.test",),
+                 size: int = 500, pause: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.port, self.tag, self.acked, self.tried = port, tag, acked, tried
+        self.per_session, self.recipients, self.size, self.pause = per_session, list(recipients), size, pause
+        self.stopping = threading.Event()
+        self.n = 0
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
+                    for _ in range(self.per_session):
+                        self.n += 1
+                        mid = f"<{self.tag}.{self.n}@crash.test>"
+                        body = f"Message-ID: {mid}\r\nSubject: crash\r\n\r\n{'z' * self.size}\r\n"
+                        if self.tried is not None:
+                            self.tried.append(mid)
+                        client.sendmail("s@example.org", self.recipients, body.encode())
+                        self.acked.append(mid)  # only after the 250
+            except (OSError, smtplib.SMTPException):
+                time.sleep(self.pause)  # the relay is down, or was killed mid-session

@@ -4,15 +4,13 @@ send; every message that got its 250 arrives at the sink in the end (twice only 
 from __future__ import annotations
 
 import random
-import smtplib
-import threading
 import time
 from collections import Counter
 
 import pytest
 
 from tests.peers import SMTPSink
-from tests.relay import RelayProcess
+from tests.relay import RelayProcess, Sender
 
 pytestmark = pytest.mark.integration
 
@@ -20,29 +18,6 @@ pytestmark = pytest.mark.integration
 
 def route(port: int) -> str:
     return f'[queue]\nretry_schedule = ["1s"]\n[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:{port}"]\n'
-
-
-class Sender(threading.Thread):
-    """Sends numbered messages over fresh sessions until stopped; remembers which got a 250."""
-
-    def __init__(self, port: int, name: str, acked: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.port, self.tag, self.acked = port, name, acked
-        self.stopping = threading.Event()
-        self.n = 0
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
-                    for _ in range(5):
-                        self.n += 1
-                        mid = f"<{self.tag}.{self.n}@crash.test>"
-                        body = f"Message-ID: {mid}\r\nSubject: crash\r\n\r\n{'z' * 500}\r\n"
-                        client.sendmail("s@example.org", ["r@example.test"], body.encode())
-                        self.acked.append(mid)  # only after the 250
-            except (OSError, smtplib.SMTPException):
-                time.sleep(0.05)  # the relay is down or was killed mid-session
 
 
 @pytest.mark.parametrize("kills", [4, pytest.param(30, marks=pytest.mark.soak)])

@@ -9,44 +9,18 @@ from __future__ import annotations
 
 import random
 import re
-import smtplib
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.relay import RelayProcess
+from tests.relay import RelayProcess, Sender
 from tests.reliability.helpers import message_ids, route_to
 
 pytestmark = pytest.mark.integration
 
 _MID = re.compile(rb"(?im)^message-id: (<[^>\r\n]+>)")
-
-
-class Sender(threading.Thread):
-    """Sends numbered messages over fresh sessions until stopped; remembers what got a 250."""
-
-    def __init__(self, port: int, tag: str, acked: list[str], tried: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.port, self.tag, self.acked, self.tried = port, tag, acked, tried
-        self.stopping = threading.Event()
-        self.n = 0
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
-                    for _ in range(4):
-                        self.n += 1
-                        mid = f"<{self.tag}.{self.n}@crash.test>"
-                        body = f"Message-ID: {mid}\r\nSubject: crash\r\n\r\n{'z' * 700}\r\n"
-                        self.tried.append(mid)
-                        client.sendmail("s@example.org", ["r@example.test", "q@example.test"], body.encode())
-                        self.acked.append(mid)  # only after the 250
-            except (OSError, smtplib.SMTPException):
-                time.sleep(0.02)  # down, or killed mid-session
 
 
 def spooled_ids(spool: Path) -> set[str]:
@@ -79,7 +53,8 @@ def test_sigkill_under_load_loses_nothing_and_duplicates_only_in_flight(sinks, k
     try:
         for life in range(kills):
             relay.start()
-            senders = [Sender(relay.port, f"l{life}s{i}", acked, tried) for i in range(4)]
+            senders = [Sender(relay.port, f"l{life}s{i}", acked, tried, per_session=4,
+                              recipients=("r@example.test", "q@example.test"), size=700, pause=0.02) for i in range(4)]
             before = len(acked)
             for s in senders:
                 s.start()

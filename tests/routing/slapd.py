@@ -7,7 +7,6 @@ can take the directory away in the middle and bring it back.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import free_port, require, wait_listening
+from tests.peers import free_port, require, stop_pid, wait_listening
 
 BASE = "dc=example,dc=test"
 BIND_DN = f"cn=mailrelay,ou=services,{BASE}"
@@ -190,18 +189,7 @@ access to *
         if self.pid is None:
             return
         pid, self.pid = self.pid, None
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.02)
-        os.kill(pid, signal.SIGKILL)
+        stop_pid(pid, timeout, sig)
 
     def cleanup(self) -> None:
         self.stop(sig=signal.SIGKILL)  # its files are deleted next: no need to wait for a clean exit
