@@ -195,6 +195,7 @@ class ServerConfig:
     submission_listen: tuple[str, ...] = ()
     greet_delay: float = 0.0  # seconds to wait before the 220; a client talking earlier gets 554
     shutdown_timeout: float = 30.0  # on SIGTERM, how long sessions may finish their transaction
+    workers: int = 1  # processes sharing the listeners (mailrelay.workers); 1 = one process, no supervisor
 
 
 @attrs.frozen
@@ -312,8 +313,10 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         submission_listen=s.get_list("submission_listen", (), _string),
         greet_delay=s.get("greet_delay", 0.0, parse_duration),
         shutdown_timeout=s.get("shutdown_timeout", 30.0, parse_duration),
+        workers=s.get("workers", 1, _positive_int),
     )
     s.check_unknown()
+    _check_workers(s, server)
     if not server.listen:
         raise s.error("listen", "must name at least one endpoint")
     if bool(server.tls_certificate) != bool(server.tls_key):
@@ -388,6 +391,25 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         raise s.error("key_file", "required when dkim.domains is set")
 
     return Config(source, server, spool, queue, delivery, tuple(routes), metrics_listen, dkim)
+
+
+#: Most worker processes: a worker's number is one base32 character of its queue ids.
+MAX_WORKERS = 32
+#: Endpoint types a supervisor can bind and hand to its workers (mailrelay.workers).
+WORKER_ENDPOINTS = ("tcp", "tcp6", "ssl")
+
+
+def _check_workers(s: Section, server: ServerConfig) -> None:
+    if server.workers > MAX_WORKERS:
+        raise s.error("workers", f"must be at most {MAX_WORKERS}, not {server.workers}")
+    if server.workers == 1:
+        return
+    for key in ("listen", "submission_listen"):
+        for description in getattr(server, key):
+            kind = description.split(":", 1)[0].strip().lower()
+            if kind not in WORKER_ENDPOINTS:
+                raise s.error(key, f"{description!r}: with workers > 1 every listener must be one of "
+                                   f"{', '.join(WORKER_ENDPOINTS)} (the supervisor binds it for its workers)")
 
 
 def _optional_duration(v: object) -> float | None:

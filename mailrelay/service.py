@@ -163,8 +163,12 @@ class MailRelayService(service.MultiService):
         factory.observer = self.observer  # type: ignore[attr-defined]
         return factory
 
+    def _endpoint(self, description: str) -> Any:
+        """The endpoint to listen on for ``description`` (a worker process adopts its supervisor's)."""
+        return serverFromString(self.reactor, description)
+
     def _listen(self, description: str, factory: SMTPServerFactory) -> None:
-        listener = _Listener(description, serverFromString(self.reactor, description), factory)
+        listener = _Listener(description, self._endpoint(description), factory)
         listener.setServiceParent(self)
         self.listeners.append(listener)
 
@@ -195,7 +199,8 @@ class MailRelayService(service.MultiService):
         except OSError as e:
             log.error("no control channel: cannot create {path}: {error}", path=self.config.spool.path, error=e)
             return
-        self.control = ControlServer(self.manager, self.store, socket_path(self.config.spool.path), self.reactor)
+        self.control = ControlServer(self.manager, self.store, socket_path(self.config.spool.path), self.reactor,
+                                     metrics=self.metrics.registry)
         d = self.control.start()
         d.addErrback(lambda f: log.failure("no control channel (mailrelay queue ... will not reach us)", f))
 
@@ -309,7 +314,7 @@ def _queue_config(old: Any, new: Any) -> Any:
 def needs_restart(old: Config, new: Config) -> list[str]:
     """The changed keys a reload cannot apply (they need a restart)."""
     changed = []
-    for key in ("listen", "submission_listen", "hostname"):
+    for key in ("listen", "submission_listen", "hostname", "workers"):
         if getattr(old.server, key) != getattr(new.server, key):
             changed.append(f"server.{key}")
     if old.spool != new.spool:

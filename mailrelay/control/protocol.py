@@ -81,3 +81,10 @@ class Release(amp.Command):
     arguments = [(b"queue_id", amp.Unicode())]
     response: list[tuple[bytes, amp.Argument]] = []
     errors = _ERRORS
+
+
+class Metrics(amp.Command):
+    """The instance's Prometheus figures in the text exposition format (a supervisor merges its workers')."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"text", JSONValue())]

@@ -36,11 +36,12 @@ def socket_path(spool_path: str) -> str:
 class ControlProtocol(amp.AMP):
     """Answers the commands of ``mailrelay.control.protocol`` from the manager and the store."""
 
-    def __init__(self, manager: QueueManager, store: IQueueStore, clock: Any) -> None:
+    def __init__(self, manager: QueueManager, store: IQueueStore, clock: Any, metrics: Any = None) -> None:
         super().__init__()
         self.manager = manager
         self.store = store
         self.clock = clock
+        self.metrics = metrics  # a prometheus_client registry, or None
         self._ids: list[str] | None = None
 
     def _check(self, queue_id: str) -> None:
@@ -133,6 +134,12 @@ class ControlProtocol(amp.AMP):
         log.info("{queue_id}: held by the operator", queue_id=queue_id)
         return {}
 
+    @protocol.Metrics.responder
+    def metrics_text(self):  # type: ignore[no-untyped-def]
+        from prometheus_client import generate_latest
+
+        return {"text": generate_latest(self.metrics).decode() if self.metrics is not None else ""}
+
     @protocol.Release.responder
     @defer.inlineCallbacks
     def release(self, queue_id: str):  # type: ignore[no-untyped-def]
@@ -149,7 +156,8 @@ class ControlServer:
     (``start`` fails instead, so two instances never share a spool unknowingly).
     """
 
-    def __init__(self, manager: QueueManager, store: IQueueStore, socket_path: str, reactor: Any = None) -> None:
+    def __init__(self, manager: QueueManager, store: IQueueStore, socket_path: str, reactor: Any = None,
+                 metrics: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -158,10 +166,11 @@ class ControlServer:
         self.store = store
         self.socket_path = socket_path
         self.reactor = reactor
+        self.metrics = metrics
         self.port: IListeningPort | None = None
 
     def _factory(self) -> Factory:
-        return Factory.forProtocol(lambda: ControlProtocol(self.manager, self.store, self.reactor))
+        return Factory.forProtocol(lambda: ControlProtocol(self.manager, self.store, self.reactor, self.metrics))
 
     @defer.inlineCallbacks
     def start(self):  # type: ignore[no-untyped-def]

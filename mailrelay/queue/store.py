@@ -45,16 +45,28 @@ class QueueIdGenerator:
 
     Ids are 18 characters of base32: 10 for the milliseconds since the epoch, 8 random. Sorting ids
     as text sorts the queue by arrival, which ``queue list`` and start-up recovery rely on.
+    With ``shard`` (0-31, a worker process's number) the 11th character is that number instead of
+    random, so the workers of one instance, each with its own spool, never mint the same id.
     """
 
-    def __init__(self, clock: Any, randbytes: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(self, clock: Any, randbytes: Callable[[int], bytes] = os.urandom, shard: int | None = None) -> None:
+        if shard is not None and not 0 <= shard < len(_ALPHABET):
+            raise ValueError(f"shard must be 0-{len(_ALPHABET) - 1}, not {shard}")
         self.clock = clock
         self.randbytes = randbytes
+        self.shard = shard
 
     def __call__(self) -> str:
         millis = int(self.clock.seconds() * 1000) & ((1 << 50) - 1)
         rand = int.from_bytes(self.randbytes(5), "big")
+        if self.shard is not None:
+            rand = (self.shard << 35) | (rand & ((1 << 35) - 1))
         return _base32(millis, _TIME_CHARS) + _base32(rand, _RANDOM_CHARS)
+
+
+def shard_of(queue_id: str) -> int:
+    """The worker number a sharded ``QueueIdGenerator`` put into ``queue_id``."""
+    return _ALPHABET.index(queue_id[_TIME_CHARS])
 
 
 def is_queue_id(text: str) -> bool:
