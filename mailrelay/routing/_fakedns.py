@@ -12,12 +12,14 @@ from twisted.names import error as dnserror
 class FakeResolver:
     """Give it to ``MXRouter`` (or ``RouterContext(resolver=...)``) instead of a real resolver.
 
-    Answers ``lookupMailExchange``/``lookupAddress``/``lookupIPV6Address`` like an authoritative
-    server: a known name without records of the type gives an empty answer (NODATA), an unknown
-    name ``DNSNameError`` (NXDOMAIN), a CNAME is answered with the target's records when known.
+    Answers ``lookupMailExchange``/``lookupAddress``/``lookupIPV6Address``/``lookupText`` like
+    an authoritative server: a known name without records of the type gives an empty answer
+    (NODATA), an unknown name ``DNSNameError`` (NXDOMAIN), a CNAME is answered with the target's
+    records when known.
 
     ``add(name, "MX", (10, "mx1.example.test"))``, ``add(name, "A", "127.0.0.1")``,
-    ``add(name, "CNAME", "target")``; ``fail(name, "MX", error)`` makes a query fail;
+    ``add(name, "CNAME", "target")``, ``add(name, "TXT", "v=STSv1; id=1")``;
+    ``fail(name, "MX", error)`` makes a query fail;
     ``queries`` records every query as ``(name, type)``.
     """
 
@@ -47,6 +49,9 @@ class FakeResolver:
             payload = dns.Record_AAAA(value, ttl=ttl)
         elif qtype == dns.CNAME:
             payload = dns.Record_CNAME(value, ttl=ttl)
+        elif qtype == dns.TXT:  # a str is one string; a tuple of them, several (concatenated by readers)
+            strings = (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
+            payload = dns.Record_TXT(*(v.encode() for v in strings), ttl=ttl)
         else:
             raise ValueError(qtype)
         return dns.RRHeader(name, qtype, dns.IN, ttl, payload)
@@ -86,3 +91,6 @@ class FakeResolver:
 
     def lookupIPV6Address(self, name: str, timeout: object = None) -> defer.Deferred:
         return self._lookup(name, dns.AAAA)
+
+    def lookupText(self, name: str, timeout: object = None) -> defer.Deferred:
+        return self._lookup(name, dns.TXT)

@@ -11,6 +11,10 @@ Failures say what the queue should do: NXDOMAIN is permanent (5.1.2), a null MX 
 
 The resolver is built with exactly the configured ``nameservers``: ``client.createResolver`` would
 also read /etc/resolv.conf.
+
+With ``mta_sts`` (RFC 8461, see ``mtasts``) a domain's ``enforce`` policy limits the route to the
+MX hosts the policy lists, with ``tls = verify`` against each MX name; if it lists none of them
+the route is a temporary failure (4.7.5). A ``testing`` policy only logs what enforce would refuse.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
@@ -31,11 +36,15 @@ from zope.interface import implementer
 
 from mailrelay.address import normalise_domain, split
 from mailrelay.config import parse_duration, parse_hostport
+from mailrelay.delivery.tls import load_trust_root
 from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.context import RouterContext
+from mailrelay.routing.mtasts import HTTPSFetcher, Mode, Policy, PolicyCache
 from mailrelay.routing.static import DomainSet, parse_domain_pattern, parse_tls
+
+log = Logger()
 
 MAX_CNAME_DEPTH = 8
 CACHE_LIMIT = 10000  # entries per cache: a relay for the world meets many domains
@@ -108,7 +117,8 @@ class MXRouter:
     ``resolver`` provides ``twisted.names``' ``IResolver`` lookups (``lookupMailExchange``,
     ``lookupAddress``, ``lookupIPV6Address``); ``clock`` times the cache; ``random`` shuffles MX
     hosts of equal preference (seed it in tests); ``prefer`` is ``"ipv4"`` or ``"ipv6"``: which
-    family's addresses of one host come first.
+    family's addresses of one host come first. ``mta_sts``, when set, is the ``PolicyCache`` whose
+    policies constrain the routes (it asks this router for TXT records and addresses).
     """
 
     def __init__(
@@ -126,6 +136,7 @@ class MXRouter:
         min_ttl: float = 0.0,
         max_ttl: float = 3600.0,
         negative_ttl: float = 60.0,
+        mta_sts: PolicyCache | None = None,
     ) -> None:
         if prefer not in ("ipv4", "ipv6"):
             raise ValueError("prefer must be 'ipv4' or 'ipv6'")
@@ -144,6 +155,8 @@ class MXRouter:
         self._inflight: dict[str, list[defer.Deferred[tuple[Exchange, ...]]]] = {}
         self._orders: dict[str, tuple[tuple[Exchange, ...], float, tuple[Exchange, ...]]] = {}
         self._routes: dict[int, tuple[tuple[Exchange, ...], Route]] = {}  # port → last route built
+        self._sts_routes: dict[tuple[str, int], tuple[tuple[Exchange, ...], Policy, Route]] = {}
+        self.mta_sts = mta_sts
 
     def __repr__(self) -> str:
         return f"MXRouter(port={self.port}, domains={list(self.domains)!r})"
@@ -160,9 +173,66 @@ class MXRouter:
 
         Also used by other routers (LDAP ``mailHost``) to route on to a host name.
         """
+        port = port if port is not None else self.port
         d = self.exchanges(domain)
-        d.addCallback(self._route, port if port is not None else self.port)
-        return d
+        domain = normalise_domain(domain)
+        if self.mta_sts is None or _literal(domain) is not None:
+            return d.addCallback(self._route, port)
+        policy = self.mta_sts.policy(domain)  # in parallel with the MX lookup; never fails
+        return d.addCallback(lambda exchanges: policy.addCallback(
+            lambda p: self._apply(domain, exchanges, p, port)))
+
+    def _apply(self, domain: str, exchanges: tuple[Exchange, ...], policy: Policy | None, port: int) -> Route:
+        """The route under ``domain``'s MTA-STS policy (RFC 8461 sections 4 and 5)."""
+        if policy is None or policy.mode is Mode.NONE:
+            return self._route(exchanges, port)
+        if policy.mode is Mode.TESTING:
+            refused = [x.name for x in exchanges if not policy.allows(x.name)]
+            if refused:
+                log.warn("MTA-STS testing policy {id} of {domain}: enforce would refuse MX {hosts} "
+                         "(not in {patterns}); delivering as usual", id=policy.id, domain=domain,
+                         hosts=", ".join(refused), patterns=", ".join(policy.mx))
+            return self._route(exchanges, port)
+        memo = self._sts_routes.get((domain, port))
+        if memo is not None and memo[0] is exchanges and memo[1] is policy:
+            return memo[2]
+        allowed = tuple(x for x in exchanges if policy.allows(x.name))
+        if not allowed:
+            self.mta_sts.recheck(domain)  # type: ignore[union-attr]  # section 5.1: look for a newer policy
+            names = ", ".join(x.name for x in exchanges)
+            log.warn("MTA-STS enforce policy {id} of {domain} lists none of its MX hosts ({hosts}); "
+                     "mail waits", id=policy.id, domain=domain, hosts=names)
+            raise TemporaryFailure(Reply(451, "4.7.5", f"MTA-STS policy of {domain} (enforce) allows none of "
+                                                       f"its MX hosts ({names}); will retry"))
+        if len(allowed) < len(exchanges):
+            log.info("MTA-STS enforce policy {id} of {domain}: MX {hosts} not listed, not used", id=policy.id,
+                     domain=domain, hosts=", ".join(x.name for x in exchanges if x not in allowed))
+        route = attrs.evolve(self._build_route(allowed, port), tls=TLSPolicy.VERIFY)
+        self._sts_routes[(domain, port)] = (exchanges, policy, route)
+        bound_cache(self._sts_routes, lambda v: False)
+        return route
+
+    def txt(self, name: str) -> defer.Deferred[tuple[tuple[str, ...], float]]:
+        """The TXT records of ``name`` (each one's strings joined) and their TTL; for MTA-STS.
+
+        Raises ``DNSNameError`` for NXDOMAIN and ``TemporaryFailure`` when DNS does not answer.
+        """
+        async def lookup() -> tuple[tuple[str, ...], float]:
+            records, ttls = await self._lookup(normalise_domain(name), dns.TXT)
+            texts = tuple(b"".join(r.payload.data).decode("utf-8", "replace") for r in records)
+            return texts, self._ttl(ttls)
+
+        return defer.ensureDeferred(lookup())
+
+    def addresses(self, name: str) -> defer.Deferred[tuple[str, ...]]:
+        """Every address of host ``name`` (by ``prefer``); raises when DNS does not answer."""
+        async def lookup() -> tuple[str, ...]:
+            result = await self._host(normalise_domain(name))
+            if isinstance(result, Exception):
+                raise result
+            return result[0]
+
+        return defer.ensureDeferred(lookup())
 
     def route_host(self, name: str, port: int | None = None) -> defer.Deferred[Route]:
         """The route to one host's own A/AAAA addresses, without MX lookup (Postfix's ``[host]``)."""
@@ -328,7 +398,7 @@ class MXRouter:
         Raises ``DNSNameError`` for NXDOMAIN, ``TemporaryFailure`` for anything that may pass.
         """
         method = {dns.MX: self.resolver.lookupMailExchange, dns.A: self.resolver.lookupAddress,
-                  dns.AAAA: self.resolver.lookupIPV6Address}[qtype]
+                  dns.AAAA: self.resolver.lookupIPV6Address, dns.TXT: self.resolver.lookupText}[qtype]
         ttls: list[int] = []
         target = name
         for _ in range(MAX_CNAME_DEPTH):
@@ -371,7 +441,8 @@ class MXRouter:
 
         Options: ``nameservers`` (``host:port``, default port 53; default: the system's
         /etc/resolv.conf), ``port``, ``domains``, ``max_hosts``, ``prefer``, ``tls``, ``source``,
-        ``timeout`` (per DNS query), ``min_ttl``, ``max_ttl``, ``negative_ttl``.
+        ``timeout`` (per DNS query), ``min_ttl``, ``max_ttl``, ``negative_ttl``; ``mta_sts``,
+        ``mta_sts_port``, ``mta_sts_ca_file``, ``mta_sts_timeout``.
         """
         s = context.options(options)
         nameservers = s.get_list("nameservers", (), lambda v: parse_hostport(v, 53))
@@ -387,11 +458,23 @@ class MXRouter:
             max_ttl=s.get("max_ttl", 3600.0, parse_duration),
             negative_ttl=s.get("negative_ttl", 60.0, parse_duration),
         )
+        mta_sts = s.get("mta_sts", False, types=bool)
+        sts_port = s.get("mta_sts_port", 443, _port)
+        sts_ca_file = s.get("mta_sts_ca_file", None, _ca_file)
+        sts_timeout = s.get("mta_sts_timeout", 10.0, parse_duration)
+        if sts_timeout <= 0:
+            raise s.error("mta_sts_timeout", "must be more than 0")
         s.check_unknown()
         resolver = context.resolver
         if resolver is None:
             resolver = make_resolver(nameservers, context.reactor, timeout)
-        return cls(resolver, context.reactor, random=context.random, **router_options)
+        router = cls(resolver, context.reactor, random=context.random, **router_options)
+        if mta_sts:
+            fetch = HTTPSFetcher(context.reactor, router.addresses, port=sts_port, ca_file=sts_ca_file,
+                                 timeout=sts_timeout)
+            router.mta_sts = PolicyCache(context.reactor, router.txt, fetch,
+                                         negative_ttl=router_options["negative_ttl"])
+        return router
 
 
 def make_resolver(nameservers: Sequence[tuple[str, int]], reactor: Any, timeout: float = 5.0) -> client.Resolver:
@@ -429,6 +512,19 @@ def _port(v: object) -> int:
 def _positive(v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"must be a whole number of at least 1, not {v!r}")
+    return v
+
+
+def _ca_file(v: object) -> str:
+    """A readable PEM file with at least one certificate (checked now, not at the first fetch)."""
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"must be the path of a PEM CA file, not {v!r}")
+    try:
+        load_trust_root(v)
+    except OSError as e:
+        raise ValueError(f"cannot read {v}: {e.strerror}") from None
+    except Exception as e:  # ValueError (no PEM), or OpenSSL's error for a broken certificate
+        raise ValueError(f"{v}: not a PEM CA file ({e})") from None
     return v
 
 
