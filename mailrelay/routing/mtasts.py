@@ -25,6 +25,7 @@ import treq
 from twisted.internet import defer, ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the trust-root interface ssl.* accepts
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.names import error as dnserror
@@ -279,6 +280,12 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def _cancelled(e: BaseException) -> bool:
+    if isinstance(e, defer.CancelledError | ConnectingCancelledError):
+        return True
+    return any(_cancelled(f.value) for f in getattr(e, "reasons", None) or ())
+
+
 @implementer(IOpenSSLTrustRoot)
 class _PlatformAnd:
     """The platform's trust store plus the certificates of a configured CA file."""
@@ -337,9 +344,11 @@ class HTTPSFetcher:
         for address in addresses:
             try:
                 return await self._get(host, address)
-            except PolicyError:
+            except PolicyError:  # an answer we refuse
                 raise
             except Exception as e:  # could not connect or TLS failed: the next address may do
+                if _cancelled(e):  # our own timeout, whatever twisted.web wrapped it in
+                    raise defer.CancelledError() from None
                 errors.append(f"{address}: {_reason(e)}")
         raise PolicyError(f"{self.url(host)}: " + "; ".join(errors))
 
