@@ -163,3 +163,55 @@ class _Index(Resource):
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"mailrelay: metrics at /metrics\n"
+
+
+#: Gauges whose instance-wide value is the largest of the processes', not their sum.
+MERGE_MAX = frozenset({"mailrelay_queue_oldest_age_seconds"})
+
+
+def merge_exposition(texts: list[str]) -> list[Any]:
+    """Several processes' ``/metrics`` texts as one instance's metric families.
+
+    Every sample with the same name and labels is added up (counters, histogram buckets, sums and
+    counts, gauges such as queue sizes and open connections), except the gauges of
+    ``MERGE_MAX`` (the oldest message is the oldest of any process) and ``*_created`` (the
+    earliest). A worker that restarted starts its counters again from 0, which Prometheus'
+    ``rate()`` reads as a counter reset.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Any] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            families.setdefault(family.name, family)
+            merged = values.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in merged:
+                    merged[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    merged[key] = min(merged[key], sample.value)
+                elif family.name in MERGE_MAX:
+                    merged[key] = max(merged[key], sample.value)
+                else:
+                    merged[key] += sample.value
+    out = []
+    for name, family in families.items():
+        from prometheus_client.metrics_core import Metric
+
+        metric = Metric(family.name, family.documentation, family.type, family.unit)
+        for (sample_name, labels), value in values[name].items():
+            metric.add_sample(sample_name, dict(labels), value)
+        out.append(metric)
+    return out
+
+
+class StaticCollector(Collector):
+    """Yields the families it is given (merged figures, for a one-off registry to render)."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Any]:
+        return iter(self.families)

@@ -1,5 +1,7 @@
 """``twistd mailrelay``: command-line options and ``makeService``.
 
+With ``[server] workers`` above 1 the service is a supervisor of that many worker processes
+(``mailrelay.workers``); otherwise it is one ``MailRelayService`` holding the spool's lock.
 The standalone relay also answers signals (``mailrelay.reload.SignalService``): SIGHUP reloads
 ``--config``, SIGTERM stops gracefully and exits 0. ``--log-format json`` writes one JSON object
 per log line (``mailrelay._log``) where twistd would write text (``--logfile``, or stdout).
@@ -85,16 +87,43 @@ def _json_observer(options: Options) -> Any:
 
 def makeService(options: Options) -> IService:
     from mailrelay.reload import SignalService
+
+    cfg = options.loaded
+    top = _Standalone(_json_observer(options) if options["log-format"] == "json" else None)
+    if cfg.server.workers > 1:
+        from mailrelay.workers.supervisor import Supervisor
+
+        supervisor = Supervisor(cfg, options["config"])  # [server] workers comes from a file: --config is set
+        supervisor.setServiceParent(top)
+        SignalService(supervisor, options["config"]).setServiceParent(top)
+        top.supervisor = supervisor  # type: ignore[attr-defined]
+        return top
+
     from mailrelay.service import MailRelayService
 
     try:
-        relay = MailRelayService(options.loaded)
+        relay = MailRelayService(cfg)
     except ConfigError as e:
         # twistd would print a traceback; an operator wants the file, key and reason.
         sys.stderr.write(f"mailrelay: {e}\n")
         raise SystemExit(1) from None
-    top = _Standalone(_json_observer(options) if options["log-format"] == "json" else None)
+    if cfg.spool.backend == "filesystem":
+        top.spool_lock = _lock_spool(cfg.spool.path)  # type: ignore[attr-defined]
     relay.setServiceParent(top)
     SignalService(relay, options["config"]).setServiceParent(top)
     top.relay = relay  # type: ignore[attr-defined]
     return top
+
+
+def _lock_spool(path: str) -> Any:
+    """Hold the spool's lock for the life of the process, and take in the mail of the worker
+    spools a run with ``[server] workers > 1`` left (mailrelay.workers.shards)."""
+    from mailrelay.workers.shards import ShardBusy, ShardLock, drain
+
+    try:
+        lock = ShardLock(path).acquire()
+    except (ShardBusy, OSError) as e:
+        sys.stderr.write(f"mailrelay: {e}\n")
+        raise SystemExit(1) from None
+    drain(path, 1, held={0: lock})
+    return lock
