@@ -1,7 +1,8 @@
 """The ``mailrelay`` command: check a config, look at and steer the queue.
 
 ``mailrelay queue ...`` talks to the running instance over its control socket
-(``<spool path>/control.sock``); when no instance runs, ``list``, ``show`` and ``summary`` read the
+(``<spool path>/control.sock``; with ``[server] workers > 1``, to every worker over the socket
+in its spool shard, and merges the answers); when no instance runs, ``list``, ``show`` and ``summary`` read the
 filesystem spool (or the shared PostgreSQL queue) directly and ``delete``/``hold``/``release`` edit
 it (``flush`` needs a running instance; with the PostgreSQL queue it makes the message(s) due for
 the nodes running elsewhere). ``mailrelay db upgrade`` creates or migrates the PostgreSQL queue's
@@ -211,17 +212,129 @@ class _OfflineDatabase(_Offline):
         return defer.maybeDeferred(run)
 
 
+class _Merged:
+    """Every spool shard of an instance with ``[server] workers > 1``, as one queue.
+
+    Each shard answers for itself (its worker over its control socket, or its directory when
+    that worker is not running); lists are merged in id order, a command about one message goes
+    to the shard that has it.
+    """
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    @defer.inlineCallbacks
+    def list(self, after: str | None, limit: int):  # type: ignore[no-untyped-def]
+        infos, more = [], False
+        for part in self.parts:
+            page, part_more = yield part.list(after, limit)
+            infos += page
+            more = more or part_more
+        infos.sort(key=lambda m: m["queue_id"])
+        return infos[:limit], more or len(infos) > limit
+
+    @defer.inlineCallbacks
+    def _first(self, call: Callable[[Any], defer.Deferred[Any]]):  # type: ignore[no-untyped-def]
+        """``call`` on each shard until one has the message (the others raise KeyError)."""
+        for part in self.parts:
+            try:
+                return (yield call(part))
+            except KeyError:
+                continue
+        raise KeyError("no such message")
+
+    def show(self, queue_id: str) -> defer.Deferred[Any]:
+        return self._first(lambda part: part.show(queue_id))
+
+    def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
+        return self._first(lambda part: part.act(action, queue_id))
+
+    @defer.inlineCallbacks
+    def flush(self, queue_id: str | None):  # type: ignore[no-untyped-def]
+        online = [p for p in self.parts if isinstance(p, _Online)]
+        if not online:
+            raise CLIError("mailrelay is not running: messages are attempted when it starts")
+        if queue_id is not None:
+            return (yield _Merged(online)._first(lambda part: part.flush(queue_id)))
+        counts = yield defer.gatherResults([p.flush(None) for p in online], consumeErrors=True)
+        return sum(counts)
+
+    @defer.inlineCallbacks
+    def summary(self):  # type: ignore[no-untyped-def]
+        summaries = []
+        for part in self.parts:
+            summaries.append((yield part.summary()))
+        return merge_summaries(summaries)
+
+
+def merge_summaries(summaries: list[dict[str, Any]], top: int = 50) -> dict[str, Any]:
+    """Several shards' ``queue summary`` as one: counts added up by domain and age bucket.
+
+    Exact unless a shard had more than ``top`` domains itself (its smallest are then in its
+    ``more_domains`` count only).
+    """
+    rows: dict[str, list[int]] = {}
+    first = summaries[0]
+    totals = [0] * len(first["total"])
+    for s in summaries:
+        totals = [a + b for a, b in zip(totals, s["total"], strict=True)]
+        for domain, counts in s["rows"]:
+            row = rows.setdefault(domain, [0] * len(counts))
+            rows[domain] = [a + b for a, b in zip(row, counts, strict=True)]
+    ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+    return {
+        "buckets": first["buckets"],
+        "messages": sum(s["messages"] for s in summaries),
+        "held": sum(s["held"] for s in summaries),
+        "total": totals,
+        "rows": [[domain, counts] for domain, counts in ordered[:top]],
+        "more_domains": max(len(ordered) - top, 0) + sum(s["more_domains"] for s in summaries),
+    }
+
+
+def shard_paths(cfg: configmod.Config) -> list[str]:
+    """The spool directories of the instance: one per worker, and any a larger run left behind."""
+    from mailrelay.workers.shards import shard_path, shards_on_disk
+
+    indexes = set(range(cfg.server.workers)) | set(shards_on_disk(cfg.spool.path))
+    return [shard_path(cfg.spool.path, k) for k in sorted(indexes)]
+
+
 def _backend(reactor: Any, args: argparse.Namespace) -> defer.Deferred[Any]:
     from mailrelay.control.client import connect, is_listening
     from mailrelay.control.server import socket_path
 
     cfg = configmod.load(args.config)
-    path = args.socket or socket_path(cfg.spool.path)
-    if is_listening(path):
-        return connect(reactor, path).addCallback(_Online)
-    if cfg.spool.backend == "postgresql":
+    paths = shard_paths(cfg)
+    if args.socket or len(paths) == 1:
+        path = args.socket or socket_path(cfg.spool.path)
+        if is_listening(path):
+            return connect(reactor, path).addCallback(_Online)
+        if cfg.spool.backend == "postgresql":
+            return defer.maybeDeferred(_OfflineDatabase, cfg.spool.dsn)
+        return defer.maybeDeferred(_Offline, cfg.spool.path)
+    sockets = [socket_path(p) for p in paths]
+    if cfg.spool.backend == "postgresql":  # every worker sees the whole shared queue: ask one
+        live = next((s for s in sockets if is_listening(s)), None)
+        if live is not None:
+            return connect(reactor, live).addCallback(_Online)
         return defer.maybeDeferred(_OfflineDatabase, cfg.spool.dsn)
-    return defer.maybeDeferred(_Offline, cfg.spool.path)
+    return _shards(reactor, paths, sockets)
+
+
+@defer.inlineCallbacks
+def _shards(reactor: Any, paths: list[str], sockets: list[str]):  # type: ignore[no-untyped-def]
+    from mailrelay.control.client import connect, is_listening
+
+    parts: list[Any] = []
+    for path, sock in zip(paths, sockets, strict=True):
+        if is_listening(sock):
+            parts.append(_Online((yield connect(reactor, sock))))
+        elif os.path.isdir(os.path.join(path, "queue")):
+            parts.append(_Offline(path))
+    if not parts:
+        raise CLIError(f"no spool at {paths[0]} (and no running instance)")
+    return _Merged(parts)
 
 
 # -- queue: printing ---------------------------------------------------------------------------
