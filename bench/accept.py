@@ -48,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     args = ap.parse_args(argv)
     names = [s for s in args.systems.split(",") if s]
-    servers = {name: PythonServer(name, SYSTEMS[name]) for name in names}
+    servers: dict[str, PythonServer] = {}
     scenarios = [(1024, 10, args.messages), (1024, 50, args.messages),
                  (2**20, 10, args.large), (2**20, 50, args.large)]
     results: dict[tuple[int, int, str], list[tuple[float, float]]] = {}
     try:
+        for name in names:  # started inside the try: one that fails to start stops the others
+            servers[name] = PythonServer(name, SYSTEMS[name])
         for server in servers.values():  # warm-up
             smtp_source(server.port, 10, 200, 1024)
         for size, sessions, n in scenarios:

@@ -53,9 +53,23 @@ class PolicyChain:
 
     def __init__(self, policies: Sequence[IPolicy]) -> None:
         self.policies = tuple(policies)
+        # Each stage's bound methods, looked up once (every command of every session runs one).
+        self._stages: dict[str, tuple[Any, ...]] = {}
 
     def _run(self, method: str, args: tuple[Any, ...]) -> Reply | None | Deferred[Reply | None]:
-        return self._continue(iter(self.policies), method, args)
+        stage = self._stages.get(method)
+        if stage is None:
+            stage = self._stages[method] = tuple(getattr(p, method) for p in self.policies)
+        if len(stage) == 1:  # the usual chain: one answer, passed on as it is
+            return stage[0](*args)  # type: ignore[no-any-return]
+        for i, check in enumerate(stage):
+            answer = check(*args)
+            if answer is None:
+                continue
+            if isinstance(answer, Deferred):
+                return answer.addCallback(self._after_deferred, iter(self.policies[i + 1:]), method, args)
+            return answer  # type: ignore[no-any-return]
+        return None
 
     def _continue(
         self, rest: Iterator[IPolicy], method: str, args: tuple[Any, ...]

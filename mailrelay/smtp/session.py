@@ -115,6 +115,10 @@ class SessionSettings:
     max_hops: int = 50  # more Received headers than this: a mail loop (554 5.4.6)
     greet_delay: float = 0.0  # wait this long before the greeting; talking before it is rejected
     trace_header: Callable[[SessionInfo, Envelope, str, float], bytes] = received_header
+    # The extension lines of the EHLO reply on the wire, by (STARTTLS offered, AUTH offered): the
+    # same for every session of a listener, so built once (a cache, not a setting).
+    _ehlo_tails: dict[tuple[bool, bool], bytes] = attrs.field(
+        init=False, factory=dict, eq=False, hash=False, repr=False)
 
 
 class SessionOutput(Protocol):
@@ -194,22 +198,24 @@ class Session:
         self._waiting: Deferred[Any] | None = None
         self._pumping = False
         self._paused = False
-        self._commands: dict[str, Callable[[str], None]] = {
-            "EHLO": self._ehlo,
-            "HELO": self._helo,
-            "MAIL": self._mail,
-            "RCPT": self._rcpt,
-            "DATA": self._data,
-            "RSET": self._rset,
-            "NOOP": self._noop,
-            "QUIT": self._quit,
-            "VRFY": self._vrfy,
-            "EXPN": self._expn,
-            "HELP": self._help,
-            "STARTTLS": self._starttls,
-            "AUTH": self._auth,
-            "BDAT": self._bdat,
-        }
+
+    #: verb → the method that answers it (looked up on the instance, so one class-wide table).
+    _COMMANDS = {
+        "EHLO": "_ehlo",
+        "HELO": "_helo",
+        "MAIL": "_mail",
+        "RCPT": "_rcpt",
+        "DATA": "_data",
+        "RSET": "_rset",
+        "NOOP": "_noop",
+        "QUIT": "_quit",
+        "VRFY": "_vrfy",
+        "EXPN": "_expn",
+        "HELP": "_help",
+        "STARTTLS": "_starttls",
+        "AUTH": "_auth",
+        "BDAT": "_bdat",
+    }
 
     # -- the connection's side ------------------------------------------------------------------
 
@@ -276,18 +282,25 @@ class Session:
     def reply(self, reply: Reply) -> None:
         if self.state is State.CLOSED:
             return
-        self.out.write(_encode(reply))
+        wire = _WIRE.get(id(reply))
+        self.out.write(wire if wire is not None else reply.encode())
         if reply.code >= 400:
             self.observer.command_rejected(self._verb, reply)
             self.errors += 1
             if self.errors >= self.settings.max_errors and reply.code != 421:
                 self._close(R.TOO_MANY_ERRORS)
 
+    def _send(self, wire: bytes) -> None:
+        """A success reply already in wire form (no error counting to do)."""
+        if self.state is not State.CLOSED:
+            self.out.write(wire)
+
     def _close(self, reply: Reply | None = None) -> None:
         if self.state is State.CLOSED:
             return
         if reply is not None:
-            self.out.write(reply.encode())
+            wire = _WIRE.get(id(reply))
+            self.out.write(wire if wire is not None else reply.encode())
         self.connection_lost()
         self.out.lose_connection()
 
@@ -367,7 +380,7 @@ class Session:
             self._close(R.PREGREET)
             return
         self.state = State.GREETED
-        self.out.write(Reply(220, None, f"{self.settings.hostname} ESMTP mailrelay").encode())
+        self.out.write(_greeting(self.settings.hostname))
         self._pump()
 
     def _handle(self, event: p.Event) -> None:
@@ -386,14 +399,16 @@ class Session:
             self._sasl_response(event)
         elif isinstance(event, p.Command):
             # a fixed set of names for the observer (metrics labels), never the client's text
-            self._verb = event.verb if event.verb in self._commands else "UNKNOWN"
-            handler = self._commands.get(event.verb)
-            if handler is not None:
-                handler(event.argument)
-            elif event.verb in HTTP_VERBS:
-                self._close(R.HTTP_COMMAND)
+            name = self._COMMANDS.get(event.verb)
+            if name is not None:
+                self._verb = event.verb
+                getattr(self, name)(event.argument)
             else:
-                self.reply(R.UNKNOWN_COMMAND)
+                self._verb = "UNKNOWN"
+                if event.verb in HTTP_VERBS:
+                    self._close(R.HTTP_COMMAND)
+                else:
+                    self.reply(R.UNKNOWN_COMMAND)
         elif event.error is p.LineError.TOO_LONG:
             self._verb = "UNKNOWN"
             self.reply(R.LINE_TOO_LONG)
@@ -482,7 +497,7 @@ class Session:
                 tls=f" tls={info.tls.version}" if info.tls else "",
                 auth=f" sasl_username={info.auth}" if info.auth else "",
             )
-            self.reply(Reply(250, "2.0.0", f"Ok: queued as {writer.queue_id}"))
+            self._send(f"250 2.0.0 Ok: queued as {writer.queue_id}\r\n".encode())
 
         def allowed(objection: Reply | None) -> None:
             if objection is not None:
@@ -511,15 +526,27 @@ class Session:
                 self.reply(objection)
                 return
             self._reset()
-            self.info.helo, self.info.esmtp = name, esmtp
+            info = self.info
+            info.helo, info.esmtp = name, esmtp
             self.state = State.READY
-            greeting = f"{self.settings.hostname} Hello {name} [{self.info.client_address}]"
             if esmtp:
-                self.reply(Reply(250, None, "\n".join([greeting, *self.extensions()])))
+                greeting = f"250-{self.settings.hostname} Hello {name} [{info.client_address}]\r\n"
+                self._send(greeting.encode() + self._ehlo_tail())
             else:
                 self.reply(Reply(250, None, self.settings.hostname))
 
         self._ask(self.policy.helo, (self.info, name), then)
+
+    def _ehlo_tail(self) -> bytes:
+        """The EHLO reply after its first line, as sent (built once per listener and TLS/AUTH state)."""
+        key = (self.settings.starttls and not self.tls_active, self._auth_offered())
+        tails = self.settings._ehlo_tails
+        tail = tails.get(key)
+        if tail is None:
+            ext = self.extensions()
+            tail = tails[key] = "".join(
+                f"250-{e}\r\n" for e in ext[:-1]).encode() + f"250 {ext[-1]}\r\n".encode()
+        return tail
 
     def extensions(self) -> list[str]:
         s = self.settings
@@ -962,14 +989,18 @@ class Session:
     _prev_state = State.READY
 
     def _help(self, arg: str) -> None:
-        verbs = " ".join(sorted(self._commands))
+        verbs = " ".join(sorted(self._COMMANDS))
         self.reply(Reply(214, "2.0.0", f"Commands: {verbs}"))
 
 
-@functools.lru_cache(maxsize=1024)
-def _encode(reply: Reply) -> bytes:
-    """Most replies are the same few constants: encode each once."""
-    return reply.encode()
+#: The wire form of each fixed reply in ``replies``, by identity (a dict lookup on an int; the
+#: constants live as long as the process, so no other object can share their id).
+_WIRE: dict[int, bytes] = {id(r): r.encode() for r in vars(R).values() if isinstance(r, Reply)}
+
+
+@functools.lru_cache(maxsize=16)
+def _greeting(hostname: str) -> bytes:
+    return Reply(220, None, f"{hostname} ESMTP mailrelay").encode()
 
 _DATA_ERRORS = {
     p.DataError.TOO_BIG: R.TOO_BIG,

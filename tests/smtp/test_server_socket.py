@@ -76,3 +76,68 @@ def test_smtplib_pipelined_session_and_bad_input_over_a_real_socket():
     assert first.data.split(b"\r\n\r\n", 1)[1] == b".leading dot\r\nbody\r\n"
     assert [r.address for r in first.envelope.recipients] == ["u1@example.test", "u2@example.test"]
     assert second.envelope.sender == "" and second.envelope.recipients[0].address == "postmaster@mx.example.test"
+
+
+@pytest_twisted.inlineCallbacks
+def test_replies_go_out_at_once_and_in_order_when_the_socket_is_full():
+    """On plain TCP a reply is sent straight away when nothing waits before it; once the kernel
+    buffer fills, the rest queue in the transport and still reach the client in command order."""
+    config = ServerConfig(hostname="mx.example.test", trusted_networks=())
+    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), reactor)
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    n = port.getHost().port
+    queued: list[int] = []  # bytes handed to the transport's own buffer, per connection
+    real_build = factory.buildProtocol
+
+    def spy(addr):
+        proto = real_build(addr)
+        made = proto.connectionMade
+
+        def check():
+            made()
+            transport = proto.transport
+            transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            real_write = transport.write
+            queued.append(0)
+            index = len(queued) - 1
+
+            def write(data):
+                queued[index] += len(data)
+                real_write(data)
+
+            transport.write = write
+
+        proto.connectionMade = check
+        return proto
+
+    factory.buildProtocol = spy
+    names = [f"client-{i}.example.org" for i in range(300)]
+
+    def quiet_client():  # one command at a time, as smtp-source does
+        with smtplib.SMTP("127.0.0.1", n, timeout=10) as s:
+            s.ehlo("client.example.org")
+            return s.noop()[0]
+
+    def flooding_client():  # pipelines 300 EHLOs (~70 KB of replies), reads nothing until all are sent
+        with socket.create_connection(("127.0.0.1", n), timeout=20) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"".join(f"EHLO {name}\r\n".encode() for name in names) + b"QUIT\r\n")
+            received = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return received
+                received += chunk
+
+    try:
+        noop = yield threads.deferToThread(quiet_client)
+        received = yield threads.deferToThread(flooding_client)
+    finally:
+        yield port.stopListening()
+    assert noop == 250
+    lines = received.decode().split("\r\n")
+    hellos = [line.split()[2] for line in lines if " Hello " in line]
+    assert hellos == names
+    assert lines[0].startswith("220 ") and lines[-2] == "221 2.0.0 Bye"
+    assert queued[0] == 0  # the quiet client's replies all went out directly
+    assert queued[1] > 0  # the flood filled the socket: the rest waited in the transport, in order
