@@ -202,3 +202,43 @@ def test_the_cli_sees_every_shard_and_fewer_workers_take_over_the_mail_of_the_re
         relay.cleanup()
         sink.stop()
         shutil.rmtree(sink.dir, ignore_errors=True)
+
+
+def test_an_implicit_tls_listener_is_shared_by_the_workers(smtp_sink, tmp_path):
+    import smtplib
+    import ssl
+
+    from tests.smtp.certs import make_certs
+
+    ca, cert, key = make_certs(tmp_path, "relay.mailrelay.test")
+    tls_port = free_port()
+    relay = RelayProcess(route_to(smtp_sink.port, extra="[server]\nworkers = 2\n"))
+    text = relay.config.read_text()
+    relay.config.write_text(text.replace(
+        f'listen = ["tcp:{relay.port}:interface=127.0.0.1"]',
+        f'listen = ["tcp:{relay.port}:interface=127.0.0.1", '
+        f'"ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]'))
+    try:
+        start_workers(relay)
+        ctx = ssl.create_default_context(cafile=str(ca))
+        for i in range(6):
+            with smtplib.SMTP_SSL("127.0.0.1", tls_port, context=ctx, timeout=10) as c:
+                c.sendmail("s@example.org", ["r@example.test"], f"Subject: tls {i}\r\n\r\nhi\r\n".encode())
+        raws = smtp_sink.wait_for(6)
+        assert all(b"(using TLSv1." in raw and b"with ESMTPS id" in raw for raw in raws)
+    finally:
+        relay.cleanup()
+
+
+def test_workers_stop_when_the_supervisor_is_killed(smtp_sink):
+    relay = RelayProcess(route_to(smtp_sink.port, extra="[server]\nworkers = 2\n"))
+    try:
+        start_workers(relay)
+        pids = worker_pids(relay)
+        relay.kill()  # SIGKILL: no chance to pass anything on
+        deadline = time.monotonic() + 20
+        while any(alive(p) for p in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p) for p in pids.values()), "orphaned workers kept running"
+    finally:
+        relay.cleanup()
