@@ -2,27 +2,35 @@
 
 Layout under ``path``::
 
-    tmp/<id>.body          a body being received (buffered writes from the reactor thread)
-    tmp/<id>.env.<n>       an envelope being written
-    queue/<id>.body        a committed body
-    queue/<id>.env         its envelope and per-recipient state (JSON); its presence marks the commit
+    tmp/<id>.body          a message being received: its body, the envelope appended at commit
+    tmp/<id>.env.<n>       a state update being written
+    queue/<id>             a committed message: the body, its envelope (JSON), a 16-byte trailer
+                           (magic, body size, envelope size); its presence marks the commit
+    queue/<id>.env         its state (JSON) once saved after an attempt; supersedes the envelope
+                           stored in ``queue/<id>``
 
-Every commit and save of the ``queue/`` directory happens in one writer thread, which
-takes every job waiting for it, fsyncs their files, renames them into place and fsyncs ``queue/``
-once for the whole batch (group commit); each job's Deferred fires only after that. Removals come
-in a thread of their own (an unlink can take milliseconds on a busy disk; no commit waits behind
-one) and need no fsync before they are answered: that thread syncs ``queue/`` when it goes idle (a
-removal lost in a crash means a message delivered twice, never one lost). Nothing touches
-``fsync`` on the reactor thread. A crash leaves at worst files in ``tmp/`` or a body without its
-envelope in ``queue/``: both are removed at start, never delivered.
+One file per message: a commit is one create, one write, one fsync and one rename (the envelope
+travels with the body; only a deferred message gets a second file). The writer thread takes every
+job waiting for it, writes and fsyncs their files (in parallel when there are several: the journal
+merges them), renames them into place and hands the batch to the directory syncer, which fsyncs
+``queue/`` once for everything handed to it (group commit) while the writer already syncs the next
+batch (pipelined); each job's Deferred fires only after that. Removals come in a thread of their
+own (an unlink can take milliseconds on a busy disk; no commit waits behind one) and need no fsync
+before they are answered: the next directory sync covers them, or the remover's own once it has
+been idle a moment (a removal lost in a crash means a message delivered twice, never one lost).
+Nothing touches ``fsync`` on the reactor thread. A crash leaves at worst files in ``tmp/`` or a
+state without its message in ``queue/``: both are removed at start, never delivered. A spool of
+the older two-file layout (``queue/<id>.body`` + ``queue/<id>.env``) is converted at start.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue as _queue
 import re
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -49,17 +57,117 @@ from mailrelay.queue.store import (
 
 log = Logger()
 
-_BODY = ".body"
+_RECEIVING = ".body"  # tmp/<id>.body: a message being received
 _ENV = ".env"
+_LEGACY_BODY = ".body"  # queue/<id>.body of the two-file layout
 _BUFFER = 256 * 1024
-_READERS = 2
+_READERS = 2  # threads reading envelopes at start-up
 _FRESH = 1024  # just-committed messages kept in memory for their first load
+_FRESH_BODY_BYTES = 16 * 1024 * 1024  # and their small bodies, for their first delivery
 _SYNCERS = 16  # threads that fsync a batch's files together (concurrent fsyncs share a journal commit)
-_SCHEDULE_KEYS = re.compile(rb'"next_attempt":(-?[0-9][0-9.eE+-]*),"held":(true|false)')  # threads reading envelopes at start-up
+_REMOVAL_IDLE = 0.1  # seconds without removals before the remover syncs queue/ itself
+_SCHEDULE_KEYS = re.compile(rb'"next_attempt":(-?[0-9][0-9.eE+-]*),"held":(true|false)')
+#: The end of every message file: magic, body size, envelope size (so both are found from the end).
+_TRAILER = struct.Struct("<4sQI")
+_MAGIC = b"MRq1"
+_TAIL = 4096  # bytes read from a message file's end: the envelope and trailer, most of the time
 
 
 def _encode(message: QueuedMessage) -> bytes:
     return json.dumps(message_to_dict(message), separators=(",", ":")).encode()
+
+
+def _trailer(body_size: int, envelope: bytes) -> bytes:
+    return envelope + _TRAILER.pack(_MAGIC, body_size, len(envelope))
+
+
+def _read_trailer(fd: int, tail: int = _TRAILER.size) -> tuple[int, int, bytes]:
+    """``(body size, envelope size, last bytes)`` of a committed message file; ValueError if torn."""
+    size = os.fstat(fd).st_size
+    n = min(size, tail)
+    data = os.pread(fd, n, size - n)
+    if len(data) < _TRAILER.size:
+        raise ValueError("message file too short")
+    magic, body_size, env_size = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
+    if magic != _MAGIC or body_size + env_size + _TRAILER.size != size:
+        raise ValueError("not a committed message file")
+    return body_size, env_size, data
+
+
+def _read_envelope(fd: int) -> bytes:
+    body_size, env_size, data = _read_trailer(fd, _TAIL)
+    if env_size + _TRAILER.size <= len(data):
+        return data[len(data) - _TRAILER.size - env_size:len(data) - _TRAILER.size]
+    return os.pread(fd, env_size, body_size)
+
+
+def committed_files(queue_dir: str) -> dict[str, list[str]]:
+    """The committed messages of a ``queue/`` directory: id → the names of its files, in the order a
+    copy must make them appear in another spool (the file that marks the commit last; remove them
+    in the reverse order). For tools that move messages between spools (worker shards)."""
+    names = set(os.listdir(queue_dir))
+    out: dict[str, list[str]] = {}
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if not is_queue_id(stem):
+            continue
+        if not ext:
+            out[stem] = ([stem + _ENV] if stem + _ENV in names else []) + [stem]
+        elif ext == _ENV and stem + _LEGACY_BODY in names and stem not in names:
+            out[stem] = [stem + _LEGACY_BODY, stem + _ENV]  # the two-file layout: the envelope marks it
+    return dict(sorted(out.items()))
+
+
+class _BodyFile(io.RawIOBase):
+    """The body part of a message file: a read-only, seekable file of ``size`` bytes (``pread``)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__()
+        self._fd, self._size, self._pos = fd, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        left = self._size - self._pos
+        if n is None or n < 0 or n > left:
+            n = left
+        if n <= 0:
+            return b""
+        data = os.pread(self._fd, n, self._pos)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, self._size)[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            finally:
+                super().close()
 
 
 class _Job:
@@ -67,8 +175,9 @@ class _Job:
 
     ``stage`` writes the job's files under temporary names and lists in ``fds`` what must be
     synced; the writer fsyncs the files of the whole batch at once (in parallel: the journal merges
-    them), closes them, then ``publish`` renames them into place. The writer fsyncs ``queue/``
-    once for the batch; then ``result`` goes to the Deferred on the reactor thread.
+    them), closes them, then ``publish`` renames them into place. The directory syncer fsyncs
+    ``queue/`` once for the batches handed to it; then ``result`` goes to the Deferred on the
+    reactor thread.
     """
 
     changes_queue = True
@@ -101,42 +210,40 @@ class _Commit(_Job):
     def __init__(self, writer: _SpoolWriter) -> None:
         super().__init__()
         self.writer = writer
-        self.env_tmp: str | None = None
         self.message: QueuedMessage | None = None
-        self.published: list[str] = []
+        self.body: bytes | None = None  # a small body, kept for the first delivery
+        self.published: str | None = None
 
     def stage(self, spool: FilesystemSpool) -> None:
         w = self.writer
+        self.message = new_message(w.queue_id, w.envelope)
+        tail = _trailer(w.size, _encode(self.message))
         if w.file is None:
-            # A small body was only buffered: its file is created here, off the reactor thread.
+            # A small body was only buffered: its file is created here, off the reactor thread,
+            # and written with its envelope in one go.
+            self.body = bytes(w.pending)
+            w.pending = bytearray()
             fd = os.open(w.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             self.fds.append(fd)
-            _write_all(fd, w.pending)
-            w.pending = bytearray()
+            _write_all(fd, self.body + tail)
         else:
+            w.file.write(tail)
             w.file.flush()
             self.fds.append(os.dup(w.file.fileno()))
             w.file.close()
             w.file = None
-        self.message = new_message(w.queue_id, w.envelope)
-        self.env_tmp = spool._write_tmp(w.queue_id, _encode(self.message), self.fds)
         self.result = w.queue_id
 
     def publish(self, spool: FilesystemSpool) -> None:
-        qid = self.writer.queue_id
-        body = spool._queued(qid, _BODY)
-        os.rename(self.writer.tmp_path, body)
-        self.published.append(body)
-        env = spool._queued(qid, _ENV)
-        assert self.env_tmp is not None
-        os.rename(self.env_tmp, env)  # the envelope last: its presence is the commit
-        self.published.append(env)
+        path = spool._queued(self.writer.queue_id)
+        os.rename(self.writer.tmp_path, path)
+        self.published = path
 
     def undo(self, spool: FilesystemSpool) -> None:
         self.writer._close_quietly()
-        for path in [self.writer.tmp_path, self.env_tmp, *reversed(self.published)]:
-            if path:
-                _unlink(path)
+        _unlink(self.writer.tmp_path)
+        if self.published:
+            _unlink(self.published)
 
 
 class _Save(_Job):
@@ -147,8 +254,8 @@ class _Save(_Job):
 
     def stage(self, spool: FilesystemSpool) -> None:
         qid = self.message.queue_id
-        if not os.path.exists(spool._queued(qid, _BODY)):
-            raise KeyError(qid)  # removed meanwhile: never resurrect an envelope without its body
+        if not os.path.exists(spool._queued(qid)):
+            raise KeyError(qid)  # removed meanwhile: never resurrect a state without its message
         self.env_tmp = spool._write_tmp(qid, _encode(self.message), self.fds)
 
     def publish(self, spool: FilesystemSpool) -> None:
@@ -162,26 +269,34 @@ class _Save(_Job):
 
 
 class _Remove(_Job):
-    def __init__(self, queue_id: str) -> None:
+    def __init__(self, queue_id: str, has_state: bool = True) -> None:
         super().__init__()
         self.queue_id = queue_id
+        self.has_state = has_state  # False: committed in this life and never saved (no .env)
 
     def publish(self, spool: FilesystemSpool) -> None:
-        # The envelope first: a crash in between leaves a body without envelope, cleaned at start.
-        found = _unlink(spool._queued(self.queue_id, _ENV))
-        _unlink(spool._queued(self.queue_id, _BODY))
+        # The message first: a crash in between leaves a state without message, cleaned at start.
+        found = _unlink(spool._queued(self.queue_id))
+        if self.has_state:
+            _unlink(spool._queued(self.queue_id, _ENV))
         if not found:
             raise KeyError(self.queue_id)
 
 
 class _Scan(_Job):
-    """List the committed ids, removing torn writes; in the writer thread so no commit is half seen."""
+    """List the committed ids, removing torn writes; in the writer thread so no commit is half seen.
+
+    ``states`` holds the listed ids that have a saved state (``queue/<id>.env``); ``convert``
+    turns messages of the two-file layout into message files.
+    """
 
     changes_queue = False
 
-    def __init__(self, clean_tmp: bool = False) -> None:
+    def __init__(self, clean_tmp: bool = False, convert: bool = False) -> None:
         super().__init__()
         self.clean_tmp = clean_tmp
+        self.convert = convert
+        self.states: set[str] = set()
 
     def stage(self, spool: FilesystemSpool) -> None:
         if self.clean_tmp:
@@ -189,20 +304,33 @@ class _Scan(_Job):
                 if entry.name not in spool._receiving:
                     log.info("spool: removing incomplete file tmp/{name}", name=entry.name)
                     _unlink(entry.path)
-        bodies, envs = set(), set()
+        messages, states, legacy = set(), set(), set()
         for entry in os.scandir(spool.queue_dir):
             stem, ext = os.path.splitext(entry.name)
-            if ext == _BODY:
-                bodies.add(stem)
+            if not is_queue_id(stem):
+                continue
+            if not ext:
+                messages.add(stem)
             elif ext == _ENV:
-                envs.add(stem)
-        for stem in bodies - envs:
-            log.warn("spool: removing body without envelope queue/{name}", name=stem + _BODY)
-            _unlink(spool._queued(stem, _BODY))
-        for stem in envs - bodies:
-            log.warn("spool: removing envelope without body queue/{name}", name=stem + _ENV)
+                states.add(stem)
+            elif ext == _LEGACY_BODY:
+                legacy.add(stem)
+        for stem in sorted(legacy):
+            if stem not in messages and stem in states and self.convert:
+                spool._convert_legacy(stem)
+                messages.add(stem)
+            if stem in messages:
+                _unlink(spool._queued(stem, _LEGACY_BODY))  # converted (before a crash, maybe)
+            elif stem not in states:
+                log.warn("spool: removing body without envelope queue/{name}", name=stem + _LEGACY_BODY)
+                _unlink(spool._queued(stem, _LEGACY_BODY))
+            else:
+                messages.add(stem)  # not converted yet (a listing while the writer runs elsewhere)
+        for stem in states - messages:
+            log.warn("spool: removing envelope without message queue/{name}", name=stem + _ENV)
             _unlink(spool._queued(stem, _ENV))
-        self.result = sorted(bodies & envs)
+        self.states = states & messages
+        self.result = sorted(messages)
 
 
 class _Stop(_Job):
@@ -238,13 +366,13 @@ class _SpoolWriter:
         self.spool = spool
         self.queue_id = queue_id
         self.envelope = envelope
-        self.tmp_path = os.path.join(spool.tmp_dir, queue_id + _BODY)
+        self.tmp_path = os.path.join(spool.tmp_dir, queue_id + _RECEIVING)
         self.error: OSError | None = None
         self.done = False
         self.size = 0
         self.file: IO[bytes] | None = None
         self.pending = bytearray()  # the body while it is small enough to keep in memory
-        spool._receiving.add(queue_id + _BODY)
+        spool._receiving.add(queue_id + _RECEIVING)
 
     def _fail(self, error: OSError) -> None:
         if self.error is None:
@@ -285,16 +413,9 @@ class _SpoolWriter:
             raise RuntimeError(f"message {self.queue_id} already committed or aborted")
         self.done = True
         if self.error is not None:
-            self.spool._receiving.discard(self.queue_id + _BODY)
+            self.spool._receiving.discard(self.queue_id + _RECEIVING)
             return defer.fail(storage_failure())
-        job = _Commit(self)
-        d = self.spool._submit(job)
-
-        def finished(result: Any) -> Any:
-            self.spool._receiving.discard(self.queue_id + _BODY)
-            return result
-
-        return d.addBoth(finished)
+        return self.spool._submit(_Commit(self))
 
     def abort(self) -> None:
         if self.done:
@@ -304,7 +425,7 @@ class _SpoolWriter:
         if self.file is not None:
             self._close_quietly()
             _unlink(self.tmp_path)  # one quick unlink; no fsync needed to forget a message
-        self.spool._receiving.discard(self.queue_id + _BODY)
+        self.spool._receiving.discard(self.queue_id + _RECEIVING)
 
 
 @implementer(IQueueStore)
@@ -334,17 +455,28 @@ class FilesystemSpool:
         self.threadpool = threadpool or ThreadPool(minthreads=0, maxthreads=4, name="mailrelay-spool")
         self._jobs: _queue.SimpleQueue[_Job] = _queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Batches renamed into place, waiting for the directory syncer: (results, published, stop).
+        self._published: _queue.SimpleQueue[tuple[list[tuple[_Job, Any]], list[_Job], _Job | None]] = (
+            _queue.SimpleQueue())
+        self._dir_syncer: threading.Thread | None = None
         self._removals: _queue.SimpleQueue[_Job] = _queue.SimpleQueue()
         self._remover: threading.Thread | None = None
         self._syncers: ThreadPoolExecutor | None = None
         self._subscribers: list[Callable[[str], object]] = []
         self._receiving: set[str] = set()
         # What each recent commit wrote, so the queue manager's first ``load`` of a new message
-        # costs no thread hop, file read or JSON decode. Bounded: a paused queue does not hold
-        # its messages in memory. Dropped on save/remove, so it never differs from the disk.
+        # costs no thread hop, file read or JSON decode, and its first delivery reads no file.
+        # Bounded: a paused queue does not hold its messages in memory. Dropped on save/remove,
+        # so it never differs from the disk.
         self._fresh: OrderedDict[str, QueuedMessage] = OrderedDict()
+        self._fresh_bodies: OrderedDict[str, bytes] = OrderedDict()
+        self._fresh_bytes = 0
+        self._stateless: set[str] = set()  # committed in this life, never saved: no queue/<id>.env
         self._tmp_counter = 0
-        self._removed_unsynced = False  # unlinks in queue/ not yet covered by an fsync of it
+        # Removals (counted by the remover) and how many of them a sync of queue/ has covered.
+        self._removals_done = 0
+        self._removals_synced = 0
+        self._dir_fd: int | None = None
         #: How many batches the writer has made durable (each one ``fsync`` of ``queue/``).
         self.commit_passes = 0
         # Mail is private: a spool we create is for our user only (the control socket lives here too).
@@ -361,9 +493,14 @@ class FilesystemSpool:
         if self._own_pool:
             self.threadpool.start()
         self._syncers = ThreadPoolExecutor(max_workers=_SYNCERS, thread_name_prefix="mailrelay-spool-fsync")
-        self._submit(_Scan(clean_tmp=True))
+        self._submit(_Scan(clean_tmp=True, convert=True))
+        if self._dir_fd is None:
+            self._dir_fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
         self._thread = threading.Thread(target=self._run, name="mailrelay-spool-writer", daemon=True)
         self._thread.start()
+        self._dir_syncer = threading.Thread(target=self._run_dir_syncs, name="mailrelay-spool-dirsync",
+                                            daemon=True)
+        self._dir_syncer.start()
         self._remover = threading.Thread(target=self._run_removals, name="mailrelay-spool-remover", daemon=True)
         self._remover.start()
 
@@ -383,11 +520,15 @@ class FilesystemSpool:
             assert self._thread is not None
             self._thread.join()
             self._thread = None
+            if self._dir_syncer is not None:
+                self._dir_syncer.join()
+                self._dir_syncer = None
             if remover is not None:
                 remover.join()
             if self._syncers is not None:
                 self._syncers.shutdown()
                 self._syncers = None
+            self._close_dir()
             if self._own_pool:
                 self.threadpool.stop()
 
@@ -416,25 +557,30 @@ class FilesystemSpool:
         values or making 100,000 thread hops. The listing goes through the writer (so torn writes
         are gone first); the reading does not hold it up.
         """
+        scan = _Scan()
+
         def read(ids: list[str]) -> defer.Deferred[list[tuple[str, float, bool]]]:
             # A few threads at once: from a cold page cache this is bound by the disk's latency.
             n = max(1, min(_READERS, len(ids) // 1000))
             step = -(-len(ids) // n) if ids else 1
             parts = [threads.deferToThreadPool(self.reactor, self.threadpool, self._read_schedule,
-                                               ids[i:i + step]) for i in range(0, len(ids), step)]
+                                               ids[i:i + step], scan.states) for i in range(0, len(ids), step)]
             d = defer.gatherResults(parts, consumeErrors=True)
             return d.addCallback(lambda chunks: [entry for chunk in chunks for entry in chunk])
 
-        return self.list_ids().addCallback(read)
+        return self._submit(scan).addCallback(read)
 
-    def _read_schedule(self, ids: list[str]) -> list[tuple[str, float, bool]]:
+    def _read_schedule(self, ids: list[str], states: set[str] | frozenset[str] = frozenset()
+                       ) -> list[tuple[str, float, bool]]:
         out = []
         for queue_id in ids:
             try:
-                with open(self._queued(queue_id, _ENV), "rb") as f:
-                    data = f.read()
+                data = self._read_state(queue_id, queue_id in states, 256)
             except FileNotFoundError:
                 continue  # delivered meanwhile
+            except ValueError:
+                log.error("spool: unreadable message queue/{queue_id}", queue_id=queue_id)
+                continue
             # The two top-level keys come last (see message_to_dict) and a raw '"' cannot occur
             # inside a JSON string, so this finds them without parsing the whole envelope.
             m = _SCHEDULE_KEYS.search(data, max(0, len(data) - 200))
@@ -442,12 +588,31 @@ class FilesystemSpool:
                 out.append((queue_id, float(m.group(1)), m.group(2) == b"true"))
                 continue
             try:
-                d = json.loads(data)
-            except ValueError:
-                log.error("spool: unreadable envelope queue/{queue_id}.env", queue_id=queue_id)
+                d = json.loads(self._read_state(queue_id, queue_id in states))
+            except (ValueError, FileNotFoundError):
+                log.error("spool: unreadable envelope of queue/{queue_id}", queue_id=queue_id)
                 continue
             out.append((queue_id, float(d.get("next_attempt", 0.0)), bool(d.get("held", False))))
         return out
+
+    def _read_state(self, queue_id: str, saved: bool | None = None, tail: int | None = None) -> bytes:
+        """The JSON of a message's current state: its ``.env`` if saved, else the one in the message
+        file (only its last ``tail`` bytes, if given). FileNotFoundError if there is no message."""
+        if saved is not False:
+            try:
+                with open(self._queued(queue_id, _ENV), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                if saved:
+                    raise
+        fd = os.open(self._queued(queue_id), os.O_RDONLY)
+        try:
+            if tail is not None:
+                _, env_size, data = _read_trailer(fd, tail + _TRAILER.size)
+                return data[max(0, len(data) - _TRAILER.size - env_size):len(data) - _TRAILER.size]
+            return _read_envelope(fd)
+        finally:
+            os.close(fd)
 
     def load_many(self, ids: list[str]) -> defer.Deferred[list[QueuedMessage]]:
         """The messages of ``ids`` that still exist, read in one thread hop (for listings)."""
@@ -464,12 +629,11 @@ class FilesystemSpool:
         return threads.deferToThreadPool(self.reactor, self.threadpool, read)
 
     def read_message(self, queue_id: str) -> QueuedMessage:
-        """Blocking read of one envelope (used by ``load`` in a thread, and by the CLI offline)."""
+        """Blocking read of one message's state (used by ``load`` in a thread, and by the CLI offline)."""
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
         try:
-            with open(self._queued(queue_id, _ENV), "rb") as f:
-                data = f.read()
+            data = self._read_state(queue_id)
         except FileNotFoundError:
             raise KeyError(queue_id) from None
         return message_from_dict(json.loads(data))
@@ -477,23 +641,40 @@ class FilesystemSpool:
     def open_body(self, queue_id: str) -> IO[bytes]:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
+        body = self._fresh_bodies.get(queue_id)
+        if body is not None:
+            return io.BytesIO(body)
         try:
-            return open(self._queued(queue_id, _BODY), "rb")
+            fd = os.open(self._queued(queue_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return self._open_legacy_body(queue_id)
+        try:
+            body_size, _, _ = _read_trailer(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _BodyFile(fd, body_size)  # type: ignore[return-value]
+
+    def _open_legacy_body(self, queue_id: str) -> IO[bytes]:
+        """A message of the two-file layout not converted yet (the CLI on a stopped instance)."""
+        try:
+            return open(self._queued(queue_id, _LEGACY_BODY), "rb")
         except FileNotFoundError:
             raise KeyError(queue_id) from None
 
     def body_size(self, queue_id: str) -> int:
-        return os.stat(self._queued(queue_id, _BODY)).st_size
+        with self.open_body(queue_id) as f:
+            return f.seek(0, 2)
 
     def save(self, message: QueuedMessage) -> defer.Deferred[None]:
-        self._fresh.pop(message.queue_id, None)
+        self._forget(message.queue_id)
         return self._submit(_Save(message))
 
     def remove(self, queue_id: str) -> defer.Deferred[None]:
         if not is_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
-        self._fresh.pop(queue_id, None)
-        job = _Remove(queue_id)
+        job = _Remove(queue_id, has_state=queue_id not in self._stateless)
+        self._forget(queue_id)
         if self._remover is None:
             return self._submit(job)
         self._removals.put(job)
@@ -502,36 +683,57 @@ class FilesystemSpool:
     def subscribe(self, callback: Callable[[str], object]) -> None:
         self._subscribers.append(callback)
 
+    def _forget(self, queue_id: str) -> None:
+        """Drop what memory holds of ``queue_id`` (its state is about to change on disk)."""
+        self._fresh.pop(queue_id, None)
+        self._stateless.discard(queue_id)
+        body = self._fresh_bodies.pop(queue_id, None)
+        if body is not None:
+            self._fresh_bytes -= len(body)
+
     # -- blocking access for offline tools (the CLI on a stopped instance) -------------------
 
     def scan_ids(self) -> list[str]:
         """The committed ids, read without changing anything (safe while an instance runs)."""
-        ids = {}
+        messages, legacy = set(), {}
         for entry in os.scandir(self.queue_dir):
             stem, ext = os.path.splitext(entry.name)
-            if ext in (_BODY, _ENV):
-                ids[stem] = ids.get(stem, 0) + 1
-        return sorted(stem for stem, n in ids.items() if n == 2)
+            if not ext and is_queue_id(stem):
+                messages.add(stem)
+            elif ext in (_LEGACY_BODY, _ENV):
+                legacy[stem] = legacy.get(stem, 0) + 1
+        messages.update(stem for stem, n in legacy.items() if n == 2)  # the two-file layout
+        return sorted(messages)
 
     def run_now(self, job: _Job) -> Any:
         """Do one job in the calling thread; only when no writer thread runs (a stopped instance)."""
         if self._thread is not None:
             raise RuntimeError("the spool's writer thread is running; submit jobs instead")
-        ((_, result),) = self._do_batch([job])
+        results, published = self._publish_batch([job])
+        results += self._sync_published(published)
+        self._removals_done += isinstance(job, _Remove)
         self._sync_removals()
+        self._close_dir()
+        ((_, result),) = results
         if isinstance(result, Failure):
             result.raiseException()
         return result
 
     def save_now(self, message: QueuedMessage) -> None:
-        self._fresh.pop(message.queue_id, None)
+        self._forget(message.queue_id)
+        self._convert_if_legacy(message.queue_id)
         self.run_now(_Save(message))
 
     def remove_now(self, queue_id: str) -> None:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
-        self._fresh.pop(queue_id, None)
+        self._forget(queue_id)
+        self._convert_if_legacy(queue_id)
         self.run_now(_Remove(queue_id))
+
+    def _convert_if_legacy(self, queue_id: str) -> None:
+        if not os.path.exists(self._queued(queue_id)) and os.path.exists(self._queued(queue_id, _LEGACY_BODY)):
+            self.run_now(_Scan(convert=True))  # a spool of the two-file layout: converted first
 
     # -- the writer thread ----------------------------------------------------------------
 
@@ -539,7 +741,7 @@ class FilesystemSpool:
         self._jobs.put(job)
         return job.deferred
 
-    def _queued(self, queue_id: str, ext: str) -> str:
+    def _queued(self, queue_id: str, ext: str = "") -> str:
         return os.path.join(self.queue_dir, queue_id + ext)
 
     def _write_tmp(self, queue_id: str, data: bytes, fds: list[int]) -> str:
@@ -555,6 +757,24 @@ class FilesystemSpool:
             raise
         fds.append(fd)
         return path
+
+    def _convert_legacy(self, queue_id: str) -> None:
+        """A message of the two-file layout becomes one message file (its ``.env`` stays as its
+        saved state); durable before the old body goes, so a crash midway loses nothing."""
+        with open(self._queued(queue_id, _ENV), "rb") as f:
+            envelope = f.read()
+        tmp = os.path.join(self.tmp_dir, queue_id + _RECEIVING)
+        with open(self._queued(queue_id, _LEGACY_BODY), "rb") as src, open(tmp, "wb") as dst:
+            size = 0
+            while chunk := src.read(_BUFFER):
+                dst.write(chunk)
+                size += len(chunk)
+            dst.write(_trailer(size, envelope))
+            dst.flush()
+            self.fsync(dst.fileno())
+        os.rename(tmp, self._queued(queue_id))
+        self._sync_queue_dir()
+        log.info("spool: converted queue/{queue_id} to the one-file layout", queue_id=queue_id)
 
     def _sync_files(self, jobs: list[_Job]) -> dict[_Job, BaseException]:
         """fsync every file of ``jobs``, in parallel when there are several; the errors by job."""
@@ -580,23 +800,30 @@ class FilesystemSpool:
         return errors
 
     def _sync_queue_dir(self) -> None:
-        fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            self.fsync(fd)
-        finally:
+        """fsync ``queue/`` through a descriptor kept open (one open per spool, not per batch)."""
+        if self._dir_fd is None:
+            self._dir_fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
+        self.fsync(self._dir_fd)
+
+    def _close_dir(self) -> None:
+        fd, self._dir_fd = self._dir_fd, None
+        if fd is not None:
             os.close(fd)
 
     def _sync_removals(self) -> None:
-        """fsync ``queue/`` for removals no commit pass has covered yet (when the writer is idle)."""
-        if not self._removed_unsynced:
+        """fsync ``queue/`` for removals no sync of it has covered yet (when the remover is idle)."""
+        done = self._removals_done
+        if self._removals_synced >= done:
             return
-        self._removed_unsynced = False
         try:
             self._sync_queue_dir()
+            self._removals_synced = max(self._removals_synced, done)
         except OSError as e:
             log.error("spool: cannot sync the queue directory after removals: {error}", error=e)
 
     def _run(self) -> None:
+        """The writer thread: writes, syncs and renames each batch, then hands it to the directory
+        syncer and goes on with the next one (which syncs while the directory does)."""
         stopping: _Job | None = None
         while stopping is None:
             batch = [self._jobs.get()]
@@ -605,9 +832,25 @@ class FilesystemSpool:
                     batch.append(self._jobs.get_nowait())
                 except _queue.Empty:
                     break
-            results = self._do_batch([j for j in batch if not isinstance(j, _Stop)])
             stopping = next((j for j in batch if isinstance(j, _Stop)), None)
-            self.reactor.callFromThread(self._deliver_results, results)
+            results, published = self._publish_batch([j for j in batch if not isinstance(j, _Stop)])
+            self._published.put((results, published, stopping))
+
+    def _run_dir_syncs(self) -> None:
+        """The directory syncer: one fsync of ``queue/`` for every batch renamed meanwhile."""
+        stopping: _Job | None = None
+        while stopping is None:
+            handed = [self._published.get()]
+            while True:
+                try:
+                    handed.append(self._published.get_nowait())
+                except _queue.Empty:
+                    break
+            results = [r for h in handed for r in h[0]]
+            results += self._sync_published([j for h in handed for j in h[1]])
+            stopping = next((h[2] for h in handed if h[2] is not None), None)
+            if results:
+                self.reactor.callFromThread(self._deliver_results, results)
         self.reactor.callFromThread(stopping.deferred.callback, None)
 
     def _run_removals(self) -> None:
@@ -615,9 +858,9 @@ class FilesystemSpool:
         stopping: _Job | None = None
         while stopping is None:
             try:
-                first = self._removals.get_nowait()
+                first = self._removals.get(timeout=_REMOVAL_IDLE)
             except _queue.Empty:
-                self._sync_removals()
+                self._sync_removals()  # idle a moment: make the unlinks durable
                 first = self._removals.get()
             batch = [first]
             while True:
@@ -625,13 +868,16 @@ class FilesystemSpool:
                     batch.append(self._removals.get_nowait())
                 except _queue.Empty:
                     break
-            results = self._do_batch([j for j in batch if not isinstance(j, _Stop)])
             stopping = next((j for j in batch if isinstance(j, _Stop)), None)
+            results, _ = self._publish_batch([j for j in batch if not isinstance(j, _Stop)])
+            self._removals_done += sum(1 for j, r in results if isinstance(j, _Remove))
             self.reactor.callFromThread(self._deliver_results, results)
         self._sync_removals()
         self.reactor.callFromThread(stopping.deferred.callback, None)
 
-    def _do_batch(self, batch: list[_Job]) -> list[tuple[_Job, Any]]:
+    def _publish_batch(self, batch: list[_Job]) -> tuple[list[tuple[_Job, Any]], list[_Job]]:
+        """Stage, sync and publish ``batch``: the results known now, and the jobs whose renames
+        wait for a sync of ``queue/``."""
         results: list[tuple[_Job, Any]] = []
         staged: list[_Job] = []
         for job in batch:
@@ -641,7 +887,7 @@ class FilesystemSpool:
             except BaseException as e:
                 job.synced()
                 results.append((job, self._failure(job, e)))
-        errors = self._sync_files(staged)
+        errors = self._sync_files(staged) if staged else {}
         published: list[_Job] = []
         for job in staged:
             try:
@@ -653,21 +899,22 @@ class FilesystemSpool:
                 continue
             if job.changes_queue and not isinstance(job, _Remove):
                 published.append(job)
-            elif job.changes_queue:
-                self._removed_unsynced = True
-                results.append((job, job.result))
             else:
                 results.append((job, job.result))
-        if published:
-            try:
-                self._sync_queue_dir()
-                self.commit_passes += 1
-            except OSError as e:
-                for job in published:
-                    results.append((job, self._failure(job, e)))
-                published = []
-        results.extend((job, job.result) for job in published)
-        return results
+        return results, published
+
+    def _sync_published(self, published: list[_Job]) -> list[tuple[_Job, Any]]:
+        """One fsync of ``queue/`` makes every rename of ``published`` durable; their results."""
+        if not published:
+            return []
+        removed = self._removals_done
+        try:
+            self._sync_queue_dir()
+        except OSError as e:
+            return [(job, self._failure(job, e)) for job in published]
+        self.commit_passes += 1
+        self._removals_synced = max(self._removals_synced, removed)  # covered those unlinks too
+        return [(job, job.result) for job in published]
 
     def _failure(self, job: _Job, error: BaseException) -> Failure:
         try:
@@ -681,17 +928,31 @@ class FilesystemSpool:
 
     def _deliver_results(self, results: list[tuple[_Job, Any]]) -> None:
         for job, result in results:
+            if isinstance(job, _Commit):
+                self._receiving.discard(job.writer.queue_id + _RECEIVING)
             if isinstance(result, Failure):
                 job.deferred.errback(result)
                 continue
             if isinstance(job, _Commit):
-                if job.message is not None:
-                    self._fresh[result] = job.message
-                    if len(self._fresh) > _FRESH:
-                        self._fresh.popitem(last=False)
-                for callback in list(self._subscribers):
+                self._remember(job, result)
+                for callback in self._subscribers:
                     try:
                         callback(result)
                     except Exception:
                         log.failure("spool: subscriber failed for {queue_id}", queue_id=result)
             job.deferred.callback(result)
+
+    def _remember(self, job: _Commit, queue_id: str) -> None:
+        """Keep a new message's state (and small body) for its first load and delivery."""
+        self._stateless.add(queue_id)
+        if job.message is not None:
+            self._fresh[queue_id] = job.message
+            if len(self._fresh) > _FRESH:
+                self._fresh.popitem(last=False)
+        body = job.body
+        if body is not None and len(body) <= _FRESH_BODY_BYTES // 64:
+            self._fresh_bodies[queue_id] = body
+            self._fresh_bytes += len(body)
+            while self._fresh_bytes > _FRESH_BODY_BYTES or len(self._fresh_bodies) > _FRESH:
+                _, old = self._fresh_bodies.popitem(last=False)
+                self._fresh_bytes -= len(old)

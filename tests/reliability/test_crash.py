@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mailrelay.queue.spool import FilesystemSpool
 from tests.relay import RelayProcess, Sender
 from tests.reliability.helpers import message_ids, route_to
 
@@ -25,17 +26,18 @@ _MID = re.compile(rb"(?im)^message-id: (<[^>\r\n]+>)")
 
 def spooled_ids(spool: Path) -> set[str]:
     """Message-IDs of the committed messages in a (dead) relay's spool."""
-    out = set()
-    queue = spool / "queue"
-    if queue.is_dir():
-        for env in queue.glob("*.env"):
-            body = env.with_suffix(".body")
-            try:
-                m = _MID.search(body.read_bytes()[:8192])
-            except FileNotFoundError:
-                continue
-            if m:
-                out.add(m.group(1).decode())
+    out: set[str] = set()
+    if not (spool / "queue").is_dir():
+        return out
+    reader = FilesystemSpool(str(spool), None)  # read only, as the CLI reads a stopped instance
+    for queue_id in reader.scan_ids():
+        try:
+            with reader.open_body(queue_id) as f:
+                m = _MID.search(f.read(8192))
+        except KeyError:
+            continue
+        if m:
+            out.add(m.group(1).decode())
     return out
 
 
@@ -74,7 +76,7 @@ def test_sigkill_under_load_loses_nothing_and_duplicates_only_in_flight(sinks, k
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             got = message_ids(sink)
-            if expected <= set(got) and not list((relay.spool / "queue").glob("*.env")):
+            if expected <= set(got) and not FilesystemSpool(str(relay.spool), None).scan_ids():
                 break
             time.sleep(0.2)
         time.sleep(0.5)
