@@ -135,15 +135,20 @@ class ObservedDeliverer:
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
                 open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[tuple[Reply, str | None]]]:
         started = self.clock.seconds()
-        d = defer.maybeDeferred(self.deliverer.deliver, envelope, recipients, route, open_body)
+        try:
+            answer = self.deliverer.deliver(envelope, recipients, route, open_body)
+        except Exception:
+            return defer.fail()
+        d = answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
+        return d.addCallback(self._report, envelope, started)
 
-        def report(results: list[tuple[Reply, str | None]]) -> list[tuple[Reply, str | None]]:
-            seconds = max(0.0, self.clock.seconds() - started)
-            for reply, remote in results:
-                self.observer.delivery_attempted(envelope, reply, remote, seconds)
-            return results
-
-        return d.addCallback(report)
+    def _report(self, results: list[tuple[Reply, str | None]], envelope: Envelope,
+                started: float) -> list[tuple[Reply, str | None]]:
+        seconds = max(0.0, self.clock.seconds() - started)
+        observer = self.observer
+        for reply, remote in results:
+            observer.delivery_attempted(envelope, reply, remote, seconds)
+        return results
 
     def __getattr__(self, name: str) -> Any:  # stop(), pool, ... of the wrapped deliverer
         return getattr(self.deliverer, name)

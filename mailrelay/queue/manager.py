@@ -380,9 +380,12 @@ class QueueManager:
         started = self.clock.seconds()
         statuses = list(message.statuses)
         pending = [i for i, s in enumerate(statuses) if s.state is RecipientState.PENDING]
-        answers = yield defer.gatherResults(
-            [self._route(statuses[i].recipient.address, message.envelope) for i in pending]
-        )
+        if len(pending) == 1:  # the common case: no DeferredList for one answer
+            answers = [(yield self._route(statuses[pending[0]].recipient.address, message.envelope))]
+        else:
+            answers = yield defer.gatherResults(
+                [self._route(statuses[i].recipient.address, message.envelope) for i in pending]
+            )
         groups: dict[Hashable, _Group] = {}
         for i, (route, reply) in zip(pending, answers, strict=True):
             if route is None:
@@ -402,7 +405,7 @@ class QueueManager:
             runs.append(self._deliver(message, destination, group))
         if len(runs) > 1 and ILeasingStore.providedBy(self.store):
             runs = self._saving_as_they_end(message, list(statuses), runs)
-        results = yield defer.gatherResults(runs)
+        results = [(yield runs[0])] if len(runs) == 1 else (yield defer.gatherResults(runs))
         attempted = any(r is not None for r in results) or len(pending) > sum(len(g.indexes) for g in groups.values())
         for group_result in results:
             for i, reply, remote in group_result or ():
@@ -464,7 +467,12 @@ class QueueManager:
 
     def _route(self, address: str, envelope: Envelope) -> defer.Deferred[tuple[Route | None, Reply | None]]:
         """Route one recipient; never fails: ``(route, None)`` or ``(None, reply to record)``."""
-        d = defer.maybeDeferred(self.router.route, address, envelope)
+        try:
+            answer = self.router.route(address, envelope)
+        except Exception:
+            d = defer.fail()
+        else:
+            d = answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
 
         def answered(route: Route | None) -> tuple[Route | None, Reply | None]:
             return (route, None) if route is not None else (None, no_route(address))
@@ -560,19 +568,27 @@ class QueueManager:
     # -- logging ---------------------------------------------------------------------------
 
     def _log(self, message: QueuedMessage, status: RecipientStatus, started: float) -> None:
+        # One line per recipient and attempt: formatted here with an f-string and handed over as
+        # ``log_text`` (one field for the observer to format, not eight with format specs); the
+        # fields stay in the event for structured (JSON) logs.
         reply = status.last_reply
         assert reply is not None
-        outcome = {RecipientState.DELIVERED: "sent", RecipientState.FAILED: "bounced"}.get(status.state, "deferred")
+        outcome = _OUTCOMES.get(status.state, "deferred")
         now = self.clock.seconds()
+        received = message.envelope.received_at
+        delay = now - received if received else 0.0
+        attempt = now - started
+        rcpt = status.recipient.address
+        relay = status.remote or "none"
+        dsn = reply.enhanced or f"{reply.code // 100}.0.0"
+        text = str(reply)
         log.info(
-            "{queue_id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, delays={attempt:.2f}, dsn={dsn},"
-            " status={status} ({reply})",
-            queue_id=message.queue_id,
-            rcpt=status.recipient.address,
-            relay=status.remote or "none",
-            delay=now - message.envelope.received_at if message.envelope.received_at else 0.0,
-            attempt=now - started,
-            dsn=reply.enhanced or f"{reply.code // 100}.0.0",
-            status=outcome,
-            reply=str(reply),
+            "{log_text}",
+            log_text=f"{message.queue_id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, delays={attempt:.2f},"
+                     f" dsn={dsn}, status={outcome} ({text})",
+            queue_id=message.queue_id, rcpt=rcpt, relay=relay, delay=delay, attempt=attempt, dsn=dsn,
+            status=outcome, reply=text,
         )
+
+
+_OUTCOMES = {RecipientState.DELIVERED: "sent", RecipientState.FAILED: "bounced"}
