@@ -170,6 +170,7 @@ listen = ["tcp:{port}:interface=127.0.0.1:backlog=1024"]
 trusted_networks = ["127.0.0.0/8"]
 max_connections_per_ip = 1000
 max_message_size = "1G"
+workers = {workers}
 
 [spool]
 path = "{spool}"
@@ -189,14 +190,15 @@ class MailRelay(System):
 
     name = "mailrelay"
 
-    def __init__(self, nexthop_port: int, retry: str = "5s", label: str = "mailrelay") -> None:
+    def __init__(self, nexthop_port: int, retry: str = "5s", label: str = "mailrelay", workers: int = 1) -> None:
         self.name = label
+        self.workers = workers
         self.dir = Path(tempfile.mkdtemp(prefix="bench-mailrelay-"))
         self.port = free_port()
         self.spool = self.dir / "spool"
         conf = self.dir / "mailrelay.toml"
         conf.write_text(MAILRELAY_CONFIG.format(port=self.port, spool=self.spool,
-                                                nexthop=nexthop_port, retry=retry))
+                                                nexthop=nexthop_port, retry=retry, workers=workers))
         twistd = Path(sys.executable).parent / "twistd"
         self.log = open(self.dir / "twistd.log", "wb")
         self.proc = subprocess.Popen(
@@ -205,10 +207,23 @@ class MailRelay(System):
             start_new_session=True)
         try:
             wait_listening(self.port, proc=self.proc)
+            self._wait_workers()
         except Exception:
             self.log.flush()
             sys.stderr.write((self.dir / "twistd.log").read_text(errors="replace")[-4000:])
             raise
+
+    def _wait_workers(self, timeout: float = 30.0) -> None:
+        """With workers > 1 the supervisor listens before its workers run: wait for them all."""
+        if self.workers <= 1:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = (self.dir / "twistd.log").read_text(errors="replace")
+            if all(f"worker {k} running" in text for k in range(self.workers)):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"mailrelay: {self.workers} workers not running after {timeout}s")
 
     def pid(self) -> int | None:
         return self.proc.pid

@@ -15,7 +15,8 @@ Scenarios (see bench/README.md):
   sink     smtp-source → smtp-sink directly: the protocol ceiling of this machine.
   latency  our asyncio client: time from DATA's final dot to the 250 (p50/p90/p99).
 
-Systems are measured alternately (run 1 of each, run 2 of each, ...). Prints one table with each
+Systems are measured alternately (run 1 of each, run 2 of each, ...); ``--workers 1,2`` makes
+mailrelay with one process and with two worker processes two systems of the same run. Prints one table with each
 system's median and mailrelay's ratio to it. Never asserts anything about time.
 """
 
@@ -181,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-messages", type=int, default=2000)
     ap.add_argument("--large-messages", type=int, default=100, help="1 MiB messages per run (large)")
     ap.add_argument("--rss-size", type=int, default=100, help="MiB of the one big message (rss)")
+    ap.add_argument("--workers", default="1",
+                    help="mailrelay's [server] workers, comma-separated: each value is a system of its own, "
+                         "measured alternately with the others; the first is 'mailrelay' (the ratios' "
+                         "reference), the others 'mailrelay wN' (default 1)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--profile", type=Path, metavar="DIR",
@@ -189,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     sessions = [int(s) for s in args.sessions.split(",") if s]
+    workers = [int(w) for w in args.workers.split(",") if w]
+    labels = {w: "mailrelay" if i == 0 else f"mailrelay w{w}" for i, w in enumerate(workers)}
     scenarios = [s for s in args.scenarios.split(",") if s]
     systems = set(args.systems.split(",")) | {"mailrelay"}
     n = args.messages
@@ -207,18 +214,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if {"e2e", "latency", "rss"} & set(scenarios):
-            for name, make in (("mailrelay", lambda p: MailRelay(p)), ("postfix", Postfix)):
-                if name in systems:
+            makers: list[tuple[str, Callable[[int], System]]] = [
+                (labels[w], lambda p, w=w: MailRelay(p, label=labels[w], workers=w)) for w in workers]
+            for name, make in (*makers, ("postfix", Postfix)):
+                if name in systems or name.startswith("mailrelay"):
                     relay = start(name, lambda make=make, name=name: Relay(name, make), started)
                     if relay is not None:
                         relays.append(relay)  # type: ignore[arg-type]
         if {"accept", "large"} & set(scenarios):
             hole = start("black hole", BlackHole, started)
             if hole is not None:
-                mr = start("mailrelay (accept only)",
-                           lambda: MailRelay(hole.port, retry="1h", label="mailrelay"), started)  # type: ignore[attr-defined]
-                if mr is not None:
-                    accepts.append(mr)  # type: ignore[arg-type]
+                for w in workers:
+                    mr = start(f"{labels[w]} (accept only)",
+                               lambda w=w: MailRelay(hole.port, retry="1h", label=labels[w], workers=w),  # type: ignore[attr-defined]
+                               started)
+                    if mr is not None:
+                        accepts.append(mr)  # type: ignore[arg-type]
             for name, script in (("aiosmtpd", "aiosmtpd_sink.py"), ("twisted.mail", "twisted_mail_sink.py")):
                 if name in systems:
                     srv = start(name, lambda name=name, script=script: PythonServer(name, script), started)

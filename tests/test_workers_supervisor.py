@@ -190,3 +190,29 @@ def caplog_events():
     globalLogPublisher.addObserver(events.append)
     yield events
     globalLogPublisher.removeObserver(events.append)
+
+
+def test_worker_events_in_the_json_log_keep_their_fields_and_the_worker():
+    from mailrelay._log import event_as_json
+
+    line = encode_event({"log_format": "{queue_id}: queued", "queue_id": "01ABC", "log_level": LogLevel.info,
+                         "log_namespace": "mailrelay.smtp.session", "log_time": 0.0})
+    record = json.loads(event_as_json(decode_line(line, 2)))
+    assert record["worker"] == 2 and record["queue_id"] == "01ABC"
+    assert record["text"] == "[worker 2] 01ABC: queued" and record["namespace"] == "mailrelay.smtp.session"
+
+
+def test_merged_summaries_add_up_by_domain_and_age():
+    from mailrelay.cli import merge_summaries
+    from mailrelay.control.info import summary
+
+    now = 10_000.0
+
+    def info(domain: str, age_min: float, held: bool = False) -> dict[str, Any]:
+        return {"arrival": now - age_min * 60, "held": held,
+                "recipients": [{"address": f"r@{domain}", "state": "pending"}]}
+
+    a = [info("a.test", 1), info("b.test", 30, held=True)]
+    b = [info("a.test", 100), info("c.test", 1)]
+    merged = merge_summaries([summary(a, now), summary(b, now)])
+    assert merged == summary(a + b, now)
