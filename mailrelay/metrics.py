@@ -92,6 +92,7 @@ class RelayMetrics(RelayObserver):
                                registry=r)
         self.deliveries = Counter("mailrelay_deliveries_total", "Recipient delivery attempts by outcome",
                                   ["outcome"], registry=r)
+        self._delivery_children: dict[str, Any] = {}
         self.attempt_seconds = Histogram("mailrelay_delivery_attempt_seconds",
                                          "Duration of one delivery attempt to a next hop", buckets=ATTEMPT_BUCKETS,
                                          registry=r)
@@ -138,7 +139,10 @@ class RelayMetrics(RelayObserver):
 
     def delivery_attempted(self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float) -> None:
         result = outcome(reply)
-        self.deliveries.labels(result).inc()
+        child = self._delivery_children.get(result)
+        if child is None:  # labels() takes a lock and validates: once per outcome, not per recipient
+            child = self._delivery_children[result] = self.deliveries.labels(result)
+        child.inc()
         self.attempt_seconds.observe(seconds)
         if result == "sent" and envelope.received_at and self.clock is not None:
             self.delay_seconds.observe(max(0.0, self.clock.seconds() - envelope.received_at))

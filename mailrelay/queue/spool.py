@@ -73,8 +73,11 @@ _MAGIC = b"MRq1"
 _TAIL = 4096  # bytes read from a message file's end: the envelope and trailer, most of the time
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder (json.dumps with options builds one per call)
+
+
 def _encode(message: QueuedMessage) -> bytes:
-    return json.dumps(message_to_dict(message), separators=(",", ":")).encode()
+    return _JSON.encode(message_to_dict(message)).encode()
 
 
 def _trailer(body_size: int, envelope: bytes) -> bytes:
@@ -366,7 +369,7 @@ class _SpoolWriter:
         self.spool = spool
         self.queue_id = queue_id
         self.envelope = envelope
-        self.tmp_path = os.path.join(spool.tmp_dir, queue_id + _RECEIVING)
+        self.tmp_path = spool.tmp_dir + os.sep + queue_id + _RECEIVING
         self.error: OSError | None = None
         self.done = False
         self.size = 0
@@ -450,6 +453,7 @@ class FilesystemSpool:
         self.fsync = fsync
         self.tmp_dir = os.path.join(self.path, "tmp")
         self.queue_dir = os.path.join(self.path, "queue")
+        self._queue_prefix = self.queue_dir + os.sep
         self.new_id = QueueIdGenerator(reactor, randbytes)
         self._own_pool = threadpool is None
         self.threadpool = threadpool or ThreadPool(minthreads=0, maxthreads=4, name="mailrelay-spool")
@@ -742,7 +746,7 @@ class FilesystemSpool:
         return job.deferred
 
     def _queued(self, queue_id: str, ext: str = "") -> str:
-        return os.path.join(self.queue_dir, queue_id + ext)
+        return self._queue_prefix + queue_id + ext  # ids are checked names: no os.path.join needed
 
     def _write_tmp(self, queue_id: str, data: bytes, fds: list[int]) -> str:
         """Write ``data`` to a fresh file in ``tmp/``; its descriptor joins ``fds`` (to be synced)."""
