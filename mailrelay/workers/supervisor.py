@@ -143,7 +143,15 @@ class Supervisor(service.Service):
         server = self.config.server
         for kind, descriptions in (("smtp", server.listen), ("submission", server.submission_listen)):
             for description in descriptions:
-                sock = bind(self.reactor, description)
+                try:
+                    sock = bind(self.reactor, description)
+                except (OSError, ValueError) as e:
+                    # as a single relay does (service._Listener): say which endpoint, no traceback
+                    log.critical("cannot listen on {description}: {error}", description=description, error=str(e))
+                    for _, _, bound in self.sockets:
+                        bound.close()
+                    self.sockets = []
+                    raise SystemExit(1) from None
                 self.sockets.append((kind, description, sock))
                 log.info("listening on {description} ({address}) for {n} workers", description=description,
                          address=sock.getsockname(), n=len(self.workers))
