@@ -7,7 +7,7 @@ Any policy may answer through a Deferred; the chain waits for it before asking t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -49,46 +49,49 @@ class Policy:
 
 @implementer(IPolicy)
 class PolicyChain:
-    """Several ``IPolicy`` providers as one; synchronous answers stay synchronous (no Deferred)."""
+    """Several ``IPolicy`` providers as one; synchronous answers stay synchronous (no Deferred).
+
+    Each stage is bound once: a stage no policy checks (all inherit ``Policy``'s) answers None at
+    once, a stage one policy checks is that policy's method itself, so the usual chain costs the
+    session nothing per command.
+    """
 
     def __init__(self, policies: Sequence[IPolicy]) -> None:
         self.policies = tuple(policies)
-        # Each stage's bound methods, looked up once (every command of every session runs one).
-        self._stages: dict[str, tuple[Any, ...]] = {}
+        self._stages: dict[str, tuple[Callable[..., Any], ...]] = {}
+        for stage in _STAGES:
+            if not all(hasattr(p, stage) for p in self.policies):
+                continue  # a partial policy object: the stage fails when asked, as it would anyway
+            checks = tuple(getattr(p, stage) for p in self.policies
+                           if getattr(type(p), stage, None) is not getattr(Policy, stage))
+            self._stages[stage] = checks
+            if len(checks) <= 1:
+                setattr(self, stage, checks[0] if checks else _no_objection)
 
     def _run(self, method: str, args: tuple[Any, ...]) -> Reply | None | Deferred[Reply | None]:
-        stage = self._stages.get(method)
-        if stage is None:
-            stage = self._stages[method] = tuple(getattr(p, method) for p in self.policies)
-        if len(stage) == 1:  # the usual chain: one answer, passed on as it is
-            return stage[0](*args)  # type: ignore[no-any-return]
-        for i, check in enumerate(stage):
+        checks = self._stages.get(method)
+        if checks is None:
+            checks = tuple(getattr(p, method) for p in self.policies)
+        return self._continue(iter(checks), args)
+
+    def _continue(
+        self, rest: Iterator[Callable[..., Any]], args: tuple[Any, ...]
+    ) -> Reply | None | Deferred[Reply | None]:
+        for check in rest:
             answer = check(*args)
             if answer is None:
                 continue
             if isinstance(answer, Deferred):
-                return answer.addCallback(self._after_deferred, iter(self.policies[i + 1:]), method, args)
-            return answer  # type: ignore[no-any-return]
-        return None
-
-    def _continue(
-        self, rest: Iterator[IPolicy], method: str, args: tuple[Any, ...]
-    ) -> Reply | None | Deferred[Reply | None]:
-        for policy in rest:
-            answer = getattr(policy, method)(*args)
-            if answer is None:
-                continue
-            if isinstance(answer, Deferred):
-                return answer.addCallback(self._after_deferred, rest, method, args)
+                return answer.addCallback(self._after_deferred, rest, args)
             return answer  # type: ignore[no-any-return]
         return None
 
     def _after_deferred(
-        self, answer: Reply | None, rest: Iterator[IPolicy], method: str, args: tuple[Any, ...]
+        self, answer: Reply | None, rest: Iterator[Callable[..., Any]], args: tuple[Any, ...]
     ) -> Reply | None | Deferred[Reply | None]:
         if answer is not None:
             return answer
-        return maybeDeferred(self._continue, rest, method, args)
+        return maybeDeferred(self._continue, rest, args)
 
     def connect(self, session: Any) -> Reply | None | Deferred[Reply | None]:
         return self._run("connect", (session,))
@@ -109,6 +112,13 @@ class PolicyChain:
 
     def end_of_data(self, session: Any, envelope: Envelope, size: int) -> Reply | None | Deferred[Reply | None]:
         return self._run("end_of_data", (session, envelope, size))
+
+
+_STAGES = ("connect", "helo", "mail", "rcpt", "data", "end_of_data")
+
+
+def _no_objection(*args: Any) -> None:
+    return None
 
 
 def build_policy(server: ServerConfig, extra: Sequence[IPolicy] = ()) -> IPolicy:

@@ -17,8 +17,9 @@ from collections.abc import Iterable, Mapping
 from zope.interface import implementer
 
 from mailrelay.address import normalise_domain
-from mailrelay.envelope import Envelope, Reply
+from mailrelay.envelope import Reply
 from mailrelay.interfaces import IPolicy
+from mailrelay.policy import Policy
 from mailrelay.smtp._parser import PathError, parse_mailbox
 from mailrelay.smtp.session import SessionInfo
 
@@ -42,7 +43,7 @@ def is_trusted(address: str, networks: Iterable[Network]) -> bool:
 
 
 @implementer(IPolicy)
-class RelayAccess:
+class RelayAccess(Policy):
     """``554 5.7.1 <addr>: Relay access denied`` for untrusted clients writing outside our domains."""
 
     def __init__(
@@ -92,12 +93,6 @@ class RelayAccess:
         if trusted:
             session.trusted = True
 
-    def helo(self, session: SessionInfo, name: str) -> None:
-        return None
-
-    def mail(self, session: SessionInfo, sender: str, params: Mapping[str, str | None]) -> None:
-        return None
-
     def rcpt(
         self, session: SessionInfo, sender: str, recipient: str, params: Mapping[str, str | None]
     ) -> Reply | None:
@@ -106,9 +101,3 @@ class RelayAccess:
         if self.may_receive(recipient):
             return None
         return Reply(554, "5.7.1", f"<{recipient}>: Relay access denied")
-
-    def data(self, session: SessionInfo, envelope: Envelope) -> None:
-        return None
-
-    def end_of_data(self, session: SessionInfo, envelope: Envelope, size: int) -> None:
-        return None

@@ -22,6 +22,7 @@ _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 _UNSAFE_UTF8 = re.compile(r"[\x00-\x20\x7f-\x9f()\\]")  # UTF-8 headers (RFC 6532) allow the rest
 
 
+@functools.lru_cache(maxsize=1024)  # the same HELO names and recipients come again and again
 def _safe(text: str, limit: int = 200, utf8: bool = False) -> str:
     return (_UNSAFE_UTF8 if utf8 else _UNSAFE).sub("?", text)[:limit] or "unknown"
 

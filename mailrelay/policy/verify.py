@@ -23,12 +23,13 @@ from mailrelay.config import ServerConfig
 from mailrelay.envelope import Envelope, Recipient, Reply
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IPolicy, IRouter
+from mailrelay.policy import Policy
 
 log = Logger()
 
 
 @implementer(IPolicy)
-class RecipientVerification:
+class RecipientVerification(Policy):
     """Asks ``router`` about every recipient in ``domains`` (exact, or ``.sub`` for subdomains).
 
     ``PermanentFailure`` → 550 5.1.1; ``TemporaryFailure``, any other error, or no answer within
@@ -54,15 +55,6 @@ class RecipientVerification:
             return False
         return any(domain_matches(domain, pattern) for pattern in self.domains)
 
-    def connect(self, session: Any) -> None:
-        return None
-
-    def helo(self, session: Any, name: str) -> None:
-        return None
-
-    def mail(self, session: Any, sender: str, params: Mapping[str, str | None]) -> None:
-        return None
-
     def rcpt(self, session: Any, sender: str, recipient: str,
              params: Mapping[str, str | None]) -> defer.Deferred[Reply | None] | None:
         if not self.applies_to(recipient):
@@ -86,9 +78,3 @@ class RecipientVerification:
             log.failure("routing {recipient} at RCPT failed", failure, recipient=recipient)
             text = "routing failed"
         return Reply(451, "4.4.3", f"<{recipient}>: Recipient address not verified now: {text}; try again later")
-
-    def data(self, session: Any, envelope: Envelope) -> None:
-        return None
-
-    def end_of_data(self, session: Any, envelope: Envelope, size: int) -> None:
-        return None

@@ -37,6 +37,9 @@ import re
 import attrs
 
 CRLF = b"\r\n"
+# Octet values for ``in`` tests: ``13 in data`` is one memchr, while ``b"\r" in data`` first tries
+# the argument as an integer and raises (and swallows) a TypeError every time: ~10x dearer.
+_CR, _LF = 13, 10
 
 
 class LineError(enum.Enum):
@@ -97,7 +100,7 @@ def _line_problem(text: bytes, limit: int) -> DataError | None:
     """
     lines = text.split(CRLF)
     rest = b"".join(lines) if len(lines) > 1 else text
-    if b"\r" in rest or b"\n" in rest:
+    if _CR in rest or _LF in rest:
         return DataError.BARE_NEWLINE
     if len(text) > limit and max(map(len, lines)) > limit - 2:
         return DataError.LINE_TOO_LONG
@@ -110,6 +113,10 @@ class _Mode(enum.Enum):
     BDAT = enum.auto()
 
 
+# plain module names: ``_Mode.X`` costs an enum metaclass ``__getattr__`` call on Python 3.11
+_COMMAND, _DATA, _BDAT = _Mode.COMMAND, _Mode.DATA, _Mode.BDAT
+
+
 class Parser:
     """Incremental SMTP input parser; ``feed`` bytes, then ``next_event()`` until ``None``."""
 
@@ -117,7 +124,7 @@ class Parser:
         self.command_line_limit = command_line_limit
         self.text_line_limit = text_line_limit
         self._buf = b""
-        self._mode = _Mode.COMMAND
+        self._mode = _COMMAND
         self._skipping_line = False  # inside an overlong line whose rest is being discarded
         self._pending: Event | None = None  # DataEnd owed after the last DataChunk
         # DATA / BDAT state
@@ -137,7 +144,7 @@ class Parser:
 
     @property
     def in_data(self) -> bool:
-        return self._mode is not _Mode.COMMAND
+        return self._mode is not _COMMAND
 
     def feed(self, data: bytes) -> None:
         if self._buf:
@@ -154,7 +161,7 @@ class Parser:
 
     def begin_data(self, max_size: int) -> None:
         """Read dot-terminated message text (after 354)."""
-        self._mode = _Mode.DATA
+        self._mode = _DATA
         self._max_size = max_size
         self._size = 0
         self._error = None
@@ -166,7 +173,7 @@ class Parser:
         Unless ``binary`` (BODY=BINARYMIME), bare CR/LF and overlong lines doom the message as in
         DATA; a CRLF split across two chunks is seen whole.
         """
-        self._mode = _Mode.BDAT
+        self._mode = _BDAT
         self._bdat_left = size
         self._bdat_last = last
         self._bdat_strict = not binary
@@ -185,9 +192,20 @@ class Parser:
         if self._pending is not None:
             event, self._pending = self._pending, None
             return event
-        if self._mode is _Mode.COMMAND:
-            return self._next_command()
-        if self._mode is _Mode.DATA:
+        if self._mode is _COMMAND:
+            # the usual complete, well-formed command line, without a further call
+            buf = self._buf
+            i = buf.find(CRLF)
+            if i < 0 or self._skipping_line or i + 2 > self.command_line_limit:
+                return self._next_command() if buf else None
+            line = buf[:i]
+            if _CR in line or _LF in line or not line.isascii():
+                return self._next_command()
+            self._buf = buf[i + 2 :]
+            text = line.decode("ascii")
+            verb, _, arg = text.partition(" ")
+            return Command(verb.upper(), arg, text)
+        if self._mode is _DATA:
             return self._next_data()
         return self._next_bdat()
 
@@ -214,7 +232,7 @@ class Parser:
         self._buf = buf[i + 2 :]
         if i + 2 > self.command_line_limit:
             return BadLine(LineError.TOO_LONG)
-        if b"\r" in line or b"\n" in line:
+        if _CR in line or _LF in line:
             return BadLine(LineError.BARE_NEWLINE)
         try:
             text = line.decode("utf-8")
@@ -251,7 +269,7 @@ class Parser:
             self._skipping_line = True
             self._buf = rest[-1:] if rest.endswith(b"\r") else b""  # a CR may pair with the next LF
         if ended:
-            self._mode = _Mode.COMMAND
+            self._mode = _COMMAND
             self._skipping_line = False
             end_event = DataEnd(self._size, self._error)
             if chunk:
@@ -271,7 +289,7 @@ class Parser:
         if self._error is not None:
             return b""
         rest = b"".join(lines)
-        if b"\r" in rest or b"\n" in rest:
+        if _CR in rest or _LF in rest:
             self.doom(DataError.BARE_NEWLINE)
             return b""
         if max(map(len, lines)) > self.text_line_limit - 2:
@@ -313,7 +331,7 @@ class Parser:
         return self._bdat_end() if self._bdat_left == 0 else None
 
     def _bdat_end(self) -> Event:
-        self._mode = _Mode.COMMAND
+        self._mode = _COMMAND
         if self._bdat_last and self._bdat_strict and self._error is None and self._tail:
             # text that does not end with CRLF keeps a partial last line; a lone CR there is bare
             if self._tail.endswith(b"\r"):
@@ -327,7 +345,7 @@ class Parser:
         complete, tail = (joined[: last + 2], joined[last + 2 :]) if last >= 0 else (b"", joined)
         limit = self.text_line_limit
         problem = _line_problem(complete, limit) if complete else None
-        if problem is None and (b"\n" in tail or b"\r" in tail[:-1]):
+        if problem is None and (_LF in tail or _CR in tail[:-1]):
             problem = DataError.BARE_NEWLINE
         elif problem is None and len(tail) >= limit:
             problem = DataError.LINE_TOO_LONG
@@ -353,6 +371,13 @@ _LITERAL = r"\[[^\[\]\\\s]+\]"
 _MAILBOX_RE = re.compile(rf"({_DOT_STRING}|{_QUOTED})@({_DOMAIN}|{_LITERAL})")
 _ROUTE_RE = re.compile(rf"@(?:{_DOMAIN}|{_LITERAL})(?:,@(?:{_DOMAIN}|{_LITERAL}))*:")
 _DOT_STRING_RE = re.compile(_DOT_STRING)
+# The same mailbox grammar without the non-ASCII alternatives, for ASCII text (nearly every
+# address): one character class per run instead of an alternation per character.
+_ATOM_ASCII = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_QUOTED_ASCII = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL_ASCII = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
+_MAILBOX_ASCII_RE = re.compile(
+    rf"({_ATOM_ASCII}(?:\.{_ATOM_ASCII})*|{_QUOTED_ASCII})@({_LABEL_ASCII}(?:\.{_LABEL_ASCII})*|{_LITERAL})")
 _KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _VALUE_RE = re.compile(rf"(?:[\x21-\x3c\x3e-\x7e]|{_NA})+")
 
@@ -414,13 +439,13 @@ def _check_literal(lit: str) -> None:
 
 def parse_mailbox(text: str) -> Path:
     """``local@domain`` (no brackets) → ``Path``; raises ``PathError``."""
-    m = _MAILBOX_RE.fullmatch(text)
+    m = (_MAILBOX_ASCII_RE if text.isascii() else _MAILBOX_RE).fullmatch(text)
     if not m:
         raise PathError("bad address syntax", syntax=False)
     local_raw, domain = m.group(1), m.group(2)
     quoted = local_raw.startswith('"')
     local = _unquote(local_raw) if quoted else local_raw
-    if len(local.encode()) > 64:
+    if len(local) > 16 and len(local.encode()) > 64:  # at most 4 octets a character
         raise PathError("local part longer than 64 octets", syntax=False)
     if domain.startswith("["):
         _check_literal(domain)
@@ -431,9 +456,11 @@ def parse_mailbox(text: str) -> Path:
                 ascii_domain = domain.encode("idna").decode("ascii")
             except UnicodeError:
                 raise PathError("invalid international domain name", syntax=False) from None
-        if len(ascii_domain) > 255 or any(len(label) > 63 for label in ascii_domain.split(".")):
+        if len(ascii_domain) > 63 and (
+                len(ascii_domain) > 255 or any(len(label) > 63 for label in ascii_domain.split("."))):
             raise PathError("domain name too long", syntax=False)
-    return Path(f"{_quote(local)}@{domain}", local, domain, quoted)
+    # unquoted, the local part matched the dot-string form already: nothing to requote
+    return Path(f"{_quote(local) if quoted else local}@{domain}", local, domain, quoted)
 
 
 def split_path(arg: str, prefix: str) -> tuple[str, str]:

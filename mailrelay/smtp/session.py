@@ -31,6 +31,7 @@ from mailrelay.envelope import Envelope, Recipient, Reply
 from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IMessageSink, IMessageWriter, IPolicy
 from mailrelay.observer import NULL_OBSERVER
+from mailrelay.policy import _no_objection
 from mailrelay.policy.received import protocol_name, received_header
 from mailrelay.smtp import _parser as p
 from mailrelay.smtp import auth as sasl
@@ -65,6 +66,13 @@ class State(enum.Enum):
     DATA = enum.auto()  # message text streaming in (DATA, or one BDAT chunk)
     AUTH = enum.auto()  # in a SASL exchange: the next line is a response, not a command
     CLOSED = enum.auto()
+
+
+# The states as plain module names for the code below: on Python 3.11 every ``State.X`` goes through
+# the enum metaclass's ``__getattr__`` (about five times a plain lookup), and a session reads them
+# some 80 times a message.
+_CONNECTED, _GREETED, _READY, _MAIL, _DATA, _AUTH, _CLOSED = (
+    State.CONNECTED, State.GREETED, State.READY, State.MAIL, State.DATA, State.AUTH, State.CLOSED)
 
 
 @attrs.frozen
@@ -180,7 +188,7 @@ class Session:
         self.observer = observer if observer is not None else NULL_OBSERVER
         self._verb = ""  # the command being answered (for the observer)
         self._draining: Reply | None = None  # shutting down: close with this once idle
-        self.state = State.CONNECTED
+        self.state = _CONNECTED
         self.tls_active = False
         self.auth_failures = 0
         self._greet_call: Any = None
@@ -226,21 +234,21 @@ class Session:
 
     @property
     def timeout(self) -> float:
-        return self.settings.data_timeout if self.state is State.DATA else self.settings.idle_timeout
+        return self.settings.data_timeout if self.state is _DATA else self.settings.idle_timeout
 
     def start(self) -> None:
         self._ask(self.policy.connect, (self.info,), self._connected)
 
     def data_received(self, data: bytes) -> None:
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         self.parser.feed(data)
-        if self.state is State.CONNECTED:
+        if self.state is _CONNECTED:
             return  # the greeting is not out yet (connect policy pending); keep it for later
         self._pump()
 
     def connection_lost(self) -> None:
-        self.state = State.CLOSED
+        self.state = _CLOSED
         if self._greet_call is not None and self._greet_call.active():
             self._greet_call.cancel()
         if self._writer is not None:
@@ -261,7 +269,7 @@ class Session:
     def idle(self) -> bool:
         """Between transactions, nothing owed to the client."""
         return (self._waiting is None and self._txn is None and self._writer is None
-                and self.state in (State.GREETED, State.READY))
+                and self.state in (_GREETED, _READY))
 
     def _close_if_drained(self) -> bool:
         if self._draining is not None and self.idle:
@@ -274,13 +282,13 @@ class Session:
         self._close(reply)
 
     def timed_out(self) -> None:
-        if self.state is not State.CLOSED:
+        if self.state is not _CLOSED:
             self._close(R.TIMEOUT)
 
     # -- plumbing -------------------------------------------------------------------------------
 
     def reply(self, reply: Reply) -> None:
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         wire = _WIRE.get(id(reply))
         self.out.write(wire if wire is not None else reply.encode())
@@ -292,11 +300,11 @@ class Session:
 
     def _send(self, wire: bytes) -> None:
         """A success reply already in wire form (no error counting to do)."""
-        if self.state is not State.CLOSED:
+        if self.state is not _CLOSED:
             self.out.write(wire)
 
     def _close(self, reply: Reply | None = None) -> None:
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         if reply is not None:
             wire = _WIRE.get(id(reply))
@@ -308,14 +316,16 @@ class Session:
         if self._pumping:
             return
         self._pumping = True
+        next_event = self.parser.next_event
+        seconds = self.clock.seconds
         try:
-            while self._waiting is None and self.state not in (State.CLOSED, State.CONNECTED):
+            while self._waiting is None and self.state is not _CLOSED and self.state is not _CONNECTED:
                 if self._draining is not None and self._close_if_drained():
                     break
-                event = self.parser.next_event()
+                event = next_event()
                 if event is None:
                     break
-                self.last_progress = self.clock.seconds()
+                self.last_progress = seconds()
                 try:
                     self._handle(event)
                 except Exception:  # a bug must cost this session, never the server
@@ -323,15 +333,19 @@ class Session:
                     self._close(R.LOCAL_ERROR)
         finally:
             self._pumping = False
-        if self._waiting is not None and self.parser.buffered > PAUSE_ABOVE and not self._paused:
-            self._paused = True
-            self.out.pause()
-        elif self._paused and self._waiting is None:
+        if self._waiting is not None:
+            if not self._paused and self.parser.buffered > PAUSE_ABOVE:
+                self._paused = True
+                self.out.pause()
+        elif self._paused:
             self._paused = False
             self.out.resume()
 
     def _ask(self, method: Callable[..., Any], args: tuple[Any, ...], then: Callable[[Any], None]) -> None:
         """Call a policy/store method; continue with ``then(answer)`` now or when it fires."""
+        if method is _no_objection:  # a stage no policy checks
+            then(None)
+            return
         try:
             result = method(*args)
         except Exception:
@@ -374,16 +388,30 @@ class Session:
 
     def _send_greeting(self) -> None:
         self._greet_call = None
-        if self.state is not State.CONNECTED:
+        if self.state is not _CONNECTED:
             return
         if self.parser.buffered:  # the client talked first: a spam engine, not a mail server
             self._close(R.PREGREET)
             return
-        self.state = State.GREETED
+        self.state = _GREETED
         self.out.write(_greeting(self.settings.hostname))
         self._pump()
 
     def _handle(self, event: p.Event) -> None:
+        if event.__class__ is p.Command and self.state is not _AUTH:
+            verb = event.verb  # type: ignore[union-attr]
+            # a fixed set of names for the observer (metrics labels), never the client's text
+            name = self._COMMANDS.get(verb)
+            if name is not None:
+                self._verb = verb
+                getattr(self, name)(event.argument)  # type: ignore[union-attr]
+            else:
+                self._verb = "UNKNOWN"
+                if verb in HTTP_VERBS:
+                    self._close(R.HTTP_COMMAND)
+                else:
+                    self.reply(R.UNKNOWN_COMMAND)
+            return
         if isinstance(event, p.DataChunk):
             self._text(event.data)
             return
@@ -394,21 +422,9 @@ class Session:
             else:
                 self._verb = "DATA"
                 self._data_end(event)
-        elif self.state is State.AUTH:
+        elif self.state is _AUTH:
             self._verb = "AUTH"
             self._sasl_response(event)
-        elif isinstance(event, p.Command):
-            # a fixed set of names for the observer (metrics labels), never the client's text
-            name = self._COMMANDS.get(event.verb)
-            if name is not None:
-                self._verb = event.verb
-                getattr(self, name)(event.argument)
-            else:
-                self._verb = "UNKNOWN"
-                if event.verb in HTTP_VERBS:
-                    self._close(R.HTTP_COMMAND)
-                else:
-                    self.reply(R.UNKNOWN_COMMAND)
         elif event.error is p.LineError.TOO_LONG:
             self._verb = "UNKNOWN"
             self.reply(R.LINE_TOO_LONG)
@@ -425,13 +441,13 @@ class Session:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
-        if self.state is State.MAIL:
-            self.state = State.READY
+        if self.state is _MAIL:
+            self.state = _READY
 
     # -- message text (DATA and BDAT) -----------------------------------------------------------
 
     def _open_message(self, envelope: Envelope) -> Reply | None:
-        if self.state is State.CLOSED:  # the client left while the data policy thought
+        if self.state is _CLOSED:  # the client left while the data policy thought
             return R.LOCAL_ERROR
         try:
             writer = self.sink.open(envelope)
@@ -456,7 +472,9 @@ class Session:
         head = self._headers + data
         end = 0 if head.startswith(b"\r\n") else head.find(b"\r\n\r\n")
         section = head if end < 0 else head[:end]
-        if len(_RECEIVED.findall(section)) > self.settings.max_hops:
+        max_hops = self.settings.max_hops
+        # fewer lines than the limit cannot hold too many Received headers: no regex search then
+        if section.count(b"\n") >= max_hops and len(_RECEIVED.findall(section)) > max_hops:
             self._reject = R.TOO_MANY_HOPS
             self._headers = None
         elif end >= 0 or len(head) > HEADER_SCAN_LIMIT:
@@ -469,7 +487,7 @@ class Session:
         writer, self._writer = self._writer, None
         envelope = self._envelope_in_data
         self._headers = None
-        self.state = State.READY
+        self.state = _READY
         self._txn = None
         if writer is None:  # cannot happen: text is only read with a writer open
             self.reply(R.LOCAL_ERROR)
@@ -528,7 +546,7 @@ class Session:
             self._reset()
             info = self.info
             info.helo, info.esmtp = name, esmtp
-            self.state = State.READY
+            self.state = _READY
             if esmtp:
                 greeting = f"250-{self.settings.hostname} Hello {name} [{info.client_address}]\r\n"
                 self._send(greeting.encode() + self._ehlo_tail())
@@ -568,14 +586,9 @@ class Session:
         return bool(s.auth_mechanisms) and self.checker is not None and not self.info.auth and (
             self.tls_active or s.allow_plaintext_auth)
 
-    def _needs_helo(self) -> bool:
-        if self.state is State.GREETED:
-            self.reply(R.NEED_HELO)
-            return True
-        return False
-
     def _mail(self, arg: str) -> None:
-        if self._needs_helo():
+        if self.state is _GREETED:
+            self.reply(R.NEED_HELO)
             return
         if self._txn is not None:
             self.reply(R.NESTED_MAIL)
@@ -606,7 +619,7 @@ class Session:
                 self.reply(objection)
                 return
             self._txn = txn
-            self.state = State.MAIL
+            self.state = _MAIL
             self.reply(R.SENDER_OK)
 
         self._ask(self.policy.mail, (self.info, path.address, params), then)
@@ -652,7 +665,8 @@ class Session:
         return None
 
     def _rcpt(self, arg: str) -> None:
-        if self._needs_helo():
+        if self.state is _GREETED:
+            self.reply(R.NEED_HELO)
             return
         txn = self._txn
         if txn is None:
@@ -732,7 +746,8 @@ class Session:
         )
 
     def _data(self, arg: str) -> None:
-        if self._needs_helo():
+        if self.state is _GREETED:
+            self.reply(R.NEED_HELO)
             return
         txn = self._txn
         if txn is None:
@@ -755,7 +770,7 @@ class Session:
             if objection is not None:
                 self.reply(objection)
                 return
-            self.state = State.DATA
+            self.state = _DATA
             self.parser.begin_data(self.settings.max_message_size)
             self.reply(R.START_DATA)
 
@@ -803,7 +818,7 @@ class Session:
             log.info("session {id}: discarded {n} octets sent after STARTTLS", id=self.info.session_id, n=dropped)
         self._reset()
         self.info.helo, self.info.esmtp, self.info.auth = None, False, None
-        self.state = State.GREETED
+        self.state = _GREETED
         self.tls_active = True
         self.out.start_tls()
 
@@ -813,7 +828,8 @@ class Session:
         if not self.settings.auth_mechanisms or self.checker is None:
             self.reply(Reply(503, "5.5.1", "Error: authentication not enabled"))
             return
-        if self._needs_helo():
+        if self.state is _GREETED:
+            self.reply(R.NEED_HELO)
             return
         if self.info.auth:
             self.reply(Reply(503, "5.5.1", "Error: already authenticated"))
@@ -848,11 +864,11 @@ class Session:
         mechanism, responses = self._sasl
         challenges = sasl.MECHANISMS[mechanism]
         if len(responses) < len(challenges):
-            self.state = State.AUTH
+            self.state = _AUTH
             challenge = base64.b64encode(challenges[len(responses)])
             self.out.write(b"334 " + challenge + b"\r\n")  # "334 " even when empty (RFC 4954 4)
             return
-        self.state = State.READY
+        self.state = _READY
         self._sasl = None
         try:
             user, password = sasl.credentials_from(mechanism, responses)
@@ -865,7 +881,7 @@ class Session:
         self._ask(lambda: check, (), self._authenticated)
 
     def _sasl_response(self, event: p.Event) -> None:
-        self.state = State.READY
+        self.state = _READY
         if not isinstance(event, p.Command):
             self._sasl = None
             self.reply(Reply(501, "5.5.2", "Cannot decode response"))
@@ -920,7 +936,7 @@ class Session:
         size, last = int(parts[0]), len(parts) == 2
         txn = self._txn
         problem: Reply | None = None
-        if self.state is State.GREETED:
+        if self.state is _GREETED:
             problem = R.NEED_HELO
         elif txn is None:
             problem = R.NEED_MAIL
@@ -949,7 +965,7 @@ class Session:
         self._ask(self.policy.data, (self.info, envelope), then)
 
     def _read_chunk(self, txn: _Transaction, size: int, last: bool) -> None:
-        self.state = State.DATA
+        self.state = _DATA
         self.parser.begin_bdat(size, last, self.settings.max_message_size, txn.bdat_total,
                                binary=txn.body == "BINARYMIME")
 
@@ -957,7 +973,7 @@ class Session:
         """Read a chunk we will not take, and answer ``reply`` once it is consumed."""
         self._bdat_reply = reply
         self._prev_state = self.state
-        self.state = State.DATA
+        self.state = _DATA
         self.parser.begin_bdat(size, last, 0, 1, binary=True)
         self.parser.doom(p.DataError.TOO_BIG)
 
@@ -975,7 +991,7 @@ class Session:
         if event.last:
             self._finish_message(event)
             return
-        self.state = State.MAIL
+        self.state = _MAIL
         failure = _DATA_ERRORS[event.error] if event.error is not None else self._reject
         if failure is not None:
             if self._writer is not None:
@@ -986,7 +1002,7 @@ class Session:
             return
         self.reply(Reply(250, "2.0.0", f"Ok: {event.size} octets received"))
 
-    _prev_state = State.READY
+    _prev_state = _READY
 
     def _help(self, arg: str) -> None:
         verbs = " ".join(sorted(self._COMMANDS))

@@ -119,6 +119,42 @@ def test_chain_first_objection_wins_and_waits_for_deferreds() -> None:
     assert sync == Reply(421, "4.7.0", "busy")
 
 
+def test_chain_skips_stages_a_policy_leaves_to_the_base_and_keeps_order_after_a_deferred() -> None:
+    from twisted.internet import defer
+
+    from mailrelay.policy import Policy
+
+    calls = []
+
+    class Later(Policy):
+        def __init__(self, d):
+            self.d = d
+
+        def rcpt(self, session, sender, recipient, params):
+            calls.append("later")
+            return self.d
+
+    class Silent(Policy):  # checks nothing: never asked
+        pass
+
+    class Last(Policy):
+        def rcpt(self, session, sender, recipient, params):
+            calls.append("last")
+            return Reply(550, "5.1.1", "last says no")
+
+    d: defer.Deferred = defer.Deferred()
+    chain = PolicyChain([Silent(), Later(d), Silent(), Last()])
+    assert [chain.connect(None), chain.helo(None, "x"), chain.mail(None, "", {})] == [None, None, None]
+    result = chain.rcpt(None, "", "a@example.test", {})
+    assert calls == ["later"]
+    got = []
+    result.addCallback(got.append)
+    d.callback(None)
+    assert calls == ["later", "last"] and got == [Reply(550, "5.1.1", "last says no")]
+    single = defer.Deferred()
+    assert PolicyChain([Silent(), Later(single)]).rcpt(None, "", "a@example.test", {}) is single
+
+
 def test_build_policy_puts_extras_after_access() -> None:
     class Extra:
         def rcpt(self, session, sender, recipient, params):
