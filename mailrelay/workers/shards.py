@@ -154,7 +154,11 @@ def _move_messages(source: str, target: str) -> int:
     src_q, dst_q = os.path.join(source, "queue"), os.path.join(target, "queue")
     os.makedirs(dst_q, mode=0o700, exist_ok=True)
     messages = _messages(src_q)
-    for files in messages.values():
+    present = _messages(dst_q)
+    for stem, files in messages.items():
+        if stem in files:  # the source still holds the whole message: the target gets exactly its files
+            for name in set(present.get(stem, ())) - set(files):
+                _unlink(os.path.join(dst_q, name))  # torn by an earlier drain (e.g. a stale state)
         for name in files:
             _link(os.path.join(src_q, name), os.path.join(dst_q, name))
     _fsync_dir(dst_q)  # every message is whole in the target before any leaves the source
