@@ -272,10 +272,11 @@ class _Save(_Job):
 
 
 class _Remove(_Job):
-    def __init__(self, queue_id: str, has_state: bool = True) -> None:
+    def __init__(self, queue_id: str, has_state: bool = True, answered: bool = False) -> None:
         super().__init__()
         self.queue_id = queue_id
         self.has_state = has_state  # False: committed in this life and never saved (no .env)
+        self.answered = answered  # its Deferred fired at once: only a failure is reported later
 
     def publish(self, spool: FilesystemSpool) -> None:
         # The message first: a crash in between leaves a state without message, cleaned at start.
@@ -332,6 +333,7 @@ class _Scan(_Job):
         for stem in states - messages:
             log.warn("spool: removing envelope without message queue/{name}", name=stem + _ENV)
             _unlink(spool._queued(stem, _ENV))
+        messages -= set(spool._removing)  # answered as removed, not unlinked yet
         self.states = states & messages
         self.result = sorted(messages)
 
@@ -476,6 +478,7 @@ class FilesystemSpool:
         self._fresh_bodies: OrderedDict[str, bytes] = OrderedDict()
         self._fresh_bytes = 0
         self._stateless: set[str] = set()  # committed in this life, never saved: no queue/<id>.env
+        self._removing: set[str] = set()  # answered as removed, not unlinked yet (remover discards)
         self._tmp_counter = 0
         # Removals (counted by the remover) and how many of them a sync of queue/ has covered.
         self._removals_done = 0
@@ -552,6 +555,8 @@ class FilesystemSpool:
         fresh = self._fresh.pop(queue_id, None)
         if fresh is not None:
             return defer.succeed(fresh)
+        if queue_id in self._removing:
+            return defer.fail(KeyError(queue_id))
         return threads.deferToThreadPool(self.reactor, self.threadpool, self.read_message, queue_id)
 
     def load_schedule(self) -> defer.Deferred[list[tuple[str, float, bool]]]:
@@ -648,6 +653,8 @@ class FilesystemSpool:
         body = self._fresh_bodies.get(queue_id)
         if body is not None:
             return io.BytesIO(body)
+        if queue_id in self._removing:
+            raise KeyError(queue_id)
         try:
             fd = os.open(self._queued(queue_id), os.O_RDONLY)
         except FileNotFoundError:
@@ -671,16 +678,27 @@ class FilesystemSpool:
             return f.seek(0, 2)
 
     def save(self, message: QueuedMessage) -> defer.Deferred[None]:
+        if message.queue_id in self._removing:
+            return defer.fail(KeyError(message.queue_id))
         self._forget(message.queue_id)
         return self._submit(_Save(message))
 
     def remove(self, queue_id: str) -> defer.Deferred[None]:
-        if not is_queue_id(queue_id):
+        """Remove a message; a message committed in this life and never saved (a delivery done at
+        its first attempt) is answered at once: its file surely exists, the remover unlinks it in
+        a moment and, meanwhile, ``load``, ``save`` and ``open_body`` treat it as gone. No thread
+        hop back per delivered message; other removals answer once done (KeyError if unknown)."""
+        if not is_queue_id(queue_id) or queue_id in self._removing:
             return defer.fail(KeyError(queue_id))
-        job = _Remove(queue_id, has_state=queue_id not in self._stateless)
+        fresh = queue_id in self._stateless
         self._forget(queue_id)
         if self._remover is None:
-            return self._submit(job)
+            return self._submit(_Remove(queue_id, has_state=not fresh))
+        job = _Remove(queue_id, has_state=not fresh, answered=fresh)
+        if fresh:
+            self._removing.add(queue_id)
+            self._removals.put(job)
+            return defer.succeed(None)
         self._removals.put(job)
         return job.deferred
 
@@ -874,8 +892,15 @@ class FilesystemSpool:
                     break
             stopping = next((j for j in batch if isinstance(j, _Stop)), None)
             results, _ = self._publish_batch([j for j in batch if not isinstance(j, _Stop)])
-            self._removals_done += sum(1 for j, r in results if isinstance(j, _Remove))
-            self.reactor.callFromThread(self._deliver_results, results)
+            self._removals_done += len(results)
+            for job, _result in results:
+                if isinstance(job, _Remove) and job.answered:
+                    self._removing.discard(job.queue_id)  # a set: atomic under the GIL
+            # Answered removals need no call back to the reactor unless they failed.
+            results = [(j, r) for j, r in results
+                       if not (isinstance(j, _Remove) and j.answered and not isinstance(r, Failure))]
+            if results:
+                self.reactor.callFromThread(self._deliver_results, results)
         self._sync_removals()
         self.reactor.callFromThread(stopping.deferred.callback, None)
 
@@ -935,6 +960,9 @@ class FilesystemSpool:
             if isinstance(job, _Commit):
                 self._receiving.discard(job.writer.queue_id + _RECEIVING)
             if isinstance(result, Failure):
+                if isinstance(job, _Remove) and job.answered:
+                    log.failure("spool: cannot remove queue/{queue_id}", result, queue_id=job.queue_id)
+                    continue
                 job.deferred.errback(result)
                 continue
             if isinstance(job, _Commit):

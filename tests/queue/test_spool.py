@@ -290,13 +290,44 @@ def test_removal_does_not_hold_up_commits_and_is_synced_when_idle(spool):
     yield spool.list_ids()
     fsync.events.clear()
     yield spool.remove(qid)
-    assert files(spool) == []
     queue_dir = os.path.join(spool.path, "queue")
-    for _ in range(100):  # the idle writer makes the unlinks durable on its own
+    for _ in range(100):  # the idle remover makes the unlinks durable on its own
         if queue_dir in fsync.events:
             break
         yield deferLater(0.01)
     assert fsync.events == [queue_dir]
+    assert files(spool) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_delivered_at_its_first_attempt_is_gone_as_soon_as_its_removal_is_answered(spool):
+    fsync = spool.fsync_recorder
+    qid = yield store_message(spool, b"delivered\r\n")
+    saved = yield store_message(spool, b"deferred once\r\n")
+    yield spool.save(attrs.evolve((yield spool.load(saved)), attempts=1))
+    fsync.gate.clear()  # the remover's directory sync is held: the unlink itself is not
+    d = spool.remove(qid)
+    assert d.called  # answered at once: no thread hop back for the commonest removal
+    with pytest.raises(KeyError):
+        yield spool.load(qid)
+    with pytest.raises(KeyError):
+        spool.open_body(qid)
+    with pytest.raises(KeyError):
+        yield spool.save(attrs.evolve(spool.read_message(saved), queue_id=qid))
+    with pytest.raises(KeyError):
+        yield spool.remove(qid)
+    assert qid not in (yield spool.list_ids())
+    other = spool.remove(saved)  # saved before: answered once the remover has unlinked it
+    yield other
+    assert not os.path.exists(os.path.join(spool.path, "queue", saved + ".env"))
+    for _ in range(100):
+        if files(spool) == []:
+            break
+        yield deferLater(0.01)
+    assert files(spool) == []
+    fsync.gate.set()
+    with pytest.raises(KeyError):
+        yield spool.remove(qid)  # and once unlinked, it is simply unknown
 
 
 @pytest_twisted.inlineCallbacks
