@@ -9,11 +9,12 @@ per log line (``mailrelay._log``) where twistd would write text (``--logfile``, 
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, textFileLogObserver
 from twisted.python import usage
 from twisted.python.components import Componentized
 
@@ -73,27 +74,51 @@ class _Standalone(MultiService):
         return super().setServiceParent(parent)
 
 
-def _json_observer(options: Options) -> Any:
+def _twistd_option(options: Options, name: str, default: Any = None) -> Any:
+    twistd = options.parent if options.parent is not None else {}
+    return twistd.get(name, default) if hasattr(twistd, "get") else default
+
+
+def _log_stream(options: Options) -> Any:
+    """Where twistd would write its text log: ``--logfile`` (rotated, also on SIGUSR1), or stdout."""
     from twisted.python.logfile import LogFile
 
+    path = _twistd_option(options, "logfile")
+    if path == "-" or (not path and _twistd_option(options, "nodaemon", True)):
+        return sys.stdout
+    stream = LogFile.fromFullPath(path or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):  # as twistd does for its own log file
+        from twisted.internet import reactor
+
+        signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(stream.rotate))
+    return stream
+
+
+def _json_observer(options: Options) -> Any:
     from mailrelay._log import JSONLineObserver
 
-    twistd = options.parent if options.parent is not None else {}
-    path = twistd.get("logfile") if hasattr(twistd, "get") else None
-    if not path or path == "-":
-        return JSONLineObserver(sys.stdout)
-    return JSONLineObserver(LogFile.fromFullPath(path))
+    return JSONLineObserver(_log_stream(options))
 
 
 def makeService(options: Options) -> IService:
     from mailrelay.reload import SignalService
 
     cfg = options.loaded
-    top = _Standalone(_json_observer(options) if options["log-format"] == "json" else None)
     if cfg.server.workers > 1:
         from mailrelay.workers.supervisor import Supervisor
 
-        supervisor = Supervisor(cfg, options["config"])  # [server] workers comes from a file: --config is set
+        # Our own observer on our own stream, so the workers' finished lines are copied into it
+        # (with --syslog, twistd's observer; the workers then send events).
+        stream = None if _twistd_option(options, "syslog") else _log_stream(options)
+        observer = None
+        if stream is not None:
+            from mailrelay._log import JSONLineObserver
+
+            json_log = options["log-format"] == "json"
+            observer = JSONLineObserver(stream) if json_log else textFileLogObserver(stream)
+        top = _Standalone(observer)
+        # [server] workers comes from a file: --config is set
+        supervisor = Supervisor(cfg, options["config"], log_stream=stream, log_format=options["log-format"])
         supervisor.setServiceParent(top)
         SignalService(supervisor, options["config"]).setServiceParent(top)
         top.supervisor = supervisor  # type: ignore[attr-defined]
@@ -101,6 +126,7 @@ def makeService(options: Options) -> IService:
 
     from mailrelay.service import MailRelayService
 
+    top = _Standalone(_json_observer(options) if options["log-format"] == "json" else None)
     try:
         relay = MailRelayService(cfg)
     except ConfigError as e:

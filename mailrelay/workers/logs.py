@@ -1,9 +1,12 @@
-"""A worker's log events, carried to its supervisor as JSON lines and logged there with ``worker``.
+"""A worker's log events, carried to its supervisor and into the one log of the instance.
 
-The worker writes each event on its stdout (a pipe to the supervisor) as one JSON line; the
-supervisor turns the line back into an event with the same time, level, namespace and fields
-plus ``worker`` (its number), so the one log of the instance (text or ``--log-format json``,
-rotated by twistd) says which worker did what: ``[worker 1] 01J...: delivered to ...``.
+Every line says which worker wrote it: ``[worker 1]`` before its text, a ``worker`` field in
+JSON. Usually the worker formats its lines itself, exactly as the instance's log wants them
+(text or ``--log-format json``), and writes them on its stdout, a pipe the supervisor copies into
+its log file as they are (a few bytes copied per line, not an event re-formatted in the
+supervisor). When the supervisor's log is not a stream it can copy into (``--syslog``), the
+worker sends one JSON record per event instead and the supervisor logs it as an event with the
+same time, level, namespace and fields.
 """
 
 from __future__ import annotations
@@ -20,16 +23,38 @@ from mailrelay._log import _plain
 _SKIP = frozenset({"format", "message", "isError", "why", "failure", "time", "text", "worker"})
 
 
-def encode_event(event: dict[str, Any]) -> bytes:
-    """One event as one JSON line: time, level, namespace, formatted text, plain fields."""
+def _text(event: dict[str, Any]) -> str:
     text = formatEvent(event)
     failure = event.get("log_failure")
     if failure is not None:
         text = f"{text}\n{failure.getTraceback()}"
+    return text
+
+
+def _fields(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in event.items() if not k.startswith("log_") and k not in _SKIP}
+
+
+def marked(event: dict[str, Any], worker: int) -> dict[str, Any]:
+    """``event`` as the instance's log shows it: its text after ``[worker k]``, and a ``worker`` field."""
+    return _event(event.get("log_time"), event.get("log_level") or LogLevel.info,
+                  event.get("log_namespace") or "mailrelay.workers", _text(event), _fields(event), worker)
+
+
+def _event(when: Any, level: LogLevel, namespace: str, text: str, fields: dict[str, Any], worker: int) -> dict[str, Any]:
+    event: dict[str, Any] = {k: v for k, v in fields.items() if isinstance(k, str) and not k.startswith("log_")}
+    event.update(log_format="[worker {worker}] {text}", log_level=level, log_namespace=namespace, text=text,
+                 worker=worker)
+    if isinstance(when, (int, float)):  # noqa: UP038 - a tuple: no Union built per line
+        event["log_time"] = float(when)
+    return event
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    """One event as one JSON line for the supervisor: time, level, namespace, text, plain fields."""
     level = event.get("log_level")
-    fields = {k: _plain(v) for k, v in event.items() if not k.startswith("log_") and k not in _SKIP}
     record = {"t": event.get("log_time", 0.0), "l": getattr(level, "name", "info"),
-              "n": event.get("log_namespace", ""), "text": text, "f": fields}
+              "n": event.get("log_namespace", ""), "text": _text(event), "f": _fields(event)}
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str).encode() + b"\n"
 
 
@@ -45,19 +70,12 @@ def decode_line(line: bytes, worker: int) -> dict[str, Any]:
         level = LogLevel.lookupByName(record.get("l", "info"))
     except ValueError:
         level = LogLevel.info
-    event: dict[str, Any] = {k: v for k, v in (record.get("f") or {}).items()
-                             if isinstance(k, str) and not k.startswith("log_")}
-    event.update(log_format="[worker {worker}] {text}", log_level=level,
-                 log_namespace=record.get("n") or "mailrelay.workers", text=str(record.get("text", "")),
-                 worker=worker)
-    if isinstance(record.get("t"), (int, float)):  # noqa: UP038 - a tuple: no Union built per line
-        event["log_time"] = float(record["t"])
-    return event
+    return _event(record.get("t"), level, record.get("n") or "mailrelay.workers", str(record.get("text", "")),
+                  record.get("f") or {}, worker)
 
 
-@implementer(ILogObserver)
-class LineWriter:
-    """The worker's log observer: each event to file descriptor ``fd`` as one JSON line, blocking.
+class FdStream:
+    """A text stream on a file descriptor, each ``write`` one blocking ``os.write`` loop.
 
     Blocking on purpose: a supervisor slow to read holds the worker back instead of losing lines;
     a supervisor gone (EPIPE) loses them, and the worker stops anyway (it watches its stdin).
@@ -66,17 +84,53 @@ class LineWriter:
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        try:
-            data = encode_event(event)
-        except Exception as e:  # never lose the line because one field would not serialise
-            data = json.dumps({"l": "error", "text": f"unloggable event: {e!r}"}).encode() + b"\n"
-        view = memoryview(data)
+    def write(self, text: str | bytes) -> None:
+        view = memoryview(text.encode() if isinstance(text, str) else text)
         try:
             while view:
                 view = view[os.write(self.fd, view):]
         except OSError:
             pass
+
+    def flush(self) -> None:
+        pass
+
+
+def worker_observer(fd: int, worker: int, form: str) -> Any:
+    """The worker's log observer, writing to ``fd`` (its stdout, read by the supervisor).
+
+    ``form`` is what the supervisor asked for: ``"text"`` or ``"json"``, finished lines of the
+    instance's log (marked with the worker) that it writes out as they are, or ``"event"``, one
+    JSON record per event that it turns back into an event for its own observers (``--syslog``).
+    """
+    if form == "event":
+        return LineWriter(fd)
+    from twisted.logger import textFileLogObserver
+
+    from mailrelay._log import JSONLineObserver
+
+    stream = FdStream(fd)
+    out = JSONLineObserver(stream) if form == "json" else textFileLogObserver(stream)  # type: ignore[arg-type]
+
+    def observe(event: dict[str, Any]) -> None:
+        out(marked(event, worker))
+
+    return observe
+
+
+@implementer(ILogObserver)
+class LineWriter:
+    """Each event to file descriptor ``fd`` as one JSON line for the supervisor (``encode_event``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.stream = FdStream(fd)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        try:
+            data = encode_event(event)
+        except Exception as e:  # never lose the line because one field would not serialise
+            data = json.dumps({"l": "error", "text": f"unloggable event: {e!r}"}).encode() + b"\n"
+        self.stream.write(data)
 
 
 class LineSplitter:

@@ -93,12 +93,19 @@ class WorkerProtocol(protocol.ProcessProtocol):
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         splitter = self.lines.get(fd)
-        if splitter is not None:
-            for line in splitter.feed(data):
-                self._line(fd, line)
+        if splitter is None:
+            return
+        lines = splitter.feed(data)
+        if fd == 1 and lines and self.supervisor.log_stream is not None:
+            self.supervisor.write_log(lines)  # finished lines of our log: copied as they are
+            return
+        for line in lines:
+            self._line(fd, line)
 
     def _line(self, fd: int, line: bytes) -> None:
-        if fd == 1:
+        if fd == 1 and self.supervisor.log_stream is not None:
+            self.supervisor.write_log([line])
+        elif fd == 1:
             self.supervisor.publish(decode_line(line, self.worker.index))
         else:  # stderr: tracebacks of a crash at start-up, warnings of libraries
             log.error("[worker {worker}] {line}", worker=self.worker.index, line=line.decode("utf-8", "replace"))
@@ -115,7 +122,8 @@ class Supervisor(service.Service):
 
     def __init__(self, config: Config, config_path: str, reactor: Any = None, *,
                  spawn: Callable[[protocol.ProcessProtocol, Worker], Any] | None = None,
-                 publish: Callable[[dict[str, Any]], None] = globalLogPublisher) -> None:
+                 publish: Callable[[dict[str, Any]], None] = globalLogPublisher,
+                 log_stream: Any = None, log_format: str = "text") -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -125,6 +133,10 @@ class Supervisor(service.Service):
         self.reactor = reactor
         self.spawn = spawn or self._spawn_process
         self.publish = publish
+        # Where our own log observer writes (a LogFile or stdout) and in which form ("text" or
+        # "json"): workers then send finished lines, copied there. None: events (--syslog).
+        self.log_stream = log_stream
+        self.log_format = log_format if log_stream is not None else "event"
         self.metrics = _Metrics()
         self.workers = [Worker(i) for i in range(config.server.workers)]
         self.sockets: list[tuple[str, str, socket.socket]] = []  # (kind, description, socket)
@@ -182,7 +194,12 @@ class Supervisor(service.Service):
 
     def worker_spec(self, worker: Worker) -> dict[str, Any]:
         return {"index": worker.index, "workers": len(self.workers), "config": self.config_path,
-                "listeners": [s.to_dict() for s in self.listener_specs()]}
+                "listeners": [s.to_dict() for s in self.listener_specs()], "log": self.log_format}
+
+    def write_log(self, lines: list[bytes]) -> None:
+        """Workers' finished log lines, into our log as they are (one write for a chunk of them)."""
+        self.log_stream.write(b"\n".join(lines).decode("utf-8", "replace") + "\n")
+        self.log_stream.flush()
 
     def start_worker(self, worker: Worker) -> None:
         worker.restart_call = None

@@ -2,8 +2,8 @@
 
 Started by the supervisor (``mailrelay.workers.supervisor``) as
 ``python -m mailrelay.workers.worker SPEC`` where SPEC is JSON: ``index``, ``workers``, ``config``
-(the file), ``listeners`` (``ListenerSpec`` dicts: the inherited file descriptors). It logs JSON
-lines on stdout for the supervisor, reloads on SIGHUP and stops gracefully on SIGTERM like the
+(the file), ``listeners`` (``ListenerSpec`` dicts: the inherited file descriptors), ``log`` (the
+form of its log lines, see ``mailrelay.workers.logs``). It logs on stdout for the supervisor, reloads on SIGHUP and stops gracefully on SIGTERM like the
 standalone relay, and also stops when its stdin closes (the supervisor is gone: no orphan keeps
 accepting mail). Exit status: 0 stopped, 2 bad config, 3 its shard is run by another process.
 """
@@ -87,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.logger import globalLogBeginner
 
-    from mailrelay.workers.logs import LineWriter
+    from mailrelay.workers.logs import worker_observer
 
     log_fd = os.dup(1)  # stdout is the supervisor's pipe; keep print() and friends off it
     os.dup2(2, 1)
-    globalLogBeginner.beginLoggingTo([LineWriter(log_fd)], redirectStandardIO=False)
+    observer = worker_observer(log_fd, index, spec.get("log", "event"))
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     from twisted.internet import reactor
 
