@@ -95,7 +95,9 @@ class RelayProcess:
         raise TimeoutError(f"{text!r} not in the relay's log after {timeout}s:\n{self.log_text()[-3000:]}")
 
     def queue_files(self) -> list[Path]:
-        return sorted(p for p in self.spool.rglob("*") if p.is_file())
+        """The spool's files, less tmp/free.<n> (files of removed messages kept for new ones)."""
+        return sorted(p for p in self.spool.rglob("*")
+                      if p.is_file() and not (p.parent.name == "tmp" and p.name.startswith("free.")))
 
 
 def _split_server(body: str) -> tuple[str, str]:

@@ -4,6 +4,7 @@ Layout under ``path``::
 
     tmp/<id>.body          a message being received: its body, the envelope appended at commit
     tmp/<id>.env.<n>       a state update being written
+    tmp/free.<n>           the file of a removed message, kept to be rewritten for a new one
     queue/<id>             a committed message: the body, its envelope (JSON), a 16-byte trailer
                            (magic, body size, envelope size); its presence marks the commit
     queue/<id>.env         its state (JSON) once saved after an attempt; supersedes the envelope
@@ -18,6 +19,9 @@ batch (pipelined); each job's Deferred fires only after that. Removals come in a
 own (an unlink can take milliseconds on a busy disk; no commit waits behind one) and need no fsync
 before they are answered: the next directory sync covers them, or the remover's own once it has
 been idle a moment (a removal lost in a crash means a message delivered twice, never one lost).
+The file of a removed message is kept for the next one (``tmp/free.<n>``, a bounded pool, each
+reused only once a sync of ``queue/`` has made its removal durable): creating and freeing an inode
+per message costs more CPU than the rest of the commit (ext4 scans past recently freed inodes).
 Nothing touches ``fsync`` on the reactor thread. A crash leaves at worst files in ``tmp/`` or a
 state without its message in ``queue/``: both are removed at start, never delivered. A spool of
 the older two-file layout (``queue/<id>.body`` + ``queue/<id>.env``) is converted at start.
@@ -32,7 +36,7 @@ import queue as _queue
 import re
 import struct
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
@@ -66,6 +70,8 @@ _FRESH = 1024  # just-committed messages kept in memory for their first load
 _FRESH_BODY_BYTES = 16 * 1024 * 1024  # and their small bodies, for their first delivery
 _SYNCERS = 16  # threads that fsync a batch's files together (concurrent fsyncs share a journal commit)
 _REMOVAL_IDLE = 0.1  # seconds without removals before the remover syncs queue/ itself
+_FREE_FILES = 256  # files of removed messages kept in tmp/ for new ones (no inode freed and made)
+_FREE = "free."  # tmp/free.<n>: such a file
 _SCHEDULE_KEYS = re.compile(rb'"next_attempt":(-?[0-9][0-9.eE+-]*),"held":(true|false)')
 #: The end of every message file: magic, body size, envelope size (so both are found from the end).
 _TRAILER = struct.Struct("<4sQI")
@@ -124,9 +130,10 @@ def committed_files(queue_dir: str) -> dict[str, list[str]]:
 class _BodyFile(io.RawIOBase):
     """The body part of a message file: a read-only, seekable file of ``size`` bytes (``pread``)."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, on_close: Callable[[], None] | None = None) -> None:
         super().__init__()
         self._fd, self._size, self._pos = fd, size, 0
+        self._on_close = on_close
 
     def readable(self) -> bool:
         return True
@@ -169,6 +176,8 @@ class _BodyFile(io.RawIOBase):
         if not self.closed:
             try:
                 os.close(self._fd)
+                if self._on_close is not None:
+                    self._on_close()
             finally:
                 super().close()
 
@@ -226,9 +235,12 @@ class _Commit(_Job):
             # and written with its envelope in one go.
             self.body = bytes(w.pending)
             w.pending = bytearray()
-            fd = os.open(w.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            data = self.body + tail
+            fd, old_size = spool._reuse_file(w.tmp_path)
             self.fds.append(fd)
-            _write_all(fd, self.body + tail)
+            _write_all(fd, data)
+            if old_size > len(data):
+                os.ftruncate(fd, len(data))
         else:
             w.file.write(tail)
             w.file.flush()
@@ -280,7 +292,7 @@ class _Remove(_Job):
 
     def publish(self, spool: FilesystemSpool) -> None:
         # The message first: a crash in between leaves a state without message, cleaned at start.
-        found = _unlink(spool._queued(self.queue_id))
+        found = spool._recycle(self.queue_id)
         if self.has_state:
             _unlink(spool._queued(self.queue_id, _ENV))
         if not found:
@@ -305,7 +317,9 @@ class _Scan(_Job):
     def stage(self, spool: FilesystemSpool) -> None:
         if self.clean_tmp:
             for entry in os.scandir(spool.tmp_dir):
-                if entry.name not in spool._receiving:
+                if entry.name.startswith(_FREE):
+                    _unlink(entry.path)  # kept for reuse by an earlier run: nothing to report
+                elif entry.name not in spool._receiving:
                     log.info("spool: removing incomplete file tmp/{name}", name=entry.name)
                     _unlink(entry.path)
         messages, states, legacy = set(), set(), set()
@@ -483,6 +497,13 @@ class FilesystemSpool:
         # Removals (counted by the remover) and how many of them a sync of queue/ has covered.
         self._removals_done = 0
         self._removals_synced = 0
+        # Files of removed messages for new ones: (path in tmp/, the removal count that a sync of
+        # queue/ must cover before the file may be written again). Appended by the remover, taken
+        # by the writer (deque operations are atomic).
+        self._free: deque[tuple[str, int]] = deque()
+        self._free_counter = 0
+        self._readers: dict[str, int] = {}  # queue id -> descriptors open on its message file
+        self._readers_lock = threading.Lock()
         self._dir_fd: int | None = None
         #: How many batches the writer has made durable (each one ``fsync`` of ``queue/``).
         self.commit_passes = 0
@@ -614,7 +635,7 @@ class FilesystemSpool:
             except FileNotFoundError:
                 if saved:
                     raise
-        fd = os.open(self._queued(queue_id), os.O_RDONLY)
+        fd = self._open_message(queue_id)
         try:
             if tail is not None:
                 _, env_size, data = _read_trailer(fd, tail + _TRAILER.size)
@@ -622,6 +643,21 @@ class FilesystemSpool:
             return _read_envelope(fd)
         finally:
             os.close(fd)
+            self._reader_closed(queue_id)
+
+    def _open_message(self, queue_id: str) -> int:
+        """Open ``queue/<id>`` for reading, counted until ``_reader_closed``: a file someone reads
+        is never kept for a new message (``_recycle`` unlinks it instead)."""
+        with self._readers_lock:
+            fd = os.open(self._queued(queue_id), os.O_RDONLY)
+            self._readers[queue_id] = self._readers.get(queue_id, 0) + 1
+        return fd
+
+    def _reader_closed(self, queue_id: str) -> None:
+        with self._readers_lock:
+            n = self._readers.pop(queue_id, 1) - 1
+            if n > 0:
+                self._readers[queue_id] = n
 
     def load_many(self, ids: list[str]) -> defer.Deferred[list[QueuedMessage]]:
         """The messages of ``ids`` that still exist, read in one thread hop (for listings)."""
@@ -656,15 +692,16 @@ class FilesystemSpool:
         if queue_id in self._removing:
             raise KeyError(queue_id)
         try:
-            fd = os.open(self._queued(queue_id), os.O_RDONLY)
+            fd = self._open_message(queue_id)
         except FileNotFoundError:
             return self._open_legacy_body(queue_id)
         try:
             body_size, _, _ = _read_trailer(fd)
         except BaseException:
             os.close(fd)
+            self._reader_closed(queue_id)
             raise
-        return _BodyFile(fd, body_size)  # type: ignore[return-value]
+        return _BodyFile(fd, body_size, lambda: self._reader_closed(queue_id))  # type: ignore[return-value]
 
     def _open_legacy_body(self, queue_id: str) -> IO[bytes]:
         """A message of the two-file layout not converted yet (the CLI on a stopped instance)."""
@@ -779,6 +816,45 @@ class FilesystemSpool:
             raise
         fds.append(fd)
         return path
+
+    def _recycle(self, queue_id: str) -> bool:
+        """Take ``queue/<id>`` out of the queue, keeping its file for a new message while the pool
+        has room (else unlink it); whether it was there."""
+        path = self._queued(queue_id)
+        with self._readers_lock:  # no reader opens it meanwhile
+            if len(self._free) >= _FREE_FILES or queue_id in self._readers:
+                return _unlink(path)  # an open reader keeps reading the old bytes
+            self._free_counter += 1
+            free = f"{self.tmp_dir}{os.sep}{_FREE}{self._free_counter}"
+            try:
+                os.rename(path, free)
+            except FileNotFoundError:
+                return False
+        # Its removal is counted after this batch: a sync of queue/ that saw that count covers it.
+        self._free.append((free, self._removals_done + 1))
+        return True
+
+    def _reuse_file(self, path: str) -> tuple[int, int]:
+        """A descriptor for writing ``path`` and the size it had: a kept file renamed there when
+        one is ready, else a new one (size 0).
+
+        A kept file is written only once its removal from ``queue/`` is durable: a crash can then
+        never show the old message's name with a new message's bytes. A file with another link
+        (it cannot have one; a safeguard) is never overwritten."""
+        while self._free and self._free[0][1] <= self._removals_synced:
+            free, _ = self._free.popleft()
+            try:
+                os.rename(free, path)
+                fd = os.open(path, os.O_WRONLY)
+            except OSError:
+                _unlink(path)
+                continue
+            st = os.fstat(fd)
+            if st.st_nlink == 1:
+                return fd, st.st_size
+            os.close(fd)
+            _unlink(path)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 0
 
     def _convert_legacy(self, queue_id: str) -> None:
         """A message of the two-file layout becomes one message file (its ``.env`` stays as its

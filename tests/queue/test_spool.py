@@ -57,10 +57,15 @@ def store_message(spool: FilesystemSpool, body: bytes, chunks: int = 1) -> defer
 
 
 def files(spool: FilesystemSpool) -> list[str]:
+    """The spool's files, less those kept for reuse (tmp/free.<n>: no message, see kept_files)."""
     out = []
     for d in ("tmp", "queue"):
         out += [f"{d}/{n}" for n in sorted(os.listdir(os.path.join(spool.path, d)))]
-    return out
+    return [f for f in out if not f.startswith("tmp/free.")]
+
+
+def kept_files(spool: FilesystemSpool) -> list[str]:
+    return sorted(n for n in os.listdir(os.path.join(spool.path, "tmp")) if n.startswith("free."))
 
 
 def test_provides_the_interfaces(spool):
@@ -390,3 +395,76 @@ def test_committed_files_name_each_message_with_its_commit_marker_last(spool):
     w.write(b"x" * 300_000)  # being received: not committed
     assert committed_files(spool.queue_dir) == {a: [a], b: [f"{b}.env", b]}
     w.abort()
+
+
+def _inode(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+@pytest_twisted.inlineCallbacks
+def _wait_until(predicate) -> defer.Deferred[None]:
+    for _ in range(300):
+        if predicate():
+            return
+        yield deferLater(0.01)
+    raise AssertionError("condition not reached")
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_file_of_a_removed_message_is_rewritten_for_the_next_one_once_its_removal_is_durable(spool):
+    fsync = spool.fsync_recorder
+    queue_dir = os.path.join(spool.path, "queue")
+    long_body = b"x" * 3000 + b"\r\n"
+    first = yield store_message(spool, long_body)
+    fsync.events.clear()
+    yield spool.remove(first)
+    yield _wait_until(lambda: queue_dir in fsync.events)  # the remover's idle sync covered it
+    (kept,) = kept_files(spool)
+    inode = _inode(os.path.join(spool.path, "tmp", kept))
+    second = yield store_message(spool, b"short\r\n")
+    assert kept_files(spool) == [] and files(spool) == [f"queue/{second}"]
+    assert _inode(os.path.join(queue_dir, second)) == inode  # no inode freed, none made
+    yield spool.save(attrs.evolve((yield spool.load(second)), attempts=1))  # drops what memory holds
+    with spool.open_body(second) as f:
+        assert f.read() == b"short\r\n"  # nothing of the longer message it replaced
+    assert (yield spool.load(second)).envelope == ENV
+    yield spool.stop()
+    again = FilesystemSpool(spool.path, reactor)
+    again.start()
+    try:
+        assert (yield again.list_ids()) == [second]
+        with again.open_body(second) as f:
+            assert f.read() == b"short\r\n"
+    finally:
+        yield again.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_kept_file_is_not_rewritten_before_a_sync_covers_its_removal(spool):
+    fsync = spool.fsync_recorder
+    first = yield store_message(spool, b"first\r\n")
+    fsync.gate.clear()  # no sync of queue/ makes the removal durable yet
+    yield spool.remove(first)
+    yield _wait_until(lambda: kept_files(spool) != [])
+    (kept,) = kept_files(spool)
+    inode = _inode(os.path.join(spool.path, "tmp", kept))
+    d = store_message(spool, b"second\r\n")
+    yield _wait_until(lambda: os.listdir(os.path.join(spool.path, "tmp")) != [kept])  # staged
+    fsync.gate.set()
+    second = yield d
+    assert _inode(os.path.join(spool.path, "queue", second)) != inode  # a new file instead
+    assert kept_files(spool) == [kept]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_file_being_read_is_unlinked_not_kept(spool):
+    first = yield store_message(spool, b"being delivered\r\n")
+    yield spool.save(attrs.evolve((yield spool.load(first)), attempts=1))  # read from its file now
+    reader = spool.open_body(first)
+    yield spool.remove(first)
+    assert kept_files(spool) == []
+    for _ in range(3):
+        yield store_message(spool, b"another message\r\n")
+    assert reader.read() == b"being delivered\r\n"
+    reader.close()
+    assert spool._readers == {}
