@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.logger import ILogObserver, textFileLogObserver
+from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.components import Componentized
 
@@ -94,10 +94,16 @@ def _log_stream(options: Options) -> Any:
     return stream
 
 
-def _json_observer(options: Options) -> Any:
-    from mailrelay._log import JSONLineObserver
+def _observer(options: Options) -> Any:
+    """Our observer for twistd's log: JSON lines, or twistd's text lines made faster; None under
+    ``--syslog`` (twistd's syslog observer, text only)."""
+    from mailrelay._log import JSONLineObserver, TextLineObserver
 
-    return JSONLineObserver(_log_stream(options))
+    if options["log-format"] == "json":
+        return JSONLineObserver(_log_stream(options))
+    if _twistd_option(options, "syslog"):
+        return None
+    return TextLineObserver(_log_stream(options))
 
 
 def makeService(options: Options) -> IService:
@@ -112,10 +118,10 @@ def makeService(options: Options) -> IService:
         stream = None if _twistd_option(options, "syslog") else _log_stream(options)
         observer = None
         if stream is not None:
-            from mailrelay._log import JSONLineObserver
+            from mailrelay._log import JSONLineObserver, TextLineObserver
 
             json_log = options["log-format"] == "json"
-            observer = JSONLineObserver(stream) if json_log else textFileLogObserver(stream)
+            observer = JSONLineObserver(stream) if json_log else TextLineObserver(stream)
         top = _Standalone(observer)
         # [server] workers comes from a file: --config is set
         supervisor = Supervisor(cfg, options["config"], log_stream=stream, log_format=options["log-format"])
@@ -126,7 +132,7 @@ def makeService(options: Options) -> IService:
 
     from mailrelay.service import MailRelayService
 
-    top = _Standalone(_json_observer(options) if options["log-format"] == "json" else None)
+    top = _Standalone(_observer(options))
     try:
         relay = MailRelayService(cfg)
     except ConfigError as e:

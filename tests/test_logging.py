@@ -101,3 +101,53 @@ def test_event_as_json_hides_secret_fields_and_keeps_tracebacks():
     assert "ValueError: boom" in record["traceback"]
     assert record["time"] == "1970-01-01T00:00:00.000Z"
     assert record["peer"].startswith("<object")
+
+
+class _Shape:
+    b = 1
+
+
+def _events() -> list[dict]:
+    now = 1764651600.25
+    failure = Failure(ZeroDivisionError("division by zero"))
+    return [
+        dict(log_format="{queue_id}: size={size:d} x={x!r}", queue_id="01ABC", size=12, x="q",
+             log_time=now, log_level=LogLevel.info, log_namespace="mailrelay.smtp.session"),
+        dict(log_format="{a.b} {c()}", a=_Shape(), c=lambda: 3, log_time=now, log_level=LogLevel.warn,
+             log_namespace="n"),
+        dict(log_format="missing {nope}", log_time=now, log_level=LogLevel.info, log_namespace="n"),
+        dict(log_format="two\nlines {x}", x="y", log_time=now + 1, log_level=LogLevel.error, log_namespace="n"),
+        dict(log_format=None, log_time=now),
+        dict(log_format="from {system}", system="legacy", log_system="custom", log_time=now),
+        dict(log_format="{x}", x=1, log_time=now),
+        dict(log_format="{x}", x=1),
+        dict(log_format="boom {x}", x=1, log_failure=failure, log_time=now, log_level=LogLevel.critical,
+             log_namespace="n"),
+    ]
+
+
+def test_text_observer_writes_what_twistds_text_observer_writes():
+    import io
+
+    from twisted.logger import formatEventAsClassicLogText
+
+    from mailrelay._log import TextLineObserver
+
+    for event in _events():
+        out = io.StringIO()
+        TextLineObserver(out)(event)
+        assert out.getvalue() == (formatEventAsClassicLogText(event) or ""), event
+
+
+def test_text_observer_renders_plain_formats_without_twisted_loggers_parser(monkeypatch):
+    import io
+
+    import mailrelay._log as log_module
+
+    def parse_nothing(event):
+        raise AssertionError("string.Formatter parse on the hot path")
+
+    monkeypatch.setattr(log_module, "_twisted_format_event", parse_nothing)
+    out = io.StringIO()
+    log_module.TextLineObserver(out)(_events()[0])
+    assert out.getvalue().endswith(" [mailrelay.smtp.session#info] 01ABC: size=12 x='q'\n")

@@ -15,10 +15,10 @@ import json
 import os
 from typing import Any
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import ILogObserver, LogLevel
 from zope.interface import implementer
 
-from mailrelay._log import _plain
+from mailrelay._log import _plain, formatEvent
 
 _SKIP = frozenset({"format", "message", "isError", "why", "failure", "time", "text", "worker"})
 
@@ -105,12 +105,10 @@ def worker_observer(fd: int, worker: int, form: str) -> Any:
     """
     if form == "event":
         return LineWriter(fd)
-    from twisted.logger import textFileLogObserver
-
-    from mailrelay._log import JSONLineObserver
+    from mailrelay._log import JSONLineObserver, TextLineObserver
 
     stream = FdStream(fd)
-    out = JSONLineObserver(stream) if form == "json" else textFileLogObserver(stream)  # type: ignore[arg-type]
+    out = JSONLineObserver(stream) if form == "json" else TextLineObserver(stream)  # type: ignore[arg-type]
 
     def observe(event: dict[str, Any]) -> None:
         out(marked(event, worker))
