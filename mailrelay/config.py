@@ -161,6 +161,12 @@ def _domain(v: object) -> str:
     return s
 
 
+def _thread_count(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 64:
+        raise ValueError(f"must be a whole number from 0 to 64, not {v!r}")
+    return v
+
+
 def _positive_int(v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"must be a whole number of at least 1, not {v!r}")
@@ -207,6 +213,9 @@ class SpoolConfig:
     # the mail of dead nodes); a node that dies is taken over within about lease_time.
     lease_time: float = 30.0
     scan_interval: float = 5.0
+    # filesystem: threads that fsync the files of one group commit together (0: the writer
+    # thread fsyncs them one after another; see docs/configuration.rst).
+    fsync_threads: int = 16
 
 
 @attrs.frozen
@@ -329,6 +338,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         dsn=s.get("dsn", None, _string),
         lease_time=s.get("lease_time", 30.0, parse_duration),
         scan_interval=s.get("scan_interval", 5.0, parse_duration),
+        fsync_threads=s.get("fsync_threads", 16, _thread_count),
     )
     s.check_unknown()
     if spool.backend not in ("filesystem", "postgresql"):

@@ -143,7 +143,7 @@ class MailRelayService(service.MultiService):
     def _make_store(self) -> IQueueStore:
         spool = self.config.spool
         if spool.backend == "filesystem":
-            return FilesystemSpool(spool.path, self.reactor)
+            return FilesystemSpool(spool.path, self.reactor, fsync_threads=spool.fsync_threads)
         from mailrelay.queue.postgres import PostgresStore  # type: ignore[import-not-found]
 
         return PostgresStore(spool.dsn, self.reactor, self.threadpool,  # type: ignore[no-any-return]

@@ -36,6 +36,7 @@ local_domains = ["Example.TEST"]
 max_message_size = "10M"
 [spool]
 path = "/var/spool/mailrelay"
+fsync_threads = 0
 [queue]
 retry_schedule = ["1m", "5m", "1h"]
 max_lifetime = "5d"
@@ -54,6 +55,7 @@ listen = "tcp:9125:interface=127.0.0.1"
     assert c.server.local_domains == ("example.test",)
     assert c.server.max_message_size == 10 * 1024 * 1024
     assert c.queue.retry_schedule == (60.0, 300.0, 3600.0)
+    assert c.spool.fsync_threads == 0
     assert c.queue.delay_warning == 4 * 3600
     assert c.routes[0].type == "static" and c.routes[0].key == "routes[0]"
     assert c.routes[0].options == {"domains": ["example.test"], "hosts": ["127.0.0.1:2526"]}
@@ -72,6 +74,8 @@ listen = "tcp:9125:interface=127.0.0.1"
         ("[server]\nhostnme = 'x'\n", "server.hostnme: unknown key"),
         ("[queue]\nretry_schedule = ['5 parsecs']\n", "queue.retry_schedule[0]: '5 parsecs' is not a duration"),
         ("[queue]\nretry_schedule = []\n", "queue.retry_schedule: must have at least one interval"),
+        ("[spool]\nfsync_threads = 65\n", "spool.fsync_threads: must be a whole number from 0 to 64, not 65"),
+        ("[spool]\nfsync_threads = true\n", "spool.fsync_threads: must be a whole number from 0 to 64"),
         ("[spool]\nbackend = 'nfs'\n", "spool.backend: 'nfs': must be 'filesystem' or 'postgresql'"),
         ("[spool]\nbackend = 'postgresql'\n", "spool.dsn: required when backend = 'postgresql'"),
         ("[[routes]]\ndomains = ['*']\n", "routes[0].type: missing"),

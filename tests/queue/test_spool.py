@@ -468,3 +468,37 @@ def test_a_message_file_being_read_is_unlinked_not_kept(spool):
     assert reader.read() == b"being delivered\r\n"
     reader.close()
     assert spool._readers == {}
+
+
+class ThreadRecordingFsync(GatedFsync):
+    """Also records which thread fsynced each file of ``tmp/`` (the messages, not the directory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def __call__(self, fd: int) -> None:
+        if "/spool/tmp/" in os.readlink(f"/proc/self/fd/{fd}"):
+            self.threads.append(threading.current_thread().name)
+        super().__call__(fd)
+
+
+@pytest.mark.parametrize(("fsync_threads", "batch_in"), [(16, "mailrelay-spool-fsync"), (0, "mailrelay-spool-writer")])
+@pytest_twisted.inlineCallbacks
+def test_the_files_of_a_batch_are_fsynced_in_parallel_or_by_the_writer_itself(tmp_path, fsync_threads, batch_in):
+    fsync = ThreadRecordingFsync()
+    spool = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, fsync_threads=fsync_threads)
+    spool.start()
+    try:
+        fsync.gate.clear()
+        first = store_message(spool, b"first\r\n")
+        assert fsync.entered.wait(5)  # the writer holds the first message's fsync
+        batch = [store_message(spool, b"batch %d\r\n" % i) for i in range(5)]  # wait together
+        fsync.gate.set()
+        yield defer.gatherResults([first, *batch])
+        assert len(fsync.threads) == 6
+        assert fsync.threads[0] == "mailrelay-spool-writer"  # a single file: no hand-off
+        assert all(t.startswith(batch_in) for t in fsync.threads[1:]), fsync.threads
+    finally:
+        fsync.gate.set()
+        yield spool.stop()
