@@ -94,16 +94,11 @@ def _log_stream(options: Options) -> Any:
     return stream
 
 
-def _observer(options: Options) -> Any:
-    """Our observer for twistd's log: JSON lines, or twistd's text lines made faster; None under
-    ``--syslog`` (twistd's syslog observer, text only)."""
+def _observer(options: Options, stream: Any) -> Any:
+    """Our observer for twistd's log on ``stream``: JSON lines, or twistd's text lines made faster."""
     from mailrelay._log import JSONLineObserver, TextLineObserver
 
-    if options["log-format"] == "json":
-        return JSONLineObserver(_log_stream(options))
-    if _twistd_option(options, "syslog"):
-        return None
-    return TextLineObserver(_log_stream(options))
+    return JSONLineObserver(stream) if options["log-format"] == "json" else TextLineObserver(stream)
 
 
 def makeService(options: Options) -> IService:
@@ -116,13 +111,7 @@ def makeService(options: Options) -> IService:
         # Our own observer on our own stream, so the workers' finished lines are copied into it
         # (with --syslog, twistd's observer; the workers then send events).
         stream = None if _twistd_option(options, "syslog") else _log_stream(options)
-        observer = None
-        if stream is not None:
-            from mailrelay._log import JSONLineObserver, TextLineObserver
-
-            json_log = options["log-format"] == "json"
-            observer = JSONLineObserver(stream) if json_log else TextLineObserver(stream)
-        top = _Standalone(observer)
+        top = _Standalone(None if stream is None else _observer(options, stream))
         # [server] workers comes from a file: --config is set
         supervisor = Supervisor(cfg, options["config"], log_stream=stream, log_format=options["log-format"])
         supervisor.setServiceParent(top)
@@ -132,7 +121,9 @@ def makeService(options: Options) -> IService:
 
     from mailrelay.service import MailRelayService
 
-    top = _Standalone(_observer(options))
+    # --syslog: twistd's syslog observer for text lines (JSON lines still go to the log stream)
+    syslog = _twistd_option(options, "syslog") and options["log-format"] != "json"
+    top = _Standalone(None if syslog else _observer(options, _log_stream(options)))
     try:
         relay = MailRelayService(cfg)
     except ConfigError as e:
