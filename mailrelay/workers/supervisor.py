@@ -95,25 +95,24 @@ class WorkerProtocol(protocol.ProcessProtocol):
         splitter = self.lines.get(fd)
         if splitter is None:
             return
-        lines = splitter.feed(data)
-        if fd == 1 and lines and self.supervisor.log_stream is not None:
-            self.supervisor.write_log(lines)  # finished lines of our log: copied as they are
-            return
-        for line in lines:
-            self._line(fd, line)
+        self._lines(fd, splitter.feed(data))
 
-    def _line(self, fd: int, line: bytes) -> None:
+    def _lines(self, fd: int, lines: list[bytes]) -> None:
+        if not lines:
+            return
         if fd == 1 and self.supervisor.log_stream is not None:
-            self.supervisor.write_log([line])
+            self.supervisor.write_log(lines)  # finished lines of our log: copied as they are
         elif fd == 1:
-            self.supervisor.publish(decode_line(line, self.worker.index))
+            for line in lines:
+                self.supervisor.publish(decode_line(line, self.worker.index))
         else:  # stderr: tracebacks of a crash at start-up, warnings of libraries
-            log.error("[worker {worker}] {line}", worker=self.worker.index, line=line.decode("utf-8", "replace"))
+            for line in lines:
+                log.error("[worker {worker}] {line}", worker=self.worker.index,
+                          line=line.decode("utf-8", "replace"))
 
     def processEnded(self, reason: Failure) -> None:
         for fd, splitter in self.lines.items():
-            for line in splitter.flush():
-                self._line(fd, line)
+            self._lines(fd, list(splitter.flush()))
         self.supervisor.ended(self.worker, self, reason)
 
 
