@@ -183,6 +183,8 @@ class ServerConfig:
     )
     local_domains: tuple[str, ...] = ()
     relay_domains: tuple[str, ...] = ()
+    # RCPT to local_domains/relay_domains asks the routers at once (550 5.1.1 for no such user)
+    verify_recipients: bool = True
     max_message_size: int = 52428800
     max_recipients: int = 100
     max_errors: int = 20
@@ -306,6 +308,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         trusted_networks=s.get_list("trusted_networks", ServerConfig.__attrs_attrs__.trusted_networks.default, _network),
         local_domains=s.get_list("local_domains", (), _domain),
         relay_domains=s.get_list("relay_domains", (), _domain),
+        verify_recipients=s.get("verify_recipients", True, types=bool),
         max_message_size=s.get("max_message_size", 52428800, parse_size),
         max_recipients=s.get("max_recipients", 100, _positive_int),
         max_errors=s.get("max_errors", 20, _positive_int),

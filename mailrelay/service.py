@@ -155,8 +155,10 @@ class MailRelayService(service.MultiService):
 
     def _build_policy(self, server: ServerConfig, router: IRouter) -> IPolicy:
         # after relay access: a recipient of our own domains that no router accepts gets 550 at RCPT
-        verify = RecipientVerification.from_config(server, router, self.reactor)
-        return build_policy(server, extra=[verify, *self.policies])
+        extra: list[IPolicy] = list(self.policies)
+        if server.verify_recipients:
+            extra.insert(0, RecipientVerification.from_config(server, router, self.reactor))
+        return build_policy(server, extra=extra)
 
     def _build_factory(self, server: ServerConfig, submission: bool) -> SMTPServerFactory:
         factory = SMTPServerFactory.from_config(server, self.store, self.policy, self.reactor, submission=submission)

@@ -71,3 +71,54 @@ def test_unknown_router_type_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         MailRelayService(cfg)
     assert "routes[0].type" in str(e.value) and "nosuch" in str(e.value)
+
+
+def verifying_config(tmp_path, verify: str) -> config.Config:
+    """example.test is ours, but the only route is for another domain: its users are unknown."""
+    return config.loads(
+        f"""
+[server]
+hostname = "embedded.mailrelay.test"
+listen = ["tcp:0:interface=127.0.0.1"]
+local_domains = ["example.test"]
+{verify}
+[spool]
+path = "{tmp_path / 'spool'}"
+[[routes]]
+type = "static"
+domains = ["other.test"]
+hosts = ["127.0.0.1:9"]
+""",
+        "verify.toml",
+    )
+
+
+@pytest_twisted.inlineCallbacks
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("", (550, b"5.1.1")),  # the default: routed at RCPT, no route is no such user
+    ("verify_recipients = true", (550, b"5.1.1")),
+    ("verify_recipients = false", (250, b"2.1.5")),  # accepted; the queue bounces it later
+])
+def test_recipient_verification_at_rcpt_follows_the_config(tmp_path, setting, expected):
+    relay = MailRelayService(verifying_config(tmp_path, setting))
+    relay.startService()
+    try:
+        yield relay.listeners[0].listening
+        port = relay.ports[0].getHost().port
+
+        def rcpt() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", port) as client:
+                client.ehlo("client.example.org")
+                client.mail("a@example.org")
+                code, text = client.rcpt("nosuchuser@example.test")
+                return code, text[:5]
+
+        assert (yield threads.deferToThread(rcpt)) == expected
+    finally:
+        yield relay.stopService()
+
+
+def test_verify_recipients_must_be_a_boolean(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        verifying_config(tmp_path, 'verify_recipients = "no"')
+    assert "verify.toml" in str(e.value) and "server.verify_recipients" in str(e.value)
