@@ -412,10 +412,11 @@ class QueueManager:
                 statuses[i] = record(statuses[i], reply, remote)
                 self._log(message, statuses[i], started)
 
+        loaded = message
         message = attrs.evolve(message, statuses=tuple(statuses),
                                attempts=message.attempts + (1 if attempted else 0))
         message = yield self.notifier.settle(message, pending)
-        yield self._after_attempt(message, blocked, attempted)
+        yield self._after_attempt(message, blocked, attempted, unchanged=message == loaded)
 
     def _saving_as_they_end(self, message: QueuedMessage, statuses: list[RecipientStatus],
                             runs: list[defer.Deferred[Any]]) -> list[defer.Deferred[Any]]:
@@ -441,7 +442,14 @@ class QueueManager:
 
     @defer.inlineCallbacks
     def _after_attempt(self, message: QueuedMessage, blocked: list[Hashable],  # type: ignore[no-untyped-def]
-                       attempted: bool):
+                       attempted: bool, unchanged: bool = False):
+        """Remove a message that is done; else save when it is due again and schedule it.
+
+        A message that only waited for a busy destination and is ``unchanged`` since its load is
+        not saved: the store already says it was due, which is all a restart needs (it is woken
+        when the destination frees, or at the fallback time kept here). Saving it would cost a
+        state file per waiting message when mail arrives faster than one destination takes it.
+        A store shared with other nodes is always saved: the others read the due time from it."""
         qid = message.queue_id
         if not message.pending:
             yield self.store.remove(qid)
@@ -456,10 +464,11 @@ class QueueManager:
             at = schedule.next_attempt_at(message, self.config.retry_schedule, self.config.max_lifetime,
                                           now, self.jitter)
         message = attrs.evolve(message, next_attempt=at)
-        try:
-            yield self.store.save(message)
-        except KeyError:
-            return  # deleted while we were delivering
+        if not (unchanged and not attempted and not ILeasingStore.providedBy(self.store)):
+            try:
+                yield self.store.save(message)
+            except KeyError:
+                return  # deleted while we were delivering
         for destination in blocked:
             self._blocked.setdefault(destination, {})[qid] = None
         if not self._stopping:

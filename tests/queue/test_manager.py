@@ -6,6 +6,7 @@ import attrs
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from mailrelay.config import QueueConfig
 from mailrelay.envelope import (
@@ -17,6 +18,7 @@ from mailrelay.envelope import (
     Reply,
 )
 from mailrelay.errors import PermanentFailure, TemporaryFailure
+from mailrelay.interfaces import ILeasingStore
 from mailrelay.queue.manager import QueueManager
 from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer, route_to
 
@@ -351,6 +353,7 @@ def test_messages_for_a_full_destination_wait_without_churn():
     blocked = [q for q in ids if w.state(q).attempts == 0 and not w.manager.is_active(q)]
     assert len(blocked) == 16  # not attempted: no attempt counted, nothing recorded for them
     assert all(w.state(q).statuses[0].last_reply is None for q in blocked)
+    assert not [m for m in w.store.saves if m.queue_id in blocked], "waiting is not written to the store"
     routed = len(router.calls)
     deliverer.calls[0].answer(LATER)  # one slot frees: one waiter runs, one blocked message takes its place
     assert len(deliverer.calls) == 3
@@ -393,3 +396,62 @@ def test_a_store_failure_under_an_attempt_is_retried_not_forgotten():
     assert len(w.deliverer.calls) == 1 and qid in w.store.messages
     w.clock.advance(60)  # the first retry interval
     assert len(w.deliverer.calls) == 2 and qid not in w.store.messages
+
+
+def test_a_blocked_message_is_delivered_when_its_destination_frees_though_never_saved():
+    deliverer = RecordingDeliverer(default=None)
+    w = World(deliverer=deliverer,
+              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
+    w.manager.start()
+    ids = [w.send(f"u{i}@example.test") for i in range(4)]
+    w.clock.advance(0)
+    assert len(deliverer.calls) == 1  # one in flight, one waiting for the slot, two blocked
+    for n in range(1, 5):
+        deliverer.calls[n - 1].answer(OK)
+        w.clock.advance(0)
+        assert len(deliverer.calls) == min(n + 1, 4)
+    assert w.store.messages == {} and sorted(w.store.removed) == sorted(ids)
+    assert w.store.saves == []  # each was written once, at its commit, and removed once
+
+
+def test_a_blocked_message_whose_state_changed_is_saved():
+    """Waiting past the delay warning: the warning goes out and the saved state says so."""
+    deliverer = RecordingDeliverer(default=None)
+    w = World(deliverer=deliverer, config=QueueConfig(retry_schedule=SCHEDULE, max_lifetime=86400.0,
+                                                      delay_warning=3600.0, max_deliveries=10,
+                                                      max_per_destination=1))
+    w.clock.advance(7200)  # the messages below were received two hours ago
+    w.manager.start()
+    ids = [w.send(f"u{i}@example.test") for i in range(3)]
+    w.clock.advance(0)
+    blocked = ids[2]
+    assert not w.manager.is_active(blocked) and w.state(blocked).attempts == 0
+    assert w.state(blocked).warned and [m.queue_id for m in w.store.saves if m.warned] == [blocked]
+
+
+@implementer(ILeasingStore)
+class _LeasingStore(MemoryQueueStore):
+    """A store shared with other nodes, as far as the queue manager can tell."""
+
+    def claim(self, queue_id: str) -> defer.Deferred[bool]:
+        return defer.succeed(queue_id in self.messages)
+
+    def release(self, queue_id: str) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def make_due(self, queue_id: str | None = None) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+def test_a_blocked_message_in_a_shared_store_is_saved_for_the_other_nodes():
+    deliverer = RecordingDeliverer(default=None)
+    w = World(deliverer=deliverer,
+              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
+    w.store = _LeasingStore(w.clock)
+    w.manager = QueueManager(w.store, w.router, deliverer, w.clock, w.config, "relay.example.test",
+                             jitter=lambda d: d)
+    w.manager.start()
+    ids = [w.send(f"u{i}@example.test") for i in range(3)]
+    w.clock.advance(0)
+    assert [m.queue_id for m in w.store.saves] == [ids[2]]
+    assert w.store.saves[0].next_attempt > T0  # the others leave it alone until then
