@@ -224,6 +224,7 @@ class _Commit(_Job):
         self.writer = writer
         self.message: QueuedMessage | None = None
         self.body: bytes | None = None  # a small body, kept for the first delivery
+        self.path = writer.tmp_path  # the staged file: tmp/<id>.body, or a kept tmp/free.<n>
         self.published: str | None = None
 
     def stage(self, spool: FilesystemSpool) -> None:
@@ -236,7 +237,7 @@ class _Commit(_Job):
             self.body = bytes(w.pending)
             w.pending = bytearray()
             data = self.body + tail
-            fd, old_size = spool._reuse_file(w.tmp_path)
+            self.path, fd, old_size = spool._file_for(w.tmp_path)
             self.fds.append(fd)
             _write_all(fd, data)
             if old_size > len(data):
@@ -251,12 +252,12 @@ class _Commit(_Job):
 
     def publish(self, spool: FilesystemSpool) -> None:
         path = spool._queued(self.writer.queue_id)
-        os.rename(self.writer.tmp_path, path)
+        os.rename(self.path, path)
         self.published = path
 
     def undo(self, spool: FilesystemSpool) -> None:
         self.writer._close_quietly()
-        _unlink(self.writer.tmp_path)
+        _unlink(self.path)
         if self.published:
             _unlink(self.published)
 
@@ -322,6 +323,8 @@ class _Scan(_Job):
                 elif entry.name not in spool._receiving:
                     log.info("spool: removing incomplete file tmp/{name}", name=entry.name)
                     _unlink(entry.path)
+        # Taken before the listing: the remover forgets an id only after its file is gone.
+        removing = set(spool._removing)
         messages, states, legacy = set(), set(), set()
         for entry in os.scandir(spool.queue_dir):
             stem, ext = os.path.splitext(entry.name)
@@ -347,7 +350,7 @@ class _Scan(_Job):
         for stem in states - messages:
             log.warn("spool: removing envelope without message queue/{name}", name=stem + _ENV)
             _unlink(spool._queued(stem, _ENV))
-        messages -= set(spool._removing)  # answered as removed, not unlinked yet
+        messages -= removing  # answered as removed, not unlinked yet
         self.states = states & messages
         self.result = sorted(messages)
 
@@ -841,27 +844,28 @@ class FilesystemSpool:
         self._free.append((free, self._removals_done + 1))
         return True
 
-    def _reuse_file(self, path: str) -> tuple[int, int]:
-        """A descriptor for writing ``path`` and the size it had: a kept file renamed there when
-        one is ready, else a new one (size 0).
+    def _file_for(self, path: str) -> tuple[str, int, int]:
+        """A file to write a new message into: a kept one when one is ready (written where it
+        lies, and renamed into ``queue/`` from there: no rename on the way), else ``path`` made
+        new; its path, a descriptor for writing, and the size it had.
 
         A kept file is written only once its removal from ``queue/`` is durable: a crash can then
-        never show the old message's name with a new message's bytes. A file with another link
-        (it cannot have one; a safeguard) is never overwritten."""
+        never show the old message's name with a new message's bytes (a crash before the new
+        message's commit leaves it in ``tmp/``, removed at start). A file with another link (it
+        cannot have one; a safeguard) is never overwritten."""
         while self._free and self._free[0][1] <= self._removals_synced:
             free, _ = self._free.popleft()
             try:
-                os.rename(free, path)
-                fd = os.open(path, os.O_WRONLY)
+                fd = os.open(free, os.O_WRONLY)
             except OSError:
-                _unlink(path)
+                _unlink(free)
                 continue
             st = os.fstat(fd)
             if st.st_nlink == 1:
-                return fd, st.st_size
+                return free, fd, st.st_size
             os.close(fd)
-            _unlink(path)
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 0
+            _unlink(free)
+        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 0
 
     def _convert_legacy(self, queue_id: str) -> None:
         """A message of the two-file layout becomes one message file (its ``.env`` stays as its

@@ -411,7 +411,7 @@ def _wait_until(predicate) -> defer.Deferred[None]:
 
 
 @pytest_twisted.inlineCallbacks
-def test_the_file_of_a_removed_message_is_rewritten_for_the_next_one_once_its_removal_is_durable(spool):
+def test_the_file_of_a_removed_message_is_rewritten_for_the_next_one_once_its_removal_is_durable(spool, monkeypatch):
     fsync = spool.fsync_recorder
     queue_dir = os.path.join(spool.path, "queue")
     long_body = b"x" * 3000 + b"\r\n"
@@ -422,9 +422,15 @@ def test_the_file_of_a_removed_message_is_rewritten_for_the_next_one_once_its_re
     yield _wait_until(lambda: queue_dir in fsync.events and spool._removals_synced >= 1)
     (kept,) = kept_files(spool)
     inode = _inode(os.path.join(spool.path, "tmp", kept))
+    renames = []
+    rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda a, b: (renames.append((a, b)), rename(a, b))[1])
     second = yield store_message(spool, b"short\r\n")
+    monkeypatch.undo()
     assert kept_files(spool) == [] and files(spool) == [f"queue/{second}"]
     assert _inode(os.path.join(queue_dir, second)) == inode  # no inode freed, none made
+    # written where it was kept, and renamed once: straight into queue/
+    assert renames == [(os.path.join(spool.path, "tmp", kept), os.path.join(queue_dir, second))]
     yield spool.save(attrs.evolve((yield spool.load(second)), attempts=1))  # drops what memory holds
     with spool.open_body(second) as f:
         assert f.read() == b"short\r\n"  # nothing of the longer message it replaced
