@@ -12,8 +12,8 @@ Layout under ``path``::
 
 One file per message: a commit is one create, one write, one fsync and one rename (the envelope
 travels with the body; only a deferred message gets a second file). The writer thread takes every
-job waiting for it, writes and fsyncs their files (in parallel when there are several: the journal
-merges them), renames them into place and hands the batch to the directory syncer, which fsyncs
+job waiting for it, writes and fsyncs their files (in parallel when there are several and fsyncs
+are slow: the journal merges them), renames them into place and hands the batch to the directory syncer, which fsyncs
 ``queue/`` once for everything handed to it (group commit) while the writer already syncs the next
 batch (pipelined); each job's Deferred fires only after that. Removals come in a thread of their
 own (an unlink can take milliseconds on a busy disk; no commit waits behind one) and need no fsync
@@ -36,6 +36,7 @@ import queue as _queue
 import re
 import struct
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,8 @@ _READERS = 2  # threads reading envelopes at start-up
 _FRESH = 1024  # just-committed messages kept in memory for their first load
 _FRESH_BODY_BYTES = 16 * 1024 * 1024  # and their small bodies, for their first delivery
 _SYNCERS = 16  # threads that fsync a batch's files together (concurrent fsyncs share a journal commit)
+_SLOW_FSYNC = 0.002  # seconds: fsyncs slower than this on average are worth those threads
+_PROBE_EVERY = 64  # while they are used, one batch in this many is fsynced by the writer, timed
 _REMOVAL_IDLE = 0.1  # seconds without removals before the remover syncs queue/ itself
 _FREE_FILES = 256  # files of removed messages kept in tmp/ for new ones (no inode freed and made)
 _FREE = "free."  # tmp/free.<n>: such a file
@@ -456,9 +459,11 @@ class FilesystemSpool:
 
     ``threadpool`` runs the reads (``load``); the spool starts its own when none is given. ``fsync``
     and ``randbytes`` are injectable so tests can observe the order of durability and ids.
-    ``fsync_threads`` (``[spool] fsync_threads``) fsync a batch's files in parallel, which lets a
-    journalling filesystem cover them with one journal commit; 0 has the writer thread fsync them
-    one after another, which costs less CPU where an fsync is cheap (no journal, fast storage).
+    ``fsync_threads`` (``[spool] fsync_threads``) fsync a batch's files in parallel when fsyncs
+    are slow (a disk that takes milliseconds to flush; a journal then covers them with one
+    commit); while an fsync takes less than ``_SLOW_FSYNC`` on average, the writer fsyncs them
+    itself, one after another, as with 0 threads: a hand-off per file would cost more, in thread
+    switches and waits for the GIL, than the overlap saves. ``timer`` times those fsyncs.
     """
 
     def __init__(
@@ -470,9 +475,13 @@ class FilesystemSpool:
         fsync: Callable[[int], None] = os.fsync,
         randbytes: Callable[[int], bytes] = os.urandom,
         fsync_threads: int = _SYNCERS,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.path = os.path.abspath(path)
         self.fsync_threads = fsync_threads
+        self.timer = timer
+        self._fsync_average = 0.0  # seconds per fsync done by the writer itself (moving average)
+        self._parallel_batches = 0
         self.reactor = reactor
         self.fsync = fsync
         self.tmp_dir = os.path.join(self.path, "tmp")
@@ -896,10 +905,14 @@ class FilesystemSpool:
             except OSError as e:
                 return e
 
-        if len(pairs) > 1 and self._syncers is not None:
-            outcomes = list(self._syncers.map(sync, [fd for _, fd in pairs]))
+        if self._in_parallel(len(pairs)):
+            outcomes = list(self._syncers.map(sync, [fd for _, fd in pairs]))  # type: ignore[union-attr]
         else:
-            outcomes = [sync(fd) for _, fd in pairs]
+            outcomes = []
+            for _, fd in pairs:
+                started = self.timer()
+                outcomes.append(sync(fd))
+                self._fsync_average += (self.timer() - started - self._fsync_average) / 4
         errors: dict[_Job, BaseException] = {}
         for (job, _), error in zip(pairs, outcomes, strict=True):
             if error is not None:
@@ -907,6 +920,14 @@ class FilesystemSpool:
         for job in jobs:
             job.synced()
         return errors
+
+    def _in_parallel(self, files: int) -> bool:
+        """Whether the syncer threads fsync these files: only several, and only while fsyncs are
+        slow; now and then the writer does a batch itself, to see whether they still are."""
+        if files < 2 or self._syncers is None or self._fsync_average < _SLOW_FSYNC:
+            return False
+        self._parallel_batches += 1
+        return self._parallel_batches % _PROBE_EVERY != 0
 
     def _sync_queue_dir(self) -> None:
         """fsync ``queue/`` through a descriptor kept open (one open per spool, not per batch)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 import pytest
@@ -14,7 +15,7 @@ from zope.interface.verify import verifyObject
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply
 from mailrelay.errors import TemporaryFailure
 from mailrelay.interfaces import IMessageWriter, IQueueStore
-from mailrelay.queue.spool import FilesystemSpool
+from mailrelay.queue.spool import _PROBE_EVERY, FilesystemSpool, _Job
 from mailrelay.queue.store import is_queue_id
 
 ENV = Envelope("sender@example.org", (Recipient("a@example.test"), Recipient("b@example.test", ("FAILURE",))),
@@ -490,11 +491,30 @@ class ThreadRecordingFsync(GatedFsync):
         super().__call__(fd)
 
 
-@pytest.mark.parametrize(("fsync_threads", "batch_in"), [(16, "mailrelay-spool-fsync"), (0, "mailrelay-spool-writer")])
+class TimedFsync(ThreadRecordingFsync):
+    """Also a disk whose every fsync takes ``latency`` seconds of the clock ``now`` (the spool's timer)."""
+
+    def __init__(self, latency: float) -> None:
+        super().__init__()
+        self.latency = latency
+        self.now = 0.0
+
+    def __call__(self, fd: int) -> None:
+        self.now += self.latency
+        super().__call__(fd)
+
+
+@pytest.mark.parametrize(("fsync_threads", "latency", "batch_in"), [
+    (16, 0.010, "mailrelay-spool-fsync"),  # a slow disk: overlapped
+    (16, 0.0001, "mailrelay-spool-writer"),  # a fast one: a hand-off per file would cost more
+    (0, 0.010, "mailrelay-spool-writer"),  # no threads at all
+])
 @pytest_twisted.inlineCallbacks
-def test_the_files_of_a_batch_are_fsynced_in_parallel_or_by_the_writer_itself(tmp_path, fsync_threads, batch_in):
-    fsync = ThreadRecordingFsync()
-    spool = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, fsync_threads=fsync_threads)
+def test_the_files_of_a_batch_are_fsynced_in_parallel_only_while_fsyncs_are_slow(tmp_path, fsync_threads,
+                                                                                latency, batch_in):
+    fsync = TimedFsync(latency)
+    spool = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, fsync_threads=fsync_threads,
+                            timer=lambda: fsync.now)
     spool.start()
     try:
         fsync.gate.clear()
@@ -504,8 +524,36 @@ def test_the_files_of_a_batch_are_fsynced_in_parallel_or_by_the_writer_itself(tm
         fsync.gate.set()
         yield defer.gatherResults([first, *batch])
         assert len(fsync.threads) == 6
-        assert fsync.threads[0] == "mailrelay-spool-writer"  # a single file: no hand-off
+        assert fsync.threads[0] == "mailrelay-spool-writer"  # a single file: no hand-off, timed
         assert all(t.startswith(batch_in) for t in fsync.threads[1:]), fsync.threads
     finally:
         fsync.gate.set()
         yield spool.stop()
+
+
+def test_the_spool_goes_back_to_fsyncing_itself_when_the_disk_gets_fast(tmp_path):
+    fsync = TimedFsync(0.010)
+    spool = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, fsync_threads=4,
+                            timer=lambda: fsync.now)
+    spool._syncers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mailrelay-spool-fsync")
+    me = threading.current_thread().name
+
+    def batch() -> set[str]:
+        """Two files synced as the writer would, here: which threads fsynced them."""
+        jobs = [_Job(), _Job()]
+        for i, job in enumerate(jobs):
+            job.fds.append(os.open(os.path.join(spool.tmp_dir, f"x{i}"), os.O_WRONLY | os.O_CREAT, 0o600))
+        del fsync.threads[:]
+        assert spool._sync_files(jobs) == {}
+        return set(fsync.threads)
+
+    try:
+        assert batch() == {me}  # nothing known yet: by the caller, timed (10 ms each)
+        assert all(batch() != {me} for _ in range(10))  # slow: the syncer threads
+        fsync.latency = 0.0001
+        kinds = [batch() == {me} for _ in range(4 * _PROBE_EVERY)]
+        first_serial = kinds.index(True)
+        assert first_serial < _PROBE_EVERY  # a probe batch, timed
+        assert all(kinds[-_PROBE_EVERY:]), "fast again: the caller fsyncs every batch"
+    finally:
+        spool._syncers.shutdown()
