@@ -75,6 +75,7 @@ _PROBE_EVERY = 64  # while they are used, one batch in this many is fsynced by t
 _REMOVAL_IDLE = 0.1  # seconds without removals before the remover syncs queue/ itself
 _FREE_FILES = 256  # files of removed messages kept in tmp/ for new ones (no inode freed and made)
 _FREE = "free."  # tmp/free.<n>: such a file
+_KEPT_OPEN = 64  # of those, how many the remover keeps open for the writer (no open/fstat there)
 _SCHEDULE_KEYS = re.compile(rb'"next_attempt":(-?[0-9][0-9.eE+-]*),"held":(true|false)')
 #: The end of every message file: magic, body size, envelope size (so both are found from the end).
 _TRAILER = struct.Struct("<4sQI")
@@ -362,6 +363,27 @@ class _Stop(_Job):
     changes_queue = False
 
 
+@attrs.define
+class _Kept:
+    """A file of a removed message in ``tmp/``, to be rewritten once a sync of ``queue/`` has seen
+    ``removals`` removals (its own among them); with a descriptor for writing when one is open."""
+
+    path: str
+    removals: int
+    fd: int | None = None
+    size: int = 0
+
+    def open(self) -> None:
+        """Open it for writing and learn its size; OSError if it cannot be, or has another link
+        (it cannot have one: a safeguard, so no other name's bytes are ever overwritten)."""
+        fd = os.open(self.path, os.O_WRONLY)
+        st = os.fstat(fd)
+        if st.st_nlink != 1:
+            os.close(fd)
+            raise OSError(f"{self.path} has {st.st_nlink} links")
+        self.fd, self.size = fd, st.st_size
+
+
 def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
@@ -517,8 +539,12 @@ class FilesystemSpool:
         # Files of removed messages for new ones: (path in tmp/, the removal count that a sync of
         # queue/ must cover before the file may be written again). Appended by the remover, taken
         # by the writer (deque operations are atomic).
-        self._free: deque[tuple[str, int]] = deque()
+        self._free: deque[_Kept] = deque()
         self._free_counter = 0
+        # Descriptors held in _free: opened by the remover, taken by the writer (a counter each,
+        # so neither thread ever writes the other's).
+        self._kept_opened = 0
+        self._kept_taken = 0
         self._readers: dict[str, int] = {}  # queue id -> descriptors open on its message file
         self._readers_lock = threading.Lock()
         self._dir_fd: int | None = None
@@ -575,6 +601,7 @@ class FilesystemSpool:
             if self._syncers is not None:
                 self._syncers.shutdown()
                 self._syncers = None
+            self._close_kept()
             self._close_dir()
             if self._own_pool:
                 self.threadpool.stop()
@@ -850,7 +877,17 @@ class FilesystemSpool:
             except FileNotFoundError:
                 return False
         # Its removal is counted after this batch: a sync of queue/ that saw that count covers it.
-        self._free.append((free, self._removals_done + 1))
+        kept = _Kept(free, self._removals_done + 1)
+        if self._kept_opened - self._kept_taken < _KEPT_OPEN:
+            # Opened here, so the writer, on whom the 250s wait, does not (each system call of a
+            # thread costs it a wait for the GIL while the reactor thread is busy).
+            try:
+                kept.open()
+            except OSError:
+                _unlink(free)
+                return True
+            self._kept_opened += 1
+        self._free.append(kept)
         return True
 
     def _file_for(self, path: str) -> tuple[str, int, int]:
@@ -862,19 +899,27 @@ class FilesystemSpool:
         never show the old message's name with a new message's bytes (a crash before the new
         message's commit leaves it in ``tmp/``, removed at start). A file with another link (it
         cannot have one; a safeguard) is never overwritten."""
-        while self._free and self._free[0][1] <= self._removals_synced:
-            free, _ = self._free.popleft()
-            try:
-                fd = os.open(free, os.O_WRONLY)
-            except OSError:
-                _unlink(free)
-                continue
-            st = os.fstat(fd)
-            if st.st_nlink == 1:
-                return free, fd, st.st_size
-            os.close(fd)
-            _unlink(free)
+        while self._free and self._free[0].removals <= self._removals_synced:
+            kept = self._free.popleft()
+            if kept.fd is not None:
+                self._kept_taken += 1
+            else:
+                try:
+                    kept.open()
+                except OSError:
+                    _unlink(kept.path)
+                    continue
+            assert kept.fd is not None
+            return kept.path, kept.fd, kept.size
         return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 0
+
+    def _close_kept(self) -> None:
+        """Close the descriptors of kept files (at stop; the files stay, removed at the next start)."""
+        while self._free:
+            kept = self._free.popleft()
+            if kept.fd is not None:
+                os.close(kept.fd)
+        self._kept_opened = self._kept_taken = 0
 
     def _convert_legacy(self, queue_id: str) -> None:
         """A message of the two-file layout becomes one message file (its ``.env`` stays as its
@@ -894,8 +939,9 @@ class FilesystemSpool:
         self._sync_queue_dir()
         log.info("spool: converted queue/{queue_id} to the one-file layout", queue_id=queue_id)
 
-    def _sync_files(self, jobs: list[_Job]) -> dict[_Job, BaseException]:
-        """fsync every file of ``jobs``, in parallel when there are several; the errors by job."""
+    def _sync_files(self, jobs: list[_Job], close: bool = True) -> dict[_Job, BaseException]:
+        """fsync every file of ``jobs``, in parallel when there are several and fsyncs are slow;
+        the errors by job. ``close=False`` leaves the descriptors to the caller."""
         pairs = [(job, fd) for job in jobs for fd in job.fds]
 
         def sync(fd: int) -> BaseException | None:
@@ -917,8 +963,9 @@ class FilesystemSpool:
         for (job, _), error in zip(pairs, outcomes, strict=True):
             if error is not None:
                 errors.setdefault(job, error)
-        for job in jobs:
-            job.synced()
+        if close:
+            for job in jobs:
+                job.synced()
         return errors
 
     def _in_parallel(self, files: int) -> bool:
@@ -963,7 +1010,9 @@ class FilesystemSpool:
                 except _queue.Empty:
                     break
             stopping = next((j for j in batch if isinstance(j, _Stop)), None)
-            results, published = self._publish_batch([j for j in batch if not isinstance(j, _Stop)])
+            # The directory syncer closes the files: a system call less here per message.
+            results, published = self._publish_batch([j for j in batch if not isinstance(j, _Stop)],
+                                                     close=False)
             self._published.put((results, published, stopping))
 
     def _run_dir_syncs(self) -> None:
@@ -981,6 +1030,11 @@ class FilesystemSpool:
             stopping = next((h[2] for h in handed if h[2] is not None), None)
             if results:
                 self.reactor.callFromThread(self._deliver_results, results)
+            for h in handed:  # the writer left their files open: closed after the replies are on their way
+                for job, _ in h[0]:
+                    job.synced()
+                for job in h[1]:
+                    job.synced()
         self.reactor.callFromThread(stopping.deferred.callback, None)
 
     def _run_removals(self) -> None:
@@ -1012,9 +1066,10 @@ class FilesystemSpool:
         self._sync_removals()
         self.reactor.callFromThread(stopping.deferred.callback, None)
 
-    def _publish_batch(self, batch: list[_Job]) -> tuple[list[tuple[_Job, Any]], list[_Job]]:
+    def _publish_batch(self, batch: list[_Job], close: bool = True) -> tuple[list[tuple[_Job, Any]], list[_Job]]:
         """Stage, sync and publish ``batch``: the results known now, and the jobs whose renames
-        wait for a sync of ``queue/``."""
+        wait for a sync of ``queue/``. ``close=False`` leaves the synced files open (the caller
+        closes them with ``synced``)."""
         results: list[tuple[_Job, Any]] = []
         staged: list[_Job] = []
         for job in batch:
@@ -1024,7 +1079,7 @@ class FilesystemSpool:
             except BaseException as e:
                 job.synced()
                 results.append((job, self._failure(job, e)))
-        errors = self._sync_files(staged) if staged else {}
+        errors = self._sync_files(staged, close) if staged else {}
         published: list[_Job] = []
         for job in staged:
             try:

@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply
 from mailrelay.errors import TemporaryFailure
 from mailrelay.interfaces import IMessageWriter, IQueueStore
-from mailrelay.queue.spool import _PROBE_EVERY, FilesystemSpool, _Job
+from mailrelay.queue.spool import _FREE, _KEPT_OPEN, _PROBE_EVERY, FilesystemSpool, _Job
 from mailrelay.queue.store import is_queue_id
 
 ENV = Envelope("sender@example.org", (Recipient("a@example.test"), Recipient("b@example.test", ("FAILURE",))),
@@ -423,15 +423,18 @@ def test_the_file_of_a_removed_message_is_rewritten_for_the_next_one_once_its_re
     yield _wait_until(lambda: queue_dir in fsync.events and spool._removals_synced >= 1)
     (kept,) = kept_files(spool)
     inode = _inode(os.path.join(spool.path, "tmp", kept))
-    renames = []
-    rename = os.rename
+    renames, opens = [], []
+    rename, open_ = os.rename, os.open
     monkeypatch.setattr(os, "rename", lambda a, b: (renames.append((a, b)), rename(a, b))[1])
+    monkeypatch.setattr(os, "open", lambda p, *a: (opens.append(p), open_(p, *a))[1])
     second = yield store_message(spool, b"short\r\n")
     monkeypatch.undo()
     assert kept_files(spool) == [] and files(spool) == [f"queue/{second}"]
     assert _inode(os.path.join(queue_dir, second)) == inode  # no inode freed, none made
-    # written where it was kept, and renamed once: straight into queue/
+    # written where it was kept, through the descriptor the remover opened, and renamed once:
+    # straight into queue/
     assert renames == [(os.path.join(spool.path, "tmp", kept), os.path.join(queue_dir, second))]
+    assert opens == []
     yield spool.save(attrs.evolve((yield spool.load(second)), attempts=1))  # drops what memory holds
     with spool.open_body(second) as f:
         assert f.read() == b"short\r\n"  # nothing of the longer message it replaced
@@ -557,3 +560,37 @@ def test_the_spool_goes_back_to_fsyncing_itself_when_the_disk_gets_fast(tmp_path
         assert all(kinds[-_PROBE_EVERY:]), "fast again: the caller fsyncs every batch"
     finally:
         spool._syncers.shutdown()
+
+
+def _open_kept_files(spool: FilesystemSpool) -> list[str]:
+    """The kept files this process holds a descriptor on."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(os.path.join(spool.tmp_dir, _FREE)):
+            out.append(target)
+    return out
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_remover_keeps_a_bounded_number_of_kept_files_open_and_closes_them_at_stop(spool):
+    n = _KEPT_OPEN + 6
+    ids = yield defer.gatherResults([store_message(spool, b"message %d\r\n" % i) for i in range(n)])
+    inodes = {_inode(os.path.join(spool.path, "queue", q)) for q in ids}
+    yield defer.gatherResults([spool.remove(q) for q in ids])
+    yield _wait_until(lambda: len(kept_files(spool)) == n and spool._removals_synced >= n)
+    assert len(_open_kept_files(spool)) == _KEPT_OPEN  # the rest are opened when their turn comes
+    again = yield defer.gatherResults([store_message(spool, b"again %d\r\n" % i) for i in range(n)])
+    assert {_inode(os.path.join(spool.path, "queue", q)) for q in again} == inodes  # every one reused
+    for q in again[-3:]:
+        with spool.open_body(q) as f:
+            assert f.read().startswith(b"again ")
+    yield defer.gatherResults([spool.remove(q) for q in again[:10]])
+    yield _wait_until(lambda: len(kept_files(spool)) == 10)
+    yield _wait_until(lambda: len(_open_kept_files(spool)) == 10)
+    yield spool.stop()
+    assert _open_kept_files(spool) == []
+    assert len(kept_files(spool)) == 10  # left for the next start to remove
