@@ -416,7 +416,9 @@ class QueueManager:
         message = attrs.evolve(message, statuses=tuple(statuses),
                                attempts=message.attempts + (1 if attempted else 0))
         message = yield self.notifier.settle(message, pending)
-        yield self._after_attempt(message, blocked, attempted, unchanged=message == loaded)
+        # unchanged: what the store holds still says all there is, due now (not after a flush)
+        unchanged = message == loaded and loaded.next_attempt <= self.clock.seconds()
+        yield self._after_attempt(message, blocked, attempted, unchanged=unchanged)
 
     def _saving_as_they_end(self, message: QueuedMessage, statuses: list[RecipientStatus],
                             runs: list[defer.Deferred[Any]]) -> list[defer.Deferred[Any]]:
@@ -445,11 +447,12 @@ class QueueManager:
                        attempted: bool, unchanged: bool = False):
         """Remove a message that is done; else save when it is due again and schedule it.
 
-        A message that only waited for a busy destination and is ``unchanged`` since its load is
-        not saved: the store already says it was due, which is all a restart needs (it is woken
-        when the destination frees, or at the fallback time kept here). Saving it would cost a
-        state file per waiting message when mail arrives faster than one destination takes it.
-        A store shared with other nodes is always saved: the others read the due time from it."""
+        A message that only waited for a busy destination and is ``unchanged`` since its load (and
+        due by what the store holds) is not saved: the store already says it is due, which is all
+        a restart needs (here it is woken when the destination frees, or at the fallback time).
+        Saving it would cost a state file per waiting message when mail arrives faster than one
+        destination takes it. A store shared with other nodes is always saved: the others read
+        the due time from it."""
         qid = message.queue_id
         if not message.pending:
             yield self.store.remove(qid)

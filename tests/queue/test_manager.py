@@ -429,6 +429,25 @@ def test_a_blocked_message_whose_state_changed_is_saved():
     assert w.state(blocked).warned and [m.queue_id for m in w.store.saves if m.warned] == [blocked]
 
 
+def test_a_flushed_message_that_must_wait_is_saved_due_now():
+    """The store says it is due later: a restart must not lose the operator's flush."""
+    deliverer = RecordingDeliverer([LATER], default=None)
+    w = World(deliverer=deliverer,
+              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
+    w.manager.start()
+    deferred = w.send("a@example.test")
+    w.clock.advance(0)
+    assert w.state(deferred).next_attempt == T0 + 60  # deferred once: the store says a minute on
+    busy = [w.send(f"u{i}@example.test") for i in range(2)]  # the one slot and its one waiting place
+    w.clock.advance(0)
+    del w.store.saves[:]
+    w.manager.flush(deferred)
+    w.clock.advance(0)
+    assert not w.manager.is_active(deferred) and len(deliverer.calls) == 2  # blocked behind them
+    assert [m.queue_id for m in w.store.saves] == [deferred]  # its stored due time is rewritten
+    assert all(w.manager.is_active(q) for q in busy)
+
+
 @implementer(ILeasingStore)
 class _LeasingStore(MemoryQueueStore):
     """A store shared with other nodes, as far as the queue manager can tell."""
