@@ -190,10 +190,10 @@ class _Job:
     """One change of the queue directory, done in the writer thread in three steps.
 
     ``stage`` writes the job's files under temporary names and lists in ``fds`` what must be
-    synced; the writer fsyncs the files of the whole batch at once (in parallel: the journal merges
-    them), closes them, then ``publish`` renames them into place. The directory syncer fsyncs
+    synced; the writer fsyncs the files of the whole batch (in parallel while fsyncs are slow: the
+    journal merges them), then ``publish`` renames them into place. The directory syncer fsyncs
     ``queue/`` once for the batches handed to it; then ``result`` goes to the Deferred on the
-    reactor thread.
+    reactor thread, and ``synced`` closes the files.
     """
 
     changes_queue = True
@@ -536,9 +536,8 @@ class FilesystemSpool:
         # Removals (counted by the remover) and how many of them a sync of queue/ has covered.
         self._removals_done = 0
         self._removals_synced = 0
-        # Files of removed messages for new ones: (path in tmp/, the removal count that a sync of
-        # queue/ must cover before the file may be written again). Appended by the remover, taken
-        # by the writer (deque operations are atomic).
+        # Files of removed messages for new ones (see _Kept). Appended by the remover, taken by
+        # the writer (deque operations are atomic).
         self._free: deque[_Kept] = deque()
         self._free_counter = 0
         # Descriptors held in _free: opened by the remover, taken by the writer (a counter each,
@@ -1030,10 +1029,8 @@ class FilesystemSpool:
             stopping = next((h[2] for h in handed if h[2] is not None), None)
             if results:
                 self.reactor.callFromThread(self._deliver_results, results)
-            for h in handed:  # the writer left their files open: closed after the replies are on their way
-                for job, _ in h[0]:
-                    job.synced()
-                for job in h[1]:
+            for results_now, published, _ in handed:  # the writer left their files open
+                for job in [j for j, _ in results_now] + published:
                     job.synced()
         self.reactor.callFromThread(stopping.deferred.callback, None)
 
