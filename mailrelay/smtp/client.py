@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.envelope import Envelope, Recipient, Reply
+from mailrelay.smtp import _direct
 from mailrelay.smtp._client_body import CHUNK_SIZE, BodyProducer
 from mailrelay.smtp._client_state import (
     TRANSITIONS,
@@ -61,6 +62,8 @@ class SMTPClientProtocol(Protocol):
     ``ClientFailure``. ``when_closed()`` fires once the connection is gone.
     """
 
+    _socket: Any = None  # written to directly while the connection is plain TCP (smtp._direct)
+
     def __init__(self, helo_name: str, clock: IReactorTime, timeouts: ClientTimeouts | None = None,
                  *, lmtp: bool = False) -> None:
         self.helo_name = helo_name
@@ -91,6 +94,7 @@ class SMTPClientProtocol(Protocol):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
+        self._socket = _direct.direct_socket(self.transport)
         self._to(ClientState.GREETING)
         defer.Deferred.fromCoroutine(self._open())
 
@@ -194,6 +198,7 @@ class SMTPClientProtocol(Protocol):
         """Switch this transport to TLS right after a 220 to STARTTLS (plaintext after it is void)."""
         self._parser.reset()
         self._discard_rest = True
+        self._socket = None  # every byte from now on goes through the TLS layer
         self.transport.startTLS(options)  # type: ignore[union-attr]
         self.tls = True
 
@@ -287,7 +292,7 @@ class SMTPClientProtocol(Protocol):
 
         if self.pipelining:
             batch = ([b"RSET\r\n"] if reset else []) + [mail] + rcpt_lines + ([] if use_bdat else [b"DATA\r\n"])
-            self.transport.write(b"".join(batch))  # type: ignore[union-attr]
+            self._write(b"".join(batch))
             specs = ([("rset", t.command)] if reset else []) + [("mail", t.command)]
             specs += [("rcpt", t.command)] * len(rcpts) + ([] if use_bdat else [("data", t.data_init)])
             got = await self._wait_many(specs)
@@ -378,7 +383,7 @@ class SMTPClientProtocol(Protocol):
 
     async def _finish_empty_data(self) -> None:
         """A 354 with no recipient accepted: end the (empty) message; its reply is meaningless."""
-        self.transport.write(b".\r\n")  # type: ignore[union-attr]
+        self._write(b".\r\n")
         await self._wait("data", self.timeouts.final)
 
     async def _send_data(self, body: IO[bytes]) -> Result:
@@ -387,7 +392,7 @@ class SMTPClientProtocol(Protocol):
         if len(first) < CHUNK_SIZE:
             rest = body.read(CHUNK_SIZE) if first else b""
             if not rest:  # the whole message in hand: one write, no producer
-                self.transport.write(stuffer.feed(first) + stuffer.finish())  # type: ignore[union-attr]
+                self._write(stuffer.feed(first) + stuffer.finish())
                 return await self._wait("data-end", self.timeouts.final)
             first += rest
         producer = BodyProducer(self, body, first, lambda c: stuffer.feed(c), stuffer.finish)
@@ -410,7 +415,7 @@ class SMTPClientProtocol(Protocol):
             if not nxt and pending:
                 data, pending = data + b"\r\n", False
             last = not nxt
-            self.transport.write(b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data)  # type: ignore[union-attr]
+            self._write(b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data)
             waits.append(self._wait("bdat", self.timeouts.final if last else self.timeouts.data_block))
             if not self.pipelining or len(waits) > 4:
                 r = await waits.pop(0)
@@ -430,11 +435,14 @@ class SMTPClientProtocol(Protocol):
 
     # -- reply matching ----------------------------------------------------------------------
 
+    def _write(self, data: bytes) -> None:
+        _direct.write(self.transport, self._socket, data)
+
     def _command(self, line: bytes, stage: str, timeout: float,
                  on_reply: Callable[[Reply], None] | None = None) -> defer.Deferred[Result]:
         if self.state is ClientState.CLOSED:
             return defer.succeed(self._failure or ClientFailure(stage, "connection closed"))
-        self.transport.write(line)  # type: ignore[union-attr]
+        self._write(line)
         return self._wait(stage, timeout, on_reply)
 
     def _wait(self, stage: str, timeout: float, on_reply: Callable[[Reply], None] | None = None

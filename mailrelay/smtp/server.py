@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import defer, interfaces, tcp
+from twisted.internet import defer, interfaces
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,6 +25,7 @@ from mailrelay.envelope import Reply
 from mailrelay.interfaces import IMessageSink, IPolicy
 from mailrelay.observer import NULL_OBSERVER, IRelayObserver
 from mailrelay.policy.limits import RateCounter
+from mailrelay.smtp import _direct
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.session import Session, SessionInfo, SessionSettings, State, log_info
 from mailrelay.smtp.tls import server_tls_options, tls_info
@@ -65,8 +66,7 @@ class SMTPServerProtocol(Protocol):
                 set_nodelay(True)
             except OSError:
                 pass  # not a TCP socket (UNIX socket, memory transport)
-        if isinstance(transport, tcp.Connection) and not transport.TLS and hasattr(transport, "_tempDataBuffer"):
-            self._socket = transport.socket
+        self._socket = _direct.direct_socket(transport)
         if self.client_port is None:
             peer_host, peer_port = _host_port(transport.getPeer())  # type: ignore[union-attr]
         else:
@@ -135,19 +135,7 @@ class SMTPServerProtocol(Protocol):
     # -- SessionOutput --------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        sock = self._socket
-        if sock is not None:
-            t: Any = self.transport
-            # Only when the transport holds nothing unsent, so the order on the wire is kept.
-            if t.connected and not t.disconnecting and not t.dataBuffer and not t._tempDataBuffer:
-                try:
-                    sent = sock.send(data)
-                except OSError:  # EAGAIN, or a dead connection: the transport finds out and reports it
-                    sent = 0
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        self.transport.write(data)  # type: ignore[union-attr]
+        _direct.write(self.transport, self._socket, data)
 
     def lose_connection(self) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]

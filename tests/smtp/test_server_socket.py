@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import ipaddress
 import smtplib
 import socket
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
 from mailrelay.config import ServerConfig
+from mailrelay.envelope import Envelope, Recipient
 from mailrelay.policy import build_policy
+from mailrelay.smtp.client import SMTPClientProtocol
 from mailrelay.smtp.server import SMTPServerFactory
 from tests.smtp.fakes import RecordingSink
 
@@ -141,3 +145,31 @@ def test_replies_go_out_at_once_and_in_order_when_the_socket_is_full():
     assert lines[0].startswith("220 ") and lines[-2] == "221 2.0.0 Bye"
     assert queued[0] == 0  # the quiet client's replies all went out directly
     assert queued[1] > 0  # the flood filled the socket: the rest waited in the transport, in order
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_client_sends_its_commands_and_message_at_once_over_plain_tcp():
+    """Our client against our server on a real socket: every command and the message go straight
+    to the kernel, none waits in the transport for the reactor's next turn."""
+    config = ServerConfig(hostname="mx.example.test", trusted_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    sink = RecordingSink()
+    factory = SMTPServerFactory.from_config(config, sink, build_policy(config), reactor)
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    client = SMTPClientProtocol("client.example.org", reactor)
+    try:
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
+        yield client.ready
+        buffered: list[bytes] = []
+        real_write = client.transport.write
+        client.transport.write = lambda data: (buffered.append(data), real_write(data))[1]
+        for i in range(3):
+            replies = yield client.send(Envelope("a@example.org", (Recipient("b@example.test"),)),
+                                        [Recipient("b@example.test")], io.BytesIO(b"Subject: %d\r\n\r\nhi\r\n" % i),
+                                        reset=i > 0)
+            assert [r.code for r in replies] == [250]
+        yield client.quit()
+    finally:
+        yield port.stopListening()
+    assert len(sink.writers) == 3
+    assert all(w.data.endswith(b"Subject: %d\r\n\r\nhi\r\n" % i) for i, w in enumerate(sink.writers))
+    assert buffered == []  # nothing went the transport's buffered way
