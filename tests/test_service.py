@@ -15,20 +15,23 @@ from mailrelay.service import MailRelayService
 pytestmark = pytest.mark.integration
 
 
-def relay_config(tmp_path, sink_port: int) -> config.Config:
+def relay_config(tmp_path, sink_port: int, *, server: str = "", domain: str = "*",
+                 source: str = "embedded.toml") -> config.Config:
+    """One listener on a free port, one static route for ``domain``; ``server``: more [server] keys."""
     return config.loads(
         f"""
 [server]
 hostname = "embedded.mailrelay.test"
 listen = ["tcp:0:interface=127.0.0.1"]
+{server}
 [spool]
 path = "{tmp_path / 'spool'}"
 [[routes]]
 type = "static"
-domains = ["*"]
+domains = ["{domain}"]
 hosts = ["127.0.0.1:{sink_port}"]
 """,
-        "embedded.toml",
+        source,
     )
 
 
@@ -75,22 +78,8 @@ def test_unknown_router_type_is_a_config_error(tmp_path):
 
 def verifying_config(tmp_path, verify: str) -> config.Config:
     """example.test is ours, but the only route is for another domain: its users are unknown."""
-    return config.loads(
-        f"""
-[server]
-hostname = "embedded.mailrelay.test"
-listen = ["tcp:0:interface=127.0.0.1"]
-local_domains = ["example.test"]
-{verify}
-[spool]
-path = "{tmp_path / 'spool'}"
-[[routes]]
-type = "static"
-domains = ["other.test"]
-hosts = ["127.0.0.1:9"]
-""",
-        "verify.toml",
-    )
+    return relay_config(tmp_path, 9, server=f'local_domains = ["example.test"]\n{verify}', domain="other.test",
+                        source="verify.toml")
 
 
 @pytest_twisted.inlineCallbacks
