@@ -48,6 +48,7 @@ from _peers import (  # noqa: E402
 )
 
 SCENARIOS = ("e2e", "accept", "sink", "latency", "large", "rss")
+SYSTEMS = ("mailrelay", "postfix", "aiosmtpd", "twisted.mail")
 
 
 @attrs.define
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per system and session count (median)")
     ap.add_argument("--sessions", default="10,50", help="concurrent sessions, comma-separated")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="of " + ",".join(SCENARIOS))
-    ap.add_argument("--systems", default="mailrelay,postfix,aiosmtpd,twisted.mail",
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help="which systems besides mailrelay to compare (mailrelay always runs)")
     ap.add_argument("--latency-messages", type=int, default=2000)
     ap.add_argument("--large-messages", type=int, default=100, help="1 MiB messages per run (large)")
@@ -198,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     labels = {w: "mailrelay" if i == 0 else f"mailrelay w{w}" for i, w in enumerate(workers)}
     scenarios = [s for s in args.scenarios.split(",") if s]
     systems = set(args.systems.split(",")) | {"mailrelay"}
+    for option, given, known in (("--systems", systems, SYSTEMS), ("--scenarios", scenarios, SCENARIOS)):
+        unknown = set(given) - set(known)
+        if unknown:  # a misspelt name would silently measure nothing
+            ap.error(f"{option}: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
     n = args.messages
     e2e_timeout = max(60.0, n / 20)
 
