@@ -90,7 +90,8 @@ class RelayMetrics(RelayObserver):
                                 "Messages refused after their text (DATA/BDAT), by status", ["reason"], registry=r)
         self.sizes = Histogram("mailrelay_message_size_bytes", "Size of accepted messages", buckets=SIZE_BUCKETS,
                                registry=r)
-        self.deliveries = Counter("mailrelay_deliveries_total", "Recipient delivery attempts by outcome",
+        self.deliveries = Counter("mailrelay_deliveries_total",
+                                  "Recipient outcomes of delivery attempts and of routing by outcome",
                                   ["outcome"], registry=r)
         self._delivery_children: dict[str, Any] = {}
         self.attempt_seconds = Histogram("mailrelay_delivery_attempt_seconds",
@@ -137,15 +138,21 @@ class RelayMetrics(RelayObserver):
         self.accepted.inc()
         self.sizes.observe(size)
 
-    def delivery_attempted(self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float) -> None:
-        result = outcome(reply)
+    def _count_delivery(self, result: str) -> None:
         child = self._delivery_children.get(result)
         if child is None:  # labels() takes a lock and validates: once per outcome, not per recipient
             child = self._delivery_children[result] = self.deliveries.labels(result)
         child.inc()
+
+    def delivery_attempted(self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float) -> None:
+        result = outcome(reply)
+        self._count_delivery(result)
         self.attempt_seconds.observe(seconds)
         if result == "sent" and envelope.received_at and self.clock is not None:
             self.delay_seconds.observe(max(0.0, self.clock.seconds() - envelope.received_at))
+
+    def recipient_unrouted(self, envelope: Envelope, recipient: str, reply: Reply) -> None:
+        self._count_delivery(outcome(reply))  # bounced or deferred, though no next hop was tried
 
     def outbound_connection(self, remote: str, tls: str) -> None:
         self.outbound.labels("yes" if tls else "no").inc()

@@ -47,6 +47,10 @@ class IRelayObserver(Interface):
     def outbound_connection(remote, tls):  # type: ignore[no-untyped-def]
         """A new connection to a next hop is ready; ``tls`` is ``""`` or ``"TLSv1.3 <cipher>"``."""
 
+    def recipient_unrouted(envelope, recipient, reply):  # type: ignore[no-untyped-def]
+        """``recipient`` (an address of ``envelope``) got ``reply`` from routing, with no delivery attempt: 5xx (no route, so it
+        is bounced) or 4xx (a router could not answer; it is tried again later)."""
+
 
 @implementer(IRelayObserver)
 class RelayObserver:
@@ -76,6 +80,9 @@ class RelayObserver:
     def outbound_connection(self, remote: str, tls: str) -> None:
         pass
 
+    def recipient_unrouted(self, envelope: Envelope, recipient: str, reply: Reply) -> None:
+        pass
+
 
 #: The default of every ``observer=`` parameter.
 NULL_OBSERVER = RelayObserver()
@@ -90,8 +97,11 @@ class FanOut:
 
     def _each(self, method: str, *args: Any) -> None:
         for observer in self.observers:
+            call = getattr(observer, method, None)
+            if call is None:
+                continue  # written before this event existed, and not a RelayObserver subclass
             try:
-                getattr(observer, method)(*args)
+                call(*args)
             except Exception:
                 log.failure("observer {observer!r} failed on {method}", observer=observer, method=method)
 
@@ -118,6 +128,9 @@ class FanOut:
 
     def outbound_connection(self, remote: str, tls: str) -> None:
         self._each("outbound_connection", remote, tls)
+
+    def recipient_unrouted(self, envelope: Envelope, recipient: str, reply: Reply) -> None:
+        self._each("recipient_unrouted", envelope, recipient, reply)
 
 
 @implementer(IDeliverer)

@@ -117,7 +117,7 @@ class MailRelayService(service.MultiService):
                                          reactor, self.threadpool)
         self.deliverer = ObservedDeliverer(self.dkim, self.observer, reactor)
         self.manager = QueueManager(self.store, self.router, self.deliverer, reactor,
-                                    config.queue, config.server.hostname)
+                                    config.queue, config.server.hostname, observer=self.observer)
         self.metrics.watch_queue(self.manager, reactor)
         self.policies = tuple(policies)
         self.policy = self._build_policy(config.server, self.router)

@@ -12,8 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import threads
 
 from mailrelay import config
-from mailrelay.envelope import Reply
+from mailrelay.envelope import Envelope, Recipient, Reply
 from mailrelay.metrics import RelayMetrics, outcome, queue_id_time
+from mailrelay.observer import FanOut, RelayObserver
 from mailrelay.queue.store import QueueIdGenerator
 from mailrelay.service import MailRelayService
 from tests.peers import free_port
@@ -155,9 +156,40 @@ def test_queue_id_time_reads_the_minting_time():
 def test_outcomes_and_histograms_of_a_metrics_observer():
     m = RelayMetrics()
     assert [outcome(Reply(c, None, "")) for c in (250, 451, 550)] == ["sent", "deferred", "bounced"]
+    env = Envelope("a@example.org", (Recipient("b@example.test"),))
+    m.recipient_unrouted(env, "b@example.test", Reply(550, "5.1.2", "no route"))
+    m.recipient_unrouted(env, "b@example.test", Reply(451, "4.3.0", "routing error"))
+    m.delivery_attempted(env, Reply(451, "4.4.1", "later"), "[127.0.0.1]:25", 0.5)
+    assert m.registry.get_sample_value("mailrelay_deliveries_total", {"outcome": "bounced"}) == 1
+    assert m.registry.get_sample_value("mailrelay_deliveries_total", {"outcome": "deferred"}) == 2
+    assert m.registry.get_sample_value("mailrelay_delivery_attempt_seconds_count") == 1  # routing is no attempt
     m.outbound_connection("[127.0.0.1]:25", "TLSv1.3 TLS_AES_256_GCM_SHA384")
     m.tls_established("inbound", "TLSv1.2")
     get = m.registry.get_sample_value
     assert get("mailrelay_outbound_connections_total", {"tls": "yes"}) == 1
     assert get("mailrelay_tls_handshakes_total", {"direction": "outbound", "version": "TLSv1.3"}) == 1
     assert get("mailrelay_tls_handshakes_total", {"direction": "inbound", "version": "TLSv1.2"}) == 1
+
+
+def test_fan_out_tells_each_observer_what_it_knows_of():
+    """An observer written against an older IRelayObserver (no recipient_unrouted, no base class)
+    is left out of the new event, not broken by it; a failing one is logged and skipped."""
+    heard = []
+
+    class Old:
+        def connection_refused(self, client_address, reply):
+            heard.append(("old", client_address))
+
+    class Failing(RelayObserver):
+        def recipient_unrouted(self, envelope, recipient, reply):
+            raise RuntimeError("boom")
+
+    class New(RelayObserver):
+        def recipient_unrouted(self, envelope, recipient, reply):
+            heard.append(("new", recipient))
+
+    fan = FanOut([Old(), Failing(), New()])
+    env = Envelope("a@example.org", (Recipient("b@example.test"),))
+    fan.recipient_unrouted(env, "b@example.test", Reply(550, "5.1.2", "no route"))
+    fan.connection_refused("192.0.2.1", Reply(421, "4.7.0", "too many"))
+    assert heard == [("new", "b@example.test"), ("old", "192.0.2.1")]

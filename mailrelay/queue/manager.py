@@ -32,6 +32,7 @@ from mailrelay.envelope import (
 )
 from mailrelay.errors import MailRelayError, PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IDeliverer, ILeasingStore, IQueueStore, IRouter
+from mailrelay.observer import NULL_OBSERVER, IRelayObserver
 from mailrelay.queue import schedule
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.slots import DeliverySlots
@@ -104,8 +105,10 @@ class QueueManager:
         *,
         jitter: Callable[[float], float] | None = None,
         max_active: int | None = None,
+        observer: IRelayObserver = NULL_OBSERVER,
     ) -> None:
         self.store = store
+        self.observer = observer  # hears of recipients that routing settled (the deliverer's own are counted there)
         self.router = router
         self.deliverer = deliverer
         self.clock = reactor
@@ -391,6 +394,7 @@ class QueueManager:
             if route is None:
                 statuses[i] = record(statuses[i], reply, None)
                 self._log(message, statuses[i], started)
+                self.observer.recipient_unrouted(message.envelope, statuses[i].recipient.address, reply)
             else:
                 group = groups.setdefault(route.destination, _Group(route))
                 group.indexes.append(i)

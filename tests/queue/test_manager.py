@@ -19,6 +19,7 @@ from mailrelay.envelope import (
 )
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import ILeasingStore
+from mailrelay.observer import RelayObserver
 from mailrelay.queue.manager import QueueManager
 from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer, route_to
 
@@ -122,10 +123,19 @@ def test_routing_answers_become_recipient_outcomes():
         "nobody.test": None,
         "example.test": route_to("127.0.0.1", 2526),
     })
-    w = World(router=router)
+    heard = []
+
+    class Unrouted(RelayObserver):
+        def recipient_unrouted(self, envelope, recipient, reply):
+            if envelope.sender:  # not the bounce to sender@example.org, unroutable here too
+                heard.append((recipient, reply.code))
+
+    w = World(router=router, observer=Unrouted())
     w.manager.start()
     qid = w.send("ok@example.test", "tmp@example.test", "gone@example.test", "x@nobody.test")
     w.clock.advance(0)
+    # settled by routing, with no attempt: the observer still hears of them
+    assert heard == [("tmp@example.test", 451), ("gone@example.test", 550), ("x@nobody.test", 550)]
     m = w.state(qid)
     assert [s.state for s in m.statuses] == [RecipientState.DELIVERED, RecipientState.PENDING,
                                              RecipientState.FAILED, RecipientState.FAILED]
