@@ -48,8 +48,9 @@ class IRelayObserver(Interface):
         """A new connection to a next hop is ready; ``tls`` is ``""`` or ``"TLSv1.3 <cipher>"``."""
 
     def recipient_unrouted(envelope, recipient, reply):  # type: ignore[no-untyped-def]
-        """``recipient`` (an address of ``envelope``) got ``reply`` from routing, with no delivery attempt: 5xx (no route, so it
-        is bounced) or 4xx (a router could not answer; it is tried again later)."""
+        """``recipient`` (an address of ``envelope``) got ``reply`` from routing, with no delivery
+        attempt: 5xx (no route, so it is bounced) or 4xx (a router could not answer; it is tried
+        again later)."""
 
 
 @implementer(IRelayObserver)

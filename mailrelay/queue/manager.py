@@ -420,8 +420,8 @@ class QueueManager:
         message = attrs.evolve(message, statuses=tuple(statuses),
                                attempts=message.attempts + (1 if attempted else 0))
         message = yield self.notifier.settle(message, pending)
-        # unchanged: what the store holds still says all there is, due now (not after a flush)
-        unchanged = message == loaded and loaded.next_attempt <= self.clock.seconds()
+        # unchanged: not attempted, and the store still says all there is, due now (not after a flush)
+        unchanged = not attempted and message == loaded and loaded.next_attempt <= self.clock.seconds()
         yield self._after_attempt(message, blocked, attempted, unchanged=unchanged)
 
     def _saving_as_they_end(self, message: QueuedMessage, statuses: list[RecipientStatus],
@@ -471,7 +471,7 @@ class QueueManager:
             at = schedule.next_attempt_at(message, self.config.retry_schedule, self.config.max_lifetime,
                                           now, self.jitter)
         message = attrs.evolve(message, next_attempt=at)
-        if not (unchanged and not attempted and not ILeasingStore.providedBy(self.store)):
+        if not (unchanged and not ILeasingStore.providedBy(self.store)):
             try:
                 yield self.store.save(message)
             except KeyError:
