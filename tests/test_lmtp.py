@@ -62,6 +62,20 @@ def test_one_reply_per_accepted_recipient_after_the_dot():
     assert [r.code for r in out2[0]] == [250]
 
 
+def test_a_connection_lost_between_the_replies_after_the_dot_keeps_the_deliveries_made():
+    c = LMTPConn()
+    out = c.send(env=ENV)
+    c.sent()
+    c.reply(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n250 2.1.5 ok\r\n354 go\r\n")
+    c.sent()
+    c.reply(b"250 2.0.0 <b@y.test> delivered\r\n")
+    c.lose()  # before d's reply
+    [failure] = out
+    f = failure.value
+    assert f.final and f.stage == "data-end"
+    assert f.replies == [Reply(250, "2.0.0", "<b@y.test> delivered"), Reply(550, "5.1.1", "no such user"), None]
+
+
 def test_static_route_protocol_option():
     ctx = RouterContext(reactor=None, threadpool=None, source="t.toml", key="routes[0]")
     router = StaticRouter.from_options({"domains": ["*"], "hosts": ["127.0.0.1:24"], "protocol": "lmtp"}, ctx)

@@ -213,5 +213,7 @@ class SMTPDeliverer:
             raise HopFailure(f.reply or network_reply(f, remote), remote)
         session.client.abort()
         temp = network_reply(f, remote) if f.reply is None else f.reply
+        # An accepted RCPT is no delivery: retried, unless the success is final (an LMTP reply
+        # after the dot: sending it again would deliver it twice).
         known = f.replies + [None] * (n - len(f.replies))
-        return [((r if r is not None and not r.is_success else temp), remote) for r in known]
+        return [((r if r is not None and (f.final or not r.is_success) else temp), remote) for r in known]

@@ -52,13 +52,16 @@ class ClientFailure(Exception):
     ``reply`` is the server's reply when it gave one, else ``None`` (timeout, lost connection,
     garbage); ``reason`` is a human sentence for logs and synthesized replies. ``replies`` holds
     the per-recipient replies known when a transaction broke off (``None`` where unknown).
+    ``final``: a success among them is a delivery (LMTP's replies after the dot), not only an
+    accepted RCPT.
     """
 
     def __init__(self, stage: str, reason: str, reply: Reply | None = None,
-                 replies: Sequence[Reply | None] = ()) -> None:
+                 replies: Sequence[Reply | None] = (), *, final: bool = False) -> None:
         super().__init__(f"{stage}: {reason}")
         self.stage, self.reason, self.reply = stage, reason, reply
         self.replies = list(replies)
+        self.final = final
 
     @property
     def network(self) -> bool:

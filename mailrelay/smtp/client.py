@@ -365,10 +365,14 @@ class SMTPClientProtocol(Protocol):
     async def _lmtp_replies(self, first: Reply, accepted: list[int], replies: list[Reply | None]) -> list[Reply]:
         """RFC 2033 4.2: after the dot, one reply per accepted recipient, in RCPT order."""
         replies[accepted[0]] = first
-        for i in accepted[1:]:
+        for k, i in enumerate(accepted[1:], 1):
             r = self._sane(await self._wait("data-end", self.timeouts.final), "data-end")
             if isinstance(r, ClientFailure):
-                raise ClientFailure(r.stage, r.reason, None, replies)
+                # Those answered are delivered (or refused) for good; the rest are unknown: their
+                # 250 to RCPT says nothing of the delivery.
+                for j in accepted[k:]:
+                    replies[j] = None
+                raise ClientFailure(r.stage, r.reason, None, replies, final=True)
             replies[i] = r
         return [r for r in replies if r is not None]
 

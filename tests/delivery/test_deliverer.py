@@ -155,6 +155,20 @@ def test_lost_after_data_is_temporary_but_rcpt_rejections_stay() -> None:
     assert len(h.reactor.tcpClients) == 1  # never the next hop once MAIL was accepted
 
 
+def test_lmtp_lost_between_the_replies_after_the_dot_is_no_second_delivery() -> None:
+    """b was delivered before the connection broke: its 250 stands (a retry would deliver it
+    twice); c, whose reply never came, is tried again."""
+    h = Harness(NextHop("127.0.0.1", 24), lmtp=True)
+    h.accept(0)
+    h.reply(b"220 mda LMTP\r\n" + EHLO)
+    h.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    h.reply(b"250 2.0.0 <b@y.test> delivered\r\n")
+    h.lose()
+    [(r1, _), (r2, _)] = h.result[0]  # type: ignore[misc]
+    assert r1 == Reply(250, "2.0.0", "<b@y.test> delivered")
+    assert r2.code == 451 and r2.enhanced == "4.4.2"
+
+
 def test_source_address_bound() -> None:
     h = Harness(NextHop("127.0.0.1", 1), source="127.0.0.9")
     assert h.reactor.tcpClients[0][4] == ("127.0.0.9", 0)
