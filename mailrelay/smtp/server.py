@@ -34,6 +34,8 @@ log = Logger()
 
 #: While shutting down, how long a closed session may wait for the client's side of the close.
 SHUTDOWN_LINGER = 2.0
+#: Seconds a half-closed connection waits for the client to hang up before it is dropped.
+CLOSE_LINGER = 5.0
 
 
 def _host_port(address: Any) -> tuple[str, int]:
@@ -57,6 +59,7 @@ class SMTPServerProtocol(Protocol):
         self.client_ip = client_ip
         self.client_port = client_port  # from buildProtocol's address; None: ask the transport
         self._timer: interfaces.IDelayedCall | None = None
+        self._linger: interfaces.IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -100,6 +103,9 @@ class SMTPServerProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
         session = self.session
         log_info("disconnect from [{ip}]:{port} helo={helo} messages={messages} errors={errors}",
                  ip=self.client_ip, port=session.info.client_port, helo=session.info.helo,
@@ -138,6 +144,14 @@ class SMTPServerProtocol(Protocol):
         _direct.write(self.transport, self._socket, data)
 
     def lose_connection(self) -> None:
+        if self._socket is not None and self.factory.draining is None:
+            # Plain TCP: half-close, so our last reply leaves with a FIN. A client that is still
+            # sending (a pipelined flood cut short by 421) would otherwise turn our close into
+            # a reset, which discards that reply unread in its socket. What it sends meanwhile
+            # is dropped (the session is closed); it gets a moment to hang up, then we do.
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
+            self._linger = self.factory.reactor.callLater(CLOSE_LINGER, self.abort)
+            return
         self.transport.loseConnection()  # type: ignore[union-attr]
         if self.factory.draining is not None:
             # Shutting down: a TLS close waits for the client's close_notify, which a client may

@@ -173,3 +173,36 @@ def test_the_client_sends_its_commands_and_message_at_once_over_plain_tcp():
     assert len(sink.writers) == 3
     assert all(w.data.endswith(b"Subject: %d\r\n\r\nhi\r\n" % i) for i, w in enumerate(sink.writers))
     assert buffered == []  # nothing went the transport's buffered way
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_cut_off_mid_flood_still_reads_the_421_then_a_clean_close():
+    """Closing with the client's bytes unread makes the kernel send a reset, which can discard our
+    last replies before the client reads them; the server half-closes and drops the rest instead."""
+    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), trusted_networks=())
+    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), reactor)
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    n = port.getHost().port
+
+    def client() -> tuple[list[bytes], BaseException | None]:
+        with socket.create_connection(("127.0.0.1", n), timeout=10) as s:
+            s.recv(1024)  # the greeting
+            # Far beyond 20 errors, and beyond what the socket buffers hold: sent whole before
+            # any reply is read, so the server closes with bytes of ours unread.
+            received, error = b"", None
+            try:
+                s.sendall(b"EHLO client.example.org\r\n" + b"BOGUS command\r\n" * 1_500_000)
+                while chunk := s.recv(65536):
+                    received += chunk
+            except OSError as e:
+                error = e
+            return received.split(b"\r\n"), error
+
+    try:
+        lines, error = yield threads.deferToThread(client)
+    finally:
+        yield port.stopListening()
+    assert error is None
+    replies = [ln for ln in lines if ln]
+    assert replies[-1].startswith(b"421 4.7.0")
+    assert sum(r.startswith(b"500") for r in replies) <= 20
