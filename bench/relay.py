@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             for relay in relays:
                 if relay.name == "mailrelay" and relay.system.pid():
                     profilers.append(Profiler(relay.system.pid(), args.profile, "mailrelay-e2e"))  # type: ignore[arg-type]
+            for srv in accepts:
+                if isinstance(srv, MailRelay) and srv.workers == 1 and srv.pid():
+                    profilers.append(Profiler(srv.pid(), args.profile, "mailrelay-accept"))  # type: ignore[arg-type]
         for s in sessions:
             for r in range(args.runs):
                 if "e2e" in scenarios:

@@ -15,38 +15,15 @@ from zope.interface.verify import verifyObject
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply
 from mailrelay.errors import TemporaryFailure
 from mailrelay.interfaces import IMessageWriter, IQueueStore
-from mailrelay.queue.spool import _FREE, _KEPT_OPEN, _PROBE_EVERY, FilesystemSpool, _Job
+from mailrelay.queue.spool import _FREE, _KEPT_OPEN, _PACK_MAX, _PROBE_EVERY, FilesystemSpool, _Job
 from mailrelay.queue.store import is_queue_id
+from tests.queue.conftest import GatedFsync
 
 ENV = Envelope("sender@example.org", (Recipient("a@example.test"), Recipient("b@example.test", ("FAILURE",))),
                helo="client.example.org", received_at=1700000000.0)
 
 
-class GatedFsync:
-    """An fsync that records what it synced and can be held shut, to see what waits for it."""
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-
-    def __call__(self, fd: int) -> None:
-        self.entered.set()
-        self.gate.wait(10)
-        self.events.append(os.readlink(f"/proc/self/fd/{fd}"))
-        os.fsync(fd)
-
-
-@pytest.fixture
-def spool(tmp_path):
-    fsync = GatedFsync()
-    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
-    s.fsync_recorder = fsync
-    s.start()
-    yield s
-    fsync.gate.set()
-    pytest_twisted.blockon(s.stop())
+UNPACKED = b"x" * _PACK_MAX  # appended to a body: too large for a pack, it gets a file of its own
 
 
 def store_message(spool: FilesystemSpool, body: bytes, chunks: int = 1) -> defer.Deferred[str]:
@@ -523,7 +500,8 @@ def test_the_files_of_a_batch_are_fsynced_in_parallel_only_while_fsyncs_are_slow
         fsync.gate.clear()
         first = store_message(spool, b"first\r\n")
         assert fsync.entered.wait(5)  # the writer holds the first message's fsync
-        batch = [store_message(spool, b"batch %d\r\n" % i) for i in range(5)]  # wait together
+        # Wait together; too large to be packed, so each has its file.
+        batch = [store_message(spool, b"batch %d\r\n" % i + UNPACKED) for i in range(5)]
         fsync.gate.set()
         yield defer.gatherResults([first, *batch])
         assert len(fsync.threads) == 6
@@ -578,12 +556,12 @@ def _open_kept_files(spool: FilesystemSpool) -> list[str]:
 @pytest_twisted.inlineCallbacks
 def test_the_remover_keeps_a_bounded_number_of_kept_files_open_and_closes_them_at_stop(spool):
     n = _KEPT_OPEN + 6
-    ids = yield defer.gatherResults([store_message(spool, b"message %d\r\n" % i) for i in range(n)])
+    ids = yield defer.gatherResults([store_message(spool, b"message %d\r\n" % i + UNPACKED) for i in range(n)])
     inodes = {_inode(os.path.join(spool.path, "queue", q)) for q in ids}
     yield defer.gatherResults([spool.remove(q) for q in ids])
     yield _wait_until(lambda: len(kept_files(spool)) == n and spool._removals_synced >= n)
     assert len(_open_kept_files(spool)) == _KEPT_OPEN  # the rest are opened when their turn comes
-    again = yield defer.gatherResults([store_message(spool, b"again %d\r\n" % i) for i in range(n)])
+    again = yield defer.gatherResults([store_message(spool, b"again %d\r\n" % i + UNPACKED) for i in range(n)])
     assert {_inode(os.path.join(spool.path, "queue", q)) for q in again} == inodes  # every one reused
     for q in again[-3:]:
         with spool.open_body(q) as f:

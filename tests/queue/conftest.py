@@ -1,0 +1,39 @@
+"""Fixtures of the spool tests: a spool whose fsyncs are recorded and can be held."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from mailrelay.queue.spool import FilesystemSpool
+
+
+class GatedFsync:
+    """An fsync that records what it synced and can be held shut, to see what waits for it."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        self.entered.set()
+        self.gate.wait(10)
+        self.events.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+
+@pytest.fixture
+def spool(tmp_path):
+    fsync = GatedFsync()
+    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
+    s.fsync_recorder = fsync
+    s.start()
+    yield s
+    fsync.gate.set()
+    pytest_twisted.blockon(s.stop())
