@@ -26,7 +26,7 @@ Removals come in a thread of their own (an unlink can take milliseconds on a bus
 waits behind one) and need no fsync before they are answered: the next directory sync covers
 them, or the remover's own once it has been idle a moment (a removal lost in a crash means a
 message delivered twice, never one lost). A message of a pack is removed by zeroing its record's
-trailer, fsynced by the remover after each batch; the pack goes with its last record. A message
+trailer, which the remover fsyncs within 0.1 s unless the pack has gone with its last record. A message
 of a pack that is saved (deferred, held) moves into a file of its own holding the new state, and
 its record is killed once that file is durable: a deferred message never keeps a pack (or its
 disk space) alive. Should a crash come in between, the file wins at start.
@@ -630,6 +630,7 @@ class FilesystemSpool:
         self._packs_indexed = False
         self._index_lock = threading.Lock()
         self._dirty_packs: set[Pack] = set()  # records killed, not synced yet (the remover's)
+        self._dirty_since = 0.0  # when the first of them was
         self._readers_lock = threading.Lock()
         self._dir_fd: int | None = None
         #: How many batches the writer has made durable (each one ``fsync`` of ``queue/``).
@@ -885,6 +886,8 @@ class FilesystemSpool:
         member.dead = True
         pack.live -= 1
         if pack.live > 0:
+            if not self._dirty_packs:
+                self._dirty_since = self.timer()
             self._dirty_packs.add(pack)
             return
         self._dirty_packs.discard(pack)
@@ -893,7 +896,9 @@ class FilesystemSpool:
         self._recycle_file(pack.path, pack.key)  # no sync of the kills: the pack goes as a whole
 
     def _sync_packs(self) -> None:
-        """fsync (and close) the packs with records killed since the last call."""
+        """fsync (and close) the packs with records killed since the last call: the remover calls
+        it when idle, or once the oldest kill is ``_REMOVAL_IDLE`` old, as removals of files wait
+        for a sync of ``queue/``."""
         dirty, self._dirty_packs = self._dirty_packs, set()
         for pack in dirty:
             fd, pack.fd = pack.fd, None
@@ -1272,7 +1277,8 @@ class FilesystemSpool:
             try:
                 first = self._removals.get(timeout=_REMOVAL_IDLE)
             except _queue.Empty:
-                self._sync_removals()  # idle a moment: make the unlinks durable
+                self._sync_packs()  # idle a moment: make the kills and unlinks durable
+                self._sync_removals()
                 first = self._removals.get()
             batch = [first]
             while True:
@@ -1282,7 +1288,8 @@ class FilesystemSpool:
                     break
             stopping = next((j for j in batch if isinstance(j, _Stop)), None)
             results, _ = self._publish_batch([j for j in batch if not isinstance(j, _Stop)])
-            self._sync_packs()
+            if self._dirty_packs and self.timer() - self._dirty_since >= _REMOVAL_IDLE:
+                self._sync_packs()  # under steady load too; most packs die before (no sync needed)
             self._removals_done += len(results)
             for job, _result in results:
                 if isinstance(job, _Remove) and job.answered:
@@ -1292,6 +1299,7 @@ class FilesystemSpool:
                        if not (isinstance(j, _Remove) and j.answered and not isinstance(r, Failure))]
             if results:
                 self.reactor.callFromThread(self._deliver_results, results)
+        self._sync_packs()
         self._sync_removals()
         self.reactor.callFromThread(stopping.deferred.callback, None)
 
