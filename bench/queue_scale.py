@@ -3,7 +3,8 @@
     .venv/bin/python bench/queue_scale.py [--messages 100000] [--keep DIR]
 
 1. Writes ``--messages`` queued messages (1 KiB, two recipients, one already delivered, all due in
-   an hour) straight into a fresh filesystem spool in the on-disk format (no fsync: setup only).
+   an hour) straight into a fresh filesystem spool in the on-disk format (no fsync: setup only):
+   ``--layout files``, one file each, or ``packs``, 20 to a pack (messages that arrived together).
 2. Starts a ``FilesystemSpool`` and a ``QueueManager`` on the real reactor and times ``start()``
    until every message is loaded and scheduled; prints the RSS before and after.
 3. On a ``task.Clock``, measures the cost per event of scheduling and of firing one message with n
@@ -34,6 +35,7 @@ from mailrelay.config import QueueConfig  # noqa: E402
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply  # noqa: E402
 from mailrelay.queue.manager import QueueManager  # noqa: E402
 from mailrelay.queue.spool import FilesystemSpool  # noqa: E402
+from mailrelay.queue.spool_format import PACK, build_pack, trailer  # noqa: E402
 from mailrelay.queue.store import QueueIdGenerator, message_to_dict, new_message  # noqa: E402
 from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer, route_to  # noqa: E402
 
@@ -46,7 +48,7 @@ def rss_mib() -> float:
     return 0.0
 
 
-def fill(path: str, n: int, now: float) -> None:
+def fill(path: str, n: int, now: float, layout: str = "files") -> None:
     clock = Clock()
     clock.advance(now - 86400)
     ids = QueueIdGenerator(clock)
@@ -54,6 +56,7 @@ def fill(path: str, n: int, now: float) -> None:
     os.makedirs(queue_dir, exist_ok=True)
     os.makedirs(os.path.join(path, "tmp"), exist_ok=True)
     body = b"Subject: bench\r\n\r\n" + b"x" * 1000 + b"\r\n"
+    records: list[tuple[str, bytes, bytes]] = []
     for i in range(n):
         clock.advance(0.5)
         qid = ids()
@@ -65,10 +68,16 @@ def fill(path: str, n: int, now: float) -> None:
         import attrs
 
         m = attrs.evolve(m, statuses=statuses, attempts=1, next_attempt=now + 3600 + i * 0.01)
-        with open(os.path.join(queue_dir, qid + ".body"), "wb") as f:
-            f.write(body)
-        with open(os.path.join(queue_dir, qid + ".env"), "wb") as f:
-            f.write(json.dumps(message_to_dict(m), separators=(",", ":")).encode())
+        envelope = json.dumps(message_to_dict(m), separators=(",", ":")).encode()
+        if layout == "files":
+            with open(os.path.join(queue_dir, qid), "wb") as f:
+                f.write(body + trailer(len(body), envelope))
+            continue
+        records.append((qid, body, envelope))
+        if len(records) == 20 or i == n - 1:
+            with open(os.path.join(queue_dir, records[0][0] + PACK), "wb") as f:
+                f.write(build_pack(records)[0])
+            records = []
 
 
 @defer.inlineCallbacks
@@ -120,6 +129,7 @@ def scheduling_cost(sizes: list[int], events: int = 20000) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--layout", choices=("files", "packs"), default="files")
     parser.add_argument("--keep", help="build the spool in this directory (or reuse the one there) and keep it")
     args = parser.parse_args()
     path = args.keep or tempfile.mkdtemp(prefix="mailrelay-bench-queue-")
@@ -128,7 +138,7 @@ def main() -> None:
             print(f"setup:    reusing the spool in {path}")
         else:
             t0 = time.perf_counter()
-            fill(path, args.messages, time.time())
+            fill(path, args.messages, time.time(), args.layout)
             print(f"setup:    wrote {args.messages:,} messages in {time.perf_counter() - t0:.1f} s to {path}")
         task.react(lambda reactor: recovery(reactor, path, args.messages))
     except SystemExit:

@@ -415,8 +415,9 @@ class _Scan(_Job):
             elif ext == PACK:
                 packs.append(entry.name)
         if self.clean_tmp:  # at start: what the packs hold, repaired (see _read_packs)
-            spool._members = spool._read_packs(packs, messages, repair=True)
-            spool._packs_indexed = True
+            with spool._index_lock:
+                spool._members = spool._read_packs(packs, messages, repair=True)
+                spool._packs_indexed = True
         else:
             spool._ensure_packs()
         for stem in sorted(legacy):
@@ -686,6 +687,7 @@ class FilesystemSpool:
             if self._syncers is not None:
                 self._syncers.shutdown()
                 self._syncers = None
+            self._sync_packs()  # kills done by the writer while stopping (the remover had gone)
             self._close_kept()
             self._close_dir()
             if self._own_pool:
