@@ -4,7 +4,8 @@
 
 1. Writes ``--messages`` queued messages (1 KiB, two recipients, one already delivered, all due in
    an hour) straight into a fresh filesystem spool in the on-disk format (no fsync: setup only):
-   ``--layout files``, one file each, or ``packs``, 20 to a pack (messages that arrived together).
+   ``--layout files``, one file each, or ``segments``, packs of 20 (messages that arrived
+   together) appended to segments of up to 4 MiB.
 2. Starts a ``FilesystemSpool`` and a ``QueueManager`` on the real reactor and times ``start()``
    until every message is loaded and scheduled; prints the RSS before and after.
 3. On a ``task.Clock``, measures the cost per event of scheduling and of firing one message with n
@@ -35,7 +36,7 @@ from mailrelay.config import QueueConfig  # noqa: E402
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply  # noqa: E402
 from mailrelay.queue.manager import QueueManager  # noqa: E402
 from mailrelay.queue.spool import FilesystemSpool  # noqa: E402
-from mailrelay.queue.spool_format import PACK, build_pack, trailer  # noqa: E402
+from mailrelay.queue.spool_format import SEGMENT, build_pack, chunk, trailer  # noqa: E402
 from mailrelay.queue.store import QueueIdGenerator, message_to_dict, new_message  # noqa: E402
 from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer, route_to  # noqa: E402
 
@@ -57,6 +58,7 @@ def fill(path: str, n: int, now: float, layout: str = "files") -> None:
     os.makedirs(os.path.join(path, "tmp"), exist_ok=True)
     body = b"Subject: bench\r\n\r\n" + b"x" * 1000 + b"\r\n"
     records: list[tuple[str, bytes, bytes]] = []
+    segment = None
     for i in range(n):
         clock.advance(0.5)
         qid = ids()
@@ -75,9 +77,14 @@ def fill(path: str, n: int, now: float, layout: str = "files") -> None:
             continue
         records.append((qid, body, envelope))
         if len(records) == 20 or i == n - 1:
-            with open(os.path.join(queue_dir, records[0][0] + PACK), "wb") as f:
-                f.write(build_pack(records)[0])
+            if segment is None or segment.tell() > 4 * 2**20:
+                if segment is not None:
+                    segment.close()
+                segment = open(os.path.join(queue_dir, records[0][0] + SEGMENT), "wb")  # noqa: SIM115
+            segment.write(chunk(*build_pack(records)))
             records = []
+    if segment is not None:
+        segment.close()
 
 
 @defer.inlineCallbacks
@@ -129,7 +136,7 @@ def scheduling_cost(sizes: list[int], events: int = 20000) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--layout", choices=("files", "packs"), default="files")
+    parser.add_argument("--layout", choices=("files", "segments"), default="files")
     parser.add_argument("--keep", help="build the spool in this directory (or reuse the one there) and keep it")
     args = parser.parse_args()
     path = args.keep or tempfile.mkdtemp(prefix="mailrelay-bench-queue-")

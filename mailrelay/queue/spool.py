@@ -3,37 +3,39 @@
 Layout under ``path``::
 
     tmp/<id>.body          a message being received: its body, the envelope appended at commit
-    tmp/<id>.env.<n>       a state update (or a message moving out of a pack) being written
-    tmp/free.<n>           the file of a removed message or pack, kept to be rewritten
+    tmp/<id>.env.<n>       a state update (or a message moving out of a segment) being written
+    tmp/free.<n>           the file of a removed message, kept to be rewritten for a new one
     queue/<id>             a committed message: the body, its envelope (JSON), a 16-byte trailer
                            (magic, body size, envelope size); its presence marks the commit
     queue/<id>.env         its state (JSON) once saved after an attempt; supersedes the envelope
                            stored in ``queue/<id>``
-    queue/<id>.pack        the small messages (up to 64 KiB) of one writer batch, one record each
-                           in the same format, then a table (``spool_format``); named after the
-                           first of them
+    queue/<id>.seg         a segment: the small messages (up to 64 KiB), records in the same
+                           format, appended one writer batch (a *pack*) at a time (``spool_format``)
 
-The writer thread takes every job waiting for it. The small messages among them go into one pack:
-one create (or a kept file), one write, one fsync and one rename for them all, where a file each
-cost a create and an fsync each (on ext4 without a journal, 0.8 ms and 0.3 ms per message here).
-A larger message gets its file (its envelope travels with the body). The writer fsyncs the batch's
+The writer thread takes every job waiting for it. The small messages among them are appended as
+one pack to the current segment and fsynced: one write and one fsync for them all, and no file
+made, renamed or added to ``queue/`` (a file each cost a create and an fsync each, 0.8 and
+0.3 ms per message on ext4 without a journal here, and a sync of ``queue/`` per batch). A segment
+takes packs until it is 4 MiB long; only its first pack waits for a sync of ``queue/``. A larger
+message gets its own file (its envelope travels with the body): the writer fsyncs the batch's
 files (in parallel when there are several and fsyncs are slow: the journal merges them), renames
 them into place and hands the batch to the directory syncer, which fsyncs ``queue/`` once for
 everything handed to it (group commit) while the writer already syncs the next batch
-(pipelined); each job's Deferred fires only after that.
+(pipelined). Each job's Deferred fires only once what it wrote is durable.
 
 Removals come in a thread of their own (an unlink can take milliseconds on a busy disk; no commit
-waits behind one) and need no fsync before they are answered: the next directory sync covers
-them, or the remover's own once it has been idle a moment (a removal lost in a crash means a
-message delivered twice, never one lost). A message of a pack is removed by zeroing its record's
-trailer, which the remover fsyncs within 0.1 s unless the pack has gone with its last record. A message
-of a pack that is saved (deferred, held) moves into a file of its own holding the new state, and
-its record is killed once that file is durable: a deferred message never keeps a pack (or its
-disk space) alive. Should a crash come in between, the file wins at start.
-The file of a removed message or pack is kept for the next one (``tmp/free.<n>``, a bounded pool,
-each reused only once a sync of ``queue/`` has made its removal durable): creating and freeing an
-inode per message costs more CPU than the rest of the commit (ext4 scans past recently freed
-inodes).
+waits behind one) and need no fsync before they are answered: the remover syncs ``queue/`` (or a
+directory sync of the writer does) at most 0.1 s later, or as soon as it is idle (a removal lost
+in a crash means a message delivered twice, never one lost). A message of a segment is removed
+by zeroing its record's trailer, synced the same way; a full segment goes with its last record.
+A message of a segment that is saved (deferred, held) moves into a file of its own holding the
+new state, and its record is killed once that file is durable: a deferred message never keeps a
+segment (or its disk space) alive. Should a crash come in between, the file wins at start. A
+crash in the middle of an append leaves a torn pack at the end of a segment, never acknowledged:
+its CRC fails, and it is cut off at start. The file of a removed message is kept for the next
+large one (``tmp/free.<n>``, a bounded pool, each reused only once a sync of ``queue/`` has made
+its removal durable): creating and freeing an inode costs more CPU than the rest of the commit
+(ext4 scans past recently freed inodes).
 Nothing touches ``fsync`` on the reactor thread. A crash leaves at worst files in ``tmp/`` or a
 state without its message in ``queue/``: both are removed at start, never delivered. A spool of
 the older two-file layout (``queue/<id>.body`` + ``queue/<id>.env``) is converted at start.
@@ -63,13 +65,15 @@ from zope.interface import implementer
 from mailrelay.envelope import Envelope, QueuedMessage
 from mailrelay.interfaces import IMessageWriter, IQueueStore
 from mailrelay.queue.spool_format import (
-    PACK,
+    CHUNK_HEADER,
+    SEGMENT,
     TRAILER,
     Member,
-    Pack,
+    Segment,
     build_pack,
+    chunk,
     read_envelope,
-    read_pack_table,
+    read_segment,
     read_trailer,
     trailer,
 )
@@ -101,6 +105,7 @@ _KEPT_OPEN = 64  # of those, how many the remover keeps open for the writer (no 
 _SCHEDULE_KEYS = re.compile(rb'"next_attempt":(-?[0-9][0-9.eE+-]*),"held":(true|false)')
 _TAIL = 4096  # bytes read from a message file's end: the envelope and trailer, most of the time
 _PACK_MAX = 64 * 1024  # bodies up to this size are packed with the others of their batch
+_SEGMENT_MAX = 4 * 1024 * 1024  # a segment takes no more packs once this long
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder (json.dumps with options builds one per call)
@@ -264,17 +269,19 @@ class _Commit(_Job):
 
 
 class _Pack(_Job):
-    """The small messages of one writer batch, committed as one pack file (``spool_format``):
-    one file written, fsynced and renamed for all of them. Each commit's Deferred fires with its
-    own id once the pack is durable."""
+    """The small messages of one writer batch, appended as one pack to the current segment
+    (``spool_format``): one write and one fsync for all of them, no file made or renamed (only
+    the first pack of a segment waits for a sync of ``queue/``, which makes its name durable).
+    Each commit's Deferred fires with its own id once the pack is durable."""
 
     def __init__(self, commits: list[_Commit]) -> None:
         super().__init__()
         self.commits = commits
-        self.name = commits[0].writer.queue_id + PACK
-        self.path: str | None = None
-        self.published: str | None = None
+        self.segment: Segment | None = None
+        self.start = 0
         self.entries: list[tuple[str, int, int, int]] = []
+        self.counted = False
+        self.changes_queue = False
 
     def stage(self, spool: FilesystemSpool) -> None:
         records = []
@@ -285,35 +292,33 @@ class _Pack(_Job):
             w.pending = bytearray()
             commit.result = w.queue_id
             records.append((w.queue_id, commit.body, _encode(commit.message)))
-        data, self.entries = build_pack(records)
-        self.path, fd, old_size = spool._file_for(spool.tmp_dir + os.sep + self.name)
+        data, entries = build_pack(records)
+        self.segment, self.start, self.changes_queue, fd = spool._append(
+            chunk(data, entries), self.commits[0].writer.queue_id)
         self.fds.append(fd)
-        _write_all(fd, data)
-        if old_size > len(data):
-            os.ftruncate(fd, len(data))
+        base = self.start + CHUNK_HEADER.size
+        self.entries = [(q, base + o, b, e) for q, o, b, e in entries]
 
     def publish(self, spool: FilesystemSpool) -> None:
-        assert self.path is not None
-        target = spool._queued(self.name)
-        os.rename(self.path, target)
-        self.published = target
-        pack = Pack(target, self.name, live=len(self.entries))
+        segment = self.segment
+        assert segment is not None
+        with segment.lock:
+            segment.live += len(self.entries)
+        self.counted = True
         for queue_id, offset, body_size, env_size in self.entries:
-            spool._members[queue_id] = Member(pack, offset, body_size, env_size)
+            spool._members[queue_id] = Member(segment, offset, body_size, env_size)
 
     def undo(self, spool: FilesystemSpool) -> None:
         for queue_id, *_ in self.entries:
             spool._members.pop(queue_id, None)
-        if self.path:
-            _unlink(self.path)
-        if self.published:
-            _unlink(self.published)
+        if self.segment is not None:
+            spool._void(self.segment, self.entries, self.counted)
 
 
 class _Save(_Job):
-    """A message's new state: ``queue/<id>.env``; a message of a pack moves out of it instead,
+    """A message's new state: ``queue/<id>.env``; a message of a segment moves out of it instead,
     into its own message file holding the new state (its record is killed once that is durable),
-    so a pack never waits for a deferred message."""
+    so a segment never waits for a deferred message."""
 
     def __init__(self, message: QueuedMessage) -> None:
         super().__init__()
@@ -357,7 +362,7 @@ class _Remove(_Job):
         self.queue_id = queue_id
         self.has_state = has_state  # False: committed in this life and never saved (no .env)
         self.answered = answered  # its Deferred fired at once: only a failure is reported later
-        self.member = member  # a record of a pack whose message moved to its own file: kill only it
+        self.member = member  # a record of a segment whose message moved to its own file: kill only it
 
     def publish(self, spool: FilesystemSpool) -> None:
         if self.member is not None:
@@ -412,14 +417,14 @@ class _Scan(_Job):
                 states.add(stem)
             elif ext == _LEGACY_BODY:
                 legacy.add(stem)
-            elif ext == PACK:
+            elif ext == SEGMENT:
                 packs.append(entry.name)
-        if self.clean_tmp:  # at start: what the packs hold, repaired (see _read_packs)
+        if self.clean_tmp:  # at start: what the segments hold, repaired (see _read_segments)
             with spool._index_lock:
-                spool._members = spool._read_packs(packs, messages, repair=True)
-                spool._packs_indexed = True
+                spool._members = spool._read_segments(packs, messages, repair=True)
+                spool._segments_indexed = True
         else:
-            spool._ensure_packs()
+            spool._ensure_segments()
         for stem in sorted(legacy):
             if stem not in messages and stem in states and self.convert:
                 spool._convert_legacy(stem)
@@ -442,6 +447,23 @@ class _Scan(_Job):
 
 class _Stop(_Job):
     changes_queue = False
+
+
+class _Seal(_Job):
+    """Take no more packs into ``segment`` if it is still the current one (and, unless ``failed``,
+    holds no message any more): it goes once empty, so an idle spool leaves no file in
+    ``queue/``. Sent to the writer, whose segment it is, by the remover when idle."""
+
+    changes_queue = False
+
+    def __init__(self, segment: Segment, failed: bool = False) -> None:
+        super().__init__()
+        self.segment = segment
+        self.failed = failed
+
+    def stage(self, spool: FilesystemSpool) -> None:
+        if spool._segment is self.segment and (self.failed or self.segment.live <= 0):
+            spool._seal()
 
 
 @attrs.define
@@ -567,6 +589,7 @@ class FilesystemSpool:
     commit); while an fsync takes less than ``_SLOW_FSYNC`` on average, the writer fsyncs them
     itself, one after another, as with 0 threads: a hand-off per file would cost more, in thread
     switches and waits for the GIL, than the overlap saves. ``timer`` times those fsyncs.
+    Bodies up to ``segment_body_max`` bytes go into segments; 0 gives every message a file.
     """
 
     def __init__(
@@ -579,8 +602,10 @@ class FilesystemSpool:
         randbytes: Callable[[int], bytes] = os.urandom,
         fsync_threads: int = _SYNCERS,
         timer: Callable[[], float] = time.perf_counter,
+        segment_body_max: int = _PACK_MAX,
     ) -> None:
         self.path = os.path.abspath(path)
+        self.segment_body_max = segment_body_max
         self.fsync_threads = fsync_threads
         self.timer = timer
         self._fsync_average = 0.0  # seconds per fsync done by the writer itself (moving average)
@@ -626,15 +651,19 @@ class FilesystemSpool:
         self._kept_opened = 0
         self._kept_taken = 0
         self._readers: dict[str, int] = {}  # name in queue/ -> descriptors open on that file
-        # Where each message of a pack lies (read at start; the writer adds, the remover drops).
+        # Where each message of a segment lies (read at start; the writer adds, the remover drops).
         self._members: dict[str, Member] = {}
-        self._packs_indexed = False
+        self._segments_indexed = False
         self._index_lock = threading.Lock()
-        self._dirty_packs: set[Pack] = set()  # records killed, not synced yet (the remover's)
-        self._dirty_since = 0.0  # when the first of them was
+        self._dirty_segments: set[Segment] = set()  # records killed, not synced yet (the remover's)
+        self._unsynced_since: float | None = None  # the remover's first batch since its last sync
+        # The segment packs are appended to (the writer's): its descriptor, where it ends.
+        self._segment: Segment | None = None
+        self._segment_fd: int | None = None
+        self._segment_end = 0
         self._readers_lock = threading.Lock()
         self._dir_fd: int | None = None
-        #: How many batches the writer has made durable (each one ``fsync`` of ``queue/``).
+        #: How many batches the writer has made durable (an fsync of ``queue/`` or of a segment).
         self.commit_passes = 0
         # Mail is private: a spool we create is for our user only (the control socket lives here too).
         os.makedirs(self.path, mode=0o700, exist_ok=True)
@@ -687,7 +716,8 @@ class FilesystemSpool:
             if self._syncers is not None:
                 self._syncers.shutdown()
                 self._syncers = None
-            self._sync_packs()  # kills done by the writer while stopping (the remover had gone)
+            self._seal()
+            self._sync_segments()  # kills done by the writer while stopping (the remover had gone)
             self._close_kept()
             self._close_dir()
             if self._own_pool:
@@ -766,7 +796,7 @@ class FilesystemSpool:
             try:
                 return self._read_member(member)
             except FileNotFoundError:
-                pass  # the pack went meanwhile: the message moved to its own file, or was removed
+                pass  # the segment went meanwhile: the message moved to its own file, or was removed
         if saved is not False:
             try:
                 with open(self._queued(queue_id, _ENV), "rb") as f:
@@ -805,103 +835,163 @@ class FilesystemSpool:
     # -- packs ----------------------------------------------------------------------------
 
     def _member(self, queue_id: str) -> Member | None:
-        """Where ``queue_id`` lies in a pack, if it does (the packs are read on first need)."""
+        """Where ``queue_id`` lies in a segment, if it does (the segments are read on first need)."""
         member = self._members.get(queue_id)
-        if member is None and not self._packs_indexed:
-            self._ensure_packs()
+        if member is None and not self._segments_indexed:
+            self._ensure_segments()
             member = self._members.get(queue_id)
         return member
 
-    def _ensure_packs(self) -> None:
-        """Read the packs once, without changing them (the CLI on a stopped instance; a running
+    def _ensure_segments(self) -> None:
+        """Read the segments once, without changing them (the CLI on a stopped instance; a running
         spool reads them at start, in its first scan)."""
         with self._index_lock:
-            if self._packs_indexed:
+            if self._segments_indexed:
                 return
             names = os.listdir(self.queue_dir)
-            self._members = self._read_packs([n for n in names if n.endswith(PACK)],
-                                             {n for n in names if is_queue_id(n)}, repair=False)
-            self._packs_indexed = True
+            self._members = self._read_segments([n for n in names if n.endswith(SEGMENT)],
+                                                {n for n in names if is_queue_id(n)}, repair=False)
+            self._segments_indexed = True
 
-    def _read_packs(self, names: list[str], messages: set[str], *, repair: bool) -> dict[str, Member]:
-        """The live records of the packs ``names``. A record whose message also has its own file
-        (``messages``) moved out before a crash: the file is current. ``repair`` kills such records
-        and removes packs with nothing left; an unreadable pack is reported and left alone."""
+    def _read_segments(self, names: list[str], messages: set[str], *, repair: bool) -> dict[str, Member]:
+        """The live records of the segments ``names``. A record whose message also has its own
+        file (``messages``) moved out before a crash: the file is current. ``repair`` kills such
+        records, cuts a torn append off the end and removes segments with nothing left."""
         members: dict[str, Member] = {}
         for name in sorted(names):
             path = self._queued(name)
             try:
-                fd = os.open(path, os.O_RDWR if repair else os.O_RDONLY)
+                with open(path, "rb") as f:
+                    data = f.read()
             except FileNotFoundError:
                 continue
-            pack = Pack(path, name)
-            try:
-                try:
-                    entries = read_pack_table(fd)
-                except ValueError as e:
-                    log.error("spool: unreadable pack queue/{name}: {error}", name=name, error=str(e))
+            entries, end = read_segment(data)
+            if end < len(data):
+                log.info("spool: queue/{name} ends in a torn append ({n} bytes, never acknowledged)",
+                         name=name, n=len(data) - end)
+            segment = Segment(path, name)
+            stale = []
+            for queue_id, offset, body_size, env_size in entries:
+                member = Member(segment, offset, body_size, env_size)
+                if not member.alive_in(data, 0):
                     continue
-                killed = False
-                for queue_id, offset, body_size, env_size in entries:
-                    member = Member(pack, offset, body_size, env_size)
-                    if not member.alive(fd):
-                        continue
-                    if queue_id in messages:
-                        if repair:
-                            member.kill(fd)
-                            killed = True
-                        continue
-                    pack.live += 1
-                    members[queue_id] = member
-                if killed:
-                    self.fsync(fd)
-            finally:
-                os.close(fd)
-            if repair and pack.live == 0:
+                if queue_id in messages:
+                    stale.append(member)
+                    continue
+                segment.live += 1
+                members[queue_id] = member
+            if not repair:
+                continue
+            if segment.live == 0:
                 _unlink(path)
+            elif stale or end < len(data):
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    for member in stale:
+                        member.kill(fd)
+                    os.ftruncate(fd, end)
+                    self.fsync(fd)
+                finally:
+                    os.close(fd)
         return members
 
     def _read_member(self, member: Member, body: bool = False) -> bytes:
-        """A pack record's envelope (or body); FileNotFoundError if the pack is gone."""
-        pack = member.pack
-        fd = self._open_counted(pack.path, pack.key)
+        """A segment record's envelope (or body); FileNotFoundError if the segment is gone."""
+        segment = member.segment
+        fd = self._open_counted(segment.path, segment.key)
         try:
             if body:
                 data = os.pread(fd, member.body_size, member.offset)
                 if len(data) != member.body_size:
-                    raise ValueError(f"{pack.path} too short")
+                    raise ValueError(f"{segment.path} too short")
                 return data
             return member.read_envelope(fd)
         finally:
             os.close(fd)
-            self._reader_closed(pack.key)
+            self._reader_closed(segment.key)
 
     def _kill(self, member: Member) -> None:
-        """Kill a record in its pack (made durable by ``_sync_packs``); a pack with no record left
-        goes, as the file of a removed message does (kept for a new one, or unlinked)."""
-        pack = member.pack
+        """Kill a record in its segment (made durable by ``_sync_segments``); a full segment with no
+        record left goes."""
+        segment = member.segment
         if member.dead:
             return
-        if pack.fd is None:
-            pack.fd = os.open(pack.path, os.O_RDWR)
-        member.kill(pack.fd)
+        if segment.fd is None:
+            segment.fd = os.open(segment.path, os.O_RDWR)
+        member.kill(segment.fd)
         member.dead = True
-        pack.live -= 1
-        if pack.live > 0:
-            if not self._dirty_packs:
-                self._dirty_since = self.timer()
-            self._dirty_packs.add(pack)
+        if not segment.gone(killed=1):
+            self._dirty_segments.add(segment)
             return
-        self._dirty_packs.discard(pack)
-        fd, pack.fd = pack.fd, None
+        self._dirty_segments.discard(segment)
+        fd, segment.fd = segment.fd, None
         os.close(fd)
-        self._recycle_file(pack.path, pack.key)  # no sync of the kills: the pack goes as a whole
+        _unlink(segment.path)  # full and nothing left: no sync of the kills, the segment goes whole
 
-    def _sync_packs(self) -> None:
-        """fsync (and close) the packs with records killed since the last call: the remover calls
-        it when idle, or once the oldest kill is ``_REMOVAL_IDLE`` old, as removals of files wait
-        for a sync of ``queue/``."""
-        dirty, self._dirty_packs = self._dirty_packs, set()
+    def _append(self, data: bytes, name: str) -> tuple[Segment, int, bool, int]:
+        """Append a pack to the current segment (a new one, named after ``name``, when there is
+        none or it is full); the segment, where the pack starts, whether the segment was made
+        now, and a descriptor of it to sync (the caller closes it). Writer thread only."""
+        if self._segment is not None and self._segment_end and self._segment_end + len(data) > _SEGMENT_MAX:
+            self._seal()
+        created = False
+        if self._segment is None:
+            path = self._queued(name + SEGMENT)
+            self._segment_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._segment = Segment(path, name + SEGMENT, full=False)
+            self._segment_end = 0
+            created = True
+        assert self._segment_fd is not None
+        start = self._segment_end
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.pwrite(self._segment_fd, view, start + len(data) - len(view)):]
+        except OSError:  # a full disk: nothing more goes after what may be half written
+            try:
+                os.ftruncate(self._segment_fd, start)
+            except OSError:
+                pass
+            self._seal()
+            raise
+        self._segment_end += len(data)
+        return self._segment, start, created, os.dup(self._segment_fd)
+
+    def _seal(self) -> None:
+        """Take no more packs into the current segment (full, failed, or the spool stops)."""
+        segment, fd = self._segment, self._segment_fd
+        self._segment, self._segment_fd, self._segment_end = None, None, 0
+        if fd is not None:
+            os.close(fd)
+        if segment is not None and segment.gone(full=True):
+            _unlink(segment.path)
+
+    def _void(self, segment: Segment, entries: list[tuple[str, int, int, int]], counted: bool) -> None:
+        """A pack that failed (never acknowledged): kill its records, so a write that reaches the
+        disk later never brings them back, and append no more to that segment."""
+        try:
+            fd = os.open(segment.path, os.O_RDWR)
+        except OSError:
+            return
+        try:
+            for _, offset, body_size, env_size in entries:
+                Member(segment, offset, body_size, env_size).kill(fd)
+            self.fsync(fd)
+        except OSError as e:
+            log.error("spool: cannot void a failed pack in {path}: {error}", path=segment.path, error=e)
+        finally:
+            os.close(fd)
+        if counted and segment.gone(killed=len(entries)):
+            _unlink(segment.path)
+        if threading.current_thread() is self._thread:
+            _Seal(segment, failed=True).stage(self)  # the writer's own: at once
+        else:
+            self._jobs.put(_Seal(segment, failed=True))
+
+    def _sync_segments(self) -> None:
+        """fsync (and close) the segments with records killed since the last call: the remover
+        calls it when idle, or ``_REMOVAL_IDLE`` after its first batch since the last sync."""
+        dirty, self._dirty_segments = self._dirty_segments, set()
         for pack in dirty:
             fd, pack.fd = pack.fd, None
             if fd is None:
@@ -914,11 +1004,11 @@ class FilesystemSpool:
                 os.close(fd)
 
     def _retire(self, queue_id: str, member: Member) -> None:
-        """Kill the record of a message that moved out of its pack, now that its own file is durable."""
+        """Kill the record of a message that moved out of its segment, now that its own file is durable."""
         if self._thread is None:  # run_now (a stopped instance): no remover
             self._kill(member)
-            self._sync_packs()
-        else:  # left undone if the spool stops first: the next start kills it (see _read_packs)
+            self._sync_segments()
+        else:  # left undone if the spool stops first: the next start kills it (see _read_segments)
             self._removals.put(_Remove(queue_id, has_state=False, answered=True, member=member))
 
     def load_many(self, ids: list[str]) -> defer.Deferred[list[QueuedMessage]]:
@@ -955,11 +1045,11 @@ class FilesystemSpool:
             raise KeyError(queue_id)
         member = self._member(queue_id)
         if member is not None:
-            key = member.pack.key
+            key = member.segment.key
             try:
-                fd = self._open_counted(member.pack.path, key)
+                fd = self._open_counted(member.segment.path, key)
             except FileNotFoundError:
-                pass  # the pack went meanwhile: moved to its own file, or removed
+                pass  # the segment went meanwhile: moved to its own file, or removed
             else:
                 return _BodyFile(fd, member.body_size, lambda: self._reader_closed(key),  # type: ignore[return-value]
                                  base=member.offset)
@@ -1033,10 +1123,10 @@ class FilesystemSpool:
                 messages.add(stem)
             elif ext in (_LEGACY_BODY, _ENV):
                 legacy[stem] = legacy.get(stem, 0) + 1
-            elif ext == PACK:
+            elif ext == SEGMENT:
                 packs.append(entry.name)
         messages.update(stem for stem, n in legacy.items() if n == 2)  # the two-file layout
-        messages.update(self._read_packs(packs, messages, repair=False))
+        messages.update(self._read_segments(packs, messages, repair=False))
         return sorted(messages)
 
     def run_now(self, job: _Job) -> Any:
@@ -1046,7 +1136,7 @@ class FilesystemSpool:
         results, published = self._publish_batch([job])
         results += self._sync_published(published)
         self._removals_done += isinstance(job, _Remove)
-        self._sync_packs()
+        self._sync_segments()
         self._sync_removals()
         self._close_dir()
         ((_, result),) = results
@@ -1244,8 +1334,8 @@ class FilesystemSpool:
             stopping = next((j for j in batch if isinstance(j, _Stop)), None)
             jobs = [j for j in batch if not isinstance(j, _Stop)]
             small = [j for j in jobs if isinstance(j, _Commit) and j.writer.file is None
-                     and j.writer.size <= _PACK_MAX]
-            if len(small) > 1:  # one file for them all
+                     and j.writer.size <= self.segment_body_max] if self.segment_body_max else []
+            if small:  # appended together to the current segment
                 packed = set(small)
                 jobs = [j for j in jobs if j not in packed] + [_Pack(small)]
             # The directory syncer closes the files: a system call less here per message.
@@ -1279,8 +1369,12 @@ class FilesystemSpool:
             try:
                 first = self._removals.get(timeout=_REMOVAL_IDLE)
             except _queue.Empty:
-                self._sync_packs()  # idle a moment: make the kills and unlinks durable
+                self._sync_segments()  # idle a moment: make the kills and unlinks durable
                 self._sync_removals()
+                self._unsynced_since = None
+                segment = self._segment
+                if segment is not None and segment.live <= 0 and self._thread is not None:
+                    self._jobs.put(_Seal(segment))  # nothing queued in it: let it go
                 first = self._removals.get()
             batch = [first]
             while True:
@@ -1290,8 +1384,15 @@ class FilesystemSpool:
                     break
             stopping = next((j for j in batch if isinstance(j, _Stop)), None)
             results, _ = self._publish_batch([j for j in batch if not isinstance(j, _Stop)])
-            if self._dirty_packs and self.timer() - self._dirty_since >= _REMOVAL_IDLE:
-                self._sync_packs()  # under steady load too; most packs die before (no sync needed)
+            # Under steady load too, at most _REMOVAL_IDLE later (most segments' records are all
+            # gone by then, and a segment that goes needs no sync of its kills).
+            now = self.timer()
+            if self._unsynced_since is None:
+                self._unsynced_since = now
+            elif now - self._unsynced_since >= _REMOVAL_IDLE:
+                self._sync_segments()
+                self._sync_removals()
+                self._unsynced_since = None
             self._removals_done += len(results)
             for job, _result in results:
                 if isinstance(job, _Remove) and job.answered:
@@ -1301,7 +1402,7 @@ class FilesystemSpool:
                        if not (isinstance(j, _Remove) and j.answered and not isinstance(r, Failure))]
             if results:
                 self.reactor.callFromThread(self._deliver_results, results)
-        self._sync_packs()
+        self._sync_segments()
         self._sync_removals()
         self.reactor.callFromThread(stopping.deferred.callback, None)
 
@@ -1332,6 +1433,8 @@ class FilesystemSpool:
                 published.append(job)
             else:
                 results.append((job, job.result))
+                if isinstance(job, _Pack):
+                    self.commit_passes += 1  # durable now: no sync of queue/ needed
         return results, published
 
     def _sync_published(self, published: list[_Job]) -> list[tuple[_Job, Any]]:

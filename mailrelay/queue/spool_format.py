@@ -2,17 +2,23 @@
 
 A *message record* is the body, the envelope (JSON) and a 16-byte trailer (magic, body size,
 envelope size): both parts are found from the record's end. A message file ``queue/<id>`` is one
-record. A *pack* ``queue/<id>.pack`` holds the records of several small messages committed in the
-same writer batch, followed by a table (one ``<id> <offset> <body size> <envelope size>`` line per
-record) and a 12-byte table trailer: one file created and fsynced for the lot instead of one per
-message. A record of a pack is removed by zeroing its trailer in place (``kill``); the pack goes
-when none of its records is left.
+record. A *pack* holds the records of the small messages committed in one writer batch, followed
+by a table (one ``<id> <offset> <body size> <envelope size>`` line per record, offsets from the
+pack's start) and a 12-byte table trailer. A *segment* ``queue/<id>.seg`` is a file the writer
+appends packs to, each behind a 12-byte header (magic, length, CRC-32 of the pack, its records'
+trailers taken as zeros, since a kill zeroes them): no file is
+created, renamed or listed in a directory per commit, only one append and one fsync. A torn
+append at a segment's end (a crash before its fsync: never acknowledged) fails its CRC, and
+reading stops there. A record is removed by zeroing its trailer in place (``kill``); a segment
+goes when it is full and none of its records is left.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
+import zlib
 
 import attrs
 
@@ -22,7 +28,10 @@ MAGIC = b"MRq1"
 #: The end of a pack: magic, table size, number of records.
 PACK_TRAILER = struct.Struct("<4sII")
 PACK_MAGIC = b"MRp1"
-PACK = ".pack"
+#: Before each pack in a segment: magic, pack length, CRC-32 of the pack.
+CHUNK_HEADER = struct.Struct("<4sII")
+CHUNK_MAGIC = b"MRc1"
+SEGMENT = ".seg"
 
 
 def trailer(body_size: int, envelope: bytes) -> bytes:
@@ -52,20 +61,31 @@ def read_envelope(fd: int, tail: int) -> bytes:
 
 
 @attrs.define(eq=False)
-class Pack:
-    """A pack file of a running spool: ``live`` records left; ``fd`` for killing them, once opened."""
+class Segment:
+    """A segment file of a running spool: ``live`` records left; ``full`` once nothing more is
+    appended (it goes when both); ``fd`` for killing records, once opened. ``lock`` guards
+    ``live`` and ``full``, which the writer and the remover both change."""
 
     path: str
     key: str  # its name in queue/, under which its readers are counted
     live: int = 0
+    full: bool = True
     fd: int | None = None
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    def gone(self, killed: int = 0, full: bool = False) -> bool:
+        """Count ``killed`` records gone (and the segment full, if so); whether it can go."""
+        with self.lock:
+            self.live -= killed
+            self.full = self.full or full
+            return self.full and self.live <= 0
 
 
 @attrs.define(eq=False, slots=True)
 class Member:
     """Where a message's record lies in a pack."""
 
-    pack: Pack
+    segment: Segment
     offset: int
     body_size: int
     env_size: int
@@ -82,14 +102,18 @@ class Member:
         return data
 
     def alive(self, fd: int) -> bool:
-        data = os.pread(fd, TRAILER.size, self.trailer_offset)
-        return (len(data) == TRAILER.size
-                and TRAILER.unpack(data) == (MAGIC, self.body_size, self.env_size))
+        return self.alive_in(os.pread(fd, TRAILER.size, self.trailer_offset), self.trailer_offset)
+
+    def alive_in(self, data: bytes | memoryview, at: int) -> bool:
+        """Whether the trailer found at ``at`` of ``data`` (bytes from the segment) is intact."""
+        end = self.trailer_offset - at + TRAILER.size
+        return (len(data) >= end and end >= TRAILER.size
+                and TRAILER.unpack(data[end - TRAILER.size:end]) == (MAGIC, self.body_size, self.env_size))
 
     def kill(self, fd: int) -> None:
         """Zero the record's trailer: the pack no longer holds this message."""
         if os.pwrite(fd, bytes(TRAILER.size), self.trailer_offset) != TRAILER.size:
-            raise OSError(f"short write killing a record of {self.pack.path}")
+            raise OSError(f"short write killing a record of {self.segment.path}")
 
 
 def build_pack(records: list[tuple[str, bytes, bytes]]) -> tuple[bytes, list[tuple[str, int, int, int]]]:
@@ -107,17 +131,31 @@ def build_pack(records: list[tuple[str, bytes, bytes]]) -> tuple[bytes, list[tup
     return b"".join(parts), entries
 
 
-def read_pack_table(fd: int) -> list[tuple[str, int, int, int]]:
-    """The records a pack file lists (alive or not); ValueError if it is not a whole pack."""
-    size = os.fstat(fd).st_size
-    end = os.pread(fd, PACK_TRAILER.size, max(0, size - PACK_TRAILER.size))
-    if len(end) != PACK_TRAILER.size:
+def _crc(pack: bytes | memoryview, entries: list[tuple[str, int, int, int]]) -> int:
+    """CRC-32 of a pack with its records' trailers taken as zeros: killing a record (zeroing its
+    trailer) leaves the CRC true."""
+    data = bytearray(pack)
+    for _, offset, body_size, env_size in entries:
+        end = offset + body_size + env_size
+        data[end:end + TRAILER.size] = bytes(TRAILER.size)
+    return zlib.crc32(data)
+
+
+def chunk(pack: bytes, entries: list[tuple[str, int, int, int]]) -> bytes:
+    """A pack (with its ``entries`` from ``build_pack``) as appended to a segment: behind its header."""
+    return CHUNK_HEADER.pack(CHUNK_MAGIC, len(pack), _crc(pack, entries)) + pack
+
+
+def parse_pack(data: bytes | memoryview) -> list[tuple[str, int, int, int]]:
+    """The records a pack lists (alive or not); ValueError if it is not a whole pack."""
+    size = len(data)
+    if size < PACK_TRAILER.size:
         raise ValueError("pack too short")
-    magic, table_size, count = PACK_TRAILER.unpack(end)
+    magic, table_size, count = PACK_TRAILER.unpack(data[size - PACK_TRAILER.size:])
     start = size - PACK_TRAILER.size - table_size
     if magic != PACK_MAGIC or start < 0:
         raise ValueError("not a pack")
-    lines = os.pread(fd, table_size, start).decode("ascii").splitlines()
+    lines = bytes(data[start:start + table_size]).decode("ascii").splitlines()
     if len(lines) != count:
         raise ValueError("pack table torn")
     entries = []
@@ -128,3 +166,25 @@ def read_pack_table(fd: int) -> list[tuple[str, int, int, int]]:
             raise ValueError("pack record out of bounds")
         entries.append(entry)
     return entries
+
+
+def read_segment(data: bytes) -> tuple[list[tuple[str, int, int, int]], int]:
+    """The records of a segment's bytes, offsets from the segment's start, and where its whole
+    packs end (a torn append after that was never acknowledged)."""
+    entries: list[tuple[str, int, int, int]] = []
+    view = memoryview(data)
+    pos = 0
+    while pos + CHUNK_HEADER.size <= len(data):
+        magic, length, crc = CHUNK_HEADER.unpack_from(data, pos)
+        start, end = pos + CHUNK_HEADER.size, pos + CHUNK_HEADER.size + length
+        if magic != CHUNK_MAGIC or end > len(data):
+            break
+        try:
+            found = parse_pack(view[start:end])
+        except ValueError:
+            break
+        if _crc(view[start:end], found) != crc:
+            break
+        entries += [(q, start + o, b, e) for q, o, b, e in found]
+        pos = end
+    return entries, pos

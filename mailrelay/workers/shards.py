@@ -134,8 +134,8 @@ def _messages(queue_dir: str) -> dict[str, list[str]]:
 
     Whatever the spool's layout (``<id>``, ``<id>.env``, or the older ``<id>.body`` + ``<id>.env``)
     every file named after a queue id belongs to that message and moves with it; the file that
-    marks the commit (the bare ``<id>``, else the ``.env``) is linked last. A pack
-    (``<id>.pack``, named after its first message) moves whole, with every message it holds.
+    marks the commit (the bare ``<id>``, else the ``.env``) is linked last. A segment
+    (``<id>.seg``, named after its first message) moves whole, with every message it holds.
     """
     try:
         names = os.listdir(queue_dir)

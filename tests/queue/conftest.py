@@ -28,12 +28,17 @@ class GatedFsync:
         os.fsync(fd)
 
 
-@pytest.fixture
-def spool(tmp_path):
+def gated_spool(tmp_path, **options):  # type: ignore[no-untyped-def]
+    """A started spool whose fsyncs are recorded (``spool.fsync_recorder``); stopped after."""
     fsync = GatedFsync()
-    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
+    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, **options)
     s.fsync_recorder = fsync
     s.start()
     yield s
     fsync.gate.set()
     pytest_twisted.blockon(s.stop())
+
+
+@pytest.fixture
+def spool(tmp_path):
+    yield from gated_spool(tmp_path)

@@ -17,10 +17,16 @@ from mailrelay.errors import TemporaryFailure
 from mailrelay.interfaces import IMessageWriter, IQueueStore
 from mailrelay.queue.spool import _FREE, _KEPT_OPEN, _PACK_MAX, _PROBE_EVERY, FilesystemSpool, _Job
 from mailrelay.queue.store import is_queue_id
-from tests.queue.conftest import GatedFsync
+from tests.queue.conftest import GatedFsync, gated_spool
 
 ENV = Envelope("sender@example.org", (Recipient("a@example.test"), Recipient("b@example.test", ("FAILURE",))),
                helo="client.example.org", received_at=1700000000.0)
+
+
+@pytest.fixture
+def spool(tmp_path):
+    """The message-file path of the spool: every message its own file (see test_spool_segments.py)."""
+    yield from gated_spool(tmp_path, segment_body_max=0)
 
 
 UNPACKED = b"x" * _PACK_MAX  # appended to a body: too large for a pack, it gets a file of its own
@@ -159,7 +165,7 @@ def test_save_records_state_and_remove_deletes_everything(spool):
 @pytest_twisted.inlineCallbacks
 def test_torn_writes_are_cleaned_at_start_and_never_listed(tmp_path):
     path = tmp_path / "spool"
-    s = FilesystemSpool(str(path), reactor)
+    s = FilesystemSpool(str(path), reactor, segment_body_max=0)
     s.start()
     good = yield store_message(s, b"good\r\n")
     yield s.stop()
@@ -169,7 +175,7 @@ def test_torn_writes_are_cleaned_at_start_and_never_listed(tmp_path):
     (path / "tmp" / "0000000000ZZZZZZZZ.env.1").write_bytes(b"{")
     (path / "queue" / "0000000001ZZZZZZZZ.body").write_bytes(b"no envelope")
     (path / "queue" / "0000000002ZZZZZZZZ.env").write_bytes(b"{}")
-    s2 = FilesystemSpool(str(path), reactor)
+    s2 = FilesystemSpool(str(path), reactor, segment_body_max=0)
     s2.start()
     try:
         ids = yield s2.list_ids()
@@ -205,7 +211,7 @@ def test_fsync_failure_at_commit_leaves_nothing_behind(tmp_path):
     def failing(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=failing)
+    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=failing, segment_body_max=0)
     s.start()
     try:
         with pytest.raises(TemporaryFailure) as e:
@@ -348,7 +354,7 @@ def test_a_spool_of_the_two_file_layout_is_converted_at_start_and_loses_nothing(
     offline = FilesystemSpool(str(path), None)
     assert offline.scan_ids() == [old]  # the CLI on a stopped instance sees it before any conversion
     assert offline.read_message(old) == saved and offline.body_size(old) == len(body)
-    s = FilesystemSpool(str(path), reactor)
+    s = FilesystemSpool(str(path), reactor, segment_body_max=0)
     s.start()
     try:
         assert (yield s.load_schedule()) == [(old, 1700000900.0, False)]
@@ -417,7 +423,7 @@ def test_the_file_of_a_removed_message_is_rewritten_for_the_next_one_once_its_re
         assert f.read() == b"short\r\n"  # nothing of the longer message it replaced
     assert (yield spool.load(second)).envelope == ENV
     yield spool.stop()
-    again = FilesystemSpool(spool.path, reactor)
+    again = FilesystemSpool(spool.path, reactor, segment_body_max=0)
     again.start()
     try:
         assert (yield again.list_ids()) == [second]
@@ -493,7 +499,7 @@ class TimedFsync(ThreadRecordingFsync):
 def test_the_files_of_a_batch_are_fsynced_in_parallel_only_while_fsyncs_are_slow(tmp_path, fsync_threads,
                                                                                 latency, batch_in):
     fsync = TimedFsync(latency)
-    spool = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, fsync_threads=fsync_threads,
+    spool = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, fsync_threads=fsync_threads, segment_body_max=0,
                             timer=lambda: fsync.now)
     spool.start()
     try:
@@ -514,7 +520,7 @@ def test_the_files_of_a_batch_are_fsynced_in_parallel_only_while_fsyncs_are_slow
 
 def test_the_spool_goes_back_to_fsyncing_itself_when_the_disk_gets_fast(tmp_path):
     fsync = TimedFsync(0.010)
-    spool = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, fsync_threads=4,
+    spool = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, fsync_threads=4, segment_body_max=0,
                             timer=lambda: fsync.now)
     spool._syncers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mailrelay-spool-fsync")
     me = threading.current_thread().name

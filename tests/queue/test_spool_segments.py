@@ -1,9 +1,10 @@
-"""Packs: the small messages of one writer batch share one file (one create and fsync for the lot).
+"""Segments: the small messages of each writer batch are appended to one file as a pack.
 
-What must hold as for a message file of its own: each commit fires only once the pack is durable,
-each message reads back whole, a removal or a move out of the pack (on save) survives a restart,
-a crash between a move and the kill of the old record shows the message once, and the offline
-tools and the drain of worker shards see the packed messages.
+What must hold as for a message file of its own: each commit fires only once its pack is durable
+(and, for the first pack of a segment, the segment's name), each message reads back whole, a
+removal or a move out of the segment (on save) survives a restart, a crash between a move and the
+kill of the old record shows the message once, a torn append is cut off, a full segment goes with
+its last message, and the offline tools and the drain of worker shards see these messages.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from mailrelay.errors import TemporaryFailure
+from mailrelay.queue import spool as spool_module
 from mailrelay.queue.spool import FilesystemSpool
-from mailrelay.queue.spool_format import Member, Pack, read_pack_table
+from mailrelay.queue.spool_format import Member, Segment, read_segment
 from mailrelay.workers.shards import drain, shard_path
 from tests.queue.conftest import GatedFsync
 from tests.queue.test_spool import ENV, deferLater, files, store_message
@@ -50,14 +52,12 @@ def reopened(spool: FilesystemSpool) -> FilesystemSpool:
     return s
 
 
-def alive(spool: FilesystemSpool, pack_name: str) -> dict[str, bool]:
-    """Each record of a pack on disk, and whether it still holds its message."""
-    fd = os.open(os.path.join(spool.queue_dir, pack_name), os.O_RDONLY)
-    try:
-        pack = Pack(pack_name, pack_name)
-        return {q: Member(pack, o, b, e).alive(fd) for q, o, b, e in read_pack_table(fd)}
-    finally:
-        os.close(fd)
+def alive(spool: FilesystemSpool, name: str) -> dict[str, bool]:
+    """Each record of a segment on disk, and whether it still holds its message."""
+    with open(os.path.join(spool.queue_dir, name), "rb") as f:
+        data = f.read()
+    segment = Segment(name, name)
+    return {q: Member(segment, o, b, e).alive_in(data, 0) for q, o, b, e in read_segment(data)[0]}
 
 
 def wait_until(condition, timeout: float = 5.0):  # type: ignore[no-untyped-def]
@@ -72,13 +72,15 @@ def wait_until(condition, timeout: float = 5.0):  # type: ignore[no-untyped-def]
 
 
 @pytest_twisted.inlineCallbacks
-def test_messages_committed_together_share_one_pack_fsynced_before_their_commits_fire(spool):
+def test_small_messages_are_appended_to_one_segment_durable_before_their_commits_fire(spool):
     fsync = spool.fsync_recorder
     first, ids = yield packed(spool)
-    pack = ids[0] + ".pack"
-    assert files(spool) == [f"queue/{first}", f"queue/{pack}"]
-    assert [e for e in fsync.events if e.endswith(".pack")] == [os.path.join(spool.tmp_dir, pack)]
-    assert alive(spool, pack) == dict.fromkeys(ids, True)
+    segment = first + ".seg"
+    path = os.path.join(spool.queue_dir, segment)
+    assert files(spool) == [f"queue/{segment}"]
+    # the first pack made the segment (its name synced with queue/), the second only appended
+    assert fsync.events.count(path) == 2 and fsync.events.count(spool.queue_dir) == 1
+    assert alive(spool, segment) == dict.fromkeys([first, *ids], True)
     for qid, body in zip(ids, BODIES, strict=True):
         spool._forget(qid)  # read the disk, not what memory keeps of the commit
         with spool.open_body(qid) as f:
@@ -98,21 +100,37 @@ def test_messages_committed_together_share_one_pack_fsynced_before_their_commits
         assert sorted(q for q, _, _ in schedule) == sorted([first, *ids])
         with again.open_body(ids[2]) as f:
             assert f.read() == BODIES[2]
+        newer = yield store_message(again, b"after the restart\r\n")
+        assert sorted(files(again)) == sorted([f"queue/{segment}", f"queue/{newer}.seg"])  # a new one
     finally:
         yield again.stop()
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_removal_kills_its_record_durably_and_the_pack_goes_with_the_last(spool):
+def test_a_removal_kills_its_record_durably_and_a_full_segment_goes_with_the_last(spool):
     first, ids = yield packed(spool)
-    pack = ids[0] + ".pack"
-    spool.fsync_recorder.events.clear()
+    segment = first + ".seg"
+    path = os.path.join(spool.queue_dir, segment)
+    synced = spool.fsync_recorder.events.count(path)
     yield spool.remove(ids[1])
     with pytest.raises(KeyError):
         spool.open_body(ids[1])
-    yield wait_until(lambda: os.path.join(spool.queue_dir, pack) in spool.fsync_recorder.events)
-    assert alive(spool, pack) == {ids[0]: True, ids[1]: False, ids[2]: True, ids[3]: True}
+    yield wait_until(lambda: spool.fsync_recorder.events.count(path) > synced)  # the kill, synced
+    assert alive(spool, segment) == {first: True, ids[0]: True, ids[1]: False, ids[2]: True, ids[3]: True}
+    for qid in (first, ids[0], ids[2], ids[3]):
+        yield spool.remove(qid)
+    yield wait_until(lambda: not any(alive(spool, segment).values()))
+    assert os.path.exists(path)  # still the segment new messages go to
 
+    yield spool.stop()  # which makes it full: it goes
+    assert not os.path.exists(path)
+    assert files(spool) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_removal_survives_a_restart(spool):
+    first, ids = yield packed(spool)
+    yield spool.remove(ids[1])
     yield spool.stop()
     again = reopened(spool)
     again.start()
@@ -120,20 +138,50 @@ def test_a_removal_kills_its_record_durably_and_the_pack_goes_with_the_last(spoo
         assert (yield again.list_ids()) == sorted([first, ids[0], ids[2], ids[3]])
         with pytest.raises(KeyError):
             yield again.load(ids[1])
-        for qid in (ids[0], ids[2], ids[3]):
+        for qid in (first, ids[0], ids[2], ids[3]):
             yield again.remove(qid)
-        yield wait_until(lambda: not os.path.exists(os.path.join(again.queue_dir, pack)))
-        assert (yield again.list_ids()) == [first]
+        segment = os.path.join(again.queue_dir, first + ".seg")
+        yield wait_until(lambda: not os.path.exists(segment))  # full since the restart: it goes
+        assert (yield again.list_ids()) == []
     finally:
         yield again.stop()
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_saved_message_moves_out_of_its_pack_into_its_own_file(spool):
+def test_segments_take_packs_up_to_their_size_then_a_new_one_starts(spool, monkeypatch):
+    monkeypatch.setattr(spool_module, "_SEGMENT_MAX", 1)  # every pack beyond the first: a new segment
     first, ids = yield packed(spool)
-    pack = ids[0] + ".pack"
-    before = os.path.join(spool.tmp_dir, "before.pack")
-    shutil.copyfile(os.path.join(spool.queue_dir, pack), before)
+    second = yield store_message(spool, b"third pack\r\n")
+    assert files(spool) == sorted([f"queue/{first}.seg", f"queue/{ids[0]}.seg", f"queue/{second}.seg"])
+    for qid in ids:
+        yield spool.remove(qid)
+    yield wait_until(lambda: not os.path.exists(os.path.join(spool.queue_dir, ids[0] + ".seg")))
+    assert (yield spool.list_ids()) == sorted([first, second])
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_torn_append_is_cut_off_at_start(spool):
+    first, ids = yield packed(spool)
+    yield spool.stop()
+    path = os.path.join(spool.queue_dir, first + ".seg")
+    whole = os.path.getsize(path)
+    with open(path, "ab") as f:  # what a crash in the middle of an append (never acknowledged) leaves
+        f.write(b"MRc1\x00\x10\x00\x00garbage")
+    again = reopened(spool)
+    again.start()
+    try:
+        assert (yield again.list_ids()) == sorted([first, *ids])
+        assert os.path.getsize(path) == whole
+    finally:
+        yield again.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_saved_message_moves_out_of_its_segment_into_its_own_file(spool):
+    first, ids = yield packed(spool)
+    segment = first + ".seg"
+    before = os.path.join(spool.tmp_dir, "before.seg")
+    shutil.copyfile(os.path.join(spool.queue_dir, segment), before)
     message = yield spool.load(ids[1])
     later = attrs.evolve(message, attempts=1, next_attempt=message.envelope.received_at + 300)
     yield spool.save(later)
@@ -142,26 +190,26 @@ def test_a_saved_message_moves_out_of_its_pack_into_its_own_file(spool):
     assert spool.read_message(ids[1]) == later
     with spool.open_body(ids[1]) as f:
         assert f.read() == BODIES[1]
-    yield wait_until(lambda: not alive(spool, pack)[ids[1]])  # once its own file is durable
-    assert alive(spool, pack) == {ids[0]: True, ids[1]: False, ids[2]: True, ids[3]: True}
+    yield wait_until(lambda: not alive(spool, segment)[ids[1]])  # once its own file is durable
+    assert alive(spool, segment) == {first: True, ids[0]: True, ids[1]: False, ids[2]: True, ids[3]: True}
     assert (yield spool.list_ids()) == sorted([first, *ids])  # once each
     yield spool.stop()
 
     # A crash after the move, before the kill reached the disk: both hold the message.
-    os.replace(before, os.path.join(spool.queue_dir, pack))
-    assert alive(spool, pack)[ids[1]]
+    os.replace(before, os.path.join(spool.queue_dir, segment))
+    assert alive(spool, segment)[ids[1]]
     again = reopened(spool)
     again.start()
     try:
         assert (yield again.list_ids()) == sorted([first, *ids])
         assert (yield again.load(ids[1])) == later  # its own file is current
-        assert not alive(again, pack)[ids[1]]  # and the stale record is killed
+        assert not alive(again, segment)[ids[1]]  # and the stale record is killed
     finally:
         yield again.stop()
 
 
 @pytest_twisted.inlineCallbacks
-def test_the_offline_tools_see_list_move_and_delete_packed_messages(spool):
+def test_the_offline_tools_see_list_move_and_delete_messages_of_segments(spool):
     first, ids = yield packed(spool)
     yield spool.stop()
     offline = reopened(spool)  # never started: the CLI on a stopped instance
@@ -173,42 +221,43 @@ def test_the_offline_tools_see_list_move_and_delete_packed_messages(spool):
     offline.save_now(attrs.evolve(message, held=True))
     assert offline.scan_ids() == sorted([first, ids[0], ids[1], ids[3]])
     assert reopened(spool).read_message(ids[0]).held
-    assert alive(spool, ids[0] + ".pack") == {ids[0]: False, ids[1]: True, ids[2]: False, ids[3]: True}
+    assert alive(spool, first + ".seg") == {first: True, ids[0]: False, ids[1]: True, ids[2]: False,
+                                            ids[3]: True}
     with pytest.raises(KeyError):
         reopened(spool).read_message(ids[2])
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_pack_that_cannot_be_made_durable_fails_each_of_its_commits_and_leaves_nothing(tmp_path):
-    class FailingPacks(GatedFsync):
+def test_a_pack_that_cannot_be_made_durable_fails_each_of_its_commits_and_is_never_delivered(tmp_path):
+    class FailingSegments(GatedFsync):
+        failing = True
+
         def __call__(self, fd: int) -> None:
-            if os.readlink(f"/proc/self/fd/{fd}").endswith(".pack"):
+            if self.failing and os.readlink(f"/proc/self/fd/{fd}").endswith(".seg"):
                 raise OSError(5, "Input/output error")
             super().__call__(fd)
 
-    fsync = FailingPacks()
+    fsync = FailingSegments()
     s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
-    s.fsync_recorder = fsync
     s.start()
     try:
-        fsync.gate.clear()
-        first = store_message(s, b"alone\r\n")
-        assert fsync.entered.wait(5)
-        rest = [store_message(s, body) for body in BODIES]
-        fsync.gate.set()
-        first_id = yield first
-        outcomes = yield defer.DeferredList(rest, consumeErrors=True)
+        outcomes = yield defer.DeferredList([store_message(s, body) for body in BODIES], consumeErrors=True)
         for ok, failure in outcomes:
             assert not ok and failure.check(TemporaryFailure)
             assert (failure.value.reply.code, failure.value.reply.enhanced) == (452, "4.3.1")
-        assert files(s) == [f"queue/{first_id}"]
-        assert (yield s.list_ids()) == [first_id]
+        assert (yield s.list_ids()) == []
+        fsync.failing = False
+        later = yield store_message(s, b"once the disk works again\r\n")
+        assert (yield s.list_ids()) == [later]
     finally:
         yield s.stop()
+    # the failed records were killed: whatever reached the disk never comes back
+    again = FilesystemSpool(str(tmp_path / "spool"), reactor)
+    assert again.scan_ids() == [later]
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_drained_shard_brings_its_packs_along(tmp_path):
+def test_a_drained_shard_brings_its_segments_along(tmp_path):
     root = str(tmp_path / "spool")
     fsync = GatedFsync()
     shard = FilesystemSpool(shard_path(root, 1), reactor, fsync=fsync)
