@@ -25,6 +25,7 @@ import re
 
 from twisted.logger import Logger
 
+from mailrelay.queue.spool_format import SEGMENT, Member, Segment, read_segment
 from mailrelay.queue.store import is_queue_id
 
 log = Logger(namespace="mailrelay.workers")
@@ -163,11 +164,27 @@ def _move_messages(source: str, target: str) -> int:
         for name in files:
             _link(os.path.join(src_q, name), os.path.join(dst_q, name))
     _fsync_dir(dst_q)  # every message is whole in the target before any leaves the source
+    moved = sum(_held(dst_q, stem, files) for stem, files in messages.items())
     for files in messages.values():
         for name in reversed(files):  # the commit marker first, as the spool removes
             _unlink(os.path.join(src_q, name))
     _fsync_dir(src_q)
-    return len(messages)
+    return moved
+
+
+def _held(queue_dir: str, stem: str, files: list[str]) -> int:
+    """How many messages the files of ``stem`` hold: its own, and those of its segment."""
+    n = int(any(not name.endswith(SEGMENT) for name in files))
+    for name in files:
+        if name.endswith(SEGMENT):
+            try:
+                with open(os.path.join(queue_dir, name), "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            segment = Segment(name, name)
+            n += sum(Member(segment, o, b, e).alive_in(data, 0) for _, o, b, e in read_segment(data)[0])
+    return n
 
 
 def _link(src: str, dst: str) -> None:

@@ -266,7 +266,7 @@ def test_a_drained_shard_brings_its_segments_along(tmp_path):
     first, ids = yield packed(shard)
     yield shard.remove(ids[0])
     yield shard.stop()
-    assert drain(root, 1) > 0
+    assert drain(root, 1) == 4  # the messages, not the one file that holds them
     target = FilesystemSpool(root, reactor)
     target.start()
     try:
