@@ -104,7 +104,7 @@ _FREE = "free."  # tmp/free.<n>: such a file
 _KEPT_OPEN = 64  # of those, how many the remover keeps open for the writer (no open/fstat there)
 _SCHEDULE_KEYS = re.compile(rb'"next_attempt":(-?[0-9][0-9.eE+-]*),"held":(true|false)')
 _TAIL = 4096  # bytes read from a message file's end: the envelope and trailer, most of the time
-_PACK_MAX = 64 * 1024  # bodies up to this size are packed with the others of their batch
+_SEGMENT_BODY_MAX = 64 * 1024  # bodies up to this size go into segments (with the others of their batch)
 _SEGMENT_MAX = 4 * 1024 * 1024  # a segment takes no more packs once this long
 
 
@@ -133,7 +133,7 @@ def committed_files(queue_dir: str) -> dict[str, list[str]]:
 
 
 class _BodyFile(io.RawIOBase):
-    """The body part of a message file or pack record: a read-only, seekable file of ``size``
+    """The body part of a message file or segment record: a read-only, seekable file of ``size``
     bytes from ``base`` (``pread``)."""
 
     def __init__(self, fd: int, size: int, on_close: Callable[[], None] | None = None, base: int = 0) -> None:
@@ -406,7 +406,7 @@ class _Scan(_Job):
                     _unlink(entry.path)
         # Taken before the listing: the remover forgets an id only after its file is gone.
         removing = set(spool._removing)
-        messages, states, legacy, packs = set(), set(), set(), []
+        messages, states, legacy, segments = set(), set(), set(), []
         for entry in os.scandir(spool.queue_dir):
             stem, ext = os.path.splitext(entry.name)
             if not is_queue_id(stem):
@@ -418,10 +418,10 @@ class _Scan(_Job):
             elif ext == _LEGACY_BODY:
                 legacy.add(stem)
             elif ext == SEGMENT:
-                packs.append(entry.name)
+                segments.append(entry.name)
         if self.clean_tmp:  # at start: what the segments hold, repaired (see _read_segments)
             with spool._index_lock:
-                spool._members = spool._read_segments(packs, messages, repair=True)
+                spool._members = spool._read_segments(segments, messages, repair=True)
                 spool._segments_indexed = True
         else:
             spool._ensure_segments()
@@ -602,7 +602,7 @@ class FilesystemSpool:
         randbytes: Callable[[int], bytes] = os.urandom,
         fsync_threads: int = _SYNCERS,
         timer: Callable[[], float] = time.perf_counter,
-        segment_body_max: int = _PACK_MAX,
+        segment_body_max: int = _SEGMENT_BODY_MAX,
     ) -> None:
         self.path = os.path.abspath(path)
         self.segment_body_max = segment_body_max
@@ -815,22 +815,18 @@ class FilesystemSpool:
             self._reader_closed(queue_id)
 
     def _open_message(self, queue_id: str) -> int:
-        return self._open_counted(self._queued(queue_id), queue_id)
-
-    def _open_counted(self, path: str, key: str) -> int:
-        """Open a file of ``queue/`` (``key``: its name) for reading, counted until
-        ``_reader_closed``: a file someone reads is never kept for a new message (``_recycle``
-        unlinks it instead)."""
+        """Open ``queue/<id>`` for reading, counted until ``_reader_closed``: a file someone reads
+        is never kept for a new message (``_recycle`` unlinks it instead)."""
         with self._readers_lock:
-            fd = os.open(path, os.O_RDONLY)
-            self._readers[key] = self._readers.get(key, 0) + 1
+            fd = os.open(self._queued(queue_id), os.O_RDONLY)
+            self._readers[queue_id] = self._readers.get(queue_id, 0) + 1
         return fd
 
-    def _reader_closed(self, key: str) -> None:
+    def _reader_closed(self, queue_id: str) -> None:
         with self._readers_lock:
-            n = self._readers.pop(key, 1) - 1
+            n = self._readers.pop(queue_id, 1) - 1
             if n > 0:
-                self._readers[key] = n
+                self._readers[queue_id] = n
 
     # -- packs ----------------------------------------------------------------------------
 
@@ -869,7 +865,7 @@ class FilesystemSpool:
             if end < len(data):
                 log.info("spool: queue/{name} ends in a torn append ({n} bytes, never acknowledged)",
                          name=name, n=len(data) - end)
-            segment = Segment(path, name)
+            segment = Segment(path)
             stale = []
             for queue_id, offset, body_size, env_size in entries:
                 member = Member(segment, offset, body_size, env_size)
@@ -898,7 +894,7 @@ class FilesystemSpool:
     def _read_member(self, member: Member, body: bool = False) -> bytes:
         """A segment record's envelope (or body); FileNotFoundError if the segment is gone."""
         segment = member.segment
-        fd = self._open_counted(segment.path, segment.key)
+        fd = os.open(segment.path, os.O_RDONLY)  # a segment is never rewritten: no reader count
         try:
             if body:
                 data = os.pread(fd, member.body_size, member.offset)
@@ -908,7 +904,6 @@ class FilesystemSpool:
             return member.read_envelope(fd)
         finally:
             os.close(fd)
-            self._reader_closed(segment.key)
 
     def _kill(self, member: Member) -> None:
         """Kill a record in its segment (made durable by ``_sync_segments``); a full segment with no
@@ -938,7 +933,7 @@ class FilesystemSpool:
         if self._segment is None:
             path = self._queued(name + SEGMENT)
             self._segment_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._segment = Segment(path, name + SEGMENT, full=False)
+            self._segment = Segment(path, full=False)
             self._segment_end = 0
             created = True
         assert self._segment_fd is not None
@@ -992,14 +987,14 @@ class FilesystemSpool:
         """fsync (and close) the segments with records killed since the last call: the remover
         calls it when idle, or ``_REMOVAL_IDLE`` after its first batch since the last sync."""
         dirty, self._dirty_segments = self._dirty_segments, set()
-        for pack in dirty:
-            fd, pack.fd = pack.fd, None
+        for segment in dirty:
+            fd, segment.fd = segment.fd, None
             if fd is None:
                 continue
             try:
                 self.fsync(fd)
             except OSError as e:
-                log.error("spool: cannot sync removals from {path}: {error}", path=pack.path, error=e)
+                log.error("spool: cannot sync removals from {path}: {error}", path=segment.path, error=e)
             finally:
                 os.close(fd)
 
@@ -1045,14 +1040,12 @@ class FilesystemSpool:
             raise KeyError(queue_id)
         member = self._member(queue_id)
         if member is not None:
-            key = member.segment.key
             try:
-                fd = self._open_counted(member.segment.path, key)
+                fd = os.open(member.segment.path, os.O_RDONLY)
             except FileNotFoundError:
                 pass  # the segment went meanwhile: moved to its own file, or removed
             else:
-                return _BodyFile(fd, member.body_size, lambda: self._reader_closed(key),  # type: ignore[return-value]
-                                 base=member.offset)
+                return _BodyFile(fd, member.body_size, base=member.offset)  # type: ignore[return-value]
         try:
             fd = self._open_message(queue_id)
         except FileNotFoundError:
@@ -1116,7 +1109,7 @@ class FilesystemSpool:
 
     def scan_ids(self) -> list[str]:
         """The committed ids, read without changing anything (safe while an instance runs)."""
-        messages, legacy, packs = set(), {}, []
+        messages, legacy, segments = set(), {}, []
         for entry in os.scandir(self.queue_dir):
             stem, ext = os.path.splitext(entry.name)
             if not ext and is_queue_id(stem):
@@ -1124,9 +1117,9 @@ class FilesystemSpool:
             elif ext in (_LEGACY_BODY, _ENV):
                 legacy[stem] = legacy.get(stem, 0) + 1
             elif ext == SEGMENT:
-                packs.append(entry.name)
+                segments.append(entry.name)
         messages.update(stem for stem, n in legacy.items() if n == 2)  # the two-file layout
-        messages.update(self._read_segments(packs, messages, repair=False))
+        messages.update(self._read_segments(segments, messages, repair=False))
         return sorted(messages)
 
     def run_now(self, job: _Job) -> Any:
@@ -1184,13 +1177,11 @@ class FilesystemSpool:
         return path
 
     def _recycle(self, queue_id: str) -> bool:
-        return self._recycle_file(self._queued(queue_id), queue_id)
-
-    def _recycle_file(self, path: str, key: str) -> bool:
-        """Take a file (a message's, or a pack's; ``key``: its name) out of ``queue/``, keeping it
-        for a new message while the pool has room (else unlink it); whether it was there."""
+        """Take ``queue/<id>`` out of the queue, keeping its file for a new message while the pool
+        has room (else unlink it); whether it was there."""
+        path = self._queued(queue_id)
         with self._readers_lock:  # no reader opens it meanwhile
-            if len(self._free) >= _FREE_FILES or key in self._readers:
+            if len(self._free) >= _FREE_FILES or queue_id in self._readers:
                 return _unlink(path)  # an open reader keeps reading the old bytes
             self._free_counter += 1
             free = f"{self.tmp_dir}{os.sep}{_FREE}{self._free_counter}"
@@ -1384,6 +1375,7 @@ class FilesystemSpool:
                     break
             stopping = next((j for j in batch if isinstance(j, _Stop)), None)
             results, _ = self._publish_batch([j for j in batch if not isinstance(j, _Stop)])
+            self._removals_done += len(results)
             # Under steady load too, at most _REMOVAL_IDLE later (most segments' records are all
             # gone by then, and a segment that goes needs no sync of its kills).
             now = self.timer()
@@ -1393,7 +1385,6 @@ class FilesystemSpool:
                 self._sync_segments()
                 self._sync_removals()
                 self._unsynced_since = None
-            self._removals_done += len(results)
             for job, _result in results:
                 if isinstance(job, _Remove) and job.answered:
                     self._removing.discard(job.queue_id)  # a set: atomic under the GIL

@@ -67,7 +67,6 @@ class Segment:
     ``live`` and ``full``, which the writer and the remover both change."""
 
     path: str
-    key: str  # its name in queue/, under which its readers are counted
     live: int = 0
     full: bool = True
     fd: int | None = None
@@ -100,9 +99,6 @@ class Member:
         if len(data) != self.env_size:
             raise ValueError("pack too short")
         return data
-
-    def alive(self, fd: int) -> bool:
-        return self.alive_in(os.pread(fd, TRAILER.size, self.trailer_offset), self.trailer_offset)
 
     def alive_in(self, data: bytes | memoryview, at: int) -> bool:
         """Whether the trailer found at ``at`` of ``data`` (bytes from the segment) is intact."""

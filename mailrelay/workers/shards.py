@@ -182,7 +182,7 @@ def _held(queue_dir: str, stem: str, files: list[str]) -> int:
                     data = f.read()
             except OSError:
                 continue
-            segment = Segment(name, name)
+            segment = Segment(name)
             n += sum(Member(segment, o, b, e).alive_in(data, 0) for _, o, b, e in read_segment(data)[0])
     return n
 

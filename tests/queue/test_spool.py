@@ -15,7 +15,14 @@ from zope.interface.verify import verifyObject
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply
 from mailrelay.errors import TemporaryFailure
 from mailrelay.interfaces import IMessageWriter, IQueueStore
-from mailrelay.queue.spool import _FREE, _KEPT_OPEN, _PACK_MAX, _PROBE_EVERY, FilesystemSpool, _Job
+from mailrelay.queue.spool import (
+    _FREE,
+    _KEPT_OPEN,
+    _PROBE_EVERY,
+    _SEGMENT_BODY_MAX,
+    FilesystemSpool,
+    _Job,
+)
 from mailrelay.queue.store import is_queue_id
 from tests.queue.conftest import GatedFsync, gated_spool
 
@@ -29,7 +36,7 @@ def spool(tmp_path):
     yield from gated_spool(tmp_path, segment_body_max=0)
 
 
-UNPACKED = b"x" * _PACK_MAX  # appended to a body: too large for a pack, it gets a file of its own
+UNPACKED = b"x" * _SEGMENT_BODY_MAX  # appended to a body: too large for a segment, it gets a file of its own
 
 
 def store_message(spool: FilesystemSpool, body: bytes, chunks: int = 1) -> defer.Deferred[str]:

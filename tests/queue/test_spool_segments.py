@@ -56,7 +56,7 @@ def alive(spool: FilesystemSpool, name: str) -> dict[str, bool]:
     """Each record of a segment on disk, and whether it still holds its message."""
     with open(os.path.join(spool.queue_dir, name), "rb") as f:
         data = f.read()
-    segment = Segment(name, name)
+    segment = Segment(name)
     return {q: Member(segment, o, b, e).alive_in(data, 0) for q, o, b, e in read_segment(data)[0]}
 
 
