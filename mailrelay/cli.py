@@ -211,6 +211,14 @@ class _OfflineDatabase(_Offline):
 
         return defer.maybeDeferred(run)
 
+    def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
+        """As on a stopped spool; a released message is also made due the way ``flush`` does it,
+        whose ``NOTIFY`` wakes the running nodes at once (not at their next scan)."""
+        d = super().act(action, queue_id)
+        if action == "release":
+            d.addCallback(lambda _: self.reader.make_due(queue_id, time.time()))
+        return d
+
 
 class _Merged:
     """Every spool shard of an instance with ``[server] workers > 1``, as one queue.

@@ -97,6 +97,14 @@ def test_queue_commands_read_and_edit_the_shared_queue_with_no_instance_running(
         assert conn.execute("SELECT held FROM mailrelay_message WHERE queue_id = %s", (qid,)).fetchone()[0]
     held = cli("queue", "flush", qid, "--config", path)
     assert held.returncode == 1 and "is held" in held.stderr
+    with psycopg.connect(dsn, autocommit=True) as listener:  # a running node hears of the release
+        schema = listener.execute("SELECT current_schema()").fetchone()[0]
+        listener.execute(f'LISTEN "mailrelay_queue_{schema}"')
+        assert cli("queue", "release", qid, "--config", path).returncode == 0
+        heard = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
+    assert heard == [f"cli {qid}"]
+    with psycopg.connect(dsn) as conn:
+        assert not conn.execute("SELECT held FROM mailrelay_message WHERE queue_id = %s", (qid,)).fetchone()[0]
     assert cli("queue", "delete", qid, "--config", path).returncode == 0
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM mailrelay_message").fetchone()[0] == 0
