@@ -6,6 +6,7 @@ Every test runs in its own schema (tests/pgserver.py), dropped afterwards.
 from __future__ import annotations
 
 import os
+import queue
 
 import attrs
 import pytest
@@ -279,7 +280,12 @@ def test_a_store_failure_in_save_is_retried_until_the_database_is_back(stores, d
             raise psycopg.OperationalError("connection refused (test)")
         return real_connect()
 
-    store._conns.close()  # no idle connection: the next call connects
+    class NoIdle(queue.LifoQueue):  # every call connects from now on
+        def put(self, conn, block=True, timeout=None):  # type: ignore[no-untyped-def]
+            conn.close()  # also one that a call still running returns late (it would be reused)
+
+    store._conns.close()
+    store._conns._idle = NoIdle()
     store._conns.connect = flaky
     done = RecipientStatus(message.statuses[0].recipient, RecipientState.DELIVERED, 1, Reply(250, "2.0.0", "ok"))
     yield store.save(attrs.evolve(message, statuses=(done, message.statuses[1])))
