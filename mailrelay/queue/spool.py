@@ -271,7 +271,7 @@ class _Commit(_Job):
 class _Pack(_Job):
     """The small messages of one writer batch, appended as one pack to the current segment
     (``spool_format``): one write and one fsync for all of them, no file made or renamed (only
-    the first pack of a segment waits for a sync of ``queue/``, which makes its name durable).
+    the packs of a segment whose name no sync of ``queue/`` has covered yet wait for one).
     Each commit's Deferred fires with its own id once the pack is durable."""
 
     def __init__(self, commits: list[_Commit]) -> None:
@@ -925,17 +925,16 @@ class FilesystemSpool:
 
     def _append(self, data: bytes, name: str) -> tuple[Segment, int, bool, int]:
         """Append a pack to the current segment (a new one, named after ``name``, when there is
-        none or it is full); the segment, where the pack starts, whether the segment was made
-        now, and a descriptor of it to sync (the caller closes it). Writer thread only."""
+        none or it is full); the segment, where the pack starts, whether the pack must wait for a
+        sync of ``queue/`` (the segment's name is not durable yet), and a descriptor of the
+        segment to sync (the caller closes it). Writer thread only."""
         if self._segment is not None and self._segment_end and self._segment_end + len(data) > _SEGMENT_MAX:
             self._seal()
-        created = False
         if self._segment is None:
             path = self._queued(name + SEGMENT)
             self._segment_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._segment = Segment(path, full=False)
+            self._segment = Segment(path, full=False, named=False)
             self._segment_end = 0
-            created = True
         assert self._segment_fd is not None
         start = self._segment_end
         view = memoryview(data)
@@ -950,7 +949,7 @@ class FilesystemSpool:
             self._seal()
             raise
         self._segment_end += len(data)
-        return self._segment, start, created, os.dup(self._segment_fd)
+        return self._segment, start, not self._segment.named, os.dup(self._segment_fd)
 
     def _seal(self) -> None:
         """Take no more packs into the current segment (full, failed, or the spool stops)."""
@@ -1442,6 +1441,8 @@ class FilesystemSpool:
         for job in published:
             if isinstance(job, _Save) and job.member is not None:
                 self._retire(job.message.queue_id, job.member)
+            elif isinstance(job, _Pack) and job.segment is not None:
+                job.segment.named = True  # later packs need no sync of queue/
         return [(job, job.result) for job in published]
 
     def _failure(self, job: _Job, error: BaseException) -> Failure:

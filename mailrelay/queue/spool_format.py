@@ -69,6 +69,7 @@ class Segment:
     path: str
     live: int = 0
     full: bool = True
+    named: bool = True  # its directory entry is durable (a sync of queue/ covered its creation)
     fd: int | None = None
     lock: threading.Lock = attrs.field(factory=threading.Lock)
 

@@ -78,9 +78,13 @@ def test_small_messages_are_appended_to_one_segment_durable_before_their_commits
     segment = first + ".seg"
     path = os.path.join(spool.queue_dir, segment)
     assert files(spool) == [f"queue/{segment}"]
-    # the first pack made the segment (its name synced with queue/), the second only appended
-    assert fsync.events.count(path) == 2 and fsync.events.count(spool.queue_dir) == 1
-    assert alive(spool, segment) == dict.fromkeys([first, *ids], True)
+    # the first pack made the segment: its commit waited for its name's sync of queue/ (and so
+    # did the second's, appended before that sync); once it is durable, a pack syncs only itself
+    assert fsync.events.count(path) == 2 and fsync.events.count(spool.queue_dir) >= 1
+    dir_syncs = fsync.events.count(spool.queue_dir)
+    third = yield store_message(spool, b"third\r\n")
+    assert fsync.events.count(path) == 3 and fsync.events.count(spool.queue_dir) == dir_syncs
+    assert alive(spool, segment) == dict.fromkeys([first, *ids, third], True)
     for qid, body in zip(ids, BODIES, strict=True):
         spool._forget(qid)  # read the disk, not what memory keeps of the commit
         with spool.open_body(qid) as f:
@@ -89,15 +93,15 @@ def test_small_messages_are_appended_to_one_segment_durable_before_their_commits
         assert spool.body_size(qid) == len(body)
         message = yield spool.load(qid)
         assert (message.queue_id, message.envelope) == (qid, ENV)
-    assert (yield spool.list_ids()) == sorted([first, *ids])
+    assert (yield spool.list_ids()) == sorted([first, *ids, third])
 
     yield spool.stop()
     again = reopened(spool)
     again.start()
     try:
-        assert (yield again.list_ids()) == sorted([first, *ids])
+        assert (yield again.list_ids()) == sorted([first, *ids, third])
         schedule = yield again.load_schedule()
-        assert sorted(q for q, _, _ in schedule) == sorted([first, *ids])
+        assert sorted(q for q, _, _ in schedule) == sorted([first, *ids, third])
         with again.open_body(ids[2]) as f:
             assert f.read() == BODIES[2]
         newer = yield store_message(again, b"after the restart\r\n")
@@ -275,3 +279,34 @@ def test_a_drained_shard_brings_its_segments_along(tmp_path):
             assert f.read() == BODIES[3]
     finally:
         yield target.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_pack_of_a_segment_is_acknowledged_before_its_name_is_durable(tmp_path):
+    class FailingDirectory(GatedFsync):
+        failing = True
+
+        def __call__(self, fd: int) -> None:
+            if self.failing and os.readlink(f"/proc/self/fd/{fd}") == s.queue_dir:
+                raise OSError(5, "Input/output error")
+            super().__call__(fd)
+
+    fsync = FailingDirectory()
+    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
+    s.fsync_recorder = fsync
+    s.start()
+    try:
+        yield s.list_ids()
+        fsync.gate.clear()
+        first = store_message(s, b"alone\r\n")
+        assert fsync.entered.wait(5)  # the segment's first pack, held in its fsync
+        rest = [store_message(s, body) for body in BODIES]  # the second pack, in the same segment
+        fsync.gate.set()
+        outcomes = yield defer.DeferredList([first, *rest], consumeErrors=True)
+        assert [ok for ok, _ in outcomes] == [False] * 5
+        assert (yield s.list_ids()) == []
+        fsync.failing = False
+        later = yield store_message(s, b"once the disk works again\r\n")
+        assert (yield s.list_ids()) == [later]
+    finally:
+        yield s.stop()
