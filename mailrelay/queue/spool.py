@@ -106,6 +106,7 @@ _SCHEDULE_KEYS = re.compile(rb'"next_attempt":(-?[0-9][0-9.eE+-]*),"held":(true|
 _TAIL = 4096  # bytes read from a message file's end: the envelope and trailer, most of the time
 _SEGMENT_BODY_MAX = 64 * 1024  # bodies up to this size go into segments (with the others of their batch)
 _SEGMENT_MAX = 4 * 1024 * 1024  # a segment takes no more packs once this long
+_PACK_BYTES = 1024 * 1024  # bodies in one pack, at most (unless one body is larger)
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder (json.dumps with options builds one per call)
@@ -499,6 +500,22 @@ def _unlink(path: str) -> bool:
         return True
     except (FileNotFoundError, NotADirectoryError):
         return False
+
+
+def _packs(commits: list[_Commit]) -> list[_Pack]:
+    """The small messages of a writer batch in packs of up to ``_PACK_BYTES`` (each pack is built
+    in memory, twice over: a thousand sessions' messages of 64 KiB make no 128 MiB pack)."""
+    packs: list[_Pack] = []
+    group: list[_Commit] = []
+    size = 0
+    for commit in commits:
+        if group and size + commit.writer.size > _PACK_BYTES:
+            packs.append(_Pack(group))
+            group, size = [], 0
+        group.append(commit)
+        size += commit.writer.size
+    packs.append(_Pack(group))
+    return packs
 
 
 @implementer(IMessageWriter)
@@ -1327,7 +1344,7 @@ class FilesystemSpool:
                      and j.writer.size <= self.segment_body_max] if self.segment_body_max else []
             if small:  # appended together to the current segment
                 packed = set(small)
-                jobs = [j for j in jobs if j not in packed] + [_Pack(small)]
+                jobs = [j for j in jobs if j not in packed] + _packs(small)
             # The directory syncer closes the files: a system call less here per message.
             results, published = self._publish_batch(jobs, close=False)
             self._published.put((results, published, stopping))

@@ -310,3 +310,18 @@ def test_no_pack_of_a_segment_is_acknowledged_before_its_name_is_durable(tmp_pat
         assert (yield s.list_ids()) == [later]
     finally:
         yield s.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_large_batch_is_split_into_packs_of_bounded_size(spool, monkeypatch):
+    monkeypatch.setattr(spool_module, "_PACK_BYTES", 40)
+    first, ids = yield packed(spool)  # four bodies of 29-30 bytes: a pack each
+    segment = first + ".seg"
+    with open(os.path.join(spool.queue_dir, segment), "rb") as f:
+        data = f.read()
+    assert data.count(b"MRc1") == 5  # the first message's pack and four more
+    assert alive(spool, segment) == dict.fromkeys([first, *ids], True)
+    for qid, body in zip(ids, BODIES, strict=True):
+        spool._forget(qid)
+        with spool.open_body(qid) as f:
+            assert f.read() == body
