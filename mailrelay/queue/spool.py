@@ -980,18 +980,17 @@ class FilesystemSpool:
     def _void(self, segment: Segment, entries: list[tuple[str, int, int, int]], counted: bool) -> None:
         """A pack that failed (never acknowledged): kill its records, so a write that reaches the
         disk later never brings them back, and append no more to that segment."""
+        fd = None
         try:
             fd = os.open(segment.path, os.O_RDWR)
-        except OSError:
-            return
-        try:
             for _, offset, body_size, env_size in entries:
                 Member(segment, offset, body_size, env_size).kill(fd)
             self.fsync(fd)
         except OSError as e:
             log.error("spool: cannot void a failed pack in {path}: {error}", path=segment.path, error=e)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         if counted and segment.gone(killed=len(entries)):
             _unlink(segment.path)
         if threading.current_thread() is self._thread:
