@@ -32,7 +32,7 @@ BODIES = [b"Subject: %d\r\n\r\npacked body %d\r\n" % (i, i) for i in range(4)]
 @defer.inlineCallbacks
 def packed(spool: FilesystemSpool, bodies: list[bytes] = BODIES):  # type: ignore[no-untyped-def]
     """Commit ``bodies`` while the writer is held in the fsync of a first message, so they wait
-    together and go into one pack; ``(the first message's id, the packed ids)``."""
+    together and go into one pack; ``(the first message's id, the packed ids, the segment's name)``."""
     fsync = spool.fsync_recorder
     yield spool.list_ids()
     fsync.entered.clear()
@@ -43,7 +43,7 @@ def packed(spool: FilesystemSpool, bodies: list[bytes] = BODIES):  # type: ignor
     assert not any(d.called for d in rest)
     fsync.gate.set()
     ids = yield defer.gatherResults([first, *rest])
-    return ids[0], ids[1:]
+    return ids[0], ids[1:], ids[0] + ".seg"
 
 
 def reopened(spool: FilesystemSpool) -> FilesystemSpool:
@@ -60,6 +60,30 @@ def alive(spool: FilesystemSpool, name: str) -> dict[str, bool]:
     return {q: Member(segment, o, b, e).alive_in(data, 0) for q, o, b, e in read_segment(data)[0]}
 
 
+class FailingFsync(GatedFsync):
+    """Fails the fsync of the paths that ``fails`` picks, while ``failing``."""
+
+    def __init__(self, fails) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.fails = fails
+        self.failing = True
+
+    def __call__(self, fd: int) -> None:
+        if self.failing and self.fails(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(5, "Input/output error")
+        super().__call__(fd)
+
+
+@defer.inlineCallbacks
+def works_again(s: FilesystemSpool, fsync: FailingFsync):  # type: ignore[no-untyped-def]
+    """Nothing of what failed is listed; once fsyncs work again, a new message is stored."""
+    assert (yield s.list_ids()) == []
+    fsync.failing = False
+    later = yield store_message(s, b"once the disk works again\r\n")
+    assert (yield s.list_ids()) == [later]
+    return later
+
+
 def wait_until(condition, timeout: float = 5.0):  # type: ignore[no-untyped-def]
     @defer.inlineCallbacks
     def poll():  # type: ignore[no-untyped-def]
@@ -74,8 +98,7 @@ def wait_until(condition, timeout: float = 5.0):  # type: ignore[no-untyped-def]
 @pytest_twisted.inlineCallbacks
 def test_small_messages_are_appended_to_one_segment_durable_before_their_commits_fire(spool):
     fsync = spool.fsync_recorder
-    first, ids = yield packed(spool)
-    segment = first + ".seg"
+    first, ids, segment = yield packed(spool)
     path = os.path.join(spool.queue_dir, segment)
     assert files(spool) == [f"queue/{segment}"]
     # the first pack made the segment: its commit waited for its name's sync of queue/ (and so
@@ -112,8 +135,7 @@ def test_small_messages_are_appended_to_one_segment_durable_before_their_commits
 
 @pytest_twisted.inlineCallbacks
 def test_a_removal_kills_its_record_durably_and_a_full_segment_goes_with_the_last(spool):
-    first, ids = yield packed(spool)
-    segment = first + ".seg"
+    first, ids, segment = yield packed(spool)
     path = os.path.join(spool.queue_dir, segment)
     synced = spool.fsync_recorder.events.count(path)
     yield spool.remove(ids[1])
@@ -133,7 +155,7 @@ def test_a_removal_kills_its_record_durably_and_a_full_segment_goes_with_the_las
 
 @pytest_twisted.inlineCallbacks
 def test_a_removal_survives_a_restart(spool):
-    first, ids = yield packed(spool)
+    first, ids, segment = yield packed(spool)
     yield spool.remove(ids[1])
     yield spool.stop()
     again = reopened(spool)
@@ -144,8 +166,8 @@ def test_a_removal_survives_a_restart(spool):
             yield again.load(ids[1])
         for qid in (first, ids[0], ids[2], ids[3]):
             yield again.remove(qid)
-        segment = os.path.join(again.queue_dir, first + ".seg")
-        yield wait_until(lambda: not os.path.exists(segment))  # full since the restart: it goes
+        path = os.path.join(again.queue_dir, segment)
+        yield wait_until(lambda: not os.path.exists(path))  # full since the restart: it goes
         assert (yield again.list_ids()) == []
     finally:
         yield again.stop()
@@ -154,7 +176,7 @@ def test_a_removal_survives_a_restart(spool):
 @pytest_twisted.inlineCallbacks
 def test_segments_take_packs_up_to_their_size_then_a_new_one_starts(spool, monkeypatch):
     monkeypatch.setattr(spool_module, "_SEGMENT_MAX", 1)  # every pack beyond the first: a new segment
-    first, ids = yield packed(spool)
+    first, ids, _ = yield packed(spool)
     second = yield store_message(spool, b"third pack\r\n")
     assert files(spool) == sorted([f"queue/{first}.seg", f"queue/{ids[0]}.seg", f"queue/{second}.seg"])
     for qid in ids:
@@ -165,9 +187,9 @@ def test_segments_take_packs_up_to_their_size_then_a_new_one_starts(spool, monke
 
 @pytest_twisted.inlineCallbacks
 def test_a_torn_append_is_cut_off_at_start(spool):
-    first, ids = yield packed(spool)
+    first, ids, segment = yield packed(spool)
     yield spool.stop()
-    path = os.path.join(spool.queue_dir, first + ".seg")
+    path = os.path.join(spool.queue_dir, segment)
     whole = os.path.getsize(path)
     with open(path, "ab") as f:  # what a crash in the middle of an append (never acknowledged) leaves
         f.write(b"MRc1\x00\x10\x00\x00garbage")
@@ -182,8 +204,7 @@ def test_a_torn_append_is_cut_off_at_start(spool):
 
 @pytest_twisted.inlineCallbacks
 def test_a_saved_message_moves_out_of_its_segment_into_its_own_file(spool):
-    first, ids = yield packed(spool)
-    segment = first + ".seg"
+    first, ids, segment = yield packed(spool)
     before = os.path.join(spool.tmp_dir, "before.seg")
     shutil.copyfile(os.path.join(spool.queue_dir, segment), before)
     message = yield spool.load(ids[1])
@@ -214,7 +235,7 @@ def test_a_saved_message_moves_out_of_its_segment_into_its_own_file(spool):
 
 @pytest_twisted.inlineCallbacks
 def test_the_offline_tools_see_list_move_and_delete_messages_of_segments(spool):
-    first, ids = yield packed(spool)
+    first, ids, segment = yield packed(spool)
     yield spool.stop()
     offline = reopened(spool)  # never started: the CLI on a stopped instance
     assert offline.scan_ids() == sorted([first, *ids])
@@ -225,7 +246,7 @@ def test_the_offline_tools_see_list_move_and_delete_messages_of_segments(spool):
     offline.save_now(attrs.evolve(message, held=True))
     assert offline.scan_ids() == sorted([first, ids[0], ids[1], ids[3]])
     assert reopened(spool).read_message(ids[0]).held
-    assert alive(spool, first + ".seg") == {first: True, ids[0]: False, ids[1]: True, ids[2]: False,
+    assert alive(spool, segment) == {first: True, ids[0]: False, ids[1]: True, ids[2]: False,
                                             ids[3]: True}
     with pytest.raises(KeyError):
         reopened(spool).read_message(ids[2])
@@ -233,15 +254,7 @@ def test_the_offline_tools_see_list_move_and_delete_messages_of_segments(spool):
 
 @pytest_twisted.inlineCallbacks
 def test_a_pack_that_cannot_be_made_durable_fails_each_of_its_commits_and_is_never_delivered(tmp_path):
-    class FailingSegments(GatedFsync):
-        failing = True
-
-        def __call__(self, fd: int) -> None:
-            if self.failing and os.readlink(f"/proc/self/fd/{fd}").endswith(".seg"):
-                raise OSError(5, "Input/output error")
-            super().__call__(fd)
-
-    fsync = FailingSegments()
+    fsync = FailingFsync(lambda path: path.endswith(".seg"))
     s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
     s.start()
     try:
@@ -249,10 +262,7 @@ def test_a_pack_that_cannot_be_made_durable_fails_each_of_its_commits_and_is_nev
         for ok, failure in outcomes:
             assert not ok and failure.check(TemporaryFailure)
             assert (failure.value.reply.code, failure.value.reply.enhanced) == (452, "4.3.1")
-        assert (yield s.list_ids()) == []
-        fsync.failing = False
-        later = yield store_message(s, b"once the disk works again\r\n")
-        assert (yield s.list_ids()) == [later]
+        later = yield works_again(s, fsync)
     finally:
         yield s.stop()
     # the failed records were killed: whatever reached the disk never comes back
@@ -267,7 +277,7 @@ def test_a_drained_shard_brings_its_segments_along(tmp_path):
     shard = FilesystemSpool(shard_path(root, 1), reactor, fsync=fsync)
     shard.fsync_recorder = fsync
     shard.start()
-    first, ids = yield packed(shard)
+    first, ids, _ = yield packed(shard)
     yield shard.remove(ids[0])
     yield shard.stop()
     assert drain(root, 1) == 4  # the messages, not the one file that holds them
@@ -283,15 +293,7 @@ def test_a_drained_shard_brings_its_segments_along(tmp_path):
 
 @pytest_twisted.inlineCallbacks
 def test_no_pack_of_a_segment_is_acknowledged_before_its_name_is_durable(tmp_path):
-    class FailingDirectory(GatedFsync):
-        failing = True
-
-        def __call__(self, fd: int) -> None:
-            if self.failing and os.readlink(f"/proc/self/fd/{fd}") == s.queue_dir:
-                raise OSError(5, "Input/output error")
-            super().__call__(fd)
-
-    fsync = FailingDirectory()
+    fsync = FailingFsync(lambda path: path == s.queue_dir)
     s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
     s.fsync_recorder = fsync
     s.start()
@@ -304,10 +306,7 @@ def test_no_pack_of_a_segment_is_acknowledged_before_its_name_is_durable(tmp_pat
         fsync.gate.set()
         outcomes = yield defer.DeferredList([first, *rest], consumeErrors=True)
         assert [ok for ok, _ in outcomes] == [False] * 5
-        assert (yield s.list_ids()) == []
-        fsync.failing = False
-        later = yield store_message(s, b"once the disk works again\r\n")
-        assert (yield s.list_ids()) == [later]
+        yield works_again(s, fsync)
     finally:
         yield s.stop()
 
@@ -315,8 +314,7 @@ def test_no_pack_of_a_segment_is_acknowledged_before_its_name_is_durable(tmp_pat
 @pytest_twisted.inlineCallbacks
 def test_a_large_batch_is_split_into_packs_of_bounded_size(spool, monkeypatch):
     monkeypatch.setattr(spool_module, "_PACK_BYTES", 40)
-    first, ids = yield packed(spool)  # four bodies of 29-30 bytes: a pack each
-    segment = first + ".seg"
+    first, ids, segment = yield packed(spool)  # four bodies of 29-30 bytes: a pack each
     with open(os.path.join(spool.queue_dir, segment), "rb") as f:
         data = f.read()
     assert data.count(b"MRc1") == 5  # the first message's pack and four more
