@@ -70,6 +70,7 @@ from mailrelay.queue.spool_format import (
     TRAILER,
     Member,
     Segment,
+    alive,
     build_pack,
     chunk,
     read_envelope,
@@ -279,7 +280,6 @@ class _Pack(_Job):
         super().__init__()
         self.commits = commits
         self.segment: Segment | None = None
-        self.start = 0
         self.entries: list[tuple[str, int, int, int]] = []
         self.counted = False
         self.changes_queue = False
@@ -294,10 +294,10 @@ class _Pack(_Job):
             commit.result = w.queue_id
             records.append((w.queue_id, commit.body, _encode(commit.message)))
         data, entries = build_pack(records)
-        self.segment, self.start, self.changes_queue, fd = spool._append(
+        self.segment, start, self.changes_queue, fd = spool._append(
             chunk(data, entries), self.commits[0].writer.queue_id)
         self.fds.append(fd)
-        base = self.start + CHUNK_HEADER.size
+        base = start + CHUNK_HEADER.size
         self.entries = [(q, base + o, b, e) for q, o, b, e in entries]
 
     def publish(self, spool: FilesystemSpool) -> None:
@@ -366,12 +366,10 @@ class _Remove(_Job):
         self.member = member  # a record of a segment whose message moved to its own file: kill only it
 
     def publish(self, spool: FilesystemSpool) -> None:
-        if self.member is not None:
-            spool._kill(self.member)
-            return
-        member = spool._member(self.queue_id)
-        if member is not None:
+        member = self.member
+        if member is None and (member := spool._member(self.queue_id)) is not None:
             spool._members.pop(self.queue_id, None)
+        if member is not None:
             spool._kill(member)
             return
         # The message first: a crash in between leaves a state without message, cleaned at start.
@@ -884,10 +882,11 @@ class FilesystemSpool:
                          name=name, n=len(data) - end)
             segment = Segment(path)
             stale = []
-            for queue_id, offset, body_size, env_size in entries:
-                member = Member(segment, offset, body_size, env_size)
-                if not member.alive_in(data, 0):
+            for entry in entries:
+                if not alive(data, entry):
                     continue
+                queue_id, offset, body_size, env_size = entry
+                member = Member(segment, offset, body_size, env_size)
                 if queue_id in messages:
                     stale.append(member)
                     continue
@@ -913,12 +912,7 @@ class FilesystemSpool:
         segment = member.segment
         fd = os.open(segment.path, os.O_RDONLY)  # a segment is never rewritten: no reader count
         try:
-            if body:
-                data = os.pread(fd, member.body_size, member.offset)
-                if len(data) != member.body_size:
-                    raise ValueError(f"{segment.path} too short")
-                return data
-            return member.read_envelope(fd)
+            return member.read_body(fd) if body else member.read_envelope(fd)
         finally:
             os.close(fd)
 

@@ -95,17 +95,17 @@ class Member:
     def trailer_offset(self) -> int:
         return self.offset + self.body_size + self.env_size
 
-    def read_envelope(self, fd: int) -> bytes:
-        data = os.pread(fd, self.env_size, self.offset + self.body_size)
-        if len(data) != self.env_size:
-            raise ValueError("pack too short")
-        return data
+    def read_body(self, fd: int) -> bytes:
+        return self._read(fd, self.offset, self.body_size)
 
-    def alive_in(self, data: bytes | memoryview, at: int) -> bool:
-        """Whether the trailer found at ``at`` of ``data`` (bytes from the segment) is intact."""
-        end = self.trailer_offset - at + TRAILER.size
-        return (len(data) >= end and end >= TRAILER.size
-                and TRAILER.unpack(data[end - TRAILER.size:end]) == (MAGIC, self.body_size, self.env_size))
+    def read_envelope(self, fd: int) -> bytes:
+        return self._read(fd, self.offset + self.body_size, self.env_size)
+
+    def _read(self, fd: int, offset: int, size: int) -> bytes:
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ValueError(f"{self.segment.path} too short")
+        return data
 
     def kill(self, fd: int) -> None:
         """Zero the record's trailer: the pack no longer holds this message."""
@@ -163,6 +163,14 @@ def parse_pack(data: bytes | memoryview) -> list[tuple[str, int, int, int]]:
             raise ValueError("pack record out of bounds")
         entries.append(entry)
     return entries
+
+
+def alive(data: bytes, entry: tuple[str, int, int, int]) -> bool:
+    """Whether the record ``entry`` (from ``read_segment``) of a segment's bytes still holds its
+    message: its trailer is intact, not killed."""
+    _, offset, body_size, env_size = entry
+    end = offset + body_size + env_size + TRAILER.size
+    return len(data) >= end and TRAILER.unpack(data[end - TRAILER.size:end]) == (MAGIC, body_size, env_size)
 
 
 def read_segment(data: bytes) -> tuple[list[tuple[str, int, int, int]], int]:

@@ -25,7 +25,7 @@ import re
 
 from twisted.logger import Logger
 
-from mailrelay.queue.spool_format import SEGMENT, Member, Segment, read_segment
+from mailrelay.queue.spool_format import SEGMENT, alive, read_segment
 from mailrelay.queue.store import is_queue_id
 
 log = Logger(namespace="mailrelay.workers")
@@ -182,8 +182,7 @@ def _held(queue_dir: str, stem: str, files: list[str]) -> int:
                     data = f.read()
             except OSError:
                 continue
-            segment = Segment(name)
-            n += sum(Member(segment, o, b, e).alive_in(data, 0) for _, o, b, e in read_segment(data)[0])
+            n += sum(alive(data, entry) for entry in read_segment(data)[0])
     return n
 
 

@@ -3,7 +3,7 @@ trailer) never makes a pack look torn."""
 
 from __future__ import annotations
 
-from mailrelay.queue.spool_format import TRAILER, Member, Segment, build_pack, chunk, read_segment
+from mailrelay.queue.spool_format import TRAILER, alive, build_pack, chunk, read_segment
 
 
 def segment_of(*packs: list[tuple[str, bytes, bytes]]) -> bytes:
@@ -16,8 +16,7 @@ SECOND = [("AAAAAAAAAAAAAAAAA3", b"three\r\n" * 100, b'{"e":3}')]
 
 def records(data: bytes) -> tuple[dict[str, bool], int]:
     entries, end = read_segment(data)
-    segment = Segment("s")
-    return {q: Member(segment, o, b, e).alive_in(data, 0) for q, o, b, e in entries}, end
+    return {entry[0]: alive(data, entry) for entry in entries}, end
 
 
 def test_records_are_found_with_their_bodies_and_envelopes():

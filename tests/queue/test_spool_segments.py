@@ -21,7 +21,8 @@ from twisted.internet import defer, reactor
 from mailrelay.errors import TemporaryFailure
 from mailrelay.queue import spool as spool_module
 from mailrelay.queue.spool import FilesystemSpool
-from mailrelay.queue.spool_format import Member, Segment, read_segment
+from mailrelay.queue.spool_format import alive as record_alive
+from mailrelay.queue.spool_format import read_segment
 from mailrelay.workers.shards import drain, shard_path
 from tests.queue.conftest import GatedFsync
 from tests.queue.test_spool import ENV, deferLater, files, store_message
@@ -56,8 +57,7 @@ def alive(spool: FilesystemSpool, name: str) -> dict[str, bool]:
     """Each record of a segment on disk, and whether it still holds its message."""
     with open(os.path.join(spool.queue_dir, name), "rb") as f:
         data = f.read()
-    segment = Segment(name)
-    return {q: Member(segment, o, b, e).alive_in(data, 0) for q, o, b, e in read_segment(data)[0]}
+    return {entry[0]: record_alive(data, entry) for entry in read_segment(data)[0]}
 
 
 class FailingFsync(GatedFsync):
