@@ -16,7 +16,8 @@ The writer thread takes every job waiting for it. The small messages among them 
 one pack to the current segment and fsynced: one write and one fsync for them all, and no file
 made, renamed or added to ``queue/`` (a file each cost a create and an fsync each, 0.8 and
 0.3 ms per message on ext4 without a journal here, and a sync of ``queue/`` per batch). A segment
-takes packs until it is 4 MiB long; only its first pack waits for a sync of ``queue/``. A larger
+takes packs until it is 4 MiB long; only its first packs wait for a sync of ``queue/``, and the
+others are answered by the writer itself, never behind a directory sync of other work. A larger
 message gets its own file (its envelope travels with the body): the writer fsyncs the batch's
 files (in parallel when there are several and fsyncs are slow: the journal merges them), renames
 them into place and hands the batch to the directory syncer, which fsyncs ``queue/`` once for
@@ -1340,7 +1341,17 @@ class FilesystemSpool:
                 jobs = [j for j in jobs if j not in packed] + _packs(small)
             # The directory syncer closes the files: a system call less here per message.
             results, published = self._publish_batch(jobs, close=False)
-            self._published.put((results, published, stopping))
+            if published or stopping is not None:
+                self._published.put((results, published, stopping))
+                continue
+            # Durable already (packs into a segment whose name is synced): answered from here,
+            # without a turn through the directory syncer (a thread hop, 0.3 ms at the median
+            # under load). Nothing orders these after an earlier batch still waiting for its
+            # sync: each result belongs to another job, and the stop still goes last.
+            if results:
+                self.reactor.callFromThread(self._deliver_results, results)
+            for job, _ in results:
+                job.synced()
 
     def _run_dir_syncs(self) -> None:
         """The directory syncer: one fsync of ``queue/`` for every batch renamed meanwhile."""

@@ -323,3 +323,39 @@ def test_a_large_batch_is_split_into_packs_of_bounded_size(spool, monkeypatch):
         spool._forget(qid)
         with spool.open_body(qid) as f:
             assert f.read() == body
+
+
+class DirGate(GatedFsync):
+    """Holds only the syncs of ``queue/`` shut (while the gate is closed)."""
+
+    def __init__(self, queue_dir: str) -> None:
+        super().__init__()
+        self.queue_dir = queue_dir
+
+    def __call__(self, fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") != self.queue_dir:
+            os.fsync(fd)
+            return
+        super().__call__(fd)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_pack_into_a_segment_already_named_does_not_wait_behind_a_sync_of_the_queue_dir(tmp_path):
+    path = tmp_path / "spool"
+    fsync = DirGate(str(path / "queue"))
+    s = FilesystemSpool(str(path), reactor, fsync=fsync, segment_body_max=100)
+    s.start()
+    try:
+        yield store_message(s, b"names the segment\r\n")  # its first pack waited for queue/
+        fsync.entered.clear()
+        fsync.gate.clear()
+        large = store_message(s, b"x" * 200 + b"\r\n")  # a file of its own: waits for queue/
+        assert fsync.entered.wait(5)
+        small = store_message(s, b"into the named segment\r\n")
+        yield wait_until(lambda: small.called)  # answered while that sync is still held
+        assert not large.called
+        fsync.gate.set()
+        assert (yield large) in (yield s.list_ids())
+    finally:
+        fsync.gate.set()
+        yield s.stop()
