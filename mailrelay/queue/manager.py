@@ -409,7 +409,10 @@ class QueueManager:
             runs.append(self._deliver(message, destination, group))
         if len(runs) > 1 and ILeasingStore.providedBy(self.store):
             runs = self._saving_as_they_end(message, list(statuses), runs)
-        results = [(yield runs[0])] if len(runs) == 1 else (yield defer.gatherResults(runs))
+        if len(runs) > 1:
+            results = yield defer.gatherResults(runs)
+        else:  # the common cases: one destination, or none free (no DeferredList either way)
+            results = [(yield runs[0])] if runs else []
         attempted = any(r is not None for r in results) or len(pending) > sum(len(g.indexes) for g in groups.values())
         for group_result in results:
             for i, reply, remote in group_result or ():

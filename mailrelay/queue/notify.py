@@ -36,6 +36,11 @@ class Notifier:
                                        and not wants(message.statuses[i].recipient, Action.RELAYED)
                                        for i in tried):
             return defer.succeed(message)  # the common case: all relayed, nothing to report
+        now = self.clock.seconds()
+        if (message.pending and all(message.statuses[i].state is RecipientState.PENDING for i in tried)
+                and not schedule.is_expired(message, self.config.max_lifetime, now)
+                and not schedule.needs_delay_warning(message, self.config.delay_warning, now)):
+            return defer.succeed(message)  # only waited (a busy destination): nothing to report
         return self._settle(message, tried)
 
     @defer.inlineCallbacks
@@ -53,8 +58,10 @@ class Notifier:
                              queue_id=message.queue_id, rcpt=s.recipient.address,
                              reply=str(s.last_reply) if s.last_reply else "never attempted")
             message = attrs.evolve(message, statuses=tuple(statuses))
-        yield self.report(message, failed, Action.FAILED)
-        yield self.report(message, relayed, Action.RELAYED)
+        if failed:
+            yield self.report(message, failed, Action.FAILED)
+        if relayed:
+            yield self.report(message, relayed, Action.RELAYED)
         if message.pending and schedule.needs_delay_warning(message, self.config.delay_warning, now):
             yield self.report(message, list(message.pending), Action.DELAYED,
                                until=schedule.expires_at(message, self.config.max_lifetime))
