@@ -19,10 +19,13 @@ import datetime
 import json
 import re
 import string
+import threading
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.logger import ILogObserver, formatEventAsClassicLogText, formatTime
 from twisted.logger import formatEvent as _twisted_format_event
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 _SECRET = re.compile(r"pass|secret|credential|token", re.I)
@@ -137,3 +140,51 @@ class JSONLineObserver:
             line = json.dumps({"level": "error", "text": f"unloggable event: {e!r}"})
         self.stream.write(line + "\n")
         self.stream.flush()
+
+
+class TurnStream:
+    """A log stream that writes the lines of one turn of the reactor together, at its end.
+
+    A relayed message logs three lines, each written and flushed on its own: three ``write``
+    system calls, and with ``[server] workers`` three wake-ups of the supervisor that copies
+    them. Lines written on the reactor thread while it runs are gathered and written in one go
+    by a call at the start of its next turn (before it waits for events again), so a line still
+    leaves within the turn that made it; a line from another thread, or while the reactor is not
+    running, is written at once, with whatever waits before it. Only a process killed outright
+    (SIGKILL) can lose lines, those of its last turn.
+    """
+
+    def __init__(self, stream: Any, reactor: Any, on_reactor_thread: Callable[[], bool] = isInIOThread) -> None:
+        self.stream = stream
+        self.reactor = reactor
+        self.on_reactor_thread = on_reactor_thread
+        self._lines: list[Any] = []
+        self._lock = threading.Lock()
+        self._call: Any = None
+        reactor.addSystemEventTrigger("after", "shutdown", self.drain)
+
+    def _later(self) -> bool:
+        return bool(self.reactor.running) and self.on_reactor_thread()
+
+    def write(self, text: str | bytes) -> None:
+        with self._lock:
+            self._lines.append(text)
+            if self._call is not None or not self._later():
+                return
+            self._call = self.reactor.callLater(0, self.drain)
+
+    def flush(self) -> None:
+        """Out by the end of this turn of the reactor; at once off it, or when it is not running."""
+        if not self._later():
+            self.drain()
+
+    def drain(self) -> None:
+        """Write out every line gathered so far."""
+        with self._lock:  # held while writing: lines leave in the order they came
+            call, self._call = self._call, None
+            if call is not None and call.active():
+                call.cancel()
+            lines, self._lines = self._lines, []
+            if lines:
+                self.stream.write(lines[0][:0].join(lines))  # str lines, or bytes (FdStream)
+                self.stream.flush()

@@ -7,10 +7,11 @@ import base64
 import json
 
 import pytest
+from twisted.internet import task
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from mailrelay._log import event_as_json
+from mailrelay._log import TextLineObserver, TurnStream, event_as_json
 from mailrelay.smtp.auth import hash_password
 from tests.relay import RelayProcess
 from tests.reliability.helpers import Raw, route_to, stuff
@@ -131,8 +132,6 @@ def test_text_observer_writes_what_twistds_text_observer_writes():
 
     from twisted.logger import formatEventAsClassicLogText
 
-    from mailrelay._log import TextLineObserver
-
     for event in _events():
         out = io.StringIO()
         TextLineObserver(out)(event)
@@ -151,3 +150,69 @@ def test_text_observer_renders_plain_formats_without_twisted_loggers_parser(monk
     out = io.StringIO()
     log_module.TextLineObserver(out)(_events()[0])
     assert out.getvalue().endswith(" [mailrelay.smtp.session#info] 01ABC: size=12 x='q'\n")
+
+
+class _Reactor(task.Clock):
+    """A clock that says it runs, and keeps its shutdown triggers."""
+
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list = []
+
+    def addSystemEventTrigger(self, phase, event, f):  # noqa: N802 - IReactorCore's name
+        self.triggers.append((phase, event, f))
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.writes: list = []
+
+    def write(self, data) -> None:  # noqa: ANN001
+        self.writes.append(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_lines_of_one_turn_of_the_reactor_go_out_together_in_order_at_its_end():
+    reactor, out = _Reactor(), _Out()
+    stream = TurnStream(out, reactor, on_reactor_thread=lambda: True)
+    observer = TextLineObserver(stream)  # writes, then flushes, each line
+    for n in range(3):
+        observer({"log_format": "line {n}", "n": n, "log_time": 1.0, "log_namespace": "t"})
+    assert out.writes == []
+    reactor.advance(0)  # the next turn
+    assert len(out.writes) == 1
+    assert [line.split("] ")[1] for line in out.writes[0].splitlines()] == ["line 0", "line 1", "line 2"]
+    stream.write("later\n")
+    reactor.advance(0)
+    assert out.writes[1:] == ["later\n"]
+
+
+def test_a_line_from_another_thread_or_a_stopped_reactor_goes_out_at_once_after_those_waiting():
+    reactor, out = _Reactor(), _Out()
+    here = [True]
+    stream = TurnStream(out, reactor, on_reactor_thread=lambda: here[0])
+    stream.write("from the reactor\n")
+    here[0] = False
+    stream.write("from a thread\n")
+    stream.flush()
+    assert out.writes == ["from the reactor\nfrom a thread\n"]
+    reactor.advance(0)  # nothing left for the turn's end
+    assert len(out.writes) == 1
+    reactor.running = False
+    stream.write(b"stopped\n")  # bytes too (a worker's FdStream)
+    stream.flush()
+    assert out.writes[1:] == [b"stopped\n"]
+
+
+def test_what_waits_at_shutdown_is_written_by_the_after_shutdown_trigger():
+    reactor, out = _Reactor(), _Out()
+    stream = TurnStream(out, reactor, on_reactor_thread=lambda: True)
+    stream.write("last words\n")
+    [(phase, event, drain)] = reactor.triggers
+    assert (phase, event) == ("after", "shutdown")
+    drain()
+    assert out.writes == ["last words\n"]

@@ -96,18 +96,20 @@ class FdStream:
         pass
 
 
-def worker_observer(fd: int, worker: int, form: str) -> Any:
+def worker_observer(fd: int, worker: int, form: str, reactor: Any = None) -> Any:
     """The worker's log observer, writing to ``fd`` (its stdout, read by the supervisor).
 
     ``form`` is what the supervisor asked for: ``"text"`` or ``"json"``, finished lines of the
     instance's log (marked with the worker) that it writes out as they are, or ``"event"``, one
     JSON record per event that it turns back into an event for its own observers (``--syslog``).
+    With ``reactor``, the lines of one turn of it go out together (``TurnStream``): one write,
+    and one wake-up of the supervisor, for them all.
     """
-    if form == "event":
-        return LineWriter(fd)
-    from mailrelay._log import JSONLineObserver, TextLineObserver
+    from mailrelay._log import JSONLineObserver, TextLineObserver, TurnStream
 
-    stream = FdStream(fd)
+    stream: Any = FdStream(fd) if reactor is None else TurnStream(FdStream(fd), reactor)
+    if form == "event":
+        return LineWriter(stream)
     out = JSONLineObserver(stream) if form == "json" else TextLineObserver(stream)  # type: ignore[arg-type]
 
     def observe(event: dict[str, Any]) -> None:
@@ -118,10 +120,10 @@ def worker_observer(fd: int, worker: int, form: str) -> Any:
 
 @implementer(ILogObserver)
 class LineWriter:
-    """Each event to file descriptor ``fd`` as one JSON line for the supervisor (``encode_event``)."""
+    """Each event to ``stream`` (an ``FdStream``) as one JSON line for the supervisor (``encode_event``)."""
 
-    def __init__(self, fd: int) -> None:
-        self.stream = FdStream(fd)
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
 
     def __call__(self, event: dict[str, Any]) -> None:
         try:
@@ -129,6 +131,7 @@ class LineWriter:
         except Exception as e:  # never lose the line because one field would not serialise
             data = json.dumps({"l": "error", "text": f"unloggable event: {e!r}"}).encode() + b"\n"
         self.stream.write(data)
+        self.stream.flush()
 
 
 class LineSplitter:

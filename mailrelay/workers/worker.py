@@ -85,16 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     index = int(spec["index"])
     listeners = [ListenerSpec.from_dict(d) for d in spec["listeners"]]
 
+    from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
     from mailrelay.workers.logs import worker_observer
 
     log_fd = os.dup(1)  # stdout is the supervisor's pipe; keep print() and friends off it
     os.dup2(2, 1)
-    observer = worker_observer(log_fd, index, spec.get("log", "event"))
+    observer = worker_observer(log_fd, index, spec.get("log", "event"), reactor)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-
-    from twisted.internet import reactor
 
     from mailrelay import config as configmod
     from mailrelay.errors import ConfigError
