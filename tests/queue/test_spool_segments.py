@@ -9,6 +9,7 @@ its last message, and the offline tools and the drain of worker shards see these
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -358,4 +359,91 @@ def test_a_pack_into_a_segment_already_named_does_not_wait_behind_a_sync_of_the_
         assert (yield large) in (yield s.list_ids())
     finally:
         fsync.gate.set()
+        yield s.stop()
+
+
+class SyncWrites:
+    """``os.pwritev`` that records each call's flags, or fails with ``errno`` while ``failing``."""
+
+    def __init__(self, errno_: int | None = None) -> None:
+        self.flags: list[int] = []
+        self.errno = errno_
+        self.failing = errno_ is not None
+        self.real = os.pwritev
+
+    def __call__(self, fd, buffers, offset, flags=0):  # type: ignore[no-untyped-def]
+        self.flags.append(flags)
+        if self.failing:
+            raise OSError(self.errno, os.strerror(self.errno))
+        return self.real(fd, buffers, offset, flags)
+
+
+def recording_spool(path) -> tuple[FilesystemSpool, list[str]]:  # type: ignore[no-untyped-def]
+    """A spool with the system's fsync (so packs are written with RWF_DSYNC where they can be),
+    whose fsyncs are then recorded."""
+    s = FilesystemSpool(str(path), reactor)
+    synced: list[str] = []
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+    s.fsync = fsync
+    return s, synced
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_DSYNC"), reason="no RWF_DSYNC on this platform")
+@pytest_twisted.inlineCallbacks
+def test_packs_are_written_with_rwf_dsync_and_not_fsynced_again(tmp_path, monkeypatch):
+    writes = SyncWrites()
+    monkeypatch.setattr(os, "pwritev", writes)
+    s, synced = recording_spool(tmp_path / "spool")
+    s.start()
+    try:
+        ids = yield defer.gatherResults([store_message(s, body) for body in BODIES])
+        more = yield store_message(s, b"a later pack\r\n")
+        assert writes.flags and set(writes.flags) == {os.RWF_DSYNC}
+        assert not [p for p in synced if p.endswith(".seg")]  # only queue/, for the segment's name
+        s._forget(more)
+        with s.open_body(more) as f:
+            assert f.read() == b"a later pack\r\n"
+    finally:
+        yield s.stop()
+    assert sorted(FilesystemSpool(str(tmp_path / "spool"), reactor).scan_ids()) == sorted([*ids, more])
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_DSYNC"), reason="no RWF_DSYNC on this platform")
+@pytest_twisted.inlineCallbacks
+def test_where_the_kernel_refuses_rwf_dsync_packs_are_fsynced(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "pwritev", SyncWrites(errno.EINVAL))
+    s, synced = recording_spool(tmp_path / "spool")
+    s.start()
+    try:
+        qid = yield store_message(s, b"fsynced after all\r\n")
+        assert not s.sync_writes
+        assert [p for p in synced if p.endswith(".seg")] == [os.path.join(s.queue_dir, qid + ".seg")]
+        s._forget(qid)
+        with s.open_body(qid) as f:
+            assert f.read() == b"fsynced after all\r\n"
+    finally:
+        yield s.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_DSYNC"), reason="no RWF_DSYNC on this platform")
+@pytest_twisted.inlineCallbacks
+def test_a_pack_whose_durable_write_fails_fails_its_commits(tmp_path, monkeypatch):
+    writes = SyncWrites(errno.EIO)
+    monkeypatch.setattr(os, "pwritev", writes)
+    s, _ = recording_spool(tmp_path / "spool")
+    s.start()
+    try:
+        outcomes = yield defer.DeferredList([store_message(s, body) for body in BODIES], consumeErrors=True)
+        for ok, failure in outcomes:
+            assert not ok and failure.check(TemporaryFailure)
+        assert s.sync_writes  # a failing disk is not a kernel without the flag
+        writes.failing = False
+        assert (yield s.list_ids()) == []
+        later = yield store_message(s, b"once the disk works again\r\n")
+        assert (yield s.list_ids()) == [later]
+    finally:
         yield s.stop()
