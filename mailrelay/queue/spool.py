@@ -12,17 +12,17 @@ Layout under ``path``::
     queue/<id>.seg         a segment: the small messages (up to 64 KiB), records in the same
                            format, appended one writer batch (a *pack*) at a time (``spool_format``)
 
-The writer thread takes every job waiting for it. The small messages among them are appended as
-one pack to the current segment in one durable write (``RWF_DSYNC``; a write and an fsync where
-the kernel lacks the flag) for them all, and no file made, renamed or added to ``queue/`` (a file each cost a create and an fsync each, 0.8 and
-0.3 ms per message on ext4 without a journal here, and a sync of ``queue/`` per batch). A segment
-takes packs until it is 4 MiB long; only its first packs wait for a sync of ``queue/``, and the
-others are answered by the writer itself, never behind a directory sync of other work. A larger
-message gets its own file (its envelope travels with the body): the writer fsyncs the batch's
-files (in parallel when there are several and fsyncs are slow: the journal merges them), renames
-them into place and hands the batch to the directory syncer, which fsyncs ``queue/`` once for
-everything handed to it (group commit) while the writer already syncs the next batch
-(pipelined). Each job's Deferred fires only once what it wrote is durable.
+The writer thread takes every job waiting for it. The small messages among them are appended as one
+pack to the current segment in one durable write for them all (``RWF_DSYNC``; a write and an fsync
+where the kernel lacks the flag), and no file made, renamed or added to ``queue/`` (a file each
+cost a create and an fsync each, 0.8 and 0.3 ms per message on ext4 without a journal here, and a
+sync of ``queue/`` per batch). A segment takes packs until it is 4 MiB long; only its first packs
+wait for a sync of ``queue/``, and the others are answered by the writer itself, never behind a
+directory sync of other work. A larger message gets its own file (its envelope travels with the
+body): the writer fsyncs the batch's files (in parallel when there are several and fsyncs are slow:
+the journal merges them), renames them into place and hands the batch to the directory syncer,
+which fsyncs ``queue/`` once for everything handed to it (group commit) while the writer already
+syncs the next batch (pipelined). Each job's Deferred fires only once what it wrote is durable.
 
 Removals come in a thread of their own (an unlink can take milliseconds on a busy disk; no commit
 waits behind one) and need no fsync before they are answered: the remover syncs ``queue/`` (or a
