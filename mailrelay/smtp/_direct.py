@@ -1,4 +1,4 @@
-"""Writing a short SMTP line straight to a plain TCP socket.
+"""Writing a short SMTP line straight to a plain TCP socket, and half-closing it at the end.
 
 Twisted's ``transport.write`` buffers the bytes, registers the socket for writing (an
 ``epoll_ctl``) and sends on the next turn of the reactor (another ``epoll_ctl`` to stop
@@ -34,3 +34,17 @@ def write(transport: Any, sock: socket.socket | None, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def half_close(transport: Any, sock: socket.socket | None) -> bool:
+    """Shut our sending side of ``sock`` now (a FIN after what was sent) if the transport holds
+    nothing unsent; whether that is done. ``loseWriteConnection`` does the same a reactor turn
+    later, after registering for writing, an empty ``send`` and unregistering: three system calls."""
+    if sock is None or not transport.connected or transport.disconnecting \
+            or transport.dataBuffer or transport._tempDataBuffer:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the peer is gone already (ENOTCONN after its reset): the transport's next read ends it
+    return True

@@ -149,7 +149,8 @@ class SMTPServerProtocol(Protocol):
             # sending (a pipelined flood cut short by 421) would otherwise turn our close into
             # a reset, which discards that reply unread in its socket. What it sends meanwhile
             # is dropped (the session is closed); it gets a moment to hang up, then we do.
-            self.transport.loseWriteConnection()  # type: ignore[union-attr]
+            if not _direct.half_close(self.transport, self._socket):
+                self.transport.loseWriteConnection()  # type: ignore[union-attr]
             self._linger = self.factory.reactor.callLater(CLOSE_LINGER, self.abort)
             return
         self.transport.loseConnection()  # type: ignore[union-attr]
