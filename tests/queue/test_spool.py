@@ -253,6 +253,22 @@ def test_ids_sort_by_time_and_use_the_injected_randomness(tmp_path):
     assert s2.new_id()[:10] == b[:10] and s2.new_id() != b
 
 
+def test_ids_take_their_randomness_from_the_system_a_pool_at_a_time():
+    from twisted.internet.task import Clock
+
+    from mailrelay.queue.store import QueueIdGenerator
+
+    asked: list[int] = []
+
+    def randbytes(n: int) -> bytes:
+        asked.append(n)
+        return os.urandom(n)
+
+    new_id = QueueIdGenerator(Clock(), randbytes)  # one millisecond: only the random part differs
+    assert len({new_id() for _ in range(200)}) == 200
+    assert asked == [640, 640]  # a system call per 128 ids, not per id
+
+
 @pytest_twisted.inlineCallbacks
 def test_load_schedule_reads_every_message_in_one_pass(spool):
     import attrs
