@@ -119,23 +119,6 @@ def _encode(message: QueuedMessage) -> bytes:
     return _JSON.encode(message_to_dict(message)).encode()
 
 
-def committed_files(queue_dir: str) -> dict[str, list[str]]:
-    """The committed messages of a ``queue/`` directory: id → the names of its files, in the order a
-    copy must make them appear in another spool (the file that marks the commit last; remove them
-    in the reverse order). For tools that move messages between spools (worker shards)."""
-    names = set(os.listdir(queue_dir))
-    out: dict[str, list[str]] = {}
-    for name in names:
-        stem, ext = os.path.splitext(name)
-        if not is_queue_id(stem):
-            continue
-        if not ext:
-            out[stem] = ([stem + _ENV] if stem + _ENV in names else []) + [stem]
-        elif ext == _ENV and stem + _LEGACY_BODY in names and stem not in names:
-            out[stem] = [stem + _LEGACY_BODY, stem + _ENV]  # the two-file layout: the envelope marks it
-    return dict(sorted(out.items()))
-
-
 class _BodyFile(io.RawIOBase):
     """The body part of a message file or segment record: a read-only, seekable file of ``size``
     bytes from ``base`` (``pread``)."""

@@ -391,19 +391,6 @@ def test_a_spool_of_the_two_file_layout_is_converted_at_start_and_loses_nothing(
         yield s.stop()
 
 
-@pytest_twisted.inlineCallbacks
-def test_committed_files_name_each_message_with_its_commit_marker_last(spool):
-    from mailrelay.queue.spool import committed_files
-
-    a = yield store_message(spool, b"a\r\n")
-    b = yield store_message(spool, b"b\r\n")
-    yield spool.save(attrs.evolve((yield spool.load(b)), attempts=1))
-    w = spool.open(ENV)
-    w.write(b"x" * 300_000)  # being received: not committed
-    assert committed_files(spool.queue_dir) == {a: [a], b: [f"{b}.env", b]}
-    w.abort()
-
-
 def _inode(path: str) -> int:
     return os.stat(path).st_ino
 
