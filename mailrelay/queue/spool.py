@@ -1327,8 +1327,9 @@ class FilesystemSpool:
             log.error("spool: cannot sync the queue directory after removals: {error}", error=e)
 
     def _run(self) -> None:
-        """The writer thread: writes, syncs and renames each batch, then hands it to the directory
-        syncer and goes on with the next one (which syncs while the directory does)."""
+        """The writer thread: writes, syncs and renames each batch, then answers it, or hands it to
+        the directory syncer when a rename waits for a sync of ``queue/`` (the writer goes on with
+        the next batch meanwhile)."""
         stopping: _Job | None = None
         while stopping is None:
             batch = [self._jobs.get()]
@@ -1353,10 +1354,7 @@ class FilesystemSpool:
             # without a turn through the directory syncer (a thread hop, 0.3 ms at the median
             # under load). Nothing orders these after an earlier batch still waiting for its
             # sync: each result belongs to another job, and the stop still goes last.
-            if results:
-                self.reactor.callFromThread(self._deliver_results, results)
-            for job, _ in results:
-                job.synced()
+            self._answer(results, [job for job, _ in results])
 
     def _run_dir_syncs(self) -> None:
         """The directory syncer: one fsync of ``queue/`` for every batch renamed meanwhile."""
@@ -1371,12 +1369,16 @@ class FilesystemSpool:
             results = [r for h in handed for r in h[0]]
             results += self._sync_published([j for h in handed for j in h[1]])
             stopping = next((h[2] for h in handed if h[2] is not None), None)
-            if results:
-                self.reactor.callFromThread(self._deliver_results, results)
-            for results_now, published, _ in handed:  # the writer left their files open
-                for job in [j for j, _ in results_now] + published:
-                    job.synced()
+            # the writer left the files of every job handed over open
+            self._answer(results, [j for h in handed for j in [j for j, _ in h[0]] + h[1]])
         self.reactor.callFromThread(stopping.deferred.callback, None)
+
+    def _answer(self, results: list[tuple[_Job, Any]], jobs: list[_Job]) -> None:
+        """Hand ``results`` to the reactor thread, then close the files the writer left open for ``jobs``."""
+        if results:
+            self.reactor.callFromThread(self._deliver_results, results)
+        for job in jobs:
+            job.synced()
 
     def _run_removals(self) -> None:
         """The remover thread: unlinks delivered messages, so no commit ever waits behind them."""
