@@ -156,7 +156,8 @@ class MailRelayService(service.MultiService):
     def _build_policy(self, server: ServerConfig, router: IRouter) -> IPolicy:
         # after relay access: a recipient of our own domains that no router accepts gets 550 at RCPT
         extra: list[IPolicy] = list(self.policies)
-        if server.verify_recipients:
+        # with no domains of our own it could never apply: not one more step per RCPT for nothing
+        if server.verify_recipients and (server.local_domains or server.relay_domains):
             extra.insert(0, RecipientVerification.from_config(server, router, self.reactor))
         return build_policy(server, extra=extra)
 

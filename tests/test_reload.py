@@ -233,3 +233,19 @@ def test_sighup_reloads_relay_domains_and_the_tls_certificate(tmp_path, smtp_sin
         assert relay.stop() == 0, relay.log_text()[-3000:]
     finally:
         relay.cleanup()
+
+
+def test_a_reload_that_adds_our_first_domain_starts_verifying_its_recipients(tmp_path):
+    """Without domains of its own the relay skips recipient verification; a reload that adds one
+    must bring it back, or unknown users of that domain would get 250 and a bounce later."""
+    from mailrelay.smtp.session import SessionInfo
+    from tests.routing.helpers import result_of
+
+    session = SessionInfo(client_address="192.0.2.7", helo="client.example.org")
+    relay = MailRelayService(_config(tmp_path, route_to(2600, domains='["other.test"]')))
+    ours = config.loads(
+        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = ["example.test"]\n'
+        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2600, domains='["other.test"]'), "test.toml")
+    assert relay.reconfigure(ours).called
+    reply = result_of(relay.policy.rcpt(session, "a@example.org", "nosuch@example.test", {}))
+    assert reply is not None and (reply.code, reply.enhanced) == (550, "5.1.1")

@@ -50,6 +50,8 @@ class RecipientVerification(Policy):
 
     def applies_to(self, recipient: str) -> bool:
         """Our domains only; never ``postmaster``, which RFC 5321 4.5.1 says we must accept."""
+        if not self.domains:
+            return False
         local, domain = split(recipient)
         if not domain or domain.startswith("[") or local.lower() == "postmaster":
             return False
