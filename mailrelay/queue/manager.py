@@ -122,6 +122,7 @@ class QueueManager:
         self._due: dict[str, float] = {}  # the live entry of each scheduled id (heap entries may be stale)
         self._seq = 0
         self._timer: Any = None
+        self._soon: Any = None  # a _fire at the next turn, for what is due now
         self._ready: deque[str] = deque()
         self._active: dict[str, defer.Deferred[None]] = {}
         self._again: set[str] = set()  # asked for while active: attempt again right after
@@ -197,9 +198,10 @@ class QueueManager:
         """
         self._running = False
         self._stopping = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for call in (self._timer, self._soon):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._soon = None
         active = list(self._active.values())
         if not active:
             return defer.succeed(None)
@@ -295,6 +297,12 @@ class QueueManager:
         if not self._heap:
             return
         delay = max(0.0, self._heap[0][0] - self.clock.seconds())
+        if delay == 0.0:
+            # Due now (a new message, a destination freed): a call at the next turn. Moving the
+            # long timer sooner instead costs a linear search of all the reactor's timed calls.
+            if self._soon is None or not self._soon.active():
+                self._soon = self.clock.callLater(0, self._fire)
+            return
         if self._timer is not None and self._timer.active():
             if self._timer.getTime() <= self._heap[0][0]:
                 return
@@ -303,7 +311,10 @@ class QueueManager:
             self._timer = self.clock.callLater(delay, self._fire)
 
     def _fire(self) -> None:
-        self._timer = None
+        if self._timer is not None and not self._timer.active():
+            self._timer = None  # this was the call that fired (or it was cancelled)
+        if self._soon is not None and not self._soon.active():
+            self._soon = None
         now = self.clock.seconds()
         while self._heap and self._heap[0][0] <= now:
             at, _, qid = heapq.heappop(self._heap)
@@ -420,11 +431,12 @@ class QueueManager:
                 self._log(message, statuses[i], started)
 
         loaded = message
-        message = attrs.evolve(message, statuses=tuple(statuses),
-                               attempts=message.attempts + (1 if attempted else 0))
+        if attempted:  # else nothing was recorded: the statuses are the loaded ones
+            message = attrs.evolve(message, statuses=tuple(statuses), attempts=message.attempts + 1)
         message = yield self.notifier.settle(message, pending)
-        # unchanged: not attempted, and the store still says all there is, due now (not after a flush)
-        unchanged = not attempted and message == loaded and loaded.next_attempt <= self.clock.seconds()
+        # unchanged: not attempted, nothing expired or warned (settle returned what it was given),
+        # and the store still says all there is, due now (not after a flush)
+        unchanged = message is loaded and loaded.next_attempt <= self.clock.seconds()
         yield self._after_attempt(message, blocked, attempted, unchanged=unchanged)
 
     def _saving_as_they_end(self, message: QueuedMessage, statuses: list[RecipientStatus],
@@ -449,9 +461,8 @@ class QueueManager:
 
         return [run.addCallback(save) for run in runs]
 
-    @defer.inlineCallbacks
-    def _after_attempt(self, message: QueuedMessage, blocked: list[Hashable],  # type: ignore[no-untyped-def]
-                       attempted: bool, unchanged: bool = False):
+    def _after_attempt(self, message: QueuedMessage, blocked: list[Hashable], attempted: bool,
+                       unchanged: bool = False) -> defer.Deferred[Any] | None:
         """Remove a message that is done; else save when it is due again and schedule it.
 
         A message that only waited for a busy destination and is ``unchanged`` since its load (and
@@ -459,11 +470,11 @@ class QueueManager:
         a restart needs (here it is woken when the destination frees, or at the fallback time).
         Saving it would cost a state file per waiting message when mail arrives faster than one
         destination takes it. A store shared with other nodes is always saved: the others read
-        the due time from it."""
+        the due time from it. Not a generator: the unsaved case, every message that arrives for a
+        busy destination, is plain calls (None), a Deferred only when there is a store to wait on."""
         qid = message.queue_id
         if not message.pending:
-            yield self.store.remove(qid)
-            return
+            return self.store.remove(qid)
         now = self.clock.seconds()
         if not attempted and self._stopping:
             at = now  # stopped before its turn: due at once when the queue starts again
@@ -473,16 +484,22 @@ class QueueManager:
         else:
             at = schedule.next_attempt_at(message, self.config.retry_schedule, self.config.max_lifetime,
                                           now, self.jitter)
-        message = attrs.evolve(message, next_attempt=at)
-        if not (unchanged and not ILeasingStore.providedBy(self.store)):
-            try:
-                yield self.store.save(message)
-            except KeyError:
-                return  # deleted while we were delivering
+        if unchanged and not ILeasingStore.providedBy(self.store):
+            self._wait_for(qid, at, blocked)
+            return None
+
+        def gone(f: Failure) -> None:
+            f.trap(KeyError)  # deleted while we were delivering: nothing to schedule
+
+        d = defer.maybeDeferred(self.store.save, attrs.evolve(message, next_attempt=at))
+        return d.addCallbacks(lambda _: self._wait_for(qid, at, blocked), gone)
+
+    def _wait_for(self, queue_id: str, at: float, blocked: list[Hashable]) -> None:
+        """Due again at ``at``, or sooner when one of the ``blocked`` destinations frees."""
         for destination in blocked:
-            self._blocked.setdefault(destination, {})[qid] = None
+            self._blocked.setdefault(destination, {})[queue_id] = None
         if not self._stopping:
-            self._schedule(qid, at)
+            self._schedule(queue_id, at)
 
     def _route(self, address: str, envelope: Envelope) -> defer.Deferred[tuple[Route | None, Reply | None]]:
         """Route one recipient; never fails: ``(route, None)`` or ``(None, reply to record)``."""

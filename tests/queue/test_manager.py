@@ -484,3 +484,21 @@ def test_a_blocked_message_in_a_shared_store_is_saved_for_the_other_nodes():
     w.clock.advance(0)
     assert [m.queue_id for m in w.store.saves] == [ids[2]]
     assert w.store.saves[0].next_attempt > T0  # the others leave it alone until then
+
+
+def test_a_message_due_now_leaves_the_armed_retry_timer_where_it_is():
+    """A new message is taken up at the next turn by a call of its own: moving the retry timer
+    sooner would cost Twisted a linear search of every timed call in the reactor, per message."""
+    w = World(deliverer=RecordingDeliverer([LATER]))
+    w.manager.start()
+    first = w.send("a@example.test")
+    w.clock.advance(0)  # deferred: the retry timer now waits for T0 + 60
+    (retry,) = w.clock.getDelayedCalls()
+    assert retry.getTime() == T0 + 60
+    w.send("b@example.test")
+    assert retry.getTime() == T0 + 60 and len(w.clock.getDelayedCalls()) == 2
+    w.clock.advance(0)
+    assert [c.addresses for c in w.deliverer.calls] == [["a@example.test"], ["b@example.test"]]
+    assert w.clock.getDelayedCalls() == [retry]
+    w.clock.advance(60)
+    assert len(w.deliverer.calls) == 3 and first not in w.store.messages
