@@ -566,10 +566,12 @@ class QueueManager:
             return
         room = max(1, self.config.max_per_destination - self.slots.waiting(destination))
         now = self.clock.seconds()
-        for qid in list(blocked)[:room]:
+        while blocked and room:
+            qid = next(iter(blocked))
             del blocked[qid]
-            if qid in self._due or qid in self._active:
+            if qid in self._due or qid in self._active:  # else deleted or held meanwhile: no turn used
                 self._schedule(qid, now)
+                room -= 1
         if not blocked:
             del self._blocked[destination]
 

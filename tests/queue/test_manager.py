@@ -502,3 +502,23 @@ def test_a_message_due_now_leaves_the_armed_retry_timer_where_it_is():
     assert w.clock.getDelayedCalls() == [retry]
     w.clock.advance(60)
     assert len(w.deliverer.calls) == 3 and first not in w.store.messages
+
+
+def test_blocked_messages_deleted_meanwhile_do_not_use_up_the_wake_of_those_still_waiting():
+    """A freed slot wakes as many blocked messages as the line has room for, counting only those
+    still queued: deleted ones must not leave the rest waiting for the fallback time."""
+    deliverer = RecordingDeliverer(default=None)
+    w = World(deliverer=deliverer,
+              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
+    w.manager.start()
+    ids = [w.send(f"u{i}@example.test") for i in range(5)]
+    w.clock.advance(0)
+    assert len(deliverer.calls) == 1  # ids[0] in flight, ids[1] waiting for the slot, three blocked
+    for qid in ids[2:4]:  # the two blocked the longest
+        w.manager.delete(qid)
+    w.clock.advance(0)
+    deliverer.calls[0].answer(OK)  # ids[1] takes the slot; the line has room for one more
+    w.clock.advance(0)
+    deliverer.calls[1].answer(OK)
+    w.clock.advance(0)
+    assert [c.addresses for c in deliverer.calls] == [["u0@example.test"], ["u1@example.test"], ["u4@example.test"]]
