@@ -109,7 +109,7 @@ class QueueManager:
     ) -> None:
         self.store = store
         self.observer = observer  # hears of recipients that routing settled (the deliverer's own are counted there)
-        self.router = router
+        self._router = router
         self.deliverer = deliverer
         self.clock = reactor
         self._config = config
@@ -251,6 +251,22 @@ class QueueManager:
     def scheduled(self) -> dict[str, float]:
         """Every scheduled message id and when it is due (a copy)."""
         return dict(self._due)
+
+    @property
+    def router(self) -> IRouter:
+        return self._router
+
+    @router.setter
+    def router(self, router: IRouter) -> None:
+        """New routes (reload): the messages waiting for a busy destination are looked at again
+        now, for they may go elsewhere, where no freed slot of the old destination would wake them."""
+        self._router = router
+        now = self.clock.seconds()
+        blocked, self._blocked = self._blocked, {}
+        for waiting in blocked.values():
+            for qid in waiting:
+                if qid in self._due or qid in self._active:
+                    self._schedule(qid, now)
 
     @property
     def config(self) -> QueueConfig:
@@ -476,15 +492,20 @@ class QueueManager:
         if not message.pending:
             return self.store.remove(qid)
         now = self.clock.seconds()
+        shared = ILeasingStore.providedBy(self.store)
         if not attempted and self._stopping:
             at = now  # stopped before its turn: due at once when the queue starts again
         elif not attempted:
-            # Only waited for a busy destination: woken when it frees, this is just a fallback.
-            at = now + schedule.retry_delay(self.config.retry_schedule, 1, self.jitter)
+            # Only waited for a busy destination: woken when a slot of it frees (or the routes
+            # change), so this is just a fallback, the schedule's longest interval: at its first
+            # one, every message queued behind a slow destination would be loaded and routed
+            # again each time. Other nodes read the due time of a shared store: the first there.
+            at = now + schedule.retry_delay(self.config.retry_schedule,
+                                            1 if shared else len(self.config.retry_schedule), self.jitter)
         else:
             at = schedule.next_attempt_at(message, self.config.retry_schedule, self.config.max_lifetime,
                                           now, self.jitter)
-        if unchanged and not ILeasingStore.providedBy(self.store):
+        if unchanged and not shared:
             self._wait_for(qid, at, blocked)
             return None
 

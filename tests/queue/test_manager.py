@@ -522,3 +522,39 @@ def test_blocked_messages_deleted_meanwhile_do_not_use_up_the_wake_of_those_stil
     deliverer.calls[1].answer(OK)
     w.clock.advance(0)
     assert [c.addresses for c in deliverer.calls] == [["u0@example.test"], ["u1@example.test"], ["u4@example.test"]]
+
+
+def test_messages_behind_a_busy_destination_are_looked_at_again_only_at_the_longest_interval():
+    """Freed slots wake them; the fallback is the schedule's longest interval, not its first, or
+    every message queued behind a slow destination would be loaded and routed again each time."""
+    router = FakeRouter({"slow.test": route_to("127.0.0.1", 1)})
+    deliverer = RecordingDeliverer(default=None)  # every delivery hangs until answered
+    w = World(router=router, deliverer=deliverer,
+              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=2))
+    w.manager.start()
+    for i in range(20):
+        w.send(f"u{i}@slow.test")
+    w.clock.advance(0)
+    routed = len(router.calls)
+    w.clock.advance(SCHEDULE[0])
+    assert len(router.calls) == routed, "not at the first interval"
+    w.clock.advance(SCHEDULE[-1] - SCHEDULE[0] - 1)
+    assert len(router.calls) == routed
+    w.clock.advance(1)
+    assert len(router.calls) == routed + 16  # the fallback: all that wait, looked at once more
+
+
+def test_new_routes_wake_the_messages_waiting_for_a_busy_destination():
+    """They may go elsewhere now, where no freed slot of the old destination would wake them."""
+    deliverer = RecordingDeliverer(default=None)
+    w = World(router=FakeRouter({"example.test": route_to("127.0.0.1", 1)}), deliverer=deliverer,
+              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
+    w.manager.start()
+    ids = [w.send(f"u{i}@example.test") for i in range(4)]
+    w.clock.advance(0)
+    assert len(deliverer.calls) == 1  # one in flight, one waiting for its slot, two blocked
+    deliverer.default = OK
+    w.manager.router = FakeRouter({"example.test": route_to("127.0.0.1", 2)})
+    w.clock.advance(0)
+    assert [c.route.hops[0].port for c in deliverer.calls] == [1, 2, 2]
+    assert set(w.store.messages) == set(ids[:2])  # the two blocked went the new way at once
