@@ -260,6 +260,8 @@ class QueueManager:
     def router(self, router: IRouter) -> None:
         """New routes (reload): the messages waiting for a busy destination are looked at again
         now, for they may go elsewhere, where no freed slot of the old destination would wake them."""
+        if router is self._router:
+            return  # a reload that kept the routes (an embedder's own router)
         self._router = router
         now = self.clock.seconds()
         blocked, self._blocked = self._blocked, {}

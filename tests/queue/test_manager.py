@@ -558,3 +558,17 @@ def test_new_routes_wake_the_messages_waiting_for_a_busy_destination():
     w.clock.advance(0)
     assert [c.route.hops[0].port for c in deliverer.calls] == [1, 2, 2]
     assert set(w.store.messages) == set(ids[:2])  # the two blocked went the new way at once
+
+
+def test_the_same_router_set_again_wakes_nothing():
+    router = FakeRouter({"slow.test": route_to("127.0.0.1", 1)})
+    w = World(router=router, deliverer=RecordingDeliverer(default=None),
+              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
+    w.manager.start()
+    for i in range(5):
+        w.send(f"u{i}@slow.test")
+    w.clock.advance(0)
+    routed = len(router.calls)
+    w.manager.router = router  # a reload that kept it
+    w.clock.advance(0)
+    assert len(router.calls) == routed
