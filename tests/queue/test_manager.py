@@ -52,6 +52,16 @@ class World:
         return self.store.messages[qid]
 
 
+def capped(per_destination: int, router: FakeRouter | None = None) -> tuple[World, RecordingDeliverer]:
+    """A started World whose deliveries hang until the test answers them, at most
+    ``per_destination`` in flight to a destination (and as many more waiting for a slot)."""
+    deliverer = RecordingDeliverer(default=None)
+    w = World(router=router, deliverer=deliverer,
+              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=per_destination))
+    w.manager.start()
+    return w, deliverer
+
+
 def test_committed_message_is_delivered_at_once_and_removed():
     w = World()
     w.manager.start()
@@ -353,10 +363,7 @@ def test_one_postfix_style_log_line_per_recipient_attempt():
 
 def test_messages_for_a_full_destination_wait_without_churn():
     router = FakeRouter({"dead.test": route_to("127.0.0.1", 1)})
-    deliverer = RecordingDeliverer(default=None)  # every delivery hangs until answered
-    w = World(router=router, deliverer=deliverer,
-              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=2))
-    w.manager.start()
+    w, deliverer = capped(2, router)
     ids = [w.send(f"u{i}@dead.test") for i in range(20)]
     w.clock.advance(0)
     assert len(deliverer.calls) == 2 and w.manager.slots.waiting(router.mapping["dead.test"].destination) == 2
@@ -409,10 +416,7 @@ def test_a_store_failure_under_an_attempt_is_retried_not_forgotten():
 
 
 def test_a_blocked_message_is_delivered_when_its_destination_frees_though_never_saved():
-    deliverer = RecordingDeliverer(default=None)
-    w = World(deliverer=deliverer,
-              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
-    w.manager.start()
+    w, deliverer = capped(1)
     ids = [w.send(f"u{i}@example.test") for i in range(4)]
     w.clock.advance(0)
     assert len(deliverer.calls) == 1  # one in flight, one waiting for the slot, two blocked
@@ -507,10 +511,7 @@ def test_a_message_due_now_leaves_the_armed_retry_timer_where_it_is():
 def test_blocked_messages_deleted_meanwhile_do_not_use_up_the_wake_of_those_still_waiting():
     """A freed slot wakes as many blocked messages as the line has room for, counting only those
     still queued: deleted ones must not leave the rest waiting for the fallback time."""
-    deliverer = RecordingDeliverer(default=None)
-    w = World(deliverer=deliverer,
-              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
-    w.manager.start()
+    w, deliverer = capped(1)
     ids = [w.send(f"u{i}@example.test") for i in range(5)]
     w.clock.advance(0)
     assert len(deliverer.calls) == 1  # ids[0] in flight, ids[1] waiting for the slot, three blocked
@@ -528,10 +529,7 @@ def test_messages_behind_a_busy_destination_are_looked_at_again_only_at_the_long
     """Freed slots wake them; the fallback is the schedule's longest interval, not its first, or
     every message queued behind a slow destination would be loaded and routed again each time."""
     router = FakeRouter({"slow.test": route_to("127.0.0.1", 1)})
-    deliverer = RecordingDeliverer(default=None)  # every delivery hangs until answered
-    w = World(router=router, deliverer=deliverer,
-              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=2))
-    w.manager.start()
+    w, _ = capped(2, router)
     for i in range(20):
         w.send(f"u{i}@slow.test")
     w.clock.advance(0)
@@ -546,10 +544,7 @@ def test_messages_behind_a_busy_destination_are_looked_at_again_only_at_the_long
 
 def test_new_routes_wake_the_messages_waiting_for_a_busy_destination():
     """They may go elsewhere now, where no freed slot of the old destination would wake them."""
-    deliverer = RecordingDeliverer(default=None)
-    w = World(router=FakeRouter({"example.test": route_to("127.0.0.1", 1)}), deliverer=deliverer,
-              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
-    w.manager.start()
+    w, deliverer = capped(1, FakeRouter({"example.test": route_to("127.0.0.1", 1)}))
     ids = [w.send(f"u{i}@example.test") for i in range(4)]
     w.clock.advance(0)
     assert len(deliverer.calls) == 1  # one in flight, one waiting for its slot, two blocked
@@ -562,9 +557,7 @@ def test_new_routes_wake_the_messages_waiting_for_a_busy_destination():
 
 def test_the_same_router_set_again_wakes_nothing():
     router = FakeRouter({"slow.test": route_to("127.0.0.1", 1)})
-    w = World(router=router, deliverer=RecordingDeliverer(default=None),
-              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
-    w.manager.start()
+    w, _ = capped(1, router)
     for i in range(5):
         w.send(f"u{i}@slow.test")
     w.clock.advance(0)
