@@ -267,8 +267,7 @@ class QueueManager:
         blocked, self._blocked = self._blocked, {}
         for waiting in blocked.values():
             for qid in waiting:
-                if qid in self._due or qid in self._active:
-                    self._schedule(qid, now)
+                self._take_up(qid, now)
 
     @property
     def config(self) -> QueueConfig:
@@ -592,11 +591,18 @@ class QueueManager:
         while blocked and room:
             qid = next(iter(blocked))
             del blocked[qid]
-            if qid in self._due or qid in self._active:  # else deleted or held meanwhile: no turn used
-                self._schedule(qid, now)
+            if self._take_up(qid, now):  # else deleted or held meanwhile: no turn used
                 room -= 1
         if not blocked:
             del self._blocked[destination]
+
+    def _take_up(self, queue_id: str, now: float) -> bool:
+        """Make a message that waited for a busy destination due ``now``, if it is still queued
+        (not deleted or held meanwhile); whether it was."""
+        if queue_id in self._due or queue_id in self._active:
+            self._schedule(queue_id, now)
+            return True
+        return False
 
     # -- operator actions (used by the control channel) -----------------------------------
 
