@@ -33,12 +33,14 @@ def storage_failure() -> TemporaryFailure:
     return TemporaryFailure(storage_full_reply())
 
 
-def _base32(value: int, chars: int) -> str:
-    out = []
-    for _ in range(chars):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # two digits per lookup: 10 bits
+_SHIFTS = range(5 * (_TIME_CHARS + _RANDOM_CHARS) - 10, -1, -10)  # 80, 70, ..., 0
+
+
+def _base32(value: int) -> str:
+    """``value`` as ``_TIME_CHARS + _RANDOM_CHARS`` digits, most significant first."""
+    pairs = _PAIRS
+    return "".join([pairs[(value >> shift) & 1023] for shift in _SHIFTS])
 
 
 class QueueIdGenerator:
@@ -67,7 +69,7 @@ class QueueIdGenerator:
         self._used += 5
         if self.shard is not None:
             rand = (self.shard << 35) | (rand & ((1 << 35) - 1))
-        return _base32(millis, _TIME_CHARS) + _base32(rand, _RANDOM_CHARS)
+        return _base32((millis << (5 * _RANDOM_CHARS)) | rand)
 
 
 def shard_of(queue_id: str) -> int:
