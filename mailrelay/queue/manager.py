@@ -400,26 +400,46 @@ class QueueManager:
             return d.addCallback(lambda _: store.claim(queue_id)).addCallback(claimed)
         return defer.maybeDeferred(store.claim, queue_id).addCallback(claimed)
 
-    @defer.inlineCallbacks
-    def _attempt(self, queue_id: str):  # type: ignore[no-untyped-def]
+    def _attempt(self, queue_id: str) -> defer.Deferred[None]:
+        """Load, route, deliver, record: one attempt on ``queue_id``; fires once its outcome is saved.
+
+        Plain calls while each step's answer is already there (a message just committed is in
+        memory, a static route is known at once, a busy destination is not waited for): every
+        message that arrives while its destination is busy is looked at without a generator or
+        a Deferred per step. A step that must wait goes on when its Deferred fires."""
         try:
-            message = yield self.store.load(queue_id)
+            loading = self.store.load(queue_id)
         except KeyError:
-            return  # deleted meanwhile
+            return defer.succeed(None)  # deleted meanwhile (a store that says so at once)
+        except Exception:
+            return defer.fail()
+        message = _now(loading)
+        if message is _LATER:
+            return loading.addCallbacks(self._loaded, _deleted)
+        try:
+            return self._loaded(message)
+        except Exception:
+            return defer.fail()
+
+    def _loaded(self, message: QueuedMessage) -> defer.Deferred[None]:
         if message.held:
-            return
+            return defer.succeed(None)
         started = self.clock.seconds()
         statuses = list(message.statuses)
         pending = [i for i, s in enumerate(statuses) if s.state is RecipientState.PENDING]
-        if len(pending) == 1:  # the common case: no DeferredList for one answer
-            answers = [(yield self._route(statuses[pending[0]].recipient.address, message.envelope))]
-        else:
-            answers = yield defer.gatherResults(
-                [self._route(statuses[i].recipient.address, message.envelope) for i in pending]
-            )
+        routing = [self._route(statuses[i].recipient.address, message.envelope) for i in pending]
+        answers = [_now(d) for d in routing]
+        if _LATER in answers:
+            return defer.gatherResults(routing).addCallback(
+                lambda answers: self._routed(message, statuses, pending, answers, started))
+        return self._routed(message, statuses, pending, answers, started)
+
+    def _routed(self, message: QueuedMessage, statuses: list[RecipientStatus], pending: list[int],
+                answers: list[tuple[Route | None, Reply | None]], started: float) -> defer.Deferred[None]:
         groups: dict[Hashable, _Group] = {}
         for i, (route, reply) in zip(pending, answers, strict=True):
             if route is None:
+                assert reply is not None
                 statuses[i] = record(statuses[i], reply, None)
                 self._log(message, statuses[i], started)
                 self.observer.recipient_unrouted(message.envelope, statuses[i].recipient.address, reply)
@@ -427,6 +447,7 @@ class QueueManager:
                 group = groups.setdefault(route.destination, _Group(route))
                 group.indexes.append(i)
                 group.routes.append(route)
+        unrouted = len(pending) > sum(len(g.indexes) for g in groups.values())
 
         blocked: list[Hashable] = []
         runs = []
@@ -435,26 +456,37 @@ class QueueManager:
                 blocked.append(destination)  # enough are queued for it already; wait for a turn
                 continue
             runs.append(self._deliver(message, destination, group))
+        if not runs:  # the destinations are all busy (or nothing was routed): nothing to wait for
+            return self._recorded([], message, statuses, pending, blocked, unrouted, started)
         if len(runs) > 1 and ILeasingStore.providedBy(self.store):
             runs = self._saving_as_they_end(message, list(statuses), runs)
-        if len(runs) > 1:
-            results = yield defer.gatherResults(runs)
-        else:  # the common cases: one destination, or none free (no DeferredList either way)
-            results = [(yield runs[0])] if runs else []
-        attempted = any(r is not None for r in results) or len(pending) > sum(len(g.indexes) for g in groups.values())
+        delivering = defer.gatherResults(runs) if len(runs) > 1 else runs[0].addCallback(lambda r: [r])
+        return delivering.addCallback(self._recorded, message, statuses, pending, blocked, unrouted, started)
+
+    def _recorded(self, results: list[Any], message: QueuedMessage, statuses: list[RecipientStatus],
+                  pending: list[int], blocked: list[Hashable], unrouted: bool,
+                  started: float) -> defer.Deferred[None]:
+        attempted = unrouted or any(r is not None for r in results)
         for group_result in results:
             for i, reply, remote in group_result or ():
                 statuses[i] = record(statuses[i], reply, remote)
                 self._log(message, statuses[i], started)
-
         loaded = message
         if attempted:  # else nothing was recorded: the statuses are the loaded ones
             message = attrs.evolve(message, statuses=tuple(statuses), attempts=message.attempts + 1)
-        message = yield self.notifier.settle(message, pending)
+        settling = self.notifier.settle(message, pending)
+        settled = _now(settling)
+        if settled is _LATER:
+            return settling.addCallback(self._settled, loaded, blocked, attempted)
+        return self._settled(settled, loaded, blocked, attempted)
+
+    def _settled(self, message: QueuedMessage, loaded: QueuedMessage, blocked: list[Hashable],
+                 attempted: bool) -> defer.Deferred[None]:
         # unchanged: not attempted, nothing expired or warned (settle returned what it was given),
         # and the store still says all there is, due now (not after a flush)
         unchanged = message is loaded and loaded.next_attempt <= self.clock.seconds()
-        yield self._after_attempt(message, blocked, attempted, unchanged=unchanged)
+        saving = self._after_attempt(message, blocked, attempted, unchanged=unchanged)
+        return saving.addCallback(_nothing) if saving is not None else defer.succeed(None)
 
     def _saving_as_they_end(self, message: QueuedMessage, statuses: list[RecipientStatus],
                             runs: list[defer.Deferred[Any]]) -> list[defer.Deferred[Any]]:
@@ -659,3 +691,22 @@ class QueueManager:
 
 
 _OUTCOMES = {RecipientState.DELIVERED: "sent", RecipientState.FAILED: "bounced"}
+
+_LATER: Any = object()  # what _now says of a Deferred that has no result yet
+
+
+def _now(d: defer.Deferred[Any]) -> Any:
+    """The success result of ``d`` if it has one already (as Deferred.__iter__ reads it), else
+    ``_LATER``: the caller then adds its callbacks to ``d`` as for any Deferred (a failure is
+    left there for them, not raised)."""
+    if d.called and not d.paused and not isinstance(d.result, Failure):
+        return d.result
+    return _LATER
+
+
+def _deleted(failure: Failure) -> None:
+    failure.trap(KeyError)  # deleted meanwhile: nothing to attempt
+
+
+def _nothing(_: object) -> None:
+    return None

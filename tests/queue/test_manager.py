@@ -415,6 +415,36 @@ def test_a_store_failure_under_an_attempt_is_retried_not_forgotten():
     assert len(w.deliverer.calls) == 2 and qid not in w.store.messages
 
 
+@pytest.mark.parametrize("how", ["raises", "fails"])
+def test_a_load_that_breaks_is_retried_and_a_message_deleted_meanwhile_is_left_alone(how):
+    """A store's load may raise at once or fail later: either way the message is tried again on
+    the schedule (not forgotten, not a crash of the pump); KeyError means deleted: nothing to do."""
+    w = World()
+    real_load = w.store.load
+    broken = [OSError(5, "Input/output error")]
+
+    def load(queue_id):
+        if broken:
+            error = broken.pop()
+            if how == "raises":
+                raise error
+            return defer.fail(error)
+        return real_load(queue_id)
+
+    w.store.load = load
+    w.manager.start()
+    qid = w.send("a@example.test")
+    w.clock.advance(0)
+    assert w.deliverer.calls == [] and qid in w.store.messages
+    w.clock.advance(60)
+    assert len(w.deliverer.calls) == 1 and qid not in w.store.messages
+
+    broken.append(KeyError("gone"))
+    other = w.send("b@example.test")
+    w.clock.advance(0)
+    assert len(w.deliverer.calls) == 1 and other not in w.manager.scheduled()
+
+
 def test_a_blocked_message_is_delivered_when_its_destination_frees_though_never_saved():
     w, deliverer = capped(1)
     ids = [w.send(f"u{i}@example.test") for i in range(4)]
