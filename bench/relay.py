@@ -11,7 +11,8 @@ Scenarios (see bench/README.md):
   e2e      smtp-source → system → smtp-sink; clock stops when the sink has counted all N.
   accept   smtp-source → system, accept only; clock stops when smtp-source exits. mailrelay stores
            and fsyncs as always, its next hop never answers (delivery paused); aiosmtpd and
-           twisted.mail discard.
+           twisted.mail discard; "mailrelay durable" is our protocol with one durable write per
+           batch and nothing else (bench/mailrelay_durable_sink.py): the floor under the relay.
   sink     smtp-source → smtp-sink directly: the protocol ceiling of this machine.
   latency  our asyncio client: time from DATA's final dot to the 250 (p50/p90/p99).
 
@@ -48,7 +49,7 @@ from _peers import (  # noqa: E402
 )
 
 SCENARIOS = ("e2e", "accept", "sink", "latency", "large", "rss")
-SYSTEMS = ("mailrelay", "postfix", "aiosmtpd", "twisted.mail")
+SYSTEMS = ("mailrelay", "postfix", "aiosmtpd", "twisted.mail", "mailrelay durable")
 
 
 @attrs.define
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                                started)
                     if mr is not None:
                         accepts.append(mr)  # type: ignore[arg-type]
-            for name, script in (("aiosmtpd", "aiosmtpd_sink.py"), ("twisted.mail", "twisted_mail_sink.py")):
+            for name, script in (("aiosmtpd", "aiosmtpd_sink.py"), ("twisted.mail", "twisted_mail_sink.py"),
+                                 ("mailrelay durable", "mailrelay_durable_sink.py")):
                 if name in systems:
                     srv = start(name, lambda name=name, script=script: PythonServer(name, script), started)
                     if srv is not None:
