@@ -259,10 +259,13 @@ class Parser:
             end = -1
         ended = end >= 0
         if ended:
-            rest = buf[sum(map(len, lines[: end + 1])) + 2 * (end + 1) :]
+            cut = sum(map(len, lines[:end])) + 2 * end  # where the line "." starts
+            rest = buf[cut + 3 :]
             del lines[end:]
+        else:
+            cut = len(buf) - len(rest)
         self._buf = rest
-        chunk = self._text(lines) if lines else b""
+        chunk = self._text(lines, buf, cut) if lines else b""
         if not ended and len(rest) >= self.text_line_limit:
             # an unfinished line already too long: drop it as it comes, remember the error
             self.doom(DataError.LINE_TOO_LONG)
@@ -278,10 +281,12 @@ class Parser:
             return end_event
         return DataChunk(chunk) if chunk else None
 
-    def _text(self, lines: list[bytes]) -> bytes:
+    def _text(self, lines: list[bytes], buf: bytes, cut: int) -> bytes:
         """Complete lines of stuffed text, CRLFs split off (the first is the tail of an overlong
-        line when skipping) → the unstuffed text with its CRLFs."""
+        line when skipping), which are ``buf[:cut]`` → the unstuffed text with its CRLFs."""
+        start = 0
         if self._skipping_line:
+            start = len(lines[0]) + 2
             del lines[0]
             self._skipping_line = False
             if not lines:
@@ -295,8 +300,7 @@ class Parser:
         if max(map(len, lines)) > self.text_line_limit - 2:
             self.doom(DataError.LINE_TOO_LONG)
             return b""
-        lines.append(b"")
-        body = CRLF.join(lines)
+        body = buf[start:cut]  # the lines with their CRLFs: one copy, not a join of each line again
         if body[:1] == b".":
             body = body[1:]
         body = body.replace(b"\r\n.", CRLF)
