@@ -54,6 +54,11 @@ __all__ = ["ClientFailure", "ClientState", "ClientTimeouts", "SMTPClientProtocol
 
 log = Logger()
 
+# The positive replies of a transaction's steps (RFC 5321 4.3.2, RFC 3030): 250, and to RCPT also
+# 251 (will forward) or 252 (cannot verify, will try). A 220 or 221 there is a peer out of step.
+_OK = (250,)
+_SUCCESS = {"rcpt": (250, 251, 252)}
+
 
 class SMTPClientProtocol(Protocol):
     """One outbound ESMTP connection.
@@ -268,15 +273,16 @@ class SMTPClientProtocol(Protocol):
                 self._to(ClientState.READY)
 
     def _sane(self, r: Result, stage: str, go_ahead: bool = False) -> Result:
-        """A 2xx (a 3xx where we asked to go ahead), a 4xx/5xx, or the 451 a confused peer earns.
+        """The success this step can have (250; 251 or 252 to RCPT; 354 where we asked to go
+        ahead), a 4xx/5xx, or the 451 a confused peer earns.
 
-        A reply of the wrong class (354 to RCPT, 250 to DATA, 221 to MAIL...) means the peer and we
-        no longer agree where the session is: it counts as a temporary failure, and the connection
-        is dropped after the transaction (``_confused``).
+        Any other reply (354 to RCPT, 250 to DATA, 221 to MAIL, 220 to the final dot...) means the
+        peer and we no longer agree where the session is: it counts as a temporary failure, never
+        as a delivery, and the connection is dropped after the transaction (``_confused``).
         """
         if isinstance(r, ClientFailure) or r.code >= 400:
             return r
-        if (300 <= r.code < 400) if go_ahead else (200 <= r.code < 300):
+        if r.code == 354 if go_ahead else r.code in _SUCCESS.get(stage, _OK):
             return r
         self._confused = True
         return Reply(451, "4.5.0", f"unexpected reply to {stage.upper()}: {r}")
@@ -422,8 +428,8 @@ class SMTPClientProtocol(Protocol):
             self._write(b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data)
             waits.append(self._wait("bdat", self.timeouts.final if last else self.timeouts.data_block))
             if not self.pipelining or len(waits) > 4:
-                r = await waits.pop(0)
-                if isinstance(r, ClientFailure) or r.code // 100 != 2:
+                r = self._sane(await waits.pop(0), "bdat")
+                if isinstance(r, ClientFailure) or r.code != 250:
                     await self._drain(waits)
                     return r
             if last:
@@ -431,8 +437,8 @@ class SMTPClientProtocol(Protocol):
             chunk = nxt
         result: Result = Reply(250)
         for w in waits:
-            r = await w
-            if isinstance(r, ClientFailure) or r.code // 100 != 2:
+            r = self._sane(await w, "bdat")  # a chunk's odd 2xx is a peer out of step, as at the end
+            if isinstance(r, ClientFailure) or r.code != 250:
                 return r
             result = r
         return result

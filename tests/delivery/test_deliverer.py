@@ -388,6 +388,27 @@ def test_bdat_for_large_message_when_chunking_offered() -> None:
     assert [r.code for r, _ in h.result[0]] == [250, 250]  # type: ignore[union-attr]
 
 
+def test_an_odd_2xx_to_a_bdat_chunk_is_no_delivery() -> None:
+    """A 221 to one chunk among 250s is a peer out of step: a temporary failure, never sent."""
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.body = b"Subject: big\r\n\r\n" + b"x\r\n" * 400000
+    h.deliver()
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+    h.sent()
+    h.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n")
+    answered = 0
+    while not h.result:
+        data = h.sent()
+        assert data, "the client stopped before an answer"
+        while data:
+            header, _, rest = data.partition(b"\r\n")
+            data = rest[int(header.split()[1]):]
+            h.reply(b"221 2.0.0 bye\r\n" if answered == 1 else b"250 2.0.0 chunk\r\n")
+            answered += 1
+    assert [(r.code, r.enhanced) for r, _ in h.result[0]] == [(451, "4.5.0")] * 2  # type: ignore[union-attr]
+
+
 def test_8bit_message_to_peer_without_8bitmime_goes_as_is() -> None:
     from twisted.logger import globalLogPublisher
 

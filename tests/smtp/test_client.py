@@ -173,6 +173,21 @@ def test_final_reply_4xx_5xx(code: bytes) -> None:
     assert [r.code for r in out[0]] == [int(code[:3])] * 3  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("final", [b"220 ok", b"221 bye", b"251 ok", b"235 ok"])
+def test_an_odd_2xx_to_the_final_dot_is_no_delivery(final: bytes) -> None:
+    """Only 250 ends a message: any other 2xx there is a peer out of step, a temporary failure
+    (retried), never a delivery taken for granted; the connection is not used again."""
+    c = Conn()
+    out = c.send()
+    c.sent()
+    c.reply(b"250 ok\r\n" + b"251 2.1.5 will forward\r\n" + b"252 2.1.5 cannot verify\r\n" + b"250 ok\r\n"
+            + b"354 go\r\n")
+    c.sent()
+    c.reply(final + b"\r\n")
+    assert [(r.code, r.enhanced) for r in out[0]] == [(451, "4.5.0")] * 3  # type: ignore[union-attr]
+    assert not c.client.usable
+
+
 def test_mail_rejected_fails_with_stage_mail() -> None:
     c = Conn()
     out = c.send()
