@@ -56,8 +56,8 @@ log = Logger()
 
 # The positive replies of a transaction's steps (RFC 5321 4.3.2, RFC 3030): 250, and to RCPT also
 # 251 (will forward) or 252 (cannot verify, will try). A 220 or 221 there is a peer out of step.
-_OK = (250,)
 _SUCCESS = {"rcpt": (250, 251, 252)}
+_OK = (250,)  # every other step
 
 
 class SMTPClientProtocol(Protocol):
@@ -350,7 +350,7 @@ class SMTPClientProtocol(Protocol):
             return [r for r in replies if r is not None]
 
         if use_bdat:
-            final = self._sane(await self._send_bdat(body, binary=envelope.body == "BINARYMIME"), "bdat")
+            final = await self._send_bdat(body, binary=envelope.body == "BINARYMIME")  # each reply checked there
         else:
             if isinstance(data_reply, ClientFailure):
                 raise ClientFailure(data_reply.stage, data_reply.reason, None, replies)

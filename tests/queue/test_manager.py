@@ -62,6 +62,17 @@ def capped(per_destination: int, router: FakeRouter | None = None) -> tuple[Worl
     return w, deliverer
 
 
+def waiting_for_slow(per_destination: int, n: int) -> tuple[World, FakeRouter, int]:
+    """``capped`` with ``n`` messages sent to one destination and looked at once: the World,
+    its router, and how many routing questions that took."""
+    router = FakeRouter({"slow.test": route_to("127.0.0.1", 1)})
+    w, _ = capped(per_destination, router)
+    for i in range(n):
+        w.send(f"u{i}@slow.test")
+    w.clock.advance(0)
+    return w, router, len(router.calls)
+
+
 def test_committed_message_is_delivered_at_once_and_removed():
     w = World()
     w.manager.start()
@@ -558,12 +569,7 @@ def test_blocked_messages_deleted_meanwhile_do_not_use_up_the_wake_of_those_stil
 def test_messages_behind_a_busy_destination_are_looked_at_again_only_at_the_longest_interval():
     """Freed slots wake them; the fallback is the schedule's longest interval, not its first, or
     every message queued behind a slow destination would be loaded and routed again each time."""
-    router = FakeRouter({"slow.test": route_to("127.0.0.1", 1)})
-    w, _ = capped(2, router)
-    for i in range(20):
-        w.send(f"u{i}@slow.test")
-    w.clock.advance(0)
-    routed = len(router.calls)
+    w, router, routed = waiting_for_slow(2, 20)
     w.clock.advance(SCHEDULE[0])
     assert len(router.calls) == routed, "not at the first interval"
     w.clock.advance(SCHEDULE[-1] - SCHEDULE[0] - 1)
@@ -586,12 +592,7 @@ def test_new_routes_wake_the_messages_waiting_for_a_busy_destination():
 
 
 def test_the_same_router_set_again_wakes_nothing():
-    router = FakeRouter({"slow.test": route_to("127.0.0.1", 1)})
-    w, _ = capped(1, router)
-    for i in range(5):
-        w.send(f"u{i}@slow.test")
-    w.clock.advance(0)
-    routed = len(router.calls)
+    w, router, routed = waiting_for_slow(1, 5)
     w.manager.router = router  # a reload that kept it
     w.clock.advance(0)
     assert len(router.calls) == routed
