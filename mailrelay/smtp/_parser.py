@@ -36,6 +36,8 @@ import re
 
 import attrs
 
+from mailrelay import _ascii
+
 CRLF = b"\r\n"
 # Octet values for ``in`` tests: ``13 in data`` is one memchr, while ``b"\r" in data`` first tries
 # the argument as an integer and raises (and swallows) a TypeError every time: ~10x dearer.
@@ -239,7 +241,7 @@ class Parser:
         except UnicodeDecodeError:
             return BadLine(LineError.BAD_ENCODING)
         verb, _, arg = text.partition(" ")
-        return Command(verb.upper(), arg, text)
+        return Command(_ascii.upper(verb), arg, text)  # "quıt".upper() would be QUIT
 
     # -- DATA mode ------------------------------------------------------------------------------
 
@@ -371,7 +373,7 @@ _QUOTED = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|{_NA}|\\[\x20-\x7e])*"'
 _LET_DIG = rf"(?:[A-Za-z0-9]|{_NA})"
 _LABEL = rf"{_LET_DIG}(?:(?:[A-Za-z0-9\-]|{_NA})*{_LET_DIG})?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
-_LITERAL = r"\[[^\[\]\\\s]+\]"
+_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"  # dcontent (RFC 5321 4.1.3)
 _MAILBOX_RE = re.compile(rf"({_DOT_STRING}|{_QUOTED})@({_DOMAIN}|{_LITERAL})")
 _ROUTE_RE = re.compile(rf"@(?:{_DOMAIN}|{_LITERAL})(?:,@(?:{_DOMAIN}|{_LITERAL}))*:")
 _DOT_STRING_RE = re.compile(_DOT_STRING)
@@ -382,6 +384,7 @@ _QUOTED_ASCII = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
 _LABEL_ASCII = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
 _MAILBOX_ASCII_RE = re.compile(
     rf"({_ATOM_ASCII}(?:\.{_ATOM_ASCII})*|{_QUOTED_ASCII})@({_LABEL_ASCII}(?:\.{_LABEL_ASCII})*|{_LITERAL})")
+_ATOM_ASCII_RE = re.compile(_ATOM_ASCII)
 _KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _VALUE_RE = re.compile(rf"(?:[\x21-\x3c\x3e-\x7e]|{_NA})+")
 
@@ -433,12 +436,12 @@ def _quote(local: str) -> str:
 def _check_literal(lit: str) -> None:
     inner = lit[1:-1]
     try:
-        if inner[:5].lower() == "ipv6:":
+        if _ascii.lower(inner[:5]) == "ipv6:":
             ipaddress.IPv6Address(inner[5:])
         else:
             ipaddress.IPv4Address(inner)
     except ValueError:
-        raise PathError(f"bad address literal {lit}", syntax=False) from None
+        raise PathError(f"bad address literal {_ascii.printable(lit)}", syntax=False) from None
 
 
 def parse_mailbox(text: str) -> Path:
@@ -474,7 +477,7 @@ def split_path(arg: str, prefix: str) -> tuple[str, str]:
     inside a quoted local part does not close the path.
     """
     head = arg[: len(prefix) + 1]
-    if head.upper() != prefix + ":":
+    if _ascii.upper(head) != prefix + ":":
         raise PathError(f"syntax: {prefix}:<address>")
     rest = arg[len(prefix) + 1 :].lstrip(" ")
     if not rest.startswith("<"):
@@ -512,7 +515,7 @@ def parse_path(inner: str, *, allow_null: bool, allow_postmaster: bool) -> Path:
         if allow_null:
             return Path("")
         raise PathError("empty address", syntax=False)
-    if allow_postmaster and inner.lower() == "postmaster":
+    if allow_postmaster and _ascii.lower(inner) == "postmaster":
         return Path("postmaster", "postmaster")
     route: tuple[str, ...] = ()
     if inner.startswith("@"):
@@ -538,7 +541,7 @@ def parse_params(text: str) -> dict[str, str | None]:
             continue
         key, eq, value = item.partition("=")
         if not _KEYWORD_RE.fullmatch(key) or (eq and not _VALUE_RE.fullmatch(value)):
-            raise PathError(f"bad parameter {item!r}")
+            raise PathError(f"bad parameter {_ascii.printable(item)}")
         key = key.upper()
         if key in params:
             raise PathError(f"parameter {key} repeated")
@@ -546,16 +549,29 @@ def parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
+def is_addr_type(text: str) -> bool:
+    """ORCPT's addr-type (RFC 3461 4.2): an ASCII atom such as ``rfc822``."""
+    return _ATOM_ASCII_RE.fullmatch(text) is not None
+
+
 def decode_xtext(value: str) -> str:
-    """RFC 3461 4: ``+XX`` hex escapes (ENVID, ORCPT)."""
+    """RFC 3461 4: ``+XX`` hex escapes (ENVID, ORCPT), two ASCII upper-case hex digits each.
+
+    What they spell must be printable ASCII (RFC 3461 4.4; an address outside ASCII is the
+    ``utf-8`` addr-type's ``\\x{..}`` form, RFC 6533): a ``+C3+A9`` is refused rather than read as
+    two Latin-1 characters, which would be passed on as four octets.
+    """
     out, i = [], 0
     while i < len(value):
         c = value[i]
         if c == "+":
             hexpart = value[i + 1 : i + 3]
-            if len(hexpart) != 2 or not all(h in "0123456789ABCDEF" for h in hexpart):
+            if len(hexpart) != 2 or not _ascii.is_hex(hexpart, upper_only=True):
                 raise PathError("bad xtext")
-            out.append(chr(int(hexpart, 16)))
+            octet = int(hexpart, 16)
+            if not 0x20 <= octet <= 0x7E:
+                raise PathError("bad xtext")
+            out.append(chr(octet))
             i += 3
             continue
         if not ("!" <= c <= "~") or c == "=":

@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from mailrelay import _ascii
 from mailrelay.envelope import Envelope, Recipient, Reply
 from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IMessageSink, IMessageWriter, IPolicy
@@ -529,13 +530,13 @@ class Session:
     # -- commands -------------------------------------------------------------------------------
 
     def _ehlo(self, arg: str) -> None:
-        self._greet(arg.strip(), esmtp=True)
+        self._greet(_ascii.strip(arg), esmtp=True)
 
     def _helo(self, arg: str) -> None:
-        self._greet(arg.strip(), esmtp=False)
+        self._greet(_ascii.strip(arg), esmtp=False)
 
     def _greet(self, name: str, esmtp: bool) -> None:
-        if not name or " " in name:
+        if not name or " " in name or not name.isprintable():  # one word, no blank or control of any script
             self.reply(R.HELO_SYNTAX)
             return
 
@@ -548,7 +549,7 @@ class Session:
             info.helo, info.esmtp = name, esmtp
             self.state = _READY
             if esmtp:
-                greeting = f"250-{self.settings.hostname} Hello {name} [{info.client_address}]\r\n"
+                greeting = f"250-{self.settings.hostname} Hello {_ascii.printable(name)} [{info.client_address}]\r\n"
                 self._send(greeting.encode() + self._ehlo_tail())
             else:
                 self.reply(Reply(250, None, self.settings.hostname))
@@ -629,13 +630,14 @@ class Session:
             return Reply(555, "5.5.4", "Error: parameters need EHLO")
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                size = _ascii.number(value or "", 20)
+                if size is None:
                     return Reply(501, "5.5.4", "Bad SIZE parameter")
-                txn.size = int(value)
+                txn.size = size
                 if txn.size > self.settings.max_message_size:
                     return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
-                body = (value or "").upper()
+                body = _ascii.upper(value or "")
                 if body not in ("7BIT", "8BITMIME", "BINARYMIME") or (
                     body == "BINARYMIME" and not self.settings.chunking
                 ):
@@ -646,7 +648,7 @@ class Session:
                     return Reply(501, "5.5.4", "SMTPUTF8 takes no value")
                 txn.smtputf8 = True
             elif key == "RET" and self.settings.dsn:
-                ret = (value or "").upper()
+                ret = _ascii.upper(value or "")
                 if ret not in ("FULL", "HDRS"):
                     return Reply(501, "5.5.4", "Bad RET parameter")
                 txn.ret = ret
@@ -687,7 +689,7 @@ class Session:
         orcpt: str | None = None
         for key, value in params.items():
             if key == "NOTIFY" and self.settings.dsn:
-                items = tuple((value or "").upper().split(","))
+                items = tuple(_ascii.upper(value or "").split(","))
                 if not (items == ("NEVER",) or (items and set(items) <= _NOTIFY and len(set(items)) == len(items))):
                     self.reply(Reply(501, "5.5.4", "Bad NOTIFY parameter"))
                     return
@@ -698,7 +700,7 @@ class Session:
                     decoded = p.decode_xtext(xtext) if semi else ""
                 except p.PathError:
                     decoded = ""
-                if not decoded or not addr_type or len(value or "") > 500:
+                if not decoded or not p.is_addr_type(addr_type) or len(value or "") > 500:
                     self.reply(Reply(501, "5.5.4", "Bad ORCPT parameter"))
                     return
                 orcpt = f"{addr_type};{decoded}"
@@ -756,7 +758,7 @@ class Session:
         if not txn.recipients:
             self.reply(R.NO_VALID_RCPT if txn.rcpt_attempts else R.NEED_RCPT)
             return
-        if arg.strip():
+        if _ascii.strip(arg):
             self.reply(R.NO_ARGUMENTS)
             return
         if txn.bdat_started or txn.body == "BINARYMIME":
@@ -782,7 +784,7 @@ class Session:
     _envelope_in_data: Envelope
 
     def _rset(self, arg: str) -> None:
-        if arg.strip():
+        if _ascii.strip(arg):
             self.reply(R.NO_ARGUMENTS)
             return
         self._reset()
@@ -795,7 +797,7 @@ class Session:
         self._close(R.BYE)
 
     def _vrfy(self, arg: str) -> None:
-        self.reply(R.VRFY if arg.strip() else Reply(501, "5.5.4", "Syntax: VRFY address"))
+        self.reply(R.VRFY if _ascii.strip(arg) else Reply(501, "5.5.4", "Syntax: VRFY address"))
 
     def _expn(self, arg: str) -> None:
         self.reply(R.NOT_IMPLEMENTED)
@@ -809,7 +811,7 @@ class Session:
         if not self.settings.starttls:
             self.reply(R.NOT_IMPLEMENTED)
             return
-        if arg.strip():
+        if _ascii.strip(arg):
             self.reply(R.NO_ARGUMENTS)
             return
         self.reply(R.READY_TLS)
@@ -844,8 +846,8 @@ class Session:
         if not (self.tls_active or self.settings.allow_plaintext_auth):
             self.reply(Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
             return
-        mechanism, _, initial = arg.strip().partition(" ")
-        mechanism = mechanism.upper()
+        mechanism, _, initial = _ascii.strip(arg).partition(" ")
+        mechanism = _ascii.upper(mechanism)
         if mechanism not in self.settings.auth_mechanisms or mechanism not in sasl.MECHANISMS:
             self.reply(Reply(504, "5.5.4", "Unrecognized authentication type"))
             return
@@ -886,7 +888,7 @@ class Session:
             self._sasl = None
             self.reply(Reply(501, "5.5.2", "Cannot decode response"))
             return
-        line = event.line.strip()
+        line = _ascii.strip(event.line)
         if line == "*":
             self._sasl = None
             self.reply(Reply(501, "5.7.0", "Authentication aborted"))
@@ -926,14 +928,13 @@ class Session:
         if not self.settings.chunking:
             self.reply(R.UNKNOWN_COMMAND)
             return
-        parts = arg.split()
-        if not (1 <= len(parts) <= 2) or not parts[0].isdigit() or len(parts[0]) > 18 or (
-            len(parts) == 2 and parts[1].upper() != "LAST"
-        ):
+        parts = _ascii.split(arg)
+        size = _ascii.number(parts[0], 18) if 1 <= len(parts) <= 2 else None
+        if size is None or (len(parts) == 2 and _ascii.upper(parts[1]) != "LAST"):
             # without a size we cannot tell its octets from commands: stop here
             self._close(Reply(501, "5.5.4", "Syntax: BDAT size [LAST]"))
             return
-        size, last = int(parts[0]), len(parts) == 2
+        last = len(parts) == 2
         txn = self._txn
         problem: Reply | None = None
         if self.state is _GREETED:
