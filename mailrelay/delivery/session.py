@@ -15,6 +15,7 @@ from twisted.internet.endpoints import connectProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay import _ascii
 from mailrelay.delivery._connect import connect_error_text, endpoint_for, hop_label
 from mailrelay.delivery.pool import Session
 from mailrelay.delivery.tls import ClientTLS, tls_info
@@ -132,7 +133,7 @@ class SessionOpener:
         if not client.tls and not route.allow_plaintext_auth:
             raise HopFailure(Reply(451, "4.7.0", f"not sending credentials to {remote} over an unencrypted "
                                    "connection (allow_plaintext_auth is off)"), remote)
-        mechanisms = client.extensions.get("AUTH", "").upper().split()
+        mechanisms = _ascii.split(_ascii.upper(client.extensions.get("AUTH", "")))
         user, password = route.auth
         client.set_state(ClientState.BUSY)
         if "PLAIN" in mechanisms:

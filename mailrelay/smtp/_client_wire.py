@@ -8,12 +8,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
+from mailrelay import _ascii
 from mailrelay.envelope import Envelope, Recipient, Reply
 
 MAX_REPLY_LINE = 4096  # RFC 5321 says 512; real servers send longer text lines
 MAX_REPLY_LINES = 1000
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+_ENHANCED = re.compile(r"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |$)")  # ASCII digits, not \d
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 
 
@@ -108,11 +109,12 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
     """The extensions of an EHLO reply: upper-case keyword → its parameters (``""`` if none)."""
     ext: dict[str, str] = {}
     for line in reply.lines()[1:]:
-        keyword, _, params = line.strip().partition(" ")
-        if keyword.upper().startswith("AUTH="):  # the pre-RFC 4954 spelling some servers still send
-            ext.setdefault("AUTH", f"{keyword[5:]} {params}".strip())
+        keyword, _, params = _ascii.strip(line).partition(" ")
+        keyword = _ascii.upper(keyword)  # "ſize".upper() would be SIZE
+        if keyword.startswith("AUTH="):  # the pre-RFC 4954 spelling some servers still send
+            ext.setdefault("AUTH", _ascii.strip(f"{keyword[5:]} {params}"))
         elif keyword:
-            ext[keyword.upper()] = params.strip()
+            ext[keyword] = _ascii.strip(params)
     return ext
 
 

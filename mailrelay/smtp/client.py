@@ -26,6 +26,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay import _ascii
 from mailrelay.envelope import Envelope, Recipient, Reply
 from mailrelay.smtp import _direct
 from mailrelay.smtp._client_body import CHUNK_SIZE, BodyProducer
@@ -145,11 +146,8 @@ class SMTPClientProtocol(Protocol):
 
     @property
     def size_limit(self) -> int | None:
-        """The SIZE the peer declared (``0``/absent: no declared limit → ``None``)."""
-        value = self.extensions.get("SIZE")
-        if value is None or not value.isdigit() or int(value) == 0:
-            return None
-        return int(value)
+        """The SIZE the peer declared (``0``, absent or not ASCII digits: no declared limit → ``None``)."""
+        return _ascii.number(self.extensions.get("SIZE", ""), 20) or None
 
     def send(self, envelope: Envelope, recipients: Sequence[Recipient], body: IO[bytes],
              size: int | None = None, extra_mail_params: Sequence[str] = (),
