@@ -33,6 +33,7 @@ from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from mailrelay import _ascii
 from mailrelay.delivery.tls import load_trust_root
 from mailrelay.errors import TemporaryFailure
 
@@ -117,10 +118,10 @@ def parse_policy(body: bytes | str, policy_id: str) -> Policy:
     fields: dict[str, str] = {}
     mx: list[str] = []
     for raw in body.replace("\r\n", "\n").split("\n"):
-        if not raw.strip():
+        if not _ascii.strip(raw):
             continue
         key, colon, value = raw.partition(":")
-        key, value = key.strip(), value.strip(" \t")
+        key, value = _ascii.strip(key), _ascii.strip(value)
         if not colon or not _EXT_NAME.fullmatch(key):
             raise PolicyError(f"malformed policy line {raw[:80]!r}")
         if key == "mx":
@@ -134,15 +135,16 @@ def parse_policy(body: bytes | str, policy_id: str) -> Policy:
     except ValueError:
         raise PolicyError(f"mode must be enforce, testing or none, not {fields.get('mode')!r}") from None
     age = fields.get("max_age", "")
-    if not (age.isascii() and age.isdigit() and len(age) <= 10 and int(age) <= MAX_AGE_LIMIT):
+    max_age = _ascii.number(age, 10)
+    if max_age is None or max_age > MAX_AGE_LIMIT:
         raise PolicyError(f"max_age must be 0-{MAX_AGE_LIMIT} seconds, not {age!r}")
     if not mx and mode is not Mode.NONE:
         raise PolicyError(f"a policy in mode {mode} must list mx patterns")
-    return Policy(policy_id, mode, tuple(mx), int(age))
+    return Policy(policy_id, mode, tuple(mx), max_age)
 
 
 def _mx_pattern(value: str) -> str:
-    name = value.lower().rstrip(".")
+    name = _ascii.lower(value).rstrip(".")  # the Kelvin sign is not "k"
     labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
     if not all(_LABEL.fullmatch(label) for label in labels):
         raise PolicyError(f"invalid mx pattern {value!r}")
