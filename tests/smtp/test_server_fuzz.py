@@ -4,6 +4,7 @@ and the hashed password file checker."""
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.logger import globalLogPublisher
 
 from mailrelay.config import ServerConfig
+from mailrelay.smtp._client_wire import ReplyParser
 from mailrelay.smtp.auth import HashedPasswordFile, decode_plain, hash_password, verify_password
 from tests.smtp.fakes import Conn
 
@@ -54,6 +56,55 @@ def test_any_session_input_never_raises_and_stays_bounded(pieces: list[bytes], c
         globalLogPublisher.removeObserver(observer)
     assert errors == []
 
+
+
+# -- the non-ASCII alphabet: other scripts' digits, case mappings and blanks (issue 19 item 2) -------
+
+NON_ASCII = "²١٤０９\u00a0\u3000\u2028\u200bıſﬆ\u212a"
+SLOT = NON_ASCII + "0123456789 LAST,;+=:<>@.successFULLhdrsplain"
+TEMPLATES = ["EHLO {}", "HELO c{}", "MAIL FROM:<a@example.org> SIZE={}", "MAIL FROM:<a@example.org> BODY={}",
+             "MAIL FROM:<a@example.org> RET={} ENVID={}", "MAIL FROM:<a@[{}]>", "RCPT TO:<u@example.test> NOTIFY={}",
+             "RCPT TO:<u@example.test> ORCPT={};u+40example.test", "RCPT TO:<u@example.test> ORCPT=rfc822;{}",
+             "BDAT {}", "BDAT {} LAST", "BDAT 4{}LAST", "DATA{}", "DATA {}", "RSET {}", "{}QUIT", "qu{}t", "AUTH {}",
+             "AUTH PLAIN {}", "STARTTLS {}", "NOOP{}", "VRFY {}", "{}", "Subject: {}", "."]
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])[\x20-\x7e]*")
+
+
+def _lines(template: str, fills: list[str]) -> bytes:
+    return (template.format(*(fills * 2)[: template.count("{}")]) + "\r\n").encode()
+
+
+@given(st.lists(st.tuples(st.sampled_from(TEMPLATES), st.lists(st.text(SLOT, max_size=6), min_size=2, max_size=2)),
+                max_size=30),
+       st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_non_ascii_digits_and_blanks_get_well_formed_replies(commands: list[tuple[str, list[str]]], ehlo: bool) -> None:
+    errors = []
+
+    def observer(event):
+        if event.get("log_failure") is not None:
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        c = Conn(config=CONFIG, client="192.0.2.7")
+        c.send((b"EHLO c\r\n" if ehlo else b"") + b"".join(_lines(t, fills) for t, fills in commands))
+        c.clock.advance(700)
+        assert c.closed
+        c.proto.connectionLost(None)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert errors == []
+    out = c.transport.value()
+    assert out.endswith(b"\r\n")
+    code = None  # of the multiline reply in progress
+    for line in out.split(b"\r\n")[:-1]:
+        m = _REPLY_LINE.fullmatch(line)
+        assert m, line
+        assert code in (None, m.group(1)), out
+        code = m.group(1) if m.group(2) == b"-" else None
+    for reply in ReplyParser().feed(out):  # what a client reads: error replies carry their enhanced code
+        assert reply.code < 400 or (reply.enhanced or "")[:1] == str(reply.code)[0], reply
 
 def test_password_hashes() -> None:
     h = hash_password("pässword", iterations=1000)
