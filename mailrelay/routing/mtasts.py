@@ -144,7 +144,7 @@ def parse_policy(body: bytes | str, policy_id: str) -> Policy:
 
 
 def _mx_pattern(value: str) -> str:
-    name = _ascii.lower(value).rstrip(".")  # the Kelvin sign is not "k"
+    name = value.lower().rstrip(".")
     labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
     if not all(_LABEL.fullmatch(label) for label in labels):
         raise PolicyError(f"invalid mx pattern {value!r}")
