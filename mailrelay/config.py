@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from mailrelay.address import DomainError, canonical_domain
 from mailrelay.errors import ConfigError
 
 T = TypeVar("T")
@@ -155,10 +156,12 @@ def _network(v: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def _domain(v: object) -> str:
-    s = _string(v).strip().rstrip(".").lower()
-    if not s:
-        raise ValueError("empty domain")
-    return s
+    """One canonical form (``mailrelay.address.canonical_domain``), so config and mail compare alike."""
+    s = _string(v).strip(" \t")
+    try:
+        return canonical_domain(s[:-1] if s.endswith(".") else s)
+    except DomainError as e:
+        raise ValueError(str(e)) from None
 
 
 def _thread_count(v: object) -> int:
