@@ -294,9 +294,14 @@ class Session:
         self.out.write(wire if wire is not None else reply.encode())
         if reply.code >= 400:
             self.observer.command_rejected(self._verb, reply)
-            self.errors += 1
-            if self.errors >= self.settings.max_errors and reply.code != 421:
-                self._close(R.TOO_MANY_ERRORS)
+            # Only client mistakes count toward max_errors: a 5xx refusal of what it sent. A 4xx is
+            # the protocol working or our own trouble (452 4.5.3 over max_recipients, RFC 5321
+            # 4.5.3.1.10; a policy's "try later"; 451 local error), and ending the session for it
+            # would lose the recipients already accepted.
+            if reply.code >= 500:
+                self.errors += 1
+                if self.errors >= self.settings.max_errors:
+                    self._close(R.TOO_MANY_ERRORS)
 
     def _send(self, wire: bytes) -> None:
         """A success reply already in wire form (no error counting to do)."""
