@@ -195,3 +195,13 @@ def test_bad_input_gets_clear_replies_and_the_session_survives(smtp_sink, relay_
         client.sendmail("a@example.org", ["b@example.test"], message(9))
     smtp_sink.wait_for(1)
     assert split_received(smtp_sink.transactions()[0].data)[1] == message(9)
+
+
+def test_duplicate_recipients_reach_the_next_hop_once(smtp_sink, relay_factory):
+    """Each RCPT gets its 250; the queued envelope, and so the next hop, has the mailbox once."""
+    relay = relay_factory(route_to(smtp_sink.port))
+    rcpts = ["dup@local.test", "dup@local.test", "dup@LOCAL.TEST", "other@local.test"]
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.example.org") as client:
+        assert client.sendmail("sender@example.org", rcpts, message(7)) == {}
+    smtp_sink.wait_for(1)
+    assert [t.recipients for t in smtp_sink.transactions()] == [["dup@local.test", "other@local.test"]]
