@@ -122,6 +122,7 @@ class SessionSettings:
     max_auth_failures: int = 3
     max_hops: int = 50  # more Received headers than this: a mail loop (554 5.4.6)
     greet_delay: float = 0.0  # wait this long before the greeting; talking before it is rejected
+    limit_trusted: bool = False  # greet_delay for trusted clients too (Postfix exempts mynetworks)
     trace_header: Callable[[SessionInfo, Envelope, str, float], bytes] = received_header
     # The extension lines of the EHLO reply on the wire, by (STARTTLS offered, AUTH offered): the
     # same for every session of a listener, so built once (a cache, not a setting).
@@ -386,7 +387,7 @@ class Session:
         if objection is not None:
             self._close(objection)
             return
-        if self.settings.greet_delay > 0:
+        if self.settings.greet_delay > 0 and (self.settings.limit_trusted or not self.info.trusted):
             self._greet_call = self.clock.callLater(self.settings.greet_delay, self._send_greeting)  # type: ignore[attr-defined]
         else:
             self._send_greeting()

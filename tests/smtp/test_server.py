@@ -577,3 +577,32 @@ def test_a_policy_asking_to_try_later_is_no_client_error() -> None:
     assert c.codes() == [250] + [450] * 10 + [250] and not c.closed
     c.send("RCPT TO:<no1@example.test>\r\nRCPT TO:<no2@example.test>\r\nRCPT TO:<no3@example.test>\r\n")
     assert c.codes() == [550, 550, 550, 421] and c.closed
+
+
+def test_trusted_networks_are_exempt_from_the_per_ip_cap_unless_configured() -> None:
+    """As Postfix exempts mynetworks (smtpd_client_event_limit_exceptions); the total cap still holds."""
+    from mailrelay.policy import build_policy
+
+    nets = (ipaddress.ip_network("192.0.2.0/24"),)
+    config = ServerConfig(hostname="mx.example.test", trusted_networks=nets, max_connections=10,
+                          max_connections_per_ip=2)
+    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), Clock())
+    trusted = [Conn(factory=factory, client="192.0.2.1") for _ in range(4)]
+    assert [c.codes() for c in trusted] == [[220]] * 4
+    stranger = [Conn(factory=factory, client="198.51.100.1") for _ in range(3)]
+    assert [c.codes() for c in stranger[:2]] == [[220], [220]]
+    assert stranger[2].replies() == [(421, "4.7.0 Error: too many connections from your address")]
+    factory.reconfigure(attrs.evolve(config, limit_trusted_clients=True))  # SIGHUP: capped again
+    assert Conn(factory=factory, client="192.0.2.1").replies() == [
+        (421, "4.7.0 Error: too many connections from your address")]
+
+
+def test_trusted_clients_are_greeted_without_the_greet_delay_unless_configured() -> None:
+    nets = (ipaddress.ip_network("192.0.2.0/24"),)
+    config = ServerConfig(hostname="mx.example.test", trusted_networks=nets, greet_delay=2.0)
+    assert Conn(config=config, client="192.0.2.7").codes() == [220]
+    assert Conn(config=config, client="198.51.100.7").codes() == []
+    limited = Conn(config=attrs.evolve(config, limit_trusted_clients=True), client="192.0.2.7")
+    assert limited.codes() == []
+    limited.clock.advance(2)
+    assert limited.codes() == [220]
