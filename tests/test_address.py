@@ -55,3 +55,22 @@ def test_patterns_and_matching_use_the_canonical_form() -> None:
     assert not domain_matches("ｌｏｃａｌ.ｔｅｓｔ", canonical_pattern("local.test"))
     with pytest.raises(DomainError):
         canonical_pattern("ｌｏｃａｌ.ｔｅｓｔ")
+
+
+@pytest.mark.parametrize("domain", LOOK_ALIKES)
+def test_the_parser_refuses_a_look_alike_in_either_path(domain: str) -> None:
+    """MAIL FROM gets 501 5.1.7 and RCPT TO 501 5.1.3; the session goes on."""
+    from tests.smtp.fakes import Conn
+
+    c = Conn()
+    c.ehlo()
+    c.send(f"MAIL FROM:<a@{domain}> SMTPUTF8\r\nMAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@{domain}>\r\n")
+    assert [(code, text[:5]) for code, text in c.replies()] == [(501, "5.1.7"), (250, "2.1.0"), (501, "5.1.3")]
+
+
+def test_an_international_name_is_passed_on_as_written_and_routed_by_its_a_label() -> None:
+    from mailrelay.smtp._parser import parse_mailbox
+
+    path = parse_mailbox("jörg@Faß.example")
+    assert path.address == "jörg@Faß.example"  # as written: it is the name compared, ASCII case aside
+    assert split(path.address) == ("jörg", "xn--fa-hia.example")  # not fass.example (IDNA 2003)
