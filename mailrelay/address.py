@@ -16,7 +16,8 @@ import re
 
 import idna
 
-_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_LDH_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_LDH_DOMAIN = re.compile(rf"(?:{_LDH_LABEL}\.)*{_LDH_LABEL}")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -39,7 +40,7 @@ def canonical_domain(domain: str) -> str:
     if d.startswith("["):
         return d
     if d.isascii() and "xn--" not in d:
-        if not all(_LDH_LABEL.fullmatch(label) for label in d.split(".")):
+        if not _LDH_DOMAIN.fullmatch(d):
             raise DomainError(f"{domain!r} is not a domain name (letters, digits, '-' and dots)")
         return d
     labels = []
