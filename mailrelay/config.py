@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from mailrelay.address import DomainError, canonical_domain
 from mailrelay.errors import ConfigError
 
 T = TypeVar("T")
@@ -155,10 +156,12 @@ def _network(v: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def _domain(v: object) -> str:
-    s = _string(v).strip().rstrip(".").lower()
-    if not s:
-        raise ValueError("empty domain")
-    return s
+    """One canonical form (``mailrelay.address.canonical_domain``), so config and mail compare alike."""
+    s = _string(v).strip(" \t")
+    try:
+        return canonical_domain(s[:-1] if s.endswith(".") else s)
+    except DomainError as e:
+        raise ValueError(str(e)) from None
 
 
 def _thread_count(v: object) -> int:
@@ -190,6 +193,9 @@ class ServerConfig:
     max_errors: int = 20
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    # per-client limits (max_connections_per_ip, greet_delay) for trusted_networks too; Postfix
+    # exempts mynetworks from its client limits, and so do we unless this is true
+    limit_trusted_clients: bool = False
     command_line_limit: int = 512
     text_line_limit: int = 1000
     idle_timeout: float = 300.0
@@ -314,6 +320,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         max_errors=s.get("max_errors", 20, _positive_int),
         max_connections=s.get("max_connections", 1000, _positive_int),
         max_connections_per_ip=s.get("max_connections_per_ip", 50, _positive_int),
+        limit_trusted_clients=s.get("limit_trusted_clients", False, types=bool),
         command_line_limit=s.get("command_line_limit", 512, _positive_int),
         text_line_limit=s.get("text_line_limit", 1000, _positive_int),
         idle_timeout=s.get("idle_timeout", 300.0, parse_duration),

@@ -73,7 +73,7 @@ def from_domain(head: bytes) -> str | None:
     addresses = getaddresses([m.group(1).decode("utf-8", "replace")])
     for _, address in addresses:
         if "@" in address:
-            return domain_of(address).lower()
+            return domain_of(address)  # canonical; str.lower() would fold look-alikes (U+212A)
     return None
 
 
@@ -88,7 +88,7 @@ class DKIMSigner:
         return cls(load_keys(config, source))
 
     def key_for(self, envelope: Envelope, head: bytes) -> DomainKey | None:
-        for domain in (from_domain(head), domain_of(envelope.sender).lower() if envelope.sender else None):
+        for domain in (from_domain(head), domain_of(envelope.sender) if envelope.sender else None):
             if domain and domain in self.keys:
                 return self.keys[domain]
         return None

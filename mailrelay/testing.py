@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from mailrelay.address import domain_of
+from mailrelay.address import ascii_lower, domain_of
 from mailrelay.envelope import Envelope, NextHop, QueuedMessage, Recipient, Reply, Route
 from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IDeliverer, IMessageWriter, IQueueStore, IRouter
@@ -235,17 +235,17 @@ class FakeRouter:
 
     An answer is a ``Route``, ``None`` ("not mine"), a ``TemporaryFailure``/``PermanentFailure`` to
     raise, or a callable ``(recipient, envelope)`` returning any of those or a Deferred. The full
-    address is looked up first (lower-cased), then its domain, then ``"*"``. ``calls`` records
+    address is looked up first (ASCII letters lower-cased), then its domain, then ``"*"``. ``calls`` records
     every question.
     """
 
     def __init__(self, mapping: Mapping[str, RouterAnswer]) -> None:
-        self.mapping = {k.lower(): v for k, v in mapping.items()}
+        self.mapping = {ascii_lower(k): v for k, v in mapping.items()}
         self.calls: list[tuple[str, Envelope]] = []
 
     def route(self, recipient: str, envelope: Envelope) -> Any:
         self.calls.append((recipient, envelope))
-        key = recipient.lower()
+        key = ascii_lower(recipient)
         for candidate in (key, domain_of(key), "*"):
             if candidate in self.mapping:
                 answer = self.mapping[candidate]

@@ -106,3 +106,15 @@ def test_hostport(value, expected):
 def test_bad_hostport(value):
     with pytest.raises(ValueError):
         config.parse_hostport(value)
+
+
+@pytest.mark.parametrize("domain", ["ｌｏｃａｌ.ｔｅｓｔ", "local。test", "lo\u200bcal.test", "local.test\u3000", "a_b.test"])
+def test_a_configured_domain_must_be_a_valid_name_as_written(domain):
+    """No mapping makes a look-alike in the config match (or stand for) another name."""
+    assert f"relay.toml: server.local_domains[0]: {domain!r} is not" in error_of(
+        f'[server]\nlocal_domains = ["{domain}"]\n')
+
+
+def test_configured_domains_are_kept_in_canonical_form():
+    c = config.loads("[server]\nlocal_domains = ['Bücher.Example', 'faß.example']\n", "relay.toml")
+    assert c.server.local_domains == ("xn--bcher-kva.example", "xn--fa-hia.example")

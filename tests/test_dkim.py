@@ -112,3 +112,16 @@ def test_dkim_domains_need_a_key_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         config.loads('[dkim]\ndomains = ["example.org"]\n', "d.toml")
     assert "dkim.key_file" in str(e.value)
+
+
+def test_a_look_alike_sender_domain_does_not_choose_our_key():
+    """str.lower() folds the Kelvin sign (U+212A) to "k": k\u212aey.test must not sign as kkey.test."""
+    from mailrelay.dkim import DKIMSigner, DomainKey
+    from mailrelay.envelope import Envelope, Recipient
+
+    signer = DKIMSigner({"key.test": DomainKey("key.test", "s1", b"")})
+    for domain in ("\u212aey.test", "ｋｅｙ.test", "key。test"):
+        head = f"From: a@{domain}\r\nSubject: x\r\n\r\n".encode()
+        envelope = Envelope(f"a@{domain}", (Recipient("b@example.org"),))
+        assert signer.key_for(envelope, head) is None
+    assert signer.key_for(Envelope("a@KEY.test", (Recipient("b@example.org"),)), b"\r\n\r\n") is not None

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import subprocess
 import time
 
 import pytest
 
-from tests.peers import SMTPSink, free_port
+from tests.peers import SMTPSink, free_port, require
 from tests.relay import RelayProcess
 
 pytestmark = pytest.mark.integration
@@ -195,3 +196,30 @@ def test_bad_input_gets_clear_replies_and_the_session_survives(smtp_sink, relay_
         client.sendmail("a@example.org", ["b@example.test"], message(9))
     smtp_sink.wait_for(1)
     assert split_received(smtp_sink.transactions()[0].data)[1] == message(9)
+
+
+def test_duplicate_recipients_reach_the_next_hop_once(smtp_sink, relay_factory):
+    """Each RCPT gets its 250; the queued envelope, and so the next hop, has the mailbox once."""
+    relay = relay_factory(route_to(smtp_sink.port))
+    rcpts = ["dup@local.test", "dup@local.test", "dup@LOCAL.TEST", "other@local.test"]
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.example.org") as client:
+        assert client.sendmail("sender@example.org", rcpts, message(7)) == {}
+    smtp_sink.wait_for(1)
+    assert [t.recipients for t in smtp_sink.transactions()] == [["dup@local.test", "other@local.test"]]
+
+
+def test_trusted_clients_are_not_held_to_the_per_ip_cap(smtp_sink, relay_factory):
+    """Postfix exempts mynetworks from its client limits: 127.0.0.1 (trusted by default) keeps 20
+    sessions open at once under max_connections_per_ip = 10, and smtp-source -s 50 gets all through."""
+    relay = relay_factory('[server]\nmax_connections_per_ip = 10\n' + route_to(smtp_sink.port))
+    held = [socket.create_connection(("127.0.0.1", relay.port), timeout=10) for _ in range(20)]
+    try:
+        greetings = [s.makefile("rb").readline() for s in held]
+        assert all(g.startswith(b"220 ") for g in greetings), greetings
+    finally:
+        for s in held:
+            s.close()
+    subprocess.run([require("smtp-source"), "-s", "50", "-m", "100", "-l", "300", "-N", "-f", "s@example.org",
+                    "-t", "r@example.test", f"127.0.0.1:{relay.port}"], check=True, timeout=60,
+                   stdout=subprocess.DEVNULL)
+    smtp_sink.wait_for(100)

@@ -78,3 +78,11 @@ def test_fake_router_lookup_order():
     with pytest.raises(TemporaryFailure):
         r2.route("x@y.test", ENV)
     assert len(r.calls) == 4
+
+
+def test_fake_router_does_not_fold_look_alikes() -> None:
+    from mailrelay.envelope import Envelope, Recipient
+    from mailrelay.testing import FakeRouter
+
+    router = FakeRouter({"k@example.test": None, "*": "fallback"})
+    assert router.route("\u212a@example.test", Envelope("", (Recipient("x@example.test"),))) == "fallback"

@@ -5,8 +5,9 @@ send to ``local_domains`` and ``relay_domains`` (exact names; a leading ``.`` me
 and to the unqualified ``<postmaster>``. For them, any address that some MTA down the line could
 read as "route elsewhere" is refused before the domain is even looked at: ``%`` (the percent hack),
 ``!`` (bang paths), an ``@`` or ``:`` hidden in a quoted local part, a source route, and address
-literals. Domains are compared case-insensitively and trailing dots never parse (see
-``mailrelay.smtp._parser``), so neither can make a foreign domain look local.
+literals. Domains are compared in one canonical form (``mailrelay.address.canonical_domain``:
+ASCII case folded, IDNA 2008 without mappings) and trailing dots never parse (see
+``mailrelay.smtp._parser``), so neither case nor a look-alike can make a foreign domain look local.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterable, Mapping
 
 from zope.interface import implementer
 
-from mailrelay.address import normalise_domain
+from mailrelay.address import DomainError, canonical_domain, canonical_pattern
 from mailrelay.envelope import Reply
 from mailrelay.interfaces import IPolicy
 from mailrelay.policy import Policy
@@ -53,14 +54,16 @@ class RelayAccess(Policy):
         relay_domains: Iterable[str] = (),
     ) -> None:
         self.trusted_networks = tuple(trusted_networks)
-        self.domains = tuple(normalise_domain(d) for d in (*local_domains, *relay_domains))
+        self.domains = tuple(canonical_pattern(d) for d in (*local_domains, *relay_domains))
         self._trusted_cache: dict[str, bool] = {}  # client address → trusted (parsing IPs is slow)
 
     def is_our_domain(self, domain: str) -> bool:
-        d = domain.lower()
-        if not d or d.startswith("[") or d.endswith("."):
+        if not domain or domain.startswith("[") or domain.endswith("."):
             return False
-        d = normalise_domain(d)
+        try:
+            d = canonical_domain(domain)
+        except DomainError:
+            return False  # a look-alike (fullwidth, U+3002, zero-width...) is nobody's domain
         for pattern in self.domains:
             if pattern.startswith("."):
                 if d.endswith(pattern):

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.address import domain_matches, split
+from mailrelay.address import canonical_pattern, domain_matches, split
 from mailrelay.config import ServerConfig
 from mailrelay.envelope import Envelope, Recipient, Reply
 from mailrelay.errors import PermanentFailure, TemporaryFailure
@@ -39,7 +39,7 @@ class RecipientVerification(Policy):
     def __init__(self, router: IRouter, domains: Iterable[str], clock: IReactorTime,
                  timeout: float = 30.0) -> None:
         self.router = router
-        self.domains = tuple(d.lower() for d in domains)
+        self.domains = tuple(canonical_pattern(d) for d in domains)
         self.clock = clock
         self.timeout = timeout
 

@@ -11,6 +11,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+
+from mailrelay.address import split
 from mailrelay.envelope import Envelope, QueuedMessage, RecipientStatus, Reply
 from mailrelay.errors import TemporaryFailure
 
@@ -82,8 +85,32 @@ def is_queue_id(text: str) -> bool:
     return bool(QUEUE_ID.match(text))
 
 
+def without_duplicates(envelope: Envelope) -> Envelope:
+    """``envelope`` with each recipient once, as Postfix's cleanup does: the same exact local part
+    and the same domain (in canonical form, so ``LOCAL.TEST`` is ``local.test``) is one mailbox,
+    which the next hop would otherwise get several times. The first keeps its DSN parameters."""
+    recipients = envelope.recipients
+    if len(recipients) < 2:
+        return envelope
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for r in recipients:
+        key = split(r.address)
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    if len(unique) == len(recipients):
+        return envelope
+    return attrs.evolve(envelope, recipients=tuple(unique))
+
+
 def new_message(queue_id: str, envelope: Envelope) -> QueuedMessage:
-    """The state of a message just committed: every recipient pending, due at once."""
+    """The state of a message just committed: every recipient pending (each once), due at once.
+
+    Every store (spool, PostgreSQL, the memory store) makes its queued messages here, whoever
+    queues them (the SMTP server, bounces, an embedder), so duplicates collapse in one place.
+    """
+    envelope = without_duplicates(envelope)
     return QueuedMessage(
         queue_id=queue_id,
         envelope=envelope,

@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 from zope.interface import implementer
 
-from mailrelay.address import split
+from mailrelay.address import DomainError, canonical_pattern, split
 from mailrelay.config import Section, parse_hostport
 from mailrelay.envelope import Envelope, NextHop, Route, TLSPolicy
 from mailrelay.interfaces import IRouter
@@ -32,15 +32,13 @@ _REWRITE_FIELDS = frozenset({"local", "domain", "address"})
 
 
 def parse_domain_pattern(value: object) -> str:
-    """A ``domains`` entry: ``"example.test"``, ``".example.test"`` or ``"*"``, lower-cased."""
+    """A ``domains`` entry: ``"example.test"``, ``".example.test"`` or ``"*"``, in canonical form."""
     if not isinstance(value, str):
         raise ValueError(f"must be a string, not {type(value).__name__}")
-    v = value.strip().lower().rstrip(".")
-    if v == "*" or (v.startswith(".") and len(v) > 1 and ".." not in v):
-        return v
-    if not v or v.startswith(".") or ".." in v or "*" in v or " " in v:
-        raise ValueError(f"{value!r} is not a domain, '.subdomain' pattern or '*'")
-    return v
+    try:
+        return canonical_pattern(value.strip(" \t"))
+    except DomainError:
+        raise ValueError(f"{value!r} is not a domain, '.subdomain' pattern or '*'") from None
 
 
 class DomainSet:

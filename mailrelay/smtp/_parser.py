@@ -37,6 +37,7 @@ import re
 import attrs
 
 from mailrelay import _ascii
+from mailrelay.address import DomainError, canonical_domain
 
 CRLF = b"\r\n"
 # Octet values for ``in`` tests: ``13 in data`` is one memchr, while ``b"\r" in data`` first tries
@@ -458,11 +459,11 @@ def parse_mailbox(text: str) -> Path:
         _check_literal(domain)
     else:
         ascii_domain = domain
-        if not domain.isascii():
-            try:  # a U-label domain must have an A-label form (RFC 6531 3.2), else it cannot be routed
-                ascii_domain = domain.encode("idna").decode("ascii")
-            except UnicodeError:
-                raise PathError("invalid international domain name", syntax=False) from None
+        if not domain.isascii() or "xn--" in domain.lower():
+            try:  # U-labels and A-labels as IDNA 2008 has them, unmapped: a look-alike is no name
+                ascii_domain = canonical_domain(domain)
+            except DomainError:
+                raise PathError("invalid domain name", syntax=False) from None
         if len(ascii_domain) > 63 and (
                 len(ascii_domain) > 255 or any(len(label) > 63 for label in ascii_domain.split("."))):
             raise PathError("domain name too long", syntax=False)

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay import _ascii
+from mailrelay.address import canonical_domain
 from mailrelay.envelope import Envelope, Recipient, Reply
 from mailrelay.smtp import _direct
 from mailrelay.smtp._client_body import CHUNK_SIZE, BodyProducer
@@ -241,7 +242,7 @@ class SMTPClientProtocol(Protocol):
             self.ready.callback(reply)
 
     async def _ehlo(self) -> Reply:
-        name = self.helo_name.encode("idna") if not self.helo_name.isascii() else self.helo_name.encode()
+        name = (self.helo_name if self.helo_name.isascii() else canonical_domain(self.helo_name)).encode()
         verb = b"LHLO " if self.lmtp else b"EHLO "
         reply = await self._expect(self._command(verb + name + b"\r\n", "ehlo", self.timeouts.command))
         if reply.code == 250:

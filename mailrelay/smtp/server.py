@@ -11,6 +11,7 @@ address) and turns away the excess with 421 4.7.0.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -24,6 +25,7 @@ from mailrelay.config import ServerConfig
 from mailrelay.envelope import Reply
 from mailrelay.interfaces import IMessageSink, IPolicy
 from mailrelay.observer import NULL_OBSERVER, IRelayObserver
+from mailrelay.policy.access import Network, is_trusted
 from mailrelay.policy.limits import RateCounter
 from mailrelay.smtp import _direct
 from mailrelay.smtp import replies as R
@@ -215,6 +217,7 @@ class SMTPServerFactory(Factory):
         *,
         max_connections: int = 1000,
         max_connections_per_ip: int = 50,
+        exempt_networks: Sequence[Network] = (),
         tls_options: Any = None,
         checker: ICredentialsChecker | None = None,
         auth_failures: RateCounter | None = None,
@@ -228,6 +231,7 @@ class SMTPServerFactory(Factory):
         self.reactor = reactor
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
+        self.exempt_networks = tuple(exempt_networks)  # not held to max_connections_per_ip
         self.tls_options = tls_options
         self.checker = checker
         # AUTH failures per client address across sessions: 10 in 10 minutes and AUTH is refused
@@ -272,6 +276,7 @@ class SMTPServerFactory(Factory):
         self.settings = settings
         self.max_connections = limits["max_connections"]
         self.max_connections_per_ip = limits["max_connections_per_ip"]
+        self.exempt_networks = limits["exempt_networks"]
         self.tls_options, self.checker = limits["tls_options"], limits["checker"]
         if policy is not None:
             self.policy = policy
@@ -280,7 +285,7 @@ class SMTPServerFactory(Factory):
         ip, port = _host_port(addr)
         if self.connections >= self.max_connections:
             return _Refuse(R.TOO_MANY_CONNECTIONS, self.observer, ip)
-        if self.per_ip[ip] >= self.max_connections_per_ip:
+        if self.per_ip[ip] >= self.max_connections_per_ip and not is_trusted(ip, self.exempt_networks):
             return _Refuse(R.TOO_MANY_FROM_YOU, self.observer, ip)
         self.connections += 1
         self.per_ip[ip] += 1
@@ -353,10 +358,13 @@ def _from_server(
         allow_plaintext_auth=server.allow_plaintext_auth,
         require_auth=submission,
         greet_delay=server.greet_delay,
+        limit_trusted=server.limit_trusted_clients,
     )
     limits = {
         "max_connections": server.max_connections,
         "max_connections_per_ip": server.max_connections_per_ip,
+        # Postfix exempts mynetworks from its per-client limits (smtpd_client_event_limit_exceptions)
+        "exempt_networks": () if server.limit_trusted_clients else server.trusted_networks,
         "tls_options": tls_options,
         "checker": checker,
     }

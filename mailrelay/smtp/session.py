@@ -123,6 +123,7 @@ class SessionSettings:
     max_auth_failures: int = 3
     max_hops: int = 50  # more Received headers than this: a mail loop (554 5.4.6)
     greet_delay: float = 0.0  # wait this long before the greeting; talking before it is rejected
+    limit_trusted: bool = False  # greet_delay for trusted clients too (Postfix exempts mynetworks)
     trace_header: Callable[[SessionInfo, Envelope, str, float], bytes] = received_header
     # The extension lines of the EHLO reply on the wire, by (STARTTLS offered, AUTH offered): the
     # same for every session of a listener, so built once (a cache, not a setting).
@@ -295,9 +296,14 @@ class Session:
         self.out.write(wire if wire is not None else reply.encode())
         if reply.code >= 400:
             self.observer.command_rejected(self._verb, reply)
-            self.errors += 1
-            if self.errors >= self.settings.max_errors and reply.code != 421:
-                self._close(R.TOO_MANY_ERRORS)
+            # Only client mistakes count toward max_errors: a 5xx refusal of what it sent. A 4xx is
+            # the protocol working or our own trouble (452 4.5.3 over max_recipients, RFC 5321
+            # 4.5.3.1.10; a policy's "try later"; 451 local error), and ending the session for it
+            # would lose the recipients already accepted.
+            if reply.code >= 500:
+                self.errors += 1
+                if self.errors >= self.settings.max_errors:
+                    self._close(R.TOO_MANY_ERRORS)
 
     def _send(self, wire: bytes) -> None:
         """A success reply already in wire form (no error counting to do)."""
@@ -382,7 +388,7 @@ class Session:
         if objection is not None:
             self._close(objection)
             return
-        if self.settings.greet_delay > 0:
+        if self.settings.greet_delay > 0 and (self.settings.limit_trusted or not self.info.trusted):
             self._greet_call = self.clock.callLater(self.settings.greet_delay, self._send_greeting)  # type: ignore[attr-defined]
         else:
             self._send_greeting()

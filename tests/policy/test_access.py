@@ -182,3 +182,20 @@ def test_policy_base_lets_embedders_override_one_stage() -> None:
     c.ehlo()
     c.send("MAIL FROM:<monday@example.org>\r\nMAIL FROM:<tuesday@example.org>\r\n")
     assert c.codes() == [450, 250]
+
+
+@pytest.mark.parametrize("domain", ["ｅｘａｍｐｌｅ.ｔｅｓｔ", "example。test", "exa\u200bmple.test", "example.test\u3000",
+                                    "EXAMPLE.\u212aEY", "ＥＸＡＭＰＬＥ.test"])
+def test_a_look_alike_of_our_domain_is_refused_as_a_bad_address(domain: str) -> None:
+    """Not taken as example.test (and passed on in the raw spelling): 501 5.1.3 at RCPT."""
+    c = untrusted_conn()
+    c.send(f"RCPT TO:<user@{domain}>\r\nRCPT TO:<user@example.test>\r\n")
+    (code, text), ok = c.replies()
+    assert (code, text[:5]) == (501, "5.1.3") and ok[0] == 250
+    assert RelayAccess(NETS, ["example.test"]).is_our_domain(domain) is False
+
+
+def test_an_international_local_domain_matches_in_either_spelling() -> None:
+    access = RelayAccess(NETS, ["Bücher.example"])
+    assert access.is_our_domain("bücher.example") and access.is_our_domain("XN--BCHER-KVA.example")
+    assert not access.is_our_domain("bucher.example")

@@ -441,3 +441,14 @@ def test_a_flush_during_an_attempt_has_it_attempted_again_once_it_ends(stores, d
         assert len(deliverer.calls) == 2
     finally:
         yield manager.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_duplicate_recipients_are_stored_once(stores):
+    store = stores()
+    dup = attrs.evolve(ENV, recipients=(Recipient("dup@one.test", ("FAILURE",)), Recipient("dup@one.test"),
+                                        Recipient("dup@ONE.TEST"), Recipient("b@two.test")))
+    qid = yield commit(store, b"Subject: dup\r\n\r\nbody\r\n", dup)
+    message = yield stores().load(qid)  # another node: what the database holds
+    want = (Recipient("dup@one.test", ("FAILURE",)), Recipient("b@two.test"))
+    assert message.envelope.recipients == want and tuple(s.recipient for s in message.statuses) == want

@@ -588,3 +588,22 @@ def test_the_remover_keeps_a_bounded_number_of_kept_files_open_and_closes_them_a
     yield spool.stop()
     assert _open_kept_files(spool) == []
     assert len(kept_files(spool)) == 10  # left for the next start to remove
+
+
+DUPLICATES = Envelope("sender@example.org", (
+    Recipient("dup@local.test", ("FAILURE",), "rfc822;dup@local.test"), Recipient("other@local.test"),
+    Recipient("dup@local.test", ("SUCCESS",)), Recipient("dup@LOCAL.TEST"), Recipient("Dup@local.test")),
+    received_at=1700000000.0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_duplicate_recipients_are_queued_once_with_the_first_ones_dsn_parameters(spool):
+    """As Postfix's cleanup does: same exact local part, same domain (any case) → one recipient."""
+    w = spool.open(DUPLICATES)
+    w.write(b"Subject: dup\r\n\r\nbody\r\n")
+    qid = yield w.commit()
+    want = (Recipient("dup@local.test", ("FAILURE",), "rfc822;dup@local.test"), Recipient("other@local.test"),
+            Recipient("Dup@local.test"))  # local parts are case-sensitive (RFC 5321 2.4)
+    for message in ((yield spool.load(qid)), spool.read_message(qid)):
+        assert message.envelope.recipients == want
+        assert tuple(s.recipient for s in message.statuses) == want

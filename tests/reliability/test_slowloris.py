@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 IDLE = 1000
 PER_IP = 50
 LIMITS = f'[server]\nidle_timeout = "4s"\ndata_timeout = "4s"\nmax_connections = {IDLE + 10}\n' \
-         f"max_connections_per_ip = {PER_IP}\n"
+         f"max_connections_per_ip = {PER_IP}\nlimit_trusted_clients = true\n"  # loopback is trusted
 
 
 def source(i: int) -> str:

@@ -340,3 +340,18 @@ def test_route_hops_are_those_of_the_policy_for_the_ldap_router_too() -> None:
     r, _, _, _ = setup()
     route = result_of(r.route_domain("example.test", 2526))
     assert route.hops[0] == NextHop("127.0.0.1", 2526, 10, "mx1.example.test") and route.tls is TLSPolicy.VERIFY
+
+
+def test_a_look_alike_mx_pattern_or_host_is_not_folded_onto_an_ascii_name() -> None:
+    """str.lower() turns the Kelvin sign (U+212A) into "k"; an MX name is compared in ASCII case only."""
+    assert not mx_matches("mx.\u212aey.example", "mx.key.example")
+    assert not mx_matches("mx.key.example", "mx.\u212aey.example")
+    assert mx_matches("MX.Key.Example", "mx.key.example.")
+    with pytest.raises(PolicyError):
+        parse_policy("version: STSv1\nmode: enforce\nmx: mx.\u212aey.example\nmax_age: 60\n", "x")
+
+
+def test_a_dns_name_is_lower_cased_in_ascii_only() -> None:
+    from mailrelay.routing.mx import _text
+
+    assert _text(b"MX.\xe2\x84\xaaey.example.") == "mx.\u212aey.example"

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from mailrelay.envelope import Envelope, NextHop, Route, TLSPolicy
 from mailrelay.errors import ConfigError
 from mailrelay.routing.context import RouterContext
-from mailrelay.routing.static import StaticRouter
+from mailrelay.routing.static import StaticRouter, parse_domain_pattern
 
 ENV = Envelope("s@example.org", ())
 
@@ -85,3 +85,10 @@ def test_config_errors_name_the_key(options: dict[str, Any], key: str, reason: s
     assert info.value.path == "relay.toml"
     assert info.value.key == key
     assert reason in info.value.reason
+
+
+@pytest.mark.parametrize("pattern", ["ｌｏｃａｌ.ｔｅｓｔ", ".local。test", "lo\u200bcal.test", "*.local.test", "local..test"])
+def test_a_domain_pattern_is_refused_unless_valid_as_written(pattern: str) -> None:
+    with pytest.raises(ValueError):
+        parse_domain_pattern(pattern)
+    assert parse_domain_pattern(".Bücher.example.") == ".xn--bcher-kva.example"

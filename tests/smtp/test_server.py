@@ -543,3 +543,66 @@ def test_close_all_aborts_a_message_in_progress() -> None:
     c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\nSubject: x\r\n")
     c.factory.close_all(Reply(421, "4.3.2", "bye"))
     assert c.closed and c.sink.writers[0].aborted
+
+
+def test_over_the_recipient_limit_452_is_no_error_and_data_delivers_to_the_accepted() -> None:
+    """150 pipelined RCPTs: 100 x 250 and 50 x 452 4.5.3 (RFC 5321 4.5.3.1.10), not 421 too many errors."""
+    c = Conn(config=ServerConfig(hostname="mx.example.test", max_errors=20, local_domains=("example.test",)))
+    c.ehlo()
+    c.send("MAIL FROM:<a@example.org>\r\n" + "".join(f"RCPT TO:<u{i}@example.test>\r\n" for i in range(150))
+           + "DATA\r\n")
+    codes = c.codes()
+    assert codes == [250] + [250] * 100 + [452] * 50 + [354] and not c.closed
+    c.send("Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert c.codes() == [250]
+    assert len(c.sink.committed[0].envelope.recipients) == 100
+
+
+def test_a_policy_asking_to_try_later_is_no_client_error() -> None:
+    """Greylisting-like 4xx answers are ours, not the client's mistakes; a 5xx refusal still counts."""
+    from mailrelay.policy import Policy, PolicyChain
+
+    class Later(Policy):
+        def rcpt(self, session, sender, recipient, params):
+            if recipient.startswith("later"):
+                return Reply(450, "4.7.1", "try again later")
+            if recipient.startswith("no"):
+                return Reply(550, "5.1.1", "no such user")
+            return None
+
+    c = Conn(config=ServerConfig(hostname="mx.example.test", max_errors=3), policy=PolicyChain([Later()]))
+    c.ehlo()
+    c.send("MAIL FROM:<a@example.org>\r\n" + "".join(f"RCPT TO:<later{i}@example.test>\r\n" for i in range(10))
+           + "RCPT TO:<ok@example.test>\r\n")
+    assert c.codes() == [250] + [450] * 10 + [250] and not c.closed
+    c.send("RCPT TO:<no1@example.test>\r\nRCPT TO:<no2@example.test>\r\nRCPT TO:<no3@example.test>\r\n")
+    assert c.codes() == [550, 550, 550, 421] and c.closed
+
+
+def test_trusted_networks_are_exempt_from_the_per_ip_cap_unless_configured() -> None:
+    """As Postfix exempts mynetworks (smtpd_client_event_limit_exceptions); the total cap still holds."""
+    from mailrelay.policy import build_policy
+
+    nets = (ipaddress.ip_network("192.0.2.0/24"),)
+    config = ServerConfig(hostname="mx.example.test", trusted_networks=nets, max_connections=10,
+                          max_connections_per_ip=2)
+    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), Clock())
+    trusted = [Conn(factory=factory, client="192.0.2.1") for _ in range(4)]
+    assert [c.codes() for c in trusted] == [[220]] * 4
+    stranger = [Conn(factory=factory, client="198.51.100.1") for _ in range(3)]
+    assert [c.codes() for c in stranger[:2]] == [[220], [220]]
+    assert stranger[2].replies() == [(421, "4.7.0 Error: too many connections from your address")]
+    factory.reconfigure(attrs.evolve(config, limit_trusted_clients=True))  # SIGHUP: capped again
+    assert Conn(factory=factory, client="192.0.2.1").replies() == [
+        (421, "4.7.0 Error: too many connections from your address")]
+
+
+def test_trusted_clients_are_greeted_without_the_greet_delay_unless_configured() -> None:
+    nets = (ipaddress.ip_network("192.0.2.0/24"),)
+    config = ServerConfig(hostname="mx.example.test", trusted_networks=nets, greet_delay=2.0)
+    assert Conn(config=config, client="192.0.2.7").codes() == [220]
+    assert Conn(config=config, client="198.51.100.7").codes() == []
+    limited = Conn(config=attrs.evolve(config, limit_trusted_clients=True), client="192.0.2.7")
+    assert limited.codes() == []
+    limited.clock.advance(2)
+    assert limited.codes() == [220]

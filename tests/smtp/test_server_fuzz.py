@@ -140,3 +140,51 @@ def test_password_file_checker_reloads_on_change(tmp_path) -> None:
     path.write_text("bob:not-a-hash\n")
     with pytest.raises(ValueError, match="passwd:1"):
         HashedPasswordFile(str(path))
+
+
+# -- look-alike domains (issue 19, item 3) -----------------------------------------------------------
+
+LOOK_CONFIG = ServerConfig(hostname="mx.example.test", local_domains=("example.test", "ok.test"), trusted_networks=())
+_DOTS = ["。", "．", "｡"]  # ideographic, fullwidth and halfwidth full stops
+_INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u00ad", "\u2060", "\ufeff", "\u3000", "\u00a0", "\u180e"]
+
+
+def _variants(c: str) -> list[str]:
+    """Spellings of one character that some mapping (NFKC, UTS-46, str.lower) turns into it."""
+    if c == ".":
+        return _DOTS
+    out = [chr(ord(c) + 0xFEE0), chr(ord(c.upper()) + 0xFEE0), c.upper()]  # fullwidth, ASCII upper
+    if c == "k":
+        out.append("\u212a")  # Kelvin sign
+    return out
+
+
+@st.composite
+def look_alikes(draw: st.DrawFn) -> str:
+    original = draw(st.sampled_from(["example.test", "ok.test"]))
+    name = list(original)
+    for i in draw(st.lists(st.integers(0, len(name) - 1), max_size=4)):
+        name[i] = draw(st.sampled_from(_variants(original[i])))
+    for i in draw(st.lists(st.integers(0, len(name)), max_size=2)):
+        name.insert(i, draw(st.sampled_from(_INVISIBLE)))
+    return "".join(name)
+
+
+@given(look_alikes())
+@settings(max_examples=300, deadline=None)
+def test_a_look_alike_domain_is_refused_or_is_exactly_ours(domain: str) -> None:
+    """Accepted only when it differs from our domain in ASCII case alone (and passed on as written);
+    anything else is 501 5.1.3 and the session goes on."""
+    c = Conn(config=LOOK_CONFIG)
+    c.ehlo()
+    c.send(f"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<user@{domain}>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n")
+    (_, (code, text), second, data) = c.replies()
+    assert second[0] == 250 and data[0] == 354
+    c.send("Subject: x\r\n\r\nx\r\n.\r\n")
+    recipients = [r.address for r in c.sink.committed[0].envelope.recipients]
+    if code == 250:
+        assert domain.isascii() and domain.lower() in ("example.test", "ok.test"), domain
+        assert recipients == [f"user@{domain}", "u@example.test"]
+    else:
+        assert (code, text[:5]) == (501, "5.1.3"), (domain, code, text)
+        assert recipients == ["u@example.test"]
