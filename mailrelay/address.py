@@ -16,18 +16,14 @@ import re
 
 import idna
 
+from mailrelay import _ascii
+
 _LDH_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _LDH_DOMAIN = re.compile(rf"(?:{_LDH_LABEL}\.)*{_LDH_LABEL}")
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 class DomainError(ValueError):
     """Not a domain name in the strict (IDNA 2008) sense; the message says why."""
-
-
-def ascii_lower(text: str) -> str:
-    """``A``-``Z`` → ``a``-``z`` and nothing else: ``str.lower()`` folds look-alikes (``K`` U+212A → k)."""
-    return text.lower() if text.isascii() else text.translate(_ASCII_LOWER)
 
 
 def canonical_domain(domain: str) -> str:
@@ -36,7 +32,7 @@ def canonical_domain(domain: str) -> str:
     An address literal (``[...]``) is only lower-cased. Raises ``DomainError`` unless each label,
     ASCII letters lower-cased, is already a valid A-label or U-label that round-trips exactly.
     """
-    d = ascii_lower(domain)
+    d = _ascii.lower(domain)
     if d.startswith("["):
         return d
     if d.isascii() and "xn--" not in d:
@@ -75,7 +71,7 @@ def normalise_domain(domain: str) -> str:
     try:
         return canonical_domain(d)
     except DomainError:
-        return ascii_lower(d)
+        return _ascii.lower(d)
 
 
 def canonical_pattern(value: str) -> str:

@@ -20,7 +20,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from mailrelay.address import ascii_lower, domain_of
+from mailrelay import _ascii
+from mailrelay.address import domain_of
 from mailrelay.envelope import Envelope, NextHop, QueuedMessage, Recipient, Reply, Route
 from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IDeliverer, IMessageWriter, IQueueStore, IRouter
@@ -240,12 +241,12 @@ class FakeRouter:
     """
 
     def __init__(self, mapping: Mapping[str, RouterAnswer]) -> None:
-        self.mapping = {ascii_lower(k): v for k, v in mapping.items()}
+        self.mapping = {_ascii.lower(k): v for k, v in mapping.items()}
         self.calls: list[tuple[str, Envelope]] = []
 
     def route(self, recipient: str, envelope: Envelope) -> Any:
         self.calls.append((recipient, envelope))
-        key = ascii_lower(recipient)
+        key = _ascii.lower(recipient)
         for candidate in (key, domain_of(key), "*"):
             if candidate in self.mapping:
                 answer = self.mapping[candidate]

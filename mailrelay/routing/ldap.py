@@ -50,7 +50,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.address import ascii_lower, split
+from mailrelay import _ascii
+from mailrelay.address import split
 from mailrelay.config import parse_duration, parse_hostport
 from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
@@ -305,7 +306,7 @@ class LDAPRouter:
         Concurrent questions about one address (a message's retries, RCPT and the queue) share
         one directory lookup.
         """
-        key = ascii_lower(address)  # str.lower() would fold a look-alike onto a cached answer
+        key = _ascii.lower(address)  # str.lower() would fold a look-alike onto a cached answer
         cached = self._cache.get(key)
         if cached is not None and cached[1] > self.clock.seconds():
             return defer.succeed(cached[0])

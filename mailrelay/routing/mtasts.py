@@ -34,7 +34,6 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from mailrelay import _ascii
-from mailrelay.address import ascii_lower
 from mailrelay.delivery.tls import load_trust_root
 from mailrelay.errors import TemporaryFailure
 
@@ -75,7 +74,7 @@ class Policy:
 
 def mx_matches(pattern: str, host: str) -> bool:
     """RFC 8461 section 4.1: exact (case-insensitive) or ``*.`` standing for exactly one label."""
-    pattern, host = ascii_lower(pattern).rstrip("."), ascii_lower(host).rstrip(".")
+    pattern, host = _ascii.lower(pattern).rstrip("."), _ascii.lower(host).rstrip(".")
     if pattern.startswith("*."):
         label, dot, rest = host.partition(".")
         return bool(label and dot) and rest == pattern[2:]
@@ -145,7 +144,7 @@ def parse_policy(body: bytes | str, policy_id: str) -> Policy:
 
 
 def _mx_pattern(value: str) -> str:
-    name = ascii_lower(value).rstrip(".")  # str.lower() folds U+212A (Kelvin) to "k"
+    name = _ascii.lower(value).rstrip(".")  # str.lower() folds U+212A (Kelvin) to "k"
     labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
     if not all(_LABEL.fullmatch(label) for label in labels):
         raise PolicyError(f"invalid mx pattern {value!r}")

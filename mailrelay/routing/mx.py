@@ -34,7 +34,8 @@ from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.address import ascii_lower, normalise_domain, split
+from mailrelay import _ascii
+from mailrelay.address import normalise_domain, split
 from mailrelay.config import parse_duration, parse_hostport
 from mailrelay.delivery.tls import load_trust_root
 from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
@@ -94,7 +95,7 @@ def _text(name: object) -> str:
         name = name.name
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
-    return ascii_lower(str(name).rstrip("."))  # str.lower() would fold a look-alike onto a name
+    return _ascii.lower(str(name).rstrip("."))  # str.lower() would fold a look-alike onto a name
 
 
 def _literal(domain: str) -> str | None:
