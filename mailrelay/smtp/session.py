@@ -120,7 +120,8 @@ class SessionSettings:
     allow_plaintext_auth: bool = False  # offer AUTH before TLS
     require_auth: bool = False  # submission: MAIL only after AUTH
     max_auth_failures: int = 3
-    max_hops: int = 50  # more Received headers than this: a mail loop (554 5.4.6)
+    # Received headers, ours included, that make a mail loop (554 5.4.6): Postfix's hopcount_limit
+    hopcount_limit: int = 50
     greet_delay: float = 0.0  # wait this long before the greeting; talking before it is rejected
     trace_header: Callable[[SessionInfo, Envelope, str, float], bytes] = received_header
     # The extension lines of the EHLO reply on the wire, by (STARTTLS offered, AUTH offered): the
@@ -467,14 +468,18 @@ class Session:
             self._writer.write(data)
 
     def _scan_headers(self, data: bytes) -> None:
-        """Count Received headers (RFC 5321 6.3 loop detection) until the header section ends."""
+        """Count Received headers (RFC 5321 6.3 loop detection) until the header section ends.
+
+        As Postfix's cleanup does, ours counts too: with the default limit of 50, a message that
+        arrives with 49 is refused, one with 48 goes on (and arrives at the next hop with 49).
+        """
         assert self._headers is not None
         head = self._headers + data
         end = 0 if head.startswith(b"\r\n") else head.find(b"\r\n\r\n")
         section = head if end < 0 else head[:end]
-        max_hops = self.settings.max_hops
-        # fewer lines than the limit cannot hold too many Received headers: no regex search then
-        if section.count(b"\n") >= max_hops and len(_RECEIVED.findall(section)) > max_hops:
+        theirs = self.settings.hopcount_limit - 1  # this many besides ours is a loop
+        # fewer lines than that cannot hold that many Received headers: no regex search then
+        if section.count(b"\n") + 1 >= theirs and len(_RECEIVED.findall(section)) >= theirs:
             self._reject = R.TOO_MANY_HOPS
             self._headers = None
         elif end >= 0 or len(head) > HEADER_SCAN_LIMIT:
