@@ -112,3 +112,20 @@ def test_dkim_domains_need_a_key_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         config.loads('[dkim]\ndomains = ["example.org"]\n', "d.toml")
     assert "dkim.key_file" in str(e.value)
+
+
+def test_a_message_without_a_header_section_goes_out_unsigned_and_unchanged(tmp_path):
+    """Text that begins with whitespace has no header section (the session puts an empty line after
+    its Received header then): nothing may be put on top of it that its first line would continue.
+    With no From: header there is nothing to sign for, so it goes out as it is."""
+    import io
+
+    from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer, DomainKey
+    from mailrelay.envelope import Envelope, Recipient
+
+    make_key(tmp_path / "k.pem")
+    signer = DKIMSigner({"example.org": DomainKey("example.org", "s1", (tmp_path / "k.pem").read_bytes())})
+    signing = DKIMSigningDeliverer(object(), signer, None, None)  # type: ignore[arg-type]
+    envelope = Envelope("a@example.org", (Recipient("b@example.test"),))
+    for body in (b" h=from; b=forged\r\nFrom: a@example.org\r\n\r\nbody\r\n", b"\tx\r\n"):
+        assert signing._signed(envelope, lambda body=body: io.BytesIO(body)) is None

@@ -547,7 +547,9 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 
 def decode_xtext(value: str) -> str:
-    """RFC 3461 4: ``+XX`` hex escapes (ENVID, ORCPT)."""
+    """RFC 3461 4: ``+XX`` hex escapes (ENVID, ORCPT). What they encode must be printable US-ASCII
+    (RFC 3461 4.2, 4.4): it goes into the header fields of reports, where a CR, LF or NUL would end
+    or add a field."""
     out, i = [], 0
     while i < len(value):
         c = value[i]
@@ -555,6 +557,8 @@ def decode_xtext(value: str) -> str:
             hexpart = value[i + 1 : i + 3]
             if len(hexpart) != 2 or not all(h in "0123456789ABCDEF" for h in hexpart):
                 raise PathError("bad xtext")
+            if not 0x20 <= int(hexpart, 16) <= 0x7E:
+                raise PathError("xtext encodes a character that is not printable US-ASCII")
             out.append(chr(int(hexpart, 16)))
             i += 3
             continue

@@ -32,7 +32,7 @@ from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IMessageSink, IMessageWriter, IPolicy
 from mailrelay.observer import NULL_OBSERVER
 from mailrelay.policy import _no_objection
-from mailrelay.policy.received import protocol_name, received_header
+from mailrelay.policy.received import protocol_name, received_header, separator
 from mailrelay.smtp import _parser as p
 from mailrelay.smtp import auth as sasl
 from mailrelay.smtp import replies as R
@@ -196,6 +196,7 @@ class Session:
         self._sasl: tuple[str, list[bytes]] | None = None
         self._reject: Reply | None = None  # the current message's fate, decided mid-stream
         self._headers: bytes | None = None  # header text seen so far (for the hop count)
+        self._text_started = False  # an octet of the message text came (after our Received)
         self._bdat_reply: Reply | None = None  # answer owed for a BDAT chunk being skipped
         # When the client last completed something (a command, a line of text): timeouts count
         # from here, not from its last byte, so one byte a second cannot hold a session open.
@@ -459,9 +460,17 @@ class Session:
         self._envelope_in_data = envelope
         self._reject = None
         self._headers = b""
+        self._text_started = False
         return None
 
     def _text(self, data: bytes) -> None:
+        if not self._text_started and data:
+            self._text_started = True
+            blank = separator(data)
+            if blank:  # the client's first line would go on with our Received: its text is body
+                self._headers = None  # no header section, so no Received header to count
+                if self._writer is not None and self._reject is None:
+                    self._writer.write(blank)
         if self._headers is not None:
             self._scan_headers(data)
         if self._writer is not None and self._reject is None:

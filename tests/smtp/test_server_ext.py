@@ -1,8 +1,10 @@
-"""In-memory tests of the extensions: STARTTLS, AUTH, CHUNKING/BDAT, hop count, pregreet."""
+"""In-memory tests of the extensions: STARTTLS, AUTH, CHUNKING/BDAT, hop count, pregreet, and that
+the client cannot write into our Received header."""
 
 from __future__ import annotations
 
 import base64
+import email
 import ipaddress
 
 import pytest
@@ -380,3 +382,56 @@ def test_auth_failures_are_counted_per_address_across_sessions() -> None:
     ehlo_keywords(c)
     c.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n")
     assert c.codes() == [235]
+
+
+# -- our Received header ends where we end it ---------------------------------------------------
+
+FORGED = b" by trusted-gateway.example (Postfix) with ESMTPS id X;\r\n\tThu, 1 Jan 1970 00:00:00 +0000\r\n"
+
+
+def trace_and_rest(data: bytes) -> tuple[bytes, bytes]:
+    """Our Received header as a parser of header fields reads it (with every line that continues
+    it, CRLF-terminated), and what follows it."""
+    end = data.index(b"\r\n") + 2
+    while data[end:end + 1] in (b" ", b"\t"):
+        end = data.index(b"\r\n", end) + 2
+    return data[:end], data[end:]
+
+
+@pytest.mark.parametrize("how", ["DATA", "BDAT"])
+@pytest.mark.parametrize("first", [b" ", b"\t"])
+def test_text_beginning_with_whitespace_cannot_continue_our_received_header(how: str, first: bytes) -> None:
+    c = Conn(config=CONFIG)
+    c.ehlo()
+    message = first + FORGED[1:] + hops(60) + MSG  # no header section: its Received lines are body
+    assert send_by(c, how, message)[0] == 250
+    data = c.sink.committed[0].data
+    trace, rest = trace_and_rest(data)
+    assert trace.startswith(b"Received: from client.example.org ([192.0.2.10])") and b"trusted-gateway" not in trace
+    assert trace.endswith(b" +0000\r\n")
+    assert rest == b"\r\n" + message  # an empty line, then the client's text unchanged, as Postfix does
+    assert email.message_from_bytes(data)["Received"].count("by ") == 1
+
+
+def test_bdat_whose_first_octet_comes_after_an_empty_chunk_is_body_too() -> None:
+    c = Conn(config=CONFIG)
+    c.ehlo()
+    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nBDAT 0\r\nBDAT 1\r\n\t")
+    c.send(f"BDAT {len(FORGED) - 1} LAST\r\n".encode() + FORGED[1:])
+    assert c.codes()[-3:] == [250, 250, 250]
+    trace, rest = trace_and_rest(c.sink.committed[0].data)
+    assert b"trusted-gateway" not in trace and rest == b"\r\n\t" + FORGED[1:]
+
+
+@pytest.mark.parametrize("how", ["DATA", "BDAT"])
+@pytest.mark.parametrize("message", [MSG, b"\r\nbody only\r\n", b"Subject: x\r\n", b""])
+def test_other_text_follows_our_received_header_unchanged(how: str, message: bytes) -> None:
+    c = Conn(config=CONFIG)
+    c.ehlo()
+    if how == "BDAT" and not message:
+        c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nBDAT 0 LAST\r\n")
+        assert c.codes()[-1] == 250
+    else:
+        assert send_by(c, how, message)[0] == 250
+    trace, rest = trace_and_rest(c.sink.committed[0].data)
+    assert trace.endswith(b" +0000\r\n") and rest == message
