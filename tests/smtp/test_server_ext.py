@@ -8,6 +8,8 @@ import email
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer
 
@@ -435,3 +437,24 @@ def test_other_text_follows_our_received_header_unchanged(how: str, message: byt
         assert send_by(c, how, message)[0] == 250
     trace, rest = trace_and_rest(c.sink.committed[0].data)
     assert trace.endswith(b" +0000\r\n") and rest == message
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(0, 120), max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_whatever_the_text_and_its_chunks_our_received_header_ends_where_we_end_it(
+        text: bytes, cuts: list[int]) -> None:
+    c = Conn(config=CONFIG)
+    c.ehlo()
+    c.send(b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nRCPT TO:<user@example.test>\r\n")
+    chunks, i = [], 0
+    for cut in cuts:
+        chunks.append(text[i:i + cut])
+        i += cut
+    for chunk in chunks:
+        c.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+    c.send(b"BDAT %d LAST\r\n" % len(text[i:]) + text[i:])
+    assert c.codes()[-1] == 250
+    (w,) = c.sink.committed
+    trace, rest = trace_and_rest(w.data)
+    assert trace == w.chunks[0]  # all of our header, nothing of the client's
+    assert rest == (b"\r\n" + text if text[:1] in (b" ", b"\t") else text)
