@@ -122,7 +122,7 @@ def _status_part(message: QueuedMessage, statuses: Sequence[RecipientStatus], ac
         block = [f"Final-Recipient: {_address_field(s.recipient.address)}"]
         if s.recipient.orcpt:
             kind, _, addr = s.recipient.orcpt.partition(";")
-            block.append(f"Original-Recipient: {kind.strip()}; {_clean(addr)}")
+            block.append(f"Original-Recipient: {_clean(kind)}; {_clean(addr)}")
         block += [f"Action: {action.value}", f"Status: {status_code(s, action)}"]
         if s.remote:
             host = s.remote.split("[", 1)[0]

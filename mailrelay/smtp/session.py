@@ -56,6 +56,8 @@ HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DEL
 #: Stop looking for Received headers after this much header text.
 HEADER_SCAN_LIMIT = 1024 * 1024
 _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+#: ORCPT's address type (RFC 3461 4.2: an RFC 5322 atom, ASCII): it goes into reports' fields as it is.
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")
 
 
 class State(enum.Enum):
@@ -712,7 +714,7 @@ class Session:
                     decoded = p.decode_xtext(xtext) if semi else ""
                 except p.PathError:
                     decoded = ""
-                if not decoded or not addr_type or len(value or "") > 500:
+                if not decoded or not _ADDR_TYPE.fullmatch(addr_type) or len(value or "") > 500:
                     self.reply(Reply(501, "5.5.4", "Bad ORCPT parameter"))
                     return
                 orcpt = f"{addr_type};{decoded}"

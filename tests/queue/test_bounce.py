@@ -87,11 +87,11 @@ def test_text_from_elsewhere_cannot_end_or_add_a_field_of_the_report():
     (CR, LF, NUL, ...) gets there, whatever the envelope holds (one spooled by an older version)."""
     hostile = Reply(550, "5.1.1", "no such user\x00\x1b[31m\x7f\x85X-Injected: reply")
     w = World(RecordingDeliverer([{"b@example.test": hostile}]))
-    w.send(Recipient("b@example.test", (), "rfc822;b@x\r\nX-Injected: orcpt\x00"), envid="E\rX-Injected: envid\x00")
+    w.send(Recipient("b@example.test", (), "rfc\x85822;b@x\r\nX-Injected: orcpt\x00"), envid="E\rX-Injected: envid\x00")
     (env, report), = w.reports()
     _, (head, block), _ = parts(report)
     assert head["Original-Envelope-Id"] == "E X-Injected: envid"
-    assert block["Original-Recipient"] == "rfc822; b@x X-Injected: orcpt"
+    assert block["Original-Recipient"] == "rfc 822; b@x X-Injected: orcpt"
     assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user [31m X-Injected: reply"
     raw = w.deliverer.calls[-1].body
     assert not any(c in raw for c in (b"\x00", b"\x1b", b"\x7f", b"\xc2\x85", b"\nX-Injected"))

@@ -406,7 +406,7 @@ def test_dsn_parameters_are_stored_with_the_envelope() -> None:
 @pytest.mark.parametrize("command", [
     "MAIL FROM:<a@example.org> ENVID=a+0D+0AX-Injected:+20yes", "MAIL FROM:<a@example.org> ENVID=a+00b",
     "RCPT TO:<b@x.example> ORCPT=rfc822;b+0D+0AX-Injected:+20yes", "RCPT TO:<b@x.example> ORCPT=rfc822;b+7F@x",
-    "RCPT TO:<b@x.example> ORCPT=rfc822;b+C3+A9@x"])
+    "RCPT TO:<b@x.example> ORCPT=rfc822;b+C3+A9@x", "RCPT TO:<b@x.example> ORCPT=rfc\u0085822;b@x"])
 def test_envid_and_orcpt_must_encode_printable_ascii(command: str) -> None:
     """They go into the header fields of reports (RFC 3461 4.2, 4.4): a CR, LF or NUL is refused."""
     c = Conn(config=TRUSTING)
