@@ -176,6 +176,13 @@ def _positive_int(v: object) -> int:
     return v
 
 
+def _hopcount(v: object) -> int:
+    n = _positive_int(v)
+    if n < 2:  # our own Received header counts: 1 would refuse every message
+        raise ValueError(f"must be at least 2, not {v!r}")
+    return n
+
+
 @attrs.frozen
 class ServerConfig:
     hostname: str
@@ -191,6 +198,7 @@ class ServerConfig:
     max_message_size: int = 52428800
     max_recipients: int = 100
     max_errors: int = 20
+    hopcount_limit: int = 50  # Received headers, ours included, that make a mail loop (Postfix's)
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     # per-client limits (max_connections_per_ip, greet_delay) for trusted_networks too; Postfix
@@ -318,6 +326,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         max_message_size=s.get("max_message_size", 52428800, parse_size),
         max_recipients=s.get("max_recipients", 100, _positive_int),
         max_errors=s.get("max_errors", 20, _positive_int),
+        hopcount_limit=s.get("hopcount_limit", 50, _hopcount),
         max_connections=s.get("max_connections", 1000, _positive_int),
         max_connections_per_ip=s.get("max_connections_per_ip", 50, _positive_int),
         limit_trusted_clients=s.get("limit_trusted_clients", False, types=bool),

@@ -6,12 +6,16 @@ deliverer the signed text. The signing domain is the ``From:`` header's domain w
 ours (what DMARC aligns on), else the envelope sender's. A message that cannot be signed goes out
 unsigned, with a log line, as OpenDKIM does by default: a signature is never a reason to hold mail.
 
+The key's type chooses the algorithm: an RSA key signs rsa-sha256, an Ed25519 key ed25519-sha256
+(RFC 8463; dkimpy does that with PyNaCl, and takes the key as its base64 seed, not as PEM).
+
 dkimpy needs the whole message in memory to sign it, so a signed message is held in memory while
 it is being delivered (unsigned ones still stream from the spool).
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +44,23 @@ _FROM = re.compile(rb"(?im)^from[ \t]*:((?:.*)(?:\r?\n[ \t].*)*)")
 class DomainKey:
     domain: str
     selector: str
-    private_key: bytes
+    private_key: bytes  # as dkimpy takes it: PEM for RSA, the base64 seed for Ed25519
+    algorithm: bytes = b"rsa-sha256"
+
+
+def dkimpy_key(pem: bytes) -> tuple[bytes, bytes]:
+    """A PEM private key as dkimpy signs with it, and the signature algorithm its type calls for."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    key = serialization.load_pem_private_key(pem, password=None)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return pem, b"rsa-sha256"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption())
+        return base64.b64encode(seed), b"ed25519-sha256"
+    raise ValueError(f"DKIM signs with an RSA or an Ed25519 key, not {type(key).__name__}")
 
 
 def load_keys(config: DKIMConfig, source: str = "<config>") -> dict[str, DomainKey]:
@@ -57,10 +77,12 @@ def load_keys(config: DKIMConfig, source: str = "<config>") -> dict[str, DomainK
         except OSError as e:
             raise ConfigError(source, "dkim.key_file", f"{path}: {e.strerror or e}") from None
         try:  # sign a tiny message: the key parses and dkimpy can use it
-            dkim.sign(b"From: a@" + domain.encode() + b"\r\n\r\n", config.selector.encode(), domain.encode(), pem)
+            private_key, algorithm = dkimpy_key(pem)
+            dkim.sign(b"From: a@" + domain.encode() + b"\r\n\r\n", config.selector.encode(), domain.encode(),
+                      private_key, signature_algorithm=algorithm)
         except Exception as e:
             raise ConfigError(source, "dkim.key_file", f"{path}: not a usable private key ({e})") from None
-        keys[domain] = DomainKey(domain, config.selector, pem)
+        keys[domain] = DomainKey(domain, config.selector, private_key, algorithm)
     return keys
 
 
@@ -94,11 +116,12 @@ class DKIMSigner:
         return None
 
     def sign(self, message: bytes, key: DomainKey) -> bytes:
-        """The ``DKIM-Signature:`` header (CRLF-terminated) for ``message``; blocking (RSA)."""
+        """The ``DKIM-Signature:`` header (CRLF-terminated) for ``message``; blocking (RSA is slow)."""
         import dkim
 
         signature: bytes = dkim.sign(message, key.selector.encode(), key.domain.encode(), key.private_key,
-                                     canonicalize=(b"relaxed", b"relaxed"), linesep=b"\r\n")
+                                     canonicalize=(b"relaxed", b"relaxed"), signature_algorithm=key.algorithm,
+                                     linesep=b"\r\n")
         return signature
 
 

@@ -3,7 +3,8 @@
 # and make sure the local PostgreSQL answers (when there is one).
 #
 # Real peers, never fakes: Postfix (smtp-sink, smtp-source, a private postfix instance), swaks
-# (+ the Perl TLS modules it needs for STARTTLS), OpenLDAP slapd + ldap-utils, NSD. Nothing is
+# (+ the Perl TLS modules it needs for STARTTLS), OpenLDAP slapd + ldap-utils, NSD, and two DKIM
+# verifiers (Perl's Mail::DKIM, OpenDKIM's test mode). Nothing is
 # configured or started system-wide: policy-rc.d stops the packages' own daemons from starting,
 # debconf answers keep postfix/slapd from asking questions. Tests start their own instances in
 # temp dirs on loopback.
@@ -12,7 +13,7 @@
 # without it, it only warns (the tests that need a missing peer skip).
 set -euo pipefail
 
-PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl slapd ldap-utils nsd)
+PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl slapd ldap-utils nsd libmail-dkim-perl opendkim)
 
 installed() {
   [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]

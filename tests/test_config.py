@@ -70,6 +70,7 @@ listen = "tcp:9125:interface=127.0.0.1"
         ("[server]\nlisten = []\n", "server.listen: must name at least one endpoint"),
         ("[server]\nlisten = 'tcp:25'\n", "server.listen: must be a list"),
         ("[server]\nmax_recipients = 0\n", "server.max_recipients: must be a whole number of at least 1"),
+        ("[server]\nhopcount_limit = 1\n", "server.hopcount_limit: must be at least 2, not 1"),
         ("[server]\ntls_certificate = 'c.pem'\n", "server.tls_key: tls_certificate and tls_key go together"),
         ("[server]\nhostnme = 'x'\n", "server.hostnme: unknown key"),
         ("[queue]\nretry_schedule = ['5 parsecs']\n", "queue.retry_schedule[0]: '5 parsecs' is not a duration"),

@@ -1,4 +1,5 @@
-"""DKIM signing per sender domain: what reaches smtp-sink passes dkimpy's own verifier."""
+"""DKIM signing per sender domain, RSA and Ed25519: what reaches smtp-sink passes independent
+verifiers (Perl's Mail::DKIM, OpenDKIM) that fetch the keys from a real DNS server."""
 
 from __future__ import annotations
 
@@ -6,26 +7,32 @@ import base64
 import smtplib
 import time
 
-import dkim
 import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet import threads
 
 from mailrelay import config
 from mailrelay.errors import ConfigError
 from mailrelay.service import MailRelayService
+from tests.dkimverify import dkim_zone, mail_dkim, opendkim
+from tests.routing.nsd import NSD
 
 
-def make_key(path) -> bytes:  # type: ignore[no-untyped-def]
-    """Write a fresh RSA private key to ``path``; → the TXT record that publishes it."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def make_key(path, kind: str = "rsa") -> bytes:  # type: ignore[no-untyped-def]
+    """Write a fresh private key (PEM, as ``openssl genpkey`` does) to ``path``; → the DKIM key record
+    that publishes it (RFC 6376 3.6.1, RFC 8463 4)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if kind == "rsa" else (
+        ed25519.Ed25519PrivateKey.generate())
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
-    public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    return b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    if kind == "rsa":
+        public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    else:
+        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return f"v=DKIM1; k={kind}; p=".encode() + base64.b64encode(public)
 
 
 def relay_config(tmp_path, sink_port: int, key_file: str) -> config.Config:
@@ -51,11 +58,11 @@ hosts = ["127.0.0.1:{sink_port}"]
 
 @pytest.mark.integration
 @pytest_twisted.inlineCallbacks
-def test_outgoing_mail_is_signed_per_sender_domain_and_verifies(tmp_path, smtp_sink):
+def test_outgoing_mail_is_signed_per_sender_domain_with_rsa_or_ed25519_and_verifies(tmp_path, smtp_sink):
     keys = tmp_path / "keys"
     keys.mkdir()
-    txt = {b"s2026._domainkey.example.org.": make_key(keys / "example.org.pem"),
-           b"s2026._domainkey.other.example.": make_key(keys / "other.example.pem")}
+    records = {"example.org": make_key(keys / "example.org.pem", "rsa"),
+               "other.example": make_key(keys / "other.example.pem", "ed25519")}
     relay = MailRelayService(relay_config(tmp_path, smtp_sink.port, str(keys / "{domain}.pem")))
     relay.startService()
     try:
@@ -82,23 +89,44 @@ def test_outgoing_mail_is_signed_per_sender_domain_and_verifies(tmp_path, smtp_s
         mid = [ln for ln in t.data.split(b"\r\n") if ln.startswith(b"Message-ID:")][0]
         by_id[mid.split()[1].decode()] = t.data
 
-    def dns(name: bytes, timeout: int = 5) -> bytes | None:
-        return txt.get(name)
-
     signed1, signed2, unsigned = by_id["<m1@example>"], by_id["<m2@example>"], by_id["<m3@example>"]
-    assert signed1.startswith(b"DKIM-Signature:") and b"d=example.org" in signed1.split(b"\r\n\r\n")[0]
-    # the From domain chooses the key (DMARC alignment), not the envelope sender's
-    assert b"d=other.example" in signed2.split(b"\r\n\r\n")[0]
-    assert dkim.verify(signed1, dnsfunc=dns) and dkim.verify(signed2, dnsfunc=dns)
+    head1, head2 = signed1.split(b"\r\n\r\n")[0], signed2.split(b"\r\n\r\n")[0]
+    assert signed1.startswith(b"DKIM-Signature:") and b"d=example.org" in head1 and b"a=rsa-sha256" in head1
+    # the From domain chooses the key (DMARC alignment), not the envelope sender's; its type the algorithm
+    assert b"d=other.example" in head2 and b"a=ed25519-sha256" in head2
     assert b"DKIM-Signature" not in unsigned
-    # and the verifier is not a rubber stamp: a changed body fails
-    assert not dkim.verify(signed1.replace(b"body 1", b"body X"), dnsfunc=dns)
+    tampered1, tampered2 = signed1.replace(b"body 1", b"body X"), signed2.replace(b"body 2", b"body X")
+
+    dns = NSD(zones={d: dkim_zone(d, "s2026", r.decode()) for d, r in records.items()}).start()
+    try:
+        verdicts = yield threads.deferToThread(lambda: (
+            mail_dkim(signed1, dns.port), mail_dkim(tampered1, dns.port),
+            [opendkim(m, dns.port, list(records)) for m in (signed1, signed2, tampered1, tampered2, unsigned)]))
+    finally:
+        dns.cleanup()
+    rsa_ok, rsa_tampered, by_opendkim = verdicts
+    # Mail::DKIM (Debian 12's knows no ed25519-sha256) and OpenDKIM; neither is a rubber stamp
+    assert rsa_ok == ["example.org rsa-sha256 pass"]
+    assert rsa_tampered == ["example.org rsa-sha256 fail (body has been altered)"]
+    assert by_opendkim == [[("example.org", "succeeded")], [("other.example", "succeeded")],
+                           [("example.org", "failed")], [("other.example", "failed")], []]
 
 
 def _wait_counted(sink, n: int) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + 20
     while sink.count() < n and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def test_a_key_that_is_neither_rsa_nor_ed25519_is_a_config_error(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "example.org.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    make_key(tmp_path / "other.example.pem", "ed25519")
+    with pytest.raises(ConfigError) as e:
+        MailRelayService(relay_config(tmp_path, 2600, str(tmp_path / "{domain}.pem")))
+    assert "dkim.key_file" in str(e.value) and "example.org.pem: not a usable private key" in str(e.value)
+    assert "RSA or an Ed25519 key" in str(e.value)
 
 
 def test_a_missing_key_is_a_config_error_naming_the_key(tmp_path):
@@ -125,3 +153,20 @@ def test_a_look_alike_sender_domain_does_not_choose_our_key():
         envelope = Envelope(f"a@{domain}", (Recipient("b@example.org"),))
         assert signer.key_for(envelope, head) is None
     assert signer.key_for(Envelope("a@KEY.test", (Recipient("b@example.org"),)), b"\r\n\r\n") is not None
+
+
+def test_a_message_without_a_header_section_goes_out_unsigned_and_unchanged(tmp_path):
+    """Text that begins with whitespace has no header section (the session puts an empty line after
+    its Received header then): nothing may be put on top of it that its first line would continue.
+    With no From: header there is nothing to sign for, so it goes out as it is."""
+    import io
+
+    from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer, DomainKey
+    from mailrelay.envelope import Envelope, Recipient
+
+    make_key(tmp_path / "k.pem")
+    signer = DKIMSigner({"example.org": DomainKey("example.org", "s1", (tmp_path / "k.pem").read_bytes())})
+    signing = DKIMSigningDeliverer(object(), signer, None, None)  # type: ignore[arg-type]
+    envelope = Envelope("a@example.org", (Recipient("b@example.test"),))
+    for body in (b" h=from; b=forged\r\nFrom: a@example.org\r\n\r\nbody\r\n", b"\tx\r\n"):
+        assert signing._signed(envelope, lambda body=body: io.BytesIO(body)) is None

@@ -10,6 +10,7 @@ stream it into the queue like any other message.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -64,9 +65,14 @@ def _address_field(address: str) -> str:
     return f"{'utf-8' if not address.isascii() else 'rfc822'}; {address}"
 
 
+#: Control characters (C0 with CR, LF and NUL, DEL, C1): none may reach a header field of ours.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _clean(text: str, limit: int = 900) -> str:
-    """One header-safe line, short enough for SMTP's 998-octet limit with its field name."""
-    line = " ".join(text.replace("\r", " ").replace("\n", " ").split())
+    """One header-safe line, short enough for SMTP's 998-octet limit with its field name: what
+    came from elsewhere (a next hop's reply, ENVID, ORCPT) can neither end the field nor add one."""
+    line = " ".join(_CONTROLS.sub(" ", text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -116,7 +122,7 @@ def _status_part(message: QueuedMessage, statuses: Sequence[RecipientStatus], ac
         block = [f"Final-Recipient: {_address_field(s.recipient.address)}"]
         if s.recipient.orcpt:
             kind, _, addr = s.recipient.orcpt.partition(";")
-            block.append(f"Original-Recipient: {kind.strip()}; {_clean(addr)}")
+            block.append(f"Original-Recipient: {_clean(kind)}; {_clean(addr)}")
         block += [f"Action: {action.value}", f"Status: {status_code(s, action)}"]
         if s.remote:
             host = s.remote.split("[", 1)[0]

@@ -571,7 +571,7 @@ def decode_xtext(value: str) -> str:
                 raise PathError("bad xtext")
             octet = int(hexpart, 16)
             if not 0x20 <= octet <= 0x7E:
-                raise PathError("bad xtext")
+                raise PathError("xtext encodes a character that is not printable US-ASCII")
             out.append(chr(octet))
             i += 3
             continue

@@ -33,7 +33,7 @@ from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IMessageSink, IMessageWriter, IPolicy
 from mailrelay.observer import NULL_OBSERVER
 from mailrelay.policy import _no_objection
-from mailrelay.policy.received import protocol_name, received_header
+from mailrelay.policy.received import protocol_name, received_header, separator
 from mailrelay.smtp import _parser as p
 from mailrelay.smtp import auth as sasl
 from mailrelay.smtp import replies as R
@@ -121,7 +121,8 @@ class SessionSettings:
     allow_plaintext_auth: bool = False  # offer AUTH before TLS
     require_auth: bool = False  # submission: MAIL only after AUTH
     max_auth_failures: int = 3
-    max_hops: int = 50  # more Received headers than this: a mail loop (554 5.4.6)
+    # Received headers, ours included, that make a mail loop (554 5.4.6): Postfix's hopcount_limit
+    hopcount_limit: int = 50
     greet_delay: float = 0.0  # wait this long before the greeting; talking before it is rejected
     limit_trusted: bool = False  # greet_delay for trusted clients too (Postfix exempts mynetworks)
     trace_header: Callable[[SessionInfo, Envelope, str, float], bytes] = received_header
@@ -197,6 +198,7 @@ class Session:
         self._sasl: tuple[str, list[bytes]] | None = None
         self._reject: Reply | None = None  # the current message's fate, decided mid-stream
         self._headers: bytes | None = None  # header text seen so far (for the hop count)
+        self._text_started = False  # an octet of the message text came (after our Received)
         self._bdat_reply: Reply | None = None  # answer owed for a BDAT chunk being skipped
         # When the client last completed something (a command, a line of text): timeouts count
         # from here, not from its last byte, so one byte a second cannot hold a session open.
@@ -465,23 +467,35 @@ class Session:
         self._envelope_in_data = envelope
         self._reject = None
         self._headers = b""
+        self._text_started = False
         return None
 
     def _text(self, data: bytes) -> None:
+        if not self._text_started and data:
+            self._text_started = True
+            blank = separator(data)
+            if blank:  # the client's first line would go on with our Received: its text is body
+                self._headers = None  # no header section, so no Received header to count
+                if self._writer is not None and self._reject is None:
+                    self._writer.write(blank)
         if self._headers is not None:
             self._scan_headers(data)
         if self._writer is not None and self._reject is None:
             self._writer.write(data)
 
     def _scan_headers(self, data: bytes) -> None:
-        """Count Received headers (RFC 5321 6.3 loop detection) until the header section ends."""
+        """Count Received headers (RFC 5321 6.3 loop detection) until the header section ends.
+
+        As Postfix's cleanup does, ours counts too: with the default limit of 50, a message that
+        arrives with 49 is refused, one with 48 goes on (and arrives at the next hop with 49).
+        """
         assert self._headers is not None
         head = self._headers + data
         end = 0 if head.startswith(b"\r\n") else head.find(b"\r\n\r\n")
         section = head if end < 0 else head[:end]
-        max_hops = self.settings.max_hops
-        # fewer lines than the limit cannot hold too many Received headers: no regex search then
-        if section.count(b"\n") >= max_hops and len(_RECEIVED.findall(section)) > max_hops:
+        theirs = self.settings.hopcount_limit - 1  # this many besides ours is a loop
+        # fewer lines than that cannot hold that many Received headers: no regex search then
+        if section.count(b"\n") + 1 >= theirs and len(_RECEIVED.findall(section)) >= theirs:
             self._reject = R.TOO_MANY_HOPS
             self._headers = None
         elif end >= 0 or len(head) > HEADER_SCAN_LIMIT:

@@ -34,3 +34,10 @@ def test_utf8_recipient_kept_in_an_smtputf8_message_only() -> None:
     plain = received_header(info, Envelope("", rcpt, protocol="ESMTP"), "Q", 0.0)
     assert "for <jörg@bücher.example>;" in utf8.decode()
     assert b"for <j?rg@b?cher.example>;" in plain
+
+
+def test_nothing_that_reads_as_a_line_break_or_space_passes_in_a_utf8_header() -> None:
+    info = SessionInfo("192.0.2.5", hostname="mx.example.test", helo="c")
+    rcpt = (Recipient("a\u2028by\u00a0evil\u3000x\u2029\x85é@example.test"),)
+    header = received_header(info, Envelope("", rcpt, smtputf8=True, protocol="UTF8SMTP"), "Q", 0.0).decode()
+    assert "for <a?by?evil?x??é@example.test>;" in header

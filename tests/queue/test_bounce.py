@@ -82,6 +82,21 @@ def test_failed_recipients_get_one_report_with_the_original_message():
     assert qid not in w.store.messages  # a delivered, b and c bounced: done
 
 
+def test_text_from_elsewhere_cannot_end_or_add_a_field_of_the_report():
+    """ENVID, ORCPT and a next hop's reply are copied into the report's fields: no control character
+    (CR, LF, NUL, ...) gets there, whatever the envelope holds (one spooled by an older version)."""
+    hostile = Reply(550, "5.1.1", "no such user\x00\x1b[31m\x7f\x85X-Injected: reply")
+    w = World(RecordingDeliverer([{"b@example.test": hostile}]))
+    w.send(Recipient("b@example.test", (), "rfc\x85822;b@x\r\nX-Injected: orcpt\x00"), envid="E\rX-Injected: envid\x00")
+    (env, report), = w.reports()
+    _, (head, block), _ = parts(report)
+    assert head["Original-Envelope-Id"] == "E X-Injected: envid"
+    assert block["Original-Recipient"] == "rfc 822; b@x X-Injected: orcpt"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user [31m X-Injected: reply"
+    raw = w.deliverer.calls[-1].body
+    assert not any(c in raw for c in (b"\x00", b"\x1b", b"\x7f", b"\xc2\x85", b"\nX-Injected"))
+
+
 def test_ret_hdrs_and_large_messages_return_only_the_headers():
     w = World(RecordingDeliverer([NOUSER, NOUSER]))
     w.send(Recipient("b@example.test"), ret="HDRS")

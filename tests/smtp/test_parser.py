@@ -295,7 +295,8 @@ def test_params() -> None:
 
 def test_xtext() -> None:
     assert decode_xtext("rfc822;a+2Bb@x") == "rfc822;a+b@x"
-    for bad in ["a+2", "a+zz", "a b"]:
+    assert decode_xtext("+20+7E") == " ~"
+    for bad in ["a+2", "a+zz", "a b", "a+0D+0Ab", "a+00", "+09", "+7F", "+C3+A9"]:
         with pytest.raises(PathError):
             decode_xtext(bad)
 

@@ -403,6 +403,24 @@ def test_dsn_parameters_are_stored_with_the_envelope() -> None:
                               Recipient("c@x.example", ("NEVER",)))
 
 
+@pytest.mark.parametrize("command", [
+    "MAIL FROM:<a@example.org> ENVID=a+0D+0AX-Injected:+20yes", "MAIL FROM:<a@example.org> ENVID=a+00b",
+    "RCPT TO:<b@x.example> ORCPT=rfc822;b+0D+0AX-Injected:+20yes", "RCPT TO:<b@x.example> ORCPT=rfc822;b+7F@x",
+    "RCPT TO:<b@x.example> ORCPT=rfc822;b+C3+A9@x", "RCPT TO:<b@x.example> ORCPT=rfc\u0085822;b@x"])
+def test_envid_and_orcpt_must_encode_printable_ascii(command: str) -> None:
+    """They go into the header fields of reports (RFC 3461 4.2, 4.4): a CR, LF or NUL is refused."""
+    c = Conn(config=TRUSTING)
+    c.ehlo()
+    if command.startswith("RCPT"):
+        c.send("MAIL FROM:<a@example.org>\r\n")
+        assert c.codes() == [250]
+    c.send(command + "\r\n")
+    ((code, text),) = c.replies()
+    assert code == 501 and text.startswith("5.5.4 Bad ")
+    c.send("NOOP\r\n")
+    assert c.codes() == [250]
+
+
 def test_postmaster_is_accepted_from_anyone_and_qualified() -> None:
     c = Conn()
     c.ehlo()

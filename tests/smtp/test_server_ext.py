@@ -1,11 +1,15 @@
-"""In-memory tests of the extensions: STARTTLS, AUTH, CHUNKING/BDAT, hop count, pregreet."""
+"""In-memory tests of the extensions: STARTTLS, AUTH, CHUNKING/BDAT, hop count, pregreet, and that
+the client cannot write into our Received header."""
 
 from __future__ import annotations
 
 import base64
+import email
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer
 
@@ -285,17 +289,50 @@ def test_bdat_waits_for_deferred_data_policy_before_reading() -> None:
 
 # -- hop count, pregreet --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("hops, code", [(50, 250), (51, 554)])
-def test_hop_count(hops: int, code: int) -> None:
+def hops(n: int, name: bytes = b"Received") -> bytes:
+    return b"".join(name + b": from x by y; Thu, 1 Jan 1970 00:00:00 +0000\r\n" for _ in range(n))
+
+
+def send_by(c: Conn, how: str, message: bytes) -> tuple[int, str]:
+    """Send ``message`` in one transaction by DATA or by BDAT (in two chunks cut mid-header); the
+    reply to its end."""
+    c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\n")
+    if how == "DATA":
+        c.send("DATA\r\n")
+        c.send(stuff(message))
+    else:
+        cut = len(message) // 2
+        c.send(f"BDAT {cut}\r\n".encode() + message[:cut])
+        c.send(f"BDAT {len(message) - cut} LAST\r\n".encode() + message[cut:])
+    return c.replies()[-1]
+
+
+# Postfix (hopcount_limit = 50) counts the Received header it adds itself: a real Postfix 3.7 takes
+# a message that arrives with 48 and refuses one with 49. Delivered-To headers it does not count.
+@pytest.mark.parametrize("how", ["DATA", "BDAT"])
+@pytest.mark.parametrize(("received", "body", "code"), [
+    (48, MSG, 250), (49, MSG, 554), (48, b"\r\nbody\r\n", 250), (49, b"\r\nbody\r\n", 554),
+    (49, b"", 554), (49, b"Subject: x\r\n", 554), (200, MSG, 554)])
+def test_hop_count_matches_postfix(how: str, received: int, body: bytes, code: int) -> None:
     c = Conn(config=CONFIG)
     c.ehlo()
-    headers = b"".join(b"Received: from x by y; Thu, 1 Jan 1970 00:00:00 +0000\r\n" for _ in range(hops))
-    c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n")
-    c.send(stuff(headers + MSG))
-    code_, text = c.replies()[-1]
-    assert code_ == code
+    reply = send_by(c, how, hops(received) + body)
+    assert reply[0] == code
     if code == 554:
-        assert text.startswith("5.4.6") and not c.sink.committed
+        assert reply == (554, "5.4.6 Error: too many hops (mail loop?)") and not c.sink.committed
+    else:
+        assert len(c.sink.committed) == 1
+
+
+@pytest.mark.parametrize("how", ["DATA", "BDAT"])
+def test_hop_count_limit_is_configurable_and_counts_only_received(how: str) -> None:
+    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), hopcount_limit=5)
+    c = Conn(config=config)
+    c.ehlo()
+    assert send_by(c, how, hops(3) + hops(40, b"Delivered-To") + MSG)[0] == 250
+    assert send_by(c, how, hops(2) + hops(2, b"received ") + MSG)[0] == 554  # any case, space before ':'
+    assert send_by(c, how, hops(3) + MSG)[0] == 250  # the session goes on
+    assert len(c.sink.committed) == 2
 
 
 def test_received_in_body_does_not_count() -> None:
@@ -347,3 +384,77 @@ def test_auth_failures_are_counted_per_address_across_sessions() -> None:
     ehlo_keywords(c)
     c.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n")
     assert c.codes() == [235]
+
+
+# -- our Received header ends where we end it ---------------------------------------------------
+
+FORGED = b" by trusted-gateway.example (Postfix) with ESMTPS id X;\r\n\tThu, 1 Jan 1970 00:00:00 +0000\r\n"
+
+
+def trace_and_rest(data: bytes) -> tuple[bytes, bytes]:
+    """Our Received header as a parser of header fields reads it (with every line that continues
+    it, CRLF-terminated), and what follows it."""
+    end = data.index(b"\r\n") + 2
+    while data[end:end + 1] in (b" ", b"\t"):
+        end = data.index(b"\r\n", end) + 2
+    return data[:end], data[end:]
+
+
+@pytest.mark.parametrize("how", ["DATA", "BDAT"])
+@pytest.mark.parametrize("first", [b" ", b"\t"])
+def test_text_beginning_with_whitespace_cannot_continue_our_received_header(how: str, first: bytes) -> None:
+    c = Conn(config=CONFIG)
+    c.ehlo()
+    message = first + FORGED[1:] + hops(60) + MSG  # no header section: its Received lines are body
+    assert send_by(c, how, message)[0] == 250
+    data = c.sink.committed[0].data
+    trace, rest = trace_and_rest(data)
+    assert trace.startswith(b"Received: from client.example.org ([192.0.2.10])") and b"trusted-gateway" not in trace
+    assert trace.endswith(b" +0000\r\n")
+    assert rest == b"\r\n" + message  # an empty line, then the client's text unchanged, as Postfix does
+    assert email.message_from_bytes(data)["Received"].count("by ") == 1
+
+
+def test_bdat_whose_first_octet_comes_after_an_empty_chunk_is_body_too() -> None:
+    c = Conn(config=CONFIG)
+    c.ehlo()
+    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nBDAT 0\r\nBDAT 1\r\n\t")
+    c.send(f"BDAT {len(FORGED) - 1} LAST\r\n".encode() + FORGED[1:])
+    assert c.codes()[-3:] == [250, 250, 250]
+    trace, rest = trace_and_rest(c.sink.committed[0].data)
+    assert b"trusted-gateway" not in trace and rest == b"\r\n\t" + FORGED[1:]
+
+
+@pytest.mark.parametrize("how", ["DATA", "BDAT"])
+@pytest.mark.parametrize("message", [MSG, b"\r\nbody only\r\n", b"Subject: x\r\n", b""])
+def test_other_text_follows_our_received_header_unchanged(how: str, message: bytes) -> None:
+    c = Conn(config=CONFIG)
+    c.ehlo()
+    if how == "BDAT" and not message:
+        c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nBDAT 0 LAST\r\n")
+        assert c.codes()[-1] == 250
+    else:
+        assert send_by(c, how, message)[0] == 250
+    trace, rest = trace_and_rest(c.sink.committed[0].data)
+    assert trace.endswith(b" +0000\r\n") and rest == message
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(0, 120), max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_whatever_the_text_and_its_chunks_our_received_header_ends_where_we_end_it(
+        text: bytes, cuts: list[int]) -> None:
+    c = Conn(config=CONFIG)
+    c.ehlo()
+    c.send(b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nRCPT TO:<user@example.test>\r\n")
+    chunks, i = [], 0
+    for cut in cuts:
+        chunks.append(text[i:i + cut])
+        i += cut
+    for chunk in chunks:
+        c.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+    c.send(b"BDAT %d LAST\r\n" % len(text[i:]) + text[i:])
+    assert c.codes()[-1] == 250
+    (w,) = c.sink.committed
+    trace, rest = trace_and_rest(w.data)
+    assert trace == w.chunks[0]  # all of our header, nothing of the client's
+    assert rest == (b"\r\n" + text if text[:1] in (b" ", b"\t") else text)
