@@ -3,6 +3,11 @@
 Every router may answer synchronously or through a Deferred; the chain always answers with a
 Deferred, so callers handle one shape. A failure (temporary or permanent) stops the chain: a router
 that cannot answer now must not let a later, less specific router send the mail elsewhere.
+
+A rewritten recipient (``Route.recipient``, e.g. LDAP's ``mailRoutingAddress``) comes from
+directory data or a plugin, not from the SMTP parser: the chain checks it is a mailbox before
+anyone writes it into an ``RCPT TO`` command, so a CR/LF in a directory value is a temporary
+failure (the operator fixes the entry), never a command of ours.
 """
 
 from __future__ import annotations
@@ -14,8 +19,20 @@ from zope.interface import implementer
 
 from mailrelay.address import domain_of
 from mailrelay.envelope import Envelope, Reply, Route
-from mailrelay.errors import PermanentFailure
+from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
+from mailrelay.smtp._parser import PathError, parse_mailbox
+
+
+def checked(route: Route) -> Route:
+    """``route`` if its rewritten recipient (if any) is a mailbox, else ``TemporaryFailure``."""
+    if route.recipient is not None:
+        try:
+            parse_mailbox(route.recipient)
+        except PathError as e:
+            raise TemporaryFailure(Reply(451, "4.3.5", f"the router rewrote the recipient to a bad address "
+                                                       f"({e}): {route.recipient!r}")) from None
+    return route
 
 
 def no_route_reply(recipient: str) -> Reply:
@@ -56,13 +73,16 @@ class RouterChain:
             if isinstance(answer, defer.Deferred):
                 return answer.addCallback(self._answered, recipient, envelope, index)
             if answer is not None:
-                return defer.succeed(answer)
+                try:
+                    return defer.succeed(checked(answer))
+                except TemporaryFailure:
+                    return defer.fail()
         return self._unanswered(recipient)
 
     def _answered(self, answer: Route | None, recipient: str, envelope: Envelope,
                   index: int) -> Route | defer.Deferred[Route]:
         if answer is not None:
-            return answer
+            return checked(answer)
         return self._ask(recipient, envelope, index + 1)
 
     def _unanswered(self, recipient: str) -> defer.Deferred[Route]:

@@ -99,3 +99,22 @@ def test_close_reaches_the_routers_that_hold_resources() -> None:
     chain = RouterChain([Answering(None), holding])
     assert result_of(chain.close()) is None
     assert closed == [holding]
+
+
+@pytest.mark.parametrize("bad", [
+    "a@b.test>\r\nRCPT TO:<victim@elsewhere.test",  # a directory value that would add a command
+    "a@b.test\nDATA", "a\x00@b.test", "no-at-sign", "a@ｂ.test", "<a@b.test>",
+])
+def test_a_rewrite_that_is_not_a_mailbox_is_a_temporary_failure(bad: str) -> None:
+    """A rewritten recipient comes from directory data or a plugin, never through the SMTP parser:
+    the chain refuses what would not parse as a mailbox, sync or async, before a client writes it."""
+    for answer in (Route((NextHop("h", 25),), recipient=bad),
+                   defer.succeed(Route((NextHop("h", 25),), recipient=bad))):
+        with pytest.raises(TemporaryFailure) as info:
+            result_of(RouterChain([Answering(answer)]).route("u@x.test", ENV))
+        assert info.value.reply.code == 451 and info.value.reply.enhanced == "4.3.5"
+
+
+def test_a_rewrite_to_a_mailbox_is_kept() -> None:
+    route = Route((NextHop("h", 25),), recipient='"a b"@bücher.example')
+    assert result_of(RouterChain([Answering(route)]).route("u@x.test", ENV)) == route
