@@ -66,6 +66,18 @@ def test_check_config_changed_only_like_postconf_n(tmp_path):
     assert "hostname = \"cli.example.test\"" in text
 
 
+def test_check_config_changed_only_leaves_out_computed_and_restated_defaults(tmp_path):
+    """``-n`` shows what differs from a file that sets nothing: not the hostname taken from the
+    machine, nor a key set to its default value."""
+    path = tmp_path / "defaults.toml"
+    path.write_text('[server]\nlisten = ["tcp:2525:interface=127.0.0.1"]\nmax_recipients = 100\n'
+                    '[spool]\npath = "var/spool"\n[[routes]]\ntype = "mx"\n')
+    text = render_config(config.load(str(path)), only_changed=True)
+    assert "[server]" not in text and "[spool]" not in text and "hostname" not in text
+    assert text.endswith('[[routes]]\ntype = "mx"\n')
+    assert "hostname = " in render_config(config.load(str(path)))
+
+
 def test_check_config_errors_name_the_key_and_exit_1(tmp_path):
     path = write_config(tmp_path, '[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:99999"]\n')
     result = cli("check-config", str(path))
@@ -258,6 +270,18 @@ def test_control_protocol_pages_the_listing_and_summarises():
     # ages 10 min (<20m), 20 and 30 (<40m), 40 and 50 (<80m); two pending recipients each
     assert s["total"][:5] == [0, 0, 2, 4, 4]
     assert dict((d, sum(c)) for d, c in s["rows"]) == {"example.test": 5, "other.test": 5}
+
+
+@pytest.mark.parametrize("n, noun", [(0, "messages"), (1, "message"), (2, "messages")])
+def test_summary_says_one_message_and_one_domain_in_the_singular(n, noun):
+    import io
+
+    from mailrelay.cli import print_summary
+
+    out = io.StringIO()
+    print_summary({"buckets": ["5m"], "total": [n], "rows": [], "more_domains": n, "messages": n, "held": 0}, out)
+    assert out.getvalue().splitlines()[-1] == f"{n} {noun}, 0 held"
+    assert (f"(and {n} more {'domain' if n == 1 else 'domains'})" in out.getvalue()) == (n > 0)
 
 
 @pytest.mark.integration
