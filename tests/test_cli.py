@@ -315,3 +315,23 @@ def test_cli_against_a_running_twistd_instance_and_after_it_stops(tmp_path):
     assert offline_list.returncode == 0 and "in 1 Request." in offline_list.stdout
     assert doomed not in offline_list.stdout
     relay.cleanup()
+
+
+def _main_modules() -> list[str]:
+    """Every module of the package that runs as ``python -m`` (has a ``__main__`` block)."""
+    root = Path(__file__).resolve().parent.parent
+    return sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "mailrelay").rglob("*.py")
+                  if 'if __name__ == "__main__":' in p.read_text())
+
+
+def test_the_main_modules_are_found():
+    assert {"mailrelay.cli", "mailrelay.smtp.auth", "mailrelay.workers.worker"} <= set(_main_modules())
+
+
+@pytest.mark.parametrize("module", _main_modules())
+def test_every_python_m_entry_point_prints_help(module):
+    """``python -m <module> --help`` prints a usage text and exits 0: no traceback, no prompt."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:") and "Traceback" not in result.stderr + result.stdout
