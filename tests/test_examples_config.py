@@ -39,6 +39,40 @@ def test_example_loads_and_its_routers_build(path: Path) -> None:
     build_router(cfg.routes, lambda key: RouterContext(reactor=Clock(), source=str(path), key=key))
 
 
+def _header(path: Path) -> str:
+    """The comment block an example starts with: what it says it does."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    return "\n".join(header)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_header_says_mx_only_when_it_routes_by_mx(path: Path) -> None:
+    uses_mx = any(r.type == "mx" for r in config.load(str(path)).routes)
+    assert bool(re.search(r"\bMX\b", _header(path))) == uses_mx, _header(path)
+
+
+def test_smarthost_example_routes_as_its_comment_says() -> None:
+    from mailrelay.envelope import Envelope
+    from mailrelay.routing.context import RouterContext
+    from mailrelay.routing.plugins import build_router
+    from tests.routing.helpers import result_of
+
+    path = ROOT / "examples" / "smarthost.toml"
+    router = build_router(config.load(str(path)).routes, lambda key: RouterContext(reactor=Clock(), key=key))
+    header = _header(path)
+    for address, hops in [("a@example.test", ["127.0.0.1:2526", "::1:2526"]),
+                          ("a@sub.example.test", ["127.0.0.1:2526", "::1:2526"]),
+                          ("a@example.net", ["127.0.0.1:2527"])]:
+        route = result_of(router.route(address, Envelope("s@example.org", ())))
+        assert [f"{h.host}:{h.port}" for h in route.hops] == hops
+    assert "127.0.0.1:2527" in header and "127.0.0.1:2526" in header and "[::1]:2526" in header
+    assert "example.test and its subdomains" in header
+
+
 def test_make_run_config_is_the_documented_one() -> None:
     """What README/quickstart promise for ``make run``: 127.0.0.1:2525, spool under var/, the demo
     domain into var/mail, the rest by MX."""
