@@ -335,3 +335,33 @@ def test_every_python_m_entry_point_prints_help(module):
                             timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:") and "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("n, text", [(1, "queue: recovered 1 message"), (2, "queue: recovered 2 messages")])
+def test_log_lines_about_counts_agree_with_their_nouns(n, text):
+    """The lines an operator reads at start-up and after ``mailrelay queue flush`` count in words
+    that agree: ``1 message``."""
+    from twisted.internet.task import Clock
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from mailrelay.control.server import ControlProtocol
+    from mailrelay.testing import MemoryQueueStore
+    from tests.routing.helpers import result_of
+
+    clock = Clock()
+    store = MemoryQueueStore(clock)
+    for _ in range(n):
+        store.inject(ENV, b"Subject: x\r\n\r\ny\r\n")
+    manager = QueueManager(store, FakeRouter({}), RecordingDeliverer([None] * (2 * n)), clock, QueueConfig(), "h.test")
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        result_of(manager.start())
+        result_of(ControlProtocol(manager, store, clock).flush())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(e) for e in events]
+    assert text in lines
+    assert any(line.startswith("control: flush all (") and line.endswith(("(0 messages)", "(1 message)", "(2 messages)"))
+               for line in lines), lines
+    assert not any(" 1 messages" in line for line in lines), lines

@@ -125,7 +125,8 @@ class ControlProtocol(amp.AMP):
             if message.held:
                 raise protocol.MessageHeld(queue_id)
         count = yield self.manager.flush(queue_id)
-        log.info("control: flush {what} ({count} messages)", what=queue_id or "all", count=count)
+        log.info("control: flush {what} ({count} {messages})", what=queue_id or "all", count=count,
+                 messages="message" if count == 1 else "messages")
         return {"count": count}
 
     @protocol.Delete.responder
