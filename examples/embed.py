@@ -5,8 +5,9 @@
 The program owns its service tree; ``MailRelayService`` is one branch of it, next to a
 twisted.web site (``tcp:8080:interface=127.0.0.1`` unless given) that shows what the relay did.
 An observer of our own (``LastMessages``) hears of every accepted message through the same
-interface that feeds the relay's Prometheus counters. SIGTERM or Ctrl-C stops the whole tree
-gracefully: the relay lets sessions finish their message, then stops its queue.
+interface that feeds the relay's Prometheus counters. The relay's log (a line per connection,
+message and delivery attempt) goes to stdout. SIGTERM or Ctrl-C stops the whole tree gracefully:
+the relay lets sessions finish their message, then stops its queue.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.web import resource, server
 
-from mailrelay import config
-from mailrelay.errors import ConfigError
-from mailrelay.observer import RelayObserver
-from mailrelay.service import MailRelayService
+from mailrelay import ConfigError, MailRelayService, RelayObserver, config
 
 
 class LastMessages(RelayObserver):
@@ -79,6 +78,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         sys.stderr.write(f"embed: {e}\n")
         return 1
+    # The relay logs through twisted.logger; a program of its own (not twistd) says where the lines go.
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     app = build(cfg, argv[2] if len(argv) > 2 else "tcp:8080:interface=127.0.0.1")
     app.startService()
     # reactor.stop() (SIGTERM, SIGINT) runs this before the reactor shuts down, and waits for it

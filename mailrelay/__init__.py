@@ -1,8 +1,14 @@
 """mailrelay: a mail transfer agent framework on Twisted.
 
-The public surface is re-exported here; everything else is subject to change.
+The public surface is re-exported here; everything else is subject to change. A router plugin
+needs ``IRouter``, ``Route``/``NextHop``, the failures, ``RouterContext`` (what its factory is
+given) and ``parse_hostport``; its tests, ``mailrelay.testing`` (``router_context``, the fakes).
+An embedder needs ``MailRelayService``, ``RelayObserver`` and ``mailrelay.config``.
 """
 
+from typing import TYPE_CHECKING
+
+from mailrelay.config import parse_hostport
 from mailrelay.envelope import (
     Envelope,
     NextHop,
@@ -25,15 +31,29 @@ from mailrelay.interfaces import (
     IRouterFactory,
 )
 
+if TYPE_CHECKING:  # imported on first use, below
+    from mailrelay.observer import RelayObserver
+    from mailrelay.routing.context import RouterContext
+    from mailrelay.service import MailRelayService
+
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    # MailRelayService pulls in every room; import it only when asked for.
+    # These pull in every room (RouterContext: the routing package, its routers and their
+    # libraries); import them only when asked for.
     if name == "MailRelayService":
         from mailrelay.service import MailRelayService
 
         return MailRelayService
+    if name == "RelayObserver":
+        from mailrelay.observer import RelayObserver
+
+        return RelayObserver
+    if name == "RouterContext":
+        from mailrelay.routing.context import RouterContext
+
+        return RouterContext
     raise AttributeError(f"module 'mailrelay' has no attribute {name!r}")
 
 
@@ -54,8 +74,11 @@ __all__ = [
     "Recipient",
     "RecipientState",
     "RecipientStatus",
+    "RelayObserver",
     "Reply",
     "Route",
+    "RouterContext",
     "TemporaryFailure",
     "TLSPolicy",
+    "parse_hostport",
 ]

@@ -29,6 +29,7 @@ from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 _SECRET = re.compile(r"pass|secret|credential|token", re.I)
+_PORT_CHATTER = re.compile(r"\w*DNSDatagramProtocol starting on \d+|\(UDP Port \d+ Closed\)")
 _SKIP = frozenset({"format", "message", "isError", "why", "failure", "time"})
 
 
@@ -60,6 +61,19 @@ def formatEvent(event: dict[str, Any]) -> str:  # noqa: N802 - twisted.logger's 
     return _twisted_format_event(event)
 
 
+def is_chatter(event: dict[str, Any]) -> bool:
+    """Whether ``event`` is a line a DNS query's UDP port writes whatever its protocol says
+    (``DNSDatagramProtocol starting on N``, ``(UDP Port N Closed)``; see ``mailrelay._quiet``).
+
+    Twisted writes them through its legacy ``log.msg``; the relay has no other UDP port, so
+    ``(UDP Port N Closed)`` is always a finished DNS query.
+    """
+    if event.get("log_namespace") != "log_legacy":
+        return False
+    text = event.get("log_text")
+    return isinstance(text, str) and _PORT_CHATTER.fullmatch(text) is not None
+
+
 @implementer(ILogObserver)
 class TextLineObserver:
     """twistd's text log (``textFileLogObserver``): one line per event, flushed at once."""
@@ -86,6 +100,8 @@ class TextLineObserver:
         return f"{self._stamp} [{system}] {text}\n"
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if is_chatter(event):
+            return
         try:
             line = self._line(event)
         except Exception:  # an odd event (a level that is not a LogLevel): twisted's own way
@@ -134,6 +150,8 @@ class JSONLineObserver:
         self.stream = stream
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if is_chatter(event):
+            return
         try:
             line = event_as_json(event)
         except Exception as e:  # never lose the line because one field would not serialise

@@ -52,13 +52,13 @@ def _toml_key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
 
 
-def _section_lines(obj: Any, only_changed: bool) -> list[str]:
+def _section_lines(obj: Any, defaults: Any) -> list[str]:
     lines = []
     for field in attrs.fields(type(obj)):
         value = getattr(obj, field.name)
         if value is None:
             continue
-        if only_changed and field.default is not attrs.NOTHING and value == field.default:
+        if defaults is not None and value == getattr(defaults, field.name):
             continue
         lines.append(f"{field.name} = {_toml_value(value)}")
     return lines
@@ -68,6 +68,10 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
     """The effective configuration as TOML (every value, or with ``only_changed`` those set apart
     from the defaults, like ``postconf -n``). Durations are in seconds, sizes in bytes."""
     out: list[str] = [f"# effective configuration of {cfg.source}"]
+    # The defaults are what the loader makes of a file that sets nothing (a route given only so
+    # that no rule about routes gets in the way; routes are printed as written): that covers the
+    # defaults computed at load time (the hostname) as well as the declared ones.
+    defaults = configmod.from_dict({"routes": [{"type": "mx"}]}, cfg.source) if only_changed else None
     # Sections are the attrs-typed fields of Config; a plain field <section>_<key> (metrics_listen)
     # is a key of that section — so a section added to config.py shows up here by itself.
     loose: dict[str, list[str]] = {}
@@ -75,10 +79,13 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
         value = getattr(cfg, field.name)
         if field.name in ("source", "routes") or value is None:
             continue
+        default = getattr(defaults, field.name) if defaults is not None else None
         if attrs.has(type(value)):
-            lines = _section_lines(value, only_changed)
+            lines = _section_lines(value, default)
             if lines:
                 out += ["", f"[{field.name}]", *lines]
+        elif defaults is not None and value == default:
+            continue
         elif "_" in field.name:
             section, key = field.name.split("_", 1)
             loose.setdefault(section, []).append(f"{key} = {_toml_value(value)}")
@@ -348,6 +355,11 @@ def _shards(reactor: Any, paths: list[str], sockets: list[str]):  # type: ignore
 # -- queue: printing ---------------------------------------------------------------------------
 
 
+def plural(n: int, word: str) -> str:
+    """``plural(1, "message")`` → ``"1 message"``, ``plural(2, "message")`` → ``"2 messages"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _when(epoch: float | None) -> str:
     return time.strftime("%a %b %d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
 
@@ -404,8 +416,9 @@ def print_summary(s: dict[str, Any], out: Any) -> None:
     for name, counts in rows:
         print(f"{name[-30:]:>30} {sum(counts):>6} " + " ".join(f"{c:>6}" for c in counts), file=out)
     if s["more_domains"]:
-        print(f"{'':>30} (and {s['more_domains']} more domains)", file=out)
-    print(f"{s['messages']} messages, {s['held']} held", file=out)
+        print(f"{'':>30} (and {s['more_domains']} more {'domain' if s['more_domains'] == 1 else 'domains'})",
+              file=out)
+    print(f"{plural(s['messages'], 'message')}, {s['held']} held", file=out)
 
 
 # -- queue: commands ---------------------------------------------------------------------------
@@ -430,7 +443,7 @@ def _queue_command(backend: Any, args: argparse.Namespace, out: Any):  # type: i
         if args.json:
             print(json.dumps(every, indent=1), file=out)
         elif count:
-            print(f"-- {(total_size + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.", file=out)
+            print(f"-- {(total_size + 1023) // 1024} Kbytes in {plural(count, 'Request')}.", file=out)
         else:
             print("Mail queue is empty", file=out)
     elif cmd == "show":
@@ -441,7 +454,7 @@ def _queue_command(backend: Any, args: argparse.Namespace, out: Any):  # type: i
         print(json.dumps(s, indent=1), file=out) if args.json else print_summary(s, out)
     elif cmd == "flush":
         n = yield backend.flush(args.queue_id)
-        print(f"flushed {n} message{'s' if n != 1 else ''}", file=out)
+        print(f"flushed {plural(n, 'message')}", file=out)
     else:
         yield backend.act(cmd, args.queue_id)
         print(f"{args.queue_id}: {cmd}d" if cmd != "hold" else f"{args.queue_id}: held", file=out)

@@ -134,6 +134,7 @@ class Route:
 
     ``recipient`` is a rewritten address (``None`` keeps the original). Recipients of one message
     whose routes share a ``destination`` are delivered together over one connection.
+    ``maildir`` (a directory) replaces the hops: the message is written there as a local capture.
     """
 
     hops: tuple[NextHop, ...]
@@ -143,10 +144,11 @@ class Route:
     source: str | None = None
     allow_plaintext_auth: bool = False
     lmtp: bool = False  # deliver over LMTP (RFC 2033), e.g. to a local MDA
+    maildir: str | None = None
 
     @property
     def destination(self) -> tuple[Any, ...]:
-        return (self.hops, self.tls, self.auth, self.source, self.allow_plaintext_auth, self.lmtp)
+        return (self.hops, self.tls, self.auth, self.source, self.allow_plaintext_auth, self.lmtp, self.maildir)
 
 
 class RecipientState(enum.StrEnum):

@@ -165,7 +165,17 @@ def metrics_site(registry: CollectorRegistry) -> Site:
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=registry))
     root.putChild(b"", _Index())
-    return Site(root)
+    return _QuietSite(root)
+
+
+class _QuietSite(Site):
+    """No "Starting factory" line (the listener's own line says where it listens), and no access
+    log line per request: a scrape every few seconds would fill the mail log with nothing."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 class _Index(Resource):

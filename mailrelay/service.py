@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mailrelay.config import Config, ServerConfig
-from mailrelay.delivery import SMTPDeliverer
+from mailrelay.delivery import ByRouteDeliverer, MaildirDeliverer, SMTPDeliverer
 from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
@@ -110,8 +110,9 @@ class MailRelayService(service.MultiService):
         self._own_router = router is None
         self.router = router if router is not None else build_router(config.routes, self._router_context)
         if deliverer is None:
-            deliverer = SMTPDeliverer(reactor, config.delivery, config.delivery.helo_name or config.server.hostname)
-            deliverer.observer = self.observer  # type: ignore[attr-defined]  # new connections, TLS
+            network = SMTPDeliverer(reactor, config.delivery, config.delivery.helo_name or config.server.hostname)
+            network.observer = self.observer  # new connections, TLS
+            deliverer = ByRouteDeliverer(network, MaildirDeliverer(reactor, self.threadpool, config.server.hostname))
         # DKIM signs (for the [dkim] domains; none: passes through) before the message goes out
         self.dkim = DKIMSigningDeliverer(deliverer, DKIMSigner.from_config(config.dkim, config.source),
                                          reactor, self.threadpool)

@@ -6,12 +6,14 @@ and works without threads, sockets or a running reactor, so a test stays determi
     store = MemoryQueueStore(clock)
     deliverer = RecordingDeliverer([Reply(451, "4.4.1", "try later"), Reply(250, "2.0.0", "ok")])
     router = FakeRouter({"example.test": route_to("127.0.0.1", 2526)})
+    plugin = MyRouter.from_options({"path": "table.txt"}, router_context())   # a router plugin's factory
 """
 
 from __future__ import annotations
 
 import io
 import os
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any
 
@@ -27,6 +29,7 @@ from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IDeliverer, IMessageWriter, IQueueStore, IRouter
 from mailrelay.queue.store import QueueIdGenerator, new_message, storage_failure
 from mailrelay.routing._fakedns import FakeResolver
+from mailrelay.routing.context import RouterContext
 
 __all__ = [
     "DeliveryCall",
@@ -35,7 +38,19 @@ __all__ = [
     "MemoryQueueStore",
     "RecordingDeliverer",
     "route_to",
+    "router_context",
 ]
+
+
+def router_context(reactor: Any = None, *, source: str = "mailrelay.toml", key: str = "routes[0]",
+                   threadpool: Any = None, resolver: Any = None, seed: int = 0) -> RouterContext:
+    """The ``RouterContext`` a router factory is given at start-up, for a test: a fresh ``Clock``
+    unless ``reactor`` is given, randomness seeded with ``seed``, and errors that name
+    ``source: key.<option>`` (``mailrelay.toml: routes[0].path``) as they would in a config file.
+    ``threadpool`` ``None`` suits routers that block nothing; ``resolver`` is for the MX router
+    (a ``FakeResolver``)."""
+    return RouterContext(reactor=reactor if reactor is not None else Clock(), threadpool=threadpool, source=source,
+                         key=key, random=random.Random(seed), resolver=resolver)
 
 
 def route_to(host: str, port: int = 25, **kw: Any) -> Route:

@@ -66,6 +66,18 @@ def test_check_config_changed_only_like_postconf_n(tmp_path):
     assert "hostname = \"cli.example.test\"" in text
 
 
+def test_check_config_changed_only_leaves_out_computed_and_restated_defaults(tmp_path):
+    """``-n`` shows what differs from a file that sets nothing: not the hostname taken from the
+    machine, nor a key set to its default value."""
+    path = tmp_path / "defaults.toml"
+    path.write_text('[server]\nlisten = ["tcp:2525:interface=127.0.0.1"]\nmax_recipients = 100\n'
+                    '[spool]\npath = "var/spool"\n[[routes]]\ntype = "mx"\n')
+    text = render_config(config.load(str(path)), only_changed=True)
+    assert "[server]" not in text and "[spool]" not in text and "hostname" not in text
+    assert text.endswith('[[routes]]\ntype = "mx"\n')
+    assert "hostname = " in render_config(config.load(str(path)))
+
+
 def test_check_config_errors_name_the_key_and_exit_1(tmp_path):
     path = write_config(tmp_path, '[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:99999"]\n')
     result = cli("check-config", str(path))
@@ -260,6 +272,18 @@ def test_control_protocol_pages_the_listing_and_summarises():
     assert dict((d, sum(c)) for d, c in s["rows"]) == {"example.test": 5, "other.test": 5}
 
 
+@pytest.mark.parametrize("n, noun", [(0, "messages"), (1, "message"), (2, "messages")])
+def test_summary_says_one_message_and_one_domain_in_the_singular(n, noun):
+    import io
+
+    from mailrelay.cli import print_summary
+
+    out = io.StringIO()
+    print_summary({"buckets": ["5m"], "total": [n], "rows": [], "more_domains": n, "messages": n, "held": 0}, out)
+    assert out.getvalue().splitlines()[-1] == f"{n} {noun}, 0 held"
+    assert (f"(and {n} more {'domain' if n == 1 else 'domains'})" in out.getvalue()) == (n > 0)
+
+
 @pytest.mark.integration
 def test_cli_against_a_running_twistd_instance_and_after_it_stops(tmp_path):
     import smtplib
@@ -291,3 +315,53 @@ def test_cli_against_a_running_twistd_instance_and_after_it_stops(tmp_path):
     assert offline_list.returncode == 0 and "in 1 Request." in offline_list.stdout
     assert doomed not in offline_list.stdout
     relay.cleanup()
+
+
+def _main_modules() -> list[str]:
+    """Every module of the package that runs as ``python -m`` (has a ``__main__`` block)."""
+    root = Path(__file__).resolve().parent.parent
+    return sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "mailrelay").rglob("*.py")
+                  if 'if __name__ == "__main__":' in p.read_text())
+
+
+def test_the_main_modules_are_found():
+    assert {"mailrelay.cli", "mailrelay.smtp.auth", "mailrelay.workers.worker"} <= set(_main_modules())
+
+
+@pytest.mark.parametrize("module", _main_modules())
+def test_every_python_m_entry_point_prints_help(module):
+    """``python -m <module> --help`` prints a usage text and exits 0: no traceback, no prompt."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:") and "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("n, text", [(1, "queue: recovered 1 message"), (2, "queue: recovered 2 messages")])
+def test_log_lines_about_counts_agree_with_their_nouns(n, text):
+    """The lines an operator reads at start-up and after ``mailrelay queue flush`` count in words
+    that agree: ``1 message``."""
+    from twisted.internet.task import Clock
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from mailrelay.control.server import ControlProtocol
+    from mailrelay.testing import MemoryQueueStore
+    from tests.routing.helpers import result_of
+
+    clock = Clock()
+    store = MemoryQueueStore(clock)
+    for _ in range(n):
+        store.inject(ENV, b"Subject: x\r\n\r\ny\r\n")
+    manager = QueueManager(store, FakeRouter({}), RecordingDeliverer([None] * (2 * n)), clock, QueueConfig(), "h.test")
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        result_of(manager.start())
+        result_of(ControlProtocol(manager, store, clock).flush())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(e) for e in events]
+    assert text in lines
+    assert any(line.startswith("control: flush all (") and line.endswith(("(0 messages)", "(1 message)", "(2 messages)"))
+               for line in lines), lines
+    assert not any(" 1 messages" in line for line in lines), lines

@@ -102,3 +102,24 @@ def test_documented_defaults_match_config() -> None:
         assert actual == int(m.group(1)), f"{key}: docs say {m.group(1)}, config.py says {actual}"
         checked += 1
     assert checked >= 10
+
+
+def test_readme_lists_every_docs_page():
+    """README.md is where a new user starts: it links every page of docs/ (and no page that is gone)."""
+    readme = (DOCS.parent / "README.md").read_text()
+    linked = set(re.findall(r"\]\(docs/([\w-]+)\.rst\)", readme))
+    pages = {p.stem for p in DOCS.glob("*.rst")} - {"index"}
+    assert sorted(pages - linked) == [], "add these pages to the README's Documentation list"
+    assert sorted(linked - pages) == [], "the README links pages docs/ does not have"
+
+
+def test_every_page_the_docs_promise_exists():
+    """A page that says another page has something ("have their own page") links it with :doc:,
+    and every :doc: target exists (sphinx -W checks that too, slowly)."""
+    pages = {p.stem for p in DOCS.glob("*.rst")}
+    for page in DOCS.glob("*.rst"):
+        text = page.read_text()
+        for target in re.findall(r":doc:`(?:[^`<]*<)?([\w-]+)>?`", text):
+            assert target in pages, f"{page.name} links :doc:`{target}`, which does not exist"
+        for m in re.finditer(r"(?:their|its) own page", text):
+            assert ":doc:" in text[m.end():m.end() + 20], f"{page.name}: '{m.group()}' names no page"

@@ -43,6 +43,8 @@ def test_embed_example_serves_its_page_and_relays_mail(tmp_path, smtp_sink):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out.decode(errors="replace")
+        # the relay's log reaches the program's stdout, as docs/embedding.rst says
+        assert b"from=<a@example.org>" in out and b"status=sent" in out, out.decode(errors="replace")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -216,3 +216,71 @@ def test_what_waits_at_shutdown_is_written_by_the_after_shutdown_trigger():
     assert (phase, event) == ("after", "shutdown")
     drain()
     assert out.writes == ["last words\n"]
+
+
+CHATTER = ("Starting factory", "Stopping factory", "Starting protocol", "Stopping protocol",
+           "connection established", "connection lost", "DatagramProtocol", "UDP Port", "GET /metrics")
+
+
+@pytest.mark.integration
+def test_default_log_has_no_twisted_start_stop_lines(tmp_path, smtp_sink):
+    """Twisted's per-factory and per-protocol lines (each outbound connection, each DNS query, each
+    ``mailrelay queue`` command, each metrics scrape) stay out of the default log."""
+    import smtplib
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from tests.peers import free_port
+    from tests.routing.nsd import NSD
+
+    nsd = NSD().start()
+    metrics = free_port()
+    relay = RelayProcess(f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n'
+                         f'[[routes]]\ntype = "mx"\nnameservers = ["127.0.0.1:{nsd.port}"]\nport = {smtp_sink.port}\n')
+    try:
+        relay.start()
+        with smtplib.SMTP("127.0.0.1", relay.port) as client:
+            client.sendmail("s@example.org", ["r@example.test"], b"Subject: quiet\r\n\r\nhello\r\n")
+        smtp_sink.wait_for(1)
+        relay.wait_log("status=sent")
+        listed = subprocess.run([str(Path(sys.executable).with_name("mailrelay")), "queue", "list",
+                                 "--config", str(relay.config)], capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as page:
+            assert b"mailrelay_messages_accepted_total" in page.read()
+        assert relay.stop() == 0
+        text = relay.log_text()
+        assert "status=sent" in text and "mailrelay stopped" in text
+        assert [line for line in text.splitlines() if any(c in line for c in CHATTER)] == []
+    finally:
+        relay.cleanup()
+        nsd.cleanup()
+
+
+def test_text_and_json_observers_leave_out_only_the_dns_port_lines():
+    """The two lines a DNS query's UDP port writes whatever its protocol says are left out; a
+    listener's own port lines stay."""
+    import io
+
+    from twisted.python import log as legacy
+
+    from mailrelay._log import JSONLineObserver
+
+    for make in (TextLineObserver, JSONLineObserver):
+        out = io.StringIO()
+        observer = make(out)
+        events: list[dict] = []
+        legacy.theLogPublisher.addObserver(events.append)
+        try:
+            for text in ("_QuietDNSDatagramProtocol starting on 61772", "(UDP Port 61772 Closed)",
+                         "SMTPServerFactory starting on 2525", "(TCP Port 2525 Closed)"):
+                legacy.msg(text)
+        finally:
+            legacy.theLogPublisher.removeObserver(events.append)
+        for event in events:
+            observer(event)
+        written = out.getvalue()
+        assert "UDP Port" not in written and "Datagram" not in written, make
+        assert "SMTPServerFactory starting on 2525" in written and "(TCP Port 2525 Closed)" in written, make

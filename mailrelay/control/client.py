@@ -7,8 +7,10 @@ import socket
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.protocols import amp
+
+from mailrelay._quiet import connect_protocol
 
 
 def is_listening(path: str) -> bool:
@@ -27,4 +29,4 @@ def is_listening(path: str) -> bool:
 
 
 def connect(reactor: Any, path: str, timeout: float = 10) -> defer.Deferred[amp.AMP]:
-    return connectProtocol(UNIXClientEndpoint(reactor, path, timeout=timeout), amp.AMP())
+    return connect_protocol(UNIXClientEndpoint(reactor, path, timeout=timeout), amp.AMP())

@@ -14,10 +14,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from mailrelay._quiet import QuietFactory
 from mailrelay.control import info, protocol
 from mailrelay.interfaces import IQueueStore
 from mailrelay.queue.manager import QueueManager
@@ -43,6 +43,16 @@ class ControlProtocol(amp.AMP):
         self.clock = clock
         self.metrics = metrics  # a prometheus_client registry, or None
         self._ids: list[str] | None = None
+
+    # amp.AMP logs "connection established" and "connection lost" for every connection: each
+    # ``mailrelay queue`` command would write two lines into the relay's log that say nothing of
+    # mail. These are AMP's methods less the lines (BinaryBoxProtocol does the work).
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802 (Twisted's name)
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
 
     def _check(self, queue_id: str) -> None:
         if not is_queue_id(queue_id):
@@ -115,7 +125,8 @@ class ControlProtocol(amp.AMP):
             if message.held:
                 raise protocol.MessageHeld(queue_id)
         count = yield self.manager.flush(queue_id)
-        log.info("control: flush {what} ({count} messages)", what=queue_id or "all", count=count)
+        log.info("control: flush {what} ({count} {messages})", what=queue_id or "all", count=count,
+                 messages="message" if count == 1 else "messages")
         return {"count": count}
 
     @protocol.Delete.responder
@@ -149,6 +160,10 @@ class ControlProtocol(amp.AMP):
         return {}
 
 
+class ControlFactory(QuietFactory):
+    """The control socket's factory (its name is in the listener's "starting on" line)."""
+
+
 class ControlServer:
     """Listens on ``socket_path`` (mode 0600) for the CLI while started.
 
@@ -169,8 +184,9 @@ class ControlServer:
         self.metrics = metrics
         self.port: IListeningPort | None = None
 
-    def _factory(self) -> Factory:
-        return Factory.forProtocol(lambda: ControlProtocol(self.manager, self.store, self.reactor, self.metrics))
+    def _factory(self) -> QuietFactory:
+        return ControlFactory.forProtocol(  # type: ignore[no-any-return]
+            lambda: ControlProtocol(self.manager, self.store, self.reactor, self.metrics))
 
     @defer.inlineCallbacks
     def start(self):  # type: ignore[no-untyped-def]

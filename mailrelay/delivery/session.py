@@ -11,11 +11,11 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from twisted.internet.endpoints import connectProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay import _ascii
+from mailrelay._quiet import connect_protocol
 from mailrelay.delivery._connect import connect_error_text, endpoint_for, hop_label
 from mailrelay.delivery.pool import Session
 from mailrelay.delivery.tls import ClientTLS, tls_info
@@ -73,7 +73,7 @@ class SessionOpener:
         endpoint = endpoint_for(self.reactor, hop, self.connect_timeout, route.source)
         client = SMTPClientProtocol(self.helo_name, self.reactor, self.timeouts, lmtp=route.lmtp)
         try:
-            await connectProtocol(endpoint, client)
+            await connect_protocol(endpoint, client)
         except Exception:
             f = Failure()
             where = f"{hop.host.strip('[]')}:{hop.port}"

@@ -167,7 +167,7 @@ class QueueManager:
             found += 1
             if self._running and not held and queue_id not in self._active and queue_id not in self._due:
                 self._schedule(queue_id, next_attempt)
-        log.info("queue: recovered {count} messages", count=found)
+        log.info("queue: recovered {count} {messages}", count=found, messages="message" if found == 1 else "messages")
         return found
 
     @defer.inlineCallbacks

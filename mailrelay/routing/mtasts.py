@@ -34,6 +34,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from mailrelay import _ascii
+from mailrelay._quiet import QuietEndpoint
 from mailrelay.delivery.tls import load_trust_root
 from mailrelay.errors import TemporaryFailure
 
@@ -309,7 +310,7 @@ class _FixedAddress:
 
     def endpointForURI(self, uri: Any) -> Any:  # noqa: N802 (Twisted's interface)
         tcp = TCP6ClientEndpoint if ":" in self.address else TCP4ClientEndpoint
-        return wrapClientTLS(self.tls, tcp(self.reactor, self.address, self.port, timeout=self.timeout))
+        return QuietEndpoint(wrapClientTLS(self.tls, tcp(self.reactor, self.address, self.port, timeout=self.timeout)))
 
 
 class HTTPSFetcher:

@@ -11,6 +11,10 @@
     allow_plaintext_auth = false
     source = "127.0.0.1"                          # local address to connect from
     rewrite = "{local}@mailstore.example.test"    # fields: {local}, {domain}, {address}
+
+or, instead of ``hosts`` (and the keys that say how to reach them), a local capture::
+
+    maildir = "var/mail"                          # each recipient's copy lands in var/mail/new/
 """
 
 from __future__ import annotations
@@ -110,15 +114,15 @@ class StaticRouter:
     """
 
     def __init__(self, domains: Sequence[str], route: Route, rewrite: str | None = None) -> None:
-        if not route.hops:
-            raise ValueError("a static route needs at least one next hop")
+        if not route.hops and route.maildir is None:
+            raise ValueError("a static route needs at least one next hop or a maildir")
         self.domains = tuple(parse_domain_pattern(d) for d in domains)
         self.matches = DomainSet(self.domains)
         self.route_ = route
         self.rewrite = parse_rewrite(rewrite) if rewrite is not None else None
 
     def __repr__(self) -> str:
-        hops = ", ".join(f"{h.host}:{h.port}" for h in self.route_.hops)
+        hops = ", ".join(f"{h.host}:{h.port}" for h in self.route_.hops) or f"maildir {self.route_.maildir}"
         return f"StaticRouter({list(self.domains)!r} -> {hops})"
 
     def route(self, recipient: str, envelope: Envelope) -> Route | None:
@@ -134,10 +138,18 @@ class StaticRouter:
     def from_options(cls, options: Mapping[str, Any], context: RouterContext) -> StaticRouter:
         """The ``IRouterFactory`` registered as ``static``."""
         s = context.options(options)
-        port = s.get("port", 25, _port)
         domains = s.get_list("domains", (), parse_domain_pattern)
         if not domains:
             raise s.error("domains", "missing: a static route needs at least one domain (or '*')")
+        maildir = s.get("maildir", None, _maildir)
+        rewrite = s.get("rewrite", None, parse_rewrite)
+        if maildir is not None:
+            for key in _NETWORK_KEYS:
+                if key in options:
+                    raise s.error(key, "not with 'maildir': a maildir route delivers locally, to no host")
+            s.check_unknown()
+            return cls(domains, Route(hops=(), maildir=maildir), rewrite)
+        port = s.get("port", 25, _port)
         hosts = s.get_list("hosts", (), lambda v: parse_hostport(v, port))
         if not hosts:
             raise s.error("hosts", "missing: a static route needs at least one 'host:port'")
@@ -149,9 +161,17 @@ class StaticRouter:
             allow_plaintext_auth=s.get("allow_plaintext_auth", False, types=bool),
             lmtp=s.get("protocol", "smtp", _protocol) == "lmtp",
         )
-        rewrite = s.get("rewrite", None, parse_rewrite)
         s.check_unknown()
         return cls(domains, route, rewrite)
+
+
+_NETWORK_KEYS = ("hosts", "port", "tls", "protocol", "auth", "allow_plaintext_auth", "source")
+
+
+def _maildir(v: object) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError("must be a directory path, such as 'var/mail'")
+    return v
 
 
 def _protocol(v: object) -> str:

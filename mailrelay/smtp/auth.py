@@ -144,10 +144,19 @@ def credentials_from(mechanism: str, responses: list[bytes]) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None, prompt: Callable[[str], str] | None = None) -> int:
+    """``python -m mailrelay.smtp.auth``: ask for a password, print its hash for the password file."""
+    import argparse
     import getpass
 
+    parser = argparse.ArgumentParser(
+        prog="python -m mailrelay.smtp.auth",
+        description="Ask for a password (without echo) and print its hash, for a 'user:hash' line "
+                    "of the [server] auth_password_file.")
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                        help=f"PBKDF2-SHA256 iterations (default {DEFAULT_ITERATIONS})")
+    args = parser.parse_args(argv)
     password = (prompt or getpass.getpass)("Password: ")
-    print(hash_password(password))
+    print(hash_password(password, args.iterations))
     return 0
 
 

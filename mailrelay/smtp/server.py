@@ -207,6 +207,7 @@ class SMTPServerFactory(Factory):
     """
 
     observer: IRelayObserver = NULL_OBSERVER
+    noisy = False  # no "Starting factory" lines: the listener's own line says where it listens
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ from typing import Any
 from twisted.logger import ILogObserver, LogLevel
 from zope.interface import implementer
 
-from mailrelay._log import _plain, formatEvent
+from mailrelay._log import _plain, formatEvent, is_chatter
 
 _SKIP = frozenset({"format", "message", "isError", "why", "failure", "time", "text", "worker"})
 
@@ -126,6 +126,8 @@ class LineWriter:
         self.stream = stream
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if is_chatter(event):
+            return
         try:
             data = encode_event(event)
         except Exception as e:  # never lose the line because one field would not serialise

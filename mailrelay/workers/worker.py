@@ -5,7 +5,7 @@ Started by the supervisor (``mailrelay.workers.supervisor``) as
 (the file), ``listeners`` (``ListenerSpec`` dicts: the inherited file descriptors), ``log`` (the
 form of its log lines, see ``mailrelay.workers.logs``). It logs on stdout for the supervisor, reloads on SIGHUP and stops gracefully on SIGTERM like the
 standalone relay, and also stops when its stdin closes (the supervisor is gone: no orphan keeps
-accepting mail). Exit status: 0 stopped, 2 bad config, 3 its shard is run by another process.
+accepting mail). Exit status: 0 stopped, 2 bad config, 3 its shard is run by another process, 64 no SPEC.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ log = Logger(namespace="mailrelay.workers")
 
 EXIT_CONFIG = 2
 EXIT_SHARD_BUSY = 3
+EXIT_USAGE = 64  # sysexits.h EX_USAGE: not a SPEC (a person trying the module by hand)
 
 
 def worker_config(config: Config, index: int, listeners: list[ListenerSpec]) -> Config:
@@ -81,6 +82,11 @@ class _ParentWatch(protocol.Protocol):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not argv[0].startswith("{"):
+        # run by the supervisor only; a person trying it (--help) gets the docstring, not a traceback
+        asked = argv in (["-h"], ["--help"])
+        print(f"usage: python -m mailrelay.workers.worker SPEC\n\n{__doc__}", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else EXIT_USAGE
     spec = json.loads(argv[0])
     index = int(spec["index"])
     listeners = [ListenerSpec.from_dict(d) for d in spec["listeners"]]

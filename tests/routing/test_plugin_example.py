@@ -78,8 +78,13 @@ def test_installed_plugin_is_found_by_its_entry_point(installed: Path, tmp_path:
         result_of(chain.route("u@old.test", env))
 
 
+def _with(directory: Path) -> str:
+    """``PYTHONPATH`` with ``directory`` first, keeping what was there (a checkout under test)."""
+    return os.pathsep.join(p for p in (str(directory), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def test_the_plugins_own_tests_pass(installed: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(installed)}
+    env = {**os.environ, "PYTHONPATH": _with(installed)}
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
                           str(EXAMPLE), str(EXAMPLE / "tests")], capture_output=True, text=True, env=env,
                          cwd=EXAMPLE, timeout=120)
@@ -91,7 +96,7 @@ def test_a_real_relay_routes_through_the_plugin(installed: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     table = write_table(tmp_path, f"example.test 127.0.0.1:{smtp_sink.port}\n"
                                   "old.example.test error:550 5.1.6 moved to example.test\n")
-    monkeypatch.setenv("PYTHONPATH", str(installed))  # the twistd child finds the plugin there
+    monkeypatch.setenv("PYTHONPATH", _with(installed))  # the twistd child finds the plugin there
     relay = RelayProcess(f'[server]\nlocal_domains = ["example.test", "old.example.test"]\n\n'
                          f'[[routes]]\ntype = "transport_map"\npath = "{table}"\n')
     try:

@@ -92,3 +92,25 @@ def test_a_domain_pattern_is_refused_unless_valid_as_written(pattern: str) -> No
     with pytest.raises(ValueError):
         parse_domain_pattern(pattern)
     assert parse_domain_pattern(".Bücher.example.") == ".xn--bcher-kva.example"
+
+
+def test_maildir_route_replaces_the_hosts() -> None:
+    router = StaticRouter.from_options({"domains": ["demo.test"], "maildir": "var/mail"},
+                                       RouterContext(Clock(), source="relay.toml", key="routes[0]"))
+    route = router.route("you@demo.test", ENV)
+    assert route == Route(hops=(), maildir="var/mail")
+    assert router.route("you@other.test", ENV) is None
+
+
+@pytest.mark.parametrize("options, key, reason", [
+    ({"hosts": ["127.0.0.1:2526"]}, "routes[0].hosts", "not with 'maildir'"),
+    ({"tls": "verify"}, "routes[0].tls", "not with 'maildir'"),
+    ({"maildir": ""}, "routes[0].maildir", "must be a directory path"),
+    ({"maildir": 3}, "routes[0].maildir", "must be a directory path"),
+])
+def test_maildir_config_errors_name_the_key(options: dict[str, Any], key: str, reason: str) -> None:
+    options = {"domains": ["demo.test"], "maildir": "var/mail", **options}
+    with pytest.raises(ConfigError) as info:
+        StaticRouter.from_options(options, RouterContext(Clock(), source="relay.toml", key="routes[0]"))
+    assert (info.value.key, info.value.path) == (key, "relay.toml")
+    assert reason in info.value.reason

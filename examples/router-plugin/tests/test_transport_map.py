@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 from mailrelay_transport_map import TransportMapRouter
-from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from mailrelay import ConfigError, IRouter, NextHop, PermanentFailure
-from mailrelay.routing.context import RouterContext
+from mailrelay.testing import router_context
 
 TABLE = """\
 # pattern            action
@@ -23,7 +22,7 @@ old.example.test     error:550 5.1.6 moved to new.example.test
 
 def router(tmp_path: Path, text: str = TABLE) -> TransportMapRouter:
     (tmp_path / "transport.txt").write_text(text)
-    context = RouterContext(Clock(), source="relay.toml", key="routes[0]")
+    context = router_context(source="relay.toml", key="routes[0]")  # as the relay gives it at start-up
     return TransportMapRouter.from_options({"path": str(tmp_path / "transport.txt"), "port": 2525}, context)
 
 
@@ -45,5 +44,5 @@ def test_error_action_refuses(tmp_path: Path) -> None:
 def test_a_bad_line_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         router(tmp_path, "example.test 127.0.0.1:0\n")
-    assert info.value.key == "routes[0].path"
+    assert (info.value.path, info.value.key) == ("relay.toml", "routes[0].path")
     assert "line 1" in info.value.reason

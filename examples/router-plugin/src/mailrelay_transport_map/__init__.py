@@ -15,9 +15,16 @@ from typing import Any
 
 from zope.interface import implementer
 
-from mailrelay import IRouter, NextHop, PermanentFailure, Reply, Route
-from mailrelay.config import parse_hostport
-from mailrelay.errors import ConfigError
+from mailrelay import (
+    ConfigError,
+    IRouter,
+    NextHop,
+    PermanentFailure,
+    Reply,
+    Route,
+    RouterContext,
+    parse_hostport,
+)
 
 Action = Route | Reply
 
@@ -73,7 +80,7 @@ class TransportMapRouter:
         return None
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], context: Any) -> TransportMapRouter:
+    def from_options(cls, options: Mapping[str, Any], context: RouterContext) -> TransportMapRouter:
         """The ``IRouterFactory``: ``path`` (required) and ``port`` (for hops without one)."""
         section = context.options(options)  # errors name routes[N].<key> in the config file
         path = section.get("path", None, types=str)

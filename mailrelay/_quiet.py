@@ -1,0 +1,76 @@
+"""Twisted's per-connection chatter kept out of the log.
+
+A Twisted factory logs ``Starting factory <...>`` and ``Stopping factory <...>`` whenever it
+starts and stops (``noisy = True`` is the default): for a client factory that is every outbound
+connection. A DNS query over UDP starts and stops a ``DNSDatagramProtocol`` of its own (a fresh
+source port per query, against spoofed answers), which logs ``Starting protocol`` and ``Stopping
+protocol``, and its port logs ``DNSDatagramProtocol starting on <port>`` and ``(UDP Port <port>
+Closed)``. The relay's own lines say what happened to each connection and message; these say
+nothing more, so every factory and datagram protocol of ours is quiet; the two port lines, which
+Twisted writes whatever the protocol says, are left out by our log observers
+(``mailrelay._log.is_chatter``).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.names import client, dns
+from zope.interface import implementer
+
+
+class QuietFactory(Factory):
+    """A ``Factory`` that does not log its starts and stops."""
+
+    noisy = False
+
+
+def connect_protocol(endpoint: Any, protocol: Protocol) -> defer.Deferred[Protocol]:
+    """``twisted.internet.endpoints.connectProtocol`` without a ``Starting factory`` line per call."""
+
+    class _OneShot(QuietFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802 (Twisted's name)
+            return protocol
+
+    return endpoint.connect(_OneShot())  # type: ignore[no-any-return]
+
+
+@implementer(IStreamClientEndpoint)
+class QuietEndpoint:
+    """An endpoint that makes the factories it connects quiet (twisted.web's ``Agent`` makes its own)."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        factory.noisy = False
+        return self.endpoint.connect(factory)  # type: ignore[no-any-return]
+
+
+class _QuietDNSDatagramProtocol(dns.DNSDatagramProtocol):
+    noisy = False
+
+
+class QuietResolver(client.Resolver):
+    """``twisted.names.client.Resolver`` whose per-query UDP protocols are quiet.
+
+    ``_connectedProtocol`` is Twisted's own (26.x), with only the protocol's class changed: the
+    class is chosen inside it, so there is no other place to say it.
+    """
+
+    def _connectedProtocol(self, interface: str = "") -> dns.DNSDatagramProtocol:  # noqa: N802
+        failures = 0
+        proto = _QuietDNSDatagramProtocol(self, reactor=self._reactor)
+        while True:
+            try:
+                self._reactor.listenUDP(dns.randomSource(), proto, interface=interface)
+            except error.CannotListenError as e:
+                failures += 1
+                if getattr(e.socketError, "errno", None) == errno.EMFILE or failures >= 1000:
+                    raise
+            else:
+                return proto
