@@ -29,7 +29,9 @@ from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 _SECRET = re.compile(r"pass|secret|credential|token", re.I)
-_PORT_CHATTER = re.compile(r"\w*DNSDatagramProtocol starting on \d+|\(UDP Port \d+ Closed\)")
+_PORT_CHATTER = re.compile(r"\w*DNSDatagramProtocol starting on \d+|\(UDP Port \d+ Closed\)"
+                           r"|(?:Starting|Stopping) protocol <twisted\.names\.dns\.DNSDatagramProtocol object at 0x[0-9a-f]+>",
+                           re.ASCII)
 _SKIP = frozenset({"format", "message", "isError", "why", "failure", "time"})
 
 
@@ -62,8 +64,9 @@ def formatEvent(event: dict[str, Any]) -> str:  # noqa: N802 - twisted.logger's 
 
 
 def is_chatter(event: dict[str, Any]) -> bool:
-    """Whether ``event`` is a line a DNS query's UDP port writes whatever its protocol says
-    (``DNSDatagramProtocol starting on N``, ``(UDP Port N Closed)``; see ``mailrelay._quiet``).
+    """Whether ``event`` is a line a DNS query's UDP port and protocol write (``Starting protocol
+    <...DNSDatagramProtocol ...>``, ``DNSDatagramProtocol starting on N``, ``(UDP Port N Closed)``;
+    see ``mailrelay._quiet``).
 
     Twisted writes them through its legacy ``log.msg``; the relay has no other UDP port, so
     ``(UDP Port N Closed)`` is always a finished DNS query.

@@ -6,20 +6,18 @@ connection. A DNS query over UDP starts and stops a ``DNSDatagramProtocol`` of i
 source port per query, against spoofed answers), which logs ``Starting protocol`` and ``Stopping
 protocol``, and its port logs ``DNSDatagramProtocol starting on <port>`` and ``(UDP Port <port>
 Closed)``. The relay's own lines say what happened to each connection and message; these say
-nothing more, so every factory and datagram protocol of ours is quiet; the two port lines, which
-Twisted writes whatever the protocol says, are left out by our log observers
+nothing more, so every factory of ours is quiet; the DNS protocol's and port's lines, whose class
+twisted.names chooses inside a private method, are left out by our log observers
 (``mailrelay._log.is_chatter``).
 """
 
 from __future__ import annotations
 
-import errno
 from typing import Any
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.names import client, dns
 from zope.interface import implementer
 
 
@@ -49,28 +47,3 @@ class QuietEndpoint:
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         factory.noisy = False
         return self.endpoint.connect(factory)  # type: ignore[no-any-return]
-
-
-class _QuietDNSDatagramProtocol(dns.DNSDatagramProtocol):
-    noisy = False
-
-
-class QuietResolver(client.Resolver):
-    """``twisted.names.client.Resolver`` whose per-query UDP protocols are quiet.
-
-    ``_connectedProtocol`` is Twisted's own (26.x), with only the protocol's class changed: the
-    class is chosen inside it, so there is no other place to say it.
-    """
-
-    def _connectedProtocol(self, interface: str = "") -> dns.DNSDatagramProtocol:  # noqa: N802
-        failures = 0
-        proto = _QuietDNSDatagramProtocol(self, reactor=self._reactor)
-        while True:
-            try:
-                self._reactor.listenUDP(dns.randomSource(), proto, interface=interface)
-            except error.CannotListenError as e:
-                failures += 1
-                if getattr(e.socketError, "errno", None) == errno.EMFILE or failures >= 1000:
-                    raise
-            else:
-                return proto

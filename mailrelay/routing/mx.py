@@ -35,7 +35,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay import _ascii
-from mailrelay._quiet import QuietResolver
 from mailrelay.address import normalise_domain, split
 from mailrelay.config import parse_duration, parse_hostport
 from mailrelay.delivery.tls import load_trust_root
@@ -486,8 +485,8 @@ def make_resolver(nameservers: Sequence[tuple[str, int]], reactor: Any, timeout:
     """
     timeouts = (max(timeout / 3, 0.1), max(timeout * 2 / 3, 0.1))
     if nameservers:
-        return QuietResolver(servers=list(nameservers), timeout=timeouts, reactor=reactor)
-    return QuietResolver(resolv="/etc/resolv.conf", timeout=timeouts, reactor=reactor)
+        return client.Resolver(servers=list(nameservers), timeout=timeouts, reactor=reactor)
+    return client.Resolver(resolv="/etc/resolv.conf", timeout=timeouts, reactor=reactor)
 
 
 def _address(r: dns.RRHeader) -> str:
