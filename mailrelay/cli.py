@@ -84,6 +84,8 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
             loose.setdefault(section, []).append(f"{key} = {_toml_value(value)}")
     for section, lines in loose.items():
         out += ["", f"[{section}]", *lines]
+    if cfg.routes == configmod.DEFAULT_ROUTES:
+        out += ["", "# no [[routes]] in the file: every recipient is routed by its domain's MX records"]
     for route in cfg.routes:
         out += ["", "[[routes]]", f"type = {_toml_value(route.type)}"]
         out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in route.options.items()]

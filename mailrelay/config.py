@@ -272,6 +272,10 @@ class Config:
     dkim: DKIMConfig = attrs.field(factory=DKIMConfig)
 
 
+#: The routes of a config without ``[[routes]]``: every domain by its MX records (key ``routes``:
+#: no table of the file).
+DEFAULT_ROUTES = (RouteConfig("mx", {}, "routes"),)
+
 _SECTIONS = ("server", "spool", "queue", "delivery", "routes", "metrics", "dkim")
 
 
@@ -388,6 +392,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
             raise r.error("type", "missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)")
         options = {k: v for k, v in table.items() if k != "type"}
         routes.append(RouteConfig(rtype, options, f"routes[{i}]"))
+    if not routes:  # as without a file: a relay whose every recipient bounces helps no one
+        routes = list(DEFAULT_ROUTES)
 
     s = Section(source, "metrics", data.get("metrics", {}))
     metrics_listen = s.get("listen", None, _string)

@@ -81,6 +81,15 @@ def test_check_config_errors_name_the_key_and_exit_1(tmp_path):
     assert "queue.retry_schedule[0]" in err.getvalue() and out.getvalue() == ""
 
 
+def test_check_config_says_a_file_without_routes_routes_by_mx(tmp_path):
+    path = tmp_path / "mailrelay.toml"
+    path.write_text(f'[server]\nhostname = "cli.example.test"\n[spool]\npath = "{tmp_path / "spool"}"\n')
+    result = cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "# no [[routes]] in the file: every recipient is routed by its domain's MX records" in result.stdout
+    assert '[[routes]]\ntype = "mx"\n' in result.stdout
+
+
 # -- the queue of a stopped instance --------------------------------------------------------------
 
 

@@ -106,3 +106,15 @@ def test_hostport(value, expected):
 def test_bad_hostport(value):
     with pytest.raises(ValueError):
         config.parse_hostport(value)
+
+
+@pytest.mark.parametrize("routes", ["", "routes = []\n"])
+def test_no_routes_means_every_domain_by_mx_as_without_a_file(routes):
+    from mailrelay.routing.mx import MXRouter
+    from mailrelay.service import MailRelayService
+    from mailrelay.testing import MemoryQueueStore
+
+    c = config.loads(routes + '[server]\nhostname = "relay.example.test"\n', "relay.toml")
+    assert c.routes == config.DEFAULT_ROUTES
+    relay = MailRelayService(c, store=MemoryQueueStore())
+    assert [type(r) for r in relay.router.routers] == [MXRouter]
