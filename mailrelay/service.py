@@ -263,8 +263,11 @@ class MailRelayService(service.MultiService):
 
         Everything is built before anything is swapped, so a bad route or certificate raises
         (``ConfigError`` or the loader's error) and leaves the running relay as it was. Keys that
-        need a restart (listeners, spool, metrics, delivery) are returned as a list of their names.
+        need a restart (``RESTART_ONLY``: listeners, hostname, spool, metrics, delivery) keep their
+        running values everywhere and are returned as a list of their names.
         """
+        restart = needs_restart(self.config, new)
+        new = keep_running(self.config, new)  # the hostname too: not new in the greeting, old in EHLO
         old_router = self.router
         router = build_router(new.routes, self._new_context(new)) if self._own_router else old_router
         try:
@@ -283,7 +286,6 @@ class MailRelayService(service.MultiService):
         self.router = router
         self.manager.router = router
         self.manager.config = _queue_config(self.manager.config, new.queue)
-        restart = needs_restart(self.config, new)
         self.config = new
         if router is not old_router:
             close = getattr(old_router, "close", None)
@@ -314,19 +316,37 @@ def _queue_config(old: Any, new: Any) -> Any:
                         delay_warning=new.delay_warning, postmaster=new.postmaster)
 
 
+#: What a running relay cannot take: (section, key), None for the whole section. A reload keeps
+#: their running values everywhere (greeting, Received, EHLO, bounces, ...) until a restart.
+RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
+    ("server", "listen"), ("server", "submission_listen"), ("server", "hostname"), ("server", "workers"),
+    ("spool", None), ("delivery", None), ("metrics_listen", None),
+    ("queue", "max_deliveries"), ("queue", "max_per_destination"),
+)
+
+
+def _restart_value(cfg: Config, section: str, key: str | None) -> Any:
+    value = getattr(cfg, section)
+    return value if key is None else getattr(value, key)
+
+
+def _restart_name(section: str, key: str | None) -> str:
+    return section.replace("_", ".") if key is None else f"{section}.{key}"
+
+
 def needs_restart(old: Config, new: Config) -> list[str]:
     """The changed keys a reload cannot apply (they need a restart)."""
-    changed = []
-    for key in ("listen", "submission_listen", "hostname", "workers"):
-        if getattr(old.server, key) != getattr(new.server, key):
-            changed.append(f"server.{key}")
-    if old.spool != new.spool:
-        changed.append("spool")
-    if old.delivery != new.delivery:
-        changed.append("delivery")
-    if old.metrics_listen != new.metrics_listen:
-        changed.append("metrics.listen")
-    for key in ("max_deliveries", "max_per_destination"):
-        if getattr(old.queue, key) != getattr(new.queue, key):
-            changed.append(f"queue.{key}")
-    return changed
+    return [_restart_name(section, key) for section, key in RESTART_ONLY
+            if _restart_value(old, section, key) != _restart_value(new, section, key)]
+
+
+def keep_running(old: Config, new: Config) -> Config:
+    """``new`` with every ``RESTART_ONLY`` key at its value in ``old``: what a reload applies, whole."""
+    import attrs
+
+    for section, key in RESTART_ONLY:
+        value = _restart_value(old, section, key)
+        if key is not None:
+            value = attrs.evolve(getattr(new, section), **{key: value})
+        new = attrs.evolve(new, **{section: value})
+    return new
