@@ -92,19 +92,26 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
+def print_config_error(error: ConfigError, err: Any) -> None:
+    """One ``mailrelay: file: key: reason`` line per error (a ``ConfigErrors`` holds several)."""
+    for line in str(error).splitlines():
+        print(f"mailrelay: {line}", file=err)
+
+
 def check_config(path: str, only_changed: bool = False, out: Any = None, err: Any = None) -> int:
     """Load and fully validate ``path`` (routers built, nothing started); print it or the error."""
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        cfg = configmod.load(path)
+        from mailrelay.preflight import check_file
         from mailrelay.service import MailRelayService
         from mailrelay.testing import MemoryQueueStore
 
+        cfg = check_file(path)  # every error of the file, each on its line
         # Build every room (routers, policies, listeners' endpoints) without touching the spool.
         MailRelayService(cfg, store=MemoryQueueStore())
     except ConfigError as e:
-        print(f"mailrelay: {e}", file=err)
+        print_config_error(e, err)
         return 1
     print(render_config(cfg, only_changed), end="", file=out)
     return 0

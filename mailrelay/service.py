@@ -22,6 +22,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -30,6 +31,7 @@ from mailrelay.config import Config, ServerConfig
 from mailrelay.delivery import SMTPDeliverer
 from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
+from mailrelay.errors import ConfigError, config_errors
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
 from mailrelay.metrics import RelayMetrics, metrics_site
 from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
@@ -49,18 +51,28 @@ def shutting_down(hostname: str) -> Reply:
 
 
 class _Listener(StreamServerEndpointService):
-    """An endpoint service that fails loudly when it cannot listen and remembers its port."""
+    """An endpoint service that fails loudly when it cannot listen and remembers its port.
+
+    ``source`` and ``key`` (``server.listen[0]``) name the config key of a port that cannot be
+    had: its ``ConfigError`` gives the endpoint and the system's reason (address already in use).
+    """
 
     _raiseSynchronously = True
 
-    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+    def __init__(self, description: str, endpoint: Any, factory: Any, source: str = "<config>",
+                 key: str = "") -> None:
         super().__init__(endpoint, factory)
         self.description = description
+        self.source, self.key = source, key
         self.port: IListeningPort | None = None
         self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            why = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
+            raise ConfigError(self.source, self.key, f"{self.description!r}: cannot listen: {why}") from None
         self._waitingForPort.addCallback(self._listened)  # type: ignore[union-attr]
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
@@ -100,6 +112,12 @@ class MailRelayService(service.MultiService):
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
+        from mailrelay.preflight import problems
+
+        # endpoints, certificates, files, the spool directory: every error at once, before anything
+        found = problems(config, reactor, spool=store is None)
+        if found:
+            raise config_errors(found)
         self.config = config
         self.reactor = reactor
         self.threadpool = ThreadPool(minthreads=0, maxthreads=10, name="mailrelay")
@@ -124,17 +142,17 @@ class MailRelayService(service.MultiService):
         self.factory = self._build_factory(config.server, submission=False)
         self.factories = [self.factory]
         self.listeners: list[_Listener] = []
-        for description in config.server.listen:
-            self._listen(description, self.factory)
+        for i, description in enumerate(config.server.listen):
+            self._listen(description, self.factory, f"server.listen[{i}]")
         if config.server.submission_listen:
             submission = self._build_factory(config.server, submission=True)
             self.factories.append(submission)
-            for description in config.server.submission_listen:
-                self._listen(description, submission)
+            for i, description in enumerate(config.server.submission_listen):
+                self._listen(description, submission, f"server.submission_listen[{i}]")
         self.metrics_listener: _Listener | None = None
         if config.metrics_listen:
             self.metrics_listener = _Listener(config.metrics_listen, serverFromString(reactor, config.metrics_listen),
-                                              metrics_site(self.metrics.registry))
+                                              metrics_site(self.metrics.registry), config.source, "metrics.listen")
             self.metrics_listener.setServiceParent(self)
         self.control: Any = None
 
@@ -143,7 +161,10 @@ class MailRelayService(service.MultiService):
     def _make_store(self) -> IQueueStore:
         spool = self.config.spool
         if spool.backend == "filesystem":
-            return FilesystemSpool(spool.path, self.reactor, fsync_threads=spool.fsync_threads)
+            try:
+                return FilesystemSpool(spool.path, self.reactor, fsync_threads=spool.fsync_threads)
+            except OSError as e:
+                raise ConfigError(self.config.source, "spool.path", f"{spool.path}: {e.strerror or e}") from None
         from mailrelay.queue.postgres import PostgresStore  # type: ignore[import-not-found]
 
         return PostgresStore(spool.dsn, self.reactor, self.threadpool,  # type: ignore[no-any-return]
@@ -170,8 +191,8 @@ class MailRelayService(service.MultiService):
         """The endpoint to listen on for ``description`` (a worker process adopts its supervisor's)."""
         return serverFromString(self.reactor, description)
 
-    def _listen(self, description: str, factory: SMTPServerFactory) -> None:
-        listener = _Listener(description, self._endpoint(description), factory)
+    def _listen(self, description: str, factory: SMTPServerFactory, key: str = "") -> None:
+        listener = _Listener(description, self._endpoint(description), factory, self.config.source, key)
         listener.setServiceParent(self)
         self.listeners.append(listener)
 
@@ -181,6 +202,17 @@ class MailRelayService(service.MultiService):
     def ports(self) -> list[IListeningPort]:
         """The SMTP listening ports, once started (``port.getHost().port`` when listening on port 0)."""
         return [listener.port for listener in self.listeners if listener.port is not None]
+
+    def privilegedStartService(self) -> None:
+        """Listen (before twistd drops privileges); every endpoint that cannot, in one error."""
+        errors = []
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except ConfigError as e:
+                errors.append(e)
+        if errors:
+            raise config_errors(errors)
 
     def startService(self) -> None:
         self.threadpool.start()

@@ -254,7 +254,7 @@ def test_a_listener_the_supervisor_cannot_bind_stops_it_with_a_clear_error(smtp_
     try:
         relay.start()  # "listening": the port is, by our socket
         assert relay.proc is not None and relay.proc.wait(timeout=20) != 0
-        assert f"cannot listen on tcp:{relay.port}:interface=127.0.0.1: [Errno 98] Address already in use" \
+        assert f"server.listen[0]: 'tcp:{relay.port}:interface=127.0.0.1': cannot listen: Address already in use" \
             in relay.log_text()
         assert "worker 0 started" not in relay.log_text()
     finally:

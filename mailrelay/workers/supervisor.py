@@ -37,6 +37,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from mailrelay.config import Config
+from mailrelay.errors import ConfigError, config_errors
 from mailrelay.workers.logs import LineSplitter, decode_line
 from mailrelay.workers.shards import drain
 from mailrelay.workers.sockets import ListenerSpec, bind
@@ -152,20 +153,25 @@ class Supervisor(service.Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         server = self.config.server
-        for kind, descriptions in (("smtp", server.listen), ("submission", server.submission_listen)):
-            for description in descriptions:
+        errors = []
+        for kind, key in (("smtp", "listen"), ("submission", "submission_listen")):
+            for i, description in enumerate(getattr(server, key)):
                 try:
                     sock = bind(self.reactor, description)
                 except (OSError, ValueError) as e:
-                    # as a single relay does (service._Listener): say which endpoint, no traceback
-                    log.critical("cannot listen on {description}: {error}", description=description, error=str(e))
-                    for _, _, bound in self.sockets:
-                        bound.close()
-                    self.sockets = []
-                    raise SystemExit(1) from None
+                    # as a single relay does (service._Listener): the key, the endpoint, the reason
+                    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    errors.append(ConfigError(self.config.source, f"server.{key}[{i}]",
+                                              f"{description!r}: cannot listen: {why}"))
+                    continue
                 self.sockets.append((kind, description, sock))
                 log.info("listening on {description} ({address}) for {n} workers", description=description,
                          address=sock.getsockname(), n=len(self.workers))
+        if errors:
+            for _, _, bound in self.sockets:
+                bound.close()
+            self.sockets = []
+            raise config_errors(errors)
 
     def startService(self) -> None:
         super().startService()
