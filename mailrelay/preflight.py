@@ -67,14 +67,17 @@ def problems(cfg: Config, reactor: Any = None, *, spool: bool = True) -> list[Co
 
 def route_problems(cfg: Config, reactor: Any = None) -> list[ConfigError]:
     """Each ``[[routes]]`` table that does not build, each with its error."""
+    from twisted.python.threadpool import ThreadPool
+
     from mailrelay.routing.context import RouterContext
     from mailrelay.routing.plugins import build_one
 
     if reactor is None:
         from twisted.internet import reactor
+    threadpool = ThreadPool(minthreads=0, maxthreads=1, name="mailrelay-check")  # never started
     found = []
     for route in cfg.routes:
-        context = RouterContext(reactor=reactor, threadpool=None, source=cfg.source, key=route.key)
+        context = RouterContext(reactor=reactor, threadpool=threadpool, source=cfg.source, key=route.key)
         try:
             build_one(route, context)
         except ConfigError as e:

@@ -129,3 +129,11 @@ def test_an_embedder_gets_config_errors_not_the_loaders_exceptions(tmp_path):
         "embedded.toml: server.listen[0]: 'tcpp:2525' is not an endpoint: Unknown endpoint type: 'tcpp'",
         "embedded.toml: server.listen[1]: 'tcp:x' is not an endpoint: invalid literal for int() with base 10: 'x'",
     ]
+
+
+def test_check_config_builds_an_ldap_route_as_the_relay_does(tmp_path):
+    path = tmp_path / "mailrelay.toml"
+    path.write_text(f'[spool]\npath = "{tmp_path}/spool"\n[[routes]]\ntype = "ldap"\nuri = "ldap://127.0.0.1:1"\n'
+                    'base = "dc=example,dc=test"\n')
+    result = check_config(path)
+    assert result.returncode == 0, result.stderr
