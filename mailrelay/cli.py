@@ -94,8 +94,8 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
 
 def print_config_error(error: ConfigError, err: Any) -> None:
     """One ``mailrelay: file: key: reason`` line per error (a ``ConfigErrors`` holds several)."""
-    for line in str(error).splitlines():
-        print(f"mailrelay: {line}", file=err)
+    for one in getattr(error, "errors", (error,)):
+        print("mailrelay:", " ".join(str(one).split()), file=err)
 
 
 def check_config(path: str, only_changed: bool = False, out: Any = None, err: Any = None) -> int:

@@ -62,6 +62,8 @@ def problems(cfg: Config, reactor: Any = None, *, spool: bool = True) -> list[Co
     check("dkim.key_file", lambda: DKIMSigner.from_config(cfg.dkim, cfg.source))
     if spool and cfg.spool.backend == "filesystem":
         check("spool.path", lambda: _spool(cfg.spool.path))
+    if cfg.spool.backend == "postgresql" and cfg.spool.dsn:
+        check("spool.dsn", lambda: _dsn(cfg.spool.dsn))
     return found
 
 
@@ -86,9 +88,10 @@ def route_problems(cfg: Config, reactor: Any = None) -> list[ConfigError]:
 
 
 def _reason(e: Exception) -> str:
+    """The exception's text on one line (an error is one line of output)."""
     if isinstance(e, OSError) and e.strerror:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    return str(e) or type(e).__name__
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _endpoint(reactor: Any, description: str) -> None:
@@ -128,6 +131,16 @@ def _tls_problems(certificate: str, key: str) -> Iterator[tuple[str, str]]:
             server_tls_options(certificate, key)
         except Exception as e:
             yield "tls_key", f"{key}: does not go with {certificate}: {_reason(e)}"
+
+
+def _dsn(dsn: str) -> None:
+    """Parsed as psycopg will (a database that is down is no error of the file: mail waits)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+    except Exception as e:
+        raise ValueError(f"not a PostgreSQL connection string: {_reason(e)}") from None
 
 
 def _password_file(path: str) -> None:

@@ -120,6 +120,16 @@ def test_a_port_in_use_names_the_key_the_endpoint_and_the_reason_under_twistd(tm
             s.close()
 
 
+def test_a_dsn_that_does_not_parse_is_an_error_of_the_file_a_database_down_is_not(tmp_path):
+    from mailrelay.preflight import problems
+
+    text = '[spool]\nbackend = "postgresql"\ndsn = "{}"\n'
+    bad = config.loads(text.format("host=127.0.0.1 port"), "pg.toml")
+    assert [str(e) for e in problems(bad)] == [
+        'pg.toml: spool.dsn: not a PostgreSQL connection string: missing "=" after "port" in connection info string']
+    assert problems(config.loads(text.format("host=127.0.0.1 port=1 dbname=down"), "pg.toml")) == []
+
+
 def test_an_embedder_gets_config_errors_not_the_loaders_exceptions(tmp_path):
     cfg = config.loads(f'[server]\nlisten = ["tcpp:2525", "tcp:x"]\n[spool]\npath = "{tmp_path}/spool"\n',
                        "embedded.toml")
