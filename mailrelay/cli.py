@@ -475,7 +475,9 @@ def run_queue(args: argparse.Namespace, out: Any = None, err: Any = None) -> int
                 print(f"mailrelay: {args.queue_id} is held: release it to have it attempted", file=err)
             elif f.check(KeyError):
                 print(f"mailrelay: no such message: {getattr(args, 'queue_id', '')}", file=err)
-            elif f.check(ConfigError, CLIError, OSError):
+            elif f.check(ConfigError):
+                print_config_error(f.value, err)
+            elif f.check(CLIError, OSError):
                 print(f"mailrelay: {f.value}", file=err)
             else:
                 print(f"mailrelay: {f.getErrorMessage()}", file=err)
@@ -504,7 +506,10 @@ def db_upgrade(path: str, out: Any = None, err: Any = None) -> int:
         from mailrelay.queue import pg_schema
 
         before, after = pg_schema.upgrade(cfg.spool.dsn or "")
-    except Exception as e:  # config, connection, schema: one line, no traceback
+    except ConfigError as e:
+        print_config_error(e, err)
+        return 1
+    except Exception as e:  # connection, schema: one line, no traceback
         print(f"mailrelay: {e}", file=err)
         return 1
     if before == after:

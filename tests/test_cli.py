@@ -236,6 +236,14 @@ def test_queue_command_with_a_missing_config_is_one_clear_line(tmp_path):
     result = cli("queue", "list", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 1
     assert result.stderr.strip() == f"mailrelay: {tmp_path / 'nope.toml'}: No such file or directory"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nmax_recipients = 0\n[queue]\nmax_lifetime = "soon"\n')
+    for command in (("queue", "list"), ("db", "upgrade")):
+        result = cli(*command, "--config", str(bad))
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            f"mailrelay: {bad}: server.max_recipients: must be a whole number of at least 1, not 0",
+            f"mailrelay: {bad}: queue.max_lifetime: 'soon' is not a duration such as 30s, 5m, 4h or 5d"]
 
 
 def test_control_protocol_pages_the_listing_and_summarises():
