@@ -477,7 +477,7 @@ def _check_workers(s: Section, server: ServerConfig) -> None:
             kind = description.split(":", 1)[0].strip().lower()
             if kind not in WORKER_ENDPOINTS:
                 s.report(key, f"{description!r}: with workers > 1 every listener must be one of "
-                                   f"{', '.join(WORKER_ENDPOINTS)} (the supervisor binds it for its workers)")
+                              f"{', '.join(WORKER_ENDPOINTS)} (the supervisor binds it for its workers)")
 
 
 def _optional_duration(v: object) -> float | None:

@@ -37,6 +37,7 @@ from mailrelay.metrics import RelayMetrics, metrics_site
 from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
 from mailrelay.policy import build_policy
 from mailrelay.policy.verify import RecipientVerification
+from mailrelay.preflight import problems
 from mailrelay.queue.manager import QueueManager
 from mailrelay.queue.spool import FilesystemSpool
 from mailrelay.routing.context import RouterContext
@@ -112,8 +113,6 @@ class MailRelayService(service.MultiService):
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        from mailrelay.preflight import problems
-
         # endpoints, certificates, files, the spool directory: every error at once, before anything
         found = problems(config, reactor, spool=store is None)
         if found:
