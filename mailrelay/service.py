@@ -302,9 +302,11 @@ class MailRelayService(service.MultiService):
         old_router = self.router
         router = build_router(new.routes, self._new_context(new)) if self._own_router else old_router
         try:
+            # what factory.reconfigure loads (certificate, key, password file) fails here, before any swap
+            found = problems(new, self.reactor, spool=False)
+            if found:
+                raise config_errors(found)
             policy = self._build_policy(new.server, router)
-            for factory in self.factories:
-                _check_server(factory, new.server)
             signer = DKIMSigner.from_config(new.dkim, new.source)
         except Exception:
             if router is not old_router:
@@ -329,14 +331,6 @@ class MailRelayService(service.MultiService):
             return RouterContext(reactor=self.reactor, threadpool=self.threadpool, source=new.source, key=route_key)
 
         return context
-
-
-def _check_server(factory: SMTPServerFactory, server: ServerConfig) -> None:
-    """Load what ``factory.reconfigure`` would (certificate, key) so a failure comes before any swap."""
-    if server.tls_certificate and server.tls_key:
-        from mailrelay.smtp.tls import server_tls_options
-
-        server_tls_options(server.tls_certificate, server.tls_key)
 
 
 def _queue_config(old: Any, new: Any) -> Any:

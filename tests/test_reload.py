@@ -164,6 +164,20 @@ def test_a_new_hostname_waits_for_the_restart_everywhere_while_the_rest_is_appli
     protocol.connectionLost(None)
 
 
+def test_a_reload_whose_password_file_does_not_read_changes_nothing(tmp_path):
+    relay = MailRelayService(_config(tmp_path, route_to(2600)))
+    old = (relay.router, relay.policy, relay.config, relay.factory.settings, relay.factory.checker)
+    bad = config.loads(
+        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = ["example.test"]\n'
+        f'auth_password_file = "{tmp_path}/missing"\n[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601),
+        "test.toml")
+    d = relay.reconfigure(bad)
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert "test.toml: server.auth_password_file:" in str(failure.value)
+    assert (relay.router, relay.policy, relay.config, relay.factory.settings, relay.factory.checker) == old
+
+
 def test_needs_restart_names_what_a_reload_cannot_apply(tmp_path):
     old = _config(tmp_path, route_to(2600))
     new = config.loads(
