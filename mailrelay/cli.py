@@ -91,10 +91,18 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
             loose.setdefault(section, []).append(f"{key} = {_toml_value(value)}")
     for section, lines in loose.items():
         out += ["", f"[{section}]", *lines]
+    if cfg.routes == configmod.DEFAULT_ROUTES:
+        out += ["", "# no [[routes]] in the file: every recipient is routed by its domain's MX records"]
     for route in cfg.routes:
         out += ["", "[[routes]]", f"type = {_toml_value(route.type)}"]
         out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in route.options.items()]
     return "\n".join(out) + "\n"
+
+
+def print_config_error(error: ConfigError, err: Any) -> None:
+    """One ``mailrelay: file: key: reason`` line per error (a ``ConfigErrors`` holds several)."""
+    for one in getattr(error, "errors", (error,)):
+        print("mailrelay:", " ".join(str(one).split()), file=err)
 
 
 def check_config(path: str, only_changed: bool = False, out: Any = None, err: Any = None) -> int:
@@ -102,14 +110,15 @@ def check_config(path: str, only_changed: bool = False, out: Any = None, err: An
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        cfg = configmod.load(path)
+        from mailrelay.preflight import check_file
         from mailrelay.service import MailRelayService
         from mailrelay.testing import MemoryQueueStore
 
+        cfg = check_file(path)  # every error of the file, each on its line
         # Build every room (routers, policies, listeners' endpoints) without touching the spool.
         MailRelayService(cfg, store=MemoryQueueStore())
     except ConfigError as e:
-        print(f"mailrelay: {e}", file=err)
+        print_config_error(e, err)
         return 1
     print(render_config(cfg, only_changed), end="", file=out)
     return 0
@@ -479,7 +488,9 @@ def run_queue(args: argparse.Namespace, out: Any = None, err: Any = None) -> int
                 print(f"mailrelay: {args.queue_id} is held: release it to have it attempted", file=err)
             elif f.check(KeyError):
                 print(f"mailrelay: no such message: {getattr(args, 'queue_id', '')}", file=err)
-            elif f.check(ConfigError, CLIError, OSError):
+            elif f.check(ConfigError):
+                print_config_error(f.value, err)
+            elif f.check(CLIError, OSError):
                 print(f"mailrelay: {f.value}", file=err)
             else:
                 print(f"mailrelay: {f.getErrorMessage()}", file=err)
@@ -508,7 +519,10 @@ def db_upgrade(path: str, out: Any = None, err: Any = None) -> int:
         from mailrelay.queue import pg_schema
 
         before, after = pg_schema.upgrade(cfg.spool.dsn or "")
-    except Exception as e:  # config, connection, schema: one line, no traceback
+    except ConfigError as e:
+        print_config_error(e, err)
+        return 1
+    except Exception as e:  # connection, schema: one line, no traceback
         print(f"mailrelay: {e}", file=err)
         return 1
     if before == after:

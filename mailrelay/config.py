@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import attrs
 
 from mailrelay.address import DomainError, canonical_domain
-from mailrelay.errors import ConfigError
+from mailrelay.errors import ConfigError, config_errors
 
 T = TypeVar("T")
 
@@ -82,12 +82,18 @@ def parse_hostport(value: object, default_port: int = 25) -> tuple[str, int]:
 
 
 class Section:
-    """Reads one table, recording the key path for errors and the keys it was asked about."""
+    """Reads one table, recording the key path for errors and the keys it was asked about.
 
-    def __init__(self, source: str, path: str, table: object) -> None:
+    Given an ``errors`` list, a bad value is recorded there and read as its default, so that one
+    pass over a file finds every error in it; without one, the first error raises.
+    """
+
+    def __init__(self, source: str, path: str, table: object, errors: list[ConfigError] | None = None) -> None:
+        self.source, self.path, self.errors = source, path, errors
         if not isinstance(table, Mapping):
-            raise ConfigError(source, path, "must be a table")
-        self.source, self.path, self.table = source, path, table
+            self.report_key(path, "must be a table")
+            table = {}
+        self.table: Mapping[str, Any] = table
         self.seen: set[str] = set()
 
     def key(self, name: str) -> str:
@@ -95,6 +101,16 @@ class Section:
 
     def error(self, name: str, reason: str) -> ConfigError:
         return ConfigError(self.source, self.key(name), reason)
+
+    def report(self, name: str, reason: str) -> None:
+        """An error in key ``name``: recorded (and reading goes on), or raised."""
+        self.report_key(self.key(name), reason)
+
+    def report_key(self, key: str, reason: str) -> None:
+        error = ConfigError(self.source, key, reason)
+        if self.errors is None:
+            raise error
+        self.errors.append(error)
 
     def get(
         self,
@@ -109,13 +125,15 @@ class Section:
         value = self.table[name]
         if types is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in _astuple(types)):
             names = " or ".join(t.__name__ for t in _astuple(types))
-            raise self.error(name, f"must be {names}, not {type(value).__name__}")
+            self.report(name, f"must be {names}, not {type(value).__name__}")
+            return default
         if convert is None:
             return value  # type: ignore[no-any-return]
         try:
             return convert(value)
         except (ValueError, TypeError) as e:
-            raise self.error(name, str(e)) from None
+            self.report(name, str(e))
+            return default
 
     def get_list(self, name: str, default: Sequence[T], convert: Callable[[Any], T]) -> tuple[T, ...]:
         self.seen.add(name)
@@ -123,19 +141,20 @@ class Section:
             return tuple(default)
         value = self.table[name]
         if not isinstance(value, list):
-            raise self.error(name, f"must be a list, not {type(value).__name__}")
+            self.report(name, f"must be a list, not {type(value).__name__}")
+            return tuple(default)
         out = []
         for i, item in enumerate(value):
             try:
                 out.append(convert(item))
             except (ValueError, TypeError) as e:
-                raise ConfigError(self.source, f"{self.key(name)}[{i}]", str(e)) from None
+                self.report_key(f"{self.key(name)}[{i}]", str(e))
         return tuple(out)
 
     def check_unknown(self) -> None:
         for name in self.table:
             if name not in self.seen:
-                raise self.error(name, "unknown key")
+                self.report(name, "unknown key")
 
 
 def _astuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -286,19 +305,37 @@ class Config:
     dkim: DKIMConfig = attrs.field(factory=DKIMConfig)
 
 
+#: The routes of a config without ``[[routes]]``: every domain by its MX records (key ``routes``:
+#: no table of the file).
+DEFAULT_ROUTES = (RouteConfig("mx", {}, "routes"),)
+
 _SECTIONS = ("server", "spool", "queue", "delivery", "routes", "metrics", "dkim")
 
 
 def load(path: str) -> Config:
     """Read and validate a TOML config file."""
+    return from_dict(_read(path), path)
+
+
+def load_all(path: str) -> tuple[Config | None, list[ConfigError]]:
+    """Read ``path`` and find every error in it: the config (bad values read as their defaults;
+    None when the file does not read as TOML) and the errors."""
+    try:
+        data = _read(path)
+    except ConfigError as e:
+        return None, [e]
+    errors: list[ConfigError] = []
+    return from_dict(data, path, errors), errors
+
+
+def _read(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise ConfigError(path, "", e.strerror or str(e)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"not valid TOML: {e}") from None
-    return from_dict(data, path)
 
 
 def loads(text: str, source: str = "<string>") -> Config:
@@ -309,13 +346,24 @@ def loads(text: str, source: str = "<string>") -> Config:
     return from_dict(data, source)
 
 
-def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
-    top = Section(source, "", data)
+def from_dict(data: Mapping[str, Any], source: str = "<config>", errors: list[ConfigError] | None = None) -> Config:
+    """The typed config of ``data``. Every error found is appended to ``errors`` (a bad value read
+    as its default) when given; else they are raised together (``ConfigErrors``) after the pass."""
+    found: list[ConfigError] = [] if errors is None else errors
+    before = len(found)
+    cfg = _from_dict(data, source, found)
+    if errors is None and len(found) > before:
+        raise config_errors(found[before:])
+    return cfg
+
+
+def _from_dict(data: Mapping[str, Any], source: str, errors: list[ConfigError]) -> Config:
+    top = Section(source, "", data, errors)
     for name in data:
         if name not in _SECTIONS:
-            raise top.error(name, f"unknown section (known: {', '.join(_SECTIONS)})")
+            top.report(name, f"unknown section (known: {', '.join(_SECTIONS)})")
 
-    s = Section(source, "server", data.get("server", {}))
+    s = Section(source, "server", data.get("server", {}), errors)
     server = ServerConfig(
         hostname=s.get("hostname", socket.gethostname(), _domain),
         listen=s.get_list("listen", ServerConfig.__attrs_attrs__.listen.default, _string),
@@ -346,11 +394,11 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     s.check_unknown()
     _check_workers(s, server)
     if not server.listen:
-        raise s.error("listen", "must name at least one endpoint")
+        s.report("listen", "must name at least one endpoint")
     if bool(server.tls_certificate) != bool(server.tls_key):
-        raise s.error("tls_key", "tls_certificate and tls_key go together")
+        s.report("tls_key", "tls_certificate and tls_key go together")
 
-    s = Section(source, "spool", data.get("spool", {}))
+    s = Section(source, "spool", data.get("spool", {}), errors)
     spool = SpoolConfig(
         path=s.get("path", "var/spool", _string),
         backend=s.get("backend", "filesystem", _string),
@@ -361,13 +409,13 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     )
     s.check_unknown()
     if spool.backend not in ("filesystem", "postgresql"):
-        raise s.error("backend", f"{spool.backend!r}: must be 'filesystem' or 'postgresql'")
+        s.report("backend", f"{spool.backend!r}: must be 'filesystem' or 'postgresql'")
     if spool.backend == "postgresql" and not spool.dsn:
-        raise s.error("dsn", "required when backend = 'postgresql'")
+        s.report("dsn", "required when backend = 'postgresql'")
     if not 0 < spool.scan_interval < spool.lease_time:
-        raise s.error("scan_interval", "must be above 0 and below lease_time (leases are renewed at each scan)")
+        s.report("scan_interval", "must be above 0 and below lease_time (leases are renewed at each scan)")
 
-    s = Section(source, "queue", data.get("queue", {}))
+    s = Section(source, "queue", data.get("queue", {}), errors)
     queue = QueueConfig(
         retry_schedule=s.get_list("retry_schedule", QueueConfig.__attrs_attrs__.retry_schedule.default, parse_duration),
         max_lifetime=s.get("max_lifetime", 5 * 86400.0, parse_duration),
@@ -378,9 +426,10 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     )
     s.check_unknown()
     if not queue.retry_schedule:
-        raise s.error("retry_schedule", "must have at least one interval")
+        s.report("retry_schedule", "must have at least one interval")
+        queue = attrs.evolve(queue, retry_schedule=QueueConfig.__attrs_attrs__.retry_schedule.default)
 
-    s = Section(source, "delivery", data.get("delivery", {}))
+    s = Section(source, "delivery", data.get("delivery", {}), errors)
     delivery = DeliveryConfig(
         helo_name=s.get("helo_name", None, _domain),
         connect_timeout=s.get("connect_timeout", 30.0, parse_duration),
@@ -395,21 +444,27 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
 
     raw_routes = data.get("routes", [])
     if not isinstance(raw_routes, list):
-        raise ConfigError(source, "routes", "must be an array of tables ([[routes]])")
+        top.report("routes", "must be an array of tables ([[routes]])")
+        raw_routes = []
     routes = []
     for i, table in enumerate(raw_routes):
-        r = Section(source, f"routes[{i}]", table)
+        r = Section(source, f"routes[{i}]", table, errors)
         rtype = r.get("type", None, _string)
+        if rtype is None and "type" in r.table:
+            continue  # not a string: reported
         if not rtype:
-            raise r.error("type", "missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)")
-        options = {k: v for k, v in table.items() if k != "type"}
+            r.report("type", "missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)")
+            continue
+        options = {k: v for k, v in r.table.items() if k != "type"}
         routes.append(RouteConfig(rtype, options, f"routes[{i}]"))
+    if not routes:  # as without a file: a relay whose every recipient bounces helps no one
+        routes = list(DEFAULT_ROUTES)
 
-    s = Section(source, "metrics", data.get("metrics", {}))
+    s = Section(source, "metrics", data.get("metrics", {}), errors)
     metrics_listen = s.get("listen", None, _string)
     s.check_unknown()
 
-    s = Section(source, "dkim", data.get("dkim", {}))
+    s = Section(source, "dkim", data.get("dkim", {}), errors)
     dkim = DKIMConfig(
         domains=s.get_list("domains", (), _domain),
         selector=s.get("selector", "mail", _string),
@@ -417,7 +472,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     )
     s.check_unknown()
     if dkim.domains and not dkim.key_file:
-        raise s.error("key_file", "required when dkim.domains is set")
+        s.report("key_file", "required when dkim.domains is set")
 
     return Config(source, server, spool, queue, delivery, tuple(routes), metrics_listen, dkim)
 
@@ -430,15 +485,15 @@ WORKER_ENDPOINTS = ("tcp", "tcp6", "ssl")
 
 def _check_workers(s: Section, server: ServerConfig) -> None:
     if server.workers > MAX_WORKERS:
-        raise s.error("workers", f"must be at most {MAX_WORKERS}, not {server.workers}")
+        s.report("workers", f"must be at most {MAX_WORKERS}, not {server.workers}")
     if server.workers == 1:
         return
     for key in ("listen", "submission_listen"):
         for description in getattr(server, key):
             kind = description.split(":", 1)[0].strip().lower()
             if kind not in WORKER_ENDPOINTS:
-                raise s.error(key, f"{description!r}: with workers > 1 every listener must be one of "
-                                   f"{', '.join(WORKER_ENDPOINTS)} (the supervisor binds it for its workers)")
+                s.report(key, f"{description!r}: with workers > 1 every listener must be one of "
+                              f"{', '.join(WORKER_ENDPOINTS)} (the supervisor binds it for its workers)")
 
 
 def _optional_duration(v: object) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from mailrelay.envelope import Reply
 
 
@@ -28,3 +30,18 @@ class ConfigError(Exception):
         self.path, self.key, self.reason = path, key, reason
         where = f"{path}: {key}" if key else path
         super().__init__(f"{where}: {reason}")
+
+
+class ConfigErrors(ConfigError):
+    """Every error found in one config file: its text is one line per error."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.path, first.key, first.reason)
+        self.errors = tuple(errors)
+        self.args = ("\n".join(str(e) for e in self.errors),)
+
+
+def config_errors(errors: Sequence[ConfigError]) -> ConfigError:
+    """The one error to raise for ``errors`` (not empty): itself when alone."""
+    return errors[0] if len(errors) == 1 else ConfigErrors(errors)

@@ -22,6 +22,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -30,11 +31,13 @@ from mailrelay.config import Config, ServerConfig
 from mailrelay.delivery import ByRouteDeliverer, MaildirDeliverer, SMTPDeliverer
 from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
+from mailrelay.errors import ConfigError, config_errors
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
 from mailrelay.metrics import RelayMetrics, metrics_site
 from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
 from mailrelay.policy import build_policy
 from mailrelay.policy.verify import RecipientVerification
+from mailrelay.preflight import problems
 from mailrelay.queue.manager import QueueManager
 from mailrelay.queue.spool import FilesystemSpool
 from mailrelay.routing.context import RouterContext
@@ -49,18 +52,28 @@ def shutting_down(hostname: str) -> Reply:
 
 
 class _Listener(StreamServerEndpointService):
-    """An endpoint service that fails loudly when it cannot listen and remembers its port."""
+    """An endpoint service that fails loudly when it cannot listen and remembers its port.
+
+    ``source`` and ``key`` (``server.listen[0]``) name the config key of a port that cannot be
+    had: its ``ConfigError`` gives the endpoint and the system's reason (address already in use).
+    """
 
     _raiseSynchronously = True
 
-    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+    def __init__(self, description: str, endpoint: Any, factory: Any, source: str = "<config>",
+                 key: str = "") -> None:
         super().__init__(endpoint, factory)
         self.description = description
+        self.source, self.key = source, key
         self.port: IListeningPort | None = None
         self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            why = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
+            raise ConfigError(self.source, self.key, f"{self.description!r}: cannot listen: {why}") from None
         self._waitingForPort.addCallback(self._listened)  # type: ignore[union-attr]
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
@@ -100,6 +113,10 @@ class MailRelayService(service.MultiService):
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
+        # endpoints, certificates, files, the spool directory: every error at once, before anything
+        found = problems(config, reactor, spool=store is None)
+        if found:
+            raise config_errors(found)
         self.config = config
         self.reactor = reactor
         self.threadpool = ThreadPool(minthreads=0, maxthreads=10, name="mailrelay")
@@ -125,17 +142,17 @@ class MailRelayService(service.MultiService):
         self.factory = self._build_factory(config.server, submission=False)
         self.factories = [self.factory]
         self.listeners: list[_Listener] = []
-        for description in config.server.listen:
-            self._listen(description, self.factory)
+        for i, description in enumerate(config.server.listen):
+            self._listen(description, self.factory, f"server.listen[{i}]")
         if config.server.submission_listen:
             submission = self._build_factory(config.server, submission=True)
             self.factories.append(submission)
-            for description in config.server.submission_listen:
-                self._listen(description, submission)
+            for i, description in enumerate(config.server.submission_listen):
+                self._listen(description, submission, f"server.submission_listen[{i}]")
         self.metrics_listener: _Listener | None = None
         if config.metrics_listen:
             self.metrics_listener = _Listener(config.metrics_listen, serverFromString(reactor, config.metrics_listen),
-                                              metrics_site(self.metrics.registry))
+                                              metrics_site(self.metrics.registry), config.source, "metrics.listen")
             self.metrics_listener.setServiceParent(self)
         self.control: Any = None
 
@@ -144,7 +161,10 @@ class MailRelayService(service.MultiService):
     def _make_store(self) -> IQueueStore:
         spool = self.config.spool
         if spool.backend == "filesystem":
-            return FilesystemSpool(spool.path, self.reactor, fsync_threads=spool.fsync_threads)
+            try:
+                return FilesystemSpool(spool.path, self.reactor, fsync_threads=spool.fsync_threads)
+            except OSError as e:
+                raise ConfigError(self.config.source, "spool.path", f"{spool.path}: {e.strerror or e}") from None
         from mailrelay.queue.postgres import PostgresStore  # type: ignore[import-not-found]
 
         return PostgresStore(spool.dsn, self.reactor, self.threadpool,  # type: ignore[no-any-return]
@@ -171,8 +191,8 @@ class MailRelayService(service.MultiService):
         """The endpoint to listen on for ``description`` (a worker process adopts its supervisor's)."""
         return serverFromString(self.reactor, description)
 
-    def _listen(self, description: str, factory: SMTPServerFactory) -> None:
-        listener = _Listener(description, self._endpoint(description), factory)
+    def _listen(self, description: str, factory: SMTPServerFactory, key: str = "") -> None:
+        listener = _Listener(description, self._endpoint(description), factory, self.config.source, key)
         listener.setServiceParent(self)
         self.listeners.append(listener)
 
@@ -182,6 +202,17 @@ class MailRelayService(service.MultiService):
     def ports(self) -> list[IListeningPort]:
         """The SMTP listening ports, once started (``port.getHost().port`` when listening on port 0)."""
         return [listener.port for listener in self.listeners if listener.port is not None]
+
+    def privilegedStartService(self) -> None:
+        """Listen (before twistd drops privileges); every endpoint that cannot, in one error."""
+        errors = []
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except ConfigError as e:
+                errors.append(e)
+        if errors:
+            raise config_errors(errors)
 
     def startService(self) -> None:
         self.threadpool.start()
@@ -264,14 +295,19 @@ class MailRelayService(service.MultiService):
 
         Everything is built before anything is swapped, so a bad route or certificate raises
         (``ConfigError`` or the loader's error) and leaves the running relay as it was. Keys that
-        need a restart (listeners, spool, metrics, delivery) are returned as a list of their names.
+        need a restart (``RESTART_ONLY``: listeners, hostname, spool, metrics, delivery) keep their
+        running values everywhere and are returned as a list of their names.
         """
+        restart = needs_restart(self.config, new)
+        new = keep_running(self.config, new)  # the hostname too: not new in the greeting, old in EHLO
         old_router = self.router
         router = build_router(new.routes, self._new_context(new)) if self._own_router else old_router
         try:
+            # what factory.reconfigure loads (certificate, key, password file) fails here, before any swap
+            found = problems(new, self.reactor, spool=False)
+            if found:
+                raise config_errors(found)
             policy = self._build_policy(new.server, router)
-            for factory in self.factories:
-                _check_server(factory, new.server)
             signer = DKIMSigner.from_config(new.dkim, new.source)
         except Exception:
             if router is not old_router:
@@ -284,7 +320,6 @@ class MailRelayService(service.MultiService):
         self.router = router
         self.manager.router = router
         self.manager.config = _queue_config(self.manager.config, new.queue)
-        restart = needs_restart(self.config, new)
         self.config = new
         if router is not old_router:
             close = getattr(old_router, "close", None)
@@ -299,14 +334,6 @@ class MailRelayService(service.MultiService):
         return context
 
 
-def _check_server(factory: SMTPServerFactory, server: ServerConfig) -> None:
-    """Load what ``factory.reconfigure`` would (certificate, key) so a failure comes before any swap."""
-    if server.tls_certificate and server.tls_key:
-        from mailrelay.smtp.tls import server_tls_options
-
-        server_tls_options(server.tls_certificate, server.tls_key)
-
-
 def _queue_config(old: Any, new: Any) -> Any:
     """The queue keys a running manager can take: schedule, lifetime, warnings, postmaster."""
     import attrs
@@ -315,19 +342,37 @@ def _queue_config(old: Any, new: Any) -> Any:
                         delay_warning=new.delay_warning, postmaster=new.postmaster)
 
 
+#: What a running relay cannot take: (section, key), None for the whole section. A reload keeps
+#: their running values everywhere (greeting, Received, EHLO, bounces, ...) until a restart.
+RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
+    ("server", "listen"), ("server", "submission_listen"), ("server", "hostname"), ("server", "workers"),
+    ("spool", None), ("delivery", None), ("metrics_listen", None),
+    ("queue", "max_deliveries"), ("queue", "max_per_destination"),
+)
+
+
+def _restart_value(cfg: Config, section: str, key: str | None) -> Any:
+    value = getattr(cfg, section)
+    return value if key is None else getattr(value, key)
+
+
+def _restart_name(section: str, key: str | None) -> str:
+    return section.replace("_", ".") if key is None else f"{section}.{key}"
+
+
 def needs_restart(old: Config, new: Config) -> list[str]:
     """The changed keys a reload cannot apply (they need a restart)."""
-    changed = []
-    for key in ("listen", "submission_listen", "hostname", "workers"):
-        if getattr(old.server, key) != getattr(new.server, key):
-            changed.append(f"server.{key}")
-    if old.spool != new.spool:
-        changed.append("spool")
-    if old.delivery != new.delivery:
-        changed.append("delivery")
-    if old.metrics_listen != new.metrics_listen:
-        changed.append("metrics.listen")
-    for key in ("max_deliveries", "max_per_destination"):
-        if getattr(old.queue, key) != getattr(new.queue, key):
-            changed.append(f"queue.{key}")
-    return changed
+    return [_restart_name(section, key) for section, key in RESTART_ONLY
+            if _restart_value(old, section, key) != _restart_value(new, section, key)]
+
+
+def keep_running(old: Config, new: Config) -> Config:
+    """``new`` with every ``RESTART_ONLY`` key at its value in ``old``: what a reload applies, whole."""
+    import attrs
+
+    for section, key in RESTART_ONLY:
+        value = _restart_value(old, section, key)
+        if key is not None:
+            value = attrs.evolve(getattr(new, section), **{key: value})
+        new = attrs.evolve(new, **{section: value})
+    return new

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import ILogObserver
@@ -53,11 +53,24 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         try:
             if self["config"]:
-                self.loaded = configmod.load(self["config"])
+                from mailrelay.preflight import check_file
+
+                self.loaded = check_file(self["config"])  # every error of the file at once
             else:
                 self.loaded = configmod.loads(DEFAULT_CONFIG, "<built-in default>")
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            exit_config_error(e)  # not a UsageError: twistd would print its usage text first
+
+
+def exit_config_error(error: ConfigError) -> NoReturn:
+    """One ``mailrelay: file: key: reason`` line per error on stderr, and exit 1 (no traceback)."""
+    from mailrelay.cli import print_config_error
+
+    # the terminal twistd was started from (once twistd logs, sys.stderr goes to the log: there too)
+    print_config_error(error, sys.__stderr__)
+    if sys.stderr is not sys.__stderr__:
+        print_config_error(error, sys.stderr)
+    raise SystemExit(1)
 
 
 class _Standalone(MultiService):
@@ -72,6 +85,12 @@ class _Standalone(MultiService):
         if self.log_observer is not None and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self.log_observer)
         return super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # the listeners: a port in use is an error of the file
+        except ConfigError as e:
+            exit_config_error(e)
 
 
 def _twistd_option(options: Options, name: str, default: Any = None) -> Any:
@@ -133,8 +152,7 @@ def makeService(options: Options) -> IService:
         relay = MailRelayService(cfg)
     except ConfigError as e:
         # twistd would print a traceback; an operator wants the file, key and reason.
-        sys.stderr.write(f"mailrelay: {e}\n")
-        raise SystemExit(1) from None
+        exit_config_error(e)
     if cfg.spool.backend == "filesystem":
         top.spool_lock = _lock_spool(cfg.spool.path)  # type: ignore[attr-defined]
     relay.setServiceParent(top)

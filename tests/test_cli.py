@@ -93,6 +93,15 @@ def test_check_config_errors_name_the_key_and_exit_1(tmp_path):
     assert "queue.retry_schedule[0]" in err.getvalue() and out.getvalue() == ""
 
 
+def test_check_config_says_a_file_without_routes_routes_by_mx(tmp_path):
+    path = tmp_path / "mailrelay.toml"
+    path.write_text(f'[server]\nhostname = "cli.example.test"\n[spool]\npath = "{tmp_path / "spool"}"\n')
+    result = cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "# no [[routes]] in the file: every recipient is routed by its domain's MX records" in result.stdout
+    assert '[[routes]]\ntype = "mx"\n' in result.stdout
+
+
 # -- the queue of a stopped instance --------------------------------------------------------------
 
 
@@ -239,6 +248,14 @@ def test_queue_command_with_a_missing_config_is_one_clear_line(tmp_path):
     result = cli("queue", "list", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 1
     assert result.stderr.strip() == f"mailrelay: {tmp_path / 'nope.toml'}: No such file or directory"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nmax_recipients = 0\n[queue]\nmax_lifetime = "soon"\n')
+    for command in (("queue", "list"), ("db", "upgrade")):
+        result = cli(*command, "--config", str(bad))
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            f"mailrelay: {bad}: server.max_recipients: must be a whole number of at least 1, not 0",
+            f"mailrelay: {bad}: queue.max_lifetime: 'soon' is not a duration such as 30s, 5m, 4h or 5d"]
 
 
 def test_control_protocol_pages_the_listing_and_summarises():

@@ -119,3 +119,29 @@ def test_a_configured_domain_must_be_a_valid_name_as_written(domain):
 def test_configured_domains_are_kept_in_canonical_form():
     c = config.loads("[server]\nlocal_domains = ['Bücher.Example', 'faß.example']\n", "relay.toml")
     assert c.server.local_domains == ("xn--bcher-kva.example", "xn--fa-hia.example")
+
+
+@pytest.mark.parametrize("routes", ["", "routes = []\n"])
+def test_no_routes_means_every_domain_by_mx_as_without_a_file(routes):
+    from mailrelay.routing.mx import MXRouter
+    from mailrelay.service import MailRelayService
+    from mailrelay.testing import MemoryQueueStore
+
+    c = config.loads(routes + '[server]\nhostname = "relay.example.test"\n', "relay.toml")
+    assert c.routes == config.DEFAULT_ROUTES
+    relay = MailRelayService(c, store=MemoryQueueStore())
+    assert [type(r) for r in relay.router.routers] == [MXRouter]
+
+
+def test_every_error_of_a_file_is_reported_at_once_each_on_its_line():
+    with pytest.raises(ConfigError) as e:
+        config.loads('nosuch = 1\n[server]\nmax_recipients = 0\nidle_timeout = "soon"\nlisten = [1, "tcp:25"]\n'
+                     '[queue]\nretry_schedule = []\n[[routes]]\nhosts = []\n', "relay.toml")
+    assert str(e.value).splitlines() == [
+        "relay.toml: nosuch: unknown section (known: server, spool, queue, delivery, routes, metrics, dkim)",
+        "relay.toml: server.listen[0]: must be a string, not int",
+        "relay.toml: server.max_recipients: must be a whole number of at least 1, not 0",
+        "relay.toml: server.idle_timeout: 'soon' is not a duration such as 30s, 5m, 4h or 5d",
+        "relay.toml: queue.retry_schedule: must have at least one interval",
+        "relay.toml: routes[0].type: missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)",
+    ]

@@ -120,7 +120,7 @@ def test_reconfigure_swaps_the_router_and_policy_in_process(tmp_path):
     assert relay.router is not old_router and relay.manager.router is relay.router
     assert relay.policy is not old_policy and relay.factory.policy is relay.policy
     assert relay.factory.settings.hostname == "r.test"
-    assert relay.config is new
+    assert relay.config == new
 
 
 def test_reconfigure_with_an_unloadable_certificate_changes_nothing(tmp_path):
@@ -137,6 +137,45 @@ def test_reconfigure_with_an_unloadable_certificate_changes_nothing(tmp_path):
     d.addErrback(lambda f: None)
     assert failure is not None and not isinstance(failure, list)
     assert (relay.router, relay.policy, relay.config, relay.factory.settings) == old
+
+
+def test_a_new_hostname_waits_for_the_restart_everywhere_while_the_rest_is_applied(tmp_path):
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    clock = task.Clock()
+    relay = MailRelayService(_config(tmp_path, route_to(2600)), reactor=clock)
+    new = config.loads(
+        f'[server]\nhostname = "new.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = ["example.test"]\n'
+        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601), "test.toml")
+    d = relay.reconfigure(new)
+    assert d.result == ["server.hostname"]
+    assert relay.config.server.local_domains == ("example.test",)  # applied
+    # one name until the restart: greeting and Received, EHLO/HELO to next hops, bounces, 421 at stop
+    protocol = relay.factory.buildProtocol(("127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    clock.advance(0)
+    assert transport.value().startswith(b"220 r.test ")
+    assert relay.factory.settings.hostname == "r.test"
+    assert relay.deliverer.deliverer.deliverer.helo_name == "r.test"
+    assert relay.manager.hostname == relay.manager.notifier.hostname == "r.test"
+    assert relay.config.server.hostname == "r.test"
+    protocol.connectionLost(None)
+
+
+def test_a_reload_whose_password_file_does_not_read_changes_nothing(tmp_path):
+    relay = MailRelayService(_config(tmp_path, route_to(2600)))
+    old = (relay.router, relay.policy, relay.config, relay.factory.settings, relay.factory.checker)
+    bad = config.loads(
+        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = ["example.test"]\n'
+        f'auth_password_file = "{tmp_path}/missing"\n[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601),
+        "test.toml")
+    d = relay.reconfigure(bad)
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert "test.toml: server.auth_password_file:" in str(failure.value)
+    assert (relay.router, relay.policy, relay.config, relay.factory.settings, relay.factory.checker) == old
 
 
 def test_needs_restart_names_what_a_reload_cannot_apply(tmp_path):

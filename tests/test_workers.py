@@ -247,16 +247,22 @@ def test_workers_stop_when_the_supervisor_is_killed(smtp_sink):
 def test_a_listener_the_supervisor_cannot_bind_stops_it_with_a_clear_error(smtp_sink):
     import socket
 
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen(1)
-    relay = RelayProcess(route_to(smtp_sink.port, extra="[server]\nworkers = 2\n"), port=taken.getsockname()[1])
+    taken, metrics = socket.socket(), socket.socket()
+    for s in (taken, metrics):
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+    metrics_port = metrics.getsockname()[1]
+    relay = RelayProcess(route_to(smtp_sink.port, extra="[server]\nworkers = 2\n")
+                         + f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n', port=taken.getsockname()[1])
     try:
         relay.start()  # "listening": the port is, by our socket
         assert relay.proc is not None and relay.proc.wait(timeout=20) != 0
-        assert f"cannot listen on tcp:{relay.port}:interface=127.0.0.1: [Errno 98] Address already in use" \
+        assert f"server.listen[0]: 'tcp:{relay.port}:interface=127.0.0.1': cannot listen: Address already in use" \
+            in relay.log_text()
+        assert f"metrics.listen: 'tcp:{metrics_port}:interface=127.0.0.1': cannot listen: Address already in use" \
             in relay.log_text()
         assert "worker 0 started" not in relay.log_text()
     finally:
         taken.close()
+        metrics.close()
         relay.cleanup()

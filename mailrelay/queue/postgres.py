@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import queue as _queue
+import select
 import shutil
 import socket
 import tempfile
@@ -73,10 +74,31 @@ def _decode(state: str) -> QueuedMessage:
     return message_from_dict(json.loads(state))
 
 
+def usable(conn: psycopg.Connection) -> bool:
+    """Whether a connection that sat idle can be used: the server may have ended it meanwhile
+    (restart, ``pg_terminate_backend``, an idle timeout), which shows only as bytes waiting on its
+    socket (the FATAL message, then the close). Those are read without waiting, no round trip, so
+    a database that came back costs no failed statement."""
+    if conn.closed or conn.broken:
+        return False
+    pgconn = conn.pgconn
+    try:
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLIN)
+        for _ in range(4):  # an idle connection is sent nothing but its end (no LISTEN on these)
+            if not poller.poll(0):
+                break
+            pgconn.consume_input()  # raises once it reads the close
+    except (psycopg.OperationalError, OSError, ValueError):
+        return False
+    return pgconn.status == psycopg.pq.ConnStatus.OK
+
+
 class _Connections:
     """A few idle connections kept for the thread pool's workers (one per call, returned after).
 
-    A connection that failed (server gone) is dropped, so the next call reconnects.
+    A connection that failed (server gone) is dropped, so the next call reconnects; one that the
+    server ended while it sat idle is found so (``usable``) and replaced before it is used.
     """
 
     def __init__(self, dsn: str, connect_timeout: int) -> None:
@@ -87,11 +109,19 @@ class _Connections:
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(self.dsn, connect_timeout=self.connect_timeout)
 
+    def checkout(self) -> psycopg.Connection:
+        """An idle connection that is still usable, else a new one."""
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except _queue.Empty:
+                return self.connect()
+            if usable(conn):
+                return conn
+            conn.close()
+
     def run(self, fn: Callable[[psycopg.Connection], Any]) -> Any:
-        try:
-            conn = self._idle.get_nowait()
-        except _queue.Empty:
-            conn = self.connect()
+        conn = self.checkout()
         try:
             result = fn(conn)
             conn.commit()
@@ -403,7 +433,10 @@ class PostgresStore:
     def _commit_batch(self, conn: psycopg.Connection | None,
                       batch: list[_Commit]) -> tuple[psycopg.Connection | None, list[tuple[_Commit, Any]]]:
         try:
-            if conn is None or conn.closed or conn.broken:
+            if conn is not None and not usable(conn):  # ended while the writer had nothing to do
+                conn.close()
+                conn = None
+            if conn is None:
                 conn = self._conns.connect()
             self._prepare(conn)
             self._store_batch(conn, batch)
@@ -476,11 +509,13 @@ class PostgresStore:
     # -- the listener thread ---------------------------------------------------------------
 
     def _run_listener(self) -> None:
+        listening = False  # a connection that was listening is replaced at once, without a warning
         while not self._stopping.is_set():
             try:
                 with psycopg.connect(self.dsn, autocommit=True, connect_timeout=self._conns.connect_timeout) as conn:
                     self._prepare(conn)
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    listening = True
                     self.reactor.callFromThread(self._rescan)  # catch up on anything missed meanwhile
                     while not self._stopping.is_set():
                         ids = []
@@ -491,9 +526,14 @@ class PostgresStore:
                         if ids:
                             self.reactor.callFromThread(self._remote_commits, ids)
             except Exception as e:
-                if not self._stopping.is_set():
-                    log.warn("pgstore: notification listener lost the database ({error}); reconnecting", error=e)
-                    self._stopping.wait(1.0)
+                if self._stopping.is_set():
+                    continue
+                if listening:
+                    listening = False
+                    log.info("pgstore: notification listener lost its connection ({error}); reconnecting", error=e)
+                    continue
+                log.warn("pgstore: notification listener cannot reach the database ({error}); retrying", error=e)
+                self._stopping.wait(1.0)
 
     def _remote_commits(self, ids: list[str]) -> None:
         """Other nodes committed ``ids``: after ``remote_delay``, wake our subscribers for those no

@@ -37,6 +37,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from mailrelay.config import Config
+from mailrelay.errors import ConfigError, config_errors
 from mailrelay.workers.logs import LineSplitter, decode_line
 from mailrelay.workers.shards import drain
 from mailrelay.workers.sockets import ListenerSpec, bind
@@ -152,20 +153,32 @@ class Supervisor(service.Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         server = self.config.server
-        for kind, descriptions in (("smtp", server.listen), ("submission", server.submission_listen)):
-            for description in descriptions:
+        errors = []
+        for kind, key in (("smtp", "listen"), ("submission", "submission_listen")):
+            for i, description in enumerate(getattr(server, key)):
                 try:
                     sock = bind(self.reactor, description)
                 except (OSError, ValueError) as e:
-                    # as a single relay does (service._Listener): say which endpoint, no traceback
-                    log.critical("cannot listen on {description}: {error}", description=description, error=str(e))
-                    for _, _, bound in self.sockets:
-                        bound.close()
-                    self.sockets = []
-                    raise SystemExit(1) from None
+                    # as a single relay does (service._Listener): the key, the endpoint, the reason
+                    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    errors.append(ConfigError(self.config.source, f"server.{key}[{i}]",
+                                              f"{description!r}: cannot listen: {why}"))
+                    continue
                 self.sockets.append((kind, description, sock))
                 log.info("listening on {description} ({address}) for {n} workers", description=description,
                          address=sock.getsockname(), n=len(self.workers))
+        if self.config.metrics_listen and self.metrics_listener is None:
+            error = self._listen_metrics()
+            if error is not None:
+                errors.append(error)
+        if errors:
+            for _, _, bound in self.sockets:
+                bound.close()
+            self.sockets = []
+            if self.metrics_listener is not None:
+                self.metrics_listener.stopListening()
+                self.metrics_listener = None
+            raise config_errors(errors)
 
     def startService(self) -> None:
         super().startService()
@@ -173,15 +186,23 @@ class Supervisor(service.Service):
             self.privilegedStartService()
         if self.config.spool.backend == "filesystem":
             drain(self.config.spool.path, len(self.workers))
-        if self.config.metrics_listen:
-            from twisted.internet.endpoints import serverFromString
-
-            d = serverFromString(self.reactor, self.config.metrics_listen).listen(self.metrics_site)
-            d.addCallback(self._metrics_listening)
-            d.addErrback(lambda f: log.failure("cannot serve metrics on {listen}", f,
-                                               listen=self.config.metrics_listen))
         for worker in self.workers:
             self.start_worker(worker)
+
+    def _listen_metrics(self) -> ConfigError | None:
+        """Listen for /metrics; the error when the port cannot be had (a TCP listen fails at once)."""
+        from twisted.internet.endpoints import serverFromString
+
+        description = self.config.metrics_listen
+        failed: list[Failure] = []
+        d = serverFromString(self.reactor, description).listen(self.metrics_site)
+        d.addCallbacks(self._metrics_listening, failed.append)
+        if not failed:
+            return None
+        e = failed[0].value
+        socket_error = getattr(e, "socketError", None)
+        why = socket_error.strerror if isinstance(socket_error, OSError) and socket_error.strerror else str(e)
+        return ConfigError(self.config.source, "metrics.listen", f"{description!r}: cannot listen: {why}")
 
     def _metrics_listening(self, port: Any) -> None:
         self.metrics_listener = port

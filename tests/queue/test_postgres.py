@@ -452,3 +452,49 @@ def test_duplicate_recipients_are_stored_once(stores):
     message = yield stores().load(qid)  # another node: what the database holds
     want = (Recipient("dup@one.test", ("FAILURE",)), Recipient("b@two.test"))
     assert message.envelope.recipients == want and tuple(s.recipient for s in message.statuses) == want
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_database_that_ended_every_connection_costs_no_failed_call_and_no_warning(dsn, tmp_path):
+    """As a restart does, the server ends every connection of the store (the writer's, the
+    listener's, the pooled ones); the next commit, loads and save all succeed at the first try,
+    nothing is logged above info, and other nodes' NOTIFYs are heard again."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    name = f"mr_{os.urandom(6).hex()}"
+    store = pg_store(f"{dsn} application_name={name}", cache_dir=str(tmp_path / "a"), scan_interval=3600,
+                     remote_delay=0.0)
+    other = pg_store(dsn, cache_dir=str(tmp_path / "b"), scan_interval=3600)
+    store.start()
+    other.start()
+    events: list[dict] = []
+    try:
+        heard: list[str] = []
+        store.subscribe(heard.append)
+        qid = yield commit(store, b"first\r\n")
+        yield defer.gatherResults([store.load(qid) for _ in range(4)])  # a few pooled connections
+
+        def listening() -> bool:
+            return bool(query(dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+                                   " AND query LIKE 'LISTEN%%'", name))
+
+        yield wait_until(listening)
+        pids = [pid for (pid,) in query(dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s", name)]
+        assert len(pids) >= 3 and store._conns._idle.qsize() >= 1
+        globalLogPublisher.addObserver(events.append)
+        query(dsn, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", pids)
+        yield wait_until(lambda: not query(dsn, "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", pids))
+
+        qid2 = yield commit(store, b"second\r\n")  # the writer's connection
+        loaded = yield defer.gatherResults([store.load(q) for q in (qid, qid2, qid, qid2)])  # pooled ones
+        assert [m.queue_id for m in loaded] == [qid, qid2, qid, qid2]
+        yield store.save(loaded[0])
+        yield wait_until(listening)
+        remote = yield commit(other, b"from another node\r\n")
+        yield wait_until(lambda: remote in heard)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        yield store.stop()
+        yield other.stop()
+    loud = [e for e in events if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)]
+    assert loud == []

@@ -98,6 +98,7 @@ def test_database_down_never_accepts_unsaved_and_resumes(relays, sinks):
         down = [send(relay.port, f"down{i}@pg.test") for i in range(3)]
         alive = relay.proc is not None and relay.proc.poll() is None
         pg.start()
+        restarted_at = len(relay.log_text())
         deadline = time.monotonic() + 30
         after = send(relay.port, "after@pg.test")
         while not after.startswith(b"250") and time.monotonic() < deadline:  # reconnecting
@@ -116,3 +117,5 @@ def test_database_down_never_accepts_unsaved_and_resumes(relays, sinks):
     assert after.startswith(b"250 2.0.0")
     assert got == {m: 1 for m in want}
     assert "status=bounced" not in log
+    back = log[restarted_at:]  # a database that came back costs no failed call and no critical line
+    assert "AdminShutdown" not in back and "critical" not in back, back

@@ -217,6 +217,7 @@ def test_from_options() -> None:
     ({"uri": "ldap://a", "base": "dc=x", "missing": "bounce"}, "routes[1].missing"),
     ({"uri": "ldap://a", "base": "dc=x", "port": 0}, "routes[1].port"),
     ({"uri": "ldap://a", "base": "dc=x", "binddn": "cn=x"}, "routes[1].binddn"),
+    ({"uri": "ldaps://a", "base": "dc=x", "tls_ca_file": "/nonexistent/ca.pem"}, "routes[1].tls_ca_file"),
 ])
 def test_option_errors_name_the_key(options: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
