@@ -353,16 +353,25 @@ class SMTPServerFactory(Factory):
                 protocol.abort()  # said goodbye already; only the client's TLS close is missing
             else:
                 protocol.session.drain(reply)
+        return self.when_closed()
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """A Deferred firing once every session of this factory is gone."""
         if not self.protocols:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._drained.append(d)
         return d
 
-    def close_all(self, reply: Reply) -> None:
-        """Deadline passed: say ``reply`` and close every session, whatever it was doing."""
+    def close_all(self, reply: Reply) -> defer.Deferred[None]:
+        """Deadline passed: say ``reply`` and close every session, whatever it was doing.
+
+        Fires once they are all gone, which is bounded: a client that does not take the close is
+        dropped after ``SHUTDOWN_LINGER`` (at once if its TLS handshake never completed).
+        """
         for protocol in list(self.protocols):
             protocol.session.shutdown(reply)
+        return self.when_closed()
 
     def _protocol_gone(self, protocol: SMTPServerProtocol) -> None:
         self.protocols.discard(protocol)
