@@ -50,8 +50,9 @@ class SMTPServerProtocol(Protocol):
     """Transport and clock ↔ ``Session``.
 
     It is its transport's streaming producer: when the replies the client has not read fill the
-    transport's buffer, the transport pauses it, and the session stops answering and reading until
-    they drain (a client that pipelines and never reads holds a bounded amount of our memory).
+    transport's buffer, the transport pauses it, and the session takes no command (and reads at
+    most ``PAUSE_ABOVE``) until they drain: a client that pipelines and never reads holds a bounded
+    amount of our memory. Every close is bounded too (``lose_connection``).
     """
 
     factory: SMTPServerFactory
