@@ -68,6 +68,7 @@ class SMTPServerProtocol(Protocol):
         self._timer: interfaces.IDelayedCall | None = None
         self._linger: interfaces.IDelayedCall | None = None
         self._handshaking = False  # TLS started, its handshake not completed yet
+        self._silent = False  # closing because the client said nothing for the whole timeout
         self._producing = False  # registered as the transport's producer
 
     def connectionMade(self) -> None:
@@ -148,6 +149,7 @@ class SMTPServerProtocol(Protocol):
             self._arm(timeout - quiet)
             return
         log.info("timeout in session {id} from {ip}", id=self.session.info.session_id, ip=self.client_ip)
+        self._silent = True
         self.session.timed_out()
 
     # -- SessionOutput --------------------------------------------------------------------------
@@ -159,10 +161,12 @@ class SMTPServerProtocol(Protocol):
         if self._producing:  # a TLS close waits for the producer to go
             self._producing = False
             self.transport.unregisterProducer()  # type: ignore[union-attr]
-        if self._handshaking:
+        if self._handshaking and (self._silent or self.factory.draining is not None):
             # TLS begun, never completed (a client that sent STARTTLS and then nothing, or stopped
-            # half-way): there is no TLS session to close, and Twisted's TLS close would wait for
-            # the handshake to finish before it closes anything, which such a client never does.
+            # half-way), and now timed out or shut down: our last reply could only go out once the
+            # handshake does, and Twisted's TLS close waits for that too. Drop it now. (Any other
+            # close in a handshake, such as an implicit-TLS listener's connect-time refusal, may
+            # still reach a client that completes it: it lingers below, bounded all the same.)
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         if self._socket is not None and self.factory.draining is None:

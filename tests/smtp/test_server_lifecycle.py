@@ -156,3 +156,19 @@ def test_input_while_an_answer_is_pending_is_bounded() -> None:
         c.transport.read_all()  # type: ignore[attr-defined]
     assert c.transport.producerState == "producing"
     assert c.server.session.parser.buffered < len(b"NOOP\r\n")  # all taken but a line cut short
+
+
+def test_a_refusal_during_an_implicit_tls_handshake_may_still_reach_the_client_within_the_bound() -> None:
+    """The connect policy refuses before the handshake is done: the reply waits in the TLS layer for
+    a client that completes it, for CLOSE_LINGER at most; a timeout or a shutdown aborts at once."""
+    from mailrelay.envelope import Reply as R
+
+    class Refusing(DeferredPolicy):
+        def connect(self, session):  # type: ignore[no-untyped-def]
+            return R(554, "5.7.1", "go away")
+
+    c = stubborn_conn("implicit", policy=Refusing())
+    assert c.server.session.state.name == "CLOSED"
+    assert c.transport.close_requested and not c.transport.ended  # type: ignore[attr-defined]
+    c.clock.advance(CLOSE_LINGER)
+    assert c.transport.ended  # type: ignore[attr-defined]
