@@ -264,28 +264,29 @@ class MailRelayService(service.MultiService):
 
     @defer.inlineCallbacks
     def _drain_sessions(self, deadline: float):  # type: ignore[no-untyped-def]
-        """Idle sessions get 421 now; busy ones after their transaction; the rest at the deadline."""
+        """Idle sessions get 421 now; busy ones after their transaction; the rest at the deadline.
+
+        Returns once every session is gone (those closed at the deadline within SHUTDOWN_LINGER).
+        """
         reply = shutting_down(self.config.server.hostname)
-        waits = [f.drain(reply) for f in self.factories if callable(getattr(f, "drain", None))]
+        factories = [f for f in self.factories if callable(getattr(f, "drain", None))]
+        waits = [f.drain(reply) for f in factories]
         if not waits:
             return
-        open_now = sum(getattr(f, "connections", 0) for f in self.factories)
+        open_now = sum(getattr(f, "connections", 0) for f in factories)
         if open_now:
             log.info("shutting down: waiting for {n} sessions to finish (up to {t:.0f}s)", n=open_now,
                      t=max(0.0, deadline - self.reactor.seconds()))
-        done = defer.DeferredList(waits)
+        # cancelled at the deadline, each wait fails with CancelledError: expected, not an error
+        done = defer.DeferredList(waits, consumeErrors=True)
         timer = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), done.cancel)
-        try:
-            yield done
-        except defer.CancelledError:
-            pass
+        yield done
         if timer.active():
             timer.cancel()
-        left = sum(getattr(f, "connections", 0) for f in self.factories)
+        left = sum(getattr(f, "connections", 0) for f in factories)
         if left:
             log.warn("shutdown timeout: closing {n} sessions still open", n=left)
-            for f in self.factories:
-                f.close_all(reply)  # type: ignore[attr-defined]
+            yield defer.DeferredList([f.close_all(reply) for f in factories], consumeErrors=True)
 
     # -- SIGHUP ---------------------------------------------------------------------------------
 

@@ -111,6 +111,7 @@ def test_at_the_deadline_a_stalled_transaction_is_cut_and_nothing_half_written_r
         assert relay.proc.wait(timeout=20) == 0
         relay.proc = None
         assert "shutdown timeout: closing 1 sessions" in relay.log_text()
+        assert "#critical]" not in relay.log_text()  # no unhandled CancelledError (issue 19, 8d)
         assert relay.queue_files() == [], "a half-written message was left in the spool"
         assert sink.messages() == []
     finally:
@@ -145,3 +146,67 @@ def test_a_message_caught_by_the_stop_before_its_delivery_stays_due_at_once():
     assert stopped.called
     assert deliverer.calls == []
     assert store.messages[queue_id].next_attempt <= stopped_at  # still due at once, not an hour later
+
+
+def test_sessions_stuck_at_the_deadline_end_cleanly_with_no_critical_line(tmp_path):
+    """Mid-DATA, stalled inside TLS, idle: every session ends and the stop logs no unhandled
+    CancelledError (issue 19, 8d); a client silent after STARTTLS goes at once, like an idle one."""
+    import gc
+
+    from twisted.internet import task
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from mailrelay import config
+    from mailrelay.service import MailRelayService
+    from mailrelay.smtp.server import SHUTDOWN_LINGER
+    from tests.smtp.fakes import Conn
+    from tests.smtp.lifecycle_fakes import StubbornTransport
+
+    clock = task.Clock()
+    cfg = config.loads(f'[server]\nhostname = "mx.example.test"\ntrusted_networks = ["192.0.2.0/24"]\n'
+                       f'listen = ["tcp:0:interface=127.0.0.1"]\nshutdown_timeout = "30s"\n'
+                       f'[spool]\npath = "{tmp_path / "spool"}"\n')
+    relay = MailRelayService(cfg, reactor=clock)
+    factory = relay.factory
+    factory.tls_options = object()
+    factory.settings = __import__("attrs").evolve(factory.settings, starttls=True)
+
+    def conn(client: str) -> Conn:
+        c = Conn(factory=factory, client=client, transport_class=StubbornTransport)
+        c.server.session.settings = factory.settings
+        c.ehlo()
+        return c
+
+    mid_data, in_tls, idle = conn("192.0.2.1"), conn("192.0.2.2"), conn("192.0.2.3")
+    mid_data.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<u@elsewhere.example>\r\nDATA\r\nSubject: half\r\n")
+    assert mid_data.codes() == [250, 250, 354]
+    in_tls.send("STARTTLS\r\n")  # and then not a byte of the handshake
+    critical: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_level") in (LogLevel.critical, LogLevel.error):
+            critical.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        done = relay._drain_sessions(clock.seconds() + 30)
+        assert in_tls.transport.ended and idle.server.session.state.name == "CLOSED"  # at once
+        assert not mid_data.server.session.state.name == "CLOSED"
+        for c in (in_tls, idle):  # the transports report what they did
+            if c.transport.ended:
+                c.proto.connectionLost(None)
+        clock.advance(SHUTDOWN_LINGER)
+        assert idle.transport.ended  # it never answered our close: dropped
+        idle.proto.connectionLost(None)
+        clock.advance(30)  # the deadline: the message in hand is cut
+        assert mid_data.server.session.state.name == "CLOSED" and mid_data.codes() == [421]
+        assert not done.called  # until the connection is really gone
+        clock.advance(SHUTDOWN_LINGER)
+        assert mid_data.transport.ended
+        mid_data.proto.connectionLost(None)
+        assert done.called and not factory.protocols
+        del done
+        gc.collect()  # an unhandled failure in a Deferred is logged when the Deferred goes
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert critical == []

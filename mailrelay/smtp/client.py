@@ -90,6 +90,7 @@ class SMTPClientProtocol(Protocol):
         self._parser = ReplyParser()
         self._waiting: deque[Waiting] = deque()
         self._timer: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
         self._discard_rest = False
         self._producer: BodyProducer | None = None
         self._failure: ClientFailure | None = None
@@ -125,6 +126,9 @@ class SMTPClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._to(ClientState.CLOSED)
         self._cancel_timer()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
         failure = self._failure or ClientFailure(self._stage(), f"lost connection: {reason.getErrorMessage()}")
         self._fail_waiting(failure)
         if self._producer is not None:
@@ -539,5 +543,13 @@ class SMTPClientProtocol(Protocol):
 
     def _send_quietly_quit(self) -> None:
         self._to(ClientState.QUITTING)
-        self._command(b"QUIT\r\n", "quit", self.timeouts.quit).addBoth(
-            lambda _: self.transport.loseConnection())  # type: ignore[union-attr]
+        self._command(b"QUIT\r\n", "quit", self.timeouts.quit).addBoth(lambda _: self._close())
+
+    def _close(self) -> None:
+        """Close, and drop the connection if the peer does not take the close within ``quit``: a
+        TLS close waits for the peer's close_notify (and any close for the peer to read what we
+        sent), which a stalled next hop never gives; our connection must not wait for it forever."""
+        if self.state is ClientState.CLOSED or self._failure is not None or self._linger is not None:
+            return
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._linger = self.clock.callLater(self.timeouts.quit, self.transport.abortConnection)  # type: ignore[union-attr]

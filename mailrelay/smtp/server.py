@@ -36,7 +36,8 @@ log = Logger()
 
 #: While shutting down, how long a closed session may wait for the client's side of the close.
 SHUTDOWN_LINGER = 2.0
-#: Seconds a half-closed connection waits for the client to hang up before it is dropped.
+#: Seconds a closed connection waits for the client (to hang up, to read our last reply, to answer
+#: our TLS close) before it is dropped: no way of ending a session may hold its connection longer.
 CLOSE_LINGER = 5.0
 
 
@@ -46,9 +47,15 @@ def _host_port(address: Any) -> tuple[str, int]:
     return (str(host) if host is not None else "unknown"), int(port or 0)
 
 
-@implementer(interfaces.IHandshakeListener)
+@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
 class SMTPServerProtocol(Protocol):
-    """Transport and clock ↔ ``Session``."""
+    """Transport and clock ↔ ``Session``.
+
+    It is its transport's streaming producer: when the replies the client has not read fill the
+    transport's buffer, the transport pauses it, and the session takes no command (and reads at
+    most ``PAUSE_ABOVE``) until they drain: a client that pipelines and never reads holds a bounded
+    amount of our memory. Every close is bounded too (``lose_connection``).
+    """
 
     factory: SMTPServerFactory
     session: Session
@@ -62,6 +69,9 @@ class SMTPServerProtocol(Protocol):
         self.client_port = client_port  # from buildProtocol's address; None: ask the transport
         self._timer: interfaces.IDelayedCall | None = None
         self._linger: interfaces.IDelayedCall | None = None
+        self._handshaking = False  # TLS started, its handshake not completed yet
+        self._silent = False  # closing because the client said nothing for the whole timeout
+        self._producing = False  # registered as the transport's producer
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -93,8 +103,11 @@ class SMTPServerProtocol(Protocol):
         self.dataReceived = self.session.data_received  # type: ignore[method-assign]
         self.factory.protocols.add(self)
         self.factory.observer.connection_opened(info)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._producing = True
         if interfaces.ISSLTransport.providedBy(self.transport):
             self.session.tls_active = True  # implicit TLS (RFC 8314): no STARTTLS on offer
+            self._handshaking = True
         self._arm()
         self.session.start()
 
@@ -138,6 +151,7 @@ class SMTPServerProtocol(Protocol):
             self._arm(timeout - quiet)
             return
         log.info("timeout in session {id} from {ip}", id=self.session.info.session_id, ip=self.client_ip)
+        self._silent = True
         self.session.timed_out()
 
     # -- SessionOutput --------------------------------------------------------------------------
@@ -146,6 +160,17 @@ class SMTPServerProtocol(Protocol):
         _direct.write(self.transport, self._socket, data)
 
     def lose_connection(self) -> None:
+        if self._producing:  # a TLS close waits for the producer to go
+            self._producing = False
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+        if self._handshaking and (self._silent or self.factory.draining is not None):
+            # TLS begun, never completed (a client that sent STARTTLS and then nothing, or stopped
+            # half-way), and now timed out or shut down: our last reply could only go out once the
+            # handshake does, and Twisted's TLS close waits for that too. Drop it now. (Any other
+            # close in a handshake, such as an implicit-TLS listener's connect-time refusal, may
+            # still reach a client that completes it: it lingers below, bounded all the same.)
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         if self._socket is not None and self.factory.draining is None:
             # Plain TCP: half-close, so our last reply leaves with a FIN. A client that is still
             # sending (a pipelined flood cut short by 421) would otherwise turn our close into
@@ -156,10 +181,10 @@ class SMTPServerProtocol(Protocol):
             self._linger = self.factory.reactor.callLater(CLOSE_LINGER, self.abort)
             return
         self.transport.loseConnection()  # type: ignore[union-attr]
-        if self.factory.draining is not None:
-            # Shutting down: a TLS close waits for the client's close_notify, which a client may
-            # never send; give our last reply a moment to leave, then drop the connection.
-            self.factory.reactor.callLater(SHUTDOWN_LINGER, self.abort)
+        # A TLS close waits for the client's close_notify, and any close for the client to read
+        # what we sent: a client may do neither. Shutting down, our last reply gets less time.
+        linger = CLOSE_LINGER if self.factory.draining is None else SHUTDOWN_LINGER
+        self._linger = self.factory.reactor.callLater(linger, self.abort)
 
     def abort(self) -> None:
         """Drop the connection now if it is still there (nothing more to say on it)."""
@@ -172,13 +197,26 @@ class SMTPServerProtocol(Protocol):
     def resume(self) -> None:
         self.transport.resumeProducing()  # type: ignore[union-attr]
 
+    # -- IPushProducer: the transport's buffer of replies unread by the client ---------------------
+
+    def pauseProducing(self) -> None:
+        self.session.output_blocked(True)
+
+    def resumeProducing(self) -> None:
+        self.session.output_blocked(False)
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going: connectionLost follows
+
     def start_tls(self) -> None:
         self._socket = None  # every byte from now on goes through the TLS layer
+        self._handshaking = True
         self.transport.startTLS(self.factory.tls_options)  # type: ignore[union-attr]
 
     # -- IHandshakeListener ---------------------------------------------------------------------
 
     def handshakeCompleted(self) -> None:
+        self._handshaking = False
         info = tls_info(self.transport)
         log.info("session {id}: TLS {tls}", id=self.session.info.session_id, tls=info)
         self.session.tls_established(info)
@@ -186,17 +224,32 @@ class SMTPServerProtocol(Protocol):
 
 
 class _Refuse(Protocol):
-    """Says one reply and hangs up: for connections over the limits."""
+    """Says one reply and hangs up: for connections over the limits.
 
-    def __init__(self, reply: Reply, observer: IRelayObserver = NULL_OBSERVER, ip: str = "") -> None:
+    The close is bounded like a session's: a client that never reads (or, on an implicit-TLS
+    listener, never completes the handshake that would carry the reply) is dropped after
+    ``CLOSE_LINGER``, so refused connections cannot pile up either.
+    """
+
+    def __init__(self, reply: Reply, observer: IRelayObserver = NULL_OBSERVER, ip: str = "",
+                 clock: Any = None) -> None:
         self.reply = reply
         self.observer = observer
         self.ip = ip
+        self.clock = clock
+        self._linger: interfaces.IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self.observer.connection_refused(self.ip, self.reply)
         self.transport.write(self.reply.encode())  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
+        if self.clock is not None:
+            self._linger = self.clock.callLater(CLOSE_LINGER, self.transport.abortConnection)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
 
 
 class SMTPServerFactory(Factory):
@@ -285,9 +338,9 @@ class SMTPServerFactory(Factory):
     def buildProtocol(self, addr: Any) -> Protocol:
         ip, port = _host_port(addr)
         if self.connections >= self.max_connections:
-            return _Refuse(R.TOO_MANY_CONNECTIONS, self.observer, ip)
+            return _Refuse(R.TOO_MANY_CONNECTIONS, self.observer, ip, self.reactor)
         if self.per_ip[ip] >= self.max_connections_per_ip and not is_trusted(ip, self.exempt_networks):
-            return _Refuse(R.TOO_MANY_FROM_YOU, self.observer, ip)
+            return _Refuse(R.TOO_MANY_FROM_YOU, self.observer, ip, self.reactor)
         self.connections += 1
         self.per_ip[ip] += 1
         return SMTPServerProtocol(self, ip, port)
@@ -311,16 +364,25 @@ class SMTPServerFactory(Factory):
                 protocol.abort()  # said goodbye already; only the client's TLS close is missing
             else:
                 protocol.session.drain(reply)
+        return self.when_closed()
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """A Deferred firing once every session of this factory is gone."""
         if not self.protocols:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._drained.append(d)
         return d
 
-    def close_all(self, reply: Reply) -> None:
-        """Deadline passed: say ``reply`` and close every session, whatever it was doing."""
+    def close_all(self, reply: Reply) -> defer.Deferred[None]:
+        """Deadline passed: say ``reply`` and close every session, whatever it was doing.
+
+        Fires once they are all gone, which is bounded: a client that does not take the close is
+        dropped after ``SHUTDOWN_LINGER`` (at once if its TLS handshake never completed).
+        """
         for protocol in list(self.protocols):
             protocol.session.shutdown(reply)
+        return self.when_closed()
 
     def _protocol_gone(self, protocol: SMTPServerProtocol) -> None:
         self.protocols.discard(protocol)

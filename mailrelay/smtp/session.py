@@ -51,7 +51,8 @@ def log_info(fmt: str, **fields: Any) -> None:
                   log_source=None, log_format=fmt, log_time=time.time())
     log.observer(fields)
 
-#: While a reply is pending, stop reading from the socket once this much input is buffered.
+#: While the session cannot take the next command (a reply pending, the greeting not out yet), stop
+#: reading from the socket once this much input is buffered.
 PAUSE_ABOVE = 256 * 1024
 HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE", "PATCH"})
 #: Stop looking for Received headers after this much header text.
@@ -209,7 +210,8 @@ class Session:
         self._writer: IMessageWriter | None = None
         self._waiting: Deferred[Any] | None = None
         self._pumping = False
-        self._paused = False
+        self._paused = False  # we asked the connection to stop reading
+        self._blocked = False  # the client is not reading our replies: take no command meanwhile
 
     #: verb → the method that answers it (looked up on the instance, so one class-wide table).
     _COMMANDS = {
@@ -248,8 +250,19 @@ class Session:
             return
         self.parser.feed(data)
         if self.state is _CONNECTED:
-            return  # the greeting is not out yet (connect policy pending); keep it for later
+            self._flow()  # the greeting is not out yet (connect policy pending); keep it for later
+            return
         self._pump()
+
+    def output_blocked(self, blocked: bool) -> None:
+        """The connection's send buffer is over its bound (``True``: the client does not read our
+        replies), or drained again (``False``). While blocked the session takes no command (and reads
+        no more than ``PAUSE_ABOVE``), so a client that pipelines without reading cannot grow our memory."""
+        if self.state is _CLOSED or blocked == self._blocked:
+            return
+        self._blocked = blocked
+        if not blocked:
+            self._pump()
 
     def connection_lost(self) -> None:
         self.state = _CLOSED
@@ -319,6 +332,9 @@ class Session:
             wire = _WIRE.get(id(reply))
             self.out.write(wire if wire is not None else reply.encode())
         self.connection_lost()
+        if self._paused:  # read again: what the client still sends is dropped, its hang-up seen
+            self._paused = False
+            self.out.resume()
         self.out.lose_connection()
 
     def _pump(self) -> None:
@@ -328,7 +344,8 @@ class Session:
         next_event = self.parser.next_event
         seconds = self.clock.seconds
         try:
-            while self._waiting is None and self.state is not _CLOSED and self.state is not _CONNECTED:
+            while self._waiting is None and not self._blocked and self.state is not _CLOSED \
+                    and self.state is not _CONNECTED:
                 if self._draining is not None and self._close_if_drained():
                     break
                 event = next_event()
@@ -342,8 +359,21 @@ class Session:
                     self._close(R.LOCAL_ERROR)
         finally:
             self._pumping = False
-        if self._waiting is not None:
-            if not self._paused and self.parser.buffered > PAUSE_ABOVE:
+        self._flow()
+
+    def _flow(self) -> None:
+        """Stop reading while we cannot take the client's next command (its replies unread, an
+        answer pending, the greeting not out) and ``PAUSE_ABOVE`` of its input is buffered; read
+        again when we can. So what one session holds stays bounded whatever the client sends.
+
+        Not at once when blocked: a TLS layer also holds our writes while its handshake runs, and
+        the handshake needs reading to go on."""
+        if self.state is _CLOSED:
+            return
+        stalled = (self._blocked or self._waiting is not None or self.state is _CONNECTED) \
+            and self.parser.buffered > PAUSE_ABOVE
+        if stalled:
+            if not self._paused:
                 self._paused = True
                 self.out.pause()
         elif self._paused:

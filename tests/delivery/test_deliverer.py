@@ -497,3 +497,37 @@ def test_body_that_cannot_be_opened_is_a_local_temporary_failure() -> None:
     [(r1, _), (r2, _)] = h.result[0]  # type: ignore[misc]
     assert r1 == r2 and (r1.code, r1.enhanced) == (451, "4.3.0") and "spool file gone" in r1.text
     assert h.deliverer.pool.idle_count() == 1  # the session was not leaked
+
+
+def test_a_next_hop_stalled_in_the_tls_handshake_is_dropped_at_the_command_timeout() -> None:
+    """Issue 19, item 1 on our side: the hop says 220 to STARTTLS and then never completes the
+    handshake; our EHLO waits in the TLS layer, and the connection is aborted at the timeout."""
+    h = Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.VERIFY)
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
+    h.reply(b"220 go ahead\r\n")
+    assert len(h.tls_started) == 1
+    assert h.transport is not None
+    h.reactor.advance(h.deliverer.timeouts.command)
+    assert h.transport.disconnected  # aborted, not a polite close a stalled TLS layer would hold
+    h.lose()
+    (reply, _), _ = h.result[0]  # type: ignore[misc]
+    assert (reply.code, reply.enhanced) == (451, "4.7.5")
+
+
+def test_stop_is_bounded_when_a_cached_hop_never_takes_our_close() -> None:
+    """After QUIT, a hop that neither closes nor answers our TLS close cannot hold the stop."""
+    h = Harness(NextHop("127.0.0.1", 25))
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    _deliver_on(h)
+    h.sent()
+    done: list[object] = []
+    h.deliverer.stop().addCallback(done.append)
+    assert h.sent() == b"QUIT\r\n"
+    h.reply(b"221 bye\r\n")  # and then nothing: no close, no close_notify
+    assert h.transport is not None and not h.transport.disconnected and done == []
+    h.reactor.advance(h.deliverer.timeouts.quit)
+    assert h.transport.disconnected
+    h.lose()
+    assert done == [None]

@@ -189,3 +189,33 @@ def test_original_holding_the_report_boundary_cannot_end_the_report_early() -> N
                                       policy=email.policy.compat32)
     assert [p.get_content_type() for p in report.get_payload()] == ["text/plain", "message/delivery-status",
                                                                     "message/rfc822"]
+
+
+def test_a_client_that_pipelines_and_never_reads_costs_no_memory(relays):
+    """Issue 19, 8b: 32 MiB of pipelined NOOPs and no reply read. The relay stops reading once the
+    replies it holds fill its send buffer, so the flood waits in the kernel, not in our memory (it
+    read the lot before, and grew with it)."""
+    import socket
+    import time
+
+    relay = relays(route_to(9))
+    base, _ = rss_kib(relay.proc.pid)
+    flood = b"NOOP\r\n" * (32 * MIB // 6)
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+        s.recv(1024)
+        s.setblocking(False)
+        sent, stuck_since = 0, None
+        while sent < len(flood):
+            try:
+                sent += s.send(flood[sent : sent + 65536])
+                stuck_since = None
+            except BlockingIOError:
+                stuck_since = stuck_since or time.monotonic()
+                if time.monotonic() - stuck_since > 1.0:  # the relay reads no more
+                    break
+                time.sleep(0.01)
+        _, peak = rss_kib(relay.proc.pid)
+    print(f"\nnever-reading client: sent {sent // MIB} of {len(flood) // MIB} MiB; relay RSS {base} KiB at start, "
+          f"peak {peak} KiB (+{(peak - base) // 1024} MiB)")
+    assert sent < len(flood), "the relay read all of it from a client that reads nothing"
+    assert peak - base < 8 * 1024

@@ -415,3 +415,18 @@ def test_tcp_nodelay_set_on_connect() -> None:
     t = TCPTransport()
     SMTPClientProtocol("client.test", task.Clock()).makeConnection(t)
     assert t.nodelay is True  # the final dot must not wait for a delayed ACK (Nagle)
+
+
+def test_a_peer_that_never_takes_our_close_is_dropped_after_the_quit_timeout() -> None:
+    """After QUIT we close; a TLS close waits for the peer's close_notify, which a stalled next hop
+    never sends: the connection is dropped at the quit timeout, not held forever (issue 19, 1)."""
+    c = Conn()
+    closed: list[object] = []
+    c.client.quit().addBoth(closed.append)
+    c.sent()
+    c.reply(b"221 bye\r\n")
+    assert c.transport.disconnecting and not closed  # asked to close; the peer does nothing
+    c.clock.advance(c.client.timeouts.quit)
+    assert c.transport.disconnected  # aborted
+    c.lose()
+    assert closed == [None]

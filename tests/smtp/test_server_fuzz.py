@@ -188,3 +188,56 @@ def test_a_look_alike_domain_is_refused_or_is_exactly_ours(domain: str) -> None:
     else:
         assert (code, text[:5]) == (501, "5.1.3"), (domain, code, text)
         assert recipients == ["u@example.test"]
+
+
+# -- TLS-stalled sessions (issue 19, item 1): however a session goes, its connection ends ---------
+
+_HANDSHAKE = object()  # here the client completes the TLS handshake (if one was started)
+_TLS_WORDS = [b"EHLO x\r\n", b"STARTTLS\r\n", b"STARTTLS\r\nEHLO x\r\n", b"MAIL FROM:<a@example.org>\r\n",
+              b"RCPT TO:<u@example.test>\r\n", b"DATA\r\n", b"x\r\n", b"BDAT 4\r\n", b"QUIT\r\n", b"BOGUS\r\n",
+              b"NOOP\r\n" * 50]
+
+
+@given(st.sampled_from(["starttls", "implicit"]),
+       st.lists(st.one_of(st.sampled_from(_TLS_WORDS), st.binary(max_size=100), st.just(_HANDSHAKE)), max_size=40),
+       st.sampled_from(["timeout", "shutdown"]))
+@settings(max_examples=200, deadline=None)
+def test_a_tls_stalled_session_always_ends_its_connection(tls: str, steps: list, ending: str) -> None:
+    """The client stalls anywhere: before the handshake, half-way (never completes it), after it;
+    it never reads and never answers our close. The connection still ends within a bound."""
+    from mailrelay.envelope import Reply
+    from mailrelay.smtp.server import CLOSE_LINGER
+    from tests.smtp.lifecycle_fakes import SEND_BUFFER, stubborn_conn
+
+    errors = []
+
+    def observer(event):
+        if event.get("log_failure") is not None:
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        c = stubborn_conn(tls, config=CONFIG)
+        for step in steps:
+            if c.transport.ended:
+                break
+            if step is _HANDSHAKE:
+                if c.transport.tls_options is not None and not c.transport.handshake_done:
+                    c.transport.handshake_done = True
+                    c.server.handshakeCompleted()
+            else:
+                c.send(step)
+            assert c.transport.unread <= SEND_BUFFER + 1024
+        if ending == "shutdown":
+            bye = Reply(421, "4.3.2", "shutting down")
+            c.factory.drain(bye)
+            c.factory.close_all(bye)
+        else:
+            c.clock.advance(700)  # past the idle and the DATA timeout
+        c.clock.advance(CLOSE_LINGER)
+        assert c.transport.ended, "the connection is still held"
+        c.proto.connectionLost(None)
+        assert all(w.committed or w.aborted for w in c.sink.writers)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert errors == []
