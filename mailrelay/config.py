@@ -195,6 +195,12 @@ def _positive_int(v: object) -> int:
     return v
 
 
+def _whole_number(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"must be a whole number of at least 0, not {v!r}")
+    return v
+
+
 def _hopcount(v: object) -> int:
     n = _positive_int(v)
     if n < 2:  # our own Received header counts: 1 would refuse every message
@@ -217,6 +223,9 @@ class ServerConfig:
     max_message_size: int = 52428800
     max_recipients: int = 100
     max_errors: int = 20
+    # RCPTs past max_recipients answered 452 before each further one counts as an error (Postfix's
+    # smtpd_recipient_overshoot_limit): a flood of them still ends at max_errors
+    recipient_overshoot_limit: int = 1000
     hopcount_limit: int = 50  # Received headers, ours included, that make a mail loop (Postfix's)
     max_connections: int = 1000
     max_connections_per_ip: int = 50
@@ -374,6 +383,7 @@ def _from_dict(data: Mapping[str, Any], source: str, errors: list[ConfigError]) 
         max_message_size=s.get("max_message_size", 52428800, parse_size),
         max_recipients=s.get("max_recipients", 100, _positive_int),
         max_errors=s.get("max_errors", 20, _positive_int),
+        recipient_overshoot_limit=s.get("recipient_overshoot_limit", 1000, _whole_number),
         hopcount_limit=s.get("hopcount_limit", 50, _hopcount),
         max_connections=s.get("max_connections", 1000, _positive_int),
         max_connections_per_ip=s.get("max_connections_per_ip", 50, _positive_int),

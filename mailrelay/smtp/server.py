@@ -412,6 +412,7 @@ def _from_server(
         max_message_size=server.max_message_size,
         max_recipients=server.max_recipients,
         max_errors=server.max_errors,
+        recipient_overshoot_limit=server.recipient_overshoot_limit,
         hopcount_limit=server.hopcount_limit,
         command_line_limit=server.command_line_limit,
         text_line_limit=server.text_line_limit,

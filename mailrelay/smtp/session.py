@@ -110,6 +110,7 @@ class SessionSettings:
     max_message_size: int = 52428800
     max_recipients: int = 100
     max_errors: int = 20
+    recipient_overshoot_limit: int = 1000  # 452s over max_recipients before each counts as an error
     command_line_limit: int = 512
     text_line_limit: int = 1000
     idle_timeout: float = 300.0
@@ -158,6 +159,7 @@ class _Transaction:
     envid: str | None = None
     recipients: list[Recipient] = attrs.field(factory=list)
     rcpt_attempts: int = 0
+    overshoot: int = 0  # RCPTs answered 452 4.5.3 (over max_recipients)
     bdat_total: int = 0  # octets of BDAT chunks so far (0: none yet)
     bdat_started: bool = False
     bdat_failed: Reply | None = None  # every further chunk of this message gets this reply
@@ -314,11 +316,15 @@ class Session:
             # Only client mistakes count toward max_errors: a 5xx refusal of what it sent. A 4xx is
             # the protocol working or our own trouble (452 4.5.3 over max_recipients, RFC 5321
             # 4.5.3.1.10; a policy's "try later"; 451 local error), and ending the session for it
-            # would lose the recipients already accepted.
+            # would lose the recipients already accepted. (A flood far past max_recipients is
+            # counted in _rcpt.)
             if reply.code >= 500:
-                self.errors += 1
-                if self.errors >= self.settings.max_errors:
-                    self._close(R.TOO_MANY_ERRORS)
+                self._count_error()
+
+    def _count_error(self) -> None:
+        self.errors += 1
+        if self.errors >= self.settings.max_errors:
+            self._close(R.TOO_MANY_ERRORS)
 
     def _send(self, wire: bytes) -> None:
         """A success reply already in wire form (no error counting to do)."""
@@ -762,6 +768,9 @@ class Session:
             return
         if len(txn.recipients) >= self.settings.max_recipients:
             self.reply(R.TOO_MANY_RECIPIENTS)
+            txn.overshoot += 1
+            if txn.overshoot > self.settings.recipient_overshoot_limit:
+                self._count_error()  # a client that never takes the 452 for an answer
             return
         address = path.address
         if address == "postmaster":

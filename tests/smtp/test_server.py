@@ -576,6 +576,18 @@ def test_over_the_recipient_limit_452_is_no_error_and_data_delivers_to_the_accep
     assert len(c.sink.committed[0].envelope.recipients) == 100
 
 
+def test_rcpts_far_past_the_limit_count_as_errors_after_the_overshoot_limit() -> None:
+    """A client that never takes 452 4.5.3 for an answer (Postfix's recipient overshoot limit):
+    the first ``recipient_overshoot_limit`` extra RCPTs are free, each further one an error."""
+    c = Conn(config=ServerConfig(hostname="mx.example.test", max_errors=3, max_recipients=2,
+                                 recipient_overshoot_limit=4, local_domains=("example.test",)))
+    c.ehlo()
+    c.send("MAIL FROM:<a@example.org>\r\n" + "".join(f"RCPT TO:<u{i}@example.test>\r\n" for i in range(8)))
+    assert c.codes() == [250, 250, 250] + [452] * 6 and not c.closed  # 2 over the free 4: 2 errors
+    c.send("RCPT TO:<u8@example.test>\r\n")
+    assert c.codes() == [452, 421] and c.closed
+
+
 def test_a_policy_asking_to_try_later_is_no_client_error() -> None:
     """Greylisting-like 4xx answers are ours, not the client's mistakes; a 5xx refusal still counts."""
     from mailrelay.policy import Policy, PolicyChain
