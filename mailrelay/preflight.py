@@ -47,7 +47,7 @@ def problems(cfg: Config, reactor: Any = None, *, spool: bool = True) -> list[Co
     server = cfg.server
     for name in ("listen", "submission_listen"):
         for i, description in enumerate(getattr(server, name)):
-            check(f"server.{name}[{i}]", lambda d=description: _endpoint(reactor, d))
+            check(f"server.{name}[{i}]", lambda d=description: _smtp_endpoint(reactor, d))
     if cfg.metrics_listen:
         check("metrics.listen", lambda: _endpoint(reactor, cfg.metrics_listen))
     if server.tls_certificate and server.tls_key:
@@ -92,6 +92,16 @@ def _reason(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def _smtp_endpoint(reactor: Any, description: str) -> None:
+    """An SMTP listener's endpoint. Not ``haproxy:`` (yet): Twisted's PROXY-protocol wrapper starts
+    the session before the header is read, so relay access would judge the proxy's address, and a
+    proxy on a trusted network would make every client behind it trusted (an open relay)."""
+    if description.split(":", 1)[0].strip().lower() == "haproxy":
+        raise ValueError(f"{description!r}: the PROXY protocol is not supported: the session would see the "
+                         "proxy's address, not the client's (and trust it where trusted_networks do)")
+    _endpoint(reactor, description)
 
 
 def _endpoint(reactor: Any, description: str) -> None:

@@ -130,6 +130,19 @@ def test_a_dsn_that_does_not_parse_is_an_error_of_the_file_a_database_down_is_no
     assert problems(config.loads(text.format("host=127.0.0.1 port=1 dbname=down"), "pg.toml")) == []
 
 
+def test_a_proxy_protocol_listener_is_refused_until_the_session_can_see_the_client():
+    """Twisted's ``haproxy:`` wrapper starts the session before the PROXY header is read, so the
+    session's client was the proxy: on loopback (trusted by default) everyone behind it relayed."""
+    from mailrelay.preflight import problems
+
+    cfg = config.loads('[server]\nlisten = ["tcp:2525", "haproxy:tcp:2526:interface=127.0.0.1"]\n'
+                       '[metrics]\nlisten = "tcp:9125"\n', "lb.toml")
+    assert [str(e) for e in problems(cfg)] == [
+        "lb.toml: server.listen[1]: 'haproxy:tcp:2526:interface=127.0.0.1': the PROXY protocol is not "
+        "supported: the session would see the proxy's address, not the client's (and trust it where "
+        "trusted_networks do)"]
+
+
 def test_an_embedder_gets_config_errors_not_the_loaders_exceptions(tmp_path):
     cfg = config.loads(f'[server]\nlisten = ["tcpp:2525", "tcp:x"]\n[spool]\npath = "{tmp_path}/spool"\n',
                        "embedded.toml")

@@ -63,10 +63,9 @@ class SMTPServerProtocol(Protocol):
     #: The socket replies may be sent on directly (plain TCP, no TLS), else None.
     _socket: Any = None
 
-    def __init__(self, factory: SMTPServerFactory, client_ip: str, client_port: int | None = None) -> None:
+    def __init__(self, factory: SMTPServerFactory, client_ip: str) -> None:
         self.factory = factory
-        self.client_ip = client_ip
-        self.client_port = client_port  # from buildProtocol's address; None: ask the transport
+        self.client_ip = client_ip  # the connecting address, as the factory's per-IP count has it
         self._timer: interfaces.IDelayedCall | None = None
         self._linger: interfaces.IDelayedCall | None = None
         self._handshaking = False  # TLS started, its handshake not completed yet
@@ -82,10 +81,10 @@ class SMTPServerProtocol(Protocol):
             except OSError:
                 pass  # not a TCP socket (UNIX socket, memory transport)
         self._socket = _direct.direct_socket(transport)
-        if self.client_port is None:
-            peer_host, peer_port = _host_port(transport.getPeer())  # type: ignore[union-attr]
-        else:
-            peer_host, peer_port = self.client_ip, self.client_port
+        # The transport's peer, not buildProtocol's address: behind a ``haproxy:`` listener that
+        # was the proxy's (trusted on loopback: every client behind it could relay), while the
+        # transport's is the client in the PROXY header.
+        peer_host, peer_port = _host_port(transport.getPeer())  # type: ignore[union-attr]
         our_host, our_port = _host_port(transport.getHost())  # type: ignore[union-attr]
         info = SessionInfo(
             client_address=peer_host,
@@ -123,7 +122,7 @@ class SMTPServerProtocol(Protocol):
         self._linger = None
         session = self.session
         log_info("disconnect from [{ip}]:{port} helo={helo} messages={messages} errors={errors}",
-                 ip=self.client_ip, port=session.info.client_port, helo=session.info.helo,
+                 ip=session.info.client_address, port=session.info.client_port, helo=session.info.helo,
                  messages=session.info.messages, errors=session.errors)
         session.connection_lost()
         self.factory.connection_closed(self.client_ip)
@@ -336,14 +335,14 @@ class SMTPServerFactory(Factory):
             self.policy = policy
 
     def buildProtocol(self, addr: Any) -> Protocol:
-        ip, port = _host_port(addr)
+        ip, _ = _host_port(addr)
         if self.connections >= self.max_connections:
             return _Refuse(R.TOO_MANY_CONNECTIONS, self.observer, ip, self.reactor)
         if self.per_ip[ip] >= self.max_connections_per_ip and not is_trusted(ip, self.exempt_networks):
             return _Refuse(R.TOO_MANY_FROM_YOU, self.observer, ip, self.reactor)
         self.connections += 1
         self.per_ip[ip] += 1
-        return SMTPServerProtocol(self, ip, port)
+        return SMTPServerProtocol(self, ip)
 
     def connection_closed(self, ip: str) -> None:
         self.connections -= 1

@@ -206,3 +206,4 @@ def test_a_client_cut_off_mid_flood_still_reads_the_421_then_a_clean_close():
     replies = [ln for ln in lines if ln]
     assert replies[-1].startswith(b"421 4.7.0")
     assert sum(r.startswith(b"500") for r in replies) <= 20
+
