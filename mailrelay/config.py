@@ -204,6 +204,8 @@ class ServerConfig:
     greet_delay: float = 0.0  # seconds to wait before the 220; a client talking earlier gets 554
     shutdown_timeout: float = 30.0  # on SIGTERM, how long sessions may finish their transaction
     workers: int = 1  # processes sharing the listeners (mailrelay.workers); 1 = one process, no supervisor
+    # Not a [server] key: true when every [[routes]] says ``binarymime = true`` (see RouteConfig).
+    binarymime: bool = False
 
 
 @attrs.frozen
@@ -258,6 +260,9 @@ class RouteConfig:
     type: str
     options: Mapping[str, Any]
     key: str
+    # ``binarymime = true``: every next hop of this route takes BINARYMIME (the server offers
+    # BINARYMIME only when every route says so). Not passed to the router factory.
+    binarymime: bool = False
 
 
 @attrs.frozen
@@ -386,8 +391,11 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         rtype = r.get("type", None, _string)
         if not rtype:
             raise r.error("type", "missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)")
-        options = {k: v for k, v in table.items() if k != "type"}
-        routes.append(RouteConfig(rtype, options, f"routes[{i}]"))
+        binarymime = r.get("binarymime", False, types=bool)
+        options = {k: v for k, v in table.items() if k not in ("type", "binarymime")}
+        routes.append(RouteConfig(rtype, options, f"routes[{i}]", binarymime))
+    if routes and all(route.binarymime for route in routes):
+        server = attrs.evolve(server, binarymime=True)
 
     s = Section(source, "metrics", data.get("metrics", {}))
     metrics_listen = s.get("listen", None, _string)

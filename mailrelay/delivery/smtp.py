@@ -9,7 +9,7 @@ has accepted MAIL, its per-recipient replies are the result.
 Message properties the peer cannot take:
 - SIZE: the peer's declared limit below the message size → 552 5.3.4, final, nothing sent.
 - SMTPUTF8 message, peer without SMTPUTF8 → 553 5.6.7 for that hop (the next hop may take it).
-- BINARYMIME needs the peer's CHUNKING and BINARYMIME, else 554 5.6.3 for that hop.
+- BINARYMIME needs the peer's CHUNKING and BINARYMIME (and SMTP, not LMTP), else 554 5.6.3 for that hop.
 - 8BITMIME: ``BODY=8BITMIME`` when the peer offers it; a peer that does not gets the 8-bit message
   as it is (no downgrade), as Postfix does by default — nearly every server takes 8-bit today.
 """
@@ -188,7 +188,8 @@ class SMTPDeliverer:
         if envelope.smtputf8 and "SMTPUTF8" not in client.extensions:
             raise HopFailure(Reply(553, "5.6.7", f"{remote} does not support SMTPUTF8, which this message needs"),
                              remote)
-        if envelope.body == "BINARYMIME" and not {"CHUNKING", "BINARYMIME"} <= client.extensions.keys():
+        if envelope.body == "BINARYMIME" and (client.lmtp or not {"CHUNKING", "BINARYMIME"} <= client.extensions.keys()):
+            # (our LMTP client sends DATA only, which would dot-stuff and mangle binary text)
             raise HopFailure(Reply(554, "5.6.3", f"{remote} cannot take a BINARYMIME message"), remote)
         if envelope.body == "8BITMIME" and "8BITMIME" not in client.extensions:
             log.info("{remote} does not offer 8BITMIME; sending the 8-bit message as it is", remote=remote)

@@ -353,6 +353,7 @@ def _from_server(
         allow_plaintext_auth=server.allow_plaintext_auth,
         require_auth=submission,
         greet_delay=server.greet_delay,
+        binarymime=server.binarymime,
     )
     limits = {
         "max_connections": server.max_connections,

@@ -114,7 +114,10 @@ class SessionSettings:
     data_timeout: float = 600.0
     smtputf8: bool = True
     dsn: bool = True
-    chunking: bool = True  # CHUNKING (BDAT) and BINARYMIME
+    chunking: bool = True  # CHUNKING (BDAT)
+    # BINARYMIME too: only when every route onward is known to carry it, for a message we
+    # cannot pass on would be bounced to a sender anyone can forge (backscatter)
+    binarymime: bool = False
     starttls: bool = False  # TLS options are available for STARTTLS
     auth_mechanisms: tuple[str, ...] = ()  # e.g. ("PLAIN", "LOGIN"); needs a checker
     allow_plaintext_auth: bool = False  # offer AUTH before TLS
@@ -574,7 +577,7 @@ class Session:
         if s.dsn:
             ext.append("DSN")
         if s.chunking:
-            ext += ["CHUNKING", "BINARYMIME"]
+            ext += ["CHUNKING", "BINARYMIME"] if s.binarymime else ["CHUNKING"]
         if s.starttls and not self.tls_active:
             ext.append("STARTTLS")
         if self._auth_offered():
@@ -636,10 +639,10 @@ class Session:
                     return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
                 body = (value or "").upper()
-                if body not in ("7BIT", "8BITMIME", "BINARYMIME") or (
-                    body == "BINARYMIME" and not self.settings.chunking
-                ):
+                if body not in ("7BIT", "8BITMIME", "BINARYMIME"):
                     return Reply(501, "5.5.4", "Bad BODY parameter")
+                if body == "BINARYMIME" and not (self.settings.chunking and self.settings.binarymime):
+                    return Reply(555, "5.5.4", "BODY=BINARYMIME not offered: no route onward is known to carry it")
                 txn.body = None if body == "7BIT" else body
             elif key == "SMTPUTF8" and self.settings.smtputf8:
                 if value is not None:

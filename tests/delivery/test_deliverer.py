@@ -169,6 +169,16 @@ def test_lmtp_lost_between_the_replies_after_the_dot_is_no_second_delivery() -> 
     assert r2.code == 451 and r2.enhanced == "4.4.2"
 
 
+def test_binarymime_never_to_lmtp_which_we_send_with_dot_stuffed_data() -> None:
+    h = Harness(NextHop("127.0.0.1", 24), lmtp=True, start=False)
+    h.deliver(Envelope("a@x.test", (Recipient("b@y.test"),), body="BINARYMIME"))
+    h.accept(0)
+    h.reply(b"220 mda LMTP\r\n250-mda\r\n250-CHUNKING\r\n250 BINARYMIME\r\n")
+    [(reply, _)] = h.result[0]  # type: ignore[misc]
+    assert (reply.code, reply.enhanced) == (554, "5.6.3")
+    assert b"MAIL" not in h.sent()
+
+
 def test_source_address_bound() -> None:
     h = Harness(NextHop("127.0.0.1", 1), source="127.0.0.9")
     assert h.reactor.tcpClients[0][4] == ("127.0.0.9", 0)

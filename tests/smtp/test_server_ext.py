@@ -203,10 +203,20 @@ def test_checker_crash_is_temporary_not_a_failure_count() -> None:
 # -- CHUNKING -------------------------------------------------------------------------------------
 
 def bdat_conn() -> Conn:
-    c = Conn(config=CONFIG)
+    c = Conn(config=__import__("attrs").evolve(CONFIG, binarymime=True))  # every route carries it
     kw = ehlo_keywords(c)
     assert {"CHUNKING", "BINARYMIME"} <= kw
     return c
+
+
+def test_binarymime_neither_offered_nor_taken_unless_every_route_carries_it() -> None:
+    """Else a forged sender's BINARYMIME message, which no next hop takes, bounces to its victim."""
+    c = Conn(config=CONFIG)
+    kw = ehlo_keywords(c)
+    assert "CHUNKING" in kw and "BINARYMIME" not in kw
+    c.send(b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nMAIL FROM:<a@example.org> BODY=8BITMIME\r\n")
+    (code, text), ok = c.replies()
+    assert (code, text[:5]) == (555, "5.5.4") and ok[0] == 250
 
 
 def test_bdat_pipelined_chunks_make_one_message() -> None:

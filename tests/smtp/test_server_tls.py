@@ -157,7 +157,8 @@ def test_plaintext_pipelined_after_starttls_is_never_obeyed(tls_files):
 
 @pytest_twisted.inlineCallbacks
 def test_bdat_over_a_raw_socket_pipelined():
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), trusted_networks=())
+    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), trusted_networks=(),
+                          binarymime=True)
     sink = RecordingSink()
     port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
         SMTPServerFactory.from_config(config, sink, build_policy(config), reactor))
