@@ -204,8 +204,6 @@ class ServerConfig:
     greet_delay: float = 0.0  # seconds to wait before the 220; a client talking earlier gets 554
     shutdown_timeout: float = 30.0  # on SIGTERM, how long sessions may finish their transaction
     workers: int = 1  # processes sharing the listeners (mailrelay.workers); 1 = one process, no supervisor
-    # Not a [server] key: true when every [[routes]] says ``binarymime = true`` (see RouteConfig).
-    binarymime: bool = False
 
 
 @attrs.frozen
@@ -275,6 +273,11 @@ class Config:
     routes: tuple[RouteConfig, ...]
     metrics_listen: str | None = None
     dkim: DKIMConfig = attrs.field(factory=DKIMConfig)
+
+    @property
+    def binarymime(self) -> bool:
+        """Whether the server may offer BINARYMIME: every route says its next hops carry it."""
+        return bool(self.routes) and all(route.binarymime for route in self.routes)
 
 
 _SECTIONS = ("server", "spool", "queue", "delivery", "routes", "metrics", "dkim")
@@ -394,8 +397,6 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         binarymime = r.get("binarymime", False, types=bool)
         options = {k: v for k, v in table.items() if k not in ("type", "binarymime")}
         routes.append(RouteConfig(rtype, options, f"routes[{i}]", binarymime))
-    if routes and all(route.binarymime for route in routes):
-        server = attrs.evolve(server, binarymime=True)
 
     s = Section(source, "metrics", data.get("metrics", {}))
     metrics_listen = s.get("listen", None, _string)

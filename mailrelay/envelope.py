@@ -94,6 +94,10 @@ class Envelope:
     envid: str | None = None
     auth: str | None = None  # authenticated identity, if any
     received_at: float = 0.0
+    # The client authenticated or came from a trusted network: only such a sender hears of a
+    # failure it could cause at will (a capability the next hop lacks). None: not recorded (a
+    # message queued before format 2, or injected by an embedder): judged when it matters.
+    trusted: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self, recurse=False)

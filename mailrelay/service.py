@@ -34,6 +34,7 @@ from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
 from mailrelay.metrics import RelayMetrics, metrics_site
 from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
 from mailrelay.policy import build_policy
+from mailrelay.policy.access import is_trusted
 from mailrelay.policy.verify import RecipientVerification
 from mailrelay.queue.manager import QueueManager
 from mailrelay.queue.spool import FilesystemSpool
@@ -117,7 +118,8 @@ class MailRelayService(service.MultiService):
                                          reactor, self.threadpool)
         self.deliverer = ObservedDeliverer(self.dkim, self.observer, reactor)
         self.manager = QueueManager(self.store, self.router, self.deliverer, reactor,
-                                    config.queue, config.server.hostname, observer=self.observer)
+                                    config.queue, config.server.hostname, observer=self.observer,
+                                    trusted_client=self._trusted_client)
         self.metrics.watch_queue(self.manager, reactor)
         self.policies = tuple(policies)
         self.policy = self._build_policy(config.server, self.router)
@@ -139,6 +141,10 @@ class MailRelayService(service.MultiService):
         self.control: Any = None
 
     # -- building -------------------------------------------------------------------------------
+
+    def _trusted_client(self, address: str) -> bool:
+        """In the trusted networks of the config in force (a reload changes them)."""
+        return is_trusted(address, self.config.server.trusted_networks)
 
     def _make_store(self) -> IQueueStore:
         spool = self.config.spool
@@ -162,7 +168,8 @@ class MailRelayService(service.MultiService):
         return build_policy(server, extra=extra)
 
     def _build_factory(self, server: ServerConfig, submission: bool) -> SMTPServerFactory:
-        factory = SMTPServerFactory.from_config(server, self.store, self.policy, self.reactor, submission=submission)
+        factory = SMTPServerFactory.from_config(server, self.store, self.policy, self.reactor, submission=submission,
+                                                binarymime=self.config.binarymime)
         factory.observer = self.observer  # type: ignore[attr-defined]
         return factory
 
@@ -278,7 +285,7 @@ class MailRelayService(service.MultiService):
             raise
         self.policy = policy
         for factory in self.factories:
-            factory.reconfigure(new.server, policy)
+            factory.reconfigure(new.server, policy, binarymime=new.binarymime)
         self.dkim.signer = signer
         self.router = router
         self.manager.router = router

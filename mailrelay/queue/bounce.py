@@ -44,6 +44,15 @@ def wants(recipient: Recipient, action: Action) -> bool:
     return ("FAILURE" if action is Action.FAILED else "DELAY") in notify
 
 
+def capability_failure(status: RecipientStatus) -> bool:
+    """Whether the recipient failed for what the next hop cannot take (RFC 3463 X.6.x, media:
+    SMTPUTF8, BINARYMIME, 8-bit; X.3.4, too big), not for who the recipient is. Any client can
+    cause that at will, so a report of it to a forged sender is backscatter."""
+    reply = status.last_reply
+    code = reply.enhanced if reply is not None else None
+    return bool(code) and (code.split(".")[1:2] == ["6"] or code.split(".")[1:] == ["3", "4"])  # type: ignore[union-attr]
+
+
 def status_code(status: RecipientStatus, action: Action) -> str:
     """The RFC 3463 code for the report: a pending reply that turned final is an expiry (5.4.7)."""
     reply = status.last_reply
@@ -167,6 +176,7 @@ def report_envelope(message: QueuedMessage, to: str, hostname: str, now: float) 
         body=env.body if env.body == "8BITMIME" else None,
         smtputf8=env.smtputf8 or not to.isascii(),
         received_at=now,
+        trusted=True,  # ours
     )
 
 

@@ -106,6 +106,7 @@ class QueueManager:
         jitter: Callable[[float], float] | None = None,
         max_active: int | None = None,
         observer: IRelayObserver = NULL_OBSERVER,
+        trusted_client: Callable[[str], bool] = lambda address: False,
     ) -> None:
         self.store = store
         self.observer = observer  # hears of recipients that routing settled (the deliverer's own are counted there)
@@ -117,7 +118,8 @@ class QueueManager:
         self.jitter = jitter if jitter is not None else schedule.proportional_jitter(_random.Random().random)
         self.max_active = max_active or max(2 * config.max_deliveries, 50)
         self.slots = DeliverySlots(config.max_deliveries, config.max_per_destination)
-        self.notifier = Notifier(store, reactor, config, hostname)
+        # trusted_client: whether a client address is in the trusted networks (see Notifier)
+        self.notifier = Notifier(store, reactor, config, hostname, trusted_client)
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}  # the live entry of each scheduled id (heap entries may be stale)
         self._seq = 0

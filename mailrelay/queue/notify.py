@@ -6,6 +6,7 @@ retried) like any other; the queue manager calls ``settle`` after every attempt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -13,22 +14,37 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailrelay.config import QueueConfig
-from mailrelay.envelope import QueuedMessage, RecipientState, RecipientStatus
+from mailrelay.envelope import Envelope, QueuedMessage, RecipientState, RecipientStatus
 from mailrelay.interfaces import IQueueStore
 from mailrelay.queue import schedule
-from mailrelay.queue.bounce import Action, build_report, report_envelope, wants
+from mailrelay.queue.bounce import Action, build_report, capability_failure, report_envelope, wants
 
 log = Logger(namespace="mailrelay.queue")
 
 
 class Notifier:
-    """Expires messages and queues failure, delay and success reports for their senders."""
+    """Expires messages and queues failure, delay and success reports for their senders.
 
-    def __init__(self, store: IQueueStore, clock: Any, config: QueueConfig, hostname: str) -> None:
+    A failure for a capability the next hop lacks (see ``capability_failure``) is reported only
+    to a trusted sender (``sender_trusted``): anyone else could forge the sender and have us send
+    the report, with their text in it, to a victim (backscatter). It is logged instead.
+    """
+
+    def __init__(self, store: IQueueStore, clock: Any, config: QueueConfig, hostname: str,
+                 trusted_client: Callable[[str], bool] = lambda address: False) -> None:
         self.store = store
         self.clock = clock
         self.config = config
         self.hostname = hostname
+        self.trusted_client = trusted_client  # is this client address in the trusted networks?
+
+    def sender_trusted(self, envelope: Envelope) -> bool:
+        """What the server recorded; else (queued before it did, or injected by an embedder)
+        judged now: authenticated, from a trusted network, or not from the network at all."""
+        if envelope.trusted is not None:
+            return envelope.trusted
+        return (envelope.auth is not None or not envelope.client_address
+                or self.trusted_client(envelope.client_address))
 
     def settle(self, message: QueuedMessage, tried: list[int]) -> defer.Deferred[QueuedMessage]:
         """Expire what is too old, then report to the sender what this attempt settled (RFC 3464)."""
@@ -76,6 +92,14 @@ class Notifier:
         sender = message.envelope.sender
         if sender:
             chosen = [s for s in statuses if wants(s.recipient, action)]
+            if action is Action.FAILED and not self.sender_trusted(message.envelope):
+                withheld = [s for s in chosen if capability_failure(s)]
+                if withheld:
+                    log.info("{queue_id}: no non-delivery notification to untrusted sender <{sender}> for"
+                             " {rcpts}: the next hop cannot take the message, which any client could cause",
+                             queue_id=qid, sender=sender,
+                             rcpts=", ".join(f"<{s.recipient.address}>" for s in withheld))
+                    chosen = [s for s in chosen if not capability_failure(s)]
             to = sender
         else:
             # Never a report to <>. A failed bounce (double bounce) goes to the postmaster, if any.

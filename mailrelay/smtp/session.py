@@ -746,6 +746,7 @@ class Session:
             envid=txn.envid,
             auth=info.auth,
             received_at=self.clock.seconds(),
+            trusted=info.trusted or info.auth is not None,
         )
 
     def _data(self, arg: str) -> None:

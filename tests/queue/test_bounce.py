@@ -191,3 +191,43 @@ def test_binary_originals_return_headers_and_long_diagnostics_are_cut():
     (env, report), = w2.reports()
     *_, original = parts(report)
     assert original.get_content_type() == "text/rfc822-headers"
+
+
+NO_UTF8 = Reply(553, "5.6.7", "127.0.0.1[127.0.0.1]:2526 does not support SMTPUTF8, which this message needs")
+
+
+def test_a_failure_for_what_the_next_hop_cannot_take_is_reported_only_to_a_trusted_sender():
+    """Any client can send what the next hop lacks (SMTPUTF8, BINARYMIME, size) with a forged
+    sender: that report would carry its text to a victim (backscatter). Who the recipient is
+    (5.1.1) is still reported to anyone."""
+    script = [{"b@example.test": NO_UTF8, "c@example.test": NOUSER}]
+    untrusted = World(RecordingDeliverer(list(script)))
+    untrusted.send(Recipient("b@example.test"), Recipient("c@example.test"), trusted=False,
+                   client_address="192.0.2.7")
+    (_, report), = untrusted.reports()
+    _, (_, block), _ = parts(report)
+    assert block["Final-Recipient"] == "rfc822; c@example.test"  # b's 5.6.7 withheld
+    assert untrusted.store.messages == {} or all(m.envelope.sender == "" for m in untrusted.store.messages.values())
+
+    trusted = World(RecordingDeliverer(list(script)))
+    trusted.send(Recipient("b@example.test"), Recipient("c@example.test"), trusted=True, client_address="192.0.2.7")
+    (_, report), = trusted.reports()
+    _, (_, *blocks), _ = parts(report)
+    assert [b["Status"] for b in blocks] == ["5.6.7", "5.1.1"]
+
+    for reply in (Reply(554, "5.6.3", "cannot take a BINARYMIME message"), Reply(552, "5.3.4", "too big")):
+        w = World(RecordingDeliverer([reply]))
+        w.send(Recipient("b@example.test"), trusted=False, client_address="192.0.2.7")
+        assert w.reports() == []
+
+
+def test_a_message_queued_before_trust_was_recorded_is_judged_by_its_client_address_and_auth():
+    def reported(client: str, auth: str | None = None) -> bool:
+        w = World(RecordingDeliverer([NO_UTF8]))
+        w.manager.notifier.trusted_client = lambda address: address.startswith("10.")
+        w.send(Recipient("b@example.test"), client_address=client, auth=auth)  # trusted=None
+        return bool(w.reports())
+
+    assert not reported("192.0.2.7")
+    assert reported("10.0.0.5") and reported("192.0.2.7", auth="alice")
+    assert reported("")  # not from the network: an embedder's own message

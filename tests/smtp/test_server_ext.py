@@ -111,7 +111,15 @@ def test_auth_plain_then_relay_anywhere_with_esmtpa_header() -> None:
     assert c.codes() == [250, 250, 354, 250]
     w = c.sink.committed[0]
     assert (w.envelope.auth, w.envelope.protocol) == ("alice", "ESMTPSA")
+    assert w.envelope.trusted  # recorded with the message: it hears of every failure
     assert b"(Authenticated sender: alice)" in w.data
+
+
+def test_whether_the_client_was_trusted_is_recorded_with_the_message() -> None:
+    for client, trusted in (("192.0.2.9", False), ("10.1.2.3", True)):
+        c = Conn(config=CONFIG, client=client)
+        c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n" + stuff(MSG))
+        assert c.sink.committed[0].envelope.trusted is trusted
 
 
 def test_auth_login_and_plain_without_initial_response() -> None:
@@ -203,7 +211,7 @@ def test_checker_crash_is_temporary_not_a_failure_count() -> None:
 # -- CHUNKING -------------------------------------------------------------------------------------
 
 def bdat_conn() -> Conn:
-    c = Conn(config=__import__("attrs").evolve(CONFIG, binarymime=True))  # every route carries it
+    c = Conn(config=CONFIG, binarymime=True)  # every route onward carries it
     kw = ehlo_keywords(c)
     assert {"CHUNKING", "BINARYMIME"} <= kw
     return c
