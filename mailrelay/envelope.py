@@ -168,6 +168,10 @@ class RecipientStatus:
     attempts: int = 0
     last_reply: Reply | None = None
     remote: str | None = None  # the host[ip]:port that gave last_reply
+    # Once delivered, who tells a sender that asked NOTIFY=SUCCESS (RFC 3461 5.2.2): we, with
+    # "relayed" (a next hop without DSN) or "delivered" (LMTP: final delivery); or "passed", the
+    # next hop took the DSN request and reports itself.
+    success: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -176,6 +180,7 @@ class RecipientStatus:
             "attempts": self.attempts,
             "last_reply": self.last_reply.to_dict() if self.last_reply else None,
             "remote": self.remote,
+            "success": self.success,
         }
 
     @classmethod
@@ -187,6 +192,7 @@ class RecipientStatus:
             int(d.get("attempts", 0)),
             Reply.from_dict(lr) if lr else None,
             d.get("remote"),
+            d.get("success", ""),
         )
 
 

@@ -36,7 +36,7 @@ from mailrelay.smtp.client import ClientFailure, ClientTimeouts
 
 log = Logger()
 
-Result = tuple[Reply, str | None]
+Result = tuple[Reply, str | None] | tuple[Reply, str | None, bool]
 
 
 def timeouts_from(config: DeliveryConfig) -> ClientTimeouts:
@@ -177,7 +177,11 @@ class SMTPDeliverer:
         finally:
             body.close()
         self._release(hop, route, session)
-        return [(r, session.remote) for r in replies]
+        # A hop that offers DSN got each recipient's NOTIFY: it reports from here on (noted for
+        # the queue, which then sends no "relayed" report of its own).
+        dsn = "DSN" in session.client.extensions
+        return [(r, session.remote, True) if dsn and rcpt.notify and r.is_success else (r, session.remote)
+                for r, rcpt in zip(replies, recipients, strict=False)]
 
     def _check_peer(self, session: Session, envelope: Envelope, size: int | None) -> None:
         client, remote = session.client, session.remote

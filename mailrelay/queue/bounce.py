@@ -1,4 +1,4 @@
-"""Delivery status notifications (RFC 3464) for the sender: failed, delayed, relayed.
+"""Delivery status notifications (RFC 3464) for the sender: failed, delayed, relayed, delivered.
 
 A report is a ``multipart/report; report-type=delivery-status`` with a human part, a
 ``message/delivery-status`` part (one block per recipient) and the original message — whole when
@@ -26,7 +26,8 @@ class Action(enum.StrEnum):
 
     FAILED = "failed"
     DELAYED = "delayed"
-    RELAYED = "relayed"
+    RELAYED = "relayed"  # to a next hop that does not take DSN requests
+    DELIVERED = "delivered"  # final delivery (LMTP)
 
 
 def wants(recipient: Recipient, action: Action) -> bool:
@@ -37,7 +38,7 @@ def wants(recipient: Recipient, action: Action) -> bool:
     notify = {n.upper() for n in recipient.notify}
     if "NEVER" in notify:
         return False
-    if action is Action.RELAYED:
+    if action in (Action.RELAYED, Action.DELIVERED):
         return "SUCCESS" in notify
     if not notify:
         return True
@@ -56,7 +57,7 @@ def capability_failure(status: RecipientStatus) -> bool:
 def status_code(status: RecipientStatus, action: Action) -> str:
     """The RFC 3463 code for the report: a pending reply that turned final is an expiry (5.4.7)."""
     reply = status.last_reply
-    if action is Action.RELAYED:
+    if action in (Action.RELAYED, Action.DELIVERED):
         return reply.enhanced if reply and reply.enhanced and reply.is_success else "2.0.0"
     if action is Action.DELAYED:
         return reply.enhanced if reply and reply.enhanced and reply.is_temporary else "4.0.0"
@@ -83,6 +84,7 @@ _SUBJECTS = {
     Action.FAILED: "Undelivered Mail Returned to Sender",
     Action.DELAYED: "Delayed Mail (still being retried)",
     Action.RELAYED: "Successful Mail Delivery Report",
+    Action.DELIVERED: "Successful Mail Delivery Report",
 }
 
 _INTRO = {
@@ -93,6 +95,8 @@ _INTRO = {
                     "you do not need to send it again.",
     Action.RELAYED: "Your message was successfully relayed to the recipients below.\n"
                     "(The next system may or may not send a further report on final delivery.)",
+    Action.DELIVERED: "Your message was successfully delivered to the recipients below.\n"
+                      "You will receive no further notification about it.",
 }
 
 

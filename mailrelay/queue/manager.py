@@ -59,15 +59,28 @@ def shutdown_reply() -> Reply:
     return Reply(451, "4.3.2", "delivery interrupted by shutdown")
 
 
-def record(status: RecipientStatus, reply: Reply, remote: str | None) -> RecipientStatus:
-    """A recipient's status after one answer: 2xx delivered, 5xx failed, anything else still pending."""
+def record(status: RecipientStatus, reply: Reply, remote: str | None, success: str = "relayed") -> RecipientStatus:
+    """A recipient's status after one answer: 2xx delivered, 5xx failed, anything else still pending.
+
+    ``success``: who reports a delivery to a sender that asked (see ``RecipientStatus.success``)."""
     if reply.is_success:
         state = RecipientState.DELIVERED
     elif reply.is_permanent:
         state = RecipientState.FAILED
     else:
         state = RecipientState.PENDING
-    return attrs.evolve(status, state=state, attempts=status.attempts + 1, last_reply=reply, remote=remote)
+    return attrs.evolve(status, state=state, attempts=status.attempts + 1, last_reply=reply, remote=remote,
+                        success=success if reply.is_success else "")
+
+
+def success_notice(route: Route, note: tuple[Any, ...]) -> str:
+    """Who reports a delivery along ``route`` (RFC 3461 5.2.2): we, "delivered", for an LMTP
+    delivery (final: nobody after us reports, as with Postfix's lmtp); the next hop when the
+    deliverer noted that it took our DSN request (an answer's optional third item is true); else
+    we, "relayed"."""
+    if route.lmtp:
+        return "delivered"
+    return "passed" if note and note[0] else "relayed"
 
 
 def rewritten(recipient: Recipient, route: Route) -> Recipient:
@@ -470,8 +483,8 @@ class QueueManager:
                   started: float) -> defer.Deferred[None]:
         attempted = unrouted or any(r is not None for r in results)
         for group_result in results:
-            for i, reply, remote in group_result or ():
-                statuses[i] = record(statuses[i], reply, remote)
+            for i, reply, remote, success in group_result or ():
+                statuses[i] = record(statuses[i], reply, remote, success)
                 self._log(message, statuses[i], started)
         loaded = message
         if attempted:  # else nothing was recorded: the statuses are the loaded ones
@@ -500,8 +513,8 @@ class QueueManager:
         def save(result: Any) -> Any:
             if not result:
                 return result  # not run (stopping): nothing new to record
-            for i, reply, remote in result:
-                statuses[i] = record(statuses[i], reply, remote)
+            for i, reply, remote, success in result:
+                statuses[i] = record(statuses[i], reply, remote, success)
 
             def failed(f: Failure) -> None:
                 log.warn("queue: interim save of {queue_id} failed: {error}", queue_id=message.queue_id,
@@ -580,7 +593,7 @@ class QueueManager:
 
     @defer.inlineCallbacks
     def _deliver(self, message: QueuedMessage, destination: Hashable, group: _Group):  # type: ignore[no-untyped-def]
-        """One delivery under the slot caps; a list of ``(index, reply, remote)``, or None if not run."""
+        """One delivery under the slot caps; a list of ``(index, reply, remote, success)``, or None if not run."""
         try:
             yield self.slots.acquire(destination)
         except defer.CancelledError:
@@ -606,7 +619,8 @@ class QueueManager:
             if len(answers) != len(recipients):
                 log.error("queue: deliverer gave {n} answers for {m} recipients", n=len(answers), m=len(recipients))
                 answers = [(delivery_error(), None)] * len(recipients)
-            return [(i, reply, remote) for i, (reply, remote) in zip(group.indexes, answers, strict=True)]
+            return [(i, reply, remote, success_notice(route, note))
+                    for i, route, (reply, remote, *note) in zip(group.indexes, group.routes, answers, strict=True)]
         finally:
             self.slots.release(destination)
             self._wake_blocked(destination)

@@ -49,7 +49,7 @@ class Notifier:
     def settle(self, message: QueuedMessage, tried: list[int]) -> defer.Deferred[QueuedMessage]:
         """Expire what is too old, then report to the sender what this attempt settled (RFC 3464)."""
         if not message.pending and all(message.statuses[i].state is RecipientState.DELIVERED
-                                       and not wants(message.statuses[i].recipient, Action.RELAYED)
+                                       and not _ours_to_report(message.statuses[i])
                                        for i in tried):
             return defer.succeed(message)  # the common case: all relayed, nothing to report
         now = self.clock.seconds()
@@ -64,7 +64,9 @@ class Notifier:
         now = self.clock.seconds()
         statuses = list(message.statuses)
         failed = [statuses[i] for i in tried if statuses[i].state is RecipientState.FAILED]
-        relayed = [statuses[i] for i in tried if statuses[i].state is RecipientState.DELIVERED]
+        succeeded = [statuses[i] for i in tried if _ours_to_report(statuses[i])]
+        relayed = [s for s in succeeded if s.success != "delivered"]
+        delivered = [s for s in succeeded if s.success == "delivered"]
         if message.pending and schedule.is_expired(message, self.config.max_lifetime, now):
             for i, s in enumerate(statuses):
                 if s.state is RecipientState.PENDING:
@@ -78,6 +80,8 @@ class Notifier:
             yield self.report(message, failed, Action.FAILED)
         if relayed:
             yield self.report(message, relayed, Action.RELAYED)
+        if delivered:
+            yield self.report(message, delivered, Action.DELIVERED)
         if message.pending and schedule.needs_delay_warning(message, self.config.delay_warning, now):
             yield self.report(message, list(message.pending), Action.DELAYED,
                                until=schedule.expires_at(message, self.config.max_lifetime))
@@ -135,6 +139,14 @@ class Notifier:
         except Exception:
             log.failure("{queue_id}: cannot queue the {action} report", queue_id=qid, action=action.value)
             return
-        kind = {Action.FAILED: "non-delivery", Action.DELAYED: "delay", Action.RELAYED: "success"}[action]
+        kind = {Action.FAILED: "non-delivery", Action.DELAYED: "delay", Action.RELAYED: "success",
+                Action.DELIVERED: "success"}[action]
         log.info("{queue_id}: sender {kind} notification: {report_id}", queue_id=qid, kind=kind,
                  report_id=report_id)
+
+
+def _ours_to_report(status: RecipientStatus) -> bool:
+    """Delivered, asked for a success report (NOTIFY=SUCCESS), and not passed on with the
+    request to a next hop that reports itself (RFC 3461 5.2.2): else the sender gets two."""
+    return (status.state is RecipientState.DELIVERED and status.success != "passed"
+            and wants(status.recipient, Action.RELAYED))

@@ -179,6 +179,17 @@ def test_binarymime_never_to_lmtp_which_we_send_with_dot_stuffed_data() -> None:
     assert b"MAIL" not in h.sent()
 
 
+def test_a_hop_offering_dsn_takes_the_notify_request_and_the_answer_says_so() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.deliver(Envelope("a@x.test", (Recipient("b@y.test", ("SUCCESS",)), Recipient("c@y.test"))))
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250 DSN\r\n")
+    h.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
+    assert b"RCPT TO:<b@y.test> NOTIFY=SUCCESS\r\n" in h.sent()
+    remote = "127.0.0.1[127.0.0.1]:25"
+    assert h.result[0] == [(Reply(250, None, "ok"), remote, True), (Reply(250, None, "ok"), remote)]
+
+
 def test_source_address_bound() -> None:
     h = Harness(NextHop("127.0.0.1", 1), source="127.0.0.9")
     assert h.reactor.tcpClients[0][4] == ("127.0.0.9", 0)

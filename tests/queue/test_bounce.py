@@ -231,3 +231,20 @@ def test_a_message_queued_before_trust_was_recorded_is_judged_by_its_client_addr
     assert not reported("192.0.2.7")
     assert reported("10.0.0.5") and reported("192.0.2.7", auth="alice")
     assert reported("")  # not from the network: an embedder's own message
+
+
+def test_no_success_report_of_ours_when_the_next_hop_took_the_dsn_request():
+    """RFC 3461 5.2.2: it reports from there on; ours too would be a second notice."""
+    w = World(RecordingDeliverer(dsn=True))
+    w.send(Recipient("a@example.test", ("SUCCESS",)))
+    assert w.reports() == []
+
+
+def test_an_lmtp_delivery_is_final_and_reported_as_delivered():
+    w = World(RecordingDeliverer(dsn=True))
+    w.router.mapping["*"] = attrs.evolve(route_to("127.0.0.1", 24), lmtp=True)
+    w.send(Recipient("a@example.test", ("SUCCESS",)), Recipient("b@example.test"))
+    (env, report), = w.reports()
+    human, (head, block), _ = parts(report)
+    assert block["Action"] == "delivered" and block["Final-Recipient"] == "rfc822; a@example.test"
+    assert "successfully delivered" in human.get_content()
