@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 from email.message import Message
@@ -248,3 +249,44 @@ def test_an_lmtp_delivery_is_final_and_reported_as_delivered():
     human, (head, block), _ = parts(report)
     assert block["Action"] == "delivered" and block["Final-Recipient"] == "rfc822; a@example.test"
     assert "successfully delivered" in human.get_content()
+
+
+UTF8_BODY = "From: sender@example.org\r\nSubject: Grüße aus Köln\r\n\r\nHallo.\r\n".encode()
+
+
+def test_an_smtputf8_original_comes_back_as_message_global_in_a_report_any_hop_takes():
+    """RFC 6533: message/global and message/global-delivery-status. The sender's address is
+    ASCII, so the report is not marked SMTPUTF8 (a hop without it would refuse it, and the
+    sender would never learn); its UTF-8 parts go base64 (7-bit) to such a return path."""
+    w = World(RecordingDeliverer([Reply(550, "5.1.1", "no such user")]))
+    w.send(Recipient("jürgen@example.test"), body=UTF8_BODY, smtputf8=True)
+    (env, report), = w.reports()
+    assert not env.smtputf8 and env.body == "8BITMIME"
+    sub = report.get_payload()
+    assert sub[1].get_content_type() == "message/global-delivery-status"
+    assert sub[1]["Content-Transfer-Encoding"] == "base64"
+    assert sub[2].get_content_type() == "message/global" and sub[2]["Content-Transfer-Encoding"] == "base64"
+    raw = w.deliverer.calls[-1].body
+    _, _, status, original, _ = raw.split(b"--" + report.get_boundary().encode())
+    assert "Final-Recipient: utf-8; jürgen@example.test" in base64.b64decode(status.split(b"\r\n\r\n", 1)[1]).decode()
+    assert base64.b64decode(original.split(b"\r\n\r\n", 1)[1]) == UTF8_BODY
+    assert status.isascii() and original.isascii()  # 7-bit: any return path takes them
+
+
+def test_a_report_to_an_smtputf8_sender_is_marked_so_and_keeps_8bit_parts():
+    w = World(RecordingDeliverer([Reply(550, "5.1.1", "no such user")]))
+    w.send(Recipient("jürgen@example.test"), sender="änne@example.org", body=UTF8_BODY, smtputf8=True, ret="HDRS")
+    (env, report), = w.reports()
+    assert env.smtputf8 and env.recipients[0].address == "änne@example.org"
+    sub = report.get_payload()
+    assert sub[2].get_content_type() == "message/global-headers" and sub[2]["Content-Transfer-Encoding"] == "8bit"
+    assert "Grüße".encode() in w.deliverer.calls[-1].body and b"Hallo." not in w.deliverer.calls[-1].body
+
+
+def test_a_report_of_an_ascii_message_to_an_ascii_sender_is_unchanged_by_it():
+    w = World(RecordingDeliverer([NOUSER]))
+    w.send(Recipient("b@example.test"))
+    (env, report), = w.reports()
+    assert not env.smtputf8 and env.body is None
+    sub = report.get_payload()
+    assert [p.get_content_type() for p in sub] == ["text/plain", "message/delivery-status", "message/rfc822"]
