@@ -28,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mailrelay.config import Config, ServerConfig
 from mailrelay.delivery import SMTPDeliverer
+from mailrelay.delivery.capabilities import HopCapabilities
 from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
@@ -35,6 +36,7 @@ from mailrelay.metrics import RelayMetrics, metrics_site
 from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
 from mailrelay.policy import build_policy
 from mailrelay.policy.access import is_trusted
+from mailrelay.policy.onward import OnwardCapabilities
 from mailrelay.policy.verify import RecipientVerification
 from mailrelay.queue.manager import QueueManager
 from mailrelay.queue.spool import FilesystemSpool
@@ -165,6 +167,10 @@ class MailRelayService(service.MultiService):
         # with no domains of our own it could never apply: not one more step per RCPT for nothing
         if server.verify_recipients and (server.local_domains or server.relay_domains):
             extra.insert(0, RecipientVerification.from_config(server, router, self.reactor))
+        # what no next hop can carry is refused at DATA to an untrusted client, not bounced later
+        capabilities = getattr(self.deliverer, "capabilities", None)  # our SMTPDeliverer's
+        if isinstance(capabilities, HopCapabilities):
+            extra.insert(0, OnwardCapabilities(router, capabilities, self.reactor))
         return build_policy(server, extra=extra)
 
     def _build_factory(self, server: ServerConfig, submission: bool) -> SMTPServerFactory:

@@ -121,3 +121,12 @@ def test_binarymime_offered_while_every_route_carries_it_and_a_reload_follows(tm
     assert relay.factory.settings.binarymime
     yield relay.reconfigure(relay_config(tmp_path, 9))  # a route that does not say so
     assert not relay.factory.settings.binarymime
+
+
+def test_our_deliverer_lets_the_server_refuse_at_data_what_no_hop_can_carry(tmp_path):
+    from mailrelay.policy.onward import OnwardCapabilities
+
+    relay = MailRelayService(relay_config(tmp_path, 9))
+    policies = relay.policy.policies  # type: ignore[attr-defined]
+    assert any(isinstance(p, OnwardCapabilities) and p.capabilities is relay.deliverer.capabilities
+               for p in policies)

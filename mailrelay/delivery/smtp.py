@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery._connect import hop_label
+from mailrelay.delivery.capabilities import HopCapabilities
 from mailrelay.delivery.pool import ConnectionPool, Session
 from mailrelay.delivery.session import HopFailure, SessionOpener, network_reply
 from mailrelay.delivery.tls import ClientTLS
@@ -85,6 +86,8 @@ class SMTPDeliverer:
             idle_time=config.connection_idle_time,
         )
         self.stopped = False
+        # what each hop offered: lets the server refuse at DATA what no hop of a route can take
+        self.capabilities = HopCapabilities()
 
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
                 open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[Result]]:
@@ -144,6 +147,7 @@ class SMTPDeliverer:
             log.info("{remote}: retrying without TLS", remote=f.remote)
             session = await self.opener.open(hop, route, plaintext=True)
         self.observer.outbound_connection(session.remote, session.tls)
+        self.capabilities.saw(hop, session.client.extensions, session.client.size_limit)
         return session
 
     async def _via(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient], route: Route,

@@ -291,6 +291,15 @@ def test_smtputf8_to_peer_without_it() -> None:
                                   "this message needs"), "127.0.0.1[127.0.0.1]:25")]
 
 
+def test_what_each_hop_offered_is_remembered_for_refusing_at_data() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.deliver(Envelope("ä@x.test", (Recipient("b@y.test"),), smtputf8=True))
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250 SIZE 1000\r\n")
+    offer = h.deliverer.capabilities.offer(NextHop("127.0.0.1", 25))
+    assert offer is not None and (offer.smtputf8, offer.size_limit) == (False, 1000)
+
+
 def test_smtputf8_sent_when_offered() -> None:
     h = Harness(NextHop("127.0.0.1", 25), start=False)
     h.deliver(Envelope("ä@x.test", (Recipient("b@y.test"),), smtputf8=True, body="8BITMIME"))
