@@ -63,9 +63,14 @@ class HopCapabilities:
 
     @staticmethod
     def _refuses(offer: Offer, envelope: Envelope, size: int | None) -> Reply | None:
-        if envelope.smtputf8 and not offer.smtputf8:
+        if envelope.smtputf8 and not offer.smtputf8 and not _ascii_addresses(envelope):
+            # (all-ASCII addresses: the header section decides, which only the delivery reads)
             return Reply(553, "5.6.7", "the next hop does not support SMTPUTF8, which this message needs")
         size = size if size is not None else envelope.size
         if size is not None and offer.size_limit is not None and size > offer.size_limit:
             return Reply(552, "5.3.4", f"message size {size} exceeds the next hop's size limit {offer.size_limit}")
         return None
+
+
+def _ascii_addresses(envelope: Envelope) -> bool:
+    return envelope.sender.isascii() and all(r.address.isascii() for r in envelope.recipients)

@@ -300,6 +300,23 @@ def test_what_each_hop_offered_is_remembered_for_refusing_at_data() -> None:
     assert offer is not None and (offer.smtputf8, offer.size_limit) == (False, 1000)
 
 
+def test_an_smtputf8_message_that_does_not_need_it_goes_without_it() -> None:
+    """All-ASCII addresses and header section (RFC 6531 3.2): no reason to fail at a hop without
+    SMTPUTF8; a UTF-8 header still needs it."""
+    env = Envelope("a@x.test", (Recipient("b@y.test"),), smtputf8=True)
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.deliver(env)
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    assert h.sent().startswith(b"EHLO relay.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+    h2 = Harness(NextHop("127.0.0.1", 25), start=False)
+    h2.body = "Subject: Grüße\r\n\r\nbody\r\n".encode()
+    h2.deliver(env)
+    h2.accept(0)
+    h2.reply(b"220 mx\r\n" + EHLO)
+    assert [r.enhanced for r, _ in h2.result[0]] == ["5.6.7"]  # type: ignore[union-attr]
+
+
 def test_smtputf8_sent_when_offered() -> None:
     h = Harness(NextHop("127.0.0.1", 25), start=False)
     h.deliver(Envelope("ä@x.test", (Recipient("b@y.test"),), smtputf8=True, body="8BITMIME"))

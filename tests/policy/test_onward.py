@@ -68,9 +68,15 @@ def test_trusted_clients_unknown_hops_and_hops_that_take_it_pass():
 
 def test_the_memory_is_bounded_and_judges_a_route_only_when_every_hop_is_known():
     caps = HopCapabilities(max_hops=2)
-    env = Envelope("a@example.org", (Recipient("b@example.test"),), smtputf8=True)
+    env = Envelope("a@example.org", (Recipient("jürgen@example.test"),), smtputf8=True)
     for port in (1, 2, 3):
         caps.saw(NextHop("h.test", port), {}, None)
     assert caps.offer(NextHop("h.test", 1)) is None and caps.offer(NextHop("H.TEST", 3)) is not None
     assert caps.refusal(env, Route((NextHop("h.test", 2), NextHop("h.test", 3)))).enhanced == "5.6.7"
     assert caps.refusal(env, Route((NextHop("h.test", 2), NextHop("h.test", 1)))) is None
+
+
+def test_smtputf8_with_ascii_addresses_is_left_to_the_delivery_which_reads_the_header():
+    c = conn("192.0.2.7", FakeRouter({"example.test": PLAIN}))
+    c.send(b"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@example.test>\r\nDATA\r\n" + stuff(MSG))
+    assert c.codes() == [250, 250, 354, 250]
