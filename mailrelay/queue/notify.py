@@ -27,7 +27,8 @@ class Notifier:
 
     A failure for a capability the next hop lacks (see ``capability_failure``) is reported only
     to a trusted sender (``sender_trusted``): anyone else could forge the sender and have us send
-    the report, with their text in it, to a victim (backscatter). It is logged instead.
+    the report, with their text in it, to a victim (backscatter). It is logged instead. Any other
+    report to an untrusted sender returns only the original's header (as RET=HDRS).
     """
 
     def __init__(self, store: IQueueStore, clock: Any, config: QueueConfig, hostname: str,
@@ -96,7 +97,12 @@ class Notifier:
         sender = message.envelope.sender
         if sender:
             chosen = [s for s in statuses if wants(s.recipient, action)]
-            if action is Action.FAILED and not self.sender_trusted(message.envelope):
+            trusted = self.sender_trusted(message.envelope)
+            if not trusted and message.envelope.ret != "HDRS":
+                # The sender may be forged: return its header only, never a text of its choosing
+                # to whoever it named (RET=FULL and NOTIFY=SUCCESS would reflect it at will).
+                message = attrs.evolve(message, envelope=attrs.evolve(message.envelope, ret="HDRS"))
+            if action is Action.FAILED and not trusted:
                 withheld = [s for s in chosen if capability_failure(s)]
                 if withheld:
                     log.info("{queue_id}: no non-delivery notification to untrusted sender <{sender}> for"

@@ -206,15 +206,17 @@ def test_a_failure_for_what_the_next_hop_cannot_take_is_reported_only_to_a_trust
     untrusted.send(Recipient("b@example.test"), Recipient("c@example.test"), trusted=False,
                    client_address="192.0.2.7")
     (_, report), = untrusted.reports()
-    _, (_, block), _ = parts(report)
+    _, (_, block), original = parts(report)
     assert block["Final-Recipient"] == "rfc822; c@example.test"  # b's 5.6.7 withheld
+    assert original.get_content_type() == "text/rfc822-headers"  # never a text of its choosing
     assert untrusted.store.messages == {} or all(m.envelope.sender == "" for m in untrusted.store.messages.values())
 
     trusted = World(RecordingDeliverer(list(script)))
     trusted.send(Recipient("b@example.test"), Recipient("c@example.test"), trusted=True, client_address="192.0.2.7")
     (_, report), = trusted.reports()
-    _, (_, *blocks), _ = parts(report)
+    _, (_, *blocks), original = parts(report)
     assert [b["Status"] for b in blocks] == ["5.6.7", "5.1.1"]
+    assert original.get_content_type() == "message/rfc822"
 
     for reply in (Reply(554, "5.6.3", "cannot take a BINARYMIME message"), Reply(552, "5.3.4", "too big")):
         w = World(RecordingDeliverer([reply]))
@@ -290,3 +292,13 @@ def test_a_report_of_an_ascii_message_to_an_ascii_sender_is_unchanged_by_it():
     assert not env.smtputf8 and env.body is None
     sub = report.get_payload()
     assert [p.get_content_type() for p in sub] == ["text/plain", "message/delivery-status", "message/rfc822"]
+
+
+def test_a_success_report_to_an_untrusted_sender_returns_only_the_header():
+    """NOTIFY=SUCCESS RET=FULL with a forged sender would have us mail any text to anyone."""
+    w = World(RecordingDeliverer())
+    w.send(Recipient("a@example.test", ("SUCCESS",)), ret="FULL", trusted=False, client_address="192.0.2.7")
+    (_, report), = w.reports()
+    *_, original = parts(report)
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert b"Hello there" not in w.deliverer.calls[-1].body
