@@ -347,6 +347,7 @@ def _from_server(
         checker = HashedPasswordFile(server.auth_password_file, reactor if pool else None, pool() if pool else None)
     settings = SessionSettings(
         hostname=server.hostname,
+        binarymime=binarymime,
         max_message_size=server.max_message_size,
         max_recipients=server.max_recipients,
         max_errors=server.max_errors,
@@ -359,7 +360,6 @@ def _from_server(
         allow_plaintext_auth=server.allow_plaintext_auth,
         require_auth=submission,
         greet_delay=server.greet_delay,
-        binarymime=binarymime,
     )
     limits = {
         "max_connections": server.max_connections,

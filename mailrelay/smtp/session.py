@@ -639,9 +639,11 @@ class Session:
                     return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
                 body = (value or "").upper()
-                if body not in ("7BIT", "8BITMIME", "BINARYMIME"):
+                if body not in ("7BIT", "8BITMIME", "BINARYMIME") or (
+                    body == "BINARYMIME" and not self.settings.chunking
+                ):
                     return Reply(501, "5.5.4", "Bad BODY parameter")
-                if body == "BINARYMIME" and not (self.settings.chunking and self.settings.binarymime):
+                if body == "BINARYMIME" and not self.settings.binarymime:
                     return Reply(555, "5.5.4", "BODY=BINARYMIME not offered: no route onward is known to carry it")
                 txn.body = None if body == "7BIT" else body
             elif key == "SMTPUTF8" and self.settings.smtputf8:
