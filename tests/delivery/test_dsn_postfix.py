@@ -1,4 +1,5 @@
-"""NOTIFY=SUCCESS end to end (RFC 3461 5.2.2): one success notice, from whoever ends our part.
+"""Reports end to end against a real Postfix. NOTIFY=SUCCESS (RFC 3461 5.2.2): one success
+notice, from whoever ends our part; an SMTPUTF8 message's report through a hop without it.
 
 A real Postfix (which offers DSN) takes the request and reports itself, so we send nothing;
 an smtp-sink without DSN (``-N``) cannot, so we send the "relayed" report. Postfix relays to
@@ -96,3 +97,62 @@ hosts = ["127.0.0.1:{sink.port}"]
     ], got
     originals = [t for t in sink.transactions() if t.sender == "sender@example.org"]
     assert sorted(r for t in originals for r in t.recipients) == ["a@with-dsn.test", "b@without-dsn.test"]
+
+
+@pytest.fixture
+def no_smtputf8(tmp_path):
+    refusing = SMTPSink(flags=["-f", "RCPT"]).start()  # 5xx to every recipient
+    sink = SMTPSink().start()
+    postfix = PostfixRelay(sink.port, name="postfix.mailrelay.test", main_cf=("smtputf8_enable = no",))
+    try:
+        postfix.start()
+        yield refusing, postfix, sink
+    finally:
+        postfix.stop()
+        for s in (refusing, sink):
+            s.stop()
+            shutil.rmtree(s.dir, ignore_errors=True)
+        shutil.rmtree(postfix.dir, ignore_errors=True)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_report_of_an_smtputf8_message_reaches_its_ascii_sender_through_a_postfix_without_smtputf8(
+        tmp_path, no_smtputf8):
+    """RFC 6533: the original comes back as message/global; the report is not marked SMTPUTF8
+    (the sender's address is ASCII), and a message marked so without need goes without it, so a
+    Postfix with smtputf8_enable = no takes it (before: 553 5.6.7 here, the sender never told)."""
+    refusing, postfix, sink = no_smtputf8
+    relay = MailRelayService(config.loads(f"""
+[server]
+hostname = "relay.mailrelay.test"
+listen = ["tcp:0:interface=127.0.0.1"]
+[spool]
+path = "{tmp_path / 'spool'}"
+[[routes]]
+type = "static"
+domains = ["fails.test"]
+hosts = ["127.0.0.1:{refusing.port}"]
+[[routes]]
+type = "static"
+domains = ["*"]
+hosts = ["127.0.0.1:{postfix.port}"]
+"""))
+    relay.startService()
+    original = "From: sender@example.org\r\nSubject: Grüße\r\n\r\nHallo.\r\n".encode()
+    try:
+        yield relay.listeners[0].listening
+        port = relay.ports[0].getHost().port
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", port) as client:
+                client.ehlo()
+                client.sendmail("sender@example.org", ["jürgen@fails.test"], original, mail_options=["SMTPUTF8"])
+
+        yield threads.deferToThread(send)
+        (raw,) = yield threads.deferToThread(sink.wait_for, 1, 60)
+    finally:
+        yield relay.stopService()
+    report = message_from_bytes(raw)
+    assert report.get_content_type() == "multipart/report" and report["To"] == "<sender@example.org>"
+    kinds = [p.get_content_type() for p in report.get_payload()]
+    assert kinds == ["text/plain", "message/global-delivery-status", "message/global"]
