@@ -169,6 +169,23 @@ def test_lmtp_lost_between_the_replies_after_the_dot_is_no_second_delivery() -> 
     assert r2.code == 451 and r2.enhanced == "4.4.2"
 
 
+def test_binarymime_goes_byte_for_byte_with_bdat_to_a_hop_that_offers_it() -> None:
+    """What a route that says binarymime = true promises: the text as it was, never dot-stuffed
+    nor its line endings changed."""
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.body = b"Subject: b\r\n\r\n\x00bare\nlf\r.\r\n.\r\n"
+    h.deliver(Envelope("a@x.test", (Recipient("b@y.test"),), body="BINARYMIME"))
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 BINARYMIME\r\n")
+    sent = h.sent()
+    assert b"MAIL FROM:<a@x.test> BODY=BINARYMIME\r\nRCPT TO:<b@y.test>\r\n" in sent
+    h.reply(b"250 ok\r\n250 ok\r\n")
+    sent += h.sent()
+    assert sent.endswith(b"BDAT %d LAST\r\n" % len(h.body) + h.body)
+    h.reply(b"250 2.0.0 queued\r\n")
+    assert [r.code for r, _ in h.result[0]] == [250]  # type: ignore[union-attr]
+
+
 def test_binarymime_never_to_lmtp_which_we_send_with_dot_stuffed_data() -> None:
     h = Harness(NextHop("127.0.0.1", 24), lmtp=True, start=False)
     h.deliver(Envelope("a@x.test", (Recipient("b@y.test"),), body="BINARYMIME"))
