@@ -7,7 +7,7 @@ A route is judged only when every one of its hops is known: an unknown hop may t
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
 import attrs
@@ -30,21 +30,39 @@ class HopCapabilities:
     def __init__(self, max_hops: int = MAX_HOPS) -> None:
         self.max_hops = max_hops
         self._seen: OrderedDict[tuple[str, int], Offer] = OrderedDict()
+        # what refuses_any needs without a pass over every hop: how many lack SMTPUTF8, and how
+        # many declared each size limit (a few distinct values)
+        self._no_smtputf8 = 0
+        self._limits: Counter[int] = Counter()
 
     def saw(self, hop: NextHop, extensions: Iterable[str], size_limit: int | None) -> None:
         """Record what ``hop`` offered on a new session."""
         key = (hop.host.lower(), hop.port)
-        self._seen[key] = Offer("SMTPUTF8" in extensions, size_limit)
-        self._seen.move_to_end(key)
+        old = self._seen.pop(key, None)
+        if old is not None:
+            self._count(old, -1)
+        offer = Offer("SMTPUTF8" in extensions, size_limit)
+        self._seen[key] = offer
+        self._count(offer, 1)
         while len(self._seen) > self.max_hops:
-            self._seen.popitem(last=False)
+            self._count(self._seen.popitem(last=False)[1], -1)
+
+    def _count(self, offer: Offer, n: int) -> None:
+        self._no_smtputf8 += 0 if offer.smtputf8 else n
+        if offer.size_limit is not None:
+            self._limits[offer.size_limit] += n
+            if not self._limits[offer.size_limit]:
+                del self._limits[offer.size_limit]
 
     def offer(self, hop: NextHop) -> Offer | None:
         return self._seen.get((hop.host.lower(), hop.port))
 
     def refuses_any(self, envelope: Envelope, size: int | None) -> bool:
         """Whether some known hop would refuse this message (cheap: no routing needed to say no)."""
-        return any(self._refuses(o, envelope, size) is not None for o in self._seen.values())
+        if envelope.smtputf8 and self._no_smtputf8 and not _ascii_addresses(envelope):
+            return True
+        size = size if size is not None else envelope.size
+        return size is not None and bool(self._limits) and size > min(self._limits)
 
     def refusal(self, envelope: Envelope, route: Route, size: int | None = None) -> Reply | None:
         """The reply for a message no hop of ``route`` can take (each known to refuse it), else None.

@@ -80,3 +80,17 @@ def test_smtputf8_with_ascii_addresses_is_left_to_the_delivery_which_reads_the_h
     c = conn("192.0.2.7", FakeRouter({"example.test": PLAIN}))
     c.send(b"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@example.test>\r\nDATA\r\n" + stuff(MSG))
     assert c.codes() == [250, 250, 354, 250]
+
+
+def test_the_cheap_first_look_agrees_with_the_hops_remembered():
+    caps = HopCapabilities(max_hops=2)
+    utf8 = Envelope("a@example.org", (Recipient("jürgen@example.test"),), smtputf8=True)
+    plain = Envelope("a@example.org", (Recipient("b@example.test"),))
+    caps.saw(NextHop("h.test", 1), {}, 1000)
+    assert caps.refuses_any(utf8, None) and caps.refuses_any(plain, 1001) and not caps.refuses_any(plain, 1000)
+    caps.saw(NextHop("h.test", 1), {"SMTPUTF8": ""}, None)  # the same hop again, now with both
+    assert not caps.refuses_any(utf8, None) and not caps.refuses_any(plain, 10**9)
+    caps.saw(NextHop("h.test", 2), {}, 500)
+    caps.saw(NextHop("h.test", 3), {"SMTPUTF8": ""}, None)
+    caps.saw(NextHop("h.test", 4), {"SMTPUTF8": ""}, None)  # port 2 forgotten
+    assert not caps.refuses_any(utf8, None) and not caps.refuses_any(plain, 10**9)
