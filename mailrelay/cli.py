@@ -96,6 +96,8 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
     for route in cfg.routes:
         out += ["", "[[routes]]", f"type = {_toml_value(route.type)}"]
         out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in route.options.items()]
+        if route.binarymime:
+            out.append("binarymime = true")
     return "\n".join(out) + "\n"
 
 

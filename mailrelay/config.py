@@ -300,6 +300,9 @@ class RouteConfig:
     type: str
     options: Mapping[str, Any]
     key: str
+    # ``binarymime = true``: every next hop of this route takes BINARYMIME (the server offers
+    # BINARYMIME only when every route says so). Not passed to the router factory.
+    binarymime: bool = False
 
 
 @attrs.frozen
@@ -312,6 +315,11 @@ class Config:
     routes: tuple[RouteConfig, ...]
     metrics_listen: str | None = None
     dkim: DKIMConfig = attrs.field(factory=DKIMConfig)
+
+    @property
+    def binarymime(self) -> bool:
+        """Whether the server may offer BINARYMIME: every route says its next hops carry it."""
+        return bool(self.routes) and all(route.binarymime for route in self.routes)
 
 
 #: The routes of a config without ``[[routes]]``: every domain by its MX records (key ``routes``:
@@ -465,8 +473,9 @@ def _from_dict(data: Mapping[str, Any], source: str, errors: list[ConfigError]) 
         if not rtype:
             r.report("type", "missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)")
             continue
-        options = {k: v for k, v in r.table.items() if k != "type"}
-        routes.append(RouteConfig(rtype, options, f"routes[{i}]"))
+        binarymime = r.get("binarymime", False, types=bool)
+        options = {k: v for k, v in r.table.items() if k not in ("type", "binarymime")}
+        routes.append(RouteConfig(rtype, options, f"routes[{i}]", binarymime))
     if not routes:  # as without a file: a relay whose every recipient bounces helps no one
         routes = list(DEFAULT_ROUTES)
 

@@ -94,6 +94,10 @@ class Envelope:
     envid: str | None = None
     auth: str | None = None  # authenticated identity, if any
     received_at: float = 0.0
+    # The client authenticated or came from a trusted network: only such a sender hears of a
+    # failure it could cause at will (a capability the next hop lacks). None: not recorded (a
+    # message queued before format 2, or injected by an embedder): judged when it matters.
+    trusted: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self, recurse=False)
@@ -166,6 +170,10 @@ class RecipientStatus:
     attempts: int = 0
     last_reply: Reply | None = None
     remote: str | None = None  # the host[ip]:port that gave last_reply
+    # Once delivered, who tells a sender that asked NOTIFY=SUCCESS (RFC 3461 5.2.2): we, with
+    # "relayed" (a next hop without DSN) or "delivered" (LMTP: final delivery); or "passed", the
+    # next hop took the DSN request and reports itself.
+    success: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -174,6 +182,7 @@ class RecipientStatus:
             "attempts": self.attempts,
             "last_reply": self.last_reply.to_dict() if self.last_reply else None,
             "remote": self.remote,
+            "success": self.success,
         }
 
     @classmethod
@@ -185,6 +194,7 @@ class RecipientStatus:
             int(d.get("attempts", 0)),
             Reply.from_dict(lr) if lr else None,
             d.get("remote"),
+            d.get("success", ""),
         )
 
 

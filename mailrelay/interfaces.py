@@ -136,7 +136,9 @@ class IDeliverer(Interface):
         """Deliver, returning a Deferred list of ``(Reply, remote)``, one per recipient, in order.
 
         ``remote`` is the ``host[ip]:port`` that gave the reply, or ``None``. Never fails: network
-        trouble is a 4xx ``Reply`` for every recipient it concerns.
+        trouble is a 4xx ``Reply`` for every recipient it concerns. An answer may carry a third
+        item, ``True`` when the next hop took the recipient's DSN request (NOTIFY, RFC 3461): it
+        then reports the delivery itself, and the queue sends no "relayed" report of its own.
 
         @param recipients: the ``Recipient`` values to send, their addresses already rewritten.
         @param route: the ``Route`` they share (hops, TLS policy, AUTH, source address).

@@ -160,7 +160,7 @@ class ObservedDeliverer:
                 started: float) -> list[tuple[Reply, str | None]]:
         seconds = max(0.0, self.clock.seconds() - started)
         observer = self.observer
-        for reply, remote in results:
+        for reply, remote, *_ in results:
             observer.delivery_attempted(envelope, reply, remote, seconds)
         return results
 

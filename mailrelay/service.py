@@ -29,6 +29,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mailrelay.config import Config, ServerConfig
 from mailrelay.delivery import ByRouteDeliverer, MaildirDeliverer, SMTPDeliverer
+from mailrelay.delivery.capabilities import HopCapabilities
 from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
 from mailrelay.errors import ConfigError, config_errors
@@ -36,6 +37,8 @@ from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
 from mailrelay.metrics import RelayMetrics, metrics_site
 from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
 from mailrelay.policy import build_policy
+from mailrelay.policy.access import is_trusted
+from mailrelay.policy.onward import OnwardCapabilities
 from mailrelay.policy.verify import RecipientVerification
 from mailrelay.preflight import problems
 from mailrelay.queue.manager import QueueManager
@@ -135,7 +138,8 @@ class MailRelayService(service.MultiService):
                                          reactor, self.threadpool)
         self.deliverer = ObservedDeliverer(self.dkim, self.observer, reactor)
         self.manager = QueueManager(self.store, self.router, self.deliverer, reactor,
-                                    config.queue, config.server.hostname, observer=self.observer)
+                                    config.queue, config.server.hostname, observer=self.observer,
+                                    trusted_client=self._trusted_client)
         self.metrics.watch_queue(self.manager, reactor)
         self.policies = tuple(policies)
         self.policy = self._build_policy(config.server, self.router)
@@ -157,6 +161,10 @@ class MailRelayService(service.MultiService):
         self.control: Any = None
 
     # -- building -------------------------------------------------------------------------------
+
+    def _trusted_client(self, address: str) -> bool:
+        """In the trusted networks of the config in force (a reload changes them)."""
+        return is_trusted(address, self.config.server.trusted_networks)
 
     def _make_store(self) -> IQueueStore:
         spool = self.config.spool
@@ -180,10 +188,15 @@ class MailRelayService(service.MultiService):
         # with no domains of our own it could never apply: not one more step per RCPT for nothing
         if server.verify_recipients and (server.local_domains or server.relay_domains):
             extra.insert(0, RecipientVerification.from_config(server, router, self.reactor))
+        # what no next hop can carry is refused at DATA to an untrusted client, not bounced later
+        capabilities = getattr(self.deliverer, "capabilities", None)  # our SMTPDeliverer's
+        if isinstance(capabilities, HopCapabilities):
+            extra.insert(0, OnwardCapabilities(router, capabilities, self.reactor))
         return build_policy(server, extra=extra)
 
     def _build_factory(self, server: ServerConfig, submission: bool) -> SMTPServerFactory:
-        factory = SMTPServerFactory.from_config(server, self.store, self.policy, self.reactor, submission=submission)
+        factory = SMTPServerFactory.from_config(server, self.store, self.policy, self.reactor, submission=submission,
+                                                binarymime=self.config.binarymime)
         factory.observer = self.observer  # type: ignore[attr-defined]
         return factory
 
@@ -316,7 +329,7 @@ class MailRelayService(service.MultiService):
             raise
         self.policy = policy
         for factory in self.factories:
-            factory.reconfigure(new.server, policy)
+            factory.reconfigure(new.server, policy, binarymime=new.binarymime)
         self.dkim.signer = signer
         self.router = router
         self.manager.router = router

@@ -191,14 +191,16 @@ _OK = Reply(250, "2.0.0", "Ok")
 class RecordingDeliverer:
     """``IDeliverer`` that records every call and answers from a script, then with ``default``.
 
-    ``remote`` is reported as the host that answered (default: the route's first hop).
+    ``remote`` is reported as the host that answered (default: the route's first hop). ``dsn``:
+    the hop takes DSN requests, so a success for a recipient with NOTIFY says so (its third item).
     """
 
     def __init__(self, script: Iterable[Answer] = (), default: Answer = _OK,
-                 remote: str | None = None) -> None:
+                 remote: str | None = None, dsn: bool = False) -> None:
         self.script = list(script)
         self.default = default
         self.remote = remote
+        self.dsn = dsn
         self.calls: list[DeliveryCall] = []
 
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
@@ -225,7 +227,8 @@ class RecordingDeliverer:
             replies = list(answer)
         hop = route.hops[0] if route.hops else None
         remote = self.remote or (f"{hop.name or hop.host}[{hop.host}]:{hop.port}" if hop else None)
-        d.callback([(r, remote) for r in replies])
+        passed = [self.dsn and bool(rcpt.notify) for rcpt in recipients] + [False] * len(replies)
+        d.callback([(r, remote, True) if passed[k] and r.is_success else (r, remote) for k, r in enumerate(replies)])
         return d
 
     @property
@@ -234,7 +237,7 @@ class RecordingDeliverer:
         out = []
         for call in self.calls:
             if call.deferred.called and isinstance(call.deferred.result, list):
-                for rcpt, (reply, _) in zip(call.recipients, call.deferred.result, strict=False):
+                for rcpt, (reply, *_) in zip(call.recipients, call.deferred.result, strict=False):
                     if reply.is_success:
                         out.append((rcpt.address, call.body))
         return out

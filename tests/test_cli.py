@@ -57,6 +57,8 @@ def test_check_config_prints_the_effective_config_which_loads_back_the_same(tmp_
     original = config.load(str(path))
     again = config.loads(printed, str(path))
     assert again == original
+    carried = config.loads('[[routes]]\ntype = "mx"\nbinarymime = true\n')
+    assert config.loads(render_config(carried)) == carried  # a key of the route, not of its router
 
 
 def test_check_config_changed_only_like_postconf_n(tmp_path):

@@ -88,6 +88,16 @@ def test_errors_name_file_key_and_reason(text, expected):
     assert expected in error_of(text)
 
 
+def test_binarymime_offered_only_when_every_route_carries_it():
+    one = "[[routes]]\ntype = 'static'\ndomains = ['a.test']\nhosts = ['127.0.0.1:2526']\nbinarymime = true\n"
+    other = "[[routes]]\ntype = 'mx'\n"
+    assert config.loads(one).binarymime
+    assert config.loads(one).routes[0].options == {"domains": ["a.test"], "hosts": ["127.0.0.1:2526"]}
+    assert not config.loads(one + other).binarymime  # an MX hop may not take it
+    assert not config.loads("").binarymime
+    assert "routes[0].binarymime" in error_of("[[routes]]\ntype = 'mx'\nbinarymime = 'yes'\n")
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError) as e:
         config.load(str(tmp_path / "nope.toml"))

@@ -111,3 +111,22 @@ def test_verify_recipients_must_be_a_boolean(tmp_path):
     with pytest.raises(ConfigError) as e:
         verifying_config(tmp_path, 'verify_recipients = "no"')
     assert "verify.toml" in str(e.value) and "server.verify_recipients" in str(e.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_binarymime_offered_while_every_route_carries_it_and_a_reload_follows(tmp_path):
+    carried = config.loads(f'[spool]\npath = "{tmp_path / "spool"}"\n[[routes]]\ntype = "static"\n'
+                           'domains = ["*"]\nhosts = ["127.0.0.1:9"]\nbinarymime = true\n')
+    relay = MailRelayService(carried)
+    assert relay.factory.settings.binarymime
+    yield relay.reconfigure(relay_config(tmp_path, 9))  # a route that does not say so
+    assert not relay.factory.settings.binarymime
+
+
+def test_our_deliverer_lets_the_server_refuse_at_data_what_no_hop_can_carry(tmp_path):
+    from mailrelay.policy.onward import OnwardCapabilities
+
+    relay = MailRelayService(relay_config(tmp_path, 9))
+    policies = relay.policy.policies  # type: ignore[attr-defined]
+    assert any(isinstance(p, OnwardCapabilities) and p.capabilities is relay.deliverer.capabilities
+               for p in policies)

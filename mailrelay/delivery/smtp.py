@@ -8,8 +8,9 @@ has accepted MAIL, its per-recipient replies are the result.
 
 Message properties the peer cannot take:
 - SIZE: the peer's declared limit below the message size → 552 5.3.4, final, nothing sent.
-- SMTPUTF8 message, peer without SMTPUTF8 → 553 5.6.7 for that hop (the next hop may take it).
-- BINARYMIME needs the peer's CHUNKING and BINARYMIME, else 554 5.6.3 for that hop.
+- SMTPUTF8 message that needs it (a UTF-8 address or header), peer without SMTPUTF8 → 553 5.6.7
+  for that hop (the next hop may take it); one that does not goes without the parameter.
+- BINARYMIME needs the peer's CHUNKING and BINARYMIME (and SMTP, not LMTP), else 554 5.6.3 for that hop.
 - 8BITMIME: ``BODY=8BITMIME`` when the peer offers it; a peer that does not gets the 8-bit message
   as it is (no downgrade), as Postfix does by default — nearly every server takes 8-bit today.
 """
@@ -26,6 +27,7 @@ from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery._connect import hop_label
+from mailrelay.delivery.capabilities import HopCapabilities
 from mailrelay.delivery.pool import ConnectionPool, Session
 from mailrelay.delivery.session import HopFailure, SessionOpener, network_reply
 from mailrelay.delivery.tls import ClientTLS
@@ -36,7 +38,7 @@ from mailrelay.smtp.client import ClientFailure, ClientTimeouts
 
 log = Logger()
 
-Result = tuple[Reply, str | None]
+Result = tuple[Reply, str | None] | tuple[Reply, str | None, bool]
 
 
 def timeouts_from(config: DeliveryConfig) -> ClientTimeouts:
@@ -58,6 +60,28 @@ def _body_size(body: IO[bytes]) -> int | None:
         return size
     except (OSError, ValueError, AttributeError):
         return None
+
+
+#: How much of a message is read to find its header section (RFC 5322 has no limit; beyond this
+#: the message is taken to need SMTPUTF8 when it was received with it).
+HEADER_SCAN = 256 * 1024
+
+
+def _needs_smtputf8(envelope: Envelope, recipients: list[Recipient], body: IO[bytes]) -> bool:
+    """Whether a message received with SMTPUTF8 needs it onward (RFC 6531 3.2): a non-ASCII
+    address in the envelope or non-ASCII in its header section. An all-ASCII one goes without the
+    parameter to a hop that lacks SMTPUTF8, rather than fail there."""
+    if not envelope.sender.isascii() or not all(r.address.isascii() for r in recipients):
+        return True
+    try:
+        head = body.read(HEADER_SCAN)
+        body.seek(0)
+    except (OSError, ValueError):
+        return True
+    end = head.find(b"\r\n\r\n")
+    if end < 0 and len(head) >= HEADER_SCAN:
+        return True
+    return not (head if end < 0 else head[:end]).isascii()
 
 
 @implementer(IDeliverer)
@@ -85,6 +109,8 @@ class SMTPDeliverer:
             idle_time=config.connection_idle_time,
         )
         self.stopped = False
+        # what each hop offered: lets the server refuse at DATA what no hop of a route can take
+        self.capabilities = HopCapabilities()
 
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
                 open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[Result]]:
@@ -144,6 +170,7 @@ class SMTPDeliverer:
             log.info("{remote}: retrying without TLS", remote=f.remote)
             session = await self.opener.open(hop, route, plaintext=True)
         self.observer.outbound_connection(session.remote, session.tls)
+        self.capabilities.saw(hop, session.client.extensions, session.client.size_limit)
         return session
 
     async def _via(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient], route: Route,
@@ -156,7 +183,7 @@ class SMTPDeliverer:
             raise
         try:
             size = _body_size(body)
-            self._check_peer(session, envelope, size)
+            self._check_peer(session, envelope, size, recipients, body)
             try:
                 replies = await session.client.send(envelope, recipients, body, size=size, reset=reused)
             except ClientFailure as f:
@@ -177,18 +204,24 @@ class SMTPDeliverer:
         finally:
             body.close()
         self._release(hop, route, session)
-        return [(r, session.remote) for r in replies]
+        # A hop that offers DSN got each recipient's NOTIFY: it reports from here on (noted for
+        # the queue, which then sends no "relayed" report of its own).
+        dsn = "DSN" in session.client.extensions
+        return [(r, session.remote, True) if dsn and rcpt.notify and r.is_success else (r, session.remote)
+                for r, rcpt in zip(replies, recipients, strict=False)]
 
-    def _check_peer(self, session: Session, envelope: Envelope, size: int | None) -> None:
+    def _check_peer(self, session: Session, envelope: Envelope, size: int | None, recipients: list[Recipient],
+                    body: IO[bytes]) -> None:
         client, remote = session.client, session.remote
         limit = client.size_limit
         if size is not None and limit is not None and size > limit:
             raise HopFailure(Reply(552, "5.3.4", f"message size {size} exceeds the size limit {limit} of {remote}"),
                              remote, final=True)
-        if envelope.smtputf8 and "SMTPUTF8" not in client.extensions:
+        if envelope.smtputf8 and "SMTPUTF8" not in client.extensions and _needs_smtputf8(envelope, recipients, body):
             raise HopFailure(Reply(553, "5.6.7", f"{remote} does not support SMTPUTF8, which this message needs"),
                              remote)
-        if envelope.body == "BINARYMIME" and not {"CHUNKING", "BINARYMIME"} <= client.extensions.keys():
+        if envelope.body == "BINARYMIME" and (client.lmtp or not {"CHUNKING", "BINARYMIME"} <= client.extensions.keys()):
+            # (our LMTP client sends DATA only, which would dot-stuff and mangle binary text)
             raise HopFailure(Reply(554, "5.6.3", f"{remote} cannot take a BINARYMIME message"), remote)
         if envelope.body == "8BITMIME" and "8BITMIME" not in client.extensions:
             log.info("{remote} does not offer 8BITMIME; sending the 8-bit message as it is", remote=remote)

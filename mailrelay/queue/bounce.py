@@ -1,14 +1,18 @@
-"""Delivery status notifications (RFC 3464) for the sender: failed, delayed, relayed.
+"""Delivery status notifications (RFC 3464) for the sender: failed, delayed, relayed, delivered.
 
 A report is a ``multipart/report; report-type=delivery-status`` with a human part, a
 ``message/delivery-status`` part (one block per recipient) and the original message — whole when
 RET=FULL (the default) and it is small, otherwise only its headers (``text/rfc822-headers``), so a
-bounce of a huge message stays small. The report is produced as chunks of bytes so the caller can
+bounce of a huge message stays small. The original of an SMTPUTF8 message comes back as
+``message/global`` (or ``message/global-headers``), and a status part with UTF-8 in it is a
+``message/global-delivery-status`` (RFC 6533). The report is sent with SMTPUTF8 only when its
+recipient's address needs it; else these parts go base64-encoded, so a hop without it takes it. The report is produced as chunks of bytes so the caller can
 stream it into the queue like any other message.
 """
 
 from __future__ import annotations
 
+import base64
 import enum
 import re
 from collections.abc import Iterator, Sequence
@@ -27,7 +31,8 @@ class Action(enum.StrEnum):
 
     FAILED = "failed"
     DELAYED = "delayed"
-    RELAYED = "relayed"
+    RELAYED = "relayed"  # to a next hop that does not take DSN requests
+    DELIVERED = "delivered"  # final delivery (LMTP)
 
 
 def wants(recipient: Recipient, action: Action) -> bool:
@@ -38,17 +43,26 @@ def wants(recipient: Recipient, action: Action) -> bool:
     notify = {n.upper() for n in recipient.notify}
     if "NEVER" in notify:
         return False
-    if action is Action.RELAYED:
+    if action in (Action.RELAYED, Action.DELIVERED):
         return "SUCCESS" in notify
     if not notify:
         return True
     return ("FAILURE" if action is Action.FAILED else "DELAY") in notify
 
 
+def capability_failure(status: RecipientStatus) -> bool:
+    """Whether the recipient failed for what the next hop cannot take (RFC 3463 X.6.x, media:
+    SMTPUTF8, BINARYMIME, 8-bit; X.3.4, too big), not for who the recipient is. Any client can
+    cause that at will, so a report of it to a forged sender is backscatter."""
+    reply = status.last_reply
+    code = reply.enhanced if reply is not None else None
+    return bool(code) and (code.split(".")[1:2] == ["6"] or code.split(".")[1:] == ["3", "4"])  # type: ignore[union-attr]
+
+
 def status_code(status: RecipientStatus, action: Action) -> str:
     """The RFC 3463 code for the report: a pending reply that turned final is an expiry (5.4.7)."""
     reply = status.last_reply
-    if action is Action.RELAYED:
+    if action in (Action.RELAYED, Action.DELIVERED):
         return reply.enhanced if reply and reply.enhanced and reply.is_success else "2.0.0"
     if action is Action.DELAYED:
         return reply.enhanced if reply and reply.enhanced and reply.is_temporary else "4.0.0"
@@ -80,6 +94,7 @@ _SUBJECTS = {
     Action.FAILED: "Undelivered Mail Returned to Sender",
     Action.DELAYED: "Delayed Mail (still being retried)",
     Action.RELAYED: "Successful Mail Delivery Report",
+    Action.DELIVERED: "Successful Mail Delivery Report",
 }
 
 _INTRO = {
@@ -90,6 +105,8 @@ _INTRO = {
                     "you do not need to send it again.",
     Action.RELAYED: "Your message was successfully relayed to the recipients below.\n"
                     "(The next system may or may not send a further report on final delivery.)",
+    Action.DELIVERED: "Your message was successfully delivered to the recipients below.\n"
+                      "You will receive no further notification about it.",
 }
 
 
@@ -139,17 +156,37 @@ def _status_part(message: QueuedMessage, statuses: Sequence[RecipientStatus], ac
     return "\r\n\r\n".join(blocks) + "\r\n"
 
 
-def _original(body: IO[bytes] | None, ret: str | None, limit: int, binary: bool = False) -> tuple[str, bytes]:
+def _original(body: IO[bytes] | None, ret: str | None, limit: int, binary: bool = False,
+              international: bool = False) -> tuple[str, bytes]:
     """The content type and bytes of the returned original: whole if RET allows, it is small and
-    not BINARYMIME (binary content cannot travel inside a report); else its headers."""
+    not BINARYMIME (binary content cannot travel inside a report); else its headers. An
+    ``international`` (SMTPUTF8) original may have UTF-8 headers: message/global(-headers),
+    RFC 6533 5, for message/rfc822 and text/rfc822-headers are ASCII in their headers."""
     if body is None:
         return "", b""
     data = body.read(limit + 1)
     if (ret or "FULL").upper() == "FULL" and len(data) <= limit and not binary:
-        return "message/rfc822", data
+        return ("message/global" if international else "message/rfc822"), data
     end = data.find(b"\r\n\r\n")
     headers = data[: end + 2] if end >= 0 else data[: data.rfind(b"\r\n") + 2]
-    return "text/rfc822-headers", headers
+    return ("message/global-headers" if international else "text/rfc822-headers"), headers
+
+
+#: The parts whose 8-bit text may be sent base64-encoded (RFC 6532 3.7, RFC 6533 5); never
+#: message/rfc822 (RFC 2046 5.2.1).
+_ENCODABLE = frozenset({"message/global", "message/global-headers", "message/global-delivery-status"})
+
+
+def _encoding(kind: str, data: bytes, smtputf8: bool) -> tuple[str, bytes]:
+    """The Content-Transfer-Encoding header (or "") and the bytes of one part. A report not sent
+    with SMTPUTF8 may meet a hop without it: its UTF-8 parts then go base64 (7-bit), as RFC 6533
+    6 asks of a report to such a return path, rather than be refused there."""
+    if data.isascii():
+        return "", data
+    if smtputf8 or kind not in _ENCODABLE:
+        return "Content-Transfer-Encoding: 8bit\r\n", data
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    return "Content-Transfer-Encoding: base64\r\n", encoded
 
 
 def _boundary(base: str, text: bytes) -> str:
@@ -170,9 +207,13 @@ def report_envelope(message: QueuedMessage, to: str, hostname: str, now: float) 
         recipients=(Recipient(to, ("NEVER",)),),
         helo=hostname,
         protocol="local",
-        body=env.body if env.body == "8BITMIME" else None,
-        smtputf8=env.smtputf8 or not to.isascii(),
+        # 8-bit text: a returned 8-bit original, UTF-8 in the notification of an SMTPUTF8 one
+        body="8BITMIME" if env.body == "8BITMIME" or env.smtputf8 else None,
+        # only for a recipient address that needs it (the report's own header fields are ASCII
+        # else): a report marked SMTPUTF8 without need is refused by a hop without it
+        smtputf8=not to.isascii(),
         received_at=now,
+        trusted=True,  # ours
     )
 
 
@@ -193,10 +234,15 @@ def build_report(
     ``body`` is the original message (read up to ``limit`` + 1 bytes); ``until`` is when retries
     stop (for delay warnings).
     """
+    env = message.envelope
+    smtputf8 = not to.isascii()  # as report_envelope marks it
     human = _human(message, statuses, action, hostname, until)
-    status = _status_part(message, statuses, action, hostname, until, now)
-    kind, original = _original(body, message.envelope.ret, limit, message.envelope.body == "BINARYMIME")
-    boundary = _boundary(f"{message.queue_id}.{int(now)}/{hostname}", (human + status).encode() + original)
+    status = _status_part(message, statuses, action, hostname, until, now).encode()
+    status_kind = "message/delivery-status" if status.isascii() else "message/global-delivery-status"
+    status_cte, status = _encoding(status_kind, status, smtputf8)
+    kind, original = _original(body, env.ret, limit, env.body == "BINARYMIME", env.smtputf8)
+    original_cte, original = _encoding(kind, original, smtputf8)
+    boundary = _boundary(f"{message.queue_id}.{int(now)}/{hostname}", human.encode() + status + original)
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{to}>",
@@ -220,15 +266,16 @@ def build_report(
         + human
         + f"\r\n--{boundary}\r\n"
         "Content-Description: Delivery report\r\n"
-        "Content-Type: message/delivery-status\r\n"
-        "\r\n"
-        + status
-    ).encode()
+        f"Content-Type: {status_kind}\r\n"
+        + status_cte
+        + "\r\n"
+    ).encode() + status
     if kind:
-        description = "Undelivered Message" if kind == "message/rfc822" else "Undelivered Message Headers"
+        whole = kind in ("message/rfc822", "message/global")
+        description = "Undelivered Message" if whole else "Undelivered Message Headers"
         yield (
             f"\r\n--{boundary}\r\nContent-Description: {description}\r\nContent-Type: {kind}\r\n"
-            + ("Content-Transfer-Encoding: 8bit\r\n" if not original.isascii() else "")
+            + original_cte
             + "\r\n"
         ).encode()
         yield original

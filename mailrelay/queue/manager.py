@@ -59,15 +59,28 @@ def shutdown_reply() -> Reply:
     return Reply(451, "4.3.2", "delivery interrupted by shutdown")
 
 
-def record(status: RecipientStatus, reply: Reply, remote: str | None) -> RecipientStatus:
-    """A recipient's status after one answer: 2xx delivered, 5xx failed, anything else still pending."""
+def record(status: RecipientStatus, reply: Reply, remote: str | None, success: str = "relayed") -> RecipientStatus:
+    """A recipient's status after one answer: 2xx delivered, 5xx failed, anything else still pending.
+
+    ``success``: who reports a delivery to a sender that asked (see ``RecipientStatus.success``)."""
     if reply.is_success:
         state = RecipientState.DELIVERED
     elif reply.is_permanent:
         state = RecipientState.FAILED
     else:
         state = RecipientState.PENDING
-    return attrs.evolve(status, state=state, attempts=status.attempts + 1, last_reply=reply, remote=remote)
+    return attrs.evolve(status, state=state, attempts=status.attempts + 1, last_reply=reply, remote=remote,
+                        success=success if reply.is_success else "")
+
+
+def success_notice(route: Route, note: tuple[Any, ...]) -> str:
+    """Who reports a delivery along ``route`` (RFC 3461 5.2.2): we, "delivered", for an LMTP or
+    maildir delivery (final: nobody after us reports, as with Postfix's lmtp and local); the next hop when the
+    deliverer noted that it took our DSN request (an answer's optional third item is true); else
+    we, "relayed"."""
+    if route.lmtp or route.maildir is not None:
+        return "delivered"
+    return "passed" if note and note[0] else "relayed"
 
 
 def rewritten(recipient: Recipient, route: Route) -> Recipient:
@@ -106,6 +119,7 @@ class QueueManager:
         jitter: Callable[[float], float] | None = None,
         max_active: int | None = None,
         observer: IRelayObserver = NULL_OBSERVER,
+        trusted_client: Callable[[str], bool] = lambda address: False,
     ) -> None:
         self.store = store
         self.observer = observer  # hears of recipients that routing settled (the deliverer's own are counted there)
@@ -117,7 +131,8 @@ class QueueManager:
         self.jitter = jitter if jitter is not None else schedule.proportional_jitter(_random.Random().random)
         self.max_active = max_active or max(2 * config.max_deliveries, 50)
         self.slots = DeliverySlots(config.max_deliveries, config.max_per_destination)
-        self.notifier = Notifier(store, reactor, config, hostname)
+        # trusted_client: whether a client address is in the trusted networks (see Notifier)
+        self.notifier = Notifier(store, reactor, config, hostname, trusted_client)
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}  # the live entry of each scheduled id (heap entries may be stale)
         self._seq = 0
@@ -468,8 +483,8 @@ class QueueManager:
                   started: float) -> defer.Deferred[None]:
         attempted = unrouted or any(r is not None for r in results)
         for group_result in results:
-            for i, reply, remote in group_result or ():
-                statuses[i] = record(statuses[i], reply, remote)
+            for i, reply, remote, success in group_result or ():
+                statuses[i] = record(statuses[i], reply, remote, success)
                 self._log(message, statuses[i], started)
         loaded = message
         if attempted:  # else nothing was recorded: the statuses are the loaded ones
@@ -498,8 +513,8 @@ class QueueManager:
         def save(result: Any) -> Any:
             if not result:
                 return result  # not run (stopping): nothing new to record
-            for i, reply, remote in result:
-                statuses[i] = record(statuses[i], reply, remote)
+            for i, reply, remote, success in result:
+                statuses[i] = record(statuses[i], reply, remote, success)
 
             def failed(f: Failure) -> None:
                 log.warn("queue: interim save of {queue_id} failed: {error}", queue_id=message.queue_id,
@@ -578,7 +593,7 @@ class QueueManager:
 
     @defer.inlineCallbacks
     def _deliver(self, message: QueuedMessage, destination: Hashable, group: _Group):  # type: ignore[no-untyped-def]
-        """One delivery under the slot caps; a list of ``(index, reply, remote)``, or None if not run."""
+        """One delivery under the slot caps; a list of ``(index, reply, remote, success)``, or None if not run."""
         try:
             yield self.slots.acquire(destination)
         except defer.CancelledError:
@@ -604,7 +619,8 @@ class QueueManager:
             if len(answers) != len(recipients):
                 log.error("queue: deliverer gave {n} answers for {m} recipients", n=len(answers), m=len(recipients))
                 answers = [(delivery_error(), None)] * len(recipients)
-            return [(i, reply, remote) for i, (reply, remote) in zip(group.indexes, answers, strict=True)]
+            return [(i, reply, remote, success_notice(route, note))
+                    for i, route, (reply, remote, *note) in zip(group.indexes, group.routes, answers, strict=True)]
         finally:
             self.slots.release(destination)
             self._wake_blocked(destination)

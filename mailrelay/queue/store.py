@@ -17,7 +17,8 @@ from mailrelay.address import split
 from mailrelay.envelope import Envelope, QueuedMessage, RecipientStatus, Reply
 from mailrelay.errors import TemporaryFailure
 
-FORMAT_VERSION = 1
+#: 2: the envelope records ``trusted`` (a version 1 message reads as not recorded, None).
+FORMAT_VERSION = 2
 
 #: Crockford's base32: sortable as text, no I/L/O/U to misread when an operator copies an id.
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

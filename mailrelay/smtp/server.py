@@ -308,6 +308,7 @@ class SMTPServerFactory(Factory):
         submission: bool = False,
         tls_options: Any = None,
         checker: ICredentialsChecker | None = None,
+        binarymime: bool = False,
         **extras: Any,
     ) -> SMTPServerFactory:
         """The factory for one listener of ``server``.
@@ -315,17 +316,21 @@ class SMTPServerFactory(Factory):
         TLS options come from ``tls_certificate``/``tls_key`` unless given; the AUTH checker from
         ``auth_password_file`` unless given (any ``ICredentialsChecker`` for ``IUsernamePassword``).
         ``submission=True`` makes a listener that requires AUTH before MAIL (port 587 style).
+        ``binarymime``: offer BINARYMIME, for every route onward carries it (``Config.binarymime``).
         """
-        settings, limits = _from_server(server, reactor, submission, tls_options, checker)
+        settings, limits = _from_server(server, reactor, submission, tls_options, checker, binarymime)
         return cls(settings, sink, policy, reactor, **limits, **extras)
 
-    def reconfigure(self, server: ServerConfig, policy: IPolicy | None = None) -> None:
+    def reconfigure(self, server: ServerConfig, policy: IPolicy | None = None,
+                    binarymime: bool | None = None) -> None:
         """Take a new config (SIGHUP): limits, certificate, password file and policy.
 
         Everything is loaded first, so a bad new certificate raises and changes nothing. Sessions
         already running keep their limits; a STARTTLS after this uses the new certificate.
         """
-        settings, limits = _from_server(server, self.reactor, self.settings.require_auth, None, None)
+        if binarymime is None:
+            binarymime = self.settings.binarymime
+        settings, limits = _from_server(server, self.reactor, self.settings.require_auth, None, None, binarymime)
         self.settings = settings
         self.max_connections = limits["max_connections"]
         self.max_connections_per_ip = limits["max_connections_per_ip"]
@@ -398,6 +403,7 @@ def _from_server(
     submission: bool,
     tls_options: Any,
     checker: ICredentialsChecker | None,
+    binarymime: bool = False,
 ) -> tuple[SessionSettings, dict[str, Any]]:
     if tls_options is None and server.tls_certificate and server.tls_key:
         tls_options = server_tls_options(server.tls_certificate, server.tls_key)
@@ -408,6 +414,7 @@ def _from_server(
         checker = HashedPasswordFile(server.auth_password_file, reactor if pool else None, pool() if pool else None)
     settings = SessionSettings(
         hostname=server.hostname,
+        binarymime=binarymime,
         max_message_size=server.max_message_size,
         max_recipients=server.max_recipients,
         max_errors=server.max_errors,

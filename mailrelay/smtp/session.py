@@ -117,7 +117,10 @@ class SessionSettings:
     data_timeout: float = 600.0
     smtputf8: bool = True
     dsn: bool = True
-    chunking: bool = True  # CHUNKING (BDAT) and BINARYMIME
+    chunking: bool = True  # CHUNKING (BDAT)
+    # BINARYMIME too: only when every route onward is known to carry it, for a message we
+    # cannot pass on would be bounced to a sender anyone can forge (backscatter)
+    binarymime: bool = False
     starttls: bool = False  # TLS options are available for STARTTLS
     auth_mechanisms: tuple[str, ...] = ()  # e.g. ("PLAIN", "LOGIN"); needs a checker
     allow_plaintext_auth: bool = False  # offer AUTH before TLS
@@ -631,7 +634,7 @@ class Session:
         if s.dsn:
             ext.append("DSN")
         if s.chunking:
-            ext += ["CHUNKING", "BINARYMIME"]
+            ext += ["CHUNKING", "BINARYMIME"] if s.binarymime else ["CHUNKING"]
         if s.starttls and not self.tls_active:
             ext.append("STARTTLS")
         if self._auth_offered():
@@ -698,6 +701,8 @@ class Session:
                     body == "BINARYMIME" and not self.settings.chunking
                 ):
                     return Reply(501, "5.5.4", "Bad BODY parameter")
+                if body == "BINARYMIME" and not self.settings.binarymime:
+                    return Reply(555, "5.5.4", "BODY=BINARYMIME not offered: no route onward is known to carry it")
                 txn.body = None if body == "7BIT" else body
             elif key == "SMTPUTF8" and self.settings.smtputf8:
                 if value is not None:
@@ -804,6 +809,7 @@ class Session:
             envid=txn.envid,
             auth=info.auth,
             received_at=self.clock.seconds(),
+            trusted=info.trusted or info.auth is not None,
         )
 
     def _data(self, arg: str) -> None:

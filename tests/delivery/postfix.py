@@ -46,7 +46,7 @@ class PostfixRelay:
     """``PostfixRelay(nexthop_port, name=..., tls_key=..., tls_chain=...).start()``; ``.log()``, ``.stop()``."""
 
     def __init__(self, nexthop_port: int, name: str = "postfix.mailrelay.test", port: int | None = None,
-                 tls_key: Path | None = None, tls_chain: Path | None = None) -> None:
+                 tls_key: Path | None = None, tls_chain: Path | None = None, main_cf: tuple[str, ...] = ()) -> None:
         self.postfix = require("postfix")
         self.port = port or free_port()
         self.name = name
@@ -85,6 +85,7 @@ class PostfixRelay:
         if tls_key and tls_chain:
             main += [f"smtpd_tls_chain_files = {tls_key}, {tls_chain}", "smtpd_tls_security_level = may",
                      "smtpd_tls_loglevel = 1"]
+        main += main_cf  # more main.cf lines, e.g. "smtputf8_enable = no"
         (self.etc / "main.cf").write_text("\n".join(main) + "\n")
         (self.etc / "master.cf").write_text(_MASTER_CF.format(port=self.port))
         self.master_pid: int | None = None

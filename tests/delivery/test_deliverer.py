@@ -169,6 +169,44 @@ def test_lmtp_lost_between_the_replies_after_the_dot_is_no_second_delivery() -> 
     assert r2.code == 451 and r2.enhanced == "4.4.2"
 
 
+def test_binarymime_goes_byte_for_byte_with_bdat_to_a_hop_that_offers_it() -> None:
+    """What a route that says binarymime = true promises: the text as it was, never dot-stuffed
+    nor its line endings changed."""
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.body = b"Subject: b\r\n\r\n\x00bare\nlf\r.\r\n.\r\n"
+    h.deliver(Envelope("a@x.test", (Recipient("b@y.test"),), body="BINARYMIME"))
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 BINARYMIME\r\n")
+    sent = h.sent()
+    assert b"MAIL FROM:<a@x.test> BODY=BINARYMIME\r\nRCPT TO:<b@y.test>\r\n" in sent
+    h.reply(b"250 ok\r\n250 ok\r\n")
+    sent += h.sent()
+    assert sent.endswith(b"BDAT %d LAST\r\n" % len(h.body) + h.body)
+    h.reply(b"250 2.0.0 queued\r\n")
+    assert [r.code for r, _ in h.result[0]] == [250]  # type: ignore[union-attr]
+
+
+def test_binarymime_never_to_lmtp_which_we_send_with_dot_stuffed_data() -> None:
+    h = Harness(NextHop("127.0.0.1", 24), lmtp=True, start=False)
+    h.deliver(Envelope("a@x.test", (Recipient("b@y.test"),), body="BINARYMIME"))
+    h.accept(0)
+    h.reply(b"220 mda LMTP\r\n250-mda\r\n250-CHUNKING\r\n250 BINARYMIME\r\n")
+    [(reply, _)] = h.result[0]  # type: ignore[misc]
+    assert (reply.code, reply.enhanced) == (554, "5.6.3")
+    assert b"MAIL" not in h.sent()
+
+
+def test_a_hop_offering_dsn_takes_the_notify_request_and_the_answer_says_so() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.deliver(Envelope("a@x.test", (Recipient("b@y.test", ("SUCCESS",)), Recipient("c@y.test"))))
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250 DSN\r\n")
+    h.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
+    assert b"RCPT TO:<b@y.test> NOTIFY=SUCCESS\r\n" in h.sent()
+    remote = "127.0.0.1[127.0.0.1]:25"
+    assert h.result[0] == [(Reply(250, None, "ok"), remote, True), (Reply(250, None, "ok"), remote)]
+
+
 def test_source_address_bound() -> None:
     h = Harness(NextHop("127.0.0.1", 1), source="127.0.0.9")
     assert h.reactor.tcpClients[0][4] == ("127.0.0.9", 0)
@@ -268,6 +306,32 @@ def test_smtputf8_to_peer_without_it() -> None:
     h.reply(b"220 mx\r\n" + EHLO)
     assert h.result[0] == [(Reply(553, "5.6.7", "127.0.0.1[127.0.0.1]:25 does not support SMTPUTF8, which "
                                   "this message needs"), "127.0.0.1[127.0.0.1]:25")]
+
+
+def test_what_each_hop_offered_is_remembered_for_refusing_at_data() -> None:
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.deliver(Envelope("ä@x.test", (Recipient("b@y.test"),), smtputf8=True))
+    h.accept(0)
+    h.reply(b"220 mx\r\n250-mx\r\n250 SIZE 1000\r\n")
+    offer = h.deliverer.capabilities.offer(NextHop("127.0.0.1", 25))
+    assert offer is not None and (offer.smtputf8, offer.size_limit) == (False, 1000)
+
+
+def test_an_smtputf8_message_that_does_not_need_it_goes_without_it() -> None:
+    """All-ASCII addresses and header section (RFC 6531 3.2): no reason to fail at a hop without
+    SMTPUTF8; a UTF-8 header still needs it."""
+    env = Envelope("a@x.test", (Recipient("b@y.test"),), smtputf8=True)
+    h = Harness(NextHop("127.0.0.1", 25), start=False)
+    h.deliver(env)
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + EHLO)
+    assert h.sent().startswith(b"EHLO relay.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+    h2 = Harness(NextHop("127.0.0.1", 25), start=False)
+    h2.body = "Subject: Grüße\r\n\r\nbody\r\n".encode()
+    h2.deliver(env)
+    h2.accept(0)
+    h2.reply(b"220 mx\r\n" + EHLO)
+    assert [r.enhanced for r, _ in h2.result[0]] == ["5.6.7"]  # type: ignore[union-attr]
 
 
 def test_smtputf8_sent_when_offered() -> None:

@@ -179,7 +179,7 @@ async def test_dsn_parameters_passed_on(sinks: list[SMTPSink]) -> None:
     env = Envelope("sender@example.org", (Recipient("a@example.test", ("SUCCESS", "DELAY"), "rfc822;A@example.test"),),
                    ret="HDRS", envid="queue+id=1")
     results = await deliver(Route((NextHop("127.0.0.1", sink.port),)), b"Subject: dsn\r\n\r\nx\r\n", env=env)
-    assert [r.code for r, _ in results] == [250]
+    assert [(r.code, *passed) for r, _, *passed in results] == [(250, True)]  # the sink reports now
     [raw] = sink.wait_for(1)
     headers = dict(line.split(b": ", 1) for line in raw.split(b"\n") if line.startswith(b"X-"))
     assert headers[b"X-Mail-Args"].split()[1:] == [b"RET=HDRS", b"ENVID=queue+2Bid+3D1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 from email.message import Message
@@ -206,3 +207,113 @@ def test_binary_originals_return_headers_and_long_diagnostics_are_cut():
     (env, report), = w2.reports()
     *_, original = parts(report)
     assert original.get_content_type() == "text/rfc822-headers"
+
+
+NO_UTF8 = Reply(553, "5.6.7", "127.0.0.1[127.0.0.1]:2526 does not support SMTPUTF8, which this message needs")
+
+
+def test_a_failure_for_what_the_next_hop_cannot_take_is_reported_only_to_a_trusted_sender():
+    """Any client can send what the next hop lacks (SMTPUTF8, BINARYMIME, size) with a forged
+    sender: that report would carry its text to a victim (backscatter). Who the recipient is
+    (5.1.1) is still reported to anyone."""
+    script = [{"b@example.test": NO_UTF8, "c@example.test": NOUSER}]
+    untrusted = World(RecordingDeliverer(list(script)))
+    untrusted.send(Recipient("b@example.test"), Recipient("c@example.test"), trusted=False,
+                   client_address="192.0.2.7")
+    (_, report), = untrusted.reports()
+    _, (_, block), original = parts(report)
+    assert block["Final-Recipient"] == "rfc822; c@example.test"  # b's 5.6.7 withheld
+    assert original.get_content_type() == "text/rfc822-headers"  # never a text of its choosing
+    assert untrusted.store.messages == {} or all(m.envelope.sender == "" for m in untrusted.store.messages.values())
+
+    trusted = World(RecordingDeliverer(list(script)))
+    trusted.send(Recipient("b@example.test"), Recipient("c@example.test"), trusted=True, client_address="192.0.2.7")
+    (_, report), = trusted.reports()
+    _, (_, *blocks), original = parts(report)
+    assert [b["Status"] for b in blocks] == ["5.6.7", "5.1.1"]
+    assert original.get_content_type() == "message/rfc822"
+
+    for reply in (Reply(554, "5.6.3", "cannot take a BINARYMIME message"), Reply(552, "5.3.4", "too big")):
+        w = World(RecordingDeliverer([reply]))
+        w.send(Recipient("b@example.test"), trusted=False, client_address="192.0.2.7")
+        assert w.reports() == []
+
+
+def test_a_message_queued_before_trust_was_recorded_is_judged_by_its_client_address_and_auth():
+    def reported(client: str, auth: str | None = None) -> bool:
+        w = World(RecordingDeliverer([NO_UTF8]))
+        w.manager.notifier.trusted_client = lambda address: address.startswith("10.")
+        w.send(Recipient("b@example.test"), client_address=client, auth=auth)  # trusted=None
+        return bool(w.reports())
+
+    assert not reported("192.0.2.7")
+    assert reported("10.0.0.5") and reported("192.0.2.7", auth="alice")
+    assert reported("")  # not from the network: an embedder's own message
+
+
+def test_no_success_report_of_ours_when_the_next_hop_took_the_dsn_request():
+    """RFC 3461 5.2.2: it reports from there on; ours too would be a second notice."""
+    w = World(RecordingDeliverer(dsn=True))
+    w.send(Recipient("a@example.test", ("SUCCESS",)))
+    assert w.reports() == []
+
+
+def test_an_lmtp_delivery_is_final_and_reported_as_delivered():
+    w = World(RecordingDeliverer(dsn=True))
+    w.router.mapping["*"] = attrs.evolve(route_to("127.0.0.1", 24), lmtp=True)
+    w.send(Recipient("a@example.test", ("SUCCESS",)), Recipient("b@example.test"))
+    (env, report), = w.reports()
+    human, (head, block), _ = parts(report)
+    assert block["Action"] == "delivered" and block["Final-Recipient"] == "rfc822; a@example.test"
+    assert "successfully delivered" in human.get_content()
+
+
+UTF8_BODY = "From: sender@example.org\r\nSubject: Grüße aus Köln\r\n\r\nHallo.\r\n".encode()
+
+
+def test_an_smtputf8_original_comes_back_as_message_global_in_a_report_any_hop_takes():
+    """RFC 6533: message/global and message/global-delivery-status. The sender's address is
+    ASCII, so the report is not marked SMTPUTF8 (a hop without it would refuse it, and the
+    sender would never learn); its UTF-8 parts go base64 (7-bit) to such a return path."""
+    w = World(RecordingDeliverer([Reply(550, "5.1.1", "no such user")]))
+    w.send(Recipient("jürgen@example.test"), body=UTF8_BODY, smtputf8=True)
+    (env, report), = w.reports()
+    assert not env.smtputf8 and env.body == "8BITMIME"
+    sub = report.get_payload()
+    assert sub[1].get_content_type() == "message/global-delivery-status"
+    assert sub[1]["Content-Transfer-Encoding"] == "base64"
+    assert sub[2].get_content_type() == "message/global" and sub[2]["Content-Transfer-Encoding"] == "base64"
+    raw = w.deliverer.calls[-1].body
+    _, _, status, original, _ = raw.split(b"--" + report.get_boundary().encode())
+    assert "Final-Recipient: utf-8; jürgen@example.test" in base64.b64decode(status.split(b"\r\n\r\n", 1)[1]).decode()
+    assert base64.b64decode(original.split(b"\r\n\r\n", 1)[1]) == UTF8_BODY
+    assert status.isascii() and original.isascii()  # 7-bit: any return path takes them
+
+
+def test_a_report_to_an_smtputf8_sender_is_marked_so_and_keeps_8bit_parts():
+    w = World(RecordingDeliverer([Reply(550, "5.1.1", "no such user")]))
+    w.send(Recipient("jürgen@example.test"), sender="änne@example.org", body=UTF8_BODY, smtputf8=True, ret="HDRS")
+    (env, report), = w.reports()
+    assert env.smtputf8 and env.recipients[0].address == "änne@example.org"
+    sub = report.get_payload()
+    assert sub[2].get_content_type() == "message/global-headers" and sub[2]["Content-Transfer-Encoding"] == "8bit"
+    assert "Grüße".encode() in w.deliverer.calls[-1].body and b"Hallo." not in w.deliverer.calls[-1].body
+
+
+def test_a_report_of_an_ascii_message_to_an_ascii_sender_is_unchanged_by_it():
+    w = World(RecordingDeliverer([NOUSER]))
+    w.send(Recipient("b@example.test"))
+    (env, report), = w.reports()
+    assert not env.smtputf8 and env.body is None
+    sub = report.get_payload()
+    assert [p.get_content_type() for p in sub] == ["text/plain", "message/delivery-status", "message/rfc822"]
+
+
+def test_a_success_report_to_an_untrusted_sender_returns_only_the_header():
+    """NOTIFY=SUCCESS RET=FULL with a forged sender would have us mail any text to anyone."""
+    w = World(RecordingDeliverer())
+    w.send(Recipient("a@example.test", ("SUCCESS",)), ret="FULL", trusted=False, client_address="192.0.2.7")
+    (_, report), = w.reports()
+    *_, original = parts(report)
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert b"Hello there" not in w.deliverer.calls[-1].body

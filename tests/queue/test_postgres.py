@@ -144,13 +144,14 @@ def test_group_commit_stores_many_in_few_transactions(stores):
 @pytest_twisted.inlineCallbacks
 def test_save_and_remove(stores, dsn):
     a, b = stores(), stores()
-    qid = yield commit(a, b"body\r\n")
+    qid = yield commit(a, b"body\r\n", attrs.evolve(ENV, trusted=True))
     message = yield a.load(qid)
-    statuses = (attrs.evolve(message.statuses[0], state=RecipientState.DELIVERED,
+    statuses = (attrs.evolve(message.statuses[0], state=RecipientState.DELIVERED, success="passed",
                              last_reply=Reply(250, "2.0.0", "ok"), attempts=1), message.statuses[1])
     yield a.save(attrs.evolve(message, statuses=statuses, attempts=1, next_attempt=1700000300.0, held=True))
     seen_by_b = yield b.load(qid)
     assert seen_by_b.statuses[0].state is RecipientState.DELIVERED
+    assert seen_by_b.envelope.trusted and seen_by_b.statuses[0].success == "passed"  # queue format 2
     assert seen_by_b.statuses[0].last_reply == Reply(250, "2.0.0", "ok")
     assert (seen_by_b.attempts, seen_by_b.next_attempt, seen_by_b.held) == (1, 1700000300.0, True)
     assert (yield b.load_schedule()) == [(qid, 1700000300.0, True)]

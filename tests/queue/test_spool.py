@@ -391,6 +391,28 @@ def test_a_spool_of_the_two_file_layout_is_converted_at_start_and_loses_nothing(
         yield s.stop()
 
 
+def test_a_message_queued_in_format_1_loads_with_its_trust_not_recorded_and_format_2_keeps_it(tmp_path):
+    """Format 2 records whether the client was trusted (who hears of a capability failure);
+    a format 1 message, queued before, reads as not recorded (None) in both stores."""
+    import json
+
+    from mailrelay.queue.postgres import _decode, _encode
+    from mailrelay.queue.store import message_to_dict, new_message
+
+    qid = "0000000001AAAAAAAA"
+    v1 = message_to_dict(new_message(qid, ENV))
+    v1["version"] = 1
+    del v1["envelope"]["trusted"]
+    path = tmp_path / "spool"
+    (path / "queue").mkdir(parents=True)
+    (path / "queue" / f"{qid}.body").write_bytes(b"Subject: old\r\n\r\nx\r\n")
+    (path / "queue" / f"{qid}.env").write_bytes(json.dumps(v1).encode())
+    assert FilesystemSpool(str(path), None).read_message(qid).envelope.trusted is None
+    assert _decode(json.dumps(v1)).envelope.trusted is None
+    trusted = new_message(qid, attrs.evolve(ENV, trusted=True))
+    assert _decode(_encode(trusted)) == trusted and message_to_dict(trusted)["version"] == 2
+
+
 def _inode(path: str) -> int:
     return os.stat(path).st_ino
 

@@ -115,7 +115,15 @@ def test_auth_plain_then_relay_anywhere_with_esmtpa_header() -> None:
     assert c.codes() == [250, 250, 354, 250]
     w = c.sink.committed[0]
     assert (w.envelope.auth, w.envelope.protocol) == ("alice", "ESMTPSA")
+    assert w.envelope.trusted  # recorded with the message: it hears of every failure
     assert b"(Authenticated sender: alice)" in w.data
+
+
+def test_whether_the_client_was_trusted_is_recorded_with_the_message() -> None:
+    for client, trusted in (("192.0.2.9", False), ("10.1.2.3", True)):
+        c = Conn(config=CONFIG, client=client)
+        c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n" + stuff(MSG))
+        assert c.sink.committed[0].envelope.trusted is trusted
 
 
 def test_auth_login_and_plain_without_initial_response() -> None:
@@ -207,10 +215,20 @@ def test_checker_crash_is_temporary_not_a_failure_count() -> None:
 # -- CHUNKING -------------------------------------------------------------------------------------
 
 def bdat_conn() -> Conn:
-    c = Conn(config=CONFIG)
+    c = Conn(config=CONFIG, binarymime=True)  # every route onward carries it
     kw = ehlo_keywords(c)
     assert {"CHUNKING", "BINARYMIME"} <= kw
     return c
+
+
+def test_binarymime_neither_offered_nor_taken_unless_every_route_carries_it() -> None:
+    """Else a forged sender's BINARYMIME message, which no next hop takes, bounces to its victim."""
+    c = Conn(config=CONFIG)
+    kw = ehlo_keywords(c)
+    assert "CHUNKING" in kw and "BINARYMIME" not in kw
+    c.send(b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nMAIL FROM:<a@example.org> BODY=8BITMIME\r\n")
+    (code, text), ok = c.replies()
+    assert (code, text[:5]) == (555, "5.5.4") and ok[0] == 250
 
 
 def test_bdat_pipelined_chunks_make_one_message() -> None:
@@ -443,7 +461,7 @@ def test_other_text_follows_our_received_header_unchanged(how: str, message: byt
 @settings(max_examples=300, deadline=None)
 def test_whatever_the_text_and_its_chunks_our_received_header_ends_where_we_end_it(
         text: bytes, cuts: list[int]) -> None:
-    c = Conn(config=CONFIG)
+    c = Conn(config=CONFIG, binarymime=True)
     c.ehlo()
     c.send(b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nRCPT TO:<user@example.test>\r\n")
     chunks, i = [], 0

@@ -160,7 +160,7 @@ def test_bdat_over_a_raw_socket_pipelined():
     config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), trusted_networks=())
     sink = RecordingSink()
     port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor))
+        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor, binarymime=True))
     n = port.getHost().port
     body = b"Subject: chunks\r\n\r\n" + b"".join(b"line %d\r\n" % i for i in range(2000))
     half = len(body) // 2

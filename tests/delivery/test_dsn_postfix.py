@@ -1,0 +1,158 @@
+"""Reports end to end against a real Postfix. NOTIFY=SUCCESS (RFC 3461 5.2.2): one success
+notice, from whoever ends our part; an SMTPUTF8 message's report through a hop without it.
+
+A real Postfix (which offers DSN) takes the request and reports itself, so we send nothing;
+an smtp-sink without DSN (``-N``) cannot, so we send the "relayed" report. Postfix relays to
+that same sink, which also takes every report: the sink holds all the mail that was sent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+from email import message_from_bytes
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task, threads
+
+from mailrelay import config
+from mailrelay.service import MailRelayService
+from tests.delivery.postfix import PostfixRelay
+from tests.peers import SMTPSink
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def peers():
+    sink = SMTPSink(flags=["-N"]).start()  # no DSN
+    postfix = PostfixRelay(sink.port, name="postfix.mailrelay.test")
+    try:
+        postfix.start()
+        yield postfix, sink
+    finally:
+        postfix.stop()
+        sink.stop()
+        shutil.rmtree(sink.dir, ignore_errors=True)
+        shutil.rmtree(postfix.dir, ignore_errors=True)
+
+
+def reports(sink: SMTPSink) -> list[tuple[str, list[str], str]]:
+    """``(Reporting-MTA, [(Final-Recipient, Action)], To)`` of every report the sink got."""
+    out = []
+    for raw in sink.messages():
+        message = message_from_bytes(raw)
+        if message.get_content_type() != "multipart/report":
+            continue
+        status = message.get_payload()[1].get_payload()
+        head, *blocks = status
+        out.append((head["Reporting-MTA"], [(b["Final-Recipient"], b["Action"]) for b in blocks], message["To"]))
+    return out
+
+
+@pytest_twisted.inlineCallbacks
+def test_one_success_notice_postfix_with_dsn_reports_and_a_hop_without_it_gets_ours(tmp_path, peers):
+    postfix, sink = peers
+    relay = MailRelayService(config.loads(f"""
+[server]
+hostname = "relay.mailrelay.test"
+listen = ["tcp:0:interface=127.0.0.1"]
+[spool]
+path = "{tmp_path / 'spool'}"
+[[routes]]
+type = "static"
+domains = ["with-dsn.test"]
+hosts = ["127.0.0.1:{postfix.port}"]
+[[routes]]
+type = "static"
+domains = ["*"]
+hosts = ["127.0.0.1:{sink.port}"]
+"""))
+    relay.startService()
+    try:
+        yield relay.listeners[0].listening
+        port = relay.ports[0].getHost().port
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", port) as client:
+                for rcpt in ("a@with-dsn.test", "b@without-dsn.test"):
+                    client.sendmail("sender@example.org", [rcpt], f"Subject: to {rcpt}\r\n\r\nhi\r\n".encode(),
+                                    rcpt_options=["NOTIFY=SUCCESS"])
+
+        yield threads.deferToThread(send)
+        # both originals, Postfix's report and ours
+        yield threads.deferToThread(sink.wait_for, 4, 60)
+        for _ in range(600):  # and nothing of ours is left to send
+            if not (yield relay.store.list_ids()):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield threads.deferToThread(sink.wait_for, len(sink.messages()), 10)
+    finally:
+        yield relay.stopService()
+    got = sorted(reports(sink))
+    assert got == [
+        ("dns; postfix.mailrelay.test", [("rfc822; a@with-dsn.test", "relayed")], "sender@example.org"),
+        ("dns; relay.mailrelay.test", [("rfc822; b@without-dsn.test", "relayed")], "<sender@example.org>"),
+    ], got
+    originals = [t for t in sink.transactions() if t.sender == "sender@example.org"]
+    assert sorted(r for t in originals for r in t.recipients) == ["a@with-dsn.test", "b@without-dsn.test"]
+
+
+@pytest.fixture
+def no_smtputf8(tmp_path):
+    refusing = SMTPSink(flags=["-f", "RCPT"]).start()  # 5xx to every recipient
+    sink = SMTPSink().start()
+    postfix = PostfixRelay(sink.port, name="postfix.mailrelay.test", main_cf=("smtputf8_enable = no",))
+    try:
+        postfix.start()
+        yield refusing, postfix, sink
+    finally:
+        postfix.stop()
+        for s in (refusing, sink):
+            s.stop()
+            shutil.rmtree(s.dir, ignore_errors=True)
+        shutil.rmtree(postfix.dir, ignore_errors=True)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_report_of_an_smtputf8_message_reaches_its_ascii_sender_through_a_postfix_without_smtputf8(
+        tmp_path, no_smtputf8):
+    """RFC 6533: the original comes back as message/global; the report is not marked SMTPUTF8
+    (the sender's address is ASCII), and a message marked so without need goes without it, so a
+    Postfix with smtputf8_enable = no takes it (before: 553 5.6.7 here, the sender never told)."""
+    refusing, postfix, sink = no_smtputf8
+    relay = MailRelayService(config.loads(f"""
+[server]
+hostname = "relay.mailrelay.test"
+listen = ["tcp:0:interface=127.0.0.1"]
+[spool]
+path = "{tmp_path / 'spool'}"
+[[routes]]
+type = "static"
+domains = ["fails.test"]
+hosts = ["127.0.0.1:{refusing.port}"]
+[[routes]]
+type = "static"
+domains = ["*"]
+hosts = ["127.0.0.1:{postfix.port}"]
+"""))
+    relay.startService()
+    original = "From: sender@example.org\r\nSubject: Grüße\r\n\r\nHallo.\r\n".encode()
+    try:
+        yield relay.listeners[0].listening
+        port = relay.ports[0].getHost().port
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", port) as client:
+                client.ehlo()
+                client.sendmail("sender@example.org", ["jürgen@fails.test"], original, mail_options=["SMTPUTF8"])
+
+        yield threads.deferToThread(send)
+        (raw,) = yield threads.deferToThread(sink.wait_for, 1, 60)
+    finally:
+        yield relay.stopService()
+    report = message_from_bytes(raw)
+    assert report.get_content_type() == "multipart/report" and report["To"] == "<sender@example.org>"
+    kinds = [p.get_content_type() for p in report.get_payload()]
+    assert kinds == ["text/plain", "message/global-delivery-status", "message/global"]
