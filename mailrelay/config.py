@@ -16,14 +16,15 @@ from typing import Any, TypeVar
 
 import attrs
 
+from mailrelay import _ascii
 from mailrelay.address import DomainError, canonical_domain
 from mailrelay.errors import ConfigError, config_errors
 
 T = TypeVar("T")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.ASCII)
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*$", re.ASCII)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -73,9 +74,10 @@ def parse_hostport(value: object, default_port: int = 25) -> tuple[str, int]:
         raise ValueError(f"{value!r}: empty host")
     port = default_port
     if port_s:
-        if not port_s.isdigit():
+        parsed = _ascii.number(port_s, 5)  # "١٠".isdigit() too, and int() reads it as 10
+        if parsed is None:
             raise ValueError(f"{value!r}: port must be a number")
-        port = int(port_s)
+        port = parsed
     if not 1 <= port <= 65535:
         raise ValueError(f"{value!r}: port must be 1-65535")
     return host, port

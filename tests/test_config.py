@@ -113,7 +113,7 @@ def test_hostport(value, expected):
     assert config.parse_hostport(value) == expected
 
 
-@pytest.mark.parametrize("value", ["127.0.0.1:0", "127.0.0.1:65536", "h:x", "[::1", ":25", ""])
+@pytest.mark.parametrize("value", ["127.0.0.1:0", "127.0.0.1:65536", "h:x", "[::1", ":25", "", "h:\u0662\u0665", "h:２５", "h:²"])
 def test_bad_hostport(value):
     with pytest.raises(ValueError):
         config.parse_hostport(value)
@@ -155,3 +155,13 @@ def test_every_error_of_a_file_is_reported_at_once_each_on_its_line():
         "relay.toml: queue.retry_schedule: must have at least one interval",
         "relay.toml: routes[0].type: missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)",
     ]
+
+
+@pytest.mark.parametrize("text", ["\u0665m", "５m", "1\u3000m"])
+def test_durations_and_sizes_are_ascii_digits(text):
+    """``\\d`` and ``\\s`` on str take other scripts' digits and blanks: "٥m" was five minutes."""
+    with pytest.raises(ValueError):
+        config.parse_duration(text)
+    with pytest.raises(ValueError):
+        config.parse_size(text.replace("m", "M"))
+    assert config.parse_duration(" 5m ") == 300.0 and config.parse_size("10M") == 10 * 1024**2
