@@ -372,8 +372,14 @@ class QueueManager:
 
     def _attempt_failed(self, failure: Failure, queue_id: str) -> None:
         """The store failed under an attempt (unreadable envelope, no room to save the outcome, no
-        file descriptors left): try again later rather than forget the message until a restart."""
-        log.failure("queue: attempt on {queue_id} failed; will retry", failure, queue_id=queue_id)
+        file descriptors left): try again later rather than forget the message until a restart.
+        A store that says it is unavailable for now (``TemporaryFailure``: a database outage) is
+        one warning line, not a traceback per message."""
+        if failure.check(TemporaryFailure):
+            log.warn("queue: attempt on {queue_id} failed ({reply}); will retry", queue_id=queue_id,
+                     reply=failure.value.reply)  # type: ignore[union-attr]
+        else:
+            log.failure("queue: attempt on {queue_id} failed; will retry", failure, queue_id=queue_id)
         if self._running:
             self._schedule(queue_id, self.clock.seconds() + schedule.retry_delay(self.config.retry_schedule, 1))
 

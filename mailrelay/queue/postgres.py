@@ -66,6 +66,13 @@ def database_failure() -> TemporaryFailure:
     return TemporaryFailure(Reply(451, "4.3.0", "Queue database unavailable, try again later"))
 
 
+def _unreachable(failure: Failure) -> Failure:
+    """``database_failure()`` (caused by the driver's error) for an ``OperationalError``, else as it is."""
+    if failure.check(psycopg.OperationalError):
+        raise database_failure() from failure.value
+    return failure
+
+
 def _encode(message: QueuedMessage) -> str:
     return json.dumps(message_to_dict(message), separators=(",", ":"))
 
@@ -366,7 +373,10 @@ class PostgresStore:
         return threads.deferToThreadPool(self.reactor, self.threadpool, fn, *args)
 
     def _db(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        return self._in_thread(self._run, fn, *args)
+        """``fn(conn, *args)`` in a pooled transaction; a database that cannot be reached is
+        ``TemporaryFailure`` (451 4.3.0), as for a commit: callers outside this module (the
+        queue manager) wait and retry on it without knowing psycopg."""
+        return self._in_thread(self._run, fn, *args).addErrback(_unreachable)
 
     def _db_retrying(self, what: str, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         """``_db``, tried again while the database is unreachable, for ``retry_for`` seconds.
@@ -380,8 +390,8 @@ class PostgresStore:
             self._db(fn, *args).addCallbacks(result.callback, failed)
 
         def failed(f: Failure) -> None:
-            if f.check(psycopg.OperationalError) and self.clock.seconds() < deadline and not self._stopping.is_set():
-                log.warn("pgstore: {what} failed ({error}); retrying", what=what, error=f.value)
+            if f.check(TemporaryFailure) and self.clock.seconds() < deadline and not self._stopping.is_set():
+                log.warn("pgstore: {what} failed ({error}); retrying", what=what, error=f.value.__cause__ or f.value)
                 self.clock.callLater(1.0, attempt)
                 return
             result.errback(f)

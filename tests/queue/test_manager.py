@@ -456,6 +456,27 @@ def test_a_load_that_breaks_is_retried_and_a_message_deleted_meanwhile_is_left_a
     assert len(w.deliverer.calls) == 1 and other not in w.manager.scheduled()
 
 
+def test_a_store_unavailable_for_now_is_one_warning_line_and_a_retry_not_a_traceback():
+    """A database outage (the PostgreSQL store's TemporaryFailure) is expected operation: the
+    attempt waits for the schedule and says so in one line; other store failures keep their
+    traceback."""
+    from twisted.logger import LogLevel, capturedLogs
+
+    w = World()
+    real_load = w.store.load
+    broken = [TemporaryFailure(Reply(451, "4.3.0", "Queue database unavailable, try again later"))]
+    w.store.load = lambda qid: defer.fail(broken.pop()) if broken else real_load(qid)
+    w.manager.start()
+    with capturedLogs() as events:
+        qid = w.send("a@example.test")
+        w.clock.advance(0)
+    assert w.deliverer.calls == [] and qid in w.store.messages
+    mine = [e for e in events if "attempt on" in e.get("log_format", "")]
+    assert [(e["log_level"], "log_failure" in e) for e in mine] == [(LogLevel.warn, False)]
+    w.clock.advance(60)
+    assert len(w.deliverer.calls) == 1
+
+
 def test_a_blocked_message_is_delivered_when_its_destination_frees_though_never_saved():
     w, deliverer = capped(1)
     ids = [w.send(f"u{i}@example.test") for i in range(4)]

@@ -295,6 +295,19 @@ def test_a_store_failure_in_save_is_retried_until_the_database_is_back(stores, d
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_database_out_of_reach_is_a_temporary_failure_to_the_stores_callers(stores, dsn):
+    """The queue manager knows no psycopg: a load while the database cannot be reached fails with
+    the store's TemporaryFailure (451 4.3.0), which it retries quietly, not OperationalError."""
+    store = stores(scan_interval=3600)
+    qid = yield commit(store, b"x\r\n")
+    store._conns.close()
+    store._conns.connect = lambda: (_ for _ in ()).throw(psycopg.OperationalError("connection refused (test)"))
+    with pytest.raises(TemporaryFailure) as e:
+        yield store.load(qid)
+    assert e.value.reply.code == 451 and isinstance(e.value.__cause__, psycopg.OperationalError)
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_body_that_does_not_match_its_size_is_never_handed_out(stores, dsn):
     a = stores()
     qid = yield commit(a, os.urandom(600 * 1024))
