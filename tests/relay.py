@@ -1,4 +1,5 @@
-"""A real ``twistd -n mailrelay`` child process for end-to-end tests, in a temp dir, on a free port."""
+"""A relay for end-to-end tests: a real ``twistd -n mailrelay`` child process in a temp dir on a free
+port, or a MailRelayService in the test's own reactor (``run_in_process``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
+from typing import Any
 
+from twisted.internet import defer, reactor, task, threads
+
+from mailrelay.service import MailRelayService
 from tests.peers import free_port, stop_child, wait_listening
 
 
@@ -141,3 +146,30 @@ class Sender(threading.Thread):
                         self.acked.append(mid)  # only after the 250
             except (OSError, smtplib.SMTPException):
                 time.sleep(self.pause)  # the relay is down, or was killed mid-session
+
+
+@defer.inlineCallbacks
+def run_in_process(relay: MailRelayService, client: Callable[[int], object],
+                   then: Callable[[], Any] = lambda: None) -> Generator[Any, Any, Any]:
+    """Start ``relay``, run ``client(port)`` (its first listener's port) in a thread, then wait for
+    ``then()`` (a value or a Deferred) and stop the relay whatever happened; → ``then()``'s result."""
+    relay.startService()
+    try:
+        yield relay.listeners[0].listening
+        yield threads.deferToThread(client, relay.ports[0].getHost().port)
+        result = yield defer.maybeDeferred(then)
+    finally:
+        yield relay.stopService()
+    return result
+
+
+@defer.inlineCallbacks
+def wait_until(condition: Callable[[], Any], timeout: float) -> Generator[Any, Any, bool]:
+    """Poll ``condition()`` (a value or a Deferred) without blocking the reactor until it is true or
+    ``timeout`` seconds have passed; → whether it came true (the caller asserts, with its context)."""
+    deadline = time.monotonic() + timeout
+    while not (yield defer.maybeDeferred(condition)):
+        if time.monotonic() > deadline:
+            return False
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    return True

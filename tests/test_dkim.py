@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import smtplib
-import time
 
 import pytest
 import pytest_twisted
@@ -17,6 +16,7 @@ from mailrelay import config
 from mailrelay.errors import ConfigError
 from mailrelay.service import MailRelayService
 from tests.dkimverify import dkim_zone, mail_dkim, opendkim
+from tests.relay import run_in_process
 from tests.routing.nsd import NSD
 
 
@@ -64,25 +64,17 @@ def test_outgoing_mail_is_signed_per_sender_domain_with_rsa_or_ed25519_and_verif
     records = {"example.org": make_key(keys / "example.org.pem", "rsa"),
                "other.example": make_key(keys / "other.example.pem", "ed25519")}
     relay = MailRelayService(relay_config(tmp_path, smtp_sink.port, str(keys / "{domain}.pem")))
-    relay.startService()
-    try:
-        yield relay.listeners[0].listening
-        port = relay.ports[0].getHost().port
 
-        def send() -> None:
-            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
-                for sender, header_from, n in (("a@example.org", "A <a@example.org>", 1),
-                                               ("bounces@unsigned.test", "b@other.example", 2),
-                                               ("c@unsigned.test", "c@unsigned.test", 3)):
-                    client.sendmail(sender, ["rcpt@example.test"],
-                                    f"From: {header_from}\r\nTo: rcpt@example.test\r\nSubject: m{n}\r\n"
-                                    f"Message-ID: <m{n}@example>\r\n\r\nbody {n}\r\n.dot line\r\n".encode())
+    def send(port: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+            for sender, header_from, n in (("a@example.org", "A <a@example.org>", 1),
+                                           ("bounces@unsigned.test", "b@other.example", 2),
+                                           ("c@unsigned.test", "c@unsigned.test", 3)):
+                client.sendmail(sender, ["rcpt@example.test"],
+                                f"From: {header_from}\r\nTo: rcpt@example.test\r\nSubject: m{n}\r\n"
+                                f"Message-ID: <m{n}@example>\r\n\r\nbody {n}\r\n.dot line\r\n".encode())
 
-        yield threads.deferToThread(send)
-        yield threads.deferToThread(smtp_sink.wait_for, 3, 20)
-        yield threads.deferToThread(lambda: _wait_counted(smtp_sink, 3))
-    finally:
-        yield relay.stopService()
+    yield run_in_process(relay, send, lambda: threads.deferToThread(smtp_sink.wait_for, 3, 20))
 
     by_id = {}
     for t in smtp_sink.transactions():
@@ -110,12 +102,6 @@ def test_outgoing_mail_is_signed_per_sender_domain_with_rsa_or_ed25519_and_verif
     assert rsa_tampered == ["example.org rsa-sha256 fail (body has been altered)"]
     assert by_opendkim == [[("example.org", "succeeded")], [("other.example", "succeeded")],
                            [("example.org", "failed")], [("other.example", "failed")], []]
-
-
-def _wait_counted(sink, n: int) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + 20
-    while sink.count() < n and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def test_a_key_that_is_neither_rsa_nor_ed25519_is_a_config_error(tmp_path):

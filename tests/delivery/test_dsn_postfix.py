@@ -14,12 +14,14 @@ from email import message_from_bytes
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task, threads
+from twisted.internet import defer, threads
 
 from mailrelay import config
 from mailrelay.service import MailRelayService
 from tests.delivery.postfix import PostfixRelay
 from tests.peers import SMTPSink
+from tests.relay import run_in_process, wait_until
+from tests.reliability.helpers import route_to
 
 pytestmark = pytest.mark.integration
 
@@ -51,45 +53,33 @@ def reports(sink: SMTPSink) -> list[tuple[str, list[str], str]]:
     return out
 
 
+def relay_config(tmp_path, routes: dict[str, int]) -> config.Config:  # type: ignore[no-untyped-def]
+    """relay.mailrelay.test on a free loopback port; a static route per domain pattern, in order."""
+    return config.loads(f'[server]\nhostname = "relay.mailrelay.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+                        + "".join(route_to(port, f'["{domain}"]') for domain, port in routes.items()))
+
+
 @pytest_twisted.inlineCallbacks
 def test_one_success_notice_postfix_with_dsn_reports_and_a_hop_without_it_gets_ours(tmp_path, peers):
     postfix, sink = peers
-    relay = MailRelayService(config.loads(f"""
-[server]
-hostname = "relay.mailrelay.test"
-listen = ["tcp:0:interface=127.0.0.1"]
-[spool]
-path = "{tmp_path / 'spool'}"
-[[routes]]
-type = "static"
-domains = ["with-dsn.test"]
-hosts = ["127.0.0.1:{postfix.port}"]
-[[routes]]
-type = "static"
-domains = ["*"]
-hosts = ["127.0.0.1:{sink.port}"]
-"""))
-    relay.startService()
-    try:
-        yield relay.listeners[0].listening
-        port = relay.ports[0].getHost().port
+    relay = MailRelayService(relay_config(tmp_path, {"with-dsn.test": postfix.port, "*": sink.port}))
 
-        def send() -> None:
-            with smtplib.SMTP("127.0.0.1", port) as client:
-                for rcpt in ("a@with-dsn.test", "b@without-dsn.test"):
-                    client.sendmail("sender@example.org", [rcpt], f"Subject: to {rcpt}\r\n\r\nhi\r\n".encode(),
-                                    rcpt_options=["NOTIFY=SUCCESS"])
+    def send(port: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            for rcpt in ("a@with-dsn.test", "b@without-dsn.test"):
+                client.sendmail("sender@example.org", [rcpt], f"Subject: to {rcpt}\r\n\r\nhi\r\n".encode(),
+                                rcpt_options=["NOTIFY=SUCCESS"])
 
-        yield threads.deferToThread(send)
+    @defer.inlineCallbacks
+    def settled():  # type: ignore[no-untyped-def]
         # both originals, Postfix's report and ours
         yield threads.deferToThread(sink.wait_for, 4, 60)
-        for _ in range(600):  # and nothing of ours is left to send
-            if not (yield relay.store.list_ids()):
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        # and nothing of ours is left to send
+        yield wait_until(lambda: relay.store.list_ids().addCallback(lambda ids: not ids), 30)
         yield threads.deferToThread(sink.wait_for, len(sink.messages()), 10)
-    finally:
-        yield relay.stopService()
+
+    yield run_in_process(relay, send, settled)
     got = sorted(reports(sink))
     assert got == [
         ("dns; postfix.mailrelay.test", [("rfc822; a@with-dsn.test", "relayed")], "sender@example.org"),
@@ -122,36 +112,15 @@ def test_the_report_of_an_smtputf8_message_reaches_its_ascii_sender_through_a_po
     (the sender's address is ASCII), and a message marked so without need goes without it, so a
     Postfix with smtputf8_enable = no takes it (before: 553 5.6.7 here, the sender never told)."""
     refusing, postfix, sink = no_smtputf8
-    relay = MailRelayService(config.loads(f"""
-[server]
-hostname = "relay.mailrelay.test"
-listen = ["tcp:0:interface=127.0.0.1"]
-[spool]
-path = "{tmp_path / 'spool'}"
-[[routes]]
-type = "static"
-domains = ["fails.test"]
-hosts = ["127.0.0.1:{refusing.port}"]
-[[routes]]
-type = "static"
-domains = ["*"]
-hosts = ["127.0.0.1:{postfix.port}"]
-"""))
-    relay.startService()
+    relay = MailRelayService(relay_config(tmp_path, {"fails.test": refusing.port, "*": postfix.port}))
     original = "From: sender@example.org\r\nSubject: Grüße\r\n\r\nHallo.\r\n".encode()
-    try:
-        yield relay.listeners[0].listening
-        port = relay.ports[0].getHost().port
 
-        def send() -> None:
-            with smtplib.SMTP("127.0.0.1", port) as client:
-                client.ehlo()
-                client.sendmail("sender@example.org", ["jürgen@fails.test"], original, mail_options=["SMTPUTF8"])
+    def send(port: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.ehlo()
+            client.sendmail("sender@example.org", ["jürgen@fails.test"], original, mail_options=["SMTPUTF8"])
 
-        yield threads.deferToThread(send)
-        (raw,) = yield threads.deferToThread(sink.wait_for, 1, 60)
-    finally:
-        yield relay.stopService()
+    (raw,) = yield run_in_process(relay, send, lambda: threads.deferToThread(sink.wait_for, 1, 60))
     report = message_from_bytes(raw)
     assert report.get_content_type() == "multipart/report" and report["To"] == "<sender@example.org>"
     kinds = [p.get_content_type() for p in report.get_payload()]
