@@ -43,6 +43,25 @@ def wait_listening(host: str, port: int, timeout: float = 10.0, proc: subprocess
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def flood_unread(s: socket.socket, data: bytes, stall: float = 1.0) -> int:
+    """A client that never reads its replies: after the greeting, write ``data`` and read nothing until
+    all is sent or the server has taken none of it for ``stall`` seconds (it stopped reading);
+    → bytes sent. Leaves ``s`` non-blocking."""
+    s.recv(1024)  # the greeting
+    s.setblocking(False)
+    sent, stuck_since = 0, None
+    while sent < len(data):
+        try:
+            sent += s.send(data[sent : sent + 65536])
+            stuck_since = None
+        except BlockingIOError:
+            stuck_since = stuck_since or time.monotonic()
+            if time.monotonic() - stuck_since > stall:  # the server reads no more
+                break
+            time.sleep(0.01)  # poll: select() would wait for more room than a server reading a little frees
+    return sent
+
+
 def require(binary: str) -> str:
     path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
     if not path:

@@ -17,6 +17,7 @@ import pytest
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply
 from mailrelay.queue.bounce import RETURN_SIZE_LIMIT, Action, build_report
 from mailrelay.queue.store import new_message
+from tests.peers import flood_unread
 from tests.reliability.helpers import Raw, route_to, rss_kib, wait_for_ids
 
 pytestmark = pytest.mark.integration
@@ -197,24 +198,12 @@ def test_a_client_that_pipelines_and_never_reads_costs_no_memory(relays):
     replies it holds fill its send buffer, so the flood waits in the kernel, not in our memory (it
     read the lot before, and grew with it)."""
     import socket
-    import time
 
     relay = relays(route_to(9))
     base, _ = rss_kib(relay.proc.pid)
     flood = b"NOOP\r\n" * (32 * MIB // 6)
     with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
-        s.recv(1024)
-        s.setblocking(False)
-        sent, stuck_since = 0, None
-        while sent < len(flood):
-            try:
-                sent += s.send(flood[sent : sent + 65536])
-                stuck_since = None
-            except BlockingIOError:
-                stuck_since = stuck_since or time.monotonic()
-                if time.monotonic() - stuck_since > 1.0:  # the relay reads no more
-                    break
-                time.sleep(0.01)
+        sent = flood_unread(s, flood)  # until the relay reads no more
         _, peak = rss_kib(relay.proc.pid)
     print(f"\nnever-reading client: sent {sent // MIB} of {len(flood) // MIB} MiB; relay RSS {base} KiB at start, "
           f"peak {peak} KiB (+{(peak - base) // 1024} MiB)")

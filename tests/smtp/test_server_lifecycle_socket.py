@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 import pytest_twisted
@@ -14,6 +13,7 @@ from mailrelay.config import ServerConfig
 from mailrelay.policy import build_policy
 from mailrelay.smtp.server import SMTPServerFactory
 from mailrelay.smtp.session import PAUSE_ABOVE
+from tests.peers import flood_unread
 from tests.smtp.certs import make_certs
 from tests.smtp.fakes import RecordingSink
 
@@ -64,24 +64,9 @@ def test_a_client_that_pipelines_and_never_reads_is_paused():
     port = yield listening
     flood = b"NOOP\r\n" * (16 * 1024 * 1024 // 6)  # 16 MiB of commands, no reply read
 
-    def send_until_stuck(s: socket.socket) -> int:
-        s.recv(1024)
-        s.setblocking(False)
-        sent, stuck_since = 0, None
-        while sent < len(flood):
-            try:
-                sent += s.send(flood[sent : sent + 65536])
-                stuck_since = None
-            except BlockingIOError:
-                stuck_since = stuck_since or time.monotonic()
-                if time.monotonic() - stuck_since > 1.0:  # the server reads no more
-                    break
-                time.sleep(0.01)
-        return sent
-
     s = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=30)
     try:
-        sent = yield threads.deferToThread(send_until_stuck, s)
+        sent = yield threads.deferToThread(flood_unread, s, flood)
         (protocol,) = factory.protocols
         session = protocol.session
         # what it costs us: the replies it has not read (the transport's buffer) and its
