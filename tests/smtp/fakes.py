@@ -1,5 +1,6 @@
 """In-memory collaborators for server tests: a recording sink whose commits fire by hand, a
-policy that answers through Deferreds, and a connected protocol on a StringTransport."""
+policy that answers through Deferreds, and a connected protocol on a StringTransport; and, for
+tests with real clients, the same server on a loopback port (``listen``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
@@ -179,3 +182,14 @@ def stuff(message: bytes) -> bytes:
     """Dot-stuff a CRLF message and append the end of data."""
     lines = message.split(b"\r\n")
     return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines) + b".\r\n"
+
+
+def listen(config: ServerConfig, sink: RecordingSink | None = None
+           ) -> tuple[SMTPServerFactory, defer.Deferred[IListeningPort]]:
+    """The server for ``config`` on a free port of 127.0.0.1, in the running reactor, committing to
+    ``sink`` (a new RecordingSink by default); → the factory and its port once it listens."""
+    from twisted.internet import reactor
+
+    factory = SMTPServerFactory.from_config(config, sink if sink is not None else RecordingSink(),
+                                            build_policy(config), reactor)
+    return factory, serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)

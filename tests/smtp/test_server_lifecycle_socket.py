@@ -6,23 +6,15 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
-from twisted.internet.endpoints import serverFromString
+from twisted.internet import threads
 
 from mailrelay.config import ServerConfig
-from mailrelay.policy import build_policy
-from mailrelay.smtp.server import SMTPServerFactory
 from mailrelay.smtp.session import PAUSE_ABOVE
 from tests.peers import flood_unread
 from tests.smtp.certs import make_certs
-from tests.smtp.fakes import RecordingSink
+from tests.smtp.fakes import listen
 
 pytestmark = pytest.mark.integration
-
-
-def listen(config: ServerConfig):  # type: ignore[no-untyped-def]
-    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), reactor)
-    return factory, serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
 
 
 def read_until_closed(s: socket.socket) -> bytes:

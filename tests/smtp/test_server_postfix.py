@@ -6,15 +6,13 @@ import smtplib
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task, threads
-from twisted.internet.endpoints import serverFromString
+from twisted.internet import threads
 
 from mailrelay.config import ServerConfig
-from mailrelay.policy import build_policy
-from mailrelay.smtp.server import SMTPServerFactory
 from tests.delivery.postfix import PostfixRelay
+from tests.relay import wait_until
 from tests.smtp.certs import make_certs
-from tests.smtp.fakes import RecordingSink
+from tests.smtp.fakes import RecordingSink, listen
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(__import__("shutil").which("postfix") is None and
@@ -27,8 +25,8 @@ def test_postfix_relays_into_mailrelay_over_starttls(tmp_path):
     config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), trusted_networks=(),
                           tls_certificate=str(cert), tls_key=str(key))
     sink = RecordingSink()
-    port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor))
+    _, listening = listen(config, sink)
+    port = yield listening
     postfix = PostfixRelay(port.getHost().port)
     with open(postfix.etc / "main.cf", "a") as f:  # its smtp client must use STARTTLS to reach us
         f.write("smtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n")
@@ -41,10 +39,7 @@ def test_postfix_relays_into_mailrelay_over_starttls(tmp_path):
                 s.sendmail("sender@example.org", ["user@example.test"], body)
 
         yield threads.deferToThread(send)
-        for _ in range(300):
-            if sink.committed:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield wait_until(lambda: sink.committed, 15)
         log = postfix.log()
     finally:
         yield threads.deferToThread(postfix.stop)
@@ -66,8 +61,8 @@ def test_hop_count_and_a_leading_continuation_line_as_postfix_has_them(tmp_path)
     line after the trace header when the text begins with whitespace."""
     config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",))
     sink = RecordingSink()
-    port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor))
+    _, listening = listen(config, sink)
+    port = yield listening
     postfix = PostfixRelay(port.getHost().port)
     hops = [b"".join(b"Received: from h%d by h%d; Mon, 7 Dec 2026 10:00:00 +0000\r\n" % (i, i) for i in range(n))
             + b"Subject: %d hops\r\n\r\nbody\r\n" % n for n in (48, 49)]
@@ -97,10 +92,8 @@ def test_hop_count_and_a_leading_continuation_line_as_postfix_has_them(tmp_path)
 
         yield threads.deferToThread(send_forged, postfix.port)
         yield threads.deferToThread(send_forged, port.getHost().port)
-        for _ in range(300):  # Postfix relays it to us
-            if sum(w.data.endswith(forged) for w in sink.committed) == 2:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        # Postfix relays it to us
+        yield wait_until(lambda: sum(w.data.endswith(forged) for w in sink.committed) == 2, 15)
         log = postfix.log()
     finally:
         yield threads.deferToThread(postfix.stop)
