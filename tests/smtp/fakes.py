@@ -4,6 +4,8 @@ tests with real clients, the same server on a loopback port (``listen``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet import defer
@@ -12,6 +14,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from mailrelay.config import ServerConfig
@@ -193,3 +196,19 @@ def listen(config: ServerConfig, sink: RecordingSink | None = None
     factory = SMTPServerFactory.from_config(config, sink if sink is not None else RecordingSink(),
                                             build_policy(config), reactor)
     return factory, serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+
+
+@contextmanager
+def logged_failures() -> Iterator[list[dict[str, Any]]]:
+    """Every event logged with a traceback inside the block: none may come from client input."""
+    seen: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None:
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield seen
+    finally:
+        globalLogPublisher.removeObserver(observer)

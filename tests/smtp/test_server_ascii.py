@@ -6,10 +6,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 from mailrelay.envelope import Recipient
-from tests.smtp.fakes import Conn
+from tests.smtp.fakes import Conn, logged_failures
 from tests.smtp.test_server_ext import CONFIG, auth_conn, b64, bdat_conn, ehlo_keywords, stuff
 
 MSG = b"Subject: hi\r\n\r\nbody\r\n"
@@ -19,15 +18,8 @@ _REPLY_LINE = re.compile(rb"[2-5][0-9][0-9][ -][\x20-\x7e]*")
 @pytest.fixture
 def failures():
     """Every logged traceback: none may come from client input."""
-    seen: list[dict] = []
-
-    def observer(event: dict) -> None:
-        if event.get("log_failure") is not None:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield seen
-    globalLogPublisher.removeObserver(observer)
+    with logged_failures() as seen:
+        yield seen
 
 
 def ascii_replies(c: Conn) -> list[tuple[int, str]]:

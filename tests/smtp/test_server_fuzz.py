@@ -11,12 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.logger import globalLogPublisher
 
 from mailrelay.config import ServerConfig
 from mailrelay.smtp._client_wire import ReplyParser
 from mailrelay.smtp.auth import HashedPasswordFile, decode_plain, hash_password, verify_password
-from tests.smtp.fakes import Conn
+from tests.smtp.fakes import Conn, logged_failures
 
 CONFIG = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), max_message_size=5000,
                       trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),))
@@ -31,14 +30,7 @@ WORDS = [b"EHLO x\r\n", b"HELO x\r\n", b"MAIL FROM:<a@example.org>\r\n", b"MAIL 
        st.lists(st.integers(1, 400), max_size=10))
 @settings(max_examples=400, deadline=None)
 def test_any_session_input_never_raises_and_stays_bounded(pieces: list[bytes], cuts: list[int]) -> None:
-    errors = []
-
-    def observer(event):
-        if event.get("log_failure") is not None:
-            errors.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    try:
+    with logged_failures() as errors:
         c = Conn(config=CONFIG)
         data = b"".join(pieces)
         i = 0
@@ -52,8 +44,6 @@ def test_any_session_input_never_raises_and_stays_bounded(pieces: list[bytes], c
         assert c.closed
         c.proto.connectionLost(None)
         assert all(w.committed or w.aborted for w in c.sink.writers)
-    finally:
-        globalLogPublisher.removeObserver(observer)
     assert errors == []
 
 
@@ -79,21 +69,12 @@ def _lines(template: str, fills: list[str]) -> bytes:
        st.booleans())
 @settings(max_examples=300, deadline=None)
 def test_non_ascii_digits_and_blanks_get_well_formed_replies(commands: list[tuple[str, list[str]]], ehlo: bool) -> None:
-    errors = []
-
-    def observer(event):
-        if event.get("log_failure") is not None:
-            errors.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    try:
+    with logged_failures() as errors:
         c = Conn(config=CONFIG, client="192.0.2.7")
         c.send((b"EHLO c\r\n" if ehlo else b"") + b"".join(_lines(t, fills) for t, fills in commands))
         c.clock.advance(700)
         assert c.closed
         c.proto.connectionLost(None)
-    finally:
-        globalLogPublisher.removeObserver(observer)
     assert errors == []
     out = c.transport.value()
     assert out.endswith(b"\r\n")
@@ -209,14 +190,7 @@ def test_a_tls_stalled_session_always_ends_its_connection(tls: str, steps: list,
     from mailrelay.smtp.server import CLOSE_LINGER
     from tests.smtp.lifecycle_fakes import SEND_BUFFER, stubborn_conn
 
-    errors = []
-
-    def observer(event):
-        if event.get("log_failure") is not None:
-            errors.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    try:
+    with logged_failures() as errors:
         c = stubborn_conn(tls, config=CONFIG)
         for step in steps:
             if c.transport.ended:
@@ -238,6 +212,4 @@ def test_a_tls_stalled_session_always_ends_its_connection(tls: str, steps: list,
         assert c.transport.ended, "the connection is still held"
         c.proto.connectionLost(None)
         assert all(w.committed or w.aborted for w in c.sink.writers)
-    finally:
-        globalLogPublisher.removeObserver(observer)
     assert errors == []
