@@ -275,8 +275,9 @@ def test_cached_connection_dead_at_rset_retries_fresh() -> None:
     assert [r.code for r, _ in h.result[0]] == [250, 250]  # type: ignore[union-attr]
 
 
-def test_stop_quits_cached() -> None:
-    h = Harness(NextHop("127.0.0.1", 25))
+def _stopping_with_a_cached_session(h: Harness) -> list[object]:
+    """One delivery on a session kept for reuse, then the deliverer's stop: QUIT sent and answered
+    221; → where the stop's result lands."""
     h.accept(0)
     h.reply(b"220 mx\r\n" + EHLO)
     _deliver_on(h)
@@ -285,6 +286,12 @@ def test_stop_quits_cached() -> None:
     h.deliverer.stop().addCallback(done.append)
     assert h.sent() == b"QUIT\r\n"
     h.reply(b"221 bye\r\n")
+    return done
+
+
+def test_stop_quits_cached() -> None:
+    h = Harness(NextHop("127.0.0.1", 25))
+    done = _stopping_with_a_cached_session(h)
     h.lose()
     assert done == [None]
 
@@ -361,6 +368,14 @@ def test_may_without_starttls_goes_plaintext() -> None:
 STARTTLS_EHLO = b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
 
 
+def _in_tls_handshake(h: Harness) -> Harness:
+    """The hop offers STARTTLS and says 220 to it: ``h`` is in the TLS handshake from there."""
+    h.accept(0)
+    h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
+    h.reply(b"220 go ahead\r\n")
+    return h
+
+
 def test_starttls_then_ehlo_again_and_injected_text_ignored() -> None:
     h = Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.ENCRYPT)
     h.accept(0)
@@ -374,10 +389,7 @@ def test_starttls_then_ehlo_again_and_injected_text_ignored() -> None:
 
 
 def test_tls_failure_under_may_retries_hop_in_plaintext() -> None:
-    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.MAY)
-    h.accept(0)
-    h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
-    h.reply(b"220 go ahead\r\n")
+    h = _in_tls_handshake(Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.MAY))
     h.lose()  # handshake failed
     assert h.reactor.tcpClients[1][:2] == ("127.0.0.1", 25)
     h.accept(1)
@@ -386,10 +398,7 @@ def test_tls_failure_under_may_retries_hop_in_plaintext() -> None:
 
 
 def test_tls_failure_under_verify_is_temporary_next_hop() -> None:
-    h = Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.VERIFY)
-    h.accept(0)
-    h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
-    h.reply(b"220 go ahead\r\n")
+    h = _in_tls_handshake(Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.VERIFY))
     h.lose()
     (reply, _), _ = h.result[0]  # type: ignore[misc]
     assert (reply.code, reply.enhanced) == (451, "4.7.5") and "TLS handshake" in reply.text
@@ -566,10 +575,7 @@ def test_body_that_cannot_be_opened_is_a_local_temporary_failure() -> None:
 def test_a_next_hop_stalled_in_the_tls_handshake_is_dropped_at_the_command_timeout() -> None:
     """Issue 19, item 1 on our side: the hop says 220 to STARTTLS and then never completes the
     handshake; our EHLO waits in the TLS layer, and the connection is aborted at the timeout."""
-    h = Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.VERIFY)
-    h.accept(0)
-    h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
-    h.reply(b"220 go ahead\r\n")
+    h = _in_tls_handshake(Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.VERIFY))
     assert len(h.tls_started) == 1
     assert h.transport is not None
     h.reactor.advance(h.deliverer.timeouts.command)
@@ -582,14 +588,7 @@ def test_a_next_hop_stalled_in_the_tls_handshake_is_dropped_at_the_command_timeo
 def test_stop_is_bounded_when_a_cached_hop_never_takes_our_close() -> None:
     """After QUIT, a hop that neither closes nor answers our TLS close cannot hold the stop."""
     h = Harness(NextHop("127.0.0.1", 25))
-    h.accept(0)
-    h.reply(b"220 mx\r\n" + EHLO)
-    _deliver_on(h)
-    h.sent()
-    done: list[object] = []
-    h.deliverer.stop().addCallback(done.append)
-    assert h.sent() == b"QUIT\r\n"
-    h.reply(b"221 bye\r\n")  # and then nothing: no close, no close_notify
+    done = _stopping_with_a_cached_session(h)  # and then nothing: no close, no close_notify
     assert h.transport is not None and not h.transport.disconnected and done == []
     h.reactor.advance(h.deliverer.timeouts.quit)
     assert h.transport.disconnected
