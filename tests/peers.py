@@ -173,6 +173,11 @@ class SMTPSink:
             self.proc = None
             self.counters.close()
 
+    def cleanup(self) -> None:
+        """Stop it and delete its directory (what it received goes too)."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def count(self) -> int:
         """Messages the sink has counted (at the final dot)."""
         data = (self.dir / "counters").read_bytes()[-400:].replace(b"\r", b"\n").split(b"\n")
@@ -225,5 +230,4 @@ def smtp_sink() -> Iterator[SMTPSink]:
     try:
         yield sink
     finally:
-        sink.stop()
-        shutil.rmtree(sink.dir, ignore_errors=True)
+        sink.cleanup()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -200,8 +199,7 @@ def test_the_cli_sees_every_shard_and_fewer_workers_take_over_the_mail_of_the_re
         assert not (relay.spool / "w1").exists()
     finally:
         relay.cleanup()
-        sink.stop()
-        shutil.rmtree(sink.dir, ignore_errors=True)
+        sink.cleanup()
 
 
 def test_an_implicit_tls_listener_is_shared_by_the_workers(smtp_sink, tmp_path):

@@ -111,3 +111,8 @@ class PostfixRelay:
         if self.master_pid is not None:
             stop_pid(self.master_pid, timeout=10)
             self.master_pid = None
+
+    def cleanup(self) -> None:
+        """Stop it and delete its directory (config, queue and log)."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -42,10 +42,8 @@ def peers() -> Iterator[Peers]:
         postfix.start()
         yield Peers(directory, ca, sink, postfix)
     finally:
-        postfix.stop()
-        sink.stop()
-        shutil.rmtree(sink.dir, ignore_errors=True)
-        shutil.rmtree(postfix.dir, ignore_errors=True)
+        postfix.cleanup()
+        sink.cleanup()
         shutil.rmtree(directory, ignore_errors=True)
 
 

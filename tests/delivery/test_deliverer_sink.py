@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import time
 from collections.abc import Iterator
 
@@ -34,8 +33,7 @@ def sinks() -> Iterator[list[SMTPSink]]:
     started: list[SMTPSink] = []
     yield started
     for s in started:
-        s.stop()
-        shutil.rmtree(s.dir, ignore_errors=True)
+        s.cleanup()
 
 
 def start(sinks: list[SMTPSink], *flags: str, host: str = "127.0.0.1") -> SMTPSink:

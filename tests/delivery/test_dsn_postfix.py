@@ -8,7 +8,6 @@ that same sink, which also takes every report: the sink holds all the mail that 
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 from email import message_from_bytes
 
@@ -34,10 +33,8 @@ def peers():
         postfix.start()
         yield postfix, sink
     finally:
-        postfix.stop()
-        sink.stop()
-        shutil.rmtree(sink.dir, ignore_errors=True)
-        shutil.rmtree(postfix.dir, ignore_errors=True)
+        postfix.cleanup()
+        sink.cleanup()
 
 
 def reports(sink: SMTPSink) -> list[tuple[str, list[str], str]]:
@@ -98,11 +95,9 @@ def no_smtputf8(tmp_path):
         postfix.start()
         yield refusing, postfix, sink
     finally:
-        postfix.stop()
-        for s in (refusing, sink):
-            s.stop()
-            shutil.rmtree(s.dir, ignore_errors=True)
-        shutil.rmtree(postfix.dir, ignore_errors=True)
+        postfix.cleanup()
+        refusing.cleanup()
+        sink.cleanup()
 
 
 @pytest_twisted.inlineCallbacks

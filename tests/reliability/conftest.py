@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -38,6 +37,5 @@ def sinks() -> Iterator[Callable[..., SMTPSink]]:
 
     yield make
     for sink in made:
-        sink.stop()
-        shutil.rmtree(sink.dir, ignore_errors=True)
+        sink.cleanup()
 

@@ -9,7 +9,6 @@ our timeouts", and the retry interval is one second.
 from __future__ import annotations
 
 import re
-import shutil
 import smtplib
 import socket
 import ssl
@@ -90,8 +89,7 @@ def test_flapping_next_hop_retries_and_delivers_everything_when_it_recovers(rela
         at_flaky = sum(sum(message_ids(s).values()) for s in flaky[:-1])
     finally:
         for s in flaky:
-            s.stop()
-            shutil.rmtree(s.dir, ignore_errors=True)
+            s.cleanup()
     log = relay.log_text()
     print(f"\nflapping next hop: {N} messages, {len(deferrals(log))} deferrals over {len(PHASES)} bad phases, "
           f"{sum(got.values())} delivered when it recovered, {at_flaky} taken by the hop that hung up "

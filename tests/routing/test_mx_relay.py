@@ -6,7 +6,6 @@ Every MX host of the zone is on 127.0.0.x / ::1, so one port serves them all: a 
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 import time
 
@@ -57,5 +56,4 @@ port = {mx1.port}
     finally:
         relay.cleanup()
         for sink in (mx1, mx2):
-            sink.stop()
-            shutil.rmtree(sink.dir, ignore_errors=True)
+            sink.cleanup()
