@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
@@ -43,10 +43,10 @@ def wait_listening(host: str, port: int, timeout: float = 10.0, proc: subprocess
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
-def flood_unread(s: socket.socket, data: bytes, stall: float = 1.0) -> int:
+def flood_unread(s: socket.socket, data: bytes, stall: float = 1.0, done: Callable[[], bool] | None = None) -> int:
     """A client that never reads its replies: after the greeting, write ``data`` and read nothing until
-    all is sent or the server has taken none of it for ``stall`` seconds (it stopped reading);
-    → bytes sent. Leaves ``s`` non-blocking."""
+    all is sent or the server takes no more, which ``done()`` tells where the test sees the server's
+    state, else no byte taken for ``stall`` seconds does; → bytes sent. Leaves ``s`` non-blocking."""
     s.recv(1024)  # the greeting
     s.setblocking(False)
     sent, stuck_since = 0, None
@@ -55,6 +55,8 @@ def flood_unread(s: socket.socket, data: bytes, stall: float = 1.0) -> int:
             sent += s.send(data[sent : sent + 65536])
             stuck_since = None
         except BlockingIOError:
+            if done is not None and done():
+                break
             stuck_since = stuck_since or time.monotonic()
             if time.monotonic() - stuck_since > stall:  # the server reads no more
                 break

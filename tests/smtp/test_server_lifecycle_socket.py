@@ -58,7 +58,10 @@ def test_a_client_that_pipelines_and_never_reads_is_paused():
 
     s = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=30)
     try:
-        sent = yield threads.deferToThread(flood_unread, s, flood)
+        def paused() -> bool:  # the server takes no more: no need to wait for the client to notice
+            return any(p.session._blocked and p.session._paused for p in factory.protocols)
+
+        sent = yield threads.deferToThread(flood_unread, s, flood, 30, paused)
         (protocol,) = factory.protocols
         session = protocol.session
         # what it costs us: the replies it has not read (the transport's buffer) and its
