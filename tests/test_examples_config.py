@@ -9,6 +9,8 @@ import smtplib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -86,9 +88,36 @@ def test_make_run_config_is_the_documented_one() -> None:
     assert "twistd -n --pidfile= mailrelay --config $(CONFIG)" in makefile
 
 
+@contextmanager
+def make_run(conf: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """``make run``'s command with ``conf``, in its directory (log: twistd.log there), listening on
+    ``port`` (else the test fails with the log); stopped by SIGTERM, else SIGKILL, when the block ends."""
+    log_path = conf.parent / "twistd.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([str(TWISTD), "-n", "--pidfile=", "mailrelay", "--config", str(conf)], cwd=conf.parent,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        try:
+            wait_listening("127.0.0.1", port, timeout=20, proc=proc)
+        except (RuntimeError, TimeoutError) as e:
+            log.flush()
+            pytest.fail(f"{e}\n{log_path.read_text(errors='replace')}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
 @pytest.mark.integration
 def test_make_run_config_starts(tmp_path: Path) -> None:
-    """``twistd -n mailrelay --config`` with the example (on a free port, spool in a temp dir)
+    """``make run``'s command with the example (on a free port, spool in a temp dir)
     answers EHLO, and SIGTERM stops it cleanly."""
     text = MAKE_RUN_CONFIG.read_text()
     port = free_port()
@@ -99,15 +128,7 @@ def test_make_run_config_starts(tmp_path: Path) -> None:
         text = text.replace(old, new)
     conf = tmp_path / "mailrelay.toml"
     conf.write_text(text)
-    log = open(tmp_path / "twistd.log", "wb")
-    proc = subprocess.Popen([str(TWISTD), "-n", "mailrelay", "--config", str(conf)], cwd=tmp_path,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        try:
-            wait_listening("127.0.0.1", port, timeout=20, proc=proc)
-        except (RuntimeError, TimeoutError) as e:
-            log.flush()
-            pytest.fail(f"{e}\n{(tmp_path / 'twistd.log').read_text(errors='replace')}")
+    with make_run(conf, port) as proc:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             code, text_reply = client.ehlo("client.example.org")
             assert code == 250, text_reply
@@ -120,11 +141,6 @@ def test_make_run_config_starts(tmp_path: Path) -> None:
         # twistd stops the reactor cleanly, then re-raises the signal so that its exit status tells
         # how it ended (twisted.scripts.twistd.runApp): -SIGTERM is the clean ending, like 0.
         assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     output = (tmp_path / "twistd.log").read_text(errors="replace")
     assert "Traceback" not in output, output
     assert "Main loop terminated." in output and "Server Shut Down." in output, output
@@ -152,11 +168,7 @@ def test_readme_recipe_lands_in_var_mail(tmp_path: Path) -> None:
     conf = tmp_path / "mailrelay.toml"
     conf.write_text(text.replace("tcp:2525:", f"tcp:{port}:"))
     (tmp_path / "var").mkdir()  # as make run does
-    log = open(tmp_path / "twistd.log", "wb")
-    proc = subprocess.Popen([str(TWISTD), "-n", "--pidfile=", "mailrelay", "--config", str(conf)], cwd=tmp_path,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        wait_listening("127.0.0.1", port, timeout=20, proc=proc)
+    with make_run(conf, port):
         command = _recipe(ROOT / "README.md").replace("127.0.0.1:2525", f"127.0.0.1:{port}")
         sent = subprocess.run(shlex.split(command), cwd=tmp_path, capture_output=True, timeout=30)
         assert sent.returncode == 0, sent.stdout.decode(errors="replace")
@@ -169,15 +181,6 @@ def test_readme_recipe_lands_in_var_mail(tmp_path: Path) -> None:
         message = files[0].read_bytes()
         assert b"Delivered-To: you@demo.test\n" in message
         assert b"X-Mailer: swaks" in message
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
     assert "Traceback" not in (tmp_path / "twistd.log").read_text(errors="replace")
 
 
