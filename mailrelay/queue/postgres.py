@@ -84,21 +84,23 @@ def _decode(state: str) -> QueuedMessage:
 def usable(conn: psycopg.Connection) -> bool:
     """Whether a connection that sat idle can be used: the server may have ended it meanwhile
     (restart, ``pg_terminate_backend``, an idle timeout), which shows only as bytes waiting on its
-    socket (the FATAL message, then the close). Those are read without waiting, no round trip, so
-    a database that came back costs no failed statement."""
+    socket (the FATAL message, then the close), looked for without waiting: no round trip, so a
+    database that came back costs no failed statement.
+
+    Any byte waiting counts as the end: these connections never LISTEN, so the server has nothing
+    else to say to an idle one but a rare ParameterStatus, and replacing the connection then costs
+    one connect. (Reading the FATAL message and then asking the status raced the close: the status
+    could still be OK.)
+    """
     if conn.closed or conn.broken:
         return False
-    pgconn = conn.pgconn
     try:
         poller = select.poll()
-        poller.register(pgconn.socket, select.POLLIN)
-        for _ in range(4):  # an idle connection is sent nothing but its end (no LISTEN on these)
-            if not poller.poll(0):
-                break
-            pgconn.consume_input()  # raises once it reads the close
+        poller.register(conn.pgconn.socket, select.POLLIN)
+        waiting = poller.poll(0)
     except (psycopg.OperationalError, OSError, ValueError):
         return False
-    return pgconn.status == psycopg.pq.ConnStatus.OK
+    return not waiting and conn.pgconn.status == psycopg.pq.ConnStatus.OK
 
 
 class _Connections:
