@@ -24,7 +24,7 @@ from twisted.internet import defer
 
 from mailrelay import config as configmod
 from mailrelay.control import info as infomod
-from mailrelay.errors import ConfigError
+from mailrelay.errors import ConfigError, each_config_error
 
 PAGE = 500
 
@@ -103,7 +103,7 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
 
 def print_config_error(error: ConfigError, err: Any) -> None:
     """One ``mailrelay: file: key: reason`` line per error (a ``ConfigErrors`` holds several)."""
-    for one in getattr(error, "errors", (error,)):
+    for one in each_config_error(error):
         print("mailrelay:", " ".join(str(one).split()), file=err)
 
 
@@ -113,12 +113,10 @@ def check_config(path: str, only_changed: bool = False, out: Any = None, err: An
     err = err or sys.stderr
     try:
         from mailrelay.preflight import check_file
-        from mailrelay.service import MailRelayService
-        from mailrelay.testing import MemoryQueueStore
 
-        cfg = check_file(path)  # every error of the file, each on its line
-        # Build every room (routers, policies, listeners' endpoints) without touching the spool.
-        MailRelayService(cfg, store=MemoryQueueStore())
+        # every error of the file, each on its line: values, what they name (endpoints, files,
+        # the spool directory), the routes built as the relay builds them
+        cfg = check_file(path)
     except ConfigError as e:
         print_config_error(e, err)
         return 1

@@ -45,3 +45,8 @@ class ConfigErrors(ConfigError):
 def config_errors(errors: Sequence[ConfigError]) -> ConfigError:
     """The one error to raise for ``errors`` (not empty): itself when alone."""
     return errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
+def each_config_error(error: ConfigError) -> tuple[ConfigError, ...]:
+    """The errors ``error`` stands for: those of a ``ConfigErrors``, else itself."""
+    return error.errors if isinstance(error, ConfigErrors) else (error,)
