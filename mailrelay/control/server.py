@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -184,8 +185,8 @@ class ControlServer:
         self.metrics = metrics
         self.port: IListeningPort | None = None
 
-    def _factory(self) -> QuietFactory:
-        return ControlFactory.forProtocol(  # type: ignore[no-any-return]
+    def _factory(self) -> Factory:
+        return ControlFactory.forProtocol(
             lambda: ControlProtocol(self.manager, self.store, self.reactor, self.metrics))
 
     @defer.inlineCallbacks

@@ -33,7 +33,9 @@ class ByRouteDeliverer:
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
                 open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[tuple[Reply, str | None]]]:
         deliverer = self.maildir if route.maildir is not None else self.network
-        return deliverer.deliver(envelope, recipients, route, open_body)  # type: ignore[no-any-return]
+        answers: defer.Deferred[list[tuple[Reply, str | None]]] = deliverer.deliver(envelope, recipients, route,
+                                                                                    open_body)
+        return answers
 
     def stop(self) -> defer.Deferred[None]:
         """Stop the network deliverer (its cached connections); a maildir holds nothing open."""

@@ -375,9 +375,9 @@ class QueueManager:
         file descriptors left): try again later rather than forget the message until a restart.
         A store that says it is unavailable for now (``TemporaryFailure``: a database outage) is
         one warning line, not a traceback per message."""
-        if failure.check(TemporaryFailure):
+        if isinstance(failure.value, TemporaryFailure):
             log.warn("queue: attempt on {queue_id} failed ({reply}); will retry", queue_id=queue_id,
-                     reply=failure.value.reply)  # type: ignore[union-attr]
+                     reply=failure.value.reply)
         else:
             log.failure("queue: attempt on {queue_id} failed; will retry", failure, queue_id=queue_id)
         if self._running:
