@@ -23,6 +23,7 @@ import attrs
 from twisted.internet import defer
 
 from mailrelay import config as configmod
+from mailrelay._log import plural
 from mailrelay.control import info as infomod
 from mailrelay.errors import ConfigError, each_config_error
 
@@ -364,11 +365,6 @@ def _shards(reactor: Any, paths: list[str], sockets: list[str]):  # type: ignore
 # -- queue: printing ---------------------------------------------------------------------------
 
 
-def plural(n: int, word: str) -> str:
-    """``plural(1, "message")`` → ``"1 message"``, ``plural(2, "message")`` → ``"2 messages"``."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def _when(epoch: float | None) -> str:
     return time.strftime("%a %b %d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
 
@@ -425,8 +421,7 @@ def print_summary(s: dict[str, Any], out: Any) -> None:
     for name, counts in rows:
         print(f"{name[-30:]:>30} {sum(counts):>6} " + " ".join(f"{c:>6}" for c in counts), file=out)
     if s["more_domains"]:
-        print(f"{'':>30} (and {s['more_domains']} more {'domain' if s['more_domains'] == 1 else 'domains'})",
-              file=out)
+        print(f"{'':>30} (and {plural(s['more_domains'], 'more domain')})", file=out)
     print(f"{plural(s['messages'], 'message')}, {s['held']} held", file=out)
 
 

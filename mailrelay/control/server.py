@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from mailrelay._log import plural
 from mailrelay._quiet import QuietFactory
 from mailrelay.control import info, protocol
 from mailrelay.interfaces import IQueueStore
@@ -126,8 +127,8 @@ class ControlProtocol(amp.AMP):
             if message.held:
                 raise protocol.MessageHeld(queue_id)
         count = yield self.manager.flush(queue_id)
-        log.info("control: flush {what} ({count} {messages})", what=queue_id or "all", count=count,
-                 messages="message" if count == 1 else "messages")
+        log.info("control: flush {what} ({messages})", what=queue_id or "all", count=count,
+                 messages=plural(count, "message"))
         return {"count": count}
 
     @protocol.Delete.responder
