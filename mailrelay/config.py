@@ -178,9 +178,8 @@ def _network(v: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def _domain(v: object) -> str:
     """One canonical form (``mailrelay.address.canonical_domain``), so config and mail compare alike."""
-    s = _string(v).strip(" \t")
     try:
-        return canonical_domain(s[:-1] if s.endswith(".") else s)
+        return canonical_domain(_ascii.strip(_string(v)).removesuffix("."))
     except DomainError as e:
         raise ValueError(str(e)) from None
 
