@@ -32,7 +32,7 @@ from mailrelay.delivery import ByRouteDeliverer, MaildirDeliverer, SMTPDeliverer
 from mailrelay.delivery.capabilities import HopCapabilities
 from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
-from mailrelay.errors import ConfigError, config_errors, each_config_error
+from mailrelay.errors import ConfigError, cannot_listen, config_errors, each_config_error
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
 from mailrelay.metrics import RelayMetrics, metrics_site
 from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
@@ -75,8 +75,7 @@ class _Listener(StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            why = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
-            raise ConfigError(self.source, self.key, f"{self.description!r}: cannot listen: {why}") from None
+            raise cannot_listen(self.source, self.key, self.description, e) from None
         self._waitingForPort.addCallback(self._listened)  # type: ignore[union-attr]
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
