@@ -367,11 +367,12 @@ def loads(text: str, source: str = "<string>") -> Config:
 def from_dict(data: Mapping[str, Any], source: str = "<config>", errors: list[ConfigError] | None = None) -> Config:
     """The typed config of ``data``. Every error found is appended to ``errors`` (a bad value read
     as its default) when given; else they are raised together (``ConfigErrors``) after the pass."""
-    found: list[ConfigError] = [] if errors is None else errors
-    before = len(found)
+    if errors is not None:
+        return _from_dict(data, source, errors)
+    found: list[ConfigError] = []
     cfg = _from_dict(data, source, found)
-    if errors is None and len(found) > before:
-        raise config_errors(found[before:])
+    if found:
+        raise config_errors(found)
     return cfg
 
 
