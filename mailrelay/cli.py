@@ -69,10 +69,10 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
     """The effective configuration as TOML (every value, or with ``only_changed`` those set apart
     from the defaults, like ``postconf -n``). Durations are in seconds, sizes in bytes."""
     out: list[str] = [f"# effective configuration of {cfg.source}"]
-    # The defaults are what the loader makes of a file that sets nothing (a route given only so
-    # that no rule about routes gets in the way; routes are printed as written): that covers the
-    # defaults computed at load time (the hostname) as well as the declared ones.
-    defaults = configmod.from_dict({"routes": [{"type": "mx"}]}, cfg.source) if only_changed else None
+    # The defaults are what the loader makes of a file that sets nothing (routes are printed as
+    # written): that covers the defaults computed at load time (the hostname) as well as the
+    # declared ones.
+    defaults = configmod.from_dict({}, cfg.source) if only_changed else None
     # Sections are the attrs-typed fields of Config; a plain field <section>_<key> (metrics_listen)
     # is a key of that section — so a section added to config.py shows up here by itself.
     loose: dict[str, list[str]] = {}
