@@ -6,6 +6,7 @@ given) and ``parse_hostport``; its tests, ``mailrelay.testing`` (``router_contex
 An embedder needs ``MailRelayService``, ``RelayObserver`` and ``mailrelay.config``.
 """
 
+import importlib
 from typing import TYPE_CHECKING
 
 from mailrelay.config import parse_hostport
@@ -39,22 +40,20 @@ if TYPE_CHECKING:  # imported on first use, below
 __version__ = "0.1.0"
 
 
+#: Names imported only when asked for, by their module: these pull in every room (RouterContext:
+#: the routing package, its routers and their libraries).
+_LAZY = {
+    "MailRelayService": "mailrelay.service",
+    "RelayObserver": "mailrelay.observer",
+    "RouterContext": "mailrelay.routing.context",
+}
+
+
 def __getattr__(name: str) -> object:
-    # These pull in every room (RouterContext: the routing package, its routers and their
-    # libraries); import them only when asked for.
-    if name == "MailRelayService":
-        from mailrelay.service import MailRelayService
-
-        return MailRelayService
-    if name == "RelayObserver":
-        from mailrelay.observer import RelayObserver
-
-        return RelayObserver
-    if name == "RouterContext":
-        from mailrelay.routing.context import RouterContext
-
-        return RouterContext
-    raise AttributeError(f"module 'mailrelay' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mailrelay' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [

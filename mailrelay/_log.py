@@ -63,6 +63,12 @@ def formatEvent(event: dict[str, Any]) -> str:  # noqa: N802 - twisted.logger's 
     return _twisted_format_event(event)
 
 
+def plural(n: int, word: str) -> str:
+    """``plural(1, "message")`` → ``"1 message"``, ``plural(2, "message")`` → ``"2 messages"``: the
+    counts in log lines and the CLI's output agree with their nouns."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def is_chatter(event: dict[str, Any]) -> bool:
     """Whether ``event`` is a line a DNS query's UDP port and protocol write (``Starting protocol
     <...DNSDatagramProtocol ...>``, ``DNSDatagramProtocol starting on N``, ``(UDP Port N Closed)``;

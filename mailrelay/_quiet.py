@@ -34,7 +34,8 @@ def connect_protocol(endpoint: Any, protocol: Protocol) -> defer.Deferred[Protoc
         def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802 (Twisted's name)
             return protocol
 
-    return endpoint.connect(_OneShot())  # type: ignore[no-any-return]
+    connecting: defer.Deferred[Protocol] = endpoint.connect(_OneShot())
+    return connecting
 
 
 @implementer(IStreamClientEndpoint)
@@ -46,4 +47,5 @@ class QuietEndpoint:
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         factory.noisy = False
-        return self.endpoint.connect(factory)  # type: ignore[no-any-return]
+        connecting: defer.Deferred[Any] = self.endpoint.connect(factory)
+        return connecting

@@ -67,7 +67,7 @@ def domain_of(address: str) -> str:
 def normalise_domain(domain: str) -> str:
     """``canonical_domain`` without a trailing dot; what is not a valid name comes back unmapped
     (ASCII-lower-cased only), so it can never equal the canonical form of another name."""
-    d = domain[:-1] if domain.endswith(".") else domain
+    d = domain.removesuffix(".")
     try:
         return canonical_domain(d)
     except DomainError:
@@ -77,7 +77,7 @@ def normalise_domain(domain: str) -> str:
 def canonical_pattern(value: str) -> str:
     """A configured domain pattern (``"*"``, ``".example.test"``, ``"example.test."``) in canonical
     form; raises ``DomainError`` for anything else."""
-    v = value[:-1] if value.endswith(".") else value
+    v = value.removesuffix(".")
     if v == "*":
         return v
     if v.startswith("."):

@@ -23,8 +23,9 @@ import attrs
 from twisted.internet import defer
 
 from mailrelay import config as configmod
+from mailrelay._log import plural
 from mailrelay.control import info as infomod
-from mailrelay.errors import ConfigError
+from mailrelay.errors import ConfigError, each_config_error
 
 PAGE = 500
 
@@ -68,10 +69,10 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
     """The effective configuration as TOML (every value, or with ``only_changed`` those set apart
     from the defaults, like ``postconf -n``). Durations are in seconds, sizes in bytes."""
     out: list[str] = [f"# effective configuration of {cfg.source}"]
-    # The defaults are what the loader makes of a file that sets nothing (a route given only so
-    # that no rule about routes gets in the way; routes are printed as written): that covers the
-    # defaults computed at load time (the hostname) as well as the declared ones.
-    defaults = configmod.from_dict({"routes": [{"type": "mx"}]}, cfg.source) if only_changed else None
+    # The defaults are what the loader makes of a file that sets nothing (routes are printed as
+    # written): that covers the defaults computed at load time (the hostname) as well as the
+    # declared ones.
+    defaults = configmod.from_dict({}, cfg.source) if only_changed else None
     # Sections are the attrs-typed fields of Config; a plain field <section>_<key> (metrics_listen)
     # is a key of that section — so a section added to config.py shows up here by itself.
     loose: dict[str, list[str]] = {}
@@ -103,7 +104,7 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
 
 def print_config_error(error: ConfigError, err: Any) -> None:
     """One ``mailrelay: file: key: reason`` line per error (a ``ConfigErrors`` holds several)."""
-    for one in getattr(error, "errors", (error,)):
+    for one in each_config_error(error):
         print("mailrelay:", " ".join(str(one).split()), file=err)
 
 
@@ -113,12 +114,10 @@ def check_config(path: str, only_changed: bool = False, out: Any = None, err: An
     err = err or sys.stderr
     try:
         from mailrelay.preflight import check_file
-        from mailrelay.service import MailRelayService
-        from mailrelay.testing import MemoryQueueStore
 
-        cfg = check_file(path)  # every error of the file, each on its line
-        # Build every room (routers, policies, listeners' endpoints) without touching the spool.
-        MailRelayService(cfg, store=MemoryQueueStore())
+        # every error of the file, each on its line: values, what they name (endpoints, files,
+        # the spool directory), the routes built as the relay builds them
+        cfg = check_file(path)
     except ConfigError as e:
         print_config_error(e, err)
         return 1
@@ -366,11 +365,6 @@ def _shards(reactor: Any, paths: list[str], sockets: list[str]):  # type: ignore
 # -- queue: printing ---------------------------------------------------------------------------
 
 
-def plural(n: int, word: str) -> str:
-    """``plural(1, "message")`` → ``"1 message"``, ``plural(2, "message")`` → ``"2 messages"``."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def _when(epoch: float | None) -> str:
     return time.strftime("%a %b %d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
 
@@ -427,8 +421,7 @@ def print_summary(s: dict[str, Any], out: Any) -> None:
     for name, counts in rows:
         print(f"{name[-30:]:>30} {sum(counts):>6} " + " ".join(f"{c:>6}" for c in counts), file=out)
     if s["more_domains"]:
-        print(f"{'':>30} (and {s['more_domains']} more {'domain' if s['more_domains'] == 1 else 'domains'})",
-              file=out)
+        print(f"{'':>30} (and {plural(s['more_domains'], 'more domain')})", file=out)
     print(f"{plural(s['messages'], 'message')}, {s['held']} held", file=out)
 
 

@@ -178,9 +178,8 @@ def _network(v: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def _domain(v: object) -> str:
     """One canonical form (``mailrelay.address.canonical_domain``), so config and mail compare alike."""
-    s = _string(v).strip(" \t")
     try:
-        return canonical_domain(s[:-1] if s.endswith(".") else s)
+        return canonical_domain(_ascii.strip(_string(v)).removesuffix("."))
     except DomainError as e:
         raise ValueError(str(e)) from None
 
@@ -368,11 +367,12 @@ def loads(text: str, source: str = "<string>") -> Config:
 def from_dict(data: Mapping[str, Any], source: str = "<config>", errors: list[ConfigError] | None = None) -> Config:
     """The typed config of ``data``. Every error found is appended to ``errors`` (a bad value read
     as its default) when given; else they are raised together (``ConfigErrors``) after the pass."""
-    found: list[ConfigError] = [] if errors is None else errors
-    before = len(found)
+    if errors is not None:
+        return _from_dict(data, source, errors)
+    found: list[ConfigError] = []
     cfg = _from_dict(data, source, found)
-    if errors is None and len(found) > before:
-        raise config_errors(found[before:])
+    if found:
+        raise config_errors(found)
     return cfg
 
 

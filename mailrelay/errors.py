@@ -45,3 +45,17 @@ class ConfigErrors(ConfigError):
 def config_errors(errors: Sequence[ConfigError]) -> ConfigError:
     """The one error to raise for ``errors`` (not empty): itself when alone."""
     return errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
+def each_config_error(error: ConfigError) -> tuple[ConfigError, ...]:
+    """The errors ``error`` stands for: those of a ``ConfigErrors``, else itself."""
+    return error.errors if isinstance(error, ConfigErrors) else (error,)
+
+
+def cannot_listen(source: str, key: str, description: str, error: BaseException) -> ConfigError:
+    """The error of the file for a listener at ``key`` whose port cannot be had: the endpoint and
+    the system's reason (``Address already in use``) from an ``OSError`` or from Twisted's
+    ``CannotListenError``, which holds one as ``socketError``."""
+    cause = getattr(error, "socketError", error)
+    why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    return ConfigError(source, key, f"{description!r}: cannot listen: {why}")

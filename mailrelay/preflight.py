@@ -2,8 +2,10 @@
 
 ``config.py`` checks what a value looks like; this module checks what it names: that an endpoint
 string parses, that a certificate, key, CA bundle or password file reads, that the spool directory
-can be made, that each route builds. ``mailrelay check-config`` and ``twistd mailrelay`` both use
-``check_file``, so each reports every error of a file at once, one line each, and no traceback.
+can be made, that each route builds. Each reports every error of a file at once, one line each,
+and no traceback: ``mailrelay check-config`` with ``check_file``; ``twistd mailrelay`` with
+``load_file`` and then ``MailRelayService``, which checks the same (``problems``) and builds the
+routes it runs with, so they are built once (a supervisor of workers, which builds none, ``check``).
 Nothing is left behind: a spool directory made to prove it can be is removed again.
 """
 
@@ -15,19 +17,33 @@ from typing import Any
 
 from mailrelay import config as configmod
 from mailrelay.config import Config
-from mailrelay.errors import ConfigError, config_errors
+from mailrelay.errors import ConfigError, config_errors, each_config_error
 
 
 def check_file(path: str, reactor: Any = None) -> Config:
     """Load ``path`` and check everything in it; raise every error found together."""
+    cfg = load_file(path, reactor)
+    check(cfg, reactor)
+    return cfg
+
+
+def load_file(path: str, reactor: Any = None) -> Config:
+    """Load ``path``; a file with wrong values raises them with everything else wrong in it (what
+    it names, its routes), all at once. One whose values are right is left for ``check``."""
     cfg, errors = configmod.load_all(path)
-    if cfg is not None:
-        errors += problems(cfg, reactor)
-        errors += route_problems(cfg, reactor)
     if errors:
+        if cfg is not None:
+            errors += problems(cfg, reactor) + route_problems(cfg, reactor)
         raise config_errors(errors)
     assert cfg is not None
     return cfg
+
+
+def check(cfg: Config, reactor: Any = None) -> None:
+    """Raise every error of what ``cfg`` names and of its routes together."""
+    errors = problems(cfg, reactor) + route_problems(cfg, reactor)
+    if errors:
+        raise config_errors(errors)
 
 
 def problems(cfg: Config, reactor: Any = None, *, spool: bool = True) -> list[ConfigError]:
@@ -72,19 +88,17 @@ def route_problems(cfg: Config, reactor: Any = None) -> list[ConfigError]:
     from twisted.python.threadpool import ThreadPool
 
     from mailrelay.routing.context import RouterContext
-    from mailrelay.routing.plugins import build_one
+    from mailrelay.routing.plugins import build_router
 
     if reactor is None:
         from twisted.internet import reactor
     threadpool = ThreadPool(minthreads=0, maxthreads=1, name="mailrelay-check")  # never started
-    found = []
-    for route in cfg.routes:
-        context = RouterContext(reactor=reactor, threadpool=threadpool, source=cfg.source, key=route.key)
-        try:
-            build_one(route, context)
-        except ConfigError as e:
-            found.append(e)
-    return found
+    try:
+        build_router(cfg.routes, lambda key: RouterContext(reactor=reactor, threadpool=threadpool,
+                                                           source=cfg.source, key=key))
+    except ConfigError as e:
+        return list(each_config_error(e))
+    return []
 
 
 def _reason(e: Exception) -> str:

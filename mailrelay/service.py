@@ -32,7 +32,7 @@ from mailrelay.delivery import ByRouteDeliverer, MaildirDeliverer, SMTPDeliverer
 from mailrelay.delivery.capabilities import HopCapabilities
 from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
-from mailrelay.errors import ConfigError, config_errors
+from mailrelay.errors import ConfigError, cannot_listen, config_errors, each_config_error
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
 from mailrelay.metrics import RelayMetrics, metrics_site
 from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
@@ -75,8 +75,7 @@ class _Listener(StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            why = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
-            raise ConfigError(self.source, self.key, f"{self.description!r}: cannot listen: {why}") from None
+            raise cannot_listen(self.source, self.key, self.description, e) from None
         self._waitingForPort.addCallback(self._listened)  # type: ignore[union-attr]
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
@@ -116,19 +115,25 @@ class MailRelayService(service.MultiService):
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        # endpoints, certificates, files, the spool directory: every error at once, before anything
-        found = problems(config, reactor, spool=store is None)
-        if found:
-            raise config_errors(found)
         self.config = config
         self.reactor = reactor
         self.threadpool = ThreadPool(minthreads=0, maxthreads=10, name="mailrelay")
+        # endpoints, certificates, files, the spool directory, the routes: every error at once,
+        # before anything (the spool) is made
+        found = problems(config, reactor, spool=store is None)
+        self._own_router = router is None
+        if router is None:
+            try:
+                router = build_router(config.routes, self._router_context)
+            except ConfigError as e:
+                raise config_errors([*found, *each_config_error(e)]) from None
+        if found:
+            raise config_errors(found)
+        self.router = router
         self.metrics = RelayMetrics()
         self.observer = FanOut([self.metrics, *observers])
         self._own_store = store is None
         self.store = store if store is not None else self._make_store()
-        self._own_router = router is None
-        self.router = router if router is not None else build_router(config.routes, self._router_context)
         if deliverer is None:
             network = SMTPDeliverer(reactor, config.delivery, config.delivery.helo_name or config.server.hostname)
             network.observer = self.observer  # new connections, TLS

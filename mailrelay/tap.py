@@ -53,9 +53,11 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         try:
             if self["config"]:
-                from mailrelay.preflight import check_file
+                from mailrelay.preflight import load_file
 
-                self.loaded = check_file(self["config"])  # every error of the file at once
+                # every error of the file at once; what it names and its routes, once all its
+                # values are right, as the service is built (makeService)
+                self.loaded = load_file(self["config"])
             else:
                 self.loaded = configmod.loads(DEFAULT_CONFIG, "<built-in default>")
         except ConfigError as e:
@@ -130,7 +132,13 @@ def makeService(options: Options) -> IService:
 
     cfg = options.loaded
     if cfg.server.workers > 1:
+        from mailrelay.preflight import check
         from mailrelay.workers.supervisor import Supervisor
+
+        try:
+            check(cfg)  # the workers build the routes; their errors come from the file before they start
+        except ConfigError as e:
+            exit_config_error(e)
 
         # Our own observer on our own stream, so the workers' finished lines are copied into it
         # (with --syslog, twistd's observer; the workers then send events).

@@ -76,6 +76,18 @@ def test_unknown_router_type_is_a_config_error(tmp_path):
     assert "routes[0].type" in str(e.value) and "nosuch" in str(e.value)
 
 
+def test_the_service_reports_what_the_config_names_and_every_route_at_once_before_making_the_spool(tmp_path):
+    """What twistd relies on to build the routes once, as the service starts (not in a check before)."""
+    cfg = config.loads(f'[server]\nlisten = ["tcpp:2525"]\n[spool]\npath = "{tmp_path}/spool"\n'
+                       '[[routes]]\ntype = "nosuch"\n[[routes]]\ntype = "static"\ndomains = ["*"]\n'
+                       'hosts = ["127.0.0.1:99999"]\n', "bad.toml")
+    with pytest.raises(ConfigError) as e:
+        MailRelayService(cfg)
+    assert [line.split(": ")[1] for line in str(e.value).splitlines()] == [
+        "server.listen[0]", "routes[0].type", "routes[1].hosts[0]"]
+    assert not (tmp_path / "spool").exists()
+
+
 def verifying_config(tmp_path, verify: str) -> config.Config:
     """example.test is ours, but the only route is for another domain: its users are unknown."""
     return relay_config(tmp_path, 9, server=f'local_domains = ["example.test"]\n{verify}', domain="other.test",

@@ -14,9 +14,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from mailrelay._log import plural
 from mailrelay._quiet import QuietFactory
 from mailrelay.control import info, protocol
 from mailrelay.interfaces import IQueueStore
@@ -125,8 +127,8 @@ class ControlProtocol(amp.AMP):
             if message.held:
                 raise protocol.MessageHeld(queue_id)
         count = yield self.manager.flush(queue_id)
-        log.info("control: flush {what} ({count} {messages})", what=queue_id or "all", count=count,
-                 messages="message" if count == 1 else "messages")
+        log.info("control: flush {what} ({messages})", what=queue_id or "all", count=count,
+                 messages=plural(count, "message"))
         return {"count": count}
 
     @protocol.Delete.responder
@@ -184,8 +186,8 @@ class ControlServer:
         self.metrics = metrics
         self.port: IListeningPort | None = None
 
-    def _factory(self) -> QuietFactory:
-        return ControlFactory.forProtocol(  # type: ignore[no-any-return]
+    def _factory(self) -> Factory:
+        return ControlFactory.forProtocol(
             lambda: ControlProtocol(self.manager, self.store, self.reactor, self.metrics))
 
     @defer.inlineCallbacks

@@ -7,11 +7,12 @@ Routing answers where (hosts, or a local ``maildir``); this answers how: over ES
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO
 
 from twisted.internet import defer
 from zope.interface import implementer
 
+from mailrelay.delivery.capabilities import HopCapabilities
 from mailrelay.envelope import Envelope, Recipient, Reply, Route
 from mailrelay.interfaces import IDeliverer
 
@@ -20,17 +21,23 @@ from mailrelay.interfaces import IDeliverer
 class ByRouteDeliverer:
     """Routes with ``maildir`` go to ``maildir``, the rest to ``network``.
 
-    Other attributes (``stop()``, ``pool``, ``observer``) are the network deliverer's.
+    ``capabilities`` are the network deliverer's (``SMTPDeliverer.capabilities``, what its hops
+    offered; None for one that keeps none), for the server's check at DATA; ``stop()`` stops it.
     """
 
     def __init__(self, network: IDeliverer, maildir: IDeliverer) -> None:
         self.network = network
         self.maildir = maildir
+        self.capabilities: HopCapabilities | None = getattr(network, "capabilities", None)
 
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
                 open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[tuple[Reply, str | None]]]:
         deliverer = self.maildir if route.maildir is not None else self.network
-        return deliverer.deliver(envelope, recipients, route, open_body)  # type: ignore[no-any-return]
+        answers: defer.Deferred[list[tuple[Reply, str | None]]] = deliverer.deliver(envelope, recipients, route,
+                                                                                    open_body)
+        return answers
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.network, name)
+    def stop(self) -> defer.Deferred[None]:
+        """Stop the network deliverer (its cached connections); a maildir holds nothing open."""
+        stop = getattr(self.network, "stop", None)
+        return defer.maybeDeferred(stop) if stop is not None else defer.succeed(None)

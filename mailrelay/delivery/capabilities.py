@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from mailrelay.envelope import Envelope, NextHop, Reply, Route
+from mailrelay.envelope import Envelope, NextHop, Recipient, Reply, Route
 
 #: Hops remembered; the least recently seen go first.
 MAX_HOPS = 10_000
@@ -59,7 +59,7 @@ class HopCapabilities:
 
     def refuses_any(self, envelope: Envelope, size: int | None) -> bool:
         """Whether some known hop would refuse this message (cheap: no routing needed to say no)."""
-        if envelope.smtputf8 and self._no_smtputf8 and not _ascii_addresses(envelope):
+        if envelope.smtputf8 and self._no_smtputf8 and not ascii_addresses(envelope.sender, envelope.recipients):
             return True
         size = size if size is not None else envelope.size
         return size is not None and bool(self._limits) and size > min(self._limits)
@@ -68,20 +68,18 @@ class HopCapabilities:
         """The reply for a message no hop of ``route`` can take (each known to refuse it), else None.
 
         ``size`` is the message's size in octets, when known (else its declared SIZE counts)."""
-        if not route.hops:
-            return None
-        replies = []
+        first: Reply | None = None
         for hop in route.hops:
             offer = self.offer(hop)
             reply = self._refuses(offer, envelope, size) if offer is not None else None
             if reply is None:
                 return None  # this hop may take it
-            replies.append(reply)
-        return replies[0]
+            first = first or reply
+        return first
 
     @staticmethod
     def _refuses(offer: Offer, envelope: Envelope, size: int | None) -> Reply | None:
-        if envelope.smtputf8 and not offer.smtputf8 and not _ascii_addresses(envelope):
+        if envelope.smtputf8 and not offer.smtputf8 and not ascii_addresses(envelope.sender, envelope.recipients):
             # (all-ASCII addresses: the header section decides, which only the delivery reads)
             return Reply(553, "5.6.7", "the next hop does not support SMTPUTF8, which this message needs")
         size = size if size is not None else envelope.size
@@ -90,5 +88,7 @@ class HopCapabilities:
         return None
 
 
-def _ascii_addresses(envelope: Envelope) -> bool:
-    return envelope.sender.isascii() and all(r.address.isascii() for r in envelope.recipients)
+def ascii_addresses(sender: str, recipients: Iterable[Recipient]) -> bool:
+    """Whether every address is ASCII: then a message received with SMTPUTF8 needs it onward only
+    for its header section (RFC 6531 3.2)."""
+    return sender.isascii() and all(r.address.isascii() for r in recipients)

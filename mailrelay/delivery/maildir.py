@@ -17,6 +17,7 @@ from typing import IO, Any
 from twisted.internet import defer, threads
 from zope.interface import implementer
 
+from mailrelay._files import fsync_dir, write_all
 from mailrelay.envelope import Envelope, Recipient, Reply, Route
 from mailrelay.interfaces import IDeliverer
 
@@ -36,19 +37,13 @@ def write_maildir(directory: str, name: str, data: bytes) -> str:
     tmp = os.path.join(directory, "tmp", name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     final = os.path.join(directory, "new", name)
     os.rename(tmp, final)
-    dirfd = os.open(os.path.join(directory, "new"), os.O_RDONLY)
-    try:
-        os.fsync(dirfd)  # the rename itself is durable before we say "delivered"
-    finally:
-        os.close(dirfd)
+    fsync_dir(os.path.join(directory, "new"))  # the rename itself is durable before we say "delivered"
     return final
 
 

@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery._connect import hop_label
-from mailrelay.delivery.capabilities import HopCapabilities
+from mailrelay.delivery.capabilities import HopCapabilities, ascii_addresses
 from mailrelay.delivery.pool import ConnectionPool, Session
 from mailrelay.delivery.session import HopFailure, SessionOpener, network_reply
 from mailrelay.delivery.tls import ClientTLS
@@ -71,7 +71,7 @@ def _needs_smtputf8(envelope: Envelope, recipients: list[Recipient], body: IO[by
     """Whether a message received with SMTPUTF8 needs it onward (RFC 6531 3.2): a non-ASCII
     address in the envelope or non-ASCII in its header section. An all-ASCII one goes without the
     parameter to a hop that lacks SMTPUTF8, rather than fail there."""
-    if not envelope.sender.isascii() or not all(r.address.isascii() for r in recipients):
+    if not ascii_addresses(envelope.sender, recipients):
         return True
     try:
         head = body.read(HEADER_SCAN)

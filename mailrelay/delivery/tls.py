@@ -23,6 +23,20 @@ def load_trust_root(ca_file: str) -> Any:
     return _load_trust_root(ca_file, os.stat(ca_file).st_mtime_ns)
 
 
+def ca_file_option(v: object) -> str:
+    """A router option naming a CA bundle (``mta_sts_ca_file``, ``tls_ca_file``): a readable PEM
+    file with at least one certificate, checked when the router is built, not at its first use."""
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"must be the path of a PEM CA file, not {v!r}")
+    try:
+        load_trust_root(v)
+    except OSError as e:
+        raise ValueError(f"cannot read {v}: {e.strerror}") from None
+    except Exception as e:  # ValueError (no PEM), or OpenSSL's error for a broken certificate
+        raise ValueError(f"{v}: not a PEM CA file ({e})") from None
+    return v
+
+
 @functools.lru_cache(maxsize=8)
 def _load_trust_root(ca_file: str, mtime_ns: int) -> Any:
     with open(ca_file, "rb") as f:

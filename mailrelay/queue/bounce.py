@@ -55,8 +55,10 @@ def capability_failure(status: RecipientStatus) -> bool:
     SMTPUTF8, BINARYMIME, 8-bit; X.3.4, too big), not for who the recipient is. Any client can
     cause that at will, so a report of it to a forged sender is backscatter."""
     reply = status.last_reply
-    code = reply.enhanced if reply is not None else None
-    return bool(code) and (code.split(".")[1:2] == ["6"] or code.split(".")[1:] == ["3", "4"])  # type: ignore[union-attr]
+    if reply is None or not reply.enhanced:
+        return False
+    detail = reply.enhanced.split(".")[1:]
+    return detail[:1] == ["6"] or detail == ["3", "4"]
 
 
 def status_code(status: RecipientStatus, action: Action) -> str:

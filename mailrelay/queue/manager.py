@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay._log import plural
 from mailrelay.config import QueueConfig
 from mailrelay.envelope import (
     Envelope,
@@ -182,7 +183,7 @@ class QueueManager:
             found += 1
             if self._running and not held and queue_id not in self._active and queue_id not in self._due:
                 self._schedule(queue_id, next_attempt)
-        log.info("queue: recovered {count} {messages}", count=found, messages="message" if found == 1 else "messages")
+        log.info("queue: recovered {messages}", count=found, messages=plural(found, "message"))
         return found
 
     @defer.inlineCallbacks
@@ -375,9 +376,9 @@ class QueueManager:
         file descriptors left): try again later rather than forget the message until a restart.
         A store that says it is unavailable for now (``TemporaryFailure``: a database outage) is
         one warning line, not a traceback per message."""
-        if failure.check(TemporaryFailure):
+        if isinstance(failure.value, TemporaryFailure):
             log.warn("queue: attempt on {queue_id} failed ({reply}); will retry", queue_id=queue_id,
-                     reply=failure.value.reply)  # type: ignore[union-attr]
+                     reply=failure.value.reply)
         else:
             log.failure("queue: attempt on {queue_id} failed; will retry", failure, queue_id=queue_id)
         if self._running:

@@ -64,6 +64,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailrelay._files import write_all
 from mailrelay.envelope import Envelope, QueuedMessage
 from mailrelay.interfaces import IMessageWriter, IQueueStore
 from mailrelay.queue.spool_format import (
@@ -232,7 +233,7 @@ class _Commit(_Job):
             data = self.body + tail
             self.path, fd, old_size = spool._file_for(w.tmp_path)
             self.fds.append(fd)
-            _write_all(fd, data)
+            write_all(fd, data)
             if old_size > len(data):
                 os.ftruncate(fd, len(data))
         else:
@@ -470,12 +471,6 @@ class _Kept:
             os.close(fd)
             raise OSError(f"{self.path} has {st.st_nlink} links")
         self.fd, self.size = fd, st.st_size
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _unlink(path: str) -> bool:
@@ -1183,7 +1178,7 @@ class FilesystemSpool:
         path = os.path.join(self.tmp_dir, f"{queue_id}{_ENV}.{self._tmp_counter}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
         except BaseException:
             os.close(fd)
             _unlink(path)

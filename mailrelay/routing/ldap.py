@@ -53,11 +53,12 @@ from zope.interface import implementer
 from mailrelay import _ascii
 from mailrelay.address import split
 from mailrelay.config import parse_duration, parse_hostport
+from mailrelay.delivery.tls import ca_file_option
 from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.context import RouterContext
-from mailrelay.routing.mx import MXRouter, _ca_file, bound_cache, make_resolver
+from mailrelay.routing.mx import MXRouter, bound_cache, make_resolver
 from mailrelay.routing.static import DomainSet, parse_domain_pattern, parse_tls
 
 log = Logger()
@@ -394,7 +395,7 @@ class LDAPRouter:
         host_attribute = s.get("host_attribute", "mailHost", types=str)
         timeout = s.get("timeout", 5.0, parse_duration)
         starttls = s.get("starttls", False, types=bool)
-        tls_ca_file = s.get("tls_ca_file", None, _ca_file)  # read now, not at the first connection
+        tls_ca_file = s.get("tls_ca_file", None, ca_file_option)  # read now, not at the first connection
         nameservers = s.get_list("nameservers", (), _nameserver)
         port = s.get("port", 25, _port)
         router_options: dict[str, Any] = dict(

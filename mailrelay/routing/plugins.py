@@ -23,7 +23,7 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.config import RouteConfig
 from mailrelay.envelope import Route
-from mailrelay.errors import ConfigError
+from mailrelay.errors import ConfigError, config_errors
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.chain import RouterChain
 from mailrelay.routing.context import RouterContext
@@ -90,6 +90,15 @@ def build_router(
     """A ``RouterChain`` of the configured routes, in config order.
 
     ``context_factory(key)`` gives the ``RouterContext`` for the route at ``key`` (``routes[N]``):
-    the reactor, thread pool and config file name for its errors.
+    the reactor, thread pool and config file name for its errors. Every route that does not build
+    is in the one ``ConfigError`` raised (``ConfigErrors`` for several).
     """
-    return RouterChain([build_one(r, context_factory(r.key)) for r in routes], default=default)
+    routers, errors = [], []
+    for r in routes:
+        try:
+            routers.append(build_one(r, context_factory(r.key)))
+        except ConfigError as e:
+            errors.append(e)
+    if errors:
+        raise config_errors(errors)
+    return RouterChain(routers, default=default)

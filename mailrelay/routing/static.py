@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 from zope.interface import implementer
 
+from mailrelay import _ascii
 from mailrelay.address import DomainError, canonical_pattern, split
 from mailrelay.config import Section, parse_hostport
 from mailrelay.envelope import Envelope, NextHop, Route, TLSPolicy
@@ -40,7 +41,7 @@ def parse_domain_pattern(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be a string, not {type(value).__name__}")
     try:
-        return canonical_pattern(value.strip(" \t"))
+        return canonical_pattern(_ascii.strip(value))
     except DomainError:
         raise ValueError(f"{value!r} is not a domain, '.subdomain' pattern or '*'") from None
 

@@ -551,5 +551,6 @@ class SMTPClientProtocol(Protocol):
         sent), which a stalled next hop never gives; our connection must not wait for it forever."""
         if self.state is ClientState.CLOSED or self._failure is not None or self._linger is not None:
             return
-        self.transport.loseConnection()  # type: ignore[union-attr]
-        self._linger = self.clock.callLater(self.timeouts.quit, self.transport.abortConnection)  # type: ignore[union-attr]
+        transport: Any = self.transport  # TCP or TLS: either can abort
+        transport.loseConnection()
+        self._linger = self.clock.callLater(self.timeouts.quit, transport.abortConnection)

@@ -73,7 +73,7 @@ class SMTPServerProtocol(Protocol):
         self._producing = False  # registered as the transport's producer
 
     def connectionMade(self) -> None:
-        transport = self.transport
+        transport: Any = self.transport  # TCP, TLS or a test's: its peer, host and flow control
         set_nodelay = getattr(transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             try:
@@ -84,8 +84,8 @@ class SMTPServerProtocol(Protocol):
         # The transport's peer, not buildProtocol's address: behind a ``haproxy:`` listener that
         # was the proxy's (trusted on loopback: every client behind it could relay), while the
         # transport's is the client in the PROXY header.
-        peer_host, peer_port = _host_port(transport.getPeer())  # type: ignore[union-attr]
-        our_host, our_port = _host_port(transport.getHost())  # type: ignore[union-attr]
+        peer_host, peer_port = _host_port(transport.getPeer())
+        our_host, our_port = _host_port(transport.getHost())
         info = SessionInfo(
             client_address=peer_host,
             client_port=peer_port,
@@ -102,9 +102,9 @@ class SMTPServerProtocol(Protocol):
         self.dataReceived = self.session.data_received  # type: ignore[method-assign]
         self.factory.protocols.add(self)
         self.factory.observer.connection_opened(info)
-        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        transport.registerProducer(self, True)
         self._producing = True
-        if interfaces.ISSLTransport.providedBy(self.transport):
+        if interfaces.ISSLTransport.providedBy(transport):
             self.session.tls_active = True  # implicit TLS (RFC 8314): no STARTTLS on offer
             self._handshaking = True
         self._arm()
@@ -159,27 +159,28 @@ class SMTPServerProtocol(Protocol):
         _direct.write(self.transport, self._socket, data)
 
     def lose_connection(self) -> None:
+        transport: Any = self.transport  # TCP or TLS: either can abort
         if self._producing:  # a TLS close waits for the producer to go
             self._producing = False
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            transport.unregisterProducer()
         if self._handshaking and (self._silent or self.factory.draining is not None):
             # TLS begun, never completed (a client that sent STARTTLS and then nothing, or stopped
             # half-way), and now timed out or shut down: our last reply could only go out once the
             # handshake does, and Twisted's TLS close waits for that too. Drop it now. (Any other
             # close in a handshake, such as an implicit-TLS listener's connect-time refusal, may
             # still reach a client that completes it: it lingers below, bounded all the same.)
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            transport.abortConnection()
             return
         if self._socket is not None and self.factory.draining is None:
             # Plain TCP: half-close, so our last reply leaves with a FIN. A client that is still
             # sending (a pipelined flood cut short by 421) would otherwise turn our close into
             # a reset, which discards that reply unread in its socket. What it sends meanwhile
             # is dropped (the session is closed); it gets a moment to hang up, then we do.
-            if not _direct.half_close(self.transport, self._socket):
-                self.transport.loseWriteConnection()  # type: ignore[union-attr]
+            if not _direct.half_close(transport, self._socket):
+                transport.loseWriteConnection()
             self._linger = self.factory.reactor.callLater(CLOSE_LINGER, self.abort)
             return
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        transport.loseConnection()
         # A TLS close waits for the client's close_notify, and any close for the client to read
         # what we sent: a client may do neither. Shutting down, our last reply gets less time.
         linger = CLOSE_LINGER if self.factory.draining is None else SHUTDOWN_LINGER
@@ -230,8 +231,7 @@ class _Refuse(Protocol):
     ``CLOSE_LINGER``, so refused connections cannot pile up either.
     """
 
-    def __init__(self, reply: Reply, observer: IRelayObserver = NULL_OBSERVER, ip: str = "",
-                 clock: Any = None) -> None:
+    def __init__(self, reply: Reply, observer: IRelayObserver, ip: str, clock: Any) -> None:
         self.reply = reply
         self.observer = observer
         self.ip = ip
@@ -240,10 +240,10 @@ class _Refuse(Protocol):
 
     def connectionMade(self) -> None:
         self.observer.connection_refused(self.ip, self.reply)
-        self.transport.write(self.reply.encode())  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
-        if self.clock is not None:
-            self._linger = self.clock.callLater(CLOSE_LINGER, self.transport.abortConnection)  # type: ignore[union-attr]
+        transport: Any = self.transport  # TCP or TLS: either can abort
+        transport.write(self.reply.encode())
+        transport.loseConnection()
+        self._linger = self.clock.callLater(CLOSE_LINGER, transport.abortConnection)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._linger is not None and self._linger.active():

@@ -25,6 +25,7 @@ import re
 
 from twisted.logger import Logger
 
+from mailrelay._files import fsync_dir
 from mailrelay.queue.spool_format import SEGMENT, alive, read_segment
 from mailrelay.queue.store import is_queue_id
 
@@ -163,12 +164,12 @@ def _move_messages(source: str, target: str) -> int:
                 _unlink(os.path.join(dst_q, name))  # torn by an earlier drain (e.g. a stale state)
         for name in files:
             _link(os.path.join(src_q, name), os.path.join(dst_q, name))
-    _fsync_dir(dst_q)  # every message is whole in the target before any leaves the source
+    fsync_dir(dst_q)  # every message is whole in the target before any leaves the source
     moved = sum(_held(dst_q, stem, files) for stem, files in messages.items())
     for files in messages.values():
         for name in reversed(files):  # the commit marker first, as the spool removes
             _unlink(os.path.join(src_q, name))
-    _fsync_dir(src_q)
+    fsync_dir(src_q)
     return moved
 
 
@@ -199,14 +200,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_shard(path: str) -> None:

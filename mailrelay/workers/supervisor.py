@@ -37,7 +37,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from mailrelay.config import Config
-from mailrelay.errors import ConfigError, config_errors
+from mailrelay.errors import ConfigError, cannot_listen, config_errors
 from mailrelay.workers.logs import LineSplitter, decode_line
 from mailrelay.workers.shards import drain
 from mailrelay.workers.sockets import ListenerSpec, bind
@@ -160,9 +160,7 @@ class Supervisor(service.Service):
                     sock = bind(self.reactor, description)
                 except (OSError, ValueError) as e:
                     # as a single relay does (service._Listener): the key, the endpoint, the reason
-                    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                    errors.append(ConfigError(self.config.source, f"server.{key}[{i}]",
-                                              f"{description!r}: cannot listen: {why}"))
+                    errors.append(cannot_listen(self.config.source, f"server.{key}[{i}]", description, e))
                     continue
                 self.sockets.append((kind, description, sock))
                 log.info("listening on {description} ({address}) for {n} workers", description=description,
@@ -199,10 +197,7 @@ class Supervisor(service.Service):
         d.addCallbacks(self._metrics_listening, failed.append)
         if not failed:
             return None
-        e = failed[0].value
-        socket_error = getattr(e, "socketError", None)
-        why = socket_error.strerror if isinstance(socket_error, OSError) and socket_error.strerror else str(e)
-        return ConfigError(self.config.source, "metrics.listen", f"{description!r}: cannot listen: {why}")
+        return cannot_listen(self.config.source, "metrics.listen", description, failed[0].value)
 
     def _metrics_listening(self, port: Any) -> None:
         self.metrics_listener = port
