@@ -70,14 +70,19 @@ def plural(n: int, word: str) -> str:
 
 
 def is_chatter(event: dict[str, Any]) -> bool:
-    """Whether ``event`` is a line a DNS query's UDP port and protocol write (``Starting protocol
-    <...DNSDatagramProtocol ...>``, ``DNSDatagramProtocol starting on N``, ``(UDP Port N Closed)``;
-    see ``mailrelay._quiet``).
+    """Whether ``event`` is Twisted's chatter that the relay's own lines make redundant: the DNS
+    query's UDP port and protocol (``Starting protocol <...DNSDatagramProtocol ...>``,
+    ``DNSDatagramProtocol starting on N``, ``(UDP Port N Closed)``; see ``mailrelay._quiet``) and
+    AMP's "connection established/lost" pair for each ``mailrelay queue`` command on the control
+    socket.
 
-    Twisted writes them through its legacy ``log.msg``; the relay has no other UDP port, so
-    ``(UDP Port N Closed)`` is always a finished DNS query.
+    Twisted writes the DNS lines through its legacy ``log.msg``; the relay has no other UDP port,
+    so ``(UDP Port N Closed)`` is always a finished DNS query.
     """
-    if event.get("log_namespace") != "log_legacy":
+    namespace = event.get("log_namespace")
+    if namespace == "twisted.protocols.amp":
+        return event.get("cls") == "ControlProtocol"
+    if namespace != "log_legacy":
         return False
     text = event.get("log_text")
     return isinstance(text, str) and _PORT_CHATTER.fullmatch(text) is not None

@@ -46,16 +46,6 @@ class ControlProtocol(amp.AMP):
         self.metrics = metrics  # a prometheus_client registry, or None
         self._ids: list[str] | None = None
 
-    # amp.AMP logs "connection established" and "connection lost" for every connection: each
-    # ``mailrelay queue`` command would write two lines into the relay's log that say nothing of
-    # mail. These are AMP's methods less the lines (BinaryBoxProtocol does the work).
-    def makeConnection(self, transport: Any) -> None:  # noqa: N802 (Twisted's name)
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
-
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
-        amp.BinaryBoxProtocol.connectionLost(self, reason)
-        self.transport = None
-
     def _check(self, queue_id: str) -> None:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
