@@ -300,8 +300,8 @@ def test_a_database_out_of_reach_is_a_temporary_failure_to_the_stores_callers(st
     the store's TemporaryFailure (451 4.3.0), which it retries quietly, not OperationalError."""
     store = stores(scan_interval=3600)
     yield commit(store, b"x\r\n")
-    store._conns.close()
-    store._conns.connect = lambda: (_ for _ in ()).throw(psycopg.OperationalError("connection refused (test)"))
+    # every connection refused (idle ones too: a scan may hand one back to the pool meanwhile)
+    store._conns.checkout = lambda: (_ for _ in ()).throw(psycopg.OperationalError("connection refused (test)"))
     with pytest.raises(TemporaryFailure) as e:
         yield store.load(store.new_id())  # not one this node holds claimed: it must ask the database
     assert e.value.reply.code == 451 and isinstance(e.value.__cause__, psycopg.OperationalError)
