@@ -53,9 +53,12 @@ async def _one(host: str, port: int, payload: bytes) -> float | None:
     try:
         if await _reply(reader) != 220:
             return None
-        for command, expect in ((b"EHLO client.example.org", 250),
-                                (b"MAIL FROM:<sender@example.org>", 250),
-                                (b"RCPT TO:<rcpt@example.test>", 250), (b"DATA", 354)):
+        for command, expect in (
+            (b"EHLO client.example.org", 250),
+            (b"MAIL FROM:<sender@example.org>", 250),
+            (b"RCPT TO:<rcpt@example.test>", 250),
+            (b"DATA", 354),
+        ):
             writer.write(command + b"\r\n")
             if await _reply(reader) != expect:
                 return None

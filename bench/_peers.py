@@ -63,7 +63,7 @@ def _stat(pid: int) -> list[str] | None:
         data = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return data[data.rindex(")") + 2:].split()  # fields from 3 (state) on
+    return data[data.rindex(")") + 2 :].split()  # fields from 3 (state) on
 
 
 def cpu_ticks(root_pid: int) -> int:
@@ -119,8 +119,13 @@ class Sink(System):
             args += ["-u", "nobody"]  # smtp-sink refuses to run as root
         args += ["-c", "-m", "1000", f"127.0.0.1:{self.port}", "1024"]
         self.out = open(self.dir / "counters", "wb")
-        self.proc = subprocess.Popen(args, stdout=self.out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_listening(self.port, proc=self.proc)
 
     def pid(self) -> int | None:
@@ -190,21 +195,30 @@ class MailRelay(System):
 
     name = "mailrelay"
 
-    def __init__(self, nexthop_port: int, retry: str = "5s", label: str = "mailrelay", workers: int = 1) -> None:
+    def __init__(
+        self, nexthop_port: int, retry: str = "5s", label: str = "mailrelay", workers: int = 1
+    ) -> None:
         self.name = label
         self.workers = workers
         self.dir = Path(tempfile.mkdtemp(prefix="bench-mailrelay-"))
         self.port = free_port()
         self.spool = self.dir / "spool"
         conf = self.dir / "mailrelay.toml"
-        conf.write_text(MAILRELAY_CONFIG.format(port=self.port, spool=self.spool,
-                                                nexthop=nexthop_port, retry=retry, workers=workers))
+        conf.write_text(
+            MAILRELAY_CONFIG.format(
+                port=self.port, spool=self.spool, nexthop=nexthop_port, retry=retry, workers=workers
+            )
+        )
         twistd = Path(sys.executable).parent / "twistd"
         self.log = open(self.dir / "twistd.log", "wb")
         self.proc = subprocess.Popen(
             [str(twistd), "-n", "--pidfile=", "mailrelay", "--config", str(conf)],
-            cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            cwd=self.dir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             wait_listening(self.port, proc=self.proc)
             self._wait_workers()
@@ -316,11 +330,13 @@ class Postfix(System):
         (self.dir / "maillog").touch()
         self.port = free_port()
         (self.dir / "etc" / "main.cf").write_text(
-            POSTFIX_MAIN_CF.format(dir=self.dir, nexthop=nexthop_port))
+            POSTFIX_MAIN_CF.format(dir=self.dir, nexthop=nexthop_port)
+        )
         (self.dir / "etc" / "master.cf").write_text(POSTFIX_MASTER_CF.format(port=self.port))
         self.exe = exe
-        started = subprocess.run([exe, "-c", str(self.dir / "etc"), "start"], capture_output=True,
-                                 text=True)
+        started = subprocess.run(
+            [exe, "-c", str(self.dir / "etc"), "start"], capture_output=True, text=True
+        )
         if started.returncode != 0:
             raise RuntimeError(f"postfix start failed: {started.stderr}\n{self._maillog()}")
         try:
@@ -374,12 +390,17 @@ class PythonServer(System):
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).parent / script), "127.0.0.1", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             wait_listening(self.port, proc=self.proc)
         except RuntimeError:
-            raise RuntimeError(f"{name}: {self.proc.stderr.read().decode(errors='replace')}") from None
+            raise RuntimeError(
+                f"{name}: {self.proc.stderr.read().decode(errors='replace')}"
+            ) from None
 
     def pid(self) -> int | None:
         return self.proc.pid

@@ -21,9 +21,22 @@ class Profiler:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.collapsed = out_dir / f"{name}.collapsed.txt"
         self.proc = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
-             "--output", str(self.collapsed), "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                str(rate),
+                "--format",
+                "raw",
+                "--output",
+                str(self.collapsed),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     def stop(self) -> Path:
         if self.proc.poll() is None:

@@ -36,8 +36,23 @@ def smtp_source(port: int, sessions: int, n: int, size: int) -> float:
     exe = binary("smtp-source")
     if exe is None:
         raise SystemExit("smtp-source not found (Debian package postfix)")
-    args = [exe, "-s", str(sessions), "-m", str(n), "-l", str(size), "-N", "-f", "sender@example.org",
-            "-t", "rcpt@example.test", "-M", "client.example.org", f"127.0.0.1:{port}"]
+    args = [
+        exe,
+        "-s",
+        str(sessions),
+        "-m",
+        str(n),
+        "-l",
+        str(size),
+        "-N",
+        "-f",
+        "sender@example.org",
+        "-t",
+        "rcpt@example.test",
+        "-M",
+        "client.example.org",
+        f"127.0.0.1:{port}",
+    ]
     t0 = time.perf_counter()
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL, timeout=600)
     return time.perf_counter() - t0
@@ -52,9 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     names = [s for s in args.systems.split(",") if s]
     servers: dict[str, PythonServer] = {}
-    scenarios = [(size, sessions, n) for size, sessions, n in [
-        (1024, 10, args.messages), (1024, 50, args.messages), (2**20, 10, args.large), (2**20, 50, args.large)]
-        if n > 0]  # --large 0: the 1 KiB runs only
+    scenarios = [
+        (size, sessions, n)
+        for size, sessions, n in [
+            (1024, 10, args.messages),
+            (1024, 50, args.messages),
+            (2**20, 10, args.large),
+            (2**20, 50, args.large),
+        ]
+        if n > 0
+    ]  # --large 0: the 1 KiB runs only
     results: dict[tuple[int, int, str], list[tuple[float, float]]] = {}
     try:
         for name in names:  # started inside the try: one that fails to start stops the others
@@ -82,15 +104,28 @@ def main(argv: list[str] | None = None) -> int:
             runs = results[(size, sessions, name)]
             rate = statistics.median(r for r, _ in runs)
             cpu = statistics.median(c for _, c in runs)
-            cpu_text = f"{cpu * 1000:.3f} ms/msg" if size < 2**20 else f"{cpu * 1000 * 2**20 / size:.1f} ms/MiB"
+            cpu_text = (
+                f"{cpu * 1000:.3f} ms/msg"
+                if size < 2**20
+                else f"{cpu * 1000 * 2**20 / size:.1f} ms/MiB"
+            )
             ratio = ""
             if ours is not None and name != "mailrelay":
                 our_rate = statistics.median(r for r, _ in ours)
                 our_cpu = statistics.median(c for _, c in ours)
                 ratio = f"{our_rate / rate:.2f}x msg/s, {cpu / our_cpu:.2f}x CPU" if our_cpu else ""
             label = "1 KiB" if size < 2**20 else "1 MiB"
-            rows.append([label, str(sessions), name, f"{rate:,.0f}",
-                         " ".join(f"{r:,.0f}" for r, _ in runs), cpu_text, ratio])
+            rows.append(
+                [
+                    label,
+                    str(sessions),
+                    name,
+                    f"{rate:,.0f}",
+                    " ".join(f"{r:,.0f}" for r, _ in runs),
+                    cpu_text,
+                    ratio,
+                ]
+            )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))

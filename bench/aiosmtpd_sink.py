@@ -23,7 +23,10 @@ async def main(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: SMTP(Discard(), hostname="aiosmtpd-sink", ident="aiosmtpd-sink"),
-        host, port, backlog=1024)
+        host,
+        port,
+        backlog=1024,
+    )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

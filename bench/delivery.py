@@ -35,8 +35,9 @@ def message(size: int) -> bytes:
     return head + body[: size - len(head) - 2] + b"\r\n"
 
 
-async def run(reactor: object, port: int, n: int, concurrency: int, size: int, reuse: bool
-              ) -> tuple[float, int, float]:
+async def run(
+    reactor: object, port: int, n: int, concurrency: int, size: int, reuse: bool
+) -> tuple[float, int, float]:
     """(msg/s, failures, CPU microseconds of this process per message)."""
     config = DeliveryConfig(connection_idle_time=2.0 if reuse else 0.0, connection_reuse_limit=1000)
     deliverer = SMTPDeliverer(reactor, config, "bench.mailrelay.test")
@@ -49,7 +50,9 @@ async def run(reactor: object, port: int, n: int, concurrency: int, size: int, r
     async def worker() -> None:
         nonlocal failures
         for _ in remaining:
-            [(reply, _)] = await deliverer.deliver(env, env.recipients, route, lambda: io.BytesIO(data))
+            [(reply, _)] = await deliverer.deliver(
+                env, env.recipients, route, lambda: io.BytesIO(data)
+            )
             failures += not reply.is_success
 
     start, cpu = time.perf_counter(), time.process_time()
@@ -67,24 +70,35 @@ async def main(reactor: object, args: argparse.Namespace) -> None:
         cpu: dict[str, list[float]] = {"reuse": [], "no reuse": []}
         for i in range(args.runs):
             for mode in ("reuse", "no reuse") if i % 2 == 0 else ("no reuse", "reuse"):
-                rate, failed, us = await run(reactor, sink.port, args.messages, args.concurrency, args.size,
-                                             mode == "reuse")
+                rate, failed, us = await run(
+                    reactor, sink.port, args.messages, args.concurrency, args.size, mode == "reuse"
+                )
                 figures[mode].append(rate)
                 cpu[mode].append(us)
-                print(f"run {i + 1} {mode:9s}: {rate:8.0f} msg/s, {us:6.0f} us CPU/msg ({failed} failed)", flush=True)
-        print(f"\n{args.messages} messages of {args.size} bytes, {args.concurrency} concurrent deliveries, "
-              f"one destination (smtp-sink), medians of {args.runs}:")
+                print(
+                    f"run {i + 1} {mode:9s}: {rate:8.0f} msg/s, {us:6.0f} us CPU/msg ({failed} failed)",
+                    flush=True,
+                )
+        print(
+            f"\n{args.messages} messages of {args.size} bytes, {args.concurrency} concurrent deliveries, "
+            f"one destination (smtp-sink), medians of {args.runs}:"
+        )
         for mode, rates in figures.items():
             us = statistics.median(cpu[mode])
-            print(f"  {mode:9s} {statistics.median(rates):8.0f} msg/s   (runs: "
-                  + " / ".join(f"{r:.0f}" for r in rates) + f"); {us:.0f} us CPU/msg = "
-                  f"{1e6 / us:.0f} msg/s per core of this process")
+            print(
+                f"  {mode:9s} {statistics.median(rates):8.0f} msg/s   (runs: "
+                + " / ".join(f"{r:.0f}" for r in rates)
+                + f"); {us:.0f} us CPU/msg = "
+                f"{1e6 / us:.0f} msg/s per core of this process"
+            )
     finally:
         sink.stop()
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--messages", type=int, default=5000)
     p.add_argument("--concurrency", type=int, default=20)
     p.add_argument("--size", type=int, default=1024)

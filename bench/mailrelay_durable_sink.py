@@ -57,7 +57,9 @@ class Appender:
                 batch, self.waiting = self.waiting, []
             buffers = [data for _, _, data in batch]
             if self.offset > _WRAP:
-                self.offset = 0  # the bytes are never read back: write over them, the file stays small
+                self.offset = (
+                    0  # the bytes are never read back: write over them, the file stays small
+                )
             os.pwritev(self.fd, buffers, self.offset, os.RWF_DSYNC)
             self.offset += sum(map(len, buffers))
             reactor.callFromThread(self._answer, batch)
@@ -97,9 +99,16 @@ class DurableSink:
 def main(host: str, port: int) -> None:
     fd, path = tempfile.mkstemp(prefix="mailrelay-durable-sink-")
     reactor.addSystemEventTrigger("after", "shutdown", os.unlink, path)
-    config = ServerConfig(hostname="mailrelay-durable-sink", trusted_networks=(ipaddress.ip_network("127.0.0.0/8"),),
-                          max_message_size=200 * 2**20, max_connections=5000, max_connections_per_ip=5000)
-    factory = SMTPServerFactory.from_config(config, DurableSink(Appender(fd)), build_policy(config), reactor)
+    config = ServerConfig(
+        hostname="mailrelay-durable-sink",
+        trusted_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+        max_message_size=200 * 2**20,
+        max_connections=5000,
+        max_connections_per_ip=5000,
+    )
+    factory = SMTPServerFactory.from_config(
+        config, DurableSink(Appender(fd)), build_policy(config), reactor
+    )
     TCP4ServerEndpoint(reactor, port, backlog=1024, interface=host).listen(factory)
     reactor.run()
 

@@ -46,8 +46,13 @@ class DiscardSink:
 
 
 def main(host: str, port: int) -> None:
-    config = ServerConfig(hostname="mailrelay-sink", trusted_networks=(ipaddress.ip_network("127.0.0.0/8"),),
-                          max_message_size=200 * 2**20, max_connections=5000, max_connections_per_ip=5000)
+    config = ServerConfig(
+        hostname="mailrelay-sink",
+        trusted_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+        max_message_size=200 * 2**20,
+        max_connections=5000,
+        max_connections_per_ip=5000,
+    )
     factory = SMTPServerFactory.from_config(config, DiscardSink(), build_policy(config), reactor)
     TCP4ServerEndpoint(reactor, port, backlog=1024, interface=host).listen(factory)
     reactor.run()

@@ -57,13 +57,25 @@ class Node:
         self.dir = Path(tempfile.mkdtemp(prefix="bench-node-"))
         self.port = free_port()
         conf = self.dir / "mailrelay.toml"
-        conf.write_text(CONFIG.format(index=index, port=self.port, spool=self.dir / "spool",
-                                      spool_keys=spool_keys, nexthop=nexthop))
+        conf.write_text(
+            CONFIG.format(
+                index=index,
+                port=self.port,
+                spool=self.dir / "spool",
+                spool_keys=spool_keys,
+                nexthop=nexthop,
+            )
+        )
         self.log = open(self.dir / "twistd.log", "wb")
         twistd = Path(sys.executable).parent / "twistd"
-        self.proc = subprocess.Popen([str(twistd), "-n", "--pidfile=", "mailrelay", "--config", str(conf)],
-                                     cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "mailrelay", "--config", str(conf)],
+            cwd=self.dir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_listening(self.port, proc=self.proc)
 
     def stop(self) -> None:
@@ -89,8 +101,10 @@ def one_run(nodes: int, backend: str, dsn: str, n: int, sessions: int) -> tuple[
             started.append(Node(i, sink.port, keys))
         share = [n // nodes + (1 if i < n % nodes else 0) for i in range(nodes)]
         t0 = time.perf_counter()
-        sources = [subprocess.Popen(source_args(node.port, sessions, k), stdout=subprocess.DEVNULL)
-                   for node, k in zip(started, share, strict=True)]
+        sources = [
+            subprocess.Popen(source_args(node.port, sessions, k), stdout=subprocess.DEVNULL)
+            for node, k in zip(started, share, strict=True)
+        ]
         for p in sources:
             p.wait(timeout=600)
         accepted = time.perf_counter() - t0
@@ -119,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
     for _ in range(args.runs):  # alternate the configurations, run after run
         for backend, nodes in configs:
-            results[(backend, nodes)].append(one_run(nodes, backend, args.dsn, args.messages, args.sessions))
-    print(f"\n{args.messages} messages of 1 KiB, {args.sessions} sessions per node, median of {args.runs} runs")
+            results[(backend, nodes)].append(
+                one_run(nodes, backend, args.dsn, args.messages, args.sessions)
+            )
+    print(
+        f"\n{args.messages} messages of 1 KiB, {args.sessions} sessions per node, median of {args.runs} runs"
+    )
     print(f"{'backend':<12} {'nodes':>5} {'accept msg/s':>13} {'end-to-end msg/s':>17}")
     for (backend, nodes), runs in results.items():
         acc = statistics.median(r[0] for r in runs)

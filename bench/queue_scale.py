@@ -62,11 +62,22 @@ def fill(path: str, n: int, now: float, layout: str = "files") -> None:
     for i in range(n):
         clock.advance(0.5)
         qid = ids()
-        env = Envelope("sender@example.org", (Recipient(f"a{i}@example.test"), Recipient(f"b{i}@dest{i % 50}.test")),
-                       helo="client.example.org", client_address="127.0.0.1", received_at=clock.seconds())
+        env = Envelope(
+            "sender@example.org",
+            (Recipient(f"a{i}@example.test"), Recipient(f"b{i}@dest{i % 50}.test")),
+            helo="client.example.org",
+            client_address="127.0.0.1",
+            received_at=clock.seconds(),
+        )
         m = new_message(qid, env)
-        statuses = (RecipientStatus(env.recipients[0], RecipientState.DELIVERED, 1, Reply(250, "2.0.0", "ok")),
-                    RecipientStatus(env.recipients[1], RecipientState.PENDING, 1, Reply(451, "4.4.1", "busy")))
+        statuses = (
+            RecipientStatus(
+                env.recipients[0], RecipientState.DELIVERED, 1, Reply(250, "2.0.0", "ok")
+            ),
+            RecipientStatus(
+                env.recipients[1], RecipientState.PENDING, 1, Reply(451, "4.4.1", "busy")
+            ),
+        )
         import attrs
 
         m = attrs.evolve(m, statuses=statuses, attempts=1, next_attempt=now + 3600 + i * 0.01)
@@ -92,8 +103,14 @@ def recovery(reactor, path: str, n: int):  # type: ignore[no-untyped-def]
     gc.collect()
     before = rss_mib()
     spool = FilesystemSpool(path, reactor)
-    manager = QueueManager(spool, FakeRouter({"*": route_to("127.0.0.1", 9)}), RecordingDeliverer(),
-                           reactor, QueueConfig(), "bench.example.test")
+    manager = QueueManager(
+        spool,
+        FakeRouter({"*": route_to("127.0.0.1", 9)}),
+        RecordingDeliverer(),
+        reactor,
+        QueueConfig(),
+        "bench.example.test",
+    )
     started = time.perf_counter()
     spool.start()
     found = yield manager.start()
@@ -101,10 +118,14 @@ def recovery(reactor, path: str, n: int):  # type: ignore[no-untyped-def]
     gc.collect()
     after = rss_mib()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"recovery: {found} messages loaded and scheduled in {elapsed:.2f} s "
-          f"({found / elapsed:,.0f} msg/s); scheduled={len(manager.scheduled())}")
-    print(f"memory:   RSS {before:.0f} MiB before, {after:.0f} MiB after (+{after - before:.0f} MiB), "
-          f"peak {peak:.0f} MiB")
+    print(
+        f"recovery: {found} messages loaded and scheduled in {elapsed:.2f} s "
+        f"({found / elapsed:,.0f} msg/s); scheduled={len(manager.scheduled())}"
+    )
+    print(
+        f"memory:   RSS {before:.0f} MiB before, {after:.0f} MiB after (+{after - before:.0f} MiB), "
+        f"peak {peak:.0f} MiB"
+    )
     yield manager.stop()
     yield spool.stop()
 
@@ -115,8 +136,15 @@ def scheduling_cost(sizes: list[int], events: int = 20000) -> None:
     for n in sizes:
         clock = Clock()
         clock.advance(1_000_000)
-        manager = QueueManager(MemoryQueueStore(clock), FakeRouter({}), RecordingDeliverer(), clock,
-                               QueueConfig(), "bench.example.test", jitter=lambda d: d)
+        manager = QueueManager(
+            MemoryQueueStore(clock),
+            FakeRouter({}),
+            RecordingDeliverer(),
+            clock,
+            QueueConfig(),
+            "bench.example.test",
+            jitter=lambda d: d,
+        )
         manager._running = True  # scheduling only: no store, no attempts
         manager._pump = lambda: None  # type: ignore[method-assign]
         for i in range(n):
@@ -130,14 +158,20 @@ def scheduling_cost(sizes: list[int], events: int = 20000) -> None:
         clock.advance(5_001)  # fires exactly the `events` new ones
         t2 = time.perf_counter()
         assert len(manager._ready) == events
-        print(f"  n={n:>7,}: schedule {1e6 * (t1 - t0) / events:5.2f} µs, fire {1e6 * (t2 - t1) / events:5.2f} µs")
+        print(
+            f"  n={n:>7,}: schedule {1e6 * (t1 - t0) / events:5.2f} µs, fire {1e6 * (t2 - t1) / events:5.2f} µs"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--layout", choices=("files", "segments"), default="files")
-    parser.add_argument("--keep", help="build the spool in this directory (or reuse the one there) and keep it")
+    parser.add_argument(
+        "--keep", help="build the spool in this directory (or reuse the one there) and keep it"
+    )
     args = parser.parse_args()
     path = args.keep or tempfile.mkdtemp(prefix="mailrelay-bench-queue-")
     try:
@@ -146,7 +180,9 @@ def main() -> None:
         else:
             t0 = time.perf_counter()
             fill(path, args.messages, time.time(), args.layout)
-            print(f"setup:    wrote {args.messages:,} messages in {time.perf_counter() - t0:.1f} s to {path}")
+            print(
+                f"setup:    wrote {args.messages:,} messages in {time.perf_counter() - t0:.1f} s to {path}"
+            )
         task.react(lambda reactor: recovery(reactor, path, args.messages))
     except SystemExit:
         pass

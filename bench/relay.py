@@ -80,15 +80,33 @@ def source_args(port: int, sessions: int, n: int, size: int = 1024) -> list[str]
     exe = binary("smtp-source")
     if exe is None:
         raise RuntimeError("smtp-source not found (Debian package postfix)")
-    return [exe, "-s", str(sessions), "-m", str(n), "-l", str(size), "-N",
-            "-f", "sender@example.org", "-t", "rcpt@example.test",
-            "-M", "client.example.org", f"127.0.0.1:{port}"]
+    return [
+        exe,
+        "-s",
+        str(sessions),
+        "-m",
+        str(n),
+        "-l",
+        str(size),
+        "-N",
+        "-f",
+        "sender@example.org",
+        "-t",
+        "rcpt@example.test",
+        "-M",
+        "client.example.org",
+        f"127.0.0.1:{port}",
+    ]
 
 
 def smtp_source(port: int, sessions: int, n: int, size: int = 1024) -> float:
     t0 = time.perf_counter()
-    subprocess.run(source_args(port, sessions, n, size), check=True, stdout=subprocess.DEVNULL,
-                   timeout=max(120, n / 10 + n * size / 2**20))
+    subprocess.run(
+        source_args(port, sessions, n, size),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=max(120, n / 10 + n * size / 2**20),
+    )
     return time.perf_counter() - t0
 
 
@@ -142,8 +160,10 @@ class Relay:
         cpu = (self.system.cpu() - cpu0) / HZ / elapsed * 100
         if not ok:
             got = self.sink.count()
-            print(f"  {self.name}: sink got {got} of {self.expected} within {timeout:.0f}s",
-                  file=sys.stderr)
+            print(
+                f"  {self.name}: sink got {got} of {self.expected} within {timeout:.0f}s",
+                file=sys.stderr,
+            )
             self.expected = got
         return Run(elapsed, accept, cpu, ok)
 
@@ -174,24 +194,42 @@ def start(what: str, factory: Callable[[], object], started: list) -> object | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--messages", "-n", type=int, default=5000, help="messages per run (default 5000)")
-    ap.add_argument("--runs", type=int, default=3, help="runs per system and session count (median)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--messages", "-n", type=int, default=5000, help="messages per run (default 5000)"
+    )
+    ap.add_argument(
+        "--runs", type=int, default=3, help="runs per system and session count (median)"
+    )
     ap.add_argument("--sessions", default="10,50", help="concurrent sessions, comma-separated")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="of " + ",".join(SCENARIOS))
-    ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help="which systems besides mailrelay to compare (mailrelay always runs)")
+    ap.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="which systems besides mailrelay to compare (mailrelay always runs)",
+    )
     ap.add_argument("--latency-messages", type=int, default=2000)
-    ap.add_argument("--large-messages", type=int, default=100, help="1 MiB messages per run (large)")
+    ap.add_argument(
+        "--large-messages", type=int, default=100, help="1 MiB messages per run (large)"
+    )
     ap.add_argument("--rss-size", type=int, default=100, help="MiB of the one big message (rss)")
-    ap.add_argument("--workers", default="1",
-                    help="mailrelay's [server] workers, comma-separated: each value is a system of its own, "
-                         "measured alternately with the others; the first is 'mailrelay' (the ratios' "
-                         "reference), the others 'mailrelay wN' (default 1)")
+    ap.add_argument(
+        "--workers",
+        default="1",
+        help="mailrelay's [server] workers, comma-separated: each value is a system of its own, "
+        "measured alternately with the others; the first is 'mailrelay' (the ratios' "
+        "reference), the others 'mailrelay wN' (default 1)",
+    )
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
-    ap.add_argument("--profile", type=Path, metavar="DIR",
-                    help="sample mailrelay (end to end) with py-spy during the runs; stacks to DIR")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample mailrelay (end to end) with py-spy during the runs; stacks to DIR",
+    )
     ap.add_argument("--rst", action="store_true", help="print the table as an RST list-table too")
     args = ap.parse_args(argv)
 
@@ -200,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     labels = {w: "mailrelay" if i == 0 else f"mailrelay w{w}" for i, w in enumerate(workers)}
     scenarios = [s for s in args.scenarios.split(",") if s]
     systems = set(args.systems.split(",")) | {"mailrelay"}
-    for option, given, known in (("--systems", systems, SYSTEMS), ("--scenarios", scenarios, SCENARIOS)):
+    for option, given, known in (
+        ("--systems", systems, SYSTEMS),
+        ("--scenarios", scenarios, SCENARIOS),
+    ):
         unknown = set(given) - set(known)
         if unknown:  # a misspelt name would silently measure nothing
             ap.error(f"{option}: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
@@ -221,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if {"e2e", "latency", "rss"} & set(scenarios):
             makers: list[tuple[str, Callable[[int], System]]] = [
-                (labels[w], lambda p, w=w: MailRelay(p, label=labels[w], workers=w)) for w in workers]
+                (labels[w], lambda p, w=w: MailRelay(p, label=labels[w], workers=w))
+                for w in workers
+            ]
             for name, make in (*makers, ("postfix", Postfix)):
                 if name in systems or name.startswith("mailrelay"):
                     relay = start(name, lambda make=make, name=name: Relay(name, make), started)
@@ -231,15 +274,22 @@ def main(argv: list[str] | None = None) -> int:
             hole = start("black hole", BlackHole, started)
             if hole is not None:
                 for w in workers:
-                    mr = start(f"{labels[w]} (accept only)",
-                               lambda w=w: MailRelay(hole.port, retry="1h", label=labels[w], workers=w),  # type: ignore[attr-defined]
-                               started)
+                    mr = start(
+                        f"{labels[w]} (accept only)",
+                        lambda w=w: MailRelay(hole.port, retry="1h", label=labels[w], workers=w),  # type: ignore[attr-defined]
+                        started,
+                    )
                     if mr is not None:
                         accepts.append(mr)  # type: ignore[arg-type]
-            for name, script in (("aiosmtpd", "aiosmtpd_sink.py"), ("twisted.mail", "twisted_mail_sink.py"),
-                                 ("mailrelay durable", "mailrelay_durable_sink.py")):
+            for name, script in (
+                ("aiosmtpd", "aiosmtpd_sink.py"),
+                ("twisted.mail", "twisted_mail_sink.py"),
+                ("mailrelay durable", "mailrelay_durable_sink.py"),
+            ):
                 if name in systems:
-                    srv = start(name, lambda name=name, script=script: PythonServer(name, script), started)
+                    srv = start(
+                        name, lambda name=name, script=script: PythonServer(name, script), started
+                    )
                     if srv is not None:
                         accepts.append(srv)  # type: ignore[arg-type]
         if "sink" in scenarios:
@@ -266,32 +316,41 @@ def main(argv: list[str] | None = None) -> int:
                     for relay in relays:
                         run = relay.send(s, n, e2e_timeout)
                         row("end to end", s, relay.name).runs.append(run)
-                        print(f"  e2e     s={s} run {r + 1} {relay.name:13} {n / run.seconds:7.0f} msg/s "
-                              f"(accept {n / run.accept_seconds:.0f}/s, cpu {run.cpu_percent:.0f}%)",
-                              file=sys.stderr)
+                        print(
+                            f"  e2e     s={s} run {r + 1} {relay.name:13} {n / run.seconds:7.0f} msg/s "
+                            f"(accept {n / run.accept_seconds:.0f}/s, cpu {run.cpu_percent:.0f}%)",
+                            file=sys.stderr,
+                        )
                 if "accept" in scenarios:
                     for srv in accepts:
                         cpu0 = srv.cpu()
                         secs = smtp_source(srv.port, s, n)
                         run = Run(secs, secs, (srv.cpu() - cpu0) / HZ / secs * 100)
                         row("accept only", s, srv.name).runs.append(run)
-                        print(f"  accept  s={s} run {r + 1} {srv.name:13} {n / secs:7.0f} msg/s "
-                              f"(cpu {run.cpu_percent:.0f}%)", file=sys.stderr)
+                        print(
+                            f"  accept  s={s} run {r + 1} {srv.name:13} {n / secs:7.0f} msg/s "
+                            f"(cpu {run.cpu_percent:.0f}%)",
+                            file=sys.stderr,
+                        )
                 if sink is not None:
                     cpu0 = sink.cpu()
                     t0 = time.perf_counter()
                     smtp_source(sink.port, s, n)
                     secs = time.perf_counter() - t0
                     row("sink (ceiling)", s, "smtp-sink").runs.append(
-                        Run(secs, secs, (sink.cpu() - cpu0) / HZ / secs * 100))
+                        Run(secs, secs, (sink.cpu() - cpu0) / HZ / secs * 100)
+                    )
             if "latency" in scenarios:
                 for relay in relays:
                     result = measure(relay.system.port, s, args.latency_messages)
                     relay.expected += len(result.samples_ms)
                     row("latency", s, relay.name).latency = result
-                    print(f"  latency s={s} {relay.name:13} p50 {result.percentile(50):.1f} "
-                          f"p90 {result.percentile(90):.1f} p99 {result.percentile(99):.1f} ms "
-                          f"({result.errors} errors)", file=sys.stderr)
+                    print(
+                        f"  latency s={s} {relay.name:13} p50 {result.percentile(50):.1f} "
+                        f"p90 {result.percentile(90):.1f} p99 {result.percentile(99):.1f} ms "
+                        f"({result.errors} errors)",
+                        file=sys.stderr,
+                    )
                     relay.settle(e2e_timeout)
             if "large" in scenarios:
                 for r in range(args.runs):
@@ -300,10 +359,12 @@ def main(argv: list[str] | None = None) -> int:
                         secs = smtp_source(srv.port, s, args.large_messages, 2**20)
                         run = Run(secs, secs, (srv.cpu() - cpu0) / HZ / secs * 100)
                         row("accept 1 MiB", s, srv.name).runs.append(run)
-                        print(f"  1 MiB   s={s} run {r + 1} {srv.name:13} "
-                              f"{args.large_messages / secs:7.1f} msg/s "
-                              f"{run.cpu_percent * secs * 10 / args.large_messages:.1f} ms CPU/MiB",
-                              file=sys.stderr)
+                        print(
+                            f"  1 MiB   s={s} run {r + 1} {srv.name:13} "
+                            f"{args.large_messages / secs:7.1f} msg/s "
+                            f"{run.cpu_percent * secs * 10 / args.large_messages:.1f} ms CPU/MiB",
+                            file=sys.stderr,
+                        )
         if "rss" in scenarios:
             for relay in relays:
                 if relay.name == "mailrelay":
@@ -312,10 +373,21 @@ def main(argv: list[str] | None = None) -> int:
                     except RuntimeError as e:
                         print(f"  rss: {e}", file=sys.stderr)
                         continue
-                    rss_rows.append(("RSS growth, one big message", "1", "mailrelay",
-                                     f"{growth:.1f} MiB for {args.rss_size} MiB", f"{secs:.1f} s",
-                                     "", "", ""))
-                    print(f"  rss     {relay.name} +{growth:.1f} MiB ({secs:.1f}s)", file=sys.stderr)
+                    rss_rows.append(
+                        (
+                            "RSS growth, one big message",
+                            "1",
+                            "mailrelay",
+                            f"{growth:.1f} MiB for {args.rss_size} MiB",
+                            f"{secs:.1f} s",
+                            "",
+                            "",
+                            "",
+                        )
+                    )
+                    print(
+                        f"  rss     {relay.name} +{growth:.1f} MiB ({secs:.1f}s)", file=sys.stderr
+                    )
     finally:
         collapsed = [p.stop() for p in profilers]
         for obj in reversed(started):
@@ -326,9 +398,11 @@ def main(argv: list[str] | None = None) -> int:
 
     table = render(list(rows.values()), n, args.large_messages) + rss_rows
     print()
-    print(f"{n} messages of 1 KiB per run, median of {args.runs} run(s); "
-          "ratio = mailrelay ÷ system (msg/s), system ÷ mailrelay (p99 latency, CPU per MiB): "
-          "> 1 means mailrelay is better")
+    print(
+        f"{n} messages of 1 KiB per run, median of {args.runs} run(s); "
+        "ratio = mailrelay ÷ system (msg/s), system ÷ mailrelay (p99 latency, CPU per MiB): "
+        "> 1 means mailrelay is better"
+    )
     print(format_text(table))
     if args.rst:
         print()
@@ -340,11 +414,22 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(summary(path))
     if args.json:
-        args.json.write_text(json.dumps([attrs.asdict(r) for r in rows.values()], indent=1, default=str))
+        args.json.write_text(
+            json.dumps([attrs.asdict(r) for r in rows.values()], indent=1, default=str)
+        )
     return 0
 
 
-HEADER = ("scenario", "sessions", "system", "figure", "runs", "accept msg/s", "CPU % (1 core)", "ratio")
+HEADER = (
+    "scenario",
+    "sessions",
+    "system",
+    "figure",
+    "runs",
+    "accept msg/s",
+    "CPU % (1 core)",
+    "ratio",
+)
 
 
 def cpu_ms_per_mib(row: Row, n: int) -> float:
@@ -356,44 +441,104 @@ def render(rows: list[Row], n: int, n_large: int = 0) -> list[tuple[str, ...]]:
     out = []
     for r in rows:
         if r.scenario == "accept 1 MiB":
-            mine_row = next((x for x in rows if x.scenario == r.scenario and x.sessions == r.sessions
-                             and x.system == "mailrelay"), None)
+            mine_row = next(
+                (
+                    x
+                    for x in rows
+                    if x.scenario == r.scenario
+                    and x.sessions == r.sessions
+                    and x.system == "mailrelay"
+                ),
+                None,
+            )
             cpu = cpu_ms_per_mib(r, n_large)
-            ratio = (f"{cpu / cpu_ms_per_mib(mine_row, n_large):.2f}"
-                     if mine_row is not None and r.system != "mailrelay" else "")
-            out.append((r.scenario, str(r.sessions), r.system,
-                        f"{r.median(n_large):.1f} msg/s, {cpu:.1f} ms CPU/MiB",
-                        "/".join(f"{n_large / x.seconds:.1f}" for x in r.runs), "",
-                        f"{statistics.median(x.cpu_percent for x in r.runs):.0f}", ratio))
+            ratio = (
+                f"{cpu / cpu_ms_per_mib(mine_row, n_large):.2f}"
+                if mine_row is not None and r.system != "mailrelay"
+                else ""
+            )
+            out.append(
+                (
+                    r.scenario,
+                    str(r.sessions),
+                    r.system,
+                    f"{r.median(n_large):.1f} msg/s, {cpu:.1f} ms CPU/MiB",
+                    "/".join(f"{n_large / x.seconds:.1f}" for x in r.runs),
+                    "",
+                    f"{statistics.median(x.cpu_percent for x in r.runs):.0f}",
+                    ratio,
+                )
+            )
             continue
         if r.latency is not None:
             lat = r.latency
-            mine = next((x.latency for x in rows if x.scenario == "latency" and x.sessions == r.sessions
-                         and x.system == "mailrelay"), None)
-            ratio = (f"{lat.percentile(99) / mine.percentile(99):.2f}"
-                     if mine is not None and mine.samples_ms and r.system != "mailrelay" else "")
-            figure = (f"p50 {lat.percentile(50):.1f} / p90 {lat.percentile(90):.1f} / "
-                      f"p99 {lat.percentile(99):.1f} ms")
-            out.append((r.scenario, str(r.sessions), r.system, figure,
-                        f"{len(lat.samples_ms)} msgs, {lat.errors} errors", "", "", ratio))
+            mine = next(
+                (
+                    x.latency
+                    for x in rows
+                    if x.scenario == "latency"
+                    and x.sessions == r.sessions
+                    and x.system == "mailrelay"
+                ),
+                None,
+            )
+            ratio = (
+                f"{lat.percentile(99) / mine.percentile(99):.2f}"
+                if mine is not None and mine.samples_ms and r.system != "mailrelay"
+                else ""
+            )
+            figure = (
+                f"p50 {lat.percentile(50):.1f} / p90 {lat.percentile(90):.1f} / "
+                f"p99 {lat.percentile(99):.1f} ms"
+            )
+            out.append(
+                (
+                    r.scenario,
+                    str(r.sessions),
+                    r.system,
+                    figure,
+                    f"{len(lat.samples_ms)} msgs, {lat.errors} errors",
+                    "",
+                    "",
+                    ratio,
+                )
+            )
             continue
         median = r.median(n)
-        mine = next((x.median(n) for x in rows if x.scenario == r.scenario and x.sessions == r.sessions
-                     and x.system == "mailrelay"), None)
+        mine = next(
+            (
+                x.median(n)
+                for x in rows
+                if x.scenario == r.scenario and x.sessions == r.sessions and x.system == "mailrelay"
+            ),
+            None,
+        )
         ratio = f"{mine / median:.2f}" if mine and median and r.system != "mailrelay" else ""
         runs = "/".join(f"{n / x.seconds:.0f}" if x.ok else "timeout" for x in r.runs)
         accept = statistics.median(n / x.accept_seconds for x in r.runs) if r.runs else 0
         cpu = statistics.median(x.cpu_percent for x in r.runs) if r.runs else 0
         figure = f"{median:.0f} msg/s" if median else "failed"
-        out.append((r.scenario, str(r.sessions), r.system, figure, runs,
-                    f"{accept:.0f}" if r.scenario == "end to end" else "", f"{cpu:.0f}", ratio))
+        out.append(
+            (
+                r.scenario,
+                str(r.sessions),
+                r.system,
+                figure,
+                runs,
+                f"{accept:.0f}" if r.scenario == "end to end" else "",
+                f"{cpu:.0f}",
+                ratio,
+            )
+        )
     return out
 
 
 def format_text(table: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in [HEADER, *table]) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in [HEADER, *table]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [HEADER, *table]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -33,8 +33,12 @@ from mailrelay.config import ServerConfig  # noqa: E402
 from tests.reliability.fuzzing import FuzzFailure, fuzz, random_stream  # noqa: E402
 from tests.smtp.fakes import Conn  # noqa: E402
 
-CONFIG = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), max_message_size=5000,
-                      trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),))
+CONFIG = ServerConfig(
+    hostname="mx.example.test",
+    local_domains=("example.test",),
+    max_message_size=5000,
+    trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),),
+)
 
 
 def sessions(n: int, seed: int, measure: int = 2000) -> tuple[int, float]:
@@ -54,8 +58,10 @@ def sessions(n: int, seed: int, measure: int = 2000) -> tuple[int, float]:
                 tracemalloc.start()
             data = b"EHLO fuzz.example\r\n" + random_stream(rng)
             if rng.random() < 0.5:  # half start with a valid transaction, so text reaches the sink
-                data = (b"EHLO fuzz.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\n"
-                        b"DATA\r\n" + data[19:] + rng.choice([b"", b"\r\n.\r\n"]))
+                data = (
+                    b"EHLO fuzz.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\n"
+                    b"DATA\r\n" + data[19:] + rng.choice([b"", b"\r\n.\r\n"])
+                )
             c = Conn(config=CONFIG)
             pos = 0
             while pos < len(data) and not c.closed:
@@ -72,7 +78,9 @@ def sessions(n: int, seed: int, measure: int = 2000) -> tuple[int, float]:
                 raise FuzzFailure(f"session {i}: a writer neither committed nor aborted")
             stored += len(c.sink.committed)
             if failures:
-                raise FuzzFailure(f"session {i}: logged failure {failures[0].get('log_failure')}\ninput {data!r}")
+                raise FuzzFailure(
+                    f"session {i}: logged failure {failures[0].get('log_failure')}\ninput {data!r}"
+                )
             if i == measure - 1 or (i == n - 1 and tracemalloc.is_tracing()):
                 peak = tracemalloc.get_traced_memory()[1] / 1024
                 tracemalloc.stop()
@@ -86,8 +94,12 @@ def sessions(n: int, seed: int, measure: int = 2000) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=1_000_000, help="parser fuzz cases (default 10^6)")
-    ap.add_argument("--sessions", type=int, default=20_000, help="whole in-memory sessions (default 20,000)")
-    ap.add_argument("--seed", type=int, default=None, help="replay a run (default: a fresh random seed)")
+    ap.add_argument(
+        "--sessions", type=int, default=20_000, help="whole in-memory sessions (default 20,000)"
+    )
+    ap.add_argument(
+        "--seed", type=int, default=None, help="replay a run (default: a fresh random seed)"
+    )
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     print(f"soak seed {seed}", flush=True)
@@ -95,15 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         stats = fuzz(args.cases, seed, measure_memory=min(args.cases, 2_000))
         dt = time.monotonic() - t
-        print(f"parser: {stats.cases} cases, {stats.octets / 1e6:.0f} MB in {dt:.0f} s "
-              f"({stats.cases / dt:,.0f} cases/s); {stats.messages} messages, {stats.rejected} rejected, "
-              f"{stats.paths_ok}/{stats.paths_refused} paths parsed/refused; peak {stats.peak_kib:.0f} KiB",
-              flush=True)
+        print(
+            f"parser: {stats.cases} cases, {stats.octets / 1e6:.0f} MB in {dt:.0f} s "
+            f"({stats.cases / dt:,.0f} cases/s); {stats.messages} messages, {stats.rejected} rejected, "
+            f"{stats.paths_ok}/{stats.paths_refused} paths parsed/refused; peak {stats.peak_kib:.0f} KiB",
+            flush=True,
+        )
         t = time.monotonic()
         stored, peak = sessions(args.sessions, seed)
         dt = time.monotonic() - t
-        print(f"sessions: {args.sessions} in {dt:.0f} s ({args.sessions / dt:,.0f}/s), {stored} messages stored; "
-              f"peak {peak:.0f} KiB")
+        print(
+            f"sessions: {args.sessions} in {dt:.0f} s ({args.sessions / dt:,.0f}/s), {stored} messages stored; "
+            f"peak {peak:.0f} KiB"
+        )
     except FuzzFailure as e:
         print(f"FAILED (seed {seed}): {e}")
         return 1

@@ -57,19 +57,25 @@ def run(reactor, base: str, messages: int, size: int, concurrency: int):  # type
     shutil.rmtree(path, ignore_errors=True)
     latencies.sort()
     q = statistics.quantiles(latencies, n=100)
-    print(f"{concurrency:>11} {messages / elapsed:>10,.0f} {passes:>8} {messages / passes:>10.1f} "
-          f"{1000 * q[49]:>8.2f} {1000 * q[98]:>8.2f}")
+    print(
+        f"{concurrency:>11} {messages / elapsed:>10,.0f} {passes:>8} {messages / passes:>10.1f} "
+        f"{1000 * q[49]:>8.2f} {1000 * q[98]:>8.2f}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--dir", default=None)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 10, 50])
     args = parser.parse_args()
     base = args.dir or tempfile.mkdtemp(prefix="mailrelay-bench-commit-")
-    print(f"{'concurrency':>11} {'commits/s':>10} {'passes':>8} {'msgs/pass':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    print(
+        f"{'concurrency':>11} {'commits/s':>10} {'passes':>8} {'msgs/pass':>10} {'p50 ms':>8} {'p99 ms':>8}"
+    )
 
     @defer.inlineCallbacks
     def all_runs(reactor):  # type: ignore[no-untyped-def]

@@ -29,13 +29,17 @@ from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 _SECRET = re.compile(r"pass|secret|credential|token", re.I)
-_PORT_CHATTER = re.compile(r"\w*DNSDatagramProtocol starting on \d+|\(UDP Port \d+ Closed\)"
-                           r"|(?:Starting|Stopping) protocol <twisted\.names\.dns\.DNSDatagramProtocol object at 0x[0-9a-f]+>",
-                           re.ASCII)
+_PORT_CHATTER = re.compile(
+    r"\w*DNSDatagramProtocol starting on \d+|\(UDP Port \d+ Closed\)"
+    r"|(?:Starting|Stopping) protocol <twisted\.names\.dns\.DNSDatagramProtocol object at 0x[0-9a-f]+>",
+    re.ASCII,
+)
 _SKIP = frozenset({"format", "message", "isError", "why", "failure", "time"})
 
 
-_SIMPLE: dict[str, bool] = {}  # log format -> whether str.format_map renders it as twisted.logger does
+_SIMPLE: dict[
+    str, bool
+] = {}  # log format -> whether str.format_map renders it as twisted.logger does
 _PARSER = string.Formatter()
 
 
@@ -43,8 +47,10 @@ def _simple(fmt: str) -> bool:
     simple = _SIMPLE.get(fmt)
     if simple is None:
         try:
-            simple = all(name is None or (name.isidentifier() and "{" not in (spec or ""))
-                         for _, name, spec, _ in _PARSER.parse(fmt))
+            simple = all(
+                name is None or (name.isidentifier() and "{" not in (spec or ""))
+                for _, name, spec, _ in _PARSER.parse(fmt)
+            )
         except ValueError:
             simple = False
         if len(_SIMPLE) < 10_000:  # formats are few; never grow without bound on odd callers
@@ -186,7 +192,9 @@ class TurnStream:
     (SIGKILL) can lose lines, those of its last turn.
     """
 
-    def __init__(self, stream: Any, reactor: Any, on_reactor_thread: Callable[[], bool] = isInIOThread) -> None:
+    def __init__(
+        self, stream: Any, reactor: Any, on_reactor_thread: Callable[[], bool] = isInIOThread
+    ) -> None:
         self.stream = stream
         self.reactor = reactor
         self.on_reactor_thread = on_reactor_thread

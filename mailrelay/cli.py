@@ -45,12 +45,18 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return (
+            "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
     return json.dumps(str(value), ensure_ascii=False)
 
 
 def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+    return (
+        key
+        if key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+        else json.dumps(key)
+    )
 
 
 def _section_lines(obj: Any, defaults: Any) -> list[str]:
@@ -93,7 +99,10 @@ def render_config(cfg: configmod.Config, only_changed: bool = False) -> str:
     for section, lines in loose.items():
         out += ["", f"[{section}]", *lines]
     if cfg.routes == configmod.DEFAULT_ROUTES:
-        out += ["", "# no [[routes]] in the file: every recipient is routed by its domain's MX records"]
+        out += [
+            "",
+            "# no [[routes]] in the file: every recipient is routed by its domain's MX records",
+        ]
     for route in cfg.routes:
         out += ["", "[[routes]]", f"type = {_toml_value(route.type)}"]
         out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in route.options.items()]
@@ -142,13 +151,17 @@ class _Online:
         return d.addCallback(lambda r: (r["messages"], r["more"]))
 
     def show(self, queue_id: str) -> defer.Deferred[Any]:
-        return self.proto.callRemote(self.p.ShowMessage, queue_id=queue_id).addCallback(lambda r: r["message"])
+        return self.proto.callRemote(self.p.ShowMessage, queue_id=queue_id).addCallback(
+            lambda r: r["message"]
+        )
 
     def summary(self) -> defer.Deferred[Any]:
         return self.proto.callRemote(self.p.Summary).addCallback(lambda r: r["summary"])
 
     def flush(self, queue_id: str | None) -> defer.Deferred[Any]:
-        return self.proto.callRemote(self.p.Flush, queue_id=queue_id).addCallback(lambda r: r["count"])
+        return self.proto.callRemote(self.p.Flush, queue_id=queue_id).addCallback(
+            lambda r: r["count"]
+        )
 
     def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
         command = {"delete": self.p.Delete, "hold": self.p.Hold, "release": self.p.Release}[action]
@@ -184,13 +197,18 @@ class _Offline:
 
     def show(self, queue_id: str) -> defer.Deferred[Any]:
         return defer.maybeDeferred(
-            lambda: infomod.message_detail(self.spool.read_message(queue_id), self.spool.open_body(queue_id)))
+            lambda: infomod.message_detail(
+                self.spool.read_message(queue_id), self.spool.open_body(queue_id)
+            )
+        )
 
     def summary(self) -> defer.Deferred[Any]:
         return defer.succeed(infomod.summary(self._infos(self.spool.scan_ids()), time.time()))
 
     def flush(self, queue_id: str | None) -> defer.Deferred[Any]:
-        return defer.fail(CLIError("mailrelay is not running: messages are attempted when it starts"))
+        return defer.fail(
+            CLIError("mailrelay is not running: messages are attempted when it starts")
+        )
 
     def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
         def run() -> None:
@@ -373,7 +391,10 @@ def print_list(infos: list[dict[str, Any]], out: Any) -> None:
     for m in infos:
         mark = "!" if m["held"] else ("*" if m["active"] else " ")
         size = m["size"] if m["size"] is not None else 0
-        print(f"{m['queue_id']}{mark} {size:>9} {_when(m['arrival'])}  {m['sender'] or 'MAILER-DAEMON'}", file=out)
+        print(
+            f"{m['queue_id']}{mark} {size:>9} {_when(m['arrival'])}  {m['sender'] or 'MAILER-DAEMON'}",
+            file=out,
+        )
         for r in m["recipients"]:
             if r["state"] != "pending":
                 continue
@@ -394,7 +415,10 @@ def print_show(m: dict[str, Any], out: Any) -> None:
         ("size", m["size"]),
         ("attempts", m["attempts"]),
         ("next attempt", _when(m["next_attempt"]) if not m["held"] else "-"),
-        ("client", f"{env.get('client_name') or '-'} [{env.get('client_address') or '-'}] helo={env.get('helo') or '-'}"),
+        (
+            "client",
+            f"{env.get('client_name') or '-'} [{env.get('client_address') or '-'}] helo={env.get('helo') or '-'}",
+        ),
         ("protocol", env.get("protocol")),
     ]
     for key in ("body", "smtputf8", "ret", "envid", "auth"):
@@ -447,7 +471,9 @@ def _queue_command(backend: Any, args: argparse.Namespace, out: Any):  # type: i
         if args.json:
             print(json.dumps(every, indent=1), file=out)
         elif count:
-            print(f"-- {(total_size + 1023) // 1024} Kbytes in {plural(count, 'Request')}.", file=out)
+            print(
+                f"-- {(total_size + 1023) // 1024} Kbytes in {plural(count, 'Request')}.", file=out
+            )
         else:
             print("Mail queue is empty", file=out)
     elif cmd == "show":
@@ -480,7 +506,9 @@ def run_queue(args: argparse.Namespace, out: Any = None, err: Any = None) -> int
             from mailrelay.control.protocol import MessageHeld
 
             if f.check(MessageHeld):
-                print(f"mailrelay: {args.queue_id} is held: release it to have it attempted", file=err)
+                print(
+                    f"mailrelay: {args.queue_id} is held: release it to have it attempted", file=err
+                )
             elif f.check(KeyError):
                 print(f"mailrelay: no such message: {getattr(args, 'queue_id', '')}", file=err)
             elif f.check(ConfigError):
@@ -510,7 +538,9 @@ def db_upgrade(path: str, out: Any = None, err: Any = None) -> int:
     try:
         cfg = configmod.load(path)
         if cfg.spool.backend != "postgresql":
-            raise CLIError(f"{path}: [spool] backend is {cfg.spool.backend!r}: there is no database to upgrade")
+            raise CLIError(
+                f"{path}: [spool] backend is {cfg.spool.backend!r}: there is no database to upgrade"
+            )
         from mailrelay.queue import pg_schema
 
         before, after = pg_schema.upgrade(cfg.spool.dsn or "")
@@ -531,39 +561,63 @@ def db_upgrade(path: str, out: Any = None, err: Any = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailrelay", description="mailrelay: a mail transfer agent on Twisted")
+    parser = argparse.ArgumentParser(
+        prog="mailrelay", description="mailrelay: a mail transfer agent on Twisted"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    check = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    check = sub.add_parser(
+        "check-config", help="validate a config file and print the effective config"
+    )
     check.add_argument("file")
-    check.add_argument("-n", "--changed", action="store_true", help="only values that differ from the defaults")
+    check.add_argument(
+        "-n", "--changed", action="store_true", help="only values that differ from the defaults"
+    )
 
     queue = sub.add_parser("queue", help="look at and steer the queue")
     qsub = queue.add_subparsers(dest="queue_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", "-c", default=os.environ.get("MAILRELAY_CONFIG", "mailrelay.toml"),
-                       help="the instance's config file (default: $MAILRELAY_CONFIG or ./mailrelay.toml)")
-        p.add_argument("--socket", default=None, help="the control socket (default: <spool path>/control.sock)")
+        p.add_argument(
+            "--config",
+            "-c",
+            default=os.environ.get("MAILRELAY_CONFIG", "mailrelay.toml"),
+            help="the instance's config file (default: $MAILRELAY_CONFIG or ./mailrelay.toml)",
+        )
+        p.add_argument(
+            "--socket", default=None, help="the control socket (default: <spool path>/control.sock)"
+        )
         return p
 
-    common(qsub.add_parser("list", help="every queued message (like mailq)")).add_argument("--json", action="store_true")
+    common(qsub.add_parser("list", help="every queued message (like mailq)")).add_argument(
+        "--json", action="store_true"
+    )
     show = common(qsub.add_parser("show", help="one message: envelope, recipients, headers"))
     show.add_argument("queue_id", type=str.upper)
     show.add_argument("--json", action="store_true")
-    common(qsub.add_parser("summary", help="pending recipients by domain and age (like qshape)")).add_argument(
-        "--json", action="store_true")
+    common(
+        qsub.add_parser("summary", help="pending recipients by domain and age (like qshape)")
+    ).add_argument("--json", action="store_true")
     common(qsub.add_parser("flush", help="attempt a message (or every message) now")).add_argument(
-        "queue_id", nargs="?")
-    for name, text in (("delete", "remove a message without delivering or bouncing it"),
-                       ("hold", "keep a message without attempting it"),
-                       ("release", "undo hold: attempt the message now")):
+        "queue_id", nargs="?"
+    )
+    for name, text in (
+        ("delete", "remove a message without delivering or bouncing it"),
+        ("hold", "keep a message without attempting it"),
+        ("release", "undo hold: attempt the message now"),
+    ):
         common(qsub.add_parser(name, help=text)).add_argument("queue_id", type=str.upper)
     db = sub.add_parser("db", help="the shared PostgreSQL queue's schema")
     dbsub = db.add_subparsers(dest="db_command", required=True)
-    up = dbsub.add_parser("upgrade", help="create or migrate the schema to this version of mailrelay")
-    up.add_argument("--config", "-c", default=os.environ.get("MAILRELAY_CONFIG", "mailrelay.toml"),
-                    help="the config file naming [spool] dsn (default: $MAILRELAY_CONFIG or ./mailrelay.toml)")
+    up = dbsub.add_parser(
+        "upgrade", help="create or migrate the schema to this version of mailrelay"
+    )
+    up.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("MAILRELAY_CONFIG", "mailrelay.toml"),
+        help="the config file naming [spool] dsn (default: $MAILRELAY_CONFIG or ./mailrelay.toml)",
+    )
     return parser
 
 

@@ -90,7 +90,9 @@ class Section:
     pass over a file finds every error in it; without one, the first error raises.
     """
 
-    def __init__(self, source: str, path: str, table: object, errors: list[ConfigError] | None = None) -> None:
+    def __init__(
+        self, source: str, path: str, table: object, errors: list[ConfigError] | None = None
+    ) -> None:
         self.source, self.path, self.errors = source, path, errors
         if not isinstance(table, Mapping):
             self.report_key(path, "must be a table")
@@ -125,7 +127,9 @@ class Section:
         if name not in self.table:
             return default
         value = self.table[name]
-        if types is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in _astuple(types)):
+        if types is not None and (
+            not isinstance(value, types) or isinstance(value, bool) and bool not in _astuple(types)
+        ):
             names = " or ".join(t.__name__ for t in _astuple(types))
             self.report(name, f"must be {names}, not {type(value).__name__}")
             return default
@@ -137,7 +141,9 @@ class Section:
             self.report(name, str(e))
             return default
 
-    def get_list(self, name: str, default: Sequence[T], convert: Callable[[Any], T]) -> tuple[T, ...]:
+    def get_list(
+        self, name: str, default: Sequence[T], convert: Callable[[Any], T]
+    ) -> tuple[T, ...]:
         self.seen.add(name)
         if name not in self.table:
             return tuple(default)
@@ -246,7 +252,9 @@ class ServerConfig:
     submission_listen: tuple[str, ...] = ()
     greet_delay: float = 0.0  # seconds to wait before the 220; a client talking earlier gets 554
     shutdown_timeout: float = 30.0  # on SIGTERM, how long sessions may finish their transaction
-    workers: int = 1  # processes sharing the listeners (mailrelay.workers); 1 = one process, no supervisor
+    workers: int = (
+        1  # processes sharing the listeners (mailrelay.workers); 1 = one process, no supervisor
+    )
 
 
 @attrs.frozen
@@ -364,7 +372,9 @@ def loads(text: str, source: str = "<string>") -> Config:
     return from_dict(data, source)
 
 
-def from_dict(data: Mapping[str, Any], source: str = "<config>", errors: list[ConfigError] | None = None) -> Config:
+def from_dict(
+    data: Mapping[str, Any], source: str = "<config>", errors: list[ConfigError] | None = None
+) -> Config:
     """The typed config of ``data``. Every error found is appended to ``errors`` (a bad value read
     as its default) when given; else they are raised together (``ConfigErrors``) after the pass."""
     if errors is not None:
@@ -386,7 +396,9 @@ def _from_dict(data: Mapping[str, Any], source: str, errors: list[ConfigError]) 
     server = ServerConfig(
         hostname=s.get("hostname", socket.gethostname(), _domain),
         listen=s.get_list("listen", ServerConfig.__attrs_attrs__.listen.default, _string),
-        trusted_networks=s.get_list("trusted_networks", ServerConfig.__attrs_attrs__.trusted_networks.default, _network),
+        trusted_networks=s.get_list(
+            "trusted_networks", ServerConfig.__attrs_attrs__.trusted_networks.default, _network
+        ),
         local_domains=s.get_list("local_domains", (), _domain),
         relay_domains=s.get_list("relay_domains", (), _domain),
         verify_recipients=s.get("verify_recipients", True, types=bool),
@@ -433,11 +445,16 @@ def _from_dict(data: Mapping[str, Any], source: str, errors: list[ConfigError]) 
     if spool.backend == "postgresql" and not spool.dsn:
         s.report("dsn", "required when backend = 'postgresql'")
     if not 0 < spool.scan_interval < spool.lease_time:
-        s.report("scan_interval", "must be above 0 and below lease_time (leases are renewed at each scan)")
+        s.report(
+            "scan_interval",
+            "must be above 0 and below lease_time (leases are renewed at each scan)",
+        )
 
     s = Section(source, "queue", data.get("queue", {}), errors)
     queue = QueueConfig(
-        retry_schedule=s.get_list("retry_schedule", QueueConfig.__attrs_attrs__.retry_schedule.default, parse_duration),
+        retry_schedule=s.get_list(
+            "retry_schedule", QueueConfig.__attrs_attrs__.retry_schedule.default, parse_duration
+        ),
         max_lifetime=s.get("max_lifetime", 5 * 86400.0, parse_duration),
         delay_warning=s.get("delay_warning", None, _optional_duration),
         max_deliveries=s.get("max_deliveries", 100, _positive_int),
@@ -447,7 +464,9 @@ def _from_dict(data: Mapping[str, Any], source: str, errors: list[ConfigError]) 
     s.check_unknown()
     if not queue.retry_schedule:
         s.report("retry_schedule", "must have at least one interval")
-        queue = attrs.evolve(queue, retry_schedule=QueueConfig.__attrs_attrs__.retry_schedule.default)
+        queue = attrs.evolve(
+            queue, retry_schedule=QueueConfig.__attrs_attrs__.retry_schedule.default
+        )
 
     s = Section(source, "delivery", data.get("delivery", {}), errors)
     delivery = DeliveryConfig(
@@ -473,7 +492,10 @@ def _from_dict(data: Mapping[str, Any], source: str, errors: list[ConfigError]) 
         if rtype is None and "type" in r.table:
             continue  # not a string: reported
         if not rtype:
-            r.report("type", "missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)")
+            r.report(
+                "type",
+                "missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)",
+            )
             continue
         binarymime = r.get("binarymime", False, types=bool)
         options = {k: v for k, v in r.table.items() if k not in ("type", "binarymime")}
@@ -513,8 +535,11 @@ def _check_workers(s: Section, server: ServerConfig) -> None:
         for description in getattr(server, key):
             kind = description.split(":", 1)[0].strip().lower()
             if kind not in WORKER_ENDPOINTS:
-                s.report(key, f"{description!r}: with workers > 1 every listener must be one of "
-                              f"{', '.join(WORKER_ENDPOINTS)} (the supervisor binds it for its workers)")
+                s.report(
+                    key,
+                    f"{description!r}: with workers > 1 every listener must be one of "
+                    f"{', '.join(WORKER_ENDPOINTS)} (the supervisor binds it for its workers)",
+                )
 
 
 def _optional_duration(v: object) -> float | None:

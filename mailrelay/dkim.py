@@ -57,8 +57,11 @@ def dkimpy_key(pem: bytes) -> tuple[bytes, bytes]:
     if isinstance(key, rsa.RSAPrivateKey):
         return pem, b"rsa-sha256"
     if isinstance(key, ed25519.Ed25519PrivateKey):
-        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
+        seed = key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
         return base64.b64encode(seed), b"ed25519-sha256"
     raise ValueError(f"DKIM signs with an RSA or an Ed25519 key, not {type(key).__name__}")
 
@@ -78,10 +81,17 @@ def load_keys(config: DKIMConfig, source: str = "<config>") -> dict[str, DomainK
             raise ConfigError(source, "dkim.key_file", f"{path}: {e.strerror or e}") from None
         try:  # sign a tiny message: the key parses and dkimpy can use it
             private_key, algorithm = dkimpy_key(pem)
-            dkim.sign(b"From: a@" + domain.encode() + b"\r\n\r\n", config.selector.encode(), domain.encode(),
-                      private_key, signature_algorithm=algorithm)
+            dkim.sign(
+                b"From: a@" + domain.encode() + b"\r\n\r\n",
+                config.selector.encode(),
+                domain.encode(),
+                private_key,
+                signature_algorithm=algorithm,
+            )
         except Exception as e:
-            raise ConfigError(source, "dkim.key_file", f"{path}: not a usable private key ({e})") from None
+            raise ConfigError(
+                source, "dkim.key_file", f"{path}: not a usable private key ({e})"
+            ) from None
         keys[domain] = DomainKey(domain, config.selector, private_key, algorithm)
     return keys
 
@@ -119,9 +129,15 @@ class DKIMSigner:
         """The ``DKIM-Signature:`` header (CRLF-terminated) for ``message``; blocking (RSA is slow)."""
         import dkim
 
-        signature: bytes = dkim.sign(message, key.selector.encode(), key.domain.encode(), key.private_key,
-                                     canonicalize=(b"relaxed", b"relaxed"), signature_algorithm=key.algorithm,
-                                     linesep=b"\r\n")
+        signature: bytes = dkim.sign(
+            message,
+            key.selector.encode(),
+            key.domain.encode(),
+            key.private_key,
+            canonicalize=(b"relaxed", b"relaxed"),
+            signature_algorithm=key.algorithm,
+            linesep=b"\r\n",
+        )
         return signature
 
 
@@ -129,17 +145,28 @@ class DKIMSigner:
 class DKIMSigningDeliverer:
     """An ``IDeliverer`` that signs each message for its sender domain, then hands it on."""
 
-    def __init__(self, deliverer: IDeliverer, signer: DKIMSigner, reactor: Any, threadpool: Any) -> None:
+    def __init__(
+        self, deliverer: IDeliverer, signer: DKIMSigner, reactor: Any, threadpool: Any
+    ) -> None:
         self.deliverer = deliverer
         self.signer = signer
         self.reactor = reactor
         self.threadpool = threadpool
 
-    def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
-                open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[tuple[Reply, str | None]]]:
+    def deliver(
+        self,
+        envelope: Envelope,
+        recipients: Sequence[Recipient],
+        route: Route,
+        open_body: Callable[[], IO[bytes]],
+    ) -> defer.Deferred[list[tuple[Reply, str | None]]]:
         if not self.signer.keys:
-            return defer.maybeDeferred(self.deliverer.deliver, envelope, recipients, route, open_body)
-        d = threads.deferToThreadPool(self.reactor, self.threadpool, self._signed, envelope, open_body)
+            return defer.maybeDeferred(
+                self.deliverer.deliver, envelope, recipients, route, open_body
+            )
+        d = threads.deferToThreadPool(
+            self.reactor, self.threadpool, self._signed, envelope, open_body
+        )
 
         def signed(data: bytes | None) -> Any:
             body = open_body if data is None else (lambda: io.BytesIO(data))
@@ -158,8 +185,12 @@ class DKIMSigningDeliverer:
         try:
             return self.signer.sign(message, key) + message
         except Exception as e:
-            log.warn("DKIM: cannot sign a message from <{sender}> for {domain}, sending it unsigned: {error}",
-                     sender=envelope.sender, domain=key.domain, error=str(e))
+            log.warn(
+                "DKIM: cannot sign a message from <{sender}> for {domain}, sending it unsigned: {error}",
+                sender=envelope.sender,
+                domain=key.domain,
+                error=str(e),
+            )
             return None
 
     def __getattr__(self, name: str) -> Any:  # stop(), pool, ... of the wrapped deliverer

@@ -152,7 +152,15 @@ class Route:
 
     @property
     def destination(self) -> tuple[Any, ...]:
-        return (self.hops, self.tls, self.auth, self.source, self.allow_plaintext_auth, self.lmtp, self.maildir)
+        return (
+            self.hops,
+            self.tls,
+            self.auth,
+            self.source,
+            self.allow_plaintext_auth,
+            self.lmtp,
+            self.maildir,
+        )
 
 
 class RecipientState(enum.StrEnum):

@@ -64,12 +64,21 @@ class _QueueCollector(Collector):
         ids = set(scheduled) | set(active)
         times = [t for t in map(queue_id_time, ids) if t is not None]
         now = self.clock.seconds()
-        yield GaugeMetricFamily("mailrelay_queue_messages", "Messages in the queue (scheduled or being delivered)",
-                                value=len(ids))
-        yield GaugeMetricFamily("mailrelay_queue_active_messages", "Messages with a delivery attempt running",
-                                value=len(active))
-        yield GaugeMetricFamily("mailrelay_queue_oldest_age_seconds", "Age of the oldest queued message",
-                                value=max(0.0, now - min(times)) if times else 0.0)
+        yield GaugeMetricFamily(
+            "mailrelay_queue_messages",
+            "Messages in the queue (scheduled or being delivered)",
+            value=len(ids),
+        )
+        yield GaugeMetricFamily(
+            "mailrelay_queue_active_messages",
+            "Messages with a delivery attempt running",
+            value=len(active),
+        )
+        yield GaugeMetricFamily(
+            "mailrelay_queue_oldest_age_seconds",
+            "Age of the oldest queued message",
+            value=max(0.0, now - min(times)) if times else 0.0,
+        )
 
 
 class RelayMetrics(RelayObserver):
@@ -78,34 +87,76 @@ class RelayMetrics(RelayObserver):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.connections = Counter("mailrelay_connections_total", "SMTP connections accepted", registry=r)
-        self.connections_open = Gauge("mailrelay_connections_open", "SMTP connections open now", registry=r)
-        self.refused = Counter("mailrelay_connections_refused_total", "Connections turned away at connect",
-                               ["status"], registry=r)
-        self.rejections = Counter("mailrelay_smtp_rejections_total", "4xx/5xx replies by command and status",
-                                  ["command", "status"], registry=r)
-        self.accepted = Counter("mailrelay_messages_accepted_total", "Messages queued (250 after DATA/BDAT)",
-                                registry=r)
-        self.rejected = Counter("mailrelay_messages_rejected_total",
-                                "Messages refused after their text (DATA/BDAT), by status", ["reason"], registry=r)
-        self.sizes = Histogram("mailrelay_message_size_bytes", "Size of accepted messages", buckets=SIZE_BUCKETS,
-                               registry=r)
-        self.deliveries = Counter("mailrelay_deliveries_total",
-                                  "Recipient outcomes of delivery attempts and of routing by outcome",
-                                  ["outcome"], registry=r)
+        self.connections = Counter(
+            "mailrelay_connections_total", "SMTP connections accepted", registry=r
+        )
+        self.connections_open = Gauge(
+            "mailrelay_connections_open", "SMTP connections open now", registry=r
+        )
+        self.refused = Counter(
+            "mailrelay_connections_refused_total",
+            "Connections turned away at connect",
+            ["status"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "mailrelay_smtp_rejections_total",
+            "4xx/5xx replies by command and status",
+            ["command", "status"],
+            registry=r,
+        )
+        self.accepted = Counter(
+            "mailrelay_messages_accepted_total", "Messages queued (250 after DATA/BDAT)", registry=r
+        )
+        self.rejected = Counter(
+            "mailrelay_messages_rejected_total",
+            "Messages refused after their text (DATA/BDAT), by status",
+            ["reason"],
+            registry=r,
+        )
+        self.sizes = Histogram(
+            "mailrelay_message_size_bytes",
+            "Size of accepted messages",
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "mailrelay_deliveries_total",
+            "Recipient outcomes of delivery attempts and of routing by outcome",
+            ["outcome"],
+            registry=r,
+        )
         self._delivery_children: dict[str, Any] = {}
-        self.attempt_seconds = Histogram("mailrelay_delivery_attempt_seconds",
-                                         "Duration of one delivery attempt to a next hop", buckets=ATTEMPT_BUCKETS,
-                                         registry=r)
-        self.delay_seconds = Histogram("mailrelay_delivery_delay_seconds",
-                                       "Time from acceptance to successful delivery", buckets=DELAY_BUCKETS,
-                                       registry=r)
-        self.tls = Counter("mailrelay_tls_handshakes_total", "TLS sessions by direction and version",
-                           ["direction", "version"], registry=r)
-        self.outbound = Counter("mailrelay_outbound_connections_total", "New connections to next hops",
-                                ["tls"], registry=r)
-        self.reloads = Counter("mailrelay_config_reloads_total", "Configuration reloads (SIGHUP)", ["result"],
-                               registry=r)
+        self.attempt_seconds = Histogram(
+            "mailrelay_delivery_attempt_seconds",
+            "Duration of one delivery attempt to a next hop",
+            buckets=ATTEMPT_BUCKETS,
+            registry=r,
+        )
+        self.delay_seconds = Histogram(
+            "mailrelay_delivery_delay_seconds",
+            "Time from acceptance to successful delivery",
+            buckets=DELAY_BUCKETS,
+            registry=r,
+        )
+        self.tls = Counter(
+            "mailrelay_tls_handshakes_total",
+            "TLS sessions by direction and version",
+            ["direction", "version"],
+            registry=r,
+        )
+        self.outbound = Counter(
+            "mailrelay_outbound_connections_total",
+            "New connections to next hops",
+            ["tls"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "mailrelay_config_reloads_total",
+            "Configuration reloads (SIGHUP)",
+            ["result"],
+            registry=r,
+        )
         self.clock: Any = None
 
     def watch_queue(self, manager: Any, clock: Any) -> None:
@@ -140,11 +191,15 @@ class RelayMetrics(RelayObserver):
 
     def _count_delivery(self, result: str) -> None:
         child = self._delivery_children.get(result)
-        if child is None:  # labels() takes a lock and validates: once per outcome, not per recipient
+        if (
+            child is None
+        ):  # labels() takes a lock and validates: once per outcome, not per recipient
             child = self._delivery_children[result] = self.deliveries.labels(result)
         child.inc()
 
-    def delivery_attempted(self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float) -> None:
+    def delivery_attempted(
+        self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float
+    ) -> None:
         result = outcome(reply)
         self._count_delivery(result)
         self.attempt_seconds.observe(seconds)

@@ -75,7 +75,9 @@ class RelayObserver:
     def message_accepted(self, info: Any, envelope: Envelope, queue_id: str, size: int) -> None:
         pass
 
-    def delivery_attempted(self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float) -> None:
+    def delivery_attempted(
+        self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float
+    ) -> None:
         pass
 
     def outbound_connection(self, remote: str, tls: str) -> None:
@@ -104,7 +106,9 @@ class FanOut:
             try:
                 call(*args)
             except Exception:
-                log.failure("observer {observer!r} failed on {method}", observer=observer, method=method)
+                log.failure(
+                    "observer {observer!r} failed on {method}", observer=observer, method=method
+                )
 
     def connection_opened(self, info: Any) -> None:
         self._each("connection_opened", info)
@@ -124,7 +128,9 @@ class FanOut:
     def message_accepted(self, info: Any, envelope: Envelope, queue_id: str, size: int) -> None:
         self._each("message_accepted", info, envelope, queue_id, size)
 
-    def delivery_attempted(self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float) -> None:
+    def delivery_attempted(
+        self, envelope: Envelope, reply: Reply, remote: str | None, seconds: float
+    ) -> None:
         self._each("delivery_attempted", envelope, reply, remote, seconds)
 
     def outbound_connection(self, remote: str, tls: str) -> None:
@@ -146,8 +152,13 @@ class ObservedDeliverer:
         self.observer = observer
         self.clock = clock
 
-    def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
-                open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[tuple[Reply, str | None]]]:
+    def deliver(
+        self,
+        envelope: Envelope,
+        recipients: Sequence[Recipient],
+        route: Route,
+        open_body: Callable[[], IO[bytes]],
+    ) -> defer.Deferred[list[tuple[Reply, str | None]]]:
         started = self.clock.seconds()
         try:
             answer = self.deliverer.deliver(envelope, recipients, route, open_body)
@@ -156,8 +167,9 @@ class ObservedDeliverer:
         d = answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
         return d.addCallback(self._report, envelope, started)
 
-    def _report(self, results: list[tuple[Reply, str | None]], envelope: Envelope,
-                started: float) -> list[tuple[Reply, str | None]]:
+    def _report(
+        self, results: list[tuple[Reply, str | None]], envelope: Envelope, started: float
+    ) -> list[tuple[Reply, str | None]]:
         seconds = max(0.0, self.clock.seconds() - started)
         observer = self.observer
         for reply, remote, *_ in results:

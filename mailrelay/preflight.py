@@ -94,8 +94,12 @@ def route_problems(cfg: Config, reactor: Any = None) -> list[ConfigError]:
         from twisted.internet import reactor
     threadpool = ThreadPool(minthreads=0, maxthreads=1, name="mailrelay-check")  # never started
     try:
-        build_router(cfg.routes, lambda key: RouterContext(reactor=reactor, threadpool=threadpool,
-                                                           source=cfg.source, key=key))
+        build_router(
+            cfg.routes,
+            lambda key: RouterContext(
+                reactor=reactor, threadpool=threadpool, source=cfg.source, key=key
+            ),
+        )
     except ConfigError as e:
         return list(each_config_error(e))
     return []
@@ -113,8 +117,10 @@ def _smtp_endpoint(reactor: Any, description: str) -> None:
     the session before the header is read, so relay access would judge the proxy's address, and a
     proxy on a trusted network would make every client behind it trusted (an open relay)."""
     if description.split(":", 1)[0].strip().lower() == "haproxy":
-        raise ValueError(f"{description!r}: the PROXY protocol is not supported: the session would see the "
-                         "proxy's address, not the client's (and trust it where trusted_networks do)")
+        raise ValueError(
+            f"{description!r}: the PROXY protocol is not supported: the session would see the "
+            "proxy's address, not the client's (and trust it where trusted_networks do)"
+        )
     _endpoint(reactor, description)
 
 

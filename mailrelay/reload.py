@@ -38,7 +38,11 @@ def reload_config(relay: Any, path: str):  # type: ignore[no-untyped-def]
     relay.metrics.reloads.labels("applied").inc()
     log.info("reloaded {path}: {routes} routes", path=path, routes=len(new.routes))
     if restart:
-        log.warn("changed in {path} but only applied after a restart: {keys}", path=path, keys=", ".join(restart))
+        log.warn(
+            "changed in {path} but only applied after a restart: {keys}",
+            path=path,
+            keys=", ".join(restart),
+        )
     return True
 
 
@@ -104,8 +108,10 @@ class SignalService(service.Service):
             log.info("SIGTERM again: already stopping")
             return
         self._stopping = True
-        log.info("SIGTERM: stopping (sessions may finish for up to {t:.0f}s)",
-                 t=self.relay.config.server.shutdown_timeout)
+        log.info(
+            "SIGTERM: stopping (sessions may finish for up to {t:.0f}s)",
+            t=self.relay.config.server.shutdown_timeout,
+        )
         try:
             self.reactor.stop()
         except ReactorNotRunning:

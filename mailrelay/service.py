@@ -63,8 +63,9 @@ class _Listener(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, description: str, endpoint: Any, factory: Any, source: str = "<config>",
-                 key: str = "") -> None:
+    def __init__(
+        self, description: str, endpoint: Any, factory: Any, source: str = "<config>", key: str = ""
+    ) -> None:
         super().__init__(endpoint, factory)
         self.description = description
         self.source, self.key = source, key
@@ -80,8 +81,11 @@ class _Listener(StreamServerEndpointService):
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        log.info("listening on {description} ({address})", description=self.description,
-                 address=port.getHost())
+        log.info(
+            "listening on {description} ({address})",
+            description=self.description,
+            address=port.getHost(),
+        )
         self.listening.callback(port)
         return port
 
@@ -135,16 +139,28 @@ class MailRelayService(service.MultiService):
         self._own_store = store is None
         self.store = store if store is not None else self._make_store()
         if deliverer is None:
-            network = SMTPDeliverer(reactor, config.delivery, config.delivery.helo_name or config.server.hostname)
+            network = SMTPDeliverer(
+                reactor, config.delivery, config.delivery.helo_name or config.server.hostname
+            )
             network.observer = self.observer  # new connections, TLS
-            deliverer = ByRouteDeliverer(network, MaildirDeliverer(reactor, self.threadpool, config.server.hostname))
+            deliverer = ByRouteDeliverer(
+                network, MaildirDeliverer(reactor, self.threadpool, config.server.hostname)
+            )
         # DKIM signs (for the [dkim] domains; none: passes through) before the message goes out
-        self.dkim = DKIMSigningDeliverer(deliverer, DKIMSigner.from_config(config.dkim, config.source),
-                                         reactor, self.threadpool)
+        self.dkim = DKIMSigningDeliverer(
+            deliverer, DKIMSigner.from_config(config.dkim, config.source), reactor, self.threadpool
+        )
         self.deliverer = ObservedDeliverer(self.dkim, self.observer, reactor)
-        self.manager = QueueManager(self.store, self.router, self.deliverer, reactor,
-                                    config.queue, config.server.hostname, observer=self.observer,
-                                    trusted_client=self._trusted_client)
+        self.manager = QueueManager(
+            self.store,
+            self.router,
+            self.deliverer,
+            reactor,
+            config.queue,
+            config.server.hostname,
+            observer=self.observer,
+            trusted_client=self._trusted_client,
+        )
         self.metrics.watch_queue(self.manager, reactor)
         self.policies = tuple(policies)
         self.policy = self._build_policy(config.server, self.router)
@@ -160,8 +176,13 @@ class MailRelayService(service.MultiService):
                 self._listen(description, submission, f"server.submission_listen[{i}]")
         self.metrics_listener: _Listener | None = None
         if config.metrics_listen:
-            self.metrics_listener = _Listener(config.metrics_listen, serverFromString(reactor, config.metrics_listen),
-                                              metrics_site(self.metrics.registry), config.source, "metrics.listen")
+            self.metrics_listener = _Listener(
+                config.metrics_listen,
+                serverFromString(reactor, config.metrics_listen),
+                metrics_site(self.metrics.registry),
+                config.source,
+                "metrics.listen",
+            )
             self.metrics_listener.setServiceParent(self)
         self.control: Any = None
 
@@ -177,15 +198,26 @@ class MailRelayService(service.MultiService):
             try:
                 return FilesystemSpool(spool.path, self.reactor, fsync_threads=spool.fsync_threads)
             except OSError as e:
-                raise ConfigError(self.config.source, "spool.path", f"{spool.path}: {e.strerror or e}") from None
+                raise ConfigError(
+                    self.config.source, "spool.path", f"{spool.path}: {e.strerror or e}"
+                ) from None
         from mailrelay.queue.postgres import PostgresStore  # type: ignore[import-not-found]
 
-        return PostgresStore(spool.dsn, self.reactor, self.threadpool,  # type: ignore[no-any-return]
-                             lease_time=spool.lease_time, scan_interval=spool.scan_interval)
+        return PostgresStore(
+            spool.dsn,
+            self.reactor,
+            self.threadpool,  # type: ignore[no-any-return]
+            lease_time=spool.lease_time,
+            scan_interval=spool.scan_interval,
+        )
 
     def _router_context(self, route_key: str) -> RouterContext:
-        return RouterContext(reactor=self.reactor, threadpool=self.threadpool,
-                             source=self.config.source, key=route_key)
+        return RouterContext(
+            reactor=self.reactor,
+            threadpool=self.threadpool,
+            source=self.config.source,
+            key=route_key,
+        )
 
     def _build_policy(self, server: ServerConfig, router: IRouter) -> IPolicy:
         # after relay access: a recipient of our own domains that no router accepts gets 550 at RCPT
@@ -200,8 +232,14 @@ class MailRelayService(service.MultiService):
         return build_policy(server, extra=extra)
 
     def _build_factory(self, server: ServerConfig, submission: bool) -> SMTPServerFactory:
-        factory = SMTPServerFactory.from_config(server, self.store, self.policy, self.reactor, submission=submission,
-                                                binarymime=self.config.binarymime)
+        factory = SMTPServerFactory.from_config(
+            server,
+            self.store,
+            self.policy,
+            self.reactor,
+            submission=submission,
+            binarymime=self.config.binarymime,
+        )
         factory.observer = self.observer  # type: ignore[attr-defined]
         return factory
 
@@ -210,7 +248,9 @@ class MailRelayService(service.MultiService):
         return serverFromString(self.reactor, description)
 
     def _listen(self, description: str, factory: SMTPServerFactory, key: str = "") -> None:
-        listener = _Listener(description, self._endpoint(description), factory, self.config.source, key)
+        listener = _Listener(
+            description, self._endpoint(description), factory, self.config.source, key
+        )
         listener.setServiceParent(self)
         self.listeners.append(listener)
 
@@ -250,12 +290,23 @@ class MailRelayService(service.MultiService):
         try:
             os.makedirs(self.config.spool.path, mode=0o700, exist_ok=True)
         except OSError as e:
-            log.error("no control channel: cannot create {path}: {error}", path=self.config.spool.path, error=e)
+            log.error(
+                "no control channel: cannot create {path}: {error}",
+                path=self.config.spool.path,
+                error=e,
+            )
             return
-        self.control = ControlServer(self.manager, self.store, socket_path(self.config.spool.path), self.reactor,
-                                     metrics=self.metrics.registry)
+        self.control = ControlServer(
+            self.manager,
+            self.store,
+            socket_path(self.config.spool.path),
+            self.reactor,
+            metrics=self.metrics.registry,
+        )
         d = self.control.start()
-        d.addErrback(lambda f: log.failure("no control channel (mailrelay queue ... will not reach us)", f))
+        d.addErrback(
+            lambda f: log.failure("no control channel (mailrelay queue ... will not reach us)", f)
+        )
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -293,8 +344,11 @@ class MailRelayService(service.MultiService):
             return
         open_now = sum(getattr(f, "connections", 0) for f in factories)
         if open_now:
-            log.info("shutting down: waiting for {n} sessions to finish (up to {t:.0f}s)", n=open_now,
-                     t=max(0.0, deadline - self.reactor.seconds()))
+            log.info(
+                "shutting down: waiting for {n} sessions to finish (up to {t:.0f}s)",
+                n=open_now,
+                t=max(0.0, deadline - self.reactor.seconds()),
+            )
         # cancelled at the deadline, each wait fails with CancelledError: expected, not an error
         done = defer.DeferredList(waits, consumeErrors=True)
         timer = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), done.cancel)
@@ -318,9 +372,13 @@ class MailRelayService(service.MultiService):
         running values everywhere and are returned as a list of their names.
         """
         restart = needs_restart(self.config, new)
-        new = keep_running(self.config, new)  # the hostname too: not new in the greeting, old in EHLO
+        new = keep_running(
+            self.config, new
+        )  # the hostname too: not new in the greeting, old in EHLO
         old_router = self.router
-        router = build_router(new.routes, self._new_context(new)) if self._own_router else old_router
+        router = (
+            build_router(new.routes, self._new_context(new)) if self._own_router else old_router
+        )
         try:
             # what factory.reconfigure loads (certificate, key, password file) fails here, before any swap
             found = problems(new, self.reactor, spool=False)
@@ -342,13 +400,17 @@ class MailRelayService(service.MultiService):
         self.config = new
         if router is not old_router:
             close = getattr(old_router, "close", None)
-            if close is not None:  # lookups in flight on it fail as temporary: retried on the new one
+            if (
+                close is not None
+            ):  # lookups in flight on it fail as temporary: retried on the new one
                 yield defer.maybeDeferred(close)
         return restart
 
     def _new_context(self, new: Config) -> Any:
         def context(route_key: str) -> RouterContext:
-            return RouterContext(reactor=self.reactor, threadpool=self.threadpool, source=new.source, key=route_key)
+            return RouterContext(
+                reactor=self.reactor, threadpool=self.threadpool, source=new.source, key=route_key
+            )
 
         return context
 
@@ -357,16 +419,27 @@ def _queue_config(old: Any, new: Any) -> Any:
     """The queue keys a running manager can take: schedule, lifetime, warnings, postmaster."""
     import attrs
 
-    return attrs.evolve(old, retry_schedule=new.retry_schedule, max_lifetime=new.max_lifetime,
-                        delay_warning=new.delay_warning, postmaster=new.postmaster)
+    return attrs.evolve(
+        old,
+        retry_schedule=new.retry_schedule,
+        max_lifetime=new.max_lifetime,
+        delay_warning=new.delay_warning,
+        postmaster=new.postmaster,
+    )
 
 
 #: What a running relay cannot take: (section, key), None for the whole section. A reload keeps
 #: their running values everywhere (greeting, Received, EHLO, bounces, ...) until a restart.
 RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
-    ("server", "listen"), ("server", "submission_listen"), ("server", "hostname"), ("server", "workers"),
-    ("spool", None), ("delivery", None), ("metrics_listen", None),
-    ("queue", "max_deliveries"), ("queue", "max_per_destination"),
+    ("server", "listen"),
+    ("server", "submission_listen"),
+    ("server", "hostname"),
+    ("server", "workers"),
+    ("spool", None),
+    ("delivery", None),
+    ("metrics_listen", None),
+    ("queue", "max_deliveries"),
+    ("queue", "max_per_destination"),
 )
 
 
@@ -381,8 +454,11 @@ def _restart_name(section: str, key: str | None) -> str:
 
 def needs_restart(old: Config, new: Config) -> list[str]:
     """The changed keys a reload cannot apply (they need a restart)."""
-    return [_restart_name(section, key) for section, key in RESTART_ONLY
-            if _restart_value(old, section, key) != _restart_value(new, section, key)]
+    return [
+        _restart_name(section, key)
+        for section, key in RESTART_ONLY
+        if _restart_value(old, section, key) != _restart_value(new, section, key)
+    ]
 
 
 def keep_running(old: Config, new: Config) -> Config:

@@ -45,7 +45,12 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "The TOML configuration file."],
-        ["log-format", None, "text", "Log as 'text' (twistd's usual lines) or 'json' (one object per line)."],
+        [
+            "log-format",
+            None,
+            "text",
+            "Log as 'text' (twistd's usual lines) or 'json' (one object per line).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -136,7 +141,9 @@ def makeService(options: Options) -> IService:
         from mailrelay.workers.supervisor import Supervisor
 
         try:
-            check(cfg)  # the workers build the routes; their errors come from the file before they start
+            check(
+                cfg
+            )  # the workers build the routes; their errors come from the file before they start
         except ConfigError as e:
             exit_config_error(e)
 
@@ -145,7 +152,9 @@ def makeService(options: Options) -> IService:
         stream = None if _twistd_option(options, "syslog") else _log_stream(options)
         top = _Standalone(None if stream is None else _observer(options, stream))
         # [server] workers comes from a file: --config is set
-        supervisor = Supervisor(cfg, options["config"], log_stream=stream, log_format=options["log-format"])
+        supervisor = Supervisor(
+            cfg, options["config"], log_stream=stream, log_format=options["log-format"]
+        )
         supervisor.setServiceParent(top)
         SignalService(supervisor, options["config"]).setServiceParent(top)
         top.supervisor = supervisor  # type: ignore[attr-defined]

@@ -42,15 +42,28 @@ __all__ = [
 ]
 
 
-def router_context(reactor: Any = None, *, source: str = "mailrelay.toml", key: str = "routes[0]",
-                   threadpool: Any = None, resolver: Any = None, seed: int = 0) -> RouterContext:
+def router_context(
+    reactor: Any = None,
+    *,
+    source: str = "mailrelay.toml",
+    key: str = "routes[0]",
+    threadpool: Any = None,
+    resolver: Any = None,
+    seed: int = 0,
+) -> RouterContext:
     """The ``RouterContext`` a router factory is given at start-up, for a test: a fresh ``Clock``
     unless ``reactor`` is given, randomness seeded with ``seed``, and errors that name
     ``source: key.<option>`` (``mailrelay.toml: routes[0].path``) as they would in a config file.
     ``threadpool`` ``None`` suits routers that block nothing; ``resolver`` is for the MX router
     (a ``FakeResolver``)."""
-    return RouterContext(reactor=reactor if reactor is not None else Clock(), threadpool=threadpool, source=source,
-                         key=key, random=random.Random(seed), resolver=resolver)
+    return RouterContext(
+        reactor=reactor if reactor is not None else Clock(),
+        threadpool=threadpool,
+        source=source,
+        key=key,
+        random=random.Random(seed),
+        resolver=resolver,
+    )
 
 
 def route_to(host: str, port: int = 25, **kw: Any) -> Route:
@@ -160,7 +173,14 @@ class MemoryQueueStore:
 #: One scripted answer: a ``Reply`` for every recipient, a list of replies (one per recipient),
 #: a mapping of address → reply (others get ``default``), a callable ``(call) -> list[Reply]``,
 #: or ``None`` to leave the call's Deferred unfired (the test fires ``call.deferred`` itself).
-Answer = Reply | Sequence[Reply] | Mapping[str, Reply] | Callable[["DeliveryCall"], Sequence[Reply]] | Exception | None
+Answer = (
+    Reply
+    | Sequence[Reply]
+    | Mapping[str, Reply]
+    | Callable[["DeliveryCall"], Sequence[Reply]]
+    | Exception
+    | None
+)
 
 
 @attrs.define
@@ -195,16 +215,26 @@ class RecordingDeliverer:
     the hop takes DSN requests, so a success for a recipient with NOTIFY says so (its third item).
     """
 
-    def __init__(self, script: Iterable[Answer] = (), default: Answer = _OK,
-                 remote: str | None = None, dsn: bool = False) -> None:
+    def __init__(
+        self,
+        script: Iterable[Answer] = (),
+        default: Answer = _OK,
+        remote: str | None = None,
+        dsn: bool = False,
+    ) -> None:
         self.script = list(script)
         self.default = default
         self.remote = remote
         self.dsn = dsn
         self.calls: list[DeliveryCall] = []
 
-    def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
-                open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[tuple[Reply, str | None]]]:
+    def deliver(
+        self,
+        envelope: Envelope,
+        recipients: Sequence[Recipient],
+        route: Route,
+        open_body: Callable[[], IO[bytes]],
+    ) -> defer.Deferred[list[tuple[Reply, str | None]]]:
         with open_body() as f:
             body = f.read()
         d: defer.Deferred[list[tuple[Reply, str | None]]] = defer.Deferred()
@@ -228,7 +258,12 @@ class RecordingDeliverer:
         hop = route.hops[0] if route.hops else None
         remote = self.remote or (f"{hop.name or hop.host}[{hop.host}]:{hop.port}" if hop else None)
         passed = [self.dsn and bool(rcpt.notify) for rcpt in recipients] + [False] * len(replies)
-        d.callback([(r, remote, True) if passed[k] and r.is_success else (r, remote) for k, r in enumerate(replies)])
+        d.callback(
+            [
+                (r, remote, True) if passed[k] and r.is_success else (r, remote)
+                for k, r in enumerate(replies)
+            ]
+        )
         return d
 
     @property

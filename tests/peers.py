@@ -30,11 +30,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_listening(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+def wait_listening(
+    host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {host}:{port}")
+            raise RuntimeError(
+                f"process exited with {proc.returncode} before listening on {host}:{port}"
+            )
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -43,7 +47,9 @@ def wait_listening(host: str, port: int, timeout: float = 10.0, proc: subprocess
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
-def flood_unread(s: socket.socket, data: bytes, stall: float = 1.0, done: Callable[[], bool] | None = None) -> int:
+def flood_unread(
+    s: socket.socket, data: bytes, stall: float = 1.0, done: Callable[[], bool] | None = None
+) -> int:
     """A client that never reads its replies: after the greeting, write ``data`` and read nothing until
     all is sent or the server takes no more, which ``done()`` tells where the test sees the server's
     state, else no byte taken for ``stall`` seconds does; → bytes sent. Leaves ``s`` non-blocking."""
@@ -60,12 +66,16 @@ def flood_unread(s: socket.socket, data: bytes, stall: float = 1.0, done: Callab
             stuck_since = stuck_since or time.monotonic()
             if time.monotonic() - stuck_since > stall:  # the server reads no more
                 break
-            time.sleep(0.01)  # poll: select() would wait for more room than a server reading a little frees
+            time.sleep(
+                0.01
+            )  # poll: select() would wait for more room than a server reading a little frees
     return sent
 
 
 def require(binary: str) -> str:
-    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
+    path = shutil.which(binary) or (
+        f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None
+    )
     if not path:
         pytest.skip(f"{binary} not installed (make test installs it)")
     return path
@@ -142,8 +152,13 @@ class SMTPSink:
     (no PIPELINING), ``["-Q", "MAIL"]`` (421 and hang up at MAIL).
     """
 
-    def __init__(self, port: int | None = None, flags: Sequence[str] = (), dump: bool = True,
-                 host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        flags: Sequence[str] = (),
+        dump: bool = True,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.binary = require("smtp-sink")
         self.host = host
         self.port = port or free_port(host)
@@ -164,8 +179,13 @@ class SMTPSink:
         listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         args += self.flags + [listen, "1024"]
         self.counters = open(self.dir / "counters", "wb")
-        self.proc = subprocess.Popen(args, stdout=self.counters, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=self.counters,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_listening(self.host, self.port, proc=self.proc)
         return self
 

@@ -44,8 +44,11 @@ def server_dsn() -> str:
     if not os.path.isdir("/etc/postgresql") or not shutil.which("pg_ctlcluster"):
         pytest.skip("PostgreSQL is not installed")
     for version in os.listdir("/etc/postgresql"):
-        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
-                       check=False, capture_output=True)
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+            check=False,
+            capture_output=True,
+        )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         dsn = _try_connect()

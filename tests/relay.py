@@ -31,8 +31,15 @@ class RelayProcess:
     The directory (spool, log) survives ``kill()``/``stop()`` so the same relay can be restarted.
     """
 
-    def __init__(self, config_body: str = "", port: int | None = None, hostname: str = "relay.mailrelay.test",
-                 directory: Path | None = None, args: Sequence[str] = (), spool_keys: str = "") -> None:
+    def __init__(
+        self,
+        config_body: str = "",
+        port: int | None = None,
+        hostname: str = "relay.mailrelay.test",
+        directory: Path | None = None,
+        args: Sequence[str] = (),
+        spool_keys: str = "",
+    ) -> None:
         self.args = list(args)
         self.port = port or free_port()
         self.dir = directory or Path(tempfile.mkdtemp(prefix="mailrelay-relay-"))
@@ -53,14 +60,29 @@ class RelayProcess:
 
     def start(self, timeout: float = 20.0) -> RelayProcess:
         twistd = str(Path(sys.executable).parent / "twistd")
-        args = [twistd, "-n", "--pidfile=", f"--logfile={self.log}",
-                "mailrelay", "--config", str(self.config), *self.args]
-        self.proc = subprocess.Popen(args, cwd=self.dir, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        args = [
+            twistd,
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.log}",
+            "mailrelay",
+            "--config",
+            str(self.config),
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(
+            args,
+            cwd=self.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_listening("127.0.0.1", self.port, timeout=timeout, proc=self.proc)
         except Exception as e:
-            raise RuntimeError(f"{e}\n--- log ---\n{self.log_text()}\n--- output ---\n{self.output()}") from None
+            raise RuntimeError(
+                f"{e}\n--- log ---\n{self.log_text()}\n--- output ---\n{self.output()}"
+            ) from None
         return self
 
     def output(self) -> str:
@@ -97,19 +119,24 @@ class RelayProcess:
             if text in self.log_text():
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"{text!r} not in the relay's log after {timeout}s:\n{self.log_text()[-3000:]}")
+        raise TimeoutError(
+            f"{text!r} not in the relay's log after {timeout}s:\n{self.log_text()[-3000:]}"
+        )
 
     def queue_files(self) -> list[Path]:
         """The spool's files, less tmp/free.<n> (files of removed messages kept for new ones)."""
-        return sorted(p for p in self.spool.rglob("*")
-                      if p.is_file() and not (p.parent.name == "tmp" and p.name.startswith("free.")))
+        return sorted(
+            p
+            for p in self.spool.rglob("*")
+            if p.is_file() and not (p.parent.name == "tmp" and p.name.startswith("free."))
+        )
 
 
 def _split_server(body: str) -> tuple[str, str]:
     """Lift the keys of a leading ``[server]`` table out of ``body`` to merge them with ours."""
     if not body.lstrip().startswith("[server]"):
         return "", body
-    text = body.lstrip()[len("[server]"):]
+    text = body.lstrip()[len("[server]") :]
     idx = text.find("\n[")
     if idx < 0:
         return text, ""
@@ -123,12 +150,26 @@ class Sender(threading.Thread):
     a crash test can tell a message the relay never confirmed from one it lost.
     """
 
-    def __init__(self, port: int, tag: str, acked: list[str], tried: list[str] | None = None, *,
-                 per_session: int = 5, recipients: tuple[str, ...] = ("r@example.test",),
-                 size: int = 500, pause: float = 0.05) -> None:
+    def __init__(
+        self,
+        port: int,
+        tag: str,
+        acked: list[str],
+        tried: list[str] | None = None,
+        *,
+        per_session: int = 5,
+        recipients: tuple[str, ...] = ("r@example.test",),
+        size: int = 500,
+        pause: float = 0.05,
+    ) -> None:
         super().__init__(daemon=True)
         self.port, self.tag, self.acked, self.tried = port, tag, acked, tried
-        self.per_session, self.recipients, self.size, self.pause = per_session, list(recipients), size, pause
+        self.per_session, self.recipients, self.size, self.pause = (
+            per_session,
+            list(recipients),
+            size,
+            pause,
+        )
         self.stopping = threading.Event()
         self.n = 0
 
@@ -149,8 +190,9 @@ class Sender(threading.Thread):
 
 
 @defer.inlineCallbacks
-def run_in_process(relay: MailRelayService, client: Callable[[int], object],
-                   then: Callable[[], Any] = lambda: None) -> Generator[Any, Any, Any]:
+def run_in_process(
+    relay: MailRelayService, client: Callable[[int], object], then: Callable[[], Any] = lambda: None
+) -> Generator[Any, Any, Any]:
     """Start ``relay``, run ``client(port)`` (its first listener's port) in a thread, then wait for
     ``then()`` (a value or a Deferred) and stop the relay whatever happened; → ``then()``'s result."""
     relay.startService()

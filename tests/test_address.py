@@ -35,15 +35,23 @@ def test_a_look_alike_is_not_a_domain(domain: str) -> None:
 
 @pytest.mark.parametrize(
     "domain, canonical",
-    [("Local.TEST", "local.test"), ("bücher.de", "xn--bcher-kva.de"), ("Bücher.DE", "xn--bcher-kva.de"),
-     ("XN--BCHER-KVA.de", "xn--bcher-kva.de"), ("faß.de", "xn--fa-hia.de"),  # not fass.de (IDNA 2003)
-     ("σας.gr", "xn--mxa8ab.gr"), ("[IPv6:::1]", "[ipv6:::1]")],
+    [
+        ("Local.TEST", "local.test"),
+        ("bücher.de", "xn--bcher-kva.de"),
+        ("Bücher.DE", "xn--bcher-kva.de"),
+        ("XN--BCHER-KVA.de", "xn--bcher-kva.de"),
+        ("faß.de", "xn--fa-hia.de"),  # not fass.de (IDNA 2003)
+        ("σας.gr", "xn--mxa8ab.gr"),
+        ("[IPv6:::1]", "[ipv6:::1]"),
+    ],
 )
 def test_valid_names_have_one_canonical_form(domain: str, canonical: str) -> None:
     assert canonical_domain(domain) == canonical
 
 
-@pytest.mark.parametrize("domain", ["BÜCHER.de", "xn--zz.test", "a_b.test", "a..test", "", "-a.test"])
+@pytest.mark.parametrize(
+    "domain", ["BÜCHER.de", "xn--zz.test", "a_b.test", "a..test", "", "-a.test"]
+)
 def test_what_is_not_a_valid_name_is_refused(domain: str) -> None:
     with pytest.raises(DomainError):
         canonical_domain(domain)
@@ -64,13 +72,21 @@ def test_the_parser_refuses_a_look_alike_in_either_path(domain: str) -> None:
 
     c = Conn()
     c.ehlo()
-    c.send(f"MAIL FROM:<a@{domain}> SMTPUTF8\r\nMAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@{domain}>\r\n")
-    assert [(code, text[:5]) for code, text in c.replies()] == [(501, "5.1.7"), (250, "2.1.0"), (501, "5.1.3")]
+    c.send(
+        f"MAIL FROM:<a@{domain}> SMTPUTF8\r\nMAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@{domain}>\r\n"
+    )
+    assert [(code, text[:5]) for code, text in c.replies()] == [
+        (501, "5.1.7"),
+        (250, "2.1.0"),
+        (501, "5.1.3"),
+    ]
 
 
 def test_an_international_name_is_passed_on_as_written_and_routed_by_its_a_label() -> None:
     from mailrelay.smtp._parser import parse_mailbox
 
     path = parse_mailbox("jörg@Faß.example")
-    assert path.address == "jörg@Faß.example"  # as written: it is the name compared, ASCII case aside
+    assert (
+        path.address == "jörg@Faß.example"
+    )  # as written: it is the name compared, ASCII case aside
     assert split(path.address) == ("jörg", "xn--fa-hia.example")  # not fass.example (IDNA 2003)

@@ -65,15 +65,17 @@ def test_check_config_changed_only_like_postconf_n(tmp_path):
     cfg = config.load(str(write_config(tmp_path)))
     text = render_config(cfg, only_changed=True)
     assert "max_lifetime = 172800" in text and "max_deliveries" not in text
-    assert "hostname = \"cli.example.test\"" in text
+    assert 'hostname = "cli.example.test"' in text
 
 
 def test_check_config_changed_only_leaves_out_computed_and_restated_defaults(tmp_path):
     """``-n`` shows what differs from a file that sets nothing: not the hostname taken from the
     machine, nor a key set to its default value."""
     path = tmp_path / "defaults.toml"
-    path.write_text('[server]\nlisten = ["tcp:2525:interface=127.0.0.1"]\nmax_recipients = 100\n'
-                    '[spool]\npath = "var/spool"\n[[routes]]\ntype = "mx"\n')
+    path.write_text(
+        '[server]\nlisten = ["tcp:2525:interface=127.0.0.1"]\nmax_recipients = 100\n'
+        '[spool]\npath = "var/spool"\n[[routes]]\ntype = "mx"\n'
+    )
     text = render_config(config.load(str(path)), only_changed=True)
     assert "[server]" not in text and "[spool]" not in text and "hostname" not in text
     assert text.endswith('[[routes]]\ntype = "mx"\n')
@@ -81,7 +83,9 @@ def test_check_config_changed_only_leaves_out_computed_and_restated_defaults(tmp
 
 
 def test_check_config_errors_name_the_key_and_exit_1(tmp_path):
-    path = write_config(tmp_path, '[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:99999"]\n')
+    path = write_config(
+        tmp_path, '[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:99999"]\n'
+    )
     result = cli("check-config", str(path))
     assert result.returncode == 1
     assert "routes[1].hosts[0]" in result.stderr and "Traceback" not in result.stderr
@@ -89,7 +93,7 @@ def test_check_config_errors_name_the_key_and_exit_1(tmp_path):
     import io
 
     bad = tmp_path / "bad.toml"
-    bad.write_text("[queue]\nretry_schedule = [\"soon\"]\n")
+    bad.write_text('[queue]\nretry_schedule = ["soon"]\n')
     out, err = io.StringIO(), io.StringIO()
     assert check_config(str(bad), out=out, err=err) == 1
     assert "queue.retry_schedule[0]" in err.getvalue() and out.getvalue() == ""
@@ -97,18 +101,27 @@ def test_check_config_errors_name_the_key_and_exit_1(tmp_path):
 
 def test_check_config_says_a_file_without_routes_routes_by_mx(tmp_path):
     path = tmp_path / "mailrelay.toml"
-    path.write_text(f'[server]\nhostname = "cli.example.test"\n[spool]\npath = "{tmp_path / "spool"}"\n')
+    path.write_text(
+        f'[server]\nhostname = "cli.example.test"\n[spool]\npath = "{tmp_path / "spool"}"\n'
+    )
     result = cli("check-config", str(path))
     assert result.returncode == 0, result.stderr
-    assert "# no [[routes]] in the file: every recipient is routed by its domain's MX records" in result.stdout
+    assert (
+        "# no [[routes]] in the file: every recipient is routed by its domain's MX records"
+        in result.stdout
+    )
     assert '[[routes]]\ntype = "mx"\n' in result.stdout
 
 
 # -- the queue of a stopped instance --------------------------------------------------------------
 
 
-ENV = Envelope("sender@example.org", (Recipient("a@example.test"), Recipient("b@other.test")),
-               helo="client.example.org", client_address="127.0.0.1")
+ENV = Envelope(
+    "sender@example.org",
+    (Recipient("a@example.test"), Recipient("b@other.test")),
+    helo="client.example.org",
+    client_address="127.0.0.1",
+)
 
 
 @defer.inlineCallbacks
@@ -193,8 +206,14 @@ def test_queue_commands_against_a_running_queue_over_the_control_socket(tmp_path
     path = write_config(tmp_path)
     spool = FilesystemSpool(str(tmp_path / "spool"), reactor)
     deliverer = RecordingDeliverer(default=LATER)
-    manager = QueueManager(spool, FakeRouter({"*": route_to("127.0.0.1", 2526)}), deliverer, reactor,
-                           QueueConfig(retry_schedule=(3600.0,)), "cli.example.test")
+    manager = QueueManager(
+        spool,
+        FakeRouter({"*": route_to("127.0.0.1", 2526)}),
+        deliverer,
+        reactor,
+        QueueConfig(retry_schedule=(3600.0,)),
+        "cli.example.test",
+    )
     control = ControlServer(manager, spool, socket_path(str(tmp_path / "spool")), reactor)
     spool.start()
     yield manager.start()
@@ -249,7 +268,9 @@ def test_queue_commands_against_a_running_queue_over_the_control_socket(tmp_path
 def test_queue_command_with_a_missing_config_is_one_clear_line(tmp_path):
     result = cli("queue", "list", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 1
-    assert result.stderr.strip() == f"mailrelay: {tmp_path / 'nope.toml'}: No such file or directory"
+    assert (
+        result.stderr.strip() == f"mailrelay: {tmp_path / 'nope.toml'}: No such file or directory"
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text('[server]\nmax_recipients = 0\n[queue]\nmax_lifetime = "soon"\n')
     for command in (("queue", "list"), ("db", "upgrade")):
@@ -257,7 +278,8 @@ def test_queue_command_with_a_missing_config_is_one_clear_line(tmp_path):
         assert result.returncode == 1
         assert result.stderr.splitlines() == [
             f"mailrelay: {bad}: server.max_recipients: must be a whole number of at least 1, not 0",
-            f"mailrelay: {bad}: queue.max_lifetime: 'soon' is not a duration such as 30s, 5m, 4h or 5d"]
+            f"mailrelay: {bad}: queue.max_lifetime: 'soon' is not a duration such as 30s, 5m, 4h or 5d",
+        ]
 
 
 def test_control_protocol_pages_the_listing_and_summarises():
@@ -275,7 +297,9 @@ def test_control_protocol_pages_the_listing_and_summarises():
     for i in range(5):
         ids.append(store.inject(ENV, b"Subject: x\r\n\r\n" + b"y" * i))
         clock.advance(600)
-    manager = QueueManager(store, FakeRouter({}), RecordingDeliverer(), clock, QueueConfig(), "h.test")
+    manager = QueueManager(
+        store, FakeRouter({}), RecordingDeliverer(), clock, QueueConfig(), "h.test"
+    )
     proto = ControlProtocol(manager, store, clock)
     first = result_of(proto.list_queue(limit=2))
     assert [m["queue_id"] for m in first["messages"]] == ids[:2] and first["more"]
@@ -298,7 +322,10 @@ def test_summary_says_one_message_and_one_domain_in_the_singular(n, noun):
     from mailrelay.cli import print_summary
 
     out = io.StringIO()
-    print_summary({"buckets": ["5m"], "total": [n], "rows": [], "more_domains": n, "messages": n, "held": 0}, out)
+    print_summary(
+        {"buckets": ["5m"], "total": [n], "rows": [], "more_domains": n, "messages": n, "held": 0},
+        out,
+    )
     assert out.getvalue().splitlines()[-1] == f"{n} {noun}, 0 held"
     assert (f"(and {n} more {'domain' if n == 1 else 'domains'})" in out.getvalue()) == (n > 0)
 
@@ -311,19 +338,31 @@ def test_cli_against_a_running_twistd_instance_and_after_it_stops(tmp_path):
     from tests.relay import RelayProcess
 
     dead = free_port()  # nothing listens there: every attempt is deferred
-    relay = RelayProcess(f'[queue]\nretry_schedule = ["1h"]\n[[routes]]\ntype = "static"\ndomains = ["*"]\n'
-                         f'hosts = ["127.0.0.1:{dead}"]\n').start()
+    relay = RelayProcess(
+        f'[queue]\nretry_schedule = ["1h"]\n[[routes]]\ntype = "static"\ndomains = ["*"]\n'
+        f'hosts = ["127.0.0.1:{dead}"]\n'
+    ).start()
     try:
         with smtplib.SMTP("127.0.0.1", relay.port) as client:
-            client.sendmail("s@example.org", ["r@example.test"], b"Subject: stuck\r\n\r\nwaiting\r\n")
+            client.sendmail(
+                "s@example.org", ["r@example.test"], b"Subject: stuck\r\n\r\nwaiting\r\n"
+            )
             client.sendmail("s@example.org", ["q@example.test"], b"Subject: doomed\r\n\r\nbye\r\n")
         relay.wait_log("status=deferred")
         assert os.path.exists(relay.spool / "control.sock")
         listed = cli("queue", "list", "--config", str(relay.config))
         assert listed.returncode == 0, listed.stderr
         ids = re.findall(r"^([0-9A-Z]{18})[ !*]", listed.stdout, re.M)
-        assert len(ids) == 2 and "r@example.test" in listed.stdout and "in 2 Requests." in listed.stdout
-        doomed = next(i for i in ids if "Subject: doomed" in cli("queue", "show", i, "--config", str(relay.config)).stdout)
+        assert (
+            len(ids) == 2
+            and "r@example.test" in listed.stdout
+            and "in 2 Requests." in listed.stdout
+        )
+        doomed = next(
+            i
+            for i in ids
+            if "Subject: doomed" in cli("queue", "show", i, "--config", str(relay.config)).stdout
+        )
         assert cli("queue", "delete", doomed, "--config", str(relay.config)).returncode == 0
         flushed = cli("queue", "flush", "--config", str(relay.config))
         assert flushed.returncode == 0 and "flushed 1 message" in flushed.stdout
@@ -339,24 +378,36 @@ def test_cli_against_a_running_twistd_instance_and_after_it_stops(tmp_path):
 def _main_modules() -> list[str]:
     """Every module of the package that runs as ``python -m`` (has a ``__main__`` block)."""
     root = Path(__file__).resolve().parent.parent
-    return sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "mailrelay").rglob("*.py")
-                  if 'if __name__ == "__main__":' in p.read_text())
+    return sorted(
+        ".".join(p.relative_to(root).with_suffix("").parts)
+        for p in (root / "mailrelay").rglob("*.py")
+        if 'if __name__ == "__main__":' in p.read_text()
+    )
 
 
 def test_the_main_modules_are_found():
-    assert {"mailrelay.cli", "mailrelay.smtp.auth", "mailrelay.workers.worker"} <= set(_main_modules())
+    assert {"mailrelay.cli", "mailrelay.smtp.auth", "mailrelay.workers.worker"} <= set(
+        _main_modules()
+    )
 
 
 @pytest.mark.parametrize("module", _main_modules())
 def test_every_python_m_entry_point_prints_help(module):
     """``python -m <module> --help`` prints a usage text and exits 0: no traceback, no prompt."""
-    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
-                            timeout=60, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:") and "Traceback" not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("n, text", [(1, "queue: recovered 1 message"), (2, "queue: recovered 2 messages")])
+@pytest.mark.parametrize(
+    "n, text", [(1, "queue: recovered 1 message"), (2, "queue: recovered 2 messages")]
+)
 def test_log_lines_about_counts_agree_with_their_nouns(n, text):
     """The lines an operator reads at start-up and after ``mailrelay queue flush`` count in words
     that agree: ``1 message``."""
@@ -371,7 +422,9 @@ def test_log_lines_about_counts_agree_with_their_nouns(n, text):
     store = MemoryQueueStore(clock)
     for _ in range(n):
         store.inject(ENV, b"Subject: x\r\n\r\ny\r\n")
-    manager = QueueManager(store, FakeRouter({}), RecordingDeliverer([None] * (2 * n)), clock, QueueConfig(), "h.test")
+    manager = QueueManager(
+        store, FakeRouter({}), RecordingDeliverer([None] * (2 * n)), clock, QueueConfig(), "h.test"
+    )
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -381,6 +434,9 @@ def test_log_lines_about_counts_agree_with_their_nouns(n, text):
         globalLogPublisher.removeObserver(events.append)
     lines = [formatEvent(e) for e in events]
     assert text in lines
-    assert any(line.startswith("control: flush all (") and line.endswith(("(0 messages)", "(1 message)", "(2 messages)"))
-               for line in lines), lines
+    assert any(
+        line.startswith("control: flush all (")
+        and line.endswith(("(0 messages)", "(1 message)", "(2 messages)"))
+        for line in lines
+    ), lines
     assert not any(" 1 messages" in line for line in lines), lines

@@ -66,18 +66,39 @@ listen = "tcp:9125:interface=127.0.0.1"
     ("text", "expected"),
     [
         ("[server]\nmax_message_size = -1\n", "relay.toml: server.max_message_size: "),
-        ("[server]\ntrusted_networks = ['nonsense']\n", "relay.toml: server.trusted_networks[0]: 'nonsense' is not a network"),
+        (
+            "[server]\ntrusted_networks = ['nonsense']\n",
+            "relay.toml: server.trusted_networks[0]: 'nonsense' is not a network",
+        ),
         ("[server]\nlisten = []\n", "server.listen: must name at least one endpoint"),
         ("[server]\nlisten = 'tcp:25'\n", "server.listen: must be a list"),
-        ("[server]\nmax_recipients = 0\n", "server.max_recipients: must be a whole number of at least 1"),
+        (
+            "[server]\nmax_recipients = 0\n",
+            "server.max_recipients: must be a whole number of at least 1",
+        ),
         ("[server]\nhopcount_limit = 1\n", "server.hopcount_limit: must be at least 2, not 1"),
-        ("[server]\ntls_certificate = 'c.pem'\n", "server.tls_key: tls_certificate and tls_key go together"),
+        (
+            "[server]\ntls_certificate = 'c.pem'\n",
+            "server.tls_key: tls_certificate and tls_key go together",
+        ),
         ("[server]\nhostnme = 'x'\n", "server.hostnme: unknown key"),
-        ("[queue]\nretry_schedule = ['5 parsecs']\n", "queue.retry_schedule[0]: '5 parsecs' is not a duration"),
+        (
+            "[queue]\nretry_schedule = ['5 parsecs']\n",
+            "queue.retry_schedule[0]: '5 parsecs' is not a duration",
+        ),
         ("[queue]\nretry_schedule = []\n", "queue.retry_schedule: must have at least one interval"),
-        ("[spool]\nfsync_threads = 65\n", "spool.fsync_threads: must be a whole number from 0 to 64, not 65"),
-        ("[spool]\nfsync_threads = true\n", "spool.fsync_threads: must be a whole number from 0 to 64"),
-        ("[spool]\nbackend = 'nfs'\n", "spool.backend: 'nfs': must be 'filesystem' or 'postgresql'"),
+        (
+            "[spool]\nfsync_threads = 65\n",
+            "spool.fsync_threads: must be a whole number from 0 to 64, not 65",
+        ),
+        (
+            "[spool]\nfsync_threads = true\n",
+            "spool.fsync_threads: must be a whole number from 0 to 64",
+        ),
+        (
+            "[spool]\nbackend = 'nfs'\n",
+            "spool.backend: 'nfs': must be 'filesystem' or 'postgresql'",
+        ),
         ("[spool]\nbackend = 'postgresql'\n", "spool.dsn: required when backend = 'postgresql'"),
         ("[[routes]]\ndomains = ['*']\n", "routes[0].type: missing"),
         ("[rout]\n", "relay.toml: rout: unknown section"),
@@ -92,7 +113,10 @@ def test_binarymime_offered_only_when_every_route_carries_it():
     one = "[[routes]]\ntype = 'static'\ndomains = ['a.test']\nhosts = ['127.0.0.1:2526']\nbinarymime = true\n"
     other = "[[routes]]\ntype = 'mx'\n"
     assert config.loads(one).binarymime
-    assert config.loads(one).routes[0].options == {"domains": ["a.test"], "hosts": ["127.0.0.1:2526"]}
+    assert config.loads(one).routes[0].options == {
+        "domains": ["a.test"],
+        "hosts": ["127.0.0.1:2526"],
+    }
     assert not config.loads(one + other).binarymime  # an MX hop may not take it
     assert not config.loads("").binarymime
     assert "routes[0].binarymime" in error_of("[[routes]]\ntype = 'mx'\nbinarymime = 'yes'\n")
@@ -106,24 +130,36 @@ def test_missing_file_is_named(tmp_path):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("127.0.0.1:2526", ("127.0.0.1", 2526)), ("[::1]:25", ("::1", 25)), ("mx.example.test", ("mx.example.test", 25)),
-     ("::1", ("::1", 25)), ("[::1]", ("::1", 25))],
+    [
+        ("127.0.0.1:2526", ("127.0.0.1", 2526)),
+        ("[::1]:25", ("::1", 25)),
+        ("mx.example.test", ("mx.example.test", 25)),
+        ("::1", ("::1", 25)),
+        ("[::1]", ("::1", 25)),
+    ],
 )
 def test_hostport(value, expected):
     assert config.parse_hostport(value) == expected
 
 
-@pytest.mark.parametrize("value", ["127.0.0.1:0", "127.0.0.1:65536", "h:x", "[::1", ":25", "", "h:\u0662\u0665", "h:２５", "h:²"])
+@pytest.mark.parametrize(
+    "value",
+    ["127.0.0.1:0", "127.0.0.1:65536", "h:x", "[::1", ":25", "", "h:\u0662\u0665", "h:２５", "h:²"],
+)
 def test_bad_hostport(value):
     with pytest.raises(ValueError):
         config.parse_hostport(value)
 
 
-@pytest.mark.parametrize("domain", ["ｌｏｃａｌ.ｔｅｓｔ", "local。test", "lo\u200bcal.test", "local.test\u3000", "a_b.test"])
+@pytest.mark.parametrize(
+    "domain",
+    ["ｌｏｃａｌ.ｔｅｓｔ", "local。test", "lo\u200bcal.test", "local.test\u3000", "a_b.test"],
+)
 def test_a_configured_domain_must_be_a_valid_name_as_written(domain):
     """No mapping makes a look-alike in the config match (or stand for) another name."""
     assert f"relay.toml: server.local_domains[0]: {domain!r} is not" in error_of(
-        f'[server]\nlocal_domains = ["{domain}"]\n')
+        f'[server]\nlocal_domains = ["{domain}"]\n'
+    )
 
 
 def test_configured_domains_are_kept_in_canonical_form():
@@ -145,8 +181,11 @@ def test_no_routes_means_every_domain_by_mx_as_without_a_file(routes):
 
 def test_every_error_of_a_file_is_reported_at_once_each_on_its_line():
     with pytest.raises(ConfigError) as e:
-        config.loads('nosuch = 1\n[server]\nmax_recipients = 0\nidle_timeout = "soon"\nlisten = [1, "tcp:25"]\n'
-                     '[queue]\nretry_schedule = []\n[[routes]]\nhosts = []\n', "relay.toml")
+        config.loads(
+            'nosuch = 1\n[server]\nmax_recipients = 0\nidle_timeout = "soon"\nlisten = [1, "tcp:25"]\n'
+            "[queue]\nretry_schedule = []\n[[routes]]\nhosts = []\n",
+            "relay.toml",
+        )
     assert str(e.value).splitlines() == [
         "relay.toml: nosuch: unknown section (known: server, spool, queue, delivery, routes, metrics, dkim)",
         "relay.toml: server.listen[0]: must be a string, not int",

@@ -23,15 +23,26 @@ from tests.routing.nsd import NSD
 def make_key(path, kind: str = "rsa") -> bytes:  # type: ignore[no-untyped-def]
     """Write a fresh private key (PEM, as ``openssl genpkey`` does) to ``path``; → the DKIM key record
     that publishes it (RFC 6376 3.6.1, RFC 8463 4)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if kind == "rsa" else (
-        ed25519.Ed25519PrivateKey.generate())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    key = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if kind == "rsa"
+        else (ed25519.Ed25519PrivateKey.generate())
+    )
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     if kind == "rsa":
-        public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+        public = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     else:
-        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        public = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
     return f"v=DKIM1; k={kind}; p=".encode() + base64.b64encode(public)
 
 
@@ -42,7 +53,7 @@ def relay_config(tmp_path, sink_port: int, key_file: str) -> config.Config:
 hostname = "dkim.mailrelay.test"
 listen = ["tcp:0:interface=127.0.0.1"]
 [spool]
-path = "{tmp_path / 'spool'}"
+path = "{tmp_path / "spool"}"
 [dkim]
 domains = ["example.org", "other.example"]
 selector = "s2026"
@@ -58,21 +69,30 @@ hosts = ["127.0.0.1:{sink_port}"]
 
 @pytest.mark.integration
 @pytest_twisted.inlineCallbacks
-def test_outgoing_mail_is_signed_per_sender_domain_with_rsa_or_ed25519_and_verifies(tmp_path, smtp_sink):
+def test_outgoing_mail_is_signed_per_sender_domain_with_rsa_or_ed25519_and_verifies(
+    tmp_path, smtp_sink
+):
     keys = tmp_path / "keys"
     keys.mkdir()
-    records = {"example.org": make_key(keys / "example.org.pem", "rsa"),
-               "other.example": make_key(keys / "other.example.pem", "ed25519")}
+    records = {
+        "example.org": make_key(keys / "example.org.pem", "rsa"),
+        "other.example": make_key(keys / "other.example.pem", "ed25519"),
+    }
     relay = MailRelayService(relay_config(tmp_path, smtp_sink.port, str(keys / "{domain}.pem")))
 
     def send(port: int) -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
-            for sender, header_from, n in (("a@example.org", "A <a@example.org>", 1),
-                                           ("bounces@unsigned.test", "b@other.example", 2),
-                                           ("c@unsigned.test", "c@unsigned.test", 3)):
-                client.sendmail(sender, ["rcpt@example.test"],
-                                f"From: {header_from}\r\nTo: rcpt@example.test\r\nSubject: m{n}\r\n"
-                                f"Message-ID: <m{n}@example>\r\n\r\nbody {n}\r\n.dot line\r\n".encode())
+            for sender, header_from, n in (
+                ("a@example.org", "A <a@example.org>", 1),
+                ("bounces@unsigned.test", "b@other.example", 2),
+                ("c@unsigned.test", "c@unsigned.test", 3),
+            ):
+                client.sendmail(
+                    sender,
+                    ["rcpt@example.test"],
+                    f"From: {header_from}\r\nTo: rcpt@example.test\r\nSubject: m{n}\r\n"
+                    f"Message-ID: <m{n}@example>\r\n\r\nbody {n}\r\n.dot line\r\n".encode(),
+                )
 
     yield run_in_process(relay, send, lambda: threads.deferToThread(smtp_sink.wait_for, 3, 20))
 
@@ -83,35 +103,61 @@ def test_outgoing_mail_is_signed_per_sender_domain_with_rsa_or_ed25519_and_verif
 
     signed1, signed2, unsigned = by_id["<m1@example>"], by_id["<m2@example>"], by_id["<m3@example>"]
     head1, head2 = signed1.split(b"\r\n\r\n")[0], signed2.split(b"\r\n\r\n")[0]
-    assert signed1.startswith(b"DKIM-Signature:") and b"d=example.org" in head1 and b"a=rsa-sha256" in head1
+    assert (
+        signed1.startswith(b"DKIM-Signature:")
+        and b"d=example.org" in head1
+        and b"a=rsa-sha256" in head1
+    )
     # the From domain chooses the key (DMARC alignment), not the envelope sender's; its type the algorithm
     assert b"d=other.example" in head2 and b"a=ed25519-sha256" in head2
     assert b"DKIM-Signature" not in unsigned
-    tampered1, tampered2 = signed1.replace(b"body 1", b"body X"), signed2.replace(b"body 2", b"body X")
+    tampered1, tampered2 = (
+        signed1.replace(b"body 1", b"body X"),
+        signed2.replace(b"body 2", b"body X"),
+    )
 
     dns = NSD(zones={d: dkim_zone(d, "s2026", r.decode()) for d, r in records.items()}).start()
     try:
-        verdicts = yield threads.deferToThread(lambda: (
-            mail_dkim(signed1, dns.port), mail_dkim(tampered1, dns.port),
-            [opendkim(m, dns.port, list(records)) for m in (signed1, signed2, tampered1, tampered2, unsigned)]))
+        verdicts = yield threads.deferToThread(
+            lambda: (
+                mail_dkim(signed1, dns.port),
+                mail_dkim(tampered1, dns.port),
+                [
+                    opendkim(m, dns.port, list(records))
+                    for m in (signed1, signed2, tampered1, tampered2, unsigned)
+                ],
+            )
+        )
     finally:
         dns.cleanup()
     rsa_ok, rsa_tampered, by_opendkim = verdicts
     # Mail::DKIM (Debian 12's knows no ed25519-sha256) and OpenDKIM; neither is a rubber stamp
     assert rsa_ok == ["example.org rsa-sha256 pass"]
     assert rsa_tampered == ["example.org rsa-sha256 fail (body has been altered)"]
-    assert by_opendkim == [[("example.org", "succeeded")], [("other.example", "succeeded")],
-                           [("example.org", "failed")], [("other.example", "failed")], []]
+    assert by_opendkim == [
+        [("example.org", "succeeded")],
+        [("other.example", "succeeded")],
+        [("example.org", "failed")],
+        [("other.example", "failed")],
+        [],
+    ]
 
 
 def test_a_key_that_is_neither_rsa_nor_ed25519_is_a_config_error(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
-    (tmp_path / "example.org.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "example.org.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     make_key(tmp_path / "other.example.pem", "ed25519")
     with pytest.raises(ConfigError) as e:
         MailRelayService(relay_config(tmp_path, 2600, str(tmp_path / "{domain}.pem")))
-    assert "dkim.key_file" in str(e.value) and "example.org.pem: not a usable private key" in str(e.value)
+    assert "dkim.key_file" in str(e.value) and "example.org.pem: not a usable private key" in str(
+        e.value
+    )
     assert "RSA or an Ed25519 key" in str(e.value)
 
 
@@ -138,7 +184,10 @@ def test_a_look_alike_sender_domain_does_not_choose_our_key():
         head = f"From: a@{domain}\r\nSubject: x\r\n\r\n".encode()
         envelope = Envelope(f"a@{domain}", (Recipient("b@example.org"),))
         assert signer.key_for(envelope, head) is None
-    assert signer.key_for(Envelope("a@KEY.test", (Recipient("b@example.org"),)), b"\r\n\r\n") is not None
+    assert (
+        signer.key_for(Envelope("a@KEY.test", (Recipient("b@example.org"),)), b"\r\n\r\n")
+        is not None
+    )
 
 
 def test_a_message_without_a_header_section_goes_out_unsigned_and_unchanged(tmp_path):
@@ -151,7 +200,9 @@ def test_a_message_without_a_header_section_goes_out_unsigned_and_unchanged(tmp_
     from mailrelay.envelope import Envelope, Recipient
 
     make_key(tmp_path / "k.pem")
-    signer = DKIMSigner({"example.org": DomainKey("example.org", "s1", (tmp_path / "k.pem").read_bytes())})
+    signer = DKIMSigner(
+        {"example.org": DomainKey("example.org", "s1", (tmp_path / "k.pem").read_bytes())}
+    )
     signing = DKIMSigningDeliverer(object(), signer, None, None)  # type: ignore[arg-type]
     envelope = Envelope("a@example.org", (Recipient("b@example.test"),))
     for body in (b" h=from; b=forged\r\nFrom: a@example.org\r\n\r\nbody\r\n", b"\tx\r\n"):

@@ -20,9 +20,23 @@ def test_sphinx_build_without_warnings(tmp_path: Path) -> None:
     """``sphinx-build -W``, as ``make docs`` runs it: any warning (broken reference, page missing
     from the toctree, bad markup) fails."""
     result = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-         "-d", str(tmp_path / "doctrees"), str(DOCS), str(tmp_path / "html")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            "-d",
+            str(tmp_path / "doctrees"),
+            str(DOCS),
+            str(tmp_path / "html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "html" / "index.html").exists()
@@ -57,9 +71,16 @@ def documented_keys() -> set[str]:
 def test_config_keys_are_found() -> None:
     """Guard for the derivation itself: the contract keys must be among them."""
     keys = config_keys()
-    assert {"server.listen", "server.hostname", "server.trusted_networks", "server.local_domains",
-            "server.max_message_size", "spool.path", "queue.retry_schedule",
-            "metrics.listen"} <= keys
+    assert {
+        "server.listen",
+        "server.hostname",
+        "server.trusted_networks",
+        "server.local_domains",
+        "server.max_message_size",
+        "spool.path",
+        "queue.retry_schedule",
+        "metrics.listen",
+    } <= keys
 
 
 def test_every_config_key_is_documented() -> None:
@@ -122,4 +143,6 @@ def test_every_page_the_docs_promise_exists():
         for target in re.findall(r":doc:`(?:[^`<]*<)?([\w-]+)>?`", text):
             assert target in pages, f"{page.name} links :doc:`{target}`, which does not exist"
         for m in re.finditer(r"(?:their|its) own page", text):
-            assert ":doc:" in text[m.end():m.end() + 20], f"{page.name}: '{m.group()}' names no page"
+            assert ":doc:" in text[m.end() : m.end() + 20], (
+                f"{page.name}: '{m.group()}' names no page"
+            )

@@ -81,7 +81,8 @@ def pipelined_send(port: int, messages: list[tuple[str, list[str], bytes]]) -> l
             assert reply().startswith(b"250")
         assert reply().startswith(b"354")
         stuffed = b"".join(
-            b"." + line if line.startswith(b".") else line for line in data.splitlines(keepends=True)
+            b"." + line if line.startswith(b".") else line
+            for line in data.splitlines(keepends=True)
         )
         s.sendall(stuffed + b".\r\n")
         finals.append(reply())
@@ -189,7 +190,9 @@ def test_bad_input_gets_clear_replies_and_the_session_survives(smtp_sink, relay_
         assert client.docmd("FROB")[0] == 500
         client.mail("a@example.org")
         client.rcpt("b@example.test")
-        code, text = client.data(b"Subject: big\r\n\r\n" + b"y" * 998 + b"\r\n" * 1 + (b"z" * 100 + b"\r\n") * 100)
+        code, text = client.data(
+            b"Subject: big\r\n\r\n" + b"y" * 998 + b"\r\n" * 1 + (b"z" * 100 + b"\r\n") * 100
+        )
         assert (code, text[:5]) == (552, b"5.3.4")
         assert client.noop()[0] == 250
         # the session still works for a good message
@@ -205,13 +208,15 @@ def test_duplicate_recipients_reach_the_next_hop_once(smtp_sink, relay_factory):
     with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.example.org") as client:
         assert client.sendmail("sender@example.org", rcpts, message(7)) == {}
     smtp_sink.wait_for(1)
-    assert [t.recipients for t in smtp_sink.transactions()] == [["dup@local.test", "other@local.test"]]
+    assert [t.recipients for t in smtp_sink.transactions()] == [
+        ["dup@local.test", "other@local.test"]
+    ]
 
 
 def test_trusted_clients_are_not_held_to_the_per_ip_cap(smtp_sink, relay_factory):
     """Postfix exempts mynetworks from its client limits: 127.0.0.1 (trusted by default) keeps 20
     sessions open at once under max_connections_per_ip = 10, and smtp-source -s 50 gets all through."""
-    relay = relay_factory('[server]\nmax_connections_per_ip = 10\n' + route_to(smtp_sink.port))
+    relay = relay_factory("[server]\nmax_connections_per_ip = 10\n" + route_to(smtp_sink.port))
     held = [socket.create_connection(("127.0.0.1", relay.port), timeout=10) for _ in range(20)]
     try:
         greetings = [s.makefile("rb").readline() for s in held]
@@ -219,7 +224,24 @@ def test_trusted_clients_are_not_held_to_the_per_ip_cap(smtp_sink, relay_factory
     finally:
         for s in held:
             s.close()
-    subprocess.run([require("smtp-source"), "-s", "50", "-m", "100", "-l", "300", "-N", "-f", "s@example.org",
-                    "-t", "r@example.test", f"127.0.0.1:{relay.port}"], check=True, timeout=60,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            require("smtp-source"),
+            "-s",
+            "50",
+            "-m",
+            "100",
+            "-l",
+            "300",
+            "-N",
+            "-f",
+            "s@example.org",
+            "-t",
+            "r@example.test",
+            f"127.0.0.1:{relay.port}",
+        ],
+        check=True,
+        timeout=60,
+        stdout=subprocess.DEVNULL,
+    )
     smtp_sink.wait_for(100)

@@ -26,8 +26,12 @@ def test_embed_example_serves_its_page_and_relays_mail(tmp_path, smtp_sink):
         f'[spool]\npath = "{tmp_path / "spool"}"\n'
         f'[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:{smtp_sink.port}"]\n'
     )
-    proc = subprocess.Popen([sys.executable, str(EXAMPLE), str(cfg), f"tcp:{web_port}:interface=127.0.0.1"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), str(cfg), f"tcp:{web_port}:interface=127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_listening("127.0.0.1", smtp_port, proc=proc)
         wait_listening("127.0.0.1", web_port, proc=proc)
@@ -44,7 +48,9 @@ def test_embed_example_serves_its_page_and_relays_mail(tmp_path, smtp_sink):
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out.decode(errors="replace")
         # the relay's log reaches the program's stdout, as docs/embedding.rst says
-        assert b"from=<a@example.org>" in out and b"status=sent" in out, out.decode(errors="replace")
+        assert b"from=<a@example.org>" in out and b"status=sent" in out, out.decode(
+            errors="replace"
+        )
     finally:
         if proc.poll() is None:
             proc.kill()

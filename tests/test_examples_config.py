@@ -64,11 +64,15 @@ def test_smarthost_example_routes_as_its_comment_says() -> None:
     from tests.routing.helpers import result_of
 
     path = ROOT / "examples" / "smarthost.toml"
-    router = build_router(config.load(str(path)).routes, lambda key: RouterContext(reactor=Clock(), key=key))
+    router = build_router(
+        config.load(str(path)).routes, lambda key: RouterContext(reactor=Clock(), key=key)
+    )
     header = _header(path)
-    for address, hops in [("a@example.test", ["127.0.0.1:2526", "::1:2526"]),
-                          ("a@sub.example.test", ["127.0.0.1:2526", "::1:2526"]),
-                          ("a@example.net", ["127.0.0.1:2527"])]:
+    for address, hops in [
+        ("a@example.test", ["127.0.0.1:2526", "::1:2526"]),
+        ("a@sub.example.test", ["127.0.0.1:2526", "::1:2526"]),
+        ("a@example.net", ["127.0.0.1:2527"]),
+    ]:
         route = result_of(router.route(address, Envelope("s@example.org", ())))
         assert [f"{h.host}:{h.port}" for h in route.hops] == hops
     assert "127.0.0.1:2527" in header and "127.0.0.1:2526" in header and "[::1]:2526" in header
@@ -94,8 +98,13 @@ def make_run(conf: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     ``port`` (else the test fails with the log); stopped by SIGTERM, else SIGKILL, when the block ends."""
     log_path = conf.parent / "twistd.log"
     log = open(log_path, "wb")
-    proc = subprocess.Popen([str(TWISTD), "-n", "--pidfile=", "mailrelay", "--config", str(conf)], cwd=conf.parent,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(TWISTD), "-n", "--pidfile=", "mailrelay", "--config", str(conf)],
+        cwd=conf.parent,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         try:
             wait_listening("127.0.0.1", port, timeout=20, proc=proc)
@@ -122,8 +131,10 @@ def test_make_run_config_starts(tmp_path: Path) -> None:
     text = MAKE_RUN_CONFIG.read_text()
     port = free_port()
     spool = tmp_path / "spool"
-    for old, new in [("tcp:2525:interface=127.0.0.1", f"tcp:{port}:interface=127.0.0.1"),
-                     ('path = "var/spool"', f'path = "{spool}"')]:
+    for old, new in [
+        ("tcp:2525:interface=127.0.0.1", f"tcp:{port}:interface=127.0.0.1"),
+        ('path = "var/spool"', f'path = "{spool}"'),
+    ]:
         assert old in text, f"examples/mailrelay.toml no longer has {old!r}; update this test"
         text = text.replace(old, new)
     conf = tmp_path / "mailrelay.toml"
@@ -134,7 +145,9 @@ def test_make_run_config_starts(tmp_path: Path) -> None:
             assert code == 250, text_reply
             lines = text_reply.decode().splitlines()
             assert lines[0].startswith("relay.example.test")
-            assert {"PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"} <= {x.split()[0] for x in lines[1:]}
+            assert {"PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"} <= {
+                x.split()[0] for x in lines[1:]
+            }
             assert client.noop()[0] == 250
         assert spool.is_dir()
         proc.send_signal(signal.SIGTERM)
@@ -148,7 +161,9 @@ def test_make_run_config_starts(tmp_path: Path) -> None:
 
 def _recipe(doc: Path) -> str:
     """The swaks command of the local end-to-end recipe in ``doc``."""
-    commands = re.findall(r"^\s*(swaks [^\n#]*--to you@demo\.test[^\n#]*?)\s*(?:#.*)?$", doc.read_text(), re.M)
+    commands = re.findall(
+        r"^\s*(swaks [^\n#]*--to you@demo\.test[^\n#]*?)\s*(?:#.*)?$", doc.read_text(), re.M
+    )
     assert commands, f"{doc.name} lost its local recipe (swaks ... --to you@demo.test)"
     assert "var/mail/new" in doc.read_text(), f"{doc.name} no longer says where the message lands"
     return commands[0]
@@ -193,7 +208,9 @@ def test_readme_config_example_loads_and_builds() -> None:
     assert blocks, "README.md lost its config example"
     for block in blocks:
         cfg = config.loads(block, "README.md")
-        build_router(cfg.routes, lambda key: RouterContext(reactor=Clock(), source="README.md", key=key))
+        build_router(
+            cfg.routes, lambda key: RouterContext(reactor=Clock(), source="README.md", key=key)
+        )
 
 
 def test_readme_names_the_two_commands() -> None:

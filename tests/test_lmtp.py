@@ -43,7 +43,9 @@ def test_one_reply_per_accepted_recipient_after_the_dot():
     c = LMTPConn()
     out = c.send(env=ENV)
     sent = c.sent()
-    assert b"BDAT" not in sent and sent.endswith(b"DATA\r\n")  # CHUNKING offered, not used over LMTP
+    assert b"BDAT" not in sent and sent.endswith(
+        b"DATA\r\n"
+    )  # CHUNKING offered, not used over LMTP
     c.reply(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n250 2.1.5 ok\r\n354 go\r\n")
     assert c.sent().endswith(b"\r\n.\r\n")
     assert out == []
@@ -73,19 +75,29 @@ def test_a_connection_lost_between_the_replies_after_the_dot_keeps_the_deliverie
     [failure] = out
     f = failure.value
     assert f.final and f.stage == "data-end"
-    assert f.replies == [Reply(250, "2.0.0", "<b@y.test> delivered"), Reply(550, "5.1.1", "no such user"), None]
+    assert f.replies == [
+        Reply(250, "2.0.0", "<b@y.test> delivered"),
+        Reply(550, "5.1.1", "no such user"),
+        None,
+    ]
 
 
 def test_static_route_protocol_option():
     ctx = RouterContext(reactor=None, threadpool=None, source="t.toml", key="routes[0]")
-    router = StaticRouter.from_options({"domains": ["*"], "hosts": ["127.0.0.1:24"], "protocol": "lmtp"}, ctx)
+    router = StaticRouter.from_options(
+        {"domains": ["*"], "hosts": ["127.0.0.1:24"], "protocol": "lmtp"}, ctx
+    )
     route = router.route("u@example.test", ENV)
     assert route is not None and route.lmtp
-    assert not StaticRouter.from_options({"domains": ["*"], "hosts": ["127.0.0.1:24"]}, ctx).route_.lmtp
+    assert not StaticRouter.from_options(
+        {"domains": ["*"], "hosts": ["127.0.0.1:24"]}, ctx
+    ).route_.lmtp
     with pytest.raises(ConfigError) as e:
         StaticRouter.from_options({"domains": ["*"], "hosts": ["h:24"], "protocol": "uucp"}, ctx)
     assert "routes[0].protocol" in str(e.value)
-    config.loads('[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["h:24"]\nprotocol = "lmtp"\n')
+    config.loads(
+        '[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["h:24"]\nprotocol = "lmtp"\n'
+    )
 
 
 @pytest.mark.integration
@@ -95,8 +107,11 @@ def test_relay_delivers_over_lmtp_to_smtp_sink():
     try:
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
             for i in range(3):  # over one cached LMTP connection: the replies must stay in step
-                client.sendmail("a@example.org", ["u1@example.test", "u2@example.test", "u3@example.test"],
-                                f"Subject: lmtp {i}\r\n\r\nhello\r\n".encode())
+                client.sendmail(
+                    "a@example.org",
+                    ["u1@example.test", "u2@example.test", "u3@example.test"],
+                    f"Subject: lmtp {i}\r\n\r\nhello\r\n".encode(),
+                )
         sink.wait_for(3)
         relay.wait_log("status=sent")
         import time
@@ -107,8 +122,9 @@ def test_relay_delivers_over_lmtp_to_smtp_sink():
         log = relay.log_text()
         assert log.count("status=sent") == 9, log[-3000:]
         assert "status=deferred" not in log
-        assert {tuple(t.recipients) for t in sink.transactions()} == {("u1@example.test", "u2@example.test",
-                                                                       "u3@example.test")}
+        assert {tuple(t.recipients) for t in sink.transactions()} == {
+            ("u1@example.test", "u2@example.test", "u3@example.test")
+        }
         assert relay.stop() == 0
     finally:
         relay.cleanup()

@@ -23,8 +23,9 @@ WRONG = "Wr0ng-guess-staple"
 def run_relay(tmp_path, sink, log_format: str) -> RelayProcess:
     users = tmp_path / "users"
     users.write_text(f"alice:{hash_password(PASSWORD, iterations=1000)}\n")
-    body = (f'[server]\nauth_password_file = "{users}"\nallow_plaintext_auth = true\n'
-            + route_to(sink.port))
+    body = f'[server]\nauth_password_file = "{users}"\nallow_plaintext_auth = true\n' + route_to(
+        sink.port
+    )
     relay = RelayProcess(body, args=["--log-format", log_format]).start()
     try:
         with Raw(relay.port) as c:
@@ -56,7 +57,9 @@ def assert_no_credentials(text: str) -> None:
 
 
 @pytest.mark.integration
-def test_text_log_has_a_line_per_connection_message_and_attempt_and_no_credentials(tmp_path, smtp_sink):
+def test_text_log_has_a_line_per_connection_message_and_attempt_and_no_credentials(
+    tmp_path, smtp_sink
+):
     relay = run_relay(tmp_path, smtp_sink, "text")
     try:
         text = relay.log_text()
@@ -93,9 +96,16 @@ def test_event_as_json_hides_secret_fields_and_keeps_tracebacks():
         raise ValueError("boom")
     except ValueError:
         failure = Failure()
-    event = {"log_format": "bind as {user} failed", "log_level": LogLevel.error, "log_namespace": "t",
-             "log_time": 0.0, "user": "cn=x", "bind_password": "hunter2", "log_failure": failure,
-             "peer": object()}
+    event = {
+        "log_format": "bind as {user} failed",
+        "log_level": LogLevel.error,
+        "log_namespace": "t",
+        "log_time": 0.0,
+        "user": "cn=x",
+        "bind_password": "hunter2",
+        "log_failure": failure,
+        "peer": object(),
+    }
     record = json.loads(event_as_json(event))
     assert record["text"] == "bind as cn=x failed" and record["level"] == "error"
     assert record["bind_password"] == "***" and "hunter2" not in json.dumps(record)
@@ -112,18 +122,43 @@ def _events() -> list[dict]:
     now = 1764651600.25
     failure = Failure(ZeroDivisionError("division by zero"))
     return [
-        dict(log_format="{queue_id}: size={size:d} x={x!r}", queue_id="01ABC", size=12, x="q",
-             log_time=now, log_level=LogLevel.info, log_namespace="mailrelay.smtp.session"),
-        dict(log_format="{a.b} {c()}", a=_Shape(), c=lambda: 3, log_time=now, log_level=LogLevel.warn,
-             log_namespace="n"),
+        dict(
+            log_format="{queue_id}: size={size:d} x={x!r}",
+            queue_id="01ABC",
+            size=12,
+            x="q",
+            log_time=now,
+            log_level=LogLevel.info,
+            log_namespace="mailrelay.smtp.session",
+        ),
+        dict(
+            log_format="{a.b} {c()}",
+            a=_Shape(),
+            c=lambda: 3,
+            log_time=now,
+            log_level=LogLevel.warn,
+            log_namespace="n",
+        ),
         dict(log_format="missing {nope}", log_time=now, log_level=LogLevel.info, log_namespace="n"),
-        dict(log_format="two\nlines {x}", x="y", log_time=now + 1, log_level=LogLevel.error, log_namespace="n"),
+        dict(
+            log_format="two\nlines {x}",
+            x="y",
+            log_time=now + 1,
+            log_level=LogLevel.error,
+            log_namespace="n",
+        ),
         dict(log_format=None, log_time=now),
         dict(log_format="from {system}", system="legacy", log_system="custom", log_time=now),
         dict(log_format="{x}", x=1, log_time=now),
         dict(log_format="{x}", x=1),
-        dict(log_format="boom {x}", x=1, log_failure=failure, log_time=now, log_level=LogLevel.critical,
-             log_namespace="n"),
+        dict(
+            log_format="boom {x}",
+            x=1,
+            log_failure=failure,
+            log_time=now,
+            log_level=LogLevel.critical,
+            log_namespace="n",
+        ),
     ]
 
 
@@ -185,7 +220,11 @@ def test_the_lines_of_one_turn_of_the_reactor_go_out_together_in_order_at_its_en
     assert out.writes == []
     reactor.advance(0)  # the next turn
     assert len(out.writes) == 1
-    assert [line.split("] ")[1] for line in out.writes[0].splitlines()] == ["line 0", "line 1", "line 2"]
+    assert [line.split("] ")[1] for line in out.writes[0].splitlines()] == [
+        "line 0",
+        "line 1",
+        "line 2",
+    ]
     stream.write("later\n")
     reactor.advance(0)
     assert out.writes[1:] == ["later\n"]
@@ -218,8 +257,17 @@ def test_what_waits_at_shutdown_is_written_by_the_after_shutdown_trigger():
     assert out.writes == ["last words\n"]
 
 
-CHATTER = ("Starting factory", "Stopping factory", "Starting protocol", "Stopping protocol",
-           "connection established", "connection lost", "DatagramProtocol", "UDP Port", "GET /metrics")
+CHATTER = (
+    "Starting factory",
+    "Stopping factory",
+    "Starting protocol",
+    "Stopping protocol",
+    "connection established",
+    "connection lost",
+    "DatagramProtocol",
+    "UDP Port",
+    "GET /metrics",
+)
 
 
 @pytest.mark.integration
@@ -237,16 +285,28 @@ def test_default_log_has_no_twisted_start_stop_lines(tmp_path, smtp_sink):
 
     nsd = NSD().start()
     metrics = free_port()
-    relay = RelayProcess(f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n'
-                         f'[[routes]]\ntype = "mx"\nnameservers = ["127.0.0.1:{nsd.port}"]\nport = {smtp_sink.port}\n')
+    relay = RelayProcess(
+        f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n'
+        f'[[routes]]\ntype = "mx"\nnameservers = ["127.0.0.1:{nsd.port}"]\nport = {smtp_sink.port}\n'
+    )
     try:
         relay.start()
         with smtplib.SMTP("127.0.0.1", relay.port) as client:
             client.sendmail("s@example.org", ["r@example.test"], b"Subject: quiet\r\n\r\nhello\r\n")
         smtp_sink.wait_for(1)
         relay.wait_log("status=sent")
-        listed = subprocess.run([str(Path(sys.executable).with_name("mailrelay")), "queue", "list",
-                                 "--config", str(relay.config)], capture_output=True, text=True, timeout=60)
+        listed = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("mailrelay")),
+                "queue",
+                "list",
+                "--config",
+                str(relay.config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listed.returncode == 0, listed.stderr
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as page:
             assert b"mailrelay_messages_accepted_total" in page.read()
@@ -274,8 +334,12 @@ def test_text_and_json_observers_leave_out_only_the_dns_port_lines():
         events: list[dict] = []
         legacy.theLogPublisher.addObserver(events.append)
         try:
-            for text in ("_QuietDNSDatagramProtocol starting on 61772", "(UDP Port 61772 Closed)",
-                         "SMTPServerFactory starting on 2525", "(TCP Port 2525 Closed)"):
+            for text in (
+                "_QuietDNSDatagramProtocol starting on 61772",
+                "(UDP Port 61772 Closed)",
+                "SMTPServerFactory starting on 2525",
+                "(TCP Port 2525 Closed)",
+            ):
                 legacy.msg(text)
         finally:
             legacy.theLogPublisher.removeObserver(events.append)
@@ -283,4 +347,6 @@ def test_text_and_json_observers_leave_out_only_the_dns_port_lines():
             observer(event)
         written = out.getvalue()
         assert "UDP Port" not in written and "Datagram" not in written, make
-        assert "SMTPServerFactory starting on 2525" in written and "(TCP Port 2525 Closed)" in written, make
+        assert (
+            "SMTPServerFactory starting on 2525" in written and "(TCP Port 2525 Closed)" in written
+        ), make

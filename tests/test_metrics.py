@@ -34,7 +34,7 @@ trusted_networks = []
 local_domains = ["example.test", "down.test"]
 max_message_size = 4000
 [spool]
-path = "{tmp_path / 'spool'}"
+path = "{tmp_path / "spool"}"
 [queue]
 retry_schedule = ["1h"]
 {metrics_table}
@@ -70,7 +70,9 @@ def value(samples, name: str, **labels: str) -> float:
 def send_traffic(port: int) -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
         for i in range(2):
-            client.sendmail("a@example.org", ["b@example.test"], f"Subject: m{i}\r\n\r\nhi\r\n".encode())
+            client.sendmail(
+                "a@example.org", ["b@example.test"], f"Subject: m{i}\r\n\r\nhi\r\n".encode()
+            )
         client.sendmail("a@example.org", ["c@down.test"], b"Subject: deferred\r\n\r\nhi\r\n")
     with Raw(port) as c:
         c.greet()
@@ -100,9 +102,11 @@ def test_metrics_after_real_mail(tmp_path, smtp_sink):
             deadline = time.monotonic() + 20
             while True:
                 s = scrape(metrics_port)
-                done = (value(s, "mailrelay_deliveries_total", outcome="deferred") >= 1
-                        and value(s, "mailrelay_queue_active_messages") == 0
-                        and value(s, "mailrelay_connections_open") == 0)
+                done = (
+                    value(s, "mailrelay_deliveries_total", outcome="deferred") >= 1
+                    and value(s, "mailrelay_queue_active_messages") == 0
+                    and value(s, "mailrelay_connections_open") == 0
+                )
                 if done or time.monotonic() > deadline:
                     return s
                 time.sleep(0.05)
@@ -162,13 +166,19 @@ def test_outcomes_and_histograms_of_a_metrics_observer():
     m.delivery_attempted(env, Reply(451, "4.4.1", "later"), "[127.0.0.1]:25", 0.5)
     assert m.registry.get_sample_value("mailrelay_deliveries_total", {"outcome": "bounced"}) == 1
     assert m.registry.get_sample_value("mailrelay_deliveries_total", {"outcome": "deferred"}) == 2
-    assert m.registry.get_sample_value("mailrelay_delivery_attempt_seconds_count") == 1  # routing is no attempt
+    assert (
+        m.registry.get_sample_value("mailrelay_delivery_attempt_seconds_count") == 1
+    )  # routing is no attempt
     m.outbound_connection("[127.0.0.1]:25", "TLSv1.3 TLS_AES_256_GCM_SHA384")
     m.tls_established("inbound", "TLSv1.2")
     get = m.registry.get_sample_value
     assert get("mailrelay_outbound_connections_total", {"tls": "yes"}) == 1
-    assert get("mailrelay_tls_handshakes_total", {"direction": "outbound", "version": "TLSv1.3"}) == 1
-    assert get("mailrelay_tls_handshakes_total", {"direction": "inbound", "version": "TLSv1.2"}) == 1
+    assert (
+        get("mailrelay_tls_handshakes_total", {"direction": "outbound", "version": "TLSv1.3"}) == 1
+    )
+    assert (
+        get("mailrelay_tls_handshakes_total", {"direction": "inbound", "version": "TLSv1.2"}) == 1
+    )
 
 
 def test_fan_out_tells_each_observer_what_it_knows_of():

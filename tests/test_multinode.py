@@ -27,8 +27,10 @@ def spool_keys(dsn: str) -> str:
 
 
 def routes(port: int) -> str:
-    return (f'[queue]\nretry_schedule = ["1s"]\n[[routes]]\ntype = "static"\ndomains = ["*"]\n'
-            f'hosts = ["127.0.0.1:{port}"]\n')
+    return (
+        f'[queue]\nretry_schedule = ["1s"]\n[[routes]]\ntype = "static"\ndomains = ["*"]\n'
+        f'hosts = ["127.0.0.1:{port}"]\n'
+    )
 
 
 class Sender(threading.Thread):
@@ -36,7 +38,9 @@ class Sender(threading.Thread):
     to the next live one (as a client falls back to the next MX). Remembers what got a 250 and what
     was sent without an answer."""
 
-    def __init__(self, numbers: list[int], nodes: list[RelayProcess], first: int, state: dict) -> None:
+    def __init__(
+        self, numbers: list[int], nodes: list[RelayProcess], first: int, state: dict
+    ) -> None:
         super().__init__(daemon=True)
         self.numbers, self.nodes, self.node, self.state = numbers, nodes, first, state
 
@@ -77,7 +81,9 @@ def leased_by(dsn: str, pid: int) -> set[str]:
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             "SELECT b.data FROM mailrelay_message m JOIN mailrelay_body b USING (queue_id)"
-            " WHERE b.seq = 0 AND m.lease_owner LIKE %s", (f"%:{pid}:%",)).fetchall()
+            " WHERE b.seq = 0 AND m.lease_owner LIKE %s",
+            (f"%:{pid}:%",),
+        ).fetchall()
     out = set()
     for (data,) in rows:
         for line in bytes(data).split(b"\r\n"):
@@ -91,8 +97,12 @@ def leased_by(dsn: str, pid: int) -> set[str]:
 def test_three_nodes_one_killed_every_acknowledged_message_arrives(total):
     sink = SMTPSink().start()
     with temp_schema("mr_multinode") as dsn:
-        nodes = [RelayProcess(routes(sink.port), hostname=f"node{i}.mailrelay.test", spool_keys=spool_keys(dsn))
-                 for i in range(3)]
+        nodes = [
+            RelayProcess(
+                routes(sink.port), hostname=f"node{i}.mailrelay.test", spool_keys=spool_keys(dsn)
+            )
+            for i in range(3)
+        ]
         state = {"acked": [], "sent": set(), "lock": threading.Lock(), "stop": threading.Event()}
         try:
             for node in nodes:
@@ -123,10 +133,12 @@ def test_three_nodes_one_killed_every_acknowledged_message_arrives(total):
             got = Counter(message_ids(sink))
             missing = expected - set(got)
             duplicates = {mid: n for mid, n in got.items() if n > 1}
-            print(f"\nmultinode: {total} messages, {len(expected)} acknowledged by 3 nodes "
-                  f"(node on port {victim_ports} killed at {total // 2}), {len(missing)} lost, "
-                  f"{len(in_flight)} in flight at the kill, {sum(n - 1 for n in duplicates.values())} "
-                  f"delivered twice")
+            print(
+                f"\nmultinode: {total} messages, {len(expected)} acknowledged by 3 nodes "
+                f"(node on port {victim_ports} killed at {total // 2}), {len(missing)} lost, "
+                f"{len(in_flight)} in flight at the kill, {sum(n - 1 for n in duplicates.values())} "
+                f"delivered twice"
+            )
             assert not missing, f"lost {len(missing)} acknowledged messages: {sorted(missing)[:5]}"
             assert set(duplicates) <= in_flight, sorted(set(duplicates) - in_flight)[:5]
             assert all(n == 2 for n in duplicates.values())

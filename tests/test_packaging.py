@@ -24,9 +24,21 @@ PLUGIN = "twisted/plugins/mailrelay_plugin.py"
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-_IGNORE = shutil.ignore_patterns(".venv*", ".git", "build", "dist", "var", "*.egg-info",
-                                 "__pycache__", "_build", ".pytest_cache", ".ruff_cache",
-                                 ".hypothesis", "dropin.cache", "_trial_temp*")
+_IGNORE = shutil.ignore_patterns(
+    ".venv*",
+    ".git",
+    "build",
+    "dist",
+    "var",
+    "*.egg-info",
+    "__pycache__",
+    "_build",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    "dropin.cache",
+    "_trial_temp*",
+)
 
 
 def run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -43,8 +55,20 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=_IGNORE)
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(src)],
-        cwd=tmp)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        cwd=tmp,
+    )
     (whl,) = (tmp / "dist").glob("mailrelay-*.whl")
     return whl
 
@@ -79,8 +103,10 @@ def test_wheel_contents(wheel: Path) -> None:
 
 
 def test_installed_from_wheel_not_from_checkout(fresh_venv: Path) -> None:
-    out = run([str(fresh_venv / "bin" / "python"), "-c", "import mailrelay; print(mailrelay.__file__)"],
-              cwd=fresh_venv.parent).stdout
+    out = run(
+        [str(fresh_venv / "bin" / "python"), "-c", "import mailrelay; print(mailrelay.__file__)"],
+        cwd=fresh_venv.parent,
+    ).stdout
     assert out.strip().startswith(str(fresh_venv)), out
 
 
@@ -90,7 +116,9 @@ def test_twistd_lists_the_plugin(fresh_venv: Path) -> None:
 
 
 def test_twistd_mailrelay_help_shows_config(fresh_venv: Path) -> None:
-    out = run([str(fresh_venv / "bin" / "twistd"), "mailrelay", "--help"], cwd=fresh_venv.parent).stdout
+    out = run(
+        [str(fresh_venv / "bin" / "twistd"), "mailrelay", "--help"], cwd=fresh_venv.parent
+    ).stdout
     assert "--config" in out, out
 
 
@@ -98,8 +126,15 @@ def make_dry_run(target: str, venv: Path) -> list[str]:
     # Under `make test` the make variables of the outer make would leak in (and print
     # "Entering directory"): start a clean, top-level make.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-    out = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["make", "--no-print-directory", "-n", target, f"VENV={venv}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
@@ -112,7 +147,9 @@ def test_make_run_bootstraps_and_runs_the_plugin(tmp_path: Path) -> None:
     install = next(s for s in steps if "pip install" in s)
     assert install.startswith(f"{venv}/bin/pip install") and "-e ." in install
     assert "editable_mode=compat" in install
-    assert steps[-1] == f"{venv}/bin/twistd -n --pidfile= mailrelay --config examples/mailrelay.toml"
+    assert (
+        steps[-1] == f"{venv}/bin/twistd -n --pidfile= mailrelay --config examples/mailrelay.toml"
+    )
 
 
 def test_make_test_installs_peers_then_lints_then_tests(tmp_path: Path) -> None:
@@ -120,8 +157,10 @@ def test_make_test_installs_peers_then_lints_then_tests(tmp_path: Path) -> None:
     steps = make_dry_run("test", venv)
     assert steps[0] == f"python3 -m venv {venv}"
     assert "'.[test]'" in next(s for s in steps if "pip install" in s)
-    order = [next(i for i, s in enumerate(steps) if key in s)
-             for key in ("pip install", "scripts/install-test-deps.sh", "ruff check", "bin/pytest")]
+    order = [
+        next(i for i, s in enumerate(steps) if key in s)
+        for key in ("pip install", "scripts/install-test-deps.sh", "ruff check", "bin/pytest")
+    ]
     assert order == sorted(order), steps
 
 
@@ -138,4 +177,7 @@ def test_venv_is_not_rebuilt_when_up_to_date(tmp_path: Path) -> None:
 def test_ci_runs_make_test_and_nothing_else() -> None:
     lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert lines[0] == "#!/usr/bin/env bash"
-    assert [x for x in lines[1:] if x.strip() and not x.startswith("#")] == ["set -euo pipefail", "make test"]
+    assert [x for x in lines[1:] if x.strip() and not x.startswith("#")] == [
+        "set -euo pipefail",
+        "make test",
+    ]

@@ -36,7 +36,9 @@ def test_importing_the_package_stays_light():
     """``RouterContext`` and ``MailRelayService`` are imported on first use: ``import mailrelay``
     (the CLI, a plugin's import) does not pull in every router and its libraries."""
     code = "import sys, mailrelay; print(sorted(m for m in ('mailrelay.routing', 'mailrelay.service') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert out.stdout.strip() == "[]", out.stderr
 
 
@@ -46,8 +48,13 @@ def test_examples_import_only_the_public_surface(path: Path):
     ``mailrelay.testing``, never a module that may change (``mailrelay.routing.context``)."""
     private = []
     for node in ast.walk(ast.parse(path.read_text())):
-        modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        modules = (
+            [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else []
+        )
         private += [m for m in modules if m.startswith("mailrelay.") and m != "mailrelay.testing"]
     assert private == []
 

@@ -31,7 +31,9 @@ def sinks():
 
 def send(port: int, subject: str) -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
-        client.sendmail("a@example.org", ["b@example.test"], f"Subject: {subject}\r\n\r\nhi\r\n".encode())
+        client.sendmail(
+            "a@example.org", ["b@example.test"], f"Subject: {subject}\r\n\r\nhi\r\n".encode()
+        )
 
 
 def rewrite(relay: RelayProcess, sink_port: int, route_extra: str = "") -> None:
@@ -49,7 +51,9 @@ def hup_and_wait(relay: RelayProcess, text: str) -> None:
 
     deadline = time.monotonic() + 20
     while relay.log_text().count(text) <= before:
-        assert time.monotonic() < deadline, f"{text!r} not logged after SIGHUP:\n{relay.log_text()[-2000:]}"
+        assert time.monotonic() < deadline, (
+            f"{text!r} not logged after SIGHUP:\n{relay.log_text()[-2000:]}"
+        )
         time.sleep(0.05)
 
 
@@ -105,8 +109,11 @@ def test_sighup_switches_the_route_keeps_open_sessions_and_refuses_a_broken_file
 
 
 def _config(tmp_path, text: str) -> config.Config:
-    return config.loads(f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
-                        f'[spool]\npath = "{tmp_path}/spool"\n{text}', "test.toml")
+    return config.loads(
+        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+        f'[spool]\npath = "{tmp_path}/spool"\n{text}',
+        "test.toml",
+    )
 
 
 def test_reconfigure_swaps_the_router_and_policy_in_process(tmp_path):
@@ -114,7 +121,9 @@ def test_reconfigure_swaps_the_router_and_policy_in_process(tmp_path):
     old_router, old_policy = relay.router, relay.policy
     new = config.loads(
         f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = ["example.test"]\n'
-        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601), "test.toml")
+        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601),
+        "test.toml",
+    )
     d = relay.reconfigure(new)
     assert d.called and d.result == []
     assert relay.router is not old_router and relay.manager.router is relay.router
@@ -130,7 +139,9 @@ def test_reconfigure_with_an_unloadable_certificate_changes_nothing(tmp_path):
     bad = config.loads(
         f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
         f'tls_certificate = "{missing}"\ntls_key = "{missing}"\n'
-        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601), "test.toml")
+        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601),
+        "test.toml",
+    )
     d = relay.reconfigure(bad)
     assert d.called
     failure = d.result
@@ -147,7 +158,9 @@ def test_a_new_hostname_waits_for_the_restart_everywhere_while_the_rest_is_appli
     relay = MailRelayService(_config(tmp_path, route_to(2600)), reactor=clock)
     new = config.loads(
         f'[server]\nhostname = "new.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = ["example.test"]\n'
-        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601), "test.toml")
+        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601),
+        "test.toml",
+    )
     d = relay.reconfigure(new)
     assert d.result == ["server.hostname"]
     assert relay.config.server.local_domains == ("example.test",)  # applied
@@ -169,20 +182,30 @@ def test_a_reload_whose_password_file_does_not_read_changes_nothing(tmp_path):
     old = (relay.router, relay.policy, relay.config, relay.factory.settings, relay.factory.checker)
     bad = config.loads(
         f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = ["example.test"]\n'
-        f'auth_password_file = "{tmp_path}/missing"\n[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601),
-        "test.toml")
+        f'auth_password_file = "{tmp_path}/missing"\n[spool]\npath = "{tmp_path}/spool"\n'
+        + route_to(2601),
+        "test.toml",
+    )
     d = relay.reconfigure(bad)
     failure = d.result
     d.addErrback(lambda f: None)
     assert "test.toml: server.auth_password_file:" in str(failure.value)
-    assert (relay.router, relay.policy, relay.config, relay.factory.settings, relay.factory.checker) == old
+    assert (
+        relay.router,
+        relay.policy,
+        relay.config,
+        relay.factory.settings,
+        relay.factory.checker,
+    ) == old
 
 
 def test_needs_restart_names_what_a_reload_cannot_apply(tmp_path):
     old = _config(tmp_path, route_to(2600))
     new = config.loads(
         f'[server]\nhostname = "r.test"\nlisten = ["tcp:2525:interface=127.0.0.1"]\n'
-        f'[spool]\npath = "{tmp_path}/other"\n[metrics]\nlisten = "tcp:9125"\n' + route_to(2601), "t.toml")
+        f'[spool]\npath = "{tmp_path}/other"\n[metrics]\nlisten = "tcp:9125"\n' + route_to(2601),
+        "t.toml",
+    )
     assert needs_restart(old, new) == ["server.listen", "spool", "metrics.listen"]
     assert needs_restart(old, old) == []
 
@@ -234,8 +257,10 @@ def test_sighup_reloads_relay_domains_and_the_tls_certificate(tmp_path, smtp_sin
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_bytes(cert_a.read_bytes())
     key.write_bytes(key_a.read_bytes())
-    server = (f'[server]\ntrusted_networks = []\ntls_certificate = "{cert}"\ntls_key = "{key}"\n'
-              'local_domains = ["example.test"]\n')
+    server = (
+        f'[server]\ntrusted_networks = []\ntls_certificate = "{cert}"\ntls_key = "{key}"\n'
+        'local_domains = ["example.test"]\n'
+    )
     metrics_port = free_port()
     metrics = f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n'
     relay = RelayProcess(server + metrics + route_to(smtp_sink.port)).start()
@@ -248,8 +273,11 @@ def test_sighup_reloads_relay_domains_and_the_tls_certificate(tmp_path, smtp_sin
 
         cert.write_bytes(cert_b.read_bytes())
         key.write_bytes(key_b.read_bytes())
-        relay.config.write_text(relay.config.read_text().replace(
-            'local_domains = ["example.test"]', 'local_domains = ["example.test", "other.test"]'))
+        relay.config.write_text(
+            relay.config.read_text().replace(
+                'local_domains = ["example.test"]', 'local_domains = ["example.test", "other.test"]'
+            )
+        )
         hup_and_wait(relay, "reloaded ")
 
         after, after_cmd, cn = _tls_session(relay.port)
@@ -266,9 +294,14 @@ def test_sighup_reloads_relay_domains_and_the_tls_certificate(tmp_path, smtp_sin
         from tests.test_metrics import scrape, value
 
         samples = scrape(metrics_port)
-        assert value(samples, "mailrelay_tls_handshakes_total", direction="inbound", version="TLSv1.3") == 2
+        assert (
+            value(samples, "mailrelay_tls_handshakes_total", direction="inbound", version="TLSv1.3")
+            == 2
+        )
         assert value(samples, "mailrelay_config_reloads_total", result="applied") == 1
-        assert value(samples, "mailrelay_smtp_rejections_total", command="RCPT", status="5.7.1") == 1
+        assert (
+            value(samples, "mailrelay_smtp_rejections_total", command="RCPT", status="5.7.1") == 1
+        )
         assert relay.stop() == 0, relay.log_text()[-3000:]
     finally:
         relay.cleanup()
@@ -284,7 +317,9 @@ def test_a_reload_that_adds_our_first_domain_starts_verifying_its_recipients(tmp
     relay = MailRelayService(_config(tmp_path, route_to(2600, domains='["other.test"]')))
     ours = config.loads(
         f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = ["example.test"]\n'
-        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2600, domains='["other.test"]'), "test.toml")
+        f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2600, domains='["other.test"]'),
+        "test.toml",
+    )
     assert relay.reconfigure(ours).called
     reply = result_of(relay.policy.rcpt(session, "a@example.org", "nosuch@example.test", {}))
     assert reply is not None and (reply.code, reply.enhanced) == (550, "5.1.1")

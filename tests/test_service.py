@@ -15,8 +15,9 @@ from mailrelay.service import MailRelayService
 pytestmark = pytest.mark.integration
 
 
-def relay_config(tmp_path, sink_port: int, *, server: str = "", domain: str = "*",
-                 source: str = "embedded.toml") -> config.Config:
+def relay_config(
+    tmp_path, sink_port: int, *, server: str = "", domain: str = "*", source: str = "embedded.toml"
+) -> config.Config:
     """One listener on a free port, one static route for ``domain``; ``server``: more [server] keys."""
     return config.loads(
         f"""
@@ -25,7 +26,7 @@ hostname = "embedded.mailrelay.test"
 listen = ["tcp:0:interface=127.0.0.1"]
 {server}
 [spool]
-path = "{tmp_path / 'spool'}"
+path = "{tmp_path / "spool"}"
 [[routes]]
 type = "static"
 domains = ["{domain}"]
@@ -49,7 +50,9 @@ def test_embedded_service_relays_and_stops_cleanly(tmp_path, smtp_sink):
 
         def send() -> None:
             with smtplib.SMTP("127.0.0.1", port) as client:
-                client.sendmail("a@example.org", ["b@example.test"], b"Subject: embedded\r\n\r\nhi\r\n")
+                client.sendmail(
+                    "a@example.org", ["b@example.test"], b"Subject: embedded\r\n\r\nhi\r\n"
+                )
 
         yield threads.deferToThread(send)
         yield threads.deferToThread(smtp_sink.wait_for, 1, 20)
@@ -76,30 +79,46 @@ def test_unknown_router_type_is_a_config_error(tmp_path):
     assert "routes[0].type" in str(e.value) and "nosuch" in str(e.value)
 
 
-def test_the_service_reports_what_the_config_names_and_every_route_at_once_before_making_the_spool(tmp_path):
+def test_the_service_reports_what_the_config_names_and_every_route_at_once_before_making_the_spool(
+    tmp_path,
+):
     """What twistd relies on to build the routes once, as the service starts (not in a check before)."""
-    cfg = config.loads(f'[server]\nlisten = ["tcpp:2525"]\n[spool]\npath = "{tmp_path}/spool"\n'
-                       '[[routes]]\ntype = "nosuch"\n[[routes]]\ntype = "static"\ndomains = ["*"]\n'
-                       'hosts = ["127.0.0.1:99999"]\n', "bad.toml")
+    cfg = config.loads(
+        f'[server]\nlisten = ["tcpp:2525"]\n[spool]\npath = "{tmp_path}/spool"\n'
+        '[[routes]]\ntype = "nosuch"\n[[routes]]\ntype = "static"\ndomains = ["*"]\n'
+        'hosts = ["127.0.0.1:99999"]\n',
+        "bad.toml",
+    )
     with pytest.raises(ConfigError) as e:
         MailRelayService(cfg)
     assert [line.split(": ")[1] for line in str(e.value).splitlines()] == [
-        "server.listen[0]", "routes[0].type", "routes[1].hosts[0]"]
+        "server.listen[0]",
+        "routes[0].type",
+        "routes[1].hosts[0]",
+    ]
     assert not (tmp_path / "spool").exists()
 
 
 def verifying_config(tmp_path, verify: str) -> config.Config:
     """example.test is ours, but the only route is for another domain: its users are unknown."""
-    return relay_config(tmp_path, 9, server=f'local_domains = ["example.test"]\n{verify}', domain="other.test",
-                        source="verify.toml")
+    return relay_config(
+        tmp_path,
+        9,
+        server=f'local_domains = ["example.test"]\n{verify}',
+        domain="other.test",
+        source="verify.toml",
+    )
 
 
 @pytest_twisted.inlineCallbacks
-@pytest.mark.parametrize(("setting", "expected"), [
-    ("", (550, b"5.1.1")),  # the default: routed at RCPT, no route is no such user
-    ("verify_recipients = true", (550, b"5.1.1")),
-    ("verify_recipients = false", (250, b"2.1.5")),  # accepted; the queue bounces it later
-])
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("", (550, b"5.1.1")),  # the default: routed at RCPT, no route is no such user
+        ("verify_recipients = true", (550, b"5.1.1")),
+        ("verify_recipients = false", (250, b"2.1.5")),  # accepted; the queue bounces it later
+    ],
+)
 def test_recipient_verification_at_rcpt_follows_the_config(tmp_path, setting, expected):
     relay = MailRelayService(verifying_config(tmp_path, setting))
     relay.startService()
@@ -127,8 +146,10 @@ def test_verify_recipients_must_be_a_boolean(tmp_path):
 
 @pytest_twisted.inlineCallbacks
 def test_binarymime_offered_while_every_route_carries_it_and_a_reload_follows(tmp_path):
-    carried = config.loads(f'[spool]\npath = "{tmp_path / "spool"}"\n[[routes]]\ntype = "static"\n'
-                           'domains = ["*"]\nhosts = ["127.0.0.1:9"]\nbinarymime = true\n')
+    carried = config.loads(
+        f'[spool]\npath = "{tmp_path / "spool"}"\n[[routes]]\ntype = "static"\n'
+        'domains = ["*"]\nhosts = ["127.0.0.1:9"]\nbinarymime = true\n'
+    )
     relay = MailRelayService(carried)
     assert relay.factory.settings.binarymime
     yield relay.reconfigure(relay_config(tmp_path, 9))  # a route that does not say so
@@ -140,5 +161,7 @@ def test_our_deliverer_lets_the_server_refuse_at_data_what_no_hop_can_carry(tmp_
 
     relay = MailRelayService(relay_config(tmp_path, 9))
     policies = relay.policy.policies  # type: ignore[attr-defined]
-    assert any(isinstance(p, OnwardCapabilities) and p.capabilities is relay.deliverer.capabilities
-               for p in policies)
+    assert any(
+        isinstance(p, OnwardCapabilities) and p.capabilities is relay.deliverer.capabilities
+        for p in policies
+    )

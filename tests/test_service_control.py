@@ -20,8 +20,12 @@ MAILRELAY = str(Path(sys.executable).parent / "mailrelay")
 
 
 def queue(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MAILRELAY, "queue", *args, "--config", str(relay.config)],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [MAILRELAY, "queue", *args, "--config", str(relay.config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_queue_cli_talks_to_a_running_twistd_relay():

@@ -50,7 +50,9 @@ def test_a_message_in_flight_at_sigterm_is_accepted_and_delivered_and_the_relay_
             assert c.cmd("MAIL FROM:<a@example.org>").startswith(b"250")
             assert c.cmd("RCPT TO:<b@example.test>").startswith(b"250")
             assert c.cmd("DATA").startswith(b"354")
-            c.send(b"Subject: in flight at SIGTERM\r\nMessage-ID: <inflight@relay.test>\r\n\r\nfirst half\r\n")
+            c.send(
+                b"Subject: in flight at SIGTERM\r\nMessage-ID: <inflight@relay.test>\r\n\r\nfirst half\r\n"
+            )
             sigterm(relay)
             relay.wait_log("waiting for 1 sessions to finish")
             assert refused(relay.port), "still listening after SIGTERM"
@@ -70,7 +72,9 @@ def test_a_message_in_flight_at_sigterm_is_accepted_and_delivered_and_the_relay_
         if not delivered_before_exit:  # stopped before its first attempt: spooled for the next run
             relay.start()
             sink.wait_for(1, 20)
-        print(f"\nmessage in flight at SIGTERM delivered {'before exit' if delivered_before_exit else 'after restart'}")
+        print(
+            f"\nmessage in flight at SIGTERM delivered {'before exit' if delivered_before_exit else 'after restart'}"
+        )
         body = sink.messages()[0]
         assert b"first half\nsecond half\n" in body.replace(b"\r\n", b"\n")
     finally:
@@ -133,10 +137,19 @@ def test_a_message_caught_by_the_stop_before_its_delivery_stays_due_at_once():
     answer: defer.Deferred = defer.Deferred()
     router = FakeRouter({"*": lambda rcpt, env: answer})
     deliverer = RecordingDeliverer()
-    manager = QueueManager(store, router, deliverer, clock, QueueConfig(retry_schedule=(3600.0,)), "relay.test",
-                           jitter=lambda d: d)
+    manager = QueueManager(
+        store,
+        router,
+        deliverer,
+        clock,
+        QueueConfig(retry_schedule=(3600.0,)),
+        "relay.test",
+        jitter=lambda d: d,
+    )
     manager.start()
-    queue_id = store.inject(Envelope("a@example.org", (Recipient("b@example.test"),)), b"Subject: x\r\n\r\nx\r\n")
+    queue_id = store.inject(
+        Envelope("a@example.org", (Recipient("b@example.test"),)), b"Subject: x\r\n\r\nx\r\n"
+    )
     clock.advance(0)
     assert router.calls, "the attempt has begun: it is routing"
     stopped = manager.stop(grace=5)
@@ -145,7 +158,9 @@ def test_a_message_caught_by_the_stop_before_its_delivery_stays_due_at_once():
     clock.advance(5)
     assert stopped.called
     assert deliverer.calls == []
-    assert store.messages[queue_id].next_attempt <= stopped_at  # still due at once, not an hour later
+    assert (
+        store.messages[queue_id].next_attempt <= stopped_at
+    )  # still due at once, not an hour later
 
 
 def test_sessions_stuck_at_the_deadline_end_cleanly_with_no_critical_line(tmp_path):
@@ -163,9 +178,11 @@ def test_sessions_stuck_at_the_deadline_end_cleanly_with_no_critical_line(tmp_pa
     from tests.smtp.lifecycle_fakes import StubbornTransport
 
     clock = task.Clock()
-    cfg = config.loads(f'[server]\nhostname = "mx.example.test"\ntrusted_networks = ["192.0.2.0/24"]\n'
-                       f'listen = ["tcp:0:interface=127.0.0.1"]\nshutdown_timeout = "30s"\n'
-                       f'[spool]\npath = "{tmp_path / "spool"}"\n')
+    cfg = config.loads(
+        f'[server]\nhostname = "mx.example.test"\ntrusted_networks = ["192.0.2.0/24"]\n'
+        f'listen = ["tcp:0:interface=127.0.0.1"]\nshutdown_timeout = "30s"\n'
+        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+    )
     relay = MailRelayService(cfg, reactor=clock)
     factory = relay.factory
     factory.tls_options = object()
@@ -178,7 +195,9 @@ def test_sessions_stuck_at_the_deadline_end_cleanly_with_no_critical_line(tmp_pa
         return c
 
     mid_data, in_tls, idle = conn("192.0.2.1"), conn("192.0.2.2"), conn("192.0.2.3")
-    mid_data.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<u@elsewhere.example>\r\nDATA\r\nSubject: half\r\n")
+    mid_data.send(
+        "MAIL FROM:<a@example.org>\r\nRCPT TO:<u@elsewhere.example>\r\nDATA\r\nSubject: half\r\n"
+    )
     assert mid_data.codes() == [250, 250, 354]
     in_tls.send("STARTTLS\r\n")  # and then not a byte of the handshake
     critical: list[dict] = []

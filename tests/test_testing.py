@@ -46,7 +46,9 @@ def test_memory_store_full_fails_commit_with_452():
 
 
 def test_recording_deliverer_scripts():
-    d = RecordingDeliverer([Reply(451, "4.4.1", "later"), {"b@example.test": Reply(550, "5.1.1", "no")}, None])
+    d = RecordingDeliverer(
+        [Reply(451, "4.4.1", "later"), {"b@example.test": Reply(550, "5.1.1", "no")}, None]
+    )
     assert verifyObject(IDeliverer, d)
     route = route_to("127.0.0.1", 2526)
     body = lambda: __import__("io").BytesIO(b"body")  # noqa: E731
@@ -62,12 +64,14 @@ def test_recording_deliverer_scripts():
 
 
 def test_fake_router_lookup_order():
-    r = FakeRouter({
-        "special@example.test": route_to("10.0.0.1"),
-        "example.test": route_to("10.0.0.2"),
-        "bad.test": PermanentFailure(Reply(550, "5.1.2", "no")),
-        "*": None,
-    })
+    r = FakeRouter(
+        {
+            "special@example.test": route_to("10.0.0.1"),
+            "example.test": route_to("10.0.0.2"),
+            "bad.test": PermanentFailure(Reply(550, "5.1.2", "no")),
+            "*": None,
+        }
+    )
     assert verifyObject(IRouter, r)
     assert r.route("Special@example.test", ENV).hops[0].host == "10.0.0.1"
     assert r.route("x@example.test", ENV).hops[0].host == "10.0.0.2"
@@ -85,4 +89,7 @@ def test_fake_router_does_not_fold_look_alikes() -> None:
     from mailrelay.testing import FakeRouter
 
     router = FakeRouter({"k@example.test": None, "*": "fallback"})
-    assert router.route("\u212a@example.test", Envelope("", (Recipient("x@example.test"),))) == "fallback"
+    assert (
+        router.route("\u212a@example.test", Envelope("", (Recipient("x@example.test"),)))
+        == "fallback"
+    )

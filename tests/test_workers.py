@@ -40,9 +40,26 @@ def worker_pids(relay: RelayProcess) -> dict[int, int]:
 
 
 def smtp_source(port: int, sessions: int, n: int) -> None:
-    subprocess.run([require("smtp-source"), "-s", str(sessions), "-m", str(n), "-l", "300", "-N",
-                    "-f", "s@example.org", "-t", "r@example.test", f"127.0.0.1:{port}"],
-                   check=True, timeout=60, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            require("smtp-source"),
+            "-s",
+            str(sessions),
+            "-m",
+            str(n),
+            "-l",
+            "300",
+            "-N",
+            "-f",
+            "s@example.org",
+            "-t",
+            "r@example.test",
+            f"127.0.0.1:{port}",
+        ],
+        check=True,
+        timeout=60,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def received_ids(sink: SMTPSink) -> list[str]:
@@ -55,8 +72,12 @@ def received_ids(sink: SMTPSink) -> list[str]:
 
 
 def cli(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mailrelay.cli", "queue", *args, "--config", str(relay.config)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "mailrelay.cli", "queue", *args, "--config", str(relay.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def queued_ids(relay: RelayProcess) -> list[str]:
@@ -76,8 +97,13 @@ def alive(pid: int) -> bool:
 def test_both_workers_accept_and_every_message_arrives_once(smtp_sink):
     sink = smtp_sink
     metrics_port = free_port()
-    relay = RelayProcess(route_to(sink.port, extra=f'[server]\nworkers = 2\n[metrics]\nlisten = '
-                                  f'"tcp:{metrics_port}:interface=127.0.0.1"\n'))
+    relay = RelayProcess(
+        route_to(
+            sink.port,
+            extra=f"[server]\nworkers = 2\n[metrics]\nlisten = "
+            f'"tcp:{metrics_port}:interface=127.0.0.1"\n',
+        )
+    )
     try:
         start_workers(relay)
         sent = 0
@@ -90,9 +116,17 @@ def test_both_workers_accept_and_every_message_arrives_once(smtp_sink):
         ids = received_ids(sink)
         assert len(ids) == sent and len(set(ids)) == sent  # each once
         assert {shard_of(i) for i in ids} == {0, 1}
-        page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        figures = dict(line.rsplit(" ", 1) for line in page.splitlines() if line and not line.startswith("#"))
-        assert float(figures["mailrelay_messages_accepted_total"]) == sent  # both workers' counts, added up
+        page = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+        figures = dict(
+            line.rsplit(" ", 1) for line in page.splitlines() if line and not line.startswith("#")
+        )
+        assert (
+            float(figures["mailrelay_messages_accepted_total"]) == sent
+        )  # both workers' counts, added up
         assert float(figures["mailrelay_workers_running"]) == 2
         assert float(figures["mailrelay_workers_scraped"]) == 2
         assert relay.stop() == 0
@@ -102,7 +136,9 @@ def test_both_workers_accept_and_every_message_arrives_once(smtp_sink):
 
 def test_a_worker_killed_under_load_is_restarted_and_every_acknowledged_message_arrives(smtp_sink):
     sink = smtp_sink
-    relay = RelayProcess(route_to(sink.port, extra='[server]\nworkers = 2\n[queue]\nretry_schedule = ["1s"]\n'))
+    relay = RelayProcess(
+        route_to(sink.port, extra='[server]\nworkers = 2\n[queue]\nretry_schedule = ["1s"]\n')
+    )
     acked: list[str] = []
     senders = [Sender(relay.port, f"s{i}", acked, per_session=3, pause=0.02) for i in range(4)]
     try:
@@ -147,7 +183,9 @@ def test_sighup_reaches_every_worker_and_sigterm_stops_them_all(smtp_sink):
         start_workers(relay)
         pids = worker_pids(relay)
         assert relay.proc is not None
-        relay.config.write_text(relay.config.read_text().replace('type = "static"', 'type = "static"\n# edited'))
+        relay.config.write_text(
+            relay.config.read_text().replace('type = "static"', 'type = "static"\n# edited')
+        )
         os.kill(relay.proc.pid, signal.SIGHUP)
         relay.wait_log("[worker 0] reloaded")
         relay.wait_log("[worker 1] reloaded")
@@ -163,7 +201,9 @@ def test_sighup_reaches_every_worker_and_sigterm_stops_them_all(smtp_sink):
 
 def test_the_cli_sees_every_shard_and_fewer_workers_take_over_the_mail_of_the_rest():
     down = free_port()  # the next hop is down: the mail stays queued
-    relay = RelayProcess(route_to(down, extra='[server]\nworkers = 2\n[queue]\nretry_schedule = ["1h"]\n'))
+    relay = RelayProcess(
+        route_to(down, extra='[server]\nworkers = 2\n[queue]\nretry_schedule = ["1h"]\n')
+    )
     sink = SMTPSink(port=down)
     try:
         start_workers(relay)
@@ -212,16 +252,21 @@ def test_an_implicit_tls_listener_is_shared_by_the_workers(smtp_sink, tmp_path):
     tls_port = free_port()
     relay = RelayProcess(route_to(smtp_sink.port, extra="[server]\nworkers = 2\n"))
     text = relay.config.read_text()
-    relay.config.write_text(text.replace(
-        f'listen = ["tcp:{relay.port}:interface=127.0.0.1"]',
-        f'listen = ["tcp:{relay.port}:interface=127.0.0.1", '
-        f'"ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]'))
+    relay.config.write_text(
+        text.replace(
+            f'listen = ["tcp:{relay.port}:interface=127.0.0.1"]',
+            f'listen = ["tcp:{relay.port}:interface=127.0.0.1", '
+            f'"ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]',
+        )
+    )
     try:
         start_workers(relay)
         ctx = ssl.create_default_context(cafile=str(ca))
         for i in range(6):
             with smtplib.SMTP_SSL("127.0.0.1", tls_port, context=ctx, timeout=10) as c:
-                c.sendmail("s@example.org", ["r@example.test"], f"Subject: tls {i}\r\n\r\nhi\r\n".encode())
+                c.sendmail(
+                    "s@example.org", ["r@example.test"], f"Subject: tls {i}\r\n\r\nhi\r\n".encode()
+                )
         raws = smtp_sink.wait_for(6)
         assert all(b"(using TLSv1." in raw and b"with ESMTPS id" in raw for raw in raws)
     finally:
@@ -250,15 +295,22 @@ def test_a_listener_the_supervisor_cannot_bind_stops_it_with_a_clear_error(smtp_
         s.bind(("127.0.0.1", 0))
         s.listen(1)
     metrics_port = metrics.getsockname()[1]
-    relay = RelayProcess(route_to(smtp_sink.port, extra="[server]\nworkers = 2\n")
-                         + f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n', port=taken.getsockname()[1])
+    relay = RelayProcess(
+        route_to(smtp_sink.port, extra="[server]\nworkers = 2\n")
+        + f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n',
+        port=taken.getsockname()[1],
+    )
     try:
         relay.start()  # "listening": the port is, by our socket
         assert relay.proc is not None and relay.proc.wait(timeout=20) != 0
-        assert f"server.listen[0]: 'tcp:{relay.port}:interface=127.0.0.1': cannot listen: Address already in use" \
+        assert (
+            f"server.listen[0]: 'tcp:{relay.port}:interface=127.0.0.1': cannot listen: Address already in use"
             in relay.log_text()
-        assert f"metrics.listen: 'tcp:{metrics_port}:interface=127.0.0.1': cannot listen: Address already in use" \
+        )
+        assert (
+            f"metrics.listen: 'tcp:{metrics_port}:interface=127.0.0.1': cannot listen: Address already in use"
             in relay.log_text()
+        )
         assert "worker 0 started" not in relay.log_text()
     finally:
         taken.close()

@@ -81,9 +81,15 @@ def test_a_shard_is_locked_by_one_process_at_a_time(tmp_path):
     path = str(tmp_path / "w1")
     lock = ShardLock(path).acquire()
     other = subprocess.run(
-        [sys.executable, "-c", "import sys; from mailrelay.workers.shards import ShardLock, ShardBusy\n"
-         f"try: ShardLock({path!r}).acquire()\nexcept ShardBusy as e: print(e); sys.exit(3)"],
-        capture_output=True, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mailrelay.workers.shards import ShardLock, ShardBusy\n"
+            f"try: ShardLock({path!r}).acquire()\nexcept ShardBusy as e: print(e); sys.exit(3)",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert other.returncode == 3, other.stderr
     assert "in use by another mailrelay process" in other.stdout
     lock.release()
@@ -119,7 +125,9 @@ def test_a_drain_interrupted_after_linking_completes_without_a_second_copy(tmp_p
     for name in os.listdir(src):  # what a crash right after the links leaves: both shards hold it
         os.link(os.path.join(src, name), os.path.join(dst, name))
     with_state = next(q for q, f in msgs.items() if len(f) == 2)
-    os.unlink(os.path.join(src, with_state))  # ... and one marker already unlinked, its state not yet
+    os.unlink(
+        os.path.join(src, with_state)
+    )  # ... and one marker already unlinked, its state not yet
     assert drain(spool, 1) == 2
     assert queued(spool) == files(msgs)
     assert not os.path.exists(shard_path(spool, 1))
@@ -129,7 +137,9 @@ def test_a_drain_interrupted_midway_replaces_the_torn_copy(tmp_path):
     spool = str(tmp_path / "spool")
     msgs = commit(shard_path(spool, 1), 2, 1)
     os.makedirs(os.path.join(spool, "queue"), exist_ok=True)
-    for qid in msgs:  # a state file without its message in the target, whether the source has one or not
+    for (
+        qid
+    ) in msgs:  # a state file without its message in the target, whether the source has one or not
         with open(os.path.join(spool, "queue", qid + ".env"), "wb") as f:
             f.write(b"torn")
     assert drain(spool, 1) == 2
@@ -141,8 +151,15 @@ def test_a_shard_run_by_another_process_is_not_drained(tmp_path):
     msgs = commit(shard_path(spool, 1), 1, 1)
     held = ShardLock(shard_path(spool, 1)).acquire()
     try:
-        proc = subprocess.run([sys.executable, "-c", f"from mailrelay.workers.shards import drain; "
-                               f"print(drain({spool!r}, 1))"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from mailrelay.workers.shards import drain; print(drain({spool!r}, 1))",
+            ],
+            capture_output=True,
+            text=True,
+        )
     finally:
         held.release()
     assert proc.stdout.strip() == "0", proc.stderr

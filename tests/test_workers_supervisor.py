@@ -35,14 +35,21 @@ class FakeProcess:
 
 class Harness:
     def __init__(self, tmp_path: Any, workers: int = 2, metrics: bool = False) -> None:
-        text = (f'[server]\nworkers = {workers}\nlisten = ["tcp:0:interface=127.0.0.1"]\nshutdown_timeout = "5s"\n'
-                f'[spool]\npath = "{tmp_path}/spool"\n')
+        text = (
+            f'[server]\nworkers = {workers}\nlisten = ["tcp:0:interface=127.0.0.1"]\nshutdown_timeout = "5s"\n'
+            f'[spool]\npath = "{tmp_path}/spool"\n'
+        )
         self.cfg = config.loads(text, "test.toml")
         self.clock = task.Clock()
         self.spawned: list[tuple[Any, FakeProcess]] = []
         self.events: list[dict[str, Any]] = []
-        self.sup = Supervisor(self.cfg, str(tmp_path / "test.toml"), self.clock, spawn=self.spawn,
-                              publish=self.events.append)
+        self.sup = Supervisor(
+            self.cfg,
+            str(tmp_path / "test.toml"),
+            self.clock,
+            spawn=self.spawn,
+            publish=self.events.append,
+        )
 
     def spawn(self, proto: Any, worker: Any) -> FakeProcess:
         proc = FakeProcess(1000 + len(self.spawned))
@@ -158,15 +165,25 @@ def test_a_pending_restart_is_cancelled_by_stopping(h):
 
 
 def test_worker_log_lines_become_events_marked_with_the_worker(h):
-    event = {"log_format": "{queue_id}: delivered to {rcpt}", "queue_id": "01ABC", "rcpt": "r@example.test",
-             "log_level": LogLevel.warn, "log_namespace": "mailrelay.queue", "log_time": 1234.5}
+    event = {
+        "log_format": "{queue_id}: delivered to {rcpt}",
+        "queue_id": "01ABC",
+        "rcpt": "r@example.test",
+        "log_level": LogLevel.warn,
+        "log_namespace": "mailrelay.queue",
+        "log_time": 1234.5,
+    }
     line = encode_event(event)
     proto = h.spawned[1][0]
     proto.childDataReceived(1, line[:10])
     assert h.events == []  # half a line: wait for the rest
     proto.childDataReceived(1, line[10:] + b"not json\n")
     first, second = h.events
-    assert first["worker"] == 1 and first["queue_id"] == "01ABC" and first["log_level"] == LogLevel.warn
+    assert (
+        first["worker"] == 1
+        and first["queue_id"] == "01ABC"
+        and first["log_level"] == LogLevel.warn
+    )
     assert first["log_namespace"] == "mailrelay.queue" and first["log_time"] == 1234.5
     from twisted.logger import formatEvent
 
@@ -195,11 +212,21 @@ def caplog_events():
 def test_worker_events_in_the_json_log_keep_their_fields_and_the_worker():
     from mailrelay._log import event_as_json
 
-    line = encode_event({"log_format": "{queue_id}: queued", "queue_id": "01ABC", "log_level": LogLevel.info,
-                         "log_namespace": "mailrelay.smtp.session", "log_time": 0.0})
+    line = encode_event(
+        {
+            "log_format": "{queue_id}: queued",
+            "queue_id": "01ABC",
+            "log_level": LogLevel.info,
+            "log_namespace": "mailrelay.smtp.session",
+            "log_time": 0.0,
+        }
+    )
     record = json.loads(event_as_json(decode_line(line, 2)))
     assert record["worker"] == 2 and record["queue_id"] == "01ABC"
-    assert record["text"] == "[worker 2] 01ABC: queued" and record["namespace"] == "mailrelay.smtp.session"
+    assert (
+        record["text"] == "[worker 2] 01ABC: queued"
+        and record["namespace"] == "mailrelay.smtp.session"
+    )
 
 
 def test_merged_summaries_add_up_by_domain_and_age():
@@ -209,8 +236,11 @@ def test_merged_summaries_add_up_by_domain_and_age():
     now = 10_000.0
 
     def info(domain: str, age_min: float, held: bool = False) -> dict[str, Any]:
-        return {"arrival": now - age_min * 60, "held": held,
-                "recipients": [{"address": f"r@{domain}", "state": "pending"}]}
+        return {
+            "arrival": now - age_min * 60,
+            "held": held,
+            "recipients": [{"address": f"r@{domain}", "state": "pending"}],
+        }
 
     a = [info("a.test", 1), info("b.test", 30, held=True)]
     b = [info("a.test", 100), info("c.test", 1)]

@@ -22,8 +22,9 @@ def body_size(body: IO[bytes]) -> int:
         return body.seek(0, 2)
 
 
-def message_info(message: QueuedMessage, size: int | None, due: float | None = None,
-                 active: bool = False) -> dict[str, Any]:
+def message_info(
+    message: QueuedMessage, size: int | None, due: float | None = None, active: bool = False
+) -> dict[str, Any]:
     env = message.envelope
     return {
         "queue_id": message.queue_id,
@@ -47,8 +48,9 @@ def message_info(message: QueuedMessage, size: int | None, due: float | None = N
     }
 
 
-def message_detail(message: QueuedMessage, body: IO[bytes] | None, due: float | None = None,
-                   active: bool = False) -> dict[str, Any]:
+def message_detail(
+    message: QueuedMessage, body: IO[bytes] | None, due: float | None = None, active: bool = False
+) -> dict[str, Any]:
     """``message_info`` plus the whole envelope and the message's header section."""
     size = None
     headers = ""
@@ -89,4 +91,3 @@ def summary(infos: Iterable[dict[str, Any]], now: float, top: int = 50) -> dict[
         "rows": [[domain, counts] for domain, counts in ordered[:top]],
         "more_domains": max(0, len(ordered) - top),
     }
-

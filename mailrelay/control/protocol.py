@@ -22,7 +22,7 @@ class JSONValue(amp.Argument):
         value = objects.pop(name.decode())
         data = json.dumps(value, separators=(",", ":")).encode()
         for i in range(0, max(len(data), 1), _CHUNK):
-            strings[name + b".%d" % (i // _CHUNK)] = data[i:i + _CHUNK]
+            strings[name + b".%d" % (i // _CHUNK)] = data[i : i + _CHUNK]
 
     def fromBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
         parts, i = [], 0

@@ -38,7 +38,9 @@ def socket_path(spool_path: str) -> str:
 class ControlProtocol(amp.AMP):
     """Answers the commands of ``mailrelay.control.protocol`` from the manager and the store."""
 
-    def __init__(self, manager: QueueManager, store: IQueueStore, clock: Any, metrics: Any = None) -> None:
+    def __init__(
+        self, manager: QueueManager, store: IQueueStore, clock: Any, metrics: Any = None
+    ) -> None:
         super().__init__()
         self.manager = manager
         self.store = store
@@ -92,7 +94,9 @@ class ControlProtocol(amp.AMP):
                 size = info.body_size(self.store.open_body(qid))
             except (KeyError, OSError):
                 continue
-            out.append(info.message_info(message, size, scheduled.get(qid), self.manager.is_active(qid)))
+            out.append(
+                info.message_info(message, size, scheduled.get(qid), self.manager.is_active(qid))
+            )
         return {"messages": out, "more": more}
 
     @protocol.ShowMessage.responder
@@ -117,8 +121,12 @@ class ControlProtocol(amp.AMP):
             if message.held:
                 raise protocol.MessageHeld(queue_id)
         count = yield self.manager.flush(queue_id)
-        log.info("control: flush {what} ({messages})", what=queue_id or "all", count=count,
-                 messages=plural(count, "message"))
+        log.info(
+            "control: flush {what} ({messages})",
+            what=queue_id or "all",
+            count=count,
+            messages=plural(count, "message"),
+        )
         return {"count": count}
 
     @protocol.Delete.responder
@@ -163,8 +171,14 @@ class ControlServer:
     (``start`` fails instead, so two instances never share a spool unknowingly).
     """
 
-    def __init__(self, manager: QueueManager, store: IQueueStore, socket_path: str, reactor: Any = None,
-                 metrics: Any = None) -> None:
+    def __init__(
+        self,
+        manager: QueueManager,
+        store: IQueueStore,
+        socket_path: str,
+        reactor: Any = None,
+        metrics: Any = None,
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -178,7 +192,8 @@ class ControlServer:
 
     def _factory(self) -> Factory:
         return ControlFactory.forProtocol(
-            lambda: ControlProtocol(self.manager, self.store, self.reactor, self.metrics))
+            lambda: ControlProtocol(self.manager, self.store, self.reactor, self.metrics)
+        )
 
     @defer.inlineCallbacks
     def start(self):  # type: ignore[no-untyped-def]

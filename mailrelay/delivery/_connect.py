@@ -20,7 +20,9 @@ def ip_version(host: str) -> int | None:
         return None
 
 
-def endpoint_for(reactor: Any, hop: NextHop, timeout: float, source: str | None) -> IStreamClientEndpoint:
+def endpoint_for(
+    reactor: Any, hop: NextHop, timeout: float, source: str | None
+) -> IStreamClientEndpoint:
     """TCP4/TCP6 straight to an address literal; HostnameEndpoint (both families) for a name."""
     host = hop.host.strip("[]")
     bind = (source, 0) if source else None

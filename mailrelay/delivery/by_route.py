@@ -30,11 +30,17 @@ class ByRouteDeliverer:
         self.maildir = maildir
         self.capabilities: HopCapabilities | None = getattr(network, "capabilities", None)
 
-    def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
-                open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[tuple[Reply, str | None]]]:
+    def deliver(
+        self,
+        envelope: Envelope,
+        recipients: Sequence[Recipient],
+        route: Route,
+        open_body: Callable[[], IO[bytes]],
+    ) -> defer.Deferred[list[tuple[Reply, str | None]]]:
         deliverer = self.maildir if route.maildir is not None else self.network
-        answers: defer.Deferred[list[tuple[Reply, str | None]]] = deliverer.deliver(envelope, recipients, route,
-                                                                                    open_body)
+        answers: defer.Deferred[list[tuple[Reply, str | None]]] = deliverer.deliver(
+            envelope, recipients, route, open_body
+        )
         return answers
 
     def stop(self) -> defer.Deferred[None]:

@@ -59,7 +59,11 @@ class HopCapabilities:
 
     def refuses_any(self, envelope: Envelope, size: int | None) -> bool:
         """Whether some known hop would refuse this message (cheap: no routing needed to say no)."""
-        if envelope.smtputf8 and self._no_smtputf8 and not ascii_addresses(envelope.sender, envelope.recipients):
+        if (
+            envelope.smtputf8
+            and self._no_smtputf8
+            and not ascii_addresses(envelope.sender, envelope.recipients)
+        ):
             return True
         size = size if size is not None else envelope.size
         return size is not None and bool(self._limits) and size > min(self._limits)
@@ -79,12 +83,22 @@ class HopCapabilities:
 
     @staticmethod
     def _refuses(offer: Offer, envelope: Envelope, size: int | None) -> Reply | None:
-        if envelope.smtputf8 and not offer.smtputf8 and not ascii_addresses(envelope.sender, envelope.recipients):
+        if (
+            envelope.smtputf8
+            and not offer.smtputf8
+            and not ascii_addresses(envelope.sender, envelope.recipients)
+        ):
             # (all-ASCII addresses: the header section decides, which only the delivery reads)
-            return Reply(553, "5.6.7", "the next hop does not support SMTPUTF8, which this message needs")
+            return Reply(
+                553, "5.6.7", "the next hop does not support SMTPUTF8, which this message needs"
+            )
         size = size if size is not None else envelope.size
         if size is not None and offer.size_limit is not None and size > offer.size_limit:
-            return Reply(552, "5.3.4", f"message size {size} exceeds the next hop's size limit {offer.size_limit}")
+            return Reply(
+                552,
+                "5.3.4",
+                f"message size {size} exceeds the next hop's size limit {offer.size_limit}",
+            )
         return None
 
 

@@ -43,7 +43,9 @@ def write_maildir(directory: str, name: str, data: bytes) -> str:
         os.close(fd)
     final = os.path.join(directory, "new", name)
     os.rename(tmp, final)
-    fsync_dir(os.path.join(directory, "new"))  # the rename itself is durable before we say "delivered"
+    fsync_dir(
+        os.path.join(directory, "new")
+    )  # the rename itself is durable before we say "delivered"
     return final
 
 
@@ -55,18 +57,33 @@ class MaildirDeliverer:
     as Maildir asks); ``threadpool`` ``None`` writes on the calling thread (tests).
     """
 
-    def __init__(self, reactor: Any, threadpool: Any, hostname: str,
-                 randbytes: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        threadpool: Any,
+        hostname: str,
+        randbytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
         self.reactor = reactor
         self.threadpool = threadpool
         self.hostname = hostname.replace("/", "_").replace(":", "_")
         self.randbytes = randbytes
 
-    def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
-                open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[Result]]:
+    def deliver(
+        self,
+        envelope: Envelope,
+        recipients: Sequence[Recipient],
+        route: Route,
+        open_body: Callable[[], IO[bytes]],
+    ) -> defer.Deferred[list[Result]]:
         if route.maildir is None:
-            return defer.succeed([(Reply(451, "4.3.0", "no maildir for this route"), None)] * len(recipients))
-        names = [f"{int(self.reactor.seconds())}.{self.randbytes(8).hex()}.{self.hostname}" for _ in recipients]
+            return defer.succeed(
+                [(Reply(451, "4.3.0", "no maildir for this route"), None)] * len(recipients)
+            )
+        names = [
+            f"{int(self.reactor.seconds())}.{self.randbytes(8).hex()}.{self.hostname}"
+            for _ in recipients
+        ]
         try:
             body = open_body()  # on the reactor thread: the store's own state is not thread-safe
         except (OSError, KeyError) as e:
@@ -78,20 +95,29 @@ class MaildirDeliverer:
         return threads.deferToThreadPool(self.reactor, self.threadpool, self._write_all, *args)
 
     @staticmethod
-    def _write_all(directory: str, envelope: Envelope, recipients: list[Recipient], names: list[str],
-                   body_file: IO[bytes]) -> list[Result]:
+    def _write_all(
+        directory: str,
+        envelope: Envelope,
+        recipients: list[Recipient],
+        names: list[str],
+        body_file: IO[bytes],
+    ) -> list[Result]:
         remote = f"maildir:{directory}"
         try:
             with body_file:
                 body = body_file.read()
         except OSError as e:
-            return [(Reply(451, "4.3.0", f"cannot read the queued message: {e.strerror or e}"), None)] * len(recipients)
+            return [
+                (Reply(451, "4.3.0", f"cannot read the queued message: {e.strerror or e}"), None)
+            ] * len(recipients)
         results: list[Result] = []
         for recipient, name in zip(recipients, names, strict=True):
             try:
                 path = write_maildir(directory, name, maildir_copy(envelope, recipient, body))
             except OSError as e:
-                results.append((Reply(451, "4.3.0", f"cannot write to {directory}: {e.strerror or e}"), remote))
+                results.append(
+                    (Reply(451, "4.3.0", f"cannot write to {directory}: {e.strerror or e}"), remote)
+                )
             else:
                 results.append((Reply(250, "2.0.0", f"delivered to {path}"), remote))
         return results

@@ -31,8 +31,13 @@ class Session:
 
 
 class ConnectionPool:
-    def __init__(self, clock: IReactorTime, max_messages: int = 100, max_age: float = 300.0,
-                 idle_time: float = 2.0) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_messages: int = 100,
+        max_age: float = 300.0,
+        idle_time: float = 2.0,
+    ) -> None:
         self.clock = clock
         self.max_messages, self.max_age, self.idle_time = max_messages, max_age, idle_time
         self._idle: dict[Hashable, list[Session]] = {}
@@ -53,7 +58,12 @@ class ConnectionPool:
 
     def put(self, key: Hashable, session: Session) -> None:
         """Keep a session after its transaction, or QUIT it when it is spent or we are closing."""
-        if self.closed or not session.client.usable or self._expired(session) or self.idle_time <= 0:
+        if (
+            self.closed
+            or not session.client.usable
+            or self._expired(session)
+            or self.idle_time <= 0
+        ):
             session.client.quit()
             return
         self._idle.setdefault(key, []).append(session)
@@ -75,8 +85,10 @@ class ConnectionPool:
         return defer.DeferredList([s.client.quit() for s in sessions])
 
     def _expired(self, s: Session) -> bool:
-        return (s.client.transactions >= self.max_messages
-                or self.clock.seconds() - s.created >= self.max_age)
+        return (
+            s.client.transactions >= self.max_messages
+            or self.clock.seconds() - s.created >= self.max_age
+        )
 
     def _idle_expired(self, key: Hashable, s: Session) -> None:
         s.idle_timer = None

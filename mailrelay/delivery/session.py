@@ -28,8 +28,15 @@ log = Logger()
 class HopFailure(Exception):
     """This hop cannot take the message now."""
 
-    def __init__(self, reply: Reply, remote: str | None, *, final: bool = False, soften: bool = False,
-                 retry_plaintext: bool = False) -> None:
+    def __init__(
+        self,
+        reply: Reply,
+        remote: str | None,
+        *,
+        final: bool = False,
+        soften: bool = False,
+        retry_plaintext: bool = False,
+    ) -> None:
         super().__init__(str(reply))
         self.reply, self.remote = reply, remote
         self.final = final  # no other hop either: the reply stands for every recipient
@@ -41,7 +48,9 @@ def network_reply(f: ClientFailure, remote: str) -> Reply:
     """A 4xx for a session that broke without a reply (timeout, lost connection, garbage)."""
     stage = f.stage.upper()
     if "timeout" in f.reason:
-        return Reply(451, "4.4.2", f"conversation with {remote} timed out while waiting for {stage}")
+        return Reply(
+            451, "4.4.2", f"conversation with {remote} timed out while waiting for {stage}"
+        )
     if "protocol error" in f.reason:
         return Reply(451, "4.5.0", f"{remote}: {f.reason} in reply to {stage}")
     return Reply(451, "4.4.2", f"lost connection with {remote} while waiting for {stage}")
@@ -50,8 +59,14 @@ def network_reply(f: ClientFailure, remote: str) -> Reply:
 class SessionOpener:
     """Builds set-up sessions; holds what every session shares (clock, HELO name, timeouts, TLS)."""
 
-    def __init__(self, reactor: Any, helo_name: str, timeouts: ClientTimeouts, connect_timeout: float,
-                 tls: ClientTLS) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        helo_name: str,
+        timeouts: ClientTimeouts,
+        connect_timeout: float,
+        tls: ClientTLS,
+    ) -> None:
         self.reactor, self.helo_name, self.timeouts = reactor, helo_name, timeouts
         self.connect_timeout, self.tls = connect_timeout, tls
         self.open_clients: set[SMTPClientProtocol] = set()
@@ -77,8 +92,10 @@ class SessionOpener:
         except Exception:
             f = Failure()
             where = f"{hop.host.strip('[]')}:{hop.port}"
-            raise HopFailure(Reply(451, "4.4.1", f"connect to {where} failed: {connect_error_text(f)}"),
-                             hop_label(hop)) from None
+            raise HopFailure(
+                Reply(451, "4.4.1", f"connect to {where} failed: {connect_error_text(f)}"),
+                hop_label(hop),
+            ) from None
         self.open_clients.add(client)
         client.when_closed().addBoth(lambda _: self.open_clients.discard(client))
         peer = client.transport.getPeer()  # type: ignore[union-attr]
@@ -91,23 +108,32 @@ class SessionOpener:
             raise HopFailure(f.reply or network_reply(f, remote), remote, soften=True) from None
         return client, remote
 
-    async def _starttls(self, client: SMTPClientProtocol, hop: NextHop, policy: TLSPolicy, remote: str) -> str:
+    async def _starttls(
+        self, client: SMTPClientProtocol, hop: NextHop, policy: TLSPolicy, remote: str
+    ) -> str:
         if policy is TLSPolicy.NONE:
             return ""
         required = policy in (TLSPolicy.ENCRYPT, TLSPolicy.VERIFY)
         if "STARTTLS" not in client.extensions:
             if required:
-                raise HopFailure(Reply(451, "4.7.4", f"TLS is required, but {remote} did not offer STARTTLS"),
-                                 remote)
+                raise HopFailure(
+                    Reply(451, "4.7.4", f"TLS is required, but {remote} did not offer STARTTLS"),
+                    remote,
+                )
             return ""
         hostname = (hop.name or hop.host).strip("[]").rstrip(".")
         try:
             options = self.tls.options(policy, hostname)
         except Exception as e:  # an unreadable CA bundle: our problem, not the peer's
-            raise HopFailure(Reply(451, "4.7.5", f"cannot set up TLS for {remote}: {e}"), remote) from None
+            raise HopFailure(
+                Reply(451, "4.7.5", f"cannot set up TLS for {remote}: {e}"), remote
+            ) from None
         client.set_state(ClientState.BUSY)
-        r = await client.command(b"STARTTLS\r\n", "starttls",
-                                 on_reply=lambda reply: client.start_tls(options) if reply.code == 220 else None)
+        r = await client.command(
+            b"STARTTLS\r\n",
+            "starttls",
+            on_reply=lambda reply: client.start_tls(options) if reply.code == 220 else None,
+        )
         if isinstance(r, ClientFailure):
             raise HopFailure(network_reply(r, remote), remote, retry_plaintext=not required)
         if r.code != 220:
@@ -122,17 +148,31 @@ class SessionOpener:
                 client.abort()
                 reason = f"TLS handshake with {remote} failed ({f.reason})"
                 log.info("{remote}: {reason}", remote=remote, reason=reason)
-                raise HopFailure(Reply(451, "4.7.5", reason), remote, retry_plaintext=not required) from None
+                raise HopFailure(
+                    Reply(451, "4.7.5", reason), remote, retry_plaintext=not required
+                ) from None
             raise HopFailure(f.reply, remote, soften=True) from None
         info = tls_info(client.transport)
-        log.info("{remote}: TLS established ({policy}): {info}", remote=remote, policy=policy.value, info=info)
+        log.info(
+            "{remote}: TLS established ({policy}): {info}",
+            remote=remote,
+            policy=policy.value,
+            info=info,
+        )
         return info or "TLS"
 
     async def _auth(self, client: SMTPClientProtocol, route: Route, remote: str) -> None:
         assert route.auth is not None
         if not client.tls and not route.allow_plaintext_auth:
-            raise HopFailure(Reply(451, "4.7.0", f"not sending credentials to {remote} over an unencrypted "
-                                   "connection (allow_plaintext_auth is off)"), remote)
+            raise HopFailure(
+                Reply(
+                    451,
+                    "4.7.0",
+                    f"not sending credentials to {remote} over an unencrypted "
+                    "connection (allow_plaintext_auth is off)",
+                ),
+                remote,
+            )
         mechanisms = _ascii.split(_ascii.upper(client.extensions.get("AUTH", "")))
         user, password = route.auth
         client.set_state(ClientState.BUSY)
@@ -146,8 +186,10 @@ class SessionOpener:
                     break
                 r = await client.command(base64.b64encode(secret.encode()) + b"\r\n", "auth")
         else:
-            raise HopFailure(Reply(451, "4.7.0", f"{remote} offers no AUTH mechanism we use (PLAIN, LOGIN)"),
-                             remote)
+            raise HopFailure(
+                Reply(451, "4.7.0", f"{remote} offers no AUTH mechanism we use (PLAIN, LOGIN)"),
+                remote,
+            )
         if isinstance(r, ClientFailure):
             raise HopFailure(network_reply(r, remote), remote)
         if not 200 <= r.code < 300:  # 235 per RFC 4954; smtp-sink and some others say 250

@@ -94,14 +94,22 @@ class SMTPDeliverer:
 
     observer: IRelayObserver = NULL_OBSERVER
 
-    def __init__(self, reactor: Any, config: DeliveryConfig, helo_name: str, *,
-                 tls_ca_file: str | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: DeliveryConfig,
+        helo_name: str,
+        *,
+        tls_ca_file: str | None = None,
+    ) -> None:
         self.reactor = reactor
         self.config = config
         self.helo_name = helo_name
         self.timeouts = timeouts_from(config)
         self.tls = ClientTLS(tls_ca_file or config.tls_ca_file)
-        self.opener = SessionOpener(reactor, helo_name, self.timeouts, config.connect_timeout, self.tls)
+        self.opener = SessionOpener(
+            reactor, helo_name, self.timeouts, config.connect_timeout, self.tls
+        )
         self.pool = ConnectionPool(
             reactor,
             max_messages=config.connection_reuse_limit,
@@ -112,9 +120,16 @@ class SMTPDeliverer:
         # what each hop offered: lets the server refuse at DATA what no hop of a route can take
         self.capabilities = HopCapabilities()
 
-    def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], route: Route,
-                open_body: Callable[[], IO[bytes]]) -> defer.Deferred[list[Result]]:
-        d = defer.Deferred.fromCoroutine(self._deliver(envelope, list(recipients), route, open_body))
+    def deliver(
+        self,
+        envelope: Envelope,
+        recipients: Sequence[Recipient],
+        route: Route,
+        open_body: Callable[[], IO[bytes]],
+    ) -> defer.Deferred[list[Result]]:
+        d = defer.Deferred.fromCoroutine(
+            self._deliver(envelope, list(recipients), route, open_body)
+        )
         return d.addErrback(self._never_fail, len(recipients))
 
     def stop(self) -> defer.Deferred[None]:
@@ -127,8 +142,13 @@ class SMTPDeliverer:
         reply = Reply(451, "4.3.0", f"local error in delivery: {failure.getErrorMessage()}")
         return [(reply, None)] * n
 
-    async def _deliver(self, envelope: Envelope, recipients: list[Recipient], route: Route,
-                       open_body: Callable[[], IO[bytes]]) -> list[Result]:
+    async def _deliver(
+        self,
+        envelope: Envelope,
+        recipients: list[Recipient],
+        route: Route,
+        open_body: Callable[[], IO[bytes]],
+    ) -> list[Result]:
         if not recipients:
             return []
         if not route.hops:
@@ -151,8 +171,16 @@ class SMTPDeliverer:
 
     def _key(self, hop: NextHop, route: Route) -> Hashable:
         # what the session was set up with; the hop's preference does not matter
-        return (hop.host, hop.port, hop.name, route.tls, route.auth, route.source, route.allow_plaintext_auth,
-                route.lmtp)
+        return (
+            hop.host,
+            hop.port,
+            hop.name,
+            route.tls,
+            route.auth,
+            route.source,
+            route.allow_plaintext_auth,
+            route.lmtp,
+        )
 
     async def _session(self, hop: NextHop, route: Route) -> tuple[Session, bool]:
         """A cached session (``True``) or a new one; ``may`` retries a failed TLS in plaintext."""
@@ -173,8 +201,14 @@ class SMTPDeliverer:
         self.capabilities.saw(hop, session.client.extensions, session.client.size_limit)
         return session
 
-    async def _via(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient], route: Route,
-                   open_body: Callable[[], IO[bytes]]) -> list[Result]:
+    async def _via(
+        self,
+        hop: NextHop,
+        envelope: Envelope,
+        recipients: list[Recipient],
+        route: Route,
+        open_body: Callable[[], IO[bytes]],
+    ) -> list[Result]:
         session, reused = await self._session(hop, route)
         try:
             body = open_body()
@@ -185,7 +219,9 @@ class SMTPDeliverer:
             size = _body_size(body)
             self._check_peer(session, envelope, size, recipients, body)
             try:
-                replies = await session.client.send(envelope, recipients, body, size=size, reset=reused)
+                replies = await session.client.send(
+                    envelope, recipients, body, size=size, reset=reused
+                )
             except ClientFailure as f:
                 if reused and f.stage in ("rset", "mail") and f.reply is None:
                     # the cached connection died while idle: nothing was said, start afresh
@@ -207,24 +243,54 @@ class SMTPDeliverer:
         # A hop that offers DSN got each recipient's NOTIFY: it reports from here on (noted for
         # the queue, which then sends no "relayed" report of its own).
         dsn = "DSN" in session.client.extensions
-        return [(r, session.remote, True) if dsn and rcpt.notify and r.is_success else (r, session.remote)
-                for r, rcpt in zip(replies, recipients, strict=False)]
+        return [
+            (r, session.remote, True)
+            if dsn and rcpt.notify and r.is_success
+            else (r, session.remote)
+            for r, rcpt in zip(replies, recipients, strict=False)
+        ]
 
-    def _check_peer(self, session: Session, envelope: Envelope, size: int | None, recipients: list[Recipient],
-                    body: IO[bytes]) -> None:
+    def _check_peer(
+        self,
+        session: Session,
+        envelope: Envelope,
+        size: int | None,
+        recipients: list[Recipient],
+        body: IO[bytes],
+    ) -> None:
         client, remote = session.client, session.remote
         limit = client.size_limit
         if size is not None and limit is not None and size > limit:
-            raise HopFailure(Reply(552, "5.3.4", f"message size {size} exceeds the size limit {limit} of {remote}"),
-                             remote, final=True)
-        if envelope.smtputf8 and "SMTPUTF8" not in client.extensions and _needs_smtputf8(envelope, recipients, body):
-            raise HopFailure(Reply(553, "5.6.7", f"{remote} does not support SMTPUTF8, which this message needs"),
-                             remote)
-        if envelope.body == "BINARYMIME" and (client.lmtp or not {"CHUNKING", "BINARYMIME"} <= client.extensions.keys()):
+            raise HopFailure(
+                Reply(
+                    552, "5.3.4", f"message size {size} exceeds the size limit {limit} of {remote}"
+                ),
+                remote,
+                final=True,
+            )
+        if (
+            envelope.smtputf8
+            and "SMTPUTF8" not in client.extensions
+            and _needs_smtputf8(envelope, recipients, body)
+        ):
+            raise HopFailure(
+                Reply(
+                    553, "5.6.7", f"{remote} does not support SMTPUTF8, which this message needs"
+                ),
+                remote,
+            )
+        if envelope.body == "BINARYMIME" and (
+            client.lmtp or not {"CHUNKING", "BINARYMIME"} <= client.extensions.keys()
+        ):
             # (our LMTP client sends DATA only, which would dot-stuff and mangle binary text)
-            raise HopFailure(Reply(554, "5.6.3", f"{remote} cannot take a BINARYMIME message"), remote)
+            raise HopFailure(
+                Reply(554, "5.6.3", f"{remote} cannot take a BINARYMIME message"), remote
+            )
         if envelope.body == "8BITMIME" and "8BITMIME" not in client.extensions:
-            log.info("{remote} does not offer 8BITMIME; sending the 8-bit message as it is", remote=remote)
+            log.info(
+                "{remote} does not offer 8BITMIME; sending the 8-bit message as it is",
+                remote=remote,
+            )
 
     def _release(self, hop: NextHop, route: Route, session: Session) -> None:
         if self.stopped:
@@ -232,11 +298,17 @@ class SMTPDeliverer:
         else:
             self.pool.put(self._key(hop, route), session)
 
-    def _transaction_failed(self, f: ClientFailure, session: Session, hop: NextHop, route: Route,
-                            n: int) -> list[Result]:
+    def _transaction_failed(
+        self, f: ClientFailure, session: Session, hop: NextHop, route: Route, n: int
+    ) -> list[Result]:
         remote = session.remote
         if f.stage in ("mail", "rset"):
-            if f.reply is not None and f.reply.is_permanent and f.stage == "mail" and f.reply.code != 521:
+            if (
+                f.reply is not None
+                and f.reply.is_permanent
+                and f.stage == "mail"
+                and f.reply.code != 521
+            ):
                 self._release(hop, route, session)
                 return [(f.reply, remote)] * n
             if f.reply is not None:
@@ -249,4 +321,7 @@ class SMTPDeliverer:
         # An accepted RCPT is no delivery: retried, unless the success is final (an LMTP reply
         # after the dot: sending it again would deliver it twice).
         known = f.replies + [None] * (n - len(f.replies))
-        return [((r if r is not None and (f.final or not r.is_success) else temp), remote) for r in known]
+        return [
+            ((r if r is not None and (f.final or not r.is_success) else temp), remote)
+            for r in known
+        ]

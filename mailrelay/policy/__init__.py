@@ -32,7 +32,9 @@ class Policy:
     def helo(self, session: Any, name: str) -> Reply | None | Deferred[Reply | None]:
         return None
 
-    def mail(self, session: Any, sender: str, params: Mapping[str, str | None]) -> Reply | None | Deferred[Reply | None]:
+    def mail(
+        self, session: Any, sender: str, params: Mapping[str, str | None]
+    ) -> Reply | None | Deferred[Reply | None]:
         return None
 
     def rcpt(
@@ -43,7 +45,9 @@ class Policy:
     def data(self, session: Any, envelope: Envelope) -> Reply | None | Deferred[Reply | None]:
         return None
 
-    def end_of_data(self, session: Any, envelope: Envelope, size: int) -> Reply | None | Deferred[Reply | None]:
+    def end_of_data(
+        self, session: Any, envelope: Envelope, size: int
+    ) -> Reply | None | Deferred[Reply | None]:
         return None
 
 
@@ -62,8 +66,11 @@ class PolicyChain:
         for stage in _STAGES:
             if not all(hasattr(p, stage) for p in self.policies):
                 continue  # a partial policy object: the stage fails when asked, as it would anyway
-            checks = tuple(getattr(p, stage) for p in self.policies
-                           if getattr(type(p), stage, None) is not getattr(Policy, stage))
+            checks = tuple(
+                getattr(p, stage)
+                for p in self.policies
+                if getattr(type(p), stage, None) is not getattr(Policy, stage)
+            )
             self._stages[stage] = checks
             if len(checks) <= 1:
                 setattr(self, stage, checks[0] if checks else _no_objection)
@@ -99,7 +106,9 @@ class PolicyChain:
     def helo(self, session: Any, name: str) -> Reply | None | Deferred[Reply | None]:
         return self._run("helo", (session, name))
 
-    def mail(self, session: Any, sender: str, params: Mapping[str, str | None]) -> Reply | None | Deferred[Reply | None]:
+    def mail(
+        self, session: Any, sender: str, params: Mapping[str, str | None]
+    ) -> Reply | None | Deferred[Reply | None]:
         return self._run("mail", (session, sender, params))
 
     def rcpt(
@@ -110,7 +119,9 @@ class PolicyChain:
     def data(self, session: Any, envelope: Envelope) -> Reply | None | Deferred[Reply | None]:
         return self._run("data", (session, envelope))
 
-    def end_of_data(self, session: Any, envelope: Envelope, size: int) -> Reply | None | Deferred[Reply | None]:
+    def end_of_data(
+        self, session: Any, envelope: Envelope, size: int
+    ) -> Reply | None | Deferred[Reply | None]:
         return self._run("end_of_data", (session, envelope, size))
 
 

@@ -19,7 +19,9 @@ class RateCounter:
     dropped as new keys arrive (at most ``max_keys`` kept).
     """
 
-    def __init__(self, clock: IReactorTime, limit: int, window: float, max_keys: int = 100_000) -> None:
+    def __init__(
+        self, clock: IReactorTime, limit: int, window: float, max_keys: int = 100_000
+    ) -> None:
         self.clock = clock
         self.limit = limit
         self.window = window

@@ -26,8 +26,13 @@ from mailrelay.policy import Policy
 class OnwardCapabilities(Policy):
     """At DATA (declared SMTPUTF8 and SIZE) and at the end of data (the real size)."""
 
-    def __init__(self, router: IRouter, capabilities: HopCapabilities, clock: IReactorTime,
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        router: IRouter,
+        capabilities: HopCapabilities,
+        clock: IReactorTime,
+        timeout: float = 30.0,
+    ) -> None:
         self.router = router
         self.capabilities = capabilities
         self.clock = clock
@@ -36,21 +41,33 @@ class OnwardCapabilities(Policy):
     def data(self, session: Any, envelope: Envelope) -> defer.Deferred[Reply | None] | None:
         return self._check(session, envelope, None)
 
-    def end_of_data(self, session: Any, envelope: Envelope, size: int) -> defer.Deferred[Reply | None] | None:
+    def end_of_data(
+        self, session: Any, envelope: Envelope, size: int
+    ) -> defer.Deferred[Reply | None] | None:
         return self._check(session, envelope, size)
 
-    def _check(self, session: Any, envelope: Envelope, size: int | None) -> defer.Deferred[Reply | None] | None:
+    def _check(
+        self, session: Any, envelope: Envelope, size: int | None
+    ) -> defer.Deferred[Reply | None] | None:
         if session.trusted or session.auth or not self.capabilities.refuses_any(envelope, size):
             return None  # the common case: no known hop would refuse it, no routing needed
         checks = [self._one(r.address, envelope, size) for r in envelope.recipients]
-        return defer.gatherResults(checks).addCallback(lambda replies: next((r for r in replies if r), None))
+        return defer.gatherResults(checks).addCallback(
+            lambda replies: next((r for r in replies if r), None)
+        )
 
-    def _one(self, recipient: str, envelope: Envelope, size: int | None) -> defer.Deferred[Reply | None]:
+    def _one(
+        self, recipient: str, envelope: Envelope, size: int | None
+    ) -> defer.Deferred[Reply | None]:
         d = defer.maybeDeferred(self.router.route, recipient, envelope)
         d.addTimeout(self.timeout, self.clock)
 
         def routed(route: Route | None) -> Reply | None:
             reply = self.capabilities.refusal(envelope, route, size) if route is not None else None
-            return None if reply is None else Reply(reply.code, reply.enhanced, f"<{recipient}>: {reply.text}")
+            return (
+                None
+                if reply is None
+                else Reply(reply.code, reply.enhanced, f"<{recipient}>: {reply.text}")
+            )
 
         return d.addCallbacks(routed, lambda _: None)

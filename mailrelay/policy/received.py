@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 # UTF-8 headers (RFC 6532) allow the rest, but not the characters that read as a line break or a
 # space somewhere (U+0085 is in the C1 range, U+2028/U+2029 are Unicode's line and paragraph breaks)
-_UNSAFE_UTF8 = re.compile(r"[\x00-\x20\x7f-\xa0()\\\u1680\u2000-\u200b\u2028-\u202f\u205f\u3000\ufeff]")
+_UNSAFE_UTF8 = re.compile(
+    r"[\x00-\x20\x7f-\xa0()\\\u1680\u2000-\u200b\u2028-\u202f\u205f\u3000\ufeff]"
+)
 
 
 @functools.lru_cache(maxsize=1024)  # the same HELO names and recipients come again and again

@@ -36,15 +36,18 @@ class RecipientVerification(Policy):
     ``timeout`` seconds of ``clock`` → 451 4.4.3. A route or ``None`` is no objection.
     """
 
-    def __init__(self, router: IRouter, domains: Iterable[str], clock: IReactorTime,
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self, router: IRouter, domains: Iterable[str], clock: IReactorTime, timeout: float = 30.0
+    ) -> None:
         self.router = router
         self.domains = tuple(canonical_pattern(d) for d in domains)
         self.clock = clock
         self.timeout = timeout
 
     @classmethod
-    def from_config(cls, server: ServerConfig, router: IRouter, clock: IReactorTime) -> RecipientVerification:
+    def from_config(
+        cls, server: ServerConfig, router: IRouter, clock: IReactorTime
+    ) -> RecipientVerification:
         """Verification of the server's ``local_domains`` and ``relay_domains``."""
         return cls(router, (*server.local_domains, *server.relay_domains), clock)
 
@@ -57,13 +60,18 @@ class RecipientVerification(Policy):
             return False
         return any(domain_matches(domain, pattern) for pattern in self.domains)
 
-    def rcpt(self, session: Any, sender: str, recipient: str,
-             params: Mapping[str, str | None]) -> defer.Deferred[Reply | None] | None:
+    def rcpt(
+        self, session: Any, sender: str, recipient: str, params: Mapping[str, str | None]
+    ) -> defer.Deferred[Reply | None] | None:
         if not self.applies_to(recipient):
             return None
-        envelope = Envelope(sender, (Recipient(recipient),), helo=getattr(session, "helo", None) or "",
-                            client_address=getattr(session, "client_address", ""),
-                            auth=getattr(session, "auth", None))
+        envelope = Envelope(
+            sender,
+            (Recipient(recipient),),
+            helo=getattr(session, "helo", None) or "",
+            client_address=getattr(session, "client_address", ""),
+            auth=getattr(session, "auth", None),
+        )
         d = defer.maybeDeferred(self.router.route, recipient, envelope)
         d.addTimeout(self.timeout, self.clock)
         d.addCallbacks(lambda _: None, self._refusal, errbackArgs=(recipient,))
@@ -71,7 +79,11 @@ class RecipientVerification(Policy):
 
     def _refusal(self, failure: Failure, recipient: str) -> Reply:
         if failure.check(PermanentFailure):
-            return Reply(550, "5.1.1", f"<{recipient}>: Recipient address rejected: {failure.value.reply.text}")
+            return Reply(
+                550,
+                "5.1.1",
+                f"<{recipient}>: Recipient address rejected: {failure.value.reply.text}",
+            )
         if failure.check(TemporaryFailure):
             text = failure.value.reply.text
         elif failure.check(defer.TimeoutError, defer.CancelledError):
@@ -79,4 +91,8 @@ class RecipientVerification(Policy):
         else:
             log.failure("routing {recipient} at RCPT failed", failure, recipient=recipient)
             text = "routing failed"
-        return Reply(451, "4.4.3", f"<{recipient}>: Recipient address not verified now: {text}; try again later")
+        return Reply(
+            451,
+            "4.4.3",
+            f"<{recipient}>: Recipient address not verified now: {text}; try again later",
+        )

@@ -101,26 +101,34 @@ _SUBJECTS = {
 
 _INTRO = {
     Action.FAILED: "I'm sorry to have to inform you that your message could not\n"
-                   "be delivered to one or more recipients. The reasons are below.",
+    "be delivered to one or more recipients. The reasons are below.",
     Action.DELAYED: "This is a warning only: your message could not yet be delivered to\n"
-                    "one or more recipients. Delivery will be retried until {until};\n"
-                    "you do not need to send it again.",
+    "one or more recipients. Delivery will be retried until {until};\n"
+    "you do not need to send it again.",
     Action.RELAYED: "Your message was successfully relayed to the recipients below.\n"
-                    "(The next system may or may not send a further report on final delivery.)",
+    "(The next system may or may not send a further report on final delivery.)",
     Action.DELIVERED: "Your message was successfully delivered to the recipients below.\n"
-                      "You will receive no further notification about it.",
+    "You will receive no further notification about it.",
 }
 
 
-def _human(message: QueuedMessage, statuses: Sequence[RecipientStatus], action: Action, hostname: str,
-           until: float | None) -> str:
+def _human(
+    message: QueuedMessage,
+    statuses: Sequence[RecipientStatus],
+    action: Action,
+    hostname: str,
+    until: float | None,
+) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
     lines.append(_INTRO[action].format(until=_date(until) if until else "it expires"))
     lines.append("")
     for s in statuses:
         reply = s.last_reply
-        why = f": host {s.remote} said: {_clean(str(reply))}" if s.remote and reply else (
-            f": {_clean(str(reply))}" if reply else "")
+        why = (
+            f": host {s.remote} said: {_clean(str(reply))}"
+            if s.remote and reply
+            else (f": {_clean(str(reply))}" if reply else "")
+        )
         if action is Action.FAILED and reply is not None and not reply.is_permanent:
             why = f": delivery time expired; last error{why}"
         lines.append(f"<{s.recipient.address}>{why}")
@@ -128,8 +136,14 @@ def _human(message: QueuedMessage, statuses: Sequence[RecipientStatus], action: 
     return "\r\n".join(line.replace("\n", "\r\n") for line in lines)
 
 
-def _status_part(message: QueuedMessage, statuses: Sequence[RecipientStatus], action: Action, hostname: str,
-                 until: float | None, now: float) -> str:
+def _status_part(
+    message: QueuedMessage,
+    statuses: Sequence[RecipientStatus],
+    action: Action,
+    hostname: str,
+    until: float | None,
+    now: float,
+) -> str:
     env = message.envelope
     head = [f"Reporting-MTA: dns; {hostname}", f"X-Mailrelay-Queue-ID: {message.queue_id}"]
     if env.envid:
@@ -158,8 +172,13 @@ def _status_part(message: QueuedMessage, statuses: Sequence[RecipientStatus], ac
     return "\r\n\r\n".join(blocks) + "\r\n"
 
 
-def _original(body: IO[bytes] | None, ret: str | None, limit: int, binary: bool = False,
-              international: bool = False) -> tuple[str, bytes]:
+def _original(
+    body: IO[bytes] | None,
+    ret: str | None,
+    limit: int,
+    binary: bool = False,
+    international: bool = False,
+) -> tuple[str, bytes]:
     """The content type and bytes of the returned original: whole if RET allows, it is small and
     not BINARYMIME (binary content cannot travel inside a report); else its headers. An
     ``international`` (SMTPUTF8) original may have UTF-8 headers: message/global(-headers),
@@ -176,7 +195,9 @@ def _original(body: IO[bytes] | None, ret: str | None, limit: int, binary: bool 
 
 #: The parts whose 8-bit text may be sent base64-encoded (RFC 6532 3.7, RFC 6533 5); never
 #: message/rfc822 (RFC 2046 5.2.1).
-_ENCODABLE = frozenset({"message/global", "message/global-headers", "message/global-delivery-status"})
+_ENCODABLE = frozenset(
+    {"message/global", "message/global-headers", "message/global-delivery-status"}
+)
 
 
 def _encoding(kind: str, data: bytes, smtputf8: bool) -> tuple[str, bytes]:
@@ -240,11 +261,15 @@ def build_report(
     smtputf8 = not to.isascii()  # as report_envelope marks it
     human = _human(message, statuses, action, hostname, until)
     status = _status_part(message, statuses, action, hostname, until, now).encode()
-    status_kind = "message/delivery-status" if status.isascii() else "message/global-delivery-status"
+    status_kind = (
+        "message/delivery-status" if status.isascii() else "message/global-delivery-status"
+    )
     status_cte, status = _encoding(status_kind, status, smtputf8)
     kind, original = _original(body, env.ret, limit, env.body == "BINARYMIME", env.smtputf8)
     original_cte, original = _encoding(kind, original, smtputf8)
-    boundary = _boundary(f"{message.queue_id}.{int(now)}/{hostname}", human.encode() + status + original)
+    boundary = _boundary(
+        f"{message.queue_id}.{int(now)}/{hostname}", human.encode() + status + original
+    )
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{to}>",
@@ -264,13 +289,9 @@ def build_report(
         f"--{boundary}\r\n"
         "Content-Description: Notification\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
-        "\r\n"
-        + human
-        + f"\r\n--{boundary}\r\n"
+        "\r\n" + human + f"\r\n--{boundary}\r\n"
         "Content-Description: Delivery report\r\n"
-        f"Content-Type: {status_kind}\r\n"
-        + status_cte
-        + "\r\n"
+        f"Content-Type: {status_kind}\r\n" + status_cte + "\r\n"
     ).encode() + status
     if kind:
         whole = kind in ("message/rfc822", "message/global")
@@ -284,4 +305,3 @@ def build_report(
         if original and not original.endswith(b"\r\n"):
             yield b"\r\n"
     yield f"\r\n--{boundary}--\r\n".encode()
-

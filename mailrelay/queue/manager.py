@@ -60,7 +60,9 @@ def shutdown_reply() -> Reply:
     return Reply(451, "4.3.2", "delivery interrupted by shutdown")
 
 
-def record(status: RecipientStatus, reply: Reply, remote: str | None, success: str = "relayed") -> RecipientStatus:
+def record(
+    status: RecipientStatus, reply: Reply, remote: str | None, success: str = "relayed"
+) -> RecipientStatus:
     """A recipient's status after one answer: 2xx delivered, 5xx failed, anything else still pending.
 
     ``success``: who reports a delivery to a sender that asked (see ``RecipientStatus.success``)."""
@@ -70,8 +72,14 @@ def record(status: RecipientStatus, reply: Reply, remote: str | None, success: s
         state = RecipientState.FAILED
     else:
         state = RecipientState.PENDING
-    return attrs.evolve(status, state=state, attempts=status.attempts + 1, last_reply=reply, remote=remote,
-                        success=success if reply.is_success else "")
+    return attrs.evolve(
+        status,
+        state=state,
+        attempts=status.attempts + 1,
+        last_reply=reply,
+        remote=remote,
+        success=success if reply.is_success else "",
+    )
 
 
 def success_notice(route: Route, note: tuple[Any, ...]) -> str:
@@ -88,7 +96,9 @@ def rewritten(recipient: Recipient, route: Route) -> Recipient:
     """The recipient as the next hop must see it, keeping the original as ORCPT (RFC 3461)."""
     if not route.recipient or route.recipient == recipient.address:
         return recipient
-    return attrs.evolve(recipient, address=route.recipient, orcpt=recipient.orcpt or f"rfc822;{recipient.address}")
+    return attrs.evolve(
+        recipient, address=route.recipient, orcpt=recipient.orcpt or f"rfc822;{recipient.address}"
+    )
 
 
 @attrs.define
@@ -129,20 +139,26 @@ class QueueManager:
         self.clock = reactor
         self._config = config
         self.hostname = hostname
-        self.jitter = jitter if jitter is not None else schedule.proportional_jitter(_random.Random().random)
+        self.jitter = (
+            jitter if jitter is not None else schedule.proportional_jitter(_random.Random().random)
+        )
         self.max_active = max_active or max(2 * config.max_deliveries, 50)
         self.slots = DeliverySlots(config.max_deliveries, config.max_per_destination)
         # trusted_client: whether a client address is in the trusted networks (see Notifier)
         self.notifier = Notifier(store, reactor, config, hostname, trusted_client)
         self._heap: list[tuple[float, int, str]] = []
-        self._due: dict[str, float] = {}  # the live entry of each scheduled id (heap entries may be stale)
+        self._due: dict[
+            str, float
+        ] = {}  # the live entry of each scheduled id (heap entries may be stale)
         self._seq = 0
         self._timer: Any = None
         self._soon: Any = None  # a _fire at the next turn, for what is due now
         self._ready: deque[str] = deque()
         self._active: dict[str, defer.Deferred[None]] = {}
         self._again: set[str] = set()  # asked for while active: attempt again right after
-        self._flushed: set[str] = set()  # flushed while active: made due again before the next claim
+        self._flushed: set[str] = (
+            set()
+        )  # flushed while active: made due again before the next claim
         # Messages that found their destination's line full, woken a few at a time as it moves
         # (an ordered set per destination).
         self._blocked: dict[Hashable, dict[str, None]] = {}
@@ -181,7 +197,12 @@ class QueueManager:
         found = 0
         for queue_id, next_attempt, held in entries:
             found += 1
-            if self._running and not held and queue_id not in self._active and queue_id not in self._due:
+            if (
+                self._running
+                and not held
+                and queue_id not in self._active
+                and queue_id not in self._due
+            ):
                 self._schedule(queue_id, next_attempt)
         log.info("queue: recovered {messages}", count=found, messages=plural(found, "message"))
         return found
@@ -363,7 +384,11 @@ class QueueManager:
             if qid in self._active:
                 self._again.add(qid)
                 continue
-            d = self._leased_attempt(qid) if ILeasingStore.providedBy(self.store) else self._attempt(qid)
+            d = (
+                self._leased_attempt(qid)
+                if ILeasingStore.providedBy(self.store)
+                else self._attempt(qid)
+            )
             d.addErrback(self._attempt_failed, qid)
             if d.called:  # finished at once (an in-memory store and deliverer): no recursion
                 self._ended(qid, pump=False)
@@ -377,12 +402,19 @@ class QueueManager:
         A store that says it is unavailable for now (``TemporaryFailure``: a database outage) is
         one warning line, not a traceback per message."""
         if isinstance(failure.value, TemporaryFailure):
-            log.warn("queue: attempt on {queue_id} failed ({reply}); will retry", queue_id=queue_id,
-                     reply=failure.value.reply)
+            log.warn(
+                "queue: attempt on {queue_id} failed ({reply}); will retry",
+                queue_id=queue_id,
+                reply=failure.value.reply,
+            )
         else:
-            log.failure("queue: attempt on {queue_id} failed; will retry", failure, queue_id=queue_id)
+            log.failure(
+                "queue: attempt on {queue_id} failed; will retry", failure, queue_id=queue_id
+            )
         if self._running:
-            self._schedule(queue_id, self.clock.seconds() + schedule.retry_delay(self.config.retry_schedule, 1))
+            self._schedule(
+                queue_id, self.clock.seconds() + schedule.retry_delay(self.config.retry_schedule, 1)
+            )
 
     def _ended(self, queue_id: str, pump: bool = True) -> None:
         self._active.pop(queue_id, None)
@@ -414,7 +446,8 @@ class QueueManager:
             if not ok:
                 return None  # another node has it, or it is not due; the store wakes us if orphaned
             return self._attempt(queue_id).addBoth(
-                lambda result: store.release(queue_id).addCallback(lambda _: result))
+                lambda result: store.release(queue_id).addCallback(lambda _: result)
+            )
 
         if queue_id in self._flushed:  # the attempt running at the flush saved a later due time
             self._flushed.discard(queue_id)
@@ -453,18 +486,27 @@ class QueueManager:
         answers = [_now(d) for d in routing]
         if _LATER in answers:
             return defer.gatherResults(routing).addCallback(
-                lambda answers: self._routed(message, statuses, pending, answers, started))
+                lambda answers: self._routed(message, statuses, pending, answers, started)
+            )
         return self._routed(message, statuses, pending, answers, started)
 
-    def _routed(self, message: QueuedMessage, statuses: list[RecipientStatus], pending: list[int],
-                answers: list[tuple[Route | None, Reply | None]], started: float) -> defer.Deferred[None]:
+    def _routed(
+        self,
+        message: QueuedMessage,
+        statuses: list[RecipientStatus],
+        pending: list[int],
+        answers: list[tuple[Route | None, Reply | None]],
+        started: float,
+    ) -> defer.Deferred[None]:
         groups: dict[Hashable, _Group] = {}
         for i, (route, reply) in zip(pending, answers, strict=True):
             if route is None:
                 assert reply is not None
                 statuses[i] = record(statuses[i], reply, None)
                 self._log(message, statuses[i], started)
-                self.observer.recipient_unrouted(message.envelope, statuses[i].recipient.address, reply)
+                self.observer.recipient_unrouted(
+                    message.envelope, statuses[i].recipient.address, reply
+                )
             else:
                 group = groups.setdefault(route.destination, _Group(route))
                 group.indexes.append(i)
@@ -482,12 +524,23 @@ class QueueManager:
             return self._recorded([], message, statuses, pending, blocked, unrouted, started)
         if len(runs) > 1 and ILeasingStore.providedBy(self.store):
             runs = self._saving_as_they_end(message, list(statuses), runs)
-        delivering = defer.gatherResults(runs) if len(runs) > 1 else runs[0].addCallback(lambda r: [r])
-        return delivering.addCallback(self._recorded, message, statuses, pending, blocked, unrouted, started)
+        delivering = (
+            defer.gatherResults(runs) if len(runs) > 1 else runs[0].addCallback(lambda r: [r])
+        )
+        return delivering.addCallback(
+            self._recorded, message, statuses, pending, blocked, unrouted, started
+        )
 
-    def _recorded(self, results: list[Any], message: QueuedMessage, statuses: list[RecipientStatus],
-                  pending: list[int], blocked: list[Hashable], unrouted: bool,
-                  started: float) -> defer.Deferred[None]:
+    def _recorded(
+        self,
+        results: list[Any],
+        message: QueuedMessage,
+        statuses: list[RecipientStatus],
+        pending: list[int],
+        blocked: list[Hashable],
+        unrouted: bool,
+        started: float,
+    ) -> defer.Deferred[None]:
         attempted = unrouted or any(r is not None for r in results)
         for group_result in results:
             for i, reply, remote, success in group_result or ():
@@ -502,16 +555,25 @@ class QueueManager:
             return settling.addCallback(self._settled, loaded, blocked, attempted)
         return self._settled(settled, loaded, blocked, attempted)
 
-    def _settled(self, message: QueuedMessage, loaded: QueuedMessage, blocked: list[Hashable],
-                 attempted: bool) -> defer.Deferred[None]:
+    def _settled(
+        self,
+        message: QueuedMessage,
+        loaded: QueuedMessage,
+        blocked: list[Hashable],
+        attempted: bool,
+    ) -> defer.Deferred[None]:
         # unchanged: not attempted, nothing expired or warned (settle returned what it was given),
         # and the store still says all there is, due now (not after a flush)
         unchanged = message is loaded and loaded.next_attempt <= self.clock.seconds()
         saving = self._after_attempt(message, blocked, attempted, unchanged=unchanged)
         return saving.addCallback(_nothing) if saving is not None else defer.succeed(None)
 
-    def _saving_as_they_end(self, message: QueuedMessage, statuses: list[RecipientStatus],
-                            runs: list[defer.Deferred[Any]]) -> list[defer.Deferred[Any]]:
+    def _saving_as_they_end(
+        self,
+        message: QueuedMessage,
+        statuses: list[RecipientStatus],
+        runs: list[defer.Deferred[Any]],
+    ) -> list[defer.Deferred[Any]]:
         """A store shared with other nodes: save each destination's outcomes as soon as they are
         known (one save at a time), so a node taking over after a crash does not send again to
         recipients already delivered. Each run's result passes on unchanged, after its save."""
@@ -524,16 +586,24 @@ class QueueManager:
                 statuses[i] = record(statuses[i], reply, remote, success)
 
             def failed(f: Failure) -> None:
-                log.warn("queue: interim save of {queue_id} failed: {error}", queue_id=message.queue_id,
-                         error=f.value)
+                log.warn(
+                    "queue: interim save of {queue_id} failed: {error}",
+                    queue_id=message.queue_id,
+                    error=f.value,
+                )
 
             d = lock.run(self.store.save, attrs.evolve(message, statuses=tuple(statuses)))
             return d.addErrback(failed).addCallback(lambda _: result)
 
         return [run.addCallback(save) for run in runs]
 
-    def _after_attempt(self, message: QueuedMessage, blocked: list[Hashable], attempted: bool,
-                       unchanged: bool = False) -> defer.Deferred[Any] | None:
+    def _after_attempt(
+        self,
+        message: QueuedMessage,
+        blocked: list[Hashable],
+        attempted: bool,
+        unchanged: bool = False,
+    ) -> defer.Deferred[Any] | None:
         """Remove a message that is done; else save when it is due again and schedule it.
 
         A message that only waited for a busy destination and is ``unchanged`` since its load (and
@@ -555,11 +625,15 @@ class QueueManager:
             # change), so this is just a fallback, the schedule's longest interval: at its first
             # one, every message queued behind a slow destination would be loaded and routed
             # again each time. Other nodes read the due time of a shared store: the first there.
-            at = now + schedule.retry_delay(self.config.retry_schedule,
-                                            1 if shared else len(self.config.retry_schedule), self.jitter)
+            at = now + schedule.retry_delay(
+                self.config.retry_schedule,
+                1 if shared else len(self.config.retry_schedule),
+                self.jitter,
+            )
         else:
-            at = schedule.next_attempt_at(message, self.config.retry_schedule, self.config.max_lifetime,
-                                          now, self.jitter)
+            at = schedule.next_attempt_at(
+                message, self.config.retry_schedule, self.config.max_lifetime, now, self.jitter
+            )
         if unchanged and not shared:
             self._wait_for(qid, at, blocked)
             return None
@@ -577,7 +651,9 @@ class QueueManager:
         if not self._stopping:
             self._schedule(queue_id, at)
 
-    def _route(self, address: str, envelope: Envelope) -> defer.Deferred[tuple[Route | None, Reply | None]]:
+    def _route(
+        self, address: str, envelope: Envelope
+    ) -> defer.Deferred[tuple[Route | None, Reply | None]]:
         """Route one recipient; never fails: ``(route, None)`` or ``(None, reply to record)``."""
         try:
             answer = self.router.route(address, envelope)
@@ -608,11 +684,18 @@ class QueueManager:
         try:
             if self._stopping:
                 return None
-            recipients = [rewritten(message.statuses[i].recipient, route)
-                          for i, route in zip(group.indexes, group.routes, strict=True)]
+            recipients = [
+                rewritten(message.statuses[i].recipient, route)
+                for i, route in zip(group.indexes, group.routes, strict=True)
+            ]
             qid = message.queue_id
-            d = defer.maybeDeferred(self.deliverer.deliver, message.envelope, recipients, group.route,
-                                    lambda: self.store.open_body(qid))
+            d = defer.maybeDeferred(
+                self.deliverer.deliver,
+                message.envelope,
+                recipients,
+                group.route,
+                lambda: self.store.open_body(qid),
+            )
             self._deliveries.add(d)
             try:
                 answers = yield d
@@ -624,10 +707,18 @@ class QueueManager:
             finally:
                 self._deliveries.discard(d)
             if len(answers) != len(recipients):
-                log.error("queue: deliverer gave {n} answers for {m} recipients", n=len(answers), m=len(recipients))
+                log.error(
+                    "queue: deliverer gave {n} answers for {m} recipients",
+                    n=len(answers),
+                    m=len(recipients),
+                )
                 answers = [(delivery_error(), None)] * len(recipients)
-            return [(i, reply, remote, success_notice(route, note))
-                    for i, route, (reply, remote, *note) in zip(group.indexes, group.routes, answers, strict=True)]
+            return [
+                (i, reply, remote, success_notice(route, note))
+                for i, route, (reply, remote, *note) in zip(
+                    group.indexes, group.routes, answers, strict=True
+                )
+            ]
         finally:
             self.slots.release(destination)
             self._wake_blocked(destination)
@@ -707,9 +798,15 @@ class QueueManager:
         log.info(
             "{log_text}",
             log_text=f"{message.queue_id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, delays={attempt:.2f},"
-                     f" dsn={dsn}, status={outcome} ({text})",
-            queue_id=message.queue_id, rcpt=rcpt, relay=relay, delay=delay, attempt=attempt, dsn=dsn,
-            status=outcome, reply=text,
+            f" dsn={dsn}, status={outcome} ({text})",
+            queue_id=message.queue_id,
+            rcpt=rcpt,
+            relay=relay,
+            delay=delay,
+            attempt=attempt,
+            dsn=dsn,
+            status=outcome,
+            reply=text,
         )
 
 

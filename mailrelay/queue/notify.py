@@ -31,8 +31,14 @@ class Notifier:
     report to an untrusted sender returns only the original's header (as RET=HDRS).
     """
 
-    def __init__(self, store: IQueueStore, clock: Any, config: QueueConfig, hostname: str,
-                 trusted_client: Callable[[str], bool] = lambda address: False) -> None:
+    def __init__(
+        self,
+        store: IQueueStore,
+        clock: Any,
+        config: QueueConfig,
+        hostname: str,
+        trusted_client: Callable[[str], bool] = lambda address: False,
+    ) -> None:
         self.store = store
         self.clock = clock
         self.config = config
@@ -44,19 +50,27 @@ class Notifier:
         judged now: authenticated, from a trusted network, or not from the network at all."""
         if envelope.trusted is not None:
             return envelope.trusted
-        return (envelope.auth is not None or not envelope.client_address
-                or self.trusted_client(envelope.client_address))
+        return (
+            envelope.auth is not None
+            or not envelope.client_address
+            or self.trusted_client(envelope.client_address)
+        )
 
     def settle(self, message: QueuedMessage, tried: list[int]) -> defer.Deferred[QueuedMessage]:
         """Expire what is too old, then report to the sender what this attempt settled (RFC 3464)."""
-        if not message.pending and all(message.statuses[i].state is RecipientState.DELIVERED
-                                       and not _ours_to_report(message.statuses[i])
-                                       for i in tried):
+        if not message.pending and all(
+            message.statuses[i].state is RecipientState.DELIVERED
+            and not _ours_to_report(message.statuses[i])
+            for i in tried
+        ):
             return defer.succeed(message)  # the common case: all relayed, nothing to report
         now = self.clock.seconds()
-        if (message.pending and all(message.statuses[i].state is RecipientState.PENDING for i in tried)
-                and not schedule.is_expired(message, self.config.max_lifetime, now)
-                and not schedule.needs_delay_warning(message, self.config.delay_warning, now)):
+        if (
+            message.pending
+            and all(message.statuses[i].state is RecipientState.PENDING for i in tried)
+            and not schedule.is_expired(message, self.config.max_lifetime, now)
+            and not schedule.needs_delay_warning(message, self.config.delay_warning, now)
+        ):
             return defer.succeed(message)  # only waited (a busy destination): nothing to report
         return self._settle(message, tried)
 
@@ -73,9 +87,12 @@ class Notifier:
                 if s.state is RecipientState.PENDING:
                     statuses[i] = attrs.evolve(s, state=RecipientState.FAILED)
                     failed.append(statuses[i])
-                    log.info("{queue_id}: to=<{rcpt}>, status=expired, returned to sender ({reply})",
-                             queue_id=message.queue_id, rcpt=s.recipient.address,
-                             reply=str(s.last_reply) if s.last_reply else "never attempted")
+                    log.info(
+                        "{queue_id}: to=<{rcpt}>, status=expired, returned to sender ({reply})",
+                        queue_id=message.queue_id,
+                        rcpt=s.recipient.address,
+                        reply=str(s.last_reply) if s.last_reply else "never attempted",
+                    )
             message = attrs.evolve(message, statuses=tuple(statuses))
         if failed:
             yield self.report(message, failed, Action.FAILED)
@@ -83,15 +100,26 @@ class Notifier:
             yield self.report(message, relayed, Action.RELAYED)
         if delivered:
             yield self.report(message, delivered, Action.DELIVERED)
-        if message.pending and schedule.needs_delay_warning(message, self.config.delay_warning, now):
-            yield self.report(message, list(message.pending), Action.DELAYED,
-                               until=schedule.expires_at(message, self.config.max_lifetime))
+        if message.pending and schedule.needs_delay_warning(
+            message, self.config.delay_warning, now
+        ):
+            yield self.report(
+                message,
+                list(message.pending),
+                Action.DELAYED,
+                until=schedule.expires_at(message, self.config.max_lifetime),
+            )
             message = attrs.evolve(message, warned=True)
         return message
 
     @defer.inlineCallbacks
-    def report(self, message: QueuedMessage, statuses: list[RecipientStatus], action: Action,  # type: ignore[no-untyped-def]
-                until: float | None = None):
+    def report(
+        self,
+        message: QueuedMessage,
+        statuses: list[RecipientStatus],
+        action: Action,  # type: ignore[no-untyped-def]
+        until: float | None = None,
+    ):
         """Inject one report for ``statuses`` into the store; it is delivered like any message."""
         qid = message.queue_id
         sender = message.envelope.sender
@@ -105,20 +133,28 @@ class Notifier:
             if action is Action.FAILED and not trusted:
                 withheld = [s for s in chosen if capability_failure(s)]
                 if withheld:
-                    log.info("{queue_id}: no non-delivery notification to untrusted sender <{sender}> for"
-                             " {rcpts}: the next hop cannot take the message, which any client could cause",
-                             queue_id=qid, sender=sender,
-                             rcpts=", ".join(f"<{s.recipient.address}>" for s in withheld))
+                    log.info(
+                        "{queue_id}: no non-delivery notification to untrusted sender <{sender}> for"
+                        " {rcpts}: the next hop cannot take the message, which any client could cause",
+                        queue_id=qid,
+                        sender=sender,
+                        rcpts=", ".join(f"<{s.recipient.address}>" for s in withheld),
+                    )
                     chosen = [s for s in chosen if not capability_failure(s)]
             to = sender
         else:
             # Never a report to <>. A failed bounce (double bounce) goes to the postmaster, if any.
             chosen = statuses if action is Action.FAILED else []
             postmaster = self.config.postmaster
-            if chosen and (not postmaster or all(s.recipient.address.lower() == postmaster.lower()
-                                                 for s in chosen)):
-                log.warn("{queue_id}: undeliverable notification dropped (double bounce) for {rcpts}",
-                         queue_id=qid, rcpts=", ".join(f"<{s.recipient.address}>" for s in chosen))
+            if chosen and (
+                not postmaster
+                or all(s.recipient.address.lower() == postmaster.lower() for s in chosen)
+            ):
+                log.warn(
+                    "{queue_id}: undeliverable notification dropped (double bounce) for {rcpts}",
+                    queue_id=qid,
+                    rcpts=", ".join(f"<{s.recipient.address}>" for s in chosen),
+                )
                 return
             to = postmaster or ""
         if not chosen:
@@ -130,12 +166,22 @@ class Notifier:
             body = None
         writer = self.store.open(report_envelope(message, to, self.hostname, now))
         try:
-            for chunk in build_report(message, chosen, action, to=to, hostname=self.hostname, now=now,
-                                      body=body, until=until):
+            for chunk in build_report(
+                message,
+                chosen,
+                action,
+                to=to,
+                hostname=self.hostname,
+                now=now,
+                body=body,
+                until=until,
+            ):
                 writer.write(chunk)
         except Exception:
             writer.abort()
-            log.failure("{queue_id}: cannot build the {action} report", queue_id=qid, action=action.value)
+            log.failure(
+                "{queue_id}: cannot build the {action} report", queue_id=qid, action=action.value
+            )
             return
         finally:
             if body is not None:
@@ -143,16 +189,29 @@ class Notifier:
         try:
             report_id = yield writer.commit()
         except Exception:
-            log.failure("{queue_id}: cannot queue the {action} report", queue_id=qid, action=action.value)
+            log.failure(
+                "{queue_id}: cannot queue the {action} report", queue_id=qid, action=action.value
+            )
             return
-        kind = {Action.FAILED: "non-delivery", Action.DELAYED: "delay", Action.RELAYED: "success",
-                Action.DELIVERED: "success"}[action]
-        log.info("{queue_id}: sender {kind} notification: {report_id}", queue_id=qid, kind=kind,
-                 report_id=report_id)
+        kind = {
+            Action.FAILED: "non-delivery",
+            Action.DELAYED: "delay",
+            Action.RELAYED: "success",
+            Action.DELIVERED: "success",
+        }[action]
+        log.info(
+            "{queue_id}: sender {kind} notification: {report_id}",
+            queue_id=qid,
+            kind=kind,
+            report_id=report_id,
+        )
 
 
 def _ours_to_report(status: RecipientStatus) -> bool:
     """Delivered, asked for a success report (NOTIFY=SUCCESS), and not passed on with the
     request to a next hop that reports itself (RFC 3461 5.2.2): else the sender gets two."""
-    return (status.state is RecipientState.DELIVERED and status.success != "passed"
-            and wants(status.recipient, Action.RELAYED))
+    return (
+        status.state is RecipientState.DELIVERED
+        and status.success != "passed"
+        and wants(status.recipient, Action.RELAYED)
+    )

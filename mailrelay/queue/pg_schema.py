@@ -58,11 +58,15 @@ def upgrade_connection(conn: psycopg.Connection) -> tuple[int, int]:
     """Apply the missing migrations in one transaction on ``conn``; ``(from_version, to_version)``."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
-        conn.execute("CREATE TABLE IF NOT EXISTS mailrelay_schema_version ("
-                     " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS mailrelay_schema_version ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
         before = current_version(conn)
         if before > LATEST:
-            raise SchemaError(f"database schema version {before} is newer than this mailrelay ({LATEST})")
+            raise SchemaError(
+                f"database schema version {before} is newer than this mailrelay ({LATEST})"
+            )
         for version in range(before + 1, LATEST + 1):
             for statement in MIGRATIONS[version - 1]:
                 conn.execute(statement)  # type: ignore[arg-type]
@@ -80,5 +84,7 @@ def check(conn: psycopg.Connection) -> None:
     """Raise ``SchemaError`` unless the database is at exactly this mailrelay's version."""
     version = current_version(conn)
     if version != LATEST:
-        raise SchemaError(f"database schema version {version}, this mailrelay needs {LATEST}:"
-                          " run 'mailrelay db upgrade --config FILE'")
+        raise SchemaError(
+            f"database schema version {version}, this mailrelay needs {LATEST}:"
+            " run 'mailrelay db upgrade --config FILE'"
+        )

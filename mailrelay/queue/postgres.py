@@ -185,7 +185,11 @@ class _PgWriter:
 
     def _fail(self, error: OSError) -> None:
         if self.error is None:
-            log.error("pgstore: cannot buffer message {queue_id}: {error}", queue_id=self.queue_id, error=error)
+            log.error(
+                "pgstore: cannot buffer message {queue_id}: {error}",
+                queue_id=self.queue_id,
+                error=error,
+            )
         self.error = error
         self._discard()
 
@@ -273,7 +277,9 @@ class PostgresStore:
         self.auto_upgrade = auto_upgrade
         self.new_id = QueueIdGenerator(self.clock, randbytes)
         self._own_pool = threadpool is None
-        self.threadpool = threadpool or ThreadPool(minthreads=0, maxthreads=8, name="mailrelay-pgstore")
+        self.threadpool = threadpool or ThreadPool(
+            minthreads=0, maxthreads=8, name="mailrelay-pgstore"
+        )
         self._own_cache = cache_dir is None
         self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="mailrelay-pgstore-")
         os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
@@ -302,9 +308,13 @@ class PostgresStore:
         if self._own_pool:
             self.threadpool.start()
         self._stopping.clear()
-        self._writer = threading.Thread(target=self._run_writer, name="mailrelay-pg-writer", daemon=True)
+        self._writer = threading.Thread(
+            target=self._run_writer, name="mailrelay-pg-writer", daemon=True
+        )
         self._writer.start()
-        self._listener = threading.Thread(target=self._run_listener, name="mailrelay-pg-listen", daemon=True)
+        self._listener = threading.Thread(
+            target=self._run_listener, name="mailrelay-pg-listen", daemon=True
+        )
         self._listener.start()
         self._scanner = task.LoopingCall(self.scan)
         self._scanner.clock = self.clock
@@ -326,7 +336,9 @@ class PostgresStore:
         try:
             yield self._in_thread(self._release_all_sync, self.node_id)
         except Exception as e:
-            log.warn("pgstore: could not release leases at stop ({error}); they will expire", error=e)
+            log.warn(
+                "pgstore: could not release leases at stop ({error}); they will expire", error=e
+            )
         self._leased.clear()
         self._claimed.clear()
         yield self._in_thread(self._conns.close)
@@ -353,7 +365,11 @@ class PostgresStore:
                 finally:
                     conn.autocommit = was_autocommit
                 if before != after:
-                    log.info("pgstore: schema upgraded from version {before} to {after}", before=before, after=after)
+                    log.info(
+                        "pgstore: schema upgraded from version {before} to {after}",
+                        before=before,
+                        after=after,
+                    )
             else:
                 pg_schema.check(conn)
             row = conn.execute("SELECT current_schema()").fetchone()
@@ -392,8 +408,16 @@ class PostgresStore:
             self._db(fn, *args).addCallbacks(result.callback, failed)
 
         def failed(f: Failure) -> None:
-            if f.check(TemporaryFailure) and self.clock.seconds() < deadline and not self._stopping.is_set():
-                log.warn("pgstore: {what} failed ({error}); retrying", what=what, error=f.value.__cause__ or f.value)
+            if (
+                f.check(TemporaryFailure)
+                and self.clock.seconds() < deadline
+                and not self._stopping.is_set()
+            ):
+                log.warn(
+                    "pgstore: {what} failed ({error}); retrying",
+                    what=what,
+                    error=f.value.__cause__ or f.value,
+                )
                 self.clock.callLater(1.0, attempt)
                 return
             result.errback(f)
@@ -442,8 +466,9 @@ class PostgresStore:
             conn.close()
         self.reactor.callFromThread(stop.callback, None)
 
-    def _commit_batch(self, conn: psycopg.Connection | None,
-                      batch: list[_Commit]) -> tuple[psycopg.Connection | None, list[tuple[_Commit, Any]]]:
+    def _commit_batch(
+        self, conn: psycopg.Connection | None, batch: list[_Commit]
+    ) -> tuple[psycopg.Connection | None, list[tuple[_Commit, Any]]]:
         try:
             if conn is not None and not usable(conn):  # ended while the writer had nothing to do
                 conn.close()
@@ -471,7 +496,9 @@ class PostgresStore:
                     conn, (one,) = self._commit_batch(conn, [job])
                     results.append(one)
                 return conn, results
-            log.error("pgstore: cannot store {count} message(s): {error}", count=len(batch), error=e)
+            log.error(
+                "pgstore: cannot store {count} message(s): {error}", count=len(batch), error=e
+            )
             for job in batch:
                 job.writer._discard()
             return conn, [(job, Failure(database_failure())) for job in batch]
@@ -482,7 +509,10 @@ class PostgresStore:
             w = job.writer
             rows.append((w.queue_id, _encode(new_message(w.queue_id, w.envelope)), w.size))
         with conn.cursor() as cur:
-            cur.executemany("INSERT INTO mailrelay_message (queue_id, state, body_size) VALUES (%s, %s, %s)", rows)
+            cur.executemany(
+                "INSERT INTO mailrelay_message (queue_id, state, body_size) VALUES (%s, %s, %s)",
+                rows,
+            )
             with cur.copy("COPY mailrelay_body (queue_id, seq, data) FROM STDIN") as copy:
                 for job in batch:
                     with open(job.writer.path, "rb") as f:
@@ -490,8 +520,10 @@ class PostgresStore:
                         while chunk := f.read(CHUNK):
                             copy.write_row((job.writer.queue_id, seq, chunk))
                             seq += 1
-            cur.executemany("SELECT pg_notify(%s, %s)",
-                            [(self.channel, f"{self.node_id} {job.writer.queue_id}") for job in batch])
+            cur.executemany(
+                "SELECT pg_notify(%s, %s)",
+                [(self.channel, f"{self.node_id} {job.writer.queue_id}") for job in batch],
+            )
         conn.commit()
 
     def _cache_committed(self, job: _Commit) -> str:
@@ -524,11 +556,15 @@ class PostgresStore:
         listening = False  # a connection that was listening is replaced at once, without a warning
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=self._conns.connect_timeout) as conn:
+                with psycopg.connect(
+                    self.dsn, autocommit=True, connect_timeout=self._conns.connect_timeout
+                ) as conn:
                     self._prepare(conn)
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     listening = True
-                    self.reactor.callFromThread(self._rescan)  # catch up on anything missed meanwhile
+                    self.reactor.callFromThread(
+                        self._rescan
+                    )  # catch up on anything missed meanwhile
                     while not self._stopping.is_set():
                         ids = []
                         for n in conn.notifies(timeout=0.5, stop_after=500):
@@ -542,9 +578,15 @@ class PostgresStore:
                     continue
                 if listening:
                     listening = False
-                    log.info("pgstore: notification listener lost its connection ({error}); reconnecting", error=e)
+                    log.info(
+                        "pgstore: notification listener lost its connection ({error}); reconnecting",
+                        error=e,
+                    )
                     continue
-                log.warn("pgstore: notification listener cannot reach the database ({error}); retrying", error=e)
+                log.warn(
+                    "pgstore: notification listener cannot reach the database ({error}); retrying",
+                    error=e,
+                )
                 self._stopping.wait(1.0)
 
     def _remote_commits(self, ids: list[str]) -> None:
@@ -552,19 +594,31 @@ class PostgresStore:
         node has leased yet (one query for the lot, not a failed claim per message per node)."""
 
         def unclaimed() -> defer.Deferred[list[str]]:
-            return self._db(lambda conn: [r[0] for r in conn.execute(
-                "SELECT queue_id FROM mailrelay_message WHERE queue_id = ANY(%s)"
-                " AND lease_owner IS NULL AND NOT held ORDER BY queue_id", (ids,)).fetchall()])
+            return self._db(
+                lambda conn: [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT queue_id FROM mailrelay_message WHERE queue_id = ANY(%s)"
+                        " AND lease_owner IS NULL AND NOT held ORDER BY queue_id",
+                        (ids,),
+                    ).fetchall()
+                ]
+            )
 
         def wake(found: list[str]) -> None:
             for qid in found:
                 self._notify(qid)
 
         def failed(f: Failure) -> None:
-            log.warn("pgstore: cannot look at new mail from other nodes ({error}); the scan will", error=f.value)
+            log.warn(
+                "pgstore: cannot look at new mail from other nodes ({error}); the scan will",
+                error=f.value,
+            )
 
         if self._writer is not None:
-            task.deferLater(self.clock, self.remote_delay, unclaimed).addCallback(wake).addErrback(failed)
+            task.deferLater(self.clock, self.remote_delay, unclaimed).addCallback(wake).addErrback(
+                failed
+            )
 
     # -- the periodic scan: renew our leases, find orphans ---------------------------------
 
@@ -600,14 +654,17 @@ class PostgresStore:
         return d.addCallbacks(found, failed).addBoth(done)
 
     def _scan_sync(self, conn: psycopg.Connection, now: float, leased: set[str]) -> list[str]:
-        conn.execute("UPDATE mailrelay_message SET lease_until = %s WHERE lease_owner = %s",
-                     (now + self.lease_time, self.node_id))
+        conn.execute(
+            "UPDATE mailrelay_message SET lease_until = %s WHERE lease_owner = %s",
+            (now + self.lease_time, self.node_id),
+        )
         rows = conn.execute(
             "SELECT queue_id FROM mailrelay_message WHERE NOT held AND"
             " ((lease_until IS NOT NULL AND lease_until < %(now)s)"
             "  OR (lease_owner IS NULL AND next_attempt < %(overdue)s))"
             " ORDER BY next_attempt LIMIT 1000",
-            {"now": now, "overdue": now - self.scan_interval}).fetchall()
+            {"now": now, "overdue": now - self.scan_interval},
+        ).fetchall()
         self._sweep_cache(now, leased)
         return [r[0] for r in rows]
 
@@ -644,7 +701,9 @@ class PostgresStore:
 
         return d.addCallbacks(claimed, gone)
 
-    def _claim_sync(self, conn: psycopg.Connection, queue_id: str, now: float) -> QueuedMessage | None:
+    def _claim_sync(
+        self, conn: psycopg.Connection, queue_id: str, now: float
+    ) -> QueuedMessage | None:
         row = conn.execute(
             "UPDATE mailrelay_message SET lease_owner = %(me)s, lease_until = %(until)s"
             " WHERE queue_id = (SELECT queue_id FROM mailrelay_message WHERE queue_id = %(id)s"
@@ -652,8 +711,14 @@ class PostgresStore:
             "   AND (lease_owner IS NULL OR lease_owner = %(me)s OR lease_until < %(now)s)"
             "   FOR UPDATE SKIP LOCKED)"
             " RETURNING state, body_size",
-            {"me": self.node_id, "until": now + self.lease_time, "id": queue_id, "due": now + 1.0,
-             "now": now}).fetchone()
+            {
+                "me": self.node_id,
+                "until": now + self.lease_time,
+                "id": queue_id,
+                "due": now + 1.0,
+                "now": now,
+            },
+        ).fetchone()
         if row is None:
             return None
         self._fetch_body(conn, queue_id, row[1])  # under the row lock: nobody removes it meanwhile
@@ -669,19 +734,28 @@ class PostgresStore:
         d = self._db(self._release_sync, queue_id)
 
         def failed(f: Failure) -> None:
-            log.warn("pgstore: cannot release {queue_id} ({error}); the lease will expire",
-                     queue_id=queue_id, error=f.value)
+            log.warn(
+                "pgstore: cannot release {queue_id} ({error}); the lease will expire",
+                queue_id=queue_id,
+                error=f.value,
+            )
 
         return d.addErrback(failed)
 
     def _release_sync(self, conn: psycopg.Connection, queue_id: str) -> None:
-        conn.execute("UPDATE mailrelay_message SET lease_owner = NULL, lease_until = NULL"
-                     " WHERE queue_id = %s AND lease_owner = %s", (queue_id, self.node_id))
+        conn.execute(
+            "UPDATE mailrelay_message SET lease_owner = NULL, lease_until = NULL"
+            " WHERE queue_id = %s AND lease_owner = %s",
+            (queue_id, self.node_id),
+        )
 
     def _release_all_sync(self, node_id: str) -> None:
-        self._run(lambda conn: conn.execute(
-            "UPDATE mailrelay_message SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = %s",
-            (node_id,)))
+        self._run(
+            lambda conn: conn.execute(
+                "UPDATE mailrelay_message SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = %s",
+                (node_id,),
+            )
+        )
 
     def make_due(self, queue_id: str | None = None) -> defer.Deferred[list[str]]:
         """Make ``queue_id`` (or every message not held) due now, for every node: ``flush``.
@@ -692,7 +766,9 @@ class PostgresStore:
         if queue_id is not None and not is_queue_id(queue_id):
             return defer.succeed([])
         now = self.clock.seconds()
-        return self._db(lambda conn: _PostgresSync.make_due(conn, queue_id, now, self.channel, self.node_id))
+        return self._db(
+            lambda conn: _PostgresSync.make_due(conn, queue_id, now, self.channel, self.node_id)
+        )
 
     def leased(self) -> set[str]:
         """The ids this node holds a lease on now (a copy)."""
@@ -704,13 +780,25 @@ class PostgresStore:
         self._subscribers.append(callback)
 
     def list_ids(self) -> defer.Deferred[list[str]]:
-        return self._db(lambda conn: [r[0] for r in conn.execute(
-            "SELECT queue_id FROM mailrelay_message ORDER BY queue_id").fetchall()])
+        return self._db(
+            lambda conn: [
+                r[0]
+                for r in conn.execute(
+                    "SELECT queue_id FROM mailrelay_message ORDER BY queue_id"
+                ).fetchall()
+            ]
+        )
 
     def load_schedule(self) -> defer.Deferred[list[tuple[str, float, bool]]]:
         """Every message's ``(queue_id, next_attempt, held)`` in one query (queue manager start-up)."""
-        return self._db(lambda conn: [(r[0], float(r[1]), bool(r[2])) for r in conn.execute(
-            "SELECT queue_id, next_attempt, held FROM mailrelay_message ORDER BY queue_id").fetchall()])
+        return self._db(
+            lambda conn: [
+                (r[0], float(r[1]), bool(r[2]))
+                for r in conn.execute(
+                    "SELECT queue_id, next_attempt, held FROM mailrelay_message ORDER BY queue_id"
+                ).fetchall()
+            ]
+        )
 
     def load(self, queue_id: str) -> defer.Deferred[QueuedMessage]:
         claimed = self._claimed.pop(queue_id, None)
@@ -721,8 +809,9 @@ class PostgresStore:
         return self._db(self._load_sync, queue_id)
 
     def _load_sync(self, conn: psycopg.Connection, queue_id: str) -> QueuedMessage:
-        row = conn.execute("SELECT state, body_size FROM mailrelay_message WHERE queue_id = %s",
-                           (queue_id,)).fetchone()
+        row = conn.execute(
+            "SELECT state, body_size FROM mailrelay_message WHERE queue_id = %s", (queue_id,)
+        ).fetchone()
         if row is None:
             raise KeyError(queue_id)
         self._fetch_body(conn, queue_id, row[1])
@@ -732,8 +821,11 @@ class PostgresStore:
         """The messages of ``ids`` that still exist, in one query (listings), bodies copied here."""
 
         def read(conn: psycopg.Connection) -> list[QueuedMessage]:
-            rows = conn.execute("SELECT queue_id, state, body_size FROM mailrelay_message"
-                                " WHERE queue_id = ANY(%s) ORDER BY queue_id", (list(ids),)).fetchall()
+            rows = conn.execute(
+                "SELECT queue_id, state, body_size FROM mailrelay_message"
+                " WHERE queue_id = ANY(%s) ORDER BY queue_id",
+                (list(ids),),
+            ).fetchall()
             out = []
             for qid, state, size in rows:
                 try:
@@ -758,8 +850,9 @@ class PostgresStore:
         try:
             got = 0
             with open(tmp, "wb") as f, conn.cursor(binary=True) as cur:
-                for (data,) in cur.stream("SELECT data FROM mailrelay_body WHERE queue_id = %s ORDER BY seq",
-                                          (queue_id,)):
+                for (data,) in cur.stream(
+                    "SELECT data FROM mailrelay_body WHERE queue_id = %s ORDER BY seq", (queue_id,)
+                ):
                     f.write(data)
                     got += len(data)
             if got != size:
@@ -818,16 +911,23 @@ class PostgresQueueReader:
         self.conn.close()
 
     def scan_ids(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT queue_id FROM mailrelay_message ORDER BY queue_id")]
+        return [
+            r[0]
+            for r in self.conn.execute("SELECT queue_id FROM mailrelay_message ORDER BY queue_id")
+        ]
 
     def read_message(self, queue_id: str) -> QueuedMessage:
-        row = self.conn.execute("SELECT state FROM mailrelay_message WHERE queue_id = %s", (queue_id,)).fetchone()
+        row = self.conn.execute(
+            "SELECT state FROM mailrelay_message WHERE queue_id = %s", (queue_id,)
+        ).fetchone()
         if row is None:
             raise KeyError(queue_id)
         return _decode(row[0])
 
     def body_size(self, queue_id: str) -> int:
-        row = self.conn.execute("SELECT body_size FROM mailrelay_message WHERE queue_id = %s", (queue_id,)).fetchone()
+        row = self.conn.execute(
+            "SELECT body_size FROM mailrelay_message WHERE queue_id = %s", (queue_id,)
+        ).fetchone()
         if row is None:
             raise KeyError(queue_id)
         return int(row[0])
@@ -836,8 +936,10 @@ class PostgresQueueReader:
         """The start of the body (enough for its headers), as a file."""
         import io
 
-        rows = self.conn.execute("SELECT data FROM mailrelay_body WHERE queue_id = %s AND seq < %s ORDER BY seq",
-                                 (queue_id, -(-limit // CHUNK))).fetchall()
+        rows = self.conn.execute(
+            "SELECT data FROM mailrelay_body WHERE queue_id = %s AND seq < %s ORDER BY seq",
+            (queue_id, -(-limit // CHUNK)),
+        ).fetchall()
         return io.BytesIO(b"".join(bytes(r[0]) for r in rows))
 
     def save_now(self, message: QueuedMessage) -> None:
@@ -861,25 +963,32 @@ class _PostgresSync:
 
     @staticmethod
     def save(conn: psycopg.Connection, message: QueuedMessage) -> None:
-        cur = conn.execute("UPDATE mailrelay_message SET state = %s, next_attempt = %s, held = %s"
-                           " WHERE queue_id = %s",
-                           (_encode(message), message.next_attempt, message.held, message.queue_id))
+        cur = conn.execute(
+            "UPDATE mailrelay_message SET state = %s, next_attempt = %s, held = %s"
+            " WHERE queue_id = %s",
+            (_encode(message), message.next_attempt, message.held, message.queue_id),
+        )
         if cur.rowcount == 0:
             raise KeyError(message.queue_id)
 
     @staticmethod
-    def make_due(conn: psycopg.Connection, queue_id: str | None, now: float, channel: str,
-                 node_id: str) -> list[str]:
+    def make_due(
+        conn: psycopg.Connection, queue_id: str | None, now: float, channel: str, node_id: str
+    ) -> list[str]:
         """Due now (column and saved state alike, so ``show`` agrees); ``NOTIFY`` each id as if new
         mail, so every other node's listener wakes its manager (its own node is skipped)."""
         where = " AND queue_id = %(id)s" if queue_id else ""
         rows = conn.execute(
             "UPDATE mailrelay_message SET next_attempt = LEAST(next_attempt, %(now)s), state = jsonb_set("
             " state::jsonb, '{next_attempt}', to_jsonb(LEAST(next_attempt, %(now)s)))::text"
-            f" WHERE NOT held{where} RETURNING queue_id", {"now": now, "id": queue_id}).fetchall()
+            f" WHERE NOT held{where} RETURNING queue_id",
+            {"now": now, "id": queue_id},
+        ).fetchall()
         ids = sorted(r[0] for r in rows)
         if ids:
-            conn.cursor().executemany("SELECT pg_notify(%s, %s)", [(channel, f"{node_id} {qid}") for qid in ids])
+            conn.cursor().executemany(
+                "SELECT pg_notify(%s, %s)", [(channel, f"{node_id} {qid}") for qid in ids]
+            )
         return ids
 
     @staticmethod

@@ -29,7 +29,9 @@ def retry_delay(
     return delay
 
 
-def proportional_jitter(random: Callable[[], float], fraction: float = 0.1) -> Callable[[float], float]:
+def proportional_jitter(
+    random: Callable[[], float], fraction: float = 0.1
+) -> Callable[[float], float]:
     """A jitter that moves a delay by up to ``fraction`` of it either way, from ``random()`` in [0, 1)."""
 
     def jitter(delay: float) -> float:
@@ -65,4 +67,7 @@ def next_attempt_at(
 
     At expiry the manager makes one last attempt and then bounces what is still pending.
     """
-    return min(now + retry_delay(schedule, message.attempts, jitter), max(now, expires_at(message, max_lifetime)))
+    return min(
+        now + retry_delay(schedule, message.attempts, jitter),
+        max(now, expires_at(message, max_lifetime)),
+    )

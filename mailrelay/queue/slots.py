@@ -26,7 +26,10 @@ class DeliverySlots:
         return len(self._waiting.get(destination, ()))
 
     def _free_for(self, destination: Hashable) -> bool:
-        return self.in_flight < self.total and self.by_destination.get(destination, 0) < self.per_destination
+        return (
+            self.in_flight < self.total
+            and self.by_destination.get(destination, 0) < self.per_destination
+        )
 
     def acquire(self, destination: Hashable) -> defer.Deferred[None]:
         """A Deferred that fires when a delivery to ``destination`` may start; cancellable."""

@@ -99,7 +99,9 @@ _BUFFER = 256 * 1024
 _READERS = 2  # threads reading envelopes at start-up
 _FRESH = 1024  # just-committed messages kept in memory for their first load
 _FRESH_BODY_BYTES = 16 * 1024 * 1024  # and their small bodies, for their first delivery
-_SYNCERS = 16  # threads that fsync a batch's files together (concurrent fsyncs share a journal commit)
+_SYNCERS = (
+    16  # threads that fsync a batch's files together (concurrent fsyncs share a journal commit)
+)
 _SLOW_FSYNC = 0.002  # seconds: fsyncs slower than this on average are worth those threads
 _PROBE_EVERY = 64  # while they are used, one batch in this many is fsynced by the writer, timed
 _REMOVAL_IDLE = 0.1  # seconds without removals before the remover syncs queue/ itself
@@ -108,12 +110,16 @@ _FREE = "free."  # tmp/free.<n>: such a file
 _KEPT_OPEN = 64  # of those, how many the remover keeps open for the writer (no open/fstat there)
 _SCHEDULE_KEYS = re.compile(rb'"next_attempt":(-?[0-9][0-9.eE+-]*),"held":(true|false)')
 _TAIL = 4096  # bytes read from a message file's end: the envelope and trailer, most of the time
-_SEGMENT_BODY_MAX = 64 * 1024  # bodies up to this size go into segments (with the others of their batch)
+_SEGMENT_BODY_MAX = (
+    64 * 1024
+)  # bodies up to this size go into segments (with the others of their batch)
 _SEGMENT_MAX = 4 * 1024 * 1024  # a segment takes no more packs once this long
 _PACK_BYTES = 1024 * 1024  # bodies in one pack, at most (unless one body is larger)
 
 
-_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder (json.dumps with options builds one per call)
+_JSON = json.JSONEncoder(
+    separators=(",", ":")
+)  # one encoder (json.dumps with options builds one per call)
 
 
 def _encode(message: QueuedMessage) -> bytes:
@@ -124,7 +130,9 @@ class _BodyFile(io.RawIOBase):
     """The body part of a message file or segment record: a read-only, seekable file of ``size``
     bytes from ``base`` (``pread``)."""
 
-    def __init__(self, fd: int, size: int, on_close: Callable[[], None] | None = None, base: int = 0) -> None:
+    def __init__(
+        self, fd: int, size: int, on_close: Callable[[], None] | None = None, base: int = 0
+    ) -> None:
         super().__init__()
         self._fd, self._size, self._pos, self._base = fd, size, 0, base
         self._on_close = on_close
@@ -152,7 +160,7 @@ class _BodyFile(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -281,7 +289,8 @@ class _Pack(_Job):
             records.append((w.queue_id, commit.body, _encode(commit.message)))
         data, entries = build_pack(records)
         self.segment, start, self.changes_queue, fd = spool._append(
-            chunk(data, entries), self.commits[0].writer.queue_id)
+            chunk(data, entries), self.commits[0].writer.queue_id
+        )
         if fd is not None:
             self.fds.append(fd)
         base = start + CHUNK_HEADER.size
@@ -344,13 +353,20 @@ class _Save(_Job):
 
 
 class _Remove(_Job):
-    def __init__(self, queue_id: str, has_state: bool = True, answered: bool = False,
-                 member: Member | None = None) -> None:
+    def __init__(
+        self,
+        queue_id: str,
+        has_state: bool = True,
+        answered: bool = False,
+        member: Member | None = None,
+    ) -> None:
         super().__init__()
         self.queue_id = queue_id
         self.has_state = has_state  # False: committed in this life and never saved (no .env)
         self.answered = answered  # its Deferred fired at once: only a failure is reported later
-        self.member = member  # a record of a segment whose message moved to its own file: kill only it
+        self.member = (
+            member  # a record of a segment whose message moved to its own file: kill only it
+        )
 
     def publish(self, spool: FilesystemSpool) -> None:
         member = self.member
@@ -418,7 +434,9 @@ class _Scan(_Job):
             if stem in messages:
                 _unlink(spool._queued(stem, _LEGACY_BODY))  # converted (before a crash, maybe)
             elif stem not in states:
-                log.warn("spool: removing body without envelope queue/{name}", name=stem + _LEGACY_BODY)
+                log.warn(
+                    "spool: removing body without envelope queue/{name}", name=stem + _LEGACY_BODY
+                )
                 _unlink(spool._queued(stem, _LEGACY_BODY))
             else:
                 messages.add(stem)  # not converted yet (a listing while the writer runs elsewhere)
@@ -522,7 +540,11 @@ class _SpoolWriter:
 
     def _fail(self, error: OSError) -> None:
         if self.error is None:
-            log.error("spool: cannot store message {queue_id}: {error}", queue_id=self.queue_id, error=error)
+            log.error(
+                "spool: cannot store message {queue_id}: {error}",
+                queue_id=self.queue_id,
+                error=error,
+            )
         self.error = error
         created = self.file is not None
         self._close_quietly()
@@ -618,12 +640,15 @@ class FilesystemSpool:
         self._queue_prefix = self.queue_dir + os.sep
         self.new_id = QueueIdGenerator(reactor, randbytes)
         self._own_pool = threadpool is None
-        self.threadpool = threadpool or ThreadPool(minthreads=0, maxthreads=4, name="mailrelay-spool")
+        self.threadpool = threadpool or ThreadPool(
+            minthreads=0, maxthreads=4, name="mailrelay-spool"
+        )
         self._jobs: _queue.SimpleQueue[_Job] = _queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # Batches renamed into place, waiting for the directory syncer: (results, published, stop).
-        self._published: _queue.SimpleQueue[tuple[list[tuple[_Job, Any]], list[_Job], _Job | None]] = (
-            _queue.SimpleQueue())
+        self._published: _queue.SimpleQueue[
+            tuple[list[tuple[_Job, Any]], list[_Job], _Job | None]
+        ] = _queue.SimpleQueue()
         self._dir_syncer: threading.Thread | None = None
         self._removals: _queue.SimpleQueue[_Job] = _queue.SimpleQueue()
         self._remover: threading.Thread | None = None
@@ -680,17 +705,23 @@ class FilesystemSpool:
         if self._own_pool:
             self.threadpool.start()
         if self.fsync_threads > 0:
-            self._syncers = ThreadPoolExecutor(max_workers=self.fsync_threads,
-                                               thread_name_prefix="mailrelay-spool-fsync")
+            self._syncers = ThreadPoolExecutor(
+                max_workers=self.fsync_threads, thread_name_prefix="mailrelay-spool-fsync"
+            )
         self._submit(_Scan(clean_tmp=True, convert=True))
         if self._dir_fd is None:
             self._dir_fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
-        self._thread = threading.Thread(target=self._run, name="mailrelay-spool-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="mailrelay-spool-writer", daemon=True
+        )
         self._thread.start()
-        self._dir_syncer = threading.Thread(target=self._run_dir_syncs, name="mailrelay-spool-dirsync",
-                                            daemon=True)
+        self._dir_syncer = threading.Thread(
+            target=self._run_dir_syncs, name="mailrelay-spool-dirsync", daemon=True
+        )
         self._dir_syncer.start()
-        self._remover = threading.Thread(target=self._run_removals, name="mailrelay-spool-remover", daemon=True)
+        self._remover = threading.Thread(
+            target=self._run_removals, name="mailrelay-spool-remover", daemon=True
+        )
         self._remover.start()
 
     def stop(self) -> defer.Deferred[None]:
@@ -757,15 +788,24 @@ class FilesystemSpool:
             # A few threads at once: from a cold page cache this is bound by the disk's latency.
             n = max(1, min(_READERS, len(ids) // 1000))
             step = -(-len(ids) // n) if ids else 1
-            parts = [threads.deferToThreadPool(self.reactor, self.threadpool, self._read_schedule,
-                                               ids[i:i + step], scan.states) for i in range(0, len(ids), step)]
+            parts = [
+                threads.deferToThreadPool(
+                    self.reactor,
+                    self.threadpool,
+                    self._read_schedule,
+                    ids[i : i + step],
+                    scan.states,
+                )
+                for i in range(0, len(ids), step)
+            ]
             d = defer.gatherResults(parts, consumeErrors=True)
             return d.addCallback(lambda chunks: [entry for chunk in chunks for entry in chunk])
 
         return self._submit(scan).addCallback(read)
 
-    def _read_schedule(self, ids: list[str], states: set[str] | frozenset[str] = frozenset()
-                       ) -> list[tuple[str, float, bool]]:
+    def _read_schedule(
+        self, ids: list[str], states: set[str] | frozenset[str] = frozenset()
+    ) -> list[tuple[str, float, bool]]:
         out = []
         for queue_id in ids:
             try:
@@ -789,7 +829,9 @@ class FilesystemSpool:
             out.append((queue_id, float(d.get("next_attempt", 0.0)), bool(d.get("held", False))))
         return out
 
-    def _read_state(self, queue_id: str, saved: bool | None = None, tail: int | None = None) -> bytes:
+    def _read_state(
+        self, queue_id: str, saved: bool | None = None, tail: int | None = None
+    ) -> bytes:
         """The JSON of a message's current state: its ``.env`` if saved, else the one in the message
         file (only its last ``tail`` bytes, if given). FileNotFoundError if there is no message."""
         member = self._member(queue_id)
@@ -809,7 +851,7 @@ class FilesystemSpool:
         try:
             if tail is not None:
                 _, env_size, data = read_trailer(fd, tail + TRAILER.size)
-                return data[max(0, len(data) - TRAILER.size - env_size):len(data) - TRAILER.size]
+                return data[max(0, len(data) - TRAILER.size - env_size) : len(data) - TRAILER.size]
             return read_envelope(fd, _TAIL)
         finally:
             os.close(fd)
@@ -846,11 +888,16 @@ class FilesystemSpool:
             if self._segments_indexed:
                 return
             names = os.listdir(self.queue_dir)
-            self._members = self._read_segments([n for n in names if n.endswith(SEGMENT)],
-                                                {n for n in names if is_queue_id(n)}, repair=False)
+            self._members = self._read_segments(
+                [n for n in names if n.endswith(SEGMENT)],
+                {n for n in names if is_queue_id(n)},
+                repair=False,
+            )
             self._segments_indexed = True
 
-    def _read_segments(self, names: list[str], messages: set[str], *, repair: bool) -> dict[str, Member]:
+    def _read_segments(
+        self, names: list[str], messages: set[str], *, repair: bool
+    ) -> dict[str, Member]:
         """The live records of the segments ``names``. A record whose message also has its own
         file (``messages``) moved out before a crash: the file is current. ``repair`` kills such
         records, cuts a torn append off the end and removes segments with nothing left."""
@@ -864,8 +911,11 @@ class FilesystemSpool:
                 continue
             entries, end = read_segment(data)
             if end < len(data):
-                log.info("spool: queue/{name} ends in a torn append ({n} bytes, never acknowledged)",
-                         name=name, n=len(data) - end)
+                log.info(
+                    "spool: queue/{name} ends in a torn append ({n} bytes, never acknowledged)",
+                    name=name,
+                    n=len(data) - end,
+                )
             segment = Segment(path)
             stale = []
             for entry in entries:
@@ -925,7 +975,11 @@ class FilesystemSpool:
         none or it is full); the segment, where the pack starts, whether the pack must wait for a
         sync of ``queue/`` (the segment's name is not durable yet), and a descriptor of the
         segment to sync (the caller closes it), or None if the write was durable. Writer thread only."""
-        if self._segment is not None and self._segment_end and self._segment_end + len(data) > _SEGMENT_MAX:
+        if (
+            self._segment is not None
+            and self._segment_end
+            and self._segment_end + len(data) > _SEGMENT_MAX
+        ):
             self._seal()
         if self._segment is None:
             path = self._queued(name + SEGMENT)
@@ -944,7 +998,12 @@ class FilesystemSpool:
             self._seal()
             raise
         self._segment_end += len(data)
-        return self._segment, start, not self._segment.named, None if synced else os.dup(self._segment_fd)
+        return (
+            self._segment,
+            start,
+            not self._segment.named,
+            None if synced else os.dup(self._segment_fd),
+        )
 
     def _write_pack(self, fd: int, data: bytes, start: int) -> bool:
         """Write ``data`` at ``start``; whether it is durable already (``sync_writes``)."""
@@ -952,7 +1011,9 @@ class FilesystemSpool:
         if self.sync_writes:
             try:
                 while view:
-                    view = view[os.pwritev(fd, [view], start + len(data) - len(view), os.RWF_DSYNC):]
+                    view = view[
+                        os.pwritev(fd, [view], start + len(data) - len(view), os.RWF_DSYNC) :
+                    ]
                 return True
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP) or len(view) != len(data):
@@ -960,7 +1021,7 @@ class FilesystemSpool:
                 self.sync_writes = False  # an old kernel or a filesystem without it: fsync
                 log.info("spool: no RWF_DSYNC here ({error}); packs are fsynced", error=e)
         while view:
-            view = view[os.pwrite(fd, view, start + len(data) - len(view)):]
+            view = view[os.pwrite(fd, view, start + len(data) - len(view)) :]
         return False
 
     def _seal(self) -> None:
@@ -972,7 +1033,9 @@ class FilesystemSpool:
         if segment is not None and segment.gone(full=True):
             _unlink(segment.path)
 
-    def _void(self, segment: Segment, entries: list[tuple[str, int, int, int]], counted: bool) -> None:
+    def _void(
+        self, segment: Segment, entries: list[tuple[str, int, int, int]], counted: bool
+    ) -> None:
         """A pack that failed (never acknowledged): kill its records, so a write that reaches the
         disk later never brings them back, and append no more to that segment."""
         fd = None
@@ -982,7 +1045,9 @@ class FilesystemSpool:
                 Member(segment, offset, body_size, env_size).kill(fd)
             self.fsync(fd)
         except OSError as e:
-            log.error("spool: cannot void a failed pack in {path}: {error}", path=segment.path, error=e)
+            log.error(
+                "spool: cannot void a failed pack in {path}: {error}", path=segment.path, error=e
+            )
         finally:
             if fd is not None:
                 os.close(fd)
@@ -1004,7 +1069,9 @@ class FilesystemSpool:
             try:
                 self.fsync(fd)
             except OSError as e:
-                log.error("spool: cannot sync removals from {path}: {error}", path=segment.path, error=e)
+                log.error(
+                    "spool: cannot sync removals from {path}: {error}", path=segment.path, error=e
+                )
             finally:
                 os.close(fd)
 
@@ -1160,7 +1227,9 @@ class FilesystemSpool:
         self.run_now(_Remove(queue_id))
 
     def _convert_if_legacy(self, queue_id: str) -> None:
-        if not os.path.exists(self._queued(queue_id)) and os.path.exists(self._queued(queue_id, _LEGACY_BODY)):
+        if not os.path.exists(self._queued(queue_id)) and os.path.exists(
+            self._queued(queue_id, _LEGACY_BODY)
+        ):
             self.run_now(_Scan(convert=True))  # a spool of the two-file layout: converted first
 
     # -- the writer thread ----------------------------------------------------------------
@@ -1335,8 +1404,17 @@ class FilesystemSpool:
                     break
             stopping = next((j for j in batch if isinstance(j, _Stop)), None)
             jobs = [j for j in batch if not isinstance(j, _Stop)]
-            small = [j for j in jobs if isinstance(j, _Commit) and j.writer.file is None
-                     and j.writer.size <= self.segment_body_max] if self.segment_body_max else []
+            small = (
+                [
+                    j
+                    for j in jobs
+                    if isinstance(j, _Commit)
+                    and j.writer.file is None
+                    and j.writer.size <= self.segment_body_max
+                ]
+                if self.segment_body_max
+                else []
+            )
             if small:  # appended together to the current segment
                 packed = set(small)
                 jobs = [j for j in jobs if j not in packed] + _packs(small)
@@ -1411,15 +1489,20 @@ class FilesystemSpool:
                 if isinstance(job, _Remove) and job.answered:
                     self._removing.discard(job.queue_id)  # a set: atomic under the GIL
             # Answered removals need no call back to the reactor unless they failed.
-            results = [(j, r) for j, r in results
-                       if not (isinstance(j, _Remove) and j.answered and not isinstance(r, Failure))]
+            results = [
+                (j, r)
+                for j, r in results
+                if not (isinstance(j, _Remove) and j.answered and not isinstance(r, Failure))
+            ]
             if results:
                 self.reactor.callFromThread(self._deliver_results, results)
         self._sync_segments()
         self._sync_removals()
         self.reactor.callFromThread(stopping.deferred.callback, None)
 
-    def _publish_batch(self, batch: list[_Job], close: bool = True) -> tuple[list[tuple[_Job, Any]], list[_Job]]:
+    def _publish_batch(
+        self, batch: list[_Job], close: bool = True
+    ) -> tuple[list[tuple[_Job, Any]], list[_Job]]:
         """Stage, sync and publish ``batch``: the results known now, and the jobs whose renames
         wait for a sync of ``queue/``. ``close=False`` leaves the synced files open (the caller
         closes them with ``synced``)."""
@@ -1481,14 +1564,17 @@ class FilesystemSpool:
     def _deliver_results(self, results: list[tuple[_Job, Any]]) -> None:
         for job, result in results:
             if isinstance(job, _Pack):  # each message of the pack as if committed alone
-                self._deliver_results([(c, result if isinstance(result, Failure) else c.result)
-                                       for c in job.commits])
+                self._deliver_results(
+                    [(c, result if isinstance(result, Failure) else c.result) for c in job.commits]
+                )
                 continue
             if isinstance(job, _Commit):
                 self._receiving.discard(job.writer.queue_id + _RECEIVING)
             if isinstance(result, Failure):
                 if isinstance(job, _Remove) and job.answered:
-                    log.failure("spool: cannot remove queue/{queue_id}", result, queue_id=job.queue_id)
+                    log.failure(
+                        "spool: cannot remove queue/{queue_id}", result, queue_id=job.queue_id
+                    )
                     continue
                 job.deferred.errback(result)
                 continue

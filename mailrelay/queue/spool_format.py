@@ -56,7 +56,7 @@ def read_envelope(fd: int, tail: int) -> bytes:
     """The envelope of a message file, reading ``tail`` bytes from its end (more only if needed)."""
     body_size, env_size, data = read_trailer(fd, tail)
     if env_size + TRAILER.size <= len(data):
-        return data[len(data) - TRAILER.size - env_size:len(data) - TRAILER.size]
+        return data[len(data) - TRAILER.size - env_size : len(data) - TRAILER.size]
     return os.pread(fd, env_size, body_size)
 
 
@@ -113,7 +113,9 @@ class Member:
             raise OSError(f"short write killing a record of {self.segment.path}")
 
 
-def build_pack(records: list[tuple[str, bytes, bytes]]) -> tuple[bytes, list[tuple[str, int, int, int]]]:
+def build_pack(
+    records: list[tuple[str, bytes, bytes]],
+) -> tuple[bytes, list[tuple[str, int, int, int]]]:
     """The bytes of a pack of ``(queue id, body, envelope)`` records, and each record's
     ``(queue id, offset, body size, envelope size)``."""
     parts: list[bytes] = []
@@ -134,7 +136,7 @@ def _crc(pack: bytes | memoryview, entries: list[tuple[str, int, int, int]]) -> 
     data = bytearray(pack)
     for _, offset, body_size, env_size in entries:
         end = offset + body_size + env_size
-        data[end:end + TRAILER.size] = bytes(TRAILER.size)
+        data[end : end + TRAILER.size] = bytes(TRAILER.size)
     return zlib.crc32(data)
 
 
@@ -148,11 +150,11 @@ def parse_pack(data: bytes | memoryview) -> list[tuple[str, int, int, int]]:
     size = len(data)
     if size < PACK_TRAILER.size:
         raise ValueError("pack too short")
-    magic, table_size, count = PACK_TRAILER.unpack(data[size - PACK_TRAILER.size:])
+    magic, table_size, count = PACK_TRAILER.unpack(data[size - PACK_TRAILER.size :])
     start = size - PACK_TRAILER.size - table_size
     if magic != PACK_MAGIC or start < 0:
         raise ValueError("not a pack")
-    lines = bytes(data[start:start + table_size]).decode("ascii").splitlines()
+    lines = bytes(data[start : start + table_size]).decode("ascii").splitlines()
     if len(lines) != count:
         raise ValueError("pack table torn")
     entries = []
@@ -170,7 +172,11 @@ def alive(data: bytes, entry: tuple[str, int, int, int]) -> bool:
     message: its trailer is intact, not killed."""
     _, offset, body_size, env_size = entry
     end = offset + body_size + env_size + TRAILER.size
-    return len(data) >= end and TRAILER.unpack(data[end - TRAILER.size:end]) == (MAGIC, body_size, env_size)
+    return len(data) >= end and TRAILER.unpack(data[end - TRAILER.size : end]) == (
+        MAGIC,
+        body_size,
+        env_size,
+    )
 
 
 def read_segment(data: bytes) -> tuple[list[tuple[str, int, int, int]], int]:

@@ -56,7 +56,9 @@ class QueueIdGenerator:
     random, so the workers of one instance, each with its own spool, never mint the same id.
     """
 
-    def __init__(self, clock: Any, randbytes: Callable[[int], bytes] = os.urandom, shard: int | None = None) -> None:
+    def __init__(
+        self, clock: Any, randbytes: Callable[[int], bytes] = os.urandom, shard: int | None = None
+    ) -> None:
         if shard is not None and not 0 <= shard < len(_ALPHABET):
             raise ValueError(f"shard must be 0-{len(_ALPHABET) - 1}, not {shard}")
         self.clock = clock
@@ -69,7 +71,7 @@ class QueueIdGenerator:
         millis = int(self.clock.seconds() * 1000) & ((1 << 50) - 1)
         if self._used + 5 > len(self._pool):
             self._pool, self._used = self.randbytes(_RANDOM_POOL), 0
-        rand = int.from_bytes(self._pool[self._used:self._used + 5], "big")
+        rand = int.from_bytes(self._pool[self._used : self._used + 5], "big")
         self._used += 5
         if self.shard is not None:
             rand = (self.shard << 35) | (rand & ((1 << 35) - 1))
@@ -137,7 +139,9 @@ def message_to_dict(message: QueuedMessage) -> dict[str, Any]:
 def message_from_dict(d: dict[str, Any]) -> QueuedMessage:
     version = d.get("version", FORMAT_VERSION)
     if version > FORMAT_VERSION:
-        raise ValueError(f"queue file format {version} is newer than this mailrelay ({FORMAT_VERSION})")
+        raise ValueError(
+            f"queue file format {version} is newer than this mailrelay ({FORMAT_VERSION})"
+        )
     return QueuedMessage(
         queue_id=d["queue_id"],
         envelope=Envelope.from_dict(d["envelope"]),

@@ -12,5 +12,12 @@ from mailrelay.routing.mx import MXRouter
 from mailrelay.routing.plugins import build_router, router_types
 from mailrelay.routing.static import StaticRouter
 
-__all__ = ["LDAPRouter", "MXRouter", "RouterChain", "RouterContext", "StaticRouter", "build_router",
-           "router_types"]
+__all__ = [
+    "LDAPRouter",
+    "MXRouter",
+    "RouterChain",
+    "RouterContext",
+    "StaticRouter",
+    "build_router",
+    "router_types",
+]

@@ -32,7 +32,8 @@ class FakeResolver:
     def add(self, name: str, rtype: str, *values: object, ttl: int | None = None) -> FakeResolver:
         for value in values:
             self.records.setdefault(name.lower().rstrip("."), []).append(
-                (getattr(dns, rtype), value, self.ttl if ttl is None else ttl))
+                (getattr(dns, rtype), value, self.ttl if ttl is None else ttl)
+            )
         return self
 
     def fail(self, name: str, rtype: str, error: Exception) -> FakeResolver:
@@ -49,7 +50,9 @@ class FakeResolver:
             payload = dns.Record_AAAA(value, ttl=ttl)
         elif qtype == dns.CNAME:
             payload = dns.Record_CNAME(value, ttl=ttl)
-        elif qtype == dns.TXT:  # a str is one string; a tuple of them, several (concatenated by readers)
+        elif (
+            qtype == dns.TXT
+        ):  # a str is one string; a tuple of them, several (concatenated by readers)
             strings = (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
             payload = dns.Record_TXT(*(v.encode() for v in strings), ttl=ttl)
         else:

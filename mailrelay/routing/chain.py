@@ -30,8 +30,13 @@ def checked(route: Route) -> Route:
         try:
             parse_mailbox(route.recipient)
         except PathError as e:
-            raise TemporaryFailure(Reply(451, "4.3.5", f"the router rewrote the recipient to a bad address "
-                                                       f"({e}): {route.recipient!r}")) from None
+            raise TemporaryFailure(
+                Reply(
+                    451,
+                    "4.3.5",
+                    f"the router rewrote the recipient to a bad address ({e}): {route.recipient!r}",
+                )
+            ) from None
     return route
 
 
@@ -79,8 +84,9 @@ class RouterChain:
                     return defer.fail()
         return self._unanswered(recipient)
 
-    def _answered(self, answer: Route | None, recipient: str, envelope: Envelope,
-                  index: int) -> Route | defer.Deferred[Route]:
+    def _answered(
+        self, answer: Route | None, recipient: str, envelope: Envelope, index: int
+    ) -> Route | defer.Deferred[Route]:
         if answer is not None:
             return checked(answer)
         return self._ask(recipient, envelope, index + 1)
@@ -93,5 +99,9 @@ class RouterChain:
     def close(self) -> defer.Deferred[None]:
         """Release what the routers hold (LDAP connections): calls each router's optional
         ``close()`` (which may return a Deferred). For the service's shutdown and route reloads."""
-        closing = [defer.maybeDeferred(r.close) for r in self.routers if callable(getattr(r, "close", None))]
+        closing = [
+            defer.maybeDeferred(r.close)
+            for r in self.routers
+            if callable(getattr(r, "close", None))
+        ]
         return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)

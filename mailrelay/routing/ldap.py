@@ -87,20 +87,27 @@ def escape_filter_value(value: str) -> str:
 def make_filter(template: str, address: str) -> str:
     """The search filter for ``address`` (``local@domain`` or the catch-all ``@domain``)."""
     local, _, domain = address.rpartition("@")
-    return template.format(address=escape_filter_value(address), local=escape_filter_value(local),
-                           domain=escape_filter_value(domain))
+    return template.format(
+        address=escape_filter_value(address),
+        local=escape_filter_value(local),
+        domain=escape_filter_value(domain),
+    )
 
 
 def parse_filter_template(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("(") or not value.endswith(")"):
-        raise ValueError("must be an LDAP filter in parentheses, e.g. '(mailLocalAddress={address})'")
+        raise ValueError(
+            "must be an LDAP filter in parentheses, e.g. '(mailLocalAddress={address})'"
+        )
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
     except ValueError as e:
         raise ValueError(f"{value!r}: {e}") from None
     unknown = fields - _FILTER_FIELDS
     if unknown:
-        raise ValueError(f"{value!r}: unknown field {sorted(unknown)[0]!r} (known: address, domain, local)")
+        raise ValueError(
+            f"{value!r}: unknown field {sorted(unknown)[0]!r} (known: address, domain, local)"
+        )
     if not fields:
         raise ValueError(f"{value!r}: must use {{address}} (or {{local}} and {{domain}})")
     return value
@@ -159,10 +166,18 @@ class LDAPDirectory:
         errors = []
         for uri in self.uris:
             # a fresh Server each time: ldap3 remembers an address that failed as unusable
-            server = ldap3.Server(uri, get_info=ldap3.NONE, connect_timeout=self.timeout, tls=self.tls)
-            conn = ldap3.Connection(server, user=self.bind_dn, password=self.bind_password,
-                                    receive_timeout=self.timeout, read_only=True, raise_exceptions=True,
-                                    auto_escape=False)
+            server = ldap3.Server(
+                uri, get_info=ldap3.NONE, connect_timeout=self.timeout, tls=self.tls
+            )
+            conn = ldap3.Connection(
+                server,
+                user=self.bind_dn,
+                password=self.bind_password,
+                receive_timeout=self.timeout,
+                read_only=True,
+                raise_exceptions=True,
+                auto_escape=False,
+            )
             try:
                 conn.open()
                 if self.starttls:
@@ -186,22 +201,33 @@ class LDAPDirectory:
             try:
                 if conn is None:
                     conn = self._open()
-                conn.search(self.base, query, search_scope=ldap3.SUBTREE, attributes=self.attributes)
+                conn.search(
+                    self.base, query, search_scope=ldap3.SUBTREE, attributes=self.attributes
+                )
                 # raw values: without the schema ldap3 cannot tell single- from multi-valued
-                entries = [{name: [v.decode("utf-8", "replace") for v in values]
-                            for name, values in e["raw_attributes"].items()}
-                           for e in conn.response if e.get("type") == "searchResEntry"]
+                entries = [
+                    {
+                        name: [v.decode("utf-8", "replace") for v in values]
+                        for name, values in e["raw_attributes"].items()
+                    }
+                    for e in conn.response
+                    if e.get("type") == "searchResEntry"
+                ]
             except ldap3.core.exceptions.LDAPNoSuchObjectResult:
                 # the base itself is not there (or not visible to this bind): a configuration or
                 # access problem, never "no such user" — that would refuse every recipient
                 with self._lock:
                     self._idle.append(conn)
-                raise DirectoryUnavailable(f"search base {self.base!r} not found (wrong base or bind?)") from None
+                raise DirectoryUnavailable(
+                    f"search base {self.base!r} not found (wrong base or bind?)"
+                ) from None
             except DirectoryUnavailable:
                 raise
             except (ldap3.core.exceptions.LDAPException, OSError) as e:
                 _close(conn)
-                if attempt == 2 or isinstance(e, ldap3.core.exceptions.LDAPInvalidCredentialsResult):
+                if attempt == 2 or isinstance(
+                    e, ldap3.core.exceptions.LDAPInvalidCredentialsResult
+                ):
                     raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from None
                 continue
             with self._lock:
@@ -270,7 +296,10 @@ class LDAPRouter:
         self.catch_all = catch_all
         self.missing = missing
         self.port = port
-        self.routing_attribute, self.host_attribute = routing_attribute.lower(), host_attribute.lower()
+        self.routing_attribute, self.host_attribute = (
+            routing_attribute.lower(),
+            host_attribute.lower(),
+        )
         self.tls = tls
         self.positive_ttl, self.negative_ttl = positive_ttl, negative_ttl
         self._cache: dict[str, tuple[_Found, float]] = {}
@@ -279,7 +308,9 @@ class LDAPRouter:
     def __repr__(self) -> str:
         return f"LDAPRouter(domains={list(self.domains)!r}, missing={self.missing!r})"
 
-    def route(self, recipient: str, envelope: Envelope | None) -> defer.Deferred[Route | None] | None:
+    def route(
+        self, recipient: str, envelope: Envelope | None
+    ) -> defer.Deferred[Route | None] | None:
         local, domain = split(recipient)
         if not domain or not self.matches(domain):
             return None
@@ -341,14 +372,19 @@ class LDAPRouter:
             entries = await self.run_blocking(self.directory.search, address)
         except DirectoryUnavailable as e:
             log.warn("LDAP lookup of {address} failed: {error}", address=address, error=str(e))
-            raise TemporaryFailure(Reply(451, "4.4.3", "directory unavailable; will retry")) from None
+            raise TemporaryFailure(
+                Reply(451, "4.4.3", "directory unavailable; will retry")
+            ) from None
         if not entries:
             return _Found(False)
         if len(entries) > 1:
             raise TemporaryFailure(Reply(451, "4.3.0", f"<{address}>: ambiguous directory entry"))
         attributes = {name.lower(): values for name, values in entries[0].items()}
-        return _Found(True, _first(attributes.get(self.routing_attribute)),
-                      _first(attributes.get(self.host_attribute)))
+        return _Found(
+            True,
+            _first(attributes.get(self.routing_attribute)),
+            _first(attributes.get(self.host_attribute)),
+        )
 
     async def _to_host(self, mail_host: str) -> Route:
         host = mail_host.strip().rstrip(".")
@@ -367,7 +403,9 @@ class LDAPRouter:
 
     async def _to_domain(self, domain: str) -> Route:
         if self.next_hop is None:
-            raise PermanentFailure(Reply(550, "5.4.4", f"no mail host for {domain} and no MX routing"))
+            raise PermanentFailure(
+                Reply(550, "5.4.4", f"no mail host for {domain} and no MX routing")
+            )
         route = await self.next_hop.route_domain(domain)
         return attrs.evolve(route, tls=self.tls)
 
@@ -395,7 +433,9 @@ class LDAPRouter:
         host_attribute = s.get("host_attribute", "mailHost", types=str)
         timeout = s.get("timeout", 5.0, parse_duration)
         starttls = s.get("starttls", False, types=bool)
-        tls_ca_file = s.get("tls_ca_file", None, ca_file_option)  # read now, not at the first connection
+        tls_ca_file = s.get(
+            "tls_ca_file", None, ca_file_option
+        )  # read now, not at the first connection
         nameservers = s.get_list("nameservers", (), _nameserver)
         port = s.get("port", 25, _port)
         router_options: dict[str, Any] = dict(
@@ -412,9 +452,17 @@ class LDAPRouter:
         s.check_unknown()
         if context.threadpool is None:
             raise s.error("uri", "the ldap router needs a thread pool (RouterContext.threadpool)")
-        directory = LDAPDirectory(uris, base, bind_dn, bind_password, filter_template=filter_template,
-                                  attributes=(routing_attribute, host_attribute), starttls=starttls,
-                                  tls_ca_file=tls_ca_file, timeout=timeout)
+        directory = LDAPDirectory(
+            uris,
+            base,
+            bind_dn,
+            bind_password,
+            filter_template=filter_template,
+            attributes=(routing_attribute, host_attribute),
+            starttls=starttls,
+            tls_ca_file=tls_ca_file,
+            timeout=timeout,
+        )
         resolver = context.resolver or make_resolver(nameservers, context.reactor)
         next_hop = MXRouter(resolver, context.reactor, port=port, random=context.random)
         threadpool, reactor = context.threadpool, context.reactor

@@ -134,7 +134,9 @@ def parse_policy(body: bytes | str, policy_id: str) -> Policy:
     try:
         mode = Mode(fields.get("mode"))
     except ValueError:
-        raise PolicyError(f"mode must be enforce, testing or none, not {fields.get('mode')!r}") from None
+        raise PolicyError(
+            f"mode must be enforce, testing or none, not {fields.get('mode')!r}"
+        ) from None
     age = fields.get("max_age", "")
     max_age = _ascii.number(age, 10)
     if max_age is None or max_age > MAX_AGE_LIMIT:
@@ -177,8 +179,15 @@ class PolicyCache:
     that is down does not slow every routing decision down by its timeout.
     """
 
-    def __init__(self, clock: IReactorTime, txt: TxtLookup, fetch: Fetch, *,
-                 negative_ttl: float = 60.0, retry_after: float = 60.0) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        txt: TxtLookup,
+        fetch: Fetch,
+        *,
+        negative_ttl: float = 60.0,
+        retry_after: float = 60.0,
+    ) -> None:
         self.clock, self.txt, self.fetch = clock, txt, fetch
         self.negative_ttl, self.retry_after = negative_ttl, retry_after
         self._state: dict[str, _State] = {}
@@ -191,7 +200,11 @@ class PolicyCache:
         if st is not None and st.txt_expires > now and not st.recheck:
             if st.policy is not None and st.policy_expires <= now:
                 st.policy = None
-            if st.txt_id is None or (st.policy is not None and st.policy.id == st.txt_id) or st.failed_until > now:
+            if (
+                st.txt_id is None
+                or (st.policy is not None and st.policy.id == st.txt_id)
+                or st.failed_until > now
+            ):
                 return defer.succeed(st.policy)
         waiter: defer.Deferred[Policy | None] = defer.Deferred()
         waiters = self._inflight.get(domain)
@@ -200,7 +213,12 @@ class PolicyCache:
             return waiter
         self._inflight[domain] = [waiter]
         d = defer.ensureDeferred(self._discover(domain))
-        d.addErrback(lambda f: (log.failure("MTA-STS discovery for {domain} failed", f, domain=domain), None)[1])
+        d.addErrback(
+            lambda f: (
+                log.failure("MTA-STS discovery for {domain} failed", f, domain=domain),
+                None,
+            )[1]
+        )
         d.addCallback(self._done, domain)
         return waiter
 
@@ -234,8 +252,12 @@ class PolicyCache:
             except dnserror.DNSNameError:
                 st.txt_id, st.txt_expires = None, now + self.negative_ttl
             except TemporaryFailure as e:
-                log.warn("MTA-STS: TXT lookup for {domain} failed ({reply}); using the cached policy: {policy}",
-                         domain=domain, reply=str(e.reply), policy=_describe(st.policy))
+                log.warn(
+                    "MTA-STS: TXT lookup for {domain} failed ({reply}); using the cached policy: {policy}",
+                    domain=domain,
+                    reply=str(e.reply),
+                    policy=_describe(st.policy),
+                )
                 return st.policy
         if st.txt_id is None:
             # No (valid) record: a cached policy stays in force until it expires (section 5.1);
@@ -250,17 +272,28 @@ class PolicyCache:
             policy = parse_policy(await self.fetch(domain), st.txt_id)
         except Exception as e:  # any failure of the fetch: keep what we had (section 5.1)
             st.failed_until = self.clock.seconds() + self.retry_after
-            log.warn("MTA-STS: policy of {domain} (id {id}) not fetched: {why}; using the cached policy: {policy}",
-                     domain=domain, id=st.txt_id, why=_reason(e), policy=_describe(st.policy))
+            log.warn(
+                "MTA-STS: policy of {domain} (id {id}) not fetched: {why}; using the cached policy: {policy}",
+                domain=domain,
+                id=st.txt_id,
+                why=_reason(e),
+                policy=_describe(st.policy),
+            )
             return st.policy
-        st.policy, st.policy_expires, st.failed_until = policy, self.clock.seconds() + policy.max_age, 0.0
+        st.policy, st.policy_expires, st.failed_until = (
+            policy,
+            self.clock.seconds() + policy.max_age,
+            0.0,
+        )
         log.info("MTA-STS: policy of {domain}: {policy}", domain=domain, policy=_describe(policy))
         return policy
 
     def _bound(self, now: float) -> None:
         if len(self._state) <= CACHE_LIMIT:
             return
-        for key in [k for k, v in self._state.items() if v.txt_expires <= now and v.policy_expires <= now]:
+        for key in [
+            k for k, v in self._state.items() if v.txt_expires <= now and v.policy_expires <= now
+        ]:
             del self._state[key]
         if len(self._state) > CACHE_LIMIT:
             for key in list(self._state)[: len(self._state) // 2]:
@@ -306,11 +339,21 @@ class _FixedAddress:
     """Endpoints to one address (found by our resolver), with TLS that checks ``hostname``."""
 
     def __init__(self, reactor: Any, address: str, port: int, tls: Any, timeout: float) -> None:
-        self.reactor, self.address, self.port, self.tls, self.timeout = reactor, address, port, tls, timeout
+        self.reactor, self.address, self.port, self.tls, self.timeout = (
+            reactor,
+            address,
+            port,
+            tls,
+            timeout,
+        )
 
     def endpointForURI(self, uri: Any) -> Any:  # noqa: N802 (Twisted's interface)
         tcp = TCP6ClientEndpoint if ":" in self.address else TCP4ClientEndpoint
-        return QuietEndpoint(wrapClientTLS(self.tls, tcp(self.reactor, self.address, self.port, timeout=self.timeout)))
+        return QuietEndpoint(
+            wrapClientTLS(
+                self.tls, tcp(self.reactor, self.address, self.port, timeout=self.timeout)
+            )
+        )
 
 
 class HTTPSFetcher:
@@ -323,8 +366,16 @@ class HTTPSFetcher:
     ``timeout`` seconds.
     """
 
-    def __init__(self, reactor: Any, addresses: Callable[[str], Awaitable[tuple[str, ...]]], *, port: int = 443,
-                 ca_file: str | None = None, timeout: float = 10.0, max_size: int = MAX_POLICY_SIZE) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        addresses: Callable[[str], Awaitable[tuple[str, ...]]],
+        *,
+        port: int = 443,
+        ca_file: str | None = None,
+        timeout: float = 10.0,
+        max_size: int = MAX_POLICY_SIZE,
+    ) -> None:
         self.reactor, self.addresses, self.port = reactor, addresses, port
         self.timeout, self.max_size = timeout, max_size
         self.trust = _PlatformAnd(load_trust_root(ca_file)) if ca_file else ssl.platformTrust()
@@ -357,8 +408,9 @@ class HTTPSFetcher:
 
     async def _get(self, host: str, address: str) -> bytes:
         tls = ssl.optionsForClientTLS(host, trustRoot=self.trust)
-        agent = Agent.usingEndpointFactory(self.reactor, _FixedAddress(self.reactor, address, self.port, tls,
-                                                                       self.timeout))
+        agent = Agent.usingEndpointFactory(
+            self.reactor, _FixedAddress(self.reactor, address, self.port, tls, self.timeout)
+        )
         url = self.url(host)
         response = await treq.get(url, agent=agent, allow_redirects=False, reactor=self.reactor)
         if response.code != 200:

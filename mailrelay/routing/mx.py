@@ -74,7 +74,9 @@ class _Resolved:
     expires: float = 0.0
 
 
-def bound_cache(cache: dict[Any, Any], expired: Callable[[Any], bool], limit: int = CACHE_LIMIT) -> None:
+def bound_cache(
+    cache: dict[Any, Any], expired: Callable[[Any], bool], limit: int = CACHE_LIMIT
+) -> None:
     """Keep a cache under ``limit`` entries: drop expired ones, then the oldest half if needed."""
     if len(cache) <= limit:
         return
@@ -86,7 +88,9 @@ def bound_cache(cache: dict[Any, Any], expired: Callable[[Any], bool], limit: in
 
 
 def temporary(domain: str, why: str) -> TemporaryFailure:
-    return TemporaryFailure(Reply(451, "4.4.3", f"DNS lookup for {domain} failed: {why}; will retry"))
+    return TemporaryFailure(
+        Reply(451, "4.4.3", f"DNS lookup for {domain} failed: {why}; will retry")
+    )
 
 
 def _text(name: object) -> str:
@@ -162,8 +166,9 @@ class MXRouter:
     def __repr__(self) -> str:
         return f"MXRouter(port={self.port}, domains={list(self.domains)!r})"
 
-
-    def route(self, recipient: str, envelope: Envelope | None) -> defer.Deferred[Route | None] | Route | None:
+    def route(
+        self, recipient: str, envelope: Envelope | None
+    ) -> defer.Deferred[Route | None] | Route | None:
         domain = split(recipient)[1]
         if not domain or not self.matches(domain):
             return None
@@ -180,19 +185,27 @@ class MXRouter:
         if self.mta_sts is None or _literal(domain) is not None:
             return d.addCallback(self._route, port)
         policy = self.mta_sts.policy(domain)  # in parallel with the MX lookup; never fails
-        return d.addCallback(lambda exchanges: policy.addCallback(
-            lambda p: self._apply(domain, exchanges, p, port)))
+        return d.addCallback(
+            lambda exchanges: policy.addCallback(lambda p: self._apply(domain, exchanges, p, port))
+        )
 
-    def _apply(self, domain: str, exchanges: tuple[Exchange, ...], policy: Policy | None, port: int) -> Route:
+    def _apply(
+        self, domain: str, exchanges: tuple[Exchange, ...], policy: Policy | None, port: int
+    ) -> Route:
         """The route under ``domain``'s MTA-STS policy (RFC 8461 sections 4 and 5)."""
         if policy is None or policy.mode is Mode.NONE:
             return self._route(exchanges, port)
         if policy.mode is Mode.TESTING:
             refused = [x.name for x in exchanges if not policy.allows(x.name)]
             if refused:
-                log.warn("MTA-STS testing policy {id} of {domain}: enforce would refuse MX {hosts} "
-                         "(not in {patterns}); delivering as usual", id=policy.id, domain=domain,
-                         hosts=", ".join(refused), patterns=", ".join(policy.mx))
+                log.warn(
+                    "MTA-STS testing policy {id} of {domain}: enforce would refuse MX {hosts} "
+                    "(not in {patterns}); delivering as usual",
+                    id=policy.id,
+                    domain=domain,
+                    hosts=", ".join(refused),
+                    patterns=", ".join(policy.mx),
+                )
             return self._route(exchanges, port)
         memo = self._sts_routes.get((domain, port))
         if memo is not None and memo[0] is exchanges and memo[1] is policy:
@@ -201,13 +214,28 @@ class MXRouter:
         if not allowed:
             self.mta_sts.recheck(domain)  # type: ignore[union-attr]  # section 5.1: look for a newer policy
             names = ", ".join(x.name for x in exchanges)
-            log.warn("MTA-STS enforce policy {id} of {domain} lists none of its MX hosts ({hosts}); "
-                     "mail waits", id=policy.id, domain=domain, hosts=names)
-            raise TemporaryFailure(Reply(451, "4.7.5", f"MTA-STS policy of {domain} (enforce) allows none of "
-                                                       f"its MX hosts ({names}); will retry"))
+            log.warn(
+                "MTA-STS enforce policy {id} of {domain} lists none of its MX hosts ({hosts}); "
+                "mail waits",
+                id=policy.id,
+                domain=domain,
+                hosts=names,
+            )
+            raise TemporaryFailure(
+                Reply(
+                    451,
+                    "4.7.5",
+                    f"MTA-STS policy of {domain} (enforce) allows none of "
+                    f"its MX hosts ({names}); will retry",
+                )
+            )
         if len(allowed) < len(exchanges):
-            log.info("MTA-STS enforce policy {id} of {domain}: MX {hosts} not listed, not used", id=policy.id,
-                     domain=domain, hosts=", ".join(x.name for x in exchanges if x not in allowed))
+            log.info(
+                "MTA-STS enforce policy {id} of {domain}: MX {hosts} not listed, not used",
+                id=policy.id,
+                domain=domain,
+                hosts=", ".join(x.name for x in exchanges if x not in allowed),
+            )
         route = attrs.evolve(self._build_route(allowed, port), tls=TLSPolicy.VERIFY)
         self._sts_routes[(domain, port)] = (exchanges, policy, route)
         bound_cache(self._sts_routes, lambda v: False)
@@ -218,6 +246,7 @@ class MXRouter:
 
         Raises ``DNSNameError`` for NXDOMAIN and ``TemporaryFailure`` when DNS does not answer.
         """
+
         async def lookup() -> tuple[tuple[str, ...], float]:
             records, ttls = await self._lookup(normalise_domain(name), dns.TXT)
             texts = tuple(b"".join(r.payload.data).decode("utf-8", "replace") for r in records)
@@ -227,6 +256,7 @@ class MXRouter:
 
     def addresses(self, name: str) -> defer.Deferred[tuple[str, ...]]:
         """Every address of host ``name`` (by ``prefer``); raises when DNS does not answer."""
+
         async def lookup() -> tuple[str, ...]:
             result = await self._host(normalise_domain(name))
             if isinstance(result, Exception):
@@ -245,7 +275,9 @@ class MXRouter:
             addresses, _ = result
             if not addresses:
                 raise PermanentFailure(Reply(550, "5.4.4", f"host {name} has no address"))
-            return self._route((Exchange(0, name, addresses),), port if port is not None else self.port)
+            return self._route(
+                (Exchange(0, name, addresses),), port if port is not None else self.port
+            )
 
         return d.addCallback(hops)
 
@@ -333,21 +365,28 @@ class MXRouter:
         try:
             records, ttls = await self._lookup(domain, dns.MX)
         except dnserror.DNSNameError:
-            return _Resolved(failure=PermanentFailure(
-                Reply(550, "5.1.2", f"domain {domain} does not exist (NXDOMAIN)")),
-                expires=now + self.negative_ttl)
+            return _Resolved(
+                failure=PermanentFailure(
+                    Reply(550, "5.1.2", f"domain {domain} does not exist (NXDOMAIN)")
+                ),
+                expires=now + self.negative_ttl,
+            )
         mxs = [(r.payload.preference, _text(r.payload.name)) for r in records]
         if any(name in ("", ".") for _, name in mxs):
             # RFC 7505: a null MX says the domain accepts no mail; never fall back to A/AAAA.
-            return _Resolved(failure=PermanentFailure(
-                Reply(556, "5.1.10", f"domain {domain} accepts no mail (null MX)")),
-                expires=now + self._ttl(ttls))
+            return _Resolved(
+                failure=PermanentFailure(
+                    Reply(556, "5.1.10", f"domain {domain} accepts no mail (null MX)")
+                ),
+                expires=now + self._ttl(ttls),
+            )
         implicit = not mxs
         if implicit:
             mxs = [(0, domain)]
         try:
             results = await defer.gatherResults(
-                [defer.ensureDeferred(self._host(name)) for _, name in mxs], consumeErrors=True)
+                [defer.ensureDeferred(self._host(name)) for _, name in mxs], consumeErrors=True
+            )
         except defer.FirstError as e:
             e.subFailure.raiseException()
         exchanges = []
@@ -364,8 +403,14 @@ class MXRouter:
             return _Resolved(tuple(exchanges), expires=now + self._ttl(ttls))
         if temporary_errors:
             raise temporary_errors[0]
-        what = f"{domain} has no MX and no address" if implicit else f"no MX host of {domain} has an address"
-        return _Resolved(failure=PermanentFailure(Reply(550, "5.4.4", what)), expires=now + self.negative_ttl)
+        what = (
+            f"{domain} has no MX and no address"
+            if implicit
+            else f"no MX host of {domain} has an address"
+        )
+        return _Resolved(
+            failure=PermanentFailure(Reply(550, "5.4.4", what)), expires=now + self.negative_ttl
+        )
 
     async def _host(self, name: str) -> tuple[tuple[str, ...], list[int]] | Exception:
         """All A and AAAA addresses of one MX host; the (temporary) error when DNS would not say.
@@ -378,7 +423,9 @@ class MXRouter:
         lookups = [self._lookup(name, dns.A), self._lookup(name, dns.AAAA)]
         if self.prefer == "ipv6":
             lookups.reverse()
-        results = await defer.DeferredList([defer.ensureDeferred(c) for c in lookups], consumeErrors=True)
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(c) for c in lookups], consumeErrors=True
+        )
         addresses: list[str] = []
         ttls: list[int] = []
         failures = []
@@ -398,8 +445,12 @@ class MXRouter:
 
         Raises ``DNSNameError`` for NXDOMAIN, ``TemporaryFailure`` for anything that may pass.
         """
-        method = {dns.MX: self.resolver.lookupMailExchange, dns.A: self.resolver.lookupAddress,
-                  dns.AAAA: self.resolver.lookupIPV6Address, dns.TXT: self.resolver.lookupText}[qtype]
+        method = {
+            dns.MX: self.resolver.lookupMailExchange,
+            dns.A: self.resolver.lookupAddress,
+            dns.AAAA: self.resolver.lookupIPV6Address,
+            dns.TXT: self.resolver.lookupText,
+        }[qtype]
         ttls: list[int] = []
         target = name
         for _ in range(MAX_CNAME_DEPTH):
@@ -407,8 +458,14 @@ class MXRouter:
                 answers, _authority, _additional = await method(target)
             except dnserror.DNSNameError:
                 raise
-            except (dnserror.DNSServerError, dnserror.DNSQueryRefusedError, dnserror.DNSFormatError,
-                    dnserror.DNSNotImplementedError, dnserror.DNSUnknownError, defer.TimeoutError) as e:
+            except (
+                dnserror.DNSServerError,
+                dnserror.DNSQueryRefusedError,
+                dnserror.DNSFormatError,
+                dnserror.DNSNotImplementedError,
+                dnserror.DNSUnknownError,
+                defer.TimeoutError,
+            ) as e:
                 raise temporary(name, _describe(e)) from None
             except OSError as e:
                 raise temporary(name, str(e)) from None
@@ -471,14 +528,22 @@ class MXRouter:
             resolver = make_resolver(nameservers, context.reactor, timeout)
         router = cls(resolver, context.reactor, random=context.random, **router_options)
         if mta_sts:
-            fetch = HTTPSFetcher(context.reactor, router.addresses, port=sts_port, ca_file=sts_ca_file,
-                                 timeout=sts_timeout)
-            router.mta_sts = PolicyCache(context.reactor, router.txt, fetch,
-                                         negative_ttl=router_options["negative_ttl"])
+            fetch = HTTPSFetcher(
+                context.reactor,
+                router.addresses,
+                port=sts_port,
+                ca_file=sts_ca_file,
+                timeout=sts_timeout,
+            )
+            router.mta_sts = PolicyCache(
+                context.reactor, router.txt, fetch, negative_ttl=router_options["negative_ttl"]
+            )
         return router
 
 
-def make_resolver(nameservers: Sequence[tuple[str, int]], reactor: Any, timeout: float = 5.0) -> client.Resolver:
+def make_resolver(
+    nameservers: Sequence[tuple[str, int]], reactor: Any, timeout: float = 5.0
+) -> client.Resolver:
     """A resolver asking exactly ``nameservers`` (or, if none, those in /etc/resolv.conf).
 
     Each query is tried twice (a third, then two thirds of ``timeout``) before it is temporary.

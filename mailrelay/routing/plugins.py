@@ -51,15 +51,23 @@ def load_factory(type_name: str, source: str, key: str) -> tuple[Callable[..., A
     ep = types.get(type_name)
     if ep is None:
         known = ", ".join(sorted(types)) or "none installed"
-        raise ConfigError(source, f"{key}.type", f"unknown router type {type_name!r} (known: {known})")
+        raise ConfigError(
+            source, f"{key}.type", f"unknown router type {type_name!r} (known: {known})"
+        )
     try:
         factory = ep.load()
     except Exception as e:  # an ImportError, or anything the plugin module raises at import
-        raise ConfigError(source, f"{key}.type",
-                          f"router type {type_name!r}: cannot load {_describe(ep)}: {type(e).__name__}: {e}") from e
+        raise ConfigError(
+            source,
+            f"{key}.type",
+            f"router type {type_name!r}: cannot load {_describe(ep)}: {type(e).__name__}: {e}",
+        ) from e
     if not callable(factory):
-        raise ConfigError(source, f"{key}.type",
-                          f"router type {type_name!r}: {_describe(ep)} is not callable (an IRouterFactory)")
+        raise ConfigError(
+            source,
+            f"{key}.type",
+            f"router type {type_name!r}: {_describe(ep)} is not callable (an IRouterFactory)",
+        )
     return factory, ep
 
 
@@ -71,14 +79,20 @@ def build_one(route: RouteConfig, context: RouterContext) -> IRouter:
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(context.source, route.key,
-                          f"router type {route.type!r} ({_describe(ep)}) failed: {type(e).__name__}: {e}") from e
+        raise ConfigError(
+            context.source,
+            route.key,
+            f"router type {route.type!r} ({_describe(ep)}) failed: {type(e).__name__}: {e}",
+        ) from e
     try:
         verifyObject(IRouter, router)
     except Invalid as e:
-        raise ConfigError(context.source, f"{route.key}.type",
-                          f"router type {route.type!r}: {_describe(ep)} returned {router!r}, "
-                          f"which does not provide IRouter: {e}") from None
+        raise ConfigError(
+            context.source,
+            f"{route.key}.type",
+            f"router type {route.type!r}: {_describe(ep)} returned {router!r}, "
+            f"which does not provide IRouter: {e}",
+        ) from None
     return router  # type: ignore[no-any-return]
 
 

@@ -87,7 +87,9 @@ def parse_rewrite(value: object) -> str:
         raise ValueError(f"{value!r}: {e}") from None
     unknown = fields - _REWRITE_FIELDS
     if unknown:
-        raise ValueError(f"{value!r}: unknown field {sorted(unknown)[0]!r} (known: address, domain, local)")
+        raise ValueError(
+            f"{value!r}: unknown field {sorted(unknown)[0]!r} (known: address, domain, local)"
+        )
     return value
 
 
@@ -123,7 +125,10 @@ class StaticRouter:
         self.rewrite = parse_rewrite(rewrite) if rewrite is not None else None
 
     def __repr__(self) -> str:
-        hops = ", ".join(f"{h.host}:{h.port}" for h in self.route_.hops) or f"maildir {self.route_.maildir}"
+        hops = (
+            ", ".join(f"{h.host}:{h.port}" for h in self.route_.hops)
+            or f"maildir {self.route_.maildir}"
+        )
         return f"StaticRouter({list(self.domains)!r} -> {hops})"
 
     def route(self, recipient: str, envelope: Envelope) -> Route | None:
@@ -147,7 +152,9 @@ class StaticRouter:
         if maildir is not None:
             for key in _NETWORK_KEYS:
                 if key in options:
-                    raise s.error(key, "not with 'maildir': a maildir route delivers locally, to no host")
+                    raise s.error(
+                        key, "not with 'maildir': a maildir route delivers locally, to no host"
+                    )
             s.check_unknown()
             return cls(domains, Route(hops=(), maildir=maildir), rewrite)
         port = s.get("port", 25, _port)

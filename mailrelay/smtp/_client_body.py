@@ -21,8 +21,14 @@ class BodyProducer:
     seconds.
     """
 
-    def __init__(self, client: Any, body: IO[bytes], first: bytes,
-                 transform: Callable[[bytes], bytes], finish: Callable[[], bytes]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        body: IO[bytes],
+        first: bytes,
+        transform: Callable[[bytes], bytes],
+        finish: Callable[[], bytes],
+    ) -> None:
         self.client, self.body, self.first = client, body, first
         self.transform, self.finish = transform, finish
         self.done: defer.Deferred[ClientFailure | None] = defer.Deferred()

@@ -56,8 +56,15 @@ class ClientFailure(Exception):
     accepted RCPT.
     """
 
-    def __init__(self, stage: str, reason: str, reply: Reply | None = None,
-                 replies: Sequence[Reply | None] = (), *, final: bool = False) -> None:
+    def __init__(
+        self,
+        stage: str,
+        reason: str,
+        reply: Reply | None = None,
+        replies: Sequence[Reply | None] = (),
+        *,
+        final: bool = False,
+    ) -> None:
         super().__init__(f"{stage}: {reason}")
         self.stage, self.reason, self.reply = stage, reason, reply
         self.replies = list(replies)

@@ -83,7 +83,9 @@ class ReplyParser:
         if not 200 <= code <= 599:
             raise ReplyError(f"reply code {code} out of range")
         if self._code is not None and code != self._code:
-            raise ReplyError(f"reply code changed from {self._code} to {code} within a multiline reply")
+            raise ReplyError(
+                f"reply code changed from {self._code} to {code} within a multiline reply"
+            )
         self._code = code
         self._lines.append(raw[4:].decode("utf-8", "replace"))
         if len(self._lines) > MAX_REPLY_LINES:
@@ -100,8 +102,10 @@ def _make_reply(code: int, lines: list[str]) -> Reply:
     if m and m.group(1) == str(code)[0]:
         enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
         prefix = enhanced + " "
-        lines = [ln[len(prefix):] if ln.startswith(prefix) else (
-            "" if ln == enhanced else ln) for ln in lines]
+        lines = [
+            ln[len(prefix) :] if ln.startswith(prefix) else ("" if ln == enhanced else ln)
+            for ln in lines
+        ]
     return Reply(code, enhanced, "\n".join(lines))
 
 
@@ -176,11 +180,15 @@ def normalise_crlf(chunk: bytes, pending_cr: bool) -> tuple[bytes, bool]:
 
 def xtext(value: str) -> str:
     """RFC 3461 xtext: ``+`` and ``=`` and anything outside ``!``..``~`` as ``+XX``."""
-    return "".join(c if "!" <= c <= "~" and c not in "+=" else "".join(
-        f"+{b:02X}" for b in c.encode()) for c in value)
+    return "".join(
+        c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+        for c in value
+    )
 
 
-def mail_params(envelope: Envelope, size: int | None, ext: Mapping[str, str], extra: Sequence[str] = ()) -> str:
+def mail_params(
+    envelope: Envelope, size: int | None, ext: Mapping[str, str], extra: Sequence[str] = ()
+) -> str:
     """The MAIL FROM parameters the peer's extensions allow (unknown ones are dropped, never sent)."""
     params = []
     if size is not None and "SIZE" in ext:
@@ -206,5 +214,7 @@ def rcpt_params(rcpt: Recipient, ext: Mapping[str, str]) -> str:
             params.append("NOTIFY=" + ",".join(rcpt.notify))
         if rcpt.orcpt:
             kind, sep, addr = rcpt.orcpt.partition(";")
-            params.append(f"ORCPT={kind};{xtext(addr)}" if sep else f"ORCPT=rfc822;{xtext(rcpt.orcpt)}")
+            params.append(
+                f"ORCPT={kind};{xtext(addr)}" if sep else f"ORCPT=rfc822;{xtext(rcpt.orcpt)}"
+            )
     return "".join(" " + p for p in params)

@@ -16,7 +16,11 @@ from twisted.internet import tcp
 
 def direct_socket(transport: Any) -> socket.socket | None:
     """The socket to write to directly: only a plain (not TLS) Twisted TCP connection has one."""
-    if isinstance(transport, tcp.Connection) and not transport.TLS and hasattr(transport, "_tempDataBuffer"):
+    if (
+        isinstance(transport, tcp.Connection)
+        and not transport.TLS
+        and hasattr(transport, "_tempDataBuffer")
+    ):
         return transport.socket  # type: ignore[no-any-return]
     return None
 
@@ -24,8 +28,13 @@ def direct_socket(transport: Any) -> socket.socket | None:
 def write(transport: Any, sock: socket.socket | None, data: bytes) -> None:
     """Send ``data`` on ``sock`` now if the transport holds nothing unsent (so the order on the
     wire is kept); what the kernel does not take, and everything else, goes through the transport."""
-    if sock is not None and transport.connected and not transport.disconnecting \
-            and not transport.dataBuffer and not transport._tempDataBuffer:
+    if (
+        sock is not None
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
         try:
             sent = sock.send(data)
         except OSError:  # EAGAIN, or a dead connection: the transport finds out and reports it
@@ -40,8 +49,13 @@ def half_close(transport: Any, sock: socket.socket | None) -> bool:
     """Shut our sending side of ``sock`` now (a FIN after what was sent) if the transport holds
     nothing unsent; whether that is done. ``loseWriteConnection`` does the same a reactor turn
     later, after registering for writing, an empty ``send`` and unregistering: three system calls."""
-    if sock is None or not transport.connected or transport.disconnecting \
-            or transport.dataBuffer or transport._tempDataBuffer:
+    if (
+        sock is None
+        or not transport.connected
+        or transport.disconnecting
+        or transport.dataBuffer
+        or transport._tempDataBuffer
+    ):
         return False
     try:
         sock.shutdown(socket.SHUT_WR)

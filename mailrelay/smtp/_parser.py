@@ -384,7 +384,8 @@ _ATOM_ASCII = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
 _QUOTED_ASCII = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
 _LABEL_ASCII = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
 _MAILBOX_ASCII_RE = re.compile(
-    rf"({_ATOM_ASCII}(?:\.{_ATOM_ASCII})*|{_QUOTED_ASCII})@({_LABEL_ASCII}(?:\.{_LABEL_ASCII})*|{_LITERAL})")
+    rf"({_ATOM_ASCII}(?:\.{_ATOM_ASCII})*|{_QUOTED_ASCII})@({_LABEL_ASCII}(?:\.{_LABEL_ASCII})*|{_LITERAL})"
+)
 _ATOM_ASCII_RE = re.compile(_ATOM_ASCII)
 _KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _VALUE_RE = re.compile(rf"(?:[\x21-\x3c\x3e-\x7e]|{_NA})+")
@@ -465,7 +466,8 @@ def parse_mailbox(text: str) -> Path:
             except DomainError:
                 raise PathError("invalid domain name", syntax=False) from None
         if len(ascii_domain) > 63 and (
-                len(ascii_domain) > 255 or any(len(label) > 63 for label in ascii_domain.split("."))):
+            len(ascii_domain) > 255 or any(len(label) > 63 for label in ascii_domain.split("."))
+        ):
             raise PathError("domain name too long", syntax=False)
     # unquoted, the local part matched the dot-string form already: nothing to requote
     return Path(f"{_quote(local) if quoted else local}@{domain}", local, domain, quoted)

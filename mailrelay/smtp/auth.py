@@ -29,7 +29,9 @@ SCHEME = "pbkdf2-sha256"
 DEFAULT_ITERATIONS = 200_000
 
 
-def hash_password(password: str, iterations: int = DEFAULT_ITERATIONS, salt: bytes | None = None) -> str:
+def hash_password(
+    password: str, iterations: int = DEFAULT_ITERATIONS, salt: bytes | None = None
+) -> str:
     """``$pbkdf2-sha256$<iterations>$<salt b64>$<hash b64>``."""
     salt = salt if salt is not None else os.urandom(16)
     digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
@@ -44,7 +46,9 @@ def verify_password(password: str, stored: str) -> bool:
         if scheme != SCHEME:
             return False
         expected = base64.b64decode(digest)
-        got = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), base64.b64decode(salt), int(iterations))
+        got = hashlib.pbkdf2_hmac(
+            "sha256", password.encode("utf-8"), base64.b64decode(salt), int(iterations)
+        )
     except (ValueError, binascii.Error):
         return False
     return hmac.compare_digest(expected, got)
@@ -93,10 +97,20 @@ class HashedPasswordFile:
         return username
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred[str]:
-        username = creds.username.decode("utf-8", "replace") if isinstance(creds.username, bytes) else creds.username
-        password = creds.password.decode("utf-8", "replace") if isinstance(creds.password, bytes) else creds.password
+        username = (
+            creds.username.decode("utf-8", "replace")
+            if isinstance(creds.username, bytes)
+            else creds.username
+        )
+        password = (
+            creds.password.decode("utf-8", "replace")
+            if isinstance(creds.password, bytes)
+            else creds.password
+        )
         if self._reactor is not None and self._threadpool is not None:
-            return threads.deferToThreadPool(self._reactor, self._threadpool, self._check, username, password)
+            return threads.deferToThreadPool(
+                self._reactor, self._threadpool, self._check, username, password
+            )
         return defer.maybeDeferred(self._check, username, password)
 
 
@@ -151,9 +165,14 @@ def main(argv: list[str] | None = None, prompt: Callable[[str], str] | None = No
     parser = argparse.ArgumentParser(
         prog="python -m mailrelay.smtp.auth",
         description="Ask for a password (without echo) and print its hash, for a 'user:hash' line "
-                    "of the [server] auth_password_file.")
-    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
-                        help=f"PBKDF2-SHA256 iterations (default {DEFAULT_ITERATIONS})")
+        "of the [server] auth_password_file.",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=DEFAULT_ITERATIONS,
+        help=f"PBKDF2-SHA256 iterations (default {DEFAULT_ITERATIONS})",
+    )
     args = parser.parse_args(argv)
     password = (prompt or getpass.getpass)("Password: ")
     print(hash_password(password, args.iterations))

@@ -71,8 +71,14 @@ class SMTPClientProtocol(Protocol):
 
     _socket: Any = None  # written to directly while the connection is plain TCP (smtp._direct)
 
-    def __init__(self, helo_name: str, clock: IReactorTime, timeouts: ClientTimeouts | None = None,
-                 *, lmtp: bool = False) -> None:
+    def __init__(
+        self,
+        helo_name: str,
+        clock: IReactorTime,
+        timeouts: ClientTimeouts | None = None,
+        *,
+        lmtp: bool = False,
+    ) -> None:
         self.helo_name = helo_name
         # LMTP (RFC 2033): LHLO instead of EHLO, no BDAT, and after the final dot one reply per
         # accepted recipient (a mailbox can be full while the others are delivered).
@@ -129,7 +135,9 @@ class SMTPClientProtocol(Protocol):
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._linger = None
-        failure = self._failure or ClientFailure(self._stage(), f"lost connection: {reason.getErrorMessage()}")
+        failure = self._failure or ClientFailure(
+            self._stage(), f"lost connection: {reason.getErrorMessage()}"
+        )
         self._fail_waiting(failure)
         if self._producer is not None:
             self._producer.stop(failure)
@@ -154,9 +162,15 @@ class SMTPClientProtocol(Protocol):
         """The SIZE the peer declared (``0``, absent or not ASCII digits: no declared limit → ``None``)."""
         return _ascii.number(self.extensions.get("SIZE", ""), 20) or None
 
-    def send(self, envelope: Envelope, recipients: Sequence[Recipient], body: IO[bytes],
-             size: int | None = None, extra_mail_params: Sequence[str] = (),
-             reset: bool = False) -> defer.Deferred[list[Reply]]:
+    def send(
+        self,
+        envelope: Envelope,
+        recipients: Sequence[Recipient],
+        body: IO[bytes],
+        size: int | None = None,
+        extra_mail_params: Sequence[str] = (),
+        reset: bool = False,
+    ) -> defer.Deferred[list[Reply]]:
         """One transaction: a ``Reply`` per recipient, in order.
 
         A failed RCPT gives its own reply; the others get DATA's reply (or the one after the final
@@ -169,7 +183,10 @@ class SMTPClientProtocol(Protocol):
             return defer.fail(ClientFailure("mail", f"session not ready ({self.state.value})"))
         self._to(ClientState.BUSY)
         return defer.Deferred.fromCoroutine(
-            self._transaction(envelope, list(recipients), body, size, list(extra_mail_params), reset))
+            self._transaction(
+                envelope, list(recipients), body, size, list(extra_mail_params), reset
+            )
+        )
 
     def when_closed(self) -> defer.Deferred[None]:
         """A new Deferred firing with ``None`` once the connection is gone."""
@@ -190,13 +207,20 @@ class SMTPClientProtocol(Protocol):
         """Drop the connection now (no QUIT)."""
         self._abort(ClientFailure(self._stage(), reason))
 
-    def command(self, line: bytes, stage: str, timeout: float | None = None,
-                on_reply: Callable[[Reply], None] | None = None) -> defer.Deferred[Result]:
+    def command(
+        self,
+        line: bytes,
+        stage: str,
+        timeout: float | None = None,
+        on_reply: Callable[[Reply], None] | None = None,
+    ) -> defer.Deferred[Result]:
         """Write one command line and wait for its reply (a ``Reply`` or a ``ClientFailure`` value).
 
         For the session-level extras (STARTTLS, AUTH) driven from outside this module.
         """
-        return self._command(line, stage, self.timeouts.command if timeout is None else timeout, on_reply)
+        return self._command(
+            line, stage, self.timeouts.command if timeout is None else timeout, on_reply
+        )
 
     def ehlo(self) -> defer.Deferred[Reply]:
         """EHLO again (after STARTTLS or AUTH): refreshes ``extensions``. Fails with ``ClientFailure``."""
@@ -220,7 +244,9 @@ class SMTPClientProtocol(Protocol):
             return True
         if state not in TRANSITIONS[self.state]:
             if self.state not in (ClientState.QUITTING, ClientState.CLOSED):
-                raise RuntimeError(f"SMTP client: no transition {self.state.value} -> {state.value}")
+                raise RuntimeError(
+                    f"SMTP client: no transition {self.state.value} -> {state.value}"
+                )
             return False
         self.state = state
         return True
@@ -246,15 +272,21 @@ class SMTPClientProtocol(Protocol):
             self.ready.callback(reply)
 
     async def _ehlo(self) -> Reply:
-        name = (self.helo_name if self.helo_name.isascii() else canonical_domain(self.helo_name)).encode()
+        name = (
+            self.helo_name if self.helo_name.isascii() else canonical_domain(self.helo_name)
+        ).encode()
         verb = b"LHLO " if self.lmtp else b"EHLO "
-        reply = await self._expect(self._command(verb + name + b"\r\n", "ehlo", self.timeouts.command))
+        reply = await self._expect(
+            self._command(verb + name + b"\r\n", "ehlo", self.timeouts.command)
+        )
         if reply.code == 250:
             self.esmtp = True
             self.extensions = parse_ehlo(reply)
             return reply
         if reply.is_permanent and not self.esmtp and not self.lmtp:
-            reply = await self._expect(self._command(b"HELO " + name + b"\r\n", "helo", self.timeouts.command))
+            reply = await self._expect(
+                self._command(b"HELO " + name + b"\r\n", "helo", self.timeouts.command)
+            )
             if reply.code == 250:
                 self.extensions = {}
                 return reply
@@ -264,8 +296,15 @@ class SMTPClientProtocol(Protocol):
     def _encode(self, text: str) -> bytes:
         return text.encode("utf-8") if not text.isascii() else text.encode("ascii")
 
-    async def _transaction(self, envelope: Envelope, rcpts: list[Recipient], body: IO[bytes],
-                           size: int | None, extra: list[str], reset: bool) -> list[Reply]:
+    async def _transaction(
+        self,
+        envelope: Envelope,
+        rcpts: list[Recipient],
+        body: IO[bytes],
+        size: int | None,
+        extra: list[str],
+        reset: bool,
+    ) -> list[Reply]:
         try:
             return await self._transaction_steps(envelope, rcpts, body, size, extra, reset)
         finally:
@@ -290,20 +329,39 @@ class SMTPClientProtocol(Protocol):
         self._confused = True
         return Reply(451, "4.5.0", f"unexpected reply to {stage.upper()}: {r}")
 
-    async def _transaction_steps(self, envelope: Envelope, rcpts: list[Recipient], body: IO[bytes],
-                                 size: int | None, extra: list[str], reset: bool) -> list[Reply]:
+    async def _transaction_steps(
+        self,
+        envelope: Envelope,
+        rcpts: list[Recipient],
+        body: IO[bytes],
+        size: int | None,
+        extra: list[str],
+        reset: bool,
+    ) -> list[Reply]:
         t = self.timeouts
-        mail = self._encode(f"MAIL FROM:<{envelope.sender}>{mail_params(envelope, size, self.extensions, extra)}\r\n")
-        rcpt_lines = [self._encode(f"RCPT TO:<{r.address}>{rcpt_params(r, self.extensions)}\r\n") for r in rcpts]
+        mail = self._encode(
+            f"MAIL FROM:<{envelope.sender}>{mail_params(envelope, size, self.extensions, extra)}\r\n"
+        )
+        rcpt_lines = [
+            self._encode(f"RCPT TO:<{r.address}>{rcpt_params(r, self.extensions)}\r\n")
+            for r in rcpts
+        ]
         use_bdat = self._use_bdat(envelope, size)
         replies: list[Reply | None] = [None] * len(rcpts)
         data_reply: Result | None = None
 
         if self.pipelining:
-            batch = ([b"RSET\r\n"] if reset else []) + [mail] + rcpt_lines + ([] if use_bdat else [b"DATA\r\n"])
+            batch = (
+                ([b"RSET\r\n"] if reset else [])
+                + [mail]
+                + rcpt_lines
+                + ([] if use_bdat else [b"DATA\r\n"])
+            )
             self._write(b"".join(batch))
             specs = ([("rset", t.command)] if reset else []) + [("mail", t.command)]
-            specs += [("rcpt", t.command)] * len(rcpts) + ([] if use_bdat else [("data", t.data_init)])
+            specs += [("rcpt", t.command)] * len(rcpts) + (
+                [] if use_bdat else [("data", t.data_init)]
+            )
             got = await self._wait_many(specs)
             if not use_bdat:
                 data_reply = self._sane(got[-1], "data", go_ahead=True)
@@ -321,18 +379,22 @@ class SMTPClientProtocol(Protocol):
                 if go_ahead:
                     await self._finish_empty_data()
                 raise rejected("mail", mail_reply)
-            for i, r in enumerate(got[1:1 + len(rcpts)]):
+            for i, r in enumerate(got[1 : 1 + len(rcpts)]):
                 r = self._sane(r, "rcpt")
                 if isinstance(r, ClientFailure):
                     raise ClientFailure(r.stage, r.reason, None, replies)
                 replies[i] = r
         else:
             if reset:
-                rset = self._sane(await self._expect(self._command(b"RSET\r\n", "rset", t.command)), "rset")
+                rset = self._sane(
+                    await self._expect(self._command(b"RSET\r\n", "rset", t.command)), "rset"
+                )
                 assert isinstance(rset, Reply)
                 if not rset.is_success:
                     raise rejected("rset", rset)
-            mail_reply = self._sane(await self._expect(self._command(mail, "mail", t.command)), "mail")
+            mail_reply = self._sane(
+                await self._expect(self._command(mail, "mail", t.command)), "mail"
+            )
             assert isinstance(mail_reply, Reply)
             if not mail_reply.is_success:
                 raise rejected("mail", mail_reply)
@@ -342,7 +404,9 @@ class SMTPClientProtocol(Protocol):
                     raise ClientFailure(r.stage, r.reason, None, replies)
                 replies[i] = r
             if not use_bdat and any(r is not None and r.is_success for r in replies):
-                data_reply = self._sane(await self._command(b"DATA\r\n", "data", t.data_init), "data", True)
+                data_reply = self._sane(
+                    await self._command(b"DATA\r\n", "data", t.data_init), "data", True
+                )
 
         accepted = [i for i, r in enumerate(replies) if r is not None and r.is_success]
         if not accepted:
@@ -353,7 +417,9 @@ class SMTPClientProtocol(Protocol):
             return [r for r in replies if r is not None]
 
         if use_bdat:
-            final = await self._send_bdat(body, binary=envelope.body == "BINARYMIME")  # each reply checked there
+            final = await self._send_bdat(
+                body, binary=envelope.body == "BINARYMIME"
+            )  # each reply checked there
         else:
             if isinstance(data_reply, ClientFailure):
                 raise ClientFailure(data_reply.stage, data_reply.reason, None, replies)
@@ -371,7 +437,9 @@ class SMTPClientProtocol(Protocol):
             replies[i] = final
         return [r for r in replies if r is not None]
 
-    async def _lmtp_replies(self, first: Reply, accepted: list[int], replies: list[Reply | None]) -> list[Reply]:
+    async def _lmtp_replies(
+        self, first: Reply, accepted: list[int], replies: list[Reply | None]
+    ) -> list[Reply]:
         """RFC 2033 4.2: after the dot, one reply per accepted recipient, in RCPT order."""
         replies[accepted[0]] = first
         for k, i in enumerate(accepted[1:], 1):
@@ -429,7 +497,9 @@ class SMTPClientProtocol(Protocol):
                 data, pending = data + b"\r\n", False
             last = not nxt
             self._write(b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data)
-            waits.append(self._wait("bdat", self.timeouts.final if last else self.timeouts.data_block))
+            waits.append(
+                self._wait("bdat", self.timeouts.final if last else self.timeouts.data_block)
+            )
             if not self.pipelining or len(waits) > 4:
                 r = self._sane(await waits.pop(0), "bdat")
                 if isinstance(r, ClientFailure) or r.code != 250:
@@ -440,7 +510,9 @@ class SMTPClientProtocol(Protocol):
             chunk = nxt
         result: Result = Reply(250)
         for w in waits:
-            r = self._sane(await w, "bdat")  # a chunk's odd 2xx is a peer out of step, as at the end
+            r = self._sane(
+                await w, "bdat"
+            )  # a chunk's odd 2xx is a peer out of step, as at the end
             if isinstance(r, ClientFailure) or r.code != 250:
                 return r
             result = r
@@ -451,15 +523,21 @@ class SMTPClientProtocol(Protocol):
     def _write(self, data: bytes) -> None:
         _direct.write(self.transport, self._socket, data)
 
-    def _command(self, line: bytes, stage: str, timeout: float,
-                 on_reply: Callable[[Reply], None] | None = None) -> defer.Deferred[Result]:
+    def _command(
+        self,
+        line: bytes,
+        stage: str,
+        timeout: float,
+        on_reply: Callable[[Reply], None] | None = None,
+    ) -> defer.Deferred[Result]:
         if self.state is ClientState.CLOSED:
             return defer.succeed(self._failure or ClientFailure(stage, "connection closed"))
         self._write(line)
         return self._wait(stage, timeout, on_reply)
 
-    def _wait(self, stage: str, timeout: float, on_reply: Callable[[Reply], None] | None = None
-              ) -> defer.Deferred[Result]:
+    def _wait(
+        self, stage: str, timeout: float, on_reply: Callable[[Reply], None] | None = None
+    ) -> defer.Deferred[Result]:
         d: defer.Deferred[Result] = defer.Deferred()
         if self.state is ClientState.CLOSED:
             d.callback(self._failure or ClientFailure(stage, "connection closed"))
@@ -549,7 +627,11 @@ class SMTPClientProtocol(Protocol):
         """Close, and drop the connection if the peer does not take the close within ``quit``: a
         TLS close waits for the peer's close_notify (and any close for the peer to read what we
         sent), which a stalled next hop never gives; our connection must not wait for it forever."""
-        if self.state is ClientState.CLOSED or self._failure is not None or self._linger is not None:
+        if (
+            self.state is ClientState.CLOSED
+            or self._failure is not None
+            or self._linger is not None
+        ):
             return
         transport: Any = self.transport  # TCP or TLS: either can abort
         transport.loseConnection()

@@ -31,7 +31,11 @@ HTTP_COMMAND = Reply(502, "5.5.1", "Error: this is an SMTP server, not an HTTP p
 NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax error: no arguments allowed")
 HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO/EHLO hostname")
 TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
-TEXT_LINE_TOO_LONG = Reply(550, "5.6.0", "Error: message has a line longer than the limit (1000 octets by default); dropped")
+TEXT_LINE_TOO_LONG = Reply(
+    550,
+    "5.6.0",
+    "Error: message has a line longer than the limit (1000 octets by default); dropped",
+)
 BARE_NEWLINE_DATA = Reply(550, "5.6.0", "Error: bare <CR> or <LF> in message text; dropped")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")

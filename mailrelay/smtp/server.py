@@ -94,8 +94,14 @@ class SMTPServerProtocol(Protocol):
             server_port=our_port,
         )
         self.session = Session(
-            self.factory.settings, info, self.factory.sink, self.factory.policy, self.factory.reactor, self,
-            checker=self.factory.checker, auth_failures=self.factory.auth_failures,
+            self.factory.settings,
+            info,
+            self.factory.sink,
+            self.factory.policy,
+            self.factory.reactor,
+            self,
+            checker=self.factory.checker,
+            auth_failures=self.factory.auth_failures,
         )
         self.session.observer = self.factory.observer
         # bytes go straight to the session: one call less per read (the method below documents it)
@@ -121,9 +127,14 @@ class SMTPServerProtocol(Protocol):
             self._linger.cancel()
         self._linger = None
         session = self.session
-        log_info("disconnect from [{ip}]:{port} helo={helo} messages={messages} errors={errors}",
-                 ip=session.info.client_address, port=session.info.client_port, helo=session.info.helo,
-                 messages=session.info.messages, errors=session.errors)
+        log_info(
+            "disconnect from [{ip}]:{port} helo={helo} messages={messages} errors={errors}",
+            ip=session.info.client_address,
+            port=session.info.client_port,
+            helo=session.info.helo,
+            messages=session.info.messages,
+            errors=session.errors,
+        )
         session.connection_lost()
         self.factory.connection_closed(self.client_ip)
         self.factory.observer.connection_closed(session.info)
@@ -137,7 +148,8 @@ class SMTPServerProtocol(Protocol):
 
     def _arm(self, delay: float | None = None) -> None:
         self._timer = self.factory.reactor.callLater(
-            self.session.timeout if delay is None else delay, self._expired)
+            self.session.timeout if delay is None else delay, self._expired
+        )
 
     def _expired(self) -> None:
         self._timer = None
@@ -149,7 +161,9 @@ class SMTPServerProtocol(Protocol):
         if quiet < timeout:
             self._arm(timeout - quiet)
             return
-        log.info("timeout in session {id} from {ip}", id=self.session.info.session_id, ip=self.client_ip)
+        log.info(
+            "timeout in session {id} from {ip}", id=self.session.info.session_id, ip=self.client_ip
+        )
         self._silent = True
         self.session.timed_out()
 
@@ -288,7 +302,9 @@ class SMTPServerFactory(Factory):
         self.tls_options = tls_options
         self.checker = checker
         # AUTH failures per client address across sessions: 10 in 10 minutes and AUTH is refused
-        self.auth_failures = auth_failures if auth_failures is not None else RateCounter(reactor, 10, 600.0)
+        self.auth_failures = (
+            auth_failures if auth_failures is not None else RateCounter(reactor, 10, 600.0)
+        )
         if tls_options is None and settings.starttls:
             raise ValueError("STARTTLS needs tls_options")
         self.connections = 0
@@ -318,11 +334,14 @@ class SMTPServerFactory(Factory):
         ``submission=True`` makes a listener that requires AUTH before MAIL (port 587 style).
         ``binarymime``: offer BINARYMIME, for every route onward carries it (``Config.binarymime``).
         """
-        settings, limits = _from_server(server, reactor, submission, tls_options, checker, binarymime)
+        settings, limits = _from_server(
+            server, reactor, submission, tls_options, checker, binarymime
+        )
         return cls(settings, sink, policy, reactor, **limits, **extras)
 
-    def reconfigure(self, server: ServerConfig, policy: IPolicy | None = None,
-                    binarymime: bool | None = None) -> None:
+    def reconfigure(
+        self, server: ServerConfig, policy: IPolicy | None = None, binarymime: bool | None = None
+    ) -> None:
         """Take a new config (SIGHUP): limits, certificate, password file and policy.
 
         Everything is loaded first, so a bad new certificate raises and changes nothing. Sessions
@@ -330,7 +349,9 @@ class SMTPServerFactory(Factory):
         """
         if binarymime is None:
             binarymime = self.settings.binarymime
-        settings, limits = _from_server(server, self.reactor, self.settings.require_auth, None, None, binarymime)
+        settings, limits = _from_server(
+            server, self.reactor, self.settings.require_auth, None, None, binarymime
+        )
         self.settings = settings
         self.max_connections = limits["max_connections"]
         self.max_connections_per_ip = limits["max_connections_per_ip"]
@@ -343,7 +364,9 @@ class SMTPServerFactory(Factory):
         ip, _ = _host_port(addr)
         if self.connections >= self.max_connections:
             return _Refuse(R.TOO_MANY_CONNECTIONS, self.observer, ip, self.reactor)
-        if self.per_ip[ip] >= self.max_connections_per_ip and not is_trusted(ip, self.exempt_networks):
+        if self.per_ip[ip] >= self.max_connections_per_ip and not is_trusted(
+            ip, self.exempt_networks
+        ):
             return _Refuse(R.TOO_MANY_FROM_YOU, self.observer, ip, self.reactor)
         self.connections += 1
         self.per_ip[ip] += 1
@@ -411,7 +434,9 @@ def _from_server(
         from mailrelay.smtp.auth import HashedPasswordFile
 
         pool = getattr(reactor, "getThreadPool", None)
-        checker = HashedPasswordFile(server.auth_password_file, reactor if pool else None, pool() if pool else None)
+        checker = HashedPasswordFile(
+            server.auth_password_file, reactor if pool else None, pool() if pool else None
+        )
     settings = SessionSettings(
         hostname=server.hostname,
         binarymime=binarymime,

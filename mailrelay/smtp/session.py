@@ -47,9 +47,16 @@ _session_numbers = itertools.count(1)
 
 def log_info(fmt: str, **fields: Any) -> None:
     """``log.info`` without its per-call level validation: two lines per message are on the hot path."""
-    fields.update(log_logger=log, log_level=LogLevel.info, log_namespace=log.namespace,
-                  log_source=None, log_format=fmt, log_time=time.time())
+    fields.update(
+        log_logger=log,
+        log_level=LogLevel.info,
+        log_namespace=log.namespace,
+        log_source=None,
+        log_format=fmt,
+        log_time=time.time(),
+    )
     log.observer(fields)
+
 
 #: While the session cannot take the next command (a reply pending, the greeting not out yet), stop
 #: reading from the socket once this much input is buffered.
@@ -74,7 +81,14 @@ class State(enum.Enum):
 # the enum metaclass's ``__getattr__`` (about five times a plain lookup), and a session reads them
 # some 80 times a message.
 _CONNECTED, _GREETED, _READY, _MAIL, _DATA, _AUTH, _CLOSED = (
-    State.CONNECTED, State.GREETED, State.READY, State.MAIL, State.DATA, State.AUTH, State.CLOSED)
+    State.CONNECTED,
+    State.GREETED,
+    State.READY,
+    State.MAIL,
+    State.DATA,
+    State.AUTH,
+    State.CLOSED,
+)
 
 
 @attrs.frozen
@@ -98,7 +112,9 @@ class SessionInfo:
     tls: TLSInfo | None = None
     auth: str | None = None  # authenticated identity
     trusted: bool = False  # may relay anywhere (decided by policy, e.g. trusted_networks)
-    session_id: str = attrs.field(factory=lambda: _SESSION_PREFIX + format(next(_session_numbers), "x"))
+    session_id: str = attrs.field(
+        factory=lambda: _SESSION_PREFIX + format(next(_session_numbers), "x")
+    )
     messages: int = 0  # accepted so far in this session
 
 
@@ -134,7 +150,8 @@ class SessionSettings:
     # The extension lines of the EHLO reply on the wire, by (STARTTLS offered, AUTH offered): the
     # same for every session of a listener, so built once (a cache, not a setting).
     _ehlo_tails: dict[tuple[bool, bool], bytes] = attrs.field(
-        init=False, factory=dict, eq=False, hash=False, repr=False)
+        init=False, factory=dict, eq=False, hash=False, repr=False
+    )
 
 
 class SessionOutput(Protocol):
@@ -290,8 +307,12 @@ class Session:
     @property
     def idle(self) -> bool:
         """Between transactions, nothing owed to the client."""
-        return (self._waiting is None and self._txn is None and self._writer is None
-                and self.state in (_GREETED, _READY))
+        return (
+            self._waiting is None
+            and self._txn is None
+            and self._writer is None
+            and self.state in (_GREETED, _READY)
+        )
 
     def _close_if_drained(self) -> bool:
         if self._draining is not None and self.idle:
@@ -353,8 +374,12 @@ class Session:
         next_event = self.parser.next_event
         seconds = self.clock.seconds
         try:
-            while self._waiting is None and not self._blocked and self.state is not _CLOSED \
-                    and self.state is not _CONNECTED:
+            while (
+                self._waiting is None
+                and not self._blocked
+                and self.state is not _CLOSED
+                and self.state is not _CONNECTED
+            ):
                 if self._draining is not None and self._close_if_drained():
                     break
                 event = next_event()
@@ -379,8 +404,9 @@ class Session:
         the handshake needs reading to go on."""
         if self.state is _CLOSED:
             return
-        stalled = (self._blocked or self._waiting is not None or self.state is _CONNECTED) \
-            and self.parser.buffered > PAUSE_ABOVE
+        stalled = (
+            self._blocked or self._waiting is not None or self.state is _CONNECTED
+        ) and self.parser.buffered > PAUSE_ABOVE
         if stalled:
             if not self._paused:
                 self._paused = True
@@ -389,7 +415,9 @@ class Session:
             self._paused = False
             self.out.resume()
 
-    def _ask(self, method: Callable[..., Any], args: tuple[Any, ...], then: Callable[[Any], None]) -> None:
+    def _ask(
+        self, method: Callable[..., Any], args: tuple[Any, ...], then: Callable[[Any], None]
+    ) -> None:
         """Call a policy/store method; continue with ``then(answer)`` now or when it fires."""
         if method is _no_objection:  # a stage no policy checks
             then(None)
@@ -415,7 +443,9 @@ class Session:
             if result.check(MailRelayError):
                 result = result.value.reply
             else:
-                log.failure("policy or store failed in session {id}", result, id=self.info.session_id)
+                log.failure(
+                    "policy or store failed in session {id}", result, id=self.info.session_id
+                )
                 result = R.LOCAL_ERROR
         try:
             then(result)
@@ -499,7 +529,11 @@ class Session:
             return R.LOCAL_ERROR
         try:
             writer = self.sink.open(envelope)
-            writer.write(self.settings.trace_header(self.info, envelope, writer.queue_id, envelope.received_at))
+            writer.write(
+                self.settings.trace_header(
+                    self.info, envelope, writer.queue_id, envelope.received_at
+                )
+            )
         except MailRelayError as e:
             return e.reply
         self._writer = writer
@@ -570,8 +604,13 @@ class Session:
             log_info(
                 "{queue_id}: client=[{ip}] helo={helo} from=<{sender}> size={size} nrcpt={nrcpt} "
                 "proto={proto}{tls}{auth}",
-                queue_id=writer.queue_id, ip=info.client_address, helo=info.helo, sender=envelope.sender,
-                size=event.size, nrcpt=len(envelope.recipients), proto=envelope.protocol,
+                queue_id=writer.queue_id,
+                ip=info.client_address,
+                helo=info.helo,
+                sender=envelope.sender,
+                size=event.size,
+                nrcpt=len(envelope.recipients),
+                proto=envelope.protocol,
                 tls=f" tls={info.tls.version}" if info.tls else "",
                 auth=f" sasl_username={info.auth}" if info.auth else "",
             )
@@ -595,7 +634,9 @@ class Session:
         self._greet(_ascii.strip(arg), esmtp=False)
 
     def _greet(self, name: str, esmtp: bool) -> None:
-        if not name or " " in name or not name.isprintable():  # one word, no blank or control of any script
+        if (
+            not name or " " in name or not name.isprintable()
+        ):  # one word, no blank or control of any script
             self.reply(R.HELO_SYNTAX)
             return
 
@@ -622,8 +663,9 @@ class Session:
         tail = tails.get(key)
         if tail is None:
             ext = self.extensions()
-            tail = tails[key] = "".join(
-                f"250-{e}\r\n" for e in ext[:-1]).encode() + f"250 {ext[-1]}\r\n".encode()
+            tail = tails[key] = (
+                "".join(f"250-{e}\r\n" for e in ext[:-1]).encode() + f"250 {ext[-1]}\r\n".encode()
+            )
         return tail
 
     def extensions(self) -> list[str]:
@@ -643,8 +685,12 @@ class Session:
 
     def _auth_offered(self) -> bool:
         s = self.settings
-        return bool(s.auth_mechanisms) and self.checker is not None and not self.info.auth and (
-            self.tls_active or s.allow_plaintext_auth)
+        return (
+            bool(s.auth_mechanisms)
+            and self.checker is not None
+            and not self.info.auth
+            and (self.tls_active or s.allow_plaintext_auth)
+        )
 
     def _mail(self, arg: str) -> None:
         if self.state is _GREETED:
@@ -702,7 +748,11 @@ class Session:
                 ):
                     return Reply(501, "5.5.4", "Bad BODY parameter")
                 if body == "BINARYMIME" and not self.settings.binarymime:
-                    return Reply(555, "5.5.4", "BODY=BINARYMIME not offered: no route onward is known to carry it")
+                    return Reply(
+                        555,
+                        "5.5.4",
+                        "BODY=BINARYMIME not offered: no route onward is known to carry it",
+                    )
                 txn.body = None if body == "7BIT" else body
             elif key == "SMTPUTF8" and self.settings.smtputf8:
                 if value is not None:
@@ -751,7 +801,10 @@ class Session:
         for key, value in params.items():
             if key == "NOTIFY" and self.settings.dsn:
                 items = tuple(_ascii.upper(value or "").split(","))
-                if not (items == ("NEVER",) or (items and set(items) <= _NOTIFY and len(set(items)) == len(items))):
+                if not (
+                    items == ("NEVER",)
+                    or (items and set(items) <= _NOTIFY and len(set(items)) == len(items))
+                ):
                     self.reply(Reply(501, "5.5.4", "Bad NOTIFY parameter"))
                     return
                 notify = items
@@ -789,7 +842,9 @@ class Session:
                 txn.recipients.append(Recipient(address, notify, orcpt))
                 self.reply(R.RCPT_OK)
             else:
-                self.reply(R.BAD_SEQUENCE)  # the transaction went away meanwhile (cannot happen in order)
+                self.reply(
+                    R.BAD_SEQUENCE
+                )  # the transaction went away meanwhile (cannot happen in order)
 
         self._ask(self.policy.rcpt, (self.info, txn.sender, path.address, params), then)
 
@@ -801,7 +856,9 @@ class Session:
             helo=info.helo or "",
             client_address=info.client_address,
             client_name=info.client_name,
-            protocol=protocol_name(info.esmtp, info.tls is not None, info.auth is not None, txn.smtputf8),
+            protocol=protocol_name(
+                info.esmtp, info.tls is not None, info.auth is not None, txn.smtputf8
+            ),
             body=txn.body,
             smtputf8=txn.smtputf8,
             size=txn.size,
@@ -882,7 +939,11 @@ class Session:
         self.reply(R.READY_TLS)
         dropped = self.parser.discard_buffer()  # plaintext pipelined after STARTTLS: never obeyed
         if dropped:
-            log.info("session {id}: discarded {n} octets sent after STARTTLS", id=self.info.session_id, n=dropped)
+            log.info(
+                "session {id}: discarded {n} octets sent after STARTTLS",
+                id=self.info.session_id,
+                n=dropped,
+            )
         self._reset()
         self.info.helo, self.info.esmtp, self.info.auth = None, False, None
         self.state = _GREETED
@@ -906,10 +967,14 @@ class Session:
             return
         throttle = self.auth_failures_by_ip
         if throttle is not None and throttle.exceeded(self.info.client_address):
-            self._close(Reply(421, "4.7.0", "Error: too many authentication failures from your address"))
+            self._close(
+                Reply(421, "4.7.0", "Error: too many authentication failures from your address")
+            )
             return
         if not (self.tls_active or self.settings.allow_plaintext_auth):
-            self.reply(Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
+            self.reply(
+                Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            )
             return
         mechanism, _, initial = _ascii.strip(arg).partition(" ")
         mechanism = _ascii.upper(mechanism)
@@ -943,7 +1008,9 @@ class Session:
             self.reply(Reply(501, "5.5.2", f"Cannot decode response ({e})"))
             return
         assert self.checker is not None
-        check = maybeDeferred(self.checker.requestAvatarId, UsernamePassword(user.encode(), password.encode()))
+        check = maybeDeferred(
+            self.checker.requestAvatarId, UsernamePassword(user.encode(), password.encode())
+        )
         check.addCallbacks(lambda avatar: (True, user), lambda f: (False, f))
         self._ask(lambda: check, (), self._authenticated)
 
@@ -981,8 +1048,11 @@ class Session:
         self.auth_failures += 1
         if self.auth_failures_by_ip is not None:
             self.auth_failures_by_ip.hit(self.info.client_address)
-        log.info("session {id}: authentication failed from [{ip}]", id=self.info.session_id,
-                 ip=self.info.client_address)
+        log.info(
+            "session {id}: authentication failed from [{ip}]",
+            id=self.info.session_id,
+            ip=self.info.client_address,
+        )
         self.reply(Reply(535, "5.7.8", "Authentication credentials invalid"))
         if self.auth_failures >= self.settings.max_auth_failures:
             self._close(Reply(421, "4.7.0", "Error: too many authentication failures"))
@@ -1032,8 +1102,13 @@ class Session:
 
     def _read_chunk(self, txn: _Transaction, size: int, last: bool) -> None:
         self.state = _DATA
-        self.parser.begin_bdat(size, last, self.settings.max_message_size, txn.bdat_total,
-                               binary=txn.body == "BINARYMIME")
+        self.parser.begin_bdat(
+            size,
+            last,
+            self.settings.max_message_size,
+            txn.bdat_total,
+            binary=txn.body == "BINARYMIME",
+        )
 
     def _skip_chunk(self, size: int, last: bool, reply: Reply) -> None:
         """Read a chunk we will not take, and answer ``reply`` once it is consumed."""
@@ -1083,6 +1158,7 @@ _WIRE: dict[int, bytes] = {id(r): r.encode() for r in vars(R).values() if isinst
 @functools.lru_cache(maxsize=16)
 def _greeting(hostname: str) -> bytes:
     return Reply(220, None, f"{hostname} ESMTP mailrelay").encode()
+
 
 _DATA_ERRORS = {
     p.DataError.TOO_BIG: R.TOO_BIG,

@@ -37,14 +37,29 @@ def _fields(event: dict[str, Any]) -> dict[str, Any]:
 
 def marked(event: dict[str, Any], worker: int) -> dict[str, Any]:
     """``event`` as the instance's log shows it: its text after ``[worker k]``, and a ``worker`` field."""
-    return _event(event.get("log_time"), event.get("log_level") or LogLevel.info,
-                  event.get("log_namespace") or "mailrelay.workers", _text(event), _fields(event), worker)
+    return _event(
+        event.get("log_time"),
+        event.get("log_level") or LogLevel.info,
+        event.get("log_namespace") or "mailrelay.workers",
+        _text(event),
+        _fields(event),
+        worker,
+    )
 
 
-def _event(when: Any, level: LogLevel, namespace: str, text: str, fields: dict[str, Any], worker: int) -> dict[str, Any]:
-    event: dict[str, Any] = {k: v for k, v in fields.items() if isinstance(k, str) and not k.startswith("log_")}
-    event.update(log_format="[worker {worker}] {text}", log_level=level, log_namespace=namespace, text=text,
-                 worker=worker)
+def _event(
+    when: Any, level: LogLevel, namespace: str, text: str, fields: dict[str, Any], worker: int
+) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        k: v for k, v in fields.items() if isinstance(k, str) and not k.startswith("log_")
+    }
+    event.update(
+        log_format="[worker {worker}] {text}",
+        log_level=level,
+        log_namespace=namespace,
+        text=text,
+        worker=worker,
+    )
     if isinstance(when, (int, float)):  # noqa: UP038 - a tuple: no Union built per line
         event["log_time"] = float(when)
     return event
@@ -53,9 +68,16 @@ def _event(when: Any, level: LogLevel, namespace: str, text: str, fields: dict[s
 def encode_event(event: dict[str, Any]) -> bytes:
     """One event as one JSON line for the supervisor: time, level, namespace, text, plain fields."""
     level = event.get("log_level")
-    record = {"t": event.get("log_time", 0.0), "l": getattr(level, "name", "info"),
-              "n": event.get("log_namespace", ""), "text": _text(event), "f": _fields(event)}
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str).encode() + b"\n"
+    record = {
+        "t": event.get("log_time", 0.0),
+        "l": getattr(level, "name", "info"),
+        "n": event.get("log_namespace", ""),
+        "text": _text(event),
+        "f": _fields(event),
+    }
+    return (
+        json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str).encode() + b"\n"
+    )
 
 
 def decode_line(line: bytes, worker: int) -> dict[str, Any]:
@@ -65,13 +87,24 @@ def decode_line(line: bytes, worker: int) -> dict[str, Any]:
         if not isinstance(record, dict):
             raise ValueError(line)
     except ValueError:
-        record = {"l": "info", "n": "mailrelay.workers", "text": line.decode("utf-8", "replace"), "f": {}}
+        record = {
+            "l": "info",
+            "n": "mailrelay.workers",
+            "text": line.decode("utf-8", "replace"),
+            "f": {},
+        }
     try:
         level = LogLevel.lookupByName(record.get("l", "info"))
     except ValueError:
         level = LogLevel.info
-    return _event(record.get("t"), level, record.get("n") or "mailrelay.workers", str(record.get("text", "")),
-                  record.get("f") or {}, worker)
+    return _event(
+        record.get("t"),
+        level,
+        record.get("n") or "mailrelay.workers",
+        str(record.get("text", "")),
+        record.get("f") or {},
+        worker,
+    )
 
 
 class FdStream:
@@ -88,7 +121,7 @@ class FdStream:
         view = memoryview(text.encode() if isinstance(text, str) else text)
         try:
             while view:
-                view = view[os.write(self.fd, view):]
+                view = view[os.write(self.fd, view) :]
         except OSError:
             pass
 

@@ -46,16 +46,22 @@ def instance_metrics(supervisor: Any):  # type: ignore[no-untyped-def]
     from mailrelay.control.server import socket_path
     from mailrelay.workers.shards import shard_path
 
-    paths = [socket_path(shard_path(supervisor.config.spool.path, w.index))
-             for w in supervisor.workers if w.process is not None]
-    results = yield defer.DeferredList([worker_metrics(supervisor.reactor, p) for p in paths], consumeErrors=True)
+    paths = [
+        socket_path(shard_path(supervisor.config.spool.path, w.index))
+        for w in supervisor.workers
+        if w.process is not None
+    ]
+    results = yield defer.DeferredList(
+        [worker_metrics(supervisor.reactor, p) for p in paths], consumeErrors=True
+    )
     texts = [text for ok, text in results if ok]
     for ok, failure in results:
         if not ok:
             log.debug("a worker's metrics: {error}", error=failure.getErrorMessage())
     registry = CollectorRegistry()
-    scraped = GaugeMetricFamily("mailrelay_workers_scraped", "Workers whose figures this page adds up",
-                                value=len(texts))
+    scraped = GaugeMetricFamily(
+        "mailrelay_workers_scraped", "Workers whose figures this page adds up", value=len(texts)
+    )
     registry.register(StaticCollector([*merge_exposition(texts), scraped]))
     return generate_latest(registry) + generate_latest(supervisor.metrics.registry)
 

@@ -50,7 +50,11 @@ def shards_on_disk(spool_path: str) -> list[int]:
         names = os.listdir(spool_path)
     except FileNotFoundError:
         return []
-    found = [int(m.group(1)) for n in names if (m := _SHARD_DIR.match(n)) and os.path.isdir(os.path.join(spool_path, n))]
+    found = [
+        int(m.group(1))
+        for n in names
+        if (m := _SHARD_DIR.match(n)) and os.path.isdir(os.path.join(spool_path, n))
+    ]
     return [0, *sorted(found)]
 
 
@@ -110,8 +114,13 @@ def drain(spool_path: str, workers: int, held: dict[int, ShardLock] | None = Non
             log.error("not draining a spool shard: {error}", error=str(e))
             continue
         moved += n
-        log.info("spool shard {source} drained into {target}: {n} messages (workers = {workers})",
-                 source=source, target=target, n=n, workers=workers)
+        log.info(
+            "spool shard {source} drained into {target}: {n} messages (workers = {workers})",
+            source=source,
+            target=target,
+            n=n,
+            workers=workers,
+        )
         _remove_shard(source)
     return moved
 
@@ -159,7 +168,9 @@ def _move_messages(source: str, target: str) -> int:
     messages = _messages(src_q)
     present = _messages(dst_q)
     for stem, files in messages.items():
-        if stem in files:  # the source still holds the whole message: the target gets exactly its files
+        if (
+            stem in files
+        ):  # the source still holds the whole message: the target gets exactly its files
             for name in set(present.get(stem, ())) - set(files):
                 _unlink(os.path.join(dst_q, name))  # torn by an earlier drain (e.g. a stale state)
         for name in files:

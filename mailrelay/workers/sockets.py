@@ -48,7 +48,9 @@ def bind(reactor: Any, description: str) -> socket.socket:
     """A listening, non-blocking socket for a ``tcp``, ``tcp6`` or ``ssl`` endpoint string."""
     endpoint = serverFromString(reactor, description)
     if not isinstance(endpoint, _TCPServerEndpoint | SSL4ServerEndpoint):
-        raise ValueError(f"{description!r}: with workers > 1 listeners must be {', '.join(WORKER_ENDPOINTS)}")
+        raise ValueError(
+            f"{description!r}: with workers > 1 listeners must be {', '.join(WORKER_ENDPOINTS)}"
+        )
     interface = endpoint._interface  # noqa: SLF001 - the endpoint's own parse of the string
     if isinstance(endpoint, TCP6ServerEndpoint) or isIPv6Address(interface):
         family = socket.AF_INET6
@@ -83,7 +85,9 @@ class AdoptedEndpoint:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
             factory = TLSMemoryBIOFactory(self.tls, False, factory)
-        d = defer.maybeDeferred(self.reactor.adoptStreamPort, self.spec.fd, self.spec.family, factory)
+        d = defer.maybeDeferred(
+            self.reactor.adoptStreamPort, self.spec.fd, self.spec.family, factory
+        )
         return d.addCallback(self._adopted)
 
     def _adopted(self, port: IListeningPort) -> IListeningPort:

@@ -65,11 +65,20 @@ class _Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.workers = Gauge("mailrelay_workers_running", "Worker processes running", registry=self.registry)
-        self.restarts = Counter("mailrelay_worker_restarts_total", "Worker processes restarted after they exited",
-                                registry=self.registry)
-        self.reloads = Counter("mailrelay_supervisor_reloads_total", "Configuration reloads passed on (SIGHUP)",
-                               ["result"], registry=self.registry)
+        self.workers = Gauge(
+            "mailrelay_workers_running", "Worker processes running", registry=self.registry
+        )
+        self.restarts = Counter(
+            "mailrelay_worker_restarts_total",
+            "Worker processes restarted after they exited",
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "mailrelay_supervisor_reloads_total",
+            "Configuration reloads passed on (SIGHUP)",
+            ["result"],
+            registry=self.registry,
+        )
 
 
 @attrs.define
@@ -108,8 +117,11 @@ class WorkerProtocol(protocol.ProcessProtocol):
                 self.supervisor.publish(decode_line(line, self.worker.index))
         else:  # stderr: tracebacks of a crash at start-up, warnings of libraries
             for line in lines:
-                log.error("[worker {worker}] {line}", worker=self.worker.index,
-                          line=line.decode("utf-8", "replace"))
+                log.error(
+                    "[worker {worker}] {line}",
+                    worker=self.worker.index,
+                    line=line.decode("utf-8", "replace"),
+                )
 
     def processEnded(self, reason: Failure) -> None:
         for fd, splitter in self.lines.items():
@@ -120,10 +132,17 @@ class WorkerProtocol(protocol.ProcessProtocol):
 class Supervisor(service.Service):
     """Runs ``config.server.workers`` worker processes of the config file ``config_path``."""
 
-    def __init__(self, config: Config, config_path: str, reactor: Any = None, *,
-                 spawn: Callable[[protocol.ProcessProtocol, Worker], Any] | None = None,
-                 publish: Callable[[dict[str, Any]], None] = globalLogPublisher,
-                 log_stream: Any = None, log_format: str = "text") -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str,
+        reactor: Any = None,
+        *,
+        spawn: Callable[[protocol.ProcessProtocol, Worker], Any] | None = None,
+        publish: Callable[[dict[str, Any]], None] = globalLogPublisher,
+        log_stream: Any = None,
+        log_format: str = "text",
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -160,11 +179,17 @@ class Supervisor(service.Service):
                     sock = bind(self.reactor, description)
                 except (OSError, ValueError) as e:
                     # as a single relay does (service._Listener): the key, the endpoint, the reason
-                    errors.append(cannot_listen(self.config.source, f"server.{key}[{i}]", description, e))
+                    errors.append(
+                        cannot_listen(self.config.source, f"server.{key}[{i}]", description, e)
+                    )
                     continue
                 self.sockets.append((kind, description, sock))
-                log.info("listening on {description} ({address}) for {n} workers", description=description,
-                         address=sock.getsockname(), n=len(self.workers))
+                log.info(
+                    "listening on {description} ({address}) for {n} workers",
+                    description=description,
+                    address=sock.getsockname(),
+                    n=len(self.workers),
+                )
         if self.config.metrics_listen and self.metrics_listener is None:
             error = self._listen_metrics()
             if error is not None:
@@ -201,15 +226,26 @@ class Supervisor(service.Service):
 
     def _metrics_listening(self, port: Any) -> None:
         self.metrics_listener = port
-        log.info("metrics on {listen} ({address})", listen=self.config.metrics_listen, address=port.getHost())
+        log.info(
+            "metrics on {listen} ({address})",
+            listen=self.config.metrics_listen,
+            address=port.getHost(),
+        )
 
     def listener_specs(self) -> list[ListenerSpec]:
-        return [ListenerSpec(kind, description, FIRST_FD + i, sock.family)
-                for i, (kind, description, sock) in enumerate(self.sockets)]
+        return [
+            ListenerSpec(kind, description, FIRST_FD + i, sock.family)
+            for i, (kind, description, sock) in enumerate(self.sockets)
+        ]
 
     def worker_spec(self, worker: Worker) -> dict[str, Any]:
-        return {"index": worker.index, "workers": len(self.workers), "config": self.config_path,
-                "listeners": [s.to_dict() for s in self.listener_specs()], "log": self.log_format}
+        return {
+            "index": worker.index,
+            "workers": len(self.workers),
+            "config": self.config_path,
+            "listeners": [s.to_dict() for s in self.listener_specs()],
+            "log": self.log_format,
+        }
 
     def write_log(self, lines: list[bytes]) -> None:
         """Workers' finished log lines, into our log as they are (one write for a chunk of them)."""
@@ -230,8 +266,15 @@ class Supervisor(service.Service):
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for i, (_, _, sock) in enumerate(self.sockets):
             child_fds[FIRST_FD + i] = sock.fileno()
-        args = [sys.executable, "-m", "mailrelay.workers.worker", json.dumps(self.worker_spec(worker))]
-        return self.reactor.spawnProcess(proto, sys.executable, args, env=os.environ, childFDs=child_fds)
+        args = [
+            sys.executable,
+            "-m",
+            "mailrelay.workers.worker",
+            json.dumps(self.worker_spec(worker)),
+        ]
+        return self.reactor.spawnProcess(
+            proto, sys.executable, args, env=os.environ, childFDs=child_fds
+        )
 
     # -- a worker ends -------------------------------------------------------------------------
 
@@ -243,19 +286,35 @@ class Supervisor(service.Service):
         self.metrics.workers.set(sum(w.process is not None for w in self.workers))
         status = _status(reason)
         if self.stopping:
-            log.info("worker {index} (pid {pid}) stopped: {status}", index=worker.index, pid=pid, status=status)
+            log.info(
+                "worker {index} (pid {pid}) stopped: {status}",
+                index=worker.index,
+                pid=pid,
+                status=status,
+            )
             self._check_all_stopped()
             return
         lived = self.reactor.seconds() - worker.started
         worker.quick_deaths = worker.quick_deaths + 1 if lived < MIN_UPTIME else 0
         delay = restart_delay(worker.quick_deaths)
         if worker.quick_deaths >= LOUD_AFTER:
-            log.critical("worker {index} keeps dying at start-up ({n} times in a row, last: {status}); "
-                         "next try in {delay:.1f}s: see its log lines above", index=worker.index,
-                         n=worker.quick_deaths, status=status, delay=delay)
+            log.critical(
+                "worker {index} keeps dying at start-up ({n} times in a row, last: {status}); "
+                "next try in {delay:.1f}s: see its log lines above",
+                index=worker.index,
+                n=worker.quick_deaths,
+                status=status,
+                delay=delay,
+            )
         else:
-            log.error("worker {index} (pid {pid}) exited after {lived:.1f}s: {status}; restarting in {delay:.1f}s",
-                      index=worker.index, pid=pid, lived=lived, status=status, delay=delay)
+            log.error(
+                "worker {index} (pid {pid}) exited after {lived:.1f}s: {status}; restarting in {delay:.1f}s",
+                index=worker.index,
+                pid=pid,
+                lived=lived,
+                status=status,
+                delay=delay,
+            )
         self.metrics.restarts.inc()
         worker.restart_call = self.reactor.callLater(delay, self.start_worker, worker)
 
@@ -278,14 +337,31 @@ class Supervisor(service.Service):
         """SIGHUP (through ``reload_config``): each worker reloads the file; say what needs a restart."""
         from mailrelay.service import needs_restart
 
-        restart = [key for key in needs_restart(self.config, new)
-                   if key in ("server.listen", "server.submission_listen", "server.workers", "spool",
-                              "metrics.listen")]
+        restart = [
+            key
+            for key in needs_restart(self.config, new)
+            if key
+            in (
+                "server.listen",
+                "server.submission_listen",
+                "server.workers",
+                "spool",
+                "metrics.listen",
+            )
+        ]
         pids = self.signal_workers(signal.SIGHUP)
         log.info("SIGHUP passed on to {n} workers (pids {pids})", n=len(pids), pids=pids)
-        self.config = attrs.evolve(new, server=attrs.evolve(
-            new.server, listen=self.config.server.listen, submission_listen=self.config.server.submission_listen,
-            workers=self.config.server.workers), spool=self.config.spool, metrics_listen=self.config.metrics_listen)
+        self.config = attrs.evolve(
+            new,
+            server=attrs.evolve(
+                new.server,
+                listen=self.config.server.listen,
+                submission_listen=self.config.server.submission_listen,
+                workers=self.config.server.workers,
+            ),
+            spool=self.config.spool,
+            metrics_listen=self.config.metrics_listen,
+        )
         return defer.succeed(restart)
 
     # -- stopping -------------------------------------------------------------------------------
@@ -304,8 +380,12 @@ class Supervisor(service.Service):
         grace = self.config.server.shutdown_timeout + STOP_MARGIN
         pids = self.signal_workers(signal.SIGTERM)
         if pids:
-            log.info("stopping {n} workers (pids {pids}); killed if still running in {grace:.0f}s",
-                     n=len(pids), pids=pids, grace=grace)
+            log.info(
+                "stopping {n} workers (pids {pids}); killed if still running in {grace:.0f}s",
+                n=len(pids),
+                pids=pids,
+                grace=grace,
+            )
         self._kill_call = self.reactor.callLater(grace, self._kill_remaining)
         d = self._stopped
         self._check_all_stopped()
@@ -317,7 +397,9 @@ class Supervisor(service.Service):
     def _kill_remaining(self) -> None:
         pids = self.signal_workers(signal.SIGKILL)
         if pids:
-            log.error("workers still running after the shutdown timeout, killed: pids {pids}", pids=pids)
+            log.error(
+                "workers still running after the shutdown timeout, killed: pids {pids}", pids=pids
+            )
 
     def _check_all_stopped(self) -> None:
         if self._stopped is None or any(w.process is not None for w in self.workers):

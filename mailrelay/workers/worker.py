@@ -37,9 +37,11 @@ def worker_config(config: Config, index: int, listeners: list[ListenerSpec]) -> 
     Applied to every config the worker loads (at start and on SIGHUP), so a reload compares like
     with like and only reports what really changed.
     """
-    server = attrs.evolve(config.server,
-                          listen=tuple(s.description for s in listeners if s.kind == "smtp"),
-                          submission_listen=tuple(s.description for s in listeners if s.kind == "submission"))
+    server = attrs.evolve(
+        config.server,
+        listen=tuple(s.description for s in listeners if s.kind == "smtp"),
+        submission_listen=tuple(s.description for s in listeners if s.kind == "submission"),
+    )
     spool = attrs.evolve(config.spool, path=shard_path(config.spool.path, index))
     return attrs.evolve(config, server=server, spool=spool, metrics_listen=None)
 
@@ -47,7 +49,9 @@ def worker_config(config: Config, index: int, listeners: list[ListenerSpec]) -> 
 class WorkerRelayService(MailRelayService):
     """A relay whose listeners adopt inherited sockets and whose queue ids carry its number."""
 
-    def __init__(self, config: Config, reactor: Any, *, index: int, listeners: list[ListenerSpec]) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, *, index: int, listeners: list[ListenerSpec]
+    ) -> None:
         self.index = index
         self.listener_specs = listeners
         self._adopt = {s.description: s for s in listeners}
@@ -85,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or not argv[0].startswith("{"):
         # run by the supervisor only; a person trying it (--help) gets the docstring, not a traceback
         asked = argv in (["-h"], ["--help"])
-        print(f"usage: python -m mailrelay.workers.worker SPEC\n\n{__doc__}", file=sys.stdout if asked else sys.stderr)
+        print(
+            f"usage: python -m mailrelay.workers.worker SPEC\n\n{__doc__}",
+            file=sys.stdout if asked else sys.stderr,
+        )
         return 0 if asked else EXIT_USAGE
     spec = json.loads(argv[0])
     index = int(spec["index"])
@@ -129,10 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     top = MultiService()
     relay.setServiceParent(top)
     SignalService(relay, spec["config"], reactor).setServiceParent(top)
-    stdio.StandardIO(_ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
+    stdio.StandardIO(
+        _ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor
+    )
     reactor.callWhenRunning(top.startService)
-    reactor.callWhenRunning(log.info, "worker {index} running (pid {pid}, spool {spool})", index=index,
-                            pid=os.getpid(), spool=relay.config.spool.path)
+    reactor.callWhenRunning(
+        log.info,
+        "worker {index} running (pid {pid}, spool {spool})",
+        index=index,
+        pid=os.getpid(),
+        spool=relay.config.spool.path,
+    )
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     if lock is not None:

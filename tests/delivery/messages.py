@@ -10,8 +10,10 @@ def dotted_message(sender: str, blocks: int) -> bytes:
 
     Lines stay under 998 bytes (Postfix folds longer ones), so the bytes survive any relay.
     """
-    head = (f"From: {sender}\r\nTo: rcpt@example.test\r\nDate: Wed, 25 Nov 2026 09:00:00 +0000\r\n"
-            f"Message-ID: <{sender}>\r\nSubject: dots\r\n").encode()
+    head = (
+        f"From: {sender}\r\nTo: rcpt@example.test\r\nDate: Wed, 25 Nov 2026 09:00:00 +0000\r\n"
+        f"Message-ID: <{sender}>\r\nSubject: dots\r\n"
+    ).encode()
     pad = BLOCK - len(head) - 2  # the header ends exactly at the first boundary
     while pad > 0:
         n = min(pad - 2, 900) if pad - 2 > 900 + 12 else pad - 2

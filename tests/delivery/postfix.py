@@ -45,8 +45,15 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 class PostfixRelay:
     """``PostfixRelay(nexthop_port, name=..., tls_key=..., tls_chain=...).start()``; ``.log()``, ``.stop()``."""
 
-    def __init__(self, nexthop_port: int, name: str = "postfix.mailrelay.test", port: int | None = None,
-                 tls_key: Path | None = None, tls_chain: Path | None = None, main_cf: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        nexthop_port: int,
+        name: str = "postfix.mailrelay.test",
+        port: int | None = None,
+        tls_key: Path | None = None,
+        tls_chain: Path | None = None,
+        main_cf: tuple[str, ...] = (),
+    ) -> None:
         self.postfix = require("postfix")
         self.port = port or free_port()
         self.name = name
@@ -83,8 +90,11 @@ class PostfixRelay:
             f"relayhost = [127.0.0.1]:{nexthop_port}",
         ]
         if tls_key and tls_chain:
-            main += [f"smtpd_tls_chain_files = {tls_key}, {tls_chain}", "smtpd_tls_security_level = may",
-                     "smtpd_tls_loglevel = 1"]
+            main += [
+                f"smtpd_tls_chain_files = {tls_key}, {tls_chain}",
+                "smtpd_tls_security_level = may",
+                "smtpd_tls_loglevel = 1",
+            ]
         main += main_cf  # more main.cf lines, e.g. "smtputf8_enable = no"
         (self.etc / "main.cf").write_text("\n".join(main) + "\n")
         (self.etc / "master.cf").write_text(_MASTER_CF.format(port=self.port))
@@ -92,13 +102,20 @@ class PostfixRelay:
 
     def start(self, timeout: float = 20.0) -> PostfixRelay:
         # postfix prints its errors only to a tty; script(1) gives it one so a failure is readable
-        res = subprocess.run(["script", "-qec", f"{self.postfix} -c {self.etc} start", "/dev/null"],
-                             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        res = subprocess.run(
+            ["script", "-qec", f"{self.postfix} -c {self.etc} start", "/dev/null"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         if res.returncode != 0:
             raise RuntimeError(f"postfix start failed: {res.stdout}{res.stderr}\n{self.log()}")
         pidfile = self.queue / "pid" / "master.pid"
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not (pidfile.exists() and pidfile.read_text().strip()):
+        while time.monotonic() < deadline and not (
+            pidfile.exists() and pidfile.read_text().strip()
+        ):
             time.sleep(0.05)
         self.master_pid = int(pidfile.read_text().strip())
         wait_listening("127.0.0.1", self.port, timeout=timeout)

@@ -20,10 +20,17 @@ EHLO = b"250-mx.test\r\n250 PIPELINING\r\n"
 class Harness:
     """A deliverer on a MemoryReactorClock; ``accept(i)`` completes the i-th connection attempt."""
 
-    def __init__(self, *hops: NextHop, start: bool = True, config: DeliveryConfig | None = None,
-                 **route_kw: object) -> None:
+    def __init__(
+        self,
+        *hops: NextHop,
+        start: bool = True,
+        config: DeliveryConfig | None = None,
+        **route_kw: object,
+    ) -> None:
         self.reactor = MemoryReactorClock()
-        self.deliverer = SMTPDeliverer(self.reactor, config or DeliveryConfig(connect_timeout=30), "relay.test")
+        self.deliverer = SMTPDeliverer(
+            self.reactor, config or DeliveryConfig(connect_timeout=30), "relay.test"
+        )
         self.route = Route(hops, **route_kw)  # type: ignore[arg-type]
         self.result: list[object] = []
         self.bodies: list[io.BytesIO] = []
@@ -35,7 +42,9 @@ class Harness:
 
     def deliver(self, env: Envelope = ENV) -> list[object]:
         self.result = []
-        self.deliverer.deliver(env, env.recipients, self.route, self.open_body).addBoth(self.result.append)
+        self.deliverer.deliver(env, env.recipients, self.route, self.open_body).addBoth(
+            self.result.append
+        )
         return self.result
 
     def open_body(self) -> io.BytesIO:
@@ -44,7 +53,9 @@ class Harness:
 
     def refuse(self, i: int) -> None:
         host, port, factory, timeout, bind = self.reactor.tcpClients[i]
-        factory.clientConnectionFailed(self.reactor.connectors[i], Failure(error.ConnectionRefusedError()))
+        factory.clientConnectionFailed(
+            self.reactor.connectors[i], Failure(error.ConnectionRefusedError())
+        )
 
     def accept(self, i: int) -> None:
         host, port, factory, timeout, bind = self.reactor.tcpClients[i]
@@ -77,7 +88,9 @@ def test_happy_path_remote_and_order() -> None:
     assert h.sent().endswith(b"body\r\n.\r\n")
     h.reply(b"250 2.0.0 queued\r\n")
     remote = "127.0.0.1[127.0.0.1]:2526"
-    assert h.result == [[(Reply(250, "2.0.0", "queued"), remote), (Reply(550, "5.1.1", "nobody"), remote)]]
+    assert h.result == [
+        [(Reply(250, "2.0.0", "queued"), remote), (Reply(550, "5.1.1", "nobody"), remote)]
+    ]
     assert h.bodies[0].closed
     assert h.sent() == b""  # kept in the connection cache ...
     h.reactor.advance(2)
@@ -302,7 +315,10 @@ def test_size_limit_below_message_is_permanent_and_nothing_sent() -> None:
     h.reply(b"220 mx\r\n250-mx\r\n250 SIZE 10\r\n")
     assert h.sent() == b"EHLO relay.test\r\nQUIT\r\n"
     (reply, _), _ = h.result[0]  # type: ignore[misc]
-    assert (reply.code, reply.enhanced) == (552, "5.3.4") and "exceeds the size limit 10" in reply.text
+    assert (reply.code, reply.enhanced) == (
+        552,
+        "5.3.4",
+    ) and "exceeds the size limit 10" in reply.text
     assert len(h.reactor.tcpClients) == 1
 
 
@@ -311,8 +327,16 @@ def test_smtputf8_to_peer_without_it() -> None:
     h.deliver(Envelope("ä@x.test", (Recipient("b@y.test"),), smtputf8=True))
     h.accept(0)
     h.reply(b"220 mx\r\n" + EHLO)
-    assert h.result[0] == [(Reply(553, "5.6.7", "127.0.0.1[127.0.0.1]:25 does not support SMTPUTF8, which "
-                                  "this message needs"), "127.0.0.1[127.0.0.1]:25")]
+    assert h.result[0] == [
+        (
+            Reply(
+                553,
+                "5.6.7",
+                "127.0.0.1[127.0.0.1]:25 does not support SMTPUTF8, which this message needs",
+            ),
+            "127.0.0.1[127.0.0.1]:25",
+        )
+    ]
 
 
 def test_what_each_hop_offered_is_remembered_for_refusing_at_data() -> None:
@@ -398,7 +422,9 @@ def test_tls_failure_under_may_retries_hop_in_plaintext() -> None:
 
 
 def test_tls_failure_under_verify_is_temporary_next_hop() -> None:
-    h = _in_tls_handshake(Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.VERIFY))
+    h = _in_tls_handshake(
+        Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.VERIFY)
+    )
     h.lose()
     (reply, _), _ = h.result[0]  # type: ignore[misc]
     assert (reply.code, reply.enhanced) == (451, "4.7.5") and "TLS handshake" in reply.text
@@ -415,7 +441,9 @@ def test_auth_refused_over_plaintext() -> None:
 
 
 def test_auth_plain_when_plaintext_allowed() -> None:
-    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE, auth=("user", "pw"), allow_plaintext_auth=True)
+    h = Harness(
+        NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE, auth=("user", "pw"), allow_plaintext_auth=True
+    )
     h.accept(0)
     h.reply(b"220 mx\r\n250-mx\r\n250 AUTH PLAIN LOGIN\r\n")
     assert h.sent() == b"EHLO relay.test\r\nAUTH PLAIN AHVzZXIAcHc=\r\n"
@@ -424,7 +452,9 @@ def test_auth_plain_when_plaintext_allowed() -> None:
 
 
 def test_auth_login_and_failure() -> None:
-    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE, auth=("user", "pw"), allow_plaintext_auth=True)
+    h = Harness(
+        NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE, auth=("user", "pw"), allow_plaintext_auth=True
+    )
     h.accept(0)
     h.reply(b"220 mx\r\n250-mx\r\n250 AUTH LOGIN\r\n")
     assert h.sent().endswith(b"AUTH LOGIN\r\n")
@@ -434,7 +464,11 @@ def test_auth_login_and_failure() -> None:
     assert h.sent() == b"cHc=\r\n"
     h.reply(b"535 5.7.8 bad credentials\r\n")
     (reply, _), _ = h.result[0]  # type: ignore[misc]
-    assert reply.code == 451 and reply.enhanced == "4.7.8" and "535 5.7.8 bad credentials" in reply.text
+    assert (
+        reply.code == 451
+        and reply.enhanced == "4.7.8"
+        and "535 5.7.8 bad credentials" in reply.text
+    )
 
 
 def test_bdat_for_large_message_when_chunking_offered() -> None:
@@ -476,7 +510,7 @@ def test_an_odd_2xx_to_a_bdat_chunk_is_no_delivery() -> None:
         assert data, "the client stopped before an answer"
         while data:
             header, _, rest = data.partition(b"\r\n")
-            data = rest[int(header.split()[1]):]
+            data = rest[int(header.split()[1]) :]
             h.reply(b"221 2.0.0 bye\r\n" if answered == 1 else b"250 2.0.0 chunk\r\n")
             answered += 1
     assert [(r.code, r.enhanced) for r, _ in h.result[0]] == [(451, "4.5.0")] * 2  # type: ignore[union-attr]
@@ -493,7 +527,9 @@ def test_8bit_message_to_peer_without_8bitmime_goes_as_is() -> None:
         h.deliver(Envelope("a@x.test", (Recipient("b@y.test"),), body="8BITMIME"))
         h.accept(0)
         h.reply(b"220 mx\r\n" + EHLO)
-        assert h.sent().endswith(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")  # no BODY=
+        assert h.sent().endswith(
+            b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"
+        )  # no BODY=
         h.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
         assert h.sent() == h.body + b".\r\n"
     finally:
@@ -506,7 +542,9 @@ def test_provides_ideliverer() -> None:
 
     from mailrelay.interfaces import IDeliverer
 
-    assert verifyObject(IDeliverer, SMTPDeliverer(MemoryReactorClock(), DeliveryConfig(), "relay.test"))
+    assert verifyObject(
+        IDeliverer, SMTPDeliverer(MemoryReactorClock(), DeliveryConfig(), "relay.test")
+    )
 
 
 def test_cache_shared_by_routes_naming_the_same_host() -> None:
@@ -518,7 +556,9 @@ def test_cache_shared_by_routes_naming_the_same_host() -> None:
     h.deliver()
     h.refuse(1)  # the first hop of the new route is down; the second is the cached connection
     assert len(h.reactor.tcpClients) == 2
-    assert h.sent().endswith(b"RSET\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n")
+    assert h.sent().endswith(
+        b"RSET\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n"
+    )
 
 
 def test_reuse_time_limit() -> None:
@@ -549,8 +589,11 @@ def test_idle_time_zero_turns_the_cache_off() -> None:
 
 
 def test_unreadable_ca_bundle_is_a_temporary_failure_not_a_plaintext_delivery() -> None:
-    h = Harness(NextHop("127.0.0.1", 25, name="mx.test"), tls=TLSPolicy.VERIFY,
-                config=DeliveryConfig(tls_ca_file="/nonexistent/ca.pem"))
+    h = Harness(
+        NextHop("127.0.0.1", 25, name="mx.test"),
+        tls=TLSPolicy.VERIFY,
+        config=DeliveryConfig(tls_ca_file="/nonexistent/ca.pem"),
+    )
     h.accept(0)
     h.reply(b"220 mx\r\n" + STARTTLS_EHLO)
     (reply, _), _ = h.result[0]  # type: ignore[misc]
@@ -575,7 +618,9 @@ def test_body_that_cannot_be_opened_is_a_local_temporary_failure() -> None:
 def test_a_next_hop_stalled_in_the_tls_handshake_is_dropped_at_the_command_timeout() -> None:
     """Issue 19, item 1 on our side: the hop says 220 to STARTTLS and then never completes the
     handshake; our EHLO waits in the TLS layer, and the connection is aborted at the timeout."""
-    h = _in_tls_handshake(Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.VERIFY))
+    h = _in_tls_handshake(
+        Harness(NextHop("127.0.0.1", 25, name="mx.example.test"), tls=TLSPolicy.VERIFY)
+    )
     assert len(h.tls_started) == 1
     assert h.transport is not None
     h.reactor.advance(h.deliverer.timeouts.command)

@@ -75,7 +75,9 @@ class BrokenTLSFactory(Factory):
 async def run(policy: TLSPolicy) -> tuple[list, BrokenTLSFactory]:  # type: ignore[type-arg]
     factory = BrokenTLSFactory()
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    d = SMTPDeliverer(reactor, DeliveryConfig(connect_timeout=5, command_timeout=10), "relay.mailrelay.test")
+    d = SMTPDeliverer(
+        reactor, DeliveryConfig(connect_timeout=5, command_timeout=10), "relay.mailrelay.test"
+    )
     env = Envelope("a@example.org", (Recipient("b@example.test"),))
     body = b"Subject: tls\r\n\r\n.dot\r\n"
     try:

@@ -47,13 +47,24 @@ def peers() -> Iterator[Peers]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def deliver(peers: Peers, hop: NextHop, policy: TLSPolicy, body: bytes, ca: Path | None = None,
-                  tag: str = "x") -> tuple[list[tuple[Reply, str | None]], str]:
-    d = SMTPDeliverer(reactor, DeliveryConfig(connect_timeout=5, tls_ca_file=str(ca or peers.ca)),
-                      "relay.mailrelay.test")
+async def deliver(
+    peers: Peers,
+    hop: NextHop,
+    policy: TLSPolicy,
+    body: bytes,
+    ca: Path | None = None,
+    tag: str = "x",
+) -> tuple[list[tuple[Reply, str | None]], str]:
+    d = SMTPDeliverer(
+        reactor,
+        DeliveryConfig(connect_timeout=5, tls_ca_file=str(ca or peers.ca)),
+        "relay.mailrelay.test",
+    )
     env = Envelope(f"{tag}@example.org", (Recipient("rcpt@example.test"),))
     try:
-        results = await d.deliver(env, env.recipients, Route((hop,), tls=policy), lambda: io.BytesIO(body))
+        results = await d.deliver(
+            env, env.recipients, Route((hop,), tls=policy), lambda: io.BytesIO(body)
+        )
         cached = d.pool.take(d._key(hop, Route((hop,), tls=policy)))
         tls = cached.tls if cached is not None else ""
         if cached is not None:
@@ -80,10 +91,17 @@ def arrived(peers: Peers, tag: str, body: bytes, timeout: float = 20.0) -> list[
 
 @pytest_twisted.ensureDeferred
 async def test_verify_with_right_name_delivers_over_tls(peers: Peers) -> None:
-    body = (b"From: verify@example.org\r\nTo: rcpt@example.test\r\nDate: Wed, 25 Nov 2026 09:00:00 +0000\r\n"
-            b"Message-ID: <verify@example.org>\r\nSubject: verified\r\n\r\n.secret line\r\n..two\r\n")
-    results, tls = await deliver(peers, NextHop("127.0.0.1", peers.postfix.port, name=NAME),
-                                 TLSPolicy.VERIFY, body, tag="verify")
+    body = (
+        b"From: verify@example.org\r\nTo: rcpt@example.test\r\nDate: Wed, 25 Nov 2026 09:00:00 +0000\r\n"
+        b"Message-ID: <verify@example.org>\r\nSubject: verified\r\n\r\n.secret line\r\n..two\r\n"
+    )
+    results, tls = await deliver(
+        peers,
+        NextHop("127.0.0.1", peers.postfix.port, name=NAME),
+        TLSPolicy.VERIFY,
+        body,
+        tag="verify",
+    )
     assert [r.code for r, _ in results] == [250], results
     assert tls.startswith("TLSv1.")
     [data] = arrived(peers, "verify", body)
@@ -94,8 +112,13 @@ async def test_verify_with_right_name_delivers_over_tls(peers: Peers) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_verify_with_wrong_name_fails_temporarily(peers: Peers) -> None:
-    results, _ = await deliver(peers, NextHop("127.0.0.1", peers.postfix.port, name="wrong.mailrelay.test"),
-                               TLSPolicy.VERIFY, b"Subject: no\r\n\r\nno\r\n", tag="wrongname")
+    results, _ = await deliver(
+        peers,
+        NextHop("127.0.0.1", peers.postfix.port, name="wrong.mailrelay.test"),
+        TLSPolicy.VERIFY,
+        b"Subject: no\r\n\r\nno\r\n",
+        tag="wrongname",
+    )
     [(reply, remote)] = results
     assert (reply.code, reply.enhanced) == (451, "4.7.5") and "TLS handshake" in reply.text
     assert remote == f"wrong.mailrelay.test[127.0.0.1]:{peers.postfix.port}"
@@ -105,8 +128,14 @@ async def test_verify_with_wrong_name_fails_temporarily(peers: Peers) -> None:
 async def test_verify_against_another_ca_fails(peers: Peers) -> None:
     other = peers.dir / "other-ca.pem"
     other.write_bytes(CertificateAuthority("another CA").ca_pem)
-    results, _ = await deliver(peers, NextHop("127.0.0.1", peers.postfix.port, name=NAME),
-                               TLSPolicy.VERIFY, b"Subject: no\r\n\r\nno\r\n", ca=other, tag="otherca")
+    results, _ = await deliver(
+        peers,
+        NextHop("127.0.0.1", peers.postfix.port, name=NAME),
+        TLSPolicy.VERIFY,
+        b"Subject: no\r\n\r\nno\r\n",
+        ca=other,
+        tag="otherca",
+    )
     assert [(r.code, r.enhanced) for r, _ in results] == [(451, "4.7.5")]
 
 
@@ -115,15 +144,23 @@ async def test_encrypt_without_verification_delivers(peers: Peers) -> None:
     other = peers.dir / "other-ca2.pem"
     other.write_bytes(CertificateAuthority("unrelated").ca_pem)
     body = b"Subject: encrypted\r\n\r\nhello\r\n"
-    results, tls = await deliver(peers, NextHop("127.0.0.1", peers.postfix.port, name="any.name.test"),
-                                 TLSPolicy.ENCRYPT, body, ca=other, tag="encrypt")
+    results, tls = await deliver(
+        peers,
+        NextHop("127.0.0.1", peers.postfix.port, name="any.name.test"),
+        TLSPolicy.ENCRYPT,
+        body,
+        ca=other,
+        tag="encrypt",
+    )
     assert [r.code for r, _ in results] == [250]
     assert tls.startswith("TLSv1.")
 
 
 @pytest_twisted.ensureDeferred
 async def test_may_uses_starttls_and_bdat_for_a_large_message(peers: Peers) -> None:
-    body = dotted_message("big@example.org", 80)  # 1.3 MB, a dot line at every 16 KiB: sent with BDAT
+    body = dotted_message(
+        "big@example.org", 80
+    )  # 1.3 MB, a dot line at every 16 KiB: sent with BDAT
     hop = NextHop("127.0.0.1", peers.postfix.port, name="not.checked.test")
     d = SMTPDeliverer(reactor, DeliveryConfig(connect_timeout=5), "relay.mailrelay.test")
     env = Envelope("big@example.org", (Recipient("rcpt@example.test"),))
@@ -143,9 +180,16 @@ async def test_may_uses_starttls_and_bdat_for_a_large_message(peers: Peers) -> N
 
 @pytest_twisted.ensureDeferred
 async def test_data_streamed_over_tls(peers: Peers) -> None:
-    body = dotted_message("stream@example.org", 40)  # 656 KiB: DATA (below the BDAT threshold), 11 chunks
-    results, tls = await deliver(peers, NextHop("127.0.0.1", peers.postfix.port, name=NAME),
-                                 TLSPolicy.VERIFY, body, tag="stream")
+    body = dotted_message(
+        "stream@example.org", 40
+    )  # 656 KiB: DATA (below the BDAT threshold), 11 chunks
+    results, tls = await deliver(
+        peers,
+        NextHop("127.0.0.1", peers.postfix.port, name=NAME),
+        TLSPolicy.VERIFY,
+        body,
+        tag="stream",
+    )
     assert [r.code for r, _ in results] == [250] and tls.startswith("TLSv1.")
     [data] = arrived(peers, "stream", body)
     assert data.endswith(body)

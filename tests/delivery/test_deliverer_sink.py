@@ -65,7 +65,9 @@ def sessions(sink: SMTPSink, at_least: int, timeout: float = 10.0) -> int:
 @pytest_twisted.ensureDeferred
 async def test_connection_cache_one_session_for_many_messages(sinks: list[SMTPSink]) -> None:
     sink = start(sinks)
-    d = SMTPDeliverer(reactor, DeliveryConfig(connect_timeout=5, connection_reuse_limit=4), "relay.mailrelay.test")
+    d = SMTPDeliverer(
+        reactor, DeliveryConfig(connect_timeout=5, connection_reuse_limit=4), "relay.mailrelay.test"
+    )
     route = Route((NextHop("127.0.0.1", sink.port),))
     bodies = [b"Subject: %d\r\n\r\n.body %d\r\n" % (i, i) for i in range(6)]
     for b in bodies:
@@ -150,7 +152,9 @@ async def test_refused_first_hop_second_delivers(sinks: list[SMTPSink]) -> None:
     sink = start(sinks)
     dead = free_port()
     body = b"Subject: x\r\n\r\nhello\r\n"
-    results = await deliver(Route((NextHop("127.0.0.1", dead), NextHop("127.0.0.1", sink.port))), body)
+    results = await deliver(
+        Route((NextHop("127.0.0.1", dead), NextHop("127.0.0.1", sink.port))), body
+    )
     assert [r.code for r, _ in results] == [250, 250]
     sink.wait_for(1)
     assert sink.transactions()[0].data == body
@@ -160,7 +164,9 @@ async def test_refused_first_hop_second_delivers(sinks: list[SMTPSink]) -> None:
 async def test_all_refused(sinks: list[SMTPSink]) -> None:
     dead = free_port()
     results = await deliver(Route((NextHop("127.0.0.1", dead),)), b"x\r\n")
-    assert [str(r) for r, _ in results] == [f"451 4.4.1 connect to 127.0.0.1:{dead} failed: Connection refused"] * 2
+    assert [str(r) for r, _ in results] == [
+        f"451 4.4.1 connect to 127.0.0.1:{dead} failed: Connection refused"
+    ] * 2
 
 
 @pytest_twisted.ensureDeferred
@@ -174,14 +180,23 @@ async def test_ipv6_hop(sinks: list[SMTPSink]) -> None:
 @pytest_twisted.ensureDeferred
 async def test_dsn_parameters_passed_on(sinks: list[SMTPSink]) -> None:
     sink = start(sinks)
-    env = Envelope("sender@example.org", (Recipient("a@example.test", ("SUCCESS", "DELAY"), "rfc822;A@example.test"),),
-                   ret="HDRS", envid="queue+id=1")
-    results = await deliver(Route((NextHop("127.0.0.1", sink.port),)), b"Subject: dsn\r\n\r\nx\r\n", env=env)
+    env = Envelope(
+        "sender@example.org",
+        (Recipient("a@example.test", ("SUCCESS", "DELAY"), "rfc822;A@example.test"),),
+        ret="HDRS",
+        envid="queue+id=1",
+    )
+    results = await deliver(
+        Route((NextHop("127.0.0.1", sink.port),)), b"Subject: dsn\r\n\r\nx\r\n", env=env
+    )
     assert [(r.code, *passed) for r, _, *passed in results] == [(250, True)]  # the sink reports now
     [raw] = sink.wait_for(1)
     headers = dict(line.split(b": ", 1) for line in raw.split(b"\n") if line.startswith(b"X-"))
     assert headers[b"X-Mail-Args"].split()[1:] == [b"RET=HDRS", b"ENVID=queue+2Bid+3D1"]
-    assert headers[b"X-Rcpt-Args"].split()[1:] == [b"NOTIFY=SUCCESS,DELAY", b"ORCPT=rfc822;A@example.test"]
+    assert headers[b"X-Rcpt-Args"].split()[1:] == [
+        b"NOTIFY=SUCCESS,DELAY",
+        b"ORCPT=rfc822;A@example.test",
+    ]
 
 
 @pytest_twisted.ensureDeferred
@@ -200,14 +215,21 @@ async def test_auth_to_smarthost_only_when_plaintext_allowed(sinks: list[SMTPSin
     hop = NextHop("127.0.0.1", sink.port)
     refused = await deliver(Route((hop,), auth=("user", "secret"), tls=TLSPolicy.MAY), b"x\r\n")
     assert [(r.code, r.enhanced) for r, _ in refused] == [(451, "4.7.0")] * 2
-    allowed = await deliver(Route((hop,), auth=("user", "secret"), allow_plaintext_auth=True), b"Subject: a\r\n\r\nx\r\n")
+    allowed = await deliver(
+        Route((hop,), auth=("user", "secret"), allow_plaintext_auth=True),
+        b"Subject: a\r\n\r\nx\r\n",
+    )
     assert [r.code for r, _ in allowed] == [250, 250]
     assert len(sink.wait_for(1)) == 1  # only the allowed one got through
 
 
 @pytest_twisted.ensureDeferred
 async def test_hop_by_name_through_hostname_endpoint(sinks: list[SMTPSink]) -> None:
-    sink = start(sinks)  # "localhost" is in /etc/hosts (files before dns): no DNS query leaves the host
-    results = await deliver(Route((NextHop("localhost", sink.port),)), b"Subject: n\r\n\r\nname\r\n")
+    sink = start(
+        sinks
+    )  # "localhost" is in /etc/hosts (files before dns): no DNS query leaves the host
+    results = await deliver(
+        Route((NextHop("localhost", sink.port),)), b"Subject: n\r\n\r\nname\r\n"
+    )
     assert [r.code for r, _ in results] == [250, 250]
     assert results[0][1] == f"localhost[127.0.0.1]:{sink.port}"

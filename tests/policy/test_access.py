@@ -18,16 +18,27 @@ NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"
 
 @pytest.mark.parametrize(
     "address, trusted",
-    [("10.1.2.3", True), ("11.0.0.1", False), ("::ffff:10.0.0.1", True), ("2001:db8::5", True),
-     ("2001:db9::5", False), ("fe80::1%eth0", False), ("unknown", False)],
+    [
+        ("10.1.2.3", True),
+        ("11.0.0.1", False),
+        ("::ffff:10.0.0.1", True),
+        ("2001:db8::5", True),
+        ("2001:db9::5", False),
+        ("fe80::1%eth0", False),
+        ("unknown", False),
+    ],
 )
 def test_trusted_networks(address: str, trusted: bool) -> None:
     assert is_trusted(address, NETS) is trusted
 
 
 def untrusted_conn() -> Conn:
-    config = ServerConfig(hostname="mx.example.test", trusted_networks=NETS,
-                          local_domains=("example.test",), relay_domains=(".relay.example",))
+    config = ServerConfig(
+        hostname="mx.example.test",
+        trusted_networks=NETS,
+        local_domains=("example.test",),
+        relay_domains=(".relay.example",),
+    )
     c = Conn(config=config, client="192.0.2.77")
     c.ehlo()
     c.send("MAIL FROM:<a@example.org>\r\n")
@@ -64,8 +75,15 @@ def test_untrusted_client_cannot_relay(rcpt: str) -> None:
 
 @pytest.mark.parametrize(
     "rcpt",
-    ["user@example.test", "User@EXAMPLE.TEST", "user@sub.relay.example", "Postmaster", "postmaster",
-     "@any.example:user@example.test", "first.last+tag@example.test"],
+    [
+        "user@example.test",
+        "User@EXAMPLE.TEST",
+        "user@sub.relay.example",
+        "Postmaster",
+        "postmaster",
+        "@any.example:user@example.test",
+        "first.last+tag@example.test",
+    ],
 )
 def test_untrusted_client_may_send_to_our_domains(rcpt: str) -> None:
     c = untrusted_conn()
@@ -89,7 +107,8 @@ def test_trusted_and_authenticated_clients_relay_anywhere() -> None:
     access.connect(stranger)
     assert not stranger.trusted
     assert access.rcpt(stranger, "", "victim@elsewhere.example", {}) == Reply(
-        554, "5.7.1", "<victim@elsewhere.example>: Relay access denied")
+        554, "5.7.1", "<victim@elsewhere.example>: Relay access denied"
+    )
     stranger.auth = "alice"
     assert access.rcpt(stranger, "", "victim@elsewhere.example", {}) is None
 
@@ -108,7 +127,9 @@ def test_chain_first_objection_wins_and_waits_for_deferreds() -> None:
             return self.answer
 
     d: defer.Deferred = defer.Deferred()
-    chain = PolicyChain([P("a", None), P("b", d), P("c", Reply(550, "5.7.1", "c says no")), P("d", None)])
+    chain = PolicyChain(
+        [P("a", None), P("b", d), P("c", Reply(550, "5.7.1", "c says no")), P("d", None)]
+    )
     result = chain.helo(None, "x")
     assert calls == ["a", "b"]
     got = []
@@ -144,7 +165,11 @@ def test_chain_skips_stages_a_policy_leaves_to_the_base_and_keeps_order_after_a_
 
     d: defer.Deferred = defer.Deferred()
     chain = PolicyChain([Silent(), Later(d), Silent(), Last()])
-    assert [chain.connect(None), chain.helo(None, "x"), chain.mail(None, "", {})] == [None, None, None]
+    assert [chain.connect(None), chain.helo(None, "x"), chain.mail(None, "", {})] == [
+        None,
+        None,
+        None,
+    ]
     result = chain.rcpt(None, "", "a@example.test", {})
     assert calls == ["later"]
     got = []
@@ -178,14 +203,25 @@ def test_policy_base_lets_embedders_override_one_stage() -> None:
             return Reply(450, "4.7.1", "not today") if sender.startswith("monday") else None
 
     verifyObject(IPolicy, NoMondays())
-    c = Conn(config=ServerConfig(hostname="h", trusted_networks=()), policy=PolicyChain([NoMondays()]))
+    c = Conn(
+        config=ServerConfig(hostname="h", trusted_networks=()), policy=PolicyChain([NoMondays()])
+    )
     c.ehlo()
     c.send("MAIL FROM:<monday@example.org>\r\nMAIL FROM:<tuesday@example.org>\r\n")
     assert c.codes() == [450, 250]
 
 
-@pytest.mark.parametrize("domain", ["ｅｘａｍｐｌｅ.ｔｅｓｔ", "example。test", "exa\u200bmple.test", "example.test\u3000",
-                                    "EXAMPLE.\u212aEY", "ＥＸＡＭＰＬＥ.test"])
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "ｅｘａｍｐｌｅ.ｔｅｓｔ",
+        "example。test",
+        "exa\u200bmple.test",
+        "example.test\u3000",
+        "EXAMPLE.\u212aEY",
+        "ＥＸＡＭＰＬＥ.test",
+    ],
+)
 def test_a_look_alike_of_our_domain_is_refused_as_a_bad_address(domain: str) -> None:
     """Not taken as example.test (and passed on in the raw spelling): 501 5.1.3 at RCPT."""
     c = untrusted_conn()

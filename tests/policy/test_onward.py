@@ -14,8 +14,11 @@ from mailrelay.policy.onward import OnwardCapabilities
 from mailrelay.testing import FakeRouter, route_to
 from tests.smtp.fakes import Conn, stuff
 
-CONFIG = ServerConfig(hostname="mx.example.test", local_domains=("example.test", "other.test"),
-                      trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),))
+CONFIG = ServerConfig(
+    hostname="mx.example.test",
+    local_domains=("example.test", "other.test"),
+    trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),),
+)
 MSG = b"Subject: hello\r\n\r\nbody\r\n"
 PLAIN = route_to("127.0.0.1", 2526)  # a hop without SMTPUTF8, SIZE 1000
 UNKNOWN = route_to("127.0.0.1", 2999)  # never seen
@@ -38,17 +41,24 @@ def conn(client: str, router: FakeRouter) -> Conn:
 
 def test_an_untrusted_client_hears_at_data_that_the_next_hop_lacks_smtputf8():
     c = conn("192.0.2.7", FakeRouter({"example.test": PLAIN}))
-    c.send("MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<jürgen@example.test>\r\nDATA\r\n".encode())
+    c.send(
+        "MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<jürgen@example.test>\r\nDATA\r\n".encode()
+    )
     (_, _, (code, text)) = c.replies()
     assert (code, text[:5]) == (553, "5.6.7") and "<jürgen@example.test>" in text
     assert not c.sink.committed
-    c.send(b"RSET\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n" + stuff(MSG))
+    c.send(
+        b"RSET\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n" + stuff(MSG)
+    )
     assert c.codes() == [250, 250, 250, 354, 250]  # the session goes on; ASCII mail passes
 
 
 def test_too_big_for_every_known_hop_is_refused_at_the_end_of_data():
     c = conn("192.0.2.7", FakeRouter({"example.test": PLAIN}))
-    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n" + stuff(MSG + (b"x" * 78 + b"\r\n") * 30))
+    c.send(
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+        + stuff(MSG + (b"x" * 78 + b"\r\n") * 30)
+    )
     (_, _, _, (code, text)) = c.replies()
     assert (code, text[:5]) == (552, "5.3.4")
     c.send(b"MAIL FROM:<a@example.org> SIZE=5000\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
@@ -57,12 +67,22 @@ def test_too_big_for_every_known_hop_is_refused_at_the_end_of_data():
 
 
 def test_trusted_clients_unknown_hops_and_hops_that_take_it_pass():
-    routes = FakeRouter({"example.test": UNKNOWN, "other.test": Route((NextHop("127.0.0.1", 2526),
-                                                                      NextHop("127.0.0.1", 2527)))})
-    for client, rcpt in (("10.1.2.3", "jürgen@example.test"), ("192.0.2.7", "jürgen@example.test"),
-                         ("192.0.2.7", "jürgen@other.test")):
+    routes = FakeRouter(
+        {
+            "example.test": UNKNOWN,
+            "other.test": Route((NextHop("127.0.0.1", 2526), NextHop("127.0.0.1", 2527))),
+        }
+    )
+    for client, rcpt in (
+        ("10.1.2.3", "jürgen@example.test"),
+        ("192.0.2.7", "jürgen@example.test"),
+        ("192.0.2.7", "jürgen@other.test"),
+    ):
         c = conn(client, routes)
-        c.send(f"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode() + stuff(MSG))
+        c.send(
+            f"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode()
+            + stuff(MSG)
+        )
         assert c.codes() == [250, 250, 354, 250], (client, rcpt)
 
 
@@ -72,13 +92,17 @@ def test_the_memory_is_bounded_and_judges_a_route_only_when_every_hop_is_known()
     for port in (1, 2, 3):
         caps.saw(NextHop("h.test", port), {}, None)
     assert caps.offer(NextHop("h.test", 1)) is None and caps.offer(NextHop("H.TEST", 3)) is not None
-    assert caps.refusal(env, Route((NextHop("h.test", 2), NextHop("h.test", 3)))).enhanced == "5.6.7"
+    assert (
+        caps.refusal(env, Route((NextHop("h.test", 2), NextHop("h.test", 3)))).enhanced == "5.6.7"
+    )
     assert caps.refusal(env, Route((NextHop("h.test", 2), NextHop("h.test", 1)))) is None
 
 
 def test_smtputf8_with_ascii_addresses_is_left_to_the_delivery_which_reads_the_header():
     c = conn("192.0.2.7", FakeRouter({"example.test": PLAIN}))
-    c.send(b"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@example.test>\r\nDATA\r\n" + stuff(MSG))
+    c.send(
+        b"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@example.test>\r\nDATA\r\n" + stuff(MSG)
+    )
     assert c.codes() == [250, 250, 354, 250]
 
 
@@ -87,7 +111,11 @@ def test_the_cheap_first_look_agrees_with_the_hops_remembered():
     utf8 = Envelope("a@example.org", (Recipient("jürgen@example.test"),), smtputf8=True)
     plain = Envelope("a@example.org", (Recipient("b@example.test"),))
     caps.saw(NextHop("h.test", 1), {}, 1000)
-    assert caps.refuses_any(utf8, None) and caps.refuses_any(plain, 1001) and not caps.refuses_any(plain, 1000)
+    assert (
+        caps.refuses_any(utf8, None)
+        and caps.refuses_any(plain, 1001)
+        and not caps.refuses_any(plain, 1000)
+    )
     caps.saw(NextHop("h.test", 1), {"SMTPUTF8": ""}, None)  # the same hop again, now with both
     assert not caps.refuses_any(utf8, None) and not caps.refuses_any(plain, 10**9)
     caps.saw(NextHop("h.test", 2), {}, 500)

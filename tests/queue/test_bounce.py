@@ -31,19 +31,31 @@ class World:
         self.deliverer = deliverer
         cfg = QueueConfig(retry_schedule=(3600.0,), max_lifetime=DAY, **config)
         self.router = FakeRouter({"*": route_to("127.0.0.1", 2526)})
-        self.manager = QueueManager(self.store, self.router, deliverer, self.clock, cfg, "relay.example.test",
-                                    jitter=lambda d: d)
+        self.manager = QueueManager(
+            self.store,
+            self.router,
+            deliverer,
+            self.clock,
+            cfg,
+            "relay.example.test",
+            jitter=lambda d: d,
+        )
         self.manager.start()
 
-    def send(self, *rcpts: Recipient, sender: str = "sender@example.org", body: bytes = BODY, **env) -> str:
+    def send(
+        self, *rcpts: Recipient, sender: str = "sender@example.org", body: bytes = BODY, **env
+    ) -> str:
         e = Envelope(sender, tuple(rcpts), received_at=self.clock.seconds(), **env)
         qid = self.store.inject(e, body)
         self.clock.advance(0)
         return qid
 
     def reports(self) -> list[tuple[Envelope, Message]]:
-        return [(c.envelope, email.message_from_bytes(c.body, policy=email.policy.default))
-                for c in self.deliverer.calls if c.envelope.sender == ""]
+        return [
+            (c.envelope, email.message_from_bytes(c.body, policy=email.policy.default))
+            for c in self.deliverer.calls
+            if c.envelope.sender == ""
+        ]
 
 
 def parts(report: Message) -> tuple[Message, list[Message], Message | None]:
@@ -58,9 +70,13 @@ def parts(report: Message) -> tuple[Message, list[Message], Message | None]:
 
 def test_failed_recipients_get_one_report_with_the_original_message():
     w = World(RecordingDeliverer([{"b@example.test": NOUSER, "c@example.test": NOUSER}]))
-    qid = w.send(Recipient("a@example.test"), Recipient("b@example.test"), Recipient("c@example.test"),
-                 envid="ENV-42")
-    (env, report), = w.reports()
+    qid = w.send(
+        Recipient("a@example.test"),
+        Recipient("b@example.test"),
+        Recipient("c@example.test"),
+        envid="ENV-42",
+    )
+    ((env, report),) = w.reports()
     assert env.sender == "" and [r.address for r in env.recipients] == ["sender@example.org"]
     assert env.recipients[0].notify == ("NEVER",)
     assert report["To"].addresses[0].addr_spec == "sender@example.org"
@@ -72,7 +88,10 @@ def test_failed_recipients_get_one_report_with_the_original_message():
     assert head["Reporting-MTA"] == "dns; relay.example.test"
     assert head["Original-Envelope-Id"] == "ENV-42"
     assert head["X-Mailrelay-Queue-ID"] == qid
-    assert [b["Final-Recipient"] for b in rcpts] == ["rfc822; b@example.test", "rfc822; c@example.test"]
+    assert [b["Final-Recipient"] for b in rcpts] == [
+        "rfc822; b@example.test",
+        "rfc822; c@example.test",
+    ]
     assert {b["Action"] for b in rcpts} == {"failed"}
     assert {b["Status"] for b in rcpts} == {"5.1.1"}
     assert rcpts[0]["Remote-MTA"] == "dns; 127.0.0.1"
@@ -88,8 +107,11 @@ def test_text_from_elsewhere_cannot_end_or_add_a_field_of_the_report():
     (CR, LF, NUL, ...) gets there, whatever the envelope holds (one spooled by an older version)."""
     hostile = Reply(550, "5.1.1", "no such user\x00\x1b[31m\x7f\x85X-Injected: reply")
     w = World(RecordingDeliverer([{"b@example.test": hostile}]))
-    w.send(Recipient("b@example.test", (), "rfc\x85822;b@x\r\nX-Injected: orcpt\x00"), envid="E\rX-Injected: envid\x00")
-    (env, report), = w.reports()
+    w.send(
+        Recipient("b@example.test", (), "rfc\x85822;b@x\r\nX-Injected: orcpt\x00"),
+        envid="E\rX-Injected: envid\x00",
+    )
+    ((env, report),) = w.reports()
     _, (head, block), _ = parts(report)
     assert head["Original-Envelope-Id"] == "E X-Injected: envid"
     assert block["Original-Recipient"] == "rfc 822; b@x X-Injected: orcpt"
@@ -106,7 +128,11 @@ def test_ret_hdrs_and_large_messages_return_only_the_headers():
     for _, report in w.reports():
         *_, original = parts(report)
         assert original.get_content_type() == "text/rfc822-headers"
-        text = original.get_payload() if isinstance(original.get_payload(), str) else original.as_string()
+        text = (
+            original.get_payload()
+            if isinstance(original.get_payload(), str)
+            else original.as_string()
+        )
         assert "Subject: the original" in text and "Hello there" not in text and "yyyy" not in text
 
 
@@ -119,9 +145,11 @@ def test_notify_never_and_delay_only_suppress_failure_reports():
 
 def test_notify_success_gets_a_relayed_report_with_orcpt():
     w = World(RecordingDeliverer())
-    w.send(Recipient("a@example.test", ("SUCCESS", "FAILURE"), "rfc822;Original@Example.TEST"),
-           Recipient("z@example.test"))
-    (env, report), = w.reports()
+    w.send(
+        Recipient("a@example.test", ("SUCCESS", "FAILURE"), "rfc822;Original@Example.TEST"),
+        Recipient("z@example.test"),
+    )
+    ((env, report),) = w.reports()
     assert report["Subject"] == "Successful Mail Delivery Report"
     _, (head, block), _ = parts(report)
     assert block["Action"] == "relayed" and block["Status"] == "2.0.0"
@@ -137,7 +165,11 @@ def test_never_a_report_to_the_null_sender_and_double_bounces_go_to_the_postmast
 
     w2 = World(RecordingDeliverer([NOUSER, NOUSER]), postmaster="postmaster@relay.example.test")
     w2.send(Recipient("b@example.test"), sender="")
-    reports = [(e, r) for e, r in w2.reports() if e.recipients[0].address == "postmaster@relay.example.test"]
+    reports = [
+        (e, r)
+        for e, r in w2.reports()
+        if e.recipients[0].address == "postmaster@relay.example.test"
+    ]
     assert len(reports) == 1
     # and when the report to the postmaster fails too, it is dropped: no loop
     assert len(w2.deliverer.calls) == 2
@@ -155,7 +187,7 @@ def test_expiry_bounces_what_is_still_pending_with_5_4_7_and_the_last_error():
         attempts += 1
     assert qid not in w.store.messages
     assert 24 <= attempts <= 26  # hourly for a day, one last try at expiry
-    (env, report), = w.reports()
+    ((env, report),) = w.reports()
     _, (head, block), _ = parts(report)
     assert block["Action"] == "failed" and block["Status"] == "5.4.7"
     assert "451 4.4.1 mailbox busy" in block["Diagnostic-Code"]
@@ -169,7 +201,9 @@ def test_delay_warning_is_sent_once():
     for _ in range(10):
         w.clock.advance(3600)
     # (the warning itself is retried against the same busy host: count distinct reports)
-    delayed = list({r["Message-ID"]: r for _, r in w.reports() if r["Subject"].startswith("Delayed")}.values())
+    delayed = list(
+        {r["Message-ID"]: r for _, r in w.reports() if r["Subject"].startswith("Delayed")}.values()
+    )
     assert len(delayed) == 1
     _, (head, block), _ = parts(delayed[0])
     assert block["Action"] == "delayed" and block["Final-Recipient"] == "rfc822; a@example.test"
@@ -185,8 +219,17 @@ def test_report_bytes_are_crlf_and_streamed_in_chunks():
     m = attrs.evolve(m, statuses=(attrs.evolve(m.statuses[0], last_reply=NOUSER),))
     import io
 
-    chunks = list(build_report(m, m.statuses, Action.FAILED, to="s@example.org", hostname="h.test", now=T0,
-                               body=io.BytesIO(BODY)))
+    chunks = list(
+        build_report(
+            m,
+            m.statuses,
+            Action.FAILED,
+            to="s@example.org",
+            hostname="h.test",
+            now=T0,
+            body=io.BytesIO(BODY),
+        )
+    )
     data = b"".join(chunks)
     assert len(chunks) > 2
     assert b"\n" not in data.replace(b"\r\n", b"")
@@ -196,20 +239,24 @@ def test_binary_originals_return_headers_and_long_diagnostics_are_cut():
     long_reply = Reply(550, "5.7.1", "policy " + "blah " * 400)
     w = World(RecordingDeliverer([long_reply]))
     w.send(Recipient("b@example.test"))
-    (env, report), = w.reports()
+    ((env, report),) = w.reports()
     _, (head, block), original = parts(report)
     assert len(block["Diagnostic-Code"]) < 998 and block["Diagnostic-Code"].endswith("...")
 
     w2 = World(RecordingDeliverer([NOUSER]))
-    e = Envelope("sender@example.org", (Recipient("b@example.test"),), received_at=T0, body="BINARYMIME")
+    e = Envelope(
+        "sender@example.org", (Recipient("b@example.test"),), received_at=T0, body="BINARYMIME"
+    )
     w2.store.inject(e, BODY)
     w2.clock.advance(0)
-    (env, report), = w2.reports()
+    ((env, report),) = w2.reports()
     *_, original = parts(report)
     assert original.get_content_type() == "text/rfc822-headers"
 
 
-NO_UTF8 = Reply(553, "5.6.7", "127.0.0.1[127.0.0.1]:2526 does not support SMTPUTF8, which this message needs")
+NO_UTF8 = Reply(
+    553, "5.6.7", "127.0.0.1[127.0.0.1]:2526 does not support SMTPUTF8, which this message needs"
+)
 
 
 def test_a_failure_for_what_the_next_hop_cannot_take_is_reported_only_to_a_trusted_sender():
@@ -218,22 +265,36 @@ def test_a_failure_for_what_the_next_hop_cannot_take_is_reported_only_to_a_trust
     (5.1.1) is still reported to anyone."""
     script = [{"b@example.test": NO_UTF8, "c@example.test": NOUSER}]
     untrusted = World(RecordingDeliverer(list(script)))
-    untrusted.send(Recipient("b@example.test"), Recipient("c@example.test"), trusted=False,
-                   client_address="192.0.2.7")
-    (_, report), = untrusted.reports()
+    untrusted.send(
+        Recipient("b@example.test"),
+        Recipient("c@example.test"),
+        trusted=False,
+        client_address="192.0.2.7",
+    )
+    ((_, report),) = untrusted.reports()
     _, (_, block), original = parts(report)
     assert block["Final-Recipient"] == "rfc822; c@example.test"  # b's 5.6.7 withheld
     assert original.get_content_type() == "text/rfc822-headers"  # never a text of its choosing
-    assert untrusted.store.messages == {} or all(m.envelope.sender == "" for m in untrusted.store.messages.values())
+    assert untrusted.store.messages == {} or all(
+        m.envelope.sender == "" for m in untrusted.store.messages.values()
+    )
 
     trusted = World(RecordingDeliverer(list(script)))
-    trusted.send(Recipient("b@example.test"), Recipient("c@example.test"), trusted=True, client_address="192.0.2.7")
-    (_, report), = trusted.reports()
+    trusted.send(
+        Recipient("b@example.test"),
+        Recipient("c@example.test"),
+        trusted=True,
+        client_address="192.0.2.7",
+    )
+    ((_, report),) = trusted.reports()
     _, (_, *blocks), original = parts(report)
     assert [b["Status"] for b in blocks] == ["5.6.7", "5.1.1"]
     assert original.get_content_type() == "message/rfc822"
 
-    for reply in (Reply(554, "5.6.3", "cannot take a BINARYMIME message"), Reply(552, "5.3.4", "too big")):
+    for reply in (
+        Reply(554, "5.6.3", "cannot take a BINARYMIME message"),
+        Reply(552, "5.3.4", "too big"),
+    ):
         w = World(RecordingDeliverer([reply]))
         w.send(Recipient("b@example.test"), trusted=False, client_address="192.0.2.7")
         assert w.reports() == []
@@ -262,7 +323,7 @@ def test_an_lmtp_delivery_is_final_and_reported_as_delivered():
     w = World(RecordingDeliverer(dsn=True))
     w.router.mapping["*"] = attrs.evolve(route_to("127.0.0.1", 24), lmtp=True)
     w.send(Recipient("a@example.test", ("SUCCESS",)), Recipient("b@example.test"))
-    (env, report), = w.reports()
+    ((env, report),) = w.reports()
     human, (head, block), _ = parts(report)
     assert block["Action"] == "delivered" and block["Final-Recipient"] == "rfc822; a@example.test"
     assert "successfully delivered" in human.get_content()
@@ -277,43 +338,70 @@ def test_an_smtputf8_original_comes_back_as_message_global_in_a_report_any_hop_t
     sender would never learn); its UTF-8 parts go base64 (7-bit) to such a return path."""
     w = World(RecordingDeliverer([Reply(550, "5.1.1", "no such user")]))
     w.send(Recipient("jürgen@example.test"), body=UTF8_BODY, smtputf8=True)
-    (env, report), = w.reports()
+    ((env, report),) = w.reports()
     assert not env.smtputf8 and env.body == "8BITMIME"
     sub = report.get_payload()
     assert sub[1].get_content_type() == "message/global-delivery-status"
     assert sub[1]["Content-Transfer-Encoding"] == "base64"
-    assert sub[2].get_content_type() == "message/global" and sub[2]["Content-Transfer-Encoding"] == "base64"
+    assert (
+        sub[2].get_content_type() == "message/global"
+        and sub[2]["Content-Transfer-Encoding"] == "base64"
+    )
     raw = w.deliverer.calls[-1].body
     _, _, status, original, _ = raw.split(b"--" + report.get_boundary().encode())
-    assert "Final-Recipient: utf-8; jürgen@example.test" in base64.b64decode(status.split(b"\r\n\r\n", 1)[1]).decode()
+    assert (
+        "Final-Recipient: utf-8; jürgen@example.test"
+        in base64.b64decode(status.split(b"\r\n\r\n", 1)[1]).decode()
+    )
     assert base64.b64decode(original.split(b"\r\n\r\n", 1)[1]) == UTF8_BODY
     assert status.isascii() and original.isascii()  # 7-bit: any return path takes them
 
 
 def test_a_report_to_an_smtputf8_sender_is_marked_so_and_keeps_8bit_parts():
     w = World(RecordingDeliverer([Reply(550, "5.1.1", "no such user")]))
-    w.send(Recipient("jürgen@example.test"), sender="änne@example.org", body=UTF8_BODY, smtputf8=True, ret="HDRS")
-    (env, report), = w.reports()
+    w.send(
+        Recipient("jürgen@example.test"),
+        sender="änne@example.org",
+        body=UTF8_BODY,
+        smtputf8=True,
+        ret="HDRS",
+    )
+    ((env, report),) = w.reports()
     assert env.smtputf8 and env.recipients[0].address == "änne@example.org"
     sub = report.get_payload()
-    assert sub[2].get_content_type() == "message/global-headers" and sub[2]["Content-Transfer-Encoding"] == "8bit"
-    assert "Grüße".encode() in w.deliverer.calls[-1].body and b"Hallo." not in w.deliverer.calls[-1].body
+    assert (
+        sub[2].get_content_type() == "message/global-headers"
+        and sub[2]["Content-Transfer-Encoding"] == "8bit"
+    )
+    assert (
+        "Grüße".encode() in w.deliverer.calls[-1].body
+        and b"Hallo." not in w.deliverer.calls[-1].body
+    )
 
 
 def test_a_report_of_an_ascii_message_to_an_ascii_sender_is_unchanged_by_it():
     w = World(RecordingDeliverer([NOUSER]))
     w.send(Recipient("b@example.test"))
-    (env, report), = w.reports()
+    ((env, report),) = w.reports()
     assert not env.smtputf8 and env.body is None
     sub = report.get_payload()
-    assert [p.get_content_type() for p in sub] == ["text/plain", "message/delivery-status", "message/rfc822"]
+    assert [p.get_content_type() for p in sub] == [
+        "text/plain",
+        "message/delivery-status",
+        "message/rfc822",
+    ]
 
 
 def test_a_success_report_to_an_untrusted_sender_returns_only_the_header():
     """NOTIFY=SUCCESS RET=FULL with a forged sender would have us mail any text to anyone."""
     w = World(RecordingDeliverer())
-    w.send(Recipient("a@example.test", ("SUCCESS",)), ret="FULL", trusted=False, client_address="192.0.2.7")
-    (_, report), = w.reports()
+    w.send(
+        Recipient("a@example.test", ("SUCCESS",)),
+        ret="FULL",
+        trusted=False,
+        client_address="192.0.2.7",
+    )
+    ((_, report),) = w.reports()
     *_, original = parts(report)
     assert original.get_content_type() == "text/rfc822-headers"
     assert b"Hello there" not in w.deliverer.calls[-1].body

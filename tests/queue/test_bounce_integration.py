@@ -27,7 +27,9 @@ def test_a_refused_recipient_is_bounced_to_the_sender_through_the_queue():
             client.ehlo("client.example.org")
             client.mail("alice@example.org")
             client.rcpt("bob@example.test")
-            client.data(b"From: alice@example.org\r\nSubject: hello bob\r\nMessage-ID: <hb@example.org>\r\n\r\nhi\r\n")
+            client.data(
+                b"From: alice@example.org\r\nSubject: hello bob\r\nMessage-ID: <hb@example.org>\r\n\r\nhi\r\n"
+            )
         senders.wait_for(1, timeout=30)
         relay.wait_log("status=bounced")
         relay.wait_log("sender non-delivery notification")

@@ -15,7 +15,6 @@ from tests.relay import RelayProcess, Sender
 pytestmark = pytest.mark.integration
 
 
-
 def route(port: int) -> str:
     return f'[queue]\nretry_schedule = ["1s"]\n[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:{port}"]\n'
 
@@ -50,8 +49,10 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_message(kills):
         got = Counter(_message_ids(sink))
         missing = expected - set(got)
         duplicates = sum(n - 1 for n in got.values() if n > 1)
-        print(f"\ncrash test: {kills} kills, {len(expected)} acknowledged, {len(missing)} lost, "
-              f"{duplicates} delivered twice (in flight at a kill)")
+        print(
+            f"\ncrash test: {kills} kills, {len(expected)} acknowledged, {len(missing)} lost, "
+            f"{duplicates} delivered twice (in flight at a kill)"
+        )
         assert not missing, f"lost {len(missing)} acknowledged messages: {sorted(missing)[:5]}"
         assert duplicates <= kills * 100  # only what was in flight at a kill (max_deliveries)
     finally:

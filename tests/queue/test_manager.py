@@ -42,8 +42,16 @@ class World:
         self.router = router or FakeRouter({"*": route_to("127.0.0.1", 2526)})
         self.deliverer = deliverer or RecordingDeliverer()
         self.config = config or QueueConfig(retry_schedule=SCHEDULE, max_lifetime=86400.0)
-        self.manager = QueueManager(self.store, self.router, self.deliverer, self.clock, self.config,
-                                    "relay.example.test", jitter=lambda d: d, **kw)
+        self.manager = QueueManager(
+            self.store,
+            self.router,
+            self.deliverer,
+            self.clock,
+            self.config,
+            "relay.example.test",
+            jitter=lambda d: d,
+            **kw,
+        )
 
     def send(self, *rcpts: str, body: bytes = b"Subject: t\r\n\r\nhi\r\n") -> str:
         return self.store.inject(envelope(*rcpts), body)
@@ -52,12 +60,19 @@ class World:
         return self.store.messages[qid]
 
 
-def capped(per_destination: int, router: FakeRouter | None = None) -> tuple[World, RecordingDeliverer]:
+def capped(
+    per_destination: int, router: FakeRouter | None = None
+) -> tuple[World, RecordingDeliverer]:
     """A started World whose deliveries hang until the test answers them, at most
     ``per_destination`` in flight to a destination (and as many more waiting for a slot)."""
     deliverer = RecordingDeliverer(default=None)
-    w = World(router=router, deliverer=deliverer,
-              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=per_destination))
+    w = World(
+        router=router,
+        deliverer=deliverer,
+        config=QueueConfig(
+            retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=per_destination
+        ),
+    )
     w.manager.start()
     return w, deliverer
 
@@ -110,8 +125,11 @@ def test_partial_delivery_retries_only_the_recipients_left():
     qid = w.send("a@example.test", "b@example.test", "c@example.test")
     w.clock.advance(0)
     m = w.state(qid)
-    assert [s.state for s in m.statuses] == [RecipientState.DELIVERED, RecipientState.PENDING,
-                                             RecipientState.DELIVERED]
+    assert [s.state for s in m.statuses] == [
+        RecipientState.DELIVERED,
+        RecipientState.PENDING,
+        RecipientState.DELIVERED,
+    ]
     assert m.statuses[0].remote == "127.0.0.1[127.0.0.1]:2526"
     assert m.next_attempt == T0 + 60
     w.clock.advance(60)
@@ -128,7 +146,10 @@ def test_permanent_failure_is_final_and_not_retried():
     m = w.state(qid)
     assert m.statuses[1].state is RecipientState.FAILED and m.statuses[1].last_reply == NOUSER
     # the sender is told at once (the bounce is queued and delivered like any message)
-    assert deliverer.calls[1].addresses == ["sender@example.org"] and deliverer.calls[1].envelope.sender == ""
+    assert (
+        deliverer.calls[1].addresses == ["sender@example.org"]
+        and deliverer.calls[1].envelope.sender == ""
+    )
     w.clock.advance(60)
     assert deliverer.calls[2].addresses == ["a@example.test"]
     assert qid not in w.store.messages
@@ -138,12 +159,14 @@ def test_permanent_failure_is_final_and_not_retried():
 
 def test_routing_answers_become_recipient_outcomes():
     later = TemporaryFailure(Reply(451, "4.4.3", "directory unavailable"))
-    router = FakeRouter({
-        "tmp@example.test": later,
-        "gone@example.test": PermanentFailure(Reply(550, "5.1.1", "unknown user")),
-        "nobody.test": None,
-        "example.test": route_to("127.0.0.1", 2526),
-    })
+    router = FakeRouter(
+        {
+            "tmp@example.test": later,
+            "gone@example.test": PermanentFailure(Reply(550, "5.1.1", "unknown user")),
+            "nobody.test": None,
+            "example.test": route_to("127.0.0.1", 2526),
+        }
+    )
     heard = []
 
     class Unrouted(RelayObserver):
@@ -158,8 +181,12 @@ def test_routing_answers_become_recipient_outcomes():
     # settled by routing, with no attempt: the observer still hears of them
     assert heard == [("tmp@example.test", 451), ("gone@example.test", 550), ("x@nobody.test", 550)]
     m = w.state(qid)
-    assert [s.state for s in m.statuses] == [RecipientState.DELIVERED, RecipientState.PENDING,
-                                             RecipientState.FAILED, RecipientState.FAILED]
+    assert [s.state for s in m.statuses] == [
+        RecipientState.DELIVERED,
+        RecipientState.PENDING,
+        RecipientState.FAILED,
+        RecipientState.FAILED,
+    ]
     assert m.statuses[1].last_reply == later.reply
     assert m.statuses[2].last_reply.code == 550
     assert (m.statuses[3].last_reply.code, m.statuses[3].last_reply.enhanced) == (550, "5.1.2")
@@ -171,11 +198,13 @@ def test_routing_answers_become_recipient_outcomes():
 
 
 def test_recipients_are_grouped_by_destination_and_rewritten():
-    router = FakeRouter({
-        "one.test": route_to("127.0.0.1", 2001),
-        "two.test": route_to("127.0.0.1", 2002),
-        "alias@one.test": route_to("127.0.0.1", 2001, recipient="real@one.test"),
-    })
+    router = FakeRouter(
+        {
+            "one.test": route_to("127.0.0.1", 2001),
+            "two.test": route_to("127.0.0.1", 2002),
+            "alias@one.test": route_to("127.0.0.1", 2001, recipient="real@one.test"),
+        }
+    )
     w = World(router=router)
     w.manager.start()
     w.send("a@one.test", "b@two.test", "alias@one.test", "c@two.test")
@@ -225,10 +254,15 @@ def test_start_up_burst_is_bounded():
 
 
 def test_per_destination_cap_and_a_dead_destination_does_not_stall_others():
-    router = FakeRouter({"dead.test": route_to("127.0.0.1", 1), "live.test": route_to("127.0.0.1", 2)})
+    router = FakeRouter(
+        {"dead.test": route_to("127.0.0.1", 1), "live.test": route_to("127.0.0.1", 2)}
+    )
     deliverer = RecordingDeliverer(default=None)
-    w = World(router=router, deliverer=deliverer,
-              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=6, max_per_destination=3))
+    w = World(
+        router=router,
+        deliverer=deliverer,
+        config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=6, max_per_destination=3),
+    )
     w.manager.start()
     for i in range(10):
         w.send(f"u{i}@dead.test")
@@ -349,8 +383,10 @@ def test_saved_next_attempt_follows_the_schedule(attempts, expected):
     w = World(deliverer=RecordingDeliverer(default=LATER))
     qid = w.send("a@example.test")
     w.store.messages[qid] = attrs.evolve(
-        w.state(qid), attempts=attempts - 1,
-        statuses=(RecipientStatus(Recipient("a@example.test"), attempts=attempts - 1),))
+        w.state(qid),
+        attempts=attempts - 1,
+        statuses=(RecipientStatus(Recipient("a@example.test"), attempts=attempts - 1),),
+    )
     w.manager.start()
     w.clock.advance(0)
     assert w.state(qid).next_attempt == T0 + expected
@@ -364,10 +400,16 @@ def test_one_postfix_style_log_line_per_recipient_attempt():
     with capturedLogs() as events:
         qid = w.send("a@example.test", "b@example.test")
         w.clock.advance(0)
-    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mailrelay.queue" and "to=<" in formatEvent(e)]
+    lines = [
+        formatEvent(e)
+        for e in events
+        if e.get("log_namespace") == "mailrelay.queue" and "to=<" in formatEvent(e)
+    ]
     assert len(lines) == 2
     sent, deferred = lines
-    assert sent.startswith(f"{qid}: to=<a@example.test>, relay=127.0.0.1[127.0.0.1]:2526, delay=0.00")
+    assert sent.startswith(
+        f"{qid}: to=<a@example.test>, relay=127.0.0.1[127.0.0.1]:2526, delay=0.00"
+    )
     assert "dsn=2.0.0, status=sent (250 2.0.0 Ok)" in sent
     assert "dsn=4.4.1, status=deferred (451 4.4.1 try again later)" in deferred
 
@@ -377,13 +419,20 @@ def test_messages_for_a_full_destination_wait_without_churn():
     w, deliverer = capped(2, router)
     ids = [w.send(f"u{i}@dead.test") for i in range(20)]
     w.clock.advance(0)
-    assert len(deliverer.calls) == 2 and w.manager.slots.waiting(router.mapping["dead.test"].destination) == 2
+    assert (
+        len(deliverer.calls) == 2
+        and w.manager.slots.waiting(router.mapping["dead.test"].destination) == 2
+    )
     blocked = [q for q in ids if w.state(q).attempts == 0 and not w.manager.is_active(q)]
     assert len(blocked) == 16  # not attempted: no attempt counted, nothing recorded for them
     assert all(w.state(q).statuses[0].last_reply is None for q in blocked)
-    assert not [m for m in w.store.saves if m.queue_id in blocked], "waiting is not written to the store"
+    assert not [m for m in w.store.saves if m.queue_id in blocked], (
+        "waiting is not written to the store"
+    )
     routed = len(router.calls)
-    deliverer.calls[0].answer(LATER)  # one slot frees: one waiter runs, one blocked message takes its place
+    deliverer.calls[0].answer(
+        LATER
+    )  # one slot frees: one waiter runs, one blocked message takes its place
     assert len(deliverer.calls) == 3
     w.clock.advance(0)
     assert len(router.calls) - routed == 1, "only as many blocked messages as the line has room for"
@@ -392,7 +441,10 @@ def test_messages_for_a_full_destination_wait_without_churn():
 
 def test_a_reloaded_queue_config_changes_the_caps_at_once():
     deliverer = RecordingDeliverer(default=None)
-    w = World(deliverer=deliverer, config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
+    w = World(
+        deliverer=deliverer,
+        config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1),
+    )
     w.manager.start()
     ids = [w.send(f"u{i}@example.test") for i in range(3)]
     w.clock.advance(0)
@@ -493,9 +545,16 @@ def test_a_blocked_message_is_delivered_when_its_destination_frees_though_never_
 def test_a_blocked_message_whose_state_changed_is_saved():
     """Waiting past the delay warning: the warning goes out and the saved state says so."""
     deliverer = RecordingDeliverer(default=None)
-    w = World(deliverer=deliverer, config=QueueConfig(retry_schedule=SCHEDULE, max_lifetime=86400.0,
-                                                      delay_warning=3600.0, max_deliveries=10,
-                                                      max_per_destination=1))
+    w = World(
+        deliverer=deliverer,
+        config=QueueConfig(
+            retry_schedule=SCHEDULE,
+            max_lifetime=86400.0,
+            delay_warning=3600.0,
+            max_deliveries=10,
+            max_per_destination=1,
+        ),
+    )
     w.clock.advance(7200)  # the messages below were received two hours ago
     w.manager.start()
     ids = [w.send(f"u{i}@example.test") for i in range(3)]
@@ -508,13 +567,17 @@ def test_a_blocked_message_whose_state_changed_is_saved():
 def test_a_flushed_message_that_must_wait_is_saved_due_now():
     """The store says it is due later: a restart must not lose the operator's flush."""
     deliverer = RecordingDeliverer([LATER], default=None)
-    w = World(deliverer=deliverer,
-              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
+    w = World(
+        deliverer=deliverer,
+        config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1),
+    )
     w.manager.start()
     deferred = w.send("a@example.test")
     w.clock.advance(0)
     assert w.state(deferred).next_attempt == T0 + 60  # deferred once: the store says a minute on
-    busy = [w.send(f"u{i}@example.test") for i in range(2)]  # the one slot and its one waiting place
+    busy = [
+        w.send(f"u{i}@example.test") for i in range(2)
+    ]  # the one slot and its one waiting place
     w.clock.advance(0)
     del w.store.saves[:]
     w.manager.flush(deferred)
@@ -540,11 +603,14 @@ class _LeasingStore(MemoryQueueStore):
 
 def test_a_blocked_message_in_a_shared_store_is_saved_for_the_other_nodes():
     deliverer = RecordingDeliverer(default=None)
-    w = World(deliverer=deliverer,
-              config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1))
+    w = World(
+        deliverer=deliverer,
+        config=QueueConfig(retry_schedule=SCHEDULE, max_deliveries=10, max_per_destination=1),
+    )
     w.store = _LeasingStore(w.clock)
-    w.manager = QueueManager(w.store, w.router, deliverer, w.clock, w.config, "relay.example.test",
-                             jitter=lambda d: d)
+    w.manager = QueueManager(
+        w.store, w.router, deliverer, w.clock, w.config, "relay.example.test", jitter=lambda d: d
+    )
     w.manager.start()
     ids = [w.send(f"u{i}@example.test") for i in range(3)]
     w.clock.advance(0)
@@ -584,7 +650,11 @@ def test_blocked_messages_deleted_meanwhile_do_not_use_up_the_wake_of_those_stil
     w.clock.advance(0)
     deliverer.calls[1].answer(OK)
     w.clock.advance(0)
-    assert [c.addresses for c in deliverer.calls] == [["u0@example.test"], ["u1@example.test"], ["u4@example.test"]]
+    assert [c.addresses for c in deliverer.calls] == [
+        ["u0@example.test"],
+        ["u1@example.test"],
+        ["u4@example.test"],
+    ]
 
 
 def test_messages_behind_a_busy_destination_are_looked_at_again_only_at_the_longest_interval():

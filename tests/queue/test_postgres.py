@@ -27,8 +27,12 @@ from tests.pgserver import psycopg, temp_schema
 
 pytestmark = pytest.mark.integration
 
-ENV = Envelope("sender@example.org", (Recipient("a@one.test"), Recipient("b@two.test", ("FAILURE",))),
-               helo="client.example.org", received_at=1700000000.0)
+ENV = Envelope(
+    "sender@example.org",
+    (Recipient("a@one.test"), Recipient("b@two.test", ("FAILURE",))),
+    helo="client.example.org",
+    received_at=1700000000.0,
+)
 
 
 @pytest.fixture
@@ -64,7 +68,7 @@ def commit(store, body: bytes, envelope: Envelope = ENV, chunks: int = 1) -> def
     w = store.open(envelope)
     step = max(1, len(body) // chunks)
     for i in range(0, len(body), step):
-        w.write(body[i:i + step])
+        w.write(body[i : i + step])
     return w.commit()
 
 
@@ -88,14 +92,19 @@ def wait_until(predicate, timeout: float = 15.0) -> defer.Deferred[None]:
 def test_upgrade_creates_then_is_idempotent(dsn):
     assert pg_schema.upgrade(dsn) == (0, pg_schema.LATEST)
     assert pg_schema.upgrade(dsn) == (pg_schema.LATEST, pg_schema.LATEST)
-    tables = {r[0] for r in query(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+    tables = {
+        r[0]
+        for r in query(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+    }
     assert {"mailrelay_message", "mailrelay_body", "mailrelay_schema_version"} <= tables
 
 
 def test_a_newer_schema_is_refused(dsn):
     pg_schema.upgrade(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO mailrelay_schema_version (version) VALUES (%s)", (pg_schema.LATEST + 1,))
+        conn.execute(
+            "INSERT INTO mailrelay_schema_version (version) VALUES (%s)", (pg_schema.LATEST + 1,)
+        )
     with pytest.raises(pg_schema.SchemaError):
         pg_schema.upgrade(dsn)
 
@@ -111,11 +120,17 @@ def test_commit_stores_everything_in_the_database_before_it_fires(stores, dsn):
     w = store.open(ENV)
     verifyObject(IMessageWriter, w)
     for i in range(0, len(body), 10_000):
-        w.write(body[i:i + 10_000])
+        w.write(body[i : i + 10_000])
     d = w.commit()
     in_db_when_fired = []
-    d.addCallback(lambda qid: in_db_when_fired.append(
-        query(dsn, "SELECT count(*) FROM mailrelay_body WHERE queue_id = %s", qid)[0][0]) or qid)
+    d.addCallback(
+        lambda qid: (
+            in_db_when_fired.append(
+                query(dsn, "SELECT count(*) FROM mailrelay_body WHERE queue_id = %s", qid)[0][0]
+            )
+            or qid
+        )
+    )
     qid = yield d
     assert is_queue_id(qid)
     assert in_db_when_fired[0] >= 3
@@ -146,12 +161,24 @@ def test_save_and_remove(stores, dsn):
     a, b = stores(), stores()
     qid = yield commit(a, b"body\r\n", attrs.evolve(ENV, trusted=True))
     message = yield a.load(qid)
-    statuses = (attrs.evolve(message.statuses[0], state=RecipientState.DELIVERED, success="passed",
-                             last_reply=Reply(250, "2.0.0", "ok"), attempts=1), message.statuses[1])
-    yield a.save(attrs.evolve(message, statuses=statuses, attempts=1, next_attempt=1700000300.0, held=True))
+    statuses = (
+        attrs.evolve(
+            message.statuses[0],
+            state=RecipientState.DELIVERED,
+            success="passed",
+            last_reply=Reply(250, "2.0.0", "ok"),
+            attempts=1,
+        ),
+        message.statuses[1],
+    )
+    yield a.save(
+        attrs.evolve(message, statuses=statuses, attempts=1, next_attempt=1700000300.0, held=True)
+    )
     seen_by_b = yield b.load(qid)
     assert seen_by_b.statuses[0].state is RecipientState.DELIVERED
-    assert seen_by_b.envelope.trusted and seen_by_b.statuses[0].success == "passed"  # queue format 2
+    assert (
+        seen_by_b.envelope.trusted and seen_by_b.statuses[0].success == "passed"
+    )  # queue format 2
     assert seen_by_b.statuses[0].last_reply == Reply(250, "2.0.0", "ok")
     assert (seen_by_b.attempts, seen_by_b.next_attempt, seen_by_b.held) == (1, 1700000300.0, True)
     assert (yield b.load_schedule()) == [(qid, 1700000300.0, True)]
@@ -171,8 +198,10 @@ def test_save_and_remove(stores, dsn):
 @pytest_twisted.inlineCallbacks
 def test_database_down_gives_451_and_keeps_nothing(tmp_path):
     cache = tmp_path / "cache"
-    store = pg_store(f"host=127.0.0.1 port={free_port()} dbname=test user=postgres connect_timeout=2",
-                     cache_dir=str(cache))
+    store = pg_store(
+        f"host=127.0.0.1 port={free_port()} dbname=test user=postgres connect_timeout=2",
+        cache_dir=str(cache),
+    )
     store.start()
     try:
         with pytest.raises(TemporaryFailure) as e:
@@ -227,14 +256,27 @@ def test_takeover_never_resends_to_a_recipient_recorded_delivered(stores, dsn):
     qid = yield commit(a, b"the body\r\n")
     assert (yield a.claim(qid)) is True
     message = yield a.load(qid)
-    statuses = (attrs.evolve(message.statuses[0], state=RecipientState.DELIVERED, attempts=1,
-                             last_reply=Reply(250, "2.0.0", "ok")), message.statuses[1])
+    statuses = (
+        attrs.evolve(
+            message.statuses[0],
+            state=RecipientState.DELIVERED,
+            attempts=1,
+            last_reply=Reply(250, "2.0.0", "ok"),
+        ),
+        message.statuses[1],
+    )
     yield a.save(attrs.evolve(message, statuses=statuses, attempts=1))
     # node B runs a queue manager; it takes the message over once A's lease has expired
     b = stores(lease_time=5.0, scan_interval=0.3)
     deliverer = RecordingDeliverer()
-    manager = QueueManager(b, FakeRouter({"*": route_to("127.0.0.1", 25)}), deliverer, reactor,
-                           QueueConfig(), "b.example.test")
+    manager = QueueManager(
+        b,
+        FakeRouter({"*": route_to("127.0.0.1", 25)}),
+        deliverer,
+        reactor,
+        QueueConfig(),
+        "b.example.test",
+    )
     yield manager.start()
     try:
         yield wait_until(lambda: query(dsn, "SELECT count(*) FROM mailrelay_message")[0][0] == 0)
@@ -250,14 +292,21 @@ def test_three_nodes_deliver_each_message_once(stores, dsn):
     for n in range(3):
         store = stores(scan_interval=0.5, remote_delay=0.0)
         deliverer = RecordingDeliverer()
-        manager = QueueManager(store, FakeRouter({"*": route_to("127.0.0.1", 25)}), deliverer, reactor,
-                               QueueConfig(), f"node{n}.example.test")
+        manager = QueueManager(
+            store,
+            FakeRouter({"*": route_to("127.0.0.1", 25)}),
+            deliverer,
+            reactor,
+            QueueConfig(),
+            f"node{n}.example.test",
+        )
         yield manager.start()
         nodes.append((store, manager, deliverer))
     try:
         env = Envelope("s@example.org", (Recipient("r@one.test"),), received_at=1.0)
         ids = yield defer.gatherResults(
-            [commit(nodes[i % 3][0], b"m%d\r\n" % i, env) for i in range(60)])
+            [commit(nodes[i % 3][0], b"m%d\r\n" % i, env) for i in range(60)]
+        )
         yield wait_until(lambda: query(dsn, "SELECT count(*) FROM mailrelay_message")[0][0] == 0)
     finally:
         for _, manager, _ in nodes:
@@ -288,7 +337,9 @@ def test_a_store_failure_in_save_is_retried_until_the_database_is_back(stores, d
     store._conns.close()
     store._conns._idle = NoIdle()
     store._conns.connect = flaky
-    done = RecipientStatus(message.statuses[0].recipient, RecipientState.DELIVERED, 1, Reply(250, "2.0.0", "ok"))
+    done = RecipientStatus(
+        message.statuses[0].recipient, RecipientState.DELIVERED, 1, Reply(250, "2.0.0", "ok")
+    )
     yield store.save(attrs.evolve(message, statuses=(done, message.statuses[1])))
     assert len(failures) == 2
     assert (yield store.load(qid)).statuses[0].state is RecipientState.DELIVERED
@@ -301,9 +352,13 @@ def test_a_database_out_of_reach_is_a_temporary_failure_to_the_stores_callers(st
     store = stores(scan_interval=3600)
     yield commit(store, b"x\r\n")
     # every connection refused (idle ones too: a scan may hand one back to the pool meanwhile)
-    store._conns.checkout = lambda: (_ for _ in ()).throw(psycopg.OperationalError("connection refused (test)"))
+    store._conns.checkout = lambda: (_ for _ in ()).throw(
+        psycopg.OperationalError("connection refused (test)")
+    )
     with pytest.raises(TemporaryFailure) as e:
-        yield store.load(store.new_id())  # not one this node holds claimed: it must ask the database
+        yield store.load(
+            store.new_id()
+        )  # not one this node holds claimed: it must ask the database
     assert e.value.reply.code == 451 and isinstance(e.value.__cause__, psycopg.OperationalError)
 
 
@@ -324,7 +379,9 @@ def test_a_body_that_does_not_match_its_size_is_never_handed_out(stores, dsn):
 
 @pytest_twisted.inlineCallbacks
 def test_each_destinations_outcome_is_saved_as_it_ends_and_a_takeover_skips_it(stores, dsn):
-    router = FakeRouter({"one.test": route_to("127.0.0.1", 25), "two.test": route_to("127.0.0.2", 25)})
+    router = FakeRouter(
+        {"one.test": route_to("127.0.0.1", 25), "two.test": route_to("127.0.0.2", 25)}
+    )
     # node A delivers to both destinations; one.test answers, two.test hangs; A stops renewing
     a = stores(lease_time=1.0, scan_interval=3600)
     a_deliverer = RecordingDeliverer(script=[None, None])
@@ -334,8 +391,12 @@ def test_each_destinations_outcome_is_saved_as_it_ends_and_a_takeover_skips_it(s
     yield wait_until(lambda: len(a_deliverer.calls) == 2)
     [to_one] = [c for c in a_deliverer.calls if c.addresses == ["a@one.test"]]
     to_one.answer(Reply(250, "2.0.0", "ok"))
-    yield wait_until(lambda: '"state":"delivered"' in query(
-        dsn, "SELECT state FROM mailrelay_message WHERE queue_id = %s", qid)[0][0])
+    yield wait_until(
+        lambda: (
+            '"state":"delivered"'
+            in query(dsn, "SELECT state FROM mailrelay_message WHERE queue_id = %s", qid)[0][0]
+        )
+    )
     # node B takes over once A's lease has run out, and sends only to the recipient left
     b = stores(lease_time=5.0, scan_interval=0.3)
     b_deliverer = RecordingDeliverer()
@@ -345,7 +406,9 @@ def test_each_destinations_outcome_is_saved_as_it_ends_and_a_takeover_skips_it(s
         yield wait_until(lambda: query(dsn, "SELECT count(*) FROM mailrelay_message")[0][0] == 0)
     finally:
         [to_two] = [c for c in a_deliverer.calls if c.addresses == ["b@two.test"]]
-        to_two.answer(Reply(250, "2.0.0", "ok"))  # A's late answer: its message is gone, nothing resent
+        to_two.answer(
+            Reply(250, "2.0.0", "ok")
+        )  # A's late answer: its message is gone, nothing resent
         yield a_manager.stop()
         yield b_manager.stop()
     assert [c.addresses for c in b_deliverer.calls] == [["b@two.test"]]
@@ -372,8 +435,15 @@ def deferred_node(stores, dsn, refusals: int = 1):
     clock.advance(1700000000)
     store = stores(clock=clock, scan_interval=3600, lease_time=600, remote_delay=0.0)
     deliverer = RecordingDeliverer([LATER] * refusals)
-    manager = QueueManager(store, FakeRouter({"*": route_to("127.0.0.1", 25)}), deliverer, clock,
-                           QueueConfig(retry_schedule=(3600.0,)), "a.example.test", jitter=lambda d: d)
+    manager = QueueManager(
+        store,
+        FakeRouter({"*": route_to("127.0.0.1", 25)}),
+        deliverer,
+        clock,
+        QueueConfig(retry_schedule=(3600.0,)),
+        "a.example.test",
+        jitter=lambda d: d,
+    )
     return clock, store, deliverer, manager
 
 
@@ -387,8 +457,14 @@ def test_flush_attempts_a_message_whose_retry_is_an_hour_away_now(stores, dsn):
     yield manager.start()
     try:
         qid = yield commit(store, b"flush me\r\n")
-        yield settle(clock, lambda: len(deliverer.calls) == 1 and not manager.active_ids()
-                     and due_times(dsn).get(qid) == clock.seconds() + 3600)
+        yield settle(
+            clock,
+            lambda: (
+                len(deliverer.calls) == 1
+                and not manager.active_ids()
+                and due_times(dsn).get(qid) == clock.seconds() + 3600
+            ),
+        )
         assert manager.scheduled() == {qid: clock.seconds() + 3600}
         assert (yield manager.flush(qid)) == 1
         yield settle(clock, lambda: not due_times(dsn))  # delivered, with no hour passed
@@ -403,8 +479,14 @@ def test_flush_all_makes_every_message_not_held_due_and_delivers_it(stores, dsn)
     yield manager.start()
     try:
         ids = yield defer.gatherResults([commit(store, b"m%d\r\n" % i) for i in range(3)])
-        yield settle(clock, lambda: len(deliverer.calls) == 3 and not manager.active_ids()
-                     and set(due_times(dsn).values()) == {clock.seconds() + 3600})
+        yield settle(
+            clock,
+            lambda: (
+                len(deliverer.calls) == 3
+                and not manager.active_ids()
+                and set(due_times(dsn).values()) == {clock.seconds() + 3600}
+            ),
+        )
         yield manager.hold(ids[2])
         assert (yield manager.flush()) == 2
         yield settle(clock, lambda: set(due_times(dsn)) == {ids[2]})
@@ -424,8 +506,14 @@ def test_a_flush_on_one_node_or_with_no_node_wakes_the_others(stores, dsn):
     try:
         first = yield commit(store, b"first\r\n")
         second = yield commit(store, b"second\r\n")
-        yield settle(clock, lambda: len(deliverer.calls) == 2 and not manager.active_ids()
-                     and set(due_times(dsn).values()) == {clock.seconds() + 3600})
+        yield settle(
+            clock,
+            lambda: (
+                len(deliverer.calls) == 2
+                and not manager.active_ids()
+                and set(due_times(dsn).values()) == {clock.seconds() + 3600}
+            ),
+        )
         # another node (no queue manager of its own here) flushes: this node hears it and delivers
         assert (yield other.make_due(first)) == [first]
         yield settle(clock, lambda: set(due_times(dsn)) == {second})
@@ -450,7 +538,9 @@ def test_a_flush_during_an_attempt_has_it_attempted_again_once_it_ends(stores, d
         qid = yield commit(store, b"busy\r\n")
         yield settle(clock, lambda: len(deliverer.calls) == 1)
         assert (yield manager.flush(qid)) == 1
-        deliverer.calls[0].answer(LATER)  # saved as due in an hour, but the flush came after it began
+        deliverer.calls[0].answer(
+            LATER
+        )  # saved as due in an hour, but the flush came after it began
         yield settle(clock, lambda: not due_times(dsn))
         assert len(deliverer.calls) == 2
     finally:
@@ -460,12 +550,21 @@ def test_a_flush_during_an_attempt_has_it_attempted_again_once_it_ends(stores, d
 @pytest_twisted.inlineCallbacks
 def test_duplicate_recipients_are_stored_once(stores):
     store = stores()
-    dup = attrs.evolve(ENV, recipients=(Recipient("dup@one.test", ("FAILURE",)), Recipient("dup@one.test"),
-                                        Recipient("dup@ONE.TEST"), Recipient("b@two.test")))
+    dup = attrs.evolve(
+        ENV,
+        recipients=(
+            Recipient("dup@one.test", ("FAILURE",)),
+            Recipient("dup@one.test"),
+            Recipient("dup@ONE.TEST"),
+            Recipient("b@two.test"),
+        ),
+    )
     qid = yield commit(store, b"Subject: dup\r\n\r\nbody\r\n", dup)
     message = yield stores().load(qid)  # another node: what the database holds
     want = (Recipient("dup@one.test", ("FAILURE",)), Recipient("b@two.test"))
-    assert message.envelope.recipients == want and tuple(s.recipient for s in message.statuses) == want
+    assert (
+        message.envelope.recipients == want and tuple(s.recipient for s in message.statuses) == want
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -476,8 +575,12 @@ def test_a_database_that_ended_every_connection_costs_no_failed_call_and_no_warn
     from twisted.logger import LogLevel, globalLogPublisher
 
     name = f"mr_{os.urandom(6).hex()}"
-    store = pg_store(f"{dsn} application_name={name}", cache_dir=str(tmp_path / "a"), scan_interval=3600,
-                     remote_delay=0.0)
+    store = pg_store(
+        f"{dsn} application_name={name}",
+        cache_dir=str(tmp_path / "a"),
+        scan_interval=3600,
+        remote_delay=0.0,
+    )
     other = pg_store(dsn, cache_dir=str(tmp_path / "b"), scan_interval=3600)
     store.start()
     other.start()
@@ -489,18 +592,33 @@ def test_a_database_that_ended_every_connection_costs_no_failed_call_and_no_warn
         yield defer.gatherResults([store.load(qid) for _ in range(4)])  # a few pooled connections
 
         def listening() -> bool:
-            return bool(query(dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
-                                   " AND query LIKE 'LISTEN%%'", name))
+            return bool(
+                query(
+                    dsn,
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+                    " AND query LIKE 'LISTEN%%'",
+                    name,
+                )
+            )
 
         yield wait_until(listening)
-        pids = [pid for (pid,) in query(dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s", name)]
+        pids = [
+            pid
+            for (pid,) in query(
+                dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s", name
+            )
+        ]
         assert len(pids) >= 3 and store._conns._idle.qsize() >= 1
         globalLogPublisher.addObserver(events.append)
         query(dsn, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", pids)
-        yield wait_until(lambda: not query(dsn, "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", pids))
+        yield wait_until(
+            lambda: not query(dsn, "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", pids)
+        )
 
         qid2 = yield commit(store, b"second\r\n")  # the writer's connection
-        loaded = yield defer.gatherResults([store.load(q) for q in (qid, qid2, qid, qid2)])  # pooled ones
+        loaded = yield defer.gatherResults(
+            [store.load(q) for q in (qid, qid2, qid, qid2)]
+        )  # pooled ones
         assert [m.queue_id for m in loaded] == [qid, qid2, qid, qid2]
         yield store.save(loaded[0])
         yield wait_until(listening)
@@ -510,5 +628,9 @@ def test_a_database_that_ended_every_connection_costs_no_failed_call_and_no_warn
         globalLogPublisher.removeObserver(events.append)
         yield store.stop()
         yield other.stop()
-    loud = [e for e in events if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)]
+    loud = [
+        e
+        for e in events
+        if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)
+    ]
     assert loud == []

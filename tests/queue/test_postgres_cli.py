@@ -25,8 +25,10 @@ MAILRELAY = str(Path(sys.executable).parent / "mailrelay")
 def config(tmp_path):
     with temp_schema() as dsn:
         path = tmp_path / "mailrelay.toml"
-        path.write_text(f'[server]\nhostname = "cli.mailrelay.test"\n\n[spool]\npath = "{tmp_path / "spool"}"\n'
-                        f'backend = "postgresql"\ndsn = "{dsn}"\n')
+        path.write_text(
+            f'[server]\nhostname = "cli.mailrelay.test"\n\n[spool]\npath = "{tmp_path / "spool"}"\n'
+            f'backend = "postgresql"\ndsn = "{dsn}"\n'
+        )
         yield str(path), dsn
 
 
@@ -59,8 +61,10 @@ def test_db_upgrade_reports_an_unreachable_database_in_one_line(tmp_path):
     from tests.peers import free_port
 
     path = tmp_path / "down.toml"
-    path.write_text(f'[server]\nhostname = "x.test"\n[spool]\npath = "{tmp_path}"\nbackend = "postgresql"\n'
-                    f'dsn = "host=127.0.0.1 port={free_port()} dbname=test connect_timeout=2"\n')
+    path.write_text(
+        f'[server]\nhostname = "x.test"\n[spool]\npath = "{tmp_path}"\nbackend = "postgresql"\n'
+        f'dsn = "host=127.0.0.1 port={free_port()} dbname=test connect_timeout=2"\n'
+    )
     r = cli("db", "upgrade", "--config", str(path))
     assert r.returncode == 1
     assert r.stderr.startswith("mailrelay: ") and "Traceback" not in r.stderr
@@ -74,7 +78,9 @@ def test_queue_commands_read_and_edit_the_shared_queue_with_no_instance_running(
     store = PostgresStore(dsn, reactor, cache_dir=str(tmp_path / "cache"))
     store.start()
     try:
-        w = store.open(Envelope("from@example.org", (Recipient("to@dest.test"),), received_at=1700000000.0))
+        w = store.open(
+            Envelope("from@example.org", (Recipient("to@dest.test"),), received_at=1700000000.0)
+        )
         w.write(b"Subject: shared queue\r\n\r\nhello\r\n")
         qid = yield w.commit()
     finally:
@@ -94,7 +100,9 @@ def test_queue_commands_read_and_edit_the_shared_queue_with_no_instance_running(
         assert conn.execute("SELECT next_attempt FROM mailrelay_message").fetchone()[0] < 4e9
     assert cli("queue", "hold", qid, "--config", path).returncode == 0
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT held FROM mailrelay_message WHERE queue_id = %s", (qid,)).fetchone()[0]
+        assert conn.execute(
+            "SELECT held FROM mailrelay_message WHERE queue_id = %s", (qid,)
+        ).fetchone()[0]
     held = cli("queue", "flush", qid, "--config", path)
     assert held.returncode == 1 and "is held" in held.stderr
     with psycopg.connect(dsn, autocommit=True) as listener:  # a running node hears of the release
@@ -104,7 +112,9 @@ def test_queue_commands_read_and_edit_the_shared_queue_with_no_instance_running(
         heard = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
     assert heard == [f"cli {qid}"]
     with psycopg.connect(dsn) as conn:
-        assert not conn.execute("SELECT held FROM mailrelay_message WHERE queue_id = %s", (qid,)).fetchone()[0]
+        assert not conn.execute(
+            "SELECT held FROM mailrelay_message WHERE queue_id = %s", (qid,)
+        ).fetchone()[0]
     assert cli("queue", "delete", qid, "--config", path).returncode == 0
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM mailrelay_message").fetchone()[0] == 0

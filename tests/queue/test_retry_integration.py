@@ -15,8 +15,11 @@ pytestmark = pytest.mark.integration
 BODY = b"From: s@example.org\r\nSubject: retried\r\nMessage-ID: <retry@example.org>\r\n\r\nagain and again\r\n"
 
 
-@pytest.mark.parametrize("flags", [["-r", "RCPT"], ["-q", "DATA"], ["-Q", "MAIL"]],
-                         ids=["450-at-RCPT", "hangup-after-DATA", "421-at-MAIL"])
+@pytest.mark.parametrize(
+    "flags",
+    [["-r", "RCPT"], ["-q", "DATA"], ["-Q", "MAIL"]],
+    ids=["450-at-RCPT", "hangup-after-DATA", "421-at-MAIL"],
+)
 def test_temporary_trouble_is_retried_then_delivered_once(flags):
     import smtplib
 
@@ -32,8 +35,11 @@ def test_temporary_trouble_is_retried_then_delivered_once(flags):
             client.sendmail("s@example.org", ["r@example.test"], BODY)
         relay.wait_log("status=deferred")
         line = next(x for x in relay.log_text().splitlines() if "status=deferred" in x)
-        assert re.search(r"[0-9A-Z]{18}: to=<r@example.test>, relay=\S+, delay=[\d.]+, delays=[\d.]+, "
-                         r"dsn=4\.\d+\.\d+, status=deferred \(4\d\d", line), line
+        assert re.search(
+            r"[0-9A-Z]{18}: to=<r@example.test>, relay=\S+, delay=[\d.]+, delays=[\d.]+, "
+            r"dsn=4\.\d+\.\d+, status=deferred \(4\d\d",
+            line,
+        ), line
         bad.stop()
         good = SMTPSink(port=port).start()
         good.wait_for(1, timeout=30)

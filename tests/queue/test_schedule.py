@@ -12,7 +12,9 @@ from mailrelay.queue import schedule
 SCHEDULE = (60.0, 300.0, 900.0)
 
 
-@pytest.mark.parametrize("attempts,delay", [(0, 60.0), (1, 60.0), (2, 300.0), (3, 900.0), (4, 900.0), (50, 900.0)])
+@pytest.mark.parametrize(
+    "attempts,delay", [(0, 60.0), (1, 60.0), (2, 300.0), (3, 900.0), (4, 900.0), (50, 900.0)]
+)
 def test_retry_delay_walks_the_schedule_and_repeats_the_last(attempts, delay):
     assert schedule.retry_delay(SCHEDULE, attempts) == delay
 
@@ -32,7 +34,9 @@ def test_empty_schedule_is_refused():
         schedule.retry_delay((), 1)
 
 
-def message(received_at: float, attempts: int = 0, sender: str = "s@example.org", warned: bool = False):
+def message(
+    received_at: float, attempts: int = 0, sender: str = "s@example.org", warned: bool = False
+):
     env = Envelope(sender, (Recipient("r@example.test"),), received_at=received_at)
     return QueuedMessage("X", env, (), attempts=attempts, warned=warned)
 

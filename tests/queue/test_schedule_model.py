@@ -27,11 +27,20 @@ ops = st.lists(
 @given(ops)
 def test_schedule_matches_a_model(operations):
     clock = Clock()
-    manager = QueueManager(MemoryQueueStore(clock), FakeRouter({}), RecordingDeliverer(), clock,
-                           QueueConfig(), "h.test", jitter=lambda d: d)
+    manager = QueueManager(
+        MemoryQueueStore(clock),
+        FakeRouter({}),
+        RecordingDeliverer(),
+        clock,
+        QueueConfig(),
+        "h.test",
+        jitter=lambda d: d,
+    )
     manager._running = True
     fired: list[tuple[float, str]] = []
-    manager._pump = lambda: fired.extend((clock.seconds(), q) for q in manager._ready) or manager._ready.clear()
+    manager._pump = lambda: (
+        fired.extend((clock.seconds(), q) for q in manager._ready) or manager._ready.clear()
+    )
     model: dict[str, float] = {}
     expected: list[tuple[float, str]] = []
 

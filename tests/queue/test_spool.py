@@ -26,8 +26,12 @@ from mailrelay.queue.spool import (
 from mailrelay.queue.store import is_queue_id
 from tests.queue.conftest import GatedFsync, gated_spool
 
-ENV = Envelope("sender@example.org", (Recipient("a@example.test"), Recipient("b@example.test", ("FAILURE",))),
-               helo="client.example.org", received_at=1700000000.0)
+ENV = Envelope(
+    "sender@example.org",
+    (Recipient("a@example.test"), Recipient("b@example.test", ("FAILURE",))),
+    helo="client.example.org",
+    received_at=1700000000.0,
+)
 
 
 @pytest.fixture
@@ -36,14 +40,16 @@ def spool(tmp_path):
     yield from gated_spool(tmp_path, segment_body_max=0)
 
 
-UNPACKED = b"x" * _SEGMENT_BODY_MAX  # appended to a body: too large for a segment, it gets a file of its own
+UNPACKED = (
+    b"x" * _SEGMENT_BODY_MAX
+)  # appended to a body: too large for a segment, it gets a file of its own
 
 
 def store_message(spool: FilesystemSpool, body: bytes, chunks: int = 1) -> defer.Deferred[str]:
     w = spool.open(ENV)
     step = max(1, len(body) // chunks)
     for i in range(0, len(body), step):
-        w.write(body[i:i + step])
+        w.write(body[i : i + step])
     return w.commit()
 
 
@@ -98,7 +104,9 @@ def test_commit_fires_only_after_the_message_file_and_directory_are_fsynced(spoo
     spool._forget(qid)
     with spool.open_body(qid) as f:
         assert f.read(8) == b"Subject:" and f.read() == b" x\r\n\r\nhello\r\n" and f.read() == b""
-        assert f.seek(0, 2) == 21 and f.seek(0) == 0 and f.read(1000) == b"Subject: x\r\n\r\nhello\r\n"
+        assert (
+            f.seek(0, 2) == 21 and f.seek(0) == 0 and f.read(1000) == b"Subject: x\r\n\r\nhello\r\n"
+        )
     assert spool.body_size(qid) == 21
     assert spool.read_message(qid) == message
 
@@ -131,7 +139,9 @@ def test_group_commit_makes_many_messages_durable_in_fewer_passes(spool):
 @pytest_twisted.inlineCallbacks
 def test_subscribers_hear_of_each_commit_after_it_is_durable(spool):
     heard = []
-    spool.subscribe(lambda qid: heard.append((qid, os.path.exists(os.path.join(spool.path, "queue", qid)))))
+    spool.subscribe(
+        lambda qid: heard.append((qid, os.path.exists(os.path.join(spool.path, "queue", qid))))
+    )
     qid = yield store_message(spool, b"x\r\n")
     assert heard == [(qid, True)]
 
@@ -152,7 +162,9 @@ def test_large_body_streams_to_disk_before_commit(spool):
 def test_save_records_state_and_remove_deletes_everything(spool):
     qid = yield store_message(spool, b"x\r\n")
     m = yield spool.load(qid)
-    done = RecipientStatus(ENV.recipients[0], RecipientState.DELIVERED, 1, Reply(250, "2.0.0", "ok"), "h[1.2.3.4]:25")
+    done = RecipientStatus(
+        ENV.recipients[0], RecipientState.DELIVERED, 1, Reply(250, "2.0.0", "ok"), "h[1.2.3.4]:25"
+    )
     import attrs
 
     m2 = attrs.evolve(m, statuses=(done, m.statuses[1]), attempts=1, next_attempt=1700000300.0)
@@ -375,7 +387,9 @@ def test_a_spool_of_the_two_file_layout_is_converted_at_start_and_loses_nothing(
     (path / "queue" / f"{old}.env").write_bytes(json.dumps(message_to_dict(saved)).encode())
     (path / "queue" / f"{torn}.body").write_bytes(b"no envelope")
     offline = FilesystemSpool(str(path), None)
-    assert offline.scan_ids() == [old]  # the CLI on a stopped instance sees it before any conversion
+    assert offline.scan_ids() == [
+        old
+    ]  # the CLI on a stopped instance sees it before any conversion
     assert offline.read_message(old) == saved and offline.body_size(old) == len(body)
     s = FilesystemSpool(str(path), reactor, segment_body_max=0)
     s.start()
@@ -391,7 +405,9 @@ def test_a_spool_of_the_two_file_layout_is_converted_at_start_and_loses_nothing(
         yield s.stop()
 
 
-def test_a_message_queued_in_format_1_loads_with_its_trust_not_recorded_and_format_2_keeps_it(tmp_path):
+def test_a_message_queued_in_format_1_loads_with_its_trust_not_recorded_and_format_2_keeps_it(
+    tmp_path,
+):
     """Format 2 records whether the client was trusted (who hears of a capability failure);
     a format 1 message, queued before, reads as not recorded (None) in both stores."""
     import json
@@ -427,7 +443,9 @@ def _wait_until(predicate) -> defer.Deferred[None]:
 
 
 @pytest_twisted.inlineCallbacks
-def test_the_file_of_a_removed_message_is_rewritten_for_the_next_one_once_its_removal_is_durable(spool, monkeypatch):
+def test_the_file_of_a_removed_message_is_rewritten_for_the_next_one_once_its_removal_is_durable(
+    spool, monkeypatch
+):
     fsync = spool.fsync_recorder
     queue_dir = os.path.join(spool.path, "queue")
     long_body = b"x" * 3000 + b"\r\n"
@@ -450,7 +468,9 @@ def test_the_file_of_a_removed_message_is_rewritten_for_the_next_one_once_its_re
     # straight into queue/
     assert renames == [(os.path.join(spool.path, "tmp", kept), os.path.join(queue_dir, second))]
     assert opens == []
-    yield spool.save(attrs.evolve((yield spool.load(second)), attempts=1))  # drops what memory holds
+    yield spool.save(
+        attrs.evolve((yield spool.load(second)), attempts=1)
+    )  # drops what memory holds
     with spool.open_body(second) as f:
         assert f.read() == b"short\r\n"  # nothing of the longer message it replaced
     assert (yield spool.load(second)).envelope == ENV
@@ -522,17 +542,27 @@ class TimedFsync(ThreadRecordingFsync):
         super().__call__(fd)
 
 
-@pytest.mark.parametrize(("fsync_threads", "latency", "batch_in"), [
-    (16, 0.010, "mailrelay-spool-fsync"),  # a slow disk: overlapped
-    (16, 0.0001, "mailrelay-spool-writer"),  # a fast one: a hand-off per file would cost more
-    (0, 0.010, "mailrelay-spool-writer"),  # no threads at all
-])
+@pytest.mark.parametrize(
+    ("fsync_threads", "latency", "batch_in"),
+    [
+        (16, 0.010, "mailrelay-spool-fsync"),  # a slow disk: overlapped
+        (16, 0.0001, "mailrelay-spool-writer"),  # a fast one: a hand-off per file would cost more
+        (0, 0.010, "mailrelay-spool-writer"),  # no threads at all
+    ],
+)
 @pytest_twisted.inlineCallbacks
-def test_the_files_of_a_batch_are_fsynced_in_parallel_only_while_fsyncs_are_slow(tmp_path, fsync_threads,
-                                                                                latency, batch_in):
+def test_the_files_of_a_batch_are_fsynced_in_parallel_only_while_fsyncs_are_slow(
+    tmp_path, fsync_threads, latency, batch_in
+):
     fsync = TimedFsync(latency)
-    spool = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, fsync_threads=fsync_threads, segment_body_max=0,
-                            timer=lambda: fsync.now)
+    spool = FilesystemSpool(
+        str(tmp_path / "spool"),
+        reactor,
+        fsync=fsync,
+        fsync_threads=fsync_threads,
+        segment_body_max=0,
+        timer=lambda: fsync.now,
+    )
     spool.start()
     try:
         fsync.gate.clear()
@@ -552,8 +582,14 @@ def test_the_files_of_a_batch_are_fsynced_in_parallel_only_while_fsyncs_are_slow
 
 def test_the_spool_goes_back_to_fsyncing_itself_when_the_disk_gets_fast(tmp_path):
     fsync = TimedFsync(0.010)
-    spool = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, fsync_threads=4, segment_body_max=0,
-                            timer=lambda: fsync.now)
+    spool = FilesystemSpool(
+        str(tmp_path / "spool"),
+        reactor,
+        fsync=fsync,
+        fsync_threads=4,
+        segment_body_max=0,
+        timer=lambda: fsync.now,
+    )
     spool._syncers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mailrelay-spool-fsync")
     me = threading.current_thread().name
 
@@ -561,7 +597,9 @@ def test_the_spool_goes_back_to_fsyncing_itself_when_the_disk_gets_fast(tmp_path
         """Two files synced as the writer would, here: which threads fsynced them."""
         jobs = [_Job(), _Job()]
         for i, job in enumerate(jobs):
-            job.fds.append(os.open(os.path.join(spool.tmp_dir, f"x{i}"), os.O_WRONLY | os.O_CREAT, 0o600))
+            job.fds.append(
+                os.open(os.path.join(spool.tmp_dir, f"x{i}"), os.O_WRONLY | os.O_CREAT, 0o600)
+            )
         del fsync.threads[:]
         assert spool._sync_files(jobs) == {}
         return set(fsync.threads)
@@ -594,13 +632,19 @@ def _open_kept_files(spool: FilesystemSpool) -> list[str]:
 @pytest_twisted.inlineCallbacks
 def test_the_remover_keeps_a_bounded_number_of_kept_files_open_and_closes_them_at_stop(spool):
     n = _KEPT_OPEN + 6
-    ids = yield defer.gatherResults([store_message(spool, b"message %d\r\n" % i + UNPACKED) for i in range(n)])
+    ids = yield defer.gatherResults(
+        [store_message(spool, b"message %d\r\n" % i + UNPACKED) for i in range(n)]
+    )
     inodes = {_inode(os.path.join(spool.path, "queue", q)) for q in ids}
     yield defer.gatherResults([spool.remove(q) for q in ids])
     yield _wait_until(lambda: len(kept_files(spool)) == n and spool._removals_synced >= n)
     assert len(_open_kept_files(spool)) == _KEPT_OPEN  # the rest are opened when their turn comes
-    again = yield defer.gatherResults([store_message(spool, b"again %d\r\n" % i + UNPACKED) for i in range(n)])
-    assert {_inode(os.path.join(spool.path, "queue", q)) for q in again} == inodes  # every one reused
+    again = yield defer.gatherResults(
+        [store_message(spool, b"again %d\r\n" % i + UNPACKED) for i in range(n)]
+    )
+    assert {
+        _inode(os.path.join(spool.path, "queue", q)) for q in again
+    } == inodes  # every one reused
     for q in again[-3:]:
         with spool.open_body(q) as f:
             assert f.read().startswith(b"again ")
@@ -612,10 +656,17 @@ def test_the_remover_keeps_a_bounded_number_of_kept_files_open_and_closes_them_a
     assert len(kept_files(spool)) == 10  # left for the next start to remove
 
 
-DUPLICATES = Envelope("sender@example.org", (
-    Recipient("dup@local.test", ("FAILURE",), "rfc822;dup@local.test"), Recipient("other@local.test"),
-    Recipient("dup@local.test", ("SUCCESS",)), Recipient("dup@LOCAL.TEST"), Recipient("Dup@local.test")),
-    received_at=1700000000.0)
+DUPLICATES = Envelope(
+    "sender@example.org",
+    (
+        Recipient("dup@local.test", ("FAILURE",), "rfc822;dup@local.test"),
+        Recipient("other@local.test"),
+        Recipient("dup@local.test", ("SUCCESS",)),
+        Recipient("dup@LOCAL.TEST"),
+        Recipient("Dup@local.test"),
+    ),
+    received_at=1700000000.0,
+)
 
 
 @pytest_twisted.inlineCallbacks
@@ -624,8 +675,11 @@ def test_duplicate_recipients_are_queued_once_with_the_first_ones_dsn_parameters
     w = spool.open(DUPLICATES)
     w.write(b"Subject: dup\r\n\r\nbody\r\n")
     qid = yield w.commit()
-    want = (Recipient("dup@local.test", ("FAILURE",), "rfc822;dup@local.test"), Recipient("other@local.test"),
-            Recipient("Dup@local.test"))  # local parts are case-sensitive (RFC 5321 2.4)
+    want = (
+        Recipient("dup@local.test", ("FAILURE",), "rfc822;dup@local.test"),
+        Recipient("other@local.test"),
+        Recipient("Dup@local.test"),
+    )  # local parts are case-sensitive (RFC 5321 2.4)
     for message in ((yield spool.load(qid)), spool.read_message(qid)):
         assert message.envelope.recipients == want
         assert tuple(s.recipient for s in message.statuses) == want

@@ -21,8 +21,9 @@ ENV = Envelope("s@example.org", (Recipient("r@example.test"),))
 def tiny_disk(tmp_path):
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)],
-                            capture_output=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)], capture_output=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
     yield mnt
@@ -87,7 +88,9 @@ def test_relay_with_a_full_spool_answers_452_and_keeps_serving(tiny_disk, smtp_s
 
     home = Path(tempfile.mkdtemp(prefix="mailrelay-relay-"))
     (tiny_disk / "spool").mkdir()
-    (home / "spool").symlink_to(tiny_disk / "spool")  # the spool on the tiny disk, the log elsewhere
+    (home / "spool").symlink_to(
+        tiny_disk / "spool"
+    )  # the spool on the tiny disk, the log elsewhere
     relay = RelayProcess(
         '[server]\nmax_message_size = "8M"\n'
         f'[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:{smtp_sink.port}"]\n',
@@ -101,7 +104,11 @@ def test_relay_with_a_full_spool_answers_452_and_keeps_serving(tiny_disk, smtp_s
             client.rcpt("r@example.test")
             code, text = client.data(big)
             assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
-            assert not [p for p in (tiny_disk / "spool").rglob("*") if p.is_file() and p.name != "control.sock"]
+            assert not [
+                p
+                for p in (tiny_disk / "spool").rglob("*")
+                if p.is_file() and p.name != "control.sock"
+            ]
             # the same session goes on, and a message that fits is accepted and delivered
             client.sendmail("s@example.org", ["r@example.test"], b"Subject: small\r\n\r\nfits\r\n")
         smtp_sink.wait_for(1)

@@ -129,7 +129,9 @@ def test_small_messages_are_appended_to_one_segment_durable_before_their_commits
         with again.open_body(ids[2]) as f:
             assert f.read() == BODIES[2]
         newer = yield store_message(again, b"after the restart\r\n")
-        assert sorted(files(again)) == sorted([f"queue/{segment}", f"queue/{newer}.seg"])  # a new one
+        assert sorted(files(again)) == sorted(
+            [f"queue/{segment}", f"queue/{newer}.seg"]
+        )  # a new one
     finally:
         yield again.stop()
 
@@ -143,7 +145,13 @@ def test_a_removal_kills_its_record_durably_and_a_full_segment_goes_with_the_las
     with pytest.raises(KeyError):
         spool.open_body(ids[1])
     yield wait_until(lambda: spool.fsync_recorder.events.count(path) > synced)  # the kill, synced
-    assert alive(spool, segment) == {first: True, ids[0]: True, ids[1]: False, ids[2]: True, ids[3]: True}
+    assert alive(spool, segment) == {
+        first: True,
+        ids[0]: True,
+        ids[1]: False,
+        ids[2]: True,
+        ids[3]: True,
+    }
     for qid in (first, ids[0], ids[2], ids[3]):
         yield spool.remove(qid)
     yield wait_until(lambda: not any(alive(spool, segment).values()))
@@ -176,10 +184,14 @@ def test_a_removal_survives_a_restart(spool):
 
 @pytest_twisted.inlineCallbacks
 def test_segments_take_packs_up_to_their_size_then_a_new_one_starts(spool, monkeypatch):
-    monkeypatch.setattr(spool_module, "_SEGMENT_MAX", 1)  # every pack beyond the first: a new segment
+    monkeypatch.setattr(
+        spool_module, "_SEGMENT_MAX", 1
+    )  # every pack beyond the first: a new segment
     first, ids, _ = yield packed(spool)
     second = yield store_message(spool, b"third pack\r\n")
-    assert files(spool) == sorted([f"queue/{first}.seg", f"queue/{ids[0]}.seg", f"queue/{second}.seg"])
+    assert files(spool) == sorted(
+        [f"queue/{first}.seg", f"queue/{ids[0]}.seg", f"queue/{second}.seg"]
+    )
     for qid in ids:
         yield spool.remove(qid)
     yield wait_until(lambda: not os.path.exists(os.path.join(spool.queue_dir, ids[0] + ".seg")))
@@ -192,7 +204,9 @@ def test_a_torn_append_is_cut_off_at_start(spool):
     yield spool.stop()
     path = os.path.join(spool.queue_dir, segment)
     whole = os.path.getsize(path)
-    with open(path, "ab") as f:  # what a crash in the middle of an append (never acknowledged) leaves
+    with open(
+        path, "ab"
+    ) as f:  # what a crash in the middle of an append (never acknowledged) leaves
         f.write(b"MRc1\x00\x10\x00\x00garbage")
     again = reopened(spool)
     again.start()
@@ -217,7 +231,13 @@ def test_a_saved_message_moves_out_of_its_segment_into_its_own_file(spool):
     with spool.open_body(ids[1]) as f:
         assert f.read() == BODIES[1]
     yield wait_until(lambda: not alive(spool, segment)[ids[1]])  # once its own file is durable
-    assert alive(spool, segment) == {first: True, ids[0]: True, ids[1]: False, ids[2]: True, ids[3]: True}
+    assert alive(spool, segment) == {
+        first: True,
+        ids[0]: True,
+        ids[1]: False,
+        ids[2]: True,
+        ids[3]: True,
+    }
     assert (yield spool.list_ids()) == sorted([first, *ids])  # once each
     yield spool.stop()
 
@@ -247,19 +267,28 @@ def test_the_offline_tools_see_list_move_and_delete_messages_of_segments(spool):
     offline.save_now(attrs.evolve(message, held=True))
     assert offline.scan_ids() == sorted([first, ids[0], ids[1], ids[3]])
     assert reopened(spool).read_message(ids[0]).held
-    assert alive(spool, segment) == {first: True, ids[0]: False, ids[1]: True, ids[2]: False,
-                                            ids[3]: True}
+    assert alive(spool, segment) == {
+        first: True,
+        ids[0]: False,
+        ids[1]: True,
+        ids[2]: False,
+        ids[3]: True,
+    }
     with pytest.raises(KeyError):
         reopened(spool).read_message(ids[2])
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_pack_that_cannot_be_made_durable_fails_each_of_its_commits_and_is_never_delivered(tmp_path):
+def test_a_pack_that_cannot_be_made_durable_fails_each_of_its_commits_and_is_never_delivered(
+    tmp_path,
+):
     fsync = FailingFsync(lambda path: path.endswith(".seg"))
     s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
     s.start()
     try:
-        outcomes = yield defer.DeferredList([store_message(s, body) for body in BODIES], consumeErrors=True)
+        outcomes = yield defer.DeferredList(
+            [store_message(s, body) for body in BODIES], consumeErrors=True
+        )
         for ok, failure in outcomes:
             assert not ok and failure.check(TemporaryFailure)
             assert (failure.value.reply.code, failure.value.reply.enhanced) == (452, "4.3.1")
@@ -409,7 +438,9 @@ def test_packs_are_written_with_rwf_dsync_and_not_fsynced_again(tmp_path, monkey
             assert f.read() == b"a later pack\r\n"
     finally:
         yield s.stop()
-    assert sorted(FilesystemSpool(str(tmp_path / "spool"), reactor).scan_ids()) == sorted([*ids, more])
+    assert sorted(FilesystemSpool(str(tmp_path / "spool"), reactor).scan_ids()) == sorted(
+        [*ids, more]
+    )
 
 
 @pytest.mark.skipif(not hasattr(os, "RWF_DSYNC"), reason="no RWF_DSYNC on this platform")
@@ -421,7 +452,9 @@ def test_where_the_kernel_refuses_rwf_dsync_packs_are_fsynced(tmp_path, monkeypa
     try:
         qid = yield store_message(s, b"fsynced after all\r\n")
         assert not s.sync_writes
-        assert [p for p in synced if p.endswith(".seg")] == [os.path.join(s.queue_dir, qid + ".seg")]
+        assert [p for p in synced if p.endswith(".seg")] == [
+            os.path.join(s.queue_dir, qid + ".seg")
+        ]
         s._forget(qid)
         with s.open_body(qid) as f:
             assert f.read() == b"fsynced after all\r\n"
@@ -437,7 +470,9 @@ def test_a_pack_whose_durable_write_fails_fails_its_commits(tmp_path, monkeypatc
     s, _ = recording_spool(tmp_path / "spool")
     s.start()
     try:
-        outcomes = yield defer.DeferredList([store_message(s, body) for body in BODIES], consumeErrors=True)
+        outcomes = yield defer.DeferredList(
+            [store_message(s, body) for body in BODIES], consumeErrors=True
+        )
         for ok, failure in outcomes:
             assert not ok and failure.check(TemporaryFailure)
         assert s.sync_writes  # a failing disk is not a kernel without the flag

@@ -38,4 +38,3 @@ def sinks() -> Iterator[Callable[..., SMTPSink]]:
     yield make
     for sink in made:
         sink.cleanup()
-

@@ -27,19 +27,87 @@ _ACCESS = RelayAccess((), (LOCAL,))
 _ROUTING = set("%!@:")
 
 _ADDRESSES = [
-    "a@example.test", "A@EXAMPLE.TEST", "postmaster", "", "x%y@example.test", "y!x@example.test",
-    '"a@b"@example.test', '"a\\"b"@example.test', "@a,@b:c@example.test", "@a:c@d", "u@[127.0.0.1]",
-    "u@[IPv6:::1]", "u@[bad]", "u@example.test.", "u@elsewhere.example", "ü@example.test", "u@ex\u00e4mple.test",
-    "a" * 70 + "@example.test", "u@" + "d" * 70 + ".test", "<nested@x>", "u@@x", '"unterminated@x', "u@-x.test",
+    "a@example.test",
+    "A@EXAMPLE.TEST",
+    "postmaster",
+    "",
+    "x%y@example.test",
+    "y!x@example.test",
+    '"a@b"@example.test',
+    '"a\\"b"@example.test',
+    "@a,@b:c@example.test",
+    "@a:c@d",
+    "u@[127.0.0.1]",
+    "u@[IPv6:::1]",
+    "u@[bad]",
+    "u@example.test.",
+    "u@elsewhere.example",
+    "ü@example.test",
+    "u@ex\u00e4mple.test",
+    "a" * 70 + "@example.test",
+    "u@" + "d" * 70 + ".test",
+    "<nested@x>",
+    "u@@x",
+    '"unterminated@x',
+    "u@-x.test",
 ]
-_PARAMS = ["", " SIZE=100", " SIZE=99999999999999999999999", " BODY=8BITMIME", " BODY=BINARYMIME", " SMTPUTF8",
-           " RET=HDRS ENVID=a+2Bb", " NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+40b", " X=\x00", " SIZE=1 SIZE=2",
-           " =x", " NOTIFY=", " AUTH=<>"]
-_TEXT = [b".", b"..", b"\r\n", b"\r", b"\n", b"\x00", b".\r\n", b"\r\n.\r\n", b"\n.\n", b"\r.\r", b"\r\n.\r",
-         b"\n.\r\n", b"\r\n..\r\n", b"Received: x\r\n", b"Subject: s\r\n", b"body line\r\n", b"\xff\xfe",
-         b"x" * 600, b"y" * 999 + b"\r\n", b"z" * 1100, b"\r\n\r\n", b"QUIT\r\n", b"MAIL FROM:<e@x>\r\n"]
-_VERBS = [b"EHLO c.example", b"HELO c", b"RSET", b"NOOP", b"QUIT", b"VRFY u", b"HELP", b"STARTTLS",
-          b"AUTH PLAIN AGFsaWNlAHB3", b"GET / HTTP/1.0", b"ehlo", b"DATA", b"DATA x", b"BDAT", b"BDAT x"]
+_PARAMS = [
+    "",
+    " SIZE=100",
+    " SIZE=99999999999999999999999",
+    " BODY=8BITMIME",
+    " BODY=BINARYMIME",
+    " SMTPUTF8",
+    " RET=HDRS ENVID=a+2Bb",
+    " NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+40b",
+    " X=\x00",
+    " SIZE=1 SIZE=2",
+    " =x",
+    " NOTIFY=",
+    " AUTH=<>",
+]
+_TEXT = [
+    b".",
+    b"..",
+    b"\r\n",
+    b"\r",
+    b"\n",
+    b"\x00",
+    b".\r\n",
+    b"\r\n.\r\n",
+    b"\n.\n",
+    b"\r.\r",
+    b"\r\n.\r",
+    b"\n.\r\n",
+    b"\r\n..\r\n",
+    b"Received: x\r\n",
+    b"Subject: s\r\n",
+    b"body line\r\n",
+    b"\xff\xfe",
+    b"x" * 600,
+    b"y" * 999 + b"\r\n",
+    b"z" * 1100,
+    b"\r\n\r\n",
+    b"QUIT\r\n",
+    b"MAIL FROM:<e@x>\r\n",
+]
+_VERBS = [
+    b"EHLO c.example",
+    b"HELO c",
+    b"RSET",
+    b"NOOP",
+    b"QUIT",
+    b"VRFY u",
+    b"HELP",
+    b"STARTTLS",
+    b"AUTH PLAIN AGFsaWNlAHB3",
+    b"GET / HTTP/1.0",
+    b"ehlo",
+    b"DATA",
+    b"DATA x",
+    b"BDAT",
+    b"BDAT x",
+]
 
 
 @attrs.define
@@ -143,8 +211,13 @@ def run_case(data: bytes, rng: random.Random, stats: FuzzStats) -> None:
                     parts = event.argument.split()
                     if parts and parts[0].isdigit():
                         last = len(parts) > 1 and parts[1].upper() == "LAST"
-                        parser.begin_bdat(int(parts[0]), last, rng.choice([50, 5000]), bdat_total,
-                                          binary=rng.random() < 0.3)
+                        parser.begin_bdat(
+                            int(parts[0]),
+                            last,
+                            rng.choice([50, 5000]),
+                            bdat_total,
+                            binary=rng.random() < 0.3,
+                        )
                         mode = "bdat"
                 elif event.verb == "STARTTLS":
                     parser.discard_buffer()
@@ -194,7 +267,9 @@ def fuzz(cases: int, seed: int, measure_memory: int = 500) -> FuzzStats:
         except FuzzFailure as e:
             raise FuzzFailure(f"seed {seed}, case {i}: {e}\ninput: {data!r}") from None
         except Exception as e:
-            raise FuzzFailure(f"seed {seed}, case {i}: {type(e).__name__}: {e}\ninput: {data!r}") from e
+            raise FuzzFailure(
+                f"seed {seed}, case {i}: {type(e).__name__}: {e}\ninput: {data!r}"
+            ) from e
         if tracing and i == measure_memory - 1 or (i == cases - 1 and tracemalloc.is_tracing()):
             stats.peak_kib = tracemalloc.get_traced_memory()[1] / 1024
             tracemalloc.stop()

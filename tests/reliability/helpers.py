@@ -12,16 +12,19 @@ from tests.peers import SMTPSink
 
 def route_to(port: int, domains: str = '["*"]', extra: str = "", route_extra: str = "") -> str:
     """Config body: ``extra`` tables first, then one static route to ``127.0.0.1:port``."""
-    return (f'{extra}\n[[routes]]\ntype = "static"\ndomains = {domains}\n'
-            f'hosts = ["127.0.0.1:{port}"]\n{route_extra}')
+    return (
+        f'{extra}\n[[routes]]\ntype = "static"\ndomains = {domains}\n'
+        f'hosts = ["127.0.0.1:{port}"]\n{route_extra}'
+    )
 
 
 class Raw:
     """A byte-level SMTP client: send exactly what an attacker would, read replies one by one."""
 
     def __init__(self, port: int, source: str | None = None, timeout: float = 20.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
-                                             source_address=(source, 0) if source else None)
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.file = self.sock.makefile("rb")
 
     def reply(self) -> bytes:
@@ -77,7 +80,9 @@ class Raw:
 
 def stuff(data: bytes) -> bytes:
     """Dot-stuff CRLF text and end it with CRLF "." CRLF."""
-    out = b"".join(b"." + ln if ln.startswith(b".") else ln for ln in data.splitlines(keepends=True))
+    out = b"".join(
+        b"." + ln if ln.startswith(b".") else ln for ln in data.splitlines(keepends=True)
+    )
     return out + b".\r\n"
 
 

@@ -46,8 +46,10 @@ def tls_files(tmp_path):
 
 
 def tls_server_keys(cert, key, passwd) -> str:
-    return (f'[server]\ntrusted_networks = ["192.0.2.0/24"]\nlocal_domains = ["example.test"]\n'
-            f'tls_certificate = "{cert}"\ntls_key = "{key}"\nauth_password_file = "{passwd}"\n')
+    return (
+        f'[server]\ntrusted_networks = ["192.0.2.0/24"]\nlocal_domains = ["example.test"]\n'
+        f'tls_certificate = "{cert}"\ntls_key = "{key}"\nauth_password_file = "{passwd}"\n'
+    )
 
 
 def starttls(c: Raw, ca) -> None:
@@ -61,7 +63,9 @@ def plain(user: str, password: str) -> str:
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
 
-def test_auth_refused_in_plaintext_brute_force_cut_and_secrets_never_logged(relays, sinks, tls_files):
+def test_auth_refused_in_plaintext_brute_force_cut_and_secrets_never_logged(
+    relays, sinks, tls_files
+):
     ca, cert, key, passwd = tls_files
     sink = sinks()
     relay = relays(tls_server_keys(cert, key, passwd) + route_to(sink.port))
@@ -98,16 +102,30 @@ def test_auth_refused_in_plaintext_brute_force_cut_and_secrets_never_logged(rela
         assert c.reply().startswith(b"250 2.0.0")
     assert wait_for_ids(sink, ["<auth@relay.test>"], timeout=20) == {"<auth@relay.test>": 1}
     time.sleep(0.3)
-    secrets = [PASSWORD, WRONG, WRONG + "1", WRONG + "2", plain("alice", PASSWORD), plain("alice", WRONG),
-               base64.b64encode((WRONG + "2").encode()).decode(), base64.b64encode(PASSWORD.encode()).decode()]
+    secrets = [
+        PASSWORD,
+        WRONG,
+        WRONG + "1",
+        WRONG + "2",
+        plain("alice", PASSWORD),
+        plain("alice", WRONG),
+        base64.b64encode((WRONG + "2").encode()).decode(),
+        base64.b64encode(PASSWORD.encode()).decode(),
+    ]
     log = relay.log_text()
-    stored = b"".join(p.read_bytes() for p in relay.dir.rglob("*") if p.is_file() and p.suffix != ".sock")
+    stored = b"".join(
+        p.read_bytes() for p in relay.dir.rglob("*") if p.is_file() and p.suffix != ".sock"
+    )
     delivered = b"".join(sink.messages())
-    print(f"\nAUTH: plaintext → {plaintext.decode().strip()}; 3 wrong passwords over TLS → "
-          f"{attempts[2].decode().strip()!r} then {farewell.decode().strip()!r}, closed={after}; right password → 235 and relayed; "
-          f"{len(secrets)} secrets searched in {len(log)} octets of log, {len(stored)} of relay files, "
-          f"{len(delivered)} delivered: found {[s for s in secrets if s in log or s.encode() in stored]}")
-    assert "alice" in log  # the identity is logged (or the check would be vacuous), never the password
+    print(
+        f"\nAUTH: plaintext → {plaintext.decode().strip()}; 3 wrong passwords over TLS → "
+        f"{attempts[2].decode().strip()!r} then {farewell.decode().strip()!r}, closed={after}; right password → 235 and relayed; "
+        f"{len(secrets)} secrets searched in {len(log)} octets of log, {len(stored)} of relay files, "
+        f"{len(delivered)} delivered: found {[s for s in secrets if s in log or s.encode() in stored]}"
+    )
+    assert (
+        "alice" in log
+    )  # the identity is logged (or the check would be vacuous), never the password
     for secret in secrets:
         assert secret not in log, f"{secret!r} in the relay's log"
         assert secret.encode() not in stored and secret.encode() not in delivered
@@ -119,8 +137,10 @@ def test_plaintext_transaction_injected_after_starttls_is_never_delivered(relays
     relay = relays(tls_server_keys(cert, key, passwd) + route_to(sink.port))
     with Raw(relay.port) as c:
         c.greet()
-        injected = (b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n"
-                    b"Message-ID: <injected@attacker.example>\r\n\r\ninjected\r\n.\r\n")
+        injected = (
+            b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n"
+            b"Message-ID: <injected@attacker.example>\r\n\r\ninjected\r\n.\r\n"
+        )
         c.send(b"STARTTLS\r\n" + injected)
         assert c.reply().startswith(b"220 2.0.0")
         ctx = ssl.create_default_context(cafile=str(ca))
@@ -137,8 +157,10 @@ def test_plaintext_transaction_injected_after_starttls_is_never_delivered(relays
     got = wait_for_ids(sink, ["<honest@client.example>"], timeout=20)
     time.sleep(1.0)
     got = wait_for_ids(sink, ["<honest@client.example>"], timeout=1)
-    print(f"\nSTARTTLS injection (server): MAIL after TLS without EHLO → {after_tls.decode().strip()}; "
-          f"RCPT without MAIL → {rcpt.decode().strip()}; at the sink: {dict(got)}")
+    print(
+        f"\nSTARTTLS injection (server): MAIL after TLS without EHLO → {after_tls.decode().strip()}; "
+        f"RCPT without MAIL → {rcpt.decode().strip()}; at the sink: {dict(got)}"
+    )
     assert after_tls.startswith(b"503 5.5.1") and rcpt.startswith(b"503 5.5.1")
     assert got == {"<honest@client.example>": 1}
 
@@ -146,7 +168,11 @@ def test_plaintext_transaction_injected_after_starttls_is_never_delivered(relays
 @pytest.mark.parametrize("policy", ["encrypt", "verify"])
 def test_next_hop_without_starttls_gets_nothing_under_a_tls_policy(relays, sinks, policy):
     sink = sinks()  # smtp-sink offers no STARTTLS: the same as a man in the middle stripping it
-    relay = relays(route_to(sink.port, extra='[queue]\nretry_schedule = ["1s"]\n', route_extra=f'tls = "{policy}"\n'))
+    relay = relays(
+        route_to(
+            sink.port, extra='[queue]\nretry_schedule = ["1s"]\n', route_extra=f'tls = "{policy}"\n'
+        )
+    )
     with Raw(relay.port) as c:
         c.greet()
         assert c.cmd("MAIL FROM:<a@example.org>").startswith(b"250")
@@ -159,8 +185,10 @@ def test_next_hop_without_starttls_gets_nothing_under_a_tls_policy(relays, sinks
         time.sleep(0.1)
     log = relay.log_text()
     deferred = [ln for ln in log.splitlines() if "status=deferred" in ln]
-    print(f"\ndowngrade under tls = {policy!r}: {len(deferred)} attempts deferred, e.g. "
-          f"{deferred[0].split('status=')[-1] if deferred else '-'}; messages at the sink: {sink.count()}")
+    print(
+        f"\ndowngrade under tls = {policy!r}: {len(deferred)} attempts deferred, e.g. "
+        f"{deferred[0].split('status=')[-1] if deferred else '-'}; messages at the sink: {sink.count()}"
+    )
     assert len(deferred) >= 2 and all("4.7.4" in ln for ln in deferred)
     assert sink.messages() == [] and sink.count() == 0
     assert "status=bounced" not in log and "status=sent" not in log
@@ -226,16 +254,23 @@ async def test_our_client_ignores_text_injected_after_starttls(tls_files) -> Non
     server = InjectingServer(cert, key)
     server.start()
     env = Envelope("a@example.org", (Recipient("b@example.test"),))
-    d = SMTPDeliverer(reactor, DeliveryConfig(connect_timeout=5, command_timeout=5), "relay.mailrelay.test")
+    d = SMTPDeliverer(
+        reactor, DeliveryConfig(connect_timeout=5, command_timeout=5), "relay.mailrelay.test"
+    )
     try:
-        results = await d.deliver(env, env.recipients, Route((NextHop("127.0.0.1", server.port),),
-                                                             tls=TLSPolicy.ENCRYPT),
-                                  lambda: io.BytesIO(b"Subject: tls\r\n\r\nover tls\r\n"))
+        results = await d.deliver(
+            env,
+            env.recipients,
+            Route((NextHop("127.0.0.1", server.port),), tls=TLSPolicy.ENCRYPT),
+            lambda: io.BytesIO(b"Subject: tls\r\n\r\nover tls\r\n"),
+        )
     finally:
         await d.stop()
     server.join(10)
-    print(f"\nSTARTTLS injection (client): first line over TLS {server.over_tls[:1]}, sent before our EHLO "
-          f"answer {server.early!r}, result {results[0][0]}")
+    print(
+        f"\nSTARTTLS injection (client): first line over TLS {server.over_tls[:1]}, sent before our EHLO "
+        f"answer {server.early!r}, result {results[0][0]}"
+    )
     assert server.error is None, server.error
     assert server.over_tls[0].startswith(b"EHLO")
     assert server.early == b"", "the client took the injected plaintext as the answer to its EHLO"

@@ -41,10 +41,13 @@ def spooled_ids(spool: Path) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("kills, seed", [
-    pytest.param(5, 10),
-    pytest.param(50, 11, marks=pytest.mark.soak),
-])
+@pytest.mark.parametrize(
+    "kills, seed",
+    [
+        pytest.param(5, 10),
+        pytest.param(50, 11, marks=pytest.mark.soak),
+    ],
+)
 def test_sigkill_under_load_loses_nothing_and_duplicates_only_in_flight(sinks, kills, seed):
     rng = random.Random(seed)
     sink = sinks()
@@ -55,8 +58,19 @@ def test_sigkill_under_load_loses_nothing_and_duplicates_only_in_flight(sinks, k
     try:
         for life in range(kills):
             relay.start()
-            senders = [Sender(relay.port, f"l{life}s{i}", acked, tried, per_session=4,
-                              recipients=("r@example.test", "q@example.test"), size=700, pause=0.02) for i in range(4)]
+            senders = [
+                Sender(
+                    relay.port,
+                    f"l{life}s{i}",
+                    acked,
+                    tried,
+                    per_session=4,
+                    recipients=("r@example.test", "q@example.test"),
+                    size=700,
+                    pause=0.02,
+                )
+                for i in range(4)
+            ]
             before = len(acked)
             for s in senders:
                 s.start()
@@ -72,7 +86,9 @@ def test_sigkill_under_load_loses_nothing_and_duplicates_only_in_flight(sinks, k
                 s.join(15)
         relay.start()  # the last life delivers whatever the others left behind
         expected = set(acked)
-        assert len(expected) >= 5 * kills, f"only {len(expected)} messages accepted: too little load"
+        assert len(expected) >= 5 * kills, (
+            f"only {len(expected)} messages accepted: too little load"
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             got = message_ids(sink)
@@ -89,13 +105,17 @@ def test_sigkill_under_load_loses_nothing_and_duplicates_only_in_flight(sinks, k
     twice = {m: n for m, n in got.items() if n > 1}
     unacked_delivered = set(got) - expected
     exposure: Counter[str] = Counter(m for snapshot in in_spool_at_kill for m in snapshot)
-    print(f"\ncrash: {kills} SIGKILLs (seed {seed}), {len(tried)} sent, {len(expected)} got 250, "
-          f"{sum(got.values())} deliveries at the sink for {len(got)} messages; lost {len(missing)}, "
-          f"delivered twice {len(twice)} (in the spool at a kill: {len(exposure)}), "
-          f"delivered without a 250 (killed between commit and reply) {len(unacked_delivered)}; "
-          f"last pid {pid}")
+    print(
+        f"\ncrash: {kills} SIGKILLs (seed {seed}), {len(tried)} sent, {len(expected)} got 250, "
+        f"{sum(got.values())} deliveries at the sink for {len(got)} messages; lost {len(missing)}, "
+        f"delivered twice {len(twice)} (in the spool at a kill: {len(exposure)}), "
+        f"delivered without a 250 (killed between commit and reply) {len(unacked_delivered)}; "
+        f"last pid {pid}"
+    )
     assert not missing, f"lost {len(missing)} acknowledged messages, e.g. {sorted(missing)[:5]}"
     for mid, n in twice.items():
         # each extra copy needs a kill that found the message still spooled (in flight)
-        assert n - 1 <= exposure[mid], f"{mid} delivered {n} times, in the spool at {exposure[mid]} kills"
+        assert n - 1 <= exposure[mid], (
+            f"{mid} delivered {n} times, in the spool at {exposure[mid]} kills"
+        )
     assert unacked_delivered <= set(tried), "the sink got messages nobody sent"

@@ -36,27 +36,52 @@ class PrivatePostgres:
         self.dir = Path(tempfile.mkdtemp(prefix="mailrelay-pg-"))
         shutil.chown(self.dir, "postgres")
         self.port = free_port()
-        self.dsn = f"host=127.0.0.1 port={self.port} dbname=postgres user=postgres connect_timeout=3"
+        self.dsn = (
+            f"host=127.0.0.1 port={self.port} dbname=postgres user=postgres connect_timeout=3"
+        )
 
     def _as_postgres(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True, timeout=120
+        )
 
     def init(self) -> PrivatePostgres:
-        done = self._as_postgres(str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-A", "trust",
-                                 "-U", "postgres", "--no-sync", "-E", "UTF8")
+        done = self._as_postgres(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.dir / "data"),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
         if done.returncode != 0:
             pytest.skip(f"initdb failed: {done.stderr[-300:]}")
         return self
 
     def start(self) -> None:
-        done = self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"),
-                                 "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
-                                 "-w", "start")
-        assert done.returncode == 0, done.stderr + (self.dir / "log").read_text(errors="replace")[-2000:]
+        done = self._as_postgres(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-l",
+            str(self.dir / "log"),
+            "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-w",
+            "start",
+        )
+        assert done.returncode == 0, (
+            done.stderr + (self.dir / "log").read_text(errors="replace")[-2000:]
+        )
 
     def stop(self) -> None:
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+        self._as_postgres(
+            str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop"
+        )
 
     def cleanup(self) -> None:
         self.stop()
@@ -86,10 +111,23 @@ def test_database_down_never_accepts_unsaved_and_resumes(relays, sinks):
         pg.start()
         sink = sinks()
         # keys right after RelayProcess's own "[spool] path" line land in [spool]
-        relay = relays(f'backend = "postgresql"\ndsn = "{pg.dsn}"\n[queue]\nretry_schedule = ["1s"]\n'
-                       + route_to(sink.port), start=False)
-        upgraded = subprocess.run([str(Path(sys.executable).parent / "mailrelay"), "db", "upgrade", "--config",
-                                   str(relay.config)], capture_output=True, text=True, timeout=60)
+        relay = relays(
+            f'backend = "postgresql"\ndsn = "{pg.dsn}"\n[queue]\nretry_schedule = ["1s"]\n'
+            + route_to(sink.port),
+            start=False,
+        )
+        upgraded = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "mailrelay"),
+                "db",
+                "upgrade",
+                "--config",
+                str(relay.config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
         relay.start()
         assert send(relay.port, "before@pg.test").startswith(b"250 2.0.0")
@@ -110,10 +148,14 @@ def test_database_down_never_accepts_unsaved_and_resumes(relays, sinks):
         log = relay.log_text()
     finally:
         pg.cleanup()
-    print(f"\nPostgreSQL down: replies while down {[r.decode().strip()[:40] for r in down]}; relay alive: {alive}; "
-          f"after it returned → {after.decode().strip()[:40]}; at the sink: {dict(got)}")
+    print(
+        f"\nPostgreSQL down: replies while down {[r.decode().strip()[:40] for r in down]}; relay alive: {alive}; "
+        f"after it returned → {after.decode().strip()[:40]}; at the sink: {dict(got)}"
+    )
     assert alive
-    assert all(r[:1] == b"4" for r in down), down  # never a 250 for a message the database did not keep
+    assert all(r[:1] == b"4" for r in down), (
+        down
+    )  # never a 250 for a message the database did not keep
     assert after.startswith(b"250 2.0.0")
     assert got == {m: 1 for m in want}
     assert "status=bounced" not in log

@@ -32,16 +32,21 @@ def test_dns_server_stopped_defers_and_delivery_resumes_when_it_returns(relays, 
     sink = sinks()  # mx1.example.test is 127.0.0.1: the sink's port is every MX host's port
     nsd = NSD().start()
     try:
-        relay = relays(f'[queue]\nretry_schedule = ["1s"]\n[[routes]]\ntype = "mx"\n'
-                       f'nameservers = ["127.0.0.1:{nsd.port}"]\nport = {sink.port}\ntimeout = "1s"\n'
-                       f'min_ttl = "0s"\nmax_ttl = "1s"\nnegative_ttl = "0s"\n')
+        relay = relays(
+            f'[queue]\nretry_schedule = ["1s"]\n[[routes]]\ntype = "mx"\n'
+            f'nameservers = ["127.0.0.1:{nsd.port}"]\nport = {sink.port}\ntimeout = "1s"\n'
+            f'min_ttl = "0s"\nmax_ttl = "1s"\nnegative_ttl = "0s"\n'
+        )
         assert send(relay.port, "before@dns.test").startswith(b"250")
         assert wait_for_ids(sink, ["<before@dns.test>"], timeout=20) == {"<before@dns.test>": 1}
         nsd.stop()
         time.sleep(1.5)  # let any cached answer expire (max_ttl 1 s)
         down = [send(relay.port, f"down{i}@dns.test") for i in range(3)]
         deadline = time.monotonic() + 20
-        while len(re.findall(r"status=deferred", relay.log_text())) < 6 and time.monotonic() < deadline:
+        while (
+            len(re.findall(r"status=deferred", relay.log_text())) < 6
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         deferred = re.findall(r"dsn=(\S+), status=deferred \((.*)\)", relay.log_text())
         nsd.start()
@@ -50,9 +55,11 @@ def test_dns_server_stopped_defers_and_delivery_resumes_when_it_returns(relays, 
     finally:
         nsd.stop()
     log = relay.log_text()
-    print(f"\nDNS down: accepted while down → {sorted({d[:9].decode() for d in down})}; {len(deferred)} deferrals "
-          f"({sorted({d for d, _ in deferred})}, e.g. {deferred[0][1] if deferred else '-'}); after NSD returned: "
-          f"{dict(got)}")
+    print(
+        f"\nDNS down: accepted while down → {sorted({d[:9].decode() for d in down})}; {len(deferred)} deferrals "
+        f"({sorted({d for d, _ in deferred})}, e.g. {deferred[0][1] if deferred else '-'}); after NSD returned: "
+        f"{dict(got)}"
+    )
     assert all(d.startswith(b"250 2.0.0") for d in down)
     assert len(deferred) >= 6 and all(dsn.startswith("4.") for dsn, _ in deferred)
     assert got == {m: 1 for m in want}

@@ -24,7 +24,9 @@ def send(c: Raw, mid: str, size: int = 0) -> bytes:
     assert c.cmd("MAIL FROM:<a@example.org>").startswith(b"250")
     assert c.cmd("RCPT TO:<b@example.test>").startswith(b"250")
     assert c.cmd("DATA").startswith(b"354")
-    text = f"Message-ID: <{mid}>\r\nSubject: disk\r\n\r\n".encode() + (b"y" * 998 + b"\r\n") * (size // 1000)
+    text = f"Message-ID: <{mid}>\r\nSubject: disk\r\n\r\n".encode() + (b"y" * 998 + b"\r\n") * (
+        size // 1000
+    )
     c.send(stuff(text + b"end\r\n"))
     return c.reply()
 
@@ -46,8 +48,10 @@ def test_disk_full_gives_452_and_the_relay_recovers_when_space_returns(sinks):
     sink = sinks()
     relay = RelayProcess(route_to(sink.port))
     relay.spool.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(relay.spool)],
-                             capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(relay.spool)],
+        capture_output=True,
+    )
     if mounted.returncode != 0:
         shutil.rmtree(relay.dir, ignore_errors=True)
         pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
@@ -73,9 +77,11 @@ def test_disk_full_gives_452_and_the_relay_recovers_when_space_returns(sinks):
             c2.greet()
             assert send(c2, "second@disk.test").startswith(b"250 2.0.0")
         got = wait_for_ids(sink, ["<after@disk.test>", "<second@disk.test>"], timeout=20)
-        print(f"\ndisk full: 3 MiB message on a 2 MiB spool → {too_big.decode().strip()}; disk filled "
-              f"({filled} octets of ballast) → 3 × {full[0].decode().strip()}; space freed → "
-              f"{ok.decode().strip()}; delivered {dict(got)}")
+        print(
+            f"\ndisk full: 3 MiB message on a 2 MiB spool → {too_big.decode().strip()}; disk filled "
+            f"({filled} octets of ballast) → 3 × {full[0].decode().strip()}; space freed → "
+            f"{ok.decode().strip()}; delivered {dict(got)}"
+        )
         assert got == {"<after@disk.test>": 1, "<second@disk.test>": 1}
     finally:
         relay.stop()

@@ -91,9 +91,11 @@ def test_flapping_next_hop_retries_and_delivers_everything_when_it_recovers(rela
         for s in flaky:
             s.cleanup()
     log = relay.log_text()
-    print(f"\nflapping next hop: {N} messages, {len(deferrals(log))} deferrals over {len(PHASES)} bad phases, "
-          f"{sum(got.values())} delivered when it recovered, {at_flaky} taken by the hop that hung up "
-          f"after the dot (no reply: retried, as RFC 5321 6.1 allows)")
+    print(
+        f"\nflapping next hop: {N} messages, {len(deferrals(log))} deferrals over {len(PHASES)} bad phases, "
+        f"{sum(got.values())} delivered when it recovered, {at_flaky} taken by the hop that hung up "
+        f"after the dot (no reply: retried, as RFC 5321 6.1 allows)"
+    )
     print("\n".join(report))
     assert got == {m: 1 for m in want}
     assert "status=bounced" not in log and "status=expired" not in log
@@ -136,7 +138,9 @@ class TLSHop(threading.Thread):
             conn.sendall(b"220 2.0.0 Ready to start TLS\r\n")
             if not self.healed.is_set():
                 self.broken_handshakes += 1
-                conn.sendall(b"\x15\x03\x03\x00\x02\x02\x28" + b"not TLS at all\r\n")  # a fatal alert, junk
+                conn.sendall(
+                    b"\x15\x03\x03\x00\x02\x02\x28" + b"not TLS at all\r\n"
+                )  # a fatal alert, junk
                 return
             tls = self.ctx.wrap_socket(conn, server_side=True)
             g = tls.makefile("rb")
@@ -182,11 +186,17 @@ def test_tls_handshake_failures_defer_until_the_hop_heals(relays, tmp_path):
     finally:
         hop.stopping.set()
         hop.join(5)
-    ids = Counter(next(ln for ln in m.split(b"\r\n") if ln.startswith(b"Message-ID:")) for m in hop.messages)
+    ids = Counter(
+        next(ln for ln in m.split(b"\r\n") if ln.startswith(b"Message-ID:")) for m in hop.messages
+    )
     log = relay.log_text()
-    print(f"\nTLS handshake failures: {hop.broken_handshakes} broken handshakes, {len(failed)} deferrals "
-          f"(e.g. {failed[0] if failed else '-'}); healed → {len(hop.messages)} messages over TLS, "
-          f"{len(ids)} distinct, none in plaintext")
-    assert len(failed) >= 2 * N and all("4.7.5" in d or "tls" in d.lower() for d in failed), failed[:3]
+    print(
+        f"\nTLS handshake failures: {hop.broken_handshakes} broken handshakes, {len(failed)} deferrals "
+        f"(e.g. {failed[0] if failed else '-'}); healed → {len(hop.messages)} messages over TLS, "
+        f"{len(ids)} distinct, none in plaintext"
+    )
+    assert len(failed) >= 2 * N and all("4.7.5" in d or "tls" in d.lower() for d in failed), failed[
+        :3
+    ]
     assert len(ids) == N and set(ids.values()) == {1}
     assert "status=bounced" not in log

@@ -28,11 +28,15 @@ SEED = 20261125
 
 def test_parser_fuzz_hundred_thousand_cases() -> None:
     stats = fuzz(100_000, SEED)
-    print(f"\nparser fuzz: {stats.cases} cases, {stats.octets / 1e6:.1f} MB, events {dict(stats.events)}, "
-          f"{stats.messages} messages ended cleanly, {stats.rejected} rejected, "
-          f"{stats.paths_ok}/{stats.paths_refused} paths parsed/refused, tracemalloc peak {stats.peak_kib:.0f} KiB")
+    print(
+        f"\nparser fuzz: {stats.cases} cases, {stats.octets / 1e6:.1f} MB, events {dict(stats.events)}, "
+        f"{stats.messages} messages ended cleanly, {stats.rejected} rejected, "
+        f"{stats.paths_ok}/{stats.paths_refused} paths parsed/refused, tracemalloc peak {stats.peak_kib:.0f} KiB"
+    )
     assert stats.cases == 100_000
-    assert stats.messages > 1000 and stats.rejected > 1000 and stats.paths_ok > 1000  # every mode reached
+    assert (
+        stats.messages > 1000 and stats.rejected > 1000 and stats.paths_ok > 1000
+    )  # every mode reached
     assert stats.peak_kib < 4096
 
 
@@ -40,24 +44,40 @@ def test_parser_fuzz_hundred_thousand_cases() -> None:
 @pytest.mark.parametrize("seed", [SEED + 1, SEED + 2])
 def test_parser_fuzz_a_million_cases(seed: int) -> None:
     stats = fuzz(1_000_000, seed, measure_memory=20_000)
-    print(f"\nparser fuzz (soak, seed {seed}): {stats.cases} cases, {stats.octets / 1e6:.0f} MB, "
-          f"{stats.messages} messages, {stats.rejected} rejected, peak {stats.peak_kib:.0f} KiB")
+    print(
+        f"\nparser fuzz (soak, seed {seed}): {stats.cases} cases, {stats.octets / 1e6:.0f} MB, "
+        f"{stats.messages} messages, {stats.rejected} rejected, peak {stats.peak_kib:.0f} KiB"
+    )
     assert stats.cases == 1_000_000 and stats.peak_kib < 4096
 
 
 MAX_RCPT = 3
 MAX_SIZE = 2000
-CONFIG = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), max_message_size=MAX_SIZE,
-                      max_recipients=MAX_RCPT, max_errors=100_000,
-                      trusted_networks=(ipaddress.ip_network("198.51.100.0/24"),))
+CONFIG = ServerConfig(
+    hostname="mx.example.test",
+    local_domains=("example.test",),
+    max_message_size=MAX_SIZE,
+    max_recipients=MAX_RCPT,
+    max_errors=100_000,
+    trusted_networks=(ipaddress.ip_network("198.51.100.0/24"),),
+)
 LOCAL_RCPTS = ["u@example.test", "U@Example.Test", "postmaster", "@x.example:v@example.test"]
-FOREIGN_RCPTS = ["v@elsewhere.example", "u%elsewhere.example@example.test", '"u@elsewhere.example"@example.test',
-                 "u@[127.0.0.1]", "elsewhere.example!u@example.test"]
+FOREIGN_RCPTS = [
+    "v@elsewhere.example",
+    "u%elsewhere.example@example.test",
+    '"u@elsewhere.example"@example.test',
+    "u@[127.0.0.1]",
+    "elsewhere.example!u@example.test",
+]
 BAD_RCPTS = ["u@example.test.", "u", "u@@example.test", "<u@example.test"]
 BODIES = st.one_of(
-    st.lists(st.sampled_from([b"Subject: x", b"", b".", b"..dots", b"text line", b"Received: a"]), max_size=12)
-    .map(lambda lines: (b"".join(ln + b"\r\n" for ln in lines), "ok")),
-    st.sampled_from([b"a\nb\r\n", b"a\rb\r\n", b"x\n.\nMAIL FROM:<e@x>\r\n"]).map(lambda b: (b, "bare")),
+    st.lists(
+        st.sampled_from([b"Subject: x", b"", b".", b"..dots", b"text line", b"Received: a"]),
+        max_size=12,
+    ).map(lambda lines: (b"".join(ln + b"\r\n" for ln in lines), "ok")),
+    st.sampled_from([b"a\nb\r\n", b"a\rb\r\n", b"x\n.\nMAIL FROM:<e@x>\r\n"]).map(
+        lambda b: (b, "bare")
+    ),
     st.integers(3, 6).map(lambda n: ((b"y" * 700 + b"\r\n") * n, "big")),
     st.just((b"z" * 1200 + b"\r\n", "long")),
 )
@@ -74,7 +94,9 @@ class SessionMachine(RuleBasedStateMachine):
     @initialize()
     def connect(self) -> None:
         self.errors: list[dict] = []
-        self.observer = lambda e: self.errors.append(e) if e.get("log_failure") is not None else None
+        self.observer = lambda e: (
+            self.errors.append(e) if e.get("log_failure") is not None else None
+        )
         globalLogPublisher.addObserver(self.observer)
         self.conn = Conn(config=CONFIG, client="192.0.2.99")
         assert self.conn.codes() == [220]
@@ -112,8 +134,11 @@ class SessionMachine(RuleBasedStateMachine):
             assert codes == [250]
             self.in_mail = True
 
-    @rule(kind=st.sampled_from(["local", "foreign", "bad"]), i=st.integers(0, 10),
-          cuts=st.lists(st.integers(0, 60), max_size=3))
+    @rule(
+        kind=st.sampled_from(["local", "foreign", "bad"]),
+        i=st.integers(0, 10),
+        cuts=st.lists(st.integers(0, 60), max_size=3),
+    )
     def rcpt(self, kind: str, i: int, cuts: list[int]) -> None:
         pool = {"local": LOCAL_RCPTS, "foreign": FOREIGN_RCPTS, "bad": BAD_RCPTS}[kind]
         codes = self.send(f"RCPT TO:<{pool[i % len(pool)]}>\r\n".encode(), cuts)
@@ -177,9 +202,21 @@ class SessionMachine(RuleBasedStateMachine):
         assert codes == [250] + [250] * n + [354, verdict], (kind, codes)
         self.stored += verdict == 250
 
-    @rule(verb=st.sampled_from([b"RSET", b"NOOP", b"VRFY u", b"FROB", b"x" * 600, b"MAIL\rFROM:<a@b>",
-                                b"\xff\xfe", b"DATA x"]),
-          cuts=st.lists(st.integers(0, 700), max_size=3))
+    @rule(
+        verb=st.sampled_from(
+            [
+                b"RSET",
+                b"NOOP",
+                b"VRFY u",
+                b"FROB",
+                b"x" * 600,
+                b"MAIL\rFROM:<a@b>",
+                b"\xff\xfe",
+                b"DATA x",
+            ]
+        ),
+        cuts=st.lists(st.integers(0, 700), max_size=3),
+    )
     def other(self, verb: bytes, cuts: list[int]) -> None:
         codes = self.send(verb + b"\r\n", cuts)
         if verb == b"RSET":
@@ -197,15 +234,20 @@ class SessionMachine(RuleBasedStateMachine):
         committed = self.conn.sink.committed
         assert len(committed) == self.stored
         for w in committed:
-            assert all(r.address.lower().endswith("@example.test") or r.address == "postmaster@mx.example.test"
-                       for r in w.envelope.recipients), w.envelope.recipients
+            assert all(
+                r.address.lower().endswith("@example.test")
+                or r.address == "postmaster@mx.example.test"
+                for r in w.envelope.recipients
+            ), w.envelope.recipients
         assert not self.conn.closed
         assert self.conn.server.session.parser.buffered <= 1100
         assert self.errors == []
 
 
 SessionMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 TestSessionMachine = SessionMachine.TestCase

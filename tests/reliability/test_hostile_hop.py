@@ -92,7 +92,9 @@ def test_a_flooding_next_hop_is_cut_off_with_bounded_memory(relays):
             c.send(stuff(b"Message-ID: <flood@client.example>\r\n\r\nhi\r\n"))
             assert c.reply().startswith(b"250 2.0.0")
         deadline = time.monotonic() + 20
-        while relay.log_text().count("status=deferred") < len(MODES) and time.monotonic() < deadline:
+        while (
+            relay.log_text().count("status=deferred") < len(MODES) and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         _, peak = rss_kib(relay.proc.pid)
         log = relay.log_text()
@@ -100,15 +102,22 @@ def test_a_flooding_next_hop_is_cut_off_with_bounded_memory(relays):
         hop.stopping.set()
         hop.join(5)
     deferred = [ln.split("status=")[1] for ln in log.splitlines() if "status=deferred" in ln]
-    print(f"\nhostile hop ({', '.join(MODES)}): {hop.connections} connections, it got {hop.sent // 1024} KiB out "
-          f"before we hung up ({hop.sent // max(1, hop.connections) // 1024} KiB each); relay peak RSS "
-          f"+{(peak - base) // 1024} MiB; deferrals:")
+    print(
+        f"\nhostile hop ({', '.join(MODES)}): {hop.connections} connections, it got {hop.sent // 1024} KiB out "
+        f"before we hung up ({hop.sent // max(1, hop.connections) // 1024} KiB each); relay peak RSS "
+        f"+{(peak - base) // 1024} MiB; deferrals:"
+    )
     for d in deferred:
         print(f"  {d[:150]}")
     assert len(deferred) >= len(MODES) and all("(451 4.5.0" in d for d in deferred)
-    assert all(any(why in d for d in deferred) for why in ("too many lines in one reply in reply to GREETING",
-                                                           "reply line longer than",
-                                                           "too many lines in one reply in reply to DATA-END"))
+    assert all(
+        any(why in d for d in deferred)
+        for why in (
+            "too many lines in one reply in reply to GREETING",
+            "reply line longer than",
+            "too many lines in one reply in reply to DATA-END",
+        )
+    )
     assert "status=bounced" not in log and "status=sent" not in log
     assert hop.sent < hop.connections * FLOOD, "the client read a whole flood instead of hanging up"
     assert peak - base < 32 * 1024

@@ -48,7 +48,9 @@ def repeat(block: bytes, total: int, head: bytes = b""):
         sent += len(chunk)
 
 
-@pytest.mark.parametrize("scale", [pytest.param(1, id="make-test"), pytest.param(10, marks=pytest.mark.soak, id="soak")])
+@pytest.mark.parametrize(
+    "scale", [pytest.param(1, id="make-test"), pytest.param(10, marks=pytest.mark.soak, id="soak")]
+)
 def test_huge_headers_tiny_lines_and_oversize_streams_stay_bounded(relays, sinks, scale):
     sink = sinks()
     relay = relays(LIMIT.replace('"16M"', f'"{16 * scale}M"') + route_to(sink.port))
@@ -58,24 +60,38 @@ def test_huge_headers_tiny_lines_and_oversize_streams_stay_bounded(relays, sinks
     with Raw(relay.port) as c:
         c.greet()
         # 1. a 12 MiB header section: 6 MiB of header lines, then one header folded over 6 MiB
-        header_lines = repeat(b"X-Filler: " + b"h" * 88 + b"\r\n", 6 * MIB * scale,
-                              head=b"Message-ID: <headers@limits.test>\r\n")
+        header_lines = repeat(
+            b"X-Filler: " + b"h" * 88 + b"\r\n",
+            6 * MIB * scale,
+            head=b"Message-ID: <headers@limits.test>\r\n",
+        )
         folded = repeat(b"\t" + b"f" * 97 + b"\r\n", 6 * MIB * scale, head=b"Subject: folded\r\n")
         out["huge headers"] = send_text(c, [*header_lines, *folded, b"\r\nbody\r\n"])
         # 2. a million tiny lines (ten million in the soak)
-        out["tiny lines"] = send_text(c, repeat(b"a\r\n", 1_000_000 * 3 * scale,
-                                                head=b"Message-ID: <tiny@limits.test>\r\n\r\n"))
+        out["tiny lines"] = send_text(
+            c,
+            repeat(b"a\r\n", 1_000_000 * 3 * scale, head=b"Message-ID: <tiny@limits.test>\r\n\r\n"),
+        )
         # 3. a 1 GB declared SIZE: refused at MAIL, the session goes on
         out["SIZE=1GB"] = c.cmd("MAIL FROM:<a@example.org> SIZE=1073741824")
         assert c.cmd("NOOP").startswith(b"250")
         # 4. and a stream that really is bigger than the limit: read and thrown away, 552 after the dot
-        out["oversize stream"] = send_text(c, repeat(b"o" * 98 + b"\r\n", 40 * MIB * scale,
-                                                     head=b"Message-ID: <over@limits.test>\r\n\r\n"))
+        out["oversize stream"] = send_text(
+            c,
+            repeat(
+                b"o" * 98 + b"\r\n",
+                40 * MIB * scale,
+                head=b"Message-ID: <over@limits.test>\r\n\r\n",
+            ),
+        )
         assert c.cmd("NOOP").startswith(b"250")
     rss, peak = rss_kib(relay.proc.pid)
     got = wait_for_ids(sink, ["<headers@limits.test>", "<tiny@limits.test>"], timeout=60)
-    print(f"\nlimits (scale {scale}): " + "; ".join(f"{k} → {v.decode().strip()[:40]}" for k, v in out.items())
-          + f"; relay RSS {base} KiB at start, {rss} KiB after, peak {peak} KiB (+{(peak - base) // 1024} MiB)")
+    print(
+        f"\nlimits (scale {scale}): "
+        + "; ".join(f"{k} → {v.decode().strip()[:40]}" for k, v in out.items())
+        + f"; relay RSS {base} KiB at start, {rss} KiB after, peak {peak} KiB (+{(peak - base) // 1024} MiB)"
+    )
     assert out["huge headers"].startswith(b"250 2.0.0")
     assert out["tiny lines"].startswith(b"250 2.0.0")
     assert out["SIZE=1GB"].startswith(b"552 5.3.4")
@@ -93,7 +109,7 @@ def _recipients_send(c: Raw, n: int, errors: list[BaseException]) -> None:
 
 def test_ten_thousand_recipients_get_clear_replies(relays, sinks):
     sink = sinks()
-    relay = relays('[server]\nmax_errors = 100000\n' + route_to(sink.port))
+    relay = relays("[server]\nmax_errors = 100000\n" + route_to(sink.port))
     assert relay.proc is not None
     base, _ = rss_kib(relay.proc.pid)
     with Raw(relay.port) as c:
@@ -124,21 +140,27 @@ def test_ten_thousand_recipients_get_clear_replies(relays, sinks):
         writer.join()
     got = wait_for_ids(sink, ["<many@limits.test>"], timeout=30)
     [t] = sink.transactions()
-    print(f"\n10,000 RCPTs: {codes.count(b'250 2.1.5')} × 250 2.1.5, {codes.count(b'452 4.5.3')} × 452 4.5.3, "
-          f"DATA → {final.decode().strip()[:30]}, delivered to {len(t.recipients)}; peak RSS +{(peak - base)} KiB; "
-          f"with the default limits: {len(flood)} replies, last {flood[-1].decode()}, then closed")
+    print(
+        f"\n10,000 RCPTs: {codes.count(b'250 2.1.5')} × 250 2.1.5, {codes.count(b'452 4.5.3')} × 452 4.5.3, "
+        f"DATA → {final.decode().strip()[:30]}, delivered to {len(t.recipients)}; peak RSS +{(peak - base)} KiB; "
+        f"with the default limits: {len(flood)} replies, last {flood[-1].decode()}, then closed"
+    )
     assert codes == [b"250 2.1.5"] * 100 + [b"452 4.5.3"] * 9_900
     assert final.startswith(b"250 2.0.0") and got == {"<many@limits.test>": 1}
     assert len(t.recipients) == 100
     assert flood[:100] == [b"250 2.1.5 Ok"] * 100 and flood[-1].startswith(b"421 4.7.0")
-    assert all(r.startswith(b"452 4.5.3") for r in flood[100:-1]) and len(flood) == 100 + 1000 + 20 + 1
+    assert (
+        all(r.startswith(b"452 4.5.3") for r in flood[100:-1]) and len(flood) == 100 + 1000 + 20 + 1
+    )
     assert peak - base < 16 * 1024
 
 
 def _nested_mime(depth: int) -> bytes:
     head = b"Message-ID: <nested@limits.test>\r\nMIME-Version: 1.0\r\n"
-    opening = b"".join(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
-                       for i in range(depth))
+    opening = b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+        for i in range(depth)
+    )
     closing = b"".join(b"\r\n--b%d--\r\n" % i for i in reversed(range(depth)))
     return head + opening + b"Content-Type: text/plain\r\n\r\ninnermost\r\n" + closing
 
@@ -146,10 +168,26 @@ def _nested_mime(depth: int) -> bytes:
 def _failed(body: bytes, ret: str | None = None, diagnostic: str = "no such user"):
     env = Envelope("s@example.org", (Recipient("b@example.test"),), ret=ret, received_at=1.7e9)
     msg = new_message("01M8TESTQUEUEID0001", env)
-    statuses = (RecipientStatus(Recipient("b@example.test"), RecipientState.FAILED, 1,
-                                Reply(550, "5.1.1", diagnostic), "mx[127.0.0.1]:25"),)
-    return b"".join(build_report(msg, statuses, Action.FAILED, to="s@example.org", hostname="relay.test",
-                                 now=1.7e9 + 60, body=io.BytesIO(body)))
+    statuses = (
+        RecipientStatus(
+            Recipient("b@example.test"),
+            RecipientState.FAILED,
+            1,
+            Reply(550, "5.1.1", diagnostic),
+            "mx[127.0.0.1]:25",
+        ),
+    )
+    return b"".join(
+        build_report(
+            msg,
+            statuses,
+            Action.FAILED,
+            to="s@example.org",
+            hostname="relay.test",
+            now=1.7e9 + 60,
+            body=io.BytesIO(body),
+        )
+    )
 
 
 @pytest.mark.parametrize("depth", [50, 5_000, 200_000])
@@ -161,17 +199,28 @@ def test_deeply_nested_mime_in_a_bounce_is_bounded(depth: int) -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    parsed = email.message_from_bytes(report[: report.index(b"Content-Type: message/rfc822")]
-                                      if len(original) <= RETURN_SIZE_LIMIT else report, policy=email.policy.compat32)
-    print(f"\nnested MIME depth {depth}: original {len(original)} octets, report {len(report)} octets, "
-          f"build peak {peak // 1024} KiB")
+    parsed = email.message_from_bytes(
+        report[: report.index(b"Content-Type: message/rfc822")]
+        if len(original) <= RETURN_SIZE_LIMIT
+        else report,
+        policy=email.policy.compat32,
+    )
+    print(
+        f"\nnested MIME depth {depth}: original {len(original)} octets, report {len(report)} octets, "
+        f"build peak {peak // 1024} KiB"
+    )
     assert parsed.get_content_type() == "multipart/report"
-    assert len(report) < RETURN_SIZE_LIMIT + 10_000  # never more than the return limit of the original
+    assert (
+        len(report) < RETURN_SIZE_LIMIT + 10_000
+    )  # never more than the return limit of the original
     assert peak < 4 * RETURN_SIZE_LIMIT + 2 * MIB
     if len(original) > RETURN_SIZE_LIMIT:
         parts = parsed.get_payload()
-        assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status",
-                                                         "text/rfc822-headers"]
+        assert [p.get_content_type() for p in parts] == [
+            "text/plain",
+            "message/delivery-status",
+            "text/rfc822-headers",
+        ]
 
 
 def test_original_holding_the_report_boundary_cannot_end_the_report_early() -> None:
@@ -180,17 +229,31 @@ def test_original_holding_the_report_boundary_cannot_end_the_report_early() -> N
     plain = _failed(b"Subject: x\r\n\r\nhello\r\n")
     boundary = email.message_from_bytes(plain).get_boundary()
     assert boundary
-    evil = (b"Subject: x\r\n\r\nhello\r\n--" + boundary.encode() + b"--\r\n\r\n--" + boundary.encode()
-            + b"\r\nContent-Type: text/plain\r\n\r\nforged part\r\n")
+    evil = (
+        b"Subject: x\r\n\r\nhello\r\n--"
+        + boundary.encode()
+        + b"--\r\n\r\n--"
+        + boundary.encode()
+        + b"\r\nContent-Type: text/plain\r\n\r\nforged part\r\n"
+    )
     report = email.message_from_bytes(_failed(evil), policy=email.policy.compat32)
     parts = report.get_payload()
-    assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "message/rfc822"]
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain",
+        "message/delivery-status",
+        "message/rfc822",
+    ]
     assert b"forged part" in parts[2].as_bytes()
     # the next hop's reply text (it saw the queue id in our Received header) cannot do it either
-    report = email.message_from_bytes(_failed(b"Subject: x\r\n\r\nhi\r\n", diagnostic=f"--{boundary}--"),
-                                      policy=email.policy.compat32)
-    assert [p.get_content_type() for p in report.get_payload()] == ["text/plain", "message/delivery-status",
-                                                                    "message/rfc822"]
+    report = email.message_from_bytes(
+        _failed(b"Subject: x\r\n\r\nhi\r\n", diagnostic=f"--{boundary}--"),
+        policy=email.policy.compat32,
+    )
+    assert [p.get_content_type() for p in report.get_payload()] == [
+        "text/plain",
+        "message/delivery-status",
+        "message/rfc822",
+    ]
 
 
 def test_a_client_that_pipelines_and_never_reads_costs_no_memory(relays):
@@ -205,7 +268,9 @@ def test_a_client_that_pipelines_and_never_reads_costs_no_memory(relays):
     with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
         sent = flood_unread(s, flood)  # until the relay reads no more
         _, peak = rss_kib(relay.proc.pid)
-    print(f"\nnever-reading client: sent {sent // MIB} of {len(flood) // MIB} MiB; relay RSS {base} KiB at start, "
-          f"peak {peak} KiB (+{(peak - base) // 1024} MiB)")
+    print(
+        f"\nnever-reading client: sent {sent // MIB} of {len(flood) // MIB} MiB; relay RSS {base} KiB at start, "
+        f"peak {peak} KiB (+{(peak - base) // 1024} MiB)"
+    )
     assert sent < len(flood), "the relay read all of it from a client that reads nothing"
     assert peak - base < 8 * 1024

@@ -77,7 +77,10 @@ CONTROLS: list[tuple[str, str]] = [
     ("<Postmaster>", f"postmaster@{HOSTNAME}"),
     ("<@elsewhere.example:user@example.test>", "user@example.test"),  # route dropped, RFC 5321 C
     # an encoded word is just atext in an envelope: a local mailbox, never decoded into an @
-    ("<=?utf-8?q?victim=40elsewhere.example?=@example.test>", "=?utf-8?q?victim=40elsewhere.example?=@example.test"),
+    (
+        "<=?utf-8?q?victim=40elsewhere.example?=@example.test>",
+        "=?utf-8?q?victim=40elsewhere.example?=@example.test",
+    ),
 ]
 
 
@@ -89,13 +92,17 @@ def is_local(address: str) -> bool:
 def test_no_address_form_is_relayed_for_an_untrusted_client(relays, sinks):
     assert len(ATTACKS) >= 30
     sink = sinks()
-    relay = relays('[server]\ntrusted_networks = ["192.0.2.0/24"]\n'
-                   f'local_domains = ["{LOCAL}"]\n' + route_to(sink.port))
+    relay = relays(
+        '[server]\ntrusted_networks = ["192.0.2.0/24"]\n'
+        f'local_domains = ["{LOCAL}"]\n' + route_to(sink.port)
+    )
     outcomes: list[tuple[str, bytes]] = []
     for i, (params, rcpt) in enumerate(ATTACKS):
         with Raw(relay.port) as c:
             c.greet()
-            assert c.cmd(f"MAIL FROM:<a@example.org>{' ' + params if params else ''}").startswith(b"250")
+            assert c.cmd(f"MAIL FROM:<a@example.org>{' ' + params if params else ''}").startswith(
+                b"250"
+            )
             reply = c.cmd(f"RCPT TO:{rcpt}".encode())
             outcomes.append((rcpt, reply.strip()))
             assert reply[:1] == b"5", f"RCPT TO:{rcpt!r} was not refused: {reply!r}"
@@ -104,7 +111,11 @@ def test_no_address_form_is_relayed_for_an_untrusted_client(relays, sinks):
                 assert c.cmd("MAIL FROM:<a@example.org>").startswith(b"250")
             assert c.cmd(f"RCPT TO:<control{i}@{LOCAL}>").startswith(b"250")
             assert c.cmd("DATA").startswith(b"354")
-            c.send(stuff(f"Message-ID: <attack{i}@relay.test>\r\nSubject: {i}\r\n\r\nbody\r\n".encode()))
+            c.send(
+                stuff(
+                    f"Message-ID: <attack{i}@relay.test>\r\nSubject: {i}\r\n\r\nbody\r\n".encode()
+                )
+            )
             assert c.reply().startswith(b"250 2.0.0")
             c.cmd("QUIT")
     for j, (rcpt, _) in enumerate(CONTROLS):
@@ -122,14 +133,18 @@ def test_no_address_form_is_relayed_for_an_untrusted_client(relays, sinks):
     by_id = {}
     for t in sink.transactions():
         assert all(is_local(r) for r in t.recipients), f"relayed outside {LOCAL}: {t.recipients}"
-        mid = next(ln for ln in t.data.split(b"\r\n") if ln.startswith(b"Message-ID: "))[12:].decode()
+        mid = next(ln for ln in t.data.split(b"\r\n") if ln.startswith(b"Message-ID: "))[
+            12:
+        ].decode()
         by_id[mid] = t.recipients
     for i in range(len(ATTACKS)):
         assert by_id[f"<attack{i}@relay.test>"] == [f"control{i}@{LOCAL}"]
     for j, (_, expected) in enumerate(CONTROLS):
         assert by_id[f"<control{j}@relay.test>"] == [expected]
     assert len(by_id) == len(ATTACKS) + len(CONTROLS)
-    print(f"\nopen relay table: {len(ATTACKS)} forms refused, {len(CONTROLS)} controls accepted; "
-          f"{len(by_id)} messages at the sink, all to {LOCAL}")
+    print(
+        f"\nopen relay table: {len(ATTACKS)} forms refused, {len(CONTROLS)} controls accepted; "
+        f"{len(by_id)} messages at the sink, all to {LOCAL}"
+    )
     for rcpt, reply in outcomes:
         print(f"  {rcpt!r:75} {reply.decode(errors='replace')[:70]}")

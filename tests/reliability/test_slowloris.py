@@ -20,8 +20,10 @@ pytestmark = pytest.mark.integration
 
 IDLE = 1000
 PER_IP = 50
-LIMITS = f'[server]\nidle_timeout = "4s"\ndata_timeout = "4s"\nmax_connections = {IDLE + 10}\n' \
-         f"max_connections_per_ip = {PER_IP}\nlimit_trusted_clients = true\n"  # loopback is trusted
+LIMITS = (
+    f'[server]\nidle_timeout = "4s"\ndata_timeout = "4s"\nmax_connections = {IDLE + 10}\n'
+    f"max_connections_per_ip = {PER_IP}\nlimit_trusted_clients = true\n"
+)  # loopback is trusted
 
 
 def source(i: int) -> str:
@@ -100,10 +102,12 @@ def test_thousand_idle_connections_the_limits_hold(relays, sinks):
         for s in crowd:
             s.close()
     got = wait_for_ids(sink, ["<during@slowloris.test>"], timeout=20)
-    print(f"\nslowloris: {IDLE} idle connections from {IDLE // PER_IP} addresses; 51st from one address → "
-          f"{per_ip.decode().strip()}; over the total → {total.decode().strip()}; well-behaved client during "
-          f"the crowd → {during.decode().strip()[:30]}; RSS {rss_before} KiB before, {rss_full} KiB with "
-          f"{IDLE} connections, peak {peak} KiB (+{(peak - rss_before) // 1024} MiB)")
+    print(
+        f"\nslowloris: {IDLE} idle connections from {IDLE // PER_IP} addresses; 51st from one address → "
+        f"{per_ip.decode().strip()}; over the total → {total.decode().strip()}; well-behaved client during "
+        f"the crowd → {during.decode().strip()[:30]}; RSS {rss_before} KiB before, {rss_full} KiB with "
+        f"{IDLE} connections, peak {peak} KiB (+{(peak - rss_before) // 1024} MiB)"
+    )
     assert per_ip.startswith(b"421 4.7.0"), per_ip
     assert total.startswith(b"421 4.7.0"), total
     assert during.startswith(b"250 2.0.0")
@@ -128,8 +132,10 @@ def test_thousand_idle_connections_all_time_out(relays, sinks):
             s.close()
     got = wait_for_ids(sink, ["<after@slowloris.test>"], timeout=20)
     kinds = {t[:9] for t in timeouts}
-    print(f"\nslowloris timeouts: {len(crowd)} idle connections → {sorted(kinds)}, {closed} closed by the relay; "
-          f"a well-behaved client afterwards → {after.decode().strip()[:30]}")
+    print(
+        f"\nslowloris timeouts: {len(crowd)} idle connections → {sorted(kinds)}, {closed} closed by the relay; "
+        f"a well-behaved client afterwards → {after.decode().strip()[:30]}"
+    )
     assert kinds == {b"421 4.4.2"}, kinds
     assert closed == len(crowd)
     assert after.startswith(b"250 2.0.0") and got == {"<after@slowloris.test>": 1}
@@ -138,8 +144,14 @@ def test_thousand_idle_connections_all_time_out(relays, sinks):
 class Trickler(threading.Thread):
     """Sends a valid session one byte every ``gap`` seconds; records when the server hung up."""
 
-    def __init__(self, port: int, src: str, gap: float, prefix: bytes = b"",
-                 script: bytes = b"EHLO trickle.example\r\n" + b"NOOP\r\n" * 1000) -> None:
+    def __init__(
+        self,
+        port: int,
+        src: str,
+        gap: float,
+        prefix: bytes = b"",
+        script: bytes = b"EHLO trickle.example\r\n" + b"NOOP\r\n" * 1000,
+    ) -> None:
         super().__init__(daemon=True)
         self.port, self.src, self.gap = port, src, gap
         self.prefix, self.script = prefix, script
@@ -181,7 +193,9 @@ def test_one_byte_a_second_clients_do_not_starve_well_behaved_ones(relays, sinks
     """Tricklers never idle long enough to time out; the per-address limit caps them and the rest
     of the relay keeps serving."""
     sink = sinks()
-    relay = relays(LIMITS.replace('"4s"', '"60s"') + route_to(sink.port))  # no timeout blurs the limit
+    relay = relays(
+        LIMITS.replace('"4s"', '"60s"') + route_to(sink.port)
+    )  # no timeout blurs the limit
     tricklers = [Trickler(relay.port, "127.0.50.1", 0.5) for _ in range(PER_IP)]
     for t in tricklers:
         t.start()
@@ -196,8 +210,10 @@ def test_one_byte_a_second_clients_do_not_starve_well_behaved_ones(relays, sinks
         for t in tricklers:
             t.join(5)
     got = wait_for_ids(sink, [f"<fine{i}@trickle.test>" for i in range(5)], timeout=20)
-    print(f"\ntricklers: {PER_IP} clients at 2 bytes/s from one address; one more → {refused.decode().strip()}; "
-          f"5 well-behaved messages meanwhile → {sorted({r[:9].decode() for r in replies})}")
+    print(
+        f"\ntricklers: {PER_IP} clients at 2 bytes/s from one address; one more → {refused.decode().strip()}; "
+        f"5 well-behaved messages meanwhile → {sorted({r[:9].decode() for r in replies})}"
+    )
     assert refused.startswith(b"421 4.7.0")
     assert all(r.startswith(b"250 2.0.0") for r in replies)
     assert got == {f"<fine{i}@trickle.test>": 1 for i in range(5)}
@@ -206,19 +222,28 @@ def test_one_byte_a_second_clients_do_not_starve_well_behaved_ones(relays, sinks
 def test_a_command_line_trickled_slower_than_the_idle_timeout_is_cut_off(relays):
     """The timeout counts from the last complete command line, not the last byte (slowloris)."""
     relay = relays(LIMITS.replace('"4s"', '"1s"') + route_to(1))
-    t = Trickler(relay.port, "127.0.60.1", 0.4)  # 2.4 s for each "NOOP\r\n" against a 1 s idle timeout
+    t = Trickler(
+        relay.port, "127.0.60.1", 0.4
+    )  # 2.4 s for each "NOOP\r\n" against a 1 s idle timeout
     # the same in DATA: each text line takes longer than the (1 s) DATA timeout
-    d = Trickler(relay.port, "127.0.60.2", 0.4, prefix=b"EHLO x\r\nMAIL FROM:<a@example.org>\r\n"
-                 b"RCPT TO:<b@example.test>\r\nDATA\r\n", script=b"Subject: slow\r\n" * 100 + b".\r\n")
+    d = Trickler(
+        relay.port,
+        "127.0.60.2",
+        0.4,
+        prefix=b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n",
+        script=b"Subject: slow\r\n" * 100 + b".\r\n",
+    )
     for x in (t, d):
         x.start()
     for x in (t, d):
         x.join(6)
         x.stopping.set()
         x.join(5)
-    print(f"\ntricklers at 1 byte per 0.4 s against a 1 s timeout: commands cut off after {t.lasted} s "
-          f"({t.sent} bytes), DATA cut off after {d.lasted} s ({d.sent} bytes), last reply "
-          f"{d.received.splitlines()[-1:]}")
+    print(
+        f"\ntricklers at 1 byte per 0.4 s against a 1 s timeout: commands cut off after {t.lasted} s "
+        f"({t.sent} bytes), DATA cut off after {d.lasted} s ({d.sent} bytes), last reply "
+        f"{d.received.splitlines()[-1:]}"
+    )
     assert t.lasted is not None, "a trickling client outlived five idle timeouts"
     assert d.lasted is not None, "a trickling DATA client outlived five DATA timeouts"
     assert b"421 4.4.2" in t.received and b"421 4.4.2" in d.received

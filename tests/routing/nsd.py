@@ -92,9 +92,13 @@ remote-control:
 
     def start(self, timeout: float = 10.0) -> NSD:
         self.out = open(self.dir / "nsd.out", "wb")
-        self.proc = subprocess.Popen([self.binary, "-d", "-c", str(self.dir / "nsd.conf")],
-                                     stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "-d", "-c", str(self.dir / "nsd.conf")],
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -105,8 +109,11 @@ remote-control:
         raise TimeoutError(f"nsd did not answer on port {self.port}: {self.log()}")
 
     def log(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in (self.dir / "nsd.out", self.dir / "nsd.log")
-                       if p.exists())
+        return "".join(
+            p.read_text(errors="replace")
+            for p in (self.dir / "nsd.out", self.dir / "nsd.log")
+            if p.exists()
+        )
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -41,7 +41,11 @@ class PolicyServer:
                 host = (self.headers.get("Host") or "").rsplit(":", 1)[0].lower()
                 with server.lock:
                     server.requests.append((host, self.path))
-                    answer = server.answers.get(host) if self.path == "/.well-known/mta-sts.txt" else None
+                    answer = (
+                        server.answers.get(host)
+                        if self.path == "/.well-known/mta-sts.txt"
+                        else None
+                    )
                 if answer is None:
                     answer = Answer(b"not found\n", status=404)
                 self.send_response(answer.status)
@@ -63,11 +67,13 @@ class PolicyServer:
 
         self.httpd = Server(("127.0.0.1", 0), Handler)
         # the handshake happens in the request's thread, not in accept() on the serving thread
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True,
-                                                do_handshake_on_connect=False)
+        self.httpd.socket = context.wrap_socket(
+            self.httpd.socket, server_side=True, do_handshake_on_connect=False
+        )
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     def start(self) -> PolicyServer:
         self.thread.start()

@@ -111,8 +111,12 @@ mail: erin@example.test
 class Slapd:
     """``Slapd().start()``; ``.uri``; ``.stop()`` / ``.start()``; ``.cleanup()``."""
 
-    def __init__(self, port: int | None = None, extra_ldif: str = "",
-                 tls: tuple[bytes, bytes, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        extra_ldif: str = "",
+        tls: tuple[bytes, bytes, bytes] | None = None,
+    ) -> None:
         """``tls`` = (CA PEM, certificate PEM, key PEM): StartTLS on ``uri`` and ``ldaps_uri`` too."""
         self.binary = require("slapd")
         self.slapadd = require("slapadd")
@@ -125,12 +129,15 @@ class Slapd:
         if tls is not None:
             for name, pem in zip(("ca.pem", "cert.pem", "key.pem"), tls, strict=True):
                 (self.dir / name).write_bytes(pem)
-            tls_conf = (f"TLSCACertificateFile {self.dir}/ca.pem\n"
-                        f"TLSCertificateFile {self.dir}/cert.pem\n"
-                        f"TLSCertificateKeyFile {self.dir}/key.pem\n")
+            tls_conf = (
+                f"TLSCACertificateFile {self.dir}/ca.pem\n"
+                f"TLSCertificateFile {self.dir}/cert.pem\n"
+                f"TLSCertificateKeyFile {self.dir}/key.pem\n"
+            )
             self.ldaps_uri = f"ldaps://127.0.0.1:{free_port()}"
-        bindhash = subprocess.run([require("slappasswd"), "-s", BIND_PASSWORD], check=True,
-                                  capture_output=True, text=True).stdout.strip()
+        bindhash = subprocess.run(
+            [require("slappasswd"), "-s", BIND_PASSWORD], check=True, capture_output=True, text=True
+        ).stdout.strip()
         (self.dir / "slapd.conf").write_text(f"""\
 include   /etc/ldap/schema/core.schema
 include   /etc/ldap/schema/cosine.schema
@@ -158,9 +165,14 @@ access to *
        by * none
 """)
         ldif = self.dir / "entries.ldif"
-        ldif.write_text(ENTRIES.replace("{BINDHASH}", bindhash) + ("\n" + extra_ldif if extra_ldif else ""))
-        out = subprocess.run([self.slapadd, "-q", "-f", str(self.dir / "slapd.conf"), "-l", str(ldif)],
-                             capture_output=True, text=True)
+        ldif.write_text(
+            ENTRIES.replace("{BINDHASH}", bindhash) + ("\n" + extra_ldif if extra_ldif else "")
+        )
+        out = subprocess.run(
+            [self.slapadd, "-q", "-f", str(self.dir / "slapd.conf"), "-l", str(ldif)],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             raise RuntimeError(f"slapadd failed: {out.stdout}{out.stderr}")
         self.pid: int | None = None
@@ -168,13 +180,19 @@ access to *
     def start(self, timeout: float = 10.0) -> Slapd:
         # slapd daemonises; -d 0 would keep it in the foreground but it then logs to stderr forever
         listen = " ".join(u for u in (self.uri, self.ldaps_uri) if u)
-        out = subprocess.run([self.binary, "-f", str(self.dir / "slapd.conf"), "-h", listen],
-                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            [self.binary, "-f", str(self.dir / "slapd.conf"), "-h", listen],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         if out.returncode:
             raise RuntimeError(f"slapd failed to start: {out.stdout}{out.stderr}")
         pidfile = self.dir / "slapd.pid"
         deadline = time.monotonic() + timeout
-        while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        while (
+            not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline
+        ):
             time.sleep(0.02)
         self.pid = int(pidfile.read_text().strip())
         wait_listening("127.0.0.1", self.port, timeout=max(deadline - time.monotonic(), 1.0))
@@ -192,7 +210,9 @@ access to *
         stop_pid(pid, timeout, sig)
 
     def cleanup(self) -> None:
-        self.stop(sig=signal.SIGKILL)  # its files are deleted next: no need to wait for a clean exit
+        self.stop(
+            sig=signal.SIGKILL
+        )  # its files are deleted next: no need to wait for a clean exit
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -60,10 +60,13 @@ def test_a_deferred_route_is_the_answer() -> None:
     assert result_of(chain.route("u@x.test", ENV)) == route_to("a")
 
 
-@pytest.mark.parametrize("error", [
-    TemporaryFailure(Reply(451, "4.4.3", "ldap down")),
-    PermanentFailure(Reply(550, "5.1.1", "no such user")),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        TemporaryFailure(Reply(451, "4.4.3", "ldap down")),
+        PermanentFailure(Reply(550, "5.1.1", "no such user")),
+    ],
+)
 def test_failures_propagate_and_stop_the_chain(error: Exception) -> None:
     later = Answering(route_to("b"))
     for first in (Answering(error), Answering(defer.fail(error))):
@@ -101,15 +104,24 @@ def test_close_reaches_the_routers_that_hold_resources() -> None:
     assert closed == [holding]
 
 
-@pytest.mark.parametrize("bad", [
-    "a@b.test>\r\nRCPT TO:<victim@elsewhere.test",  # a directory value that would add a command
-    "a@b.test\nDATA", "a\x00@b.test", "no-at-sign", "a@ｂ.test", "<a@b.test>",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "a@b.test>\r\nRCPT TO:<victim@elsewhere.test",  # a directory value that would add a command
+        "a@b.test\nDATA",
+        "a\x00@b.test",
+        "no-at-sign",
+        "a@ｂ.test",
+        "<a@b.test>",
+    ],
+)
 def test_a_rewrite_that_is_not_a_mailbox_is_a_temporary_failure(bad: str) -> None:
     """A rewritten recipient comes from directory data or a plugin, never through the SMTP parser:
     the chain refuses what would not parse as a mailbox, sync or async, before a client writes it."""
-    for answer in (Route((NextHop("h", 25),), recipient=bad),
-                   defer.succeed(Route((NextHop("h", 25),), recipient=bad))):
+    for answer in (
+        Route((NextHop("h", 25),), recipient=bad),
+        defer.succeed(Route((NextHop("h", 25),), recipient=bad)),
+    ):
         with pytest.raises(TemporaryFailure) as info:
             result_of(RouterChain([Answering(answer)]).route("u@x.test", ENV))
         assert info.value.reply.code == 451 and info.value.reply.enhanced == "4.3.5"

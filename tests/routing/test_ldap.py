@@ -27,13 +27,21 @@ from tests.routing.test_mx import zone
 ENV = Envelope("s@example.org", ())
 
 DIRECTORY = {
-    "alice@example.test": {"mailRoutingAddress": ["alice@mailstore1.example.test"], "mailHost": ["mx1.example.test"]},
-    "a.smith@example.test": {"mailRoutingAddress": ["alice@mailstore1.example.test"], "mailHost": ["mx1.example.test"]},
+    "alice@example.test": {
+        "mailRoutingAddress": ["alice@mailstore1.example.test"],
+        "mailHost": ["mx1.example.test"],
+    },
+    "a.smith@example.test": {
+        "mailRoutingAddress": ["alice@mailstore1.example.test"],
+        "mailHost": ["mx1.example.test"],
+    },
     "bob@example.test": {"mailHost": ["mx2.example.test"]},
     "carol@example.test": {"mailRoutingAddress": ["carol@other.test"]},
     "dave@example.org": {"mailRoutingAddress": ["dave@example.org"], "mailHost": ["[127.0.0.1]"]},
     "frank@example.test": {"mailRoutingAddress": [], "mailHost": []},
-    "host@example.test": {"mailhost": ["[mx2.example.test]"]},  # attribute names are case-insensitive
+    "host@example.test": {
+        "mailhost": ["[mx2.example.test]"]
+    },  # attribute names are case-insensitive
     "@example.net": {"mailRoutingAddress": ["postmaster@example.test"]},
 }
 
@@ -59,8 +67,12 @@ def run_now(f: Any, *args: Any) -> defer.Deferred[Any]:
     return defer.maybeDeferred(f, *args)
 
 
-def make(directory: FakeDirectory | None = None, clock: Clock | None = None, resolver: Any = None,
-         **kw: Any) -> LDAPRouter:
+def make(
+    directory: FakeDirectory | None = None,
+    clock: Clock | None = None,
+    resolver: Any = None,
+    **kw: Any,
+) -> LDAPRouter:
     clock = clock or Clock()
     kw.setdefault("port", 2525)
     resolver = resolver or zone().add("other.test", "MX", (10, "mx2.example.test"))
@@ -75,25 +87,37 @@ def answer(router: LDAPRouter, recipient: str) -> tuple[str | None, list[tuple[s
     return route.recipient, [(h.host, h.port) for h in route.hops]
 
 
-@pytest.mark.parametrize("recipient, expected", [
-    # mailRoutingAddress + mailHost: rewritten, to the host's MX (implicit: its own addresses)
-    ("alice@example.test", ("alice@mailstore1.example.test", [("127.0.0.1", 2525), ("::1", 2525)])),
-    ("a.smith@Example.TEST", ("alice@mailstore1.example.test", [("127.0.0.1", 2525), ("::1", 2525)])),
-    # mailHost only: address unchanged
-    ("bob@example.test", (None, [("127.0.0.2", 2525)])),
-    # mailRoutingAddress only: by the MX of the new domain, on the standard port
-    ("carol@example.test", ("carol@other.test", [("127.0.0.2", 25)])),
-    # [address literal]: no DNS
-    ("dave@example.org", ("dave@example.org", [("127.0.0.1", 2525)])),
-    # [name]: the host's own addresses, no MX lookup
-    ("host@example.test", (None, [("127.0.0.2", 2525)])),
-    # the @domain catch-all
-    ("anyone@example.net", ("postmaster@example.test", [("127.0.0.1", 25), ("::1", 25), ("127.0.0.2", 25)])),
-    # an entry without routing attributes: the user exists, the next router routes it unchanged
-    ("frank@example.test", None),
-    # no entry at all
-    ("nobody@example.test", None),
-])
+@pytest.mark.parametrize(
+    "recipient, expected",
+    [
+        # mailRoutingAddress + mailHost: rewritten, to the host's MX (implicit: its own addresses)
+        (
+            "alice@example.test",
+            ("alice@mailstore1.example.test", [("127.0.0.1", 2525), ("::1", 2525)]),
+        ),
+        (
+            "a.smith@Example.TEST",
+            ("alice@mailstore1.example.test", [("127.0.0.1", 2525), ("::1", 2525)]),
+        ),
+        # mailHost only: address unchanged
+        ("bob@example.test", (None, [("127.0.0.2", 2525)])),
+        # mailRoutingAddress only: by the MX of the new domain, on the standard port
+        ("carol@example.test", ("carol@other.test", [("127.0.0.2", 25)])),
+        # [address literal]: no DNS
+        ("dave@example.org", ("dave@example.org", [("127.0.0.1", 2525)])),
+        # [name]: the host's own addresses, no MX lookup
+        ("host@example.test", (None, [("127.0.0.2", 2525)])),
+        # the @domain catch-all
+        (
+            "anyone@example.net",
+            ("postmaster@example.test", [("127.0.0.1", 25), ("::1", 25), ("127.0.0.2", 25)]),
+        ),
+        # an entry without routing attributes: the user exists, the next router routes it unchanged
+        ("frank@example.test", None),
+        # no entry at all
+        ("nobody@example.test", None),
+    ],
+)
 def test_mail_routing_model(recipient: str, expected: Any) -> None:
     assert answer(make(), recipient) == expected
 
@@ -136,7 +160,9 @@ def test_directory_down_is_temporary_and_never_cached() -> None:
 
 
 def test_ambiguous_entries_are_temporary() -> None:
-    directory = FakeDirectory({"twice@example.test": [{"mailHost": ["a.test"]}, {"mailHost": ["b.test"]}]})
+    directory = FakeDirectory(
+        {"twice@example.test": [{"mailHost": ["a.test"]}, {"mailHost": ["b.test"]}]}
+    )
     with pytest.raises(TemporaryFailure):
         answer(make(directory), "twice@example.test")
 
@@ -172,53 +198,82 @@ def test_route_tls_policy_is_the_configured_one() -> None:
     assert route.hops == (NextHop("127.0.0.2", 2525, 0, "mx2.example.test"),)
 
 
-@pytest.mark.parametrize("value, escaped", [
-    ("alice@example.test", "alice@example.test"),
-    ("*", "\\2a"),
-    ("a*)(mailLocalAddress=*", "a\\2a\\29\\28mailLocalAddress=\\2a"),
-    ("back\\slash", "back\\5cslash"),
-    ("nul\x00", "nul\\00"),
-    ("ünïcode@exämple.test", "ünïcode@exämple.test"),
-])
+@pytest.mark.parametrize(
+    "value, escaped",
+    [
+        ("alice@example.test", "alice@example.test"),
+        ("*", "\\2a"),
+        ("a*)(mailLocalAddress=*", "a\\2a\\29\\28mailLocalAddress=\\2a"),
+        ("back\\slash", "back\\5cslash"),
+        ("nul\x00", "nul\\00"),
+        ("ünïcode@exämple.test", "ünïcode@exämple.test"),
+    ],
+)
 def test_filter_values_are_escaped(value: str, escaped: str) -> None:
     assert escape_filter_value(value) == escaped
 
 
 def test_filter_template_fields() -> None:
-    assert make_filter("(&(uid={local})(dc={domain}))", "a(b@x.test") == "(&(uid=a\\28b)(dc=x.test))"
+    assert (
+        make_filter("(&(uid={local})(dc={domain}))", "a(b@x.test") == "(&(uid=a\\28b)(dc=x.test))"
+    )
     assert make_filter(DEFAULT_FILTER, "@example.net").endswith("(mailLocalAddress=@example.net))")
 
 
 def context(**kw: Any) -> RouterContext:
-    return RouterContext(Clock(), threadpool=object(), source="relay.toml", key="routes[1]",
-                         resolver=FakeResolver(), **kw)
+    return RouterContext(
+        Clock(),
+        threadpool=object(),
+        source="relay.toml",
+        key="routes[1]",
+        resolver=FakeResolver(),
+        **kw,
+    )
 
 
 def test_from_options() -> None:
-    router = LDAPRouter.from_options({
-        "uri": ["ldap://127.0.0.1:389", "ldap://127.0.0.2:389/"], "bind_dn": "cn=x", "bind_password": "pw",
-        "base": "dc=example,dc=test", "port": 2525, "missing": "reject", "domains": ["example.test"],
-        "positive_ttl": "10m", "negative_ttl": "30s", "filter": "(mail={address})",
-    }, context())
-    assert router.port == 2525 and router.missing == "reject" and router.domains == ("example.test",)
+    router = LDAPRouter.from_options(
+        {
+            "uri": ["ldap://127.0.0.1:389", "ldap://127.0.0.2:389/"],
+            "bind_dn": "cn=x",
+            "bind_password": "pw",
+            "base": "dc=example,dc=test",
+            "port": 2525,
+            "missing": "reject",
+            "domains": ["example.test"],
+            "positive_ttl": "10m",
+            "negative_ttl": "30s",
+            "filter": "(mail={address})",
+        },
+        context(),
+    )
+    assert (
+        router.port == 2525 and router.missing == "reject" and router.domains == ("example.test",)
+    )
     assert (router.positive_ttl, router.negative_ttl) == (600.0, 30.0)
     assert router.directory.uris == ["ldap://127.0.0.1:389", "ldap://127.0.0.2:389"]  # type: ignore[attr-defined]
     assert router.directory.filter_template == "(mail={address})"  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("options, key", [
-    ({"base": "dc=x"}, "routes[1].uri"),
-    ({"uri": "http://x", "base": "dc=x"}, "routes[1].uri"),
-    ({"uri": ["ldap://a", 5], "base": "dc=x"}, "routes[1].uri[1]"),
-    ({"uri": "ldap://a"}, "routes[1].base"),
-    ({"uri": "ldap://a", "base": "dc=x", "bind_dn": "cn=x"}, "routes[1].bind_password"),
-    ({"uri": "ldap://a", "base": "dc=x", "filter": "mail={address}"}, "routes[1].filter"),
-    ({"uri": "ldap://a", "base": "dc=x", "filter": "(mail={user})"}, "routes[1].filter"),
-    ({"uri": "ldap://a", "base": "dc=x", "missing": "bounce"}, "routes[1].missing"),
-    ({"uri": "ldap://a", "base": "dc=x", "port": 0}, "routes[1].port"),
-    ({"uri": "ldap://a", "base": "dc=x", "binddn": "cn=x"}, "routes[1].binddn"),
-    ({"uri": "ldaps://a", "base": "dc=x", "tls_ca_file": "/nonexistent/ca.pem"}, "routes[1].tls_ca_file"),
-])
+@pytest.mark.parametrize(
+    "options, key",
+    [
+        ({"base": "dc=x"}, "routes[1].uri"),
+        ({"uri": "http://x", "base": "dc=x"}, "routes[1].uri"),
+        ({"uri": ["ldap://a", 5], "base": "dc=x"}, "routes[1].uri[1]"),
+        ({"uri": "ldap://a"}, "routes[1].base"),
+        ({"uri": "ldap://a", "base": "dc=x", "bind_dn": "cn=x"}, "routes[1].bind_password"),
+        ({"uri": "ldap://a", "base": "dc=x", "filter": "mail={address}"}, "routes[1].filter"),
+        ({"uri": "ldap://a", "base": "dc=x", "filter": "(mail={user})"}, "routes[1].filter"),
+        ({"uri": "ldap://a", "base": "dc=x", "missing": "bounce"}, "routes[1].missing"),
+        ({"uri": "ldap://a", "base": "dc=x", "port": 0}, "routes[1].port"),
+        ({"uri": "ldap://a", "base": "dc=x", "binddn": "cn=x"}, "routes[1].binddn"),
+        (
+            {"uri": "ldaps://a", "base": "dc=x", "tls_ca_file": "/nonexistent/ca.pem"},
+            "routes[1].tls_ca_file",
+        ),
+    ],
+)
 def test_option_errors_name_the_key(options: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         LDAPRouter.from_options(options, context())

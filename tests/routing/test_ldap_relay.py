@@ -38,7 +38,9 @@ timeout = "2s"
 """
 
 
-def test_verified_at_rcpt_rewritten_routed_and_deferred_while_slapd_is_down(nsd: NSD, smtp_sink: SMTPSink) -> None:
+def test_verified_at_rcpt_rewritten_routed_and_deferred_while_slapd_is_down(
+    nsd: NSD, smtp_sink: SMTPSink
+) -> None:
     slapd = Slapd().start()
     relay = RelayProcess(relay_config(slapd, nsd, smtp_sink))
     try:
@@ -56,7 +58,9 @@ def test_verified_at_rcpt_rewritten_routed_and_deferred_while_slapd_is_down(nsd:
             transactions = smtp_sink.transactions()
         # mailRoutingAddress rewrote both; mailHost mx1.example.test and example.test's MX lead to the sink
         assert sorted(r for t in transactions for r in t.recipients) == [
-            "alice@mailstore1.example.test", "postmaster@example.test"]
+            "alice@mailstore1.example.test",
+            "postmaster@example.test",
+        ]
 
         slapd.stop()
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:

@@ -32,14 +32,27 @@ def threadpool() -> Iterator[ThreadPool]:
     pool.stop()
 
 
-def ldap_router(slapd: Slapd, nsd: NSD, threadpool: ThreadPool, drop: tuple[str, ...] = (),
-                **options: Any) -> LDAPRouter:
-    options = {"uri": slapd.uri, "bind_dn": BIND_DN, "bind_password": BIND_PASSWORD, "base": BASE,
-               "nameservers": [f"127.0.0.1:{nsd.port}"], "port": 2525, **options}
+def ldap_router(
+    slapd: Slapd, nsd: NSD, threadpool: ThreadPool, drop: tuple[str, ...] = (), **options: Any
+) -> LDAPRouter:
+    options = {
+        "uri": slapd.uri,
+        "bind_dn": BIND_DN,
+        "bind_password": BIND_PASSWORD,
+        "base": BASE,
+        "nameservers": [f"127.0.0.1:{nsd.port}"],
+        "port": 2525,
+        **options,
+    }
     for key in drop:
         del options[key]
-    context = RouterContext(reactor, threadpool=threadpool, source="relay.toml", key="routes[0]",
-                            random=random.Random(1))
+    context = RouterContext(
+        reactor,
+        threadpool=threadpool,
+        source="relay.toml",
+        key="routes[0]",
+        random=random.Random(1),
+    )
     return LDAPRouter.from_options(options, context)
 
 
@@ -54,7 +67,9 @@ class ThreadRecorder:
         return self.directory.search(address)
 
 
-async def answer(router: LDAPRouter, recipient: str) -> tuple[str | None, list[tuple[str, int]]] | None:
+async def answer(
+    router: LDAPRouter, recipient: str
+) -> tuple[str | None, list[tuple[str, int]]] | None:
     route = await router.route(recipient, ENV)
     if route is None:
         return None
@@ -62,18 +77,26 @@ async def answer(router: LDAPRouter, recipient: str) -> tuple[str | None, list[t
 
 
 @pytest_twisted.ensureDeferred
-async def test_routing_attributes_from_the_directory(slapd: Slapd, nsd: NSD, threadpool: ThreadPool) -> None:
+async def test_routing_attributes_from_the_directory(
+    slapd: Slapd, nsd: NSD, threadpool: ThreadPool
+) -> None:
     router = ldap_router(slapd, nsd, threadpool)
     recorder = router.directory = ThreadRecorder(router.directory)  # type: ignore[assignment]
     assert await answer(router, "alice@example.test") == (
-        "alice@mailstore1.example.test", [("127.0.0.1", 2525), ("::1", 2525)])
+        "alice@mailstore1.example.test",
+        [("127.0.0.1", 2525), ("::1", 2525)],
+    )
     assert await answer(router, "A.Smith@example.test") == (
-        "alice@mailstore1.example.test", [("127.0.0.1", 2525), ("::1", 2525)])
+        "alice@mailstore1.example.test",
+        [("127.0.0.1", 2525), ("::1", 2525)],
+    )
     assert await answer(router, "bob@example.test") == (None, [("127.0.0.2", 2525)])
     assert await answer(router, "carol@example.test") == ("carol@other.test", [("127.0.0.2", 2525)])
     assert await answer(router, "dave@example.org") == ("dave@example.org", [("127.0.0.1", 2525)])
     assert await answer(router, "whoever@example.net") == (
-        "postmaster@example.test", [("127.0.0.1", 2525), ("::1", 2525), ("127.0.0.2", 2525)])
+        "postmaster@example.test",
+        [("127.0.0.1", 2525), ("::1", 2525), ("127.0.0.2", 2525)],
+    )
     # an entry with mailLocalAddress but no routing attributes: the next router decides
     assert await answer(router, "frank@example.test") is None
     # erin has no mail attributes at all: not found by mailLocalAddress
@@ -86,18 +109,25 @@ async def test_routing_attributes_from_the_directory(slapd: Slapd, nsd: NSD, thr
 
 
 @pytest_twisted.ensureDeferred
-async def test_missing_entries_rejected_and_injection_finds_nothing(slapd: Slapd, nsd: NSD,
-                                                                    threadpool: ThreadPool) -> None:
+async def test_missing_entries_rejected_and_injection_finds_nothing(
+    slapd: Slapd, nsd: NSD, threadpool: ThreadPool
+) -> None:
     router = ldap_router(slapd, nsd, threadpool, missing="reject", catch_all=False)
-    for recipient in ("nobody@example.test", "*@example.test", "*)(objectClass=*@example.test",
-                      "alice@example.test)(|(mailLocalAddress=*"):
+    for recipient in (
+        "nobody@example.test",
+        "*@example.test",
+        "*)(objectClass=*@example.test",
+        "alice@example.test)(|(mailLocalAddress=*",
+    ):
         with pytest.raises(PermanentFailure) as info:
             await answer(router, recipient)
         assert info.value.reply.enhanced == "5.1.1", recipient
 
 
 @pytest_twisted.ensureDeferred
-async def test_slapd_stopped_is_temporary_and_it_reconnects_when_back(nsd: NSD, threadpool: ThreadPool) -> None:
+async def test_slapd_stopped_is_temporary_and_it_reconnects_when_back(
+    nsd: NSD, threadpool: ThreadPool
+) -> None:
     slapd = Slapd().start()
     try:
         router = ldap_router(slapd, nsd, threadpool, positive_ttl=0, negative_ttl=0)
@@ -114,14 +144,18 @@ async def test_slapd_stopped_is_temporary_and_it_reconnects_when_back(nsd: NSD, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_wrong_bind_password_is_temporary(slapd: Slapd, nsd: NSD, threadpool: ThreadPool) -> None:
+async def test_wrong_bind_password_is_temporary(
+    slapd: Slapd, nsd: NSD, threadpool: ThreadPool
+) -> None:
     router = ldap_router(slapd, nsd, threadpool, bind_password="wrong")
     with pytest.raises(TemporaryFailure):
         await answer(router, "bob@example.test")
 
 
 @pytest_twisted.ensureDeferred
-async def test_second_uri_used_when_the_first_is_down(slapd: Slapd, nsd: NSD, threadpool: ThreadPool) -> None:
+async def test_second_uri_used_when_the_first_is_down(
+    slapd: Slapd, nsd: NSD, threadpool: ThreadPool
+) -> None:
     from tests.peers import free_port
 
     router = ldap_router(slapd, nsd, threadpool, uri=[f"ldap://127.0.0.1:{free_port()}", slapd.uri])
@@ -145,36 +179,45 @@ def tls_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Slapd,
 
 
 @pytest_twisted.ensureDeferred
-async def test_starttls_and_ldaps_verified_against_the_ca(tls_slapd: tuple[Slapd, str], nsd: NSD,
-                                                          threadpool: ThreadPool) -> None:
+async def test_starttls_and_ldaps_verified_against_the_ca(
+    tls_slapd: tuple[Slapd, str], nsd: NSD, threadpool: ThreadPool
+) -> None:
     server, ca_file = tls_slapd
-    for options in ({"starttls": True, "tls_ca_file": ca_file},
-                    {"uri": server.ldaps_uri, "tls_ca_file": ca_file}):
+    for options in (
+        {"starttls": True, "tls_ca_file": ca_file},
+        {"uri": server.ldaps_uri, "tls_ca_file": ca_file},
+    ):
         router = ldap_router(server, nsd, threadpool, **options)
         assert await answer(router, "bob@example.test") == (None, [("127.0.0.2", 2525)])
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_certificate_from_another_ca_is_refused_never_used_in_clear(
-        tls_slapd: tuple[Slapd, str], nsd: NSD, threadpool: ThreadPool, tmp_path: Any) -> None:
+    tls_slapd: tuple[Slapd, str], nsd: NSD, threadpool: ThreadPool, tmp_path: Any
+) -> None:
     from tests.delivery.certs import CertificateAuthority
 
     server, _ = tls_slapd
     other = tmp_path / "other-ca.pem"
     other.write_bytes(CertificateAuthority("another CA").ca_pem)
-    for options in ({"starttls": True, "tls_ca_file": str(other)},
-                    {"uri": server.ldaps_uri, "tls_ca_file": str(other)}):
+    for options in (
+        {"starttls": True, "tls_ca_file": str(other)},
+        {"uri": server.ldaps_uri, "tls_ca_file": str(other)},
+    ):
         router = ldap_router(server, nsd, threadpool, **options)
         with pytest.raises(TemporaryFailure):
             await answer(router, "bob@example.test")
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_base_that_is_not_there_is_temporary_never_no_such_user(slapd: Slapd, nsd: NSD,
-                                                                       threadpool: ThreadPool) -> None:
+async def test_a_base_that_is_not_there_is_temporary_never_no_such_user(
+    slapd: Slapd, nsd: NSD, threadpool: ThreadPool
+) -> None:
     wrong_base = ldap_router(slapd, nsd, threadpool, missing="reject", base="dc=nowhere,dc=test")
     # an anonymous bind may bind here but sees nothing: slapd answers noSuchObject for the base
-    anonymous = ldap_router(slapd, nsd, threadpool, missing="reject", drop=("bind_dn", "bind_password"))
+    anonymous = ldap_router(
+        slapd, nsd, threadpool, missing="reject", drop=("bind_dn", "bind_password")
+    )
     for router in (wrong_base, anonymous):
         with pytest.raises(TemporaryFailure):
             await answer(router, "bob@example.test")

@@ -81,14 +81,34 @@ POLICIES = {
 
 
 class World:
-    def __init__(self, directory: Path, ca: Path, nsd: NSD, https: PolicyServer, postfix: PostfixRelay,
-                 sink: SMTPSink) -> None:
-        self.dir, self.ca, self.nsd, self.https, self.postfix, self.sink = directory, ca, nsd, https, postfix, sink
+    def __init__(
+        self,
+        directory: Path,
+        ca: Path,
+        nsd: NSD,
+        https: PolicyServer,
+        postfix: PostfixRelay,
+        sink: SMTPSink,
+    ) -> None:
+        self.dir, self.ca, self.nsd, self.https, self.postfix, self.sink = (
+            directory,
+            ca,
+            nsd,
+            https,
+            postfix,
+            sink,
+        )
 
     def router(self, **options: Any) -> MXRouter:
-        options = {"nameservers": [f"127.0.0.1:{self.nsd.port}"], "port": self.postfix.port, "mta_sts": True,
-                   "mta_sts_port": self.https.port, "mta_sts_ca_file": str(self.ca), "mta_sts_timeout": "5s",
-                   **options}
+        options = {
+            "nameservers": [f"127.0.0.1:{self.nsd.port}"],
+            "port": self.postfix.port,
+            "mta_sts": True,
+            "mta_sts_port": self.https.port,
+            "mta_sts_ca_file": str(self.ca),
+            "mta_sts_timeout": "5s",
+            **options,
+        }
         return MXRouter.from_options(options, RouterContext(reactor, key="routes[0]"))
 
 
@@ -100,8 +120,9 @@ def world() -> Iterator[World]:
     ca, mx_key, mx_chain = authority.write(directory, "mx.good.test")
     web = directory / "web"
     web.mkdir()
-    _, web_key, web_chain = authority.write(web, *[h for h in POLICIES if h != "mta-sts.wrongname.test"],
-                                            "mta-sts.misc.test")
+    _, web_key, web_chain = authority.write(
+        web, *[h for h in POLICIES if h != "mta-sts.wrongname.test"], "mta-sts.misc.test"
+    )
     nsd = NSD(zones={"test": ZONE})
     https = PolicyServer(web_key, web_chain)
     for host, body in POLICIES.items():
@@ -123,7 +144,11 @@ def world() -> Iterator[World]:
 
 
 async def send(world: World, route: Route, tag: str) -> list[tuple[Reply, str | None]]:
-    d = SMTPDeliverer(reactor, DeliveryConfig(connect_timeout=5, tls_ca_file=str(world.ca)), "relay.mailrelay.test")
+    d = SMTPDeliverer(
+        reactor,
+        DeliveryConfig(connect_timeout=5, tls_ca_file=str(world.ca)),
+        "relay.mailrelay.test",
+    )
     env = Envelope(f"{tag}@example.org", (Recipient(f"rcpt@{tag}.test"),))
     body = f"Subject: {tag}\r\n\r\nvia MTA-STS\r\n".encode()
     try:
@@ -142,7 +167,9 @@ def arrived(world: World, tag: str, timeout: float = 20.0) -> list[bytes]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_enforce_with_a_listed_mx_and_a_good_certificate_delivers_over_verified_tls(world: World) -> None:
+async def test_enforce_with_a_listed_mx_and_a_good_certificate_delivers_over_verified_tls(
+    world: World,
+) -> None:
     router = world.router(tls="none")  # the policy raises the route's own level to verify
     route = await router.route("rcpt@good.test", None)
     assert route.tls is TLSPolicy.VERIFY
@@ -185,7 +212,9 @@ async def test_testing_mode_delivers_as_usual(world: World) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_policy_host_with_a_certificate_for_another_name_gives_no_policy(world: World) -> None:
+async def test_a_policy_host_with_a_certificate_for_another_name_gives_no_policy(
+    world: World,
+) -> None:
     router = world.router()
     assert router.mta_sts is not None
     assert await router.mta_sts.policy("wrongname.test") is None
@@ -200,25 +229,41 @@ async def test_a_policy_host_with_a_certificate_for_another_name_gives_no_policy
 
 def fetcher(world: World, port: int | None = None, timeout: float = 5.0) -> HTTPSFetcher:
     router = world.router()
-    return HTTPSFetcher(reactor, router.addresses, port=port or world.https.port, ca_file=str(world.ca),
-                        timeout=timeout)
+    return HTTPSFetcher(
+        reactor,
+        router.addresses,
+        port=port or world.https.port,
+        ca_file=str(world.ca),
+        timeout=timeout,
+    )
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_policy_is_fetched_over_https_from_the_address_our_nameservers_give(world: World) -> None:
+async def test_the_policy_is_fetched_over_https_from_the_address_our_nameservers_give(
+    world: World,
+) -> None:
     body = await fetcher(world)("good.test")
     assert body == POLICIES["mta-sts.good.test"].encode()
     policy = await world.router().mta_sts.policy("good.test")  # type: ignore[union-attr]
     assert policy is not None and (policy.id, policy.mode) == ("good1", Mode.ENFORCE)
 
 
-@pytest.mark.parametrize(("answer", "why"), [
-    ({"body": "", "status": 301, "headers": (("Location", "https://mta-sts.good.test/.well-known/mta-sts.txt"),)},
-     "HTTP 301 (redirects are not followed)"),
-    ({"body": "not here", "status": 404}, "HTTP 404"),
-    ({"body": "<html>version: STSv1</html>", "content_type": "text/html"}, "not text/plain"),
-    ({"body": "version: STSv1\n" + "x: y\n" * 20000}, "more than 65536"),
-])
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (
+            {
+                "body": "",
+                "status": 301,
+                "headers": (("Location", "https://mta-sts.good.test/.well-known/mta-sts.txt"),),
+            },
+            "HTTP 301 (redirects are not followed)",
+        ),
+        ({"body": "not here", "status": 404}, "HTTP 404"),
+        ({"body": "<html>version: STSv1</html>", "content_type": "text/html"}, "not text/plain"),
+        ({"body": "version: STSv1\n" + "x: y\n" * 20000}, "more than 65536"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_what_the_fetcher_refuses(world: World, answer: dict[str, Any], why: str) -> None:
     world.https.set("mta-sts.misc.test", **answer)
@@ -265,14 +310,21 @@ mta_sts_ca_file = "{world.ca}"
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
             for tag in ("relaygood", "relaytesting", "relayunlisted"):
                 domain = tag.removeprefix("relay")
-                client.sendmail(f"{tag}@example.org", [f"rcpt@{domain}.test"],
-                                f"Subject: {tag}\r\n\r\nthrough the relay\r\n".encode())
+                client.sendmail(
+                    f"{tag}@example.org",
+                    [f"rcpt@{domain}.test"],
+                    f"Subject: {tag}\r\n\r\nthrough the relay\r\n".encode(),
+                )
         [good] = arrived(world, "relaygood")
         assert b"with ESMTPS" in good
         assert arrived(world, "relaytesting")
-        relay.wait_log("MTA-STS enforce policy u1 of unlisted.test lists none of its MX hosts (mx.good.test)")
+        relay.wait_log(
+            "MTA-STS enforce policy u1 of unlisted.test lists none of its MX hosts (mx.good.test)"
+        )
         log = relay.log_text()
-        assert "TLS established (verify)" in log and "enforce would refuse MX mx.badcert.test" in log
+        assert (
+            "TLS established (verify)" in log and "enforce would refuse MX mx.badcert.test" in log
+        )
         assert arrived(world, "relayunlisted", timeout=0.5) == []
         assert relay.queue_files()  # still queued, not bounced
     finally:

@@ -23,7 +23,13 @@ ENV = Envelope("s@example.org", ())
 def zone() -> FakeResolver:
     """The same records as the NSD zone the integration tests serve."""
     r = FakeResolver(ttl=300)
-    r.add("example.test", "MX", (10, "mx1.example.test"), (20, "mx2.example.test"), (30, "mx3.example.test"))
+    r.add(
+        "example.test",
+        "MX",
+        (10, "mx1.example.test"),
+        (20, "mx2.example.test"),
+        (30, "mx3.example.test"),
+    )
     r.add("example.test", "A", "127.0.0.1")
     r.add("mx1.example.test", "A", "127.0.0.1").add("mx1.example.test", "AAAA", "::1")
     r.add("mx2.example.test", "A", "127.0.0.2")
@@ -83,7 +89,9 @@ def test_equal_preferences_are_shuffled_by_the_injected_random() -> None:
         firsts.add(hops(router(random=random.Random(seed)), "u@equal.test")[0][3])
     assert firsts == {"mx1.example.test", "mx2.example.test"}
     # ...and a seeded random gives the same order every time
-    assert hops(router(random=random.Random(3)), "u@equal.test") == hops(router(random=random.Random(3)), "u@equal.test")
+    assert hops(router(random=random.Random(3)), "u@equal.test") == hops(
+        router(random=random.Random(3)), "u@equal.test"
+    )
 
 
 def test_equal_preferences_are_reshuffled_for_each_attempt_even_from_the_cache() -> None:
@@ -107,6 +115,7 @@ def test_recipients_routed_together_share_one_order_and_one_lookup() -> None:
                 d: defer.Deferred[Any] = defer.Deferred()
                 held.append((d, getattr(resolver, name)(domain)))
                 return d
+
             return lookup
 
     r = router(Slow(), random=random.Random(0))
@@ -119,10 +128,13 @@ def test_recipients_routed_together_share_one_order_and_one_lookup() -> None:
     assert resolver.queries.count(("equal.test", "MX")) == 1
 
 
-@pytest.mark.parametrize("domain, expected", [
-    ("nomx.test", [("127.0.0.2", 2525, 0, "nomx.test")]),
-    ("nomx6.test", [("::1", 2525, 0, "nomx6.test")]),
-])
+@pytest.mark.parametrize(
+    "domain, expected",
+    [
+        ("nomx.test", [("127.0.0.2", 2525, 0, "nomx.test")]),
+        ("nomx6.test", [("::1", 2525, 0, "nomx6.test")]),
+    ],
+)
 def test_implicit_mx_from_a_and_aaaa(domain: str, expected: list[Any]) -> None:
     assert hops(router(), f"u@{domain}") == expected
 
@@ -145,12 +157,15 @@ def test_unresolvable_mx_target_is_permanent() -> None:
     assert failure(router(), "u@badmx.test") == (PermanentFailure, 550, "5.4.4")
 
 
-@pytest.mark.parametrize("error", [
-    dnserror.DNSServerError("servfail"),
-    dnserror.DNSQueryRefusedError("refused"),
-    dnserror.DNSQueryTimeoutError("example.test"),
-    defer.TimeoutError("timeout"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        dnserror.DNSServerError("servfail"),
+        dnserror.DNSQueryRefusedError("refused"),
+        dnserror.DNSQueryTimeoutError("example.test"),
+        defer.TimeoutError("timeout"),
+    ],
+)
 def test_server_trouble_is_temporary_4_4_3(error: Exception) -> None:
     resolver = zone().fail("example.test", "MX", error)
     assert failure(router(resolver), "u@example.test") == (TemporaryFailure, 451, "4.4.3")
@@ -177,7 +192,9 @@ def test_temporary_failures_are_not_cached() -> None:
 
 def test_mx_pointing_at_a_cname_is_followed() -> None:
     assert hops(router(), "u@cnamemx.test") == [
-        ("127.0.0.1", 2525, 10, "alias.cnamemx.test"), ("::1", 2525, 10, "alias.cnamemx.test")]
+        ("127.0.0.1", 2525, 10, "alias.cnamemx.test"),
+        ("::1", 2525, 10, "alias.cnamemx.test"),
+    ]
 
 
 def test_a_cname_leaving_the_answer_is_chased_with_a_new_query() -> None:
@@ -188,7 +205,9 @@ def test_a_cname_leaving_the_answer_is_chased_with_a_new_query() -> None:
     r.records["mx.elsewhere.test"] = r.records.pop("mx.elsewhere.test")
     # an answer with the CNAME only, as a server not authoritative for the target gives:
     original = r._answer
-    r._answer = lambda name, qtype: [x for x in original(name, qtype) if name != "alias.far.test" or x.type == 5]  # type: ignore[method-assign]
+    r._answer = lambda name, qtype: [
+        x for x in original(name, qtype) if name != "alias.far.test" or x.type == 5
+    ]  # type: ignore[method-assign]
     assert [h[0] for h in hops(router(r), "u@far.test")] == ["127.0.0.5"]
     assert ("mx.elsewhere.test", "A") in r.queries
 
@@ -235,24 +254,28 @@ def test_only_configured_domains_are_routed() -> None:
 
 
 def test_from_options_uses_an_injected_resolver_and_names_keys_in_errors() -> None:
-    context = RouterContext(Clock(), source="relay.toml", key="routes[1]", resolver=zone(),
-                            random=random.Random(1))
+    context = RouterContext(
+        Clock(), source="relay.toml", key="routes[1]", resolver=zone(), random=random.Random(1)
+    )
     r = MXRouter.from_options({"port": 2526, "tls": "encrypt", "max_hosts": 1}, context)
     route = result_of(r.route("u@example.test", ENV))
     assert route.hops == (NextHop("127.0.0.1", 2526, 10, "mx1.example.test"),)
     assert route.tls is TLSPolicy.ENCRYPT
-    for options, key in (({"nameservers": ["127.0.0.1:0"]}, "routes[1].nameservers[0]"),
-                         ({"port": "25"}, "routes[1].port"),
-                         ({"prefer": "ipv5"}, "routes[1].prefer"),
-                         ({"server": "x"}, "routes[1].server")):
+    for options, key in (
+        ({"nameservers": ["127.0.0.1:0"]}, "routes[1].nameservers[0]"),
+        ({"port": "25"}, "routes[1].port"),
+        ({"prefer": "ipv5"}, "routes[1].prefer"),
+        ({"server": "x"}, "routes[1].server"),
+    ):
         with pytest.raises(ConfigError) as info:
             MXRouter.from_options(options, context)
         assert info.value.key == key
 
 
 def test_from_options_builds_a_resolver_with_exactly_the_configured_servers() -> None:
-    r = MXRouter.from_options({"nameservers": ["127.0.0.1:5353", "[::1]"]},
-                              RouterContext(Clock(), key="routes[0]"))
+    r = MXRouter.from_options(
+        {"nameservers": ["127.0.0.1:5353", "[::1]"]}, RouterContext(Clock(), key="routes[0]")
+    )
     assert r.resolver.servers == [("127.0.0.1", 5353), ("::1", 53)]
     assert r.resolver.resolv is None  # /etc/resolv.conf is never read
 

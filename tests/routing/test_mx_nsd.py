@@ -21,8 +21,15 @@ ENV = Envelope("s@example.org", ())
 
 
 def mx_router(server: NSD, seed: int = 1, **options: Any) -> MXRouter:
-    options = {"nameservers": [f"127.0.0.1:{server.port}"], "port": 2525, "timeout": "2s", **options}
-    return MXRouter.from_options(options, RouterContext(reactor, key="routes[0]", random=random.Random(seed)))
+    options = {
+        "nameservers": [f"127.0.0.1:{server.port}"],
+        "port": 2525,
+        "timeout": "2s",
+        **options,
+    }
+    return MXRouter.from_options(
+        options, RouterContext(reactor, key="routes[0]", random=random.Random(seed))
+    )
 
 
 async def hops(router: MXRouter, recipient: str) -> list[tuple[str, int, str | None]]:
@@ -41,8 +48,10 @@ async def failure(router: MXRouter, recipient: str) -> tuple[type, int, str | No
 @pytest_twisted.ensureDeferred
 async def test_preferences_in_order_all_addresses(nsd: NSD) -> None:
     assert await hops(mx_router(nsd), "u@example.test") == [
-        ("127.0.0.1", 10, "mx1.example.test"), ("::1", 10, "mx1.example.test"),
-        ("127.0.0.2", 20, "mx2.example.test")]
+        ("127.0.0.1", 10, "mx1.example.test"),
+        ("::1", 10, "mx1.example.test"),
+        ("127.0.0.2", 20, "mx2.example.test"),
+    ]
 
 
 @pytest_twisted.ensureDeferred
@@ -64,8 +73,14 @@ async def test_implicit_mx(nsd: NSD) -> None:
 async def test_mx_to_cname_and_dead_first_mx_kept_in_order(nsd: NSD) -> None:
     router = mx_router(nsd)
     assert await hops(router, "u@cnamemx.test") == [
-        ("127.0.0.1", 10, "alias.cnamemx.test"), ("::1", 10, "alias.cnamemx.test")]
-    assert [h[0] for h in await hops(router, "u@fallback.test")] == ["127.0.0.3", "127.0.0.1", "::1"]
+        ("127.0.0.1", 10, "alias.cnamemx.test"),
+        ("::1", 10, "alias.cnamemx.test"),
+    ]
+    assert [h[0] for h in await hops(router, "u@fallback.test")] == [
+        "127.0.0.3",
+        "127.0.0.1",
+        "::1",
+    ]
 
 
 @pytest_twisted.ensureDeferred

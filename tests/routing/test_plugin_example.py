@@ -38,12 +38,29 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The example installed with pip into a directory of its own; yields that directory."""
     tmp = tmp_path_factory.mktemp("plugin")
     src = tmp / "src"
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
     target = tmp / "site"
     # with setuptools and wheel at hand (the test extra), build without fetching them again
     isolation = ["--no-build-isolation"] if _have_build_tools() else []
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation,
-                          "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            *isolation,
+            "--target",
+            str(target),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     sys.path.insert(0, str(target))
     try:
@@ -68,10 +85,15 @@ def write_table(directory: Path, text: str) -> Path:
 
 
 def test_installed_plugin_is_found_by_its_entry_point(installed: Path, tmp_path: Path) -> None:
-    assert router_types()["transport_map"].value == "mailrelay_transport_map:TransportMapRouter.from_options"
+    assert (
+        router_types()["transport_map"].value
+        == "mailrelay_transport_map:TransportMapRouter.from_options"
+    )
     table = write_table(tmp_path, "example.test 127.0.0.1:2600\nold.test error:550 5.1.6 moved\n")
     config = loads(f'[[routes]]\ntype = "transport_map"\npath = "{table}"\n', "relay.toml")
-    chain = build_router(config.routes, lambda key: RouterContext(Clock(), source="relay.toml", key=key))
+    chain = build_router(
+        config.routes, lambda key: RouterContext(Clock(), source="relay.toml", key=key)
+    )
     env = Envelope("s@example.org", ())
     assert result_of(chain.route("u@example.test", env)).hops == (NextHop("127.0.0.1", 2600, 0),)
     with pytest.raises(PermanentFailure):
@@ -85,20 +107,41 @@ def _with(directory: Path) -> str:
 
 def test_the_plugins_own_tests_pass(installed: Path) -> None:
     env = {**os.environ, "PYTHONPATH": _with(installed)}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
-                          str(EXAMPLE), str(EXAMPLE / "tests")], capture_output=True, text=True, env=env,
-                         cwd=EXAMPLE, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(EXAMPLE),
+            str(EXAMPLE / "tests"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=EXAMPLE,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "3 passed" in out.stdout
 
 
-def test_a_real_relay_routes_through_the_plugin(installed: Path, tmp_path: Path, smtp_sink: SMTPSink,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    table = write_table(tmp_path, f"example.test 127.0.0.1:{smtp_sink.port}\n"
-                                  "old.example.test error:550 5.1.6 moved to example.test\n")
+def test_a_real_relay_routes_through_the_plugin(
+    installed: Path, tmp_path: Path, smtp_sink: SMTPSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = write_table(
+        tmp_path,
+        f"example.test 127.0.0.1:{smtp_sink.port}\n"
+        "old.example.test error:550 5.1.6 moved to example.test\n",
+    )
     monkeypatch.setenv("PYTHONPATH", _with(installed))  # the twistd child finds the plugin there
-    relay = RelayProcess(f'[server]\nlocal_domains = ["example.test", "old.example.test"]\n\n'
-                         f'[[routes]]\ntype = "transport_map"\npath = "{table}"\n')
+    relay = RelayProcess(
+        f'[server]\nlocal_domains = ["example.test", "old.example.test"]\n\n'
+        f'[[routes]]\ntype = "transport_map"\npath = "{table}"\n'
+    )
     try:
         relay.start()
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:

@@ -26,7 +26,7 @@ from tests.routing.helpers import result_of
 
 ENV = Envelope("s@example.org", ())
 
-PLUGIN = '''
+PLUGIN = """
 from zope.interface import implementer
 from mailrelay.interfaces import IRouter
 from mailrelay.envelope import NextHop, Route
@@ -56,7 +56,7 @@ def strict(options, context):
     s.get("colour", "red", types=str)
     s.check_unknown()
     return Good(options, context)
-'''
+"""
 
 
 @pytest.fixture
@@ -67,14 +67,16 @@ def plugin_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     info = tmp_path / f"{module}-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent(f"""\
+    (info / "entry_points.txt").write_text(
+        textwrap.dedent(f"""\
         [mailrelay.routers]
         good = {module}:Good
         notarouter = {module}:NotARouter
         failing = {module}:failing
         strict = {module}:strict
         missing = {module}_nope:Router
-        """))
+        """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield module
     sys.modules.pop(module, None)
@@ -89,7 +91,8 @@ def test_builtin_types_are_registered() -> None:
 
 
 def test_builds_a_chain_in_config_order_from_a_config_file() -> None:
-    config = loads(textwrap.dedent("""
+    config = loads(
+        textwrap.dedent("""
         [[routes]]
         type = "static"
         domains = ["example.test"]
@@ -99,7 +102,9 @@ def test_builds_a_chain_in_config_order_from_a_config_file() -> None:
         type = "mx"
         nameservers = ["127.0.0.1:5353"]
         port = 2525
-        """), "relay.toml")
+        """),
+        "relay.toml",
+    )
     chain = build_router(config.routes, contexts)
     assert isinstance(chain, RouterChain)
     assert [type(r) for r in chain.routers] == [StaticRouter, MXRouter]
@@ -116,15 +121,24 @@ def test_a_third_party_router_is_loaded_with_its_options_and_key(plugin_dist: st
 
 def test_unknown_type_names_the_key_and_the_known_types(plugin_dist: str) -> None:
     with pytest.raises(ConfigError) as info:
-        build_router([RouteConfig("static", {"domains": ["*"], "hosts": ["h:25"]}, "routes[0]"),
-                      RouteConfig("satic", {}, "routes[1]")], contexts)
+        build_router(
+            [
+                RouteConfig("static", {"domains": ["*"], "hosts": ["h:25"]}, "routes[0]"),
+                RouteConfig("satic", {}, "routes[1]"),
+            ],
+            contexts,
+        )
     assert info.value.path == "relay.toml"
     assert info.value.key == "routes[1].type"
     assert "unknown router type 'satic'" in info.value.reason
-    assert "static" in info.value.reason and "good" in info.value.reason and "mx" in info.value.reason
+    assert (
+        "static" in info.value.reason and "good" in info.value.reason and "mx" in info.value.reason
+    )
 
 
-def test_an_object_that_is_not_an_irouter_is_refused_naming_type_and_entry_point(plugin_dist: str) -> None:
+def test_an_object_that_is_not_an_irouter_is_refused_naming_type_and_entry_point(
+    plugin_dist: str,
+) -> None:
     with pytest.raises(ConfigError) as info:
         build_router([RouteConfig("notarouter", {}, "routes[3]")], contexts)
     assert info.value.key == "routes[3].type"

@@ -23,7 +23,7 @@ def unescape(value: str) -> str:
 @given(st.text(min_size=0, max_size=60))
 def test_any_address_stays_one_assertion_value(address: str) -> None:
     f = make_filter("(mailLocalAddress={address})", address)
-    value = f[len("(mailLocalAddress="):-1]
+    value = f[len("(mailLocalAddress=") : -1]
     assert not set(value) & set("*()\x00")  # nothing that could end the value or add a wildcard
     assert not re.search(r"\\(?![0-9a-f]{2})", value)  # every backslash starts an escape
     assert unescape(value) == address  # and it still means exactly the address
@@ -32,13 +32,20 @@ def test_any_address_stays_one_assertion_value(address: str) -> None:
 @given(st.text(max_size=30), st.text(max_size=30))
 def test_default_filter_keeps_its_shape(local: str, domain: str) -> None:
     f = make_filter(DEFAULT_FILTER, f"{local}@{domain}")
-    assert f.startswith("(&(objectClass=inetLocalMailRecipient)(mailLocalAddress=") and f.endswith("))")
+    assert f.startswith("(&(objectClass=inetLocalMailRecipient)(mailLocalAddress=") and f.endswith(
+        "))"
+    )
     assert f.count("(") == 3 and f.count(")") == 3
 
 
 @settings(max_examples=60)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3)), min_size=1, max_size=6), st.integers(0, 2**32))
-def test_mx_hops_follow_preferences_and_keep_every_address(mxs: list[tuple[int, int]], seed: int) -> None:
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3)), min_size=1, max_size=6),
+    st.integers(0, 2**32),
+)
+def test_mx_hops_follow_preferences_and_keep_every_address(
+    mxs: list[tuple[int, int]], seed: int
+) -> None:
     """``mxs``: (preference, number of addresses) per MX host, in the order DNS gave them."""
     resolver = FakeResolver()
     expected = []
@@ -48,8 +55,11 @@ def test_mx_hops_follow_preferences_and_keep_every_address(mxs: list[tuple[int, 
             address = f"127.0.{i}.{j + 1}"
             resolver.add(f"mx{i}.gen.test", "A", address)
             expected.append(address)
-    route = result_of(MXRouter(resolver, Clock(), random=random.Random(seed), max_hosts=100).route(
-        "u@gen.test", Envelope("", ())))
+    route = result_of(
+        MXRouter(resolver, Clock(), random=random.Random(seed), max_hosts=100).route(
+            "u@gen.test", Envelope("", ())
+        )
+    )
     prefs = [h.preference for h in route.hops]
     assert prefs == sorted(prefs)
     assert sorted(h.host for h in route.hops) == sorted(expected)

@@ -16,8 +16,12 @@ PAGE = ROOT / "docs" / "routing.rst"
 
 
 def toml_blocks() -> list[str]:
-    return ["\n".join(line[3:] for line in m.group(1).splitlines())
-            for m in re.finditer(r"^\.\. code-block:: toml\n\n((?:(?:   .*)?\n)+)", PAGE.read_text(), re.M)]
+    return [
+        "\n".join(line[3:] for line in m.group(1).splitlines())
+        for m in re.finditer(
+            r"^\.\. code-block:: toml\n\n((?:(?:   .*)?\n)+)", PAGE.read_text(), re.M
+        )
+    ]
 
 
 def test_toml_examples_load_and_their_built_in_routers_build() -> None:
@@ -27,7 +31,9 @@ def test_toml_examples_load_and_their_built_in_routers_build() -> None:
     for block in blocks:
         config = loads(block, "docs/routing.rst")
         routes = [r for r in config.routes if r.type in router_types()]
-        chain = build_router(routes, lambda key: RouterContext(Clock(), threadpool=object(), key=key))
+        chain = build_router(
+            routes, lambda key: RouterContext(Clock(), threadpool=object(), key=key)
+        )
         built += len(chain.routers)
     assert built >= 4
 

@@ -52,27 +52,36 @@ def test_provides_ipolicy() -> None:
 def test_known_recipient_passes_and_the_router_sees_the_envelope() -> None:
     router = ScriptedRouter({"alice@example.test": ROUTE})
     assert rcpt(verify(router), "alice@example.test") is None
-    (recipient, envelope), = router.calls
+    ((recipient, envelope),) = router.calls
     assert recipient == "alice@example.test"
     assert envelope.sender == "s@example.org" and envelope.client_address == "192.0.2.7"
     assert [r.address for r in envelope.recipients] == ["alice@example.test"]
 
 
 def test_no_such_user_is_550_5_1_1() -> None:
-    router = ScriptedRouter({"nobody@example.test": PermanentFailure(Reply(550, "5.1.1", "no such user here"))})
+    router = ScriptedRouter(
+        {"nobody@example.test": PermanentFailure(Reply(550, "5.1.1", "no such user here"))}
+    )
     reply = rcpt(verify(router), "nobody@example.test")
     assert reply is not None and (reply.code, reply.enhanced) == (550, "5.1.1")
     assert "no such user here" in reply.text
 
 
 def test_unroutable_local_recipient_is_550_5_1_1() -> None:
-    router = ScriptedRouter({"x@sub.relay.test": defer.fail(PermanentFailure(Reply(550, "5.1.2", "no route")))})
+    router = ScriptedRouter(
+        {"x@sub.relay.test": defer.fail(PermanentFailure(Reply(550, "5.1.2", "no route")))}
+    )
     reply = rcpt(verify(router), "x@sub.relay.test")
     assert reply is not None and (reply.code, reply.enhanced) == (550, "5.1.1")
 
 
-@pytest.mark.parametrize("error", [TemporaryFailure(Reply(451, "4.4.3", "directory unavailable")),
-                                   RuntimeError("a bug in a plugin")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        TemporaryFailure(Reply(451, "4.4.3", "directory unavailable")),
+        RuntimeError("a bug in a plugin"),
+    ],
+)
 def test_cannot_answer_now_is_451_4_4_3(error: Exception) -> None:
     reply = rcpt(verify(ScriptedRouter({"bob@example.test": error})), "bob@example.test")
     assert reply is not None and (reply.code, reply.enhanced) == (451, "4.4.3")
@@ -82,7 +91,8 @@ def test_a_router_that_does_not_answer_in_time_is_451() -> None:
     clock = Clock()
     pending: defer.Deferred[Route] = defer.Deferred()
     d = verify(ScriptedRouter({"slow@example.test": pending}), clock, timeout=10).rcpt(
-        SESSION, "s@example.org", "slow@example.test", {})
+        SESSION, "s@example.org", "slow@example.test", {}
+    )
     assert not d.called
     clock.advance(10)
     reply = result_of(d)
@@ -91,14 +101,18 @@ def test_a_router_that_does_not_answer_in_time_is_451() -> None:
 
 def test_a_deferred_answer_is_waited_for() -> None:
     pending: defer.Deferred[Route] = defer.Deferred()
-    d = verify(ScriptedRouter({"late@example.test": pending})).rcpt(SESSION, "s@example.org", "late@example.test", {})
+    d = verify(ScriptedRouter({"late@example.test": pending})).rcpt(
+        SESSION, "s@example.org", "late@example.test", {}
+    )
     assert not d.called
     pending.callback(ROUTE)
     assert result_of(d) is None
 
 
-@pytest.mark.parametrize("recipient", ["u@other.test", "u@relay.test", "postmaster", "u@[127.0.0.1]",
-                                       "PostMaster@example.test"])
+@pytest.mark.parametrize(
+    "recipient",
+    ["u@other.test", "u@relay.test", "postmaster", "u@[127.0.0.1]", "PostMaster@example.test"],
+)
 def test_other_domains_are_not_asked(recipient: str) -> None:
     router = ScriptedRouter({})
     assert verify(router).rcpt(SESSION, "s@example.org", recipient, {}) is None

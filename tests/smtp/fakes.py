@@ -100,13 +100,17 @@ class DeferredPolicy:
     def mail(self, session: Any, sender: str, params: Any) -> defer.Deferred[Reply | None]:
         return self._ask("mail", sender)
 
-    def rcpt(self, session: Any, sender: str, recipient: str, params: Any) -> defer.Deferred[Reply | None]:
+    def rcpt(
+        self, session: Any, sender: str, recipient: str, params: Any
+    ) -> defer.Deferred[Reply | None]:
         return self._ask("rcpt", recipient)
 
     def data(self, session: Any, envelope: Envelope) -> defer.Deferred[Reply | None]:
         return self._ask("data")
 
-    def end_of_data(self, session: Any, envelope: Envelope, size: int) -> defer.Deferred[Reply | None]:
+    def end_of_data(
+        self, session: Any, envelope: Envelope, size: int
+    ) -> defer.Deferred[Reply | None]:
         return self._ask("end_of_data", size)
 
 
@@ -124,7 +128,9 @@ class Conn:
         transport_class: type[StringTransport] = StringTransport,
         **extras: Any,
     ) -> None:
-        self.config = config or ServerConfig(hostname="mx.example.test", local_domains=("example.test",))
+        self.config = config or ServerConfig(
+            hostname="mx.example.test", local_domains=("example.test",)
+        )
         self.sink = sink if sink is not None else RecordingSink()
         self.clock = clock or Clock()
         self.policy = policy if policy is not None else build_policy(self.config)
@@ -187,14 +193,16 @@ def stuff(message: bytes) -> bytes:
     return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines) + b".\r\n"
 
 
-def listen(config: ServerConfig, sink: RecordingSink | None = None
-           ) -> tuple[SMTPServerFactory, defer.Deferred[IListeningPort]]:
+def listen(
+    config: ServerConfig, sink: RecordingSink | None = None
+) -> tuple[SMTPServerFactory, defer.Deferred[IListeningPort]]:
     """The server for ``config`` on a free port of 127.0.0.1, in the running reactor, committing to
     ``sink`` (a new RecordingSink by default); → the factory and its port once it listens."""
     from twisted.internet import reactor
 
-    factory = SMTPServerFactory.from_config(config, sink if sink is not None else RecordingSink(),
-                                            build_policy(config), reactor)
+    factory = SMTPServerFactory.from_config(
+        config, sink if sink is not None else RecordingSink(), build_policy(config), reactor
+    )
     return factory, serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
 
 

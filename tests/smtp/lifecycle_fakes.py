@@ -73,8 +73,11 @@ class StubbornTransport(StringTransport):
 
 def stubborn_conn(tls: str = "plain", **kw: Any) -> Conn:
     """A ``Conn`` over a ``StubbornTransport``; ``tls``: "plain", "starttls" (offered) or "implicit"."""
-    config = kw.pop("config", None) or ServerConfig(hostname="mx.example.test", local_domains=("example.test",))
+    config = kw.pop("config", None) or ServerConfig(
+        hostname="mx.example.test", local_domains=("example.test",)
+    )
     if tls == "implicit":
+
         class Implicit(StubbornTransport):
             def __init__(self, *a: Any, **k: Any) -> None:
                 super().__init__(*a, **k)

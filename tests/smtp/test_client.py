@@ -24,7 +24,9 @@ ENV = Envelope("a@x.test", (Recipient("b@y.test"), Recipient("c@y.test"), Recipi
 class Conn:
     """A client wired to a StringTransport; ``sent()`` returns and clears what it wrote."""
 
-    def __init__(self, ehlo: bytes | None = EHLO_PIPE, timeouts: ClientTimeouts | None = None) -> None:
+    def __init__(
+        self, ehlo: bytes | None = EHLO_PIPE, timeouts: ClientTimeouts | None = None
+    ) -> None:
         self.clock = task.Clock()
         self.client = SMTPClientProtocol("client.test", self.clock, timeouts)
         self.transport = StringTransport()
@@ -48,8 +50,12 @@ class Conn:
     def lose(self) -> None:
         self.client.connectionLost(Failure(ConnectionError("gone")))
 
-    def send(self, body: bytes | io.BytesIO = b"Subject: x\r\n\r\nhi\r\n", env: Envelope = ENV,
-             **kw: object) -> list[object]:
+    def send(
+        self,
+        body: bytes | io.BytesIO = b"Subject: x\r\n\r\nhi\r\n",
+        env: Envelope = ENV,
+        **kw: object,
+    ) -> list[object]:
         out: list[object] = []
         f = body if isinstance(body, io.BytesIO) else io.BytesIO(body)
         self.client.send(env, env.recipients, f, size=len(f.getvalue()), **kw).addBoth(out.append)  # type: ignore[arg-type]
@@ -82,7 +88,11 @@ def test_421_greeting_fails_ready() -> None:
     c.reply(b"421 4.3.2 busy\r\n")
     assert isinstance(c.ready[0], Failure)
     f = c.ready[0].value
-    assert isinstance(f, ClientFailure) and f.stage == "greeting" and f.reply == Reply(421, "4.3.2", "busy")
+    assert (
+        isinstance(f, ClientFailure)
+        and f.stage == "greeting"
+        and f.reply == Reply(421, "4.3.2", "busy")
+    )
     assert c.sent() == b"QUIT\r\n"
 
 
@@ -92,7 +102,8 @@ def test_pipelined_transaction_one_write() -> None:
     out = c.send(body)
     assert c.transport.value() == (
         b"MAIL FROM:<a@x.test> SIZE=%d\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nRCPT TO:<d@y.test>\r\n"
-        b"DATA\r\n" % len(body))
+        b"DATA\r\n" % len(body)
+    )
     c.sent()
     c.reply(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n250 2.1.5 ok\r\n354 go\r\n")
     assert c.sent() == body + b".\r\n"
@@ -117,7 +128,9 @@ def test_lockstep_without_pipelining() -> None:
     c.reply(b"354 go\r\n")
     c.sent()
     c.reply(b"250 done\r\n")
-    assert out == [[Reply(450, "4.2.0", "later"), Reply(250, None, "done"), Reply(250, None, "done")]]
+    assert out == [
+        [Reply(450, "4.2.0", "later"), Reply(250, None, "done"), Reply(250, None, "done")]
+    ]
 
 
 def test_lockstep_all_rcpt_rejected_skips_data() -> None:
@@ -180,8 +193,13 @@ def test_an_odd_2xx_to_the_final_dot_is_no_delivery(final: bytes) -> None:
     c = Conn()
     out = c.send()
     c.sent()
-    c.reply(b"250 ok\r\n" + b"251 2.1.5 will forward\r\n" + b"252 2.1.5 cannot verify\r\n" + b"250 ok\r\n"
-            + b"354 go\r\n")
+    c.reply(
+        b"250 ok\r\n"
+        + b"251 2.1.5 will forward\r\n"
+        + b"252 2.1.5 cannot verify\r\n"
+        + b"250 ok\r\n"
+        + b"354 go\r\n"
+    )
     c.sent()
     c.reply(final + b"\r\n")
     assert [(r.code, r.enhanced) for r in out[0]] == [(451, "4.5.0")] * 3  # type: ignore[union-attr]
@@ -192,7 +210,9 @@ def test_mail_rejected_fails_with_stage_mail() -> None:
     c = Conn()
     out = c.send()
     c.sent()
-    c.reply(b"451 4.7.1 greylisted\r\n" + b"503 5.5.1 need MAIL\r\n" * 3 + b"503 5.5.1 need RCPT\r\n")
+    c.reply(
+        b"451 4.7.1 greylisted\r\n" + b"503 5.5.1 need MAIL\r\n" * 3 + b"503 5.5.1 need RCPT\r\n"
+    )
     f = out[0]
     assert isinstance(f, Failure) and f.value.stage == "mail" and f.value.reply.code == 451
     assert c.client.usable  # the session survives a refused MAIL
@@ -223,7 +243,11 @@ def test_final_dot_timeout() -> None:
     c.lose()
     f = out[0]
     assert isinstance(f, Failure) and f.value.stage == "data-end"
-    assert [r.code for r in f.value.replies] == [250, 250, 250]  # RCPT accepted, message fate unknown
+    assert [r.code for r in f.value.replies] == [
+        250,
+        250,
+        250,
+    ]  # RCPT accepted, message fate unknown
 
 
 def test_greeting_timeout() -> None:
@@ -277,8 +301,14 @@ def test_quit() -> None:
 
 def test_dsn_and_body_params_when_offered() -> None:
     c = Conn(ehlo=b"250-mx\r\n250-DSN\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
-    env = Envelope("a@x.test", (Recipient("b@y.test", ("SUCCESS", "FAILURE"), "rfc822;b+1@y.test"),),
-                   body="8BITMIME", smtputf8=True, ret="HDRS", envid="id=1")
+    env = Envelope(
+        "a@x.test",
+        (Recipient("b@y.test", ("SUCCESS", "FAILURE"), "rfc822;b+1@y.test"),),
+        body="8BITMIME",
+        smtputf8=True,
+        ret="HDRS",
+        envid="id=1",
+    )
     c.send(env=env)
     sent = c.sent()
     assert sent.startswith(b"MAIL FROM:<a@x.test> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=id+3D1\r\n")
@@ -322,8 +352,10 @@ def _run_body(body_file: io.BytesIO) -> bytes:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x", b"a.b"]), max_size=30),
-       st.lists(st.integers(min_value=1, max_value=70000), min_size=1, max_size=6))
+@given(
+    st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x", b"a.b"]), max_size=30),
+    st.lists(st.integers(min_value=1, max_value=70000), min_size=1, max_size=6),
+)
 def test_body_any_chunking_unstuffs_to_exact_body(lines: list[bytes], sizes: list[int]) -> None:
     body = b"".join(ln + b"\r\n" for ln in lines)
     assert unstuff(_run_body(Chunked(body, sizes))) == body
@@ -351,8 +383,9 @@ def test_data_block_timeout() -> None:
 def test_text_after_starttls_220_is_ignored() -> None:
     c = Conn(ehlo=b"250-mx\r\n250 STARTTLS\r\n")
     got: list[object] = []
-    c.client.command(b"STARTTLS\r\n", "starttls", on_reply=lambda r: c.client.start_tls(object())
-                     ).addBoth(got.append)
+    c.client.command(
+        b"STARTTLS\r\n", "starttls", on_reply=lambda r: c.client.start_tls(object())
+    ).addBoth(got.append)
     c.transport.startTLS = lambda options: None  # type: ignore[attr-defined]
     c.reply(b"220 go ahead\r\n250-mx\r\n250 AUTH PLAIN\r\nnot even SMTP\r\n")
     assert got == [Reply(220, None, "go ahead")] and c.client._failure is None

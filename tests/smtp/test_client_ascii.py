@@ -17,16 +17,25 @@ def test_reply_code_is_three_ascii_digits(code: str) -> None:
         list(ReplyParser().feed(f"{code} ok\r\n".encode()))
 
 
-@pytest.mark.parametrize("text", ["2.٠.٠ queued", "2.１.0 queued", "2.0.²  queued", "2.0.0\u3000queued"])
+@pytest.mark.parametrize(
+    "text", ["2.٠.٠ queued", "2.１.0 queued", "2.0.²  queued", "2.0.0\u3000queued"]
+)
 def test_enhanced_code_is_ascii_digits(text: str) -> None:
     (reply,) = ReplyParser().feed(f"250 {text}\r\n".encode())
     assert reply == Reply(250, None, text)
 
 
-@pytest.mark.parametrize("line, keyword", [
-    ("ſIZE 1000", "ſIZE"), ("pıpelınıng", "PıPELıNıNG"), ("ﬆarttls", "ﬆARTTLS"), ("PIPELINING\u3000", "PIPELINING\u3000"),
-    ("\u00a0CHUNKING", "\u00a0CHUNKING"), ("8BITMIME\u2028", "8BITMIME\u2028"),
-])
+@pytest.mark.parametrize(
+    "line, keyword",
+    [
+        ("ſIZE 1000", "ſIZE"),
+        ("pıpelınıng", "PıPELıNıNG"),
+        ("ﬆarttls", "ﬆARTTLS"),
+        ("PIPELINING\u3000", "PIPELINING\u3000"),
+        ("\u00a0CHUNKING", "\u00a0CHUNKING"),
+        ("8BITMIME\u2028", "8BITMIME\u2028"),
+    ],
+)
 def test_ehlo_keywords_are_ascii(line: str, keyword: str) -> None:
     (reply,) = ReplyParser().feed(f"250-mx.test\r\n250 {line}\r\n".encode())
     assert list(parse_ehlo(reply)) == [keyword]
@@ -36,7 +45,9 @@ def test_ehlo_keywords_are_ascii(line: str, keyword: str) -> None:
 def test_ehlo_size_is_ascii_digits_or_no_limit(value: str) -> None:
     c = Conn(ehlo=f"250-mx.test\r\n250 SIZE {value}\r\n".encode())
     assert c.client.size_limit is None
-    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE)  # a 20-octet message, a peer's "SIZE 10"
+    h = Harness(
+        NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE
+    )  # a 20-octet message, a peer's "SIZE 10"
     h.accept(0)
     h.reply(f"220 mx\r\n250-mx\r\n250 SIZE {value}\r\n".encode())
     assert h.sent() == b"EHLO relay.test\r\nMAIL FROM:<a@x.test> SIZE=20\r\n"
@@ -45,7 +56,9 @@ def test_ehlo_size_is_ascii_digits_or_no_limit(value: str) -> None:
 
 @pytest.mark.parametrize("mechanisms", ["plaın loğin", "ＰＬＡＩＮ", "PLAIN\u3000LOGIN"])
 def test_auth_mechanisms_offered_are_ascii(mechanisms: str) -> None:
-    h = Harness(NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE, auth=("user", "pw"), allow_plaintext_auth=True)
+    h = Harness(
+        NextHop("127.0.0.1", 25), tls=TLSPolicy.NONE, auth=("user", "pw"), allow_plaintext_auth=True
+    )
     h.accept(0)
     h.reply(f"220 mx\r\n250-mx\r\n250 AUTH {mechanisms}\r\n".encode())
     assert b"AUTH" not in h.sent()

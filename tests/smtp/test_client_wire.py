@@ -18,24 +18,32 @@ from mailrelay.smtp._client_wire import (
 )
 
 
-@pytest.mark.parametrize(("wire", "expected"), [
-    (b"250 ok\r\n", [Reply(250, None, "ok")]),
-    (b"250 2.1.0 Sender ok\r\n", [Reply(250, "2.1.0", "Sender ok")]),
-    (b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n", [Reply(250, None, "mx.test\nPIPELINING\nSIZE 1000")]),
-    (b"550-5.1.1 no\r\n550 5.1.1 such user\r\n", [Reply(550, "5.1.1", "no\nsuch user")]),
-    (b"250 5.1.1 class mismatch\r\n", [Reply(250, None, "5.1.1 class mismatch")]),
-    (b"354\r\n", [Reply(354, None, "")]),
-    (b"220 a\n", [Reply(220, None, "a")]),  # a bare LF ending is tolerated from servers
-    (b"250 a\r\n251 b\r\n", [Reply(250, None, "a"), Reply(251, None, "b")]),
-    (b"421 4.3.2 bye\r\n", [Reply(421, "4.3.2", "bye")]),
-])
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        (b"250 ok\r\n", [Reply(250, None, "ok")]),
+        (b"250 2.1.0 Sender ok\r\n", [Reply(250, "2.1.0", "Sender ok")]),
+        (
+            b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n",
+            [Reply(250, None, "mx.test\nPIPELINING\nSIZE 1000")],
+        ),
+        (b"550-5.1.1 no\r\n550 5.1.1 such user\r\n", [Reply(550, "5.1.1", "no\nsuch user")]),
+        (b"250 5.1.1 class mismatch\r\n", [Reply(250, None, "5.1.1 class mismatch")]),
+        (b"354\r\n", [Reply(354, None, "")]),
+        (b"220 a\n", [Reply(220, None, "a")]),  # a bare LF ending is tolerated from servers
+        (b"250 a\r\n251 b\r\n", [Reply(250, None, "a"), Reply(251, None, "b")]),
+        (b"421 4.3.2 bye\r\n", [Reply(421, "4.3.2", "bye")]),
+    ],
+)
 def test_reply_table(wire: bytes, expected: list[Reply]) -> None:
     assert list(ReplyParser().feed(wire)) == expected
 
 
 @given(st.lists(st.integers(min_value=0, max_value=60), max_size=10))
 def test_reply_split_anywhere(cuts: list[int]) -> None:
-    wire = b"250-mx.test greets\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000\r\n550 5.7.1 no\r\n"
+    wire = (
+        b"250-mx.test greets\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000\r\n550 5.7.1 no\r\n"
+    )
     parser, out, prev = ReplyParser(), [], 0
     for cut in sorted(set(cuts)) + [len(wire)]:
         out += list(parser.feed(wire[prev:cut]))
@@ -44,10 +52,18 @@ def test_reply_split_anywhere(cuts: list[int]) -> None:
     assert [r.code for r in out] == [250, 550]
 
 
-@pytest.mark.parametrize("wire", [
-    b"hello\r\n", b"25\r\n", b"2500 x\r\n", b"250x\r\n", b"999 x\r\n", b"250-a\r\n251 b\r\n",
-    b"250 " + b"x" * 5000 + b"\r\n",
-])
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"hello\r\n",
+        b"25\r\n",
+        b"2500 x\r\n",
+        b"250x\r\n",
+        b"999 x\r\n",
+        b"250-a\r\n251 b\r\n",
+        b"250 " + b"x" * 5000 + b"\r\n",
+    ],
+)
 def test_reply_garbage(wire: bytes) -> None:
     with pytest.raises(ReplyError):
         list(ReplyParser().feed(wire))
@@ -68,7 +84,11 @@ def test_reply_parser_reset_drops_buffer() -> None:
 
 
 def test_parse_ehlo() -> None:
-    reply = next(ReplyParser().feed(b"250-mx.test\r\n250-SIZE 1024\r\n250-pipelining\r\n250 AUTH PLAIN LOGIN\r\n"))
+    reply = next(
+        ReplyParser().feed(
+            b"250-mx.test\r\n250-SIZE 1024\r\n250-pipelining\r\n250 AUTH PLAIN LOGIN\r\n"
+        )
+    )
     assert parse_ehlo(reply) == {"SIZE": "1024", "PIPELINING": "", "AUTH": "PLAIN LOGIN"}
 
 
@@ -97,7 +117,9 @@ def stuff(body: bytes, cuts: list[int]) -> bytes:
     return b"".join(out)
 
 
-crlf_lines = st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a", b"hello .", b"\x00\xff"]), max_size=12)
+crlf_lines = st.lists(
+    st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a", b"hello .", b"\x00\xff"]), max_size=12
+)
 
 
 @given(crlf_lines, st.lists(st.integers(min_value=0, max_value=200), max_size=12))
@@ -106,7 +128,10 @@ def test_dot_stuffing_round_trips_for_any_chunking(lines: list[bytes], cuts: lis
     assert unstuff(stuff(body, cuts)) == body
 
 
-@given(st.binary(max_size=200).map(lambda b: b.replace(b"\x00", b".")), st.lists(st.integers(0, 200), max_size=12))
+@given(
+    st.binary(max_size=200).map(lambda b: b.replace(b"\x00", b".")),
+    st.lists(st.integers(0, 200), max_size=12),
+)
 def test_any_bytes_come_out_crlf_and_stuffed(body: bytes, cuts: list[int]) -> None:
     out = stuff(body, cuts)
     expected = re.sub(rb"\r\n|\r|\n", b"\r\n", body)

@@ -46,7 +46,9 @@ def test_a_half_close_sends_what_was_written_then_the_end_and_still_reads(pair):
 def test_no_half_close_while_the_transport_holds_bytes_unsent(pair):  # type: ignore[no-untyped-def]
     ours, theirs = pair
     transport = _Transport(unsent=b"250 2.0.0 Ok\r\n")
-    assert not _direct.half_close(transport, ours)  # they would follow our FIN: the transport does it
+    assert not _direct.half_close(
+        transport, ours
+    )  # they would follow our FIN: the transport does it
     theirs.setblocking(False)
     with pytest.raises(BlockingIOError):
         theirs.recv(100)  # no FIN (an EOF would read b"")

@@ -50,6 +50,7 @@ def body_of(evs: list) -> bytes:
 
 # -- command mode ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "wire, expected",
     [
@@ -102,6 +103,7 @@ def test_discard_buffer_drops_pipelined_plaintext() -> None:
 
 # -- DATA -----------------------------------------------------------------------------------------
 
+
 def test_data_unstuffs_and_ends_at_crlf_dot_crlf_and_commands_follow() -> None:
     p = Parser()
     p.feed(b"DATA\r\n")
@@ -131,11 +133,16 @@ def test_end_of_data_split_anywhere(cut: int) -> None:
 
 
 @given(
-    lines=st.lists(st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=40),
+    lines=st.lists(
+        st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+        max_size=40,
+    ),
     cuts=st.lists(st.integers(min_value=0, max_value=6000), max_size=12),
 )
 @settings(max_examples=300, deadline=None)
-def test_any_message_split_anywhere_comes_out_byte_for_byte(lines: list[bytes], cuts: list[int]) -> None:
+def test_any_message_split_anywhere_comes_out_byte_for_byte(
+    lines: list[bytes], cuts: list[int]
+) -> None:
     message = b"".join(line + b"\r\n" for line in lines)
     evs = run_data(stuff(message), cuts)
     assert body_of(evs) == message
@@ -143,16 +150,32 @@ def test_any_message_split_anywhere_comes_out_byte_for_byte(lines: list[bytes], 
     assert sum(isinstance(e, DataEnd) for e in evs) == 1
 
 
-SMUGGLED = b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nsmuggled\r\n"
+SMUGGLED = (
+    b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nsmuggled\r\n"
+)
 
 
 @pytest.mark.parametrize(
     "sequence",
-    [b"\n.\n", b"\r.\r", b"\r\n.\r", b"\n.\r\n", b"\r.\r\n", b"\n.\r", b"\r\n.\n",
-     b"\r\n\n.\r\n", b"\r\n.\r\r\n", b"\r\n.\n\r\n", b"\n..\n", b".\n"],
+    [
+        b"\n.\n",
+        b"\r.\r",
+        b"\r\n.\r",
+        b"\n.\r\n",
+        b"\r.\r\n",
+        b"\n.\r",
+        b"\r\n.\n",
+        b"\r\n\n.\r\n",
+        b"\r\n.\r\r\n",
+        b"\r\n.\n\r\n",
+        b"\n..\n",
+        b".\n",
+    ],
 )
 @pytest.mark.parametrize("cut", [None, 1, 3])
-def test_smuggled_end_of_data_never_makes_a_second_message(sequence: bytes, cut: int | None) -> None:
+def test_smuggled_end_of_data_never_makes_a_second_message(
+    sequence: bytes, cut: int | None
+) -> None:
     """Bare CR/LF end-of-data look-alikes stay inside the one message, which is rejected whole."""
     wire = b"Subject: s\r\n\r\nfirst" + sequence + SMUGGLED + b".\r\nNOOP\r\n"
     pieces = [wire.index(sequence) + cut] if cut else None
@@ -196,6 +219,7 @@ def test_size_limit_discards_the_rest_and_reports_too_big() -> None:
 
 # -- BDAT -----------------------------------------------------------------------------------------
 
+
 def test_bdat_chunks_are_exact_octet_counts_and_commands_follow() -> None:
     p = Parser()
     p.begin_bdat(5, last=False, max_size=100, total=0, binary=False)
@@ -226,6 +250,7 @@ def test_bdat_bare_lf_rejected_unless_binarymime() -> None:
 
 # -- paths and parameters -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "arg, address, local",
     [
@@ -241,7 +266,11 @@ def test_bdat_bare_lf_rejected_unless_binarymime() -> None:
         ("FROM:<u@[IPv6:2001:db8::1]>", "u@[IPv6:2001:db8::1]", "u"),
         ("FROM:<user%other@x.example>", "user%other@x.example", "user%other"),
         ("FROM:<Ünïcode@bücher.example>", "Ünïcode@bücher.example", "Ünïcode"),
-        ("FROM:<u@" + "\u00fc" * 40 + ".example>", "u@" + "\u00fc" * 40 + ".example", "u"),  # 80 octets, short A-label
+        (
+            "FROM:<u@" + "\u00fc" * 40 + ".example>",
+            "u@" + "\u00fc" * 40 + ".example",
+            "u",
+        ),  # 80 octets, short A-label
     ],
 )
 def test_good_paths(arg: str, address: str, local: str) -> None:
@@ -269,7 +298,12 @@ def test_good_paths(arg: str, address: str, local: str) -> None:
         ("FROM:<@bad route:u@x.example>", False),
         ("FROM:<postmaster>", False),  # unqualified only for RCPT
         ("FROM:<u@b\u00fccher..example>", False),
-        ("FROM:<u@" + "\u00e4\u00f6\u00fc\u00e9\u00e8\u00ea\u00e1\u00e0\u00e2\u00ed" * 7 + ".example>", False),
+        (
+            "FROM:<u@"
+            + "\u00e4\u00f6\u00fc\u00e9\u00e8\u00ea\u00e1\u00e0\u00e2\u00ed" * 7
+            + ".example>",
+            False,
+        ),
         ("FROM:<u@xn--\u00fc.example>", False),  # not valid IDNA
     ],
 )
@@ -287,7 +321,11 @@ def test_postmaster_unqualified_and_null_only_where_allowed() -> None:
 
 
 def test_params() -> None:
-    assert parse_params("SIZE=100 body=8BITMIME  SMTPUTF8") == {"SIZE": "100", "BODY": "8BITMIME", "SMTPUTF8": None}
+    assert parse_params("SIZE=100 body=8BITMIME  SMTPUTF8") == {
+        "SIZE": "100",
+        "BODY": "8BITMIME",
+        "SMTPUTF8": None,
+    }
     for bad in ["SIZE=", "=x", "SIZE=1 SIZE=2", "A=b=c", "-X"]:
         with pytest.raises(PathError):
             parse_params(bad)

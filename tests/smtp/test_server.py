@@ -18,7 +18,9 @@ from tests.smtp.fakes import Conn, DeferredPolicy, RecordingSink, stuff
 MSG = b"Subject: hello\r\n\r\nline one\r\n.dot line\r\n"
 
 
-def transaction(c: Conn, rcpts=("user@example.test",), message: bytes = MSG, sender="a@example.org") -> None:
+def transaction(
+    c: Conn, rcpts=("user@example.test",), message: bytes = MSG, sender="a@example.org"
+) -> None:
     c.send(f"MAIL FROM:<{sender}>\r\n")
     for r in rcpts:
         c.send(f"RCPT TO:<{r}>\r\n")
@@ -34,7 +36,14 @@ def test_greeting_and_ehlo_extensions() -> None:
     lines = c.output().decode().split("\r\n")
     assert lines[0] == "250-mx.example.test Hello client.example.org [192.0.2.10]"
     keywords = {line[4:] for line in lines[1:] if line}
-    assert {"PIPELINING", "SIZE 52428800", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"} <= keywords
+    assert {
+        "PIPELINING",
+        "SIZE 52428800",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+        "DSN",
+    } <= keywords
 
 
 def test_helo_is_plain_smtp_without_parameters() -> None:
@@ -55,8 +64,12 @@ def test_full_transaction_streams_received_header_then_body() -> None:
     c = Conn(clock=clock)
     c.ehlo()
     transaction(c)
-    assert c.replies() == [(250, "2.1.0 Ok"), (250, "2.1.5 Ok"), (354, "End data with <CR><LF>.<CR><LF>"),
-                           (250, "2.0.0 Ok: queued as Q0001")]
+    assert c.replies() == [
+        (250, "2.1.0 Ok"),
+        (250, "2.1.5 Ok"),
+        (354, "End data with <CR><LF>.<CR><LF>"),
+        (250, "2.0.0 Ok: queued as Q0001"),
+    ]
     (w,) = c.sink.committed
     assert w.data == (
         b"Received: from client.example.org ([192.0.2.10])\r\n"
@@ -65,7 +78,12 @@ def test_full_transaction_streams_received_header_then_body() -> None:
     )
     env = w.envelope
     assert (env.sender, env.recipients, env.helo, env.client_address, env.received_at) == (
-        "a@example.org", (Recipient("user@example.test"),), "client.example.org", "192.0.2.10", 1_800_000_000)
+        "a@example.org",
+        (Recipient("user@example.test"),),
+        "client.example.org",
+        "192.0.2.10",
+        1_800_000_000,
+    )
 
 
 def test_received_header_for_several_recipients_and_ipv6() -> None:
@@ -73,8 +91,10 @@ def test_received_header_for_several_recipients_and_ipv6() -> None:
     c.ehlo()
     transaction(c, rcpts=("a@x.example", "b@y.example"))
     data = c.sink.committed[0].data
-    assert data.startswith(b"Received: from client.example.org ([IPv6:::1])\r\n\tby mx.example.test (mailrelay) "
-                           b"with ESMTP id Q0001;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n")
+    assert data.startswith(
+        b"Received: from client.example.org ([IPv6:::1])\r\n\tby mx.example.test (mailrelay) "
+        b"with ESMTP id Q0001;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+    )
 
 
 def test_250_only_after_commit_fires() -> None:
@@ -96,7 +116,9 @@ def test_commit_temporary_failure_gives_its_reply_and_session_goes_on() -> None:
     c.ehlo()
     transaction(c)
     c.replies()
-    sink.writers[0].commit_d.errback(TemporaryFailure(Reply(452, "4.3.1", "Insufficient system storage")))
+    sink.writers[0].commit_d.errback(
+        TemporaryFailure(Reply(452, "4.3.1", "Insufficient system storage"))
+    )
     assert c.replies() == [(452, "4.3.1 Insufficient system storage")]
     assert sink.writers[0].aborted
     sink.auto_commit = True
@@ -124,9 +146,18 @@ def test_commit_crash_is_451_not_a_lost_session() -> None:
         (["EHLO c", "DATA"], [250, 503]),
         (["EHLO c", "MAIL FROM:<a@example.org>", "DATA"], [250, 250, 503]),
         (["EHLO c", "MAIL FROM:<a@example.org>", "MAIL FROM:<a@example.org>"], [250, 250, 503]),
-        (["EHLO c", "MAIL FROM:<a@example.org>", "RCPT TO:<x@elsewhere.example>", "DATA"], [250, 250, 554, 554]),
-        (["EHLO c", "MAIL FROM:<a@example.org>", "RSET", "RCPT TO:<u@example.test>"], [250, 250, 250, 503]),
-        (["EHLO c", "MAIL FROM:<a@example.org>", "EHLO c", "RCPT TO:<u@example.test>"], [250, 250, 250, 503]),
+        (
+            ["EHLO c", "MAIL FROM:<a@example.org>", "RCPT TO:<x@elsewhere.example>", "DATA"],
+            [250, 250, 554, 554],
+        ),
+        (
+            ["EHLO c", "MAIL FROM:<a@example.org>", "RSET", "RCPT TO:<u@example.test>"],
+            [250, 250, 250, 503],
+        ),
+        (
+            ["EHLO c", "MAIL FROM:<a@example.org>", "EHLO c", "RCPT TO:<u@example.test>"],
+            [250, 250, 250, 503],
+        ),
         (["FROB"], [500]),
         (["X" * 2000, "NOOP"], [500, 250]),
         (["EHLO"], [501]),
@@ -159,10 +190,15 @@ def test_enhanced_codes_on_errors() -> None:
 
 
 def test_oversize_message_is_discarded_552_and_session_goes_on() -> None:
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), max_message_size=4096)
+    config = ServerConfig(
+        hostname="mx.example.test", local_domains=("example.test",), max_message_size=4096
+    )
     c = Conn(config=config)
     c.ehlo()
-    transaction(c, message=b"Subject: big\r\n\r\n" + b"z" * 100 + b"\r\n" * 100 + (b"q" * 500 + b"\r\n") * 20)
+    transaction(
+        c,
+        message=b"Subject: big\r\n\r\n" + b"z" * 100 + b"\r\n" * 100 + (b"q" * 500 + b"\r\n") * 20,
+    )
     assert c.replies()[-1] == (552, "5.3.4 Error: message size exceeds fixed limit")
     (w,) = c.sink.writers
     assert w.aborted and not w.committed
@@ -195,8 +231,10 @@ def test_smuggling_attempt_is_one_rejected_message_not_two() -> None:
     c = Conn()
     c.ehlo()
     c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n")
-    c.send(b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<user@example.test>\r\n"
-           b"DATA\r\nsmuggled\r\n.\r\n")
+    c.send(
+        b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<user@example.test>\r\n"
+        b"DATA\r\nsmuggled\r\n.\r\n"
+    )
     assert c.codes() == [250, 250, 354, 550]
     assert len(c.sink.writers) == 1 and not c.sink.committed
 
@@ -204,7 +242,9 @@ def test_smuggling_attempt_is_one_rejected_message_not_two() -> None:
 def test_client_vanishing_mid_data_aborts_the_writer() -> None:
     c = Conn()
     c.ehlo()
-    c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\nSubject: x\r\n\r\npart")
+    c.send(
+        "MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\nSubject: x\r\n\r\npart"
+    )
     c.proto.connectionLost(None)
     (w,) = c.sink.writers
     assert w.aborted and not w.committed
@@ -214,8 +254,10 @@ def test_pipelined_commands_with_deferred_policy_answer_in_order() -> None:
     policy = DeferredPolicy()
     c = Conn(policy=policy)
     c.replies()
-    c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<r1@example.test>\r\nRCPT TO:<bad@example.test>\r\n"
-           b"RCPT TO:<r3@example.test>\r\nDATA\r\n")
+    c.send(
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<r1@example.test>\r\nRCPT TO:<bad@example.test>\r\n"
+        b"RCPT TO:<r3@example.test>\r\nDATA\r\n"
+    )
     answers = [None, None, None, Reply(550, "5.1.1", "no such user"), None, None]
     expected = [250, 250, 250, 550, 250, 354]
     for i, answer in enumerate(answers):
@@ -227,7 +269,10 @@ def test_pipelined_commands_with_deferred_policy_answer_in_order() -> None:
     c.send(stuff(MSG) + b"QUIT\r\n")
     assert policy.answer() == "end_of_data"
     assert c.codes() == [250, 221]
-    assert [r.address for r in c.sink.committed[0].envelope.recipients] == ["r1@example.test", "r3@example.test"]
+    assert [r.address for r in c.sink.committed[0].envelope.recipients] == [
+        "r1@example.test",
+        "r3@example.test",
+    ]
 
 
 def test_buffered_input_is_bounded_while_a_policy_thinks() -> None:
@@ -281,10 +326,15 @@ def test_policy_that_crashes_gives_451_and_the_session_survives() -> None:
 
 
 def test_too_many_recipients_452() -> None:
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), max_recipients=3)
+    config = ServerConfig(
+        hostname="mx.example.test", local_domains=("example.test",), max_recipients=3
+    )
     c = Conn(config=config)
     c.ehlo()
-    c.send("MAIL FROM:<a@example.org>\r\n" + "".join(f"RCPT TO:<u{i}@example.test>\r\n" for i in range(5)))
+    c.send(
+        "MAIL FROM:<a@example.org>\r\n"
+        + "".join(f"RCPT TO:<u{i}@example.test>\r\n" for i in range(5))
+    )
     replies = c.replies()
     assert [code for code, _ in replies] == [250, 250, 250, 250, 452, 452]
     assert replies[-1][1].startswith("4.5.3")
@@ -310,8 +360,12 @@ def test_http_verbs_get_502_and_close() -> None:
 
 
 def test_idle_timeout_and_data_timeout() -> None:
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",),
-                          idle_timeout=300, data_timeout=60)
+    config = ServerConfig(
+        hostname="mx.example.test",
+        local_domains=("example.test",),
+        idle_timeout=300,
+        data_timeout=60,
+    )
     c = Conn(config=config)
     c.ehlo()
     c.clock.advance(299)
@@ -348,7 +402,9 @@ def test_connection_limits_total_and_per_ip() -> None:
     a1 = Conn(factory=factory, client="192.0.2.1")
     Conn(factory=factory, client="192.0.2.1")
     a3 = Conn(factory=factory, client="192.0.2.1")
-    assert a3.replies() == [(421, "4.7.0 Error: too many connections from your address")] and a3.closed
+    assert (
+        a3.replies() == [(421, "4.7.0 Error: too many connections from your address")] and a3.closed
+    )
     Conn(factory=factory, client="192.0.2.2")
     b2 = Conn(factory=factory, client="192.0.2.3")
     assert b2.codes() == [421] and b2.closed
@@ -369,7 +425,9 @@ def test_tcp_nodelay_is_set() -> None:
     assert calls == [True]
 
 
-TRUSTING = ServerConfig(hostname="mx.example.test", trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),))
+TRUSTING = ServerConfig(
+    hostname="mx.example.test", trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),)
+)
 
 
 def test_smtputf8_addresses_need_the_parameter() -> None:
@@ -389,24 +447,35 @@ def test_smtputf8_addresses_need_the_parameter() -> None:
 def test_dsn_parameters_are_stored_with_the_envelope() -> None:
     c = Conn(config=TRUSTING)
     c.ehlo()
-    c.send("MAIL FROM:<a@example.org> RET=HDRS ENVID=id+2B1 BODY=8BITMIME SIZE=100\r\n"
-           "RCPT TO:<b@x.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+40x.example\r\n"
-           "RCPT TO:<c@x.example> NOTIFY=NEVER\r\n"
-           "RCPT TO:<d@x.example> NOTIFY=NEVER,SUCCESS\r\n"
-           "RCPT TO:<d@x.example> ORCPT=rfc822\r\n"
-           "DATA\r\n")
+    c.send(
+        "MAIL FROM:<a@example.org> RET=HDRS ENVID=id+2B1 BODY=8BITMIME SIZE=100\r\n"
+        "RCPT TO:<b@x.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+40x.example\r\n"
+        "RCPT TO:<c@x.example> NOTIFY=NEVER\r\n"
+        "RCPT TO:<d@x.example> NOTIFY=NEVER,SUCCESS\r\n"
+        "RCPT TO:<d@x.example> ORCPT=rfc822\r\n"
+        "DATA\r\n"
+    )
     c.send(stuff(MSG))
     assert c.codes() == [250, 250, 250, 501, 501, 354, 250]
     env = c.sink.committed[0].envelope
     assert (env.ret, env.envid, env.body, env.size) == ("HDRS", "id+1", "8BITMIME", 100)
-    assert env.recipients == (Recipient("b@x.example", ("SUCCESS", "FAILURE"), "rfc822;b@x.example"),
-                              Recipient("c@x.example", ("NEVER",)))
+    assert env.recipients == (
+        Recipient("b@x.example", ("SUCCESS", "FAILURE"), "rfc822;b@x.example"),
+        Recipient("c@x.example", ("NEVER",)),
+    )
 
 
-@pytest.mark.parametrize("command", [
-    "MAIL FROM:<a@example.org> ENVID=a+0D+0AX-Injected:+20yes", "MAIL FROM:<a@example.org> ENVID=a+00b",
-    "RCPT TO:<b@x.example> ORCPT=rfc822;b+0D+0AX-Injected:+20yes", "RCPT TO:<b@x.example> ORCPT=rfc822;b+7F@x",
-    "RCPT TO:<b@x.example> ORCPT=rfc822;b+C3+A9@x", "RCPT TO:<b@x.example> ORCPT=rfc\u0085822;b@x"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "MAIL FROM:<a@example.org> ENVID=a+0D+0AX-Injected:+20yes",
+        "MAIL FROM:<a@example.org> ENVID=a+00b",
+        "RCPT TO:<b@x.example> ORCPT=rfc822;b+0D+0AX-Injected:+20yes",
+        "RCPT TO:<b@x.example> ORCPT=rfc822;b+7F@x",
+        "RCPT TO:<b@x.example> ORCPT=rfc822;b+C3+A9@x",
+        "RCPT TO:<b@x.example> ORCPT=rfc\u0085822;b@x",
+    ],
+)
 def test_envid_and_orcpt_must_encode_printable_ascii(command: str) -> None:
     """They go into the header fields of reports (RFC 3461 4.2, 4.4): a CR, LF or NUL is refused."""
     c = Conn(config=TRUSTING)
@@ -447,7 +516,11 @@ def test_session_info_exposed_to_policies() -> None:
     c.ehlo()
     c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\n")
     assert c.codes() == [250, 250]
-    assert seen["client_address"] == "192.0.2.10" and seen["helo"] == "client.example.org" and seen["esmtp"]
+    assert (
+        seen["client_address"] == "192.0.2.10"
+        and seen["helo"] == "client.example.org"
+        and seen["esmtp"]
+    )
 
 
 def test_client_leaving_while_data_policy_thinks_opens_no_writer() -> None:
@@ -516,10 +589,16 @@ def test_observer_hears_connections_rejections_and_accepted_messages() -> None:
     from mailrelay.config import ServerConfig as SC
 
     obs = RecordingObserver()
-    config = SC(hostname="mx.example.test", local_domains=("example.test",), max_connections_per_ip=1)
+    config = SC(
+        hostname="mx.example.test", local_domains=("example.test",), max_connections_per_ip=1
+    )
     c = Conn(config=config, observer=obs)
     c.ehlo()
-    c.send("FROB\r\n" + "Z" * 700 + "\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+    c.send(
+        "FROB\r\n"
+        + "Z" * 700
+        + "\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@elsewhere.example>\r\n"
+    )
     transaction(c, sender="b@example.org")  # nested MAIL: 503; its RCPT and DATA join the first
     c.send("RSET\r\n")
     transaction(c)
@@ -565,10 +644,17 @@ def test_close_all_aborts_a_message_in_progress() -> None:
 
 def test_over_the_recipient_limit_452_is_no_error_and_data_delivers_to_the_accepted() -> None:
     """150 pipelined RCPTs: 100 x 250 and 50 x 452 4.5.3 (RFC 5321 4.5.3.1.10), not 421 too many errors."""
-    c = Conn(config=ServerConfig(hostname="mx.example.test", max_errors=20, local_domains=("example.test",)))
+    c = Conn(
+        config=ServerConfig(
+            hostname="mx.example.test", max_errors=20, local_domains=("example.test",)
+        )
+    )
     c.ehlo()
-    c.send("MAIL FROM:<a@example.org>\r\n" + "".join(f"RCPT TO:<u{i}@example.test>\r\n" for i in range(150))
-           + "DATA\r\n")
+    c.send(
+        "MAIL FROM:<a@example.org>\r\n"
+        + "".join(f"RCPT TO:<u{i}@example.test>\r\n" for i in range(150))
+        + "DATA\r\n"
+    )
     codes = c.codes()
     assert codes == [250] + [250] * 100 + [452] * 50 + [354] and not c.closed
     c.send("Subject: x\r\n\r\nhi\r\n.\r\n")
@@ -579,10 +665,20 @@ def test_over_the_recipient_limit_452_is_no_error_and_data_delivers_to_the_accep
 def test_rcpts_far_past_the_limit_count_as_errors_after_the_overshoot_limit() -> None:
     """A client that never takes 452 4.5.3 for an answer (Postfix's recipient overshoot limit):
     the first ``recipient_overshoot_limit`` extra RCPTs are free, each further one an error."""
-    c = Conn(config=ServerConfig(hostname="mx.example.test", max_errors=3, max_recipients=2,
-                                 recipient_overshoot_limit=4, local_domains=("example.test",)))
+    c = Conn(
+        config=ServerConfig(
+            hostname="mx.example.test",
+            max_errors=3,
+            max_recipients=2,
+            recipient_overshoot_limit=4,
+            local_domains=("example.test",),
+        )
+    )
     c.ehlo()
-    c.send("MAIL FROM:<a@example.org>\r\n" + "".join(f"RCPT TO:<u{i}@example.test>\r\n" for i in range(8)))
+    c.send(
+        "MAIL FROM:<a@example.org>\r\n"
+        + "".join(f"RCPT TO:<u{i}@example.test>\r\n" for i in range(8))
+    )
     assert c.codes() == [250, 250, 250] + [452] * 6 and not c.closed  # 2 over the free 4: 2 errors
     c.send("RCPT TO:<u8@example.test>\r\n")
     assert c.codes() == [452, 421] and c.closed
@@ -600,12 +696,19 @@ def test_a_policy_asking_to_try_later_is_no_client_error() -> None:
                 return Reply(550, "5.1.1", "no such user")
             return None
 
-    c = Conn(config=ServerConfig(hostname="mx.example.test", max_errors=3), policy=PolicyChain([Later()]))
+    c = Conn(
+        config=ServerConfig(hostname="mx.example.test", max_errors=3), policy=PolicyChain([Later()])
+    )
     c.ehlo()
-    c.send("MAIL FROM:<a@example.org>\r\n" + "".join(f"RCPT TO:<later{i}@example.test>\r\n" for i in range(10))
-           + "RCPT TO:<ok@example.test>\r\n")
+    c.send(
+        "MAIL FROM:<a@example.org>\r\n"
+        + "".join(f"RCPT TO:<later{i}@example.test>\r\n" for i in range(10))
+        + "RCPT TO:<ok@example.test>\r\n"
+    )
     assert c.codes() == [250] + [450] * 10 + [250] and not c.closed
-    c.send("RCPT TO:<no1@example.test>\r\nRCPT TO:<no2@example.test>\r\nRCPT TO:<no3@example.test>\r\n")
+    c.send(
+        "RCPT TO:<no1@example.test>\r\nRCPT TO:<no2@example.test>\r\nRCPT TO:<no3@example.test>\r\n"
+    )
     assert c.codes() == [550, 550, 550, 421] and c.closed
 
 
@@ -614,8 +717,12 @@ def test_trusted_networks_are_exempt_from_the_per_ip_cap_unless_configured() -> 
     from mailrelay.policy import build_policy
 
     nets = (ipaddress.ip_network("192.0.2.0/24"),)
-    config = ServerConfig(hostname="mx.example.test", trusted_networks=nets, max_connections=10,
-                          max_connections_per_ip=2)
+    config = ServerConfig(
+        hostname="mx.example.test",
+        trusted_networks=nets,
+        max_connections=10,
+        max_connections_per_ip=2,
+    )
     factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), Clock())
     trusted = [Conn(factory=factory, client="192.0.2.1") for _ in range(4)]
     assert [c.codes() for c in trusted] == [[220]] * 4
@@ -624,7 +731,8 @@ def test_trusted_networks_are_exempt_from_the_per_ip_cap_unless_configured() -> 
     assert stranger[2].replies() == [(421, "4.7.0 Error: too many connections from your address")]
     factory.reconfigure(attrs.evolve(config, limit_trusted_clients=True))  # SIGHUP: capped again
     assert Conn(factory=factory, client="192.0.2.1").replies() == [
-        (421, "4.7.0 Error: too many connections from your address")]
+        (421, "4.7.0 Error: too many connections from your address")
+    ]
 
 
 def test_trusted_clients_are_greeted_without_the_greet_delay_unless_configured() -> None:

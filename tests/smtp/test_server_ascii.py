@@ -35,11 +35,24 @@ def alive(c: Conn) -> None:
     assert ascii_replies(c) == [(250, "2.0.0 Ok")] and not c.closed
 
 
-@pytest.mark.parametrize("param", [
-    "SIZE=²", "SIZE=١٠", "SIZE=１０", "SIZE=1٠", "SIZE=𝟙",
-    "BODY=8bıtmıme", "BODY=８BITMIME", "RET=hdrſ", "RET=ＦＵＬＬ",
-    "ENVID=a+C3+A9", "ENVID=a+0D+0Ab", "ENVID=a+٤1", "ENVID=ａ",
-])
+@pytest.mark.parametrize(
+    "param",
+    [
+        "SIZE=²",
+        "SIZE=١٠",
+        "SIZE=１０",
+        "SIZE=1٠",
+        "SIZE=𝟙",
+        "BODY=8bıtmıme",
+        "BODY=８BITMIME",
+        "RET=hdrſ",
+        "RET=ＦＵＬＬ",
+        "ENVID=a+C3+A9",
+        "ENVID=a+0D+0Ab",
+        "ENVID=a+٤1",
+        "ENVID=ａ",
+    ],
+)
 def test_malformed_mail_parameter_is_501_5_5_4(param: str, failures: list) -> None:
     c = Conn(config=CONFIG)
     c.ehlo()
@@ -50,11 +63,20 @@ def test_malformed_mail_parameter_is_501_5_5_4(param: str, failures: list) -> No
     assert failures == []
 
 
-@pytest.mark.parametrize("param", [
-    "NOTIFY=ſuccess", "NOTIFY=FAILURE,ＤＥＬＡＹ", "NOTIFY=NEVER\u3000",
-    "ORCPT=rfc822\u200b;b+40x.example", "ORCPT=ｒｆｃ822;b+40x.example", "ORCPT=rfc\u0130;b@x.example",
-    "ORCPT=rfc822;b+C3+A9@x.example", "ORCPT=rfc822;b+0D+0A@x.example", "ORCPT=rfc822;b+٤0x.example",
-])
+@pytest.mark.parametrize(
+    "param",
+    [
+        "NOTIFY=ſuccess",
+        "NOTIFY=FAILURE,ＤＥＬＡＹ",
+        "NOTIFY=NEVER\u3000",
+        "ORCPT=rfc822\u200b;b+40x.example",
+        "ORCPT=ｒｆｃ822;b+40x.example",
+        "ORCPT=rfc\u0130;b@x.example",
+        "ORCPT=rfc822;b+C3+A9@x.example",
+        "ORCPT=rfc822;b+0D+0A@x.example",
+        "ORCPT=rfc822;b+٤0x.example",
+    ],
+)
 def test_malformed_rcpt_parameter_is_501_5_5_4(param: str, failures: list) -> None:
     c = Conn(config=CONFIG, client="10.0.0.1")
     c.ehlo()
@@ -63,23 +85,37 @@ def test_malformed_rcpt_parameter_is_501_5_5_4(param: str, failures: list) -> No
     c.send("RCPT TO:<b@x.example> NOTIFY=success ORCPT=rfc822;b+40x.example\r\nDATA\r\n")
     c.send(stuff(MSG))
     assert [code for code, _ in ascii_replies(c)] == [250, 354, 250]
-    assert c.sink.committed[0].envelope.recipients == (Recipient("b@x.example", ("SUCCESS",), "rfc822;b@x.example"),)
+    assert c.sink.committed[0].envelope.recipients == (
+        Recipient("b@x.example", ("SUCCESS",), "rfc822;b@x.example"),
+    )
     assert failures == []
 
 
-@pytest.mark.parametrize("command", [
-    "BDAT ١٤ LAST", "BDAT １４ LAST", "BDAT ¹4 LAST", "BDAT 14 LAſT", "BDAT 14\u3000LAST", "BDAT 14\u00a0",
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "BDAT ١٤ LAST",
+        "BDAT １４ LAST",
+        "BDAT ¹4 LAST",
+        "BDAT 14 LAſT",
+        "BDAT 14\u3000LAST",
+        "BDAT 14\u00a0",
+    ],
+)
 def test_bdat_size_and_last_are_ascii(command: str, failures: list) -> None:
     c = bdat_conn()
     c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\n")
-    c.send(command.encode() + b"\r\n" + b"Subject: x\r\n\r\n")  # 14 octets a middlebox would not count
+    c.send(
+        command.encode() + b"\r\n" + b"Subject: x\r\n\r\n"
+    )  # 14 octets a middlebox would not count
     replies = ascii_replies(c)
     assert replies[-1] == (501, "5.5.4 Syntax: BDAT size [LAST]") and c.closed
     assert not c.sink.committed and failures == []
 
 
-@pytest.mark.parametrize("verb", ["quıt", "ﬆarttls", "rſet", "NOOP\u3000", "ＮＯＯＰ", "dAtA\u0130"])
+@pytest.mark.parametrize(
+    "verb", ["quıt", "ﬆarttls", "rſet", "NOOP\u3000", "ＮＯＯＰ", "dAtA\u0130"]
+)
 def test_verbs_are_ascii_keywords(verb: str) -> None:
     c = Conn(config=CONFIG)
     c.ehlo()
@@ -95,7 +131,9 @@ def test_only_ascii_blanks_around_arguments(blank: str) -> None:
     c.send(f"EHLO client.example{blank}\r\nHELO {blank}client.example\r\n")
     assert [code for code, _ in ascii_replies(c)] == [501, 501]
     c.ehlo()
-    c.send(f"RSET {blank}\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\nDATA {blank}\r\n")
+    c.send(
+        f"RSET {blank}\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\nDATA {blank}\r\n"
+    )
     assert [code for code, _ in ascii_replies(c)] == [501, 250, 250, 501]
     c.send("DATA \t\r\n")
     assert [code for code, _ in ascii_replies(c)] == [354]
@@ -110,10 +148,18 @@ def test_replies_echo_client_text_as_printable_ascii() -> None:
     assert "X\\xb2=1" in replies[1][1]
 
 
-@pytest.mark.parametrize("command", [
-    "AUTH plaın {plain}", "AUTH ＰＬＡＩＮ {plain}", "AUTH \u3000PLAIN {plain}", "AUTH PLAIN {plain}\u3000",
-    "AUTH PLAIN {plain}\u00a0", "AUTH PLAIN ＡＧＦ", "AUTH PLAIN {plain}\x1c",
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "AUTH plaın {plain}",
+        "AUTH ＰＬＡＩＮ {plain}",
+        "AUTH \u3000PLAIN {plain}",
+        "AUTH PLAIN {plain}\u3000",
+        "AUTH PLAIN {plain}\u00a0",
+        "AUTH PLAIN ＡＧＦ",
+        "AUTH PLAIN {plain}\x1c",
+    ],
+)
 def test_auth_mechanism_and_response_are_ascii(command: str, failures: list) -> None:
     c = auth_conn()
     ehlo_keywords(c)

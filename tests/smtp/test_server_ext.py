@@ -18,8 +18,11 @@ from mailrelay.smtp.session import TLSInfo
 from tests.smtp.fakes import Conn, DeferredPolicy, TLSStringTransport, stuff
 
 MSG = b"Subject: hello\r\n\r\nbody\r\n"
-CONFIG = ServerConfig(hostname="mx.example.test", local_domains=("example.test",),
-                      trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),))
+CONFIG = ServerConfig(
+    hostname="mx.example.test",
+    local_domains=("example.test",),
+    trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),),
+)
 TLS_OPTIONS = object()  # stands in for CertificateOptions: the transport only records it
 
 
@@ -41,6 +44,7 @@ def tls_conn(**kw) -> Conn:
 
 
 # -- STARTTLS -------------------------------------------------------------------------------------
+
 
 def test_starttls_discards_pipelined_plaintext_and_resets_state() -> None:
     c = tls_conn()
@@ -82,6 +86,7 @@ def test_received_header_names_tls_and_esmtps() -> None:
 
 # -- AUTH -----------------------------------------------------------------------------------------
 
+
 def checker():
     db = InMemoryUsernamePasswordDatabaseDontUse()
     db.addUser(b"alice", b"s3cret")
@@ -92,8 +97,12 @@ def auth_conn(tls: bool = True, plaintext: bool = False, submission: bool = Fals
     import attrs
 
     c = Conn(config=CONFIG, checker=checker(), client="192.0.2.9", **kw)
-    s = attrs.evolve(c.factory.settings, auth_mechanisms=("PLAIN", "LOGIN"),
-                     allow_plaintext_auth=plaintext, require_auth=submission)
+    s = attrs.evolve(
+        c.factory.settings,
+        auth_mechanisms=("PLAIN", "LOGIN"),
+        allow_plaintext_auth=plaintext,
+        require_auth=submission,
+    )
     c.server.session.settings = s
     if tls:
         c.server.session.tls_established(TLSInfo("TLSv1.3", "X"))
@@ -122,7 +131,10 @@ def test_auth_plain_then_relay_anywhere_with_esmtpa_header() -> None:
 def test_whether_the_client_was_trusted_is_recorded_with_the_message() -> None:
     for client, trusted in (("192.0.2.9", False), ("10.1.2.3", True)):
         c = Conn(config=CONFIG, client=client)
-        c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n" + stuff(MSG))
+        c.send(
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n"
+            + stuff(MSG)
+        )
         assert c.sink.committed[0].envelope.trusted is trusted
 
 
@@ -152,11 +164,15 @@ def test_auth_three_failures_421_and_close() -> None:
     c.send(f"AUTH PLAIN {b64(chr(0) + 'mallory' + chr(0) + 's3cret')}\r\n")
     assert not c.closed
     c.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'guess')}\r\n")
-    assert c.replies() == [(535, "5.7.8 Authentication credentials invalid"), (334, b64("Username:")),
-                           (501, "5.7.0 Authentication aborted"), (501, "5.5.2 Cannot decode response"),
-                           (535, "5.7.8 Authentication credentials invalid"),
-                           (535, "5.7.8 Authentication credentials invalid"),
-                           (421, "4.7.0 Error: too many authentication failures")]
+    assert c.replies() == [
+        (535, "5.7.8 Authentication credentials invalid"),
+        (334, b64("Username:")),
+        (501, "5.7.0 Authentication aborted"),
+        (501, "5.5.2 Cannot decode response"),
+        (535, "5.7.8 Authentication credentials invalid"),
+        (535, "5.7.8 Authentication credentials invalid"),
+        (421, "4.7.0 Error: too many authentication failures"),
+    ]
     assert c.closed
 
 
@@ -164,7 +180,9 @@ def test_auth_only_over_tls_unless_allowed() -> None:
     c = auth_conn(tls=False)
     assert not any(k.startswith("AUTH") for k in ehlo_keywords(c))
     c.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n")
-    assert c.replies() == [(538, "5.7.11 Encryption required for requested authentication mechanism")]
+    assert c.replies() == [
+        (538, "5.7.11 Encryption required for requested authentication mechanism")
+    ]
     c = auth_conn(tls=False, plaintext=True)
     assert "AUTH PLAIN LOGIN" in ehlo_keywords(c)
     c.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n")
@@ -176,7 +194,9 @@ def test_auth_other_checks() -> None:
     c.send("AUTH PLAIN x\r\n")
     ehlo_keywords(c)
     c.send("AUTH CRAM-MD5\r\n")
-    c.send(f"AUTH PLAIN {b64('bob' + chr(0) + 'alice' + chr(0) + 's3cret')}\r\n")  # authzid ≠ authcid
+    c.send(
+        f"AUTH PLAIN {b64('bob' + chr(0) + 'alice' + chr(0) + 's3cret')}\r\n"
+    )  # authzid ≠ authcid
     c.send("MAIL FROM:<a@example.org>\r\nAUTH PLAIN\r\n")
     assert c.codes() == [504, 501, 250, 503]
     no_auth = Conn(config=CONFIG)
@@ -190,7 +210,9 @@ def test_submission_requires_auth_before_mail() -> None:
     ehlo_keywords(c)
     c.send("MAIL FROM:<a@example.org>\r\n")
     assert c.replies() == [(530, "5.7.0 Authentication required")]
-    c.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\nMAIL FROM:<a@example.org>\r\n")
+    c.send(
+        f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\nMAIL FROM:<a@example.org>\r\n"
+    )
     assert c.codes() == [235, 250]
 
 
@@ -214,6 +236,7 @@ def test_checker_crash_is_temporary_not_a_failure_count() -> None:
 
 # -- CHUNKING -------------------------------------------------------------------------------------
 
+
 def bdat_conn() -> Conn:
     c = Conn(config=CONFIG, binarymime=True)  # every route onward carries it
     kw = ehlo_keywords(c)
@@ -226,18 +249,27 @@ def test_binarymime_neither_offered_nor_taken_unless_every_route_carries_it() ->
     c = Conn(config=CONFIG)
     kw = ehlo_keywords(c)
     assert "CHUNKING" in kw and "BINARYMIME" not in kw
-    c.send(b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nMAIL FROM:<a@example.org> BODY=8BITMIME\r\n")
+    c.send(
+        b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nMAIL FROM:<a@example.org> BODY=8BITMIME\r\n"
+    )
     (code, text), ok = c.replies()
     assert (code, text[:5]) == (555, "5.5.4") and ok[0] == 250
 
 
 def test_bdat_pipelined_chunks_make_one_message() -> None:
     c = bdat_conn()
-    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nBDAT 10\r\nSubject: h"
-           b"BDAT 9\r\ni\r\n\r\nbodyBDAT 2 LAST\r\n\r\nNOOP\r\n")
-    assert c.replies() == [(250, "2.1.0 Ok"), (250, "2.1.5 Ok"), (250, "2.0.0 Ok: 10 octets received"),
-                           (250, "2.0.0 Ok: 19 octets received"), (250, "2.0.0 Ok: queued as Q0001"),
-                           (250, "2.0.0 Ok")]
+    c.send(
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nBDAT 10\r\nSubject: h"
+        b"BDAT 9\r\ni\r\n\r\nbodyBDAT 2 LAST\r\n\r\nNOOP\r\n"
+    )
+    assert c.replies() == [
+        (250, "2.1.0 Ok"),
+        (250, "2.1.5 Ok"),
+        (250, "2.0.0 Ok: 10 octets received"),
+        (250, "2.0.0 Ok: 19 octets received"),
+        (250, "2.0.0 Ok: queued as Q0001"),
+        (250, "2.0.0 Ok"),
+    ]
     (w,) = c.sink.committed
     assert w.data.split(b"\r\n", 3)[3] == b"Subject: hi\r\n\r\nbody\r\n"
 
@@ -296,7 +328,9 @@ def test_bdat_waits_for_deferred_data_policy_before_reading() -> None:
     c = Conn(config=CONFIG, policy=policy)
     c.send("EHLO c\r\n")
     policy.answer()
-    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nBDAT 6 LAST\r\nQUIT\r\nNOOP\r\n")
+    c.send(
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nBDAT 6 LAST\r\nQUIT\r\nNOOP\r\n"
+    )
     policy.answer()
     policy.answer()
     assert policy.answer() == "data"
@@ -306,6 +340,7 @@ def test_bdat_waits_for_deferred_data_policy_before_reading() -> None:
 
 
 # -- hop count, pregreet --------------------------------------------------------------------------
+
 
 def hops(n: int, name: bytes = b"Received") -> bytes:
     return b"".join(name + b": from x by y; Thu, 1 Jan 1970 00:00:00 +0000\r\n" for _ in range(n))
@@ -328,9 +363,18 @@ def send_by(c: Conn, how: str, message: bytes) -> tuple[int, str]:
 # Postfix (hopcount_limit = 50) counts the Received header it adds itself: a real Postfix 3.7 takes
 # a message that arrives with 48 and refuses one with 49. Delivered-To headers it does not count.
 @pytest.mark.parametrize("how", ["DATA", "BDAT"])
-@pytest.mark.parametrize(("received", "body", "code"), [
-    (48, MSG, 250), (49, MSG, 554), (48, b"\r\nbody\r\n", 250), (49, b"\r\nbody\r\n", 554),
-    (49, b"", 554), (49, b"Subject: x\r\n", 554), (200, MSG, 554)])
+@pytest.mark.parametrize(
+    ("received", "body", "code"),
+    [
+        (48, MSG, 250),
+        (49, MSG, 554),
+        (48, b"\r\nbody\r\n", 250),
+        (49, b"\r\nbody\r\n", 554),
+        (49, b"", 554),
+        (49, b"Subject: x\r\n", 554),
+        (200, MSG, 554),
+    ],
+)
 def test_hop_count_matches_postfix(how: str, received: int, body: bytes, code: int) -> None:
     c = Conn(config=CONFIG)
     c.ehlo()
@@ -344,11 +388,15 @@ def test_hop_count_matches_postfix(how: str, received: int, body: bytes, code: i
 
 @pytest.mark.parametrize("how", ["DATA", "BDAT"])
 def test_hop_count_limit_is_configurable_and_counts_only_received(how: str) -> None:
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), hopcount_limit=5)
+    config = ServerConfig(
+        hostname="mx.example.test", local_domains=("example.test",), hopcount_limit=5
+    )
     c = Conn(config=config)
     c.ehlo()
     assert send_by(c, how, hops(3) + hops(40, b"Delivered-To") + MSG)[0] == 250
-    assert send_by(c, how, hops(2) + hops(2, b"received ") + MSG)[0] == 554  # any case, space before ':'
+    assert (
+        send_by(c, how, hops(2) + hops(2, b"received ") + MSG)[0] == 554
+    )  # any case, space before ':'
     assert send_by(c, how, hops(3) + MSG)[0] == 250  # the session goes on
     assert len(c.sink.committed) == 2
 
@@ -413,23 +461,30 @@ def trace_and_rest(data: bytes) -> tuple[bytes, bytes]:
     """Our Received header as a parser of header fields reads it (with every line that continues
     it, CRLF-terminated), and what follows it."""
     end = data.index(b"\r\n") + 2
-    while data[end:end + 1] in (b" ", b"\t"):
+    while data[end : end + 1] in (b" ", b"\t"):
         end = data.index(b"\r\n", end) + 2
     return data[:end], data[end:]
 
 
 @pytest.mark.parametrize("how", ["DATA", "BDAT"])
 @pytest.mark.parametrize("first", [b" ", b"\t"])
-def test_text_beginning_with_whitespace_cannot_continue_our_received_header(how: str, first: bytes) -> None:
+def test_text_beginning_with_whitespace_cannot_continue_our_received_header(
+    how: str, first: bytes
+) -> None:
     c = Conn(config=CONFIG)
     c.ehlo()
     message = first + FORGED[1:] + hops(60) + MSG  # no header section: its Received lines are body
     assert send_by(c, how, message)[0] == 250
     data = c.sink.committed[0].data
     trace, rest = trace_and_rest(data)
-    assert trace.startswith(b"Received: from client.example.org ([192.0.2.10])") and b"trusted-gateway" not in trace
+    assert (
+        trace.startswith(b"Received: from client.example.org ([192.0.2.10])")
+        and b"trusted-gateway" not in trace
+    )
     assert trace.endswith(b" +0000\r\n")
-    assert rest == b"\r\n" + message  # an empty line, then the client's text unchanged, as Postfix does
+    assert (
+        rest == b"\r\n" + message
+    )  # an empty line, then the client's text unchanged, as Postfix does
     assert email.message_from_bytes(data)["Received"].count("by ") == 1
 
 
@@ -460,13 +515,14 @@ def test_other_text_follows_our_received_header_unchanged(how: str, message: byt
 @given(st.binary(max_size=300), st.lists(st.integers(0, 120), max_size=5))
 @settings(max_examples=300, deadline=None)
 def test_whatever_the_text_and_its_chunks_our_received_header_ends_where_we_end_it(
-        text: bytes, cuts: list[int]) -> None:
+    text: bytes, cuts: list[int]
+) -> None:
     c = Conn(config=CONFIG, binarymime=True)
     c.ehlo()
     c.send(b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nRCPT TO:<user@example.test>\r\n")
     chunks, i = [], 0
     for cut in cuts:
-        chunks.append(text[i:i + cut])
+        chunks.append(text[i : i + cut])
         i += cut
     for chunk in chunks:
         c.send(b"BDAT %d\r\n" % len(chunk) + chunk)

@@ -17,19 +17,49 @@ from mailrelay.smtp._client_wire import ReplyParser
 from mailrelay.smtp.auth import HashedPasswordFile, decode_plain, hash_password, verify_password
 from tests.smtp.fakes import Conn, logged_failures
 
-CONFIG = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), max_message_size=5000,
-                      trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),))
+CONFIG = ServerConfig(
+    hostname="mx.example.test",
+    local_domains=("example.test",),
+    max_message_size=5000,
+    trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),),
+)
 
-WORDS = [b"EHLO x\r\n", b"HELO x\r\n", b"MAIL FROM:<a@example.org>\r\n", b"MAIL FROM:<> SIZE=10 BODY=BINARYMIME\r\n",
-         b"RCPT TO:<u@example.test>\r\n", b"RCPT TO:<u@x.example> NOTIFY=NEVER\r\n", b"DATA\r\n", b"BDAT 5\r\n",
-         b"BDAT 3 LAST\r\n", b"RSET\r\n", b"NOOP\r\n", b"AUTH PLAIN\r\n", b"STARTTLS\r\n", b".\r\n", b"\r\n.\r\n",
-         b"\n.\n", b"\r", b"\n", b".", b"x" * 600, b"Received: x\r\n", b"QUIT\r\n", b"VRFY u\r\n", b"\xff\xfe"]
+WORDS = [
+    b"EHLO x\r\n",
+    b"HELO x\r\n",
+    b"MAIL FROM:<a@example.org>\r\n",
+    b"MAIL FROM:<> SIZE=10 BODY=BINARYMIME\r\n",
+    b"RCPT TO:<u@example.test>\r\n",
+    b"RCPT TO:<u@x.example> NOTIFY=NEVER\r\n",
+    b"DATA\r\n",
+    b"BDAT 5\r\n",
+    b"BDAT 3 LAST\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"AUTH PLAIN\r\n",
+    b"STARTTLS\r\n",
+    b".\r\n",
+    b"\r\n.\r\n",
+    b"\n.\n",
+    b"\r",
+    b"\n",
+    b".",
+    b"x" * 600,
+    b"Received: x\r\n",
+    b"QUIT\r\n",
+    b"VRFY u\r\n",
+    b"\xff\xfe",
+]
 
 
-@given(st.lists(st.one_of(st.sampled_from(WORDS), st.binary(max_size=200)), max_size=60),
-       st.lists(st.integers(1, 400), max_size=10))
+@given(
+    st.lists(st.one_of(st.sampled_from(WORDS), st.binary(max_size=200)), max_size=60),
+    st.lists(st.integers(1, 400), max_size=10),
+)
 @settings(max_examples=400, deadline=None)
-def test_any_session_input_never_raises_and_stays_bounded(pieces: list[bytes], cuts: list[int]) -> None:
+def test_any_session_input_never_raises_and_stays_bounded(
+    pieces: list[bytes], cuts: list[int]
+) -> None:
     with logged_failures() as errors:
         c = Conn(config=CONFIG)
         data = b"".join(pieces)
@@ -47,16 +77,37 @@ def test_any_session_input_never_raises_and_stays_bounded(pieces: list[bytes], c
     assert errors == []
 
 
-
 # -- the non-ASCII alphabet: other scripts' digits, case mappings and blanks (issue 19 item 2) -------
 
 NON_ASCII = "²١٤０９\u00a0\u3000\u2028\u200bıſﬆ\u212a"
 SLOT = NON_ASCII + "0123456789 LAST,;+=:<>@.successFULLhdrsplain"
-TEMPLATES = ["EHLO {}", "HELO c{}", "MAIL FROM:<a@example.org> SIZE={}", "MAIL FROM:<a@example.org> BODY={}",
-             "MAIL FROM:<a@example.org> RET={} ENVID={}", "MAIL FROM:<a@[{}]>", "RCPT TO:<u@example.test> NOTIFY={}",
-             "RCPT TO:<u@example.test> ORCPT={};u+40example.test", "RCPT TO:<u@example.test> ORCPT=rfc822;{}",
-             "BDAT {}", "BDAT {} LAST", "BDAT 4{}LAST", "DATA{}", "DATA {}", "RSET {}", "{}QUIT", "qu{}t", "AUTH {}",
-             "AUTH PLAIN {}", "STARTTLS {}", "NOOP{}", "VRFY {}", "{}", "Subject: {}", "."]
+TEMPLATES = [
+    "EHLO {}",
+    "HELO c{}",
+    "MAIL FROM:<a@example.org> SIZE={}",
+    "MAIL FROM:<a@example.org> BODY={}",
+    "MAIL FROM:<a@example.org> RET={} ENVID={}",
+    "MAIL FROM:<a@[{}]>",
+    "RCPT TO:<u@example.test> NOTIFY={}",
+    "RCPT TO:<u@example.test> ORCPT={};u+40example.test",
+    "RCPT TO:<u@example.test> ORCPT=rfc822;{}",
+    "BDAT {}",
+    "BDAT {} LAST",
+    "BDAT 4{}LAST",
+    "DATA{}",
+    "DATA {}",
+    "RSET {}",
+    "{}QUIT",
+    "qu{}t",
+    "AUTH {}",
+    "AUTH PLAIN {}",
+    "STARTTLS {}",
+    "NOOP{}",
+    "VRFY {}",
+    "{}",
+    "Subject: {}",
+    ".",
+]
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])[\x20-\x7e]*")
 
 
@@ -64,14 +115,24 @@ def _lines(template: str, fills: list[str]) -> bytes:
     return (template.format(*(fills * 2)[: template.count("{}")]) + "\r\n").encode()
 
 
-@given(st.lists(st.tuples(st.sampled_from(TEMPLATES), st.lists(st.text(SLOT, max_size=6), min_size=2, max_size=2)),
-                max_size=30),
-       st.booleans())
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(TEMPLATES), st.lists(st.text(SLOT, max_size=6), min_size=2, max_size=2)
+        ),
+        max_size=30,
+    ),
+    st.booleans(),
+)
 @settings(max_examples=300, deadline=None)
-def test_non_ascii_digits_and_blanks_get_well_formed_replies(commands: list[tuple[str, list[str]]], ehlo: bool) -> None:
+def test_non_ascii_digits_and_blanks_get_well_formed_replies(
+    commands: list[tuple[str, list[str]]], ehlo: bool
+) -> None:
     with logged_failures() as errors:
         c = Conn(config=CONFIG, client="192.0.2.7")
-        c.send((b"EHLO c\r\n" if ehlo else b"") + b"".join(_lines(t, fills) for t, fills in commands))
+        c.send(
+            (b"EHLO c\r\n" if ehlo else b"") + b"".join(_lines(t, fills) for t, fills in commands)
+        )
         c.clock.advance(700)
         assert c.closed
         c.proto.connectionLost(None)
@@ -84,8 +145,11 @@ def test_non_ascii_digits_and_blanks_get_well_formed_replies(commands: list[tupl
         assert m, line
         assert code in (None, m.group(1)), out
         code = m.group(1) if m.group(2) == b"-" else None
-    for reply in ReplyParser().feed(out):  # what a client reads: error replies carry their enhanced code
+    for reply in ReplyParser().feed(
+        out
+    ):  # what a client reads: error replies carry their enhanced code
         assert reply.code < 400 or (reply.enhanced or "")[:1] == str(reply.code)[0], reply
+
 
 def test_password_hashes() -> None:
     h = hash_password("pässword", iterations=1000)
@@ -125,9 +189,21 @@ def test_password_file_checker_reloads_on_change(tmp_path) -> None:
 
 # -- look-alike domains (issue 19, item 3) -----------------------------------------------------------
 
-LOOK_CONFIG = ServerConfig(hostname="mx.example.test", local_domains=("example.test", "ok.test"), trusted_networks=())
+LOOK_CONFIG = ServerConfig(
+    hostname="mx.example.test", local_domains=("example.test", "ok.test"), trusted_networks=()
+)
 _DOTS = ["。", "．", "｡"]  # ideographic, fullwidth and halfwidth full stops
-_INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u00ad", "\u2060", "\ufeff", "\u3000", "\u00a0", "\u180e"]
+_INVISIBLE = [
+    "\u200b",
+    "\u200c",
+    "\u200d",
+    "\u00ad",
+    "\u2060",
+    "\ufeff",
+    "\u3000",
+    "\u00a0",
+    "\u180e",
+]
 
 
 def _variants(c: str) -> list[str]:
@@ -158,7 +234,9 @@ def test_a_look_alike_domain_is_refused_or_is_exactly_ours(domain: str) -> None:
     anything else is 501 5.1.3 and the session goes on."""
     c = Conn(config=LOOK_CONFIG)
     c.ehlo()
-    c.send(f"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<user@{domain}>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n")
+    c.send(
+        f"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<user@{domain}>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n"
+    )
     (_, (code, text), second, data) = c.replies()
     assert second[0] == 250 and data[0] == 354
     c.send("Subject: x\r\n\r\nx\r\n.\r\n")
@@ -174,16 +252,33 @@ def test_a_look_alike_domain_is_refused_or_is_exactly_ours(domain: str) -> None:
 # -- TLS-stalled sessions (issue 19, item 1): however a session goes, its connection ends ---------
 
 _HANDSHAKE = object()  # here the client completes the TLS handshake (if one was started)
-_TLS_WORDS = [b"EHLO x\r\n", b"STARTTLS\r\n", b"STARTTLS\r\nEHLO x\r\n", b"MAIL FROM:<a@example.org>\r\n",
-              b"RCPT TO:<u@example.test>\r\n", b"DATA\r\n", b"x\r\n", b"BDAT 4\r\n", b"QUIT\r\n", b"BOGUS\r\n",
-              b"NOOP\r\n" * 50]
+_TLS_WORDS = [
+    b"EHLO x\r\n",
+    b"STARTTLS\r\n",
+    b"STARTTLS\r\nEHLO x\r\n",
+    b"MAIL FROM:<a@example.org>\r\n",
+    b"RCPT TO:<u@example.test>\r\n",
+    b"DATA\r\n",
+    b"x\r\n",
+    b"BDAT 4\r\n",
+    b"QUIT\r\n",
+    b"BOGUS\r\n",
+    b"NOOP\r\n" * 50,
+]
 
 
-@given(st.sampled_from(["starttls", "implicit"]),
-       st.lists(st.one_of(st.sampled_from(_TLS_WORDS), st.binary(max_size=100), st.just(_HANDSHAKE)), max_size=40),
-       st.sampled_from(["timeout", "shutdown"]))
+@given(
+    st.sampled_from(["starttls", "implicit"]),
+    st.lists(
+        st.one_of(st.sampled_from(_TLS_WORDS), st.binary(max_size=100), st.just(_HANDSHAKE)),
+        max_size=40,
+    ),
+    st.sampled_from(["timeout", "shutdown"]),
+)
 @settings(max_examples=200, deadline=None)
-def test_a_tls_stalled_session_always_ends_its_connection(tls: str, steps: list, ending: str) -> None:
+def test_a_tls_stalled_session_always_ends_its_connection(
+    tls: str, steps: list, ending: str
+) -> None:
     """The client stalls anywhere: before the handshake, half-way (never completes it), after it;
     it never reads and never answers our close. The connection still ends within a bound."""
     from mailrelay.envelope import Reply

@@ -38,13 +38,17 @@ ENDINGS: dict[str, Callable[[Conn], None]] = {
     "shutdown, idle": lambda c: c.factory.drain(BYE),
     "shutdown deadline mid-DATA": lambda c: (
         c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\nDATA\r\nhalf\r\n"),
-        c.factory.drain(BYE), c.factory.close_all(BYE)),
+        c.factory.drain(BYE),
+        c.factory.close_all(BYE),
+    ),
 }
 
 
 @pytest.mark.parametrize("ending", list(ENDINGS))
 @pytest.mark.parametrize("tls", ["plain", "tls established"])
-def test_every_way_a_session_ends_drops_a_client_that_never_hangs_up_within_a_bound(ending: str, tls: str) -> None:
+def test_every_way_a_session_ends_drops_a_client_that_never_hangs_up_within_a_bound(
+    ending: str, tls: str
+) -> None:
     c = stubborn_conn("starttls" if tls != "plain" else "plain")
     if tls != "plain":
         c.send("EHLO c\r\nSTARTTLS\r\n")
@@ -57,10 +61,24 @@ def test_every_way_a_session_ends_drops_a_client_that_never_hangs_up_within_a_bo
     assert c.transport.ended, f"{ending} over {tls}: the connection is still held"  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("ending", [e for e in ENDINGS if e not in ("QUIT", "too many errors", "protocol error (HTTP)",
-                                                                      "limit (BDAT without size)",
-                                                                      "shutdown deadline mid-DATA")])
-def test_a_client_silent_after_starttls_is_dropped_at_once_when_its_session_ends(ending: str) -> None:
+@pytest.mark.parametrize(
+    "ending",
+    [
+        e
+        for e in ENDINGS
+        if e
+        not in (
+            "QUIT",
+            "too many errors",
+            "protocol error (HTTP)",
+            "limit (BDAT without size)",
+            "shutdown deadline mid-DATA",
+        )
+    ],
+)
+def test_a_client_silent_after_starttls_is_dropped_at_once_when_its_session_ends(
+    ending: str,
+) -> None:
     c = stubborn_conn("starttls")
     c.send("EHLO c\r\nSTARTTLS\r\n")
     assert c.transport.tls_options is not None  # type: ignore[attr-defined]
@@ -78,7 +96,9 @@ def test_an_implicit_tls_client_that_never_handshakes_is_dropped_at_the_idle_tim
 
 
 def test_a_refused_connection_is_dropped_within_a_bound_too() -> None:
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), max_connections_per_ip=1)
+    config = ServerConfig(
+        hostname="mx.example.test", local_domains=("example.test",), max_connections_per_ip=1
+    )
     first = stubborn_conn(config=config)
     addr = IPv4Address("TCP", "192.0.2.10", 40001)
     refused = first.factory.buildProtocol(addr)
@@ -93,10 +113,15 @@ def test_a_refused_connection_is_dropped_within_a_bound_too() -> None:
 
 # -- a client that never reads (8b) ---------------------------------------------------------------
 
+
 def flood(c: Conn, data: bytes, chunk: int = 65536) -> int:
     """Send ``data`` as a socket would: only while the server reads. Returns what it took."""
     sent = 0
-    while sent < len(data) and c.transport.producerState == "producing" and not c.server.session.state.name == "CLOSED":
+    while (
+        sent < len(data)
+        and c.transport.producerState == "producing"
+        and not c.server.session.state.name == "CLOSED"
+    ):
         c.send(data[sent : sent + chunk])
         sent += chunk
     return min(sent, len(data))
@@ -134,7 +159,9 @@ def test_a_blocked_session_still_ends_at_the_idle_timeout() -> None:
 
 
 def test_input_before_the_greeting_is_bounded() -> None:
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), greet_delay=2.0)
+    config = ServerConfig(
+        hostname="mx.example.test", local_domains=("example.test",), greet_delay=2.0
+    )
     c = stubborn_conn(config=config)
     taken = flood(c, b"NOOP\r\n" * 1_000_000)
     assert c.transport.producerState == "paused"
@@ -158,7 +185,9 @@ def test_input_while_an_answer_is_pending_is_bounded() -> None:
     assert c.server.session.parser.buffered < len(b"NOOP\r\n")  # all taken but a line cut short
 
 
-def test_a_refusal_during_an_implicit_tls_handshake_may_still_reach_the_client_within_the_bound() -> None:
+def test_a_refusal_during_an_implicit_tls_handshake_may_still_reach_the_client_within_the_bound() -> (
+    None
+):
     """The connect policy refuses before the handshake is done: the reply waits in the TLS layer for
     a client that completes it, for CLOSE_LINGER at most; a timeout or a shutdown aborts at once."""
     from mailrelay.envelope import Reply as R

@@ -30,8 +30,13 @@ def read_until_closed(s: socket.socket) -> bytes:
 @pytest_twisted.inlineCallbacks
 def test_a_client_silent_after_starttls_is_closed_at_the_idle_timeout(tmp_path):
     _, cert, key = make_certs(tmp_path)
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), idle_timeout=1.0,
-                          tls_certificate=str(cert), tls_key=str(key))
+    config = ServerConfig(
+        hostname="mx.example.test",
+        local_domains=("example.test",),
+        idle_timeout=1.0,
+        tls_certificate=str(cert),
+        tls_key=str(key),
+    )
     factory, listening = listen(config)
     port = yield listening
 
@@ -58,6 +63,7 @@ def test_a_client_that_pipelines_and_never_reads_is_paused():
 
     s = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=30)
     try:
+
         def paused() -> bool:  # the server takes no more: no need to wait for the client to notice
             return any(p.session._blocked and p.session._paused for p in factory.protocols)
 

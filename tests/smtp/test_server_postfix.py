@@ -14,23 +14,37 @@ from tests.relay import wait_until
 from tests.smtp.certs import make_certs
 from tests.smtp.fakes import RecordingSink, listen
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(__import__("shutil").which("postfix") is None and
-                                 not __import__("os").path.exists("/usr/sbin/postfix"), reason="needs postfix")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        __import__("shutil").which("postfix") is None
+        and not __import__("os").path.exists("/usr/sbin/postfix"),
+        reason="needs postfix",
+    ),
+]
 
 
 @pytest_twisted.inlineCallbacks
 def test_postfix_relays_into_mailrelay_over_starttls(tmp_path):
     ca, cert, key = make_certs(tmp_path)
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), trusted_networks=(),
-                          tls_certificate=str(cert), tls_key=str(key))
+    config = ServerConfig(
+        hostname="mx.example.test",
+        local_domains=("example.test",),
+        trusted_networks=(),
+        tls_certificate=str(cert),
+        tls_key=str(key),
+    )
     sink = RecordingSink()
     _, listening = listen(config, sink)
     port = yield listening
     postfix = PostfixRelay(port.getHost().port)
     with open(postfix.etc / "main.cf", "a") as f:  # its smtp client must use STARTTLS to reach us
         f.write("smtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n")
-    body = b"Subject: via postfix\r\nMessage-ID: <pf1@example.org>\r\n\r\n.dot line\r\n" + b"x" * 900 + b"\r\n"
+    body = (
+        b"Subject: via postfix\r\nMessage-ID: <pf1@example.org>\r\n\r\n.dot line\r\n"
+        + b"x" * 900
+        + b"\r\n"
+    )
     try:
         yield threads.deferToThread(postfix.start)
 
@@ -49,7 +63,9 @@ def test_postfix_relays_into_mailrelay_over_starttls(tmp_path):
     assert w.envelope.protocol == "ESMTPS"
     assert [r.address for r in w.envelope.recipients] == ["user@example.test"]
     received = w.data.split(b"\r\n\r\n")[0]
-    assert received.startswith(b"Received: from postfix.mailrelay.test ([127.0.0.1])\r\n\t(using TLSv1.")
+    assert received.startswith(
+        b"Received: from postfix.mailrelay.test ([127.0.0.1])\r\n\t(using TLSv1."
+    )
     assert w.data.endswith(b"\r\n\r\n.dot line\r\n" + b"x" * 900 + b"\r\n")
     assert "TLS connection established to 127.0.0.1" in log
 
@@ -64,9 +80,17 @@ def test_hop_count_and_a_leading_continuation_line_as_postfix_has_them(tmp_path)
     _, listening = listen(config, sink)
     port = yield listening
     postfix = PostfixRelay(port.getHost().port)
-    hops = [b"".join(b"Received: from h%d by h%d; Mon, 7 Dec 2026 10:00:00 +0000\r\n" % (i, i) for i in range(n))
-            + b"Subject: %d hops\r\n\r\nbody\r\n" % n for n in (48, 49)]
-    hops.append(b"Delivered-To: someone@example.test\r\n" * 60 + b"Subject: not counted\r\n\r\nbody\r\n")
+    hops = [
+        b"".join(
+            b"Received: from h%d by h%d; Mon, 7 Dec 2026 10:00:00 +0000\r\n" % (i, i)
+            for i in range(n)
+        )
+        + b"Subject: %d hops\r\n\r\nbody\r\n" % n
+        for n in (48, 49)
+    ]
+    hops.append(
+        b"Delivered-To: someone@example.test\r\n" * 60 + b"Subject: not counted\r\n\r\nbody\r\n"
+    )
     forged = b" by trusted-gateway.example with ESMTPS id X;\r\n\tMon, 7 Dec 2026 10:00:00 +0000\r\nbody\r\n"
 
     def verdicts(smtp_port: int) -> list[int]:
@@ -100,7 +124,11 @@ def test_hop_count_and_a_leading_continuation_line_as_postfix_has_them(tmp_path)
         yield port.stopListening()
     assert theirs == ours == [250, 554, 250]
     received = [w.data for w in sink.committed if w.data.endswith(forged)]
-    assert len(received) == 2 and sum(b"by postfix.mailrelay.test" in data for data in received) == 1, log
-    for data in received:  # Postfix's trace (then ours), and ours alone: each ends before an empty line
+    assert (
+        len(received) == 2 and sum(b"by postfix.mailrelay.test" in data for data in received) == 1
+    ), log
+    for (
+        data
+    ) in received:  # Postfix's trace (then ours), and ours alone: each ends before an empty line
         trace = data[: -len(forged)]
         assert trace.endswith(b"\r\n\r\n") and b"trusted-gateway" not in trace

@@ -24,8 +24,12 @@ pytestmark = pytest.mark.integration
 
 @pytest_twisted.inlineCallbacks
 def test_smtplib_pipelined_session_and_bad_input_over_a_real_socket():
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",),
-                          trusted_networks=(), max_message_size=20000)
+    config = ServerConfig(
+        hostname="mx.example.test",
+        local_domains=("example.test",),
+        trusted_networks=(),
+        max_message_size=20000,
+    )
     sink = RecordingSink()
     factory = SMTPServerFactory.from_config(config, sink, build_policy(config), reactor)
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
@@ -57,8 +61,11 @@ def test_smtplib_pipelined_session_and_bad_input_over_a_real_socket():
             s.mail("a@example.org")
             out["relay"] = s.rcpt("x@elsewhere.example")[0]
             s.rset()
-            refused = s.sendmail("a@example.org", ["u1@example.test", "v@elsewhere.example", "u2@example.test"],
-                                 b"Subject: one\r\n\r\n.leading dot\r\nbody\r\n")
+            refused = s.sendmail(
+                "a@example.org",
+                ["u1@example.test", "v@elsewhere.example", "u2@example.test"],
+                b"Subject: one\r\n\r\n.leading dot\r\nbody\r\n",
+            )
             out["refused"] = sorted(refused)
             out["declared"] = s.mail("a@example.org", ["SIZE=20001"])[0]
             s.mail("a@example.org")  # no SIZE: the limit is enforced as the text streams in
@@ -73,13 +80,24 @@ def test_smtplib_pipelined_session_and_bad_input_over_a_real_socket():
         out = yield threads.deferToThread(client)
     finally:
         yield port.stopListening()
-    assert out == {"early": 503, "pipelining": True, "overlong": 500, "relay": 554,
-                   "refused": ["v@elsewhere.example"], "declared": 552, "big": (552, b"5.3.4"), "noop": 250}
+    assert out == {
+        "early": 503,
+        "pipelining": True,
+        "overlong": 500,
+        "relay": 554,
+        "refused": ["v@elsewhere.example"],
+        "declared": 552,
+        "big": (552, b"5.3.4"),
+        "noop": 250,
+    }
     assert nodelay and all(nodelay)
     first, second = sink.committed
     assert first.data.split(b"\r\n\r\n", 1)[1] == b".leading dot\r\nbody\r\n"
     assert [r.address for r in first.envelope.recipients] == ["u1@example.test", "u2@example.test"]
-    assert second.envelope.sender == "" and second.envelope.recipients[0].address == "postmaster@mx.example.test"
+    assert (
+        second.envelope.sender == ""
+        and second.envelope.recipients[0].address == "postmaster@mx.example.test"
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -151,7 +169,9 @@ def test_replies_go_out_at_once_and_in_order_when_the_socket_is_full():
 def test_the_client_sends_its_commands_and_message_at_once_over_plain_tcp():
     """Our client against our server on a real socket: every command and the message go straight
     to the kernel, none waits in the transport for the reactor's next turn."""
-    config = ServerConfig(hostname="mx.example.test", trusted_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    config = ServerConfig(
+        hostname="mx.example.test", trusted_networks=(ipaddress.ip_network("127.0.0.0/8"),)
+    )
     sink = RecordingSink()
     factory = SMTPServerFactory.from_config(config, sink, build_policy(config), reactor)
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
@@ -163,15 +183,20 @@ def test_the_client_sends_its_commands_and_message_at_once_over_plain_tcp():
         real_write = client.transport.write
         client.transport.write = lambda data: (buffered.append(data), real_write(data))[1]
         for i in range(3):
-            replies = yield client.send(Envelope("a@example.org", (Recipient("b@example.test"),)),
-                                        [Recipient("b@example.test")], io.BytesIO(b"Subject: %d\r\n\r\nhi\r\n" % i),
-                                        reset=i > 0)
+            replies = yield client.send(
+                Envelope("a@example.org", (Recipient("b@example.test"),)),
+                [Recipient("b@example.test")],
+                io.BytesIO(b"Subject: %d\r\n\r\nhi\r\n" % i),
+                reset=i > 0,
+            )
             assert [r.code for r in replies] == [250]
         yield client.quit()
     finally:
         yield port.stopListening()
     assert len(sink.writers) == 3
-    assert all(w.data.endswith(b"Subject: %d\r\n\r\nhi\r\n" % i) for i, w in enumerate(sink.writers))
+    assert all(
+        w.data.endswith(b"Subject: %d\r\n\r\nhi\r\n" % i) for i, w in enumerate(sink.writers)
+    )
     assert buffered == []  # nothing went the transport's buffered way
 
 
@@ -179,7 +204,9 @@ def test_the_client_sends_its_commands_and_message_at_once_over_plain_tcp():
 def test_a_client_cut_off_mid_flood_still_reads_the_421_then_a_clean_close():
     """Closing with the client's bytes unread makes the kernel send a reset, which can discard our
     last replies before the client reads them; the server half-closes and drops the rest instead."""
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), trusted_networks=())
+    config = ServerConfig(
+        hostname="mx.example.test", local_domains=("example.test",), trusted_networks=()
+    )
     factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), reactor)
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     n = port.getHost().port
@@ -206,4 +233,3 @@ def test_a_client_cut_off_mid_flood_still_reads_the_421_then_a_clean_close():
     replies = [ln for ln in lines if ln]
     assert replies[-1].startswith(b"421 4.7.0")
     assert sum(r.startswith(b"500") for r in replies) <= 20
-

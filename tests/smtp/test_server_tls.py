@@ -32,13 +32,31 @@ def tls_files(tmp_path):
 
 
 def server_config(cert, key, passwords, **kw) -> ServerConfig:
-    return ServerConfig(hostname="mx.example.test", local_domains=("example.test",), trusted_networks=(),
-                        tls_certificate=str(cert), tls_key=str(key), auth_password_file=str(passwords), **kw)
+    return ServerConfig(
+        hostname="mx.example.test",
+        local_domains=("example.test",),
+        trusted_networks=(),
+        tls_certificate=str(cert),
+        tls_key=str(key),
+        auth_password_file=str(passwords),
+        **kw,
+    )
 
 
 def swaks(port: int, *args: str) -> str:
-    cmd = ["swaks", "--server", f"127.0.0.1:{port}", "--helo", "client.example.org", "--from", "a@example.org",
-           "--timeout", "10", "--hide-informational", *args]
+    cmd = [
+        "swaks",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--helo",
+        "client.example.org",
+        "--from",
+        "a@example.org",
+        "--timeout",
+        "10",
+        "--hide-informational",
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     return done.stdout + done.stderr
 
@@ -50,33 +68,89 @@ def test_swaks_starttls_auth_and_submission(tls_files):
     sink = RecordingSink()
     policy = build_policy(config)
     port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, policy, reactor))
+        SMTPServerFactory.from_config(config, sink, policy, reactor)
+    )
     sub = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, policy, reactor, submission=True))
+        SMTPServerFactory.from_config(config, sink, policy, reactor, submission=True)
+    )
     n, s = port.getHost().port, sub.getHost().port
     try:
         tls_local = yield threads.deferToThread(swaks, n, "--tls", "--to", "user@example.test")
         relay_denied = yield threads.deferToThread(swaks, n, "--tls", "--to", "x@elsewhere.example")
         auth_plain = yield threads.deferToThread(
-            swaks, n, "--tls", "--to", "x@elsewhere.example", "--auth", "PLAIN", "--auth-user", "alice",
-            "--auth-password", "s3cret")
+            swaks,
+            n,
+            "--tls",
+            "--to",
+            "x@elsewhere.example",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "s3cret",
+        )
         auth_login = yield threads.deferToThread(
-            swaks, n, "--tls", "--to", "x@elsewhere.example", "--auth", "LOGIN", "--auth-user", "alice",
-            "--auth-password", "s3cret")
+            swaks,
+            n,
+            "--tls",
+            "--to",
+            "x@elsewhere.example",
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "s3cret",
+        )
         plaintext_auth = yield threads.deferToThread(
-            swaks, n, "--to", "x@elsewhere.example", "--auth", "PLAIN", "--auth-user", "alice",
-            "--auth-password", "s3cret")
+            swaks,
+            n,
+            "--to",
+            "x@elsewhere.example",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "s3cret",
+        )
         bad_password = yield threads.deferToThread(
-            swaks, n, "--tls", "--to", "x@elsewhere.example", "--auth", "PLAIN", "--auth-user", "alice",
-            "--auth-password", "nope")
-        submission_anon = yield threads.deferToThread(swaks, s, "--tls", "--to", "user@example.test")
+            swaks,
+            n,
+            "--tls",
+            "--to",
+            "x@elsewhere.example",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "nope",
+        )
+        submission_anon = yield threads.deferToThread(
+            swaks, s, "--tls", "--to", "user@example.test"
+        )
         submission_auth = yield threads.deferToThread(
-            swaks, s, "--tls", "--to", "x@elsewhere.example", "--auth", "PLAIN", "--auth-user", "alice",
-            "--auth-password", "s3cret")
+            swaks,
+            s,
+            "--tls",
+            "--to",
+            "x@elsewhere.example",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "s3cret",
+        )
     finally:
         yield port.stopListening()
         yield sub.stopListening()
-    assert "<-  220 2.0.0 Ready to start TLS" in tls_local and "<~  250 2.0.0 Ok: queued as" in tls_local
+    assert (
+        "<-  220 2.0.0 Ready to start TLS" in tls_local
+        and "<~  250 2.0.0 Ok: queued as" in tls_local
+    )
     assert "554 5.7.1 <x@elsewhere.example>: Relay access denied" in relay_denied
     assert "235 2.7.0 Authentication successful" in auth_plain and "Ok: queued as" in auth_plain
     assert "235 2.7.0 Authentication successful" in auth_login and "Ok: queued as" in auth_login
@@ -99,8 +173,8 @@ def test_implicit_tls_listener_from_an_ssl_endpoint_string(tls_files):
     sink = RecordingSink()
     n = free_port()
     port = yield serverFromString(
-        reactor, f"ssl:{n}:interface=127.0.0.1:privateKey={key}:certKey={cert}").listen(
-        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor))
+        reactor, f"ssl:{n}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    ).listen(SMTPServerFactory.from_config(config, sink, build_policy(config), reactor))
 
     def client():
         ctx = ssl.create_default_context(cafile=str(ca))
@@ -124,7 +198,8 @@ def test_plaintext_pipelined_after_starttls_is_never_obeyed(tls_files):
     config = server_config(cert, key, passwords)
     sink = RecordingSink()
     port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor))
+        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor)
+    )
     n = port.getHost().port
 
     def client():
@@ -157,10 +232,13 @@ def test_plaintext_pipelined_after_starttls_is_never_obeyed(tls_files):
 
 @pytest_twisted.inlineCallbacks
 def test_bdat_over_a_raw_socket_pipelined():
-    config = ServerConfig(hostname="mx.example.test", local_domains=("example.test",), trusted_networks=())
+    config = ServerConfig(
+        hostname="mx.example.test", local_domains=("example.test",), trusted_networks=()
+    )
     sink = RecordingSink()
     port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor, binarymime=True))
+        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor, binarymime=True)
+    )
     n = port.getHost().port
     body = b"Subject: chunks\r\n\r\n" + b"".join(b"line %d\r\n" % i for i in range(2000))
     half = len(body) // 2
@@ -172,9 +250,14 @@ def test_bdat_over_a_raw_socket_pipelined():
         s.sendall(b"EHLO c\r\n")
         while f.readline()[3:4] == b"-":
             pass
-        s.sendall(b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nRCPT TO:<user@example.test>\r\n"
-                  + b"BDAT %d\r\n" % half + body[:half] + b"BDAT %d LAST\r\n" % (len(body) - half)
-                  + body[half:] + b"QUIT\r\n")
+        s.sendall(
+            b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nRCPT TO:<user@example.test>\r\n"
+            + b"BDAT %d\r\n" % half
+            + body[:half]
+            + b"BDAT %d LAST\r\n" % (len(body) - half)
+            + body[half:]
+            + b"QUIT\r\n"
+        )
         return [f.readline() for _ in range(5)]
 
     try:

@@ -22,15 +22,22 @@ old.example.test     error:550 5.1.6 moved to new.example.test
 
 def router(tmp_path: Path, text: str = TABLE) -> TransportMapRouter:
     (tmp_path / "transport.txt").write_text(text)
-    context = router_context(source="relay.toml", key="routes[0]")  # as the relay gives it at start-up
-    return TransportMapRouter.from_options({"path": str(tmp_path / "transport.txt"), "port": 2525}, context)
+    context = router_context(
+        source="relay.toml", key="routes[0]"
+    )  # as the relay gives it at start-up
+    return TransportMapRouter.from_options(
+        {"path": str(tmp_path / "transport.txt"), "port": 2525}, context
+    )
 
 
 def test_lookup_order(tmp_path: Path) -> None:
     r = router(tmp_path)
     assert verifyObject(IRouter, r)
     assert r.route("Alice@Example.test", None).hops == (NextHop("127.0.0.1", 2601, 0),)
-    assert r.route("bob@example.test", None).hops == (NextHop("127.0.0.1", 2600, 0), NextHop("::1", 2600, 1))
+    assert r.route("bob@example.test", None).hops == (
+        NextHop("127.0.0.1", 2600, 0),
+        NextHop("::1", 2600, 1),
+    )
     assert r.route("bob@a.b.example.test", None).hops == (NextHop("smtp.example.test", 2525, 0),)
     assert r.route("bob@example.org", None) is None
 

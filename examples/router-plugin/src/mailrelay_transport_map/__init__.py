@@ -32,9 +32,11 @@ Action = Route | Reply
 def parse_action(text: str, default_port: int) -> Action:
     """``"a:25, [::1]:26"`` → a ``Route``; ``"error:550 5.1.6 moved"`` → the ``Reply`` to refuse with."""
     if text.startswith("error:"):
-        code, _, rest = text[len("error:"):].strip().partition(" ")
+        code, _, rest = text[len("error:") :].strip().partition(" ")
         enhanced, _, message = rest.partition(" ")
-        if not (code.isdigit() and code.startswith("5") and len(code) == 3 and enhanced.startswith("5.")):
+        if not (
+            code.isdigit() and code.startswith("5") and len(code) == 3 and enhanced.startswith("5.")
+        ):
             raise ValueError(f"{text!r}: write error:5XX 5.X.Y text")
         return Reply(int(code), enhanced, message or "refused")
     hosts = [parse_hostport(h.strip(), default_port) for h in text.split(",") if h.strip()]
@@ -52,7 +54,9 @@ def load_table(path: Path, default_port: int) -> dict[str, Action]:
             continue
         pattern, _, action = line.partition(" ")
         try:
-            table.setdefault(pattern.lower().rstrip("."), parse_action(action.strip(), default_port))
+            table.setdefault(
+                pattern.lower().rstrip("."), parse_action(action.strip(), default_port)
+            )
         except ValueError as e:
             raise ValueError(f"line {number}: {e}") from None
     return table
