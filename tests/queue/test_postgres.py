@@ -18,8 +18,8 @@ from mailrelay.config import QueueConfig
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply
 from mailrelay.errors import TemporaryFailure
 from mailrelay.interfaces import ILeasingStore, IMessageWriter, IQueueStore
-from mailrelay.queue.postgres import schema as pg_schema
 from mailrelay.queue.manager import QueueManager
+from mailrelay.queue.postgres import schema as pg_schema
 from mailrelay.queue.store import is_queue_id
 from mailrelay.testing import FakeRouter, RecordingDeliverer, route_to
 from tests.peers import free_port
