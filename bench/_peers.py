@@ -190,16 +190,41 @@ hosts = ["127.0.0.1:{nexthop}"]
 """
 
 
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment that makes a Python child import ``mailrelay`` from ``tree`` (first on
+    ``PYTHONPATH``, ahead of the venv's editable install), checked once with a child of its own."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH")) if p)
+    found = subprocess.run(
+        [sys.executable, "-c", "import mailrelay; print(mailrelay.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not found or not Path(found).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"mailrelay imports from {found or 'nowhere'}, not from {tree}")
+    return env
+
+
 class MailRelay(System):
-    """mailrelay under twistd, relaying everything to one next hop, its spool in a temp dir."""
+    """mailrelay under twistd, relaying everything to one next hop, its spool in a temp dir.
+
+    ``tree`` is the source tree whose code runs (default: the one this file is in)."""
 
     name = "mailrelay"
 
     def __init__(
-        self, nexthop_port: int, retry: str = "5s", label: str = "mailrelay", workers: int = 1
+        self,
+        nexthop_port: int,
+        retry: str = "5s",
+        label: str = "mailrelay",
+        workers: int = 1,
+        tree: Path = ROOT,
     ) -> None:
         self.name = label
         self.workers = workers
+        self.tree = tree
         self.dir = Path(tempfile.mkdtemp(prefix="bench-mailrelay-"))
         self.port = free_port()
         self.spool = self.dir / "spool"
@@ -214,6 +239,7 @@ class MailRelay(System):
         self.proc = subprocess.Popen(
             [str(twistd), "-n", "--pidfile=", "mailrelay", "--config", str(conf)],
             cwd=self.dir,
+            env=tree_env(tree),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -398,9 +424,8 @@ class PythonServer(System):
         try:
             wait_listening(self.port, proc=self.proc)
         except RuntimeError:
-            raise RuntimeError(
-                f"{name}: {self.proc.stderr.read().decode(errors='replace')}"
-            ) from None
+            err = self.proc.stderr.read() if self.proc.stderr is not None else b""
+            raise RuntimeError(f"{name}: {err.decode(errors='replace')}") from None
 
     def pid(self) -> int | None:
         return self.proc.pid
