@@ -192,11 +192,13 @@ hosts = ["127.0.0.1:{nexthop}"]
 
 def tree_env(tree: Path) -> dict[str, str]:
     """The environment that makes a Python child import ``mailrelay`` from ``tree`` (first on
-    ``PYTHONPATH``, ahead of the venv's editable install), checked once with a child of its own."""
+    ``PYTHONPATH``, ahead of the venv's editable install), checked once with a child of its own
+    (run in ``/``, as the relay runs in a temp dir: ``python -c`` puts its cwd first)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH")) if p)
     found = subprocess.run(
         [sys.executable, "-c", "import mailrelay; print(mailrelay.__file__)"],
+        cwd="/",
         env=env,
         capture_output=True,
         text=True,
@@ -225,6 +227,7 @@ class MailRelay(System):
         self.name = label
         self.workers = workers
         self.tree = tree
+        env = tree_env(tree)  # before the temp dir: a wrong tree leaves nothing behind
         self.dir = Path(tempfile.mkdtemp(prefix="bench-mailrelay-"))
         self.port = free_port()
         self.spool = self.dir / "spool"
@@ -239,7 +242,7 @@ class MailRelay(System):
         self.proc = subprocess.Popen(
             [str(twistd), "-n", "--pidfile=", "mailrelay", "--config", str(conf)],
             cwd=self.dir,
-            env=tree_env(tree),
+            env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -251,6 +254,7 @@ class MailRelay(System):
         except Exception:
             self.log.flush()
             sys.stderr.write((self.dir / "twistd.log").read_text(errors="replace")[-4000:])
+            self.stop()  # the caller never gets the object to stop
             raise
 
     def _wait_workers(self, timeout: float = 30.0) -> None:

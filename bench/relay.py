@@ -205,10 +205,16 @@ class Stoppable(Protocol):
 S = TypeVar("S", bound=Stoppable)
 
 
-def start(what: str, factory: Callable[[], S], started: list[Stoppable]) -> S | None:
+def start(
+    what: str, factory: Callable[[], S], started: list[Stoppable], required: bool = False
+) -> S | None:
+    """Start one system; if it fails, say why and go on without it (unless it is ``required``:
+    with --baseline, a comparison missing either side would be a long run for nothing)."""
     try:
         obj = factory()
     except Exception as e:  # a missing package, not root, a crash at start-up: skip, say why
+        if required:
+            raise
         print(f"skipping {what}: {e}", file=sys.stderr)
         return None
     started.append(obj)
@@ -329,9 +335,8 @@ def bench(args: argparse.Namespace, baseline: tuple[str, Path] | None) -> int:
     try:
         if {"e2e", "latency", "rss"} & set(scenarios):
             for name, w, tree in trees:
-                relay = start(
-                    name, partial(Relay, name, partial(e2e_relay, name, w, tree)), started
-                )
+                make = partial(Relay, name, partial(e2e_relay, name, w, tree))
+                relay = start(name, make, started, required=baseline is not None)
                 if relay is not None:
                     relays.append(relay)
             if "postfix" in systems:
@@ -346,6 +351,7 @@ def bench(args: argparse.Namespace, baseline: tuple[str, Path] | None) -> int:
                         f"{name} (accept only)",
                         partial(MailRelay, hole.port, "1h", name, w, tree),
                         started,
+                        required=baseline is not None,
                     )
                     if mr is not None:
                         accepts.append(mr)
