@@ -42,7 +42,7 @@ def _git(*args: str) -> str:
 @contextmanager
 def checkout(rev: str) -> Iterator[tuple[Path, str]]:
     """Check ``rev`` out into a temp worktree; yield (its path, its short hash); remove it after."""
-    commit = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    commit = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
     short = _git("rev-parse", "--short", commit)
     path = Path(tempfile.mkdtemp(prefix=f"bench-baseline-{short}-"))
     _git("worktree", "add", "--detach", str(path), commit)

@@ -300,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         baseline: tuple[str, Path] | None = None
         if args.baseline:
-            path, short = stack.enter_context(checkout(args.baseline))
+            try:
+                path, short = stack.enter_context(checkout(args.baseline))
+            except RuntimeError as e:  # not a commit, not a git checkout
+                print(f"relay.py: --baseline: {e}", file=sys.stderr)
+                return 2
             baseline = (f"baseline {short}", path)
             print(f"baseline {args.baseline} ({short}) checked out in {path}", file=sys.stderr)
         return bench(args, baseline)
