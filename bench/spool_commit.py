@@ -74,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     base = args.dir or tempfile.mkdtemp(prefix="mailrelay-bench-commit-")
     print(
-        f"{'concurrency':>11} {'commits/s':>10} {'passes':>8} {'msgs/pass':>10} {'p50 ms':>8} {'p99 ms':>8}"
+        f"{'concurrency':>11} {'commits/s':>10} {'passes':>8} {'msgs/pass':>10} "
+        f"{'p50 ms':>8} {'p99 ms':>8}"
     )
 
     @defer.inlineCallbacks
