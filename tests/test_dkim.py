@@ -193,17 +193,42 @@ def test_a_look_alike_sender_domain_does_not_choose_our_key():
 def test_a_message_without_a_header_section_goes_out_unsigned_and_unchanged(tmp_path):
     """Text that begins with whitespace has no header section (the session puts an empty line after
     its Received header then): nothing may be put on top of it that its first line would continue.
-    With no From: header there is nothing to sign for, so it goes out as it is."""
+    With no From: header there is nothing to sign for, so it goes out as it is, with a log line."""
     import io
 
-    from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer, DomainKey
+    from twisted.logger import globalLogPublisher
+
+    from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer, domain_key
     from mailrelay.envelope import Envelope, Recipient
+    from tests.dkim_support import RecordingDeliverer, SyncPool, SyncReactor
 
     make_key(tmp_path / "k.pem")
     signer = DKIMSigner(
-        {"example.org": DomainKey("example.org", "s1", (tmp_path / "k.pem").read_bytes())}
+        {"example.org": domain_key("example.org", "s1", (tmp_path / "k.pem").read_bytes())}
     )
-    signing = DKIMSigningDeliverer(object(), signer, None, None)  # type: ignore[arg-type]
+    delivered = RecordingDeliverer()
+    signing = DKIMSigningDeliverer(delivered, signer, SyncReactor(), SyncPool())
     envelope = Envelope("a@example.org", (Recipient("b@example.test"),))
-    for body in (b" h=from; b=forged\r\nFrom: a@example.org\r\n\r\nbody\r\n", b"\tx\r\n"):
-        assert signing._signed(envelope, lambda body=body: io.BytesIO(body)) is None
+    logged: list[str] = []
+
+    def observe(event: dict) -> None:  # type: ignore[type-arg]
+        if "DKIM: cannot sign" in event.get("log_format", ""):
+            logged.append(event["error"])
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for body in (
+            b" h=from; b=forged\r\nFrom: a@example.org\r\n\r\nbody\r\n",
+            b"\tx\r\n",
+            b"Received: by us\r\n\r\n h=from; b=forged\r\nFrom: a@example.org\r\n\r\nx\r\n",
+        ):
+
+            def open_body(body: bytes = body) -> io.BytesIO:
+                return io.BytesIO(body)
+
+            signing.deliver(envelope, envelope.recipients, None, open_body)  # type: ignore[arg-type]
+            assert delivered.bodies[-1] is open_body  # the stored text, as it is
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert len(logged) == 3 and "no header section" in logged[0]
+    assert "no From header field" in logged[2]
