@@ -59,7 +59,7 @@ class SyncPool:
 class SyncReactor:
     """The little of a reactor that ``deferToThreadPool`` and the signers use."""
 
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
         self.now = now
 
     def seconds(self) -> float:
