@@ -26,6 +26,7 @@ from mailrelay.dkim import (
     PrefixedBody,
     SigningSink,
     domain_key,
+    prefixed,
 )
 from mailrelay.dkim.body import RelaxedBodyHash
 from mailrelay.envelope import Envelope, Recipient
@@ -343,6 +344,11 @@ def test_a_prefixed_body_reads_and_seeks_as_the_two_texts_joined(prefix, body, s
     with ours:
         pass
     assert ours.closed
+    plain = io.BytesIO(body)
+    assert (
+        prefixed(b"", plain) is plain
+        and prefixed(prefix or b"X", plain).read(1) == (prefix or b"X")[:1]
+    )
 
 
 def test_delivery_sends_the_signature_in_front_of_the_stored_message(signer, dnsfunc):

@@ -20,7 +20,7 @@ section and a running hash of its canonical body, and signs at the end (in a thr
 from mailrelay.dkim.deliverer import DKIMSigningDeliverer, sign_file
 from mailrelay.dkim.intake import IPrependingWriter, SigningSink, SigningWriter
 from mailrelay.dkim.keys import DomainKey, dkimpy_key, domain_key
-from mailrelay.dkim.prefixed import PrefixedBody
+from mailrelay.dkim.prefixed import PrefixedBody, prefixed
 from mailrelay.dkim.signer import (
     HEADER_LIMIT,
     DKIMSigner,
@@ -43,5 +43,6 @@ __all__ = [
     "domain_key",
     "from_domain",
     "load_keys",
+    "prefixed",
     "sign_file",
 ]

@@ -8,8 +8,11 @@ then is the writer committed: the signature is durable with the message, so the 
 the commit covers it, and delivery sends it in front of the stored message on every attempt
 without signing again. A message that cannot be signed is committed unsigned (with a log line).
 
-The store's writers must provide ``IPrependingWriter``: the stores keep the octets beside the
-message and their ``open_body`` returns ``PrefixedBody(prefix, body)``.
+The store's writers must provide ``IPrependingWriter``: the store keeps the octets in the
+message's record (committed with it) and hands them back as ``QueuedMessage.prefix``; the queue
+manager delivers ``PrefixedBody(message.prefix, store.open_body(qid))``. Every other reader of
+``open_body`` (bounces quoting the message, ``mailrelay queue show``) sees the text as received,
+as today. Not wired yet: ``DKIMSigningDeliverer`` still signs at delivery.
 """
 
 from __future__ import annotations

@@ -72,3 +72,8 @@ class PrefixedBody(io.BufferedIOBase, BinaryIO):
                 self._body.close()
             finally:
                 super().close()
+
+
+def prefixed(prefix: bytes, body: IO[bytes]) -> IO[bytes]:
+    """``body`` with ``prefix`` in front; ``body`` itself when there is nothing to put there."""
+    return PrefixedBody(prefix, body) if prefix else body
