@@ -180,7 +180,7 @@ def _password_file(path: str) -> None:
 
 
 def _ca_file(path: str) -> None:
-    from mailrelay.delivery.tls import load_trust_root
+    from mailrelay.tls_trust import load_trust_root
 
     load_trust_root(path)
 

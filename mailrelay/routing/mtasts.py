@@ -23,7 +23,6 @@ from typing import Any
 import attrs
 import treq
 from twisted.internet import defer, ssl
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # the trust-root interface ssl.* accepts
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
@@ -35,8 +34,8 @@ from zope.interface import implementer
 
 from mailrelay import _ascii
 from mailrelay._quiet import QuietEndpoint
-from mailrelay.delivery.tls import load_trust_root
 from mailrelay.errors import TemporaryFailure
+from mailrelay.tls_trust import platform_and
 
 log = Logger()
 
@@ -322,18 +321,6 @@ def _cancelled(e: BaseException) -> bool:
     return any(_cancelled(f.value) for f in getattr(e, "reasons", None) or ())
 
 
-@implementer(IOpenSSLTrustRoot)
-class _PlatformAnd:
-    """The platform's trust store plus the certificates of a configured CA file."""
-
-    def __init__(self, extra: Any) -> None:
-        self.extra = extra
-
-    def _addCACertsToContext(self, context: Any) -> None:  # noqa: N802 (Twisted's interface)
-        context.set_default_verify_paths()
-        self.extra._addCACertsToContext(context)
-
-
 @implementer(IAgentEndpointFactory)
 class _FixedAddress:
     """Endpoints to one address (found by our resolver), with TLS that checks ``hostname``."""
@@ -378,7 +365,7 @@ class HTTPSFetcher:
     ) -> None:
         self.reactor, self.addresses, self.port = reactor, addresses, port
         self.timeout, self.max_size = timeout, max_size
-        self.trust = _PlatformAnd(load_trust_root(ca_file)) if ca_file else ssl.platformTrust()
+        self.trust = platform_and(ca_file)
 
     def __call__(self, domain: str) -> defer.Deferred[bytes]:
         d = defer.ensureDeferred(self._fetch(domain))

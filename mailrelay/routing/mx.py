@@ -37,13 +37,13 @@ from zope.interface import implementer
 from mailrelay import _ascii
 from mailrelay.address import normalise_domain, split
 from mailrelay.config import parse_duration, parse_hostport
-from mailrelay.delivery.tls import ca_file_option
 from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.context import RouterContext
 from mailrelay.routing.mtasts import HTTPSFetcher, Mode, Policy, PolicyCache
 from mailrelay.routing.static import DomainSet, parse_domain_pattern, parse_tls
+from mailrelay.tls_trust import ca_file_option
 
 log = Logger()
 
