@@ -7,15 +7,13 @@ log formats. ``RelayObserver`` is the do-nothing base to subclass (override only
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import IO, Any
+from collections.abc import Iterable
+from typing import Any
 
-from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from mailrelay.envelope import Envelope, Recipient, Reply, Route
-from mailrelay.interfaces import IDeliverer
+from mailrelay.envelope import Envelope, Reply
 
 log = Logger()
 
@@ -138,43 +136,3 @@ class FanOut:
 
     def recipient_unrouted(self, envelope: Envelope, recipient: str, reply: Reply) -> None:
         self._each("recipient_unrouted", envelope, recipient, reply)
-
-
-@implementer(IDeliverer)
-class ObservedDeliverer:
-    """An ``IDeliverer`` that reports each recipient's outcome and the attempt's duration.
-
-    Wrapping the deliverer keeps the queue manager and the SMTP client free of counting code.
-    """
-
-    def __init__(self, deliverer: IDeliverer, observer: IRelayObserver, clock: Any) -> None:
-        self.deliverer = deliverer
-        self.observer = observer
-        self.clock = clock
-
-    def deliver(
-        self,
-        envelope: Envelope,
-        recipients: Sequence[Recipient],
-        route: Route,
-        open_body: Callable[[], IO[bytes]],
-    ) -> defer.Deferred[list[tuple[Reply, str | None]]]:
-        started = self.clock.seconds()
-        try:
-            answer = self.deliverer.deliver(envelope, recipients, route, open_body)
-        except Exception:
-            return defer.fail()
-        d = answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
-        return d.addCallback(self._report, envelope, started)
-
-    def _report(
-        self, results: list[tuple[Reply, str | None]], envelope: Envelope, started: float
-    ) -> list[tuple[Reply, str | None]]:
-        seconds = max(0.0, self.clock.seconds() - started)
-        observer = self.observer
-        for reply, remote, *_ in results:
-            observer.delivery_attempted(envelope, reply, remote, seconds)
-        return results
-
-    def __getattr__(self, name: str) -> Any:  # stop(), pool, ... of the wrapped deliverer
-        return getattr(self.deliverer, name)

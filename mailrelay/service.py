@@ -30,12 +30,13 @@ from twisted.python.threadpool import ThreadPool
 from mailrelay.config import Config, ServerConfig
 from mailrelay.delivery import ByRouteDeliverer, MaildirDeliverer, SMTPDeliverer
 from mailrelay.delivery.capabilities import HopCapabilities
+from mailrelay.delivery.observed import ObservedDeliverer
 from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
 from mailrelay.errors import ConfigError, cannot_listen, config_errors, each_config_error
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
 from mailrelay.metrics import RelayMetrics, metrics_site
-from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
+from mailrelay.observer import FanOut, IRelayObserver
 from mailrelay.policy import build_policy
 from mailrelay.policy.access import is_trusted
 from mailrelay.policy.onward import OnwardCapabilities

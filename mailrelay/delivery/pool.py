@@ -72,9 +72,6 @@ class ConnectionPool:
             session.watched = True
             session.client.when_closed().addCallback(self._gone, key, session)
 
-    def idle_count(self) -> int:
-        return sum(len(v) for v in self._idle.values())
-
     def close(self) -> defer.Deferred[Any]:
         """QUIT every idle session; fires when they are all closed. Nothing is pooled afterwards."""
         self.closed = True

@@ -52,10 +52,6 @@ CACHE_LIMIT = 10000  # entries per cache: a relay for the world meets many domai
 SHUFFLE_WINDOW = 1.0  # seconds during which one domain's equal-preference order is reused
 
 
-class _NoAddress(Exception):
-    """A name resolved to nothing usable (NXDOMAIN or no A/AAAA): permanent for this name."""
-
-
 @attrs.frozen
 class Exchange:
     """One MX host: its preference, its name and its addresses (in connection order)."""

@@ -1,4 +1,4 @@
-"""An in-memory DNS resolver for tests (re-exported as ``mailrelay.testing.FakeResolver``)."""
+"""An in-memory DNS resolver for tests, re-exported as ``mailrelay.testing.FakeResolver``."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from mailrelay.envelope import Envelope, NextHop, QueuedMessage, Recipient, Repl
 from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IDeliverer, IMessageWriter, IQueueStore, IRouter
 from mailrelay.queue.store import QueueIdGenerator, new_message, storage_failure
-from mailrelay.routing._fakedns import FakeResolver
+from mailrelay.testing.dns import FakeResolver
 from mailrelay.routing.context import RouterContext
 
 __all__ = [
