@@ -94,10 +94,11 @@ class SignalService(service.Service):
             log.info("SIGHUP: started without --config, nothing to reload")
             return defer.succeed(False)
         previous = self._reloading or defer.succeed(None)
+        path = self.config_path
 
         def run(_: object) -> defer.Deferred[Any]:
-            log.info("SIGHUP: reloading {path}", path=self.config_path)
-            return reload_config(self.relay, self.config_path)
+            log.info("SIGHUP: reloading {path}", path=path)
+            return reload_config(self.relay, path)
 
         d = previous.addBoth(run)
         self._reloading = d

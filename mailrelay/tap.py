@@ -115,8 +115,10 @@ def _log_stream(options: Options) -> Any:
     stream = LogFile.fromFullPath(path or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):  # as twistd does for its own log file
         from twisted.internet import reactor
+        from twisted.internet.interfaces import IReactorFromThreads
 
-        signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(stream.rotate))
+        threads = IReactorFromThreads(reactor)
+        signal.signal(signal.SIGUSR1, lambda signum, frame: threads.callFromThread(stream.rotate))
     return stream
 
 

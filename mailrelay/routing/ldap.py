@@ -40,11 +40,11 @@ import ssl
 import string
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -205,7 +205,7 @@ class LDAPDirectory:
                     self.base, query, search_scope=ldap3.SUBTREE, attributes=self.attributes
                 )
                 # raw values: without the schema ldap3 cannot tell single- from multi-valued
-                entries = [
+                entries: list[Entry] = [
                     {
                         name: [v.decode("utf-8", "replace") for v in values]
                         for name, values in e["raw_attributes"].items()
@@ -468,7 +468,8 @@ class LDAPRouter:
         threadpool, reactor = context.threadpool, context.reactor
 
         def run_blocking(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-            return deferToThreadPool(reactor, threadpool, f, *args)
+            # a context that has a thread pool has a real reactor, not only a clock
+            return deferToThreadPool(cast(IReactorFromThreads, reactor), threadpool, f, *args)
 
         return cls(directory, context.reactor, run_blocking, next_hop, **router_options)
 

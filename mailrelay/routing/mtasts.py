@@ -28,6 +28,7 @@ from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.names import error as dnserror
+from twisted.python.failure import Failure
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -131,7 +132,7 @@ def parse_policy(body: bytes | str, policy_id: str) -> Policy:
     if fields.get("version") != "STSv1":
         raise PolicyError(f"version must be STSv1, not {fields.get('version')!r}")
     try:
-        mode = Mode(fields.get("mode"))
+        mode = Mode(fields.get("mode", ""))
     except ValueError:
         raise PolicyError(
             f"mode must be enforce, testing or none, not {fields.get('mode')!r}"
@@ -167,6 +168,11 @@ class _State:
 
 TxtLookup = Callable[[str], Awaitable[tuple[tuple[str, ...], float]]]
 Fetch = Callable[[str], Awaitable[bytes]]
+
+
+def _discovery_failed(failure: Failure, domain: str) -> None:
+    """A discovery that failed unexpectedly: logged, and the domain treated as having no policy."""
+    log.failure("MTA-STS discovery for {domain} failed", failure, domain=domain)
 
 
 class PolicyCache:
@@ -212,12 +218,7 @@ class PolicyCache:
             return waiter
         self._inflight[domain] = [waiter]
         d = defer.ensureDeferred(self._discover(domain))
-        d.addErrback(
-            lambda f: (
-                log.failure("MTA-STS discovery for {domain} failed", f, domain=domain),
-                None,
-            )[1]
-        )
+        d.addErrback(_discovery_failed, domain)
         d.addCallback(self._done, domain)
         return waiter
 

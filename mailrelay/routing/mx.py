@@ -23,7 +23,7 @@ import ipaddress
 import random as _random
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.internet import defer
@@ -162,9 +162,7 @@ class MXRouter:
     def __repr__(self) -> str:
         return f"MXRouter(port={self.port}, domains={list(self.domains)!r})"
 
-    def route(
-        self, recipient: str, envelope: Envelope | None
-    ) -> defer.Deferred[Route | None] | Route | None:
+    def route(self, recipient: str, envelope: Envelope | None) -> defer.Deferred[Route] | None:
         domain = split(recipient)[1]
         if not domain or not self.matches(domain):
             return None
@@ -245,7 +243,7 @@ class MXRouter:
 
         async def lookup() -> tuple[tuple[str, ...], float]:
             records, ttls = await self._lookup(normalise_domain(name), dns.TXT)
-            texts = tuple(b"".join(r.payload.data).decode("utf-8", "replace") for r in records)
+            texts = tuple(b"".join(_txt(r).data).decode("utf-8", "replace") for r in records)
             return texts, self._ttl(ttls)
 
         return defer.ensureDeferred(lookup())
@@ -367,7 +365,7 @@ class MXRouter:
                 ),
                 expires=now + self.negative_ttl,
             )
-        mxs = [(r.payload.preference, _text(r.payload.name)) for r in records]
+        mxs = [(_mx(r).preference, _text(_mx(r).name)) for r in records]
         if any(name in ("", ".") for _, name in mxs):
             # RFC 7505: a null MX says the domain accepts no mail; never fall back to A/AAAA.
             return _Resolved(
@@ -419,21 +417,21 @@ class MXRouter:
         lookups = [self._lookup(name, dns.A), self._lookup(name, dns.AAAA)]
         if self.prefer == "ipv6":
             lookups.reverse()
-        results = await defer.DeferredList(
+        results: list[tuple[bool, Any]] = await defer.DeferredList(
             [defer.ensureDeferred(c) for c in lookups], consumeErrors=True
         )
         addresses: list[str] = []
         ttls: list[int] = []
-        failures = []
+        failures: list[Exception] = []
         for ok, result in results:
             if ok:
                 records, rttls = result
                 addresses.extend(_address(r) for r in records)
                 ttls.extend(rttls)
             elif not result.check(dnserror.DNSNameError):
-                failures.append(result)
+                failures.append(result.value)
         if not addresses and failures:
-            return failures[0].value  # type: ignore[no-any-return]
+            return failures[0]
         return tuple(addresses), ttls
 
     async def _lookup(self, name: str, qtype: int) -> tuple[list[dns.RRHeader], list[int]]:
@@ -550,19 +548,36 @@ def make_resolver(
     return client.Resolver(resolv="/etc/resolv.conf", timeout=timeouts, reactor=reactor)
 
 
+# The record data of an answer of the type asked for (``_lookup`` keeps only those): the casts
+# say which class Twisted decoded it into, at no cost.
+
+
+def _mx(r: dns.RRHeader) -> dns.Record_MX:
+    return cast(dns.Record_MX, r.payload)
+
+
+def _txt(r: dns.RRHeader) -> dns.Record_TXT:
+    return cast(dns.Record_TXT, r.payload)
+
+
 def _address(r: dns.RRHeader) -> str:
     if r.type == dns.AAAA:
-        return socket.inet_ntop(socket.AF_INET6, r.payload.address)
-    return socket.inet_ntop(socket.AF_INET, r.payload.address)
+        return socket.inet_ntop(socket.AF_INET6, cast(dns.Record_AAAA, r.payload).address)
+    return cast(dns.Record_A, r.payload).dottedQuad()
+
+
+_RCODES: dict[type[Exception], str] = {
+    dnserror.DNSServerError: "SERVFAIL",
+    dnserror.DNSQueryRefusedError: "REFUSED",
+    dnserror.DNSFormatError: "FORMERR",
+    dnserror.DNSNotImplementedError: "NOTIMP",
+}
 
 
 def _describe(e: Exception) -> str:
-    return {
-        dnserror.DNSServerError: "SERVFAIL",
-        dnserror.DNSQueryRefusedError: "REFUSED",
-        dnserror.DNSFormatError: "FORMERR",
-        dnserror.DNSNotImplementedError: "NOTIMP",
-    }.get(type(e), "timed out" if isinstance(e, defer.TimeoutError) else type(e).__name__)
+    return _RCODES.get(
+        type(e), "timed out" if isinstance(e, defer.TimeoutError) else type(e).__name__
+    )
 
 
 def _port(v: object) -> int:

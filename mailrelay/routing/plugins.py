@@ -93,7 +93,7 @@ def build_one(route: RouteConfig, context: RouterContext) -> IRouter:
             f"router type {route.type!r}: {_describe(ep)} returned {router!r}, "
             f"which does not provide IRouter: {e}",
         ) from None
-    return router  # type: ignore[no-any-return]
+    return router
 
 
 def build_router(

@@ -71,10 +71,12 @@ class DomainSet:
 
 def parse_tls(value: object) -> TLSPolicy:
     try:
-        return TLSPolicy(value)
+        if isinstance(value, str):
+            return TLSPolicy(value)
     except ValueError:
-        known = ", ".join(p.value for p in TLSPolicy)
-        raise ValueError(f"{value!r}: must be one of {known}") from None
+        pass
+    known = ", ".join(p.value for p in TLSPolicy)
+    raise ValueError(f"{value!r}: must be one of {known}")
 
 
 def parse_rewrite(value: object) -> str:

@@ -37,7 +37,7 @@ class BodyProducer:
     def run(self) -> defer.Deferred[ClientFailure | None]:
         self.client._producer = self
         self._arm()
-        self.client.transport.registerProducer(self, False)  # type: ignore[union-attr]
+        self.client.transport.registerProducer(self, False)
         return self.done
 
     def resumeProducing(self) -> None:
@@ -47,11 +47,11 @@ class BodyProducer:
         chunk, self.first = (self.first, b"") if self.first else (self.body.read(CHUNK_SIZE), b"")
         transport = self.client.transport
         if chunk:
-            transport.write(self.transform(chunk))  # type: ignore[union-attr]
+            transport.write(self.transform(chunk))
             return
-        transport.write(self.finish())  # type: ignore[union-attr]
+        transport.write(self.finish())
         self._end(None)
-        transport.unregisterProducer()  # type: ignore[union-attr]
+        transport.unregisterProducer()
 
     def pauseProducing(self) -> None:
         pass

@@ -143,7 +143,7 @@ def worker_observer(fd: int, worker: int, form: str, reactor: Any = None) -> Any
     stream: Any = FdStream(fd) if reactor is None else TurnStream(FdStream(fd), reactor)
     if form == "event":
         return LineWriter(stream)
-    out = JSONLineObserver(stream) if form == "json" else TextLineObserver(stream)  # type: ignore[arg-type]
+    out = JSONLineObserver(stream) if form == "json" else TextLineObserver(stream)
 
     def observe(event: dict[str, Any]) -> None:
         out(marked(event, worker))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import re
 
@@ -158,8 +159,13 @@ def _messages(queue_dir: str) -> dict[str, list[str]]:
         if is_queue_id(stem):
             out.setdefault(stem, []).append(name)
     for stem, files in out.items():
-        files.sort(key=lambda n, stem=stem: (n == stem, n.endswith(_ENV), n))
+        files.sort(key=functools.partial(_file_order, stem))
     return dict(sorted(out.items()))
+
+
+def _file_order(stem: str, name: str) -> tuple[bool, bool, str]:
+    """Sort key of one message's files: the one that marks the commit last."""
+    return (name == stem, name.endswith(_ENV), name)
 
 
 def _move_messages(source: str, target: str) -> int:

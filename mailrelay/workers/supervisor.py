@@ -178,7 +178,7 @@ class Supervisor(service.Service):
                 try:
                     sock = bind(self.reactor, description)
                 except (OSError, ValueError) as e:
-                    # as a single relay does (service._Listener): the key, the endpoint, the reason
+                    # as a single relay does (listener.Listener): the key, the endpoint, the reason
                     errors.append(
                         cannot_listen(self.config.source, f"server.{key}[{i}]", description, e)
                     )
@@ -191,7 +191,7 @@ class Supervisor(service.Service):
                     n=len(self.workers),
                 )
         if self.config.metrics_listen and self.metrics_listener is None:
-            error = self._listen_metrics()
+            error = self._listen_metrics(self.config.metrics_listen)
             if error is not None:
                 errors.append(error)
         if errors:
@@ -212,11 +212,10 @@ class Supervisor(service.Service):
         for worker in self.workers:
             self.start_worker(worker)
 
-    def _listen_metrics(self) -> ConfigError | None:
+    def _listen_metrics(self, description: str) -> ConfigError | None:
         """Listen for /metrics; the error when the port cannot be had (a TCP listen fails at once)."""
         from twisted.internet.endpoints import serverFromString
 
-        description = self.config.metrics_listen
         failed: list[Failure] = []
         d = serverFromString(self.reactor, description).listen(self.metrics_site)
         d.addCallbacks(self._metrics_listening, failed.append)
@@ -320,9 +319,9 @@ class Supervisor(service.Service):
 
     # -- signals ---------------------------------------------------------------------------------
 
-    def signal_workers(self, signum: int) -> list[int]:
+    def signal_workers(self, signum: int) -> list[int | None]:
         """Send ``signum`` to every running worker; the pids it went to."""
-        sent = []
+        sent: list[int | None] = []
         for worker in self.workers:
             if worker.process is not None:
                 try:

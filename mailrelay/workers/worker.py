@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     top = MultiService()
     relay.setServiceParent(top)
     SignalService(relay, spec["config"], reactor).setServiceParent(top)
-    stdio.StandardIO(
+    # mypy reads the Windows StandardIO (twisted.internet.stdio picks one by platform at run time)
+    stdio.StandardIO(  # type: ignore[call-arg]
         _ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor
     )
     reactor.callWhenRunning(top.startService)
