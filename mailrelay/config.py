@@ -183,7 +183,7 @@ def _network(v: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def _domain(v: object) -> str:
-    """One canonical form (``mailrelay.address.canonical_domain``), so config and mail compare alike."""
+    """One canonical form (``address.canonical_domain``), so config and mail compare alike."""
     try:
         return canonical_domain(_ascii.strip(_string(v)).removesuffix("."))
     except DomainError as e:

@@ -34,7 +34,7 @@ class IRelayObserver(Interface):
         """A TLS handshake completed; ``direction`` is ``"inbound"`` or ``"outbound"``."""
 
     def command_rejected(command, reply):  # type: ignore[no-untyped-def]
-        """The server answered ``command`` (``"RCPT"``, ``"DATA"``, ...) with a 4xx/5xx ``reply``."""
+        """The server answered ``command`` (``"RCPT"``, ``"DATA"``...) with a 4xx/5xx ``reply``."""
 
     def message_accepted(info, envelope, queue_id, size):  # type: ignore[no-untyped-def]
         """A message was committed to the queue and got its 250."""

@@ -206,7 +206,7 @@ class MailRelayService(service.MultiService):
         return factory
 
     def _endpoint(self, description: str) -> Any:
-        """The endpoint to listen on for ``description`` (a worker process adopts its supervisor's)."""
+        """The endpoint to listen on for ``description`` (a worker adopts its supervisor's)."""
         return serverFromString(self.reactor, description)
 
     def _listen(self, description: str, factory: SMTPServerFactory, key: str = "") -> None:
@@ -220,7 +220,7 @@ class MailRelayService(service.MultiService):
 
     @property
     def ports(self) -> list[IListeningPort]:
-        """The SMTP listening ports, once started (``port.getHost().port`` when listening on port 0)."""
+        """The SMTP listening ports, once started (``port.getHost().port`` for a port 0 listen)."""
         return [listener.port for listener in self.listeners if listener.port is not None]
 
     def privilegedStartService(self) -> None:
@@ -326,7 +326,7 @@ class MailRelayService(service.MultiService):
 
     @defer.inlineCallbacks
     def reconfigure(self, new: Config):  # type: ignore[no-untyped-def]
-        """Take ``new`` routes, policies, TLS certificates, limits and DKIM keys without dropping a connection.
+        """Take ``new`` routes, policies, certificates, limits, DKIM keys, dropping no connection.
 
         Everything is built before anything is swapped, so a bad route or certificate raises
         (``ConfigError`` or the loader's error) and leaves the running relay as it was. Keys that
@@ -341,7 +341,7 @@ class MailRelayService(service.MultiService):
         built = build_router(new.routes, self._new_context(new)) if self._own_router else None
         router = built if built is not None else old_router
         try:
-            # what factory.reconfigure loads (certificate, key, password file) fails here, before any swap
+            # what factory.reconfigure loads (certificate, key, password file) fails here, first
             found = problems(new, self.reactor, spool=False)
             if found:
                 raise config_errors(found)
@@ -423,7 +423,7 @@ def needs_restart(old: Config, new: Config) -> list[str]:
 
 
 def keep_running(old: Config, new: Config) -> Config:
-    """``new`` with every ``RESTART_ONLY`` key at its value in ``old``: what a reload applies, whole."""
+    """``new`` with each ``RESTART_ONLY`` key at its value in ``old``: what a reload applies."""
     import attrs
 
     for section, key in RESTART_ONLY:

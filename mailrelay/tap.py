@@ -106,7 +106,7 @@ def _twistd_option(options: Options, name: str, default: Any = None) -> Any:
 
 
 def _log_stream(options: Options) -> Any:
-    """Where twistd would write its text log: ``--logfile`` (rotated, also on SIGUSR1), or stdout."""
+    """Where twistd would write its text log: ``--logfile`` (rotated, also on SIGUSR1) or stdout."""
     from twisted.python.logfile import LogFile
 
     path = _twistd_option(options, "logfile")

@@ -1,4 +1,4 @@
-"""The connection cache: idle sessions to a next hop, kept for the next message (as Postfix's scache).
+"""The connection cache: idle sessions to a next hop, kept for the next message (Postfix's scache).
 
 A session comes back after a transaction; it is kept while it has delivered fewer than
 ``max_messages`` messages, is younger than ``max_age`` seconds and has not been idle for

@@ -1,4 +1,4 @@
-"""The LDAP router: the LDAP mail routing model (sendmail's LDAP routing, RFC draft "inetLocalMailRecipient").
+"""The LDAP router: LDAP mail routing (sendmail's, RFC draft "inetLocalMailRecipient").
 
 For a recipient, look up the entry whose ``mailLocalAddress`` is the address, then (if allowed)
 the ``@domain`` catch-all. ``mailRoutingAddress`` rewrites the recipient; ``mailHost`` is the next

@@ -83,7 +83,7 @@ def mx_matches(pattern: str, host: str) -> bool:
 
 
 def parse_record(texts: Sequence[str]) -> str | None:
-    """The policy id from the TXT records of ``_mta-sts.<domain>``; None unless exactly one is STSv1.
+    """The policy id in the TXT records of ``_mta-sts.<domain>``; None unless one only is STSv1.
 
     RFC 8461 section 3.1: records that do not begin with ``v=STSv1;`` are ignored; not exactly one
     left, or one that is invalid, means the domain has no policy.
@@ -156,7 +156,7 @@ def _mx_pattern(value: str) -> str:
 
 @attrs.define
 class _State:
-    """What is known of one domain: its TXT id (until ``txt_expires``), its policy, a failed fetch."""
+    """What is known of a domain: its TXT id (until ``txt_expires``), its policy, a failed fetch."""
 
     txt_id: str | None = None
     txt_expires: float = 0.0
@@ -253,7 +253,8 @@ class PolicyCache:
                 st.txt_id, st.txt_expires = None, now + self.negative_ttl
             except TemporaryFailure as e:
                 log.warn(
-                    "MTA-STS: TXT lookup for {domain} failed ({reply}); using the cached policy: {policy}",
+                    "MTA-STS: TXT lookup for {domain} failed ({reply}); "
+                    "using the cached policy: {policy}",
                     domain=domain,
                     reply=str(e.reply),
                     policy=_describe(st.policy),
@@ -273,7 +274,8 @@ class PolicyCache:
         except Exception as e:  # any failure of the fetch: keep what we had (section 5.1)
             st.failed_until = self.clock.seconds() + self.retry_after
             log.warn(
-                "MTA-STS: policy of {domain} (id {id}) not fetched: {why}; using the cached policy: {policy}",
+                "MTA-STS: policy of {domain} (id {id}) not fetched: {why}; "
+                "using the cached policy: {policy}",
                 domain=domain,
                 id=st.txt_id,
                 why=_reason(e),
@@ -303,7 +305,8 @@ class PolicyCache:
 def _describe(policy: Policy | None) -> str:
     if policy is None:
         return "none"
-    return f"id {policy.id}, mode {policy.mode}, mx {', '.join(policy.mx) or '-'}, max_age {policy.max_age}"
+    mx = ", ".join(policy.mx) or "-"
+    return f"id {policy.id}, mode {policy.mode}, mx {mx}, max_age {policy.max_age}"
 
 
 def _reason(e: BaseException) -> str:

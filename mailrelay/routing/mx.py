@@ -260,7 +260,7 @@ class MXRouter:
         return defer.ensureDeferred(lookup())
 
     def route_host(self, name: str, port: int | None = None) -> defer.Deferred[Route]:
-        """The route to one host's own A/AAAA addresses, without MX lookup (Postfix's ``[host]``)."""
+        """The route to one host's own A/AAAA addresses, no MX lookup (Postfix's ``[host]``)."""
         d = defer.ensureDeferred(self._host(normalise_domain(name)))
 
         def hops(result: tuple[tuple[str, ...], list[int]] | Exception) -> Route:

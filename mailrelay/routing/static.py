@@ -37,7 +37,7 @@ _REWRITE_FIELDS = frozenset({"local", "domain", "address"})
 
 
 def parse_domain_pattern(value: object) -> str:
-    """A ``domains`` entry: ``"example.test"``, ``".example.test"`` or ``"*"``, in canonical form."""
+    """A ``domains`` entry, ``"example.test"``, ``".example.test"`` or ``"*"``, canonical."""
     if not isinstance(value, str):
         raise ValueError(f"must be a string, not {type(value).__name__}")
     try:

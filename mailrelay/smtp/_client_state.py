@@ -84,7 +84,7 @@ Result = Reply | ClientFailure
 
 
 class Batch:
-    """Several pipelined replies awaited together: one Deferred for the lot (cheaper than one each)."""
+    """Pipelined replies awaited together: one Deferred for the lot (cheaper than one each)."""
 
     __slots__ = ("deferred", "results", "expected")
 

@@ -159,7 +159,7 @@ class SMTPClientProtocol(Protocol):
 
     @property
     def size_limit(self) -> int | None:
-        """The SIZE the peer declared (``0``, absent or not ASCII digits: no declared limit → ``None``)."""
+        """The SIZE the peer declared; ``None`` for no limit (``0``, absent, not ASCII digits)."""
         return _ascii.number(self.extensions.get("SIZE", ""), 20) or None
 
     def send(
@@ -223,11 +223,11 @@ class SMTPClientProtocol(Protocol):
         )
 
     def ehlo(self) -> defer.Deferred[Reply]:
-        """EHLO again (after STARTTLS or AUTH): refreshes ``extensions``. Fails with ``ClientFailure``."""
+        """EHLO again (after STARTTLS or AUTH) to refresh ``extensions``; fails: ClientFailure."""
         return defer.Deferred.fromCoroutine(self._ehlo())
 
     def start_tls(self, options: Any) -> None:
-        """Switch this transport to TLS right after a 220 to STARTTLS (plaintext after it is void)."""
+        """Switch the transport to TLS right after a 220 to STARTTLS (plaintext after it: void)."""
         self._parser.reset()
         self._discard_rest = True
         self._socket = None  # every byte from now on goes through the TLS layer
@@ -339,9 +339,8 @@ class SMTPClientProtocol(Protocol):
         reset: bool,
     ) -> list[Reply]:
         t = self.timeouts
-        mail = self._encode(
-            f"MAIL FROM:<{envelope.sender}>{mail_params(envelope, size, self.extensions, extra)}\r\n"
-        )
+        params = mail_params(envelope, size, self.extensions, extra)
+        mail = self._encode(f"MAIL FROM:<{envelope.sender}>{params}\r\n")
         rcpt_lines = [
             self._encode(f"RCPT TO:<{r.address}>{rcpt_params(r, self.extensions)}\r\n")
             for r in rcpts
@@ -576,7 +575,7 @@ class SMTPClientProtocol(Protocol):
         return batch.deferred
 
     def _arm(self) -> None:
-        """(Re)start the timer for the reply now awaited; an idle timer is left to expire harmlessly."""
+        """(Re)start the timer for the reply now awaited; an idle timer may expire harmlessly."""
         if not self._waiting:
             return
         timeout = self._waiting[0].timeout

@@ -6,7 +6,7 @@ and works without threads, sockets or a running reactor, so a test stays determi
     store = MemoryQueueStore(clock)
     deliverer = RecordingDeliverer([Reply(451, "4.4.1", "try later"), Reply(250, "2.0.0", "ok")])
     router = FakeRouter({"example.test": route_to("127.0.0.1", 2526)})
-    plugin = MyRouter.from_options({"path": "table.txt"}, router_context())   # a router plugin's factory
+    plugin = MyRouter.from_options({"path": "table.txt"}, router_context())  # a plugin's factory
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def router_context(
 
 
 def route_to(host: str, port: int = 25, **kw: Any) -> Route:
-    """A ``Route`` to one next hop; keyword arguments go to ``Route`` (``tls``, ``recipient`` ...)."""
+    """A ``Route`` to one next hop; keyword arguments go to ``Route`` (``tls``, ``recipient``)."""
     return Route(hops=(NextHop(host, port),), **kw)
 
 
@@ -292,8 +292,8 @@ class FakeRouter:
 
     An answer is a ``Route``, ``None`` ("not mine"), a ``TemporaryFailure``/``PermanentFailure`` to
     raise, or a callable ``(recipient, envelope)`` returning any of those or a Deferred. The full
-    address is looked up first (ASCII letters lower-cased), then its domain, then ``"*"``. ``calls`` records
-    every question.
+    address is looked up first (ASCII letters lower-cased), then its domain, then ``"*"``.
+    ``calls`` records every question.
     """
 
     def __init__(self, mapping: Mapping[str, RouterAnswer]) -> None:

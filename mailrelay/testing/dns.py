@@ -12,6 +12,7 @@ from twisted.names import error as dnserror
 #: What a resolver's lookup gives: answer, authority and additional records.
 Answer = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
 
+
 class FakeResolver:
     """Give it to ``MXRouter`` (or ``RouterContext(resolver=...)``) instead of a real resolver.
 

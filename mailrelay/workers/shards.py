@@ -60,7 +60,7 @@ def shards_on_disk(spool_path: str) -> list[int]:
 
 
 class ShardLock:
-    """An exclusive ``flock`` on the shard's directory itself, never waiting: busy raises ``ShardBusy``.
+    """An exclusive ``flock`` on the shard's directory, never waiting: busy raises ``ShardBusy``.
 
     Locking the directory leaves no file behind in the spool, and the kernel drops the lock when
     the holder's process ends, however it ends.
@@ -220,7 +220,7 @@ def _unlink(path: str) -> None:
 
 
 def _remove_shard(path: str) -> None:
-    """Remove a drained shard: what is left are incomplete files (never acknowledged) and sockets."""
+    """Remove a drained shard: what is left is incomplete files (never acknowledged) and sockets."""
     if _messages(os.path.join(path, "queue")):
         return  # a message arrived meanwhile (cannot happen under the lock, but never delete mail)
     for root, dirs, files in os.walk(path, topdown=False):

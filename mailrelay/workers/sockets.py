@@ -29,7 +29,7 @@ from mailrelay.config import WORKER_ENDPOINTS
 
 @attrs.frozen
 class ListenerSpec:
-    """One listener as a worker receives it: which list it came from, its string, its fd and family."""
+    """One listener as a worker receives it: the list it came from, its string, fd and family."""
 
     kind: str  # "smtp" (server.listen) or "submission" (server.submission_listen)
     description: str

@@ -1,4 +1,4 @@
-"""The supervisor of ``[server] workers = N``: binds the listeners, runs N workers, keeps them running.
+"""The supervisor of ``[server] workers = N``: binds the listeners, runs N workers, keeps them up.
 
 ``twistd mailrelay`` with ``workers > 1`` runs this instead of a ``MailRelayService``. It
 
@@ -54,7 +54,8 @@ FIRST_FD = 3
 
 
 def restart_delay(quick_deaths: int) -> float:
-    """Seconds before restarting a worker that died young ``quick_deaths`` times in a row (0: at once)."""
+    """Seconds to wait before restarting a worker that died young ``quick_deaths`` times in a row
+    (0 for none: at once)."""
     if quick_deaths <= 0:
         return 0.0
     return min(30.0, 0.5 * 2 ** (quick_deaths - 1))
@@ -213,7 +214,7 @@ class Supervisor(service.Service):
             self.start_worker(worker)
 
     def _listen_metrics(self, description: str) -> ConfigError | None:
-        """Listen for /metrics; the error when the port cannot be had (a TCP listen fails at once)."""
+        """Listen for /metrics; the error if the port cannot be had (a TCP listen fails at once)."""
         from twisted.internet.endpoints import serverFromString
 
         failed: list[Failure] = []
@@ -307,7 +308,8 @@ class Supervisor(service.Service):
             )
         else:
             log.error(
-                "worker {index} (pid {pid}) exited after {lived:.1f}s: {status}; restarting in {delay:.1f}s",
+                "worker {index} (pid {pid}) exited after {lived:.1f}s: {status}; "
+                "restarting in {delay:.1f}s",
                 index=worker.index,
                 pid=pid,
                 lived=lived,
@@ -333,7 +335,7 @@ class Supervisor(service.Service):
         return sent
 
     def reconfigure(self, new: Config) -> defer.Deferred[list[str]]:
-        """SIGHUP (through ``reload_config``): each worker reloads the file; say what needs a restart."""
+        """SIGHUP (via ``reload_config``): each worker reloads the file; say what must restart."""
         from mailrelay.service import needs_restart
 
         restart = [
