@@ -21,31 +21,33 @@ log = Logger()
 class IRelayObserver(Interface):
     """Events worth counting. Every method returns nothing and must not raise."""
 
-    def connection_opened(info):  # type: ignore[no-untyped-def]
+    def connection_opened(info: Any) -> None:
         """A client connected (``info``: the session's ``SessionInfo``)."""
 
-    def connection_closed(info):  # type: ignore[no-untyped-def]
+    def connection_closed(info: Any) -> None:
         """That client's connection ended."""
 
-    def connection_refused(client_address, reply):  # type: ignore[no-untyped-def]
+    def connection_refused(client_address: str, reply: Reply) -> None:
         """A connection over the limits was turned away with ``reply``."""
 
-    def tls_established(direction, version):  # type: ignore[no-untyped-def]
+    def tls_established(direction: str, version: str) -> None:
         """A TLS handshake completed; ``direction`` is ``"inbound"`` or ``"outbound"``."""
 
-    def command_rejected(command, reply):  # type: ignore[no-untyped-def]
+    def command_rejected(command: str, reply: Reply) -> None:
         """The server answered ``command`` (``"RCPT"``, ``"DATA"``...) with a 4xx/5xx ``reply``."""
 
-    def message_accepted(info, envelope, queue_id, size):  # type: ignore[no-untyped-def]
+    def message_accepted(info: Any, envelope: Envelope, queue_id: str, size: int) -> None:
         """A message was committed to the queue and got its 250."""
 
-    def delivery_attempted(envelope, reply, remote, seconds):  # type: ignore[no-untyped-def]
+    def delivery_attempted(
+        envelope: Envelope, reply: Reply, remote: str | None, seconds: float
+    ) -> None:
         """One recipient's outcome of one delivery attempt that took ``seconds``."""
 
-    def outbound_connection(remote, tls):  # type: ignore[no-untyped-def]
+    def outbound_connection(remote: str, tls: str) -> None:
         """A new connection to a next hop is ready; ``tls`` is ``""`` or ``"TLSv1.3 <cipher>"``."""
 
-    def recipient_unrouted(envelope, recipient, reply):  # type: ignore[no-untyped-def]
+    def recipient_unrouted(envelope: Envelope, recipient: str, reply: Reply) -> None:
         """``recipient`` (an address of ``envelope``) got ``reply`` from routing, with no delivery
         attempt: 5xx (no route, so it is bounced) or 4xx (a router could not answer; it is tried
         again later)."""

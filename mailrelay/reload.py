@@ -8,6 +8,7 @@ its ``ConfigError`` text in the log, and the running config stays.
 from __future__ import annotations
 
 import signal
+from collections.abc import Generator
 from typing import Any
 
 from twisted.application import service
@@ -22,7 +23,7 @@ log = Logger(namespace="mailrelay.reload")
 
 
 @defer.inlineCallbacks
-def reload_config(relay: Any, path: str):  # type: ignore[no-untyped-def]
+def reload_config(relay: Any, path: str) -> Generator[defer.Deferred[Any], Any, bool]:
     """Load ``path`` and apply it to the ``MailRelayService`` ``relay``; True when applied."""
     try:
         new = configmod.load(path)

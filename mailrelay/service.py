@@ -15,7 +15,7 @@ Stopping is graceful: listening stops at once, sessions may finish the message i
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -294,7 +294,7 @@ class MailRelayService(service.MultiService):
         log.info("mailrelay stopped")
 
     @defer.inlineCallbacks
-    def _drain_sessions(self, deadline: float):  # type: ignore[no-untyped-def]
+    def _drain_sessions(self, deadline: float) -> Generator[defer.Deferred[Any], Any, None]:
         """Idle sessions get 421 now; busy ones after their transaction; the rest at the deadline.
 
         Returns once every session is gone (those closed at the deadline within SHUTDOWN_LINGER).
@@ -325,7 +325,7 @@ class MailRelayService(service.MultiService):
     # -- SIGHUP ---------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def reconfigure(self, new: Config):  # type: ignore[no-untyped-def]
+    def reconfigure(self, new: Config) -> Generator[defer.Deferred[Any], Any, list[str]]:
         """Take ``new`` routes, policies, certificates, limits, DKIM keys, dropping no connection.
 
         Everything is built before anything is swapped, so a bad route or certificate raises

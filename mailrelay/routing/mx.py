@@ -206,7 +206,8 @@ class MXRouter:
             return memo[2]
         allowed = tuple(x for x in exchanges if policy.allows(x.name))
         if not allowed:
-            self.mta_sts.recheck(domain)  # type: ignore[union-attr]  # section 5.1: look for a newer policy
+            if self.mta_sts is not None:  # section 5.1: look for a newer policy
+                self.mta_sts.recheck(domain)
             names = ", ".join(x.name for x in exchanges)
             log.warn(
                 "MTA-STS enforce policy {id} of {domain} lists none of its MX hosts ({hosts}); "

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport, ITLSTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -231,7 +231,7 @@ class SMTPClientProtocol(Protocol):
         self._parser.reset()
         self._discard_rest = True
         self._socket = None  # every byte from now on goes through the TLS layer
-        self.transport.startTLS(options)  # type: ignore[union-attr]
+        cast(ITLSTransport, self.transport).startTLS(options)
         self.tls = True
 
     def set_state(self, state: ClientState) -> None:
@@ -604,7 +604,7 @@ class SMTPClientProtocol(Protocol):
             self._failure = failure
         self._fail_waiting(failure)
         if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            cast(ITCPTransport, self.transport).abortConnection()
 
     def _fail_waiting(self, failure: ClientFailure) -> None:
         while self._waiting:
