@@ -4,9 +4,8 @@ A port that cannot be had (address in use, no permission) is a ``ConfigError`` n
 key (``server.listen[0]``), the endpoint and the system's reason, raised from
 ``privilegedStartService`` so that twistd stops at start-up instead of logging and running deaf.
 
-Built on Twisted's ``StreamServerEndpointService``, whose one knob for raising at once is the
-documented but underscored ``_raiseSynchronously`` (``twisted.application.strports`` sets it the
-same way); the port is learnt from our own endpoint wrapper, never from the service's privates.
+Built on Twisted's ``StreamServerEndpointService``, whose switch for raising at once has an
+underscored name (set in ``mailrelay._twisted``); the port is learnt from our own endpoint wrapper.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay._twisted import raise_listen_errors_at_once
 from mailrelay.errors import cannot_listen
 
 log = Logger()
@@ -40,8 +40,6 @@ class Listener(StreamServerEndpointService):
     """``description`` is the endpoint string; ``source`` and ``key`` name its place in the
     config. ``port`` is the listening port once listening; ``listening`` fires with it."""
 
-    _raiseSynchronously = True  # Twisted's switch: a failed listen raises from the start
-
     def __init__(
         self,
         description: str,
@@ -51,6 +49,7 @@ class Listener(StreamServerEndpointService):
         key: str = "",
     ) -> None:
         super().__init__(_Reporting(endpoint, self._listened), factory)
+        raise_listen_errors_at_once(self)
         self.description = description
         self.source, self.key = source, key
         self.port: IListeningPort | None = None

@@ -2,13 +2,8 @@
 
 Routing (the MTA-STS policy fetch, the LDAP and MX routers' ``*_ca_file`` options), delivery
 (``verify`` hops) and the start-up checks all read CA bundles; this module is the one place that
-does, so none of them imports another's package.
-
-Why a private Twisted name is imported here: Twisted offers a trust root of the platform's store
-(``ssl.platformTrust``) and one of given certificates (``ssl.trustRootFromCertificates``), but no
-public way to combine them. The interface a trust root must provide (``IOpenSSLTrustRoot``) and the
-method it is called through (``_addCACertsToContext``) live only in ``twisted.internet._sslverify``;
-``PlatformAnd`` is the one user of either, kept here so nothing else in the product needs them.
+does, so none of them imports another's package. The platform's store plus a CA file needs a
+Twisted name that is not public: ``mailrelay._twisted.PlatformAnd``.
 """
 
 from __future__ import annotations
@@ -17,10 +12,9 @@ import functools
 import os
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.internet import ssl
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # no public name (see above)
-from zope.interface import implementer
+
+from mailrelay._twisted import PlatformAnd
 
 _BEGIN = b"-----BEGIN CERTIFICATE-----"
 
@@ -57,15 +51,3 @@ def _load_trust_root(ca_file: str, mtime_ns: int) -> Any:
 def platform_and(ca_file: str | None) -> Any:
     """The platform's trust store, plus the certificates of ``ca_file`` when one is given."""
     return PlatformAnd(load_trust_root(ca_file)) if ca_file else ssl.platformTrust()
-
-
-@implementer(IOpenSSLTrustRoot)
-class PlatformAnd:
-    """The platform's trust store plus the certificates of another trust root (a CA file's)."""
-
-    def __init__(self, extra: Any) -> None:
-        self.extra = extra
-
-    def _addCACertsToContext(self, context: SSL.Context) -> None:  # noqa: N802 (Twisted's name)
-        context.set_default_verify_paths()
-        self.extra._addCACertsToContext(context)
