@@ -57,7 +57,8 @@ from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.context import RouterContext
-from mailrelay.routing.mx import MXRouter, bound_cache, make_resolver
+from mailrelay.routing.dns import make_resolver
+from mailrelay.routing.mx import MXRouter, bound_cache
 from mailrelay.routing.static import DomainSet, parse_domain_pattern, parse_tls
 from mailrelay.tls_trust import ca_file_option
 

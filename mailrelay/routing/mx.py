@@ -19,28 +19,35 @@ the route is a temporary failure (4.7.5). A ``testing`` policy only logs what en
 
 from __future__ import annotations
 
-import ipaddress
 import random as _random
-import socket
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.names import client, dns
+from twisted.names import dns
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay import _ascii
 from mailrelay.address import normalise_domain, split
 from mailrelay.config import parse_duration, parse_hostport
 from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.context import RouterContext
+from mailrelay.routing.dns import (
+    address_literal,
+    address_of,
+    describe_error,
+    make_resolver,
+    mx_record,
+    name_text,
+    temporary,
+    txt_record,
+)
 from mailrelay.routing.mtasts import HTTPSFetcher, Mode, Policy, PolicyCache
 from mailrelay.routing.static import DomainSet, parse_domain_pattern, parse_tls
 from mailrelay.tls_trust import ca_file_option
@@ -81,34 +88,6 @@ def bound_cache(
     if len(cache) > limit:
         for key in list(cache)[: len(cache) // 2]:
             del cache[key]
-
-
-def temporary(domain: str, why: str) -> TemporaryFailure:
-    return TemporaryFailure(
-        Reply(451, "4.4.3", f"DNS lookup for {domain} failed: {why}; will retry")
-    )
-
-
-def _text(name: object) -> str:
-    """A DNS name (``dns.Name``, bytes or str) as a lower-case string without the final dot."""
-    if isinstance(name, dns.Name):
-        name = name.name
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "replace")
-    return _ascii.lower(str(name).rstrip("."))  # str.lower() would fold a look-alike onto a name
-
-
-def _literal(domain: str) -> str | None:
-    """``[127.0.0.1]`` / ``[IPv6:::1]`` → the address; anything else → None."""
-    if not (domain.startswith("[") and domain.endswith("]")):
-        return None
-    inner = domain[1:-1]
-    if inner.lower().startswith("ipv6:"):
-        inner = inner[5:]
-    try:
-        return str(ipaddress.ip_address(inner))
-    except ValueError:
-        return None
 
 
 @implementer(IRouter)
@@ -176,7 +155,7 @@ class MXRouter:
         port = port if port is not None else self.port
         d = self.exchanges(domain)
         domain = normalise_domain(domain)
-        if self.mta_sts is None or _literal(domain) is not None:
+        if self.mta_sts is None or address_literal(domain) is not None:
             return d.addCallback(self._route, port)
         policy = self.mta_sts.policy(domain)  # in parallel with the MX lookup; never fails
         return d.addCallback(
@@ -244,7 +223,7 @@ class MXRouter:
 
         async def lookup() -> tuple[tuple[str, ...], float]:
             records, ttls = await self._lookup(normalise_domain(name), dns.TXT)
-            texts = tuple(b"".join(_txt(r).data).decode("utf-8", "replace") for r in records)
+            texts = tuple(b"".join(txt_record(r).data).decode("utf-8", "replace") for r in records)
             return texts, self._ttl(ttls)
 
         return defer.ensureDeferred(lookup())
@@ -282,7 +261,7 @@ class MXRouter:
         Concurrent calls for one domain (the recipients of one message) share one DNS lookup.
         """
         domain = normalise_domain(domain)
-        literal = _literal(domain)
+        literal = address_literal(domain)
         if literal is not None:
             return defer.succeed((Exchange(0, literal, (literal,)),))
         now = self.clock.seconds()
@@ -366,7 +345,7 @@ class MXRouter:
                 ),
                 expires=now + self.negative_ttl,
             )
-        mxs = [(_mx(r).preference, _text(_mx(r).name)) for r in records]
+        mxs = [(mx_record(r).preference, name_text(mx_record(r).name)) for r in records]
         if any(name in ("", ".") for _, name in mxs):
             # RFC 7505: a null MX says the domain accepts no mail; never fall back to A/AAAA.
             return _Resolved(
@@ -412,7 +391,7 @@ class MXRouter:
 
         The error is returned, not raised, so that one MX host's trouble does not hide the others.
         """
-        literal = _literal(f"[{name}]")
+        literal = address_literal(f"[{name}]")
         if literal is not None:  # an MX pointing at an address (RFC-forbidden, seen in the wild)
             return (literal,), []
         lookups = [self._lookup(name, dns.A), self._lookup(name, dns.AAAA)]
@@ -427,7 +406,7 @@ class MXRouter:
         for ok, result in results:
             if ok:
                 records, rttls = result
-                addresses.extend(_address(r) for r in records)
+                addresses.extend(address_of(r) for r in records)
                 ttls.extend(rttls)
             elif not result.check(dnserror.DNSNameError):
                 failures.append(result.value)
@@ -461,7 +440,7 @@ class MXRouter:
                 dnserror.DNSUnknownError,
                 defer.TimeoutError,
             ) as e:
-                raise temporary(name, _describe(e)) from None
+                raise temporary(name, describe_error(e)) from None
             except OSError as e:
                 raise temporary(name, str(e)) from None
             names = {target}
@@ -472,15 +451,15 @@ class MXRouter:
             while progressed:
                 progressed = False
                 for r in answers:
-                    if r.type == dns.CNAME and _text(r.name) in names:
-                        nxt = _text(r.payload.name)
+                    if r.type == dns.CNAME and name_text(r.name) in names:
+                        nxt = name_text(r.payload.name)
                         if nxt not in names:
                             names.add(nxt)
                             cname = nxt
                             ttls.append(r.ttl)
                             progressed = True
             for r in answers:
-                if r.type == qtype and _text(r.name) in names:
+                if r.type == qtype and name_text(r.name) in names:
                     found.append(r)
                     ttls.append(r.ttl)
             if found or cname is None:
@@ -534,51 +513,6 @@ class MXRouter:
                 context.reactor, router.txt, fetch, negative_ttl=router_options["negative_ttl"]
             )
         return router
-
-
-def make_resolver(
-    nameservers: Sequence[tuple[str, int]], reactor: Any, timeout: float = 5.0
-) -> client.Resolver:
-    """A resolver asking exactly ``nameservers`` (or, if none, those in /etc/resolv.conf).
-
-    Each query is tried twice (a third, then two thirds of ``timeout``) before it is temporary.
-    """
-    timeouts = (max(timeout / 3, 0.1), max(timeout * 2 / 3, 0.1))
-    if nameservers:
-        return client.Resolver(servers=list(nameservers), timeout=timeouts, reactor=reactor)
-    return client.Resolver(resolv="/etc/resolv.conf", timeout=timeouts, reactor=reactor)
-
-
-# The record data of an answer of the type asked for (``_lookup`` keeps only those): the casts
-# say which class Twisted decoded it into, at no cost.
-
-
-def _mx(r: dns.RRHeader) -> dns.Record_MX:
-    return cast(dns.Record_MX, r.payload)
-
-
-def _txt(r: dns.RRHeader) -> dns.Record_TXT:
-    return cast(dns.Record_TXT, r.payload)
-
-
-def _address(r: dns.RRHeader) -> str:
-    if r.type == dns.AAAA:
-        return socket.inet_ntop(socket.AF_INET6, cast(dns.Record_AAAA, r.payload).address)
-    return cast(dns.Record_A, r.payload).dottedQuad()
-
-
-_RCODES: dict[type[Exception], str] = {
-    dnserror.DNSServerError: "SERVFAIL",
-    dnserror.DNSQueryRefusedError: "REFUSED",
-    dnserror.DNSFormatError: "FORMERR",
-    dnserror.DNSNotImplementedError: "NOTIMP",
-}
-
-
-def _describe(e: Exception) -> str:
-    return _RCODES.get(
-        type(e), "timed out" if isinstance(e, defer.TimeoutError) else type(e).__name__
-    )
 
 
 def _port(v: object) -> int:
