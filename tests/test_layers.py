@@ -219,3 +219,24 @@ def test_the_smtp_client_imports_no_policy_config_queue_or_routing():
 )
 def test_the_wire_imports_no_policy_config_queue_or_routing():
     assert offenders("mailrelay.smtp", WIRE_MUST_NOT) == []
+
+
+def test_only_the_named_module_imports_private_twisted_names():
+    """Twisted's underscored modules and names are used in ``mailrelay._twisted`` alone."""
+    found = []
+    for module, path in MODULES.items():
+        if module == "mailrelay._twisted":
+            continue
+        for node in _import_nodes(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                base = node.module or ""
+                names = [f"{base}.{alias.name}" for alias in node.names]
+            found += [
+                f"{module}: {name}"
+                for name in names
+                if name.split(".")[0] == "twisted"
+                and any(part.startswith("_") for part in name.split(".")[1:])
+            ]
+    assert found == []
