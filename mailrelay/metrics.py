@@ -52,7 +52,7 @@ def outcome(reply: Reply) -> str:
 
 
 class _QueueCollector(Collector):
-    """Reads the manager's schedule at scrape time: messages waiting, in flight, and the oldest age."""
+    """Reads the manager's schedule at scrape time: messages waiting, in flight, the oldest age."""
 
     def __init__(self, manager: Any, clock: Any) -> None:
         self.manager = manager
@@ -60,7 +60,7 @@ class _QueueCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         scheduled = self.manager.scheduled()
-        active = list(getattr(self.manager, "_active", ()))
+        active = self.manager.active_ids()
         ids = set(scheduled) | set(active)
         times = [t for t in map(queue_id_time, ids) if t is not None]
         now = self.clock.seconds()
