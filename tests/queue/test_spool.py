@@ -102,7 +102,7 @@ def test_commit_fires_only_after_the_message_file_and_directory_are_fsynced(spoo
     assert message.envelope == ENV
     assert [s.state for s in message.statuses] == [RecipientState.PENDING] * 2
     # and what the disk holds, not what memory remembers of the commit
-    spool._forget(qid)
+    spool._recent.forget(qid)
     with spool.open_body(qid) as f:
         assert f.read(8) == b"Subject:" and f.read() == b" x\r\n\r\nhello\r\n" and f.read() == b""
         assert (

@@ -110,7 +110,7 @@ def test_small_messages_are_appended_to_one_segment_durable_before_their_commits
     assert fsync.events.count(path) == 3 and fsync.events.count(spool.queue_dir) == dir_syncs
     assert alive(spool, segment) == dict.fromkeys([first, *ids, third], True)
     for qid, body in zip(ids, BODIES, strict=True):
-        spool._forget(qid)  # read the disk, not what memory keeps of the commit
+        spool._recent.forget(qid)  # read the disk, not what memory keeps of the commit
         with spool.open_body(qid) as f:
             assert f.read() == body
             assert f.seek(9) == 9 and f.read(3) == body[9:12]
@@ -348,7 +348,7 @@ def test_a_large_batch_is_split_into_packs_of_bounded_size(spool, monkeypatch):
     assert data.count(b"MRc1") == 5  # the first message's pack and four more
     assert alive(spool, segment) == dict.fromkeys([first, *ids], True)
     for qid, body in zip(ids, BODIES, strict=True):
-        spool._forget(qid)
+        spool._recent.forget(qid)
         with spool.open_body(qid) as f:
             assert f.read() == body
 
@@ -434,7 +434,7 @@ def test_packs_are_written_with_rwf_dsync_and_not_fsynced_again(tmp_path, monkey
         more = yield store_message(s, b"a later pack\r\n")
         assert writes.flags and set(writes.flags) == {os.RWF_DSYNC}
         assert not [p for p in synced if p.endswith(".seg")]  # only queue/, for the segment's name
-        s._forget(more)
+        s._recent.forget(more)
         with s.open_body(more) as f:
             assert f.read() == b"a later pack\r\n"
     finally:
@@ -456,7 +456,7 @@ def test_where_the_kernel_refuses_rwf_dsync_packs_are_fsynced(tmp_path, monkeypa
         assert [p for p in synced if p.endswith(".seg")] == [
             os.path.join(s.queue_dir, qid + ".seg")
         ]
-        s._forget(qid)
+        s._recent.forget(qid)
         with s.open_body(qid) as f:
             assert f.read() == b"fsynced after all\r\n"
     finally:

@@ -18,6 +18,7 @@ The package, one job per module:
 - ``recovery``: the listing of ``queue/`` and the repair at start.
 - ``reading``: states, bodies and schedules read back; ``_fast``: the schedule's speed trick.
 - ``receiving``: one message being received (``IMessageWriter``).
+- ``recent``: recent commits kept in memory for their first load and delivery.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -42,6 +42,7 @@ from mailrelay.queue.spool.jobs import Commit, Remove, Save, Scan, WriterJob
 from mailrelay.queue.spool.pipeline import IdSet, Pipeline
 from mailrelay.queue.spool.reading import Reader
 from mailrelay.queue.spool.receiving import Receiver
+from mailrelay.queue.spool.recent import RecentCommits
 from mailrelay.queue.spool.recovery import list_queue
 from mailrelay.queue.spool.segments import Record, SegmentIndex, read_segments, segment_names
 from mailrelay.queue.spool.spares import OpenFiles
@@ -52,8 +53,6 @@ __all__ = ["FilesystemSpool"]
 log = Logger()
 
 SEGMENT_BODY_MAX = 64 * 1024  # bodies up to this size go into segments (with their batch's)
-RECENT = 1024  # just-committed messages kept in memory for their first load
-RECENT_BODY_BYTES = 16 * 1024 * 1024  # and their small bodies, for their first delivery
 _READERS = 2  # threads reading the schedule at start-up
 _FSYNC_THREADS = 16
 
@@ -111,13 +110,7 @@ class FilesystemSpool:
             segment_body_max=segment_body_max,
         )
         self._subscribers: list[Callable[[str], object]] = []
-        # Reactor thread only. What each recent commit wrote, so the queue manager's first
-        # ``load`` of a new message costs no thread hop, file read or JSON decode, and its first
-        # delivery reads no file. Bounded, and dropped on save and remove: never unlike the disk.
-        self._recent: OrderedDict[str, QueuedMessage] = OrderedDict()
-        self._recent_bodies: OrderedDict[str, bytes] = OrderedDict()
-        self._recent_bytes = 0
-        self._never_saved: set[str] = set()  # committed in this life, never saved: no .env
+        self._recent = RecentCommits()  # the reactor thread's
         # Mail is private: a spool we create is for our user only (the control socket lives here).
         for d in (self.path, self.tmp_dir, self.queue_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
@@ -169,37 +162,13 @@ class FilesystemSpool:
         """A commit's answer, before its caller hears it: remember it, tell the subscribers."""
         self._receiving.discard(job.queue_id + RECEIVING)
         if isinstance(result, str):
-            self._remember(job)
+            self._recent.remember(job.message, job.body)
             for callback in self._subscribers:
                 try:
                     callback(result)
                 except Exception:
                     log.failure("spool: subscriber failed for {queue_id}", queue_id=result)
         return result
-
-    def _remember(self, job: Commit) -> None:
-        """Keep a new message's state (and small body) for its first load and delivery."""
-        queue_id = job.queue_id
-        self._never_saved.add(queue_id)
-        if job.message is not None:
-            self._recent[queue_id] = job.message
-            if len(self._recent) > RECENT:
-                self._recent.popitem(last=False)
-        body = job.body
-        if body is not None and len(body) <= RECENT_BODY_BYTES // 64:
-            self._recent_bodies[queue_id] = body
-            self._recent_bytes += len(body)
-            while self._recent_bytes > RECENT_BODY_BYTES or len(self._recent_bodies) > RECENT:
-                _, old = self._recent_bodies.popitem(last=False)
-                self._recent_bytes -= len(old)
-
-    def _forget(self, queue_id: str) -> None:
-        """Drop what memory holds of ``queue_id`` (its state is about to change on disk)."""
-        self._recent.pop(queue_id, None)
-        self._never_saved.discard(queue_id)
-        body = self._recent_bodies.pop(queue_id, None)
-        if body is not None:
-            self._recent_bytes -= len(body)
 
     def subscribe(self, callback: Callable[[str], object]) -> None:
         self._subscribers.append(callback)
@@ -208,7 +177,7 @@ class FilesystemSpool:
         return self._pipeline.submit(Scan(self._removing))
 
     def load(self, queue_id: str) -> defer.Deferred[QueuedMessage]:
-        recent = self._recent.pop(queue_id, None)
+        recent = self._recent.take_message(queue_id)
         if recent is not None:
             return defer.succeed(recent)
         if queue_id in self._removing:
@@ -264,7 +233,7 @@ class FilesystemSpool:
     def open_body(self, queue_id: str) -> IO[bytes]:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
-        body = self._recent_bodies.get(queue_id)
+        body = self._recent.body(queue_id)
         if body is not None:
             return io.BytesIO(body)
         if queue_id in self._removing:
@@ -278,7 +247,7 @@ class FilesystemSpool:
     def save(self, message: QueuedMessage) -> defer.Deferred[None]:
         if message.queue_id in self._removing:
             return defer.fail(KeyError(message.queue_id))
-        self._forget(message.queue_id)
+        self._recent.forget(message.queue_id)
         return self._pipeline.submit(Save(message))
 
     def remove(self, queue_id: str) -> defer.Deferred[None]:
@@ -288,8 +257,8 @@ class FilesystemSpool:
         hop back per delivered message; other removals answer once done (KeyError if unknown)."""
         if not is_queue_id(queue_id) or queue_id in self._removing:
             return defer.fail(KeyError(queue_id))
-        never_saved = queue_id in self._never_saved
-        self._forget(queue_id)
+        never_saved = self._recent.never_saved(queue_id)
+        self._recent.forget(queue_id)
         answered = never_saved and self._pipeline.running
         job = Remove(queue_id, saved=not never_saved, answered=answered)
         if answered:
@@ -310,11 +279,11 @@ class FilesystemSpool:
         return self._pipeline.run_now(job)
 
     def save_now(self, message: QueuedMessage) -> None:
-        self._forget(message.queue_id)
+        self._recent.forget(message.queue_id)
         self.run_now(Save(message))
 
     def remove_now(self, queue_id: str) -> None:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
-        self._forget(queue_id)
+        self._recent.forget(queue_id)
         self.run_now(Remove(queue_id))

@@ -370,7 +370,7 @@ class Pipeline:
         self.fsyncs.start()
         self._dir_fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
         for name, target in (
-            ("writer", self.writer.run),
+            ("writer", self.writer.run),  # first: close_segment knows it as _threads[0]
             ("dirsync", DirSyncer(self).run),
             ("remover", self._remover.run),
         ):
@@ -408,7 +408,7 @@ class Pipeline:
     def close_segment(self, segment: Segment) -> None:
         """Have the writer append no more to ``segment``: at once in the writer thread (or
         offline), else through ``jobs``."""
-        if not self._threads or threading.current_thread() is self._threads[0]:
+        if not self._threads or threading.current_thread() is self._threads[0]:  # the writer
             self.writer.close_segment(segment)
         else:
             self.jobs.put(CloseSegment(segment, failed=True))
