@@ -2,9 +2,9 @@
 
 A writer job goes through the steps of ``pipeline``: ``stage`` writes its files under temporary
 names and lists in ``fds`` what must be fsynced (writer thread); the writer fsyncs the batch's
-files, then ``publish`` renames them into place (writer thread); a job whose publish renamed into
-``queue/`` (``renames``) is answered only after a sync of ``queue/``, then ``durable`` runs
-(directory-sync thread). ``undo`` removes what a failed job left (whichever pipeline thread saw
+files, then ``publish`` renames them into place (writer thread); a job that added a name to
+``queue/`` (``renames``: a rename, or a pack's new segment) is answered only after a sync of
+``queue/``, once ``durable`` has run (directory-sync thread). ``undo`` removes what a failed job left (whichever pipeline thread saw
 it fail). ``answer`` hands the result to the job's Deferred, on the reactor thread. A job is
 touched by one thread at a time: it crosses between them only through the pipeline's queues.
 
@@ -47,7 +47,7 @@ PACK_BYTES = 1024 * 1024
 class WriterJob:
     """A change done by the writer thread; see the module docstring for its steps."""
 
-    renames = False  # publish renamed something into queue/: answered after a sync of queue/
+    renames = False  # it added a name to queue/: answered only after a sync of queue/
     stops = False  # the last job: the thread that takes it ends
     stores = False  # a failure to write it is reported as 452 4.3.1 (storage_failure)
 

@@ -1,10 +1,11 @@
 """The commit pipeline: the spool's threads, what each owns, and what crosses between them.
 
 The guarantee: a job's Deferred fires (and so the 250 goes out) only once what it wrote is
-durable: its file fsynced and, when it renamed a file into ``queue/``, ``queue/`` fsynced after
-that rename. ``Writer.run_batch`` fsyncs the files before ``publish`` renames them; a batch with
-renames is answered only by ``DirSyncer.run``, after its fsync of ``queue/``; a pack's append is
-durable when ``Appender.append`` returns (``RWF_DSYNC``) or once the writer fsyncs it.
+durable: its file fsynced and, when it added a name to ``queue/`` (a file renamed there, or a
+new segment), ``queue/`` fsynced after that. ``Writer.run_batch`` fsyncs the files before
+``publish`` renames them; a job that added a name (``renames``) is answered only by
+``DirSyncer.run``, after its fsync of ``queue/``; a pack's append is durable when
+``Appender.append`` returns (``RWF_DSYNC``) or once the writer has fsynced it.
 
 Thread model. No state is shared between threads but through a queue or behind a lock:
 
