@@ -1,4 +1,4 @@
-"""The queue at scale: start-up recovery of a big spool, its memory, and the cost of one scheduling event.
+"""The queue at scale: start-up recovery of a big spool, its memory, one scheduling event's cost.
 
     .venv/bin/python bench/queue_scale.py [--messages 100000] [--keep DIR]
 
@@ -123,7 +123,8 @@ def recovery(reactor, path: str, n: int):  # type: ignore[no-untyped-def]
         f"({found / elapsed:,.0f} msg/s); scheduled={len(manager.scheduled())}"
     )
     print(
-        f"memory:   RSS {before:.0f} MiB before, {after:.0f} MiB after (+{after - before:.0f} MiB), "
+        f"memory:   RSS {before:.0f} MiB before, {after:.0f} MiB after "
+        f"(+{after - before:.0f} MiB), "
         f"peak {peak:.0f} MiB"
     )
     yield manager.stop()
@@ -159,7 +160,8 @@ def scheduling_cost(sizes: list[int], events: int = 20000) -> None:
         t2 = time.perf_counter()
         assert len(manager._ready) == events
         print(
-            f"  n={n:>7,}: schedule {1e6 * (t1 - t0) / events:5.2f} µs, fire {1e6 * (t2 - t1) / events:5.2f} µs"
+            f"  n={n:>7,}: schedule {1e6 * (t1 - t0) / events:5.2f} µs, "
+            f"fire {1e6 * (t2 - t1) / events:5.2f} µs"
         )
 
 
@@ -181,7 +183,8 @@ def main() -> None:
             t0 = time.perf_counter()
             fill(path, args.messages, time.time(), args.layout)
             print(
-                f"setup:    wrote {args.messages:,} messages in {time.perf_counter() - t0:.1f} s to {path}"
+                f"setup:    wrote {args.messages:,} messages in "
+                f"{time.perf_counter() - t0:.1f} s to {path}"
             )
         task.react(lambda reactor: recovery(reactor, path, args.messages))
     except SystemExit:

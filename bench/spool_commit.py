@@ -93,8 +93,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 10, 50])
     args = parser.parse_args()
     base = args.dir or tempfile.mkdtemp(prefix="mailrelay-bench-commit-")
-    columns = ("commits/s", 10), ("passes", 8), ("msgs/pass", 10), ("p50 ms", 8), ("p99 ms", 8)
-    print(f"{'concurrency':>11} " + " ".join(f"{name:>{width}}" for name, width in columns))
+    print(
+        f"{'concurrency':>11} {'commits/s':>10} {'passes':>8} {'msgs/pass':>10} "
+        f"{'p50 ms':>8} {'p99 ms':>8}"
+    )
 
     @defer.inlineCallbacks
     def all_runs(reactor):  # type: ignore[no-untyped-def]
