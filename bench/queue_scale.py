@@ -36,7 +36,7 @@ from mailrelay.config import QueueConfig  # noqa: E402
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply  # noqa: E402
 from mailrelay.queue.manager import QueueManager  # noqa: E402
 from mailrelay.queue.spool import FilesystemSpool  # noqa: E402
-from mailrelay.queue.spool_format import SEGMENT, build_pack, chunk, trailer  # noqa: E402
+from mailrelay.queue.spool.format import SEGMENT, build_pack, chunk, trailer  # noqa: E402
 from mailrelay.queue.store import QueueIdGenerator, message_to_dict, new_message  # noqa: E402
 from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer, route_to  # noqa: E402
 
