@@ -27,7 +27,7 @@ import re
 from twisted.logger import Logger
 
 from mailrelay._files import fsync_dir
-from mailrelay.queue.spool_format import SEGMENT, alive, read_segment
+from mailrelay.queue.spool.format import SEGMENT, alive, read_segment
 from mailrelay.queue.store import is_queue_id
 
 log = Logger(namespace="mailrelay.workers")
