@@ -34,6 +34,8 @@ from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
 from mailrelay.errors import ConfigError, cannot_listen, config_errors, each_config_error
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
+from mailrelay.listener import reconfigure as reconfigure_listener
+from mailrelay.listener import server_factory
 from mailrelay.metrics import RelayMetrics, metrics_site
 from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
 from mailrelay.policy import build_policy
@@ -232,7 +234,7 @@ class MailRelayService(service.MultiService):
         return build_policy(server, extra=extra)
 
     def _build_factory(self, server: ServerConfig, submission: bool) -> SMTPServerFactory:
-        factory = SMTPServerFactory.from_config(
+        factory = server_factory(
             server,
             self.store,
             self.policy,
@@ -380,7 +382,7 @@ class MailRelayService(service.MultiService):
             build_router(new.routes, self._new_context(new)) if self._own_router else old_router
         )
         try:
-            # what factory.reconfigure loads (certificate, key, password file) fails here, before any swap
+            # what a listener loads (certificate, key, password file) fails here, before any swap
             found = problems(new, self.reactor, spool=False)
             if found:
                 raise config_errors(found)
@@ -392,7 +394,7 @@ class MailRelayService(service.MultiService):
             raise
         self.policy = policy
         for factory in self.factories:
-            factory.reconfigure(new.server, policy, binarymime=new.binarymime)
+            reconfigure_listener(factory, new.server, policy, binarymime=new.binarymime)
         self.dkim.signer = signer
         self.router = router
         self.manager.router = router

@@ -55,30 +55,30 @@ class Policy:
 class PolicyChain:
     """Several ``IPolicy`` providers as one; synchronous answers stay synchronous (no Deferred).
 
-    Each stage is bound once: a stage no policy checks (all inherit ``Policy``'s) answers None at
-    once, a stage one policy checks is that policy's method itself, so the usual chain costs the
-    session nothing per command.
+    Each stage asks only the policies that check it (a method of their own, not ``Policy``'s
+    no-op), worked out once here: the usual chain checks one or two stages, and the rest answer
+    None at once.
     """
 
     def __init__(self, policies: Sequence[IPolicy]) -> None:
         self.policies = tuple(policies)
-        self._stages: dict[str, tuple[Callable[..., Any], ...]] = {}
-        for stage in _STAGES:
-            if not all(hasattr(p, stage) for p in self.policies):
-                continue  # a partial policy object: the stage fails when asked, as it would anyway
-            checks = tuple(
+        self._stages: dict[str, tuple[Callable[..., Any], ...]] = {
+            stage: tuple(
                 getattr(p, stage)
                 for p in self.policies
                 if getattr(type(p), stage, None) is not getattr(Policy, stage)
             )
-            self._stages[stage] = checks
-            if len(checks) <= 1:
-                setattr(self, stage, checks[0] if checks else _no_objection)
+            for stage in _STAGES
+            # a partial policy object: its stage is looked up when asked, and fails as it would
+            if all(hasattr(p, stage) for p in self.policies)
+        }
 
-    def _run(self, method: str, args: tuple[Any, ...]) -> Reply | None | Deferred[Reply | None]:
-        checks = self._stages.get(method)
+    def _run(self, stage: str, args: tuple[Any, ...]) -> Reply | None | Deferred[Reply | None]:
+        checks = self._stages.get(stage)
         if checks is None:
-            checks = tuple(getattr(p, method) for p in self.policies)
+            checks = tuple(getattr(p, stage) for p in self.policies)
+        if not checks:
+            return None
         return self._continue(iter(checks), args)
 
     def _continue(
@@ -126,10 +126,6 @@ class PolicyChain:
 
 
 _STAGES = ("connect", "helo", "mail", "rcpt", "data", "end_of_data")
-
-
-def _no_objection(*args: Any) -> None:
-    return None
 
 
 def build_policy(server: ServerConfig, extra: Sequence[IPolicy] = ()) -> IPolicy:

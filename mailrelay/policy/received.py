@@ -17,12 +17,8 @@ import functools
 import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import TYPE_CHECKING
 
-from mailrelay.envelope import Envelope
-
-if TYPE_CHECKING:
-    from mailrelay.smtp.session import SessionInfo
+from mailrelay.envelope import Envelope, SessionInfo, protocol_name
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 # UTF-8 headers (RFC 6532) allow the rest, but not the characters that read as a line break or a
@@ -45,14 +41,6 @@ def separator(text: bytes) -> bytes:
 
 def address_literal(ip: str) -> str:
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
-
-
-def protocol_name(esmtp: bool, tls: bool, auth: bool, smtputf8: bool = False) -> str:
-    """``SMTP``, ``ESMTP``, ``ESMTPS``, ``ESMTPA``, ``ESMTPSA`` (RFC 3848) or the UTF8 forms (RFC 6531)."""
-    if not esmtp:
-        return "SMTP"
-    base = "UTF8SMTP" if smtputf8 else "ESMTP"
-    return base + ("S" if tls else "") + ("A" if auth else "")
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,3 +68,6 @@ def received_header(info: SessionInfo, envelope: Envelope, queue_id: str, when: 
         lines[-1] += ";"
         lines.append(date)
     return ("\r\n\t".join(lines) + "\r\n").encode("utf-8")
+
+
+__all__ = ["address_literal", "protocol_name", "received_header", "separator"]

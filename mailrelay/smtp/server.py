@@ -11,9 +11,10 @@ address) and turns away the excess with 421 4.7.0.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, interfaces
 from twisted.internet.protocol import Factory, Protocol
@@ -21,16 +22,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.config import ServerConfig
-from mailrelay.envelope import Reply
+from mailrelay.envelope import Reply, SessionInfo
 from mailrelay.interfaces import IMessageSink, IPolicy
 from mailrelay.observer import NULL_OBSERVER, IRelayObserver
-from mailrelay.policy.access import Network, is_trusted
-from mailrelay.policy.limits import RateCounter
-from mailrelay.smtp import _direct
+from mailrelay.smtp import _fast, _log
+from mailrelay.smtp import _states as S
 from mailrelay.smtp import replies as R
-from mailrelay.smtp.session import Session, SessionInfo, SessionSettings, State, log_info
-from mailrelay.smtp.tls import server_tls_options, tls_info
+from mailrelay.smtp.session import Session
+from mailrelay.smtp.settings import AuthThrottle, SessionSettings
+from mailrelay.smtp.tls import tls_info
 
 log = Logger()
 
@@ -80,7 +80,7 @@ class SMTPServerProtocol(Protocol):
                 set_nodelay(True)
             except OSError:
                 pass  # not a TCP socket (UNIX socket, memory transport)
-        self._socket = _direct.direct_socket(transport)
+        self._socket = _fast.direct_socket(transport)
         # The transport's peer, not buildProtocol's address: behind a ``haproxy:`` listener that
         # was the proxy's (trusted on loopback: every client behind it could relay), while the
         # transport's is the client in the PROXY header.
@@ -104,8 +104,6 @@ class SMTPServerProtocol(Protocol):
             auth_failures=self.factory.auth_failures,
         )
         self.session.observer = self.factory.observer
-        # bytes go straight to the session: one call less per read (the method below documents it)
-        self.dataReceived = self.session.data_received  # type: ignore[method-assign]
         self.factory.protocols.add(self)
         self.factory.observer.connection_opened(info)
         transport.registerProducer(self, True)
@@ -127,14 +125,7 @@ class SMTPServerProtocol(Protocol):
             self._linger.cancel()
         self._linger = None
         session = self.session
-        log_info(
-            "disconnect from [{ip}]:{port} helo={helo} messages={messages} errors={errors}",
-            ip=session.info.client_address,
-            port=session.info.client_port,
-            helo=session.info.helo,
-            messages=session.info.messages,
-            errors=session.errors,
-        )
+        _log.disconnected(session.info, session.errors)
         session.connection_lost()
         self.factory.connection_closed(self.client_ip)
         self.factory.observer.connection_closed(session.info)
@@ -170,7 +161,7 @@ class SMTPServerProtocol(Protocol):
     # -- SessionOutput --------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        _direct.write(self.transport, self._socket, data)
+        _fast.write(self.transport, self._socket, data)
 
     def lose_connection(self) -> None:
         transport: Any = self.transport  # TCP or TLS: either can abort
@@ -190,7 +181,7 @@ class SMTPServerProtocol(Protocol):
             # sending (a pipelined flood cut short by 421) would otherwise turn our close into
             # a reset, which discards that reply unread in its socket. What it sends meanwhile
             # is dropped (the session is closed); it gets a moment to hang up, then we do.
-            if not _direct.half_close(transport, self._socket):
+            if not _fast.half_close(transport, self._socket):
                 transport.loseWriteConnection()
             self._linger = self.factory.reactor.callLater(CLOSE_LINGER, self.abort)
             return
@@ -265,11 +256,24 @@ class _Refuse(Protocol):
         self._linger = None
 
 
+@attrs.frozen
+class ListenerLimits:
+    """What a listener holds to, beyond one session's settings (``mailrelay.listener`` builds it)."""
+
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    #: not held to ``max_connections_per_ip`` (Postfix exempts mynetworks the same way)
+    is_exempt: Callable[[str], bool] = lambda ip: False
+    tls_options: Any = None  # for STARTTLS; needed when the settings offer it
+    checker: ICredentialsChecker | None = None  # for AUTH
+
+
 class SMTPServerFactory(Factory):
     """Builds server sessions sharing one sink, one policy and the limits of one listener.
 
     ``observer`` (an ``IRelayObserver``, set by whoever counts) hears of connections, TLS, refused
-    commands and accepted messages.
+    commands and accepted messages. ``auth_failures`` counts AUTH failures per client address
+    across sessions (``policy.limits.RateCounter``); None: not counted.
     """
 
     observer: IRelayObserver = NULL_OBSERVER
@@ -281,82 +285,35 @@ class SMTPServerFactory(Factory):
         sink: IMessageSink,
         policy: IPolicy,
         reactor: Any,
+        limits: ListenerLimits = ListenerLimits(),
         *,
-        max_connections: int = 1000,
-        max_connections_per_ip: int = 50,
-        exempt_networks: Sequence[Network] = (),
-        tls_options: Any = None,
-        checker: ICredentialsChecker | None = None,
-        auth_failures: RateCounter | None = None,
+        auth_failures: AuthThrottle | None = None,
         observer: IRelayObserver | None = None,
     ) -> None:
-        self.settings = settings
         if observer is not None:
             self.observer = observer
         self.sink = sink
-        self.policy = policy
         self.reactor = reactor
-        self.max_connections = max_connections
-        self.max_connections_per_ip = max_connections_per_ip
-        self.exempt_networks = tuple(exempt_networks)  # not held to max_connections_per_ip
-        self.tls_options = tls_options
-        self.checker = checker
-        # AUTH failures per client address across sessions: 10 in 10 minutes and AUTH is refused
-        self.auth_failures = (
-            auth_failures if auth_failures is not None else RateCounter(reactor, 10, 600.0)
-        )
-        if tls_options is None and settings.starttls:
-            raise ValueError("STARTTLS needs tls_options")
+        self.auth_failures = auth_failures
+        self.update(settings, limits, policy)
         self.connections = 0
         self.protocols: set[SMTPServerProtocol] = set()
         self.draining: Reply | None = None
         self._drained: list[defer.Deferred[None]] = []
         self.per_ip: Counter[str] = Counter()
 
-    @classmethod
-    def from_config(
-        cls,
-        server: ServerConfig,
-        sink: IMessageSink,
-        policy: IPolicy,
-        reactor: Any,
-        *,
-        submission: bool = False,
-        tls_options: Any = None,
-        checker: ICredentialsChecker | None = None,
-        binarymime: bool = False,
-        **extras: Any,
-    ) -> SMTPServerFactory:
-        """The factory for one listener of ``server``.
-
-        TLS options come from ``tls_certificate``/``tls_key`` unless given; the AUTH checker from
-        ``auth_password_file`` unless given (any ``ICredentialsChecker`` for ``IUsernamePassword``).
-        ``submission=True`` makes a listener that requires AUTH before MAIL (port 587 style).
-        ``binarymime``: offer BINARYMIME, for every route onward carries it (``Config.binarymime``).
-        """
-        settings, limits = _from_server(
-            server, reactor, submission, tls_options, checker, binarymime
-        )
-        return cls(settings, sink, policy, reactor, **limits, **extras)
-
-    def reconfigure(
-        self, server: ServerConfig, policy: IPolicy | None = None, binarymime: bool | None = None
+    def update(
+        self, settings: SessionSettings, limits: ListenerLimits, policy: IPolicy | None = None
     ) -> None:
-        """Take a new config (SIGHUP): limits, certificate, password file and policy.
-
-        Everything is loaded first, so a bad new certificate raises and changes nothing. Sessions
-        already running keep their limits; a STARTTLS after this uses the new certificate.
-        """
-        if binarymime is None:
-            binarymime = self.settings.binarymime
-        settings, limits = _from_server(
-            server, self.reactor, self.settings.require_auth, None, None, binarymime
-        )
+        """New settings, limits and policy (SIGHUP): sessions running keep theirs."""
+        if limits.tls_options is None and settings.starttls:
+            raise ValueError("STARTTLS needs tls_options")
         self.settings = settings
-        self.max_connections = limits["max_connections"]
-        self.max_connections_per_ip = limits["max_connections_per_ip"]
-        self.exempt_networks = limits["exempt_networks"]
-        self.tls_options, self.checker = limits["tls_options"], limits["checker"]
+        self.max_connections = limits.max_connections
+        self.max_connections_per_ip = limits.max_connections_per_ip
+        self.is_exempt = limits.is_exempt
+        self.tls_options = limits.tls_options
+        self.checker = limits.checker
         if policy is not None:
             self.policy = policy
 
@@ -364,9 +321,7 @@ class SMTPServerFactory(Factory):
         ip, _ = _host_port(addr)
         if self.connections >= self.max_connections:
             return _Refuse(R.TOO_MANY_CONNECTIONS, self.observer, ip, self.reactor)
-        if self.per_ip[ip] >= self.max_connections_per_ip and not is_trusted(
-            ip, self.exempt_networks
-        ):
+        if self.per_ip[ip] >= self.max_connections_per_ip and not self.is_exempt(ip):
             return _Refuse(R.TOO_MANY_FROM_YOU, self.observer, ip, self.reactor)
         self.connections += 1
         self.per_ip[ip] += 1
@@ -387,7 +342,7 @@ class SMTPServerFactory(Factory):
         """
         self.draining = reply
         for protocol in list(self.protocols):
-            if protocol.session.state is State.CLOSED:
+            if protocol.session.state is S.CLOSED:
                 protocol.abort()  # said goodbye already; only the client's TLS close is missing
             else:
                 protocol.session.drain(reply)
@@ -418,50 +373,3 @@ class SMTPServerFactory(Factory):
             for d in waiting:
                 if not d.called:
                     d.callback(None)
-
-
-def _from_server(
-    server: ServerConfig,
-    reactor: Any,
-    submission: bool,
-    tls_options: Any,
-    checker: ICredentialsChecker | None,
-    binarymime: bool = False,
-) -> tuple[SessionSettings, dict[str, Any]]:
-    if tls_options is None and server.tls_certificate and server.tls_key:
-        tls_options = server_tls_options(server.tls_certificate, server.tls_key)
-    if checker is None and server.auth_password_file:
-        from mailrelay.smtp.auth import HashedPasswordFile
-
-        pool = getattr(reactor, "getThreadPool", None)
-        checker = HashedPasswordFile(
-            server.auth_password_file, reactor if pool else None, pool() if pool else None
-        )
-    settings = SessionSettings(
-        hostname=server.hostname,
-        binarymime=binarymime,
-        max_message_size=server.max_message_size,
-        max_recipients=server.max_recipients,
-        max_errors=server.max_errors,
-        recipient_overshoot_limit=server.recipient_overshoot_limit,
-        hopcount_limit=server.hopcount_limit,
-        command_line_limit=server.command_line_limit,
-        text_line_limit=server.text_line_limit,
-        idle_timeout=server.idle_timeout,
-        data_timeout=server.data_timeout,
-        starttls=tls_options is not None,
-        auth_mechanisms=("PLAIN", "LOGIN") if checker is not None else (),
-        allow_plaintext_auth=server.allow_plaintext_auth,
-        require_auth=submission,
-        greet_delay=server.greet_delay,
-        limit_trusted=server.limit_trusted_clients,
-    )
-    limits = {
-        "max_connections": server.max_connections,
-        "max_connections_per_ip": server.max_connections_per_ip,
-        # Postfix exempts mynetworks from its per-client limits (smtpd_client_event_limit_exceptions)
-        "exempt_networks": () if server.limit_trusted_clients else server.trusted_networks,
-        "tls_options": tls_options,
-        "checker": checker,
-    }
-    return settings, limits

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from mailrelay.config import ServerConfig
 from mailrelay.envelope import Recipient, Reply
 from mailrelay.errors import TemporaryFailure
-from mailrelay.smtp.server import SMTPServerFactory
+from mailrelay.listener import reconfigure, server_factory
 from tests.smtp.fakes import Conn, DeferredPolicy, RecordingSink, stuff
 
 MSG = b"Subject: hello\r\n\r\nline one\r\n.dot line\r\n"
@@ -398,7 +398,7 @@ def test_connection_limits_total_and_per_ip() -> None:
     sink, clock = RecordingSink(), Clock()
     from mailrelay.policy import build_policy
 
-    factory = SMTPServerFactory.from_config(config, sink, build_policy(config), clock)
+    factory = server_factory(config, sink, build_policy(config), clock)
     a1 = Conn(factory=factory, client="192.0.2.1")
     Conn(factory=factory, client="192.0.2.1")
     a3 = Conn(factory=factory, client="192.0.2.1")
@@ -723,13 +723,13 @@ def test_trusted_networks_are_exempt_from_the_per_ip_cap_unless_configured() -> 
         max_connections=10,
         max_connections_per_ip=2,
     )
-    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), Clock())
+    factory = server_factory(config, RecordingSink(), build_policy(config), Clock())
     trusted = [Conn(factory=factory, client="192.0.2.1") for _ in range(4)]
     assert [c.codes() for c in trusted] == [[220]] * 4
     stranger = [Conn(factory=factory, client="198.51.100.1") for _ in range(3)]
     assert [c.codes() for c in stranger[:2]] == [[220], [220]]
     assert stranger[2].replies() == [(421, "4.7.0 Error: too many connections from your address")]
-    factory.reconfigure(attrs.evolve(config, limit_trusted_clients=True))  # SIGHUP: capped again
+    reconfigure(factory, attrs.evolve(config, limit_trusted_clients=True))  # SIGHUP: capped again
     assert Conn(factory=factory, client="192.0.2.1").replies() == [
         (421, "4.7.0 Error: too many connections from your address")
     ]
