@@ -55,7 +55,7 @@ def listener_limits(
     server: ServerConfig,
     reactor: Any,
     tls_options: Any = None,
-    checker: ICredentialsChecker | None = None,
+    checker: Any = None,  # an ICredentialsChecker provider
 ) -> ListenerLimits:
     """Limits, TLS options (``tls_certificate``/``tls_key`` unless given) and AUTH checker
     (``auth_password_file`` unless given)."""

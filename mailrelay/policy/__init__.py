@@ -8,9 +8,9 @@ Any policy may answer through a Deferred; the chain waits for it before asking t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mailrelay.config import ServerConfig
@@ -60,7 +60,7 @@ class PolicyChain:
     None at once.
     """
 
-    def __init__(self, policies: Sequence[IPolicy]) -> None:
+    def __init__(self, policies: Sequence[object]) -> None:  # IPolicy providers
         self.policies = tuple(policies)
         self._stages: dict[str, tuple[Callable[..., Any], ...]] = {
             stage: tuple(
@@ -90,7 +90,7 @@ class PolicyChain:
                 continue
             if isinstance(answer, Deferred):
                 return answer.addCallback(self._after_deferred, rest, args)
-            return answer  # type: ignore[no-any-return]
+            return answer
         return None
 
     def _after_deferred(
@@ -98,7 +98,7 @@ class PolicyChain:
     ) -> Reply | None | Deferred[Reply | None]:
         if answer is not None:
             return answer
-        return maybeDeferred(self._continue, rest, args)
+        return self._continue(rest, args)  # what it raises fails the Deferred it runs in
 
     def connect(self, session: Any) -> Reply | None | Deferred[Reply | None]:
         return self._run("connect", (session,))
@@ -133,7 +133,7 @@ def build_policy(server: ServerConfig, extra: Sequence[IPolicy] = ()) -> IPolicy
     from mailrelay.policy.access import RelayAccess
 
     access = RelayAccess(server.trusted_networks, server.local_domains, server.relay_domains)
-    return PolicyChain([access, *extra])
+    return cast(IPolicy, PolicyChain([access, *extra]))  # it provides IPolicy (implementer)
 
 
 __all__ = ["Policy", "PolicyChain", "build_policy"]

@@ -15,10 +15,11 @@ from mailrelay import _ascii
 from mailrelay.envelope import Reply
 from mailrelay.smtp import _parser as p
 from mailrelay.smtp import _states as S
+from mailrelay.smtp import _transaction
 from mailrelay.smtp import replies as R
 
 if TYPE_CHECKING:
-    from mailrelay.smtp.session import Session, Transaction
+    from mailrelay.smtp.session import Session
 
 BAD_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
 
@@ -49,11 +50,11 @@ def command(session: Session, arg: str) -> None:
     if txn.bdat_started:
         _read(session, txn, size, last)
         return
-    envelope = session._envelope(txn)
+    envelope = _transaction.envelope_of(session, txn)
 
     def then(objection: Reply | None) -> None:
         if objection is None:
-            objection = session._open_message(envelope)
+            objection = _transaction.open_message(session, envelope)
         if objection is not None:
             txn.bdat_failed = objection
             _skip(session, size, last, objection)
@@ -64,7 +65,7 @@ def command(session: Session, arg: str) -> None:
     session._ask(session.policy.data, (session.info, envelope), then)
 
 
-def _read(session: Session, txn: Transaction, size: int, last: bool) -> None:
+def _read(session: Session, txn: _transaction.Transaction, size: int, last: bool) -> None:
     session._move(S.DATA)
     binary = txn.body == "BINARYMIME"
     maximum = session.settings.max_message_size
@@ -92,10 +93,10 @@ def chunk_end(session: Session, event: p.DataEnd) -> None:
     assert txn is not None
     txn.bdat_total = event.size
     if event.last:
-        session._finish_message(event)
+        _transaction.finish(session, event)
         return
     session._move(S.MAIL)
-    failure = session._failure(event)
+    failure = _transaction.verdict(session, event)
     if failure is not None:
         session._abort_writer()
         txn.bdat_failed = failure

@@ -34,7 +34,7 @@ def direct_socket(transport: Any) -> socket.socket | None:
         and not transport.TLS
         and hasattr(transport, "_tempDataBuffer")
     ):
-        return transport.socket  # type: ignore[no-any-return]
+        return transport.socket
     return None
 
 
@@ -100,4 +100,5 @@ def log_info(log: Logger, fmt: str, **fields: Any) -> None:
         log_format=fmt,
         log_time=time.time(),
     )
-    log.observer(fields)
+    observer: Any = log.observer  # an ILogObserver: called with the event
+    observer(fields)

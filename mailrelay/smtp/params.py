@@ -43,37 +43,39 @@ def mail_fields(
 ) -> MailFields | Reply:
     if params and not esmtp:
         return Reply(555, "5.5.4", "Error: parameters need EHLO")
-    fields: dict[str, object] = {}
+    size: int | None = None
+    body: str | None = None
+    smtputf8 = False
+    ret: str | None = None
+    envid: str | None = None
     for key, value in params.items():
         if key == "SIZE":
             size = _ascii.number(value or "", 20)
             if size is None:
                 return Reply(501, "5.5.4", "Bad SIZE parameter")
-            fields["size"] = size
             if size > settings.max_message_size:
                 return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
         elif key == "BODY":
-            body = _ascii.upper(value or "")
-            if body not in ("7BIT", "8BITMIME", "BINARYMIME") or (
-                body == "BINARYMIME" and not settings.chunking
+            keyword = _ascii.upper(value or "")
+            if keyword not in ("7BIT", "8BITMIME", "BINARYMIME") or (
+                keyword == "BINARYMIME" and not settings.chunking
             ):
                 return Reply(501, "5.5.4", "Bad BODY parameter")
-            if body == "BINARYMIME" and not settings.binarymime:
+            if keyword == "BINARYMIME" and not settings.binarymime:
                 return Reply(
                     555,
                     "5.5.4",
                     "BODY=BINARYMIME not offered: no route onward is known to carry it",
                 )
-            fields["body"] = None if body == "7BIT" else body
+            body = None if keyword == "7BIT" else keyword
         elif key == "SMTPUTF8" and settings.smtputf8:
             if value is not None:
                 return Reply(501, "5.5.4", "SMTPUTF8 takes no value")
-            fields["smtputf8"] = True
+            smtputf8 = True
         elif key == "RET" and settings.dsn:
             ret = _ascii.upper(value or "")
             if ret not in ("FULL", "HDRS"):
                 return Reply(501, "5.5.4", "Bad RET parameter")
-            fields["ret"] = ret
         elif key == "ENVID" and settings.dsn:
             try:
                 envid = decode_xtext(value or "")
@@ -81,12 +83,13 @@ def mail_fields(
                 envid = ""
             if not envid or len(value or "") > 100:
                 return Reply(501, "5.5.4", "Bad ENVID parameter")
-            fields["envid"] = envid
         elif key == "AUTH":
             pass  # RFC 4954 5: accepted and not passed on (we do not trust it)
         else:
             return Reply(555, "5.5.4", f"Unsupported option: {key}")
-    return MailFields(**fields) if fields else _NO_FIELDS  # type: ignore[arg-type]  # keys above
+    if not params:
+        return _NO_FIELDS
+    return MailFields(size, body, smtputf8, ret, envid)
 
 
 _NO_FIELDS = MailFields()

@@ -24,12 +24,12 @@ from zope.interface import implementer
 
 from mailrelay.envelope import Reply, SessionInfo
 from mailrelay.interfaces import IMessageSink, IPolicy
-from mailrelay.observer import NULL_OBSERVER, IRelayObserver
+from mailrelay.observer import NULL_OBSERVER
 from mailrelay.smtp import _fast, _log
 from mailrelay.smtp import _states as S
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.session import Session
-from mailrelay.smtp.settings import AuthThrottle, SessionSettings
+from mailrelay.smtp.settings import AuthThrottle, DelayedCall, Observer, SessionSettings
 from mailrelay.smtp.tls import tls_info
 
 log = Logger()
@@ -66,8 +66,8 @@ class SMTPServerProtocol(Protocol):
     def __init__(self, factory: SMTPServerFactory, client_ip: str) -> None:
         self.factory = factory
         self.client_ip = client_ip  # the connecting address, as the factory's per-IP count has it
-        self._timer: interfaces.IDelayedCall | None = None
-        self._linger: interfaces.IDelayedCall | None = None
+        self._timer: DelayedCall | None = None
+        self._linger: DelayedCall | None = None
         self._handshaking = False  # TLS started, its handshake not completed yet
         self._silent = False  # closing because the client said nothing for the whole timeout
         self._producing = False  # registered as the transport's producer
@@ -158,6 +158,11 @@ class SMTPServerProtocol(Protocol):
         self._silent = True
         self.session.timed_out()
 
+    @property
+    def _transport(self) -> Any:
+        """TCP, TLS or a test's: whichever, it can pause, abort and start TLS."""
+        return self.transport
+
     # -- SessionOutput --------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
@@ -194,13 +199,13 @@ class SMTPServerProtocol(Protocol):
     def abort(self) -> None:
         """Drop the connection now if it is still there (nothing more to say on it)."""
         if self in self.factory.protocols:
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self._transport.abortConnection()
 
     def pause(self) -> None:
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._transport.pauseProducing()
 
     def resume(self) -> None:
-        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._transport.resumeProducing()
 
     # -- IPushProducer: the transport's buffer of replies unread by the client ---------------------
 
@@ -216,7 +221,7 @@ class SMTPServerProtocol(Protocol):
     def start_tls(self) -> None:
         self._socket = None  # every byte from now on goes through the TLS layer
         self._handshaking = True
-        self.transport.startTLS(self.factory.tls_options)  # type: ignore[union-attr]
+        self._transport.startTLS(self.factory.tls_options)
 
     # -- IHandshakeListener ---------------------------------------------------------------------
 
@@ -236,12 +241,12 @@ class _Refuse(Protocol):
     ``CLOSE_LINGER``, so refused connections cannot pile up either.
     """
 
-    def __init__(self, reply: Reply, observer: IRelayObserver, ip: str, clock: Any) -> None:
+    def __init__(self, reply: Reply, observer: Observer, ip: str, clock: Any) -> None:
         self.reply = reply
         self.observer = observer
         self.ip = ip
         self.clock = clock
-        self._linger: interfaces.IDelayedCall | None = None
+        self._linger: DelayedCall | None = None
 
     def connectionMade(self) -> None:
         self.observer.connection_refused(self.ip, self.reply)
@@ -276,7 +281,7 @@ class SMTPServerFactory(Factory):
     across sessions (``policy.limits.RateCounter``); None: not counted.
     """
 
-    observer: IRelayObserver = NULL_OBSERVER
+    observer: Observer = NULL_OBSERVER
     noisy = False  # no "Starting factory" lines: the listener's own line says where it listens
 
     def __init__(
@@ -288,7 +293,7 @@ class SMTPServerFactory(Factory):
         limits: ListenerLimits = ListenerLimits(),
         *,
         auth_failures: AuthThrottle | None = None,
-        observer: IRelayObserver | None = None,
+        observer: Observer | None = None,
     ) -> None:
         if observer is not None:
             self.observer = observer

@@ -16,59 +16,42 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from mailrelay import _ascii
-from mailrelay.envelope import Envelope, Recipient, Reply, SessionInfo, TLSInfo, protocol_name
+from mailrelay.envelope import Envelope, Reply, SessionInfo, TLSInfo
 from mailrelay.errors import MailRelayError
-from mailrelay.interfaces import IMessageSink, IMessageWriter, IPolicy
+from mailrelay.interfaces import IPolicy
 from mailrelay.observer import NULL_OBSERVER
-from mailrelay.paths import PathError, parse_params, parse_path, split_path
-from mailrelay.smtp import _bdat, _sasl
+from mailrelay.smtp import _bdat, _sasl, _transaction
 from mailrelay.smtp import _parser as p
 from mailrelay.smtp import _states as S
 from mailrelay.smtp import replies as R
 from mailrelay.smtp._fast import wire
-from mailrelay.smtp._log import accepted, log
+from mailrelay.smtp._log import log
 from mailrelay.smtp._states import State
-from mailrelay.smtp.params import MailFields, mail_fields, rcpt_fields
-from mailrelay.smtp.settings import AuthThrottle, MessageIntake, SessionOutput, SessionSettings
+from mailrelay.smtp.settings import (
+    AuthThrottle,
+    Clock,
+    DelayedCall,
+    MessageIntake,
+    MessageSink,
+    MessageWriter,
+    Observer,
+    SessionOutput,
+    SessionSettings,
+)
 
 #: While the session cannot take the next command (a reply pending, the greeting not out yet), stop
 #: reading from the socket once this much input is buffered.
 PAUSE_ABOVE = 256 * 1024
 HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE", "PATCH"})
-_DATA_ERRORS = {
-    p.DataError.TOO_BIG: R.TOO_BIG,
-    p.DataError.LINE_TOO_LONG: R.TEXT_LINE_TOO_LONG,
-    p.DataError.BARE_NEWLINE: R.BARE_NEWLINE_DATA,
-}
 _LINE_ERRORS = {
     p.LineError.TOO_LONG: R.LINE_TOO_LONG,
     p.LineError.BARE_NEWLINE: R.BARE_NEWLINE_COMMAND,
 }
-
-
-@attrs.define
-class Transaction:
-    """One MAIL transaction: from MAIL to the end of its message (or RSET)."""
-
-    sender: str
-    fields: MailFields
-    recipients: list[Recipient] = attrs.field(factory=list)
-    rcpt_attempts: int = 0
-    overshoot: int = 0  # RCPTs answered 452 4.5.3 (over max_recipients)
-    bdat_total: int = 0  # octets of BDAT chunks so far (0: none yet)
-    bdat_started: bool = False
-    bdat_failed: Reply | None = None  # every further chunk of this message gets this reply
-
-    @property
-    def body(self) -> str | None:
-        return self.fields.body
 
 
 class Session:
@@ -78,13 +61,13 @@ class Session:
         self,
         settings: SessionSettings,
         info: SessionInfo,
-        sink: IMessageSink,
+        sink: MessageSink,
         policy: IPolicy,
-        clock: IReactorTime,
+        clock: Clock,
         out: SessionOutput,
         checker: ICredentialsChecker | None = None,
         auth_failures: AuthThrottle | None = None,
-        observer: Any = None,
+        observer: Observer | None = None,
     ) -> None:
         self.settings = settings
         self.info = info
@@ -94,7 +77,7 @@ class Session:
         self.out = out
         self.checker = checker
         self.auth_failures_by_ip = auth_failures  # shared by the sessions of a listener
-        self.observer = observer if observer is not None else NULL_OBSERVER
+        self.observer: Observer = observer if observer is not None else NULL_OBSERVER
         self.state: State = S.CONNECTED
         self.tls_active = False
         self.auth_failures = 0
@@ -105,10 +88,10 @@ class Session:
         self.parser = p.Parser(settings.command_line_limit, settings.text_line_limit)
         self._verb = ""  # the command being answered (for the observer)
         self._draining: Reply | None = None  # shutting down: close with this once idle
-        self._greet_call: IDelayedCall | None = None
+        self._greet_call: DelayedCall | None = None
         self._sasl: _sasl.SaslExchange | None = None
-        self._txn: Transaction | None = None
-        self._writer: IMessageWriter | None = None
+        self._txn: _transaction.Transaction | None = None
+        self._writer: MessageWriter | None = None
         self._intake: MessageIntake | None = None  # the message being received (its cleanup)
         self._envelope_in_data: Envelope | None = None
         self._bdat_reply: Reply | None = None  # answer owed for a BDAT chunk being skipped
@@ -321,9 +304,7 @@ class Session:
             return
         s = self.settings
         if s.greet_delay > 0 and (s.limit_trusted or not self.info.trusted):
-            self._greet_call = self.clock.callLater(  # type: ignore[attr-defined]  # IReactorTime
-                s.greet_delay, self._send_greeting
-            )
+            self._greet_call = self.clock.callLater(s.greet_delay, self._send_greeting)
         else:
             self._send_greeting()
 
@@ -341,8 +322,8 @@ class Session:
     def _handle(self, event: p.Event) -> None:
         """One parser event: a command (by the table), message text, or a SASL response."""
         state = self.state
-        if event.__class__ is p.Command and state is not S.AUTH:
-            verb = event.verb  # type: ignore[union-attr]  # a Command, checked above
+        if isinstance(event, p.Command) and state is not S.AUTH:
+            verb = event.verb
             name = S.COMMANDS.get((state, verb))
             if name is None:
                 self._verb = "UNKNOWN"  # a fixed set of labels for the observer, never the text
@@ -352,7 +333,7 @@ class Session:
                     self.reply(R.UNKNOWN_COMMAND)
                 return
             self._verb = verb
-            getattr(self, name)(event.argument)  # type: ignore[union-attr]  # a Command
+            getattr(self, name)(event.argument)
         elif isinstance(event, p.DataChunk):
             self._text(event.data)
         elif isinstance(event, p.DataEnd):
@@ -361,7 +342,7 @@ class Session:
                 _bdat.chunk_end(self, event)
             else:
                 self._verb = "DATA"
-                self._finish_message(event)
+                _transaction.finish(self, event)
         elif state is S.AUTH:
             self._verb = "AUTH"
             self._sasl_response(event)
@@ -382,91 +363,13 @@ class Session:
             self._writer.abort()
             self._writer = None
 
-    # -- message text (DATA and BDAT) -----------------------------------------------------------
+    # -- the mail transaction: _transaction ------------------------------------------------
 
-    def _envelope(self, txn: Transaction) -> Envelope:
-        info, fields = self.info, txn.fields
-        auth = info.auth is not None
-        return Envelope(
-            sender=txn.sender,
-            recipients=tuple(txn.recipients),
-            helo=info.helo or "",
-            client_address=info.client_address,
-            client_name=info.client_name,
-            protocol=protocol_name(info.esmtp, info.tls is not None, auth, fields.smtputf8),
-            body=fields.body,
-            smtputf8=fields.smtputf8,
-            size=fields.size,
-            ret=fields.ret,
-            envid=fields.envid,
-            auth=info.auth,
-            received_at=self.clock.seconds(),
-            trusted=info.trusted or auth,
-        )
-
-    def _open_message(self, envelope: Envelope) -> Reply | None:
-        if self.state is S.CLOSED:  # the client left while the data policy thought
-            return R.LOCAL_ERROR
-        try:
-            writer = self.sink.open(envelope)
-            intake = self.settings.intake.start(self.info, envelope, writer.queue_id)
-            writer.write(intake.header)
-        except MailRelayError as e:
-            return e.reply
-        self._writer, self._intake, self._envelope_in_data = writer, intake, envelope
-        return None
+    def _data(self, arg: str) -> None:
+        _transaction.data_command(self, arg)
 
     def _text(self, data: bytes) -> None:
-        intake = self._intake
-        if intake is None:  # a chunk being skipped: nothing to keep
-            return
-        before = intake.feed(data)
-        if self._writer is not None and intake.rejection is None:
-            if before:
-                self._writer.write(before)
-            self._writer.write(data)
-
-    def _failure(self, event: p.DataEnd) -> Reply | None:
-        """Why the message (so far) cannot be taken: its text, or the intake's verdict."""
-        if event.error is not None:
-            return _DATA_ERRORS[event.error]
-        return self._intake.rejection if self._intake is not None else None
-
-    def _finish_message(self, event: p.DataEnd) -> None:
-        """The text is complete: errors, then end-of-data policy, then commit, then the reply."""
-        writer, self._writer = self._writer, None
-        envelope = self._envelope_in_data
-        failure = self._failure(event)
-        self._intake = self._envelope_in_data = None
-        self._move(S.READY)
-        self._txn = None
-        if writer is None or envelope is None:  # cannot happen: text is read with a writer open
-            self.reply(R.LOCAL_ERROR)
-            return
-        if failure is not None:
-            writer.abort()
-            self.reply(failure)
-            return
-
-        def committed(result: Any) -> None:
-            if isinstance(result, Reply):  # a TemporaryFailure/PermanentFailure from commit
-                writer.abort()
-                self.reply(result)
-                return
-            self.info.messages += 1
-            self.errors = 0
-            self.observer.message_accepted(self.info, envelope, writer.queue_id, event.size)
-            accepted(self.info, envelope, writer.queue_id, event.size)
-            self._send(f"250 2.0.0 Ok: queued as {writer.queue_id}\r\n".encode())
-
-        def allowed(objection: Reply | None) -> None:
-            if objection is not None:
-                writer.abort()
-                self.reply(objection)
-                return
-            self._ask(writer.commit, (), committed)
-
-        self._ask(self.policy.end_of_data, (self.info, envelope, event.size), allowed)
+        _transaction.text(self, data)
 
     # -- commands (see _states.COMMANDS for which runs in which state) ---------------------------
 
@@ -518,98 +421,10 @@ class Session:
         )
 
     def _mail(self, arg: str) -> None:
-        if self.settings.require_auth and not self.info.auth:
-            self.reply(Reply(530, "5.7.0", "Authentication required"))
-            return
-        try:
-            inner, rest = split_path(arg, "FROM")
-            path = parse_path(inner, allow_null=True, allow_postmaster=False)
-            params = parse_params(rest)
-        except PathError as e:
-            syntax = e.syntax
-            text = "Syntax: MAIL FROM:<address>" if syntax else "Bad sender address syntax"
-            self.reply(Reply(501, "5.5.4" if syntax else "5.1.7", f"{text} ({e.reason})"))
-            return
-        fields = mail_fields(params, self.settings, self.info.esmtp)
-        if isinstance(fields, Reply) or (path.utf8 and not fields.smtputf8):
-            self.reply(fields if isinstance(fields, Reply) else R.NEED_SMTPUTF8)
-            return
-        txn = Transaction(path.address, fields)
-
-        def then(objection: Reply | None) -> None:
-            if objection is not None:
-                self.reply(objection)
-                return
-            self._txn = txn
-            self._move(S.MAIL)
-            self.reply(R.SENDER_OK)
-
-        self._ask(self.policy.mail, (self.info, path.address, params), then)
+        _transaction.mail_command(self, arg)
 
     def _rcpt(self, arg: str) -> None:
-        txn = self._txn
-        assert txn is not None  # MAIL state
-        txn.rcpt_attempts += 1
-        try:
-            inner, rest = split_path(arg, "TO")
-            path = parse_path(inner, allow_null=False, allow_postmaster=True)
-            params = parse_params(rest)
-        except PathError as e:
-            syntax = e.syntax
-            text = "Syntax: RCPT TO:<address>" if syntax else "Bad recipient address syntax"
-            self.reply(Reply(501, "5.5.4" if syntax else "5.1.3", f"{text} ({e.reason})"))
-            return
-        fields = rcpt_fields(params, self.settings)
-        if isinstance(fields, Reply) or (path.utf8 and not txn.fields.smtputf8):
-            self.reply(fields if isinstance(fields, Reply) else R.NEED_SMTPUTF8)
-            return
-        if len(txn.recipients) >= self.settings.max_recipients:
-            self.reply(R.TOO_MANY_RECIPIENTS)
-            txn.overshoot += 1
-            if txn.overshoot > self.settings.recipient_overshoot_limit:
-                self._count_error()  # a client that never takes the 452 for an answer
-            return
-        address = path.address
-        if address == "postmaster":
-            address = f"postmaster@{self.settings.hostname}"
-        recipient = Recipient(address, fields.notify, fields.orcpt)
-
-        def then(objection: Reply | None) -> None:
-            if objection is not None:
-                self.reply(objection)
-            elif self._txn is txn:
-                txn.recipients.append(recipient)
-                self.reply(R.RCPT_OK)
-            else:  # the transaction went away meanwhile (cannot happen in order)
-                self.reply(R.BAD_SEQUENCE)
-
-        self._ask(self.policy.rcpt, (self.info, txn.sender, path.address, params), then)
-
-    def _data(self, arg: str) -> None:
-        txn = self._txn
-        assert txn is not None  # MAIL state
-        if not txn.recipients:
-            self.reply(R.NO_VALID_RCPT if txn.rcpt_attempts else R.NEED_RCPT)
-            return
-        if _ascii.strip(arg):
-            self.reply(R.NO_ARGUMENTS)
-            return
-        if txn.bdat_started or txn.body == "BINARYMIME":
-            self.reply(Reply(503, "5.5.1", "Error: use BDAT for this message"))
-            return
-        envelope = self._envelope(txn)
-
-        def then(objection: Reply | None) -> None:
-            if objection is None:
-                objection = self._open_message(envelope)
-            if objection is not None:
-                self.reply(objection)
-                return
-            self._move(S.DATA)
-            self.parser.begin_data(self.settings.max_message_size)
-            self.reply(R.START_DATA)
-
-        self._ask(self.policy.data, (self.info, envelope), then)
+        _transaction.rcpt_command(self, arg)
 
     def _bdat(self, arg: str) -> None:
         _bdat.command(self, arg)
@@ -661,81 +476,11 @@ class Session:
         self.tls_active = True
         self.out.start_tls()
 
-    # -- AUTH (RFC 4954); the exchange itself is _sasl.SaslExchange ----------------------------
-
     def _auth(self, arg: str) -> None:
-        if not self.settings.auth_mechanisms or self.checker is None:
-            self.reply(Reply(503, "5.5.1", "Error: authentication not enabled"))
-        elif self.state is S.GREETED:
-            self.reply(R.NEED_HELO)
-        elif self.info.auth:
-            self.reply(Reply(503, "5.5.1", "Error: already authenticated"))
-        elif self._txn is not None:
-            self.reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
-        elif self.auth_failures_by_ip is not None and self.auth_failures_by_ip.exceeded(
-            self.info.client_address
-        ):
-            reply = Reply(421, "4.7.0", "Error: too many authentication failures from your address")
-            self._close(reply)
-        elif not (self.tls_active or self.settings.allow_plaintext_auth):
-            text = "Encryption required for requested authentication mechanism"
-            self.reply(Reply(538, "5.7.11", text))
-        else:
-            exchange = _sasl.SaslExchange.start(arg, self.settings.auth_mechanisms)
-            if isinstance(exchange, Reply):
-                self.reply(exchange)
-                return
-            self._sasl = exchange
-            self._sasl_step(exchange)
-
-    def _sasl_step(self, exchange: _sasl.SaslExchange) -> None:
-        challenge = exchange.challenge()
-        if challenge is not None:
-            self._move(S.AUTH)
-            self.out.write(challenge)
-            return
-        self._move(S.READY)
-        self._sasl = None
-        credentials = exchange.credentials()
-        if isinstance(credentials, Reply):
-            self.reply(credentials)
-            return
-        assert self.checker is not None
-        check = _sasl.check(self.checker, *credentials)
-        self._ask(lambda: check, (), self._authenticated)
+        _sasl.command(self, arg)
 
     def _sasl_response(self, event: p.Event) -> None:
-        self._move(S.READY)
-        exchange, self._sasl = self._sasl, None
-        assert exchange is not None
-        problem = exchange.respond(event.line if isinstance(event, p.Command) else None)
-        if problem is not None:
-            self.reply(problem)
-            return
-        self._sasl = exchange
-        self._sasl_step(exchange)
-
-    def _authenticated(self, result: tuple[bool, Any]) -> None:
-        ok, detail = result
-        if ok:
-            self.info.auth = detail
-            self.reply(_sasl.SUCCESS)
-            return
-        if not _sasl.is_login_failure(detail):
-            log.failure("credentials check failed in session {id}", detail, id=self.info.session_id)
-            self.reply(_sasl.TEMPORARY)
-            return
-        self.auth_failures += 1
-        if self.auth_failures_by_ip is not None:
-            self.auth_failures_by_ip.hit(self.info.client_address)
-        log.info(
-            "session {id}: authentication failed from [{ip}]",
-            id=self.info.session_id,
-            ip=self.info.client_address,
-        )
-        self.reply(_sasl.INVALID)
-        if self.auth_failures >= self.settings.max_auth_failures:
-            self._close(Reply(421, "4.7.0", "Error: too many authentication failures"))
+        _sasl.response(self, event)
 
 
 __all__ = [

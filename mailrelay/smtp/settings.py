@@ -7,11 +7,70 @@ session's collaborators (the connection, the intake stage, the AUTH throttle) ar
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import attrs
 
 from mailrelay.envelope import Envelope, Reply, SessionInfo
+
+# The session's view of its collaborators, as typing Protocols: the zope interfaces they provide
+# (``IReactorTime``, ``interfaces.IMessageSink``, ``observer.IRelayObserver``) say the same for
+# ``verifyObject``, but a type checker without a zope plugin cannot call through them.
+
+
+class DelayedCall(Protocol):
+    """A call ``Clock.callLater`` scheduled (``IDelayedCall``)."""
+
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """The part of ``IReactorTime`` the session uses."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(  # noqa: N802 - Twisted's name
+        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
+    ) -> DelayedCall: ...
+
+
+class MessageWriter(Protocol):
+    """One message being stored (``interfaces.IMessageWriter``)."""
+
+    queue_id: str
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self) -> Any: ...  # None, or a Deferred firing once the message is durable
+
+    def abort(self) -> None: ...
+
+
+class MessageSink(Protocol):
+    """Where messages go (``interfaces.IMessageSink``): a writer per accepted DATA/BDAT."""
+
+    def open(self, envelope: Envelope) -> MessageWriter: ...
+
+
+class Observer(Protocol):
+    """What the server tells an ``observer.IRelayObserver`` (``observer.RelayObserver``)."""
+
+    def connection_opened(self, info: SessionInfo) -> None: ...
+
+    def connection_closed(self, info: SessionInfo) -> None: ...
+
+    def connection_refused(self, client_address: str, reply: Reply) -> None: ...
+
+    def tls_established(self, direction: str, version: str) -> None: ...
+
+    def command_rejected(self, verb: str, reply: Reply) -> None: ...
+
+    def message_accepted(
+        self, info: SessionInfo, envelope: Envelope, queue_id: str, size: int
+    ) -> None: ...
 
 
 class SessionOutput(Protocol):
