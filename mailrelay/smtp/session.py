@@ -316,7 +316,7 @@ class Session:
             self._close(R.PREGREET)
             return
         self._move(S.GREETED)
-        self.out.write(Reply(220, None, f"{self.settings.hostname} ESMTP mailrelay").encode())
+        self.out.write(self.settings.greeting)
         self._pump()
 
     def _handle(self, event: p.Event) -> None:

@@ -151,9 +151,14 @@ class SessionSettings:
     greet_delay: float = 0.0  # wait this long before the greeting; talking before it is rejected
     limit_trusted: bool = False  # greet_delay for trusted clients too (Postfix exempts mynetworks)
     # Derived once here (every session of a listener sends the same), never written later.
+    greeting: bytes = attrs.field(init=False, eq=False, hash=False, repr=False)
     ehlo_tails: dict[tuple[bool, bool], bytes] = attrs.field(
         init=False, eq=False, hash=False, repr=False
     )
+
+    @greeting.default
+    def _build_greeting(self) -> bytes:
+        return Reply(220, None, f"{self.hostname} ESMTP mailrelay").encode()
 
     @ehlo_tails.default
     def _build_ehlo_tails(self) -> dict[tuple[bool, bool], bytes]:

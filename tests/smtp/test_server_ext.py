@@ -14,7 +14,7 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer
 
 from mailrelay.config import ServerConfig
-from mailrelay.smtp.session import TLSInfo
+from mailrelay.envelope import TLSInfo
 from tests.smtp.fakes import Conn, DeferredPolicy, TLSStringTransport, stuff
 
 MSG = b"Subject: hello\r\n\r\nbody\r\n"

@@ -7,7 +7,7 @@ once the text is complete and refuses the message with it.
 
 Contract of ``MessageIntake.feed(data)``: called with every piece of the message text in order;
 it returns the octets to store *before* ``data`` (an empty line when the text would otherwise go
-on with our header, see ``policy.received.separator``), usually ``b""``.
+on with our header, see ``received.separator``), usually ``b""``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import attrs
 
 from mailrelay.envelope import Envelope, Reply, SessionInfo
-from mailrelay.policy.received import received_header, separator
+from mailrelay.intake.received import received_header, separator
 from mailrelay.smtp import replies as R
 
 #: Stop looking for Received headers after this much header text.
