@@ -13,11 +13,11 @@ from twisted.cred.checkers import ICredentialsChecker
 
 from mailrelay.config import ServerConfig
 from mailrelay.intake import Intake
-from mailrelay.interfaces import IMessageSink, IPolicy
+from mailrelay.interfaces import IPolicy
 from mailrelay.policy.access import is_trusted
 from mailrelay.policy.limits import RateCounter
 from mailrelay.smtp.server import ListenerLimits, SMTPServerFactory
-from mailrelay.smtp.settings import SessionSettings
+from mailrelay.smtp.settings import MessageSink, SessionSettings
 from mailrelay.smtp.tls import server_tls_options
 
 
@@ -81,7 +81,7 @@ def listener_limits(
 
 def server_factory(
     server: ServerConfig,
-    sink: IMessageSink,
+    sink: MessageSink,
     policy: IPolicy,
     reactor: Any,
     *,

@@ -15,7 +15,7 @@ import attrs
 from mailrelay import _ascii
 from mailrelay.address import DomainError, canonical_domain
 
-# -- paths and ESMTP parameters (RFC 5321 4.1.2, 4.1.3; RFC 6531 for UTF-8) -------------------------
+# -- paths and ESMTP parameters (RFC 5321 4.1.2, 4.1.3; RFC 6531 for UTF-8) ------------------
 
 # Non-ASCII (UTF-8, RFC 6531) is matched as an alternative rather than inside the character
 # classes: a class spanning U+0080..U+10FFFF costs ~0.4 s to compile at import.
@@ -44,7 +44,7 @@ _VALUE_RE = re.compile(rf"(?:[\x21-\x3c\x3e-\x7e]|{_NA})+")
 
 
 class PathError(ValueError):
-    """The argument of MAIL/RCPT does not parse; ``syntax`` False means the mailbox itself is bad."""
+    """The argument of MAIL/RCPT does not parse; ``syntax`` False: the mailbox itself is bad."""
 
     def __init__(self, reason: str, syntax: bool = True) -> None:
         super().__init__(reason)
@@ -126,7 +126,7 @@ def parse_mailbox(text: str) -> Path:
 
 
 def split_path(arg: str, prefix: str) -> tuple[str, str]:
-    """``"FROM:<a@b> SIZE=1"`` → (``"a@b"``, ``"SIZE=1"``): the text inside the brackets and the rest.
+    """``"FROM:<a@b> SIZE=1"`` → (``"a@b"``, ``"SIZE=1"``): the text in the brackets, the rest.
 
     Tolerates spaces after the colon (common, harmless); requires the angle brackets. A ``>``
     inside a quoted local part does not close the path.

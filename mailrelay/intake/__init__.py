@@ -1,4 +1,4 @@
-"""Intake ("cleanup", as Postfix calls it): what happens to a message between the wire and the store.
+"""Intake ("cleanup" in Postfix): what happens to a message between the wire and the store.
 
 The server session owns the conversation; once a message is opened it hands the text through one
 ``MessageIntake`` (``Intake.start``), which puts our ``Received:`` header on top (RFC 5321 4.4) and

@@ -80,7 +80,7 @@ class PolicyChain:
         if not checks:
             return None
         if len(checks) == 1:  # the usual chain checks each stage once at most
-            return checks[0](*args)  # type: ignore[no-any-return]  # a check: Reply, None or Deferred
+            return checks[0](*args)
         return self._continue(iter(checks), args)
 
     def _continue(

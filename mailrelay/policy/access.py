@@ -44,7 +44,7 @@ def is_trusted(address: str, networks: Iterable[Network]) -> bool:
 
 @implementer(IPolicy)
 class RelayAccess(Policy):
-    """``554 5.7.1 <addr>: Relay access denied`` for untrusted clients writing outside our domains."""
+    """``554 5.7.1 <addr>: Relay access denied`` to untrusted clients mailing to other domains."""
 
     def __init__(
         self,

@@ -40,7 +40,7 @@ def direct_socket(transport: Any) -> socket.socket | None:
 
 def write(transport: Any, sock: socket.socket | None, data: bytes) -> None:
     """Send ``data`` on ``sock`` now if the transport holds nothing unsent (so the order on the
-    wire is kept); what the kernel does not take, and everything else, goes through the transport."""
+    wire is kept); what the kernel does not take, and all else, goes through the transport."""
     if (
         sock is not None
         and transport.connected
@@ -61,7 +61,7 @@ def write(transport: Any, sock: socket.socket | None, data: bytes) -> None:
 def half_close(transport: Any, sock: socket.socket | None) -> bool:
     """Shut our sending side of ``sock`` now (a FIN after what was sent) if the transport holds
     nothing unsent; whether that is done. ``loseWriteConnection`` does the same a reactor turn
-    later, after registering for writing, an empty ``send`` and unregistering: three system calls."""
+    later, after registering for writing, an empty ``send`` and unregistering: 3 system calls."""
     if (
         sock is None
         or not transport.connected
@@ -73,7 +73,7 @@ def half_close(transport: Any, sock: socket.socket | None) -> bool:
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
-        pass  # the peer is gone already (ENOTCONN after its reset): the transport's next read ends it
+        pass  # the peer is gone (ENOTCONN after its reset): the transport's next read ends it
     return True
 
 

@@ -165,7 +165,7 @@ class Parser:
             self._buf = bytes(data)
 
     def discard_buffer(self) -> int:
-        """Drop everything received but not parsed (after STARTTLS: RFC 3207 5). Returns its size."""
+        """Drop all received but not parsed (after STARTTLS: RFC 3207 5). Returns its size."""
         n = len(self._buf)
         self._buf = b""
         self._skipping_line = False

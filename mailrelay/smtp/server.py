@@ -3,9 +3,10 @@
 The protocol only moves bytes, runs the idle/DATA timer on the injected reactor and sets
 TCP_NODELAY; every decision is the session's. On a plain TCP connection a reply is sent at once
 when nothing is queued before it (as asyncio's transports do) instead of waiting for the next
-reactor turn: a non-pipelining client waits for each reply, so that turn (an epoll change, a
-wake-up, a dispatch and another epoll change per reply) was most of Twisted's share per message. The factory counts connections (total and per client
-address) and turns away the excess with 421 4.7.0.
+reactor turn (``_fast``): a non-pipelining client waits for each reply, so that turn (an epoll
+change, a wake-up, a dispatch and another epoll change per reply) was most of Twisted's share per
+message. The factory counts connections (total and per client address) and turns away the
+excess with 421 4.7.0.
 """
 
 from __future__ import annotations
@@ -23,13 +24,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.envelope import Reply, SessionInfo
-from mailrelay.interfaces import IMessageSink, IPolicy
+from mailrelay.interfaces import IPolicy
 from mailrelay.observer import NULL_OBSERVER
 from mailrelay.smtp import _fast, _log
 from mailrelay.smtp import _states as S
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.session import Session
-from mailrelay.smtp.settings import AuthThrottle, DelayedCall, Observer, SessionSettings
+from mailrelay.smtp.settings import (
+    AuthThrottle,
+    DelayedCall,
+    MessageSink,
+    Observer,
+    SessionSettings,
+)
 from mailrelay.smtp.tls import tls_info
 
 log = Logger()
@@ -263,7 +270,7 @@ class _Refuse(Protocol):
 
 @attrs.frozen
 class ListenerLimits:
-    """What a listener holds to, beyond one session's settings (``mailrelay.listener`` builds it)."""
+    """What a listener holds to beyond its sessions' settings (``mailrelay.listener`` builds it)."""
 
     max_connections: int = 1000
     max_connections_per_ip: int = 50
@@ -287,7 +294,7 @@ class SMTPServerFactory(Factory):
     def __init__(
         self,
         settings: SessionSettings,
-        sink: IMessageSink,
+        sink: MessageSink,
         policy: IPolicy,
         reactor: Any,
         limits: ListenerLimits = ListenerLimits(),

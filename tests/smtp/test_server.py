@@ -255,7 +255,8 @@ def test_pipelined_commands_with_deferred_policy_answer_in_order() -> None:
     c = Conn(policy=policy)
     c.replies()
     c.send(
-        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<r1@example.test>\r\nRCPT TO:<bad@example.test>\r\n"
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n"
+        b"RCPT TO:<r1@example.test>\r\nRCPT TO:<bad@example.test>\r\n"
         b"RCPT TO:<r3@example.test>\r\nDATA\r\n"
     )
     answers = [None, None, None, Reply(550, "5.1.1", "no such user"), None, None]
@@ -562,7 +563,8 @@ def test_one_log_line_per_accepted_message_and_per_connection() -> None:
     finally:
         globalLogPublisher.removeObserver(observer)
     assert lines == [
-        f"Q0001: client=[192.0.2.10] helo=client.example.org from=<a@example.org> size={len(MSG)} nrcpt=1 proto=ESMTP",
+        "Q0001: client=[192.0.2.10] helo=client.example.org from=<a@example.org>"
+        f" size={len(MSG)} nrcpt=1 proto=ESMTP",
         "disconnect from [192.0.2.10]:40000 helo=client.example.org messages=1 errors=0",
     ]
 
@@ -643,7 +645,7 @@ def test_close_all_aborts_a_message_in_progress() -> None:
 
 
 def test_over_the_recipient_limit_452_is_no_error_and_data_delivers_to_the_accepted() -> None:
-    """150 pipelined RCPTs: 100 x 250 and 50 x 452 4.5.3 (RFC 5321 4.5.3.1.10), not 421 too many errors."""
+    """150 pipelined RCPTs: 100 x 250 and 50 x 452 4.5.3 (RFC 5321 4.5.3.1.10), not 421 errors."""
     c = Conn(
         config=ServerConfig(
             hostname="mx.example.test", max_errors=20, local_domains=("example.test",)
@@ -685,7 +687,7 @@ def test_rcpts_far_past_the_limit_count_as_errors_after_the_overshoot_limit() ->
 
 
 def test_a_policy_asking_to_try_later_is_no_client_error() -> None:
-    """Greylisting-like 4xx answers are ours, not the client's mistakes; a 5xx refusal still counts."""
+    """Greylisting-like 4xx answers are not the client's mistakes; a 5xx refusal still counts."""
     from mailrelay.policy import Policy, PolicyChain
 
     class Later(Policy):
@@ -713,7 +715,7 @@ def test_a_policy_asking_to_try_later_is_no_client_error() -> None:
 
 
 def test_trusted_networks_are_exempt_from_the_per_ip_cap_unless_configured() -> None:
-    """As Postfix exempts mynetworks (smtpd_client_event_limit_exceptions); the total cap still holds."""
+    """As Postfix exempts mynetworks (smtpd_client_event_limit_exceptions); the total cap holds."""
     from mailrelay.policy import build_policy
 
     nets = (ipaddress.ip_network("192.0.2.0/24"),)

@@ -140,7 +140,7 @@ def test_replies_go_out_at_once_and_in_order_when_the_socket_is_full():
             s.ehlo("client.example.org")
             return s.noop()[0]
 
-    def flooding_client():  # pipelines 300 EHLOs (~70 KB of replies), reads nothing until all are sent
+    def flooding_client():  # pipelines 300 EHLOs (~70 KB of replies), reads none until all are sent
         with socket.create_connection(("127.0.0.1", n), timeout=20) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(b"".join(f"EHLO {name}\r\n".encode() for name in names) + b"QUIT\r\n")

@@ -1,4 +1,4 @@
-"""STARTTLS, implicit TLS, AUTH and BDAT over real sockets on 127.0.0.1: swaks, smtplib, raw bytes."""
+"""STARTTLS, implicit TLS, AUTH and BDAT over real sockets on 127.0.0.1: swaks, smtplib, bytes."""
 
 from __future__ import annotations
 
