@@ -108,6 +108,17 @@ def is_login_failure(detail: Any) -> bool:
 # -- the command, for Session ----------------------------------------------------------------
 
 
+def offered(session: Session) -> bool:
+    """Whether EHLO offers AUTH now: configured, not done yet, and over TLS unless allowed."""
+    s = session.settings
+    return (
+        bool(s.auth_mechanisms)
+        and session.checker is not None
+        and not session.info.auth
+        and (session.tls_active or s.allow_plaintext_auth)
+    )
+
+
 def command(session: Session, arg: str) -> None:
     if not session.settings.auth_mechanisms or session.checker is None:
         session.reply(Reply(503, "5.5.1", "Error: authentication not enabled"))

@@ -335,7 +335,7 @@ class Session:
             self._verb = verb
             getattr(self, name)(event.argument)
         elif isinstance(event, p.DataChunk):
-            self._text(event.data)
+            _transaction.text(self, event.data)
         elif isinstance(event, p.DataEnd):
             if self._bdat_reply is not None or (self._txn is not None and self._txn.bdat_started):
                 self._verb = "BDAT"
@@ -345,7 +345,7 @@ class Session:
                 _transaction.finish(self, event)
         elif state is S.AUTH:
             self._verb = "AUTH"
-            self._sasl_response(event)
+            _sasl.response(self, event)
         else:  # a line we could not read as a command
             self._verb = "UNKNOWN"
             assert isinstance(event, p.BadLine)
@@ -367,9 +367,6 @@ class Session:
 
     def _data(self, arg: str) -> None:
         _transaction.data_command(self, arg)
-
-    def _text(self, data: bytes) -> None:
-        _transaction.text(self, data)
 
     # -- commands (see _states.COMMANDS for which runs in which state) ---------------------------
 
@@ -407,18 +404,9 @@ class Session:
             hello = f"{self.settings.hostname} Hello {_ascii.printable(name)}"
             first = f"250-{hello} [{info.client_address}]\r\n".encode()
             starttls = self.settings.starttls and not self.tls_active
-            self._send(first + self.settings.ehlo_tails[starttls, self._auth_offered()])
+            self._send(first + self.settings.ehlo_tails[starttls, _sasl.offered(self)])
 
         self._ask(self.policy.helo, (self.info, name), then)
-
-    def _auth_offered(self) -> bool:
-        s = self.settings
-        return (
-            bool(s.auth_mechanisms)
-            and self.checker is not None
-            and not self.info.auth
-            and (self.tls_active or s.allow_plaintext_auth)
-        )
 
     def _mail(self, arg: str) -> None:
         _transaction.mail_command(self, arg)
@@ -466,7 +454,7 @@ class Session:
         dropped = self.parser.discard_buffer()  # plaintext pipelined after STARTTLS: never obeyed
         if dropped:
             log.info(
-                "session {id}: discarded {n} octets sent after STARTTLS",
+                "session {id}: discarded {n} octets after STARTTLS",
                 id=self.info.session_id,
                 n=dropped,
             )
@@ -478,17 +466,3 @@ class Session:
 
     def _auth(self, arg: str) -> None:
         _sasl.command(self, arg)
-
-    def _sasl_response(self, event: p.Event) -> None:
-        _sasl.response(self, event)
-
-
-__all__ = [
-    "PAUSE_ABOVE",
-    "Session",
-    "SessionInfo",
-    "SessionOutput",
-    "SessionSettings",
-    "State",
-    "TLSInfo",
-]
