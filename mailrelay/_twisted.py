@@ -12,7 +12,7 @@ an upgrade that moves one breaks this module only, and nothing else reads Twiste
   ``serverFromString`` does, options and certificate included.
 - ``StreamServerEndpointService._raiseSynchronously``: documented on the class as the switch that
   makes a failed listen raise from ``privilegedStartService`` (``twisted.application.strports``
-  sets it the same way); used by ``mailrelay.listener``.
+  sets it the same way); used by ``mailrelay.port``.
 """
 
 from __future__ import annotations

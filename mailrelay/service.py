@@ -33,13 +33,15 @@ from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
 from mailrelay.errors import ConfigError, config_errors, each_config_error
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
-from mailrelay.listener import Listener as _Listener
+from mailrelay.listener import reconfigure as reconfigure_listener
+from mailrelay.listener import server_factory
 from mailrelay.metrics import RelayMetrics, metrics_site
 from mailrelay.observer import FanOut, IRelayObserver
 from mailrelay.policy import build_policy
 from mailrelay.policy.access import is_trusted
 from mailrelay.policy.onward import OnwardCapabilities
 from mailrelay.policy.verify import RecipientVerification
+from mailrelay.port import Listener as _Listener
 from mailrelay.preflight import problems
 from mailrelay.queue.manager import QueueManager
 from mailrelay.queue.spool import FilesystemSpool
@@ -194,7 +196,7 @@ class MailRelayService(service.MultiService):
         return build_policy(server, extra=extra)
 
     def _build_factory(self, server: ServerConfig, submission: bool) -> SMTPServerFactory:
-        factory = SMTPServerFactory.from_config(
+        factory = server_factory(
             server,
             self.store,
             self.policy,
@@ -341,7 +343,7 @@ class MailRelayService(service.MultiService):
         built = build_router(new.routes, self._new_context(new)) if self._own_router else None
         router = built if built is not None else old_router
         try:
-            # what factory.reconfigure loads (certificate, key, password file) fails here, first
+            # what a listener loads (certificate, key, password file) fails here, before any swap
             found = problems(new, self.reactor, spool=False)
             if found:
                 raise config_errors(found)
@@ -353,7 +355,7 @@ class MailRelayService(service.MultiService):
             raise
         self.policy = policy
         for factory in self.factories:
-            factory.reconfigure(new.server, policy, binarymime=new.binarymime)
+            reconfigure_listener(factory, new.server, policy, binarymime=new.binarymime)
         self.dkim.signer = signer
         self.router = router
         self.manager.router = router

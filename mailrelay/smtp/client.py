@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from mailrelay import _ascii
 from mailrelay.address import canonical_domain
 from mailrelay.envelope import Envelope, Recipient, Reply
-from mailrelay.smtp import _direct
+from mailrelay.smtp import _fast as _direct
 from mailrelay.smtp._client_body import CHUNK_SIZE, BodyProducer, bdat_frames
 from mailrelay.smtp._client_replies import ReplyQueue
 from mailrelay.smtp._client_state import (
@@ -63,7 +63,7 @@ class SMTPClientProtocol(Protocol):
     ``ClientFailure``. ``when_closed()`` fires once the connection is gone.
     """
 
-    _socket: Any = None  # written to directly while the connection is plain TCP (smtp._direct)
+    _socket: Any = None  # written to directly while the connection is plain TCP (smtp._fast)
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The client's sans-I/O pieces: reply parsing (tables) and dot-stuffing (properties over chunkings)."""
+"""The client's sans-I/O pieces: reply parsing (tables), dot-stuffing (properties over chunks)."""
 
 from __future__ import annotations
 
