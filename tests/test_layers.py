@@ -159,11 +159,6 @@ def test_cycles_are_found():
 # -- the rules -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="policy <-> smtp.session (policy.access imports the session's SessionInfo): the session "
-    "branch of issue 20 removes it",
-)
 def test_no_import_cycle():
     assert cycles(GRAPH) == []
 
@@ -173,11 +168,6 @@ def room(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="delivery -> smtp (client) -> policy -> delivery (onward's HopCapabilities): gone once "
-    "the session branch of issue 20 stops the wire importing policy",
-)
 def test_no_import_cycle_between_rooms():
     rooms: dict[str, set[str]] = {}
     for module, targets in GRAPH.items():
@@ -213,10 +203,6 @@ def test_the_smtp_client_imports_no_policy_config_queue_or_routing():
         assert offenders(module, WIRE_MUST_NOT) == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the server session imports policy and ServerConfig; the session branch separates them",
-)
 def test_the_wire_imports_no_policy_config_queue_or_routing():
     assert offenders("mailrelay.smtp", WIRE_MUST_NOT) == []
 

@@ -21,7 +21,7 @@ from mailrelay.address import DomainError, canonical_domain, canonical_pattern
 from mailrelay.envelope import Reply, SessionInfo
 from mailrelay.interfaces import IPolicy
 from mailrelay.paths import PathError, parse_mailbox
-from mailrelay.policy import Policy
+from mailrelay.policy.chain import Policy
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ROUTING_CHARS = frozenset("%!@:")

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from mailrelay.delivery.capabilities import HopCapabilities
 from mailrelay.envelope import Envelope, Reply, Route
 from mailrelay.interfaces import IPolicy, IRouter
-from mailrelay.policy import Policy
+from mailrelay.policy.chain import Policy
 
 
 @implementer(IPolicy)

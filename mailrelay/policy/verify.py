@@ -23,7 +23,7 @@ from mailrelay.config import ServerConfig
 from mailrelay.envelope import Envelope, Recipient, Reply
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IPolicy, IRouter
-from mailrelay.policy import Policy
+from mailrelay.policy.chain import Policy
 
 log = Logger()
 
