@@ -1,6 +1,6 @@
 """Mailbox helpers shared by the wire, routing and delivery.
 
-The full RFC 5321 path grammar lives in ``mailrelay.smtp._parser``; what is here works on mailboxes
+The full RFC 5321 path grammar lives in ``mailrelay.paths``; what is here works on mailboxes
 that have already been parsed: ``local@domain`` strings.
 
 Domains are compared in one canonical form (``canonical_domain``): ASCII letters lower-cased,

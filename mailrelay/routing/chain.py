@@ -21,7 +21,7 @@ from mailrelay.address import domain_of
 from mailrelay.envelope import Envelope, Reply, Route
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
-from mailrelay.smtp._parser import PathError, parse_mailbox
+from mailrelay.paths import PathError, parse_mailbox
 
 
 def checked(route: Route) -> Route:
