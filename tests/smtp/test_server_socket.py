@@ -6,6 +6,7 @@ import io
 import ipaddress
 import smtplib
 import socket
+import time
 
 import pytest
 import pytest_twisted
@@ -144,6 +145,9 @@ def test_replies_go_out_at_once_and_in_order_when_the_socket_is_full():
         with socket.create_connection(("127.0.0.1", n), timeout=20) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(b"".join(f"EHLO {name}\r\n".encode() for name in names) + b"QUIT\r\n")
+            # read nothing for a moment: the server must fill the socket, whatever the machine's
+            # load (a busy client thread reading at once kept it empty and the test failed in CI)
+            time.sleep(0.5)
             received = b""
             while True:
                 chunk = s.recv(65536)
