@@ -60,7 +60,7 @@ class _QueueCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         scheduled = self.manager.scheduled()
-        active = list(getattr(self.manager, "_active", ()))
+        active = self.manager.active_ids()
         ids = set(scheduled) | set(active)
         times = [t for t in map(queue_id_time, ids) if t is not None]
         now = self.clock.seconds()
