@@ -2,11 +2,12 @@
 
 ``mailrelay queue ...`` talks to the running instance over its control socket
 (``<spool path>/control.sock``; with ``[server] workers > 1``, to every worker over the socket
-in its spool shard, and merges the answers); when no instance runs, ``list``, ``show`` and ``summary`` read the
-filesystem spool (or the shared PostgreSQL queue) directly and ``delete``/``hold``/``release`` edit
-it (``flush`` needs a running instance; with the PostgreSQL queue it makes the message(s) due for
-the nodes running elsewhere). ``mailrelay db upgrade`` creates or migrates the PostgreSQL queue's
-schema. Exit status: 0 success, 1 failure (bad config, no such message, ...).
+in its spool shard, and merges the answers); when no instance runs, ``list``, ``show`` and
+``summary`` read the filesystem spool (or the shared PostgreSQL queue) directly, as an
+``IOfflineQueue``, and ``delete``/``hold``/``release`` edit it (``flush`` needs a running
+instance; with the PostgreSQL queue it makes the message(s) due for the nodes running
+elsewhere). ``mailrelay db upgrade`` creates or migrates the PostgreSQL queue's schema.
+Exit status: 0 success, 1 failure (bad config, no such message, ...).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Generator, Iterable
+from typing import Any, TypeAlias
 
 import attrs
 from twisted.internet import defer
@@ -26,6 +27,10 @@ from mailrelay import config as configmod
 from mailrelay._log import plural
 from mailrelay.control import info as infomod
 from mailrelay.errors import ConfigError, each_config_error
+from mailrelay.interfaces import IOfflineQueue, IOfflineSharedQueue
+
+#: What an ``inlineCallbacks`` generator yields and is sent: Deferreds and their results.
+Steps: TypeAlias = Generator[defer.Deferred[Any], Any, Any]
 
 PAGE = 500
 
@@ -169,18 +174,15 @@ class _Online:
 
 
 class _Offline:
-    """A stopped instance: the filesystem spool, read (and for delete/hold/release, edited) directly."""
+    """A stopped instance: its queue (an ``IOfflineQueue``), read and edited directly."""
 
-    def __init__(self, spool_path: str) -> None:
-        from mailrelay.queue.spool import FilesystemSpool
-
-        if not os.path.isdir(os.path.join(spool_path, "queue")):
-            raise CLIError(f"no spool at {spool_path} (and no running instance)")
-        self.spool = FilesystemSpool(spool_path, None)
+    def __init__(self, queue: Any) -> None:
+        # TypeError if it is not one; Any: mypy sees no zope interface as a type
+        self.queue: Any = IOfflineQueue(queue)
 
     def _info(self, queue_id: str) -> dict[str, Any]:
-        message = self.spool.read_message(queue_id)
-        return infomod.message_info(message, self.spool.body_size(queue_id))
+        message = self.queue.read_message(queue_id)
+        return infomod.message_info(message, self.queue.body_size(queue_id))
 
     def _infos(self, ids: Iterable[str]) -> list[dict[str, Any]]:
         out = []
@@ -192,18 +194,18 @@ class _Offline:
         return out
 
     def list(self, after: str | None, limit: int) -> defer.Deferred[Any]:
-        ids = [i for i in self.spool.scan_ids() if not after or i > after]
+        ids = [i for i in self.queue.scan_ids() if not after or i > after]
         return defer.succeed((self._infos(ids[:limit]), len(ids) > limit))
 
     def show(self, queue_id: str) -> defer.Deferred[Any]:
         return defer.maybeDeferred(
             lambda: infomod.message_detail(
-                self.spool.read_message(queue_id), self.spool.open_body(queue_id)
+                self.queue.read_message(queue_id), self.queue.open_body(queue_id)
             )
         )
 
     def summary(self) -> defer.Deferred[Any]:
-        return defer.succeed(infomod.summary(self._infos(self.spool.scan_ids()), time.time()))
+        return defer.succeed(infomod.summary(self._infos(self.queue.scan_ids()), time.time()))
 
     def flush(self, queue_id: str | None) -> defer.Deferred[Any]:
         return defer.fail(
@@ -213,25 +215,39 @@ class _Offline:
     def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
         def run() -> None:
             if action == "delete":
-                self.spool.remove_now(queue_id)
+                self.queue.remove_now(queue_id)
                 return
-            message = self.spool.read_message(queue_id)
+            message = self.queue.read_message(queue_id)
             if action == "hold":
-                self.spool.save_now(attrs.evolve(message, held=True))
+                self.queue.save_now(attrs.evolve(message, held=True))
             else:
-                self.spool.save_now(attrs.evolve(message, held=False, next_attempt=0.0))
+                self.queue.save_now(attrs.evolve(message, held=False, next_attempt=0.0))
 
         return defer.maybeDeferred(run)
 
 
-class _OfflineDatabase(_Offline):
-    """No instance answers here: the shared PostgreSQL queue (every node's), read and edited directly."""
+def _offline_spool(spool_path: str) -> _Offline:
+    """The filesystem spool of a stopped instance."""
+    from mailrelay.queue.spool import FilesystemSpool
 
-    def __init__(self, dsn: str) -> None:
+    if not os.path.isdir(os.path.join(spool_path, "queue")):
+        raise CLIError(f"no spool at {spool_path} (and no running instance)")
+    return _Offline(FilesystemSpool(spool_path, None))
+
+
+class _OfflineDatabase(_Offline):
+    """No instance answers here: the shared PostgreSQL queue (every node's), read and edited
+    directly (an ``IOfflineSharedQueue``)."""
+
+    def __init__(self, queue: Any) -> None:
+        super().__init__(queue)
+        self.shared: Any = IOfflineSharedQueue(queue)
+
+    @classmethod
+    def connect(cls, dsn: str | None) -> _OfflineDatabase:
         from mailrelay.queue.postgres import PostgresQueueReader
 
-        self.spool = PostgresQueueReader(dsn)  # type: ignore[assignment]
-        self.reader = self.spool
+        return cls(PostgresQueueReader(dsn or ""))
 
     def flush(self, queue_id: str | None) -> defer.Deferred[Any]:
         """Due now in the shared tables; the nodes running elsewhere hear of it and attempt it."""
@@ -240,9 +256,9 @@ class _OfflineDatabase(_Offline):
             if queue_id is not None:
                 from mailrelay.control.protocol import MessageHeld
 
-                if self.reader.read_message(queue_id).held:  # KeyError: no such message
+                if self.shared.read_message(queue_id).held:  # KeyError: no such message
                     raise MessageHeld(queue_id)
-            return len(self.reader.make_due(queue_id, time.time()))
+            return len(self.shared.make_due(queue_id, time.time()))
 
         return defer.maybeDeferred(run)
 
@@ -251,7 +267,7 @@ class _OfflineDatabase(_Offline):
         whose ``NOTIFY`` wakes the running nodes at once (not at their next scan)."""
         d = super().act(action, queue_id)
         if action == "release":
-            d.addCallback(lambda _: self.reader.make_due(queue_id, time.time()))
+            d.addCallback(lambda _: self.shared.make_due(queue_id, time.time()))
         return d
 
 
@@ -267,7 +283,7 @@ class _Merged:
         self.parts = parts
 
     @defer.inlineCallbacks
-    def list(self, after: str | None, limit: int):  # type: ignore[no-untyped-def]
+    def list(self, after: str | None, limit: int) -> Steps:
         infos, more = [], False
         for part in self.parts:
             page, part_more = yield part.list(after, limit)
@@ -277,7 +293,7 @@ class _Merged:
         return infos[:limit], more or len(infos) > limit
 
     @defer.inlineCallbacks
-    def _first(self, call: Callable[[Any], defer.Deferred[Any]]):  # type: ignore[no-untyped-def]
+    def _first(self, call: Callable[[Any], defer.Deferred[Any]]) -> Steps:
         """``call`` on each shard until one has the message (the others raise KeyError)."""
         for part in self.parts:
             try:
@@ -293,7 +309,7 @@ class _Merged:
         return self._first(lambda part: part.act(action, queue_id))
 
     @defer.inlineCallbacks
-    def flush(self, queue_id: str | None):  # type: ignore[no-untyped-def]
+    def flush(self, queue_id: str | None) -> Steps:
         online = [p for p in self.parts if isinstance(p, _Online)]
         if not online:
             raise CLIError("mailrelay is not running: messages are attempted when it starts")
@@ -303,7 +319,7 @@ class _Merged:
         return sum(counts)
 
     @defer.inlineCallbacks
-    def summary(self):  # type: ignore[no-untyped-def]
+    def summary(self) -> Steps:
         summaries = []
         for part in self.parts:
             summaries.append((yield part.summary()))
@@ -354,19 +370,19 @@ def _backend(reactor: Any, args: argparse.Namespace) -> defer.Deferred[Any]:
         if is_listening(path):
             return connect(reactor, path).addCallback(_Online)
         if cfg.spool.backend == "postgresql":
-            return defer.maybeDeferred(_OfflineDatabase, cfg.spool.dsn)
-        return defer.maybeDeferred(_Offline, cfg.spool.path)
+            return defer.maybeDeferred(_OfflineDatabase.connect, cfg.spool.dsn)
+        return defer.maybeDeferred(_offline_spool, cfg.spool.path)
     sockets = [socket_path(p) for p in paths]
     if cfg.spool.backend == "postgresql":  # every worker sees the whole shared queue: ask one
         live = next((s for s in sockets if is_listening(s)), None)
         if live is not None:
             return connect(reactor, live).addCallback(_Online)
-        return defer.maybeDeferred(_OfflineDatabase, cfg.spool.dsn)
+        return defer.maybeDeferred(_OfflineDatabase.connect, cfg.spool.dsn)
     return _shards(reactor, paths, sockets)
 
 
 @defer.inlineCallbacks
-def _shards(reactor: Any, paths: list[str], sockets: list[str]):  # type: ignore[no-untyped-def]
+def _shards(reactor: Any, paths: list[str], sockets: list[str]) -> Steps:
     from mailrelay.control.client import connect, is_listening
 
     parts: list[Any] = []
@@ -374,7 +390,7 @@ def _shards(reactor: Any, paths: list[str], sockets: list[str]):  # type: ignore
         if is_listening(sock):
             parts.append(_Online((yield connect(reactor, sock))))
         elif os.path.isdir(os.path.join(path, "queue")):
-            parts.append(_Offline(path))
+            parts.append(_offline_spool(path))
     if not parts:
         raise CLIError(f"no spool at {paths[0]} (and no running instance)")
     return _Merged(parts)
@@ -391,10 +407,8 @@ def print_list(infos: list[dict[str, Any]], out: Any) -> None:
     for m in infos:
         mark = "!" if m["held"] else ("*" if m["active"] else " ")
         size = m["size"] if m["size"] is not None else 0
-        print(
-            f"{m['queue_id']}{mark} {size:>9} {_when(m['arrival'])}  {m['sender'] or 'MAILER-DAEMON'}",
-            file=out,
-        )
+        sender = m["sender"] or "MAILER-DAEMON"
+        print(f"{m['queue_id']}{mark} {size:>9} {_when(m['arrival'])}  {sender}", file=out)
         for r in m["recipients"]:
             if r["state"] != "pending":
                 continue
@@ -417,7 +431,8 @@ def print_show(m: dict[str, Any], out: Any) -> None:
         ("next attempt", _when(m["next_attempt"]) if not m["held"] else "-"),
         (
             "client",
-            f"{env.get('client_name') or '-'} [{env.get('client_address') or '-'}] helo={env.get('helo') or '-'}",
+            f"{env.get('client_name') or '-'} [{env.get('client_address') or '-'}]"
+            f" helo={env.get('helo') or '-'}",
         ),
         ("protocol", env.get("protocol")),
     ]
@@ -453,7 +468,7 @@ def print_summary(s: dict[str, Any], out: Any) -> None:
 
 
 @defer.inlineCallbacks
-def _queue_command(backend: Any, args: argparse.Namespace, out: Any):  # type: ignore[no-untyped-def]
+def _queue_command(backend: Any, args: argparse.Namespace, out: Any) -> Steps:
     cmd = args.queue_command
     if cmd == "list":
         after, total_size, count, every = None, 0, 0, []

@@ -150,11 +150,11 @@ def offline(*argv: str) -> tuple[int, str, str]:
     """Run a queue command in-process against the spool (no instance runs; everything is synchronous)."""
     import io
 
-    from mailrelay.cli import CLIError, _Offline, _queue_command, build_parser
+    from mailrelay.cli import CLIError, _offline_spool, _queue_command, build_parser
 
     args = build_parser().parse_args(["queue", *argv])
     out, err = io.StringIO(), io.StringIO()
-    d = defer.maybeDeferred(lambda: _Offline(str(config.load(args.config).spool.path)))
+    d = defer.maybeDeferred(lambda: _offline_spool(str(config.load(args.config).spool.path)))
     d.addCallback(_queue_command, args, out)
     box: list = []
     d.addBoth(box.append)
@@ -440,3 +440,16 @@ def test_log_lines_about_counts_agree_with_their_nouns(n, text):
         for line in lines
     ), lines
     assert not any(" 1 messages" in line for line in lines), lines
+
+
+def test_check_config_runs_without_the_test_fakes(tmp_path):
+    """The product never imports ``mailrelay.testing``: check-config validates without a store."""
+    path = write_config(tmp_path, "")
+    code = (
+        "import sys\n"
+        "from mailrelay.cli import main\n"
+        f"assert main(['check-config', {str(path)!r}]) == 0\n"
+        "assert 'mailrelay.testing' not in sys.modules, 'mailrelay.testing was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

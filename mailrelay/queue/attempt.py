@@ -11,8 +11,8 @@ its recipients); only the store's failures reach the caller.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from typing import Any
+from collections.abc import Callable, Generator, Hashable
+from typing import Any, TypeAlias
 
 import attrs
 from twisted.internet import defer
@@ -42,6 +42,9 @@ from mailrelay.queue.outcome import (
 )
 from mailrelay.queue.sharing import Sharing
 from mailrelay.queue.slots import DeliverySlots
+
+#: What an ``inlineCallbacks`` generator yields and is sent: Deferreds and their results.
+Steps: TypeAlias = Generator[defer.Deferred[Any], Any, Any]
 
 log = Logger(namespace="mailrelay.queue")
 
@@ -197,9 +200,7 @@ class Attempts:
         )
 
     @defer.inlineCallbacks
-    def _deliver(  # type: ignore[no-untyped-def]  # inlineCallbacks: a generator
-        self, message: QueuedMessage, destination: Hashable, group: _Group
-    ):
+    def _deliver(self, message: QueuedMessage, destination: Hashable, group: _Group) -> Steps:
         """One delivery under the slot caps: its ``Answers``."""
         try:
             yield self.slots.acquire(destination)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import random as _random
 from collections import deque
-from collections.abc import Callable, Hashable
-from typing import Any
+from collections.abc import Callable, Generator, Hashable
+from typing import Any, TypeAlias
 
 import attrs
 from twisted.internet import defer
@@ -31,6 +31,9 @@ from mailrelay.queue.notify import Notifier
 from mailrelay.queue.sharing import sharing_for
 from mailrelay.queue.slots import DeliverySlots
 from mailrelay.queue.timetable import Timetable
+
+#: What an ``inlineCallbacks`` generator yields and is sent: Deferreds and their results.
+Steps: TypeAlias = Generator[defer.Deferred[Any], Any, Any]
 
 log = Logger(namespace="mailrelay.queue")
 
@@ -115,7 +118,7 @@ class QueueManager:
         return d
 
     @defer.inlineCallbacks
-    def _recover(self):  # type: ignore[no-untyped-def]  # inlineCallbacks: a generator
+    def _recover(self) -> Steps:
         # A store that reads every schedule in one pass (IScheduleLoader) skips building each
         # QueuedMessage; any other is loaded one by one, a few at a time.
         if IScheduleLoader.providedBy(self.store):
@@ -136,12 +139,12 @@ class QueueManager:
         return found
 
     @defer.inlineCallbacks
-    def _load_one_by_one(self):  # type: ignore[no-untyped-def]  # inlineCallbacks: a generator
+    def _load_one_by_one(self) -> Steps:
         ids = iter((yield self.store.list_ids()))
         entries: list[tuple[str, float, bool]] = []
 
         @defer.inlineCallbacks
-        def worker():  # type: ignore[no-untyped-def]  # inlineCallbacks: a generator
+        def worker() -> Steps:
             for queue_id in ids:  # the workers share one iterator: constant memory
                 try:
                     message = yield self.store.load(queue_id)
@@ -397,7 +400,7 @@ class QueueManager:
     # -- operator actions (used by the control channel) -----------------------------------
 
     @defer.inlineCallbacks
-    def hold(self, queue_id: str):  # type: ignore[no-untyped-def]  # inlineCallbacks
+    def hold(self, queue_id: str) -> Steps:
         """Keep ``queue_id`` in the queue without attempting it until ``release``."""
         yield self._idle(queue_id)
         message = yield self.store.load(queue_id)
@@ -405,7 +408,7 @@ class QueueManager:
         self._unschedule(queue_id)
 
     @defer.inlineCallbacks
-    def release(self, queue_id: str):  # type: ignore[no-untyped-def]  # inlineCallbacks
+    def release(self, queue_id: str) -> Steps:
         """Undo ``hold``: the message is attempted at once."""
         yield self._idle(queue_id)
         message = yield self.store.load(queue_id)
@@ -415,7 +418,7 @@ class QueueManager:
             self._schedule(queue_id, now)
 
     @defer.inlineCallbacks
-    def delete(self, queue_id: str):  # type: ignore[no-untyped-def]  # inlineCallbacks
+    def delete(self, queue_id: str) -> Steps:
         """Remove ``queue_id`` from the queue without delivering or bouncing it."""
         self._unschedule(queue_id)
         yield self._idle(queue_id)

@@ -42,7 +42,15 @@ from zope.interface import implementer
 
 from mailrelay.envelope import Envelope, QueuedMessage, Reply
 from mailrelay.errors import TemporaryFailure
-from mailrelay.interfaces import ILeasingStore, IMessageWriter, IQueueStore
+from mailrelay.interfaces import (
+    IBatchLoader,
+    ILeasingStore,
+    IMessageWriter,
+    IOfflineSharedQueue,
+    IQueueStore,
+    IScheduleLoader,
+    IStartableStore,
+)
 from mailrelay.queue import pg_schema
 from mailrelay.queue.store import (
     QueueIdGenerator,
@@ -240,7 +248,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-@implementer(IQueueStore, ILeasingStore)
+@implementer(IQueueStore, ILeasingStore, IStartableStore, IScheduleLoader, IBatchLoader)
 class PostgresStore:
     """``IQueueStore`` + ``ILeasingStore`` on a PostgreSQL database shared by several nodes.
 
@@ -899,6 +907,7 @@ class PostgresStore:
         return os.path.join(self.cache_dir, queue_id + _BODY)
 
 
+@implementer(IOfflineSharedQueue)
 class PostgresQueueReader:
     """Blocking access to the shared queue for short-lived tools (``mailrelay queue`` with no
     instance answering on this machine): the same rows every node sees."""

@@ -66,7 +66,14 @@ from zope.interface import implementer
 
 from mailrelay._files import write_all
 from mailrelay.envelope import Envelope, QueuedMessage
-from mailrelay.interfaces import IMessageWriter, IQueueStore
+from mailrelay.interfaces import (
+    IBatchLoader,
+    IMessageWriter,
+    IOfflineQueue,
+    IQueueStore,
+    IScheduleLoader,
+    IStartableStore,
+)
 from mailrelay.queue.spool_format import (
     CHUNK_HEADER,
     SEGMENT,
@@ -596,7 +603,7 @@ class _SpoolWriter:
         self.spool._receiving.discard(self.queue_id + _RECEIVING)
 
 
-@implementer(IQueueStore)
+@implementer(IQueueStore, IStartableStore, IScheduleLoader, IBatchLoader, IOfflineQueue)
 class FilesystemSpool:
     """``IQueueStore`` on a local directory; see the module docstring for the layout and guarantees.
 
