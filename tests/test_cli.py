@@ -150,11 +150,12 @@ def offline(*argv: str) -> tuple[int, str, str]:
     """Run a queue command in-process against the spool (no instance runs; everything is synchronous)."""
     import io
 
-    from mailrelay.cli import CLIError, _offline_spool, _queue_command, build_parser
+    from mailrelay.cli import _queue_command, build_parser
+    from mailrelay.control.sources import CLIError, offline_spool
 
     args = build_parser().parse_args(["queue", *argv])
     out, err = io.StringIO(), io.StringIO()
-    d = defer.maybeDeferred(lambda: _offline_spool(str(config.load(args.config).spool.path)))
+    d = defer.maybeDeferred(lambda: offline_spool(str(config.load(args.config).spool.path)))
     d.addCallback(_queue_command, args, out)
     box: list = []
     d.addBoth(box.append)
