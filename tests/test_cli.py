@@ -35,8 +35,8 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
         'local_domains = ["example.test"]\n'
         f'[spool]\npath = "{tmp_path / "spool"}"\n'
         '[queue]\nretry_schedule = ["1m", "10m"]\nmax_lifetime = "2d"\n'
-        '[[routes]]\ntype = "static"\ndomains = ["example.test", ".example.test"]\nhosts = ["127.0.0.1:2526"]\n'
-        + extra
+        '[[routes]]\ntype = "static"\ndomains = ["example.test", ".example.test"]\n'
+        'hosts = ["127.0.0.1:2526"]\n' + extra
     )
     return path
 
@@ -147,7 +147,8 @@ def test_queue_commands_on_a_stopped_instance_read_and_edit_the_spool(tmp_path):
 
 
 def offline(*argv: str) -> tuple[int, str, str]:
-    """Run a queue command in-process against the spool (no instance runs; everything is synchronous)."""
+    """Run a queue command in-process against the spool (no instance runs; everything is
+    synchronous)."""
     import io
 
     from mailrelay.cli import _queue_command, build_parser
@@ -279,12 +280,14 @@ def test_queue_command_with_a_missing_config_is_one_clear_line(tmp_path):
         assert result.returncode == 1
         assert result.stderr.splitlines() == [
             f"mailrelay: {bad}: server.max_recipients: must be a whole number of at least 1, not 0",
-            f"mailrelay: {bad}: queue.max_lifetime: 'soon' is not a duration such as 30s, 5m, 4h or 5d",
+            f"mailrelay: {bad}: queue.max_lifetime: 'soon' is not a duration such as 30s, 5m,"
+            " 4h or 5d",
         ]
 
 
 def test_control_protocol_pages_the_listing_and_summarises():
-    """The responders alone, on the memory store: pages in id order, then the qshape-like summary."""
+    """The responders alone, on the memory store: pages in id order, then the qshape-like
+    summary."""
     from twisted.internet.task import Clock
 
     from mailrelay.control.server import ControlProtocol
