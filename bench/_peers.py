@@ -190,16 +190,44 @@ hosts = ["127.0.0.1:{nexthop}"]
 """
 
 
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment that makes a Python child import ``mailrelay`` from ``tree`` (first on
+    ``PYTHONPATH``, ahead of the venv's editable install), checked once with a child of its own
+    (run in ``/``, as the relay runs in a temp dir: ``python -c`` puts its cwd first)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH")) if p)
+    found = subprocess.run(
+        [sys.executable, "-c", "import mailrelay; print(mailrelay.__file__)"],
+        cwd="/",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not found or not Path(found).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"mailrelay imports from {found or 'nowhere'}, not from {tree}")
+    return env
+
+
 class MailRelay(System):
-    """mailrelay under twistd, relaying everything to one next hop, its spool in a temp dir."""
+    """mailrelay under twistd, relaying everything to one next hop, its spool in a temp dir.
+
+    ``tree`` is the source tree whose code runs (default: the one this file is in)."""
 
     name = "mailrelay"
 
     def __init__(
-        self, nexthop_port: int, retry: str = "5s", label: str = "mailrelay", workers: int = 1
+        self,
+        nexthop_port: int,
+        retry: str = "5s",
+        label: str = "mailrelay",
+        workers: int = 1,
+        tree: Path = ROOT,
     ) -> None:
         self.name = label
         self.workers = workers
+        self.tree = tree
+        env = tree_env(tree)  # before the temp dir: a wrong tree leaves nothing behind
         self.dir = Path(tempfile.mkdtemp(prefix="bench-mailrelay-"))
         self.port = free_port()
         self.spool = self.dir / "spool"
@@ -214,6 +242,7 @@ class MailRelay(System):
         self.proc = subprocess.Popen(
             [str(twistd), "-n", "--pidfile=", "mailrelay", "--config", str(conf)],
             cwd=self.dir,
+            env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -225,6 +254,7 @@ class MailRelay(System):
         except Exception:
             self.log.flush()
             sys.stderr.write((self.dir / "twistd.log").read_text(errors="replace")[-4000:])
+            self.stop()  # the caller never gets the object to stop
             raise
 
     def _wait_workers(self, timeout: float = 30.0) -> None:
@@ -398,9 +428,8 @@ class PythonServer(System):
         try:
             wait_listening(self.port, proc=self.proc)
         except RuntimeError:
-            raise RuntimeError(
-                f"{name}: {self.proc.stderr.read().decode(errors='replace')}"
-            ) from None
+            err = self.proc.stderr.read() if self.proc.stderr is not None else b""
+            raise RuntimeError(f"{name}: {err.decode(errors='replace')}") from None
 
     def pid(self) -> int | None:
         return self.proc.pid

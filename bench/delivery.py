@@ -76,11 +76,13 @@ async def main(reactor: object, args: argparse.Namespace) -> None:
                 figures[mode].append(rate)
                 cpu[mode].append(us)
                 print(
-                    f"run {i + 1} {mode:9s}: {rate:8.0f} msg/s, {us:6.0f} us CPU/msg ({failed} failed)",
+                    f"run {i + 1} {mode:9s}: {rate:8.0f} msg/s, {us:6.0f} us CPU/msg "
+                    f"({failed} failed)",
                     flush=True,
                 )
         print(
-            f"\n{args.messages} messages of {args.size} bytes, {args.concurrency} concurrent deliveries, "
+            f"\n{args.messages} messages of {args.size} bytes, "
+            f"{args.concurrency} concurrent deliveries, "
             f"one destination (smtp-sink), medians of {args.runs}:"
         )
         for mode, rates in figures.items():

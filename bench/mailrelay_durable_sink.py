@@ -25,8 +25,8 @@ from zope.interface import implementer
 
 from mailrelay.config import ServerConfig
 from mailrelay.interfaces import IMessageSink, IMessageWriter
+from mailrelay.listener import server_factory
 from mailrelay.policy import build_policy
-from mailrelay.smtp.server import SMTPServerFactory
 
 _ids = itertools.count(1)
 _WRAP = 256 * 2**20
@@ -106,9 +106,7 @@ def main(host: str, port: int) -> None:
         max_connections=5000,
         max_connections_per_ip=5000,
     )
-    factory = SMTPServerFactory.from_config(
-        config, DurableSink(Appender(fd)), build_policy(config), reactor
-    )
+    factory = server_factory(config, DurableSink(Appender(fd)), build_policy(config), reactor)
     TCP4ServerEndpoint(reactor, port, backlog=1024, interface=host).listen(factory)
     reactor.run()
 

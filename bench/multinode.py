@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 one_run(nodes, backend, args.dsn, args.messages, args.sessions)
             )
     print(
-        f"\n{args.messages} messages of 1 KiB, {args.sessions} sessions per node, median of {args.runs} runs"
+        f"\n{args.messages} messages of 1 KiB, {args.sessions} sessions per node, "
+        f"median of {args.runs} runs"
     )
     print(f"{'backend':<12} {'nodes':>5} {'accept msg/s':>13} {'end-to-end msg/s':>17}")
     for (backend, nodes), runs in results.items():

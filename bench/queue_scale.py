@@ -1,4 +1,4 @@
-"""The queue at scale: start-up recovery of a big spool, its memory, and the cost of one scheduling event.
+"""The queue at scale: start-up recovery of a big spool, its memory, one scheduling event's cost.
 
     .venv/bin/python bench/queue_scale.py [--messages 100000] [--keep DIR]
 
@@ -36,7 +36,7 @@ from mailrelay.config import QueueConfig  # noqa: E402
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply  # noqa: E402
 from mailrelay.queue.manager import QueueManager  # noqa: E402
 from mailrelay.queue.spool import FilesystemSpool  # noqa: E402
-from mailrelay.queue.spool_format import SEGMENT, build_pack, chunk, trailer  # noqa: E402
+from mailrelay.queue.spool.format import SEGMENT, build_pack, chunk, trailer  # noqa: E402
 from mailrelay.queue.store import QueueIdGenerator, message_to_dict, new_message  # noqa: E402
 from mailrelay.queue.timetable import Timetable  # noqa: E402
 from mailrelay.testing import FakeRouter, RecordingDeliverer, route_to  # noqa: E402
@@ -124,7 +124,8 @@ def recovery(reactor, path: str, n: int):  # type: ignore[no-untyped-def]
         f"({found / elapsed:,.0f} msg/s); scheduled={len(manager.scheduled())}"
     )
     print(
-        f"memory:   RSS {before:.0f} MiB before, {after:.0f} MiB after (+{after - before:.0f} MiB), "
+        f"memory:   RSS {before:.0f} MiB before, {after:.0f} MiB after "
+        f"(+{after - before:.0f} MiB), "
         f"peak {peak:.0f} MiB"
     )
     yield manager.stop()
@@ -152,7 +153,8 @@ def scheduling_cost(sizes: list[int], events: int = 20000) -> None:
         t2 = time.perf_counter()
         assert len(fired) == events
         print(
-            f"  n={n:>7,}: schedule {1e6 * (t1 - t0) / events:5.2f} µs, fire {1e6 * (t2 - t1) / events:5.2f} µs"
+            f"  n={n:>7,}: schedule {1e6 * (t1 - t0) / events:5.2f} µs, "
+            f"fire {1e6 * (t2 - t1) / events:5.2f} µs"
         )
 
 
@@ -174,7 +176,8 @@ def main() -> None:
             t0 = time.perf_counter()
             fill(path, args.messages, time.time(), args.layout)
             print(
-                f"setup:    wrote {args.messages:,} messages in {time.perf_counter() - t0:.1f} s to {path}"
+                f"setup:    wrote {args.messages:,} messages in "
+                f"{time.perf_counter() - t0:.1f} s to {path}"
             )
         task.react(lambda reactor: recovery(reactor, path, args.messages))
     except SystemExit:

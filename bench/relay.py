@@ -16,29 +16,41 @@ Scenarios (see bench/README.md):
   sink     smtp-source → smtp-sink directly: the protocol ceiling of this machine.
   latency  our asyncio client: time from DATA's final dot to the 250 (p50/p90/p99).
 
-Systems are measured alternately (run 1 of each, run 2 of each, ...); ``--workers 1,2`` makes
-mailrelay with one process and with two worker processes two systems of the same run. Prints one table with each
-system's median and mailrelay's ratio to it. Never asserts anything about time.
+Systems are measured alternately (run 1 of each, run 2 of each, ..., the order flipped every
+other run); ``--workers 1,2`` makes mailrelay with one process and with two worker processes two
+systems of the same run. Prints one table with each system's median and mailrelay's ratio to it.
+Never asserts anything about time.
+
+``--baseline REV`` adds the relay of commit REV (checked out into a temp git worktree, removed
+afterwards) as one more system, run alternately with the working tree's; by default only the two
+relays, scenarios e2e, accept and large. A second table gives each scenario's baseline figure, the
+working tree's, their ratio and a flag when it is outside ±``--tolerance`` % (5).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import attrs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _baseline import checkout, compare  # noqa: E402
+from _baseline import format_text as compare_text  # noqa: E402
 from _latency import LatencyResult, measure  # noqa: E402
 from _peers import (  # noqa: E402
     HZ,
+    ROOT,
     BlackHole,
     MailRelay,
     Postfix,
@@ -47,9 +59,12 @@ from _peers import (  # noqa: E402
     System,
     binary,
 )
+from _profile import Profiler, summary  # noqa: E402
 
 SCENARIOS = ("e2e", "accept", "sink", "latency", "large", "rss")
 SYSTEMS = ("mailrelay", "postfix", "aiosmtpd", "twisted.mail", "mailrelay durable")
+BASELINE_SCENARIOS = "e2e,accept,large"
+T = TypeVar("T")
 
 
 @attrs.define
@@ -183,17 +198,36 @@ class Relay:
             self.sink.stop()
 
 
-def start(what: str, factory: Callable[[], object], started: list) -> object | None:
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Stoppable)
+
+
+def start(
+    what: str, factory: Callable[[], S], started: list[Stoppable], required: bool = False
+) -> S | None:
+    """Start one system; if it fails, say why and go on without it (unless it is ``required``:
+    with --baseline, a comparison missing either side would be a long run for nothing)."""
     try:
         obj = factory()
     except Exception as e:  # a missing package, not root, a crash at start-up: skip, say why
+        if required:
+            raise
         print(f"skipping {what}: {e}", file=sys.stderr)
         return None
     started.append(obj)
     return obj
 
 
-def main(argv: list[str] | None = None) -> int:
+def in_turn(items: list[T], run: int) -> list[T]:
+    """The systems in the order of this run: flipped every other run, so neither side of a
+    comparison always goes first (right after the other's burst of disk and CPU)."""
+    return items if run % 2 == 0 else items[::-1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -204,11 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         "--runs", type=int, default=3, help="runs per system and session count (median)"
     )
     ap.add_argument("--sessions", default="10,50", help="concurrent sessions, comma-separated")
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="of " + ",".join(SCENARIOS))
+    ap.add_argument(
+        "--scenarios",
+        help="of " + ",".join(SCENARIOS) + f" (default: all; with --baseline {BASELINE_SCENARIOS})",
+    )
     ap.add_argument(
         "--systems",
-        default=",".join(SYSTEMS),
-        help="which systems besides mailrelay to compare (mailrelay always runs)",
+        help="which systems besides mailrelay to compare (mailrelay always runs; default: all, "
+        "with --baseline none)",
     )
     ap.add_argument("--latency-messages", type=int, default=2000)
     ap.add_argument(
@@ -222,6 +259,18 @@ def main(argv: list[str] | None = None) -> int:
         "measured alternately with the others; the first is 'mailrelay' (the ratios' "
         "reference), the others 'mailrelay wN' (default 1)",
     )
+    ap.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the relay of commit REV (a temp git worktree, removed after), alternating "
+        "with the working tree's, and print both side by side with their ratio",
+    )
+    ap.add_argument(
+        "--tolerance",
+        type=float,
+        default=5.0,
+        help="with --baseline: flag a ratio further than this many %% from 1 (default 5)",
+    )
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument(
@@ -232,68 +281,98 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--rst", action="store_true", help="print the table as an RST list-table too")
     args = ap.parse_args(argv)
+    if args.scenarios is None:
+        args.scenarios = BASELINE_SCENARIOS if args.baseline else ",".join(SCENARIOS)
+    if args.systems is None:
+        args.systems = "" if args.baseline else ",".join(SYSTEMS)
+    for option, given, known in (
+        ("--systems", args.systems, SYSTEMS),
+        ("--scenarios", args.scenarios, SCENARIOS),
+    ):
+        unknown = {x for x in given.split(",") if x} - set(known)
+        if unknown:  # a misspelt name would silently measure nothing
+            ap.error(f"{option}: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        baseline: tuple[str, Path] | None = None
+        if args.baseline:
+            try:
+                path, short = stack.enter_context(checkout(args.baseline))
+            except RuntimeError as e:  # not a commit, not a git checkout
+                print(f"relay.py: --baseline: {e}", file=sys.stderr)
+                return 2
+            baseline = (f"baseline {short}", path)
+            print(f"baseline {args.baseline} ({short}) checked out in {path}", file=sys.stderr)
+        return bench(args, baseline)
+
+
+def bench(args: argparse.Namespace, baseline: tuple[str, Path] | None) -> int:
+    """Start the systems, measure, stop them, print. ``baseline``: (label, source tree)."""
     sessions = [int(s) for s in args.sessions.split(",") if s]
     workers = [int(w) for w in args.workers.split(",") if w]
     labels = {w: "mailrelay" if i == 0 else f"mailrelay w{w}" for i, w in enumerate(workers)}
+    # the relays under test: (label, workers, source tree)
+    trees = [(labels[w], w, ROOT) for w in workers]
+    if baseline is not None:
+        trees.append((baseline[0], workers[0], baseline[1]))
     scenarios = [s for s in args.scenarios.split(",") if s]
-    systems = set(args.systems.split(",")) | {"mailrelay"}
-    for option, given, known in (
-        ("--systems", systems, SYSTEMS),
-        ("--scenarios", scenarios, SCENARIOS),
-    ):
-        unknown = set(given) - set(known)
-        if unknown:  # a misspelt name would silently measure nothing
-            ap.error(f"{option}: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+    systems = {s for s in args.systems.split(",") if s}
     n = args.messages
     e2e_timeout = max(60.0, n / 20)
 
-    started: list = []
+    started: list[Stoppable] = []
     relays: list[Relay] = []
     accepts: list[System] = []
     sink: Sink | None = None
     rows: dict[tuple[str, int, str], Row] = {}
     rss_rows: list[tuple[str, ...]] = []
-    profilers: list = []
+    profilers: list[Profiler] = []
+    collapsed: list[Path] = []
 
     def row(scenario: str, s: int, system: str) -> Row:
         return rows.setdefault((scenario, s, system), Row(scenario, s, system))
 
     try:
         if {"e2e", "latency", "rss"} & set(scenarios):
-            makers: list[tuple[str, Callable[[int], System]]] = [
-                (labels[w], lambda p, w=w: MailRelay(p, label=labels[w], workers=w))
-                for w in workers
-            ]
-            for name, make in (*makers, ("postfix", Postfix)):
-                if name in systems or name.startswith("mailrelay"):
-                    relay = start(name, lambda make=make, name=name: Relay(name, make), started)
-                    if relay is not None:
-                        relays.append(relay)  # type: ignore[arg-type]
+            for name, w, tree in trees:
+                make = partial(Relay, name, partial(e2e_relay, name, w, tree))
+                relay = start(name, make, started, required=baseline is not None)
+                if relay is not None:
+                    relays.append(relay)
+            if "postfix" in systems:
+                relay = start("postfix", partial(Relay, "postfix", Postfix), started)
+                if relay is not None:
+                    relays.append(relay)
         if {"accept", "large"} & set(scenarios):
-            hole = start("black hole", BlackHole, started)
-            if hole is not None:
-                for w in workers:
-                    mr = start(
-                        f"{labels[w]} (accept only)",
-                        lambda w=w: MailRelay(hole.port, retry="1h", label=labels[w], workers=w),  # type: ignore[attr-defined]
-                        started,
-                    )
-                    if mr is not None:
-                        accepts.append(mr)  # type: ignore[arg-type]
+            for name, w, tree in trees:
+                # a black hole each: one relay's stalled deliveries must not fill the other's
+                # backlog (listen(1)) and change how its delivery attempts wait
+                hole = start(f"black hole for {name}", BlackHole, started)
+                if hole is None:
+                    continue
+                mr = start(
+                    f"{name} (accept only)",
+                    partial(MailRelay, hole.port, "1h", name, w, tree),
+                    started,
+                    required=baseline is not None,
+                )
+                if mr is not None:
+                    accepts.append(mr)
             for name, script in (
                 ("aiosmtpd", "aiosmtpd_sink.py"),
                 ("twisted.mail", "twisted_mail_sink.py"),
                 ("mailrelay durable", "mailrelay_durable_sink.py"),
             ):
                 if name in systems:
-                    srv = start(
-                        name, lambda name=name, script=script: PythonServer(name, script), started
-                    )
-                    if srv is not None:
-                        accepts.append(srv)  # type: ignore[arg-type]
+                    server = start(name, partial(PythonServer, name, script), started)
+                    if server is not None:
+                        accepts.append(server)
         if "sink" in scenarios:
-            sink = start("smtp-sink", Sink, started)  # type: ignore[assignment]
+            sink = start("smtp-sink", Sink, started)
 
         print(f"warming up ({args.warmup} messages each)", file=sys.stderr)
         for relay in relays:
@@ -302,27 +381,28 @@ def main(argv: list[str] | None = None) -> int:
             smtp_source(srv.port, 10, args.warmup)
 
         if args.profile:
-            from _profile import Profiler
-
             for relay in relays:
-                if relay.name == "mailrelay" and relay.system.pid():
-                    profilers.append(Profiler(relay.system.pid(), args.profile, "mailrelay-e2e"))  # type: ignore[arg-type]
+                pid = relay.system.pid()
+                if relay.name == "mailrelay" and pid:
+                    profilers.append(Profiler(pid, args.profile, "mailrelay-e2e"))
             for srv in accepts:
-                if isinstance(srv, MailRelay) and srv.workers == 1 and srv.pid():
-                    profilers.append(Profiler(srv.pid(), args.profile, "mailrelay-accept"))  # type: ignore[arg-type]
+                pid = srv.pid()
+                if isinstance(srv, MailRelay) and srv.tree == ROOT and srv.workers == 1 and pid:
+                    profilers.append(Profiler(pid, args.profile, "mailrelay-accept"))
         for s in sessions:
             for r in range(args.runs):
                 if "e2e" in scenarios:
-                    for relay in relays:
+                    for relay in in_turn(relays, r):
                         run = relay.send(s, n, e2e_timeout)
                         row("end to end", s, relay.name).runs.append(run)
                         print(
-                            f"  e2e     s={s} run {r + 1} {relay.name:13} {n / run.seconds:7.0f} msg/s "
+                            f"  e2e     s={s} run {r + 1} {relay.name:13} "
+                            f"{n / run.seconds:7.0f} msg/s "
                             f"(accept {n / run.accept_seconds:.0f}/s, cpu {run.cpu_percent:.0f}%)",
                             file=sys.stderr,
                         )
                 if "accept" in scenarios:
-                    for srv in accepts:
+                    for srv in in_turn(accepts, r):
                         cpu0 = srv.cpu()
                         secs = smtp_source(srv.port, s, n)
                         run = Run(secs, secs, (srv.cpu() - cpu0) / HZ / secs * 100)
@@ -354,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                     relay.settle(e2e_timeout)
             if "large" in scenarios:
                 for r in range(args.runs):
-                    for srv in accepts:
+                    for srv in in_turn(accepts, r):
                         cpu0 = srv.cpu()
                         secs = smtp_source(srv.port, s, args.large_messages, 2**20)
                         run = Run(secs, secs, (srv.cpu() - cpu0) / HZ / secs * 100)
@@ -407,17 +487,45 @@ def main(argv: list[str] | None = None) -> int:
     if args.rst:
         print()
         print(format_rst(table))
-    if collapsed:
-        from _profile import summary
-
-        for path in collapsed:
-            print()
-            print(summary(path))
+    if baseline is not None:
+        print()
+        print(
+            f"{baseline[0]} ({args.baseline}) against the working tree ({ROOT}), median of "
+            f"{args.runs} alternating run(s); ratio = working tree ÷ baseline, flagged outside "
+            f"±{args.tolerance:g}%"
+        )
+        verdict = compare(
+            medians(list(rows.values()), n, args.large_messages),
+            baseline[0],
+            "mailrelay",
+            args.tolerance / 100,
+        )
+        print(compare_text(verdict))
+    for path in collapsed:
+        print()
+        print(summary(path))
     if args.json:
         args.json.write_text(
             json.dumps([attrs.asdict(r) for r in rows.values()], indent=1, default=str)
         )
     return 0
+
+
+def e2e_relay(label: str, workers: int, tree: Path, sink_port: int) -> MailRelay:
+    return MailRelay(sink_port, label=label, workers=workers, tree=tree)
+
+
+def medians(rows: list[Row], n: int, n_large: int) -> dict[tuple[str, int, str], float]:
+    """Each row's headline figure: median msg/s, or median ms CPU per MiB for 1 MiB messages."""
+    out: dict[tuple[str, int, str], float] = {}
+    for r in rows:
+        if r.scenario == "accept 1 MiB" and r.runs:
+            out[(r.scenario, r.sessions, r.system)] = cpu_ms_per_mib(r, n_large)
+        elif r.latency is None:
+            median = r.median(n)
+            if median is not None:
+                out[(r.scenario, r.sessions, r.system)] = median
+    return out
 
 
 HEADER = (
@@ -438,7 +546,7 @@ def cpu_ms_per_mib(row: Row, n: int) -> float:
 
 
 def render(rows: list[Row], n: int, n_large: int = 0) -> list[tuple[str, ...]]:
-    out = []
+    out: list[tuple[str, ...]] = []
     for r in rows:
         if r.scenario == "accept 1 MiB":
             mine_row = next(
@@ -472,7 +580,7 @@ def render(rows: list[Row], n: int, n_large: int = 0) -> list[tuple[str, ...]]:
             continue
         if r.latency is not None:
             lat = r.latency
-            mine = next(
+            mine_lat = next(
                 (
                     x.latency
                     for x in rows
@@ -483,8 +591,8 @@ def render(rows: list[Row], n: int, n_large: int = 0) -> list[tuple[str, ...]]:
                 None,
             )
             ratio = (
-                f"{lat.percentile(99) / mine.percentile(99):.2f}"
-                if mine is not None and mine.samples_ms and r.system != "mailrelay"
+                f"{lat.percentile(99) / mine_lat.percentile(99):.2f}"
+                if mine_lat is not None and mine_lat.samples_ms and r.system != "mailrelay"
                 else ""
             )
             figure = (

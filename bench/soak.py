@@ -59,7 +59,8 @@ def sessions(n: int, seed: int, measure: int = 2000) -> tuple[int, float]:
             data = b"EHLO fuzz.example\r\n" + random_stream(rng)
             if rng.random() < 0.5:  # half start with a valid transaction, so text reaches the sink
                 data = (
-                    b"EHLO fuzz.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\n"
+                    b"EHLO fuzz.example\r\nMAIL FROM:<a@example.org>\r\n"
+                    b"RCPT TO:<u@example.test>\r\n"
                     b"DATA\r\n" + data[19:] + rng.choice([b"", b"\r\n.\r\n"])
                 )
             c = Conn(config=CONFIG)
@@ -109,15 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.monotonic() - t
         print(
             f"parser: {stats.cases} cases, {stats.octets / 1e6:.0f} MB in {dt:.0f} s "
-            f"({stats.cases / dt:,.0f} cases/s); {stats.messages} messages, {stats.rejected} rejected, "
-            f"{stats.paths_ok}/{stats.paths_refused} paths parsed/refused; peak {stats.peak_kib:.0f} KiB",
+            f"({stats.cases / dt:,.0f} cases/s); {stats.messages} messages, "
+            f"{stats.rejected} rejected, {stats.paths_ok}/{stats.paths_refused} paths "
+            f"parsed/refused; peak {stats.peak_kib:.0f} KiB",
             flush=True,
         )
         t = time.monotonic()
         stored, peak = sessions(args.sessions, seed)
         dt = time.monotonic() - t
         print(
-            f"sessions: {args.sessions} in {dt:.0f} s ({args.sessions / dt:,.0f}/s), {stored} messages stored; "
+            f"sessions: {args.sessions} in {dt:.0f} s ({args.sessions / dt:,.0f}/s), "
+            f"{stored} messages stored; "
             f"peak {peak:.0f} KiB"
         )
     except FuzzFailure as e:

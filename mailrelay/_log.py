@@ -31,7 +31,8 @@ from zope.interface import implementer
 _SECRET = re.compile(r"pass|secret|credential|token", re.I)
 _PORT_CHATTER = re.compile(
     r"\w*DNSDatagramProtocol starting on \d+|\(UDP Port \d+ Closed\)"
-    r"|(?:Starting|Stopping) protocol <twisted\.names\.dns\.DNSDatagramProtocol object at 0x[0-9a-f]+>",
+    r"|(?:Starting|Stopping) protocol "
+    r"<twisted\.names\.dns\.DNSDatagramProtocol object at 0x[0-9a-f]+>",
     re.ASCII,
 )
 _SKIP = frozenset({"format", "message", "isError", "why", "failure", "time"})
@@ -59,7 +60,7 @@ def _simple(fmt: str) -> bool:
 
 
 def formatEvent(event: dict[str, Any]) -> str:  # noqa: N802 - twisted.logger's name, same contract
-    """``twisted.logger.formatEvent``, without its per-event parse when the format is plain names."""
+    """``twisted.logger.formatEvent``, minus its per-event parse when the format has plain names."""
     fmt = event.get("log_format")
     if type(fmt) is str and "log_flattened" not in event and _simple(fmt):
         try:
@@ -164,7 +165,7 @@ def event_as_json(event: dict[str, Any]) -> str:
 
 @implementer(ILogObserver)
 class JSONLineObserver:
-    """Writes each event to ``stream`` as a JSON line, flushed at once (for ``tail -f``/shippers)."""
+    """Writes each event to ``stream`` as a JSON line, flushed at once (``tail -f``, shippers)."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream

@@ -28,7 +28,7 @@ class QuietFactory(Factory):
 
 
 def connect_protocol(endpoint: Any, protocol: Protocol) -> defer.Deferred[Protocol]:
-    """``twisted.internet.endpoints.connectProtocol`` without a ``Starting factory`` line per call."""
+    """``endpoints.connectProtocol`` without a ``Starting factory`` line per call."""
 
     class _OneShot(QuietFactory):
         def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802 (Twisted's name)
@@ -40,7 +40,7 @@ def connect_protocol(endpoint: Any, protocol: Protocol) -> defer.Deferred[Protoc
 
 @implementer(IStreamClientEndpoint)
 class QuietEndpoint:
-    """An endpoint that makes the factories it connects quiet (twisted.web's ``Agent`` makes its own)."""
+    """An endpoint that quiets the factories it connects (twisted.web's ``Agent`` makes its own)."""
 
     def __init__(self, endpoint: Any) -> None:
         self.endpoint = endpoint

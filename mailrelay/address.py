@@ -53,7 +53,8 @@ def canonical_domain(domain: str) -> str:
 
 def split(address: str) -> tuple[str, str]:
     """``"User@Example.TEST"`` → ``("User", "example.test")``: the domain in canonical form (see
-    ``normalise_domain``); local parts are case-sensitive (RFC 5321 2.4). No ``@`` → empty domain."""
+    ``normalise_domain``); local parts are case-sensitive (RFC 5321 2.4). No ``@``: empty domain.
+    """
     local, at, domain = address.rpartition("@")
     if not at:
         return address, ""

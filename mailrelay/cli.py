@@ -294,7 +294,7 @@ def db_upgrade(path: str, out: Any = None, err: Any = None) -> int:
             raise CLIError(
                 f"{path}: [spool] backend is {cfg.spool.backend!r}: there is no database to upgrade"
             )
-        from mailrelay.queue import pg_schema
+        from mailrelay.queue.postgres import schema as pg_schema
 
         before, after = pg_schema.upgrade(cfg.spool.dsn or "")
     except ConfigError as e:

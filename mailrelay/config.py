@@ -134,7 +134,7 @@ class Section:
             self.report(name, f"must be {names}, not {type(value).__name__}")
             return default
         if convert is None:
-            return value  # type: ignore[no-any-return]
+            return value
         try:
             return convert(value)
         except (ValueError, TypeError) as e:
@@ -183,7 +183,7 @@ def _network(v: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def _domain(v: object) -> str:
-    """One canonical form (``mailrelay.address.canonical_domain``), so config and mail compare alike."""
+    """One canonical form (``address.canonical_domain``), so config and mail compare alike."""
     try:
         return canonical_domain(_ascii.strip(_string(v)).removesuffix("."))
     except DomainError as e:
@@ -215,14 +215,21 @@ def _hopcount(v: object) -> int:
     return n
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_LISTEN = ("tcp:2525:interface=127.0.0.1",)
+DEFAULT_TRUSTED: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+DEFAULT_RETRY_SCHEDULE = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
+
+
 @attrs.frozen
 class ServerConfig:
     hostname: str
-    listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
-    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
-        ipaddress.ip_network("127.0.0.0/8"),
-        ipaddress.ip_network("::1/128"),
-    )
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    trusted_networks: tuple[Network, ...] = DEFAULT_TRUSTED
     local_domains: tuple[str, ...] = ()
     relay_domains: tuple[str, ...] = ()
     # RCPT to local_domains/relay_domains asks the routers at once (550 5.1.1 for no such user)
@@ -273,7 +280,7 @@ class SpoolConfig:
 
 @attrs.frozen
 class QueueConfig:
-    retry_schedule: tuple[float, ...] = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     max_lifetime: float = 5 * 86400.0
     delay_warning: float | None = None
     max_deliveries: int = 100
@@ -395,10 +402,8 @@ def _from_dict(data: Mapping[str, Any], source: str, errors: list[ConfigError]) 
     s = Section(source, "server", data.get("server", {}), errors)
     server = ServerConfig(
         hostname=s.get("hostname", socket.gethostname(), _domain),
-        listen=s.get_list("listen", ServerConfig.__attrs_attrs__.listen.default, _string),
-        trusted_networks=s.get_list(
-            "trusted_networks", ServerConfig.__attrs_attrs__.trusted_networks.default, _network
-        ),
+        listen=s.get_list("listen", DEFAULT_LISTEN, _string),
+        trusted_networks=s.get_list("trusted_networks", DEFAULT_TRUSTED, _network),
         local_domains=s.get_list("local_domains", (), _domain),
         relay_domains=s.get_list("relay_domains", (), _domain),
         verify_recipients=s.get("verify_recipients", True, types=bool),
@@ -452,9 +457,7 @@ def _from_dict(data: Mapping[str, Any], source: str, errors: list[ConfigError]) 
 
     s = Section(source, "queue", data.get("queue", {}), errors)
     queue = QueueConfig(
-        retry_schedule=s.get_list(
-            "retry_schedule", QueueConfig.__attrs_attrs__.retry_schedule.default, parse_duration
-        ),
+        retry_schedule=s.get_list("retry_schedule", DEFAULT_RETRY_SCHEDULE, parse_duration),
         max_lifetime=s.get("max_lifetime", 5 * 86400.0, parse_duration),
         delay_warning=s.get("delay_warning", None, _optional_duration),
         max_deliveries=s.get("max_deliveries", 100, _positive_int),
@@ -464,9 +467,7 @@ def _from_dict(data: Mapping[str, Any], source: str, errors: list[ConfigError]) 
     s.check_unknown()
     if not queue.retry_schedule:
         s.report("retry_schedule", "must have at least one interval")
-        queue = attrs.evolve(
-            queue, retry_schedule=QueueConfig.__attrs_attrs__.retry_schedule.default
-        )
+        queue = attrs.evolve(queue, retry_schedule=DEFAULT_RETRY_SCHEDULE)
 
     s = Section(source, "delivery", data.get("delivery", {}), errors)
     delivery = DeliveryConfig(

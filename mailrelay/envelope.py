@@ -1,12 +1,16 @@
 """Frozen value objects that travel between the rooms: wire, queue, routing, delivery.
 
 They are plain data (attrs, frozen) so that any room can hold them without knowing the others,
-and so the queue can serialise them (see ``to_dict``/``from_dict``).
+and so the queue can serialise them (see ``to_dict``/``from_dict``). ``SessionInfo`` (what the
+wire knows of a client, read by policy, the intake stage and observers) is the one mutable record
+here: the session fills it in as the conversation goes, and a policy may set ``trusted``.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
+import os
 from typing import Any
 
 import attrs
@@ -109,6 +113,51 @@ class Envelope:
         d = dict(d)
         d["recipients"] = tuple(Recipient.from_dict(r) for r in d["recipients"])
         return cls(**d)
+
+
+def protocol_name(esmtp: bool, tls: bool, auth: bool, smtputf8: bool = False) -> str:
+    """``SMTP``, ``ESMTP``, ``ESMTPS``, ``ESMTPA``, ``ESMTPSA`` (RFC 3848) or the UTF8 forms
+    (RFC 6531): ``Envelope.protocol`` and the ``with`` clause of the Received header."""
+    if not esmtp:
+        return "SMTP"
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if auth else "")
+
+
+@attrs.frozen
+class TLSInfo:
+    """The TLS of a connection, as the Received header and the logs name it."""
+
+    version: str
+    cipher: str
+
+
+# Session ids: unique in this process and across restarts, cheap (no uuid4 per connection).
+_SESSION_PREFIX = os.urandom(3).hex() + "-"
+_session_numbers = itertools.count(1)
+
+
+def _next_session_id() -> str:
+    return _SESSION_PREFIX + format(next(_session_numbers), "x")
+
+
+@attrs.define
+class SessionInfo:
+    """What policies and the trace header know about the client. Policies may set ``trusted``."""
+
+    client_address: str
+    client_port: int = 0
+    hostname: str = "localhost"  # ours
+    server_address: str = ""
+    server_port: int = 0
+    client_name: str = ""  # reverse DNS, when a policy looked it up
+    helo: str | None = None
+    esmtp: bool = False
+    tls: TLSInfo | None = None
+    auth: str | None = None  # authenticated identity
+    trusted: bool = False  # may relay anywhere (decided by policy, e.g. trusted_networks)
+    session_id: str = attrs.field(factory=_next_session_id)
+    messages: int = 0  # accepted so far in this session
 
 
 @attrs.frozen

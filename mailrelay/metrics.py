@@ -52,7 +52,7 @@ def outcome(reply: Reply) -> str:
 
 
 class _QueueCollector(Collector):
-    """Reads the manager's schedule at scrape time: messages waiting, in flight, and the oldest age."""
+    """Reads the manager's schedule at scrape time: messages waiting, in flight, the oldest age."""
 
     def __init__(self, manager: Any, clock: Any) -> None:
         self.manager = manager

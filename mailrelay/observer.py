@@ -7,15 +7,13 @@ log formats. ``RelayObserver`` is the do-nothing base to subclass (override only
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import IO, Any
+from collections.abc import Iterable
+from typing import Any
 
-from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from mailrelay.envelope import Envelope, Recipient, Reply, Route
-from mailrelay.interfaces import IDeliverer
+from mailrelay.envelope import Envelope, Reply
 
 log = Logger()
 
@@ -23,31 +21,33 @@ log = Logger()
 class IRelayObserver(Interface):
     """Events worth counting. Every method returns nothing and must not raise."""
 
-    def connection_opened(info):  # type: ignore[no-untyped-def]
+    def connection_opened(info: Any) -> None:
         """A client connected (``info``: the session's ``SessionInfo``)."""
 
-    def connection_closed(info):  # type: ignore[no-untyped-def]
+    def connection_closed(info: Any) -> None:
         """That client's connection ended."""
 
-    def connection_refused(client_address, reply):  # type: ignore[no-untyped-def]
+    def connection_refused(client_address: str, reply: Reply) -> None:
         """A connection over the limits was turned away with ``reply``."""
 
-    def tls_established(direction, version):  # type: ignore[no-untyped-def]
+    def tls_established(direction: str, version: str) -> None:
         """A TLS handshake completed; ``direction`` is ``"inbound"`` or ``"outbound"``."""
 
-    def command_rejected(command, reply):  # type: ignore[no-untyped-def]
-        """The server answered ``command`` (``"RCPT"``, ``"DATA"``, ...) with a 4xx/5xx ``reply``."""
+    def command_rejected(command: str, reply: Reply) -> None:
+        """The server answered ``command`` (``"RCPT"``, ``"DATA"``...) with a 4xx/5xx ``reply``."""
 
-    def message_accepted(info, envelope, queue_id, size):  # type: ignore[no-untyped-def]
+    def message_accepted(info: Any, envelope: Envelope, queue_id: str, size: int) -> None:
         """A message was committed to the queue and got its 250."""
 
-    def delivery_attempted(envelope, reply, remote, seconds):  # type: ignore[no-untyped-def]
+    def delivery_attempted(
+        envelope: Envelope, reply: Reply, remote: str | None, seconds: float
+    ) -> None:
         """One recipient's outcome of one delivery attempt that took ``seconds``."""
 
-    def outbound_connection(remote, tls):  # type: ignore[no-untyped-def]
+    def outbound_connection(remote: str, tls: str) -> None:
         """A new connection to a next hop is ready; ``tls`` is ``""`` or ``"TLSv1.3 <cipher>"``."""
 
-    def recipient_unrouted(envelope, recipient, reply):  # type: ignore[no-untyped-def]
+    def recipient_unrouted(envelope: Envelope, recipient: str, reply: Reply) -> None:
         """``recipient`` (an address of ``envelope``) got ``reply`` from routing, with no delivery
         attempt: 5xx (no route, so it is bounced) or 4xx (a router could not answer; it is tried
         again later)."""
@@ -138,43 +138,3 @@ class FanOut:
 
     def recipient_unrouted(self, envelope: Envelope, recipient: str, reply: Reply) -> None:
         self._each("recipient_unrouted", envelope, recipient, reply)
-
-
-@implementer(IDeliverer)
-class ObservedDeliverer:
-    """An ``IDeliverer`` that reports each recipient's outcome and the attempt's duration.
-
-    Wrapping the deliverer keeps the queue manager and the SMTP client free of counting code.
-    """
-
-    def __init__(self, deliverer: IDeliverer, observer: IRelayObserver, clock: Any) -> None:
-        self.deliverer = deliverer
-        self.observer = observer
-        self.clock = clock
-
-    def deliver(
-        self,
-        envelope: Envelope,
-        recipients: Sequence[Recipient],
-        route: Route,
-        open_body: Callable[[], IO[bytes]],
-    ) -> defer.Deferred[list[tuple[Reply, str | None]]]:
-        started = self.clock.seconds()
-        try:
-            answer = self.deliverer.deliver(envelope, recipients, route, open_body)
-        except Exception:
-            return defer.fail()
-        d = answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
-        return d.addCallback(self._report, envelope, started)
-
-    def _report(
-        self, results: list[tuple[Reply, str | None]], envelope: Envelope, started: float
-    ) -> list[tuple[Reply, str | None]]:
-        seconds = max(0.0, self.clock.seconds() - started)
-        observer = self.observer
-        for reply, remote, *_ in results:
-            observer.delivery_attempted(envelope, reply, remote, seconds)
-        return results
-
-    def __getattr__(self, name: str) -> Any:  # stop(), pool, ... of the wrapped deliverer
-        return getattr(self.deliverer, name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from mailrelay import config as configmod
@@ -63,23 +64,23 @@ def problems(cfg: Config, reactor: Any = None, *, spool: bool = True) -> list[Co
     server = cfg.server
     for name in ("listen", "submission_listen"):
         for i, description in enumerate(getattr(server, name)):
-            check(f"server.{name}[{i}]", lambda d=description: _smtp_endpoint(reactor, d))
+            check(f"server.{name}[{i}]", partial(_smtp_endpoint, reactor, description))
     if cfg.metrics_listen:
-        check("metrics.listen", lambda: _endpoint(reactor, cfg.metrics_listen))
+        check("metrics.listen", partial(_endpoint, reactor, cfg.metrics_listen))
     if server.tls_certificate and server.tls_key:
         for key, error in _tls_problems(server.tls_certificate, server.tls_key):
             found.append(ConfigError(cfg.source, f"server.{key}", error))
     if server.auth_password_file:
-        check("server.auth_password_file", lambda: _password_file(server.auth_password_file))
+        check("server.auth_password_file", partial(_password_file, server.auth_password_file))
     if cfg.delivery.tls_ca_file:
-        check("delivery.tls_ca_file", lambda: _ca_file(cfg.delivery.tls_ca_file))
+        check("delivery.tls_ca_file", partial(_ca_file, cfg.delivery.tls_ca_file))
     from mailrelay.dkim import DKIMSigner
 
     check("dkim.key_file", lambda: DKIMSigner.from_config(cfg.dkim, cfg.source))
     if spool and cfg.spool.backend == "filesystem":
         check("spool.path", lambda: _spool(cfg.spool.path))
     if cfg.spool.backend == "postgresql" and cfg.spool.dsn:
-        check("spool.dsn", lambda: _dsn(cfg.spool.dsn))
+        check("spool.dsn", partial(_dsn, cfg.spool.dsn))
     return found
 
 
@@ -180,7 +181,7 @@ def _password_file(path: str) -> None:
 
 
 def _ca_file(path: str) -> None:
-    from mailrelay.delivery.tls import load_trust_root
+    from mailrelay.tls_trust import load_trust_root
 
     load_trust_root(path)
 

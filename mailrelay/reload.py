@@ -8,6 +8,7 @@ its ``ConfigError`` text in the log, and the running config stays.
 from __future__ import annotations
 
 import signal
+from collections.abc import Generator
 from typing import Any
 
 from twisted.application import service
@@ -22,7 +23,7 @@ log = Logger(namespace="mailrelay.reload")
 
 
 @defer.inlineCallbacks
-def reload_config(relay: Any, path: str):  # type: ignore[no-untyped-def]
+def reload_config(relay: Any, path: str) -> Generator[defer.Deferred[Any], Any, bool]:
     """Load ``path`` and apply it to the ``MailRelayService`` ``relay``; True when applied."""
     try:
         new = configmod.load(path)
@@ -94,10 +95,11 @@ class SignalService(service.Service):
             log.info("SIGHUP: started without --config, nothing to reload")
             return defer.succeed(False)
         previous = self._reloading or defer.succeed(None)
+        path = self.config_path
 
         def run(_: object) -> defer.Deferred[Any]:
-            log.info("SIGHUP: reloading {path}", path=self.config_path)
-            return reload_config(self.relay, self.config_path)
+            log.info("SIGHUP: reloading {path}", path=path)
+            return reload_config(self.relay, path)
 
         d = previous.addBoth(run)
         self._reloading = d

@@ -15,14 +15,12 @@ Stopping is graceful: listening stops at once, sessions may finish the message i
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -30,16 +28,20 @@ from twisted.python.threadpool import ThreadPool
 from mailrelay.config import Config, ServerConfig
 from mailrelay.delivery import ByRouteDeliverer, MaildirDeliverer, SMTPDeliverer
 from mailrelay.delivery.capabilities import HopCapabilities
+from mailrelay.delivery.observed import ObservedDeliverer
 from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
-from mailrelay.errors import ConfigError, cannot_listen, config_errors, each_config_error
+from mailrelay.errors import ConfigError, config_errors, each_config_error
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter, IStartableStore
+from mailrelay.listener import reconfigure as reconfigure_listener
+from mailrelay.listener import server_factory
 from mailrelay.metrics import RelayMetrics, metrics_site
-from mailrelay.observer import FanOut, IRelayObserver, ObservedDeliverer
+from mailrelay.observer import FanOut, IRelayObserver
 from mailrelay.policy import build_policy
 from mailrelay.policy.access import is_trusted
 from mailrelay.policy.onward import OnwardCapabilities
 from mailrelay.policy.verify import RecipientVerification
+from mailrelay.port import Listener as _Listener
 from mailrelay.preflight import problems
 from mailrelay.queue.manager import QueueManager
 from mailrelay.queue.spool import FilesystemSpool
@@ -52,46 +54,6 @@ log = Logger()
 
 def shutting_down(hostname: str) -> Reply:
     return Reply(421, "4.3.2", f"{hostname} Service shutting down, closing transmission channel")
-
-
-class _Listener(StreamServerEndpointService):
-    """An endpoint service that fails loudly when it cannot listen and remembers its port.
-
-    ``source`` and ``key`` (``server.listen[0]``) name the config key of a port that cannot be
-    had: its ``ConfigError`` gives the endpoint and the system's reason (address already in use).
-    """
-
-    _raiseSynchronously = True
-
-    def __init__(
-        self, description: str, endpoint: Any, factory: Any, source: str = "<config>", key: str = ""
-    ) -> None:
-        super().__init__(endpoint, factory)
-        self.description = description
-        self.source, self.key = source, key
-        self.port: IListeningPort | None = None
-        self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise cannot_listen(self.source, self.key, self.description, e) from None
-        self._waitingForPort.addCallback(self._listened)  # type: ignore[union-attr]
-
-    def _listened(self, port: IListeningPort) -> IListeningPort:
-        self.port = port
-        log.info(
-            "listening on {description} ({address})",
-            description=self.description,
-            address=port.getHost(),
-        )
-        self.listening.callback(port)
-        return port
-
-    def stopService(self) -> Any:
-        self.port = None
-        return super().stopService()
 
 
 class MailRelayService(service.MultiService):
@@ -201,12 +163,14 @@ class MailRelayService(service.MultiService):
                 raise ConfigError(
                     self.config.source, "spool.path", f"{spool.path}: {e.strerror or e}"
                 ) from None
-        from mailrelay.queue.postgres import PostgresStore  # type: ignore[import-not-found]
+        from mailrelay.queue.postgres import PostgresStore
 
+        if spool.dsn is None:  # the config refuses this backend without one
+            raise ConfigError(self.config.source, "spool.dsn", "required for PostgreSQL")
         return PostgresStore(
             spool.dsn,
             self.reactor,
-            self.threadpool,  # type: ignore[no-any-return]
+            self.threadpool,
             lease_time=spool.lease_time,
             scan_interval=spool.scan_interval,
         )
@@ -232,7 +196,7 @@ class MailRelayService(service.MultiService):
         return build_policy(server, extra=extra)
 
     def _build_factory(self, server: ServerConfig, submission: bool) -> SMTPServerFactory:
-        factory = SMTPServerFactory.from_config(
+        factory = server_factory(
             server,
             self.store,
             self.policy,
@@ -240,11 +204,11 @@ class MailRelayService(service.MultiService):
             submission=submission,
             binarymime=self.config.binarymime,
         )
-        factory.observer = self.observer  # type: ignore[attr-defined]
+        factory.observer = self.observer
         return factory
 
     def _endpoint(self, description: str) -> Any:
-        """The endpoint to listen on for ``description`` (a worker process adopts its supervisor's)."""
+        """The endpoint to listen on for ``description`` (a worker adopts its supervisor's)."""
         return serverFromString(self.reactor, description)
 
     def _listen(self, description: str, factory: SMTPServerFactory, key: str = "") -> None:
@@ -258,7 +222,7 @@ class MailRelayService(service.MultiService):
 
     @property
     def ports(self) -> list[IListeningPort]:
-        """The SMTP listening ports, once started (``port.getHost().port`` when listening on port 0)."""
+        """The SMTP listening ports, once started (``port.getHost().port`` for a port 0 listen)."""
         return [listener.port for listener in self.listeners if listener.port is not None]
 
     def privilegedStartService(self) -> None:
@@ -330,7 +294,7 @@ class MailRelayService(service.MultiService):
         log.info("mailrelay stopped")
 
     @defer.inlineCallbacks
-    def _drain_sessions(self, deadline: float):  # type: ignore[no-untyped-def]
+    def _drain_sessions(self, deadline: float) -> Generator[defer.Deferred[Any], Any, None]:
         """Idle sessions get 421 now; busy ones after their transaction; the rest at the deadline.
 
         Returns once every session is gone (those closed at the deadline within SHUTDOWN_LINGER).
@@ -361,8 +325,8 @@ class MailRelayService(service.MultiService):
     # -- SIGHUP ---------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def reconfigure(self, new: Config):  # type: ignore[no-untyped-def]
-        """Take ``new`` routes, policies, TLS certificates, limits and DKIM keys without dropping a connection.
+    def reconfigure(self, new: Config) -> Generator[defer.Deferred[Any], Any, list[str]]:
+        """Take ``new`` routes, policies, certificates, limits, DKIM keys, dropping no connection.
 
         Everything is built before anything is swapped, so a bad route or certificate raises
         (``ConfigError`` or the loader's error) and leaves the running relay as it was. Keys that
@@ -374,23 +338,22 @@ class MailRelayService(service.MultiService):
             self.config, new
         )  # the hostname too: not new in the greeting, old in EHLO
         old_router = self.router
-        router = (
-            build_router(new.routes, self._new_context(new)) if self._own_router else old_router
-        )
+        built = build_router(new.routes, self._new_context(new)) if self._own_router else None
+        router = built if built is not None else old_router
         try:
-            # what factory.reconfigure loads (certificate, key, password file) fails here, before any swap
+            # what a listener loads (certificate, key, password file) fails here, before any swap
             found = problems(new, self.reactor, spool=False)
             if found:
                 raise config_errors(found)
             policy = self._build_policy(new.server, router)
             signer = DKIMSigner.from_config(new.dkim, new.source)
         except Exception:
-            if router is not old_router:
-                yield defer.maybeDeferred(router.close)
+            if built is not None:
+                yield defer.maybeDeferred(built.close)
             raise
         self.policy = policy
         for factory in self.factories:
-            factory.reconfigure(new.server, policy, binarymime=new.binarymime)
+            reconfigure_listener(factory, new.server, policy, binarymime=new.binarymime)
         self.dkim.signer = signer
         self.router = router
         self.manager.router = router
@@ -460,7 +423,7 @@ def needs_restart(old: Config, new: Config) -> list[str]:
 
 
 def keep_running(old: Config, new: Config) -> Config:
-    """``new`` with every ``RESTART_ONLY`` key at its value in ``old``: what a reload applies, whole."""
+    """``new`` with each ``RESTART_ONLY`` key at its value in ``old``: what a reload applies."""
     import attrs
 
     for section, key in RESTART_ONLY:

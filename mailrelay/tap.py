@@ -86,6 +86,9 @@ class _Standalone(MultiService):
     def __init__(self, log_observer: Any = None) -> None:
         super().__init__()
         self.log_observer = log_observer
+        self.relay: Any = None  # the MailRelayService, or with workers:
+        self.supervisor: Any = None  # the Supervisor
+        self.spool_lock: Any = None  # held for the life of the process
 
     def setServiceParent(self, parent: Any) -> Any:
         # twistd asks the application for an ILogObserver component before it starts logging
@@ -106,7 +109,7 @@ def _twistd_option(options: Options, name: str, default: Any = None) -> Any:
 
 
 def _log_stream(options: Options) -> Any:
-    """Where twistd would write its text log: ``--logfile`` (rotated, also on SIGUSR1), or stdout."""
+    """Where twistd would write its text log: ``--logfile`` (rotated, also on SIGUSR1) or stdout."""
     from twisted.python.logfile import LogFile
 
     path = _twistd_option(options, "logfile")
@@ -115,8 +118,10 @@ def _log_stream(options: Options) -> Any:
     stream = LogFile.fromFullPath(path or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):  # as twistd does for its own log file
         from twisted.internet import reactor
+        from twisted.internet.interfaces import IReactorFromThreads
 
-        signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(stream.rotate))
+        threads = IReactorFromThreads(reactor)
+        signal.signal(signal.SIGUSR1, lambda signum, frame: threads.callFromThread(stream.rotate))
     return stream
 
 
@@ -157,7 +162,7 @@ def makeService(options: Options) -> IService:
         )
         supervisor.setServiceParent(top)
         SignalService(supervisor, options["config"]).setServiceParent(top)
-        top.supervisor = supervisor  # type: ignore[attr-defined]
+        top.supervisor = supervisor
         return top
 
     from mailrelay.service import MailRelayService
@@ -171,10 +176,10 @@ def makeService(options: Options) -> IService:
         # twistd would print a traceback; an operator wants the file, key and reason.
         exit_config_error(e)
     if cfg.spool.backend == "filesystem":
-        top.spool_lock = _lock_spool(cfg.spool.path)  # type: ignore[attr-defined]
+        top.spool_lock = _lock_spool(cfg.spool.path)
     relay.setServiceParent(top)
     SignalService(relay, options["config"]).setServiceParent(top)
-    top.relay = relay  # type: ignore[attr-defined]
+    top.relay = relay
     return top
 
 

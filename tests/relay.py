@@ -124,11 +124,11 @@ class RelayProcess:
         )
 
     def queue_files(self) -> list[Path]:
-        """The spool's files, less tmp/free.<n> (files of removed messages kept for new ones)."""
+        """The spool's files, less tmp/spare.<n> (files of removed messages kept for new ones)."""
         return sorted(
             p
             for p in self.spool.rglob("*")
-            if p.is_file() and not (p.parent.name == "tmp" and p.name.startswith("free."))
+            if p.is_file() and not (p.parent.name == "tmp" and p.name.startswith("spare."))
         )
 
 

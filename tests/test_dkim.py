@@ -3,47 +3,29 @@ verifiers (Perl's Mail::DKIM, OpenDKIM) that fetch the keys from a real DNS serv
 
 from __future__ import annotations
 
-import base64
 import smtplib
 
 import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import threads
 
 from mailrelay import config
 from mailrelay.errors import ConfigError
 from mailrelay.service import MailRelayService
+from tests.dkim_support import pem_key
 from tests.dkimverify import dkim_zone, mail_dkim, opendkim
 from tests.relay import run_in_process
 from tests.routing.nsd import NSD
 
 
 def make_key(path, kind: str = "rsa") -> bytes:  # type: ignore[no-untyped-def]
-    """Write a fresh private key (PEM, as ``openssl genpkey`` does) to ``path``; → the DKIM key record
-    that publishes it (RFC 6376 3.6.1, RFC 8463 4)."""
-    key = (
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        if kind == "rsa"
-        else (ed25519.Ed25519PrivateKey.generate())
-    )
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    if kind == "rsa":
-        public = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    else:
-        public = key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-    return f"v=DKIM1; k={kind}; p=".encode() + base64.b64encode(public)
+    """Write a fresh private key (PEM, as ``openssl genpkey`` does) to ``path``; → the DKIM key
+    record that publishes it (RFC 6376 3.6.1, RFC 8463 4)."""
+    pem, record = pem_key(kind)
+    path.write_bytes(pem)
+    return record
 
 
 def relay_config(tmp_path, sink_port: int, key_file: str) -> config.Config:
@@ -108,7 +90,8 @@ def test_outgoing_mail_is_signed_per_sender_domain_with_rsa_or_ed25519_and_verif
         and b"d=example.org" in head1
         and b"a=rsa-sha256" in head1
     )
-    # the From domain chooses the key (DMARC alignment), not the envelope sender's; its type the algorithm
+    # the From domain chooses the key (DMARC alignment), not the envelope sender's; its type the
+    # algorithm
     assert b"d=other.example" in head2 and b"a=ed25519-sha256" in head2
     assert b"DKIM-Signature" not in unsigned
     tampered1, tampered2 = (
@@ -175,7 +158,8 @@ def test_dkim_domains_need_a_key_file(tmp_path):
 
 
 def test_a_look_alike_sender_domain_does_not_choose_our_key():
-    """str.lower() folds the Kelvin sign (U+212A) to "k": k\u212aey.test must not sign as kkey.test."""
+    """str.lower() folds the Kelvin sign (U+212A) to "k": k\u212aey.test must not sign as
+    kkey.test."""
     from mailrelay.dkim import DKIMSigner, DomainKey
     from mailrelay.envelope import Envelope, Recipient
 
@@ -193,17 +177,42 @@ def test_a_look_alike_sender_domain_does_not_choose_our_key():
 def test_a_message_without_a_header_section_goes_out_unsigned_and_unchanged(tmp_path):
     """Text that begins with whitespace has no header section (the session puts an empty line after
     its Received header then): nothing may be put on top of it that its first line would continue.
-    With no From: header there is nothing to sign for, so it goes out as it is."""
+    With no From: header there is nothing to sign for, so it goes out as it is, with a log line."""
     import io
 
-    from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer, DomainKey
+    from twisted.logger import globalLogPublisher
+
+    from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer, domain_key
     from mailrelay.envelope import Envelope, Recipient
+    from tests.dkim_support import RecordingDeliverer, SyncPool, SyncReactor
 
     make_key(tmp_path / "k.pem")
     signer = DKIMSigner(
-        {"example.org": DomainKey("example.org", "s1", (tmp_path / "k.pem").read_bytes())}
+        {"example.org": domain_key("example.org", "s1", (tmp_path / "k.pem").read_bytes())}
     )
-    signing = DKIMSigningDeliverer(object(), signer, None, None)  # type: ignore[arg-type]
+    delivered = RecordingDeliverer()
+    signing = DKIMSigningDeliverer(delivered, signer, SyncReactor(), SyncPool())
     envelope = Envelope("a@example.org", (Recipient("b@example.test"),))
-    for body in (b" h=from; b=forged\r\nFrom: a@example.org\r\n\r\nbody\r\n", b"\tx\r\n"):
-        assert signing._signed(envelope, lambda body=body: io.BytesIO(body)) is None
+    logged: list[str] = []
+
+    def observe(event: dict) -> None:  # type: ignore[type-arg]
+        if "DKIM: cannot sign" in event.get("log_format", ""):
+            logged.append(event["error"])
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for body in (
+            b" h=from; b=forged\r\nFrom: a@example.org\r\n\r\nbody\r\n",
+            b"\tx\r\n",
+            b"Received: by us\r\n\r\n h=from; b=forged\r\nFrom: a@example.org\r\n\r\nx\r\n",
+        ):
+
+            def open_body(body: bytes = body) -> io.BytesIO:
+                return io.BytesIO(body)
+
+            signing.deliver(envelope, envelope.recipients, None, open_body)  # type: ignore[arg-type]
+            assert delivered.bodies[-1] is open_body  # the stored text, as it is
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert len(logged) == 3 and "no header section" in logged[0]
+    assert "no From header field" in logged[2]

@@ -1,5 +1,5 @@
-"""Delivery: turns routes into attempts — over ESMTP/LMTP (next-hop order, connections, per-recipient
-results) or into a local Maildir."""
+"""Delivery: turns routes into attempts — over ESMTP/LMTP (next-hop order, connections,
+per-recipient results) or into a local Maildir."""
 
 from mailrelay.delivery.by_route import ByRouteDeliverer
 from mailrelay.delivery.maildir import MaildirDeliverer

@@ -35,7 +35,7 @@ def endpoint_for(
 
 
 def hop_label(hop: NextHop, ip: str | None = None) -> str:
-    """``name[ip]:port`` as Postfix logs it (``[ip]`` is the address literal itself when no name)."""
+    """``name[ip]:port`` as Postfix logs it (``[ip]`` alone: the address literal, no name)."""
     name = hop.name or hop.host.strip("[]")
     address = ip or (hop.host.strip("[]") if ip_version(hop.host) else "")
     if address:

@@ -69,7 +69,7 @@ class HopCapabilities:
         return size is not None and bool(self._limits) and size > min(self._limits)
 
     def refusal(self, envelope: Envelope, route: Route, size: int | None = None) -> Reply | None:
-        """The reply for a message no hop of ``route`` can take (each known to refuse it), else None.
+        """The reply for a message no hop of ``route`` can take (each known to refuse it), or None.
 
         ``size`` is the message's size in octets, when known (else its declared SIZE counts)."""
         first: Reply | None = None

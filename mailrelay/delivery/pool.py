@@ -1,4 +1,4 @@
-"""The connection cache: idle sessions to a next hop, kept for the next message (as Postfix's scache).
+"""The connection cache: idle sessions to a next hop, kept for the next message (Postfix's scache).
 
 A session comes back after a transaction; it is kept while it has delivered fewer than
 ``max_messages`` messages, is younger than ``max_age`` seconds and has not been idle for
@@ -71,9 +71,6 @@ class ConnectionPool:
         if not session.watched:
             session.watched = True
             session.client.when_closed().addCallback(self._gone, key, session)
-
-    def idle_count(self) -> int:
-        return sum(len(v) for v in self._idle.values())
 
     def close(self) -> defer.Deferred[Any]:
         """QUIT every idle session; fires when they are all closed. Nothing is pooled afterwards."""

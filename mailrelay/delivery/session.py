@@ -98,7 +98,7 @@ class SessionOpener:
             ) from None
         self.open_clients.add(client)
         client.when_closed().addBoth(lambda _: self.open_clients.discard(client))
-        peer = client.transport.getPeer()  # type: ignore[union-attr]
+        peer = client.transport.getPeer() if client.transport is not None else None
         remote = hop_label(hop, getattr(peer, "host", None))
         try:
             await client.ready

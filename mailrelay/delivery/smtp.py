@@ -10,7 +10,8 @@ Message properties the peer cannot take:
 - SIZE: the peer's declared limit below the message size → 552 5.3.4, final, nothing sent.
 - SMTPUTF8 message that needs it (a UTF-8 address or header), peer without SMTPUTF8 → 553 5.6.7
   for that hop (the next hop may take it); one that does not goes without the parameter.
-- BINARYMIME needs the peer's CHUNKING and BINARYMIME (and SMTP, not LMTP), else 554 5.6.3 for that hop.
+- BINARYMIME needs the peer's CHUNKING and BINARYMIME (and SMTP, not LMTP), else 554 5.6.3 for
+  that hop.
 - 8BITMIME: ``BODY=8BITMIME`` when the peer offers it; a peer that does not gets the 8-bit message
   as it is (no downgrade), as Postfix does by default — nearly every server takes 8-bit today.
 """
@@ -89,7 +90,8 @@ class SMTPDeliverer:
     """Delivers over ESMTP with our own client (``mailrelay.smtp.client``) and a connection cache.
 
     ``tls_ca_file`` overrides ``config.tls_ca_file`` (the CA bundle for ``verify`` routes; the
-    platform trust store when neither is set). ``observer`` hears of each new connection and its TLS.
+    platform trust store when neither is set). ``observer`` hears of each new connection and its
+    TLS.
     """
 
     observer: IRelayObserver = NULL_OBSERVER
@@ -133,7 +135,7 @@ class SMTPDeliverer:
         return d.addErrback(self._never_fail, len(recipients))
 
     def stop(self) -> defer.Deferred[None]:
-        """Close the cached connections with QUIT; sessions still in use close after their message."""
+        """QUIT the cached connections; sessions still in use close after their message."""
         self.stopped = True
         return self.pool.close().addCallback(lambda _: None)
 

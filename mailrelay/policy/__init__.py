@@ -8,9 +8,9 @@ Any policy may answer through a Deferred; the chain waits for it before asking t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mailrelay.config import ServerConfig
@@ -55,30 +55,32 @@ class Policy:
 class PolicyChain:
     """Several ``IPolicy`` providers as one; synchronous answers stay synchronous (no Deferred).
 
-    Each stage is bound once: a stage no policy checks (all inherit ``Policy``'s) answers None at
-    once, a stage one policy checks is that policy's method itself, so the usual chain costs the
-    session nothing per command.
+    Each stage asks only the policies that check it (a method of their own, not ``Policy``'s
+    no-op), worked out once here: the usual chain checks one or two stages, and the rest answer
+    None at once.
     """
 
-    def __init__(self, policies: Sequence[IPolicy]) -> None:
+    def __init__(self, policies: Sequence[object]) -> None:  # IPolicy providers
         self.policies = tuple(policies)
-        self._stages: dict[str, tuple[Callable[..., Any], ...]] = {}
-        for stage in _STAGES:
-            if not all(hasattr(p, stage) for p in self.policies):
-                continue  # a partial policy object: the stage fails when asked, as it would anyway
-            checks = tuple(
+        self._stages: dict[str, tuple[Callable[..., Any], ...]] = {
+            stage: tuple(
                 getattr(p, stage)
                 for p in self.policies
                 if getattr(type(p), stage, None) is not getattr(Policy, stage)
             )
-            self._stages[stage] = checks
-            if len(checks) <= 1:
-                setattr(self, stage, checks[0] if checks else _no_objection)
+            for stage in _STAGES
+            # a partial policy object: its stage is looked up when asked, and fails as it would
+            if all(hasattr(p, stage) for p in self.policies)
+        }
 
-    def _run(self, method: str, args: tuple[Any, ...]) -> Reply | None | Deferred[Reply | None]:
-        checks = self._stages.get(method)
+    def _run(self, stage: str, args: tuple[Any, ...]) -> Reply | None | Deferred[Reply | None]:
+        checks = self._stages.get(stage)
         if checks is None:
-            checks = tuple(getattr(p, method) for p in self.policies)
+            checks = tuple(getattr(p, stage) for p in self.policies)
+        if not checks:
+            return None
+        if len(checks) == 1:  # the usual chain checks each stage once at most
+            return checks[0](*args)
         return self._continue(iter(checks), args)
 
     def _continue(
@@ -90,7 +92,7 @@ class PolicyChain:
                 continue
             if isinstance(answer, Deferred):
                 return answer.addCallback(self._after_deferred, rest, args)
-            return answer  # type: ignore[no-any-return]
+            return answer
         return None
 
     def _after_deferred(
@@ -98,7 +100,7 @@ class PolicyChain:
     ) -> Reply | None | Deferred[Reply | None]:
         if answer is not None:
             return answer
-        return maybeDeferred(self._continue, rest, args)
+        return self._continue(rest, args)  # what it raises fails the Deferred it runs in
 
     def connect(self, session: Any) -> Reply | None | Deferred[Reply | None]:
         return self._run("connect", (session,))
@@ -128,16 +130,12 @@ class PolicyChain:
 _STAGES = ("connect", "helo", "mail", "rcpt", "data", "end_of_data")
 
 
-def _no_objection(*args: Any) -> None:
-    return None
-
-
 def build_policy(server: ServerConfig, extra: Sequence[IPolicy] = ()) -> IPolicy:
     """The standard checks for a listener (relay access first), then the embedder's ``extra``."""
     from mailrelay.policy.access import RelayAccess
 
     access = RelayAccess(server.trusted_networks, server.local_domains, server.relay_domains)
-    return PolicyChain([access, *extra])
+    return cast(IPolicy, PolicyChain([access, *extra]))  # it provides IPolicy (implementer)
 
 
 __all__ = ["Policy", "PolicyChain", "build_policy"]

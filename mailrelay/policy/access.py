@@ -7,7 +7,7 @@ read as "route elsewhere" is refused before the domain is even looked at: ``%`` 
 ``!`` (bang paths), an ``@`` or ``:`` hidden in a quoted local part, a source route, and address
 literals. Domains are compared in one canonical form (``mailrelay.address.canonical_domain``:
 ASCII case folded, IDNA 2008 without mappings) and trailing dots never parse (see
-``mailrelay.smtp._parser``), so neither case nor a look-alike can make a foreign domain look local.
+``mailrelay.paths``), so neither case nor a look-alike can make a foreign domain look local.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from collections.abc import Iterable, Mapping
 from zope.interface import implementer
 
 from mailrelay.address import DomainError, canonical_domain, canonical_pattern
-from mailrelay.envelope import Reply
+from mailrelay.envelope import Reply, SessionInfo
 from mailrelay.interfaces import IPolicy
+from mailrelay.paths import PathError, parse_mailbox
 from mailrelay.policy import Policy
-from mailrelay.smtp._parser import PathError, parse_mailbox
-from mailrelay.smtp.session import SessionInfo
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ROUTING_CHARS = frozenset("%!@:")
@@ -45,7 +44,7 @@ def is_trusted(address: str, networks: Iterable[Network]) -> bool:
 
 @implementer(IPolicy)
 class RelayAccess(Policy):
-    """``554 5.7.1 <addr>: Relay access denied`` for untrusted clients writing outside our domains."""
+    """``554 5.7.1 <addr>: Relay access denied`` to untrusted clients mailing to other domains."""
 
     def __init__(
         self,

@@ -8,8 +8,13 @@ to try again) is counted here, on the injected clock.
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
-from twisted.internet.interfaces import IReactorTime
+
+class Clock(Protocol):
+    """The injected clock (an ``IReactorTime``): only its time is read here."""
+
+    def seconds(self) -> float: ...
 
 
 class RateCounter:
@@ -19,9 +24,7 @@ class RateCounter:
     dropped as new keys arrive (at most ``max_keys`` kept).
     """
 
-    def __init__(
-        self, clock: IReactorTime, limit: int, window: float, max_keys: int = 100_000
-    ) -> None:
+    def __init__(self, clock: Clock, limit: int, window: float, max_keys: int = 100_000) -> None:
         self.clock = clock
         self.limit = limit
         self.window = window

@@ -33,7 +33,7 @@ class OnwardCapabilities(Policy):
         clock: IReactorTime,
         timeout: float = 30.0,
     ) -> None:
-        self.router = router
+        self.router: Any = router  # an IRouter provider (route() may return a Deferred)
         self.capabilities = capabilities
         self.clock = clock
         self.timeout = timeout

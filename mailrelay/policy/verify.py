@@ -39,7 +39,7 @@ class RecipientVerification(Policy):
     def __init__(
         self, router: IRouter, domains: Iterable[str], clock: IReactorTime, timeout: float = 30.0
     ) -> None:
-        self.router = router
+        self.router: Any = router  # an IRouter provider (route() may return a Deferred)
         self.domains = tuple(canonical_pattern(d) for d in domains)
         self.clock = clock
         self.timeout = timeout

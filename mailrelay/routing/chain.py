@@ -12,7 +12,7 @@ failure (the operator fixes the entry), never a command of ours.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -99,9 +99,8 @@ class RouterChain:
     def close(self) -> defer.Deferred[None]:
         """Release what the routers hold (LDAP connections): calls each router's optional
         ``close()`` (which may return a Deferred). For the service's shutdown and route reloads."""
-        closing = [
-            defer.maybeDeferred(r.close)
-            for r in self.routers
-            if callable(getattr(r, "close", None))
+        closers: list[Callable[[], object]] = [
+            close for close in (getattr(r, "close", None) for r in self.routers) if callable(close)
         ]
+        closing = [defer.maybeDeferred(close) for close in closers]
         return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)

@@ -28,5 +28,5 @@ class RouterContext:
     resolver: Any = None
 
     def options(self, options: Mapping[str, Any]) -> Section:
-        """A ``Section`` over the options, whose errors name ``routes[N].key`` in the config file."""
+        """A ``Section`` over the options; its errors name ``routes[N].key`` in the config file."""
         return Section(self.source, self.key, options)

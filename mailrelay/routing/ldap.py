@@ -1,4 +1,4 @@
-"""The LDAP router: the LDAP mail routing model (sendmail's LDAP routing, RFC draft "inetLocalMailRecipient").
+"""The LDAP router: LDAP mail routing (sendmail's, RFC draft "inetLocalMailRecipient").
 
 For a recipient, look up the entry whose ``mailLocalAddress`` is the address, then (if allowed)
 the ``@domain`` catch-all. ``mailRoutingAddress`` rewrites the recipient; ``mailHost`` is the next
@@ -40,11 +40,11 @@ import ssl
 import string
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,13 +53,14 @@ from zope.interface import implementer
 from mailrelay import _ascii
 from mailrelay.address import split
 from mailrelay.config import parse_duration, parse_hostport
-from mailrelay.delivery.tls import ca_file_option
 from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.context import RouterContext
-from mailrelay.routing.mx import MXRouter, bound_cache, make_resolver
+from mailrelay.routing.dns import make_resolver
+from mailrelay.routing.mx import MXRouter, bound_cache
 from mailrelay.routing.static import DomainSet, parse_domain_pattern, parse_tls
+from mailrelay.tls_trust import ca_file_option
 
 log = Logger()
 
@@ -205,7 +206,7 @@ class LDAPDirectory:
                     self.base, query, search_scope=ldap3.SUBTREE, attributes=self.attributes
                 )
                 # raw values: without the schema ldap3 cannot tell single- from multi-valued
-                entries = [
+                entries: list[Entry] = [
                     {
                         name: [v.decode("utf-8", "replace") for v in values]
                         for name, values in e["raw_attributes"].items()
@@ -468,7 +469,8 @@ class LDAPRouter:
         threadpool, reactor = context.threadpool, context.reactor
 
         def run_blocking(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-            return deferToThreadPool(reactor, threadpool, f, *args)
+            # a context that has a thread pool has a real reactor, not only a clock
+            return deferToThreadPool(cast(IReactorFromThreads, reactor), threadpool, f, *args)
 
         return cls(directory, context.reactor, run_blocking, next_hop, **router_options)
 

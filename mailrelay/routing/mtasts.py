@@ -23,20 +23,20 @@ from typing import Any
 import attrs
 import treq
 from twisted.internet import defer, ssl
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # the trust-root interface ssl.* accepts
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.names import error as dnserror
+from twisted.python.failure import Failure
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from mailrelay import _ascii
 from mailrelay._quiet import QuietEndpoint
-from mailrelay.delivery.tls import load_trust_root
 from mailrelay.errors import TemporaryFailure
+from mailrelay.tls_trust import platform_and
 
 log = Logger()
 
@@ -83,7 +83,7 @@ def mx_matches(pattern: str, host: str) -> bool:
 
 
 def parse_record(texts: Sequence[str]) -> str | None:
-    """The policy id from the TXT records of ``_mta-sts.<domain>``; None unless exactly one is STSv1.
+    """The policy id in the TXT records of ``_mta-sts.<domain>``; None unless one only is STSv1.
 
     RFC 8461 section 3.1: records that do not begin with ``v=STSv1;`` are ignored; not exactly one
     left, or one that is invalid, means the domain has no policy.
@@ -132,7 +132,7 @@ def parse_policy(body: bytes | str, policy_id: str) -> Policy:
     if fields.get("version") != "STSv1":
         raise PolicyError(f"version must be STSv1, not {fields.get('version')!r}")
     try:
-        mode = Mode(fields.get("mode"))
+        mode = Mode(fields.get("mode", ""))
     except ValueError:
         raise PolicyError(
             f"mode must be enforce, testing or none, not {fields.get('mode')!r}"
@@ -156,7 +156,7 @@ def _mx_pattern(value: str) -> str:
 
 @attrs.define
 class _State:
-    """What is known of one domain: its TXT id (until ``txt_expires``), its policy, a failed fetch."""
+    """What is known of a domain: its TXT id (until ``txt_expires``), its policy, a failed fetch."""
 
     txt_id: str | None = None
     txt_expires: float = 0.0
@@ -168,6 +168,11 @@ class _State:
 
 TxtLookup = Callable[[str], Awaitable[tuple[tuple[str, ...], float]]]
 Fetch = Callable[[str], Awaitable[bytes]]
+
+
+def _discovery_failed(failure: Failure, domain: str) -> None:
+    """A discovery that failed unexpectedly: logged, and the domain treated as having no policy."""
+    log.failure("MTA-STS discovery for {domain} failed", failure, domain=domain)
 
 
 class PolicyCache:
@@ -213,12 +218,7 @@ class PolicyCache:
             return waiter
         self._inflight[domain] = [waiter]
         d = defer.ensureDeferred(self._discover(domain))
-        d.addErrback(
-            lambda f: (
-                log.failure("MTA-STS discovery for {domain} failed", f, domain=domain),
-                None,
-            )[1]
-        )
+        d.addErrback(_discovery_failed, domain)
         d.addCallback(self._done, domain)
         return waiter
 
@@ -253,7 +253,8 @@ class PolicyCache:
                 st.txt_id, st.txt_expires = None, now + self.negative_ttl
             except TemporaryFailure as e:
                 log.warn(
-                    "MTA-STS: TXT lookup for {domain} failed ({reply}); using the cached policy: {policy}",
+                    "MTA-STS: TXT lookup for {domain} failed ({reply}); "
+                    "using the cached policy: {policy}",
                     domain=domain,
                     reply=str(e.reply),
                     policy=_describe(st.policy),
@@ -273,7 +274,8 @@ class PolicyCache:
         except Exception as e:  # any failure of the fetch: keep what we had (section 5.1)
             st.failed_until = self.clock.seconds() + self.retry_after
             log.warn(
-                "MTA-STS: policy of {domain} (id {id}) not fetched: {why}; using the cached policy: {policy}",
+                "MTA-STS: policy of {domain} (id {id}) not fetched: {why}; "
+                "using the cached policy: {policy}",
                 domain=domain,
                 id=st.txt_id,
                 why=_reason(e),
@@ -303,7 +305,8 @@ class PolicyCache:
 def _describe(policy: Policy | None) -> str:
     if policy is None:
         return "none"
-    return f"id {policy.id}, mode {policy.mode}, mx {', '.join(policy.mx) or '-'}, max_age {policy.max_age}"
+    mx = ", ".join(policy.mx) or "-"
+    return f"id {policy.id}, mode {policy.mode}, mx {mx}, max_age {policy.max_age}"
 
 
 def _reason(e: BaseException) -> str:
@@ -320,18 +323,6 @@ def _cancelled(e: BaseException) -> bool:
     if isinstance(e, defer.CancelledError | ConnectingCancelledError):
         return True
     return any(_cancelled(f.value) for f in getattr(e, "reasons", None) or ())
-
-
-@implementer(IOpenSSLTrustRoot)
-class _PlatformAnd:
-    """The platform's trust store plus the certificates of a configured CA file."""
-
-    def __init__(self, extra: Any) -> None:
-        self.extra = extra
-
-    def _addCACertsToContext(self, context: Any) -> None:  # noqa: N802 (Twisted's interface)
-        context.set_default_verify_paths()
-        self.extra._addCACertsToContext(context)
 
 
 @implementer(IAgentEndpointFactory)
@@ -378,7 +369,7 @@ class HTTPSFetcher:
     ) -> None:
         self.reactor, self.addresses, self.port = reactor, addresses, port
         self.timeout, self.max_size = timeout, max_size
-        self.trust = _PlatformAnd(load_trust_root(ca_file)) if ca_file else ssl.platformTrust()
+        self.trust = platform_and(ca_file)
 
     def __call__(self, domain: str) -> defer.Deferred[bytes]:
         d = defer.ensureDeferred(self._fetch(domain))

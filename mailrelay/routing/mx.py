@@ -19,9 +19,7 @@ the route is a temporary failure (4.7.5). A ``testing`` policy only logs what en
 
 from __future__ import annotations
 
-import ipaddress
 import random as _random
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,31 +27,36 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.names import client, dns
+from twisted.names import dns
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay import _ascii
 from mailrelay.address import normalise_domain, split
 from mailrelay.config import parse_duration, parse_hostport
-from mailrelay.delivery.tls import ca_file_option
 from mailrelay.envelope import Envelope, NextHop, Reply, Route, TLSPolicy
 from mailrelay.errors import PermanentFailure, TemporaryFailure
 from mailrelay.interfaces import IRouter
 from mailrelay.routing.context import RouterContext
+from mailrelay.routing.dns import (
+    address_literal,
+    address_of,
+    describe_error,
+    make_resolver,
+    mx_record,
+    name_text,
+    temporary,
+    txt_record,
+)
 from mailrelay.routing.mtasts import HTTPSFetcher, Mode, Policy, PolicyCache
 from mailrelay.routing.static import DomainSet, parse_domain_pattern, parse_tls
+from mailrelay.tls_trust import ca_file_option
 
 log = Logger()
 
 MAX_CNAME_DEPTH = 8
 CACHE_LIMIT = 10000  # entries per cache: a relay for the world meets many domains
 SHUFFLE_WINDOW = 1.0  # seconds during which one domain's equal-preference order is reused
-
-
-class _NoAddress(Exception):
-    """A name resolved to nothing usable (NXDOMAIN or no A/AAAA): permanent for this name."""
 
 
 @attrs.frozen
@@ -85,34 +88,6 @@ def bound_cache(
     if len(cache) > limit:
         for key in list(cache)[: len(cache) // 2]:
             del cache[key]
-
-
-def temporary(domain: str, why: str) -> TemporaryFailure:
-    return TemporaryFailure(
-        Reply(451, "4.4.3", f"DNS lookup for {domain} failed: {why}; will retry")
-    )
-
-
-def _text(name: object) -> str:
-    """A DNS name (``dns.Name``, bytes or str) as a lower-case string without the final dot."""
-    if isinstance(name, dns.Name):
-        name = name.name
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "replace")
-    return _ascii.lower(str(name).rstrip("."))  # str.lower() would fold a look-alike onto a name
-
-
-def _literal(domain: str) -> str | None:
-    """``[127.0.0.1]`` / ``[IPv6:::1]`` → the address; anything else → None."""
-    if not (domain.startswith("[") and domain.endswith("]")):
-        return None
-    inner = domain[1:-1]
-    if inner.lower().startswith("ipv6:"):
-        inner = inner[5:]
-    try:
-        return str(ipaddress.ip_address(inner))
-    except ValueError:
-        return None
 
 
 @implementer(IRouter)
@@ -166,9 +141,7 @@ class MXRouter:
     def __repr__(self) -> str:
         return f"MXRouter(port={self.port}, domains={list(self.domains)!r})"
 
-    def route(
-        self, recipient: str, envelope: Envelope | None
-    ) -> defer.Deferred[Route | None] | Route | None:
+    def route(self, recipient: str, envelope: Envelope | None) -> defer.Deferred[Route] | None:
         domain = split(recipient)[1]
         if not domain or not self.matches(domain):
             return None
@@ -182,7 +155,7 @@ class MXRouter:
         port = port if port is not None else self.port
         d = self.exchanges(domain)
         domain = normalise_domain(domain)
-        if self.mta_sts is None or _literal(domain) is not None:
+        if self.mta_sts is None or address_literal(domain) is not None:
             return d.addCallback(self._route, port)
         policy = self.mta_sts.policy(domain)  # in parallel with the MX lookup; never fails
         return d.addCallback(
@@ -212,7 +185,8 @@ class MXRouter:
             return memo[2]
         allowed = tuple(x for x in exchanges if policy.allows(x.name))
         if not allowed:
-            self.mta_sts.recheck(domain)  # type: ignore[union-attr]  # section 5.1: look for a newer policy
+            if self.mta_sts is not None:  # section 5.1: look for a newer policy
+                self.mta_sts.recheck(domain)
             names = ", ".join(x.name for x in exchanges)
             log.warn(
                 "MTA-STS enforce policy {id} of {domain} lists none of its MX hosts ({hosts}); "
@@ -249,7 +223,7 @@ class MXRouter:
 
         async def lookup() -> tuple[tuple[str, ...], float]:
             records, ttls = await self._lookup(normalise_domain(name), dns.TXT)
-            texts = tuple(b"".join(r.payload.data).decode("utf-8", "replace") for r in records)
+            texts = tuple(b"".join(txt_record(r).data).decode("utf-8", "replace") for r in records)
             return texts, self._ttl(ttls)
 
         return defer.ensureDeferred(lookup())
@@ -266,7 +240,7 @@ class MXRouter:
         return defer.ensureDeferred(lookup())
 
     def route_host(self, name: str, port: int | None = None) -> defer.Deferred[Route]:
-        """The route to one host's own A/AAAA addresses, without MX lookup (Postfix's ``[host]``)."""
+        """The route to one host's own A/AAAA addresses, no MX lookup (Postfix's ``[host]``)."""
         d = defer.ensureDeferred(self._host(normalise_domain(name)))
 
         def hops(result: tuple[tuple[str, ...], list[int]] | Exception) -> Route:
@@ -287,7 +261,7 @@ class MXRouter:
         Concurrent calls for one domain (the recipients of one message) share one DNS lookup.
         """
         domain = normalise_domain(domain)
-        literal = _literal(domain)
+        literal = address_literal(domain)
         if literal is not None:
             return defer.succeed((Exchange(0, literal, (literal,)),))
         now = self.clock.seconds()
@@ -371,7 +345,7 @@ class MXRouter:
                 ),
                 expires=now + self.negative_ttl,
             )
-        mxs = [(r.payload.preference, _text(r.payload.name)) for r in records]
+        mxs = [(mx_record(r).preference, name_text(mx_record(r).name)) for r in records]
         if any(name in ("", ".") for _, name in mxs):
             # RFC 7505: a null MX says the domain accepts no mail; never fall back to A/AAAA.
             return _Resolved(
@@ -417,27 +391,27 @@ class MXRouter:
 
         The error is returned, not raised, so that one MX host's trouble does not hide the others.
         """
-        literal = _literal(f"[{name}]")
+        literal = address_literal(f"[{name}]")
         if literal is not None:  # an MX pointing at an address (RFC-forbidden, seen in the wild)
             return (literal,), []
         lookups = [self._lookup(name, dns.A), self._lookup(name, dns.AAAA)]
         if self.prefer == "ipv6":
             lookups.reverse()
-        results = await defer.DeferredList(
+        results: list[tuple[bool, Any]] = await defer.DeferredList(
             [defer.ensureDeferred(c) for c in lookups], consumeErrors=True
         )
         addresses: list[str] = []
         ttls: list[int] = []
-        failures = []
+        failures: list[Exception] = []
         for ok, result in results:
             if ok:
                 records, rttls = result
-                addresses.extend(_address(r) for r in records)
+                addresses.extend(address_of(r) for r in records)
                 ttls.extend(rttls)
             elif not result.check(dnserror.DNSNameError):
-                failures.append(result)
+                failures.append(result.value)
         if not addresses and failures:
-            return failures[0].value  # type: ignore[no-any-return]
+            return failures[0]
         return tuple(addresses), ttls
 
     async def _lookup(self, name: str, qtype: int) -> tuple[list[dns.RRHeader], list[int]]:
@@ -466,7 +440,7 @@ class MXRouter:
                 dnserror.DNSUnknownError,
                 defer.TimeoutError,
             ) as e:
-                raise temporary(name, _describe(e)) from None
+                raise temporary(name, describe_error(e)) from None
             except OSError as e:
                 raise temporary(name, str(e)) from None
             names = {target}
@@ -477,15 +451,15 @@ class MXRouter:
             while progressed:
                 progressed = False
                 for r in answers:
-                    if r.type == dns.CNAME and _text(r.name) in names:
-                        nxt = _text(r.payload.name)
+                    if r.type == dns.CNAME and name_text(r.name) in names:
+                        nxt = name_text(r.payload.name)
                         if nxt not in names:
                             names.add(nxt)
                             cname = nxt
                             ttls.append(r.ttl)
                             progressed = True
             for r in answers:
-                if r.type == qtype and _text(r.name) in names:
+                if r.type == qtype and name_text(r.name) in names:
                     found.append(r)
                     ttls.append(r.ttl)
             if found or cname is None:
@@ -539,34 +513,6 @@ class MXRouter:
                 context.reactor, router.txt, fetch, negative_ttl=router_options["negative_ttl"]
             )
         return router
-
-
-def make_resolver(
-    nameservers: Sequence[tuple[str, int]], reactor: Any, timeout: float = 5.0
-) -> client.Resolver:
-    """A resolver asking exactly ``nameservers`` (or, if none, those in /etc/resolv.conf).
-
-    Each query is tried twice (a third, then two thirds of ``timeout``) before it is temporary.
-    """
-    timeouts = (max(timeout / 3, 0.1), max(timeout * 2 / 3, 0.1))
-    if nameservers:
-        return client.Resolver(servers=list(nameservers), timeout=timeouts, reactor=reactor)
-    return client.Resolver(resolv="/etc/resolv.conf", timeout=timeouts, reactor=reactor)
-
-
-def _address(r: dns.RRHeader) -> str:
-    if r.type == dns.AAAA:
-        return socket.inet_ntop(socket.AF_INET6, r.payload.address)
-    return socket.inet_ntop(socket.AF_INET, r.payload.address)
-
-
-def _describe(e: Exception) -> str:
-    return {
-        dnserror.DNSServerError: "SERVFAIL",
-        dnserror.DNSQueryRefusedError: "REFUSED",
-        dnserror.DNSFormatError: "FORMERR",
-        dnserror.DNSNotImplementedError: "NOTIMP",
-    }.get(type(e), "timed out" if isinstance(e, defer.TimeoutError) else type(e).__name__)
 
 
 def _port(v: object) -> int:

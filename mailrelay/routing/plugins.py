@@ -7,8 +7,8 @@ A third-party router is an ordinary distribution that registers a factory (an ``
     mailrelay.routers =
         mytype = mypackage.router:MyRouter.from_options
 
-``[[routes]] type = "mytype"`` then loads it with the rest of its table as ``options``. Everything is
-checked at start-up: an unknown name, a factory that fails or an object that does not provide
+``[[routes]] type = "mytype"`` then loads it with the rest of its table as ``options``. Everything
+is checked at start-up: an unknown name, a factory that fails or an object that does not provide
 ``IRouter`` is a ``ConfigError`` naming the route's key in the config file.
 """
 
@@ -46,7 +46,7 @@ def _describe(ep: EntryPoint) -> str:
 
 
 def load_factory(type_name: str, source: str, key: str) -> tuple[Callable[..., Any], EntryPoint]:
-    """The factory registered for ``type_name``; ``ConfigError`` at ``key.type`` when there is none."""
+    """The factory registered for ``type_name``; ``ConfigError`` at ``key.type`` if none."""
     types = router_types()
     ep = types.get(type_name)
     if ep is None:
@@ -93,7 +93,7 @@ def build_one(route: RouteConfig, context: RouterContext) -> IRouter:
             f"router type {route.type!r}: {_describe(ep)} returned {router!r}, "
             f"which does not provide IRouter: {e}",
         ) from None
-    return router  # type: ignore[no-any-return]
+    return router
 
 
 def build_router(

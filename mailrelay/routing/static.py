@@ -37,7 +37,7 @@ _REWRITE_FIELDS = frozenset({"local", "domain", "address"})
 
 
 def parse_domain_pattern(value: object) -> str:
-    """A ``domains`` entry: ``"example.test"``, ``".example.test"`` or ``"*"``, in canonical form."""
+    """A ``domains`` entry, ``"example.test"``, ``".example.test"`` or ``"*"``, canonical."""
     if not isinstance(value, str):
         raise ValueError(f"must be a string, not {type(value).__name__}")
     try:
@@ -71,10 +71,12 @@ class DomainSet:
 
 def parse_tls(value: object) -> TLSPolicy:
     try:
-        return TLSPolicy(value)
+        if isinstance(value, str):
+            return TLSPolicy(value)
     except ValueError:
-        known = ", ".join(p.value for p in TLSPolicy)
-        raise ValueError(f"{value!r}: must be one of {known}") from None
+        pass
+    known = ", ".join(p.value for p in TLSPolicy)
+    raise ValueError(f"{value!r}: must be one of {known}")
 
 
 def parse_rewrite(value: object) -> str:

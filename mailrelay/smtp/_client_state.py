@@ -82,9 +82,21 @@ def rejected(stage: str, reply: Reply) -> ClientFailure:
 
 Result = Reply | ClientFailure
 
+# The positive replies of a transaction's steps (RFC 5321 4.3.2, RFC 3030): 250, and to RCPT also
+# 251 (will forward) or 252 (cannot verify, will try). A 220 or 221 there is a peer out of step.
+_SUCCESS = {"rcpt": (250, 251, 252)}
+_OK = (250,)  # every other step
+
+
+def in_step(code: int, stage: str, go_ahead: bool = False) -> bool:
+    """Whether ``code`` is the success this step can have: 250; 251 or 252 to RCPT; 354 where we
+    asked to go ahead. Any other (354 to RCPT, 250 to DATA, 221 to MAIL, 220 to the final dot...)
+    means the peer and we no longer agree where the session is."""
+    return code == 354 if go_ahead else code in _SUCCESS.get(stage, _OK)
+
 
 class Batch:
-    """Several pipelined replies awaited together: one Deferred for the lot (cheaper than one each)."""
+    """Pipelined replies awaited together: one Deferred for the lot (cheaper than one each)."""
 
     __slots__ = ("deferred", "results", "expected")
 

@@ -38,7 +38,7 @@ class ReplyParser:
         self._code: int | None = None
 
     def reset(self) -> None:
-        """Forget anything buffered (after STARTTLS, plaintext read before the handshake is void)."""
+        """Forget what is buffered (after STARTTLS, plaintext read before the handshake is void)."""
         self._buffer = b""
         self._lines = []
         self._code = None
@@ -166,7 +166,7 @@ class DotStuffer:
 
 
 def normalise_crlf(chunk: bytes, pending_cr: bool) -> tuple[bytes, bool]:
-    """CRLF line endings for BDAT (no dot-stuffing): returns the bytes to send and the new pending CR."""
+    """CRLF line endings for BDAT (no dot-stuffing): the bytes to send and the new pending CR."""
     if pending_cr:
         chunk = b"\r" + chunk
     pending = chunk.endswith(b"\r")
@@ -189,7 +189,7 @@ def xtext(value: str) -> str:
 def mail_params(
     envelope: Envelope, size: int | None, ext: Mapping[str, str], extra: Sequence[str] = ()
 ) -> str:
-    """The MAIL FROM parameters the peer's extensions allow (unknown ones are dropped, never sent)."""
+    """The MAIL FROM parameters the peer's extensions allow (others are dropped, never sent)."""
     params = []
     if size is not None and "SIZE" in ext:
         params.append(f"SIZE={size}")

@@ -40,7 +40,7 @@ def hash_password(
 
 
 def verify_password(password: str, stored: str) -> bool:
-    """Constant-time check of ``password`` against a ``hash_password`` string; False when malformed."""
+    """Constant-time check of ``password`` against a ``hash_password`` string (False: malformed)."""
     try:
         _, scheme, iterations, salt, digest = stored.split("$")
         if scheme != SCHEME:
@@ -56,7 +56,7 @@ def verify_password(password: str, stored: str) -> bool:
 
 @implementer(ICredentialsChecker)
 class HashedPasswordFile:
-    """Checks user name and password against a ``user:hash`` file; the avatar id is the user name."""
+    """Checks user name and password against a ``user:hash`` file; the avatar id: the user name."""
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
@@ -158,7 +158,7 @@ def credentials_from(mechanism: str, responses: list[bytes]) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None, prompt: Callable[[str], str] | None = None) -> int:
-    """``python -m mailrelay.smtp.auth``: ask for a password, print its hash for the password file."""
+    """``python -m mailrelay.smtp.auth``: ask for a password, print its hash for the file."""
     import argparse
     import getpass
 

@@ -16,12 +16,11 @@ Usage::
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport, ITLSTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,8 +28,9 @@ from twisted.python.failure import Failure
 from mailrelay import _ascii
 from mailrelay.address import canonical_domain
 from mailrelay.envelope import Envelope, Recipient, Reply
-from mailrelay.smtp import _direct
-from mailrelay.smtp._client_body import CHUNK_SIZE, BodyProducer
+from mailrelay.smtp import _fast as _direct
+from mailrelay.smtp._client_body import CHUNK_SIZE, BodyProducer, bdat_frames
+from mailrelay.smtp._client_replies import ReplyQueue
 from mailrelay.smtp._client_state import (
     TRANSITIONS,
     Batch,
@@ -38,7 +38,7 @@ from mailrelay.smtp._client_state import (
     ClientState,
     ClientTimeouts,
     Result,
-    Waiting,
+    in_step,
     rejected,
 )
 from mailrelay.smtp._client_wire import (
@@ -46,7 +46,6 @@ from mailrelay.smtp._client_wire import (
     ReplyError,
     ReplyParser,
     mail_params,
-    normalise_crlf,
     parse_ehlo,
     rcpt_params,
     xtext,
@@ -56,11 +55,6 @@ __all__ = ["ClientFailure", "ClientState", "ClientTimeouts", "SMTPClientProtocol
 
 log = Logger()
 
-# The positive replies of a transaction's steps (RFC 5321 4.3.2, RFC 3030): 250, and to RCPT also
-# 251 (will forward) or 252 (cannot verify, will try). A 220 or 221 there is a peer out of step.
-_SUCCESS = {"rcpt": (250, 251, 252)}
-_OK = (250,)  # every other step
-
 
 class SMTPClientProtocol(Protocol):
     """One outbound ESMTP connection.
@@ -69,7 +63,7 @@ class SMTPClientProtocol(Protocol):
     ``ClientFailure``. ``when_closed()`` fires once the connection is gone.
     """
 
-    _socket: Any = None  # written to directly while the connection is plain TCP (smtp._direct)
+    _socket: Any = None  # written to directly while the connection is plain TCP (smtp._fast)
 
     def __init__(
         self,
@@ -94,8 +88,7 @@ class SMTPClientProtocol(Protocol):
         self._close_waiters: list[defer.Deferred[None]] = []
         self.transactions = 0
         self._parser = ReplyParser()
-        self._waiting: deque[Waiting] = deque()
-        self._timer: IDelayedCall | None = None
+        self._waiting = ReplyQueue(clock, self._timed_out)
         self._linger: IDelayedCall | None = None
         self._discard_rest = False
         self._producer: BodyProducer | None = None
@@ -118,8 +111,7 @@ class SMTPClientProtocol(Protocol):
                 if not self._waiting:
                     self._unexpected(reply)
                     continue
-                w = self._waiting.popleft()
-                self._arm()
+                w = self._waiting.next()
                 if w.on_reply is not None:
                     w.on_reply(reply)
                 w.fire(reply)
@@ -131,14 +123,14 @@ class SMTPClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._to(ClientState.CLOSED)
-        self._cancel_timer()
+        self._waiting.stop_timer()
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._linger = None
         failure = self._failure or ClientFailure(
             self._stage(), f"lost connection: {reason.getErrorMessage()}"
         )
-        self._fail_waiting(failure)
+        self._waiting.fail_all(failure)
         if self._producer is not None:
             self._producer.stop(failure)
         if not self.ready.called:
@@ -159,7 +151,7 @@ class SMTPClientProtocol(Protocol):
 
     @property
     def size_limit(self) -> int | None:
-        """The SIZE the peer declared (``0``, absent or not ASCII digits: no declared limit → ``None``)."""
+        """The SIZE the peer declared; ``None`` for no limit (``0``, absent, not ASCII digits)."""
         return _ascii.number(self.extensions.get("SIZE", ""), 20) or None
 
     def send(
@@ -223,15 +215,15 @@ class SMTPClientProtocol(Protocol):
         )
 
     def ehlo(self) -> defer.Deferred[Reply]:
-        """EHLO again (after STARTTLS or AUTH): refreshes ``extensions``. Fails with ``ClientFailure``."""
+        """EHLO again (after STARTTLS or AUTH) to refresh ``extensions``; fails: ClientFailure."""
         return defer.Deferred.fromCoroutine(self._ehlo())
 
     def start_tls(self, options: Any) -> None:
-        """Switch this transport to TLS right after a 220 to STARTTLS (plaintext after it is void)."""
+        """Switch the transport to TLS right after a 220 to STARTTLS (plaintext after it: void)."""
         self._parser.reset()
         self._discard_rest = True
         self._socket = None  # every byte from now on goes through the TLS layer
-        self.transport.startTLS(options)  # type: ignore[union-attr]
+        cast(ITLSTransport, self.transport).startTLS(options)
         self.tls = True
 
     def set_state(self, state: ClientState) -> None:
@@ -315,16 +307,10 @@ class SMTPClientProtocol(Protocol):
                 self._to(ClientState.READY)
 
     def _sane(self, r: Result, stage: str, go_ahead: bool = False) -> Result:
-        """The success this step can have (250; 251 or 252 to RCPT; 354 where we asked to go
-        ahead), a 4xx/5xx, or the 451 a confused peer earns.
-
-        Any other reply (354 to RCPT, 250 to DATA, 221 to MAIL, 220 to the final dot...) means the
-        peer and we no longer agree where the session is: it counts as a temporary failure, never
-        as a delivery, and the connection is dropped after the transaction (``_confused``).
-        """
-        if isinstance(r, ClientFailure) or r.code >= 400:
-            return r
-        if r.code == 354 if go_ahead else r.code in _SUCCESS.get(stage, _OK):
+        """``r`` if it is a failure or a success of this step (``in_step``), else the 451 a
+        confused peer earns: a temporary failure, never a delivery, and the connection is
+        dropped after the transaction (``_confused``)."""
+        if isinstance(r, ClientFailure) or r.code >= 400 or in_step(r.code, stage, go_ahead):
             return r
         self._confused = True
         return Reply(451, "4.5.0", f"unexpected reply to {stage.upper()}: {r}")
@@ -339,9 +325,8 @@ class SMTPClientProtocol(Protocol):
         reset: bool,
     ) -> list[Reply]:
         t = self.timeouts
-        mail = self._encode(
-            f"MAIL FROM:<{envelope.sender}>{mail_params(envelope, size, self.extensions, extra)}\r\n"
-        )
+        params = mail_params(envelope, size, self.extensions, extra)
+        mail = self._encode(f"MAIL FROM:<{envelope.sender}>{params}\r\n")
         rcpt_lines = [
             self._encode(f"RCPT TO:<{r.address}>{rcpt_params(r, self.extensions)}\r\n")
             for r in rcpts
@@ -417,9 +402,8 @@ class SMTPClientProtocol(Protocol):
             return [r for r in replies if r is not None]
 
         if use_bdat:
-            final = await self._send_bdat(
-                body, binary=envelope.body == "BINARYMIME"
-            )  # each reply checked there
+            # each reply checked there
+            final = await self._send_bdat(body, binary=envelope.body == "BINARYMIME")
         else:
             if isinstance(data_reply, ClientFailure):
                 raise ClientFailure(data_reply.stage, data_reply.reason, None, replies)
@@ -487,16 +471,9 @@ class SMTPClientProtocol(Protocol):
 
         Text gets CRLF line endings as in DATA (no dot-stuffing); BINARYMIME goes byte for byte.
         """
-        pending = False
         waits: list[defer.Deferred[Result]] = []
-        chunk = body.read(CHUNK_SIZE)
-        while True:
-            nxt = body.read(CHUNK_SIZE) if chunk else b""
-            data, pending = (chunk, False) if binary else normalise_crlf(chunk, pending)
-            if not nxt and pending:
-                data, pending = data + b"\r\n", False
-            last = not nxt
-            self._write(b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data)
+        for frame, last in bdat_frames(body, binary):
+            self._write(frame)
             waits.append(
                 self._wait("bdat", self.timeouts.final if last else self.timeouts.data_block)
             )
@@ -505,14 +482,9 @@ class SMTPClientProtocol(Protocol):
                 if isinstance(r, ClientFailure) or r.code != 250:
                     await self._drain(waits)
                     return r
-            if last:
-                break
-            chunk = nxt
         result: Result = Reply(250)
-        for w in waits:
-            r = self._sane(
-                await w, "bdat"
-            )  # a chunk's odd 2xx is a peer out of step, as at the end
+        for w in waits:  # a chunk's odd 2xx is a peer out of step, as at the end
+            r = self._sane(await w, "bdat")
             if isinstance(r, ClientFailure) or r.code != 250:
                 return r
             result = r
@@ -542,9 +514,7 @@ class SMTPClientProtocol(Protocol):
         if self.state is ClientState.CLOSED:
             d.callback(self._failure or ClientFailure(stage, "connection closed"))
             return d
-        self._waiting.append(Waiting(d, stage, timeout, on_reply))
-        if len(self._waiting) == 1:
-            self._arm()
+        self._waiting.wait(d, stage, timeout, on_reply)
         return d
 
     async def _expect_reply(self, stage: str, timeout: float) -> Reply:
@@ -568,49 +538,21 @@ class SMTPClientProtocol(Protocol):
             for stage, _ in specs:
                 batch.add(self._failure or ClientFailure(stage, "connection closed"))
             return batch.deferred
-        was_empty = not self._waiting
-        for stage, timeout in specs:
-            self._waiting.append(Waiting(batch, stage, timeout))
-        if was_empty:
-            self._arm()
+        self._waiting.wait_many(batch, specs)
         return batch.deferred
 
-    def _arm(self) -> None:
-        """(Re)start the timer for the reply now awaited; an idle timer is left to expire harmlessly."""
-        if not self._waiting:
-            return
-        timeout = self._waiting[0].timeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self.clock.callLater(timeout, self._timed_out)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        if not self._waiting:
-            return  # nothing was awaited any more when it expired
-        stage = self._waiting[0].stage if self._waiting else self._stage()
+    def _timed_out(self, stage: str) -> None:
         self._abort(ClientFailure(stage, f"timeout waiting for the reply to {stage.upper()}"))
 
     def _stage(self) -> str:
-        return self._waiting[0].stage if self._waiting else self.state.value
+        return self._waiting.stage(self.state.value)
 
     def _abort(self, failure: ClientFailure) -> None:
         if self._failure is None:
             self._failure = failure
-        self._fail_waiting(failure)
+        self._waiting.fail_all(failure)
         if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def _fail_waiting(self, failure: ClientFailure) -> None:
-        while self._waiting:
-            w = self._waiting.popleft()
-            w.fire(ClientFailure(w.stage, failure.reason, failure.reply))
+            cast(ITCPTransport, self.transport).abortConnection()
 
     def _unexpected(self, reply: Reply) -> None:
         if reply.code == 421:  # the server is closing: RFC 5321 3.8

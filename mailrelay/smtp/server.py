@@ -3,17 +3,19 @@
 The protocol only moves bytes, runs the idle/DATA timer on the injected reactor and sets
 TCP_NODELAY; every decision is the session's. On a plain TCP connection a reply is sent at once
 when nothing is queued before it (as asyncio's transports do) instead of waiting for the next
-reactor turn: a non-pipelining client waits for each reply, so that turn (an epoll change, a
-wake-up, a dispatch and another epoll change per reply) was most of Twisted's share per message. The factory counts connections (total and per client
-address) and turns away the excess with 421 4.7.0.
+reactor turn (``_fast``): a non-pipelining client waits for each reply, so that turn (an epoll
+change, a wake-up, a dispatch and another epoll change per reply) was most of Twisted's share per
+message. The factory counts connections (total and per client address) and turns away the
+excess with 421 4.7.0.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, interfaces
 from twisted.internet.protocol import Factory, Protocol
@@ -21,16 +23,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.config import ServerConfig
-from mailrelay.envelope import Reply
-from mailrelay.interfaces import IMessageSink, IPolicy
-from mailrelay.observer import NULL_OBSERVER, IRelayObserver
-from mailrelay.policy.access import Network, is_trusted
-from mailrelay.policy.limits import RateCounter
-from mailrelay.smtp import _direct
+from mailrelay.envelope import Reply, SessionInfo
+from mailrelay.interfaces import IPolicy
+from mailrelay.observer import NULL_OBSERVER
+from mailrelay.smtp import _fast, _log
+from mailrelay.smtp import _states as S
 from mailrelay.smtp import replies as R
-from mailrelay.smtp.session import Session, SessionInfo, SessionSettings, State, log_info
-from mailrelay.smtp.tls import server_tls_options, tls_info
+from mailrelay.smtp.session import Session
+from mailrelay.smtp.settings import (
+    AuthThrottle,
+    DelayedCall,
+    MessageSink,
+    Observer,
+    SessionSettings,
+)
+from mailrelay.smtp.tls import tls_info
 
 log = Logger()
 
@@ -66,8 +73,8 @@ class SMTPServerProtocol(Protocol):
     def __init__(self, factory: SMTPServerFactory, client_ip: str) -> None:
         self.factory = factory
         self.client_ip = client_ip  # the connecting address, as the factory's per-IP count has it
-        self._timer: interfaces.IDelayedCall | None = None
-        self._linger: interfaces.IDelayedCall | None = None
+        self._timer: DelayedCall | None = None
+        self._linger: DelayedCall | None = None
         self._handshaking = False  # TLS started, its handshake not completed yet
         self._silent = False  # closing because the client said nothing for the whole timeout
         self._producing = False  # registered as the transport's producer
@@ -80,7 +87,7 @@ class SMTPServerProtocol(Protocol):
                 set_nodelay(True)
             except OSError:
                 pass  # not a TCP socket (UNIX socket, memory transport)
-        self._socket = _direct.direct_socket(transport)
+        self._socket = _fast.direct_socket(transport)
         # The transport's peer, not buildProtocol's address: behind a ``haproxy:`` listener that
         # was the proxy's (trusted on loopback: every client behind it could relay), while the
         # transport's is the client in the PROXY header.
@@ -104,8 +111,6 @@ class SMTPServerProtocol(Protocol):
             auth_failures=self.factory.auth_failures,
         )
         self.session.observer = self.factory.observer
-        # bytes go straight to the session: one call less per read (the method below documents it)
-        self.dataReceived = self.session.data_received  # type: ignore[method-assign]
         self.factory.protocols.add(self)
         self.factory.observer.connection_opened(info)
         transport.registerProducer(self, True)
@@ -127,14 +132,7 @@ class SMTPServerProtocol(Protocol):
             self._linger.cancel()
         self._linger = None
         session = self.session
-        log_info(
-            "disconnect from [{ip}]:{port} helo={helo} messages={messages} errors={errors}",
-            ip=session.info.client_address,
-            port=session.info.client_port,
-            helo=session.info.helo,
-            messages=session.info.messages,
-            errors=session.errors,
-        )
+        _log.disconnected(session.info, session.errors)
         session.connection_lost()
         self.factory.connection_closed(self.client_ip)
         self.factory.observer.connection_closed(session.info)
@@ -167,10 +165,15 @@ class SMTPServerProtocol(Protocol):
         self._silent = True
         self.session.timed_out()
 
+    @property
+    def _transport(self) -> Any:
+        """TCP, TLS or a test's: whichever, it can pause, abort and start TLS."""
+        return self.transport
+
     # -- SessionOutput --------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        _direct.write(self.transport, self._socket, data)
+        _fast.write(self.transport, self._socket, data)
 
     def lose_connection(self) -> None:
         transport: Any = self.transport  # TCP or TLS: either can abort
@@ -190,7 +193,7 @@ class SMTPServerProtocol(Protocol):
             # sending (a pipelined flood cut short by 421) would otherwise turn our close into
             # a reset, which discards that reply unread in its socket. What it sends meanwhile
             # is dropped (the session is closed); it gets a moment to hang up, then we do.
-            if not _direct.half_close(transport, self._socket):
+            if not _fast.half_close(transport, self._socket):
                 transport.loseWriteConnection()
             self._linger = self.factory.reactor.callLater(CLOSE_LINGER, self.abort)
             return
@@ -203,13 +206,13 @@ class SMTPServerProtocol(Protocol):
     def abort(self) -> None:
         """Drop the connection now if it is still there (nothing more to say on it)."""
         if self in self.factory.protocols:
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self._transport.abortConnection()
 
     def pause(self) -> None:
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._transport.pauseProducing()
 
     def resume(self) -> None:
-        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._transport.resumeProducing()
 
     # -- IPushProducer: the transport's buffer of replies unread by the client ---------------------
 
@@ -225,7 +228,7 @@ class SMTPServerProtocol(Protocol):
     def start_tls(self) -> None:
         self._socket = None  # every byte from now on goes through the TLS layer
         self._handshaking = True
-        self.transport.startTLS(self.factory.tls_options)  # type: ignore[union-attr]
+        self._transport.startTLS(self.factory.tls_options)
 
     # -- IHandshakeListener ---------------------------------------------------------------------
 
@@ -245,12 +248,12 @@ class _Refuse(Protocol):
     ``CLOSE_LINGER``, so refused connections cannot pile up either.
     """
 
-    def __init__(self, reply: Reply, observer: IRelayObserver, ip: str, clock: Any) -> None:
+    def __init__(self, reply: Reply, observer: Observer, ip: str, clock: Any) -> None:
         self.reply = reply
         self.observer = observer
         self.ip = ip
         self.clock = clock
-        self._linger: interfaces.IDelayedCall | None = None
+        self._linger: DelayedCall | None = None
 
     def connectionMade(self) -> None:
         self.observer.connection_refused(self.ip, self.reply)
@@ -265,98 +268,64 @@ class _Refuse(Protocol):
         self._linger = None
 
 
+@attrs.frozen
+class ListenerLimits:
+    """What a listener holds to beyond its sessions' settings (``mailrelay.listener`` builds it)."""
+
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    #: not held to ``max_connections_per_ip`` (Postfix exempts mynetworks the same way)
+    is_exempt: Callable[[str], bool] = lambda ip: False
+    tls_options: Any = None  # for STARTTLS; needed when the settings offer it
+    checker: ICredentialsChecker | None = None  # for AUTH
+
+
 class SMTPServerFactory(Factory):
     """Builds server sessions sharing one sink, one policy and the limits of one listener.
 
     ``observer`` (an ``IRelayObserver``, set by whoever counts) hears of connections, TLS, refused
-    commands and accepted messages.
+    commands and accepted messages. ``auth_failures`` counts AUTH failures per client address
+    across sessions (``policy.limits.RateCounter``); None: not counted.
     """
 
-    observer: IRelayObserver = NULL_OBSERVER
+    observer: Observer = NULL_OBSERVER
     noisy = False  # no "Starting factory" lines: the listener's own line says where it listens
 
     def __init__(
         self,
         settings: SessionSettings,
-        sink: IMessageSink,
+        sink: MessageSink,
         policy: IPolicy,
         reactor: Any,
+        limits: ListenerLimits = ListenerLimits(),
         *,
-        max_connections: int = 1000,
-        max_connections_per_ip: int = 50,
-        exempt_networks: Sequence[Network] = (),
-        tls_options: Any = None,
-        checker: ICredentialsChecker | None = None,
-        auth_failures: RateCounter | None = None,
-        observer: IRelayObserver | None = None,
+        auth_failures: AuthThrottle | None = None,
+        observer: Observer | None = None,
     ) -> None:
-        self.settings = settings
         if observer is not None:
             self.observer = observer
         self.sink = sink
-        self.policy = policy
         self.reactor = reactor
-        self.max_connections = max_connections
-        self.max_connections_per_ip = max_connections_per_ip
-        self.exempt_networks = tuple(exempt_networks)  # not held to max_connections_per_ip
-        self.tls_options = tls_options
-        self.checker = checker
-        # AUTH failures per client address across sessions: 10 in 10 minutes and AUTH is refused
-        self.auth_failures = (
-            auth_failures if auth_failures is not None else RateCounter(reactor, 10, 600.0)
-        )
-        if tls_options is None and settings.starttls:
-            raise ValueError("STARTTLS needs tls_options")
+        self.auth_failures = auth_failures
+        self.update(settings, limits, policy)
         self.connections = 0
         self.protocols: set[SMTPServerProtocol] = set()
         self.draining: Reply | None = None
         self._drained: list[defer.Deferred[None]] = []
         self.per_ip: Counter[str] = Counter()
 
-    @classmethod
-    def from_config(
-        cls,
-        server: ServerConfig,
-        sink: IMessageSink,
-        policy: IPolicy,
-        reactor: Any,
-        *,
-        submission: bool = False,
-        tls_options: Any = None,
-        checker: ICredentialsChecker | None = None,
-        binarymime: bool = False,
-        **extras: Any,
-    ) -> SMTPServerFactory:
-        """The factory for one listener of ``server``.
-
-        TLS options come from ``tls_certificate``/``tls_key`` unless given; the AUTH checker from
-        ``auth_password_file`` unless given (any ``ICredentialsChecker`` for ``IUsernamePassword``).
-        ``submission=True`` makes a listener that requires AUTH before MAIL (port 587 style).
-        ``binarymime``: offer BINARYMIME, for every route onward carries it (``Config.binarymime``).
-        """
-        settings, limits = _from_server(
-            server, reactor, submission, tls_options, checker, binarymime
-        )
-        return cls(settings, sink, policy, reactor, **limits, **extras)
-
-    def reconfigure(
-        self, server: ServerConfig, policy: IPolicy | None = None, binarymime: bool | None = None
+    def update(
+        self, settings: SessionSettings, limits: ListenerLimits, policy: IPolicy | None = None
     ) -> None:
-        """Take a new config (SIGHUP): limits, certificate, password file and policy.
-
-        Everything is loaded first, so a bad new certificate raises and changes nothing. Sessions
-        already running keep their limits; a STARTTLS after this uses the new certificate.
-        """
-        if binarymime is None:
-            binarymime = self.settings.binarymime
-        settings, limits = _from_server(
-            server, self.reactor, self.settings.require_auth, None, None, binarymime
-        )
+        """New settings, limits and policy (SIGHUP): sessions running keep theirs."""
+        if limits.tls_options is None and settings.starttls:
+            raise ValueError("STARTTLS needs tls_options")
         self.settings = settings
-        self.max_connections = limits["max_connections"]
-        self.max_connections_per_ip = limits["max_connections_per_ip"]
-        self.exempt_networks = limits["exempt_networks"]
-        self.tls_options, self.checker = limits["tls_options"], limits["checker"]
+        self.max_connections = limits.max_connections
+        self.max_connections_per_ip = limits.max_connections_per_ip
+        self.is_exempt = limits.is_exempt
+        self.tls_options = limits.tls_options
+        self.checker = limits.checker
         if policy is not None:
             self.policy = policy
 
@@ -364,9 +333,7 @@ class SMTPServerFactory(Factory):
         ip, _ = _host_port(addr)
         if self.connections >= self.max_connections:
             return _Refuse(R.TOO_MANY_CONNECTIONS, self.observer, ip, self.reactor)
-        if self.per_ip[ip] >= self.max_connections_per_ip and not is_trusted(
-            ip, self.exempt_networks
-        ):
+        if self.per_ip[ip] >= self.max_connections_per_ip and not self.is_exempt(ip):
             return _Refuse(R.TOO_MANY_FROM_YOU, self.observer, ip, self.reactor)
         self.connections += 1
         self.per_ip[ip] += 1
@@ -387,7 +354,7 @@ class SMTPServerFactory(Factory):
         """
         self.draining = reply
         for protocol in list(self.protocols):
-            if protocol.session.state is State.CLOSED:
+            if protocol.session.state is S.CLOSED:
                 protocol.abort()  # said goodbye already; only the client's TLS close is missing
             else:
                 protocol.session.drain(reply)
@@ -418,50 +385,3 @@ class SMTPServerFactory(Factory):
             for d in waiting:
                 if not d.called:
                     d.callback(None)
-
-
-def _from_server(
-    server: ServerConfig,
-    reactor: Any,
-    submission: bool,
-    tls_options: Any,
-    checker: ICredentialsChecker | None,
-    binarymime: bool = False,
-) -> tuple[SessionSettings, dict[str, Any]]:
-    if tls_options is None and server.tls_certificate and server.tls_key:
-        tls_options = server_tls_options(server.tls_certificate, server.tls_key)
-    if checker is None and server.auth_password_file:
-        from mailrelay.smtp.auth import HashedPasswordFile
-
-        pool = getattr(reactor, "getThreadPool", None)
-        checker = HashedPasswordFile(
-            server.auth_password_file, reactor if pool else None, pool() if pool else None
-        )
-    settings = SessionSettings(
-        hostname=server.hostname,
-        binarymime=binarymime,
-        max_message_size=server.max_message_size,
-        max_recipients=server.max_recipients,
-        max_errors=server.max_errors,
-        recipient_overshoot_limit=server.recipient_overshoot_limit,
-        hopcount_limit=server.hopcount_limit,
-        command_line_limit=server.command_line_limit,
-        text_line_limit=server.text_line_limit,
-        idle_timeout=server.idle_timeout,
-        data_timeout=server.data_timeout,
-        starttls=tls_options is not None,
-        auth_mechanisms=("PLAIN", "LOGIN") if checker is not None else (),
-        allow_plaintext_auth=server.allow_plaintext_auth,
-        require_auth=submission,
-        greet_delay=server.greet_delay,
-        limit_trusted=server.limit_trusted_clients,
-    )
-    limits = {
-        "max_connections": server.max_connections,
-        "max_connections_per_ip": server.max_connections_per_ip,
-        # Postfix exempts mynetworks from its per-client limits (smtpd_client_event_limit_exceptions)
-        "exempt_networks": () if server.limit_trusted_clients else server.trusted_networks,
-        "tls_options": tls_options,
-        "checker": checker,
-    }
-    return settings, limits

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet import ssl
 
-from mailrelay.smtp.session import TLSInfo
+from mailrelay.envelope import TLSInfo
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
 
@@ -29,12 +29,9 @@ def server_tls_options(certificate_path: str, key_path: str) -> ssl.CertificateO
         raise ValueError(f"{certificate_path}: no PEM certificate found")
     leaf, *chain = (x509.load_pem_x509_certificate(c) for c in certs)
     key = load_pem_private_key(key_pem, password=None)
-    options = ssl.CertificateOptions(
-        privateKey=key,
-        certificate=leaf,
-        extraCertChain=chain,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
+    # cryptography's objects, which Twisted takes (its stubs still name pyOpenSSL's, deprecated)
+    given: dict[str, Any] = {"privateKey": key, "certificate": leaf, "extraCertChain": chain}
+    options = ssl.CertificateOptions(**given, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
     options.getContext()  # a key that does not go with the certificate fails now, not at a STARTTLS
     return options
 

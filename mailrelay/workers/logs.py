@@ -36,7 +36,7 @@ def _fields(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def marked(event: dict[str, Any], worker: int) -> dict[str, Any]:
-    """``event`` as the instance's log shows it: its text after ``[worker k]``, and a ``worker`` field."""
+    """``event`` as the instance's log shows it: text after ``[worker k]``, a ``worker`` field."""
     return _event(
         event.get("log_time"),
         event.get("log_level") or LogLevel.info,
@@ -81,7 +81,7 @@ def encode_event(event: dict[str, Any]) -> bytes:
 
 
 def decode_line(line: bytes, worker: int) -> dict[str, Any]:
-    """The event a worker's line stands for, marked with ``worker``; a line that is not ours is text."""
+    """The event a worker's line stands for, marked with ``worker``; a line not ours is text."""
     try:
         record = json.loads(line)
         if not isinstance(record, dict):
@@ -143,7 +143,7 @@ def worker_observer(fd: int, worker: int, form: str, reactor: Any = None) -> Any
     stream: Any = FdStream(fd) if reactor is None else TurnStream(FdStream(fd), reactor)
     if form == "event":
         return LineWriter(stream)
-    out = JSONLineObserver(stream) if form == "json" else TextLineObserver(stream)  # type: ignore[arg-type]
+    out = JSONLineObserver(stream) if form == "json" else TextLineObserver(stream)
 
     def observe(event: dict[str, Any]) -> None:
         out(marked(event, worker))
@@ -153,7 +153,7 @@ def worker_observer(fd: int, worker: int, form: str, reactor: Any = None) -> Any
 
 @implementer(ILogObserver)
 class LineWriter:
-    """Each event to ``stream`` (an ``FdStream``) as one JSON line for the supervisor (``encode_event``)."""
+    """Each event to ``stream`` (an ``FdStream``) as a JSON line (``encode_event``)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream

@@ -10,6 +10,7 @@ multiprocess mode. A worker that does not answer within ``TIMEOUT`` is left out 
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,7 +28,7 @@ TIMEOUT = 5.0
 
 
 @defer.inlineCallbacks
-def worker_metrics(reactor: Any, socket_path: str):  # type: ignore[no-untyped-def]
+def worker_metrics(reactor: Any, socket_path: str) -> Generator[defer.Deferred[Any], Any, str]:
     """One worker's figures (text format), over its control socket."""
     from mailrelay.control import protocol
     from mailrelay.control.client import connect
@@ -41,7 +42,7 @@ def worker_metrics(reactor: Any, socket_path: str):  # type: ignore[no-untyped-d
 
 
 @defer.inlineCallbacks
-def instance_metrics(supervisor: Any):  # type: ignore[no-untyped-def]
+def instance_metrics(supervisor: Any) -> Generator[defer.Deferred[Any], Any, bytes]:
     """The whole instance's ``/metrics`` page: the workers' figures summed, and the supervisor's."""
     from mailrelay.control.server import socket_path
     from mailrelay.workers.shards import shard_path

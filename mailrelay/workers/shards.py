@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import re
 
 from twisted.logger import Logger
 
 from mailrelay._files import fsync_dir
-from mailrelay.queue.spool_format import SEGMENT, alive, read_segment
+from mailrelay.queue.spool.format import SEGMENT, alive, read_segment
 from mailrelay.queue.store import is_queue_id
 
 log = Logger(namespace="mailrelay.workers")
@@ -59,7 +60,7 @@ def shards_on_disk(spool_path: str) -> list[int]:
 
 
 class ShardLock:
-    """An exclusive ``flock`` on the shard's directory itself, never waiting: busy raises ``ShardBusy``.
+    """An exclusive ``flock`` on the shard's directory, never waiting: busy raises ``ShardBusy``.
 
     Locking the directory leaves no file behind in the spool, and the kernel drops the lock when
     the holder's process ends, however it ends.
@@ -158,8 +159,13 @@ def _messages(queue_dir: str) -> dict[str, list[str]]:
         if is_queue_id(stem):
             out.setdefault(stem, []).append(name)
     for stem, files in out.items():
-        files.sort(key=lambda n, stem=stem: (n == stem, n.endswith(_ENV), n))
+        files.sort(key=functools.partial(_file_order, stem))
     return dict(sorted(out.items()))
+
+
+def _file_order(stem: str, name: str) -> tuple[bool, bool, str]:
+    """Sort key of one message's files: the one that marks the commit last."""
+    return (name == stem, name.endswith(_ENV), name)
 
 
 def _move_messages(source: str, target: str) -> int:
@@ -214,7 +220,7 @@ def _unlink(path: str) -> None:
 
 
 def _remove_shard(path: str) -> None:
-    """Remove a drained shard: what is left are incomplete files (never acknowledged) and sockets."""
+    """Remove a drained shard: what is left is incomplete files (never acknowledged) and sockets."""
     if _messages(os.path.join(path, "queue")):
         return  # a message arrived meanwhile (cannot happen under the lock, but never delete mail)
     for root, dirs, files in os.walk(path, topdown=False):

@@ -15,21 +15,17 @@ from typing import Any
 import attrs
 from twisted.internet import defer
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.endpoints import (
-    SSL4ServerEndpoint,
-    TCP6ServerEndpoint,
-    _TCPServerEndpoint,
-    serverFromString,
-)
+from twisted.internet.endpoints import TCP6ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from zope.interface import implementer
 
+from mailrelay._twisted import ssl_context_factory, tcp_listen_address
 from mailrelay.config import WORKER_ENDPOINTS
 
 
 @attrs.frozen
 class ListenerSpec:
-    """One listener as a worker receives it: which list it came from, its string, its fd and family."""
+    """One listener as a worker receives it: the list it came from, its string, fd and family."""
 
     kind: str  # "smtp" (server.listen) or "submission" (server.submission_listen)
     description: str
@@ -47,11 +43,12 @@ class ListenerSpec:
 def bind(reactor: Any, description: str) -> socket.socket:
     """A listening, non-blocking socket for a ``tcp``, ``tcp6`` or ``ssl`` endpoint string."""
     endpoint = serverFromString(reactor, description)
-    if not isinstance(endpoint, _TCPServerEndpoint | SSL4ServerEndpoint):
+    address = tcp_listen_address(endpoint)  # the endpoint's own parse of the string
+    if address is None:
         raise ValueError(
             f"{description!r}: with workers > 1 listeners must be {', '.join(WORKER_ENDPOINTS)}"
         )
-    interface = endpoint._interface  # noqa: SLF001 - the endpoint's own parse of the string
+    interface, port, backlog = address
     if isinstance(endpoint, TCP6ServerEndpoint) or isIPv6Address(interface):
         family = socket.AF_INET6
     else:
@@ -59,8 +56,8 @@ def bind(reactor: Any, description: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's own ports do
-        sock.bind((interface or ("::" if family == socket.AF_INET6 else ""), endpoint._port))  # noqa: SLF001
-        sock.listen(endpoint._backlog)  # noqa: SLF001
+        sock.bind((interface or ("::" if family == socket.AF_INET6 else ""), port))
+        sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -78,7 +75,7 @@ class AdoptedEndpoint:
         self.tls: Any = None
         if spec.description.split(":", 1)[0].strip().lower() == "ssl":
             # the string's certificate options, loaded as serverFromString loads them
-            self.tls = serverFromString(reactor, spec.description)._sslContextFactory  # noqa: SLF001
+            self.tls = ssl_context_factory(serverFromString(reactor, spec.description))
 
     def listen(self, factory: Any) -> defer.Deferred[IListeningPort]:
         if self.tls is not None:

@@ -1,4 +1,4 @@
-"""The supervisor of ``[server] workers = N``: binds the listeners, runs N workers, keeps them running.
+"""The supervisor of ``[server] workers = N``: binds the listeners, runs N workers, keeps them up.
 
 ``twistd mailrelay`` with ``workers > 1`` runs this instead of a ``MailRelayService``. It
 
@@ -54,7 +54,8 @@ FIRST_FD = 3
 
 
 def restart_delay(quick_deaths: int) -> float:
-    """Seconds before restarting a worker that died young ``quick_deaths`` times in a row (0: at once)."""
+    """Seconds to wait before restarting a worker that died young ``quick_deaths`` times in a row
+    (0 for none: at once)."""
     if quick_deaths <= 0:
         return 0.0
     return min(30.0, 0.5 * 2 ** (quick_deaths - 1))
@@ -178,7 +179,7 @@ class Supervisor(service.Service):
                 try:
                     sock = bind(self.reactor, description)
                 except (OSError, ValueError) as e:
-                    # as a single relay does (service._Listener): the key, the endpoint, the reason
+                    # as a single relay does (listener.Listener): the key, the endpoint, the reason
                     errors.append(
                         cannot_listen(self.config.source, f"server.{key}[{i}]", description, e)
                     )
@@ -191,7 +192,7 @@ class Supervisor(service.Service):
                     n=len(self.workers),
                 )
         if self.config.metrics_listen and self.metrics_listener is None:
-            error = self._listen_metrics()
+            error = self._listen_metrics(self.config.metrics_listen)
             if error is not None:
                 errors.append(error)
         if errors:
@@ -212,11 +213,10 @@ class Supervisor(service.Service):
         for worker in self.workers:
             self.start_worker(worker)
 
-    def _listen_metrics(self) -> ConfigError | None:
-        """Listen for /metrics; the error when the port cannot be had (a TCP listen fails at once)."""
+    def _listen_metrics(self, description: str) -> ConfigError | None:
+        """Listen for /metrics; the error if the port cannot be had (a TCP listen fails at once)."""
         from twisted.internet.endpoints import serverFromString
 
-        description = self.config.metrics_listen
         failed: list[Failure] = []
         d = serverFromString(self.reactor, description).listen(self.metrics_site)
         d.addCallbacks(self._metrics_listening, failed.append)
@@ -308,7 +308,8 @@ class Supervisor(service.Service):
             )
         else:
             log.error(
-                "worker {index} (pid {pid}) exited after {lived:.1f}s: {status}; restarting in {delay:.1f}s",
+                "worker {index} (pid {pid}) exited after {lived:.1f}s: {status}; "
+                "restarting in {delay:.1f}s",
                 index=worker.index,
                 pid=pid,
                 lived=lived,
@@ -320,9 +321,9 @@ class Supervisor(service.Service):
 
     # -- signals ---------------------------------------------------------------------------------
 
-    def signal_workers(self, signum: int) -> list[int]:
+    def signal_workers(self, signum: int) -> list[int | None]:
         """Send ``signum`` to every running worker; the pids it went to."""
-        sent = []
+        sent: list[int | None] = []
         for worker in self.workers:
             if worker.process is not None:
                 try:
@@ -334,7 +335,7 @@ class Supervisor(service.Service):
         return sent
 
     def reconfigure(self, new: Config) -> defer.Deferred[list[str]]:
-        """SIGHUP (through ``reload_config``): each worker reloads the file; say what needs a restart."""
+        """SIGHUP (via ``reload_config``): each worker reloads the file; say what must restart."""
         from mailrelay.service import needs_restart
 
         restart = [

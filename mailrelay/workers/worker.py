@@ -3,9 +3,10 @@
 Started by the supervisor (``mailrelay.workers.supervisor``) as
 ``python -m mailrelay.workers.worker SPEC`` where SPEC is JSON: ``index``, ``workers``, ``config``
 (the file), ``listeners`` (``ListenerSpec`` dicts: the inherited file descriptors), ``log`` (the
-form of its log lines, see ``mailrelay.workers.logs``). It logs on stdout for the supervisor, reloads on SIGHUP and stops gracefully on SIGTERM like the
-standalone relay, and also stops when its stdin closes (the supervisor is gone: no orphan keeps
-accepting mail). Exit status: 0 stopped, 2 bad config, 3 its shard is run by another process, 64 no SPEC.
+form of its log lines, see ``mailrelay.workers.logs``). It logs on stdout for the supervisor,
+reloads on SIGHUP and stops gracefully on SIGTERM like the standalone relay, and also stops when
+its stdin closes (the supervisor is gone: no orphan keeps accepting mail). Exit status: 0 stopped,
+2 bad config, 3 its shard is run by another process, 64 no SPEC.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ EXIT_USAGE = 64  # sysexits.h EX_USAGE: not a SPEC (a person trying the module b
 
 
 def worker_config(config: Config, index: int, listeners: list[ListenerSpec]) -> Config:
-    """``config`` as worker ``index`` runs it: the supervisor's listeners, its own shard, no metrics.
+    """``config`` as worker ``index`` runs it: the supervisor's listeners, its shard, no metrics.
 
     Applied to every config the worker loads (at start and on SIGHUP), so a reload compares like
     with like and only reports what really changed.
@@ -87,7 +88,7 @@ class _ParentWatch(protocol.Protocol):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not argv[0].startswith("{"):
-        # run by the supervisor only; a person trying it (--help) gets the docstring, not a traceback
+        # run by the supervisor only; a person trying it (--help) gets the docstring, no traceback
         asked = argv in (["-h"], ["--help"])
         print(
             f"usage: python -m mailrelay.workers.worker SPEC\n\n{__doc__}",
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     top = MultiService()
     relay.setServiceParent(top)
     SignalService(relay, spec["config"], reactor).setServiceParent(top)
-    stdio.StandardIO(
+    # mypy reads the Windows StandardIO (twisted.internet.stdio picks one by platform at run time)
+    stdio.StandardIO(  # type: ignore[call-arg]
         _ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor
     )
     reactor.callWhenRunning(top.startService)

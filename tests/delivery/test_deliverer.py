@@ -612,7 +612,10 @@ def test_body_that_cannot_be_opened_is_a_local_temporary_failure() -> None:
     h.reply(b"220 mx\r\n" + EHLO)
     [(r1, _), (r2, _)] = h.result[0]  # type: ignore[misc]
     assert r1 == r2 and (r1.code, r1.enhanced) == (451, "4.3.0") and "spool file gone" in r1.text
-    assert h.deliverer.pool.idle_count() == 1  # the session was not leaked
+    h.sent()
+    h.deliver()  # the session was not leaked: the next message reuses it
+    assert len(h.reactor.tcpClients) == 1
+    assert h.sent().startswith(b"RSET\r\nMAIL FROM:<a@x.test>")
 
 
 def test_a_next_hop_stalled_in_the_tls_handshake_is_dropped_at_the_command_timeout() -> None:

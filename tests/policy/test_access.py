@@ -7,10 +7,9 @@ import ipaddress
 import pytest
 
 from mailrelay.config import ServerConfig
-from mailrelay.envelope import Reply
+from mailrelay.envelope import Reply, SessionInfo
 from mailrelay.policy import PolicyChain, build_policy
 from mailrelay.policy.access import RelayAccess, is_trusted
-from mailrelay.smtp.session import SessionInfo
 from tests.smtp.fakes import Conn
 
 NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))

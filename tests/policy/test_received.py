@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from mailrelay.envelope import Envelope, Recipient
-from mailrelay.policy.received import protocol_name, received_header
-from mailrelay.smtp.session import SessionInfo, TLSInfo
+from mailrelay.envelope import Envelope, Recipient, SessionInfo, TLSInfo
+from mailrelay.intake.received import protocol_name, received_header
 
 
 def test_protocol_names() -> None:

@@ -29,8 +29,10 @@ class GatedFsync:
 
 
 def gated_spool(tmp_path, **options):  # type: ignore[no-untyped-def]
-    """A started spool whose fsyncs are recorded (``spool.fsync_recorder``); stopped after."""
+    """A started spool whose fsyncs are recorded (``spool.fsync_recorder``); stopped after.
+    Packs are fsynced too (``dsync=False``), so the recorder sees every durable write."""
     fsync = GatedFsync()
+    options.setdefault("dsync", False)
     s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, **options)
     s.fsync_recorder = fsync
     s.start()

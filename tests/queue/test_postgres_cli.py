@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.queue import pg_schema
+from mailrelay.queue.postgres import schema as pg_schema
 from tests.pgserver import psycopg, temp_schema
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 import pytest
@@ -15,14 +14,10 @@ from zope.interface.verify import verifyObject
 from mailrelay.envelope import Envelope, Recipient, RecipientState, RecipientStatus, Reply
 from mailrelay.errors import TemporaryFailure
 from mailrelay.interfaces import IMessageWriter, IQueueStore
-from mailrelay.queue.spool import (
-    _FREE,
-    _KEPT_OPEN,
-    _PROBE_EVERY,
-    _SEGMENT_BODY_MAX,
-    FilesystemSpool,
-    _Job,
-)
+from mailrelay.queue.spool import SEGMENT_BODY_MAX, FilesystemSpool
+from mailrelay.queue.spool.format import SPARE, trailer
+from mailrelay.queue.spool.fsyncs import PROBE_EVERY, FsyncPool
+from mailrelay.queue.spool.spares import SPARES_OPEN
 from mailrelay.queue.store import is_queue_id
 from tests.queue.conftest import GatedFsync, gated_spool
 
@@ -36,12 +31,13 @@ ENV = Envelope(
 
 @pytest.fixture
 def spool(tmp_path):
-    """The message-file path of the spool: every message its own file (see test_spool_segments.py)."""
+    """The message-file path of the spool: every message its own file (segments: see
+    test_spool_segments.py)."""
     yield from gated_spool(tmp_path, segment_body_max=0)
 
 
 UNPACKED = (
-    b"x" * _SEGMENT_BODY_MAX
+    b"x" * SEGMENT_BODY_MAX
 )  # appended to a body: too large for a segment, it gets a file of its own
 
 
@@ -54,15 +50,20 @@ def store_message(spool: FilesystemSpool, body: bytes, chunks: int = 1) -> defer
 
 
 def files(spool: FilesystemSpool) -> list[str]:
-    """The spool's files, less those kept for reuse (tmp/free.<n>: no message, see kept_files)."""
+    """The spool's files, less the spares kept for reuse (tmp/spare.<n>: no message)."""
     out = []
     for d in ("tmp", "queue"):
         out += [f"{d}/{n}" for n in sorted(os.listdir(os.path.join(spool.path, d)))]
-    return [f for f in out if not f.startswith("tmp/free.")]
+    return [f for f in out if not f.startswith("tmp/" + SPARE)]
+
+
+def removals_synced(spool: FilesystemSpool) -> int:
+    """How many removals a sync of queue/ has made durable."""
+    return spool._pipeline.removals_done.synced()
 
 
 def kept_files(spool: FilesystemSpool) -> list[str]:
-    return sorted(n for n in os.listdir(os.path.join(spool.path, "tmp")) if n.startswith("free."))
+    return sorted(n for n in os.listdir(os.path.join(spool.path, "tmp")) if n.startswith(SPARE))
 
 
 def test_provides_the_interfaces(spool):
@@ -101,7 +102,7 @@ def test_commit_fires_only_after_the_message_file_and_directory_are_fsynced(spoo
     assert message.envelope == ENV
     assert [s.state for s in message.statuses] == [RecipientState.PENDING] * 2
     # and what the disk holds, not what memory remembers of the commit
-    spool._forget(qid)
+    spool._recent.forget(qid)
     with spool.open_body(qid) as f:
         assert f.read(8) == b"Subject:" and f.read() == b" x\r\n\r\nhello\r\n" and f.read() == b""
         assert (
@@ -121,7 +122,8 @@ def deferLater(seconds: float) -> defer.Deferred[None]:
 def test_group_commit_makes_many_messages_durable_in_fewer_passes(spool):
     fsync = spool.fsync_recorder
     yield spool.list_ids()
-    before = spool.commit_passes
+    queue_dir = os.path.join(spool.path, "queue")
+    fsync.events.clear()  # every message its own file: one sync of queue/ per writer pass
     fsync.entered.clear()
     fsync.gate.clear()
     first = store_message(spool, b"first\r\n")
@@ -131,7 +133,7 @@ def test_group_commit_makes_many_messages_durable_in_fewer_passes(spool):
     fsync.gate.set()
     ids = yield defer.gatherResults([first, *rest])
     assert len(set(ids)) == 21
-    passes = spool.commit_passes - before
+    passes = fsync.events.count(queue_dir)
     assert passes <= 2  # the first alone, then the twenty that gathered while it synced
     assert sorted(ids) == (yield spool.list_ids())
 
@@ -189,10 +191,9 @@ def test_torn_writes_are_cleaned_at_start_and_never_listed(tmp_path):
     good = yield store_message(s, b"good\r\n")
     yield s.stop()
     # what a crash can leave: a message being received, a state being written, a state left
-    # behind by a removal; and of the two-file layout, a body renamed without its envelope
+    # behind by a removal
     (path / "tmp" / "0000000000ZZZZZZZZ.body").write_bytes(b"half a mess")
     (path / "tmp" / "0000000000ZZZZZZZZ.env.1").write_bytes(b"{")
-    (path / "queue" / "0000000001ZZZZZZZZ.body").write_bytes(b"no envelope")
     (path / "queue" / "0000000002ZZZZZZZZ.env").write_bytes(b"{}")
     s2 = FilesystemSpool(str(path), reactor, segment_body_max=0)
     s2.start()
@@ -372,39 +373,6 @@ def test_small_body_waits_in_memory_and_a_large_one_goes_to_tmp(spool):
     assert sorted(files(spool)) == sorted(f"queue/{q}" for q in ids)
 
 
-@pytest_twisted.inlineCallbacks
-def test_a_spool_of_the_two_file_layout_is_converted_at_start_and_loses_nothing(tmp_path):
-    import json
-
-    from mailrelay.queue.store import message_to_dict, new_message
-
-    path = tmp_path / "spool"
-    (path / "queue").mkdir(parents=True)
-    old, torn = "0000000001AAAAAAAA", "0000000002AAAAAAAA"
-    saved = attrs.evolve(new_message(old, ENV), attempts=2, next_attempt=1700000900.0)
-    body = b"Subject: old\r\n\r\n" + b"z" * 300_000 + b"\r\n"  # larger than one copy buffer
-    (path / "queue" / f"{old}.body").write_bytes(body)
-    (path / "queue" / f"{old}.env").write_bytes(json.dumps(message_to_dict(saved)).encode())
-    (path / "queue" / f"{torn}.body").write_bytes(b"no envelope")
-    offline = FilesystemSpool(str(path), None)
-    assert offline.scan_ids() == [
-        old
-    ]  # the CLI on a stopped instance sees it before any conversion
-    assert offline.read_message(old) == saved and offline.body_size(old) == len(body)
-    s = FilesystemSpool(str(path), reactor, segment_body_max=0)
-    s.start()
-    try:
-        assert (yield s.load_schedule()) == [(old, 1700000900.0, False)]
-        assert files(s) == [f"queue/{old}", f"queue/{old}.env"]  # its saved state stays as it was
-        assert (yield s.load(old)) == saved
-        with s.open_body(old) as f:
-            assert f.read() == body
-        yield s.remove(old)
-        assert files(s) == []
-    finally:
-        yield s.stop()
-
-
 def test_a_message_queued_in_format_1_loads_with_its_trust_not_recorded_and_format_2_keeps_it(
     tmp_path,
 ):
@@ -421,8 +389,8 @@ def test_a_message_queued_in_format_1_loads_with_its_trust_not_recorded_and_form
     del v1["envelope"]["trusted"]
     path = tmp_path / "spool"
     (path / "queue").mkdir(parents=True)
-    (path / "queue" / f"{qid}.body").write_bytes(b"Subject: old\r\n\r\nx\r\n")
-    (path / "queue" / f"{qid}.env").write_bytes(json.dumps(v1).encode())
+    body = b"Subject: old\r\n\r\nx\r\n"
+    (path / "queue" / qid).write_bytes(body + trailer(len(body), json.dumps(v1).encode()))
     assert FilesystemSpool(str(path), None).read_message(qid).envelope.trusted is None
     assert _decode(json.dumps(v1)).envelope.trusted is None
     trusted = new_message(qid, attrs.evolve(ENV, trusted=True))
@@ -453,7 +421,7 @@ def test_the_file_of_a_removed_message_is_rewritten_for_the_next_one_once_its_re
     fsync.events.clear()
     yield spool.remove(first)
     # the remover's idle sync covered it (the recorder sees the sync before the spool counts it)
-    yield _wait_until(lambda: queue_dir in fsync.events and spool._removals_synced >= 1)
+    yield _wait_until(lambda: queue_dir in fsync.events and removals_synced(spool) >= 1)
     (kept,) = kept_files(spool)
     inode = _inode(os.path.join(spool.path, "tmp", kept))
     renames, opens = [], []
@@ -513,7 +481,7 @@ def test_a_message_file_being_read_is_unlinked_not_kept(spool):
         yield store_message(spool, b"another message\r\n")
     assert reader.read() == b"being delivered\r\n"
     reader.close()
-    assert spool._readers == {}
+    assert spool._reader.open_files.count() == 0
 
 
 class ThreadRecordingFsync(GatedFsync):
@@ -530,7 +498,8 @@ class ThreadRecordingFsync(GatedFsync):
 
 
 class TimedFsync(ThreadRecordingFsync):
-    """Also a disk whose every fsync takes ``latency`` seconds of the clock ``now`` (the spool's timer)."""
+    """Also a disk whose every fsync takes ``latency`` seconds of the clock ``now`` (the spool's
+    timer)."""
 
     def __init__(self, latency: float) -> None:
         super().__init__()
@@ -582,41 +551,38 @@ def test_the_files_of_a_batch_are_fsynced_in_parallel_only_while_fsyncs_are_slow
 
 def test_the_spool_goes_back_to_fsyncing_itself_when_the_disk_gets_fast(tmp_path):
     fsync = TimedFsync(0.010)
-    spool = FilesystemSpool(
-        str(tmp_path / "spool"),
-        reactor,
-        fsync=fsync,
-        fsync_threads=4,
-        segment_body_max=0,
-        timer=lambda: fsync.now,
-    )
-    spool._syncers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mailrelay-spool-fsync")
+    pool = FsyncPool(fsync, 4, lambda: fsync.now)
+    pool.start()
     me = threading.current_thread().name
+    (tmp_path / "spool" / "tmp").mkdir(parents=True)
 
     def batch() -> set[str]:
         """Two files synced as the writer would, here: which threads fsynced them."""
-        jobs = [_Job(), _Job()]
-        for i, job in enumerate(jobs):
-            job.fds.append(
-                os.open(os.path.join(spool.tmp_dir, f"x{i}"), os.O_WRONLY | os.O_CREAT, 0o600)
-            )
+        fds = [
+            os.open(str(tmp_path / "spool" / "tmp" / f"x{i}"), os.O_WRONLY | os.O_CREAT, 0o600)
+            for i in range(2)
+        ]
         del fsync.threads[:]
-        assert spool._sync_files(jobs) == {}
+        try:
+            assert pool.sync(fds) == [None, None]
+        finally:
+            for fd in fds:
+                os.close(fd)
         return set(fsync.threads)
 
     try:
         assert batch() == {me}  # nothing known yet: by the caller, timed (10 ms each)
         assert all(batch() != {me} for _ in range(10))  # slow: the syncer threads
         fsync.latency = 0.0001
-        kinds = [batch() == {me} for _ in range(4 * _PROBE_EVERY)]
+        kinds = [batch() == {me} for _ in range(4 * PROBE_EVERY)]
         first_serial = kinds.index(True)
-        assert first_serial < _PROBE_EVERY  # a probe batch, timed
-        assert all(kinds[-_PROBE_EVERY:]), "fast again: the caller fsyncs every batch"
+        assert first_serial < PROBE_EVERY  # a probe batch, timed
+        assert all(kinds[-PROBE_EVERY:]), "fast again: the caller fsyncs every batch"
     finally:
-        spool._syncers.shutdown()
+        pool.stop()
 
 
-def _open_kept_files(spool: FilesystemSpool) -> list[str]:
+def _open_spares(spool: FilesystemSpool) -> list[str]:
     """The kept files this process holds a descriptor on."""
     out = []
     for fd in os.listdir("/proc/self/fd"):
@@ -624,21 +590,21 @@ def _open_kept_files(spool: FilesystemSpool) -> list[str]:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if target.startswith(os.path.join(spool.tmp_dir, _FREE)):
+        if target.startswith(os.path.join(spool.tmp_dir, SPARE)):
             out.append(target)
     return out
 
 
 @pytest_twisted.inlineCallbacks
 def test_the_remover_keeps_a_bounded_number_of_kept_files_open_and_closes_them_at_stop(spool):
-    n = _KEPT_OPEN + 6
+    n = SPARES_OPEN + 6
     ids = yield defer.gatherResults(
         [store_message(spool, b"message %d\r\n" % i + UNPACKED) for i in range(n)]
     )
     inodes = {_inode(os.path.join(spool.path, "queue", q)) for q in ids}
     yield defer.gatherResults([spool.remove(q) for q in ids])
-    yield _wait_until(lambda: len(kept_files(spool)) == n and spool._removals_synced >= n)
-    assert len(_open_kept_files(spool)) == _KEPT_OPEN  # the rest are opened when their turn comes
+    yield _wait_until(lambda: len(kept_files(spool)) == n and removals_synced(spool) >= n)
+    assert len(_open_spares(spool)) == SPARES_OPEN  # the rest are opened when their turn comes
     again = yield defer.gatherResults(
         [store_message(spool, b"again %d\r\n" % i + UNPACKED) for i in range(n)]
     )
@@ -650,9 +616,9 @@ def test_the_remover_keeps_a_bounded_number_of_kept_files_open_and_closes_them_a
             assert f.read().startswith(b"again ")
     yield defer.gatherResults([spool.remove(q) for q in again[:10]])
     yield _wait_until(lambda: len(kept_files(spool)) == 10)
-    yield _wait_until(lambda: len(_open_kept_files(spool)) == 10)
+    yield _wait_until(lambda: len(_open_spares(spool)) == 10)
     yield spool.stop()
-    assert _open_kept_files(spool) == []
+    assert _open_spares(spool) == []
     assert len(kept_files(spool)) == 10  # left for the next start to remove
 
 

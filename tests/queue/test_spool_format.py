@@ -3,7 +3,7 @@ trailer) never makes a pack look torn."""
 
 from __future__ import annotations
 
-from mailrelay.queue.spool_format import TRAILER, alive, build_pack, chunk, read_segment
+from mailrelay.queue.spool.format import TRAILER, alive, build_pack, chunk, read_segment
 
 
 def segment_of(*packs: list[tuple[str, bytes, bytes]]) -> bytes:

@@ -20,10 +20,9 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from mailrelay.errors import TemporaryFailure
-from mailrelay.queue import spool as spool_module
-from mailrelay.queue.spool import FilesystemSpool
-from mailrelay.queue.spool_format import alive as record_alive
-from mailrelay.queue.spool_format import read_segment
+from mailrelay.queue.spool import FilesystemSpool, jobs, segments
+from mailrelay.queue.spool.format import alive as record_alive
+from mailrelay.queue.spool.format import read_segment
 from mailrelay.workers.shards import drain, shard_path
 from tests.queue.conftest import GatedFsync
 from tests.queue.test_spool import ENV, deferLater, files, store_message
@@ -34,7 +33,8 @@ BODIES = [b"Subject: %d\r\n\r\npacked body %d\r\n" % (i, i) for i in range(4)]
 @defer.inlineCallbacks
 def packed(spool: FilesystemSpool, bodies: list[bytes] = BODIES):  # type: ignore[no-untyped-def]
     """Commit ``bodies`` while the writer is held in the fsync of a first message, so they wait
-    together and go into one pack; ``(the first message's id, the packed ids, the segment's name)``."""
+    together and go into one pack; ``(the first message's id, the packed ids, the segment's
+    name)``."""
     fsync = spool.fsync_recorder
     yield spool.list_ids()
     fsync.entered.clear()
@@ -49,7 +49,7 @@ def packed(spool: FilesystemSpool, bodies: list[bytes] = BODIES):  # type: ignor
 
 
 def reopened(spool: FilesystemSpool) -> FilesystemSpool:
-    s = FilesystemSpool(spool.path, reactor, fsync=spool.fsync_recorder)
+    s = FilesystemSpool(spool.path, reactor, fsync=spool.fsync_recorder, dsync=False)
     s.fsync_recorder = spool.fsync_recorder
     return s
 
@@ -110,7 +110,7 @@ def test_small_messages_are_appended_to_one_segment_durable_before_their_commits
     assert fsync.events.count(path) == 3 and fsync.events.count(spool.queue_dir) == dir_syncs
     assert alive(spool, segment) == dict.fromkeys([first, *ids, third], True)
     for qid, body in zip(ids, BODIES, strict=True):
-        spool._forget(qid)  # read the disk, not what memory keeps of the commit
+        spool._recent.forget(qid)  # read the disk, not what memory keeps of the commit
         with spool.open_body(qid) as f:
             assert f.read() == body
             assert f.seek(9) == 9 and f.read(3) == body[9:12]
@@ -184,9 +184,7 @@ def test_a_removal_survives_a_restart(spool):
 
 @pytest_twisted.inlineCallbacks
 def test_segments_take_packs_up_to_their_size_then_a_new_one_starts(spool, monkeypatch):
-    monkeypatch.setattr(
-        spool_module, "_SEGMENT_MAX", 1
-    )  # every pack beyond the first: a new segment
+    monkeypatch.setattr(segments, "SEGMENT_MAX", 1)  # every pack beyond the first: a new segment
     first, ids, _ = yield packed(spool)
     second = yield store_message(spool, b"third pack\r\n")
     assert files(spool) == sorted(
@@ -283,7 +281,7 @@ def test_a_pack_that_cannot_be_made_durable_fails_each_of_its_commits_and_is_nev
     tmp_path,
 ):
     fsync = FailingFsync(lambda path: path.endswith(".seg"))
-    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
+    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, dsync=False)
     s.start()
     try:
         outcomes = yield defer.DeferredList(
@@ -304,7 +302,7 @@ def test_a_pack_that_cannot_be_made_durable_fails_each_of_its_commits_and_is_nev
 def test_a_drained_shard_brings_its_segments_along(tmp_path):
     root = str(tmp_path / "spool")
     fsync = GatedFsync()
-    shard = FilesystemSpool(shard_path(root, 1), reactor, fsync=fsync)
+    shard = FilesystemSpool(shard_path(root, 1), reactor, fsync=fsync, dsync=False)
     shard.fsync_recorder = fsync
     shard.start()
     first, ids, _ = yield packed(shard)
@@ -324,7 +322,7 @@ def test_a_drained_shard_brings_its_segments_along(tmp_path):
 @pytest_twisted.inlineCallbacks
 def test_no_pack_of_a_segment_is_acknowledged_before_its_name_is_durable(tmp_path):
     fsync = FailingFsync(lambda path: path == s.queue_dir)
-    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync)
+    s = FilesystemSpool(str(tmp_path / "spool"), reactor, fsync=fsync, dsync=False)
     s.fsync_recorder = fsync
     s.start()
     try:
@@ -343,14 +341,14 @@ def test_no_pack_of_a_segment_is_acknowledged_before_its_name_is_durable(tmp_pat
 
 @pytest_twisted.inlineCallbacks
 def test_a_large_batch_is_split_into_packs_of_bounded_size(spool, monkeypatch):
-    monkeypatch.setattr(spool_module, "_PACK_BYTES", 40)
+    monkeypatch.setattr(jobs, "PACK_BYTES", 40)
     first, ids, segment = yield packed(spool)  # four bodies of 29-30 bytes: a pack each
     with open(os.path.join(spool.queue_dir, segment), "rb") as f:
         data = f.read()
     assert data.count(b"MRc1") == 5  # the first message's pack and four more
     assert alive(spool, segment) == dict.fromkeys([first, *ids], True)
     for qid, body in zip(ids, BODIES, strict=True):
-        spool._forget(qid)
+        spool._recent.forget(qid)
         with spool.open_body(qid) as f:
             assert f.read() == body
 
@@ -373,7 +371,7 @@ class DirGate(GatedFsync):
 def test_a_pack_into_a_segment_already_named_does_not_wait_behind_a_sync_of_the_queue_dir(tmp_path):
     path = tmp_path / "spool"
     fsync = DirGate(str(path / "queue"))
-    s = FilesystemSpool(str(path), reactor, fsync=fsync, segment_body_max=100)
+    s = FilesystemSpool(str(path), reactor, fsync=fsync, segment_body_max=100, dsync=False)
     s.start()
     try:
         yield store_message(s, b"names the segment\r\n")  # its first pack waited for queue/
@@ -389,6 +387,11 @@ def test_a_pack_into_a_segment_already_named_does_not_wait_behind_a_sync_of_the_
     finally:
         fsync.gate.set()
         yield s.stop()
+
+
+def dsync(s: FilesystemSpool) -> bool:
+    """Whether the spool's packs are still appended with RWF_DSYNC."""
+    return s._pipeline.writer.appender.dsync
 
 
 class SyncWrites:
@@ -410,15 +413,13 @@ class SyncWrites:
 def recording_spool(path) -> tuple[FilesystemSpool, list[str]]:  # type: ignore[no-untyped-def]
     """A spool with the system's fsync (so packs are written with RWF_DSYNC where they can be),
     whose fsyncs are then recorded."""
-    s = FilesystemSpool(str(path), reactor)
     synced: list[str] = []
 
     def fsync(fd: int) -> None:
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         os.fsync(fd)
 
-    s.fsync = fsync
-    return s, synced
+    return FilesystemSpool(str(path), reactor, fsync=fsync), synced
 
 
 @pytest.mark.skipif(not hasattr(os, "RWF_DSYNC"), reason="no RWF_DSYNC on this platform")
@@ -433,7 +434,7 @@ def test_packs_are_written_with_rwf_dsync_and_not_fsynced_again(tmp_path, monkey
         more = yield store_message(s, b"a later pack\r\n")
         assert writes.flags and set(writes.flags) == {os.RWF_DSYNC}
         assert not [p for p in synced if p.endswith(".seg")]  # only queue/, for the segment's name
-        s._forget(more)
+        s._recent.forget(more)
         with s.open_body(more) as f:
             assert f.read() == b"a later pack\r\n"
     finally:
@@ -451,11 +452,11 @@ def test_where_the_kernel_refuses_rwf_dsync_packs_are_fsynced(tmp_path, monkeypa
     s.start()
     try:
         qid = yield store_message(s, b"fsynced after all\r\n")
-        assert not s.sync_writes
+        assert not dsync(s)
         assert [p for p in synced if p.endswith(".seg")] == [
             os.path.join(s.queue_dir, qid + ".seg")
         ]
-        s._forget(qid)
+        s._recent.forget(qid)
         with s.open_body(qid) as f:
             assert f.read() == b"fsynced after all\r\n"
     finally:
@@ -475,7 +476,7 @@ def test_a_pack_whose_durable_write_fails_fails_its_commits(tmp_path, monkeypatc
         )
         for ok, failure in outcomes:
             assert not ok and failure.check(TemporaryFailure)
-        assert s.sync_writes  # a failing disk is not a kernel without the flag
+        assert dsync(s)  # a failing disk is not a kernel without the flag
         writes.failing = False
         assert (yield s.list_ids()) == []
         later = yield store_message(s, b"once the disk works again\r\n")

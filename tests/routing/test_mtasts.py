@@ -412,6 +412,6 @@ def test_a_look_alike_mx_pattern_or_host_is_not_folded_onto_an_ascii_name() -> N
 
 
 def test_a_dns_name_is_lower_cased_in_ascii_only() -> None:
-    from mailrelay.routing.mx import _text
+    from mailrelay.routing.dns import name_text as _text
 
     assert _text(b"MX.\xe2\x84\xaaey.example.") == "mx.\u212aey.example"

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from mailrelay.config import ServerConfig
 from mailrelay.envelope import Envelope, Reply
 from mailrelay.interfaces import IMessageSink, IMessageWriter, IPolicy
+from mailrelay.listener import server_factory
 from mailrelay.policy import build_policy
 from mailrelay.smtp.server import SMTPServerFactory, SMTPServerProtocol
 
@@ -134,7 +135,7 @@ class Conn:
         self.sink = sink if sink is not None else RecordingSink()
         self.clock = clock or Clock()
         self.policy = policy if policy is not None else build_policy(self.config)
-        self.factory = factory or SMTPServerFactory.from_config(
+        self.factory = factory or server_factory(
             self.config, self.sink, self.policy, self.clock, **extras
         )
         cls = IPv6Address if ":" in client else IPv4Address
@@ -200,7 +201,7 @@ def listen(
     ``sink`` (a new RecordingSink by default); → the factory and its port once it listens."""
     from twisted.internet import reactor
 
-    factory = SMTPServerFactory.from_config(
+    factory = server_factory(
         config, sink if sink is not None else RecordingSink(), build_policy(config), reactor
     )
     return factory, serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)

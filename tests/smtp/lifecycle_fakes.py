@@ -72,7 +72,7 @@ class StubbornTransport(StringTransport):
 
 
 def stubborn_conn(tls: str = "plain", **kw: Any) -> Conn:
-    """A ``Conn`` over a ``StubbornTransport``; ``tls``: "plain", "starttls" (offered) or "implicit"."""
+    """A ``Conn`` over a ``StubbornTransport``; ``tls``: "plain", "starttls" or "implicit"."""
     config = kw.pop("config", None) or ServerConfig(
         hostname="mx.example.test", local_domains=("example.test",)
     )

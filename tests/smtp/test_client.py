@@ -101,7 +101,8 @@ def test_pipelined_transaction_one_write() -> None:
     body = b"Subject: x\r\n\r\nhi\r\n"
     out = c.send(body)
     assert c.transport.value() == (
-        b"MAIL FROM:<a@x.test> SIZE=%d\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nRCPT TO:<d@y.test>\r\n"
+        b"MAIL FROM:<a@x.test> SIZE=%d\r\n"
+        b"RCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nRCPT TO:<d@y.test>\r\n"
         b"DATA\r\n" % len(body)
     )
     c.sent()

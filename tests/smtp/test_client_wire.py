@@ -1,7 +1,8 @@
-"""The client's sans-I/O pieces: reply parsing (tables) and dot-stuffing (properties over chunkings)."""
+"""The client's sans-I/O pieces: reply parsing (tables), dot-stuffing (properties over chunks)."""
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailrelay.envelope import Reply
+from mailrelay.smtp._client_body import CHUNK_SIZE, bdat_frames
 from mailrelay.smtp._client_wire import (
     DotStuffer,
     ReplyError,
@@ -158,3 +160,28 @@ def test_normalise_crlf_for_bdat() -> None:
     assert (data, pending) == (b"a\r\nb", True)
     data, pending = normalise_crlf(b"\nc", pending)
     assert (data, pending) == (b"\r\nc", False)
+
+
+@pytest.mark.parametrize(
+    ("body", "binary", "frames"),
+    [
+        (b"", False, [(b"BDAT 0 LAST\r\n", True)]),
+        (b"a\nb", False, [(b"BDAT 4 LAST\r\na\r\nb", True)]),
+        (b"a\r", False, [(b"BDAT 3 LAST\r\na\r\n", True)]),  # a lone CR at the end
+        (b"a\nb", True, [(b"BDAT 3 LAST\r\na\nb", True)]),
+    ],
+)
+def test_bdat_frames_say_their_size_and_which_is_last(body, binary, frames):
+    assert list(bdat_frames(io.BytesIO(body), binary)) == frames
+
+
+def test_bdat_frames_of_a_long_text_join_to_the_text_with_crlf_endings():
+    text = b"line\n" * (CHUNK_SIZE // 3)
+    frames = list(bdat_frames(io.BytesIO(text), False))
+    assert len(frames) > 1 and [last for _, last in frames] == [False] * (len(frames) - 1) + [True]
+    payload = b""
+    for frame, last in frames:
+        head, _, data = frame.partition(b"\r\n")
+        assert head == b"BDAT %d%s" % (len(data), b" LAST" if last else b"")
+        payload += data
+    assert payload == text.replace(b"\n", b"\r\n")

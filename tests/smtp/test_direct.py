@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from mailrelay.smtp import _direct
+from mailrelay.smtp import _fast as _direct
 
 
 class _Transport:

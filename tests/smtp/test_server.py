@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from mailrelay.config import ServerConfig
 from mailrelay.envelope import Recipient, Reply
 from mailrelay.errors import TemporaryFailure
-from mailrelay.smtp.server import SMTPServerFactory
+from mailrelay.listener import reconfigure, server_factory
 from tests.smtp.fakes import Conn, DeferredPolicy, RecordingSink, stuff
 
 MSG = b"Subject: hello\r\n\r\nline one\r\n.dot line\r\n"
@@ -255,7 +255,8 @@ def test_pipelined_commands_with_deferred_policy_answer_in_order() -> None:
     c = Conn(policy=policy)
     c.replies()
     c.send(
-        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<r1@example.test>\r\nRCPT TO:<bad@example.test>\r\n"
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n"
+        b"RCPT TO:<r1@example.test>\r\nRCPT TO:<bad@example.test>\r\n"
         b"RCPT TO:<r3@example.test>\r\nDATA\r\n"
     )
     answers = [None, None, None, Reply(550, "5.1.1", "no such user"), None, None]
@@ -398,7 +399,7 @@ def test_connection_limits_total_and_per_ip() -> None:
     sink, clock = RecordingSink(), Clock()
     from mailrelay.policy import build_policy
 
-    factory = SMTPServerFactory.from_config(config, sink, build_policy(config), clock)
+    factory = server_factory(config, sink, build_policy(config), clock)
     a1 = Conn(factory=factory, client="192.0.2.1")
     Conn(factory=factory, client="192.0.2.1")
     a3 = Conn(factory=factory, client="192.0.2.1")
@@ -562,7 +563,8 @@ def test_one_log_line_per_accepted_message_and_per_connection() -> None:
     finally:
         globalLogPublisher.removeObserver(observer)
     assert lines == [
-        f"Q0001: client=[192.0.2.10] helo=client.example.org from=<a@example.org> size={len(MSG)} nrcpt=1 proto=ESMTP",
+        "Q0001: client=[192.0.2.10] helo=client.example.org from=<a@example.org>"
+        f" size={len(MSG)} nrcpt=1 proto=ESMTP",
         "disconnect from [192.0.2.10]:40000 helo=client.example.org messages=1 errors=0",
     ]
 
@@ -643,7 +645,7 @@ def test_close_all_aborts_a_message_in_progress() -> None:
 
 
 def test_over_the_recipient_limit_452_is_no_error_and_data_delivers_to_the_accepted() -> None:
-    """150 pipelined RCPTs: 100 x 250 and 50 x 452 4.5.3 (RFC 5321 4.5.3.1.10), not 421 too many errors."""
+    """150 pipelined RCPTs: 100 x 250 and 50 x 452 4.5.3 (RFC 5321 4.5.3.1.10), not 421 errors."""
     c = Conn(
         config=ServerConfig(
             hostname="mx.example.test", max_errors=20, local_domains=("example.test",)
@@ -685,7 +687,7 @@ def test_rcpts_far_past_the_limit_count_as_errors_after_the_overshoot_limit() ->
 
 
 def test_a_policy_asking_to_try_later_is_no_client_error() -> None:
-    """Greylisting-like 4xx answers are ours, not the client's mistakes; a 5xx refusal still counts."""
+    """Greylisting-like 4xx answers are not the client's mistakes; a 5xx refusal still counts."""
     from mailrelay.policy import Policy, PolicyChain
 
     class Later(Policy):
@@ -713,7 +715,7 @@ def test_a_policy_asking_to_try_later_is_no_client_error() -> None:
 
 
 def test_trusted_networks_are_exempt_from_the_per_ip_cap_unless_configured() -> None:
-    """As Postfix exempts mynetworks (smtpd_client_event_limit_exceptions); the total cap still holds."""
+    """As Postfix exempts mynetworks (smtpd_client_event_limit_exceptions); the total cap holds."""
     from mailrelay.policy import build_policy
 
     nets = (ipaddress.ip_network("192.0.2.0/24"),)
@@ -723,13 +725,13 @@ def test_trusted_networks_are_exempt_from_the_per_ip_cap_unless_configured() -> 
         max_connections=10,
         max_connections_per_ip=2,
     )
-    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), Clock())
+    factory = server_factory(config, RecordingSink(), build_policy(config), Clock())
     trusted = [Conn(factory=factory, client="192.0.2.1") for _ in range(4)]
     assert [c.codes() for c in trusted] == [[220]] * 4
     stranger = [Conn(factory=factory, client="198.51.100.1") for _ in range(3)]
     assert [c.codes() for c in stranger[:2]] == [[220], [220]]
     assert stranger[2].replies() == [(421, "4.7.0 Error: too many connections from your address")]
-    factory.reconfigure(attrs.evolve(config, limit_trusted_clients=True))  # SIGHUP: capped again
+    reconfigure(factory, attrs.evolve(config, limit_trusted_clients=True))  # SIGHUP: capped again
     assert Conn(factory=factory, client="192.0.2.1").replies() == [
         (421, "4.7.0 Error: too many connections from your address")
     ]

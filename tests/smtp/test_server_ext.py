@@ -14,7 +14,7 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer
 
 from mailrelay.config import ServerConfig
-from mailrelay.smtp.session import TLSInfo
+from mailrelay.envelope import TLSInfo
 from tests.smtp.fakes import Conn, DeferredPolicy, TLSStringTransport, stuff
 
 MSG = b"Subject: hello\r\n\r\nbody\r\n"
@@ -329,7 +329,8 @@ def test_bdat_waits_for_deferred_data_policy_before_reading() -> None:
     c.send("EHLO c\r\n")
     policy.answer()
     c.send(
-        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nBDAT 6 LAST\r\nQUIT\r\nNOOP\r\n"
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\n"
+        b"BDAT 6 LAST\r\nQUIT\r\nNOOP\r\n"
     )
     policy.answer()
     policy.answer()
@@ -454,7 +455,10 @@ def test_auth_failures_are_counted_per_address_across_sessions() -> None:
 
 # -- our Received header ends where we end it ---------------------------------------------------
 
-FORGED = b" by trusted-gateway.example (Postfix) with ESMTPS id X;\r\n\tThu, 1 Jan 1970 00:00:00 +0000\r\n"
+FORGED = (
+    b" by trusted-gateway.example (Postfix) with ESMTPS id X;\r\n"
+    b"\tThu, 1 Jan 1970 00:00:00 +0000\r\n"
+)
 
 
 def trace_and_rest(data: bytes) -> tuple[bytes, bytes]:

@@ -77,7 +77,7 @@ def test_any_session_input_never_raises_and_stays_bounded(
     assert errors == []
 
 
-# -- the non-ASCII alphabet: other scripts' digits, case mappings and blanks (issue 19 item 2) -------
+# -- the non-ASCII alphabet: other scripts' digits, case mappings and blanks (issue 19 item 2)
 
 NON_ASCII = "²١٤０９\u00a0\u3000\u2028\u200bıſﬆ\u212a"
 SLOT = NON_ASCII + "0123456789 LAST,;+=:<>@.successFULLhdrsplain"
@@ -187,7 +187,7 @@ def test_password_file_checker_reloads_on_change(tmp_path) -> None:
         HashedPasswordFile(str(path))
 
 
-# -- look-alike domains (issue 19, item 3) -----------------------------------------------------------
+# -- look-alike domains (issue 19, item 3) ------------------------------------------------------
 
 LOOK_CONFIG = ServerConfig(
     hostname="mx.example.test", local_domains=("example.test", "ok.test"), trusted_networks=()
@@ -235,7 +235,8 @@ def test_a_look_alike_domain_is_refused_or_is_exactly_ours(domain: str) -> None:
     c = Conn(config=LOOK_CONFIG)
     c.ehlo()
     c.send(
-        f"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<user@{domain}>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n"
+        f"MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<user@{domain}>\r\n"
+        "RCPT TO:<u@example.test>\r\nDATA\r\n"
     )
     (_, (code, text), second, data) = c.replies()
     assert second[0] == 250 and data[0] == 354

@@ -185,9 +185,7 @@ def test_input_while_an_answer_is_pending_is_bounded() -> None:
     assert c.server.session.parser.buffered < len(b"NOOP\r\n")  # all taken but a line cut short
 
 
-def test_a_refusal_during_an_implicit_tls_handshake_may_still_reach_the_client_within_the_bound() -> (
-    None
-):
+def test_a_refusal_during_an_implicit_tls_handshake_may_still_reach_the_client_in_bound() -> None:
     """The connect policy refuses before the handshake is done: the reply waits in the TLS layer for
     a client that completes it, for CLOSE_LINGER at most; a timeout or a shutdown aborts at once."""
     from mailrelay.envelope import Reply as R

@@ -1,4 +1,4 @@
-"""Sessions ending, and a client that never reads, over real sockets on 127.0.0.1 (issue 19, 1 and 8b)."""
+"""Sessions ending, and a client that never reads, over real sockets on 127.0.0.1 (issue 19)."""
 
 from __future__ import annotations
 

@@ -91,7 +91,10 @@ def test_hop_count_and_a_leading_continuation_line_as_postfix_has_them(tmp_path)
     hops.append(
         b"Delivered-To: someone@example.test\r\n" * 60 + b"Subject: not counted\r\n\r\nbody\r\n"
     )
-    forged = b" by trusted-gateway.example with ESMTPS id X;\r\n\tMon, 7 Dec 2026 10:00:00 +0000\r\nbody\r\n"
+    forged = (
+        b" by trusted-gateway.example with ESMTPS id X;\r\n"
+        b"\tMon, 7 Dec 2026 10:00:00 +0000\r\nbody\r\n"
+    )
 
     def verdicts(smtp_port: int) -> list[int]:
         codes = []

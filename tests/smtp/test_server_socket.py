@@ -14,9 +14,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 
 from mailrelay.config import ServerConfig
 from mailrelay.envelope import Envelope, Recipient
+from mailrelay.listener import server_factory
 from mailrelay.policy import build_policy
 from mailrelay.smtp.client import SMTPClientProtocol
-from mailrelay.smtp.server import SMTPServerFactory
 from tests.smtp.fakes import RecordingSink
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ def test_smtplib_pipelined_session_and_bad_input_over_a_real_socket():
         max_message_size=20000,
     )
     sink = RecordingSink()
-    factory = SMTPServerFactory.from_config(config, sink, build_policy(config), reactor)
+    factory = server_factory(config, sink, build_policy(config), reactor)
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     n = port.getHost().port
     nodelay = []
@@ -105,7 +105,7 @@ def test_replies_go_out_at_once_and_in_order_when_the_socket_is_full():
     """On plain TCP a reply is sent straight away when nothing waits before it; once the kernel
     buffer fills, the rest queue in the transport and still reach the client in command order."""
     config = ServerConfig(hostname="mx.example.test", trusted_networks=())
-    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), reactor)
+    factory = server_factory(config, RecordingSink(), build_policy(config), reactor)
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     n = port.getHost().port
     queued: list[int] = []  # bytes handed to the transport's own buffer, per connection
@@ -140,7 +140,7 @@ def test_replies_go_out_at_once_and_in_order_when_the_socket_is_full():
             s.ehlo("client.example.org")
             return s.noop()[0]
 
-    def flooding_client():  # pipelines 300 EHLOs (~70 KB of replies), reads nothing until all are sent
+    def flooding_client():  # pipelines 300 EHLOs (~70 KB of replies), reads none until all are sent
         with socket.create_connection(("127.0.0.1", n), timeout=20) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(b"".join(f"EHLO {name}\r\n".encode() for name in names) + b"QUIT\r\n")
@@ -173,7 +173,7 @@ def test_the_client_sends_its_commands_and_message_at_once_over_plain_tcp():
         hostname="mx.example.test", trusted_networks=(ipaddress.ip_network("127.0.0.0/8"),)
     )
     sink = RecordingSink()
-    factory = SMTPServerFactory.from_config(config, sink, build_policy(config), reactor)
+    factory = server_factory(config, sink, build_policy(config), reactor)
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     client = SMTPClientProtocol("client.example.org", reactor)
     try:
@@ -207,7 +207,7 @@ def test_a_client_cut_off_mid_flood_still_reads_the_421_then_a_clean_close():
     config = ServerConfig(
         hostname="mx.example.test", local_domains=("example.test",), trusted_networks=()
     )
-    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), reactor)
+    factory = server_factory(config, RecordingSink(), build_policy(config), reactor)
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     n = port.getHost().port
 

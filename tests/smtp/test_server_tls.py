@@ -1,4 +1,4 @@
-"""STARTTLS, implicit TLS, AUTH and BDAT over real sockets on 127.0.0.1: swaks, smtplib, raw bytes."""
+"""STARTTLS, implicit TLS, AUTH and BDAT over real sockets on 127.0.0.1: swaks, smtplib, bytes."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from twisted.internet import reactor, threads
 from twisted.internet.endpoints import serverFromString
 
 from mailrelay.config import ServerConfig
+from mailrelay.listener import reconfigure, server_factory
 from mailrelay.policy import build_policy
 from mailrelay.smtp.auth import hash_password
-from mailrelay.smtp.server import SMTPServerFactory
 from tests.peers import free_port
 from tests.smtp.certs import make_certs
 from tests.smtp.fakes import RecordingSink
@@ -68,10 +68,10 @@ def test_swaks_starttls_auth_and_submission(tls_files):
     sink = RecordingSink()
     policy = build_policy(config)
     port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, policy, reactor)
+        server_factory(config, sink, policy, reactor)
     )
     sub = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, policy, reactor, submission=True)
+        server_factory(config, sink, policy, reactor, submission=True)
     )
     n, s = port.getHost().port, sub.getHost().port
     try:
@@ -174,7 +174,7 @@ def test_implicit_tls_listener_from_an_ssl_endpoint_string(tls_files):
     n = free_port()
     port = yield serverFromString(
         reactor, f"ssl:{n}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-    ).listen(SMTPServerFactory.from_config(config, sink, build_policy(config), reactor))
+    ).listen(server_factory(config, sink, build_policy(config), reactor))
 
     def client():
         ctx = ssl.create_default_context(cafile=str(ca))
@@ -198,7 +198,7 @@ def test_plaintext_pipelined_after_starttls_is_never_obeyed(tls_files):
     config = server_config(cert, key, passwords)
     sink = RecordingSink()
     port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor)
+        server_factory(config, sink, build_policy(config), reactor)
     )
     n = port.getHost().port
 
@@ -237,7 +237,7 @@ def test_bdat_over_a_raw_socket_pipelined():
     )
     sink = RecordingSink()
     port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        SMTPServerFactory.from_config(config, sink, build_policy(config), reactor, binarymime=True)
+        server_factory(config, sink, build_policy(config), reactor, binarymime=True)
     )
     n = port.getHost().port
     body = b"Subject: chunks\r\n\r\n" + b"".join(b"line %d\r\n" % i for i in range(2000))
@@ -271,14 +271,14 @@ def test_bdat_over_a_raw_socket_pipelined():
 def test_reconfigure_swaps_certificate_and_limits_and_refuses_a_bad_one(tls_files, tmp_path):
     ca, cert, key, passwords = tls_files
     config = server_config(cert, key, passwords, max_recipients=5)
-    factory = SMTPServerFactory.from_config(config, RecordingSink(), build_policy(config), reactor)
+    factory = server_factory(config, RecordingSink(), build_policy(config), reactor)
     old_options = factory.tls_options
     (tmp_path / "new").mkdir()
     _, cert2, key2 = make_certs(tmp_path / "new", hostname="mx2.example.test")
-    factory.reconfigure(server_config(cert2, key2, passwords, max_recipients=7))
+    reconfigure(factory, server_config(cert2, key2, passwords, max_recipients=7))
     assert factory.tls_options is not old_options and factory.settings.max_recipients == 7
     broken = tmp_path / "broken.pem"
     broken.write_text("not a certificate")
     with pytest.raises(ValueError):
-        factory.reconfigure(server_config(broken, key2, passwords, max_recipients=9))
+        reconfigure(factory, server_config(broken, key2, passwords, max_recipients=9))
     assert factory.settings.max_recipients == 7

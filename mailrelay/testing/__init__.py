@@ -6,7 +6,7 @@ and works without threads, sockets or a running reactor, so a test stays determi
     store = MemoryQueueStore(clock)
     deliverer = RecordingDeliverer([Reply(451, "4.4.1", "try later"), Reply(250, "2.0.0", "ok")])
     router = FakeRouter({"example.test": route_to("127.0.0.1", 2526)})
-    plugin = MyRouter.from_options({"path": "table.txt"}, router_context())   # a router plugin's factory
+    plugin = MyRouter.from_options({"path": "table.txt"}, router_context())  # a plugin's factory
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from mailrelay.envelope import Envelope, NextHop, QueuedMessage, Recipient, Repl
 from mailrelay.errors import MailRelayError
 from mailrelay.interfaces import IDeliverer, IMessageWriter, IQueueStore, IRouter
 from mailrelay.queue.store import QueueIdGenerator, new_message, storage_failure
-from mailrelay.routing._fakedns import FakeResolver
 from mailrelay.routing.context import RouterContext
+from mailrelay.testing.dns import FakeResolver
 
 __all__ = [
     "DeliveryCall",
@@ -67,7 +67,7 @@ def router_context(
 
 
 def route_to(host: str, port: int = 25, **kw: Any) -> Route:
-    """A ``Route`` to one next hop; keyword arguments go to ``Route`` (``tls``, ``recipient`` ...)."""
+    """A ``Route`` to one next hop; keyword arguments go to ``Route`` (``tls``, ``recipient``)."""
     return Route(hops=(NextHop(host, port),), **kw)
 
 
@@ -170,6 +170,9 @@ class MemoryQueueStore:
 
 # -- deliverer -------------------------------------------------------------------------------
 
+#: One recipient's answer: ``(reply, remote)``, or with ``True`` when the hop took its DSN request.
+Outcome = tuple[Reply, str | None] | tuple[Reply, str | None, bool]
+
 #: One scripted answer: a ``Reply`` for every recipient, a list of replies (one per recipient),
 #: a mapping of address → reply (others get ``default``), a callable ``(call) -> list[Reply]``,
 #: or ``None`` to leave the call's Deferred unfired (the test fires ``call.deferred`` itself).
@@ -191,7 +194,7 @@ class DeliveryCall:
     recipients: list[Recipient]
     route: Route
     body: bytes
-    deferred: defer.Deferred[list[tuple[Reply, str | None]]]
+    deferred: defer.Deferred[list[Outcome]]
 
     @property
     def addresses(self) -> list[str]:
@@ -234,10 +237,10 @@ class RecordingDeliverer:
         recipients: Sequence[Recipient],
         route: Route,
         open_body: Callable[[], IO[bytes]],
-    ) -> defer.Deferred[list[tuple[Reply, str | None]]]:
+    ) -> defer.Deferred[list[Outcome]]:
         with open_body() as f:
             body = f.read()
-        d: defer.Deferred[list[tuple[Reply, str | None]]] = defer.Deferred()
+        d: defer.Deferred[list[Outcome]] = defer.Deferred()
         call = DeliveryCall(envelope, list(recipients), route, body, d)
         self.calls.append(call)
         answer = self.script.pop(0) if self.script else self.default
@@ -289,8 +292,8 @@ class FakeRouter:
 
     An answer is a ``Route``, ``None`` ("not mine"), a ``TemporaryFailure``/``PermanentFailure`` to
     raise, or a callable ``(recipient, envelope)`` returning any of those or a Deferred. The full
-    address is looked up first (ASCII letters lower-cased), then its domain, then ``"*"``. ``calls`` records
-    every question.
+    address is looked up first (ASCII letters lower-cased), then its domain, then ``"*"``.
+    ``calls`` records every question.
     """
 
     def __init__(self, mapping: Mapping[str, RouterAnswer]) -> None:

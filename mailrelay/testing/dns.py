@@ -1,12 +1,16 @@
-"""An in-memory DNS resolver for tests (re-exported as ``mailrelay.testing.FakeResolver``)."""
+"""An in-memory DNS resolver for tests, re-exported as ``mailrelay.testing.FakeResolver``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.names import dns
 from twisted.names import error as dnserror
+
+#: What a resolver's lookup gives: answer, authority and additional records.
+Answer = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
 
 
 class FakeResolver:
@@ -40,9 +44,10 @@ class FakeResolver:
         self.errors[(name.lower().rstrip("."), getattr(dns, rtype))] = error
         return self
 
-    def _rr(self, name: str, qtype: int, value: object, ttl: int) -> dns.RRHeader:
+    def _rr(self, name: str, qtype: int, value: Any, ttl: int) -> dns.RRHeader:
+        payload: dns.IEncodableRecord
         if qtype == dns.MX:
-            pref, host = value  # type: ignore[misc]
+            pref, host = value
             payload = dns.Record_MX(pref, host, ttl=ttl)
         elif qtype == dns.A:
             payload = dns.Record_A(value, ttl=ttl)
@@ -50,10 +55,8 @@ class FakeResolver:
             payload = dns.Record_AAAA(value, ttl=ttl)
         elif qtype == dns.CNAME:
             payload = dns.Record_CNAME(value, ttl=ttl)
-        elif (
-            qtype == dns.TXT
-        ):  # a str is one string; a tuple of them, several (concatenated by readers)
-            strings = (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
+        elif qtype == dns.TXT:  # a str is one string; a tuple of them, several (joined by readers)
+            strings = (value,) if isinstance(value, str) else tuple(value)
             payload = dns.Record_TXT(*(v.encode() for v in strings), ttl=ttl)
         else:
             raise ValueError(qtype)
@@ -76,7 +79,7 @@ class FakeResolver:
                     yield self._rr(name, qtype, value, ttl)
             return
 
-    def _lookup(self, name: str, qtype: int) -> defer.Deferred:
+    def _lookup(self, name: str, qtype: int) -> defer.Deferred[Answer]:
         key = name.lower().rstrip(".")
         self.queries.append((key, dns.QUERY_TYPES[qtype]))
         error = self.errors.get((key, qtype))
@@ -86,14 +89,14 @@ class FakeResolver:
             return defer.fail(dnserror.DNSNameError(key))
         return defer.succeed((list(self._answer(key, qtype)), [], []))
 
-    def lookupMailExchange(self, name: str, timeout: object = None) -> defer.Deferred:
+    def lookupMailExchange(self, name: str, timeout: object = None) -> defer.Deferred[Answer]:
         return self._lookup(name, dns.MX)
 
-    def lookupAddress(self, name: str, timeout: object = None) -> defer.Deferred:
+    def lookupAddress(self, name: str, timeout: object = None) -> defer.Deferred[Answer]:
         return self._lookup(name, dns.A)
 
-    def lookupIPV6Address(self, name: str, timeout: object = None) -> defer.Deferred:
+    def lookupIPV6Address(self, name: str, timeout: object = None) -> defer.Deferred[Answer]:
         return self._lookup(name, dns.AAAA)
 
-    def lookupText(self, name: str, timeout: object = None) -> defer.Deferred:
+    def lookupText(self, name: str, timeout: object = None) -> defer.Deferred[Answer]:
         return self._lookup(name, dns.TXT)

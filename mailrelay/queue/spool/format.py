@@ -1,26 +1,41 @@
-"""The bytes of the filesystem spool's message files and packs (no I/O policy: see ``spool``).
+"""The spool's files and bytes: where each thing lies, and how a record is laid out (no threads).
 
-A *message record* is the body, the envelope (JSON) and a 16-byte trailer (magic, body size,
-envelope size): both parts are found from the record's end. A message file ``queue/<id>`` is one
-record. A *pack* holds the records of the small messages committed in one writer batch, followed
-by a table (one ``<id> <offset> <body size> <envelope size>`` line per record, offsets from the
-pack's start) and a 12-byte table trailer. A *segment* ``queue/<id>.seg`` is a file the writer
-appends packs to, each behind a 12-byte header (magic, length, CRC-32 of the pack, its records'
-trailers taken as zeros, since a kill zeroes them): no file is
-created, renamed or listed in a directory per commit, only one append and one fsync. A torn
-append at a segment's end (a crash before its fsync: never acknowledged) fails its CRC, and
-reading stops there. A record is removed by zeroing its trailer in place (``kill``); a segment
-goes when it is full and none of its records is left.
+Layout under the spool's ``path``::
+
+    tmp/<id>.body          a message being received: its body, the envelope appended at commit
+    tmp/<id>.env.<n>       a state update (or a message moving out of a segment) being written
+    tmp/spare.<n>          the file of a removed message, kept to be rewritten for a new one
+    queue/<id>             a committed message: one *record*; its presence marks the commit
+    queue/<id>.env         its state (JSON) once saved after an attempt; supersedes the envelope
+                           stored in ``queue/<id>``
+    queue/<id>.seg         a *segment*: the small messages' records, appended a *pack* at a time
+
+A *record* is the body, the envelope (JSON, ``encode_state``) and a 16-byte trailer (magic, body
+size, envelope size): both parts are found from the record's end. A *pack* holds the records of
+the small messages committed in one writer batch, followed by a table (one ``<id> <offset> <body
+size> <envelope size>`` line per record, offsets from the pack's start) and a 12-byte table
+trailer. A segment is a file the writer appends packs to, each behind a 12-byte header (magic,
+length, CRC-32 of the pack, its records' trailers taken as zeros, since erasing zeroes them): no
+file is created, renamed or listed in a directory per commit, only one append and one fsync. A
+torn append at a segment's end (a crash before its fsync: never acknowledged) fails its CRC, and
+reading stops there. A record is *erased* (its message removed from the segment) by zeroing its
+trailer in place; a segment goes when it takes no more packs and none of its records is left.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import struct
-import threading
 import zlib
 
-import attrs
+from mailrelay.envelope import QueuedMessage
+from mailrelay.queue.store import message_from_dict, message_to_dict
+
+RECEIVING = ".body"  # tmp/<id>.body
+STATE = ".env"  # queue/<id>.env, tmp/<id>.env.<n>
+SPARE = "spare."  # tmp/spare.<n>
+SEGMENT = ".seg"
 
 #: The end of every message record: magic, body size, envelope size.
 TRAILER = struct.Struct("<4sQI")
@@ -31,7 +46,25 @@ PACK_MAGIC = b"MRp1"
 #: Before each pack in a segment: magic, pack length, CRC-32 of the pack.
 CHUNK_HEADER = struct.Struct("<4sII")
 CHUNK_MAGIC = b"MRc1"
-SEGMENT = ".seg"
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps builds one per call
+
+
+def encode_state(message: QueuedMessage) -> bytes:
+    """A message's state as stored: compact JSON (``message_to_dict``)."""
+    return _JSON.encode(message_to_dict(message)).encode()
+
+
+def decode_state(data: bytes) -> QueuedMessage:
+    """The message a stored state describes; ValueError if it is not one."""
+    return message_from_dict(json.loads(data))
+
+
+def erase_record(fd: int, trailer_offset: int, path: str) -> None:
+    """Zero a record's trailer in the segment open as ``fd``: the pack no longer holds it."""
+    if os.pwrite(fd, bytes(TRAILER.size), trailer_offset) != TRAILER.size:
+        raise OSError(f"short write erasing a record of {path}")
 
 
 def trailer(body_size: int, envelope: bytes) -> bytes:
@@ -60,59 +93,6 @@ def read_envelope(fd: int, tail: int) -> bytes:
     return os.pread(fd, env_size, body_size)
 
 
-@attrs.define(eq=False)
-class Segment:
-    """A segment file of a running spool: ``live`` records left; ``full`` once nothing more is
-    appended (it goes when both); ``fd`` for killing records, once opened. ``lock`` guards
-    ``live`` and ``full``, which the writer and the remover both change."""
-
-    path: str
-    live: int = 0
-    full: bool = True
-    named: bool = True  # its directory entry is durable (a sync of queue/ covered its creation)
-    fd: int | None = None
-    lock: threading.Lock = attrs.field(factory=threading.Lock)
-
-    def gone(self, killed: int = 0, full: bool = False) -> bool:
-        """Count ``killed`` records gone (and the segment full, if so); whether it can go."""
-        with self.lock:
-            self.live -= killed
-            self.full = self.full or full
-            return self.full and self.live <= 0
-
-
-@attrs.define(eq=False, slots=True)
-class Member:
-    """Where a message's record lies in a pack."""
-
-    segment: Segment
-    offset: int
-    body_size: int
-    env_size: int
-    dead: bool = False  # killed by this process
-
-    @property
-    def trailer_offset(self) -> int:
-        return self.offset + self.body_size + self.env_size
-
-    def read_body(self, fd: int) -> bytes:
-        return self._read(fd, self.offset, self.body_size)
-
-    def read_envelope(self, fd: int) -> bytes:
-        return self._read(fd, self.offset + self.body_size, self.env_size)
-
-    def _read(self, fd: int, offset: int, size: int) -> bytes:
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise ValueError(f"{self.segment.path} too short")
-        return data
-
-    def kill(self, fd: int) -> None:
-        """Zero the record's trailer: the pack no longer holds this message."""
-        if os.pwrite(fd, bytes(TRAILER.size), self.trailer_offset) != TRAILER.size:
-            raise OSError(f"short write killing a record of {self.segment.path}")
-
-
 def build_pack(
     records: list[tuple[str, bytes, bytes]],
 ) -> tuple[bytes, list[tuple[str, int, int, int]]]:
@@ -131,7 +111,7 @@ def build_pack(
 
 
 def _crc(pack: bytes | memoryview, entries: list[tuple[str, int, int, int]]) -> int:
-    """CRC-32 of a pack with its records' trailers taken as zeros: killing a record (zeroing its
+    """CRC-32 of a pack with its records' trailers taken as zeros: erasing a record (zeroing its
     trailer) leaves the CRC true."""
     data = bytearray(pack)
     for _, offset, body_size, env_size in entries:
@@ -141,7 +121,8 @@ def _crc(pack: bytes | memoryview, entries: list[tuple[str, int, int, int]]) -> 
 
 
 def chunk(pack: bytes, entries: list[tuple[str, int, int, int]]) -> bytes:
-    """A pack (with its ``entries`` from ``build_pack``) as appended to a segment: behind its header."""
+    """A pack (with its ``entries`` from ``build_pack``) as appended to a segment: behind its
+    header."""
     return CHUNK_HEADER.pack(CHUNK_MAGIC, len(pack), _crc(pack, entries)) + pack
 
 
@@ -169,7 +150,7 @@ def parse_pack(data: bytes | memoryview) -> list[tuple[str, int, int, int]]:
 
 def alive(data: bytes, entry: tuple[str, int, int, int]) -> bool:
     """Whether the record ``entry`` (from ``read_segment``) of a segment's bytes still holds its
-    message: its trailer is intact, not killed."""
+    message: its trailer is intact, not erased."""
     _, offset, body_size, env_size = entry
     end = offset + body_size + env_size + TRAILER.size
     return len(data) >= end and TRAILER.unpack(data[end - TRAILER.size : end]) == (
