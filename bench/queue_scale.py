@@ -38,7 +38,8 @@ from mailrelay.queue.manager import QueueManager  # noqa: E402
 from mailrelay.queue.spool import FilesystemSpool  # noqa: E402
 from mailrelay.queue.spool.format import SEGMENT, build_pack, chunk, trailer  # noqa: E402
 from mailrelay.queue.store import QueueIdGenerator, message_to_dict, new_message  # noqa: E402
-from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer, route_to  # noqa: E402
+from mailrelay.queue.timetable import Timetable  # noqa: E402
+from mailrelay.testing import FakeRouter, RecordingDeliverer, route_to  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -137,28 +138,20 @@ def scheduling_cost(sizes: list[int], events: int = 20000) -> None:
     for n in sizes:
         clock = Clock()
         clock.advance(1_000_000)
-        manager = QueueManager(
-            MemoryQueueStore(clock),
-            FakeRouter({}),
-            RecordingDeliverer(),
-            clock,
-            QueueConfig(),
-            "bench.example.test",
-            jitter=lambda d: d,
-        )
-        manager._running = True  # scheduling only: no store, no attempts
-        manager._pump = lambda: None  # type: ignore[method-assign]
+        fired: list[str] = []
+        timetable = Timetable(clock, fired.extend)  # scheduling only: no store, no attempts
+        timetable.start()
         for i in range(n):
-            manager._schedule(f"base{i}", 1_000_000 + 10_000 + rng.random() * 100_000)
+            timetable.set(f"base{i}", 1_000_000 + 10_000 + rng.random() * 100_000)
         ids = [f"ev{i}" for i in range(events)]
         times = [1_000_000 + rng.random() * 5_000 for _ in range(events)]
         t0 = time.perf_counter()
         for qid, at in zip(ids, times, strict=True):
-            manager._schedule(qid, at)
+            timetable.set(qid, at)
         t1 = time.perf_counter()
         clock.advance(5_001)  # fires exactly the `events` new ones
         t2 = time.perf_counter()
-        assert len(manager._ready) == events
+        assert len(fired) == events
         print(
             f"  n={n:>7,}: schedule {1e6 * (t1 - t0) / events:5.2f} µs, "
             f"fire {1e6 * (t2 - t1) / events:5.2f} µs"

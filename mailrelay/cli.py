@@ -2,11 +2,12 @@
 
 ``mailrelay queue ...`` talks to the running instance over its control socket
 (``<spool path>/control.sock``; with ``[server] workers > 1``, to every worker over the socket
-in its spool shard, and merges the answers); when no instance runs, ``list``, ``show`` and ``summary`` read the
-filesystem spool (or the shared PostgreSQL queue) directly and ``delete``/``hold``/``release`` edit
-it (``flush`` needs a running instance; with the PostgreSQL queue it makes the message(s) due for
-the nodes running elsewhere). ``mailrelay db upgrade`` creates or migrates the PostgreSQL queue's
-schema. Exit status: 0 success, 1 failure (bad config, no such message, ...).
+in its spool shard, and merges the answers); when no instance runs, ``list``, ``show`` and
+``summary`` read the filesystem spool (or the shared PostgreSQL queue) directly, as an
+``IOfflineQueue``, and ``delete``/``hold``/``release`` edit it (``flush`` needs a running
+instance; with the PostgreSQL queue it makes the message(s) due for the nodes running
+elsewhere). ``mailrelay db upgrade`` creates or migrates the PostgreSQL queue's schema.
+Exit status: 0 success, 1 failure (bad config, no such message, ...).
 """
 
 from __future__ import annotations
@@ -16,22 +17,21 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, TypeAlias
 
 import attrs
 from twisted.internet import defer
 
 from mailrelay import config as configmod
 from mailrelay._log import plural
-from mailrelay.control import info as infomod
+from mailrelay.control.sources import CLIError, open_queue
 from mailrelay.errors import ConfigError, each_config_error
 
+#: What an ``inlineCallbacks`` generator yields and is sent: Deferreds and their results.
+Steps: TypeAlias = Generator[defer.Deferred[Any], Any, Any]
+
 PAGE = 500
-
-
-class CLIError(Exception):
-    """A failure to report in one line, without a traceback."""
 
 
 # -- check-config -----------------------------------------------------------------------------
@@ -134,252 +134,6 @@ def check_config(path: str, only_changed: bool = False, out: Any = None, err: An
     return 0
 
 
-# -- queue: where the answers come from ---------------------------------------------------------
-
-
-class _Online:
-    """A running instance, over its control socket."""
-
-    def __init__(self, proto: Any) -> None:
-        from mailrelay.control import protocol
-
-        self.proto = proto
-        self.p = protocol
-
-    def list(self, after: str | None, limit: int) -> defer.Deferred[Any]:
-        d = self.proto.callRemote(self.p.ListQueue, after=after, limit=limit)
-        return d.addCallback(lambda r: (r["messages"], r["more"]))
-
-    def show(self, queue_id: str) -> defer.Deferred[Any]:
-        return self.proto.callRemote(self.p.ShowMessage, queue_id=queue_id).addCallback(
-            lambda r: r["message"]
-        )
-
-    def summary(self) -> defer.Deferred[Any]:
-        return self.proto.callRemote(self.p.Summary).addCallback(lambda r: r["summary"])
-
-    def flush(self, queue_id: str | None) -> defer.Deferred[Any]:
-        return self.proto.callRemote(self.p.Flush, queue_id=queue_id).addCallback(
-            lambda r: r["count"]
-        )
-
-    def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
-        command = {"delete": self.p.Delete, "hold": self.p.Hold, "release": self.p.Release}[action]
-        return self.proto.callRemote(command, queue_id=queue_id)
-
-
-class _Offline:
-    """A stopped instance: the filesystem spool, read (and for delete/hold/release, edited) directly."""
-
-    def __init__(self, spool_path: str) -> None:
-        from mailrelay.queue.spool import FilesystemSpool
-
-        if not os.path.isdir(os.path.join(spool_path, "queue")):
-            raise CLIError(f"no spool at {spool_path} (and no running instance)")
-        self.spool = FilesystemSpool(spool_path, None)
-
-    def _info(self, queue_id: str) -> dict[str, Any]:
-        message = self.spool.read_message(queue_id)
-        return infomod.message_info(message, self.spool.body_size(queue_id))
-
-    def _infos(self, ids: Iterable[str]) -> list[dict[str, Any]]:
-        out = []
-        for qid in ids:
-            try:
-                out.append(self._info(qid))
-            except (KeyError, FileNotFoundError):
-                continue
-        return out
-
-    def list(self, after: str | None, limit: int) -> defer.Deferred[Any]:
-        ids = [i for i in self.spool.scan_ids() if not after or i > after]
-        return defer.succeed((self._infos(ids[:limit]), len(ids) > limit))
-
-    def show(self, queue_id: str) -> defer.Deferred[Any]:
-        return defer.maybeDeferred(
-            lambda: infomod.message_detail(
-                self.spool.read_message(queue_id), self.spool.open_body(queue_id)
-            )
-        )
-
-    def summary(self) -> defer.Deferred[Any]:
-        return defer.succeed(infomod.summary(self._infos(self.spool.scan_ids()), time.time()))
-
-    def flush(self, queue_id: str | None) -> defer.Deferred[Any]:
-        return defer.fail(
-            CLIError("mailrelay is not running: messages are attempted when it starts")
-        )
-
-    def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
-        def run() -> None:
-            if action == "delete":
-                self.spool.remove_now(queue_id)
-                return
-            message = self.spool.read_message(queue_id)
-            if action == "hold":
-                self.spool.save_now(attrs.evolve(message, held=True))
-            else:
-                self.spool.save_now(attrs.evolve(message, held=False, next_attempt=0.0))
-
-        return defer.maybeDeferred(run)
-
-
-class _OfflineDatabase(_Offline):
-    """No instance answers here: the shared PostgreSQL queue (every node's), read and edited directly."""
-
-    def __init__(self, dsn: str) -> None:
-        from mailrelay.queue.postgres import PostgresQueueReader
-
-        self.spool = PostgresQueueReader(dsn)  # type: ignore[assignment]
-        self.reader = self.spool
-
-    def flush(self, queue_id: str | None) -> defer.Deferred[Any]:
-        """Due now in the shared tables; the nodes running elsewhere hear of it and attempt it."""
-
-        def run() -> int:
-            if queue_id is not None:
-                from mailrelay.control.protocol import MessageHeld
-
-                if self.reader.read_message(queue_id).held:  # KeyError: no such message
-                    raise MessageHeld(queue_id)
-            return len(self.reader.make_due(queue_id, time.time()))
-
-        return defer.maybeDeferred(run)
-
-    def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
-        """As on a stopped spool; a released message is also made due the way ``flush`` does it,
-        whose ``NOTIFY`` wakes the running nodes at once (not at their next scan)."""
-        d = super().act(action, queue_id)
-        if action == "release":
-            d.addCallback(lambda _: self.reader.make_due(queue_id, time.time()))
-        return d
-
-
-class _Merged:
-    """Every spool shard of an instance with ``[server] workers > 1``, as one queue.
-
-    Each shard answers for itself (its worker over its control socket, or its directory when
-    that worker is not running); lists are merged in id order, a command about one message goes
-    to the shard that has it.
-    """
-
-    def __init__(self, parts: list[Any]) -> None:
-        self.parts = parts
-
-    @defer.inlineCallbacks
-    def list(self, after: str | None, limit: int):  # type: ignore[no-untyped-def]
-        infos, more = [], False
-        for part in self.parts:
-            page, part_more = yield part.list(after, limit)
-            infos += page
-            more = more or part_more
-        infos.sort(key=lambda m: m["queue_id"])
-        return infos[:limit], more or len(infos) > limit
-
-    @defer.inlineCallbacks
-    def _first(self, call: Callable[[Any], defer.Deferred[Any]]):  # type: ignore[no-untyped-def]
-        """``call`` on each shard until one has the message (the others raise KeyError)."""
-        for part in self.parts:
-            try:
-                return (yield call(part))
-            except KeyError:
-                continue
-        raise KeyError("no such message")
-
-    def show(self, queue_id: str) -> defer.Deferred[Any]:
-        return self._first(lambda part: part.show(queue_id))
-
-    def act(self, action: str, queue_id: str) -> defer.Deferred[Any]:
-        return self._first(lambda part: part.act(action, queue_id))
-
-    @defer.inlineCallbacks
-    def flush(self, queue_id: str | None):  # type: ignore[no-untyped-def]
-        online = [p for p in self.parts if isinstance(p, _Online)]
-        if not online:
-            raise CLIError("mailrelay is not running: messages are attempted when it starts")
-        if queue_id is not None:
-            return (yield _Merged(online)._first(lambda part: part.flush(queue_id)))
-        counts = yield defer.gatherResults([p.flush(None) for p in online], consumeErrors=True)
-        return sum(counts)
-
-    @defer.inlineCallbacks
-    def summary(self):  # type: ignore[no-untyped-def]
-        summaries = []
-        for part in self.parts:
-            summaries.append((yield part.summary()))
-        return merge_summaries(summaries)
-
-
-def merge_summaries(summaries: list[dict[str, Any]], top: int = 50) -> dict[str, Any]:
-    """Several shards' ``queue summary`` as one: counts added up by domain and age bucket.
-
-    Exact unless a shard had more than ``top`` domains itself (its smallest are then in its
-    ``more_domains`` count only).
-    """
-    rows: dict[str, list[int]] = {}
-    first = summaries[0]
-    totals = [0] * len(first["total"])
-    for s in summaries:
-        totals = [a + b for a, b in zip(totals, s["total"], strict=True)]
-        for domain, counts in s["rows"]:
-            row = rows.setdefault(domain, [0] * len(counts))
-            rows[domain] = [a + b for a, b in zip(row, counts, strict=True)]
-    ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
-    return {
-        "buckets": first["buckets"],
-        "messages": sum(s["messages"] for s in summaries),
-        "held": sum(s["held"] for s in summaries),
-        "total": totals,
-        "rows": [[domain, counts] for domain, counts in ordered[:top]],
-        "more_domains": max(len(ordered) - top, 0) + sum(s["more_domains"] for s in summaries),
-    }
-
-
-def shard_paths(cfg: configmod.Config) -> list[str]:
-    """The spool directories of the instance: one per worker, and any a larger run left behind."""
-    from mailrelay.workers.shards import shard_path, shards_on_disk
-
-    indexes = set(range(cfg.server.workers)) | set(shards_on_disk(cfg.spool.path))
-    return [shard_path(cfg.spool.path, k) for k in sorted(indexes)]
-
-
-def _backend(reactor: Any, args: argparse.Namespace) -> defer.Deferred[Any]:
-    from mailrelay.control.client import connect, is_listening
-    from mailrelay.control.server import socket_path
-
-    cfg = configmod.load(args.config)
-    paths = shard_paths(cfg)
-    if args.socket or len(paths) == 1:
-        path = args.socket or socket_path(cfg.spool.path)
-        if is_listening(path):
-            return connect(reactor, path).addCallback(_Online)
-        if cfg.spool.backend == "postgresql":
-            return defer.maybeDeferred(_OfflineDatabase, cfg.spool.dsn)
-        return defer.maybeDeferred(_Offline, cfg.spool.path)
-    sockets = [socket_path(p) for p in paths]
-    if cfg.spool.backend == "postgresql":  # every worker sees the whole shared queue: ask one
-        live = next((s for s in sockets if is_listening(s)), None)
-        if live is not None:
-            return connect(reactor, live).addCallback(_Online)
-        return defer.maybeDeferred(_OfflineDatabase, cfg.spool.dsn)
-    return _shards(reactor, paths, sockets)
-
-
-@defer.inlineCallbacks
-def _shards(reactor: Any, paths: list[str], sockets: list[str]):  # type: ignore[no-untyped-def]
-    from mailrelay.control.client import connect, is_listening
-
-    parts: list[Any] = []
-    for path, sock in zip(paths, sockets, strict=True):
-        if is_listening(sock):
-            parts.append(_Online((yield connect(reactor, sock))))
-        elif os.path.isdir(os.path.join(path, "queue")):
-            parts.append(_Offline(path))
-    if not parts:
-        raise CLIError(f"no spool at {paths[0]} (and no running instance)")
-    return _Merged(parts)
-
-
 # -- queue: printing ---------------------------------------------------------------------------
 
 
@@ -391,10 +145,8 @@ def print_list(infos: list[dict[str, Any]], out: Any) -> None:
     for m in infos:
         mark = "!" if m["held"] else ("*" if m["active"] else " ")
         size = m["size"] if m["size"] is not None else 0
-        print(
-            f"{m['queue_id']}{mark} {size:>9} {_when(m['arrival'])}  {m['sender'] or 'MAILER-DAEMON'}",
-            file=out,
-        )
+        sender = m["sender"] or "MAILER-DAEMON"
+        print(f"{m['queue_id']}{mark} {size:>9} {_when(m['arrival'])}  {sender}", file=out)
         for r in m["recipients"]:
             if r["state"] != "pending":
                 continue
@@ -417,7 +169,8 @@ def print_show(m: dict[str, Any], out: Any) -> None:
         ("next attempt", _when(m["next_attempt"]) if not m["held"] else "-"),
         (
             "client",
-            f"{env.get('client_name') or '-'} [{env.get('client_address') or '-'}] helo={env.get('helo') or '-'}",
+            f"{env.get('client_name') or '-'} [{env.get('client_address') or '-'}]"
+            f" helo={env.get('helo') or '-'}",
         ),
         ("protocol", env.get("protocol")),
     ]
@@ -453,7 +206,7 @@ def print_summary(s: dict[str, Any], out: Any) -> None:
 
 
 @defer.inlineCallbacks
-def _queue_command(backend: Any, args: argparse.Namespace, out: Any):  # type: ignore[no-untyped-def]
+def _queue_command(backend: Any, args: argparse.Namespace, out: Any) -> Steps:
     cmd = args.queue_command
     if cmd == "list":
         after, total_size, count, every = None, 0, 0, []
@@ -499,7 +252,7 @@ def run_queue(args: argparse.Namespace, out: Any = None, err: Any = None) -> int
     code: list[int] = []
 
     def go(reactor: Any) -> defer.Deferred[None]:
-        d = defer.maybeDeferred(_backend, reactor, args)
+        d = defer.maybeDeferred(open_queue, reactor, args)
         d.addCallback(_queue_command, args, out)
 
         def failed(f: Any) -> None:

@@ -32,7 +32,7 @@ from mailrelay.delivery.observed import ObservedDeliverer
 from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
 from mailrelay.envelope import Reply
 from mailrelay.errors import ConfigError, config_errors, each_config_error
-from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter
+from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter, IStartableStore
 from mailrelay.listener import reconfigure as reconfigure_listener
 from mailrelay.listener import server_factory
 from mailrelay.metrics import RelayMetrics, metrics_site
@@ -238,9 +238,8 @@ class MailRelayService(service.MultiService):
 
     def startService(self) -> None:
         self.threadpool.start()
-        start = getattr(self.store, "start", None)
-        if start is not None:
-            start()
+        if IStartableStore.providedBy(self.store):
+            self.store.start()
         self.manager.start()
         self._start_control()
         super().startService()  # the listeners last: nothing is accepted before the queue runs
@@ -286,9 +285,8 @@ class MailRelayService(service.MultiService):
         stop_deliverer = getattr(self.deliverer, "stop", None)
         if stop_deliverer is not None:
             yield defer.maybeDeferred(stop_deliverer)
-        stop_store = getattr(self.store, "stop", None)
-        if stop_store is not None:
-            yield defer.maybeDeferred(stop_store)
+        if IStartableStore.providedBy(self.store):
+            yield defer.maybeDeferred(self.store.stop)
         close_router = getattr(self.router, "close", None)  # LDAP connections; uses the thread pool
         if close_router is not None:
             yield defer.maybeDeferred(close_router)

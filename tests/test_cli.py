@@ -35,8 +35,8 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
         'local_domains = ["example.test"]\n'
         f'[spool]\npath = "{tmp_path / "spool"}"\n'
         '[queue]\nretry_schedule = ["1m", "10m"]\nmax_lifetime = "2d"\n'
-        '[[routes]]\ntype = "static"\ndomains = ["example.test", ".example.test"]\nhosts = ["127.0.0.1:2526"]\n'
-        + extra
+        '[[routes]]\ntype = "static"\ndomains = ["example.test", ".example.test"]\n'
+        'hosts = ["127.0.0.1:2526"]\n' + extra
     )
     return path
 
@@ -147,14 +147,16 @@ def test_queue_commands_on_a_stopped_instance_read_and_edit_the_spool(tmp_path):
 
 
 def offline(*argv: str) -> tuple[int, str, str]:
-    """Run a queue command in-process against the spool (no instance runs; everything is synchronous)."""
+    """Run a queue command in-process against the spool (no instance runs; everything is
+    synchronous)."""
     import io
 
-    from mailrelay.cli import CLIError, _Offline, _queue_command, build_parser
+    from mailrelay.cli import _queue_command, build_parser
+    from mailrelay.control.sources import CLIError, offline_spool
 
     args = build_parser().parse_args(["queue", *argv])
     out, err = io.StringIO(), io.StringIO()
-    d = defer.maybeDeferred(lambda: _Offline(str(config.load(args.config).spool.path)))
+    d = defer.maybeDeferred(lambda: offline_spool(str(config.load(args.config).spool.path)))
     d.addCallback(_queue_command, args, out)
     box: list = []
     d.addBoth(box.append)
@@ -278,12 +280,14 @@ def test_queue_command_with_a_missing_config_is_one_clear_line(tmp_path):
         assert result.returncode == 1
         assert result.stderr.splitlines() == [
             f"mailrelay: {bad}: server.max_recipients: must be a whole number of at least 1, not 0",
-            f"mailrelay: {bad}: queue.max_lifetime: 'soon' is not a duration such as 30s, 5m, 4h or 5d",
+            f"mailrelay: {bad}: queue.max_lifetime: 'soon' is not a duration such as 30s, 5m,"
+            " 4h or 5d",
         ]
 
 
 def test_control_protocol_pages_the_listing_and_summarises():
-    """The responders alone, on the memory store: pages in id order, then the qshape-like summary."""
+    """The responders alone, on the memory store: pages in id order, then the qshape-like
+    summary."""
     from twisted.internet.task import Clock
 
     from mailrelay.control.server import ControlProtocol
@@ -440,3 +444,16 @@ def test_log_lines_about_counts_agree_with_their_nouns(n, text):
         for line in lines
     ), lines
     assert not any(" 1 messages" in line for line in lines), lines
+
+
+def test_check_config_runs_without_the_test_fakes(tmp_path):
+    """The product never imports ``mailrelay.testing``: check-config validates without a store."""
+    path = write_config(tmp_path, "")
+    code = (
+        "import sys\n"
+        "from mailrelay.cli import main\n"
+        f"assert main(['check-config', {str(path)!r}]) == 0\n"
+        "assert 'mailrelay.testing' not in sys.modules, 'mailrelay.testing was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -230,8 +230,8 @@ def test_worker_events_in_the_json_log_keep_their_fields_and_the_worker():
 
 
 def test_merged_summaries_add_up_by_domain_and_age():
-    from mailrelay.cli import merge_summaries
     from mailrelay.control.info import summary
+    from mailrelay.control.sources import merge_summaries
 
     now = 10_000.0
 

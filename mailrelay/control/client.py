@@ -28,5 +28,6 @@ def is_listening(path: str) -> bool:
         probe.close()
 
 
-def connect(reactor: Any, path: str, timeout: float = 10) -> defer.Deferred[amp.AMP]:
+def connect(reactor: Any, path: str, timeout: float = 10) -> defer.Deferred[Any]:
+    """A Deferred of an ``amp.AMP`` connected to the instance on ``path``."""
     return connect_protocol(UNIXClientEndpoint(reactor, path, timeout=timeout), amp.AMP())

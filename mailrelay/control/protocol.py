@@ -8,7 +8,7 @@ thousands of recipients is not cut at AMP's 64 KiB value limit. An unknown queue
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.protocols import amp
 
@@ -36,7 +36,7 @@ class MessageHeld(Exception):
     """The message is on hold: ``release`` it to have it attempted."""
 
 
-_ERRORS = {KeyError: b"NO_SUCH_MESSAGE"}
+_ERRORS: dict[type[Exception], bytes] = {KeyError: b"NO_SUCH_MESSAGE"}
 
 
 class ListQueue(amp.Command):
@@ -55,7 +55,7 @@ class ShowMessage(amp.Command):
 class Summary(amp.Command):
     """Counts of pending recipients by destination domain and age (like Postfix's qshape)."""
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
+    arguments: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     response = [(b"summary", JSONValue())]
 
 
@@ -67,24 +67,25 @@ class Flush(amp.Command):
 
 class Delete(amp.Command):
     arguments = [(b"queue_id", amp.Unicode())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     errors = _ERRORS
 
 
 class Hold(amp.Command):
     arguments = [(b"queue_id", amp.Unicode())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     errors = _ERRORS
 
 
 class Release(amp.Command):
     arguments = [(b"queue_id", amp.Unicode())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     errors = _ERRORS
 
 
 class Metrics(amp.Command):
-    """The instance's Prometheus figures in the text exposition format (a supervisor merges its workers')."""
+    """The instance's Prometheus figures in the text exposition format (a supervisor merges its
+    workers')."""
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
+    arguments: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     response = [(b"text", JSONValue())]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from collections.abc import Generator
+from typing import Any, TypeAlias
 
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -21,9 +21,12 @@ from twisted.protocols import amp
 from mailrelay._log import plural
 from mailrelay._quiet import QuietFactory
 from mailrelay.control import info, protocol
-from mailrelay.interfaces import IQueueStore
+from mailrelay.interfaces import IBatchLoader, IQueueStore
 from mailrelay.queue.manager import QueueManager
 from mailrelay.queue.store import is_queue_id
+
+#: What an ``inlineCallbacks`` generator yields and is sent: Deferreds and their results.
+Steps: TypeAlias = Generator[defer.Deferred[Any], Any, Any]
 
 log = Logger()
 
@@ -43,7 +46,7 @@ class ControlProtocol(amp.AMP):
     ) -> None:
         super().__init__()
         self.manager = manager
-        self.store = store
+        self.store: Any = store  # an IQueueStore (mypy sees no zope interface as a type)
         self.clock = clock
         self.metrics = metrics  # a prometheus_client registry, or None
         self._ids: list[str] | None = None
@@ -53,7 +56,7 @@ class ControlProtocol(amp.AMP):
             raise KeyError(queue_id)
 
     @defer.inlineCallbacks
-    def _info(self, queue_id: str, detail: bool = False):  # type: ignore[no-untyped-def]
+    def _info(self, queue_id: str, detail: bool = False) -> Steps:
         message = yield self.store.load(queue_id)
         due = self.manager.scheduled().get(queue_id)
         active = self.manager.is_active(queue_id)
@@ -66,11 +69,11 @@ class ControlProtocol(amp.AMP):
         return info.message_info(message, info.body_size(body) if body else None, due, active)
 
     @defer.inlineCallbacks
-    def _load_many(self, ids: list[str]):  # type: ignore[no-untyped-def]
-        """The messages of ``ids`` still queued; in one pass when the store can (the spool can)."""
-        load_many = getattr(self.store, "load_many", None)
-        if load_many is not None:
-            return (yield load_many(ids))
+    def _load_many(self, ids: list[str]) -> Steps:
+        """The messages of ``ids`` still queued; in one pass when the store can
+        (``IBatchLoader``)."""
+        if IBatchLoader.providedBy(self.store):
+            return (yield self.store.load_many(ids))
         out = []
         for qid in ids:
             try:
@@ -81,7 +84,7 @@ class ControlProtocol(amp.AMP):
 
     @protocol.ListQueue.responder
     @defer.inlineCallbacks
-    def list_queue(self, limit: int, after: str | None = None):  # type: ignore[no-untyped-def]
+    def list_queue(self, limit: int, after: str | None = None) -> Steps:
         if after is None or self._ids is None:
             self._ids = sorted((yield self.store.list_ids()))  # once per listing, not per page
         ids = [i for i in self._ids if i > after] if after else self._ids
@@ -101,20 +104,20 @@ class ControlProtocol(amp.AMP):
 
     @protocol.ShowMessage.responder
     @defer.inlineCallbacks
-    def show(self, queue_id: str):  # type: ignore[no-untyped-def]
+    def show(self, queue_id: str) -> Steps:
         self._check(queue_id)
         return {"message": (yield self._info(queue_id, detail=True))}
 
     @protocol.Summary.responder
     @defer.inlineCallbacks
-    def summary(self):  # type: ignore[no-untyped-def]
+    def summary(self) -> Steps:
         messages = yield self._load_many(sorted((yield self.store.list_ids())))
         infos = (info.message_info(m, None) for m in messages)
         return {"summary": info.summary(infos, self.clock.seconds())}
 
     @protocol.Flush.responder
     @defer.inlineCallbacks
-    def flush(self, queue_id: str | None = None):  # type: ignore[no-untyped-def]
+    def flush(self, queue_id: str | None = None) -> Steps:
         if queue_id is not None:
             self._check(queue_id)
             message = yield self.store.load(queue_id)  # KeyError when there is no such message
@@ -131,7 +134,7 @@ class ControlProtocol(amp.AMP):
 
     @protocol.Delete.responder
     @defer.inlineCallbacks
-    def delete(self, queue_id: str):  # type: ignore[no-untyped-def]
+    def delete(self, queue_id: str) -> Steps:
         self._check(queue_id)
         yield self.manager.delete(queue_id)
         log.info("{queue_id}: removed by the operator", queue_id=queue_id)
@@ -139,21 +142,21 @@ class ControlProtocol(amp.AMP):
 
     @protocol.Hold.responder
     @defer.inlineCallbacks
-    def hold(self, queue_id: str):  # type: ignore[no-untyped-def]
+    def hold(self, queue_id: str) -> Steps:
         self._check(queue_id)
         yield self.manager.hold(queue_id)
         log.info("{queue_id}: held by the operator", queue_id=queue_id)
         return {}
 
     @protocol.Metrics.responder
-    def metrics_text(self):  # type: ignore[no-untyped-def]
+    def metrics_text(self) -> dict[str, str]:
         from prometheus_client import generate_latest
 
         return {"text": generate_latest(self.metrics).decode() if self.metrics is not None else ""}
 
     @protocol.Release.responder
     @defer.inlineCallbacks
-    def release(self, queue_id: str):  # type: ignore[no-untyped-def]
+    def release(self, queue_id: str) -> Steps:
         self._check(queue_id)
         yield self.manager.release(queue_id)
         log.info("{queue_id}: released by the operator", queue_id=queue_id)
@@ -188,7 +191,7 @@ class ControlServer:
         self.socket_path = socket_path
         self.reactor = reactor
         self.metrics = metrics
-        self.port: IListeningPort | None = None
+        self.port: Any = None  # the IListeningPort, once listening
 
     def _factory(self) -> Factory:
         return ControlFactory.forProtocol(
@@ -196,8 +199,9 @@ class ControlServer:
         )
 
     @defer.inlineCallbacks
-    def start(self):  # type: ignore[no-untyped-def]
-        """Listen; a Deferred that fires with the port (or fails if a live instance holds the socket)."""
+    def start(self) -> Steps:
+        """Listen; a Deferred that fires with the port (or fails if a live instance holds the
+        socket)."""
         self._remove_stale()
         endpoint = UNIXServerEndpoint(self.reactor, self.socket_path, mode=0o600)
         self.port = yield endpoint.listen(self._factory())

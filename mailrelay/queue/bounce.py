@@ -6,8 +6,9 @@ RET=FULL (the default) and it is small, otherwise only its headers (``text/rfc82
 bounce of a huge message stays small. The original of an SMTPUTF8 message comes back as
 ``message/global`` (or ``message/global-headers``), and a status part with UTF-8 in it is a
 ``message/global-delivery-status`` (RFC 6533). The report is sent with SMTPUTF8 only when its
-recipient's address needs it; else these parts go base64-encoded, so a hop without it takes it. The report is produced as chunks of bytes so the caller can
-stream it into the queue like any other message.
+recipient's address needs it; else these parts go base64-encoded, so a hop without it takes it.
+The report is produced as chunks of bytes so the caller can stream it into the queue like any
+other message.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ retried) like any other; the queue manager calls ``settle`` after every attempt.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import attrs
@@ -117,9 +117,9 @@ class Notifier:
         self,
         message: QueuedMessage,
         statuses: list[RecipientStatus],
-        action: Action,  # type: ignore[no-untyped-def]
+        action: Action,
         until: float | None = None,
-    ):
+    ) -> Generator[defer.Deferred[Any], Any, None]:
         """Inject one report for ``statuses`` into the store; it is delivered like any message."""
         qid = message.queue_id
         sender = message.envelope.sender

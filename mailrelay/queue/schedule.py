@@ -32,7 +32,8 @@ def retry_delay(
 def proportional_jitter(
     random: Callable[[], float], fraction: float = 0.1
 ) -> Callable[[float], float]:
-    """A jitter that moves a delay by up to ``fraction`` of it either way, from ``random()`` in [0, 1)."""
+    """A jitter that moves a delay by up to ``fraction`` of it either way, from ``random()`` in
+    [0, 1)."""
 
     def jitter(delay: float) -> float:
         return delay * (1.0 + fraction * (2.0 * random() - 1.0))
@@ -50,7 +51,8 @@ def is_expired(message: QueuedMessage, max_lifetime: float, now: float) -> bool:
 
 
 def needs_delay_warning(message: QueuedMessage, delay_warning: float | None, now: float) -> bool:
-    """Whether to tell the sender their message is delayed (once per message, RFC 3464 "delayed")."""
+    """Whether to tell the sender their message is delayed (once per message, RFC 3464
+    "delayed")."""
     if delay_warning is None or message.warned or not message.envelope.sender:
         return False
     return now >= message.envelope.received_at + delay_warning
@@ -63,7 +65,8 @@ def next_attempt_at(
     now: float,
     jitter: Callable[[float], float] | None = None,
 ) -> float:
-    """When to try ``message`` next, after its ``message.attempts``-th attempt; never past its expiry.
+    """When to try ``message`` next, after its ``message.attempts``-th attempt; never past its
+    expiry.
 
     At expiry the manager makes one last attempt and then bounces what is still pending.
     """

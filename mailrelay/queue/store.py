@@ -48,7 +48,8 @@ def _base32(value: int) -> str:
 
 
 class QueueIdGenerator:
-    """Mints queue ids that sort by time (from the injected clock) and differ by injected randomness.
+    """Mints queue ids that sort by time (from the injected clock) and differ by injected
+    randomness.
 
     Ids are 18 characters of base32: 10 for the milliseconds since the epoch, 8 random. Sorting ids
     as text sorts the queue by arrival, which ``queue list`` and start-up recovery rely on.
@@ -76,11 +77,6 @@ class QueueIdGenerator:
         if self.shard is not None:
             rand = (self.shard << 35) | (rand & ((1 << 35) - 1))
         return _base32((millis << (5 * _RANDOM_CHARS)) | rand)
-
-
-def shard_of(queue_id: str) -> int:
-    """The worker number a sharded ``QueueIdGenerator`` put into ``queue_id``."""
-    return _ALPHABET.index(queue_id[_TIME_CHARS])
 
 
 def is_queue_id(text: str) -> bool:

@@ -1,4 +1,5 @@
-"""Bounces, delay warnings, success reports and expiry (RFC 3464/3461), parsed back with ``email``."""
+"""Bounces, delay warnings, success reports and expiry (RFC 3464/3461), parsed back with
+``email``."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ T0 = 1_700_000_000.0
 OK = Reply(250, "2.0.0", "Ok")
 LATER = Reply(451, "4.4.1", "mailbox busy")
 NOUSER = Reply(550, "5.1.1", "<b@example.test>: Recipient address rejected: User unknown")
-BODY = b"From: sender@example.org\r\nSubject: the original\r\nMessage-ID: <orig@example.org>\r\n\r\nHello there.\r\n"
+BODY = (
+    b"From: sender@example.org\r\nSubject: the original\r\nMessage-ID: <orig@example.org>\r\n"
+    b"\r\nHello there.\r\n"
+)
 DAY = 86400.0
 
 

@@ -19,8 +19,10 @@ def test_a_refused_recipient_is_bounced_to_the_sender_through_the_queue():
     refusing = SMTPSink(flags=["-f", "RCPT"], dump=False).start()
     senders = SMTPSink().start()
     relay = RelayProcess(
-        f'[[routes]]\ntype = "static"\ndomains = ["example.test"]\nhosts = ["127.0.0.1:{refusing.port}"]\n'
-        f'[[routes]]\ntype = "static"\ndomains = ["example.org"]\nhosts = ["127.0.0.1:{senders.port}"]\n'
+        f'[[routes]]\ntype = "static"\ndomains = ["example.test"]\n'
+        f'hosts = ["127.0.0.1:{refusing.port}"]\n'
+        f'[[routes]]\ntype = "static"\ndomains = ["example.org"]\n'
+        f'hosts = ["127.0.0.1:{senders.port}"]\n'
     ).start()
     try:
         with smtplib.SMTP("127.0.0.1", relay.port) as client:
@@ -28,7 +30,8 @@ def test_a_refused_recipient_is_bounced_to_the_sender_through_the_queue():
             client.mail("alice@example.org")
             client.rcpt("bob@example.test")
             client.data(
-                b"From: alice@example.org\r\nSubject: hello bob\r\nMessage-ID: <hb@example.org>\r\n\r\nhi\r\n"
+                b"From: alice@example.org\r\nSubject: hello bob\r\n"
+                b"Message-ID: <hb@example.org>\r\n\r\nhi\r\n"
             )
         senders.wait_for(1, timeout=30)
         relay.wait_log("status=bounced")

@@ -693,7 +693,7 @@ def test_who_reports_a_success_follows_the_route_and_the_hops_dsn():
     """RFC 3461 5.2.2: a final delivery (LMTP, a maildir) is ours to report as "delivered"; a hop
     that took the NOTIFY reports itself ("passed"); else we say "relayed"."""
     from mailrelay.envelope import NextHop, Route
-    from mailrelay.queue.manager import success_notice
+    from mailrelay.queue.outcome import success_notice
 
     hop = (NextHop("127.0.0.1", 25),)
     assert success_notice(Route(hop, lmtp=True), ()) == "delivered"

@@ -1,5 +1,6 @@
-"""The manager's heap-and-one-timer schedule against a plain model, on random operation sequences:
-every scheduled message is attempted once, at its latest due time, never early, never twice."""
+"""The queue manager's heap-and-one-timer schedule (``Timetable``) against a plain model, on random
+operation sequences: every scheduled message is attempted once, at its latest due time, never
+early, never twice."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from mailrelay.config import QueueConfig
-from mailrelay.queue.manager import QueueManager
-from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer
+from mailrelay.queue.timetable import Timetable
 
 IDS = [f"m{i}" for i in range(6)]
 
@@ -27,20 +26,9 @@ ops = st.lists(
 @given(ops)
 def test_schedule_matches_a_model(operations):
     clock = Clock()
-    manager = QueueManager(
-        MemoryQueueStore(clock),
-        FakeRouter({}),
-        RecordingDeliverer(),
-        clock,
-        QueueConfig(),
-        "h.test",
-        jitter=lambda d: d,
-    )
-    manager._running = True
     fired: list[tuple[float, str]] = []
-    manager._pump = lambda: (
-        fired.extend((clock.seconds(), q) for q in manager._ready) or manager._ready.clear()
-    )
+    timetable = Timetable(clock, lambda ids: fired.extend((clock.seconds(), q) for q in ids))
+    timetable.start()
     model: dict[str, float] = {}
     expected: list[tuple[float, str]] = []
 
@@ -58,13 +46,13 @@ def test_schedule_matches_a_model(operations):
     for op, qid, n in operations:
         if op == "schedule":
             at = clock.seconds() + n
-            manager._schedule(qid, at)
+            timetable.set(qid, at)
             model[qid] = at
         elif op == "unschedule":
-            manager._unschedule(qid)
+            timetable.remove(qid)
             model.pop(qid, None)
         else:
             advance(n)
     advance(1000)
     assert sorted(fired) == sorted(expected)
-    assert manager.scheduled() == {}
+    assert timetable.copy() == {}

@@ -7,11 +7,14 @@ import io
 from typing import IO
 
 import psycopg
+from zope.interface import implementer
 
 from mailrelay.envelope import QueuedMessage
+from mailrelay.interfaces import IOfflineSharedQueue
 from mailrelay.queue.postgres import queries, schema
 
 
+@implementer(IOfflineSharedQueue)
 class PostgresQueueReader:
     """Blocking access to the shared queue (the CLI's offline queue API)."""
 

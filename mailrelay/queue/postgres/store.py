@@ -47,7 +47,13 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailrelay.envelope import Envelope, QueuedMessage
-from mailrelay.interfaces import ILeasingStore, IQueueStore
+from mailrelay.interfaces import (
+    IBatchLoader,
+    ILeasingStore,
+    IQueueStore,
+    IScheduleLoader,
+    IStartableStore,
+)
 from mailrelay.queue.postgres import queries
 from mailrelay.queue.postgres.bodies import BodyCache
 from mailrelay.queue.postgres.connections import Connections, Database
@@ -60,7 +66,7 @@ from mailrelay.queue.store import QueueIdGenerator, is_queue_id
 log = Logger()
 
 
-@implementer(IQueueStore, ILeasingStore)
+@implementer(IQueueStore, ILeasingStore, IStartableStore, IScheduleLoader, IBatchLoader)
 class PostgresStore:
     """``IQueueStore`` + ``ILeasingStore`` on a PostgreSQL database shared by several nodes.
 

@@ -36,7 +36,13 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailrelay.envelope import Envelope, QueuedMessage
-from mailrelay.interfaces import IQueueStore
+from mailrelay.interfaces import (
+    IBatchLoader,
+    IOfflineQueue,
+    IQueueStore,
+    IScheduleLoader,
+    IStartableStore,
+)
 from mailrelay.queue.spool.format import RECEIVING
 from mailrelay.queue.spool.jobs import Commit, Remove, Save, Scan, WriterJob
 from mailrelay.queue.spool.pipeline import IdSet, Pipeline
@@ -57,7 +63,7 @@ _READERS = 2  # threads reading the schedule at start-up
 _FSYNC_THREADS = 16
 
 
-@implementer(IQueueStore)
+@implementer(IQueueStore, IStartableStore, IScheduleLoader, IBatchLoader, IOfflineQueue)
 class FilesystemSpool:
     """``IQueueStore`` on a local directory; see the package docstring.
 
