@@ -75,7 +75,9 @@ class Notifier:
         return self._settle(message, tried)
 
     @defer.inlineCallbacks
-    def _settle(self, message: QueuedMessage, tried: list[int]):  # type: ignore[no-untyped-def]
+    def _settle(
+        self, message: QueuedMessage, tried: list[int]
+    ) -> Generator[defer.Deferred[Any], Any, QueuedMessage]:
         now = self.clock.seconds()
         statuses = list(message.statuses)
         failed = [statuses[i] for i in tried if statuses[i].state is RecipientState.FAILED]

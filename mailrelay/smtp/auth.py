@@ -96,7 +96,8 @@ class HashedPasswordFile:
             raise error.UnauthorizedLogin("bad user name or password")
         return username
 
-    def requestAvatarId(self, creds: Any) -> defer.Deferred[str]:
+    # The avatar id is the user name as str; ICredentialsChecker's stub says bytes only.
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
         username = (
             creds.username.decode("utf-8", "replace")
             if isinstance(creds.username, bytes)
