@@ -3,7 +3,7 @@
     .venv/bin/python bench/soak.py                       # 10^6 parser cases, 20,000 whole sessions
     .venv/bin/python bench/soak.py --cases 10000000 --sessions 200000 --seed 7
 
-1. The sans-I/O parser fuzz of tests/reliability/fuzzing.py (same invariants: no hang, bounded
+1. The sans-I/O parser fuzz of tests/support/reliability/fuzzing.py (same invariants: no hang, bounded
    buffer, no end of data without a real CRLF "." CRLF, no bare CR/LF in text, no relay trick).
 2. Whole sessions: the same random streams through the real server protocol and session in memory
    (relay-access policy, a recording sink), cut at random points; no failure may be logged, the
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from twisted.logger import globalLogPublisher  # noqa: E402
 
 from mailrelay.config import ServerConfig  # noqa: E402
-from tests.reliability.fuzzing import FuzzFailure, fuzz, random_stream  # noqa: E402
-from tests.smtp.fakes import Conn  # noqa: E402
+from tests.support.reliability.fuzzing import FuzzFailure, fuzz, random_stream  # noqa: E402
+from tests.support.smtp.fakes import Conn  # noqa: E402
 
 CONFIG = ServerConfig(
     hostname="mx.example.test",

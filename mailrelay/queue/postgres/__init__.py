@@ -3,8 +3,8 @@ parts and their thread model), ``PostgresQueueReader`` for the CLI, ``schema`` f
 ``mailrelay db upgrade``."""
 
 from mailrelay.queue.postgres.offline import PostgresQueueReader
-from mailrelay.queue.postgres.queries import decode as _decode  # tests/queue/test_spool.py
-from mailrelay.queue.postgres.queries import encode as _encode  # tests/queue/test_spool.py
+from mailrelay.queue.postgres.queries import decode as _decode  # tests/unit/queue/test_spool.py
+from mailrelay.queue.postgres.queries import encode as _encode  # tests/unit/queue/test_spool.py
 from mailrelay.queue.postgres.schema import SchemaError
 from mailrelay.queue.postgres.store import PostgresStore
 

@@ -7,7 +7,7 @@ reader take 256 bytes from each file's end instead of the whole envelope: for 10
 messages about a second less of start-up, most of it holding the GIL.
 
 It relies on ``message_to_dict`` writing ``"next_attempt"`` then ``"held"`` as its last two keys,
-in compact JSON (``format.encode_state``); tests/queue/test_spool_fast.py pins that order. A raw
+in compact JSON (``format.encode_state``); tests/unit/queue/test_spool_fast.py pins that order. A raw
 ``"`` cannot occur inside a JSON string, so the pattern cannot match inside a recipient's address.
 Where it does not match (a state written otherwise), the caller decodes the whole state.
 """
