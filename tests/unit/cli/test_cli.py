@@ -4,7 +4,6 @@ against a running queue over its control socket (the real console script, in a s
 from __future__ import annotations
 
 import os
-import re
 import stat
 import subprocess
 import sys
@@ -332,51 +331,6 @@ def test_summary_says_one_message_and_one_domain_in_the_singular(n, noun):
     )
     assert out.getvalue().splitlines()[-1] == f"{n} {noun}, 0 held"
     assert (f"(and {n} more {'domain' if n == 1 else 'domains'})" in out.getvalue()) == (n > 0)
-
-
-@pytest.mark.integration
-def test_cli_against_a_running_twistd_instance_and_after_it_stops(tmp_path):
-    import smtplib
-
-    from tests.support.peers import free_port
-    from tests.support.relay import RelayProcess
-
-    dead = free_port()  # nothing listens there: every attempt is deferred
-    relay = RelayProcess(
-        f'[queue]\nretry_schedule = ["1h"]\n[[routes]]\ntype = "static"\ndomains = ["*"]\n'
-        f'hosts = ["127.0.0.1:{dead}"]\n'
-    ).start()
-    try:
-        with smtplib.SMTP("127.0.0.1", relay.port) as client:
-            client.sendmail(
-                "s@example.org", ["r@example.test"], b"Subject: stuck\r\n\r\nwaiting\r\n"
-            )
-            client.sendmail("s@example.org", ["q@example.test"], b"Subject: doomed\r\n\r\nbye\r\n")
-        relay.wait_log("status=deferred")
-        assert os.path.exists(relay.spool / "control.sock")
-        listed = cli("queue", "list", "--config", str(relay.config))
-        assert listed.returncode == 0, listed.stderr
-        ids = re.findall(r"^([0-9A-Z]{18})[ !*]", listed.stdout, re.M)
-        assert (
-            len(ids) == 2
-            and "r@example.test" in listed.stdout
-            and "in 2 Requests." in listed.stdout
-        )
-        doomed = next(
-            i
-            for i in ids
-            if "Subject: doomed" in cli("queue", "show", i, "--config", str(relay.config)).stdout
-        )
-        assert cli("queue", "delete", doomed, "--config", str(relay.config)).returncode == 0
-        flushed = cli("queue", "flush", "--config", str(relay.config))
-        assert flushed.returncode == 0 and "flushed 1 message" in flushed.stdout
-    finally:
-        relay.stop()
-    # stopped: the spool is read directly
-    offline_list = cli("queue", "list", "--config", str(relay.config))
-    assert offline_list.returncode == 0 and "in 1 Request." in offline_list.stdout
-    assert doomed not in offline_list.stdout
-    relay.cleanup()
 
 
 def _main_modules() -> list[str]:

@@ -1,11 +1,10 @@
 """LMTP delivery (RFC 2033): LHLO, and one reply per recipient after the final dot.
 
-In memory against scripted replies, then through a real relay to Postfix's ``smtp-sink -L``.
+In memory against scripted replies (through a real relay to Postfix's ``smtp-sink -L``:
+tests/integration/delivery/test_lmtp_sink.py).
 """
 
 from __future__ import annotations
-
-import smtplib
 
 import pytest
 
@@ -15,9 +14,6 @@ from mailrelay.errors import ConfigError
 from mailrelay.routing.context import RouterContext
 from mailrelay.routing.static import StaticRouter
 from mailrelay.smtp.client import SMTPClientProtocol
-from tests.support.peers import SMTPSink
-from tests.support.relay import RelayProcess
-from tests.support.reliability.helpers import route_to
 from tests.unit.smtp.test_client import Conn
 
 ENV = Envelope("a@x.test", (Recipient("b@y.test"), Recipient("c@y.test"), Recipient("d@y.test")))
@@ -98,34 +94,3 @@ def test_static_route_protocol_option():
     config.loads(
         '[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["h:24"]\nprotocol = "lmtp"\n'
     )
-
-
-@pytest.mark.integration
-def test_relay_delivers_over_lmtp_to_smtp_sink():
-    sink = SMTPSink(flags=["-L"]).start()
-    relay = RelayProcess(route_to(sink.port, route_extra='protocol = "lmtp"')).start()
-    try:
-        with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
-            for i in range(3):  # over one cached LMTP connection: the replies must stay in step
-                client.sendmail(
-                    "a@example.org",
-                    ["u1@example.test", "u2@example.test", "u3@example.test"],
-                    f"Subject: lmtp {i}\r\n\r\nhello\r\n".encode(),
-                )
-        sink.wait_for(3)
-        relay.wait_log("status=sent")
-        import time
-
-        deadline = time.monotonic() + 20
-        while relay.log_text().count("status=sent") < 9 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        log = relay.log_text()
-        assert log.count("status=sent") == 9, log[-3000:]
-        assert "status=deferred" not in log
-        assert {tuple(t.recipients) for t in sink.transactions()} == {
-            ("u1@example.test", "u2@example.test", "u3@example.test")
-        }
-        assert relay.stop() == 0
-    finally:
-        relay.cleanup()
-        sink.stop()
