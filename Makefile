@@ -1,4 +1,4 @@
-# mailrelay — the two commands people run: `make run` and `make test`.
+# mailrelay — the commands people run: `make run`, `make unit` and `make test`.
 # Each bootstraps .venv itself; nothing has to be installed by hand first.
 
 SHELL := /bin/bash
@@ -12,11 +12,13 @@ COMPAT := --config-settings editable_mode=compat
 PYTEST_ARGS ?= --durations=10
 BENCH_ARGS ?=
 
-.PHONY: help run test lint pytest deps docs bench soak clean distclean
+.PHONY: help run unit test lint typecheck pytest deps docs bench soak clean distclean
 
 help:
 	@echo "make run      run mailrelay in the foreground with $(CONFIG) (Ctrl-C stops it)"
-	@echo "make test     install what the tests need, then ruff + the whole pytest suite"
+	@echo "make unit     the unit tests (tests/unit: in memory, no root, no peers; under a minute)"
+	@echo "make test     install what the tests need (root: Debian packages), then ruff, mypy and"
+	@echo "              the whole pytest suite (tests/unit and tests/integration)"
 	@echo "make docs     build the Sphinx docs (warnings are errors) into docs/_build/html"
 	@echo "make bench    end-to-end benchmark: mailrelay vs Postfix vs aiosmtpd (bench/README.md)"
 	@echo "make soak     long-running tests (pytest -m soak) and a fresh-seed fuzz run (bench/soak.py)"
@@ -45,6 +47,16 @@ run: $(VENV)/.installed
 	mkdir -p var
 	$(BIN)/twistd -n --pidfile= mailrelay --config $(CONFIG)
 
+# --- make unit: no root, no Debian packages, no peers ----------------------------------------
+# Hypothesis keeps its example database and pytest its cache in the (possibly read-only) tree
+# otherwise: both go to a temporary directory, so any user can run it from any checkout.
+
+UNIT_TMP ?= $(or $(TMPDIR),/tmp)/mailrelay-unit-$(shell id -u)
+
+unit: $(VENV)/.installed-test
+	HYPOTHESIS_STORAGE_DIRECTORY=$(UNIT_TMP)/hypothesis \
+	$(BIN)/pytest -o cache_dir=$(UNIT_TMP)/pytest-cache -m "not soak" $(PYTEST_ARGS) tests/unit
+
 # --- make test ------------------------------------------------------------------------------
 
 deps:
@@ -53,11 +65,15 @@ deps:
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+
 pytest: $(VENV)/.installed-test deps
 	$(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
 
 test: $(VENV)/.installed-test deps
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
 
 # --- the rest -------------------------------------------------------------------------------
