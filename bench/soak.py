@@ -3,7 +3,8 @@
     .venv/bin/python bench/soak.py                       # 10^6 parser cases, 20,000 whole sessions
     .venv/bin/python bench/soak.py --cases 10000000 --sessions 200000 --seed 7
 
-1. The sans-I/O parser fuzz of tests/support/reliability/fuzzing.py (same invariants: no hang, bounded
+1. The sans-I/O parser fuzz of tests/support/reliability/fuzzing.py (same invariants: no hang,
+bounded
    buffer, no end of data without a real CRLF "." CRLF, no bare CR/LF in text, no relay trick).
 2. Whole sessions: the same random streams through the real server protocol and session in memory
    (relay-access policy, a recording sink), cut at random points; no failure may be logged, the

@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         sys.stderr.write(f"embed: {e}\n")
         return 1
-    # The relay logs through twisted.logger; a program of its own (not twistd) says where the lines go.
+    # The relay logs through twisted.logger; a program of its own (not twistd) says where the lines
+    # go.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     app = build(cfg, argv[2] if len(argv) > 2 else "tcp:8080:interface=127.0.0.1")
     app.startService()

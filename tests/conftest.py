@@ -1,6 +1,8 @@
 """The test suite's one conftest: registers the shared fixtures of ``tests/support`` for both
-``tests/unit`` and ``tests/integration``, and marks every test under ``tests/integration`` as
-``integration`` (``-m "not integration"`` and ``tests/unit`` then select the same tests)."""
+``tests/unit`` and ``tests/integration``; marks every test under ``tests/integration`` as
+``integration`` (``-m "not integration"`` and ``tests/unit`` then select the same tests); and
+leaves ``soak`` tests out unless the ``-m`` expression names them (``make soak``: ``-m soak``), so
+a plain ``pytest tests/unit`` is the quick run."""
 
 from __future__ import annotations
 
@@ -19,7 +21,13 @@ pytest_plugins = [
 INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(INTEGRATION):
             item.add_marker(pytest.mark.integration)
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak")]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]

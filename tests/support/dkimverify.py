@@ -21,7 +21,8 @@ SCRIPT = Path(__file__).with_name("dkim_verify.pl")
 
 
 def dkim_zone(domain: str, selector: str, record: str) -> str:
-    """A zone for ``domain`` publishing ``record`` (a DKIM key record) at ``selector._domainkey``."""
+    """A zone for ``domain`` publishing ``record`` (a DKIM key record) at
+    ``selector._domainkey``."""
     strings = " ".join(
         f'"{record[i : i + 200]}"' for i in range(0, len(record), 200)
     )  # 255 at most each
@@ -51,7 +52,8 @@ def opendkim(message: bytes, dns_port: int, zones: list[str]) -> list[tuple[str,
     asks only our DNS server, for ``zones``."""
     binary = require("opendkim")
     with tempfile.TemporaryDirectory(prefix="mailrelay-opendkim-") as d:
-        # every name, ours and any other ("." too), is asked of our server only: nothing leaves loopback
+        # every name, ours and any other ("." too), is asked of our server only: nothing leaves
+        # loopback
         stubs = "".join(
             f'stub-zone:\n    name: "{z}"\n    stub-addr: 127.0.0.1@{dns_port}\n'
             for z in [*zones, "."]

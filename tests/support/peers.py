@@ -1,7 +1,8 @@
 """Real external peers for integration tests, started on loopback in temp dirs, stopped by PID.
 
 Only the project's own code: nothing here depends on ../shared. Each helper finds the binary on
-PATH and skips the test (``pytest.skip``) when the Debian package is missing and cannot be installed;
+PATH and skips the test (``pytest.skip``) when the Debian package is missing and cannot be
+installed;
 ``make test`` installs them first, so in CI they are always there.
 """
 
@@ -50,9 +51,11 @@ def wait_listening(
 def flood_unread(
     s: socket.socket, data: bytes, stall: float = 1.0, done: Callable[[], bool] | None = None
 ) -> int:
-    """A client that never reads its replies: after the greeting, write ``data`` and read nothing until
+    """A client that never reads its replies: after the greeting, write ``data`` and read nothing
+    until
     all is sent or the server takes no more, which ``done()`` tells where the test sees the server's
-    state, else no byte taken for ``stall`` seconds does; → bytes sent. Leaves ``s`` non-blocking."""
+    state, else no byte taken for ``stall`` seconds does; → bytes sent. Leaves ``s``
+    non-blocking."""
     s.recv(1024)  # the greeting
     s.setblocking(False)
     sent, stuck_since = 0, None
@@ -247,7 +250,8 @@ class SMTPSink:
 
 @pytest.fixture
 def smtp_sink() -> Iterator[SMTPSink]:
-    """A started, dumping smtp-sink on a free port; ``smtp_sink.wait_for(n)`` waits for n messages."""
+    """A started, dumping smtp-sink on a free port; ``smtp_sink.wait_for(n)`` waits for n
+    messages."""
     sink = SMTPSink().start()
     try:
         yield sink

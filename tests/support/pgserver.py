@@ -1,4 +1,5 @@
-"""The real PostgreSQL of the test machine (127.0.0.1:5432, trust): started if down, one schema per test.
+"""The real PostgreSQL of the test machine (127.0.0.1:5432, trust): started if down, one schema per
+test.
 
 Each test gets a fresh schema of a unique name and a DSN whose ``search_path`` points at it, and the
 schema is dropped afterwards, so tests never see (or touch) each other's or anyone else's tables.

@@ -1,4 +1,5 @@
-"""A relay for end-to-end tests: a real ``twistd -n mailrelay`` child process in a temp dir on a free
+"""A relay for end-to-end tests: a real ``twistd -n mailrelay`` child process in a temp dir on a
+free
 port, or a MailRelayService in the test's own reactor (``run_in_process``)."""
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from tests.support.peers import free_port, stop_child, wait_listening
 
 
 class RelayProcess:
-    """Writes ``mailrelay.toml`` (``[server] listen`` and ``[spool] path`` filled in) and runs twistd.
+    """Writes ``mailrelay.toml`` (``[server] listen`` and ``[spool] path`` filled in) and runs
+    twistd.
 
     ``config_body`` is the rest of the TOML (routes, queue, ...), without ``listen``/``path``.
     ``args`` are extra ``twistd mailrelay`` options (``["--log-format", "json"]``).
@@ -194,7 +196,8 @@ def run_in_process(
     relay: MailRelayService, client: Callable[[int], object], then: Callable[[], Any] = lambda: None
 ) -> Generator[Any, Any, Any]:
     """Start ``relay``, run ``client(port)`` (its first listener's port) in a thread, then wait for
-    ``then()`` (a value or a Deferred) and stop the relay whatever happened; → ``then()``'s result."""
+    ``then()`` (a value or a Deferred) and stop the relay whatever happened; → ``then()``'s
+    result."""
     relay.startService()
     try:
         yield relay.listeners[0].listening
@@ -208,7 +211,8 @@ def run_in_process(
 @defer.inlineCallbacks
 def wait_until(condition: Callable[[], Any], timeout: float) -> Generator[Any, Any, bool]:
     """Poll ``condition()`` (a value or a Deferred) without blocking the reactor until it is true or
-    ``timeout`` seconds have passed; → whether it came true (the caller asserts, with its context)."""
+    ``timeout`` seconds have passed; → whether it came true (the caller asserts, with its
+    context)."""
     deadline = time.monotonic() + timeout
     while not (yield defer.maybeDeferred(condition)):
         if time.monotonic() > deadline:

@@ -6,8 +6,8 @@ regular expression in the last 200 bytes costs 0.5 µs (measured here, CPython 3
 reader take 256 bytes from each file's end instead of the whole envelope: for 100,000 queued
 messages about a second less of start-up, most of it holding the GIL.
 
-It relies on ``message_to_dict`` writing ``"next_attempt"`` then ``"held"`` as its last two keys,
-in compact JSON (``format.encode_state``); tests/unit/queue/test_spool_fast.py pins that order. A raw
+It relies on ``message_to_dict`` writing ``"next_attempt"`` then ``"held"`` as its last two keys, in
+compact JSON (``format.encode_state``); tests/unit/queue/test_spool_fast.py pins that order. A raw
 ``"`` cannot occur inside a JSON string, so the pattern cannot match inside a recipient's address.
 Where it does not match (a state written otherwise), the caller decodes the whole state.
 """

@@ -1,4 +1,5 @@
-"""STARTTLS to a real Postfix (private instance) with a test CA: verify, encrypt, wrong name, wrong CA."""
+"""STARTTLS to a real Postfix (private instance) with a test CA: verify, encrypt, wrong name, wrong
+CA."""
 
 from __future__ import annotations
 
@@ -92,8 +93,9 @@ def arrived(peers: Peers, tag: str, body: bytes, timeout: float = 20.0) -> list[
 @pytest_twisted.ensureDeferred
 async def test_verify_with_right_name_delivers_over_tls(peers: Peers) -> None:
     body = (
-        b"From: verify@example.org\r\nTo: rcpt@example.test\r\nDate: Wed, 25 Nov 2026 09:00:00 +0000\r\n"
-        b"Message-ID: <verify@example.org>\r\nSubject: verified\r\n\r\n.secret line\r\n..two\r\n"
+        b"From: verify@example.org\r\nTo: rcpt@example.test\r\nDate: Wed, 25 Nov 2026 09:00:00 "
+        b"+0000\r\nMessage-ID: <verify@example.org>\r\nSubject: verified\r\n\r\n.secret "
+        b"line\r\n..two\r\n"
     )
     results, tls = await deliver(
         peers,

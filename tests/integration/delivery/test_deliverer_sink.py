@@ -51,7 +51,8 @@ async def deliver(route: Route, body: bytes, env: Envelope = ENV) -> list[tuple[
 
 
 def sessions(sink: SMTPSink, at_least: int, timeout: float = 10.0) -> int:
-    """Sessions smtp-sink counted, less the readiness probe (its counters lag: wait for ``at_least``)."""
+    """Sessions smtp-sink counted, less the readiness probe (its counters lag: wait for
+    ``at_least``)."""
     deadline = time.monotonic() + timeout
     while True:
         counters = (sink.dir / "counters").read_bytes().replace(b"\r", b"\n").split(b"\n")

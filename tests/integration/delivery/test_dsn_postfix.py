@@ -130,7 +130,7 @@ def no_smtputf8(tmp_path):
 
 
 @pytest_twisted.inlineCallbacks
-def test_the_report_of_an_smtputf8_message_reaches_its_ascii_sender_through_a_postfix_without_smtputf8(
+def test_the_report_of_an_smtputf8_message_reaches_its_ascii_sender_via_a_postfix_without_smtputf8(
     tmp_path, no_smtputf8
 ):
     """RFC 6533: the original comes back as message/global; the report is not marked SMTPUTF8

@@ -1,4 +1,5 @@
-"""examples/embed.py runs: its own web page and a relay in one process; mail flows; SIGTERM exits 0."""
+"""examples/embed.py runs: its own web page and a relay in one process; mail flows; SIGTERM exits
+0."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ def test_embed_example_serves_its_page_and_relays_mail(tmp_path, smtp_sink):
     smtp_port, web_port = free_port(), free_port()
     cfg = tmp_path / "relay.toml"
     cfg.write_text(
-        f'[server]\nhostname = "embed.mailrelay.test"\nlisten = ["tcp:{smtp_port}:interface=127.0.0.1"]\n'
-        f'[spool]\npath = "{tmp_path / "spool"}"\n'
-        f'[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:{smtp_sink.port}"]\n'
+        f'[server]\nhostname = "embed.mailrelay.test"\nlisten = '
+        f'["tcp:{smtp_port}:interface=127.0.0.1"]\n[spool]\npath = '
+        f'"{tmp_path / "spool"}"\n[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = '
+        f'["127.0.0.1:{smtp_sink.port}"]\n'
     )
     proc = subprocess.Popen(
         [sys.executable, str(EXAMPLE), str(cfg), f"tcp:{web_port}:interface=127.0.0.1"],

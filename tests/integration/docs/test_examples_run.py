@@ -1,5 +1,6 @@
 """The config ``make run`` uses really starts a relay, and the README's recipe, run as written,
-lands mail in var/mail. (The examples checked in memory: tests/unit/docs/test_examples_config.py.)"""
+lands mail in var/mail. (The examples checked in memory:
+tests/unit/docs/test_examples_config.py.)"""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ TWISTD = Path(sys.executable).parent / "twistd"
 @contextmanager
 def make_run(conf: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """``make run``'s command with ``conf``, in its directory (log: twistd.log there), listening on
-    ``port`` (else the test fails with the log); stopped by SIGTERM, else SIGKILL, when the block ends."""
+    ``port`` (else the test fails with the log); stopped by SIGTERM, else SIGKILL, when the block
+    ends."""
     log_path = conf.parent / "twistd.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
@@ -91,7 +93,8 @@ def test_make_run_config_starts(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_readme_recipe_lands_in_var_mail(tmp_path: Path) -> None:
     """The README's recipe as a new user runs it: ``make run``'s command with the example config (in
-    a fresh directory, on a free port), the README's swaks command, and the message in var/mail/new."""
+    a fresh directory, on a free port), the README's swaks command, and the message in
+    var/mail/new."""
     port = free_port()
     text = MAKE_RUN_CONFIG.read_text()
     assert "tcp:2525:" in text

@@ -12,7 +12,10 @@ from tests.support.relay import RelayProcess
 
 pytestmark = pytest.mark.integration
 
-BODY = b"From: s@example.org\r\nSubject: retried\r\nMessage-ID: <retry@example.org>\r\n\r\nagain and again\r\n"
+BODY = (
+    b"From: s@example.org\r\nSubject: retried\r\nMessage-ID: <retry@example.org>\r\n\r\nagain and "
+    b"again\r\n"
+)
 
 
 @pytest.mark.parametrize(

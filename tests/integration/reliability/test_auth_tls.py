@@ -119,9 +119,12 @@ def test_auth_refused_in_plaintext_brute_force_cut_and_secrets_never_logged(
     delivered = b"".join(sink.messages())
     print(
         f"\nAUTH: plaintext → {plaintext.decode().strip()}; 3 wrong passwords over TLS → "
-        f"{attempts[2].decode().strip()!r} then {farewell.decode().strip()!r}, closed={after}; right password → 235 and relayed; "
-        f"{len(secrets)} secrets searched in {len(log)} octets of log, {len(stored)} of relay files, "
-        f"{len(delivered)} delivered: found {[s for s in secrets if s in log or s.encode() in stored]}"
+        f"{attempts[2].decode().strip()!r} then {farewell.decode().strip()!r}, closed={after}; "
+        f"right password → 235 and relayed; "
+        f"{len(secrets)} secrets searched in {len(log)} octets of log, {len(stored)} of relay "
+        f"files, "
+        f"{len(delivered)} delivered: found "
+        f"{[s for s in secrets if s in log or s.encode() in stored]}"
     )
     assert (
         "alice" in log
@@ -158,8 +161,9 @@ def test_plaintext_transaction_injected_after_starttls_is_never_delivered(relays
     time.sleep(1.0)
     got = wait_for_ids(sink, ["<honest@client.example>"], timeout=1)
     print(
-        f"\nSTARTTLS injection (server): MAIL after TLS without EHLO → {after_tls.decode().strip()}; "
-        f"RCPT without MAIL → {rcpt.decode().strip()}; at the sink: {dict(got)}"
+        f"\nSTARTTLS injection (server): MAIL after TLS without EHLO → "
+        f"{after_tls.decode().strip()}; RCPT without MAIL → {rcpt.decode().strip()}; at the sink: "
+        f"{dict(got)}"
     )
     assert after_tls.startswith(b"503 5.5.1") and rcpt.startswith(b"503 5.5.1")
     assert got == {"<honest@client.example>": 1}
@@ -187,7 +191,8 @@ def test_next_hop_without_starttls_gets_nothing_under_a_tls_policy(relays, sinks
     deferred = [ln for ln in log.splitlines() if "status=deferred" in ln]
     print(
         f"\ndowngrade under tls = {policy!r}: {len(deferred)} attempts deferred, e.g. "
-        f"{deferred[0].split('status=')[-1] if deferred else '-'}; messages at the sink: {sink.count()}"
+        f"{deferred[0].split('status=')[-1] if deferred else '-'}; messages at the sink: "
+        f"{sink.count()}"
     )
     assert len(deferred) >= 2 and all("4.7.4" in ln for ln in deferred)
     assert sink.messages() == [] and sink.count() == 0
@@ -268,7 +273,8 @@ async def test_our_client_ignores_text_injected_after_starttls(tls_files) -> Non
         await d.stop()
     server.join(10)
     print(
-        f"\nSTARTTLS injection (client): first line over TLS {server.over_tls[:1]}, sent before our EHLO "
+        f"\nSTARTTLS injection (client): first line over TLS {server.over_tls[:1]}, sent before "
+        f"our EHLO "
         f"answer {server.early!r}, result {results[0][0]}"
     )
     assert server.error is None, server.error

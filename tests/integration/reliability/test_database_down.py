@@ -149,8 +149,9 @@ def test_database_down_never_accepts_unsaved_and_resumes(relays, sinks):
     finally:
         pg.cleanup()
     print(
-        f"\nPostgreSQL down: replies while down {[r.decode().strip()[:40] for r in down]}; relay alive: {alive}; "
-        f"after it returned → {after.decode().strip()[:40]}; at the sink: {dict(got)}"
+        f"\nPostgreSQL down: replies while down {[r.decode().strip()[:40] for r in down]}; relay "
+        f"alive: {alive}; after it returned → {after.decode().strip()[:40]}; at the sink: "
+        f"{dict(got)}"
     )
     assert alive
     assert all(r[:1] == b"4" for r in down), (

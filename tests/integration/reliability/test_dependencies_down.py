@@ -2,7 +2,8 @@
 
 Mail accepted meanwhile is deferred with a temporary status (never bounced) and delivered once the
 name server answers again; mail to the relay keeps being accepted all along.
-(LDAP down is covered in tests/integration/routing/test_ldap_relay.py; the PostgreSQL queue is not here yet.)
+(LDAP down is covered in tests/integration/routing/test_ldap_relay.py; the PostgreSQL queue is not
+here yet.)
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def test_dns_server_stopped_defers_and_delivery_resumes_when_it_returns(relays, 
         nsd.stop()
     log = relay.log_text()
     print(
-        f"\nDNS down: accepted while down → {sorted({d[:9].decode() for d in down})}; {len(deferred)} deferrals "
-        f"({sorted({d for d, _ in deferred})}, e.g. {deferred[0][1] if deferred else '-'}); after NSD returned: "
-        f"{dict(got)}"
+        f"\nDNS down: accepted while down → {sorted({d[:9].decode() for d in down})}; "
+        f"{len(deferred)} deferrals ({sorted({d for d, _ in deferred})}, e.g. "
+        f"{deferred[0][1] if deferred else '-'}); after NSD returned: {dict(got)}"
     )
     assert all(d.startswith(b"250 2.0.0") for d in down)
     assert len(deferred) >= 6 and all(dsn.startswith("4.") for dsn, _ in deferred)

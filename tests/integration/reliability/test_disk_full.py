@@ -78,7 +78,8 @@ def test_disk_full_gives_452_and_the_relay_recovers_when_space_returns(sinks):
             assert send(c2, "second@disk.test").startswith(b"250 2.0.0")
         got = wait_for_ids(sink, ["<after@disk.test>", "<second@disk.test>"], timeout=20)
         print(
-            f"\ndisk full: 3 MiB message on a 2 MiB spool → {too_big.decode().strip()}; disk filled "
+            f"\ndisk full: 3 MiB message on a 2 MiB spool → {too_big.decode().strip()}; disk "
+            f"filled "
             f"({filled} octets of ballast) → 3 × {full[0].decode().strip()}; space freed → "
             f"{ok.decode().strip()}; delivered {dict(got)}"
         )

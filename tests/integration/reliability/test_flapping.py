@@ -92,8 +92,10 @@ def test_flapping_next_hop_retries_and_delivers_everything_when_it_recovers(rela
             s.cleanup()
     log = relay.log_text()
     print(
-        f"\nflapping next hop: {N} messages, {len(deferrals(log))} deferrals over {len(PHASES)} bad phases, "
-        f"{sum(got.values())} delivered when it recovered, {at_flaky} taken by the hop that hung up "
+        f"\nflapping next hop: {N} messages, {len(deferrals(log))} deferrals over {len(PHASES)} "
+        f"bad phases, "
+        f"{sum(got.values())} delivered when it recovered, {at_flaky} taken by the hop that hung "
+        f"up "
         f"after the dot (no reply: retried, as RFC 5321 6.1 allows)"
     )
     print("\n".join(report))
@@ -191,9 +193,9 @@ def test_tls_handshake_failures_defer_until_the_hop_heals(relays, tmp_path):
     )
     log = relay.log_text()
     print(
-        f"\nTLS handshake failures: {hop.broken_handshakes} broken handshakes, {len(failed)} deferrals "
-        f"(e.g. {failed[0] if failed else '-'}); healed → {len(hop.messages)} messages over TLS, "
-        f"{len(ids)} distinct, none in plaintext"
+        f"\nTLS handshake failures: {hop.broken_handshakes} broken handshakes, {len(failed)} "
+        f"deferrals (e.g. {failed[0] if failed else '-'}); healed → {len(hop.messages)} messages "
+        f"over TLS, {len(ids)} distinct, none in plaintext"
     )
     assert len(failed) >= 2 * N and all("4.7.5" in d or "tls" in d.lower() for d in failed), failed[
         :3

@@ -103,8 +103,9 @@ def test_a_flooding_next_hop_is_cut_off_with_bounded_memory(relays):
         hop.join(5)
     deferred = [ln.split("status=")[1] for ln in log.splitlines() if "status=deferred" in ln]
     print(
-        f"\nhostile hop ({', '.join(MODES)}): {hop.connections} connections, it got {hop.sent // 1024} KiB out "
-        f"before we hung up ({hop.sent // max(1, hop.connections) // 1024} KiB each); relay peak RSS "
+        f"\nhostile hop ({', '.join(MODES)}): {hop.connections} connections, it got "
+        f"{hop.sent // 1024} KiB out before we hung up "
+        f"({hop.sent // max(1, hop.connections) // 1024} KiB each); relay peak RSS "
         f"+{(peak - base) // 1024} MiB; deferrals:"
     )
     for d in deferred:

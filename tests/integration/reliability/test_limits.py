@@ -75,7 +75,8 @@ def test_huge_headers_tiny_lines_and_oversize_streams_stay_bounded(relays, sinks
         # 3. a 1 GB declared SIZE: refused at MAIL, the session goes on
         out["SIZE=1GB"] = c.cmd("MAIL FROM:<a@example.org> SIZE=1073741824")
         assert c.cmd("NOOP").startswith(b"250")
-        # 4. and a stream that really is bigger than the limit: read and thrown away, 552 after the dot
+        # 4. and a stream that really is bigger than the limit: read and thrown away, 552 after the
+        # dot
         out["oversize stream"] = send_text(
             c,
             repeat(
@@ -90,7 +91,8 @@ def test_huge_headers_tiny_lines_and_oversize_streams_stay_bounded(relays, sinks
     print(
         f"\nlimits (scale {scale}): "
         + "; ".join(f"{k} → {v.decode().strip()[:40]}" for k, v in out.items())
-        + f"; relay RSS {base} KiB at start, {rss} KiB after, peak {peak} KiB (+{(peak - base) // 1024} MiB)"
+        + f"; relay RSS {base} KiB at start, {rss} KiB after, peak {peak} KiB "
+        f"(+{(peak - base) // 1024} MiB)"
     )
     assert out["huge headers"].startswith(b"250 2.0.0")
     assert out["tiny lines"].startswith(b"250 2.0.0")
@@ -141,9 +143,10 @@ def test_ten_thousand_recipients_get_clear_replies(relays, sinks):
     got = wait_for_ids(sink, ["<many@limits.test>"], timeout=30)
     [t] = sink.transactions()
     print(
-        f"\n10,000 RCPTs: {codes.count(b'250 2.1.5')} × 250 2.1.5, {codes.count(b'452 4.5.3')} × 452 4.5.3, "
-        f"DATA → {final.decode().strip()[:30]}, delivered to {len(t.recipients)}; peak RSS +{(peak - base)} KiB; "
-        f"with the default limits: {len(flood)} replies, last {flood[-1].decode()}, then closed"
+        f"\n10,000 RCPTs: {codes.count(b'250 2.1.5')} × 250 2.1.5, {codes.count(b'452 4.5.3')} × "
+        f"452 4.5.3, DATA → {final.decode().strip()[:30]}, delivered to {len(t.recipients)}; peak "
+        f"RSS +{(peak - base)} KiB; with the default limits: {len(flood)} replies, last "
+        f"{flood[-1].decode()}, then closed"
     )
     assert codes == [b"250 2.1.5"] * 100 + [b"452 4.5.3"] * 9_900
     assert final.startswith(b"250 2.0.0") and got == {"<many@limits.test>": 1}
@@ -206,8 +209,8 @@ def test_deeply_nested_mime_in_a_bounce_is_bounded(depth: int) -> None:
         policy=email.policy.compat32,
     )
     print(
-        f"\nnested MIME depth {depth}: original {len(original)} octets, report {len(report)} octets, "
-        f"build peak {peak // 1024} KiB"
+        f"\nnested MIME depth {depth}: original {len(original)} octets, report {len(report)} "
+        f"octets, build peak {peak // 1024} KiB"
     )
     assert parsed.get_content_type() == "multipart/report"
     assert (
@@ -225,7 +228,8 @@ def test_deeply_nested_mime_in_a_bounce_is_bounded(depth: int) -> None:
 
 def test_original_holding_the_report_boundary_cannot_end_the_report_early() -> None:
     """RFC 2046 5.1.1: the boundary must not occur in the encapsulated text. The queue id is told to
-    the client ("queued as ...") so a sender can predict the boundary and try to close the report."""
+    the client ("queued as ...") so a sender can predict the boundary and try to close the
+    report."""
     plain = _failed(b"Subject: x\r\n\r\nhello\r\n")
     boundary = email.message_from_bytes(plain).get_boundary()
     assert boundary
@@ -269,8 +273,8 @@ def test_a_client_that_pipelines_and_never_reads_costs_no_memory(relays):
         sent = flood_unread(s, flood)  # until the relay reads no more
         _, peak = rss_kib(relay.proc.pid)
     print(
-        f"\nnever-reading client: sent {sent // MIB} of {len(flood) // MIB} MiB; relay RSS {base} KiB at start, "
-        f"peak {peak} KiB (+{(peak - base) // 1024} MiB)"
+        f"\nnever-reading client: sent {sent // MIB} of {len(flood) // MIB} MiB; relay RSS {base} "
+        f"KiB at start, peak {peak} KiB (+{(peak - base) // 1024} MiB)"
     )
     assert sent < len(flood), "the relay read all of it from a client that reads nothing"
     assert peak - base < 8 * 1024

@@ -103,10 +103,11 @@ def test_thousand_idle_connections_the_limits_hold(relays, sinks):
             s.close()
     got = wait_for_ids(sink, ["<during@slowloris.test>"], timeout=20)
     print(
-        f"\nslowloris: {IDLE} idle connections from {IDLE // PER_IP} addresses; 51st from one address → "
-        f"{per_ip.decode().strip()}; over the total → {total.decode().strip()}; well-behaved client during "
-        f"the crowd → {during.decode().strip()[:30]}; RSS {rss_before} KiB before, {rss_full} KiB with "
-        f"{IDLE} connections, peak {peak} KiB (+{(peak - rss_before) // 1024} MiB)"
+        f"\nslowloris: {IDLE} idle connections from {IDLE // PER_IP} addresses; 51st from one "
+        f"address → {per_ip.decode().strip()}; over the total → {total.decode().strip()}; "
+        f"well-behaved client during the crowd → {during.decode().strip()[:30]}; RSS {rss_before} "
+        f"KiB before, {rss_full} KiB with {IDLE} connections, peak {peak} KiB "
+        f"(+{(peak - rss_before) // 1024} MiB)"
     )
     assert per_ip.startswith(b"421 4.7.0"), per_ip
     assert total.startswith(b"421 4.7.0"), total
@@ -133,7 +134,8 @@ def test_thousand_idle_connections_all_time_out(relays, sinks):
     got = wait_for_ids(sink, ["<after@slowloris.test>"], timeout=20)
     kinds = {t[:9] for t in timeouts}
     print(
-        f"\nslowloris timeouts: {len(crowd)} idle connections → {sorted(kinds)}, {closed} closed by the relay; "
+        f"\nslowloris timeouts: {len(crowd)} idle connections → {sorted(kinds)}, {closed} closed "
+        f"by the relay; "
         f"a well-behaved client afterwards → {after.decode().strip()[:30]}"
     )
     assert kinds == {b"421 4.4.2"}, kinds
@@ -211,8 +213,9 @@ def test_one_byte_a_second_clients_do_not_starve_well_behaved_ones(relays, sinks
             t.join(5)
     got = wait_for_ids(sink, [f"<fine{i}@trickle.test>" for i in range(5)], timeout=20)
     print(
-        f"\ntricklers: {PER_IP} clients at 2 bytes/s from one address; one more → {refused.decode().strip()}; "
-        f"5 well-behaved messages meanwhile → {sorted({r[:9].decode() for r in replies})}"
+        f"\ntricklers: {PER_IP} clients at 2 bytes/s from one address; one more → "
+        f"{refused.decode().strip()}; 5 well-behaved messages meanwhile → "
+        f"{sorted({r[:9].decode() for r in replies})}"
     )
     assert refused.startswith(b"421 4.7.0")
     assert all(r.startswith(b"250 2.0.0") for r in replies)
@@ -240,8 +243,8 @@ def test_a_command_line_trickled_slower_than_the_idle_timeout_is_cut_off(relays)
         x.stopping.set()
         x.join(5)
     print(
-        f"\ntricklers at 1 byte per 0.4 s against a 1 s timeout: commands cut off after {t.lasted} s "
-        f"({t.sent} bytes), DATA cut off after {d.lasted} s ({d.sent} bytes), last reply "
+        f"\ntricklers at 1 byte per 0.4 s against a 1 s timeout: commands cut off after {t.lasted} "
+        f"s ({t.sent} bytes), DATA cut off after {d.lasted} s ({d.sent} bytes), last reply "
         f"{d.received.splitlines()[-1:]}"
     )
     assert t.lasted is not None, "a trickling client outlived five idle timeouts"

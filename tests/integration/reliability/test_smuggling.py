@@ -93,8 +93,8 @@ def test_inbound_fake_end_of_data_yields_at_most_one_message(relays, sinks):
     want = good | {f"<outer{i}@client.example>" for i in accepted}
     got = wait_for_ids(sink, want, timeout=30)
     print(
-        f"\nsmuggling inbound: {len(FAKE_ENDS)} fake ends, {len(FAKE_ENDS) - len(accepted)} rejected whole "
-        f"(550 5.6.0), {len(accepted)} accepted as one message (NUL variants), "
+        f"\nsmuggling inbound: {len(FAKE_ENDS)} fake ends, {len(FAKE_ENDS) - len(accepted)} "
+        f"rejected whole (550 5.6.0), {len(accepted)} accepted as one message (NUL variants), "
         f"{sum(got.values())} messages at the sink for {len(want)} expected"
     )
     for fake, reply in outcomes:
@@ -114,7 +114,8 @@ def test_inbound_fake_end_of_data_yields_at_most_one_message(relays, sinks):
 
 
 def test_bdat_text_holding_crlf_dot_crlf_is_relayed_out_as_one_message(relays, sinks):
-    """BDAT text may hold CRLF "." CRLF as plain text; relayed out over DATA it must stay one message."""
+    """BDAT text may hold CRLF "." CRLF as plain text; relayed out over DATA it must stay one
+    message."""
     sink = sinks()
     relay = relays(route_to(sink.port))
     body = (
@@ -140,7 +141,8 @@ def test_bdat_text_holding_crlf_dot_crlf_is_relayed_out_as_one_message(relays, s
 
 @pytest_twisted.ensureDeferred
 async def test_our_client_never_sends_an_ambiguous_end_of_data(sinks) -> None:
-    """Text with every fake end (as a BINARYMIME or an embedder's store could hold) → one message each."""
+    """Text with every fake end (as a BINARYMIME or an embedder's store could hold) → one message
+    each."""
     sink = sinks()
     env = Envelope("a@example.org", (Recipient("b@example.test"),))
     route = Route((NextHop("127.0.0.1", sink.port),))
@@ -161,8 +163,8 @@ async def test_our_client_never_sends_an_ambiguous_end_of_data(sinks) -> None:
     want = [f"<out{i}@relay.test>" for i in range(len(FAKE_ENDS))] + ["<outall@relay.test>"]
     got = wait_for_ids(sink, want, timeout=20)
     print(
-        f"\nsmuggling outbound: {len(bodies)} bodies with fake ends sent, {sink.count()} messages counted "
-        f"by smtp-sink, {sum(got.values())} dumped"
+        f"\nsmuggling outbound: {len(bodies)} bodies with fake ends sent, {sink.count()} messages "
+        f"counted by smtp-sink, {sum(got.values())} dumped"
     )
     assert got == {m: 1 for m in want}
     assert sink.count() == len(bodies)

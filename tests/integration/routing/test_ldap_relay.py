@@ -56,7 +56,8 @@ def test_verified_at_rcpt_rewritten_routed_and_deferred_while_slapd_is_down(
         while sum(len(t.recipients) for t in transactions) < 2:
             time.sleep(0.05)
             transactions = smtp_sink.transactions()
-        # mailRoutingAddress rewrote both; mailHost mx1.example.test and example.test's MX lead to the sink
+        # mailRoutingAddress rewrote both; mailHost mx1.example.test and example.test's MX lead to
+        # the sink
         assert sorted(r for t in transactions for r in t.recipients) == [
             "alice@mailstore1.example.test",
             "postmaster@example.test",

@@ -1,4 +1,5 @@
-"""MTA-STS against real peers: NSD serves the TXT, A and MX records, a real HTTPS server the policies
+"""MTA-STS against real peers: NSD serves the TXT, A and MX records, a real HTTPS server the
+policies
 (certificate from a test CA), a private Postfix with STARTTLS stands for the MX hosts (smtp-sink
 behind it). The router and the deliverer run in this process, on the real reactor.
 
@@ -72,11 +73,18 @@ mta-sts.nowhere      A     127.0.0.3
 """
 
 POLICIES = {
-    "mta-sts.good.test": "version: STSv1\r\nmode: enforce\r\nmx: mx.good.test\r\nmx: *.other.test\r\nmax_age: 86400\r\n",
-    "mta-sts.unlisted.test": "version: STSv1\nmode: enforce\nmx: *.elsewhere.test\nmax_age: 86400\n",
+    "mta-sts.good.test": (
+        "version: STSv1\r\nmode: enforce\r\nmx: mx.good.test\r\nmx: *.other.test\r\nmax_age: "
+        "86400\r\n"
+    ),
+    "mta-sts.unlisted.test": (
+        "version: STSv1\nmode: enforce\nmx: *.elsewhere.test\nmax_age: 86400\n"
+    ),
     "mta-sts.badcert.test": "version: STSv1\nmode: enforce\nmx: mx.badcert.test\nmax_age: 86400\n",
     "mta-sts.testing.test": "version: STSv1\nmode: testing\nmx: *.elsewhere.test\nmax_age: 86400\n",
-    "mta-sts.wrongname.test": "version: STSv1\nmode: enforce\nmx: *.elsewhere.test\nmax_age: 86400\n",
+    "mta-sts.wrongname.test": (
+        "version: STSv1\nmode: enforce\nmx: *.elsewhere.test\nmax_age: 86400\n"
+    ),
 }
 
 

@@ -1,4 +1,5 @@
-"""Mail in, mail out: a real ``twistd -n mailrelay`` between Python clients and Postfix's smtp-sink."""
+"""Mail in, mail out: a real ``twistd -n mailrelay`` between Python clients and Postfix's
+smtp-sink."""
 
 from __future__ import annotations
 
@@ -215,7 +216,8 @@ def test_duplicate_recipients_reach_the_next_hop_once(smtp_sink, relay_factory):
 
 def test_trusted_clients_are_not_held_to_the_per_ip_cap(smtp_sink, relay_factory):
     """Postfix exempts mynetworks from its client limits: 127.0.0.1 (trusted by default) keeps 20
-    sessions open at once under max_connections_per_ip = 10, and smtp-source -s 50 gets all through."""
+    sessions open at once under max_connections_per_ip = 10, and smtp-source -s 50 gets all
+    through."""
     relay = relay_factory("[server]\nmax_connections_per_ip = 10\n" + route_to(smtp_sink.port))
     held = [socket.create_connection(("127.0.0.1", relay.port), timeout=10) for _ in range(20)]
     try:

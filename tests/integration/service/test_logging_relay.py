@@ -118,8 +118,9 @@ def test_default_log_has_no_twisted_start_stop_lines(tmp_path, smtp_sink):
     nsd = NSD().start()
     metrics = free_port()
     relay = RelayProcess(
-        f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n'
-        f'[[routes]]\ntype = "mx"\nnameservers = ["127.0.0.1:{nsd.port}"]\nport = {smtp_sink.port}\n'
+        f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n[[routes]]\ntype = '
+        f'"mx"\nnameservers = ["127.0.0.1:{nsd.port}"]\nport = '
+        f"{smtp_sink.port}\n"
     )
     try:
         relay.start()

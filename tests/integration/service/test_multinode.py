@@ -136,7 +136,8 @@ def test_three_nodes_one_killed_every_acknowledged_message_arrives(total):
             print(
                 f"\nmultinode: {total} messages, {len(expected)} acknowledged by 3 nodes "
                 f"(node on port {victim_ports} killed at {total // 2}), {len(missing)} lost, "
-                f"{len(in_flight)} in flight at the kill, {sum(n - 1 for n in duplicates.values())} "
+                f"{len(in_flight)} in flight at the kill, "
+                f"{sum(n - 1 for n in duplicates.values())} "
                 f"delivered twice"
             )
             assert not missing, f"lost {len(missing)} acknowledged messages: {sorted(missing)[:5]}"

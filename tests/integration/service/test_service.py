@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 def relay_config(
     tmp_path, sink_port: int, *, server: str = "", domain: str = "*", source: str = "embedded.toml"
 ) -> config.Config:
-    """One listener on a free port, one static route for ``domain``; ``server``: more [server] keys."""
+    """One listener on a free port, one static route for ``domain``; ``server``: more [server]
+    keys."""
     return config.loads(
         f"""
 [server]
@@ -64,7 +65,8 @@ def test_embedded_service_relays_and_stops_cleanly(tmp_path, smtp_sink):
 
 def test_bad_route_config_fails_when_built_naming_the_key(tmp_path):
     cfg = config.loads(
-        f'[spool]\npath = "{tmp_path}"\n[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:99999"]\n',
+        f'[spool]\npath = "{tmp_path}"\n[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = '
+        f'["127.0.0.1:99999"]\n',
         "bad.toml",
     )
     with pytest.raises(ConfigError) as e:
@@ -82,7 +84,8 @@ def test_unknown_router_type_is_a_config_error(tmp_path):
 def test_the_service_reports_what_the_config_names_and_every_route_at_once_before_making_the_spool(
     tmp_path,
 ):
-    """What twistd relies on to build the routes once, as the service starts (not in a check before)."""
+    """What twistd relies on to build the routes once, as the service starts (not in a check
+    before)."""
     cfg = config.loads(
         f'[server]\nlisten = ["tcpp:2525"]\n[spool]\npath = "{tmp_path}/spool"\n'
         '[[routes]]\ntype = "nosuch"\n[[routes]]\ntype = "static"\ndomains = ["*"]\n'

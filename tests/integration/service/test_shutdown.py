@@ -51,7 +51,8 @@ def test_a_message_in_flight_at_sigterm_is_accepted_and_delivered_and_the_relay_
             assert c.cmd("RCPT TO:<b@example.test>").startswith(b"250")
             assert c.cmd("DATA").startswith(b"354")
             c.send(
-                b"Subject: in flight at SIGTERM\r\nMessage-ID: <inflight@relay.test>\r\n\r\nfirst half\r\n"
+                b"Subject: in flight at SIGTERM\r\nMessage-ID: <inflight@relay.test>\r\n\r\nfirst "
+                b"half\r\n"
             )
             sigterm(relay)
             relay.wait_log("waiting for 1 sessions to finish")
@@ -73,7 +74,8 @@ def test_a_message_in_flight_at_sigterm_is_accepted_and_delivered_and_the_relay_
             relay.start()
             sink.wait_for(1, 20)
         print(
-            f"\nmessage in flight at SIGTERM delivered {'before exit' if delivered_before_exit else 'after restart'}"
+            f"\nmessage in flight at SIGTERM delivered "
+            f"{'before exit' if delivered_before_exit else 'after restart'}"
         )
         body = sink.messages()[0]
         assert b"first half\nsecond half\n" in body.replace(b"\r\n", b"\n")
@@ -123,7 +125,8 @@ def test_at_the_deadline_a_stalled_transaction_is_cut_and_nothing_half_written_r
 
 
 def test_a_message_caught_by_the_stop_before_its_delivery_stays_due_at_once():
-    """The queue stopping between routing and delivery must not push the message to its next retry."""
+    """The queue stopping between routing and delivery must not push the message to its next
+    retry."""
     from twisted.internet import defer, task
 
     from mailrelay.config import QueueConfig

@@ -123,9 +123,9 @@ def test_a_port_in_use_names_the_key_the_endpoint_and_the_reason_under_twistd(tm
         smtp, metrics = (s.getsockname()[1] for s in taken)
         path = tmp_path / "mailrelay.toml"
         path.write_text(
-            f'[server]\nhostname = "relay.example.test"\nlisten = ["tcp:{smtp}:interface=127.0.0.1"]\n'
-            f'[spool]\npath = "{tmp_path}/spool"\n'
-            f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n'
+            f'[server]\nhostname = "relay.example.test"\nlisten = '
+            f'["tcp:{smtp}:interface=127.0.0.1"]\n[spool]\npath = '
+            f'"{tmp_path}/spool"\n[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n'
         )
         assert check_config(path).returncode == 0  # the running instance's own port is no error
         result = twistd(path)
@@ -145,7 +145,8 @@ def test_a_dsn_that_does_not_parse_is_an_error_of_the_file_a_database_down_is_no
     text = '[spool]\nbackend = "postgresql"\ndsn = "{}"\n'
     bad = config.loads(text.format("host=127.0.0.1 port"), "pg.toml")
     assert [str(e) for e in problems(bad)] == [
-        'pg.toml: spool.dsn: not a PostgreSQL connection string: missing "=" after "port" in connection info string'
+        'pg.toml: spool.dsn: not a PostgreSQL connection string: missing "=" after "port" in '
+        "connection info string"
     ]
     assert problems(config.loads(text.format("host=127.0.0.1 port=1 dbname=down"), "pg.toml")) == []
 
@@ -161,9 +162,9 @@ def test_a_proxy_protocol_listener_is_refused_until_the_session_can_see_the_clie
         "lb.toml",
     )
     assert [str(e) for e in problems(cfg)] == [
-        "lb.toml: server.listen[1]: 'haproxy:tcp:2526:interface=127.0.0.1': the PROXY protocol is not "
-        "supported: the session would see the proxy's address, not the client's (and trust it where "
-        "trusted_networks do)"
+        "lb.toml: server.listen[1]: 'haproxy:tcp:2526:interface=127.0.0.1': the PROXY protocol is "
+        "not supported: the session would see the proxy's address, not the client's (and trust it "
+        "where trusted_networks do)"
     ]
 
 
@@ -175,15 +176,18 @@ def test_an_embedder_gets_config_errors_not_the_loaders_exceptions(tmp_path):
     with pytest.raises(ConfigError) as e:
         MailRelayService(cfg)
     assert str(e.value).splitlines() == [
-        "embedded.toml: server.listen[0]: 'tcpp:2525' is not an endpoint: Unknown endpoint type: 'tcpp'",
-        "embedded.toml: server.listen[1]: 'tcp:x' is not an endpoint: invalid literal for int() with base 10: 'x'",
+        "embedded.toml: server.listen[0]: 'tcpp:2525' is not an endpoint: Unknown endpoint type: "
+        "'tcpp'",
+        "embedded.toml: server.listen[1]: 'tcp:x' is not an endpoint: invalid literal for int() "
+        "with base 10: 'x'",
     ]
 
 
 def test_check_config_builds_an_ldap_route_as_the_relay_does(tmp_path):
     path = tmp_path / "mailrelay.toml"
     path.write_text(
-        f'[spool]\npath = "{tmp_path}/spool"\n[[routes]]\ntype = "ldap"\nuri = "ldap://127.0.0.1:1"\n'
+        f'[spool]\npath = "{tmp_path}/spool"\n[[routes]]\ntype = "ldap"\nuri = '
+        f'"ldap://127.0.0.1:1"\n'
         'base = "dc=example,dc=test"\n'
     )
     result = check_config(path)

@@ -1,4 +1,5 @@
-"""``[server] workers = 2`` end to end: a real ``twistd mailrelay`` supervisor, its worker processes,
+"""``[server] workers = 2`` end to end: a real ``twistd mailrelay`` supervisor, its worker
+processes,
 smtp-source / smtplib clients and smtp-sink as the next hop."""
 
 from __future__ import annotations
@@ -309,12 +310,12 @@ def test_a_listener_the_supervisor_cannot_bind_stops_it_with_a_clear_error(smtp_
         relay.start()  # "listening": the port is, by our socket
         assert relay.proc is not None and relay.proc.wait(timeout=20) != 0
         assert (
-            f"server.listen[0]: 'tcp:{relay.port}:interface=127.0.0.1': cannot listen: Address already in use"
-            in relay.log_text()
+            f"server.listen[0]: 'tcp:{relay.port}:interface=127.0.0.1': cannot listen: Address "
+            f"already in use" in relay.log_text()
         )
         assert (
-            f"metrics.listen: 'tcp:{metrics_port}:interface=127.0.0.1': cannot listen: Address already in use"
-            in relay.log_text()
+            f"metrics.listen: 'tcp:{metrics_port}:interface=127.0.0.1': cannot listen: Address "
+            f"already in use" in relay.log_text()
         )
         assert "worker 0 started" not in relay.log_text()
     finally:

@@ -1,4 +1,5 @@
-"""A throwaway test CA and server certificates, made with ``cryptography`` (nothing from the system)."""
+"""A throwaway test CA and server certificates, made with ``cryptography`` (nothing from the
+system)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
 
 class PostfixRelay:
-    """``PostfixRelay(nexthop_port, name=..., tls_key=..., tls_chain=...).start()``; ``.log()``, ``.stop()``."""
+    """``PostfixRelay(nexthop_port, name=..., tls_key=..., tls_chain=...).start()``; ``.log()``,
+    ``.stop()``."""
 
     def __init__(
         self,

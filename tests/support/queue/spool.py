@@ -1,4 +1,5 @@
-"""The spool fixture and its parts: a spool whose fsyncs are recorded and can be held (``GatedFsync``)."""
+"""The spool fixture and its parts: a spool whose fsyncs are recorded and can be held
+(``GatedFsync``)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from tests.support.relay import RelayProcess
 
 @pytest.fixture
 def relays() -> Iterator[Callable[..., RelayProcess]]:
-    """``relays(config_body, **kw)`` → a started ``RelayProcess``, stopped and removed afterwards."""
+    """``relays(config_body, **kw)`` → a started ``RelayProcess``, stopped and removed
+    afterwards."""
     made: list[RelayProcess] = []
 
     def make(body: str = "", start: bool = True, **kw: object) -> RelayProcess:

@@ -165,7 +165,8 @@ def _overlapping(data: bytes, needle: bytes) -> int:
 
 
 def check_path(arg: str, prefix: str, stats: FuzzStats) -> None:
-    """The MAIL/RCPT argument parsers raise only PathError, and access never lets a trick through."""
+    """The MAIL/RCPT argument parsers raise only PathError, and access never lets a trick
+    through."""
     try:
         inner, rest = p.split_path(arg, prefix)
         path = p.parse_path(inner, allow_null=prefix == "FROM", allow_postmaster=prefix == "TO")
@@ -254,7 +255,8 @@ def run_case(data: bytes, rng: random.Random, stats: FuzzStats) -> None:
 
 
 def fuzz(cases: int, seed: int, measure_memory: int = 500) -> FuzzStats:
-    """Run ``cases`` seeded cases; the first ``measure_memory`` under tracemalloc (peak recorded)."""
+    """Run ``cases`` seeded cases; the first ``measure_memory`` under tracemalloc (peak
+    recorded)."""
     rng = random.Random(seed)
     stats = FuzzStats()
     for i in range(cases):

@@ -9,7 +9,8 @@ from twisted.python.failure import Failure
 
 
 def result_of(d: Any) -> Any:
-    """The value a fired Deferred holds (or ``d`` itself when it is not a Deferred); raises its failure."""
+    """The value a fired Deferred holds (or ``d`` itself when it is not a Deferred); raises its
+    failure."""
     if not isinstance(d, defer.Deferred):
         return d
     box: list[Any] = []

@@ -20,7 +20,8 @@ from twisted.names import dns
 
 from tests.support.peers import free_port, require, stop_child
 
-# The zone of the integration tests: every MX host is on 127.0.0.x or ::1, so one SMTP port serves all.
+# The zone of the integration tests: every MX host is on 127.0.0.x or ::1, so one SMTP port serves
+# all.
 ZONE = """\
 $ORIGIN test.
 $TTL 60
@@ -54,7 +55,8 @@ empty             TXT   "exists, but no MX, A or AAAA"
 
 
 class NSD:
-    """``NSD(zones={"test": ZONE}).start()``; ``.port``; ``.stop()`` (and start again: same port)."""
+    """``NSD(zones={"test": ZONE}).start()``; ``.port``; ``.stop()`` (and start again: same
+    port)."""
 
     def __init__(self, zones: dict[str, str] | None = None, port: int | None = None) -> None:
         self.binary = require("nsd")
@@ -156,7 +158,8 @@ def _answers_soa(port: int, zone: str) -> bool:
 
 @pytest.fixture(scope="module")
 def nsd() -> Iterator[NSD]:
-    """NSD serving ``ZONE`` (zone ``test.``) on 127.0.0.1 and ::1, one free port, for a whole module."""
+    """NSD serving ``ZONE`` (zone ``test.``) on 127.0.0.1 and ::1, one free port, for a whole
+    module."""
     server = NSD().start()
     try:
         yield server

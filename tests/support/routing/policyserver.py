@@ -24,7 +24,8 @@ class Answer:
 
 
 class PolicyServer:
-    """``PolicyServer(key, chain).start()``; ``.port``, ``.set(...)``, ``.requests``; ``.stop()``."""
+    """``PolicyServer(key, chain).start()``; ``.port``, ``.set(...)``, ``.requests``;
+    ``.stop()``."""
 
     def __init__(self, key: Path, chain: Path) -> None:
         self.answers: dict[str, Answer] = {}

@@ -1,4 +1,5 @@
-"""A real OpenLDAP slapd on loopback with mail routing entries (misc.schema's inetLocalMailRecipient).
+"""A real OpenLDAP slapd on loopback with mail routing entries (misc.schema's
+inetLocalMailRecipient).
 
 back-mdb in a temp dir, entries loaded offline with ``slapadd`` before start, served on
 ``ldap://127.0.0.1:PORT/``. ``stop()`` and ``start()`` again keep the data and the port, so tests
@@ -117,7 +118,8 @@ class Slapd:
         extra_ldif: str = "",
         tls: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
-        """``tls`` = (CA PEM, certificate PEM, key PEM): StartTLS on ``uri`` and ``ldaps_uri`` too."""
+        """``tls`` = (CA PEM, certificate PEM, key PEM): StartTLS on ``uri`` and ``ldaps_uri``
+        too."""
         self.binary = require("slapd")
         self.slapadd = require("slapadd")
         self.port = port or free_port()
@@ -218,7 +220,8 @@ access to *
 
 @pytest.fixture(scope="module")
 def slapd() -> Iterator[Slapd]:
-    """A started slapd with the routing entries, shared by a module (tests that stop it make their own)."""
+    """A started slapd with the routing entries, shared by a module (tests that stop it make their
+    own)."""
     server = Slapd().start()
     try:
         yield server

@@ -1,4 +1,5 @@
-"""Domains compare in one canonical form: IDNA 2008 without mappings, so a look-alike is no match."""
+"""Domains compare in one canonical form: IDNA 2008 without mappings, so a look-alike is no
+match."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def test_the_parser_refuses_a_look_alike_in_either_path(domain: str) -> None:
     c = Conn()
     c.ehlo()
     c.send(
-        f"MAIL FROM:<a@{domain}> SMTPUTF8\r\nMAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@{domain}>\r\n"
+        f"MAIL FROM:<a@{domain}> SMTPUTF8\r\nMAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT "
+        f"TO:<b@{domain}>\r\n"
     )
     assert [(code, text[:5]) for code, text in c.replies()] == [
         (501, "5.1.7"),

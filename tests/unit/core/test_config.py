@@ -110,7 +110,10 @@ def test_errors_name_file_key_and_reason(text, expected):
 
 
 def test_binarymime_offered_only_when_every_route_carries_it():
-    one = "[[routes]]\ntype = 'static'\ndomains = ['a.test']\nhosts = ['127.0.0.1:2526']\nbinarymime = true\n"
+    one = (
+        "[[routes]]\ntype = 'static'\ndomains = ['a.test']\nhosts = ['127.0.0.1:2526']\nbinarymime "
+        "= true\n"
+    )
     other = "[[routes]]\ntype = 'mx'\n"
     assert config.loads(one).binarymime
     assert config.loads(one).routes[0].options == {
@@ -182,17 +185,20 @@ def test_no_routes_means_every_domain_by_mx_as_without_a_file(routes):
 def test_every_error_of_a_file_is_reported_at_once_each_on_its_line():
     with pytest.raises(ConfigError) as e:
         config.loads(
-            'nosuch = 1\n[server]\nmax_recipients = 0\nidle_timeout = "soon"\nlisten = [1, "tcp:25"]\n'
+            'nosuch = 1\n[server]\nmax_recipients = 0\nidle_timeout = "soon"\nlisten = [1, '
+            '"tcp:25"]\n'
             "[queue]\nretry_schedule = []\n[[routes]]\nhosts = []\n",
             "relay.toml",
         )
     assert str(e.value).splitlines() == [
-        "relay.toml: nosuch: unknown section (known: server, spool, queue, delivery, routes, metrics, dkim)",
+        "relay.toml: nosuch: unknown section (known: server, spool, queue, delivery, routes, "
+        "metrics, dkim)",
         "relay.toml: server.listen[0]: must be a string, not int",
         "relay.toml: server.max_recipients: must be a whole number of at least 1, not 0",
         "relay.toml: server.idle_timeout: 'soon' is not a duration such as 30s, 5m, 4h or 5d",
         "relay.toml: queue.retry_schedule: must have at least one interval",
-        "relay.toml: routes[0].type: missing: every [[routes]] needs a type (static, mx, ldap or a plugin's name)",
+        "relay.toml: routes[0].type: missing: every [[routes]] needs a type (static, mx, ldap or "
+        "a plugin's name)",
     ]
 
 

@@ -1,4 +1,5 @@
-"""MaildirDeliverer and ByRouteDeliverer: a maildir route's message lands in ``new/``, whole, once per
+"""MaildirDeliverer and ByRouteDeliverer: a maildir route's message lands in ``new/``, whole, once
+per
 recipient; a file that cannot be written is a 451 to retry; other routes go to the network."""
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ def _toml_blocks(text: str) -> list[str]:
 
 @pytest.mark.parametrize("page", ["configuration.rst", "quickstart.rst"])
 def test_toml_examples_in_docs_load(page: str) -> None:
-    """Every TOML example in the docs is a valid config, so the docs cannot drift from the loader."""
+    """Every TOML example in the docs is a valid config, so the docs cannot drift from the
+    loader."""
     blocks = _toml_blocks((DOCS / page).read_text())
     if page == "configuration.rst":
         assert blocks, "configuration.rst lost its complete example"
@@ -126,7 +127,8 @@ def test_documented_defaults_match_config() -> None:
 
 
 def test_readme_lists_every_docs_page():
-    """README.md is where a new user starts: it links every page of docs/ (and no page that is gone)."""
+    """README.md is where a new user starts: it links every page of docs/ (and no page that is
+    gone)."""
     readme = (DOCS.parent / "README.md").read_text()
     linked = set(re.findall(r"\]\(docs/([\w-]+)\.rst\)", readme))
     pages = {p.stem for p in DOCS.glob("*.rst")} - {"index"}

@@ -35,7 +35,10 @@ def test_a_plugin_needs_only_the_package():
 def test_importing_the_package_stays_light():
     """``RouterContext`` and ``MailRelayService`` are imported on first use: ``import mailrelay``
     (the CLI, a plugin's import) does not pull in every router and its libraries."""
-    code = "import sys, mailrelay; print(sorted(m for m in ('mailrelay.routing', 'mailrelay.service') if m in sys.modules))"
+    code = (
+        "import sys, mailrelay; print(sorted(m for m in ('mailrelay.routing', 'mailrelay.service') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
     )

@@ -29,9 +29,11 @@ SEED = 20261125
 def test_parser_fuzz_hundred_thousand_cases() -> None:
     stats = fuzz(100_000, SEED)
     print(
-        f"\nparser fuzz: {stats.cases} cases, {stats.octets / 1e6:.1f} MB, events {dict(stats.events)}, "
+        f"\nparser fuzz: {stats.cases} cases, {stats.octets / 1e6:.1f} MB, events "
+        f"{dict(stats.events)}, "
         f"{stats.messages} messages ended cleanly, {stats.rejected} rejected, "
-        f"{stats.paths_ok}/{stats.paths_refused} paths parsed/refused, tracemalloc peak {stats.peak_kib:.0f} KiB"
+        f"{stats.paths_ok}/{stats.paths_refused} paths parsed/refused, tracemalloc peak "
+        f"{stats.peak_kib:.0f} KiB"
     )
     assert stats.cases == 100_000
     assert (

@@ -117,7 +117,8 @@ def test_close_reaches_the_routers_that_hold_resources() -> None:
 )
 def test_a_rewrite_that_is_not_a_mailbox_is_a_temporary_failure(bad: str) -> None:
     """A rewritten recipient comes from directory data or a plugin, never through the SMTP parser:
-    the chain refuses what would not parse as a mailbox, sync or async, before a client writes it."""
+    the chain refuses what would not parse as a mailbox, sync or async, before a client writes
+    it."""
     for answer in (
         Route((NextHop("h", 25),), recipient=bad),
         defer.succeed(Route((NextHop("h", 25),), recipient=bad)),

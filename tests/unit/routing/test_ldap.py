@@ -1,4 +1,5 @@
-"""LDAPRouter with an in-memory directory and resolver: the routing model, cache, failures, options."""
+"""LDAPRouter with an in-memory directory and resolver: the routing model, cache, failures,
+options."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class FakeDirectory:
 
 
 def run_now(f: Any, *args: Any) -> defer.Deferred[Any]:
-    """What deferToThreadPool does, minus the thread: the call's result or failure, in a Deferred."""
+    """What deferToThreadPool does, minus the thread: the call's result or failure, in a
+    Deferred."""
     return defer.maybeDeferred(f, *args)
 
 

@@ -33,7 +33,10 @@ from tests.support.delivery.certs import CertificateAuthority
 from tests.support.routing.helpers import result_of
 
 ENV = Envelope("s@example.org", ())
-ENFORCE = "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r\nmx: *.backup.test\r\nmax_age: 86400\r\n"
+ENFORCE = (
+    "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r\nmx: *.backup.test\r\nmax_age: "
+    "86400\r\n"
+)
 
 
 # --- the TXT record -------------------------------------------------------------------------------
@@ -61,7 +64,8 @@ def test_txt_record(texts: list[str], expected: str | None) -> None:
     assert parse_record(texts) == expected
 
 
-# --- the policy file --------------------------------------------------------------------------------
+# --- the policy file
+# --------------------------------------------------------------------------------
 
 
 def test_policy_parses_crlf_and_lf_and_ignores_unknown_keys() -> None:
@@ -116,11 +120,13 @@ def test_mx_patterns(pattern: str, host: str, matches: bool) -> None:
     assert mx_matches(pattern, host) is matches
 
 
-# --- the cache -------------------------------------------------------------------------------------
+# --- the cache
+# -------------------------------------------------------------------------------------
 
 
 class Policies:
-    """An in-memory policy host for every domain: ``bodies[domain]``; a missing one fails like a 404."""
+    """An in-memory policy host for every domain: ``bodies[domain]``; a missing one fails like a
+    404."""
 
     def __init__(self) -> None:
         self.bodies: dict[str, str] = {}
@@ -256,7 +262,8 @@ def test_concurrent_lookups_share_one_fetch() -> None:
     assert policies.fetches == ["example.test"]
 
 
-# --- the router ------------------------------------------------------------------------------------
+# --- the router
+# ------------------------------------------------------------------------------------
 
 
 def hops(route: Any) -> list[tuple[str, str | None]]:
@@ -338,7 +345,8 @@ def test_failures_are_logged(logged: list[dict[str, Any]]) -> None:
     del policies.bodies["example.test"]
     result_of(r.route("u@example.test", ENV))
     assert (
-        "policy of example.test (id one) not fetched: https://mta-sts.example.test/.well-known/mta-sts.txt: "
+        "policy of example.test (id one) not fetched: "
+        "https://mta-sts.example.test/.well-known/mta-sts.txt: "
         "HTTP 404" in _texts(logged)
     )
 
@@ -352,7 +360,8 @@ def test_address_literals_and_routers_without_mta_sts_ask_no_txt() -> None:
     assert txt_queries(resolver) == 0
 
 
-# --- configuration ---------------------------------------------------------------------------------
+# --- configuration
+# ---------------------------------------------------------------------------------
 
 
 def test_options(tmp_path: Path) -> None:
@@ -393,7 +402,8 @@ def test_options(tmp_path: Path) -> None:
 
 
 def test_route_hops_are_those_of_the_policy_for_the_ldap_router_too() -> None:
-    """``route_domain`` (what the LDAP router calls for a routing address's domain) applies the policy."""
+    """``route_domain`` (what the LDAP router calls for a routing address's domain) applies the
+    policy."""
     r, _, _, _ = setup()
     route = result_of(r.route_domain("example.test", 2526))
     assert (
@@ -403,7 +413,8 @@ def test_route_hops_are_those_of_the_policy_for_the_ldap_router_too() -> None:
 
 
 def test_a_look_alike_mx_pattern_or_host_is_not_folded_onto_an_ascii_name() -> None:
-    """str.lower() turns the Kelvin sign (U+212A) into "k"; an MX name is compared in ASCII case only."""
+    """str.lower() turns the Kelvin sign (U+212A) into "k"; an MX name is compared in ASCII case
+    only."""
     assert not mx_matches("mx.\u212aey.example", "mx.key.example")
     assert not mx_matches("mx.key.example", "mx.\u212aey.example")
     assert mx_matches("MX.Key.Example", "mx.key.example.")

@@ -1,4 +1,5 @@
-"""Properties over generated input: filter escaping is injection-proof; MX order respects preferences."""
+"""Properties over generated input: filter escaping is injection-proof; MX order respects
+preferences."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from tests.support.routing.helpers import result_of
 
 @implementer(IRouter)
 class ScriptedRouter:
-    """Answers from a dict recipient → answer (a value, a Deferred or an exception); records calls."""
+    """Answers from a dict recipient → answer (a value, a Deferred or an exception); records
+    calls."""
 
     def __init__(self, answers: dict[str, Any]) -> None:
         self.answers, self.calls = answers, []

@@ -36,8 +36,9 @@ class FakeProcess:
 class Harness:
     def __init__(self, tmp_path: Any, workers: int = 2, metrics: bool = False) -> None:
         text = (
-            f'[server]\nworkers = {workers}\nlisten = ["tcp:0:interface=127.0.0.1"]\nshutdown_timeout = "5s"\n'
-            f'[spool]\npath = "{tmp_path}/spool"\n'
+            f"[server]\nworkers = {workers}\nlisten = "
+            f'["tcp:0:interface=127.0.0.1"]\nshutdown_timeout = "5s"\n[spool]\npath = '
+            f'"{tmp_path}/spool"\n'
         )
         self.cfg = config.loads(text, "test.toml")
         self.clock = task.Clock()

@@ -1,4 +1,5 @@
-"""A mailrelay router plugin: next hops from a transport table file (Postfix ``transport(5)`` style).
+"""A mailrelay router plugin: next hops from a transport table file (Postfix ``transport(5)``
+style).
 
 Each line is ``PATTERN ACTION``: the pattern is a full address, a domain, or ``.domain`` for its
 subdomains; the action is a comma-separated list of ``host:port`` next hops (tried in order), or
@@ -30,7 +31,8 @@ Action = Route | Reply
 
 
 def parse_action(text: str, default_port: int) -> Action:
-    """``"a:25, [::1]:26"`` → a ``Route``; ``"error:550 5.1.6 moved"`` → the ``Reply`` to refuse with."""
+    """``"a:25, [::1]:26"`` → a ``Route``; ``"error:550 5.1.6 moved"`` → the ``Reply`` to refuse
+    with."""
     if text.startswith("error:"):
         code, _, rest = text[len("error:") :].strip().partition(" ")
         enhanced, _, message = rest.partition(" ")
