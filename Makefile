@@ -92,7 +92,7 @@ soak: $(VENV)/.installed-test deps
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf docs/_build build dist var .pytest_cache .ruff_cache .hypothesis _trial_temp*
+	rm -rf docs/_build build dist var .pytest_cache .ruff_cache .mypy_cache .hypothesis _trial_temp*
 	rm -rf *.egg-info twisted/plugins/dropin.cache
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
