@@ -178,20 +178,20 @@ def test_a_message_without_a_header_section_goes_out_unsigned_and_unchanged(tmp_
     """Text that begins with whitespace has no header section (the session puts an empty line after
     its Received header then): nothing may be put on top of it that its first line would continue.
     With no From: header there is nothing to sign for, so it goes out as it is, with a log line."""
-    import io
-
     from twisted.logger import globalLogPublisher
 
-    from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer, domain_key
+    from mailrelay.dkim import DKIMSigner, SigningSink, domain_key
     from mailrelay.envelope import Envelope, Recipient
-    from tests.dkim_support import RecordingDeliverer, SyncPool, SyncReactor
+    from mailrelay.queue.body import prefixed
+    from mailrelay.testing import MemoryQueueStore
+    from tests.dkim_support import SyncPool, SyncReactor
 
     make_key(tmp_path / "k.pem")
     signer = DKIMSigner(
         {"example.org": domain_key("example.org", "s1", (tmp_path / "k.pem").read_bytes())}
     )
-    delivered = RecordingDeliverer()
-    signing = DKIMSigningDeliverer(delivered, signer, SyncReactor(), SyncPool())
+    store = MemoryQueueStore()
+    intake = SigningSink(store, signer, SyncReactor(), SyncPool())
     envelope = Envelope("a@example.org", (Recipient("b@example.test"),))
     logged: list[str] = []
 
@@ -206,12 +206,12 @@ def test_a_message_without_a_header_section_goes_out_unsigned_and_unchanged(tmp_
             b"\tx\r\n",
             b"Received: by us\r\n\r\n h=from; b=forged\r\nFrom: a@example.org\r\n\r\nx\r\n",
         ):
-
-            def open_body(body: bytes = body) -> io.BytesIO:
-                return io.BytesIO(body)
-
-            signing.deliver(envelope, envelope.recipients, None, open_body)  # type: ignore[arg-type]
-            assert delivered.bodies[-1] is open_body  # the stored text, as it is
+            writer = intake.open(envelope)
+            writer.write(body)
+            writer.commit()
+            message = store.messages[writer.queue_id]
+            assert message.prefix == b""  # the stored text goes out as it is
+            assert prefixed(message.prefix, store.open_body(message.queue_id)).read() == body
     finally:
         globalLogPublisher.removeObserver(observe)
     assert len(logged) == 3 and "no header section" in logged[0]

@@ -171,7 +171,7 @@ def test_a_new_hostname_waits_for_the_restart_everywhere_while_the_rest_is_appli
     clock.advance(0)
     assert transport.value().startswith(b"220 r.test ")
     assert relay.factory.settings.hostname == "r.test"
-    assert relay.deliverer.deliverer.deliverer.network.helo_name == "r.test"
+    assert relay.deliverer.deliverer.network.helo_name == "r.test"
     assert relay.manager.hostname == relay.manager.notifier.hostname == "r.test"
     assert relay.config.server.hostname == "r.test"
     protocol.connectionLost(None)

@@ -122,9 +122,11 @@ class Commit(WriterJob):
         pending: bytearray,
         file: IO[bytes] | None,
         tmp_path: str,
+        prefix: bytes = b"",
     ) -> None:
         super().__init__()
         self.queue_id, self.envelope, self.size = queue_id, envelope, size
+        self.prefix = prefix  # delivered in front of the body; kept in the state
         self.pending = pending  # the body, when small enough to stay in memory
         self.file = file  # else the file it streamed to, tmp_path
         self.tmp_path = tmp_path
@@ -138,7 +140,7 @@ class Commit(WriterJob):
 
     def take_record(self) -> tuple[str, bytes, bytes]:
         """The ``(queue id, body, state)`` of its record (its body leaves ``pending``)."""
-        self.message = new_message(self.queue_id, self.envelope)
+        self.message = new_message(self.queue_id, self.envelope, self.prefix)
         self.body, self.pending = bytes(self.pending), bytearray()
         self.result = self.queue_id
         return self.queue_id, self.body, encode_state(self.message)
