@@ -61,7 +61,8 @@ class Notifier:
         )
 
     def settle(self, message: QueuedMessage, tried: list[int]) -> defer.Deferred[QueuedMessage]:
-        """Expire what is too old, then report to the sender what this attempt settled (RFC 3464)."""
+        """Expire what is too old, then report to the sender what this attempt settled
+        (RFC 3464)."""
         if not message.pending and all(
             message.statuses[i].state is RecipientState.DELIVERED
             and not _ours_to_report(message.statuses[i])
@@ -140,8 +141,9 @@ class Notifier:
                 withheld = [s for s in chosen if capability_failure(s)]
                 if withheld:
                     log.info(
-                        "{queue_id}: no non-delivery notification to untrusted sender <{sender}> for"
-                        " {rcpts}: the next hop cannot take the message, which any client could cause",
+                        "{queue_id}: no non-delivery notification to untrusted sender <{sender}>"
+                        " for {rcpts}: the next hop cannot take the message, which any client"
+                        " could cause",
                         queue_id=qid,
                         sender=sender,
                         rcpts=", ".join(f"<{s.recipient.address}>" for s in withheld),

@@ -4,9 +4,10 @@ A writer job goes through the steps of ``pipeline``: ``stage`` writes its files 
 names and lists in ``fds`` what must be fsynced (writer thread); the writer fsyncs the batch's
 files, then ``publish`` renames them into place (writer thread); a job that added a name to
 ``queue/`` (``renames``: a rename, or a pack's new segment) is answered only after a sync of
-``queue/``, once ``durable`` has run (directory-sync thread). ``undo`` removes what a failed job left (whichever pipeline thread saw
-it fail). ``answer`` hands the result to the job's Deferred, on the reactor thread. A job is
-touched by one thread at a time: it crosses between them only through the pipeline's queues.
+``queue/``, once ``durable`` has run (directory-sync thread). ``undo`` removes what a failed job
+left (whichever pipeline thread saw it fail). ``answer`` hands the result to the job's Deferred,
+on the reactor thread. A job is touched by one thread at a time: it crosses between them only
+through the pipeline's queues.
 
 ``Remove`` is plain data: the remover thread does it (``pipeline.Remover.remove``).
 """
