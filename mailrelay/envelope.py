@@ -257,7 +257,12 @@ class RecipientStatus:
 
 @attrs.frozen
 class QueuedMessage:
-    """A message as the queue holds it: envelope, per-recipient state and schedule."""
+    """A message as the queue holds it: envelope, per-recipient state and schedule.
+
+    ``prefix``: header fields added once, at intake, after the text was stored (a DKIM
+    signature): delivery sends them in front of the stored text; the store keeps them in the
+    message's record, committed with it. Bounces and ``queue show`` quote the text as received.
+    """
 
     queue_id: str
     envelope: Envelope
@@ -266,6 +271,7 @@ class QueuedMessage:
     next_attempt: float = 0.0
     held: bool = False
     warned: bool = False
+    prefix: bytes = b""
 
     @property
     def pending(self) -> tuple[RecipientStatus, ...]:

@@ -3,8 +3,9 @@
 The wire (``mailrelay.smtp``) knows only ``IPolicy`` and ``IMessageSink``; the queue manager knows
 ``IQueueStore``, ``IRouter`` and ``IDeliverer``. What a store can do beyond ``IQueueStore`` is
 an interface of its own (``ILeasingStore``, ``IScheduleLoader``, ``IBatchLoader``,
-``IStartableStore``), asked with ``providedBy``, never sniffed with ``getattr``; ``IOfflineQueue``
-is the queue of an instance that is not running, as the ``mailrelay queue`` command edits it.
+``IStartableStore``, and the writers' ``IPrependingWriter``), asked with ``providedBy``, never
+sniffed with ``getattr``; ``IOfflineQueue`` is the queue of an instance that is not running, as
+the ``mailrelay queue`` command edits it.
 Methods documented as "or a Deferred of it" may answer synchronously or asynchronously; callers
 wrap them in ``maybeDeferred``.
 """
@@ -60,6 +61,17 @@ class IMessageWriter(Interface):
 
     def abort():
         """Throw the message away (size exceeded, client vanished). Idempotent."""
+
+
+class IPrependingWriter(IMessageWriter):
+    """A message writer that also keeps header fields to deliver in front of the text: what a
+    stage after the text (DKIM signing at intake) adds once. Every store of ours provides it;
+    a writer without it gets its messages delivered as received (unsigned)."""
+
+    def prepend(header):
+        """Deliver ``header`` (whole header fields, CRLF-terminated octets) in front of the
+        message. At most once, before ``commit()``; made durable by that commit, in the
+        message's record (``QueuedMessage.prefix``); the stored text is unchanged."""
 
 
 class IMessageSink(Interface):

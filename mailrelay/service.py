@@ -29,7 +29,7 @@ from mailrelay.config import Config, ServerConfig
 from mailrelay.delivery import ByRouteDeliverer, MaildirDeliverer, SMTPDeliverer
 from mailrelay.delivery.capabilities import HopCapabilities
 from mailrelay.delivery.observed import ObservedDeliverer
-from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer
+from mailrelay.dkim import DKIMSigner, SigningSink
 from mailrelay.envelope import Reply
 from mailrelay.errors import ConfigError, config_errors, each_config_error
 from mailrelay.interfaces import IDeliverer, IPolicy, IQueueStore, IRouter, IStartableStore
@@ -108,11 +108,16 @@ class MailRelayService(service.MultiService):
             deliverer = ByRouteDeliverer(
                 network, MaildirDeliverer(reactor, self.threadpool, config.server.hostname)
             )
-        # DKIM signs (for the [dkim] domains; none: passes through) before the message goes out
-        self.dkim = DKIMSigningDeliverer(
-            deliverer, DKIMSigner.from_config(config.dkim, config.source), reactor, self.threadpool
+        # Intake's door to the store: DKIM signs each message once, as it is received, before
+        # its commit (for the [dkim] domains; none: passes through). The SMTP listeners and the
+        # reports to senders write through it; delivery sends what it stored.
+        self.intake = SigningSink(
+            self.store,
+            DKIMSigner.from_config(config.dkim, config.source),
+            reactor,
+            self.threadpool,
         )
-        self.deliverer = ObservedDeliverer(self.dkim, self.observer, reactor)
+        self.deliverer = ObservedDeliverer(deliverer, self.observer, reactor)
         self.manager = QueueManager(
             self.store,
             self.router,
@@ -122,6 +127,7 @@ class MailRelayService(service.MultiService):
             config.server.hostname,
             observer=self.observer,
             trusted_client=self._trusted_client,
+            reports_to=self.intake,
         )
         self.metrics.watch_queue(self.manager, reactor)
         self.policies = tuple(policies)
@@ -198,7 +204,7 @@ class MailRelayService(service.MultiService):
     def _build_factory(self, server: ServerConfig, submission: bool) -> SMTPServerFactory:
         factory = server_factory(
             server,
-            self.store,
+            self.intake,
             self.policy,
             self.reactor,
             submission=submission,
@@ -354,7 +360,7 @@ class MailRelayService(service.MultiService):
         self.policy = policy
         for factory in self.factories:
             reconfigure_listener(factory, new.server, policy, binarymime=new.binarymime)
-        self.dkim.signer = signer
+        self.intake.signer = signer  # queued messages keep the signature they have
         self.router = router
         self.manager.router = router
         self.manager.config = _queue_config(self.manager.config, new.queue)

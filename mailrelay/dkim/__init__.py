@@ -12,15 +12,13 @@ section and a running hash of its canonical body, and signs at the end (in a thr
 - ``body``: the body hash, fed in pieces (``RelaxedBodyHash``).
 - ``header``: the ``DKIM-Signature:`` field from a header section and a body hash.
 - ``signer``: which key signs a message (``DKIMSigner``) and the per-message stream signer.
-- ``prefixed``: the stored message with the signature in front, as delivery reads it.
-- ``deliverer``: signing at delivery (today's wiring, ``DKIMSigningDeliverer``).
-- ``intake``: signing once per message before commit (``SigningSink``), to replace it.
+- ``intake``: signing once per message, as it is received, before its commit (``SigningSink``,
+  the door the SMTP server and the queue's reports write through). The store keeps the signature
+  in the message's record; delivery sends it in front of the stored text (``queue.body``).
 """
 
-from mailrelay.dkim.deliverer import DKIMSigningDeliverer, sign_file
-from mailrelay.dkim.intake import IPrependingWriter, SigningSink, SigningWriter
+from mailrelay.dkim.intake import SigningSink, SigningWriter
 from mailrelay.dkim.keys import DomainKey, dkimpy_key, domain_key
-from mailrelay.dkim.prefixed import PrefixedBody, prefixed
 from mailrelay.dkim.signer import (
     HEADER_LIMIT,
     DKIMSigner,
@@ -32,17 +30,12 @@ from mailrelay.dkim.signer import (
 __all__ = [
     "HEADER_LIMIT",
     "DKIMSigner",
-    "DKIMSigningDeliverer",
     "DomainKey",
-    "IPrependingWriter",
     "MessageSigner",
-    "PrefixedBody",
     "SigningSink",
     "SigningWriter",
     "dkimpy_key",
     "domain_key",
     "from_domain",
     "load_keys",
-    "prefixed",
-    "sign_file",
 ]

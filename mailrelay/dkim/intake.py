@@ -1,18 +1,17 @@
 """Signing at intake: once per message, as it is received, before it is committed.
 
-``SigningSink`` stands in front of the store's ``IMessageSink`` (the door the SMTP server writes
-through, and the queue's own reports). Each message's octets go to the store's writer and, on the
-reactor thread, to a ``MessageSigner`` (cheap: the header section and a running hash). At commit
-the signature is computed in the thread pool (RSA), handed to the writer with ``prepend`` and only
-then is the writer committed: the signature is durable with the message, so the 250 that follows
-the commit covers it, and delivery sends it in front of the stored message on every attempt
-without signing again. A message that cannot be signed is committed unsigned (with a log line).
+``SigningSink`` stands in front of the store's ``IMessageSink``: the door the SMTP server writes
+through, and the queue's reports to senders (``Notifier``). Each message's octets go to the
+store's writer and, on the reactor thread, to a ``MessageSigner`` (cheap: the header section and
+a running hash). At commit the signature is computed in the thread pool (RSA), handed to the
+writer with ``prepend`` and only then is the writer committed: the signature is durable with the
+message, so the 250 that follows the commit covers it, and delivery sends it in front of the
+stored text on every attempt without signing again (``queue.body.prefixed``). Its ``t=`` is the
+time of that commit. A message that cannot be signed is committed unsigned (with a log line).
 
-The store's writers must provide ``IPrependingWriter``: the store keeps the octets in the
-message's record (committed with it) and hands them back as ``QueuedMessage.prefix``; the queue
-manager delivers ``PrefixedBody(message.prefix, store.open_body(qid))``. Every other reader of
-``open_body`` (bounces quoting the message, ``mailrelay queue show``) sees the text as received,
-as today. Not wired yet: ``DKIMSigningDeliverer`` still signs at delivery.
+A writer that cannot keep a prefix (not ``IPrependingWriter``: an embedder's own store) is used
+as it is, and its messages go out unsigned, with one log line. ``signer`` may be swapped at any
+time (SIGHUP); a message keeps the keys that were in force when it was opened.
 """
 
 from __future__ import annotations
@@ -20,19 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer, threads
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.dkim.signer import DKIMSigner, MessageSigner
 from mailrelay.envelope import Envelope
-from mailrelay.interfaces import IMessageSink, IMessageWriter
+from mailrelay.interfaces import IMessageSink, IMessageWriter, IPrependingWriter
 
-
-class IPrependingWriter(IMessageWriter):
-    """A message writer that can also store header fields to deliver in front of the message."""
-
-    def prepend(header):  # type: ignore[no-untyped-def]  # zope interface: no self
-        """Deliver ``header`` (whole header fields, CRLF-terminated octets) in front of the
-        message. At most once, before ``commit()``; durable with the commit."""
+log = Logger()
 
 
 @implementer(IMessageSink)
@@ -44,11 +38,21 @@ class SigningSink:
         self.signer = signer
         self.reactor = reactor
         self.threadpool = threadpool
+        self._warned = False
 
     def open(self, envelope: Envelope) -> Any:
         writer = self.sink.open(envelope)
         stream = self.signer.start(envelope)
         if stream is None:
+            return writer
+        if not IPrependingWriter.providedBy(writer):
+            if not self._warned:
+                self._warned = True
+                log.warn(
+                    "DKIM: the store's writer {writer} cannot keep a signature "
+                    "(no IPrependingWriter): mail goes out unsigned",
+                    writer=type(writer).__name__,
+                )
             return writer
         return SigningWriter(writer, stream, self.reactor, self.threadpool)
 

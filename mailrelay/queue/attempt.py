@@ -29,6 +29,7 @@ from mailrelay.envelope import (
     Route,
 )
 from mailrelay.errors import MailRelayError, PermanentFailure, TemporaryFailure
+from mailrelay.queue.body import prefixed
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.outcome import (
     delivery_error,
@@ -213,13 +214,14 @@ class Attempts:
                 rewritten(message.statuses[i].recipient, route)
                 for i, route in zip(group.indexes, group.routes, strict=True)
             ]
-            qid = message.queue_id
+            qid, prefix = message.queue_id, message.prefix
             d = defer.maybeDeferred(
                 self.deliverer.deliver,
                 message.envelope,
                 recipients,
                 group.route,
-                lambda: self.store.open_body(qid),
+                # the text as stored, behind what intake added once (a DKIM signature)
+                lambda: prefixed(prefix, self.store.open_body(qid)),
             )
             self._deliveries.add(d)
             try:

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from mailrelay._log import plural
 from mailrelay.config import QueueConfig
 from mailrelay.errors import TemporaryFailure
-from mailrelay.interfaces import IDeliverer, IQueueStore, IRouter, IScheduleLoader
+from mailrelay.interfaces import IDeliverer, IMessageSink, IQueueStore, IRouter, IScheduleLoader
 from mailrelay.observer import NULL_OBSERVER
 from mailrelay.queue import schedule
 from mailrelay.queue.attempt import Attempts, Outcome
@@ -62,6 +62,7 @@ class QueueManager:
         max_active: int | None = None,
         observer: Any = NULL_OBSERVER,  # an IRelayObserver
         trusted_client: Callable[[str], bool] = lambda address: False,
+        reports_to: IMessageSink | None = None,
     ) -> None:
         self.store: Any = store  # Any: mypy sees no zope interface as a type
         self.clock = reactor
@@ -72,8 +73,9 @@ class QueueManager:
         )
         self.max_active = max_active or max(2 * config.max_deliveries, 50)
         self.slots = DeliverySlots(config.max_deliveries, config.max_per_destination)
-        # trusted_client: whether a client address is in the trusted networks (see Notifier)
-        self.notifier = Notifier(store, reactor, config, hostname, trusted_client)
+        # trusted_client: whether a client address is in the trusted networks (see Notifier);
+        # reports_to: where reports to senders are written (default the store; see Notifier)
+        self.notifier = Notifier(store, reactor, config, hostname, trusted_client, reports_to)
         self.sharing = sharing_for(store)
         self.attempts = Attempts(
             store,

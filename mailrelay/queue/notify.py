@@ -1,7 +1,9 @@
 """What the sender hears: expiry of what waited too long, and RFC 3464 reports of each attempt.
 
 Reports are injected into the store as new messages from ``<>``, so they are delivered (and
-retried) like any other; the queue manager calls ``settle`` after every attempt.
+retried) like any other; the queue manager calls ``settle`` after every attempt. They are written
+through ``sink`` (by default the store itself): the relay passes the same door the SMTP server
+writes through, so a report is signed at intake like any mail (DKIM, for our hostname's domain).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from twisted.logger import Logger
 
 from mailrelay.config import QueueConfig
 from mailrelay.envelope import Envelope, QueuedMessage, RecipientState, RecipientStatus
-from mailrelay.interfaces import IQueueStore
+from mailrelay.interfaces import IMessageSink, IQueueStore
 from mailrelay.queue import schedule
 from mailrelay.queue.bounce import Action, build_report, capability_failure, report_envelope, wants
 
@@ -38,8 +40,10 @@ class Notifier:
         config: QueueConfig,
         hostname: str,
         trusted_client: Callable[[str], bool] = lambda address: False,
+        sink: IMessageSink | None = None,
     ) -> None:
         self.store = store
+        self.sink: Any = store if sink is None else sink  # Any: a zope interface is no type
         self.clock = clock
         self.config = config
         self.hostname = hostname
@@ -57,8 +61,8 @@ class Notifier:
         )
 
     def settle(self, message: QueuedMessage, tried: list[int]) -> defer.Deferred[QueuedMessage]:
-        """Expire what is too old, then report to the sender what this attempt settled (RFC
-        3464)."""
+        """Expire what is too old, then report to the sender what this attempt settled
+        (RFC 3464)."""
         if not message.pending and all(
             message.statuses[i].state is RecipientState.DELIVERED
             and not _ours_to_report(message.statuses[i])
@@ -137,9 +141,9 @@ class Notifier:
                 withheld = [s for s in chosen if capability_failure(s)]
                 if withheld:
                     log.info(
-                        "{queue_id}: no non-delivery notification to untrusted sender <{sender}> "
-                        "for {rcpts}: the next hop cannot take the message, which any client could "
-                        "cause",
+                        "{queue_id}: no non-delivery notification to untrusted sender <{sender}>"
+                        " for {rcpts}: the next hop cannot take the message, which any client"
+                        " could cause",
                         queue_id=qid,
                         sender=sender,
                         rcpts=", ".join(f"<{s.recipient.address}>" for s in withheld),
@@ -168,7 +172,7 @@ class Notifier:
             body = self.store.open_body(qid)
         except (KeyError, OSError):
             body = None
-        writer = self.store.open(report_envelope(message, to, self.hostname, now))
+        writer = self.sink.open(report_envelope(message, to, self.hostname, now))
         try:
             for chunk in build_report(
                 message,

@@ -103,8 +103,9 @@ def without_duplicates(envelope: Envelope) -> Envelope:
     return attrs.evolve(envelope, recipients=tuple(unique))
 
 
-def new_message(queue_id: str, envelope: Envelope) -> QueuedMessage:
-    """The state of a message just committed: every recipient pending (each once), due at once.
+def new_message(queue_id: str, envelope: Envelope, prefix: bytes = b"") -> QueuedMessage:
+    """The state of a message just committed: every recipient pending (each once), due at once;
+    ``prefix`` what the writer was given to deliver in front of the text (``IPrependingWriter``).
 
     Every store (spool, PostgreSQL, the memory store) makes its queued messages here, whoever
     queues them (the SMTP server, bounces, an embedder), so duplicates collapse in one place.
@@ -114,22 +115,30 @@ def new_message(queue_id: str, envelope: Envelope) -> QueuedMessage:
         queue_id=queue_id,
         envelope=envelope,
         statuses=tuple(RecipientStatus(r) for r in envelope.recipients),
+        prefix=prefix,
     )
 
 
 def message_to_dict(message: QueuedMessage) -> dict[str, Any]:
     # Keep "next_attempt" and "held" last and in this order: the spool's start-up scan finds them
     # at the end of the file without parsing the whole envelope.
-    return {
+    d: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "queue_id": message.queue_id,
         "envelope": message.envelope.to_dict(),
         "statuses": [s.to_dict() for s in message.statuses],
         "attempts": message.attempts,
         "warned": message.warned,
-        "next_attempt": message.next_attempt,
-        "held": message.held,
     }
+    if message.prefix:
+        # JSON holds text: each octet as the character of that number (latin-1), so any octets
+        # come back as they were, and a DKIM signature (ASCII) reads as itself. Absent when
+        # empty (most messages); no version bump: a reader that ignores it sends the text
+        # unsigned, which a signature never prevents anyway.
+        d["prefix"] = message.prefix.decode("latin-1")
+    d["next_attempt"] = message.next_attempt
+    d["held"] = message.held
+    return d
 
 
 def message_from_dict(d: dict[str, Any]) -> QueuedMessage:
@@ -146,4 +155,5 @@ def message_from_dict(d: dict[str, Any]) -> QueuedMessage:
         next_attempt=float(d.get("next_attempt", 0.0)),
         held=bool(d.get("held", False)),
         warned=bool(d.get("warned", False)),
+        prefix=d.get("prefix", "").encode("latin-1"),
     )

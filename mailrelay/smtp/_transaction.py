@@ -20,7 +20,7 @@ import attrs
 from mailrelay import _ascii
 from mailrelay.envelope import Envelope, Recipient, Reply, protocol_name
 from mailrelay.errors import MailRelayError
-from mailrelay.paths import PathError, parse_params, parse_path, split_path
+from mailrelay.paths import Path, PathError, parse_params, parse_path, split_path
 from mailrelay.smtp import _parser as p
 from mailrelay.smtp import _states as S
 from mailrelay.smtp import replies as R
@@ -175,15 +175,11 @@ def mail_command(session: Session, arg: str) -> None:
     if session.settings.require_auth and not session.info.auth:
         session.reply(Reply(530, "5.7.0", "Authentication required"))
         return
-    try:
-        inner, rest = split_path(arg, "FROM")
-        path = parse_path(inner, allow_null=True, allow_postmaster=False)
-        params = parse_params(rest)
-    except PathError as e:
-        syntax = e.syntax
-        text = "Syntax: MAIL FROM:<address>" if syntax else "Bad sender address syntax"
-        session.reply(Reply(501, "5.5.4" if syntax else "5.1.7", f"{text} ({e.reason})"))
+    parsed = _path_and_params(arg, "MAIL FROM", "sender", "5.1.7")
+    if isinstance(parsed, Reply):
+        session.reply(parsed)
         return
+    path, params = parsed
     fields = mail_fields(params, session.settings, session.info.esmtp)
     if isinstance(fields, Reply) or (path.utf8 and not fields.smtputf8):
         session.reply(fields if isinstance(fields, Reply) else R.NEED_SMTPUTF8)
@@ -205,15 +201,11 @@ def rcpt_command(session: Session, arg: str) -> None:
     txn = session._txn
     assert txn is not None  # MAIL state
     txn.rcpt_attempts += 1
-    try:
-        inner, rest = split_path(arg, "TO")
-        path = parse_path(inner, allow_null=False, allow_postmaster=True)
-        params = parse_params(rest)
-    except PathError as e:
-        syntax = e.syntax
-        text = "Syntax: RCPT TO:<address>" if syntax else "Bad recipient address syntax"
-        session.reply(Reply(501, "5.5.4" if syntax else "5.1.3", f"{text} ({e.reason})"))
+    parsed = _path_and_params(arg, "RCPT TO", "recipient", "5.1.3")
+    if isinstance(parsed, Reply):
+        session.reply(parsed)
         return
+    path, params = parsed
     fields = rcpt_fields(params, session.settings)
     if isinstance(fields, Reply) or (path.utf8 and not txn.fields.smtputf8):
         session.reply(fields if isinstance(fields, Reply) else R.NEED_SMTPUTF8)
@@ -239,3 +231,23 @@ def rcpt_command(session: Session, arg: str) -> None:
             session.reply(R.BAD_SEQUENCE)
 
     session._ask(session.policy.rcpt, (session.info, txn.sender, path.address, params), then)
+
+
+def _path_and_params(
+    arg: str, command: str, role: str, bad_address: str
+) -> tuple[Path, dict[str, str | None]] | Reply:
+    """MAIL's or RCPT's path and parameters, or the 501 that says what is wrong with them.
+
+    ``command`` is ``"MAIL FROM"`` or ``"RCPT TO"``: the null path is a sender's only, the
+    ``<Postmaster>`` path a recipient's only (RFC 5321 4.1.1.3).
+    """
+    sender = command == "MAIL FROM"
+    try:
+        inner, rest = split_path(arg, command.split()[1])
+        path = parse_path(inner, allow_null=sender, allow_postmaster=not sender)
+        params = parse_params(rest)
+    except PathError as e:
+        if e.syntax:
+            return Reply(501, "5.5.4", f"Syntax: {command}:<address> ({e.reason})")
+        return Reply(501, bad_address, f"Bad {role} address syntax ({e.reason})")
+    return path, params

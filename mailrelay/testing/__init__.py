@@ -26,7 +26,7 @@ from mailrelay import _ascii
 from mailrelay.address import domain_of
 from mailrelay.envelope import Envelope, NextHop, QueuedMessage, Recipient, Reply, Route
 from mailrelay.errors import MailRelayError
-from mailrelay.interfaces import IDeliverer, IMessageWriter, IQueueStore, IRouter
+from mailrelay.interfaces import IDeliverer, IPrependingWriter, IQueueStore, IRouter
 from mailrelay.queue.store import QueueIdGenerator, new_message, storage_failure
 from mailrelay.routing.context import RouterContext
 from mailrelay.testing.dns import FakeResolver
@@ -74,7 +74,7 @@ def route_to(host: str, port: int = 25, **kw: Any) -> Route:
 # -- store -----------------------------------------------------------------------------------
 
 
-@implementer(IMessageWriter)
+@implementer(IPrependingWriter)
 class _MemoryWriter:
     def __init__(self, store: MemoryQueueStore, queue_id: str, envelope: Envelope) -> None:
         self.store = store
@@ -82,10 +82,14 @@ class _MemoryWriter:
         self.envelope = envelope
         self.buffer = io.BytesIO()
         self.done = False
+        self.prefix = b""
 
     def write(self, data: bytes) -> None:
         if not self.done:
             self.buffer.write(data)
+
+    def prepend(self, header: bytes) -> None:
+        self.prefix = header
 
     def commit(self) -> defer.Deferred[str]:
         if self.done:
@@ -94,7 +98,7 @@ class _MemoryWriter:
         if self.store.full:
             return defer.fail(storage_failure())
         self.store.bodies[self.queue_id] = self.buffer.getvalue()
-        self.store.messages[self.queue_id] = new_message(self.queue_id, self.envelope)
+        self.store.messages[self.queue_id] = new_message(self.queue_id, self.envelope, self.prefix)
         self.store.commits.append(self.queue_id)
         for callback in list(self.store.subscribers):
             callback(self.queue_id)

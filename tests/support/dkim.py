@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from twisted.internet import defer
 from twisted.python.failure import Failure
 
 
@@ -67,17 +66,3 @@ class SyncReactor:
 
     def callFromThread(self, f: Callable[..., Any], *a: Any, **kw: Any) -> None:  # noqa: N802
         f(*a, **kw)
-
-
-class RecordingDeliverer:
-    """An ``IDeliverer`` that reads what it is given and says 250."""
-
-    def __init__(self) -> None:
-        self.bodies: list[Callable[[], IO[bytes]]] = []
-        self.texts: list[bytes] = []
-
-    def deliver(self, envelope: Any, recipients: Any, route: Any, open_body: Any) -> Any:
-        self.bodies.append(open_body)
-        with open_body() as f:
-            self.texts.append(f.read())
-        return defer.succeed([])

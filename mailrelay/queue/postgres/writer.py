@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.envelope import Envelope
-from mailrelay.interfaces import IMessageWriter
+from mailrelay.interfaces import IPrependingWriter
 from mailrelay.queue.postgres import queries
 from mailrelay.queue.postgres.bodies import BodyCache, unlink
 from mailrelay.queue.postgres.connections import Connections, database_failure, usable
@@ -51,12 +51,13 @@ class Commit:
     envelope: Envelope
     path: str
     size: int
+    prefix: bytes = b""  # delivered in front of the body; kept in the row's state
 
 
 Outcome = tuple[str, Failure | None]  # (queue_id, None when committed)
 
 
-@implementer(IMessageWriter)
+@implementer(IPrependingWriter)
 class MessageWriter:
     """One message being received: the body goes to a local file until the commit copies it."""
 
@@ -75,6 +76,7 @@ class MessageWriter:
         self.done = False
         self.error: OSError | None = None
         self.file: IO[bytes] | None = None
+        self.prefix = b""
         try:
             self.file = open(self.path, "xb", buffering=queries.CHUNK)  # noqa: SIM115 - until commit
         except OSError as e:
@@ -109,6 +111,9 @@ class MessageWriter:
         except OSError as e:
             self._fail(e)
 
+    def prepend(self, header: bytes) -> None:
+        self.prefix = header
+
     def commit(self) -> defer.Deferred[str]:
         if self.done:
             raise RuntimeError(f"message {self.queue_id} already committed or aborted")
@@ -122,7 +127,7 @@ class MessageWriter:
                 self._fail(e)
         if self.error is not None:
             return defer.fail(storage_failure())
-        return self.submit(Commit(self.queue_id, self.envelope, self.path, self.size))
+        return self.submit(Commit(self.queue_id, self.envelope, self.path, self.size, self.prefix))
 
     def abort(self) -> None:
         if not self.done:
@@ -269,7 +274,11 @@ class CommitThread:
 
     def _store(self, conn: psycopg.Connection, channel: str, batch: list[Commit]) -> None:
         rows = [
-            (job.queue_id, queries.encode(new_message(job.queue_id, job.envelope)), job.size)
+            (
+                job.queue_id,
+                queries.encode(new_message(job.queue_id, job.envelope, job.prefix)),
+                job.size,
+            )
             for job in batch
         ]
         with conn.cursor() as cur:

@@ -17,7 +17,7 @@ The package, one job per module:
 - ``spares``: reusing the files of removed messages; counts shared with it.
 - ``recovery``: the listing of ``queue/`` and the repair at start.
 - ``reading``: states, bodies and schedules read back; ``_fast``: the schedule's speed trick.
-- ``receiving``: one message being received (``IMessageWriter``).
+- ``receiving``: one message being received (``IPrependingWriter``).
 - ``recent``: recent commits kept in memory for their first load and delivery.
 """
 

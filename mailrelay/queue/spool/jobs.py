@@ -5,9 +5,9 @@ names and lists in ``fds`` what must be fsynced (writer thread); the writer fsyn
 files, then ``publish`` renames them into place (writer thread); a job that added a name to
 ``queue/`` (``renames``: a rename, or a pack's new segment) is answered only after a sync of
 ``queue/``, once ``durable`` has run (directory-sync thread). ``undo`` removes what a failed job
-left (whichever pipeline thread saw it fail). ``answer`` hands the result to the job's Deferred, on
-the reactor thread. A job is touched by one thread at a time: it crosses between them only through
-the pipeline's queues.
+left (whichever pipeline thread saw it fail). ``answer`` hands the result to the job's Deferred,
+on the reactor thread. A job is touched by one thread at a time: it crosses between them only
+through the pipeline's queues.
 
 ``Remove`` is plain data: the remover thread does it (``pipeline.Remover.remove``).
 """
@@ -123,9 +123,11 @@ class Commit(WriterJob):
         pending: bytearray,
         file: IO[bytes] | None,
         tmp_path: str,
+        prefix: bytes = b"",
     ) -> None:
         super().__init__()
         self.queue_id, self.envelope, self.size = queue_id, envelope, size
+        self.prefix = prefix  # delivered in front of the body; kept in the state
         self.pending = pending  # the body, when small enough to stay in memory
         self.file = file  # else the file it streamed to, tmp_path
         self.tmp_path = tmp_path
@@ -139,7 +141,7 @@ class Commit(WriterJob):
 
     def take_record(self) -> tuple[str, bytes, bytes]:
         """The ``(queue id, body, state)`` of its record (its body leaves ``pending``)."""
-        self.message = new_message(self.queue_id, self.envelope)
+        self.message = new_message(self.queue_id, self.envelope, self.prefix)
         self.body, self.pending = bytes(self.pending), bytearray()
         self.result = self.queue_id
         return self.queue_id, self.body, encode_state(self.message)

@@ -1,4 +1,4 @@
-"""One message being received into the spool (``IMessageWriter``), on the reactor thread."""
+"""One message being received into the spool (``IPrependingWriter``), on the reactor thread."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.envelope import Envelope
-from mailrelay.interfaces import IMessageWriter
+from mailrelay.interfaces import IPrependingWriter
 from mailrelay.queue.spool.jobs import Commit
 from mailrelay.queue.spool.segments import unlink
 from mailrelay.queue.store import storage_failure
@@ -20,7 +20,7 @@ log = Logger()
 BUFFER = 256 * 1024  # a body up to this size stays in memory until commit
 
 
-@implementer(IMessageWriter)
+@implementer(IPrependingWriter)
 class Receiver:
     """One message being received into ``tmp/``.
 
@@ -30,7 +30,8 @@ class Receiver:
     wait for the journal while other messages are being fsynced). An error is kept and reported
     by ``commit`` as 452 4.3.1 after the partial file is removed. ``commit`` hands the body (in
     memory or in its file) over to a ``jobs.Commit``, which ``submit`` passes to the writer
-    thread; ``ended`` is called once the message is committed, aborted or failed.
+    thread; ``ended`` is called once the message is committed, aborted or failed. What
+    ``prepend`` is given goes into the message's state, in the same record.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class Receiver:
         self.size = 0
         self._file: IO[bytes] | None = None
         self._pending = bytearray()  # the body while it is small enough to keep in memory
+        self.prefix = b""
 
     def _fail(self, error: OSError) -> None:
         if self.error is None:
@@ -90,6 +92,9 @@ class Receiver:
         except OSError as e:
             self._fail(e)
 
+    def prepend(self, header: bytes) -> None:
+        self.prefix = header
+
     def commit(self) -> defer.Deferred[str]:
         if self.done:
             raise RuntimeError(f"message {self.queue_id} already committed or aborted")
@@ -98,7 +103,13 @@ class Receiver:
             self._ended(self)
             return defer.fail(storage_failure())
         job = Commit(
-            self.queue_id, self.envelope, self.size, self._pending, self._file, self.tmp_path
+            self.queue_id,
+            self.envelope,
+            self.size,
+            self._pending,
+            self._file,
+            self.tmp_path,
+            self.prefix,
         )
         self._pending, self._file = bytearray(), None  # the writer thread's from now on
         return self._submit(job)

@@ -4,7 +4,9 @@ verifiers (Perl's Mail::DKIM, OpenDKIM) that fetch the keys from a real DNS serv
 from __future__ import annotations
 
 import smtplib
+from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
@@ -178,20 +180,20 @@ def test_a_message_without_a_header_section_goes_out_unsigned_and_unchanged(tmp_
     """Text that begins with whitespace has no header section (the session puts an empty line after
     its Received header then): nothing may be put on top of it that its first line would continue.
     With no From: header there is nothing to sign for, so it goes out as it is, with a log line."""
-    import io
-
     from twisted.logger import globalLogPublisher
 
-    from mailrelay.dkim import DKIMSigner, DKIMSigningDeliverer, domain_key
+    from mailrelay.dkim import DKIMSigner, SigningSink, domain_key
     from mailrelay.envelope import Envelope, Recipient
-    from tests.support.dkim import RecordingDeliverer, SyncPool, SyncReactor
+    from mailrelay.queue.body import prefixed
+    from mailrelay.testing import MemoryQueueStore
+    from tests.support.dkim import SyncPool, SyncReactor
 
     make_key(tmp_path / "k.pem")
     signer = DKIMSigner(
         {"example.org": domain_key("example.org", "s1", (tmp_path / "k.pem").read_bytes())}
     )
-    delivered = RecordingDeliverer()
-    signing = DKIMSigningDeliverer(delivered, signer, SyncReactor(), SyncPool())
+    store = MemoryQueueStore()
+    intake = SigningSink(store, signer, SyncReactor(), SyncPool())
     envelope = Envelope("a@example.org", (Recipient("b@example.test"),))
     logged: list[str] = []
 
@@ -206,13 +208,99 @@ def test_a_message_without_a_header_section_goes_out_unsigned_and_unchanged(tmp_
             b"\tx\r\n",
             b"Received: by us\r\n\r\n h=from; b=forged\r\nFrom: a@example.org\r\n\r\nx\r\n",
         ):
-
-            def open_body(body: bytes = body) -> io.BytesIO:
-                return io.BytesIO(body)
-
-            signing.deliver(envelope, envelope.recipients, None, open_body)  # type: ignore[arg-type]
-            assert delivered.bodies[-1] is open_body  # the stored text, as it is
+            writer = intake.open(envelope)
+            writer.write(body)
+            writer.commit()
+            message = store.messages[writer.queue_id]
+            assert message.prefix == b""  # the stored text goes out as it is
+            assert prefixed(message.prefix, store.open_body(message.queue_id)).read() == body
     finally:
         globalLogPublisher.removeObserver(observe)
     assert len(logged) == 3 and "no header section" in logged[0]
     assert "no From header field" in logged[2]
+
+
+@pytest.mark.integration
+def test_a_message_is_signed_once_when_received_and_every_attempt_sends_that_signature(tmp_path):
+    """The first attempt is refused at the final dot (smtp-sink dumps what it got), the relay
+    restarts over its spool, the next attempt is taken: the same text, one DKIM-Signature, made
+    when the message was received (its t= is from before the restart)."""
+    import re
+    import time
+
+    from mailrelay.queue.spool import FilesystemSpool
+    from tests.support.peers import SMTPSink, free_port
+    from tests.support.relay import RelayProcess
+
+    make_key(tmp_path / "example.org.pem", "rsa")
+    port = free_port()
+    refusing = SMTPSink(port=port, flags=["-r", "."]).start()
+    relay = RelayProcess(
+        f'[queue]\nretry_schedule = ["2s"]\n'
+        f'[dkim]\ndomains = ["example.org"]\nselector = "s2026"\n'
+        f'key_file = "{tmp_path}/{{domain}}.pem"\n'
+        f'[[routes]]\ntype = "static"\ndomains = ["*"]\nhosts = ["127.0.0.1:{port}"]\n'
+    ).start()
+    taking = None
+    try:
+        received = int(time.time())
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+            client.sendmail(
+                "a@example.org",
+                ["rcpt@example.test"],
+                b"From: a@example.org\r\nSubject: once\r\n\r\nsigned once\r\n",
+            )
+        relay.wait_log("status=deferred")
+        refusing.wait_for(1)
+        assert relay.stop() == 0
+        spool = FilesystemSpool(str(relay.spool), None)  # as `mailrelay queue show` reads it
+        (queued,) = [spool.read_message(qid) for qid in spool.scan_ids()]
+        refusing.stop()
+        taking = SMTPSink(port=port).start()
+        relay.start()  # a new spool instance over the same directory
+        taking.wait_for(1)
+        relay.wait_log("status=sent")
+        tried = [t.data for t in refusing.transactions()]
+        (sent,) = [t.data for t in taking.transactions()]
+    finally:
+        relay.cleanup()
+        refusing.cleanup()
+        if taking is not None:
+            taking.cleanup()
+    assert tried and all(text == sent for text in tried)
+    assert sent.startswith(queued.prefix) and sent.count(b"DKIM-Signature:") == 1
+    assert queued.prefix.startswith(b"DKIM-Signature:")  # kept with the queued message
+    assert b"d=example.org" in sent and b"\r\nReceived: " in sent
+    t = re.search(rb"\bt=(\d+);", sent)
+    assert t is not None and received - 1 <= int(t.group(1)) <= received + 5
+
+
+def test_a_reload_swaps_the_keys_and_a_message_keeps_the_signature_it_was_received_with(tmp_path):
+    from twisted.internet.task import Clock
+
+    from mailrelay.envelope import Envelope, Recipient
+    from mailrelay.testing import MemoryQueueStore
+    from tests.support.dkim import SyncPool, SyncReactor
+
+    make_key(tmp_path / "example.org.pem", "rsa")
+    make_key(tmp_path / "other.example.pem", "ed25519")
+    key_file = str(tmp_path / "{domain}.pem")
+    store = MemoryQueueStore()
+    relay = MailRelayService(relay_config(tmp_path, 2600, key_file), Clock(), store=store)
+    relay.intake.reactor, relay.intake.threadpool = SyncReactor(), SyncPool()  # sign at once
+    envelope = Envelope("a@example.org", (Recipient("b@example.test"),))
+
+    def receive() -> Any:
+        writer = relay.intake.open(envelope)
+        writer.write(b"From: a@example.org\r\n\r\nbody\r\n")
+        return writer
+
+    before = receive()
+    cfg = relay_config(tmp_path, 2600, key_file)
+    new = attrs.evolve(cfg, dkim=attrs.evolve(cfg.dkim, selector="s2027"))
+    assert relay.reconfigure(new).result == []
+    before.commit()
+    after = receive()
+    after.commit()
+    assert b" s=s2026;" in store.messages[before.queue_id].prefix  # opened before the reload
+    assert b" s=s2027;" in store.messages[after.queue_id].prefix

@@ -120,8 +120,8 @@ def test_reconfigure_swaps_the_router_and_policy_in_process(tmp_path):
     relay = MailRelayService(_config(tmp_path, route_to(2600)))
     old_router, old_policy = relay.router, relay.policy
     new = config.loads(
-        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = '
-        f'["example.test"]\n'
+        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+        'local_domains = ["example.test"]\n'
         f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601),
         "test.toml",
     )
@@ -158,23 +158,23 @@ def test_a_new_hostname_waits_for_the_restart_everywhere_while_the_rest_is_appli
     clock = task.Clock()
     relay = MailRelayService(_config(tmp_path, route_to(2600)), reactor=clock)
     new = config.loads(
-        f'[server]\nhostname = "new.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = '
-        f'["example.test"]\n'
+        f'[server]\nhostname = "new.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+        'local_domains = ["example.test"]\n'
         f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2601),
         "test.toml",
     )
     d = relay.reconfigure(new)
     assert d.result == ["server.hostname"]
     assert relay.config.server.local_domains == ("example.test",)  # applied
-    # one name until the restart: greeting and Received, EHLO/HELO to next hops, bounces, 421 at
-    # stop
+    # one name until the restart: greeting and Received, EHLO/HELO to next hops, bounces,
+    # 421 at stop
     protocol = relay.factory.buildProtocol(("127.0.0.1", 40000))
     transport = StringTransport()
     protocol.makeConnection(transport)
     clock.advance(0)
     assert transport.value().startswith(b"220 r.test ")
     assert relay.factory.settings.hostname == "r.test"
-    assert relay.deliverer.deliverer.deliverer.network.helo_name == "r.test"
+    assert relay.deliverer.deliverer.network.helo_name == "r.test"
     assert relay.manager.hostname == relay.manager.notifier.hostname == "r.test"
     assert relay.config.server.hostname == "r.test"
     protocol.connectionLost(None)
@@ -184,9 +184,10 @@ def test_a_reload_whose_password_file_does_not_read_changes_nothing(tmp_path):
     relay = MailRelayService(_config(tmp_path, route_to(2600)))
     old = (relay.router, relay.policy, relay.config, relay.factory.settings, relay.factory.checker)
     bad = config.loads(
-        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = '
-        f'["example.test"]\nauth_password_file = "{tmp_path}/missing"\n[spool]\npath = '
-        f'"{tmp_path}/spool"\n' + route_to(2601),
+        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+        'local_domains = ["example.test"]\n'
+        f'auth_password_file = "{tmp_path}/missing"\n[spool]\npath = "{tmp_path}/spool"\n'
+        + route_to(2601),
         "test.toml",
     )
     d = relay.reconfigure(bad)
@@ -319,8 +320,8 @@ def test_a_reload_that_adds_our_first_domain_starts_verifying_its_recipients(tmp
     session = SessionInfo(client_address="192.0.2.7", helo="client.example.org")
     relay = MailRelayService(_config(tmp_path, route_to(2600, domains='["other.test"]')))
     ours = config.loads(
-        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\nlocal_domains = '
-        f'["example.test"]\n'
+        f'[server]\nhostname = "r.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+        'local_domains = ["example.test"]\n'
         f'[spool]\npath = "{tmp_path}/spool"\n' + route_to(2600, domains='["other.test"]'),
         "test.toml",
     )

@@ -18,25 +18,17 @@ from dkim.canonicalization import Relaxed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
 
-from mailrelay.dkim import (
-    HEADER_LIMIT,
-    DKIMSigner,
-    DKIMSigningDeliverer,
-    PrefixedBody,
-    SigningSink,
-    domain_key,
-    prefixed,
-)
+from mailrelay.config import QueueConfig
+from mailrelay.dkim import HEADER_LIMIT, DKIMSigner, SigningSink, domain_key
 from mailrelay.dkim.body import RelaxedBodyHash
-from mailrelay.envelope import Envelope, Recipient
-from tests.support.dkim import (
-    RecordingDeliverer,
-    SyncPool,
-    SyncReactor,
-    dns_answering,
-    pem_key,
-)
+from mailrelay.envelope import Envelope, Recipient, Reply
+from mailrelay.interfaces import IPrependingWriter
+from mailrelay.queue.body import PrefixedBody, prefixed
+from mailrelay.queue.manager import QueueManager
+from mailrelay.testing import FakeRouter, MemoryQueueStore, RecordingDeliverer, route_to
+from tests.support.dkim import SyncPool, SyncReactor, dns_answering, pem_key
 
 NOW = 1_700_000_000  # in the past: dkimpy rejects a t= in the future
 PIECES = [
@@ -351,24 +343,81 @@ def test_a_prefixed_body_reads_and_seeks_as_the_two_texts_joined(prefix, body, s
     )
 
 
-def test_delivery_sends_the_signature_in_front_of_the_stored_message(signer, dnsfunc):
+def relay_world(signer: DKIMSigner, deliverer: RecordingDeliverer, hostname: str = "relay.test"):  # type: ignore[no-untyped-def]
+    """A memory store behind a signing intake, and a queue manager on a Clock that delivers
+    from it (and writes its reports through the intake, as the service wires them)."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(NOW)
+    store = MemoryQueueStore(clock)
+    sink = SigningSink(store, signer, SyncReactor(NOW), SyncPool())
+    manager = QueueManager(
+        store,
+        FakeRouter({"*": route_to("127.0.0.1", 2526)}),
+        deliverer,
+        clock,
+        QueueConfig(retry_schedule=(60.0,), max_lifetime=86400.0),
+        hostname,
+        jitter=lambda d: d,
+        reports_to=sink,
+    )
+    return clock, store, sink, manager
+
+
+def receive(sink: SigningSink, env: Envelope, message: bytes) -> str:
+    writer = sink.open(env)
+    for piece in cut(message, [4096]):
+        writer.write(piece)
+    writer.commit()
+    queue_id: str = writer.queue_id
+    return queue_id
+
+
+def test_delivery_sends_the_signature_made_at_intake_on_every_attempt(signer, dnsfunc):
+    """Signed once, when received: a deferred first attempt and the retry send the same
+    signature, once, in front of the stored text, which stays as received."""
     message = b"From: a@other.example\r\nSubject: x\r\n\r\n" + b"line\r\n" * 50_000
-    delivered = RecordingDeliverer()
-    signing = DKIMSigningDeliverer(delivered, signer, SyncReactor(NOW), SyncPool())
-    env = envelope()
-    signing.deliver(env, env.recipients, None, lambda: io.BytesIO(message))  # type: ignore[arg-type]
-    sent = delivered.texts[-1]
-    assert sent.startswith(b"DKIM-Signature: ") and sent.endswith(message)
-    assert sent == dkimpy_signature(message, signer, "other.example") + message
-    assert dkim.verify(sent, dnsfunc=dnsfunc)
+    deliverer = RecordingDeliverer([Reply(451, "4.3.0", "later")])
+    clock, store, sink, manager = relay_world(signer, deliverer)
+    manager.start()
+    qid = receive(sink, envelope(), message)
+    signature = store.messages[qid].prefix
+    assert signature == dkimpy_signature(message, signer, "other.example")
+    assert store.bodies[qid] == message  # the stored text as received
+    clock.advance(0)
+    clock.advance(60)
+    first, second = deliverer.calls
+    assert first.body == second.body == signature + message
+    assert first.body.count(b"DKIM-Signature:") == 1
+    assert dkim.verify(second.body, dnsfunc=dnsfunc)
+    assert qid not in store.messages  # delivered
     unsigned = b"From: a@unsigned.test\r\n\r\nx\r\n"
-    signing.deliver(env, env.recipients, None, lambda: io.BytesIO(unsigned))  # type: ignore[arg-type]
-    assert delivered.texts[-1] == unsigned
+    receive(sink, envelope(), unsigned)
+    clock.advance(0)
+    assert deliverer.calls[-1].body == unsigned
+
+
+def test_a_report_to_the_sender_is_signed_at_intake_for_our_hostnames_domain(signer, dnsfunc):
+    """The bounce a relay of example.org writes is signed as example.org (MAILER-DAEMON's
+    From); it quotes the original as it was received, without the signature."""
+    message = b"From: a@other.example\r\nSubject: x\r\n\r\nbody\r\n"
+    deliverer = RecordingDeliverer([Reply(550, "5.1.1", "no such user")])
+    clock, store, sink, manager = relay_world(signer, deliverer, hostname="example.org")
+    manager.start()
+    receive(sink, envelope("a@other.example"), message)
+    clock.advance(0)
+    clock.advance(0)
+    bounce = deliverer.calls[-1]
+    assert bounce.envelope.sender == "" and bounce.body.startswith(b"DKIM-Signature:")
+    assert bounce.body.count(b"DKIM-Signature:") == 1 and b"d=example.org;" in bounce.body
+    assert dkim.verify(bounce.body, dnsfunc=dnsfunc)
 
 
 # -- intake: signed once, before the commit ----------------------------------------------------
 
 
+@implementer(IPrependingWriter)
 class Writer:
     """A store's message writer that keeps what it is given, in order."""
 
@@ -429,6 +478,37 @@ def test_intake_leaves_the_stores_writer_alone_when_no_key_applies(signer):
     writer.write(b"From: a@example.org\r\n\r\nbody\r\n")
     writer.abort()
     assert [k for k, _ in store.log] == ["write", "commit", "write", "abort"]
+
+
+class PlainWriter:
+    """An embedder's writer that cannot keep a prefix (no ``IPrependingWriter``)."""
+
+    queue_id = "Q2"
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def test_a_store_whose_writer_cannot_keep_a_signature_gets_the_mail_unsigned_with_one_line(
+    signer,
+):
+    class PlainSink:
+        def open(self, envelope: Envelope) -> PlainWriter:
+            return PlainWriter()
+
+    found: list[str] = []
+
+    def observe(event: dict) -> None:  # type: ignore[type-arg]
+        if "cannot keep a signature" in event.get("log_format", ""):
+            found.append(event["writer"])
+
+    sink = SigningSink(PlainSink(), signer, SyncReactor(NOW), SyncPool())
+    globalLogPublisher.addObserver(observe)
+    try:
+        assert all(isinstance(sink.open(envelope("a@example.org")), PlainWriter) for _ in "ab")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert found == ["PlainWriter"]
 
 
 def test_random_messages_cut_randomly_all_verify(signer, dnsfunc):

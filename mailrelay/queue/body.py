@@ -1,13 +1,13 @@
-"""A stored message read with header fields put in front of it: what delivery sends.
+"""A stored message read with the header fields put in front of it: what delivery sends.
 
 ``PrefixedBody(prefix, body)`` is a binary file of ``prefix`` followed by ``body`` (a file from
 the store's ``open_body``), readable in pieces and seekable as delivery needs (the SMTP client
 measures the size with ``seek(0, 2)``/``tell()`` and rewinds with ``seek(0)`` to retry on a fresh
 connection). The body is streamed, never read whole; closing it closes ``body``.
 
-Nothing here is DKIM's own: any stage that adds a header field once per message and stores it
-beside the message (``IMessageWriter`` has no way to add octets before ones already written) can
-hand it to delivery this way.
+The queue manager delivers ``prefixed(message.prefix, store.open_body(queue_id))``: the header
+fields a stage added once per message after its text was written (DKIM signing at intake, see
+``interfaces.IPrependingWriter``), kept in the message's record, in front of the text as stored.
 """
 
 from __future__ import annotations
