@@ -187,7 +187,7 @@ class IPolicy(Interface):
 
     Every method returns ``None`` (no objection), a ``Reply`` to refuse with, or a Deferred of
     either.
-    ``session`` is a ``mailrelay.smtp.session.SessionInfo``.
+    ``session`` is a ``mailrelay.envelope.SessionInfo``.
     """
 
     def connect(session):

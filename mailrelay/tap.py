@@ -185,8 +185,8 @@ def makeService(options: Options) -> IService:
 
 def _lock_spool(path: str) -> Any:
     """Hold the spool's lock for the life of the process, and take in the mail of the worker
-    spools a run with ``[server] workers > 1`` left (mailrelay.workers.shards)."""
-    from mailrelay.workers.shards import ShardBusy, ShardLock, drain
+    spools a run with ``[server] workers > 1`` left (mailrelay.queue.spool.shards)."""
+    from mailrelay.queue.spool.shards import ShardBusy, ShardLock, drain
 
     try:
         lock = ShardLock(path).acquire()

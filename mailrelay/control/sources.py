@@ -242,7 +242,7 @@ def merge_summaries(summaries: list[dict[str, Any]], top: int = 50) -> dict[str,
 
 def shard_paths(cfg: configmod.Config) -> list[str]:
     """The spool directories of the instance: one per worker, and any a larger run left behind."""
-    from mailrelay.workers.shards import shard_path, shards_on_disk
+    from mailrelay.queue.spool.shards import shard_path, shards_on_disk
 
     indexes = set(range(cfg.server.workers)) | set(shards_on_disk(cfg.spool.path))
     return [shard_path(cfg.spool.path, k) for k in sorted(indexes)]

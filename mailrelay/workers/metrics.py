@@ -45,7 +45,7 @@ def worker_metrics(reactor: Any, socket_path: str) -> Generator[defer.Deferred[A
 def instance_metrics(supervisor: Any) -> Generator[defer.Deferred[Any], Any, bytes]:
     """The whole instance's ``/metrics`` page: the workers' figures summed, and the supervisor's."""
     from mailrelay.control.server import socket_path
-    from mailrelay.workers.shards import shard_path
+    from mailrelay.queue.spool.shards import shard_path
 
     paths = [
         socket_path(shard_path(supervisor.config.spool.path, w.index))

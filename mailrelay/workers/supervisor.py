@@ -38,8 +38,8 @@ from twisted.python.failure import Failure
 
 from mailrelay.config import Config
 from mailrelay.errors import ConfigError, cannot_listen, config_errors
+from mailrelay.queue.spool.shards import drain
 from mailrelay.workers.logs import LineSplitter, decode_line
-from mailrelay.workers.shards import drain
 from mailrelay.workers.sockets import ListenerSpec, bind
 
 log = Logger(namespace="mailrelay.workers")

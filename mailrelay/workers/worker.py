@@ -21,8 +21,8 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 
 from mailrelay.config import Config
+from mailrelay.queue.spool.shards import shard_path
 from mailrelay.service import MailRelayService
-from mailrelay.workers.shards import shard_path
 from mailrelay.workers.sockets import AdoptedEndpoint, ListenerSpec
 
 log = Logger(namespace="mailrelay.workers")
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mailrelay import config as configmod
     from mailrelay.errors import ConfigError
+    from mailrelay.queue.spool.shards import ShardBusy, ShardLock
     from mailrelay.reload import SignalService
-    from mailrelay.workers.shards import ShardBusy, ShardLock
 
     try:
         cfg = configmod.load(spec["config"])

@@ -23,7 +23,7 @@ from mailrelay.errors import TemporaryFailure
 from mailrelay.queue.spool import FilesystemSpool, jobs, segments
 from mailrelay.queue.spool.format import alive as record_alive
 from mailrelay.queue.spool.format import read_segment
-from mailrelay.workers.shards import drain, shard_path
+from mailrelay.queue.spool.shards import drain, shard_path
 from tests.support.queue.spool import GatedFsync
 from tests.unit.queue.test_spool import ENV, deferLater, files, store_message
 

@@ -9,13 +9,13 @@ import sys
 import pytest
 from twisted.internet import task
 
-from mailrelay.queue.store import QueueIdGenerator, is_queue_id
-from mailrelay.workers.shards import (
+from mailrelay.queue.spool.shards import (
     ShardLock,
     drain,
     shard_path,
     shards_on_disk,
 )
+from mailrelay.queue.store import QueueIdGenerator, is_queue_id
 
 
 def commit(path: str, n: int, shard: int) -> dict[str, dict[str, bytes]]:
@@ -85,7 +85,7 @@ def test_a_shard_is_locked_by_one_process_at_a_time(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys; from mailrelay.workers.shards import ShardLock, ShardBusy\n"
+            "import sys; from mailrelay.queue.spool.shards import ShardLock, ShardBusy\n"
             f"try: ShardLock({path!r}).acquire()\nexcept ShardBusy as e: print(e); sys.exit(3)",
         ],
         capture_output=True,
@@ -156,7 +156,7 @@ def test_a_shard_run_by_another_process_is_not_drained(tmp_path):
             [
                 sys.executable,
                 "-c",
-                f"from mailrelay.workers.shards import drain; print(drain({spool!r}, 1))",
+                f"from mailrelay.queue.spool.shards import drain; print(drain({spool!r}, 1))",
             ],
             capture_output=True,
             text=True,
