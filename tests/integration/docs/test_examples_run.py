@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.docs import MAKE_RUN_CONFIG, ROOT, recipe
 from tests.support.peers import free_port, wait_listening
-from tests.unit.docs.test_examples_config import MAKE_RUN_CONFIG, ROOT, _recipe
 
 TWISTD = Path(sys.executable).parent / "twistd"
 
@@ -102,7 +102,7 @@ def test_readme_recipe_lands_in_var_mail(tmp_path: Path) -> None:
     conf.write_text(text.replace("tcp:2525:", f"tcp:{port}:"))
     (tmp_path / "var").mkdir()  # as make run does
     with make_run(conf, port):
-        command = _recipe(ROOT / "README.md").replace("127.0.0.1:2525", f"127.0.0.1:{port}")
+        command = recipe(ROOT / "README.md").replace("127.0.0.1:2525", f"127.0.0.1:{port}")
         sent = subprocess.run(shlex.split(command), cwd=tmp_path, capture_output=True, timeout=30)
         assert sent.returncode == 0, sent.stdout.decode(errors="replace")
         new = tmp_path / "var" / "mail" / "new"

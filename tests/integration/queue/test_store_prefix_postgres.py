@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.unit.queue.test_store_prefix import LARGE, PREFIX, commit
+from tests.support.queue.prefix import LARGE, PREFIX, commit
 
 
 @pytest.mark.integration

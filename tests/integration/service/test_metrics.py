@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import smtplib
 import time
-import urllib.request
 
 import pytest
 import pytest_twisted
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import threads
 
 from mailrelay import config
@@ -17,6 +15,7 @@ from mailrelay.metrics import RelayMetrics, outcome, queue_id_time
 from mailrelay.observer import FanOut, RelayObserver
 from mailrelay.queue.store import QueueIdGenerator
 from mailrelay.service import MailRelayService
+from tests.support.metrics import scrape, value
 from tests.support.peers import free_port
 from tests.support.reliability.helpers import Raw, stuff
 
@@ -49,22 +48,6 @@ hosts = ["127.0.0.1:{sink_port}"]
 """,
         "metrics.toml",
     )
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def value(samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def send_traffic(port: int) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from mailrelay import config
 from mailrelay.service import MailRelayService, needs_restart
+from tests.support.metrics import scrape, value
 from tests.support.peers import SMTPSink, free_port
 from tests.support.relay import RelayProcess
 from tests.support.reliability.helpers import Raw, route_to, stuff
@@ -295,8 +296,6 @@ def test_sighup_reloads_relay_domains_and_the_tls_certificate(tmp_path, smtp_sin
         assert before_cmd("RSET").startswith(b"250")
         assert before_cmd("QUIT").startswith(b"221")
         before.close()
-        from tests.integration.service.test_metrics import scrape, value
-
         samples = scrape(metrics_port)
         assert (
             value(samples, "mailrelay_tls_handshakes_total", direction="inbound", version="TLSv1.3")

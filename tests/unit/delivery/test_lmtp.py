@@ -14,7 +14,7 @@ from mailrelay.errors import ConfigError
 from mailrelay.routing.context import RouterContext
 from mailrelay.routing.static import StaticRouter
 from mailrelay.smtp.client import SMTPClientProtocol
-from tests.unit.smtp.test_client import Conn
+from tests.support.smtp.client import Conn
 
 ENV = Envelope("a@x.test", (Recipient("b@y.test"), Recipient("c@y.test"), Recipient("d@y.test")))
 

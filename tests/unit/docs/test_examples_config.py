@@ -10,10 +10,9 @@ import pytest
 from twisted.internet.task import Clock
 
 from mailrelay import config
+from tests.support.docs import MAKE_RUN_CONFIG, ROOT, recipe
 
-ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
-MAKE_RUN_CONFIG = ROOT / "examples" / "mailrelay.toml"
 
 
 def test_there_are_examples() -> None:
@@ -83,18 +82,8 @@ def test_make_run_config_is_the_documented_one() -> None:
     assert "twistd -n --pidfile= mailrelay --config $(CONFIG)" in makefile
 
 
-def _recipe(doc: Path) -> str:
-    """The swaks command of the local end-to-end recipe in ``doc``."""
-    commands = re.findall(
-        r"^\s*(swaks [^\n#]*--to you@demo\.test[^\n#]*?)\s*(?:#.*)?$", doc.read_text(), re.M
-    )
-    assert commands, f"{doc.name} lost its local recipe (swaks ... --to you@demo.test)"
-    assert "var/mail/new" in doc.read_text(), f"{doc.name} no longer says where the message lands"
-    return commands[0]
-
-
 def test_readme_and_quickstart_give_the_same_recipe() -> None:
-    assert _recipe(ROOT / "README.md") == _recipe(ROOT / "docs" / "quickstart.rst")
+    assert recipe(ROOT / "README.md") == recipe(ROOT / "docs" / "quickstart.rst")
 
 
 def test_readme_config_example_loads_and_builds() -> None:

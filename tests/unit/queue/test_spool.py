@@ -19,14 +19,7 @@ from mailrelay.queue.spool.format import SPARE, trailer
 from mailrelay.queue.spool.fsyncs import PROBE_EVERY, FsyncPool
 from mailrelay.queue.spool.spares import SPARES_OPEN
 from mailrelay.queue.store import is_queue_id
-from tests.support.queue.spool import GatedFsync, gated_spool
-
-ENV = Envelope(
-    "sender@example.org",
-    (Recipient("a@example.test"), Recipient("b@example.test", ("FAILURE",))),
-    helo="client.example.org",
-    received_at=1700000000.0,
-)
+from tests.support.queue.spool import ENV, GatedFsync, deferLater, files, gated_spool, store_message
 
 
 @pytest.fixture
@@ -39,22 +32,6 @@ def spool(tmp_path):
 UNPACKED = (
     b"x" * SEGMENT_BODY_MAX
 )  # appended to a body: too large for a segment, it gets a file of its own
-
-
-def store_message(spool: FilesystemSpool, body: bytes, chunks: int = 1) -> defer.Deferred[str]:
-    w = spool.open(ENV)
-    step = max(1, len(body) // chunks)
-    for i in range(0, len(body), step):
-        w.write(body[i : i + step])
-    return w.commit()
-
-
-def files(spool: FilesystemSpool) -> list[str]:
-    """The spool's files, less the spares kept for reuse (tmp/spare.<n>: no message)."""
-    out = []
-    for d in ("tmp", "queue"):
-        out += [f"{d}/{n}" for n in sorted(os.listdir(os.path.join(spool.path, d)))]
-    return [f for f in out if not f.startswith("tmp/" + SPARE)]
 
 
 def removals_synced(spool: FilesystemSpool) -> int:
@@ -110,12 +87,6 @@ def test_commit_fires_only_after_the_message_file_and_directory_are_fsynced(spoo
         )
     assert spool.body_size(qid) == 21
     assert spool.read_message(qid) == message
-
-
-def deferLater(seconds: float) -> defer.Deferred[None]:
-    from twisted.internet import task
-
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.inlineCallbacks

@@ -24,8 +24,7 @@ from mailrelay.queue.spool import FilesystemSpool, jobs, segments
 from mailrelay.queue.spool.format import alive as record_alive
 from mailrelay.queue.spool.format import read_segment
 from mailrelay.queue.spool.shards import drain, shard_path
-from tests.support.queue.spool import GatedFsync
-from tests.unit.queue.test_spool import ENV, deferLater, files, store_message
+from tests.support.queue.spool import ENV, GatedFsync, deferLater, files, store_message
 
 BODIES = [b"Subject: %d\r\n\r\npacked body %d\r\n" % (i, i) for i in range(4)]
 

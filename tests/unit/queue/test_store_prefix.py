@@ -7,29 +7,12 @@ from __future__ import annotations
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
-from zope.interface.verify import verifyObject
+from twisted.internet import reactor
 
-from mailrelay.envelope import Envelope, Recipient
-from mailrelay.interfaces import IPrependingWriter
-from mailrelay.queue.spool import SEGMENT_BODY_MAX, FilesystemSpool
+from mailrelay.queue.spool import FilesystemSpool
 from mailrelay.queue.store import message_from_dict, message_to_dict
 from mailrelay.testing import MemoryQueueStore
-
-ENV = Envelope("a@example.org", (Recipient("b@example.test"),), received_at=1700000000.0)
-#: Any octets come back as they were (a non-ASCII d= of an IDN domain, folded lines).
-PREFIX = b"DKIM-Signature: v=1; d=\xc3\xa9x.test; s=s1;\r\n\tb=c2lnbmF0dXJl\r\n"
-SMALL = b"From: a@example.org\r\n\r\nsmall\r\n"  # packed into a segment
-LARGE = b"From: a@example.org\r\n\r\n" + b"x" * SEGMENT_BODY_MAX  # a file of its own
-
-
-def commit(store, body: bytes, prefix: bytes = PREFIX) -> defer.Deferred[str]:  # type: ignore[no-untyped-def]
-    writer = store.open(ENV)
-    assert verifyObject(IPrependingWriter, writer)
-    writer.write(body)
-    if prefix:
-        writer.prepend(prefix)
-    return writer.commit()
+from tests.support.queue.prefix import ENV, LARGE, PREFIX, SMALL, commit
 
 
 def test_a_state_without_a_prefix_is_written_and_read_as_before():

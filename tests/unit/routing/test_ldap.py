@@ -23,7 +23,7 @@ from mailrelay.routing.ldap import (
 from mailrelay.routing.mx import MXRouter
 from mailrelay.testing import FakeResolver
 from tests.support.routing.helpers import result_of
-from tests.unit.routing.test_mx import zone
+from tests.support.routing.zone import zone
 
 ENV = Envelope("s@example.org", ())
 

@@ -7,8 +7,8 @@ import pytest
 
 from mailrelay.envelope import NextHop, Reply, TLSPolicy
 from mailrelay.smtp._client_wire import ReplyError, ReplyParser, parse_ehlo
-from tests.unit.delivery.test_deliverer import Harness
-from tests.unit.smtp.test_client import Conn
+from tests.support.delivery.harness import Harness
+from tests.support.smtp.client import Conn
 
 
 @pytest.mark.parametrize("code", ["２５０", "25٠", "²50", "2५0", "25\u00a0", "\u200b250"])

@@ -18,6 +18,7 @@ from mailrelay.smtp._client_wire import (
     normalise_crlf,
     parse_ehlo,
 )
+from tests.support.smtp.client import unstuff
 
 
 @pytest.mark.parametrize(
@@ -97,17 +98,6 @@ def test_parse_ehlo() -> None:
 def test_parse_ehlo_old_auth_spelling() -> None:
     reply = next(ReplyParser().feed(b"250-mx.test\r\n250-AUTH=LOGIN PLAIN\r\n250 8BITMIME\r\n"))
     assert parse_ehlo(reply) == {"AUTH": "LOGIN PLAIN", "8BITMIME": ""}
-
-
-def unstuff(data: bytes) -> bytes:
-    """What a receiver makes of DATA: the text up to CRLF.CRLF, leading dots removed."""
-    assert data.endswith(b"\r\n.\r\n") or data == b".\r\n"
-    text = b"" if data == b".\r\n" else data[: -len(b".\r\n")]
-    lines = text.split(b"\r\n")
-    assert lines[-1] == b""  # the text always ends with CRLF
-    assert all(ln != b"." for ln in lines)  # no early end of data
-    assert all(b"\r" not in ln and b"\n" not in ln for ln in lines)  # only CRLF line endings
-    return b"".join((ln[1:] if ln.startswith(b".") else ln) + b"\r\n" for ln in lines[:-1])
 
 
 def stuff(body: bytes, cuts: list[int]) -> bytes:

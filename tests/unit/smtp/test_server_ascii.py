@@ -8,8 +8,8 @@ import re
 import pytest
 
 from mailrelay.envelope import Recipient
-from tests.support.smtp.fakes import Conn, logged_failures
-from tests.unit.smtp.test_server_ext import CONFIG, auth_conn, b64, bdat_conn, ehlo_keywords, stuff
+from tests.support.smtp.extensions import CONFIG, auth_conn, b64, bdat_conn, ehlo_keywords
+from tests.support.smtp.fakes import Conn, logged_failures, stuff
 
 MSG = b"Subject: hi\r\n\r\nbody\r\n"
 _REPLY_LINE = re.compile(rb"[2-5][0-9][0-9][ -][\x20-\x7e]*")

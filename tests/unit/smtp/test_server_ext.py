@@ -3,37 +3,20 @@ the client cannot write into our Received header."""
 
 from __future__ import annotations
 
-import base64
 import email
-import ipaddress
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer
 
 from mailrelay.config import ServerConfig
 from mailrelay.envelope import TLSInfo
+from tests.support.smtp.extensions import CONFIG, auth_conn, b64, bdat_conn, ehlo_keywords
 from tests.support.smtp.fakes import Conn, DeferredPolicy, TLSStringTransport, stuff
 
 MSG = b"Subject: hello\r\n\r\nbody\r\n"
-CONFIG = ServerConfig(
-    hostname="mx.example.test",
-    local_domains=("example.test",),
-    trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),),
-)
 TLS_OPTIONS = object()  # stands in for CertificateOptions: the transport only records it
-
-
-def b64(s: str | bytes) -> str:
-    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
-
-
-def ehlo_keywords(c: Conn) -> set[str]:
-    c.output()
-    c.send("EHLO client.example.org\r\n")
-    return {line[4:] for line in c.output().decode().split("\r\n")[1:] if line}
 
 
 def tls_conn(**kw) -> Conn:
@@ -85,28 +68,6 @@ def test_received_header_names_tls_and_esmtps() -> None:
 
 
 # -- AUTH -----------------------------------------------------------------------------------------
-
-
-def checker():
-    db = InMemoryUsernamePasswordDatabaseDontUse()
-    db.addUser(b"alice", b"s3cret")
-    return db
-
-
-def auth_conn(tls: bool = True, plaintext: bool = False, submission: bool = False, **kw) -> Conn:
-    import attrs
-
-    c = Conn(config=CONFIG, checker=checker(), client="192.0.2.9", **kw)
-    s = attrs.evolve(
-        c.factory.settings,
-        auth_mechanisms=("PLAIN", "LOGIN"),
-        allow_plaintext_auth=plaintext,
-        require_auth=submission,
-    )
-    c.server.session.settings = s
-    if tls:
-        c.server.session.tls_established(TLSInfo("TLSv1.3", "X"))
-    return c
 
 
 def test_auth_plain_then_relay_anywhere_with_esmtpa_header() -> None:
@@ -235,13 +196,6 @@ def test_checker_crash_is_temporary_not_a_failure_count() -> None:
 
 
 # -- CHUNKING -------------------------------------------------------------------------------------
-
-
-def bdat_conn() -> Conn:
-    c = Conn(config=CONFIG, binarymime=True)  # every route onward carries it
-    kw = ehlo_keywords(c)
-    assert {"CHUNKING", "BINARYMIME"} <= kw
-    return c
 
 
 def test_binarymime_neither_offered_nor_taken_unless_every_route_carries_it() -> None:
