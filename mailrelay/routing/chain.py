@@ -1,8 +1,11 @@
 """A chain of routers tried in config order: the first that answers decides.
 
-Every router may answer synchronously or through a Deferred; the chain always answers with a
-Deferred, so callers handle one shape. A failure (temporary or permanent) stops the chain: a router
-that cannot answer now must not let a later, less specific router send the mail elsewhere.
+Every router may answer synchronously or through a Deferred, and so does the chain (``IRouter``):
+at once (a ``Route``, or it raises) while its routers answer at once, through a Deferred from the
+first that answers through one. Callers handle both, as for any router; a static route then costs
+no Deferred at all (a ``gatherResults`` per message in the queue manager cost 5% of the relay's
+instructions end to end). A failure (temporary or permanent) stops the chain: a router that cannot
+answer now must not let a later, less specific router send the mail elsewhere.
 
 A rewritten recipient (``Route.recipient``, e.g. LDAP's ``mailRoutingAddress``) comes from
 directory data or a plugin, not from the SMTP parser: the chain checks it is a mailbox before
@@ -61,27 +64,21 @@ class RouterChain:
     def __repr__(self) -> str:
         return f"RouterChain({list(self.routers)!r})"
 
-    def route(self, recipient: str, envelope: Envelope) -> defer.Deferred[Route]:
-        """A Deferred of the first router's non-``None`` answer (or the default).
+    def route(self, recipient: str, envelope: Envelope) -> Route | defer.Deferred[Route]:
+        """The first router's non-``None`` answer (or the default), at once or as a Deferred.
 
         Synchronous answers are taken synchronously (no generator, no callback chain per router):
         the chain runs for every recipient, at RCPT and at every delivery attempt.
         """
         return self._ask(recipient, envelope, 0)
 
-    def _ask(self, recipient: str, envelope: Envelope, start: int) -> defer.Deferred[Route]:
+    def _ask(self, recipient: str, envelope: Envelope, start: int) -> Route | defer.Deferred[Route]:
         for index in range(start, len(self.routers)):
-            try:
-                answer = self.routers[index].route(recipient, envelope)
-            except Exception:
-                return defer.fail()
+            answer = self.routers[index].route(recipient, envelope)
             if isinstance(answer, defer.Deferred):
                 return answer.addCallback(self._answered, recipient, envelope, index)
             if answer is not None:
-                try:
-                    return defer.succeed(checked(answer))
-                except TemporaryFailure:
-                    return defer.fail()
+                return checked(answer)
         return self._unanswered(recipient)
 
     def _answered(
@@ -91,10 +88,10 @@ class RouterChain:
             return checked(answer)
         return self._ask(recipient, envelope, index + 1)
 
-    def _unanswered(self, recipient: str) -> defer.Deferred[Route]:
+    def _unanswered(self, recipient: str) -> Route:
         if self.default is not None:
-            return defer.succeed(self.default)
-        return defer.fail(PermanentFailure(no_route_reply(recipient)))
+            return self.default
+        raise PermanentFailure(no_route_reply(recipient))
 
     def close(self) -> defer.Deferred[None]:
         """Release what the routers hold (LDAP connections): calls each router's optional
