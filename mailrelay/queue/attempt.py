@@ -195,6 +195,8 @@ class Attempts:
                 blocked.append(destination)  # enough are queued for it already; wait for a turn
                 continue
             runs.append(self._deliver(message, destination, group))
+        if not runs:  # every destination busy (or nothing routed): nothing to wait for
+            return self._recorded([], message, statuses, pending, blocked, unrouted, started)
         runs = self.sharing.saving_as_they_end(message, statuses, runs)
         return _all(runs).addCallback(
             self._recorded, message, statuses, pending, blocked, unrouted, started
